@@ -1,0 +1,296 @@
+"""The classes a platform plugin implements.
+
+A plugin returns subclasses of these from the hooks in :mod:`runtime.platform.hookspecs`.
+Each subclass names the platform it serves (``platform = "cpu"``), so a third party can add
+one attention backend, kernel or quantization method to an existing platform without forking it.
+Everything here is plain torch: the core never imports a vendor module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+
+
+@dataclass
+class PlatformConfig:
+    """The engine settings a platform may inspect and adjust before anything is allocated.
+
+    ``Platform.check_and_update_config`` may change ``block_size`` (a backend that needs 64),
+    set ``static_shape_buckets`` (compilers that need fixed shapes), or turn a feature off by
+    raising ``ValueError`` with the reason and the flag that avoids it.
+    """
+
+    dtype: torch.dtype
+    block_size: int
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    enable_prefix_caching: bool
+    enable_lora: bool = False
+    speculative: bool = False
+    enforce_eager: bool = False
+    kv_cache_dtype: str = "auto"
+    static_shape_buckets: tuple[int, ...] | None = None
+
+
+class Platform:
+    """One kind of device: how to find it, how much memory it has, what it can do.
+
+    Subclasses set the class attributes and implement the methods that raise
+    ``NotImplementedError``. One instance is made per engine, after ``is_available()``.
+    """
+
+    name: ClassVar[str]
+    """Short identifier used by ``--device NAME`` (``"cpu"``, ``"cuda"``, ...)."""
+    device_type: ClassVar[str]
+    """The torch device type tensors live on (``"cpu"``, ``"cuda"``, ``"hpu"``, ``"xla"``, ``"mps"``)."""
+    priority: ClassVar[int] = 0
+    """Automatic selection picks the available platform with the highest priority."""
+    dist_backend: ClassVar[str] = "gloo"
+    """torch.distributed backend for collectives on this platform."""
+    supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32,)
+    static_shapes: ClassVar[bool] = False
+    """True where every step must use one of a few fixed shapes (TPU, Gaudi graphs)."""
+    unified_memory: ClassVar[bool] = False
+    """True where host and device share memory (Apple silicon): KV offload is a no-op."""
+
+    @classmethod
+    def is_available(cls) -> bool:
+        """Whether this machine has the device and its software stack. Must not raise."""
+        raise NotImplementedError
+
+    def device(self, index: int = 0) -> torch.device:
+        return torch.device(self.device_type, index) if self.device_type != "cpu" else torch.device("cpu")
+
+    def device_count(self) -> int:
+        raise NotImplementedError
+
+    def device_name(self, index: int = 0) -> str:
+        raise NotImplementedError
+
+    def memory_info(self, index: int = 0) -> tuple[int, int]:
+        """(free, total) bytes of the memory model weights and KV cache are allocated from."""
+        raise NotImplementedError
+
+    def default_dtype(self) -> torch.dtype:
+        """The dtype ``--dtype auto`` resolves to when the checkpoint's own is not supported."""
+        return self.supported_dtypes[0]
+
+    def check_and_update_config(self, config: PlatformConfig) -> None:
+        """Adjust ``config`` to what the platform needs, or raise ``ValueError`` naming the fix."""
+        if config.dtype not in self.supported_dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in self.supported_dtypes)
+            raise ValueError(f"platform {self.name} does not support dtype {config.dtype}; use --dtype with one of: {names}")
+
+    def kv_cache_memory(self, requested_bytes: int | None, gpu_memory_utilization: float, weight_bytes: int) -> int:
+        """Bytes to give the KV cache. ``requested_bytes`` is ``--kv-cache-memory`` when set."""
+        if requested_bytes is not None:
+            return requested_bytes
+        free, total = self.memory_info()
+        return max(0, int(total * gpu_memory_utilization) - (total - free) - weight_bytes)
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (used by benchmarks and profiling)."""
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What one attention layer of a model needs from a backend."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_size: int
+    scale: float
+    dtype: torch.dtype
+    block_size: int
+    sliding_window: int | None = None
+    logits_soft_cap: float | None = None
+    kv_cache_dtype: str = "auto"
+    multi_query: bool = True
+    """Several query tokens per sequence in one call (prefill chunks, speculative verification)."""
+
+
+@dataclass
+class AttentionMetadata:
+    """Describes one flattened varlen batch; shared by every attention layer of a step.
+
+    Tensors live on the platform's device. ``*_cpu`` fields are host copies the runner already
+    has, so a backend never needs a device-to-host sync to plan its launch.
+    """
+
+    query_start_loc: torch.Tensor
+    """[B+1] int32: request i's new tokens are rows query_start_loc[i]:query_start_loc[i+1]."""
+    seq_lens: torch.Tensor
+    """[B] int32: context length of request i including its new tokens."""
+    block_table: torch.Tensor
+    """[B, max_blocks] int32: physical block ids of request i's KV, in order; padding is 0."""
+    slot_mapping: torch.Tensor
+    """[T] int64: cache slot (block_id * block_size + offset) where token t's K/V is written."""
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc_cpu: list[int] = field(default_factory=list)
+    seq_lens_cpu: list[int] = field(default_factory=list)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+class AttentionBackend:
+    """Paged attention for one platform: the single call that serves every phase.
+
+    Semantics of :meth:`forward`: write the new tokens' K/V into ``kv_cache`` at
+    ``meta.slot_mapping``, then let each query token attend causally to its own sequence's
+    context: query token j of request i sits at position ``seq_lens[i] - q_len_i + j`` and sees
+    positions ``<=`` its own (and, with a sliding window W, only the last W of them).
+    """
+
+    name: ClassVar[str]
+    platform: ClassVar[str]
+    priority: ClassVar[int] = 0
+    supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32,)
+    supported_head_sizes: ClassVar[tuple[int, ...] | None] = None
+    """None: any head size."""
+    supported_block_sizes: ClassVar[tuple[int, ...] | None] = None
+    supported_kv_cache_dtypes: ClassVar[tuple[str, ...]] = ("auto",)
+    supports_sliding_window: ClassVar[bool] = False
+    supports_logits_soft_cap: ClassVar[bool] = False
+    supports_multi_query: ClassVar[bool] = True
+    kv_cache_block_dim: ClassVar[int] = 1
+    """Which dimension of ``kv_cache_shape`` indexes blocks (used by block copy)."""
+
+    @classmethod
+    def unsupported_reason(cls, spec: AttentionSpec) -> str | None:
+        """None when this backend can run ``spec``; otherwise why not, in a few words."""
+        if spec.dtype not in cls.supported_dtypes:
+            return f"dtype {spec.dtype} not supported"
+        if cls.supported_head_sizes is not None and spec.head_size not in cls.supported_head_sizes:
+            return f"head size {spec.head_size} not in {cls.supported_head_sizes}"
+        if cls.supported_block_sizes is not None and spec.block_size not in cls.supported_block_sizes:
+            return f"block size {spec.block_size} not in {cls.supported_block_sizes}"
+        if spec.kv_cache_dtype not in cls.supported_kv_cache_dtypes:
+            return f"kv cache dtype {spec.kv_cache_dtype} not supported"
+        if spec.sliding_window is not None and not cls.supports_sliding_window:
+            return "no sliding window"
+        if spec.logits_soft_cap is not None and not cls.supports_logits_soft_cap:
+            return "no logits soft-capping"
+        if spec.multi_query and not cls.supports_multi_query:
+            return "only one query token per sequence"
+        return None
+
+    @staticmethod
+    def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:
+        """Shape of one layer's cache tensor. Default: [2 (K, V), blocks, block_size, Hkv, D]."""
+        return (2, num_blocks, block_size, num_kv_heads, head_size)
+
+    def __init__(self, spec: AttentionSpec):
+        self.spec = spec
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """query [T, H, D], key/value [T, Hkv, D] -> output [T, H, D] (query's dtype)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One implementation of a named op for a platform; the highest priority wins.
+
+    Op names and signatures are those of :mod:`runtime.platform.reference` (``OPS``);
+    an op a platform does not register falls back to the reference implementation.
+    """
+
+    platform: str
+    op: str
+    fn: Callable[..., Any]
+    priority: int = 0
+
+
+class Communicator:
+    """Collectives over one process group. Tensors are on the platform's device.
+
+    ``all_reduce`` sums; ``all_gather``/``reduce_scatter`` concatenate/split along ``dim``.
+    """
+
+    platform: ClassVar[str]
+
+    def __init__(self, group: Any = None):
+        self.group = group
+
+    @property
+    def rank(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def world_size(self) -> int:
+        raise NotImplementedError
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def all_gather(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reduce_scatter(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        raise NotImplementedError
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        raise NotImplementedError
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        raise NotImplementedError
+
+    def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class RawQuantizedTensor:
+    """A weight as stored in a quantized checkpoint, before a method processes it.
+
+    ``data`` holds the file's bytes for the tensor (numpy uint8 array, or a typed array for
+    float types); ``shape`` is the logical (dequantized) torch shape, outermost first.
+    """
+
+    format: str
+    """Checkpoint format the method is registered for, e.g. ``"gguf"``."""
+    qtype: str
+    """Format-specific type name, e.g. ``"Q4_K"`` or ``"F16"``."""
+    data: Any
+    shape: tuple[int, ...]
+
+
+class QuantizationMethod:
+    """How one quantized checkpoint format is stored on a platform and multiplied.
+
+    ``load`` turns a checkpoint tensor into whatever the method keeps (dense weights for
+    dequantize-on-load; packed blocks and scales for a real kernel); ``apply`` computes
+    ``x @ W.T (+ bias)`` from it; ``dequantize`` gives the dense weight, which the
+    conformance suite compares ``apply`` against and which embeddings use.
+    """
+
+    name: ClassVar[str]
+    platform: ClassVar[str]
+    priority: ClassVar[int] = 0
+    supported_qtypes: ClassVar[frozenset[str]] = frozenset()
+
+    def dequantize(self, raw: RawQuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def load(self, raw: RawQuantizedTensor, dtype: torch.dtype, device: torch.device) -> Any:
+        return self.dequantize(raw, dtype).to(device)
+
+    def apply(self, weight: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.nn.functional.linear(x, weight, bias)

@@ -1,0 +1,28 @@
+"""Reference kernels: plain torch, obviously correct. Conformance compares plugins with these,
+and a platform falls back to them for any op it does not register.
+
+``OPS`` names every op of the contract; a ``Kernel`` must use one of these names and the
+same signature.
+"""
+
+from .activation import gelu_and_mul, silu_and_mul
+from .attention import ReferenceAttentionBackend, paged_attention
+from .kv import copy_blocks
+from .lora import lora_expand, lora_shrink
+from .norm import fused_add_rms_norm, rms_norm
+from .rotary import build_cos_sin_cache, rotary_embedding
+from .sampling import apply_top_k_top_p_min_p
+
+OPS = {
+    "rms_norm": rms_norm,
+    "fused_add_rms_norm": fused_add_rms_norm,
+    "rotary_embedding": rotary_embedding,
+    "silu_and_mul": silu_and_mul,
+    "gelu_and_mul": gelu_and_mul,
+    "lora_shrink": lora_shrink,
+    "lora_expand": lora_expand,
+    "copy_blocks": copy_blocks,
+    "apply_top_k_top_p_min_p": apply_top_k_top_p_min_p,
+}
+
+__all__ = ["OPS", "ReferenceAttentionBackend", "build_cos_sin_cache", "paged_attention", *OPS]

@@ -1,0 +1,15 @@
+"""Gated activations: the input's last dimension is [gate | up], the output half as wide."""
+
+import torch
+import torch.nn.functional as F
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """``approximate`` is ``"none"`` (erf) or ``"tanh"``, as in torch.nn.functional.gelu."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate=approximate) * up

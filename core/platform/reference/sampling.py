@@ -1,0 +1,28 @@
+"""Sampling helpers: top-k / top-p / min-p masking of a batch of logits, one setting per row."""
+
+import torch
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """logits [B, V]; top_k [B] int (<= 0 or >= V: off); top_p [B] float (1: off); min_p [B] (0: off).
+
+    Returns logits with excluded tokens set to -inf. top-k keeps the k largest (ties at the
+    k-th value kept); top-p keeps the smallest set of largest tokens whose probability sum
+    reaches p (the most likely token always kept); min-p keeps tokens with
+    prob >= min_p * max prob. Masks are computed on the original distribution and intersected.
+    """
+    vocab = logits.shape[-1]
+    out = logits.clone()
+    sorted_logits, _ = logits.sort(dim=-1, descending=True)
+    k = torch.where((top_k <= 0) | (top_k >= vocab), torch.full_like(top_k, vocab), top_k).long()
+    kth = sorted_logits.gather(-1, (k - 1).unsqueeze(-1))
+    out = out.masked_fill(logits < kth, float("-inf"))
+    probs_sorted = sorted_logits.float().softmax(-1)
+    before = probs_sorted.cumsum(-1) - probs_sorted
+    keep_sorted = before < top_p.float().unsqueeze(-1)
+    keep_sorted[:, 0] = True
+    threshold = sorted_logits.masked_fill(~keep_sorted, float("inf")).min(-1, keepdim=True).values
+    out = out.masked_fill(logits < threshold, float("-inf"))
+    probs = logits.float().softmax(-1)
+    out = out.masked_fill(probs < min_p.float().unsqueeze(-1) * probs.max(-1, keepdim=True).values, float("-inf"))
+    return out

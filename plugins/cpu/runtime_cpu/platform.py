@@ -1,0 +1,65 @@
+"""The CPU platform: always available, lowest automatic priority, memory from the host."""
+
+from __future__ import annotations
+
+import os
+import platform as host
+
+import torch
+
+from runtime.platform import Platform, PlatformConfig
+
+
+def _meminfo() -> tuple[int, int]:
+    """(available, total) bytes from /proc/meminfo; falls back to sysconf elsewhere."""
+    try:
+        fields = {}
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, value = line.split(":", 1)
+                fields[key] = int(value.split()[0]) * 1024
+        return fields.get("MemAvailable", fields["MemFree"]), fields["MemTotal"]
+    except (OSError, KeyError, ValueError):
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return total // 2, total
+
+
+class CpuPlatform(Platform):
+    name = "cpu"
+    device_type = "cpu"
+    priority = 0
+    dist_backend = "gloo"
+    supported_dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    unified_memory = True
+
+    # Without --kv-cache-memory the KV cache takes this share of available memory after the
+    # weights, capped so a laptop keeps room for everything else.
+    DEFAULT_KV_FRACTION = 0.25
+    DEFAULT_KV_CAP = 4 << 30
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return True
+
+    def device_count(self) -> int:
+        return 1
+
+    def device_name(self, index: int = 0) -> str:
+        return f"{host.processor() or host.machine()} ({os.cpu_count()} cores)"
+
+    def memory_info(self, index: int = 0) -> tuple[int, int]:
+        return _meminfo()
+
+    def default_dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def check_and_update_config(self, config: PlatformConfig) -> None:
+        super().check_and_update_config(config)
+        if config.kv_cache_dtype != "auto":
+            raise ValueError(f"--kv-cache-dtype {config.kv_cache_dtype} is not supported on cpu; use auto")
+
+    def kv_cache_memory(self, requested_bytes: int | None, gpu_memory_utilization: float, weight_bytes: int) -> int:
+        if requested_bytes is not None:
+            return requested_bytes
+        free, _ = self.memory_info()
+        return int(min(max(free - weight_bytes, 0) * self.DEFAULT_KV_FRACTION, self.DEFAULT_KV_CAP))

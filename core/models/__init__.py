@@ -1,0 +1,37 @@
+"""Supported architectures, by the name in a checkpoint's ``config.architectures``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .decoder import DecoderForCausalLM, DecoderSettings
+from .gemma import gemma, gemma2
+from .llama import llama, qwen2, qwen3
+from .phi3 import phi3
+
+ARCHITECTURES: dict[str, Callable[[Any], DecoderSettings]] = {
+    "LlamaForCausalLM": llama,
+    "MistralForCausalLM": llama,
+    "Qwen2ForCausalLM": qwen2,
+    "Qwen3ForCausalLM": qwen3,
+    "GemmaForCausalLM": gemma,
+    "Gemma2ForCausalLM": gemma2,
+    "Phi3ForCausalLM": phi3,
+}
+# Configs built from GGUF metadata may carry only a model_type.
+MODEL_TYPES = {"llama": llama, "mistral": llama, "qwen2": qwen2, "qwen3": qwen3, "gemma": gemma, "gemma2": gemma2, "phi3": phi3}
+
+
+def decoder_settings(config: Any) -> DecoderSettings:
+    """The settings for a HF config, or a ValueError naming the supported architectures."""
+    names = list(getattr(config, "architectures", None) or [])
+    for name in names:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name](config)
+    if not names and getattr(config, "model_type", None) in MODEL_TYPES:
+        return MODEL_TYPES[config.model_type](config)
+    raise ValueError(f"unsupported architecture {', '.join(names) or getattr(config, 'model_type', '?')}; "
+                     f"supported: {', '.join(ARCHITECTURES)}")
+
+
+__all__ = ["ARCHITECTURES", "DecoderForCausalLM", "DecoderSettings", "decoder_settings"]

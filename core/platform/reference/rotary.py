@@ -47,19 +47,29 @@ def rope_inv_freq(rotary_dim: int, base: float, scaling: dict[str, Any] | None, 
         return torch.where(medium, smoothed, out), 1.0
     if kind == "yarn":
         original = float(scaling.get("original_max_position_embeddings") or max_positions)
-        beta_fast, beta_slow = float(scaling.get("beta_fast", 32)), float(scaling.get("beta_slow", 1))
+        beta_fast, beta_slow = float(scaling.get("beta_fast") or 32), float(scaling.get("beta_slow") or 1)
 
         def correction_dim(rotations: float) -> float:
             return rotary_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
-        low = max(math.floor(correction_dim(beta_fast)), 0)
-        high = min(math.ceil(correction_dim(beta_slow)), rotary_dim - 1)
+        def yarn_mscale(m: float = 1.0) -> float:
+            return 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        # gpt-oss sets truncate=False: the ramp starts and ends between integer dimensions.
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, rotary_dim - 1)
         ramp = (torch.arange(rotary_dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)
         extrapolation = 1 - ramp.clamp(0, 1)
         inv_freq = plain(base)
         inv_freq = inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation
-        mscale = float(scaling.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0))
-        return inv_freq, mscale
+        attention_factor = scaling.get("attention_factor")
+        if attention_factor is None:
+            # DeepSeek-style configs give mscale and mscale_all_dim; their ratio (often 1) scales cos/sin.
+            m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+            attention_factor = yarn_mscale(m) / yarn_mscale(m_all) if m and m_all else yarn_mscale()
+        return inv_freq, float(attention_factor)
     raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: default, linear, dynamic, llama3, yarn")
 
 

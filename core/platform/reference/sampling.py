@@ -8,8 +8,9 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
 
     Returns logits with excluded tokens set to -inf. top-k keeps the k largest (ties at the
     k-th value kept); top-p keeps the smallest set of largest tokens whose probability sum
-    reaches p (the most likely token always kept); min-p keeps tokens with
-    prob >= min_p * max prob. Masks are computed on the original distribution and intersected.
+    reaches p, judged on the distribution renormalised over the top-k survivors (vLLM's and
+    HF's order; the most likely token always kept); min-p keeps tokens with
+    prob >= min_p * max prob (the same before or after top-k, being relative to the maximum).
     """
     vocab = logits.shape[-1]
     out = logits.clone()
@@ -17,9 +18,11 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
     k = torch.where((top_k <= 0) | (top_k >= vocab), torch.full_like(top_k, vocab), top_k).long()
     kth = sorted_logits.gather(-1, (k - 1).unsqueeze(-1))
     out = out.masked_fill(logits < kth, float("-inf"))
-    probs_sorted = sorted_logits.float().softmax(-1)
+    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
+    probs_sorted = sorted_logits.float().masked_fill(ranks >= k.unsqueeze(-1), float("-inf")).softmax(-1)
     before = probs_sorted.cumsum(-1) - probs_sorted
-    keep_sorted = before < top_p.float().unsqueeze(-1)
+    # top_p >= 1 is off: a float32 cumulative sum reaches 1.0 before a long tail ends and would cut it.
+    keep_sorted = (before < top_p.float().unsqueeze(-1)) | (top_p >= 1).unsqueeze(-1)
     keep_sorted[:, 0] = True
     threshold = sorted_logits.masked_fill(~keep_sorted, float("inf")).min(-1, keepdim=True).values
     out = out.masked_fill(logits < threshold, float("-inf"))

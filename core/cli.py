@@ -1,0 +1,128 @@
+"""The ``runtime`` command: ``generate`` and ``plugins``.
+
+Errors are one line on stderr and exit status 2; no traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from typing import Optional, Sequence
+
+from .engine.args import EngineArgs
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """The engine flags (vLLM's names), shared by every command that builds an engine."""
+    d = EngineArgs()
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="HF-layout directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--device", default=d.device, help="platform name, or auto (see `runtime plugins`)")
+    g.add_argument("--dtype", default=d.dtype, help="auto, float32, bfloat16 or float16")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="most sequences in one step")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
+    g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV-cache block")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d.enable_prefix_caching)
+    g.add_argument("--kv-cache-memory", default=None, help="KV-cache size: bytes or e.g. 4GiB (default: the platform's choice)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+    g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype)
+    g.add_argument("--scheduling-policy", default=d.scheduling_policy, choices=["fcfs", "priority"])
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--enforce-eager", action="store_true")
+    g.add_argument("--chat-template", default=None, help="chat template file or text (default: the model's)")
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    values = {name: getattr(ns, name) for name in EngineArgs.field_names() if hasattr(ns, name)}
+    return EngineArgs(**values)
+
+
+def _generate(ns: argparse.Namespace) -> int:
+    from .engine.llm import LLM
+    from .sample.params import SamplingParams
+
+    prompts = list(ns.prompts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise ValueError("no prompt given: pass prompts as arguments or one per line on stdin")
+    params = SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
+                            seed=ns.sample_seed, ignore_eos=ns.ignore_eos)
+    llm = LLM(**dataclasses.asdict(engine_args_from(ns)))
+    start = time.perf_counter()
+    if ns.chat:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
+    else:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    for prompt, out in zip(prompts, outputs):
+        if len(prompts) > 1:
+            print(f"### {prompt}")
+        print(out.outputs[0].text, flush=True)
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    print(f"[{len(outputs)} prompts, {generated} tokens in {elapsed:.2f} s: {generated / elapsed:.1f} tokens/s]",
+          file=sys.stderr)
+    return 0
+
+
+def _plugins(ns: argparse.Namespace) -> int:
+    from .platform import get_registry
+
+    registry = get_registry()
+    if not registry.statuses:
+        print("no runtime plugins installed: pip install runtime[cpu]")
+        return 1
+    for status in registry.statuses:
+        state = "loaded" if status.loaded else "skipped"
+        detail = ", ".join(status.provides) if status.loaded else status.reason
+        print(f"{status.name:10} {status.distribution} {status.version:10} {state:8} {detail}")
+    for name, cls in sorted(registry.platforms.items()):
+        available = cls.is_available()
+        backends = ", ".join(b.name for b in registry.attention_backends(name)) or "none"
+        print(f"platform {name}: {'available' if available else 'not available'}; priority {cls.priority}; "
+              f"attention: {backends}")
+        if available:
+            ops = registry.kernels(name).sources
+            print("  kernels: " + ", ".join(f"{op}={src}" for op, src in ops.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="runtime", description="LLM inference and serving engine")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text offline for prompts from arguments or stdin")
+    gen.add_argument("prompts", nargs="*", help="prompts (default: one per line on stdin)")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
+    gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    add_engine_args(gen)
+    gen.set_defaults(func=_generate)
+
+    plugins = sub.add_parser("plugins", help="list platform plugins, their status, backends and kernels")
+    plugins.set_defaults(func=_plugins)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return ns.func(ns)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+        print(f"runtime {ns.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"runtime {ns.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

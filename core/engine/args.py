@@ -1,0 +1,67 @@
+"""Engine arguments: the CLI flags in snake case, shared by ``LLM(...)``, ``runtime generate`` and ``runtime serve``."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+from typing import Optional, Union
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
+          "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
+
+
+def parse_size(value: Union[str, int, None]) -> Optional[int]:
+    """Bytes from an int or a size such as ``"4GiB"``, ``"512MB"``, ``"1.5G"``; None stays None."""
+    if value is None or isinstance(value, int):
+        return value
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError(f"kv_cache_memory {value!r} is not a size; use bytes or a size such as 4GiB or 512MiB")
+    unit = (match.group(2) or "").lower().removesuffix("b")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+@dataclass
+class EngineArgs:
+    """Everything that configures an engine. Names match vLLM's flags where the concept is shared."""
+
+    model: Optional[str] = None
+    """HF-layout directory or .gguf file; None: the embedded SmolLM2-135M-Instruct Q4_1."""
+    device: str = "auto"
+    """Platform name (``runtime plugins`` lists them) or auto: the available one of highest priority."""
+    dtype: str = "auto"
+    max_model_len: Optional[int] = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: Optional[int] = None
+    """Token budget of one step; default max(2048, max_model_len) capped at 8192."""
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    kv_cache_memory: Union[str, int, None] = None
+    """Bytes for the KV cache (or ``"4GiB"``); default: the platform decides."""
+    gpu_memory_utilization: float = 0.9
+    kv_cache_dtype: str = "auto"
+    scheduling_policy: str = "fcfs"
+    seed: int = 0
+    enforce_eager: bool = False
+    served_model_name: Optional[str] = None
+    chat_template: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        self.kv_cache_memory_bytes = parse_size(self.kv_cache_memory)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}

@@ -1,0 +1,155 @@
+"""EngineCore: builds the pieces from EngineArgs and runs one step at a time.
+
+schedule -> execute -> update. It speaks token ids only; text is the OutputProcessor's job.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..kv.manager import KVCacheManager
+from ..loader.source import ModelSource, open_model
+from ..platform import PlatformConfig, Registry, get_registry
+from ..sample.params import SamplingParams
+from ..sched.request import Request, RequestStatus
+from ..sched.scheduler import Scheduler
+from ..worker.model_runner import ModelRunner, TokenLogprobs
+from .args import EngineArgs
+
+logger = logging.getLogger("runtime")
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16}
+
+
+@dataclass
+class EngineCoreOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: Optional[list[TokenLogprobs]] = None
+    prompt_logprobs: Optional[list[TokenLogprobs]] = None
+    finish_reason: Optional[str] = None
+    stop_reason: int | str | None = None
+
+
+class EngineCore:
+    def __init__(self, args: EngineArgs, registry: Registry | None = None, source: ModelSource | None = None):
+        self.args = args
+        registry = registry or get_registry()
+        self.platform = registry.select_platform(args.device)
+        self.source = source or open_model(args.model)
+        config = self.source.hf_config
+        self.dtype = self._resolve_dtype(args.dtype, config)
+        self.max_model_len = self._resolve_max_model_len(args.max_model_len, config)
+        budget = args.max_num_batched_tokens or min(max(2048, self.max_model_len), 8192)
+        pconfig = PlatformConfig(dtype=self.dtype, block_size=args.block_size, max_model_len=self.max_model_len,
+                                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
+                                 enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
+                                 kv_cache_dtype=args.kv_cache_dtype)
+        self.platform.check_and_update_config(pconfig)
+        self.block_size = pconfig.block_size
+        torch.manual_seed(args.seed)
+        self.runner = ModelRunner(config, self.source.weights(), self.platform, registry, self.dtype,
+                                  self.block_size, self.max_model_len)
+        self.num_blocks = self._size_kv_cache()
+        self.runner.allocate_kv_cache(self.num_blocks)
+        self.kv_manager = KVCacheManager(self.num_blocks, self.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv_manager, args.max_num_seqs, pconfig.max_num_batched_tokens, args.scheduling_policy)
+        self.max_num_batched_tokens = pconfig.max_num_batched_tokens
+        logger.info("platform %s (%s), dtype %s, KV cache %d blocks = %d tokens, max_model_len %d",
+                    self.platform.name, self.platform.device_name(), self.dtype, self.num_blocks,
+                    self.num_blocks * self.block_size, self.max_model_len)
+
+    def _resolve_dtype(self, name: str, config) -> torch.dtype:
+        if name == "auto":
+            return self.platform.default_dtype()
+        if name not in _DTYPES:
+            raise ValueError(f"--dtype {name!r} is not one of auto, {', '.join(_DTYPES)}")
+        return _DTYPES[name]
+
+    @staticmethod
+    def _resolve_max_model_len(requested: Optional[int], config) -> int:
+        limit = int(getattr(config, "max_position_embeddings", 0) or 2048)
+        if requested is None:
+            return limit
+        if requested > limit:
+            raise ValueError(f"--max-model-len {requested} exceeds the model's context length {limit}; lower it")
+        return requested
+
+    def _size_kv_cache(self) -> int:
+        per_block = self.runner.kv_bytes_per_block()
+        budget = self.platform.kv_cache_memory(self.args.kv_cache_memory_bytes, self.args.gpu_memory_utilization,
+                                               self.runner.weight_bytes)
+        needed = math.ceil(self.max_model_len / self.block_size) + 1  # +1: block 0 is the null block
+        num_blocks = budget // per_block
+        if num_blocks < needed:
+            gib = 1 << 30
+            raise ValueError(
+                f"one sequence of --max-model-len {self.max_model_len} needs {needed * per_block / gib:.3f} GiB of KV cache, "
+                f"only {budget / gib:.3f} GiB is available for it: lower --max-model-len or raise --kv-cache-memory "
+                f"(or --gpu-memory-utilization)")
+        return int(num_blocks)
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return frozenset(self.source.generation_eos_token_ids)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    priority: int = 0, arrival_time: float | None = None) -> None:
+        """Queue a request; raises ValueError when it cannot fit the context."""
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty: give at least one token")
+        vocab = self.runner.settings.vocab_size
+        if max(prompt_token_ids) >= vocab or min(prompt_token_ids) < 0:
+            raise ValueError(f"prompt contains token ids outside the vocabulary [0, {vocab})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens, the context is {self.max_model_len}: "
+                             f"shorten it or raise --max-model-len")
+        request = Request(request_id, list(prompt_token_ids), params, eos_token_ids=self.eos_token_ids,
+                          max_model_len=self.max_model_len, priority=priority)
+        if arrival_time is not None:
+            request.arrival_time = arrival_time
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        self.scheduler.abort_requests(request_ids)
+
+    def finish_requests(self, request_ids: list[str]) -> None:
+        """Finish requests the output processor stopped (a stop string matched)."""
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_STOPPED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[EngineCoreOutput]:
+        out = self.scheduler.schedule()
+        result = self.runner.execute(out)
+        updated = self.scheduler.update(out, result.sampled)
+        outputs: dict[str, EngineCoreOutput] = {}
+        for request in updated:
+            rid = request.request_id
+            outputs[rid] = EngineCoreOutput(
+                rid, [request.output_token_ids[-1]],
+                new_logprobs=[result.logprobs[rid]] if rid in result.logprobs else None,
+                finish_reason=request.status.value if request.status.finished else None,
+                stop_reason=request.stop_reason)
+        for rid, entries in result.prompt_logprobs.items():
+            outputs.setdefault(rid, EngineCoreOutput(rid, [])).prompt_logprobs = entries
+        return list(outputs.values())
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_cache_usage": self.kv_manager.usage,
+            "prefix_cache_queries": self.kv_manager.prefix_cache_queries,
+            "prefix_cache_hits": self.kv_manager.prefix_cache_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }

@@ -1,0 +1,122 @@
+"""LLM: offline batch generation, vLLM's Python API."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Optional, Sequence, Union
+
+from tqdm.auto import tqdm
+
+from ..sample.params import SamplingParams
+from .args import EngineArgs
+from .chat import load_chat_template, render_chat
+from .core import EngineCore
+from .output_processor import OutputProcessor
+from .outputs import RequestOutput
+
+PromptType = Union[str, list[int], dict[str, Any]]
+
+
+class LLM:
+    """``LLM(model, **engine_args)``; engine arguments are the CLI flags in snake case.
+
+    ``model`` is an HF-layout directory or a .gguf file; None loads the embedded default
+    (SmolLM2-135M-Instruct Q4_1).
+    """
+
+    def __init__(self, model: Optional[str] = None, **engine_args: Any):
+        unknown = set(engine_args) - EngineArgs.field_names()
+        if unknown:
+            raise TypeError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
+        self.engine_args = EngineArgs(model=model, **engine_args)
+        self.engine = EngineCore(self.engine_args)
+        self.tokenizer = self.engine.source.tokenizer
+        self.chat_template = load_chat_template(self.engine_args.chat_template) or self.engine.source.chat_template
+        self.processor = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
+                 sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+                 use_tqdm: bool = True, priority: Optional[list[int]] = None) -> list[RequestOutput]:
+        """Generate for each prompt: a string, a list of token ids, or ``{"prompt_token_ids": [...]}``.
+
+        Returns one RequestOutput per prompt, in input order.
+        """
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = self._params_per_prompt(sampling_params, len(prompts))
+        encoded = [self._encode(p) for p in prompts]
+        return self._run(encoded, params, use_tqdm, priority)
+
+    def chat(self, messages: Union[list[dict[str, Any]], list[list[dict[str, Any]]]],
+             sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None, use_tqdm: bool = True,
+             chat_template: Optional[str] = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of messages) or a list of conversations."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        template = load_chat_template(chat_template) or self.chat_template
+        texts = [render_chat(self.tokenizer, conv, template, add_generation_prompt, continue_final_message)
+                 for conv in conversations]
+        encoded = [(text, self.tokenizer.encode(text, add_special_tokens=False)) for text in texts]
+        return self._run(encoded, self._params_per_prompt(sampling_params, len(texts)), use_tqdm, None)
+
+    def _params_per_prompt(self, sampling_params, count: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * count
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * count
+        sampling_params = list(sampling_params)
+        if len(sampling_params) != count:
+            raise ValueError(f"got {len(sampling_params)} sampling params for {count} prompts")
+        return sampling_params
+
+    def _encode(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+        return None, list(prompt)
+
+    def _run(self, encoded: list[tuple[Optional[str], list[int]]], params: list[SamplingParams], use_tqdm: bool,
+             priority: Optional[list[int]]) -> list[RequestOutput]:
+        order: list[str] = []
+        for i, ((text, token_ids), p) in enumerate(zip(encoded, params)):
+            rid = str(next(self._ids))
+            child_ids = self.processor.add_request(rid, text, token_ids, p)
+            for index, cid in enumerate(child_ids):
+                child_params = p
+                if p.n > 1 and p.seed is not None:
+                    child_params = SamplingParams(**{**p.__dict__, "n": 1, "seed": p.seed + index})
+                try:
+                    self.engine.add_request(cid, token_ids, child_params, priority=priority[i] if priority else 0)
+                except ValueError:
+                    self._abort_all(order + [rid])
+                    raise
+            order.append(rid)
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(order), desc="Processed prompts", disable=not use_tqdm)
+        try:
+            while self.engine.has_unfinished_requests():
+                outputs, stopped = self.processor.process(self.engine.step())
+                if stopped:
+                    self.engine.finish_requests(stopped)
+                for out in outputs:
+                    if out.finished:
+                        finished[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            self._abort_all(order)
+            raise
+        finally:
+            bar.close()
+        return [finished[rid] for rid in order]
+
+    def _abort_all(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.engine.abort_requests(self.processor.abort(rid))

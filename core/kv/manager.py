@@ -1,0 +1,162 @@
+"""The KV-cache manager: which blocks each request holds, and the prefix cache over them."""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections.abc import Sequence
+
+from ..sched.request import Request
+from .block_pool import Block, BlockPool
+
+
+def hash_block_tokens(parent_hash: bytes | None, token_ids: Sequence[int], lora_id: int) -> bytes:
+    """The prefix-cache key of one full block: it depends on every token before it (through
+    ``parent_hash``), its own tokens, and the LoRA adapter that produced its KV.
+
+    SHA-256 rather than Python's ``hash``: integer hashing is predictable, so a tenant could craft
+    a prompt whose key collides with another's and read KV computed from someone else's prompt.
+    """
+    h = hashlib.sha256(parent_hash or b"")
+    h.update(lora_id.to_bytes(8, "little", signed=True))
+    h.update(array("q", token_ids).tobytes())
+    return h.digest()
+
+
+class KVCacheManager:
+    """Owner of all block state: allocation, freeing and prefix caching, per request.
+
+    A request's blocks cover its tokens in order: token ``i`` lives in block ``i // block_size``
+    of its list. Full blocks whose tokens are known are registered under a hash chain, so a later
+    request sharing the prefix (same tokens, same LoRA adapter) reuses them instead of recomputing.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks)
+        self._blocks: dict[str, list[Block]] = {}
+        # The same blocks as ids, kept alongside so handing a block table out is one list copy.
+        self._block_ids: dict[str, list[int]] = {}
+        self._hashes: dict[str, list[bytes]] = {}
+        """Hash chain of the request's full blocks, computed as far as needed so far."""
+        self._num_cached: dict[str, int] = {}
+        """How many of the request's leading blocks were already offered to the prefix cache."""
+        self.prefix_cache_queries = 0
+        """Tokens looked up in the prefix cache."""
+        self.prefix_cache_hits = 0
+        """Tokens found there."""
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        """Fraction of usable blocks held by requests (0.0 to 1.0)."""
+        return self.pool.usage
+
+    def block_ids(self, request_id: str) -> list[int]:
+        """The request's block table (a copy); empty when it holds no blocks."""
+        return list(self._block_ids.get(request_id, ()))
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
+        """The longest run of cached blocks matching the start of the request's tokens.
+
+        Returns their ids and the number of tokens they hold. At least one token is always left
+        to compute, because its logits choose the next token. Nothing is returned when prefix
+        caching is off or the request wants prompt logprobs (those need every prompt position's
+        logits). Takes no references: pass the result to :meth:`allocate_slots` at once.
+        """
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
+            return [], 0
+        hits: list[int] = []
+        for i in range((request.num_tokens - 1) // self.block_size):
+            block = self.pool.get_cached(self._block_hash(request, i))
+            if block is None:
+                break
+            hits.append(block.block_id)
+        num_hit_tokens = len(hits) * self.block_size
+        self.prefix_cache_queries += request.num_tokens
+        self.prefix_cache_hits += num_hit_tokens
+        return hits, num_hit_tokens
+
+    def allocate_slots(
+        self,
+        request: Request,
+        num_new_tokens: int,
+        new_computed_blocks: Sequence[int] = (),
+        num_new_computed_tokens: int = 0,
+    ) -> list[int] | None:
+        """Make the request's blocks cover ``num_computed_tokens + num_new_computed_tokens +
+        num_new_tokens`` tokens, first taking the prefix-cache hits ``new_computed_blocks``
+        (from :meth:`get_computed_blocks`, holding ``num_new_computed_tokens`` tokens).
+
+        Returns the request's whole block table, or ``None``, changing nothing, when too few
+        blocks are free. Blocks that become full with known tokens are registered in the prefix
+        cache right away: a request hitting them in the same step reads KV that the forward pass
+        writes before any attention reads it.
+        """
+        request_id = request.request_id
+        held = self._blocks.get(request_id, [])
+        hits = [self.pool.blocks[i] for i in new_computed_blocks]
+        num_covered = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
+        num_needed = max(0, -(-num_covered // self.block_size) - len(held) - len(hits))
+        # A hit on a free block takes it off the free list, so it cannot serve as a new block too.
+        num_revived = sum(1 for block in hits if block.ref_cnt == 0)
+        if num_needed > self.pool.num_free_blocks - num_revived:
+            return None
+
+        self.pool.touch(hits)
+        new_blocks = self.pool.allocate(num_needed)
+        blocks = self._blocks.setdefault(request_id, [])
+        blocks += hits
+        blocks += new_blocks
+        ids = self._block_ids.setdefault(request_id, [])
+        ids += new_computed_blocks
+        ids += (block.block_id for block in new_blocks)
+        if self.enable_prefix_caching:
+            self._cache_full_blocks(request, min(num_covered, request.num_tokens) // self.block_size)
+        return list(ids)
+
+    def free(self, request: Request) -> None:
+        """Release the request's blocks. Safe to call again, or for a request holding none.
+        Call it before resetting the request's ``num_computed_tokens`` (preemption).
+
+        Blocks go back to the free list in reverse, so under memory pressure a sequence's tail
+        is evicted before its prefix, which other requests are more likely to share.
+        """
+        request_id = request.request_id
+        blocks = self._blocks.pop(request_id, [])
+        self._block_ids.pop(request_id, None)
+        self._hashes.pop(request_id, None)
+        num_cached = self._num_cached.pop(request_id, 0)
+        # Blocks registered at allocation but past num_computed_tokens were never committed (the
+        # request is freed between schedule and update): their KV may never be written.
+        for block in blocks[request.num_computed_tokens // self.block_size : num_cached]:
+            self.pool.uncache(block)
+        self.pool.free(reversed(blocks))
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (e.g. after weights change); held blocks stay valid."""
+        self.pool.reset_prefix_cache()
+
+    def _block_hash(self, request: Request, index: int) -> bytes:
+        """Hash of the request's full block ``index``, extending its cached chain as needed."""
+        chain = self._hashes.setdefault(request.request_id, [])
+        size = self.block_size
+        while len(chain) <= index:
+            start = len(chain) * size
+            parent = chain[-1] if chain else None
+            chain.append(hash_block_tokens(parent, request.all_token_ids[start : start + size], request.lora_id))
+        return chain[index]
+
+    def _cache_full_blocks(self, request: Request, num_full_blocks: int) -> None:
+        request_id = request.request_id
+        blocks = self._blocks[request_id]
+        start = self._num_cached.get(request_id, 0)
+        for i in range(start, num_full_blocks):
+            self.pool.cache(blocks[i], self._block_hash(request, i))
+        self._num_cached[request_id] = max(start, num_full_blocks)

@@ -1,0 +1,60 @@
+"""Reader for checkpoints in Hugging Face layout: config.json, tokenizer files, *.safetensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import safe_open
+from transformers import AutoConfig, AutoTokenizer
+
+from .source import ModelSource, WeightStream, eos_token_ids, generation_config_eos
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files holding the model's weights, in load order.
+
+    The index decides when present: hub repos sometimes also carry a ``consolidated.safetensors``
+    with the same weights under other names, which must not be read twice.
+    """
+    index = directory / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [directory / name for name in sorted(set(weight_map.values()))]
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model directory {directory} has no *.safetensors weights (other weight formats are not supported)")
+    return files
+
+
+def read_weights(files: list[Path]) -> WeightStream:
+    """Every tensor of ``files`` under its stored (HF) name, read one at a time."""
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def open_safetensors(directory: Path) -> ModelSource:
+    """Open a local HF-layout model directory; nothing is fetched from a hub."""
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as exc:  # transformers explains over several lines; keep the first
+        reason = str(exc).strip().splitlines()[0]
+        raise ValueError(f"could not load a tokenizer from {directory} (expected tokenizer.json): {reason}") from None
+    files = weight_files(directory)
+    return ModelSource(
+        hf_config=config,
+        tokenizer=tokenizer,
+        format="safetensors",
+        path=directory,
+        chat_template=getattr(tokenizer, "chat_template", None),
+        generation_eos_token_ids=eos_token_ids(config, tokenizer, generation_config_eos(directory)),
+        read_weights=lambda: read_weights(files),
+    )

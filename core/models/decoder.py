@@ -1,0 +1,213 @@
+"""One decoder-only transformer, written once; each architecture is a set of switches on it.
+
+``DecoderSettings`` says how an architecture differs (biases, q/k norm, Gemma's embedding
+scale and sandwich norms, soft-capping, sliding windows). Parameter names are HF's, so a
+checkpoint loads by name; separately stored q/k/v and gate/up load into fused projections.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..platform import AttentionBackend, AttentionSpec, KernelSet, QuantizationMethod, RawQuantizedTensor
+from .batch import ForwardBatch
+from .layers.attention import SelfAttention
+from .layers.linear import Linear
+from .layers.mlp import GatedMLP
+from .layers.norm import RMSNorm
+from .layers.rotary import RotaryEmbedding
+
+
+@dataclass
+class DecoderSettings:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    activation: str
+    tie_word_embeddings: bool
+    attn_scale: float
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    embedding_scale: float | None = None
+    norm_unit_offset: bool = False
+    sandwich_norms: bool = False
+    attn_soft_cap: float | None = None
+    final_logit_soft_cap: float | None = None
+    sliding_windows: list[int | None] = field(default_factory=list)
+    """Per layer: the window, or None for full attention."""
+
+    def attention_specs(self, dtype: torch.dtype, block_size: int) -> list[AttentionSpec]:
+        return [AttentionSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.attn_scale, dtype, block_size,
+                              sliding_window=w, logits_soft_cap=self.attn_soft_cap) for w in self.sliding_windows]
+
+
+def sliding_windows(config: Any, num_layers: int) -> list[int | None]:
+    """Per-layer windows from ``layer_types`` (newer configs) or a model-wide ``sliding_window``."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return [window if kind == "sliding_attention" else None for kind in layer_types[:num_layers]]
+    if window and getattr(config, "use_sliding_window", True) is not False:
+        return [window] * num_layers
+    return [None] * num_layers
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, index: int, s: DecoderSettings, backend: AttentionBackend, rotary: RotaryEmbedding, ops: KernelSet):
+        super().__init__()
+        self.self_attn = SelfAttention(index, s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim, backend, rotary, ops,
+                                       qkv_bias=s.qkv_bias, o_bias=s.o_bias, qk_norm_eps=s.rms_norm_eps if s.qk_norm else None)
+        self.mlp = GatedMLP(s.hidden_size, s.intermediate_size, s.activation, ops, bias=s.mlp_bias)
+        norm = lambda: RMSNorm(s.hidden_size, s.rms_norm_eps, ops, unit_offset=s.norm_unit_offset)  # noqa: E731
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+        self.sandwich = s.sandwich_norms
+        if s.sandwich_norms:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch):
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, batch)
+        if self.sandwich:
+            hidden = self.post_attention_layernorm(hidden)
+            hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
+            return self.post_feedforward_layernorm(self.mlp(hidden)), residual
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+# Checkpoints that store projections apart: name suffix -> (fused module suffix, partition index).
+FUSED_PARTS = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+_PART_RE = re.compile(r"^(layers\.\d+)\.(self_attn\.[qkv]_proj|mlp\.(?:gate|up)_proj)\.(weight|bias)$")
+
+
+class DecoderForCausalLM(nn.Module):
+    """forward(batch) -> hidden [T, hidden]; compute_logits(hidden rows) -> [N, vocab] float32."""
+
+    def __init__(self, settings: DecoderSettings, config: Any, max_model_len: int, ops: KernelSet,
+                 backends: list[AttentionBackend]):
+        super().__init__()
+        s = self.settings = settings
+        self.embed_tokens = nn.Parameter(torch.empty(s.vocab_size, s.hidden_size), requires_grad=False)
+        rotary = RotaryEmbedding(s.head_dim, config, max_model_len, ops)
+        self.layers = nn.ModuleList(DecoderLayer(i, s, backends[i], rotary, ops) for i in range(s.num_layers))
+        self.norm = RMSNorm(s.hidden_size, s.rms_norm_eps, ops, unit_offset=s.norm_unit_offset)
+        self.lm_head = None if s.tie_word_embeddings else Linear(s.hidden_size, s.vocab_size)
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        hidden = F.embedding(batch.input_ids, self.embed_tokens)
+        if self.settings.embedding_scale is not None:
+            hidden = hidden * torch.tensor(self.settings.embedding_scale, dtype=hidden.dtype)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, batch)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.embed_tokens) if self.lm_head is None else self.lm_head(hidden)
+        logits = logits.float()
+        cap = self.settings.final_logit_soft_cap
+        return torch.tanh(logits / cap) * cap if cap is not None else logits
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | RawQuantizedTensor]],
+                     quant_method: Callable[[str], QuantizationMethod]) -> None:
+        """Fill parameters from (HF name, value) pairs; raises if any parameter stays unloaded.
+
+        ``quant_method(format)`` gives the platform's method for a quantized checkpoint tensor.
+        """
+        params = dict(self.named_parameters())
+        modules = dict(self.named_modules())
+        loaded: set[str] = set()
+        dtype = self.embed_tokens.dtype
+        for hf_name, value in weights:
+            name = _module_name(hf_name)
+            if name is None:
+                continue
+            if self.lm_head is None and name.startswith("lm_head."):
+                continue
+            part = _PART_RE.match(name)
+            if part:
+                prefix, piece, kind = part.groups()
+                fused, index = FUSED_PARTS[piece]
+                linear = modules[f"{prefix}.{fused}"]
+                linear.load_partition(kind, index, _dense(value, quant_method, dtype))
+                loaded.add(f"{prefix}.{fused}.{kind}#{index}")
+                continue
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {hf_name!r} matches no parameter of {type(self).__name__}")
+            param = params[name]
+            module = modules.get(name.rsplit(".", 1)[0])
+            if isinstance(value, RawQuantizedTensor) and isinstance(module, Linear) and name.endswith(".weight"):
+                method = quant_method(value.format)
+                stored = method.load(value, dtype, param.device)
+                if isinstance(stored, torch.Tensor) and stored.shape == param.shape:
+                    param.data.copy_(stored)
+                else:
+                    module.quant_method, module.quant_weight = method, stored
+                    param.data = torch.empty(0, device=param.device, dtype=dtype)
+            else:
+                tensor = _dense(value, quant_method, dtype)
+                if tensor.shape != param.shape:
+                    raise ValueError(f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}")
+                param.data.copy_(tensor)
+            loaded.add(name)
+        self._check_all_loaded(loaded)
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.finish_loading()
+
+    def _check_all_loaded(self, loaded: set[str]) -> None:
+        missing = []
+        for mod_name, module in self.named_modules():
+            if isinstance(module, Linear) and len(module.partitions) > 1:
+                for kind in ("weight", "bias") if module.bias is not None else ("weight",):
+                    whole = f"{mod_name}.{kind}" in loaded
+                    parts = all(f"{mod_name}.{kind}#{i}" in loaded for i in range(len(module.partitions)))
+                    if not (whole or parts):
+                        missing.append(f"{mod_name}.{kind}")
+        fused = {n for n, m in self.named_modules() if isinstance(m, Linear) and len(m.partitions) > 1}
+        for name, _ in self.named_parameters():
+            if name.rsplit(".", 1)[0] not in fused and name not in loaded:
+                missing.append(name)
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ValueError(f"checkpoint is missing weights: {shown}")
+
+
+def _module_name(hf_name: str) -> str | None:
+    """HF parameter name -> this module's name (None for tensors the runtime does not use)."""
+    if hf_name.endswith("rotary_emb.inv_freq"):
+        return None
+    name = hf_name.removeprefix("model.")
+    return "embed_tokens" if name == "embed_tokens.weight" else name
+
+
+def _dense(value: torch.Tensor | RawQuantizedTensor, quant_method: Callable[[str], QuantizationMethod],
+           dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(value, RawQuantizedTensor):
+        return quant_method(value.format).dequantize(value, dtype)
+    return value.to(dtype)

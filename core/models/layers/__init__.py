@@ -1,0 +1,1 @@
+"""Model building blocks, each calling platform ops rather than vendor code."""

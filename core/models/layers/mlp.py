@@ -1,0 +1,35 @@
+"""Gated MLP: fused gate/up projection, gated activation through the platform op, down projection."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...platform import KernelSet
+from .linear import Linear
+
+# HF hidden_act names -> (op, approximate) ; "gelu_pytorch_tanh" is Gemma's default.
+ACTIVATIONS = {
+    "silu": ("silu_and_mul", None),
+    "swish": ("silu_and_mul", None),
+    "gelu": ("gelu_and_mul", "none"),
+    "gelu_pytorch_tanh": ("gelu_and_mul", "tanh"),
+    "gelu_tanh": ("gelu_and_mul", "tanh"),
+    "gelu_new": ("gelu_and_mul", "tanh"),
+}
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str, ops: KernelSet, bias: bool = False):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unsupported activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
+        self.gate_up_proj = Linear(hidden_size, [intermediate_size, intermediate_size], bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+        op, self.approximate = ACTIVATIONS[activation]
+        self.act = getattr(ops, op)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        hidden = self.act(gate_up) if self.approximate is None else self.act(gate_up, self.approximate)
+        return self.down_proj(hidden)

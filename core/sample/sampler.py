@@ -1,0 +1,235 @@
+"""Batched sampling: one step's logits [B, V] -> next token per row (+ logprobs).
+
+The order follows vLLM v1: logit_bias, the min_tokens mask, penalties; then greedy rows take
+the argmax and the other rows go through temperature, top-k / top-p / min-p, softmax and an
+exponential race. Logprobs describe the raw model distribution, before any of that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from ..platform.reference import apply_top_k_top_p_min_p
+from ..sched.request import Request
+
+TopKTopPMinP = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(logits [B, V], top_k [B], top_p [B], min_p [B]) -> logits with excluded tokens at -inf."""
+
+
+@dataclass
+class SamplingMetadata:
+    """Per-row sampling settings of one batch, as tensors on the logits' device.
+
+    Optional groups are None when no row needs them, so the common batch (no penalties, no
+    bias, no min_tokens) does no [B, V] work beyond sampling itself.
+    """
+
+    temperature: torch.Tensor
+    """[B] float32; 1.0 on greedy rows so dividing the whole batch is harmless."""
+    greedy: torch.Tensor
+    """[B] bool."""
+    all_greedy: bool
+    all_random: bool
+    top_k: torch.Tensor
+    """[B] int64; 0: off."""
+    top_p: torch.Tensor
+    """[B] float32; 1.0: off."""
+    min_p: torch.Tensor
+    """[B] float32; 0.0: off."""
+    needs_top_k_top_p_min_p: bool
+    """False when no sampled row truncates its distribution: the kernel call is skipped."""
+    generators: list[Optional[torch.Generator]]
+    """Per row: the request's own generator when it has a seed, else None (shared draw)."""
+    max_num_logprobs: Optional[int]
+    """The largest ``logprobs`` any row asked for; None: no row asked."""
+    output_token_counts: Optional[torch.Tensor] = None
+    """[B, V] float32: how often each token occurs in the row's output; set when any penalty is."""
+    frequency_penalties: Optional[torch.Tensor] = None
+    """[B]; set with presence_penalties when any row has either."""
+    presence_penalties: Optional[torch.Tensor] = None
+    repetition_penalties: Optional[torch.Tensor] = None
+    """[B]; set with prompt_token_mask when any row's repetition_penalty is not 1."""
+    prompt_token_mask: Optional[torch.Tensor] = None
+    """[B, V] bool: the token occurs in the row's prompt."""
+    logit_bias: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+    """(rows, token ids, values), each [N]."""
+    min_tokens_blocked: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    """(rows, token ids), each [N]: stop tokens a row may not sample yet."""
+
+    @classmethod
+    def from_requests(cls, requests: list[Request], vocab_size: int, device: torch.device | str,
+                      generators: dict[str, torch.Generator]) -> "SamplingMetadata":
+        """Build the batch's metadata, rows in the order of ``requests``.
+
+        ``generators`` maps request_id to the generator of a seeded request. A missing entry is
+        created here from the seed, once, so later steps continue the same random stream; the
+        caller owns the dict and drops a request's entry when it finishes.
+        """
+        params = [r.sampling_params for r in requests]
+        greedy = [p.greedy for p in params]
+
+        def column(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        meta = cls(
+            temperature=column([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32),
+            greedy=column(greedy, torch.bool),
+            all_greedy=all(greedy),
+            all_random=not any(greedy),
+            top_k=column([p.top_k for p in params], torch.long),
+            top_p=column([p.top_p for p in params], torch.float32),
+            min_p=column([p.min_p for p in params], torch.float32),
+            needs_top_k_top_p_min_p=any(
+                (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0) for p, g in zip(params, greedy) if not g),
+            generators=[_generator(r, device, generators) for r in requests],
+            max_num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=None),
+        )
+
+        has_repetition = any(p.repetition_penalty != 1.0 for p in params)
+        has_additive = any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params)
+        if has_repetition or has_additive:
+            meta.output_token_counts = _token_counts([r.output_token_ids for r in requests], vocab_size, device)
+        if has_additive:
+            meta.frequency_penalties = column([p.frequency_penalty for p in params], torch.float32)
+            meta.presence_penalties = column([p.presence_penalty for p in params], torch.float32)
+        if has_repetition:
+            meta.repetition_penalties = column([p.repetition_penalty for p in params], torch.float32)
+            meta.prompt_token_mask = _token_counts([r.prompt_token_ids for r in requests], vocab_size, device) > 0
+
+        # Ids outside the vocabulary are the API's to reject; here they would crash the whole batch.
+        bias = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias.items() if 0 <= t < vocab_size]
+        if bias:
+            rows, cols, values = zip(*bias)
+            meta.logit_bias = (column(rows, torch.long), column(cols, torch.long), column(values, torch.float32))
+
+        blocked = [(i, t) for i, r in enumerate(requests) for t in _stop_tokens_blocked(r) if 0 <= t < vocab_size]
+        if blocked:
+            rows, cols = zip(*blocked)
+            meta.min_tokens_blocked = (column(rows, torch.long), column(cols, torch.long))
+        return meta
+
+
+@dataclass
+class SamplerOutput:
+    """The sampled tokens of a batch; the logprob fields are set when any row asked for logprobs."""
+
+    token_ids: torch.Tensor
+    """[B] int64."""
+    logprob_token_ids: Optional[torch.Tensor] = None
+    """[B, K+1] int64: column 0 the sampled token, then the row's top-K tokens, best first."""
+    logprobs: Optional[torch.Tensor] = None
+    """[B, K+1] float32: raw-model logprobs of ``logprob_token_ids``."""
+    sampled_ranks: Optional[torch.Tensor] = None
+    """[B] int64: 1 + the number of tokens with a strictly higher raw logprob than the sampled one."""
+
+
+class Sampler:
+    """Turns a batch of logits into tokens, each row with its own sampling settings.
+
+    ``top_k_top_p_min_p`` lets a platform pass its own kernel (same contract as the reference).
+    """
+
+    def __init__(self, top_k_top_p_min_p: TopKTopPMinP = apply_top_k_top_p_min_p) -> None:
+        self.top_k_top_p_min_p = top_k_top_p_min_p
+
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        """logits [B, V] (any float dtype; left unchanged) -> SamplerOutput."""
+        raw_logprobs = logits.float().log_softmax(-1) if meta.max_num_logprobs is not None else None
+        # One float32 copy, so every step below may work in place without touching the caller's tensor.
+        logits = logits.to(torch.float32, copy=True)
+        _apply_bias_and_penalties(logits, meta)
+        token_ids = self._sample(logits, meta)
+        if raw_logprobs is None:
+            return SamplerOutput(token_ids)
+        return _with_logprobs(token_ids, raw_logprobs, meta.max_num_logprobs)
+
+    def _sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        greedy_ids = None if meta.all_random else logits.argmax(-1)
+        if meta.all_greedy:
+            return greedy_ids
+        logits.div_(meta.temperature.unsqueeze(1))
+        if meta.needs_top_k_top_p_min_p:
+            logits = self.top_k_top_p_min_p(logits, meta.top_k, meta.top_p, meta.min_p)
+        probs = logits.softmax(-1)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i,
+        # without a cumsum/searchsorted, and each row's noise can come from its own generator.
+        sampled = probs.div_(_exponential_noise(probs, meta.generators)).argmax(-1)
+        return sampled if greedy_ids is None else torch.where(meta.greedy, greedy_ids, sampled)
+
+
+def _apply_bias_and_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> None:
+    """In place: logit_bias, then the min_tokens mask, then repetition/frequency/presence penalties."""
+    if meta.logit_bias is not None:
+        rows, cols, values = meta.logit_bias
+        logits.index_put_((rows, cols), values, accumulate=True)
+    if meta.min_tokens_blocked is not None:
+        logits.index_put_(meta.min_tokens_blocked, torch.tensor(float("-inf"), device=logits.device))
+    counts = meta.output_token_counts
+    if meta.repetition_penalties is not None:
+        # HF / vLLM: every token seen in prompt or output is made less likely, whatever its sign.
+        seen = meta.prompt_token_mask | (counts > 0)
+        penalty = meta.repetition_penalties.unsqueeze(1)
+        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits.copy_(torch.where(seen, penalized, logits))
+    if meta.frequency_penalties is not None:
+        # OpenAI: output tokens only, count * frequency + (count > 0) * presence.
+        logits.sub_(meta.frequency_penalties.unsqueeze(1) * counts + meta.presence_penalties.unsqueeze(1) * (counts > 0))
+
+
+def _exponential_noise(probs: torch.Tensor, generators: list[Optional[torch.Generator]]) -> torch.Tensor:
+    """Exp(1) noise shaped like probs: a seeded row's from its own generator, so it samples the
+    same tokens whatever else shares the batch; the other rows share one draw."""
+    noise = torch.empty_like(probs)
+    if any(g is None for g in generators):
+        noise.exponential_()
+    for row, generator in enumerate(generators):
+        if generator is not None:
+            noise[row].exponential_(generator=generator)
+    # A draw of exactly 0 would turn p / E into inf, or NaN for a masked token, and win the argmax.
+    return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+
+
+def _with_logprobs(token_ids: torch.Tensor, raw_logprobs: torch.Tensor, k: int) -> SamplerOutput:
+    sampled = raw_logprobs.gather(1, token_ids.unsqueeze(1))
+    top_values, top_ids = raw_logprobs.topk(min(k, raw_logprobs.shape[-1]), dim=-1)
+    return SamplerOutput(
+        token_ids=token_ids,
+        logprob_token_ids=torch.cat([token_ids.unsqueeze(1), top_ids], dim=1),
+        logprobs=torch.cat([sampled, top_values], dim=1),
+        sampled_ranks=(raw_logprobs > sampled).sum(-1) + 1,
+    )
+
+
+def _generator(request: Request, device: torch.device | str, generators: dict[str, torch.Generator]) -> Optional[torch.Generator]:
+    seed = request.sampling_params.seed
+    if seed is None:
+        return None
+    if request.request_id not in generators:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+        generators[request.request_id] = generator
+    return generators[request.request_id]
+
+
+def _stop_tokens_blocked(request: Request) -> set[int]:
+    """Tokens the request may not sample yet: its stop tokens (and EOS unless ignore_eos) until min_tokens are out."""
+    params = request.sampling_params
+    if len(request.output_token_ids) >= params.min_tokens:
+        return set()
+    blocked = set(params.stop_token_ids)
+    if not params.ignore_eos:
+        blocked |= request.eos_token_ids
+    return blocked
+
+
+def _token_counts(rows: list[list[int]], vocab_size: int, device: torch.device | str) -> torch.Tensor:
+    """[B, V] float32 occurrence counts. Rows are padded with id V, an extra column dropped at the
+    end, so rows of any length go through one scatter_add."""
+    width = max((len(row) for row in rows), default=0)
+    tokens = torch.tensor([row + [vocab_size] * (width - len(row)) for row in rows], dtype=torch.long, device=device)
+    counts = torch.zeros(len(rows), vocab_size + 1, dtype=torch.float32, device=device)
+    counts.scatter_add_(1, tokens, torch.ones_like(tokens, dtype=torch.float32))
+    return counts[:, :vocab_size]

@@ -1,0 +1,226 @@
+"""The scheduler: continuous batching under one token budget per step.
+
+There are no prefill and decode phases. Each step, running requests are served first (a decode
+token, or the next chunk of an unfinished prompt), then waiting requests are admitted into what
+is left of the budget; a prompt longer than that is chunked, so decodes never wait behind it.
+When the cache runs out of blocks, the lowest-priority running request is preempted and later
+recomputed from its prompt and the output it had so far.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ..kv.manager import KVCacheManager
+from .request import Request, RequestStatus
+
+POLICIES = ("fcfs", "priority")
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step: compute ``request.all_token_ids[start:start + num_new_tokens]``."""
+
+    request: Request
+    start: int
+    """``num_computed_tokens`` at schedule time, prefix-cache hits included."""
+    num_new_tokens: int
+    block_ids: list[int]
+    """The request's whole block table."""
+    _num_tokens: int = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Snapshot: update() appends the sampled token, which must not change what this step was.
+        self._num_tokens = self.request.num_tokens
+
+    @property
+    def sample(self) -> bool:
+        """Whether this chunk reaches the last known token, so its logits choose the next one."""
+        return self.start + self.num_new_tokens == self._num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    """What one step computes, and which requests the runner should forget.
+
+    The runner executes every scheduled request, even one aborted after schedule() returned:
+    a request admitted in the same step may have hit its freshly cached blocks, and reads the
+    KV this step writes there.
+    """
+
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted_ids: list[str] = field(default_factory=list)
+    """Preempted this step: their blocks are gone, they restart from scratch when readmitted."""
+    finished_ids: list[str] = field(default_factory=list)
+    """Finished or aborted since the previous schedule()."""
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    """Owner of every unfinished request: decides what each step computes, and applies results.
+
+    ``policy`` orders admission and preemption: ``"fcfs"`` by arrival; ``"priority"`` by
+    ``(priority, arrival)``, lower first. Preemption picks the running request last in that order.
+    """
+
+    def __init__(
+        self,
+        kv_manager: KVCacheManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        policy: str = "fcfs",
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        self.kv = kv_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.policy = policy
+        self.num_preemptions = 0
+        """Preemptions since start, all requests together."""
+        self._requests: dict[str, Request] = {}
+        self._keys: dict[str, tuple] = {}
+        self._arrivals = itertools.count()
+        # Heap of (policy key, request); keys are unique, so requests are never compared.
+        self._waiting: list[tuple[tuple, Request]] = []
+        # In admission order: a newly admitted prompt's chunks come after the running decodes.
+        self._running: list[Request] = []
+        self._finished_ids: list[str] = []
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._running or self._waiting)
+
+    def get_request(self, request_id: str) -> Request | None:
+        """The unfinished request with this id, if any."""
+        return self._requests.get(request_id)
+
+    def add_request(self, request: Request) -> None:
+        """Queue a new request; ids must be unique among unfinished requests."""
+        if request.request_id in self._requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        priority = request.priority if self.policy == "priority" else 0
+        # The counter breaks arrival-time ties in the order requests were added.
+        key = (priority, request.arrival_time, next(self._arrivals))
+        self._requests[request.request_id] = request
+        self._keys[request.request_id] = key
+        request.status = RequestStatus.WAITING
+        heapq.heappush(self._waiting, (key, request))
+
+    def abort_requests(self, request_ids: Iterable[str]) -> None:
+        """Abort requests (e.g. the client went away); their blocks are freed at once. Unknown ids are ignored."""
+        self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
+        """End requests with a finished ``status`` (e.g. the detokenizer found a stop string)."""
+        if not status.finished:
+            raise ValueError(f"{status} is not a finished status")
+        for request_id in request_ids:
+            request = self._requests.get(request_id)
+            if request is not None:
+                self._finish(request, status)
+
+    def schedule(self) -> SchedulerOutput:
+        """Choose this step's work: running requests first, then admissions, within the budget."""
+        budget = self.max_num_batched_tokens
+        scheduled: dict[str, ScheduledRequest] = {}
+        preempted: list[str] = []
+
+        for request in list(self._running):
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted as a victim for an earlier request of this loop
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new == 0:
+                continue  # its last step's token was not sampled: nothing to compute
+            while (block_ids := self.kv.allocate_slots(request, num_new)) is None:
+                victim = max(self._running, key=lambda r: self._keys[r.request_id])
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                undone = scheduled.pop(victim.request_id, None)
+                if undone is not None:
+                    budget += undone.num_new_tokens
+                if victim is request:
+                    break
+            if block_ids is None:
+                break
+            scheduled[request.request_id] = ScheduledRequest(request, request.num_computed_tokens, num_new, block_ids)
+            budget -= num_new
+
+        # After a preemption blocks are short: admitting now would only evict what was just computed.
+        while not preempted and self._waiting and budget > 0 and len(self._running) < self.max_num_seqs:
+            request = self._waiting[0][1]
+            hit_ids, num_hits = self.kv.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_hits, budget)
+            block_ids = self.kv.allocate_slots(request, num_new, hit_ids, num_hits)
+            if block_ids is None:
+                break  # no skipping ahead: smaller requests behind it would starve it
+            heapq.heappop(self._waiting)
+            request.num_computed_tokens = num_hits
+            request.status = RequestStatus.RUNNING
+            self._running.append(request)
+            scheduled[request.request_id] = ScheduledRequest(request, num_hits, num_new, block_ids)
+            budget -= num_new
+
+        finished, self._finished_ids = self._finished_ids, []
+        return SchedulerOutput(list(scheduled.values()), preempted, finished)
+
+    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Apply a step's results: advance progress, append sampled tokens, finish what stopped.
+
+        ``sampled`` maps request ids to the token sampled for them. Requests aborted since
+        ``output`` was made are skipped. Returns the requests that got a token, finished included;
+        finished ones have already released their blocks.
+        """
+        updated: list[Request] = []
+        for item in output.scheduled:
+            request = item.request
+            if request.status is not RequestStatus.RUNNING:
+                continue
+            request.num_computed_tokens = item.start + item.num_new_tokens
+            if not item.sample or request.request_id not in sampled:
+                continue
+            request.append_token(sampled[request.request_id])
+            status = request.check_stop()
+            if status is not None:
+                self._finish(request, status)
+            updated.append(request)
+        return updated
+
+    def _preempt(self, request: Request) -> None:
+        """Drop a running request's KV; it waits to be recomputed (prompt + output so far)."""
+        self._running.remove(request)
+        self.kv.free(request)  # before num_computed_tokens is reset: free() reads it
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        heapq.heappush(self._waiting, (self._keys[request.request_id], request))
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        if request.status is RequestStatus.RUNNING:
+            self._running.remove(request)
+        else:
+            self._waiting = [entry for entry in self._waiting if entry[1] is not request]
+            heapq.heapify(self._waiting)
+        self.kv.free(request)
+        request.status = status
+        del self._requests[request.request_id]
+        del self._keys[request.request_id]
+        self._finished_ids.append(request.request_id)

@@ -1,0 +1,364 @@
+"""Scheduler: one token budget, chunked prefill, preemption, policies, aborts."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from runtime.kv.block_pool import NULL_BLOCK_ID
+from runtime.kv.manager import KVCacheManager
+from runtime.sample.params import SamplingParams
+from runtime.sched.request import Request, RequestStatus
+from runtime.sched.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+
+BS = 4
+EOS = 0
+
+
+def make_request(request_id: str, prompt, max_tokens: int = 4, priority: int = 0, arrival: float = 0.0,
+                 max_model_len: int = 2048, **params) -> Request:
+    return Request(request_id, list(prompt), SamplingParams(max_tokens=max_tokens, **params),
+                   priority=priority, arrival_time=arrival, max_model_len=max_model_len)
+
+
+def make_scheduler(num_blocks=64, max_num_seqs=8, max_num_batched_tokens=32, policy="fcfs", caching=True):
+    kv = KVCacheManager(num_blocks, BS, enable_prefix_caching=caching)
+    return Scheduler(kv, max_num_seqs, max_num_batched_tokens, policy)
+
+
+def step(sched: Scheduler, token: int = 7) -> SchedulerOutput:
+    out = sched.schedule()
+    sched.update(out, {s.request.request_id: token for s in out.scheduled if s.sample})
+    return out
+
+
+def run_to_completion(sched: Scheduler, max_steps: int = 1000) -> list[SchedulerOutput]:
+    outputs = []
+    while sched.has_unfinished_requests():
+        assert len(outputs) < max_steps, "no progress"
+        outputs.append(step(sched))
+    return outputs
+
+
+def plan(out: SchedulerOutput) -> list[tuple[str, int, int]]:
+    return [(s.request.request_id, s.start, s.num_new_tokens) for s in out.scheduled]
+
+
+# -- direct behaviour ---------------------------------------------------------------------------
+
+
+def test_prefill_then_decode_then_finish_frees_everything():
+    sched = make_scheduler()
+    req = make_request("a", range(1, 10), max_tokens=3)
+    sched.add_request(req)
+    assert plan(step(sched)) == [("a", 0, 9)]
+    assert plan(step(sched)) == [("a", 9, 1)]
+    out = step(sched)
+    assert req.status is RequestStatus.FINISHED_LENGTH and len(req.output_token_ids) == 3
+    assert sched.get_request("a") is None and not sched.has_unfinished_requests()
+    assert sched.kv.num_free_blocks == 63 and sched.kv.block_ids("a") == []
+    assert out.finished_ids == [] and sched.schedule().finished_ids == ["a"]
+
+
+def test_eos_finishes_with_stop_status():
+    sched = make_scheduler()
+    req = Request("a", [1, 2, 3], SamplingParams(max_tokens=10), eos_token_ids=frozenset({EOS}))
+    sched.add_request(req)
+    step(sched, token=EOS)
+    assert req.status is RequestStatus.FINISHED_STOPPED and sched.kv.num_free_blocks == 63
+
+
+def test_chunked_prefill_never_stalls_a_running_decode():
+    sched = make_scheduler(max_num_batched_tokens=8)
+    decoding = make_request("d", [1, 2, 3], max_tokens=20)
+    sched.add_request(decoding)
+    step(sched)
+    long = make_request("long", range(100, 130), max_tokens=2)
+    sched.add_request(long)
+    chunks = []
+    while long.num_computed_tokens < long.num_prompt_tokens:
+        out = step(sched)
+        assert plan(out)[0] == ("d", decoding.num_tokens - 2, 1)  # the decode runs every step
+        assert out.num_batched_tokens <= 8
+        chunks.append(plan(out)[1][2])
+    assert chunks == [7, 7, 7, 7, 2] and len(long.output_token_ids) == 1
+
+
+def test_prefix_hit_starts_after_the_cached_blocks():
+    sched = make_scheduler()
+    first = make_request("a", range(1, 11), max_tokens=1)
+    sched.add_request(first)
+    run_to_completion(sched)
+    second = make_request("b", range(1, 11), max_tokens=1)
+    sched.add_request(second)
+    assert plan(sched.schedule()) == [("b", 8, 2)]
+    assert sched.kv.prefix_cache_hits == 8
+
+
+def test_full_prefix_hit_recomputes_at_least_one_token():
+    sched = make_scheduler()
+    sched.add_request(make_request("a", range(1, 9), max_tokens=1))
+    run_to_completion(sched)
+    again = make_request("b", range(1, 9), max_tokens=1)
+    sched.add_request(again)
+    out = sched.schedule()
+    assert plan(out) == [("b", 4, 4)] and out.scheduled[0].sample
+
+
+def test_preemption_on_a_tiny_cache_then_both_complete():
+    # 6 usable blocks of 4 = 24 slots; each request needs 4 + 12 = 16 tokens (4 blocks) at the end.
+    sched = make_scheduler(num_blocks=7, max_num_batched_tokens=16, caching=False)
+    first = make_request("a", [1, 2, 3, 4], max_tokens=12, arrival=0.0)
+    second = make_request("b", [5, 6, 7, 8], max_tokens=12, arrival=1.0)
+    sched.add_request(first)
+    sched.add_request(second)
+    outputs = run_to_completion(sched)
+    preempted = [rid for out in outputs for rid in out.preempted_ids]
+    assert preempted and set(preempted) == {"b"}  # fcfs: the latest arrival is the victim
+    assert sched.num_preemptions == second.num_preemptions == len(preempted)
+    assert len(first.output_token_ids) == len(second.output_token_ids) == 12
+    assert first.status is second.status is RequestStatus.FINISHED_LENGTH
+    resumed = next(s for out in outputs[1:] for s in out.scheduled if s.request is second and s.start == 0)
+    assert resumed.num_new_tokens > second.num_prompt_tokens  # recomputes its earlier output too
+    assert sched.kv.num_free_blocks == 6
+
+
+def test_priority_policy_preempts_the_largest_priority_value():
+    sched = make_scheduler(num_blocks=7, max_num_batched_tokens=16, policy="priority")
+    urgent = make_request("urgent", [1, 2, 3, 4], max_tokens=12, priority=0, arrival=1.0)
+    casual = make_request("casual", [5, 6, 7, 8], max_tokens=12, priority=1, arrival=0.0)
+    sched.add_request(casual)
+    sched.add_request(urgent)
+    outputs = run_to_completion(sched)
+    assert {rid for out in outputs for rid in out.preempted_ids} == {"casual"}
+    assert len(casual.output_token_ids) == 12
+
+
+@pytest.mark.parametrize("policy, expected", [("fcfs", ["low", "high", "mid"]), ("priority", ["high", "mid", "low"])])
+def test_admission_order_follows_the_policy(policy, expected):
+    sched = make_scheduler(max_num_seqs=1, policy=policy)
+    sched.add_request(make_request("low", [1, 2], max_tokens=1, priority=5, arrival=0.0))
+    sched.add_request(make_request("high", [1, 2], max_tokens=1, priority=0, arrival=1.0))
+    sched.add_request(make_request("mid", [1, 2], max_tokens=1, priority=2, arrival=2.0))
+    order = [s.request.request_id for out in run_to_completion(sched) for s in out.scheduled]
+    assert order == expected
+
+
+def test_fcfs_does_not_skip_a_waiting_request_that_does_not_fit():
+    sched = make_scheduler(num_blocks=6, max_num_batched_tokens=64)  # 5 usable blocks
+    sched.add_request(make_request("a", range(1, 13), max_tokens=4))  # 3 blocks
+    sched.add_request(make_request("big", range(100, 119), max_tokens=1, arrival=1.0))  # needs 5
+    sched.add_request(make_request("small", [1], max_tokens=1, arrival=2.0))
+    assert [s.request.request_id for s in sched.schedule().scheduled] == ["a"]
+    assert sched.num_waiting == 2
+
+
+def test_max_num_seqs_and_budget_limit_admission():
+    sched = make_scheduler(max_num_seqs=2, max_num_batched_tokens=10)
+    for i in range(4):
+        sched.add_request(make_request(f"r{i}", range(1, 5), max_tokens=2, arrival=float(i)))
+    out = sched.schedule()
+    assert plan(out) == [("r0", 0, 4), ("r1", 0, 4)]
+    assert sched.num_running == 2 and sched.num_waiting == 2
+
+
+def test_abort_frees_blocks_at_once_and_is_reported_once():
+    sched = make_scheduler()
+    running, waiting = make_request("run", range(1, 10)), make_request("wait", range(1, 10))
+    sched.add_request(running)
+    step(sched)
+    sched.add_request(waiting)
+    sched.abort_requests(["run", "wait", "unknown"])
+    assert running.status is waiting.status is RequestStatus.FINISHED_ABORTED
+    assert sched.kv.num_free_blocks == 63 and not sched.has_unfinished_requests()
+    assert sched.schedule().finished_ids == ["run", "wait"]
+    assert sched.schedule().finished_ids == []
+
+
+def test_update_skips_requests_aborted_after_schedule():
+    sched = make_scheduler()
+    req = make_request("a", range(1, 10))
+    sched.add_request(req)
+    out = sched.schedule()
+    sched.abort_requests(["a"])
+    assert sched.update(out, {"a": 5}) == []
+    assert req.output_token_ids == [] and sched.kv.num_free_blocks == 63
+    # Its blocks were never computed, so they must not be offered as prefix hits.
+    sched.add_request(make_request("b", range(1, 10)))
+    assert plan(sched.schedule()) == [("b", 0, 9)]
+
+
+def test_finish_requests_for_stop_strings():
+    sched = make_scheduler()
+    req = make_request("a", range(1, 5), max_tokens=10)
+    sched.add_request(req)
+    step(sched)
+    sched.finish_requests(["a"], RequestStatus.FINISHED_STOPPED)
+    assert req.status is RequestStatus.FINISHED_STOPPED and sched.kv.num_free_blocks == 63
+    with pytest.raises(ValueError):
+        sched.finish_requests(["a"], RequestStatus.RUNNING)
+
+
+def test_duplicate_request_id_is_refused():
+    sched = make_scheduler()
+    sched.add_request(make_request("a", [1]))
+    with pytest.raises(ValueError):
+        sched.add_request(make_request("a", [2]))
+
+
+def test_sample_flag_is_fixed_at_schedule_time():
+    req = make_request("a", [1, 2, 3])
+    item = ScheduledRequest(req, 0, 3, [1])
+    req.append_token(9)
+    assert item.sample
+
+
+# -- random operation sequences -----------------------------------------------------------------
+
+PREFIXES = [[], [1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9, 9], [5] * 10]
+
+
+@st.composite
+def new_requests(draw):
+    prompt = draw(st.sampled_from(PREFIXES)) + draw(st.lists(st.integers(0, 4), min_size=1, max_size=6))
+    return prompt, draw(st.integers(1, 12)), draw(st.integers(0, 3)), draw(st.booleans())
+
+
+STEP = st.tuples(st.just("step"), st.none())
+OPS = st.one_of(
+    st.tuples(st.just("add"), st.lists(new_requests(), min_size=1, max_size=3)),
+    STEP,
+    STEP,
+    STEP,
+    st.tuples(st.just("abort"), st.integers(0, 30)),
+    st.tuples(st.just("abort_mid_step"), st.integers(0, 30)),
+    st.tuples(st.just("stop_string"), st.integers(0, 30)),
+)
+
+
+class Checker:
+    """Replays each step as the runner would, tracking what KV every cache slot holds."""
+
+    def __init__(self, sched: Scheduler) -> None:
+        self.sched = sched
+        self.requests: list[Request] = []
+        self.slots: dict[tuple[int, int], tuple] = {}  # (block, offset) -> tokens up to that one
+
+    def check_schedule(self, out: SchedulerOutput) -> None:
+        sched = self.sched
+        assert out.num_batched_tokens <= sched.max_num_batched_tokens
+        assert len(out.scheduled) <= sched.max_num_seqs
+        assert len({s.request.request_id for s in out.scheduled}) == len(out.scheduled)
+        for s in out.scheduled:
+            assert s.num_new_tokens >= 1 and s.start == s.request.num_computed_tokens
+            assert s.start + s.num_new_tokens <= s.request.num_tokens
+            assert len(s.block_ids) == -(-(s.start + s.num_new_tokens) // BS)
+            assert s.block_ids == sched.kv.block_ids(s.request.request_id)
+        for rid in out.preempted_ids:
+            assert sched.get_request(rid).status is RequestStatus.PREEMPTED
+
+    def forward(self, out: SchedulerOutput) -> None:
+        """Write every new token's KV, then check all that each live request attends to.
+
+        The runner executes a whole output, requests aborted since schedule() included: others
+        may have hit their blocks in the same step.
+        """
+        for s in out.scheduled:
+            tokens = s.request.all_token_ids
+            for pos in range(s.start, s.start + s.num_new_tokens):
+                self.slots[(s.block_ids[pos // BS], pos % BS)] = tuple(tokens[: pos + 1])
+        for s in out.scheduled:
+            if s.request.status is not RequestStatus.RUNNING:
+                continue
+            tokens = s.request.all_token_ids
+            for pos in range(s.start + s.num_new_tokens):
+                assert self.slots.get((s.block_ids[pos // BS], pos % BS)) == tuple(tokens[: pos + 1])
+
+    def check_state(self) -> None:
+        sched, kv = self.sched, self.sched.kv
+        held: Counter[int] = Counter()
+        for req in self.requests:
+            ids = kv.block_ids(req.request_id)
+            if req.status is RequestStatus.RUNNING:
+                assert sched.get_request(req.request_id) is req
+                assert len(ids) * BS >= req.num_computed_tokens
+                assert len(ids) == -(-req.num_computed_tokens // BS)  # no waste
+                held.update(ids)
+            else:
+                assert ids == []
+                if req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+                    assert req.num_computed_tokens == 0
+                else:
+                    assert sched.get_request(req.request_id) is None
+            assert len(req.output_token_ids) <= req.sampling_params.max_tokens
+        assert NULL_BLOCK_ID not in held
+        for block in kv.pool.blocks:
+            assert block.ref_cnt == held[block.block_id] >= 0
+        assert kv.num_free_blocks + len(held) + 1 == kv.pool.num_blocks
+        statuses = Counter(req.status for req in self.requests)
+        assert sched.num_running == statuses[RequestStatus.RUNNING] <= sched.max_num_seqs
+        assert sched.num_waiting == statuses[RequestStatus.WAITING] + statuses[RequestStatus.PREEMPTED]
+
+
+@settings(deadline=None, max_examples=120)
+@given(
+    num_blocks=st.integers(6, 10),
+    max_num_seqs=st.integers(1, 5),
+    budget=st.integers(1, 16),
+    policy=st.sampled_from(["fcfs", "priority"]),
+    caching=st.booleans(),
+    seed=st.integers(0, 2**16),
+    ops=st.lists(OPS, min_size=20, max_size=60),
+)
+def test_random_operations_keep_requests_and_blocks_consistent(num_blocks, max_num_seqs, budget, policy,
+                                                               caching, seed, ops):
+    sched = make_scheduler(num_blocks, max_num_seqs, budget, policy, caching)
+    max_model_len = (num_blocks - 1) * BS  # the engine guarantees one request fits the cache
+    checker = Checker(sched)
+    rng = random.Random(seed)
+
+    def run_step(abort_mid_step: int | None = None) -> None:
+        out = sched.schedule()
+        checker.check_schedule(out)
+        if abort_mid_step is not None and out.scheduled:
+            sched.abort_requests([out.scheduled[abort_mid_step % len(out.scheduled)].request.request_id])
+        checker.forward(out)
+        sampled = {s.request.request_id: rng.randrange(10) for s in out.scheduled if s.sample}
+        updated = sched.update(out, sampled)
+        assert all(req.request_id in sampled for req in updated)
+
+    for op, arg in ops:
+        if op == "add":
+            for prompt, max_tokens, priority, eos in arg:
+                req = Request(f"r{len(checker.requests)}", prompt, SamplingParams(max_tokens=max_tokens),
+                              eos_token_ids=frozenset({EOS} if eos else ()), max_model_len=max_model_len,
+                              priority=priority, arrival_time=float(len(checker.requests)))
+                checker.requests.append(req)
+                sched.add_request(req)
+        elif op == "step":
+            run_step()
+        elif op == "abort_mid_step":
+            run_step(abort_mid_step=arg)
+        elif checker.requests:
+            target = checker.requests[arg % len(checker.requests)]
+            if op == "abort":
+                sched.abort_requests([target.request_id])
+                assert target.status.finished and sched.kv.block_ids(target.request_id) == []
+            else:
+                sched.finish_requests([target.request_id], RequestStatus.FINISHED_STOPPED)
+        checker.check_state()
+
+    for _ in range(2000):
+        if not sched.has_unfinished_requests():
+            break
+        run_step()
+        checker.check_state()
+    assert not sched.has_unfinished_requests()
+    assert sched.kv.num_free_blocks == num_blocks - 1
+    for req in checker.requests:
+        if req.status is RequestStatus.FINISHED_LENGTH:
+            assert req.num_tokens == req.max_total_tokens

@@ -1,0 +1,123 @@
+"""Tiny random-weight HF checkpoints for every architecture the runtime serves.
+
+``make_tiny_checkpoint(tmp_dir, "qwen2")`` writes a directory that looks like a hub download
+(config.json, generation_config.json, model.safetensors, tokenizer files with a chat template),
+so tests load it through the same loader users hit and compare against HF transformers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+# Special tokens come first so their ids are stable: <unk>=0, <s>=1, </s>=2, <pad>=3, ...
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+UNK_ID, BOS_ID, EOS_ID, PAD_ID, IM_START_ID, IM_END_ID = range(len(SPECIAL_TOKENS))
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "A quick brown fox jumps over the lazy dog while the cat sleeps.",
+    "Large language models predict the next token from the previous ones.",
+    "Once upon a time there was a small robot who loved to count: 1, 2, 3, 4, 5.",
+    "def add(a, b):\n    return a + b  # numbers, strings and lists all work",
+    "Hello! How are you today? I am fine, thank you very much.",
+]
+
+# Distinctive features stay at each architecture's own defaults (Gemma-2 soft-capping, Qwen-2
+# q/k/v biases, Phi-3 fused projections); pass overrides such as sliding_window=16 to exercise more.
+# Gemma ties its embeddings in real checkpoints, but a random tied Gemma scales the embedding by
+# sqrt(hidden) and just repeats its input token; untied, its greedy output varies. Qwen-2 keeps
+# the tie so tied heads are covered.
+_ARCHS: dict[str, tuple[type, dict]] = {
+    "llama": (transformers.LlamaConfig, {}),
+    "mistral": (transformers.MistralConfig, {}),
+    "qwen2": (transformers.Qwen2Config, {"tie_word_embeddings": True}),
+    "qwen3": (transformers.Qwen3Config, {}),
+    "gemma": (transformers.GemmaConfig, {"tie_word_embeddings": False}),
+    "gemma2": (transformers.Gemma2Config, {"query_pre_attn_scalar": 16, "tie_word_embeddings": False}),
+    "phi3": (transformers.Phi3Config, {"original_max_position_embeddings": 512}),
+}
+ARCHITECTURES = tuple(_ARCHS)
+
+
+def make_tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (~300 tokens) trained offline, with bos/eos/pad and a chat template.
+
+    Byte-level so any text encodes and decodes losslessly, as real tokenizers do.
+    """
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_tiny_config(arch: str, vocab_size: int, **overrides) -> transformers.PretrainedConfig:
+    """The small config of ``arch`` (see :data:`ARCHITECTURES`), with ``overrides`` applied last."""
+    if arch not in _ARCHS:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    config_cls, arch_defaults = _ARCHS[arch]
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        # HF's 0.02 leaves a 64-wide random model with near-uniform logits or a repeated token;
+        # at 0.2 greedy output varies and the top-2 logit gap is typically ~0.3.
+        initializer_range=0.2,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+    )
+    if arch == "phi3":
+        del kwargs["head_dim"]  # Phi-3 derives it from hidden_size / num_attention_heads
+    kwargs.update(arch_defaults)
+    kwargs.update(overrides)
+    return config_cls(**kwargs)
+
+
+def make_tiny_checkpoint(tmp_dir: str | Path, arch: str, seed: int = 0, **overrides) -> Path:
+    """Write a random ``arch`` checkpoint in HF layout under ``tmp_dir/arch`` and return that path.
+
+    ``overrides`` are config fields (``num_hidden_layers=3``, ``sliding_window=16``, ...).
+    generation_config.json lists both ``</s>`` and ``<|im_end|>`` as end-of-generation tokens,
+    as chat models do. The same ``seed`` and overrides give the same weights.
+    """
+    tokenizer = make_tiny_tokenizer()
+    config = make_tiny_config(arch, len(tokenizer), **overrides)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = [EOS_ID, IM_END_ID]
+    path = Path(tmp_dir) / arch
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path

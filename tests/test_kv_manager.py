@@ -148,6 +148,21 @@ def test_blocks_are_cached_only_once_full_and_hits_need_the_whole_prefix():
     assert kv.get_computed_blocks(make_request("d", [9, 9, 9, 9, 4, 5, 6, 7, 8]))[1] == 0
 
 
+def test_slots_past_the_known_tokens_are_cached_only_once_their_tokens_are_known():
+    kv = KVCacheManager(16, BS)
+    a = make_request("a", range(6))
+    kv.allocate_slots(a, 10)  # 4 lookahead slots, as for speculative tokens
+    a.num_computed_tokens = 6
+    assert len(kv.block_ids("a")) == 3
+    assert kv.get_computed_blocks(make_request("b", range(9)))[1] == 4
+    for token in (6, 7, 8):
+        a.append_token(token)
+    kv.allocate_slots(a, 3)
+    a.num_computed_tokens = 9
+    assert kv.get_computed_blocks(make_request("c", range(9)))[1] == 8
+    check_blocks(kv, [a])
+
+
 def test_freed_tail_blocks_are_evicted_before_the_prefix():
     kv = KVCacheManager(6, BS)  # 5 usable blocks
     a = make_request("a", range(13))

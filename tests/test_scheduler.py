@@ -129,13 +129,29 @@ def test_preemption_on_a_tiny_cache_then_both_complete():
 
 def test_priority_policy_preempts_the_largest_priority_value():
     sched = make_scheduler(num_blocks=7, max_num_batched_tokens=16, policy="priority")
-    urgent = make_request("urgent", [1, 2, 3, 4], max_tokens=12, priority=0, arrival=1.0)
     casual = make_request("casual", [5, 6, 7, 8], max_tokens=12, priority=1, arrival=0.0)
+    urgent = make_request("urgent", [1, 2, 3, 4], max_tokens=12, priority=0, arrival=1.0)
     sched.add_request(casual)
+    outputs = [step(sched)]  # casual is admitted first, yet it is the victim
     sched.add_request(urgent)
-    outputs = run_to_completion(sched)
+    outputs += run_to_completion(sched)
     assert {rid for out in outputs for rid in out.preempted_ids} == {"casual"}
-    assert len(casual.output_token_ids) == 12
+    assert len(casual.output_token_ids) == len(urgent.output_token_ids) == 12
+
+
+def test_preempting_a_request_scheduled_earlier_in_the_step_returns_its_budget():
+    sched = make_scheduler(num_blocks=5, max_num_seqs=4, max_num_batched_tokens=3, policy="priority")
+    sched.add_request(make_request("low", [35], max_tokens=7, priority=2, arrival=0.0))
+    assert plan(step(sched)) == [("low", 0, 1)]
+    sched.add_request(make_request("a", [34, 44], max_tokens=6, priority=1, arrival=1.0))
+    assert plan(step(sched)) == [("low", 1, 1), ("a", 0, 2)]
+    sched.add_request(make_request("b", [13, 22, 1, 11], max_tokens=8, priority=1, arrival=2.0))
+    assert plan(step(sched)) == [("low", 2, 1), ("a", 2, 1), ("b", 0, 1)]
+    assert plan(step(sched)) == [("low", 3, 1), ("a", 3, 1), ("b", 1, 1)]
+    # low takes the last free block, then a needs one: low (scheduled first) is preempted,
+    # and the token it gave back goes to b.
+    out = step(sched)
+    assert out.preempted_ids == ["low"] and plan(out) == [("a", 4, 1), ("b", 2, 2)]
 
 
 @pytest.mark.parametrize("policy, expected", [("fcfs", ["low", "high", "mid"]), ("priority", ["high", "mid", "low"])])
@@ -187,7 +203,7 @@ def test_update_skips_requests_aborted_after_schedule():
     sched.abort_requests(["a"])
     assert sched.update(out, {"a": 5}) == []
     assert req.output_token_ids == [] and sched.kv.num_free_blocks == 63
-    # Its blocks were never computed, so they must not be offered as prefix hits.
+    # Its step was never committed, so the cache does not vouch for the KV it would have written.
     sched.add_request(make_request("b", range(1, 10)))
     assert plan(sched.schedule()) == [("b", 0, 9)]
 
@@ -229,6 +245,7 @@ def new_requests(draw):
 
 
 STEP = st.tuples(st.just("step"), st.none())
+# Steps weigh more, and adds come in bursts, so requests overlap and fight over blocks.
 OPS = st.one_of(
     st.tuples(st.just("add"), st.lists(new_requests(), min_size=1, max_size=3)),
     STEP,
@@ -258,8 +275,15 @@ class Checker:
             assert s.start + s.num_new_tokens <= s.request.num_tokens
             assert len(s.block_ids) == -(-(s.start + s.num_new_tokens) // BS)
             assert s.block_ids == sched.kv.block_ids(s.request.request_id)
+        still_running = [r for r in self.requests if r.status is RequestStatus.RUNNING]
         for rid in out.preempted_ids:
-            assert sched.get_request(rid).status is RequestStatus.PREEMPTED
+            victim = sched.get_request(rid)
+            assert victim.status is RequestStatus.PREEMPTED
+            assert all(self.policy_key(r) < self.policy_key(victim) for r in still_running)
+
+    def policy_key(self, request: Request) -> tuple:
+        priority = request.priority if self.sched.policy == "priority" else 0
+        return priority, request.arrival_time
 
     def forward(self, out: SchedulerOutput) -> None:
         """Write every new token's KV, then check all that each live request attends to.
@@ -285,8 +309,7 @@ class Checker:
             ids = kv.block_ids(req.request_id)
             if req.status is RequestStatus.RUNNING:
                 assert sched.get_request(req.request_id) is req
-                assert len(ids) * BS >= req.num_computed_tokens
-                assert len(ids) == -(-req.num_computed_tokens // BS)  # no waste
+                assert len(ids) == -(-req.num_computed_tokens // BS)  # covers them, no waste
                 held.update(ids)
             else:
                 assert ids == []

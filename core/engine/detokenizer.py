@@ -54,6 +54,8 @@ class IncrementalDetokenizer:
         """The stop string that ended the request, once one has."""
         self._num_tokens = 0
         self._emitted = 0
+        self._pending: list[int] = []
+        """Tokens the stream holds back as an incomplete character."""
 
     def add_tokens(self, token_ids: list[int], stop_terminated: bool = False) -> Optional[str]:
         """Append generated tokens; return the stop string they completed, if any.
@@ -74,6 +76,13 @@ class IncrementalDetokenizer:
         if self._stop and self.stop_matched is None and len(self.text) > search_from:
             self._truncate_at_stop(search_from)
         return self.stop_matched
+
+    def finish(self) -> None:
+        """The request ended without a stop string: decode what the stream still held back, so
+        the text ends as a full decode would (with U+FFFD for a character cut off by the end)."""
+        if self._pending and self.stop_matched is None:
+            self.text += self._tokenizer.decode(self._pending, skip_special_tokens=self._skip_special_tokens)
+        self._pending = []
 
     def output_text_delta(self, finished: bool = False) -> str:
         """The text not returned before, less what must wait: while the request is unfinished
@@ -105,6 +114,7 @@ class IncrementalDetokenizer:
 
     def _decode_next(self, token_id: int) -> str:
         piece = self._step(token_id)
+        self._pending = [] if piece else self._pending + [token_id]
         if self._added_tokens:
             content = self._added_tokens.get(token_id)
             if content is not None and self._last_was_added:

@@ -99,12 +99,13 @@ class OutputProcessor:
                     completion.delta_logprobs = entries
                     total = sum(values[0] for _, values, _ in out.new_logprobs)
                     completion.cumulative_logprob = (completion.cumulative_logprob or 0.0) + total
-                stop = sample.detokenizer.add_tokens(out.new_token_ids)
+                stop = sample.detokenizer.add_tokens(out.new_token_ids, stop_terminated=out.finish_reason == "stop")
                 if stop is not None and out.finish_reason is None:
                     completion.finish_reason, completion.stop_reason = "stop", stop
                     stopped.append(out.request_id)
             if out.finish_reason is not None and completion.finish_reason is None:
                 completion.finish_reason, completion.stop_reason = out.finish_reason, out.stop_reason
+                sample.detokenizer.finish()
             completion.text = sample.detokenizer.text
             completion.delta_text = sample.detokenizer.output_text_delta(finished=completion.finish_reason is not None)
             changed[state.request_id] = state

@@ -133,8 +133,9 @@ class KVCacheManager:
         self._block_ids.pop(request_id, None)
         self._hashes.pop(request_id, None)
         num_cached = self._num_cached.pop(request_id, 0)
-        # Blocks registered at allocation but past num_computed_tokens were never committed (the
-        # request is freed between schedule and update): their KV may never be written.
+        # Blocks registered at allocation but past num_computed_tokens belong to a step that was
+        # never committed (a victim preempted after it was scheduled in the same step, whose work
+        # is withdrawn; or an abort between schedule and update): their KV may never be written.
         for block in blocks[request.num_computed_tokens // self.block_size : num_cached]:
             self.pool.uncache(block)
         self.pool.free(reversed(blocks))

@@ -149,6 +149,8 @@ class Scheduler:
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if num_new == 0:
                 continue  # its last step's token was not sampled: nothing to compute
+            # Running requests are served in admission order but preempted in policy order, so
+            # the victim may already be scheduled this step: its work is then withdrawn.
             while (block_ids := self.kv.allocate_slots(request, num_new)) is None:
                 victim = max(self._running, key=lambda r: self._keys[r.request_id])
                 self._preempt(victim)
@@ -204,7 +206,11 @@ class Scheduler:
         return updated
 
     def _preempt(self, request: Request) -> None:
-        """Drop a running request's KV; it waits to be recomputed (prompt + output so far)."""
+        """Drop a running request's KV; it waits to be recomputed (prompt + output so far).
+
+        It rejoins the waiting queue under its original key, so it keeps its place in the
+        policy order: under fcfs, the head, ahead of everything that arrived after it.
+        """
         self._running.remove(request)
         self.kv.free(request)  # before num_computed_tokens is reset: free() reads it
         request.num_computed_tokens = 0

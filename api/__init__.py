@@ -1,0 +1,1 @@
+"""runtime.api: the OpenAI-compatible HTTP server (Litestar on uvicorn)."""

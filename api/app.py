@@ -1,0 +1,56 @@
+"""The Litestar app: routes, error handlers, auth, metrics and the engine's lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Optional
+
+from litestar import Litestar
+from litestar.di import Provide
+
+from runtime.engine.async_engine import AsyncEngine
+
+from .auth import api_key_middleware
+from .chat import create_chat_completion
+from .completions import create_completion
+from .context import ServerContext
+from .errors import EXCEPTION_HANDLERS
+from .metrics import Metrics
+from .openapi import openapi_config
+from .system import health, list_models, metrics, version
+from .tokenization import detokenize, tokenize
+
+ROUTES = [create_completion, create_chat_completion, tokenize, detokenize, list_models, health, version, metrics]
+
+MAX_BODY_BYTES = 64 * 1024 * 1024
+"""Litestar's default (10 MB) is below a long context sent as token ids in JSON."""
+
+
+def create_app(engine: AsyncEngine, model_names: list[str], api_key: Optional[str] = None) -> Litestar:
+    """The OpenAI-compatible app serving ``engine`` under ``model_names`` (the first is the default).
+
+    The app starts the engine (loading in the background) at startup and shuts it down at
+    shutdown. With ``api_key``, every route but /health, /version, /metrics and the schema
+    requires ``Authorization: Bearer <api_key>``.
+    """
+    if not model_names:
+        raise ValueError("give at least one served model name")
+    ctx = ServerContext(engine, list(model_names), Metrics(engine, model_names[0]))
+
+    async def start() -> None:
+        engine.start()
+
+    async def stop() -> None:
+        await asyncio.to_thread(engine.shutdown)
+
+    return Litestar(
+        route_handlers=ROUTES,
+        dependencies={"ctx": Provide(lambda: ctx, use_cache=True, sync_to_thread=False)},
+        exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[api_key_middleware(api_key)] if api_key else [],
+        openapi_config=openapi_config(),
+        on_startup=[start],
+        on_shutdown=[stop],
+        request_max_body_size=MAX_BODY_BYTES,
+        debug=False,
+    )

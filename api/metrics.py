@@ -1,0 +1,109 @@
+"""``GET /metrics``: Prometheus metrics under vLLM's names with a ``runtime:`` prefix.
+
+Each app has its own CollectorRegistry, so several apps (tests) never share counters. Engine
+state (running and waiting requests, KV-cache usage, prefix-cache and preemption counters) is
+read from the engine's last step when scraped; request latencies and token counts are observed
+by the handlers as outputs arrive.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from runtime.engine.async_engine import AsyncEngine
+from runtime.engine.outputs import RequestOutput
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# vLLM's buckets, so dashboards built for it read the same.
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                480.0, 960.0, 1920.0, 7680.0)
+
+
+class _EngineStats(Collector):
+    """Engine gauges and counters, read at scrape time from the engine's last step."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str):
+        self.engine = engine
+        self.model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.engine.stats()
+        for name, key, doc, family in (
+            ("num_requests_running", "num_running", "Requests in the running batch.", GaugeMetricFamily),
+            ("num_requests_waiting", "num_waiting", "Requests waiting to be scheduled.", GaugeMetricFamily),
+            ("kv_cache_usage_perc", "kv_cache_usage", "Fraction of KV-cache blocks in use (1 = full).", GaugeMetricFamily),
+            ("prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+             CounterMetricFamily),
+            ("prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache.", CounterMetricFamily),
+            ("num_preemptions", "num_preemptions", "Requests preempted for lack of KV-cache blocks.",
+             CounterMetricFamily),
+        ):
+            metric = family(f"runtime:{name}", doc, labels=["model_name"])
+            metric.add_metric([self.model_name], float(stats.get(key, 0)))
+            yield metric
+
+
+class Metrics:
+    """The app's metrics; ``render()`` is the /metrics body."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str):
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        labels = ["model_name"]
+        self.prompt_tokens = Counter("runtime:prompt_tokens", "Prompt tokens processed.", labels,
+                                     registry=self.registry).labels(model_name)
+        self.generation_tokens = Counter("runtime:generation_tokens", "Tokens generated.", labels,
+                                         registry=self.registry).labels(model_name)
+        self.request_success = Counter("runtime:request_success", "Finished requests by finish reason.",
+                                       labels + ["finished_reason"], registry=self.registry)
+        self.ttft = Histogram("runtime:time_to_first_token_seconds", "Time from arrival to the first token.", labels,
+                              buckets=_TTFT_BUCKETS, registry=self.registry).labels(model_name)
+        self.itl = Histogram("runtime:inter_token_latency_seconds", "Time between two steps' tokens of a request.",
+                             labels, buckets=_ITL_BUCKETS, registry=self.registry).labels(model_name)
+        self.e2e = Histogram("runtime:e2e_request_latency_seconds", "Time from arrival to the last token.", labels,
+                             buckets=_E2E_BUCKETS, registry=self.registry).labels(model_name)
+        self.registry.register(_EngineStats(engine, model_name))
+
+    def request(self) -> "RequestTimer":
+        """Start timing a request that arrives now."""
+        return RequestTimer(self)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTimer:
+    """Observes one engine request's outputs: first-token, inter-token and end-to-end latency, token counts."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        self.start = time.perf_counter()
+        self.last: float | None = None
+
+    def observe(self, out: RequestOutput) -> None:
+        now = time.perf_counter()
+        m = self.metrics
+        new_tokens = sum(len(c.delta_token_ids) for c in out.outputs)
+        if new_tokens:
+            if self.last is None:
+                m.ttft.observe(now - self.start)
+                m.prompt_tokens.inc(len(out.prompt_token_ids))
+            else:
+                m.itl.observe(now - self.last)
+            self.last = now
+            m.generation_tokens.inc(new_tokens)
+        for completion in out.outputs:
+            if completion.finish_reason is not None:
+                m.request_success.labels(m.model_name, completion.finish_reason).inc()
+        if out.finished:
+            m.e2e.observe(now - self.start)

@@ -1,0 +1,341 @@
+"""The wire format: pydantic models mirroring OpenAI's request and response schemas, with vLLM's
+extra sampling fields. Litestar validates request bodies against them and builds the OpenAPI
+schema from them, so what the schema says is what the server checks.
+
+Unknown fields are rejected (400 naming them) so a typo never silently changes nothing. Fields
+OpenAI clients send that do not change the output (``user``, ``store``, ...) are accepted and
+ignored; fields whose meaning this server does not implement (``tools``, ...) are declared so
+the schema shows them, and setting them is a 400 naming the field.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+MAX_LOGPROBS = 20
+MAX_N = 128
+_INT64 = dict(ge=-(2**63), le=2**63 - 1 - MAX_N)  # room for seed + sample index
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _unsupported(feature: str, allowed: Any = None) -> AfterValidator:
+    """Accept only ``allowed`` (None: absent or null); anything else is a 400 naming the field."""
+
+    def check(value: Any) -> Any:
+        if value is not None and value != allowed:
+            raise ValueError(f"not supported by this server ({feature})")
+        return value
+
+    return AfterValidator(check)
+
+
+Unsupported = Optional[Any]
+
+
+# -- requests ----------------------------------------------------------------------------------
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+    """Send a last chunk with the usage of the whole request (its ``choices`` empty)."""
+    continuous_usage_stats: bool = False
+    """vLLM extra: put the usage so far in every chunk."""
+
+
+class SamplingFields(_Model):
+    """Fields shared by completions and chat completions: OpenAI's, then vLLM's extras."""
+
+    model: Optional[str] = Field(None, description="A served model name; default: the first one.")
+    n: int = Field(1, ge=1, le=MAX_N, description="Completions per prompt.")
+    temperature: Optional[float] = Field(None, ge=0, le=2, description="0 is greedy; default 1.")
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    seed: Optional[int] = Field(None, **_INT64, description="Per-request seed: sampling is reproducible.")
+    stop: Optional[Union[str, list[str]]] = Field(None, description="Strings that end the output (not included).")
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100, le=100)]]] = Field(
+        None, description="Token id (as a string) -> bias added to its logit.")
+    user: Optional[str] = Field(None, description="Accepted and ignored.")
+    # vLLM's extra sampling parameters
+    top_k: Optional[int] = Field(None, ge=-1, le=2**31 - 1, description="0 or -1: off.")
+    min_p: Optional[float] = Field(None, ge=0, le=1)
+    repetition_penalty: Optional[float] = Field(None, gt=0, le=100)
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0, le=2**31 - 1)
+    stop_token_ids: Optional[list[Annotated[int, Field(ge=0, le=2**31 - 1)]]] = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1, description="Lower runs first under --scheduling-policy priority.")
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> "SamplingFields":
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+
+TokenIds = list[Annotated[int, Field(ge=0, le=2**31 - 1)]]
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: Union[str, list[str], TokenIds, list[TokenIds]] = Field(
+        description="A string, a list of strings, a list of token ids, or a list of token-id lists.")
+    max_tokens: Optional[int] = Field(16, ge=1, description="null: up to the context length.")
+    echo: bool = Field(False, description="Prepend the prompt to each choice's text (and logprobs).")
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS, description="Top logprobs per token.")
+    add_special_tokens: bool = Field(True, description="vLLM extra: add BOS etc. when tokenizing the prompt.")
+    best_of: Optional[int] = Field(None, ge=1, le=MAX_N, description="Only equal to n is supported.")
+    suffix: Annotated[Unsupported, _unsupported("suffix insertion")] = None
+
+    @model_validator(mode="after")
+    def _best_of_is_n(self) -> "CompletionRequest":
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of other than n is not supported by this server")
+        return self
+
+
+class TextPart(_Model):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Model):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: Optional[Union[str, list[TextPart]]] = None
+    name: Optional[str] = None
+    tool_calls: Annotated[Unsupported, _unsupported("tool calling")] = None
+    tool_call_id: Optional[str] = None
+
+    def text(self) -> str:
+        """The content as one string; text parts are joined by newlines, as vLLM does."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1, description="Deprecated by OpenAI for max_completion_tokens.")
+    max_completion_tokens: Optional[int] = Field(None, ge=1, description="null: up to the context length.")
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS, description="Needs logprobs: true.")
+    add_generation_prompt: bool = Field(True, description="vLLM extra: end the prompt with the assistant header.")
+    continue_final_message: bool = Field(False, description="vLLM extra: let the model continue the last message.")
+    parallel_tool_calls: Optional[bool] = Field(None, description="Accepted and ignored (no tools).")
+    store: Optional[bool] = Field(None, description="Accepted and ignored.")
+    metadata: Optional[dict[str, str]] = Field(None, description="Accepted and ignored.")
+    service_tier: Optional[str] = Field(None, description="Accepted and ignored.")
+    response_format: Annotated[Unsupported, _unsupported("structured output", {"type": "text"})] = None
+    modalities: Annotated[Unsupported, _unsupported("output modalities other than text", ["text"])] = None
+    tools: Annotated[Unsupported, _unsupported("tool calling")] = None
+    tool_choice: Annotated[Unsupported, _unsupported("tool calling", "none")] = None
+    functions: Annotated[Unsupported, _unsupported("function calling")] = None
+    function_call: Annotated[Unsupported, _unsupported("function calling", "none")] = None
+    audio: Annotated[Unsupported, _unsupported("audio output")] = None
+    prediction: Annotated[Unsupported, _unsupported("predicted outputs")] = None
+    reasoning_effort: Annotated[Unsupported, _unsupported("reasoning effort")] = None
+    web_search_options: Annotated[Unsupported, _unsupported("web search")] = None
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs to be true")
+        return self
+
+
+class TokenizeRequest(_Model):
+    """POST /tokenize: give ``prompt`` (text) or ``messages`` (rendered with the chat template)."""
+
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = Field(None, min_length=1)
+    add_special_tokens: Optional[bool] = Field(None, description="Default: true for a prompt, false for messages.")
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(_Model):
+    """POST /detokenize."""
+
+    model: Optional[str] = None
+    tokens: TokenIds
+
+
+# -- responses ---------------------------------------------------------------------------------
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions logprobs: parallel lists, one entry per token."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[Optional[float]] = Field(default_factory=list)
+    top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+FinishReason = Optional[Literal["stop", "length", "abort"]]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: FinishReason = None
+    stop_reason: Union[int, str, None] = Field(None, description="The stop string or token id that ended the choice.")
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[UsageInfo] = None
+    system_fingerprint: Optional[str] = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class ChatLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: Optional[list[ChatLogprob]] = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: Optional[str] = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: Optional[ChatLogprobs] = None
+    finish_reason: FinishReason = None
+    stop_reason: Union[int, str, None] = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatChoice]
+    usage: Optional[UsageInfo] = None
+    system_fingerprint: Optional[str] = None
+
+
+class DeltaMessage(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: Optional[ChatLogprobs] = None
+    finish_reason: FinishReason = None
+    stop_reason: Union[int, str, None] = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: Optional[UsageInfo] = None
+
+
+class CompletionChunk(BaseModel):
+    """One server-sent event of a streamed completion (``object`` is text_completion, as OpenAI's)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[UsageInfo] = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "runtime"
+    root: Optional[str] = None
+    parent: Optional[str] = None
+    max_model_len: Optional[int] = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: Optional[list[str]] = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error the server returns, whatever the status."""
+
+    error: ErrorInfo

@@ -1,0 +1,41 @@
+"""GET /v1/models, /health, /version and /metrics."""
+
+from __future__ import annotations
+
+from litestar import Response, get
+
+from runtime import __version__
+
+from .context import ServerContext
+from .errors import as_api_error, error_response
+from .metrics import CONTENT_TYPE
+from .openapi import ERROR_RESPONSES
+from .protocol import ModelCard, ModelList, VersionResponse
+
+
+@get("/v1/models", responses=ERROR_RESPONSES, summary="List the served model (under each of its names)")
+async def list_models(ctx: ServerContext) -> ModelList:
+    engine = ctx.engine
+    max_model_len = engine.max_model_len if engine.state == "ready" else None
+    root = str(engine.args.model) if engine.args.model else ctx.model_names[0]
+    return ModelList(data=[ModelCard(id=name, created=ctx.created, root=root, max_model_len=max_model_len)
+                           for name in ctx.model_names])
+
+
+@get("/health", responses=ERROR_RESPONSES, summary="200 once the model is loaded and the engine runs; 503 otherwise")
+async def health(ctx: ServerContext) -> Response:
+    try:
+        ctx.engine.check_ready()
+    except Exception as exc:  # noqa: BLE001  (every reason not to be healthy is a 503)
+        return error_response(as_api_error(exc))
+    return Response(b"", status_code=200)
+
+
+@get("/version", summary="The server's version")
+async def version() -> VersionResponse:
+    return VersionResponse(version=__version__)
+
+
+@get("/metrics", summary="Prometheus metrics", media_type=CONTENT_TYPE)
+async def metrics(ctx: ServerContext) -> Response:
+    return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)

@@ -1,0 +1,1 @@
+"""The checks, one module per area; pytest collects them with --pyargs runtime_conformance."""

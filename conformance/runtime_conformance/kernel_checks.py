@@ -1,0 +1,153 @@
+"""One check per op of the contract (``runtime.platform.reference.OPS``): the platform's kernel
+against the core's reference on the same fresh random inputs.
+
+Each check is ``check(fn, dtype, device, generator)`` (``copy_blocks`` also takes the cache
+layouts to copy in) and raises AssertionError naming the op,
+the variant (shape, epsilon, rope scaling, ...) and the worst mismatch. Inputs are built on the
+CPU, the reference runs there, the kernel runs on the platform's device.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from runtime.platform.reference import OPS, build_cos_sin_cache
+
+from .compare import assert_close
+
+
+def _randn(g: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+def _on(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.to(device) for t in tensors]
+
+
+def _magnitude(t: torch.Tensor) -> float:
+    """Scale for the absolute tolerance of results that are far from magnitude 1."""
+    return max(1.0, t.float().abs().max().item())
+
+
+def check_rms_norm(fn, dtype, device, g):
+    for shape, eps in (((16, 64), 1e-6), ((7, 1000), 1e-5), ((5, 4, 32), 1e-6)):
+        # Rows from 1e-3 to 10 in magnitude: where mean(x^2) is near eps, epsilon decides the result.
+        scale = 10 ** (torch.rand(*shape[:-1], 1, generator=g) * 4 - 3)
+        x = (_randn(g, *shape) * scale).to(dtype)
+        weight = (1 + 0.1 * _randn(g, shape[-1])).to(dtype)
+        expected = OPS["rms_norm"](x, weight, eps)
+        assert_close(fn(*_on(device, x, weight), eps), expected, dtype, f"rms_norm (input {list(shape)}, eps {eps})")
+
+
+def check_fused_add_rms_norm(fn, dtype, device, g):
+    for shape, eps in (((16, 64), 1e-6), ((7, 1000), 1e-5)):
+        scale = 10 ** (torch.rand(shape[0], 1, generator=g) * 4 - 3)
+        x, residual = (_randn(g, *shape) * scale).to(dtype), (_randn(g, *shape) * scale).to(dtype)
+        weight = (1 + 0.1 * _randn(g, shape[-1])).to(dtype)
+        normed, summed = OPS["fused_add_rms_norm"](x, residual, weight, eps)
+        got = fn(*_on(device, x, residual, weight), eps)
+        what = f"fused_add_rms_norm (input {list(shape)}, eps {eps})"
+        assert isinstance(got, tuple) and len(got) == 2, f"{what}: must return (normed, residual + x)"
+        assert_close(got[1], summed, dtype, f"{what}, returned residual")
+        assert_close(got[0], normed, dtype, f"{what}, normed output")
+
+
+ROPE_SCALINGS = {
+    "default": None,
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 256},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 256},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256},
+}
+
+
+def check_rotary_embedding(fn, dtype, device, g):
+    head_size, max_positions = 64, 1024
+    positions = torch.randint(0, max_positions, (13,), generator=g)
+    query, key = _randn(g, 13, 4, head_size, dtype=dtype), _randn(g, 13, 2, head_size, dtype=dtype)
+    for name, scaling in ROPE_SCALINGS.items():
+        for rotary_dim in (head_size, head_size // 2):
+            cache = build_cos_sin_cache(rotary_dim, 10000.0, max_positions, scaling)
+            for is_neox in (True, False):
+                expected = OPS["rotary_embedding"](positions, query, key, cache, is_neox)
+                got = fn(*_on(device, positions, query, key, cache), is_neox)
+                what = f"rotary_embedding (rope {name}, rotary_dim {rotary_dim} of {head_size}, is_neox={is_neox})"
+                assert_close(got[0], expected[0], dtype, f"{what}, query")
+                assert_close(got[1], expected[1], dtype, f"{what}, key")
+
+
+def check_silu_and_mul(fn, dtype, device, g):
+    for shape in ((9, 128), (3, 5, 200)):
+        x = (3 * _randn(g, *shape)).to(dtype)
+        assert_close(fn(*_on(device, x)), OPS["silu_and_mul"](x), dtype, f"silu_and_mul (input {list(shape)})")
+
+
+def check_gelu_and_mul(fn, dtype, device, g):
+    x = (3 * _randn(g, 9, 128)).to(dtype)
+    for approximate in ("none", "tanh"):
+        assert_close(fn(*_on(device, x), approximate=approximate), OPS["gelu_and_mul"](x, approximate=approximate),
+                     dtype, f"gelu_and_mul (approximate={approximate!r})")
+
+
+def check_lora_shrink(fn, dtype, device, g):
+    x, lora_a = _randn(g, 11, 64, dtype=dtype), (0.1 * _randn(g, 3, 8, 64)).to(dtype)
+    slots = torch.tensor([0, 2, -1, 1, 1, 0, -1, 2, 2, 0, 1])  # -1: a token without an adapter
+    expected = OPS["lora_shrink"](x, lora_a, slots, 0.5)
+    assert_close(fn(*_on(device, x, lora_a, slots), 0.5), expected, dtype, "lora_shrink (3 adapters, rank 8, 11 tokens)",
+                 scale=_magnitude(expected))
+
+
+def check_lora_expand(fn, dtype, device, g):
+    shrunk, lora_b, base = _randn(g, 11, 8, dtype=dtype), _randn(g, 3, 48, 8, dtype=dtype), _randn(g, 11, 48, dtype=dtype)
+    slots = torch.tensor([1, -1, 0, 2, 2, -1, 0, 1, 0, 2, 1])
+    expected = OPS["lora_expand"](shrunk, lora_b, slots, base)
+    assert_close(fn(*_on(device, shrunk, lora_b, slots, base)), expected, dtype,
+                 "lora_expand (3 adapters, rank 8, 11 tokens)", scale=_magnitude(expected))
+
+
+def check_copy_blocks(fn, dtype, device, g, layouts: list[tuple[Callable[[int], tuple[int, ...]], int]]):
+    """``layouts``: (cache shape for n blocks, block dimension) of every attention backend's cache."""
+    for shape_of, block_dim in layouts:
+        caches = [_randn(g, *shape_of(10), dtype=dtype) for _ in range(2)]
+        pairs = torch.tensor([[1, 6], [2, 7], [9, 3]], dtype=torch.int64)
+        expected = [c.clone() for c in caches]
+        OPS["copy_blocks"](expected, pairs, block_dim)
+        got = _on(device, *caches)
+        fn(got, pairs.to(device), block_dim)
+        for layer, (ours, ref) in enumerate(zip(got, expected)):
+            changed = (ours.cpu() != ref).movedim(block_dim, 0).flatten(1).any(1).nonzero().flatten().tolist()
+            assert not changed, (f"copy_blocks (cache {list(shape_of(10))}, block dim {block_dim}, src->dst "
+                                 f"{pairs.tolist()}): layer {layer} blocks {changed} differ from the reference")
+
+
+def check_apply_top_k_top_p_min_p(fn, dtype, device, g):
+    logits = 3 * _randn(g, 6, 100)  # logits are float32 whatever the model dtype
+    top_k = torch.tensor([0, 5, 50, 1, 0, 100])
+    top_p = torch.tensor([1.0, 0.9, 0.5, 1.0, 0.3, 1.0])
+    min_p = torch.tensor([0.0, 0.0, 0.1, 0.0, 0.0, 0.05])
+    expected = OPS["apply_top_k_top_p_min_p"](logits, top_k, top_p, min_p)
+    got = fn(*_on(device, logits, top_k, top_p, min_p)).cpu()
+    differ = ((got == float("-inf")) != (expected == float("-inf"))).sum(-1).tolist()
+    assert not any(differ), (f"apply_top_k_top_p_min_p (top_k {top_k.tolist()}, top_p {top_p.tolist()}, "
+                             f"min_p {min_p.tolist()}): tokens kept differ from the reference in rows "
+                             f"{[i for i, n in enumerate(differ) if n]} ({differ} tokens)")
+    kept = expected != float("-inf")
+    assert torch.equal(got[kept], expected[kept]), "apply_top_k_top_p_min_p changed the logits it kept"
+
+
+CHECKS: dict[str, Callable] = {
+    "rms_norm": check_rms_norm,
+    "fused_add_rms_norm": check_fused_add_rms_norm,
+    "rotary_embedding": check_rotary_embedding,
+    "silu_and_mul": check_silu_and_mul,
+    "gelu_and_mul": check_gelu_and_mul,
+    "lora_shrink": check_lora_shrink,
+    "lora_expand": check_lora_expand,
+    "copy_blocks": check_copy_blocks,
+    "apply_top_k_top_p_min_p": check_apply_top_k_top_p_min_p,
+}
+DTYPE_INDEPENDENT = {"apply_top_k_top_p_min_p"}
+"""Ops whose inputs have one dtype whatever the model's (logits are float32)."""

@@ -1,0 +1,160 @@
+"""Paged-attention scenarios: a few sequences fed over several engine steps, run through a
+backend and the reference side by side.
+
+Every K/V a backend reads was written by that backend in an earlier step (or earlier in the
+same call), so the checks work for any cache layout ``kv_cache_shape`` chooses. The cache
+starts as random values, blocks are handed out in shuffled order and block 0 stays the null
+block the engine pads block tables with: a backend that assumes contiguous blocks, reads past
+a sequence's length or writes outside ``slot_mapping`` picks up or leaves garbage.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from runtime.platform import AttentionBackend, AttentionMetadata, AttentionSpec
+from runtime.platform.reference.attention import paged_attention
+
+from .compare import mismatch
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """``steps``: per engine step, (sequence, new tokens) in batch order.
+
+    ``shared_prefix``: sequences other than 0 start with sequence 0's first whole blocks
+    covering up to this many tokens, already computed (a prefix-cache hit).
+    """
+
+    steps: tuple[tuple[tuple[int, int], ...], ...]
+    shared_prefix: int = 0
+
+
+SCENARIOS = {
+    "prefill": Scenario((((0, 7), (1, 33), (2, 2)),)),
+    "decode": Scenario((((0, 12), (1, 40), (2, 31), (3, 5)),
+                        ((0, 1), (1, 1), (2, 1), (3, 1), (4, 1)),
+                        ((4, 1), (0, 1), (2, 1)))),
+    "chunked_prefill": Scenario((((0, 40), (1, 16)), ((1, 16), (0, 9)), ((1, 5),))),
+    "prefix_hit": Scenario((((0, 53),), ((1, 1), (0, 1), (2, 7))), shared_prefix=48),
+    "speculative_verify": Scenario((((0, 30), (1, 17), (2, 1)), ((0, 4), (1, 4), (2, 4)))),
+    "mixed": Scenario((((1, 20), (2, 33), (4, 64), (5, 5), (6, 9)),
+                       ((0, 10), (1, 1), (2, 6), (3, 1), (4, 1), (5, 3), (6, 1)))),
+    "many_blocks": Scenario((((0, 300), (1, 257), (3, 199)), ((0, 1), (1, 11), (2, 150), (3, 1)))),
+}
+
+
+def _kind(cached: int, new: int) -> str:
+    if cached == 0:
+        return "prefill"
+    return "decode" if new == 1 else "chunk / several query tokens"
+
+
+class PagedRun:
+    """One scenario for one backend: caches, block tables and the random inputs of every step."""
+
+    def __init__(self, scenario: Scenario, spec: AttentionSpec, backend: type[AttentionBackend],
+                 device: torch.device, seed: int = 0):
+        self.scenario, self.spec, self.device = scenario, spec, device
+        self.generator = torch.Generator().manual_seed(seed)
+        bs = spec.block_size
+        num_seqs = 1 + max(seq for step in scenario.steps for seq, _ in step)
+        shared = scenario.shared_prefix // bs
+        self.position = [0] + [shared * bs] * (num_seqs - 1)
+        total = list(self.position)
+        for step in scenario.steps:
+            for seq, new in step:
+                total[seq] += new
+        own = [math.ceil(t / bs) - (shared if seq else 0) for seq, t in enumerate(total)]
+        # Block 0 is the engine's null block (block-table padding); three spare blocks no one owns.
+        num_blocks = 1 + sum(own) + 3
+        pool = (torch.randperm(num_blocks - 1, generator=self.generator) + 1).tolist()
+        self.blocks = [[pool.pop() for _ in range(own[0])]]
+        for seq in range(1, num_seqs):
+            self.blocks.append(self.blocks[0][:shared] + [pool.pop() for _ in range(own[seq])])
+
+        shape = backend.kv_cache_shape(num_blocks, bs, spec.num_kv_heads, spec.head_size)
+        self.default_layout = tuple(shape) == AttentionBackend.kv_cache_shape(num_blocks, bs, spec.num_kv_heads, spec.head_size)
+        start = torch.randn(shape, generator=self.generator).to(spec.dtype)
+        self.cache = start.to(device)
+        # The reference keeps its own cache in the default layout; with the same starting
+        # values when the backend's layout is the default, so the two can be compared slot by slot.
+        ref_shape = AttentionBackend.kv_cache_shape(num_blocks, bs, spec.num_kv_heads, spec.head_size)
+        self.ref_cache = start.clone() if self.default_layout else torch.randn(ref_shape, generator=self.generator).to(spec.dtype)
+
+    def describe(self, seq: int, cached: int, new: int) -> str:
+        blocks = math.ceil((cached + new) / self.spec.block_size)
+        return f"sequence {seq} ({cached} cached + {new} new tokens over {blocks} blocks, {_kind(cached, new)})"
+
+    def _step_inputs(self, step: tuple[tuple[int, int], ...]):
+        spec, bs = self.spec, self.spec.block_size
+        starts, seq_lens, slots, tables = [0], [], [], []
+        for seq, new in step:
+            first = self.position[seq]
+            starts.append(starts[-1] + new)
+            seq_lens.append(first + new)
+            slots += [self.blocks[seq][p // bs] * bs + p % bs for p in range(first, first + new)]
+            tables.append(self.blocks[seq][:math.ceil((first + new) / bs)])
+        width = max(len(t) for t in tables)
+        tokens, g = starts[-1], self.generator
+        # Queries twice as spread as keys: scores wide enough that masking and soft-capping show.
+        query = (2 * torch.randn(tokens, spec.num_heads, spec.head_size, generator=g)).to(spec.dtype)
+        key = torch.randn(tokens, spec.num_kv_heads, spec.head_size, generator=g).to(spec.dtype)
+        value = torch.randn(tokens, spec.num_kv_heads, spec.head_size, generator=g).to(spec.dtype)
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor(starts, dtype=torch.int32),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            block_table=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            max_query_len=max(new for _, new in step), max_seq_len=max(seq_lens),
+            query_start_loc_cpu=starts, seq_lens_cpu=seq_lens)
+        return query, key, value, meta
+
+    def _on_device(self, meta: AttentionMetadata) -> AttentionMetadata:
+        d = self.device
+        return AttentionMetadata(meta.query_start_loc.to(d), meta.seq_lens.to(d), meta.block_table.to(d),
+                                 meta.slot_mapping.to(d), meta.max_query_len, meta.max_seq_len,
+                                 list(meta.query_start_loc_cpu), list(meta.seq_lens_cpu))
+
+    def run(self, backend: AttentionBackend) -> None:
+        """Every step through ``backend`` and the reference; AssertionError at the first step that differs."""
+        spec = self.spec
+        for index, step in enumerate(self.scenario.steps):
+            query, key, value, meta = self._step_inputs(step)
+            out = backend.forward(query.to(self.device), key.to(self.device), value.to(self.device), self.cache,
+                                  self._on_device(meta))
+            ref = paged_attention(query, key, value, self.ref_cache, meta, spec.scale, spec.sliding_window,
+                                  spec.logits_soft_cap)
+            problems = []
+            if tuple(out.shape) != tuple(query.shape) or out.dtype != query.dtype:
+                problems.append(f"returned {tuple(out.shape)} {out.dtype}, expected {tuple(query.shape)} {query.dtype}")
+            else:
+                out = out.cpu()
+                for row, (seq, new) in enumerate(step):
+                    rows = slice(meta.query_start_loc_cpu[row], meta.query_start_loc_cpu[row + 1])
+                    problem = mismatch(out[rows], ref[rows], spec.dtype)
+                    if problem:
+                        problems.append(f"{self.describe(seq, self.position[seq], new)}: {problem}")
+            if problems:
+                ok = len(step) - len(problems)
+                raise AssertionError(
+                    f"attention output differs from the reference in step {index + 1} of {len(self.scenario.steps)} "
+                    f"({ok} of {len(step)} sequences match): " + "; ".join(problems))
+            for seq, new in step:
+                self.position[seq] += new
+
+    def cache_difference(self) -> str | None:
+        """After :meth:`run`, where the backend's cache differs from the reference's (default layout only)."""
+        ours = self.cache.cpu().view(2, -1, self.spec.num_kv_heads, self.spec.head_size)
+        ref = self.ref_cache.view(2, -1, self.spec.num_kv_heads, self.spec.head_size)
+        differs = (ours != ref).flatten(2).any(-1)
+        if not differs.any():
+            return None
+        bs = self.spec.block_size
+        kind, slot = (int(i) for i in differs.nonzero()[0])
+        return (f"{int(differs.any(0).sum())} cache slots differ from the reference after all steps; first: "
+                f"{'key' if kind == 0 else 'value'} of slot {slot} (block {slot // bs}, offset {slot % bs}). "
+                f"New K/V must land exactly at slot_mapping and nothing else may change")

@@ -1,0 +1,81 @@
+"""The pytest plugin: ``--runtime-platform``, the fixtures the checks share, the JSON report
+and the summary table.
+
+Registered through the ``pytest11`` entry point, so every pytest run in an environment with
+runtime-conformance installed loads it; without ``--runtime-platform`` it does nothing except
+refuse to run the suite's own checks. It imports torch and the runtime only when asked to run,
+so other test sessions neither pay for nor depend on them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from .report import Report
+    from .target import Target
+
+TARGET = pytest.StashKey["Target"]()
+REPORT = pytest.StashKey["Report"]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("runtime-conformance", "runtime platform plugin conformance")
+    group.addoption("--runtime-platform", metavar="NAME", default=None,
+                    help="the platform to check, as --device NAME names it (see `runtime plugins`)")
+    group.addoption("--runtime-report", metavar="PATH", default=None,
+                    help="where to write the JSON report (default: runtime-conformance-NAME.json)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    name = config.getoption("runtime_platform")
+    if name:
+        from .report import Report
+
+        path = config.getoption("runtime_report") or f"runtime-conformance-{name}.json"
+        config.stash[REPORT] = Report(name, Path(path))
+
+
+def target_for(config: pytest.Config) -> Target:
+    """The platform under test, discovered on first use (collection parametrizes checks by what it declares)."""
+    if TARGET not in config.stash:
+        name = config.getoption("runtime_platform")
+        if not name:
+            raise pytest.UsageError("runtime-conformance needs --runtime-platform NAME (`runtime plugins` lists the names)")
+        from .target import Target
+
+        config.stash[TARGET] = Target.discover(name)
+    return config.stash[TARGET]
+
+
+@pytest.fixture(scope="session")
+def target(request: pytest.FixtureRequest) -> Target:
+    return target_for(request.config)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if REPORT in session.config.stash:
+        session.config.pluginmanager.register(_Recorder(session.config), "runtime-conformance-recorder")
+
+
+class _Recorder:
+    """Feeds each check's outcome to the report and writes it when the session ends."""
+
+    def __init__(self, config: pytest.Config):
+        self.config = config
+        self.report = config.stash[REPORT]
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.report.record(report)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        self.report.write(self.config.stash.get(TARGET, None))
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        terminalreporter.write_sep("=", "runtime-conformance summary")
+        terminalreporter.write_line(self.report.markdown(self.config.stash.get(TARGET, None)))
+        terminalreporter.write_line(f"report written to {self.report.path}")

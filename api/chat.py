@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import AsyncIterator, Union
+from typing import AsyncIterator
 
 from litestar import Request, post
-from litestar.response import Stream
 
 from runtime.engine.chat import render_chat
 
@@ -16,10 +15,12 @@ from .disconnect import unless_disconnected
 from .errors import bad_request
 from .generation import EnginePrompt, Generation, fit_context, sampling_params
 from .logprobs import chat_logprobs
-from .openapi import ERROR_RESPONSES, STREAM_DESCRIPTION
+from .openapi import streaming_responses
 from .protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                        ChatMessage, ChatStreamChoice, DeltaMessage, UsageInfo)
 from .streaming import event_stream, sse
+
+_RESPONSES, _Operation = streaming_responses(ChatCompletionResponse, ChatCompletionChunk)
 
 
 def render(ctx: ServerContext, messages: list[ChatMessage], add_generation_prompt: bool,
@@ -38,10 +39,10 @@ def render(ctx: ServerContext, messages: list[ChatMessage], add_generation_promp
         raise bad_request(f"the chat template cannot render these messages: {exc}", param) from None
 
 
-@post("/v1/chat/completions", status_code=200, responses=ERROR_RESPONSES, summary="Create a chat completion",
-      description=STREAM_DESCRIPTION)
+@post("/v1/chat/completions", status_code=200, responses=_RESPONSES, operation_class=_Operation,
+      summary="Create a chat completion")
 async def create_chat_completion(data: ChatCompletionRequest, request: Request,
-                                 ctx: ServerContext) -> Union[ChatCompletionResponse, Stream]:
+                                 ctx: ServerContext) -> ChatCompletionResponse:
     model = ctx.resolve_model(data.model)
     engine = ctx.engine
     engine.check_ready()

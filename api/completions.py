@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import AsyncIterator, Union
+from typing import AsyncIterator
 
 from litestar import Request, post
-from litestar.response import Stream
 
 from .context import ServerContext
 from .disconnect import unless_disconnected
 from .errors import bad_request
 from .generation import EnginePrompt, Generation, check_token_ids, fit_context, sampling_params
 from .logprobs import completion_logprobs
-from .openapi import ERROR_RESPONSES, STREAM_DESCRIPTION
+from .openapi import streaming_responses
 from .protocol import CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo
 from .streaming import event_stream, sse
+
+_RESPONSES, _Operation = streaming_responses(CompletionResponse, CompletionChunk)
 
 
 def _prompts(data: CompletionRequest, ctx: ServerContext) -> list[EnginePrompt]:
@@ -60,9 +61,9 @@ def _join(first: CompletionLogprobs, second: CompletionLogprobs) -> CompletionLo
                               text_offset=first.text_offset + second.text_offset)
 
 
-@post("/v1/completions", status_code=200, responses=ERROR_RESPONSES, summary="Create a completion",
-      description=STREAM_DESCRIPTION)
-async def create_completion(data: CompletionRequest, request: Request, ctx: ServerContext) -> Union[CompletionResponse, Stream]:
+@post("/v1/completions", status_code=200, responses=_RESPONSES, operation_class=_Operation,
+      summary="Create a completion")
+async def create_completion(data: CompletionRequest, request: Request, ctx: ServerContext) -> CompletionResponse:
     model = ctx.resolve_model(data.model)
     engine = ctx.engine
     engine.check_ready()

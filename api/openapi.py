@@ -3,8 +3,11 @@ the streaming variant."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.spec import OpenAPIMediaType, Operation, Reference
 
 from runtime import __version__
 
@@ -29,3 +32,19 @@ def openapi_config() -> OpenAPIConfig:
     """The schema at /openapi.json (and Swagger UI at /docs), as vLLM serves them."""
     return OpenAPIConfig(title="runtime", version=__version__, path="/",
                          render_plugins=[JsonRenderPlugin(path="/openapi.json"), SwaggerRenderPlugin(path="/docs")])
+
+
+def streaming_responses(json_model: type, chunk_model: type) -> tuple[dict, type[Operation]]:
+    """``responses`` and ``operation_class`` for a handler that answers ``json_model`` or, with
+    ``stream: true``, server-sent ``chunk_model`` events: both appear under 200."""
+    responses = {**ERROR_RESPONSES, 200: ResponseSpec(data_container=chunk_model, media_type="text/event-stream",
+                                                      description=STREAM_DESCRIPTION, generate_examples=False)}
+
+    @dataclass
+    class StreamingOperation(Operation):
+        def __post_init__(self) -> None:
+            # The return annotation registered json_model's schema; the 200 spec above replaced its entry.
+            self.responses["200"].content["application/json"] = OpenAPIMediaType(
+                schema=Reference(ref=f"#/components/schemas/{json_model.__name__}"))
+
+    return responses, StreamingOperation

@@ -1,4 +1,4 @@
-"""The ``runtime`` command: ``generate`` and ``plugins``.
+"""The ``runtime`` command: ``serve``, ``generate`` and ``plugins``.
 
 Errors are one line on stderr and exit status 2; no traceback reaches the user.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -67,6 +68,22 @@ def _generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(ns: argparse.Namespace) -> int:
+    from .api.server import serve
+
+    args = engine_args_from(ns)
+    if ns.model_tag is not None:
+        if ns.model is not None and ns.model != ns.model_tag:
+            raise ValueError(f"two models given: {ns.model_tag!r} and --model {ns.model!r}; give one")
+        args = dataclasses.replace(args, model=ns.model_tag)
+    if ns.served_model_names:
+        args = dataclasses.replace(args, served_model_name=ns.served_model_names[0])
+    # The key comes from the flag or the environment and is never printed or logged.
+    api_key = ns.api_key or os.environ.get("RUNTIME_API_KEY") or None
+    return serve(args, host=ns.host, port=ns.port, model_names=ns.served_model_names, api_key=api_key,
+                 max_queue_len=ns.max_queue_len, shutdown_timeout=ns.shutdown_timeout, log_level=ns.log_level)
+
+
 def _plugins(ns: argparse.Namespace) -> int:
     from .platform import get_registry
 
@@ -105,6 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
     add_engine_args(gen)
     gen.set_defaults(func=_generate)
+
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible API (Litestar on uvicorn)")
+    srv.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                     help="HF-layout directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 for every interface")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", nargs="+", default=None, dest="served_model_names",
+                     help="names clients use for the model; the first is reported (default: MODEL)")
+    srv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (default: $RUNTIME_API_KEY)")
+    srv.add_argument("--max-queue-len", type=int, default=1024,
+                     help="requests waiting for their first token before new ones get 503 with Retry-After")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                     help="seconds in-flight requests may run after SIGTERM before they are aborted")
+    add_engine_args(srv)
+    srv.set_defaults(func=_serve)
 
     plugins = sub.add_parser("plugins", help="list platform plugins, their status, backends and kernels")
     plugins.set_defaults(func=_plugins)

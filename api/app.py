@@ -52,5 +52,6 @@ def create_app(engine: AsyncEngine, model_names: list[str], api_key: Optional[st
         on_startup=[start],
         on_shutdown=[stop],
         request_max_body_size=MAX_BODY_BYTES,
+        logging_config=None,  # the CLI configures logging; Litestar's default would override it
         debug=False,
     )

@@ -7,6 +7,8 @@ import uuid
 from typing import AsyncIterator
 
 from litestar import Request, post
+from litestar.di import NamedDependency
+from litestar.params import JSONBody
 
 from runtime.engine.chat import render_chat
 
@@ -41,8 +43,8 @@ def render(ctx: ServerContext, messages: list[ChatMessage], add_generation_promp
 
 @post("/v1/chat/completions", status_code=200, responses=_RESPONSES, operation_class=_Operation,
       summary="Create a chat completion")
-async def create_chat_completion(data: ChatCompletionRequest, request: Request,
-                                 ctx: ServerContext) -> ChatCompletionResponse:
+async def create_chat_completion(data: JSONBody[ChatCompletionRequest], request: Request,
+                                 ctx: NamedDependency[ServerContext]) -> ChatCompletionResponse:
     model = ctx.resolve_model(data.model)
     engine = ctx.engine
     engine.check_ready()

@@ -7,6 +7,8 @@ import uuid
 from typing import AsyncIterator
 
 from litestar import Request, post
+from litestar.di import NamedDependency
+from litestar.params import JSONBody
 
 from .context import ServerContext
 from .disconnect import unless_disconnected
@@ -63,7 +65,8 @@ def _join(first: CompletionLogprobs, second: CompletionLogprobs) -> CompletionLo
 
 @post("/v1/completions", status_code=200, responses=_RESPONSES, operation_class=_Operation,
       summary="Create a completion")
-async def create_completion(data: CompletionRequest, request: Request, ctx: ServerContext) -> CompletionResponse:
+async def create_completion(data: JSONBody[CompletionRequest], request: Request,
+                            ctx: NamedDependency[ServerContext]) -> CompletionResponse:
     model = ctx.resolve_model(data.model)
     engine = ctx.engine
     engine.check_ready()

@@ -99,9 +99,12 @@ class Generation:
         """Every prompt's outputs as they come, as (prompt index, output); aborts on early exit."""
         queue: asyncio.Queue = asyncio.Queue()
 
+        # The pumps drain the engine's streams as outputs arrive, so the metrics follow the engine
+        # even while a slow client holds the consumer back.
         async def pump(index: int, stream: RequestStream) -> None:
             try:
                 async for out in stream:
+                    self.timers[index].observe(out)
                     queue.put_nowait((index, out, None))
                 queue.put_nowait((index, None, None))
             except Exception as exc:  # noqa: BLE001  (handed to the consumer, which raises it)
@@ -117,7 +120,6 @@ class Generation:
                 if out is None:
                     remaining -= 1
                     continue
-                self.timers[index].observe(out)
                 yield index, out
         finally:
             for task in tasks:

@@ -37,9 +37,16 @@ def completion_logprobs(tokenizer: Any, token_ids: list[int], entries: Entries, 
     return CompletionLogprobs(
         tokens=tokens,
         token_logprobs=[_value(entry[tid]) if entry else None for tid, entry in zip(token_ids, entries)],
-        top_logprobs=[{lp.decoded_token or "": _value(lp) for lp in entry.values()} if entry else None
-                      for entry in entries],
+        top_logprobs=[_top_dict(entry) if entry else None for entry in entries],
         text_offset=offsets)
+
+
+def _top_dict(entry: dict[int, Logprob]) -> dict[str, float]:
+    # Distinct tokens can decode alike (pieces of one character): the likelier one keeps the key.
+    top: dict[str, float] = {}
+    for lp in entry.values():
+        top.setdefault(lp.decoded_token or "", _value(lp))
+    return top
 
 
 def _top(logprob: Logprob) -> TopLogprob:

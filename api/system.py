@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from litestar import Response, get
+from litestar.di import NamedDependency
 
 from runtime import __version__
 
@@ -14,7 +15,7 @@ from .protocol import ModelCard, ModelList, VersionResponse
 
 
 @get("/v1/models", responses=ERROR_RESPONSES, summary="List the served model (under each of its names)")
-async def list_models(ctx: ServerContext) -> ModelList:
+async def list_models(ctx: NamedDependency[ServerContext]) -> ModelList:
     engine = ctx.engine
     max_model_len = engine.max_model_len if engine.state == "ready" else None
     root = str(engine.args.model) if engine.args.model else ctx.model_names[0]
@@ -23,7 +24,7 @@ async def list_models(ctx: ServerContext) -> ModelList:
 
 
 @get("/health", responses=ERROR_RESPONSES, summary="200 once the model is loaded and the engine runs; 503 otherwise")
-async def health(ctx: ServerContext) -> Response:
+async def health(ctx: NamedDependency[ServerContext]) -> Response:
     try:
         ctx.engine.check_ready()
     except Exception as exc:  # noqa: BLE001  (every reason not to be healthy is a 503)
@@ -37,5 +38,5 @@ async def version() -> VersionResponse:
 
 
 @get("/metrics", summary="Prometheus metrics", media_type=CONTENT_TYPE)
-async def metrics(ctx: ServerContext) -> Response:
+async def metrics(ctx: NamedDependency[ServerContext]) -> Response:
     return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from litestar import post
+from litestar.di import NamedDependency
+from litestar.params import JSONBody
 
 from .chat import render
 from .context import ServerContext
@@ -12,7 +14,7 @@ from .protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, To
 
 
 @post("/tokenize", status_code=200, responses=ERROR_RESPONSES, summary="Tokenize a prompt or chat messages")
-async def tokenize(data: TokenizeRequest, ctx: ServerContext) -> TokenizeResponse:
+async def tokenize(data: JSONBody[TokenizeRequest], ctx: NamedDependency[ServerContext]) -> TokenizeResponse:
     ctx.resolve_model(data.model)
     engine = ctx.engine
     engine.check_ready()
@@ -28,7 +30,7 @@ async def tokenize(data: TokenizeRequest, ctx: ServerContext) -> TokenizeRespons
 
 
 @post("/detokenize", status_code=200, responses=ERROR_RESPONSES, summary="Turn token ids back into text")
-async def detokenize(data: DetokenizeRequest, ctx: ServerContext) -> DetokenizeResponse:
+async def detokenize(data: JSONBody[DetokenizeRequest], ctx: NamedDependency[ServerContext]) -> DetokenizeResponse:
     ctx.resolve_model(data.model)
     engine = ctx.engine
     engine.check_ready()

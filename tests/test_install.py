@@ -60,7 +60,7 @@ def test_wheels_install_into_fresh_venv_and_generate(tmp_path):
     checkpoint = make_tiny_checkpoint(tmp_path, "llama")
     prompt = "The capital of France"
     text = run(venv / "bin" / "runtime", "generate", "--model", checkpoint, "--max-tokens", "8", "--ignore-eos",
-               "--kv-cache-memory", "16MiB", "--max-model-len", "128", prompt, cwd=tmp_path, env=env)
+               "--kv-cache-memory", "16MiB", "--max-model-len", "128", "--dtype", "float32", prompt, cwd=tmp_path, env=env)
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()

@@ -55,7 +55,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, lo
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_greedy_matches_hf(arch, checkpoints):
     path = checkpoints[arch]
-    llm = LLM(str(path), kv_cache_memory="16MiB", max_model_len=256)
+    llm = LLM(str(path), dtype="float32", kv_cache_memory="16MiB", max_model_len=256)
     prompts = make_prompts(llm.engine.runner.settings.vocab_size)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
     check(outputs, prompts, reference(path, prompts), context=arch)
@@ -73,7 +73,7 @@ SCHEDULES = {
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_schedules_do_not_change_output(arch, schedule, checkpoints):
     path = checkpoints[arch]
-    options = dict(kv_cache_memory="16MiB", max_model_len=64)
+    options = dict(dtype="float32", kv_cache_memory="16MiB", max_model_len=64)
     options.update(SCHEDULES[schedule])
     num_blocks = options.pop("num_blocks", None)
     if num_blocks is not None:
@@ -91,7 +91,7 @@ def test_schedules_do_not_change_output(arch, schedule, checkpoints):
 
 def test_requests_arriving_mid_generation(checkpoints):
     path = checkpoints["qwen3"]
-    engine = EngineCore(EngineArgs(model=str(path), kv_cache_memory="16MiB", max_model_len=128))
+    engine = EngineCore(EngineArgs(model=str(path), dtype="float32", kv_cache_memory="16MiB", max_model_len=128))
     prompts = make_prompts(engine.runner.settings.vocab_size, seed=2)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
     tokens: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
@@ -112,7 +112,7 @@ def test_requests_arriving_mid_generation(checkpoints):
 
 def test_prefix_cache_hit_reuses_blocks_and_keeps_output(checkpoints):
     path = checkpoints["llama"]
-    llm = LLM(str(path), kv_cache_memory="16MiB", max_model_len=128)
+    llm = LLM(str(path), dtype="float32", kv_cache_memory="16MiB", max_model_len=128)
     prompts = make_prompts(llm.engine.runner.settings.vocab_size, seed=3)
     refs = reference(path, prompts)
     first = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
@@ -125,7 +125,7 @@ def test_prefix_cache_hit_reuses_blocks_and_keeps_output(checkpoints):
 
 def test_prompt_logprobs_match_hf(checkpoints):
     path = checkpoints["mistral"]
-    llm = LLM(str(path), kv_cache_memory="16MiB", max_model_len=128, max_num_batched_tokens=8)
+    llm = LLM(str(path), dtype="float32", kv_cache_memory="16MiB", max_model_len=128, max_num_batched_tokens=8)
     prompt = make_prompts(llm.engine.runner.settings.vocab_size, seed=4)[3]
     out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)[0]
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -125,15 +125,13 @@ def check_copy_blocks(fn, dtype, device, g, layouts: list[tuple[Callable[[int], 
 
 def check_apply_top_k_top_p_min_p(fn, dtype, device, g):
     logits = 3 * _randn(g, 6, 100)  # logits are float32 whatever the model dtype
-    top_k = torch.tensor([0, 5, 50, 1, 0, 100])
-    top_p = torch.tensor([1.0, 0.9, 0.5, 1.0, 0.3, 1.0])
-    min_p = torch.tensor([0.0, 0.0, 0.1, 0.0, 0.0, 0.05])
+    settings = {"top_k": [0, 5, 50, 1, 0, 100], "top_p": [1.0, 0.9, 0.5, 1.0, 0.3, 1.0], "min_p": [0.0, 0.0, 0.1, 0.0, 0.0, 0.05]}
+    top_k, top_p, min_p = torch.tensor(settings["top_k"]), torch.tensor(settings["top_p"]), torch.tensor(settings["min_p"])
     expected = OPS["apply_top_k_top_p_min_p"](logits, top_k, top_p, min_p)
     got = fn(*_on(device, logits, top_k, top_p, min_p)).cpu()
     differ = ((got == float("-inf")) != (expected == float("-inf"))).sum(-1).tolist()
-    assert not any(differ), (f"apply_top_k_top_p_min_p (top_k {top_k.tolist()}, top_p {top_p.tolist()}, "
-                             f"min_p {min_p.tolist()}): tokens kept differ from the reference in rows "
-                             f"{[i for i, n in enumerate(differ) if n]} ({differ} tokens)")
+    assert not any(differ), (f"apply_top_k_top_p_min_p ({settings}): the tokens kept differ from the reference's "
+                             f"in rows {[i for i, n in enumerate(differ) if n]} (by {differ} tokens)")
     kept = expected != float("-inf")
     assert torch.equal(got[kept], expected[kept]), "apply_top_k_top_p_min_p changed the logits it kept"
 

@@ -119,15 +119,23 @@ class PagedRun:
                                  meta.slot_mapping.to(d), meta.max_query_len, meta.max_seq_len,
                                  list(meta.query_start_loc_cpu), list(meta.seq_lens_cpu))
 
-    def run(self, backend: AttentionBackend) -> None:
-        """Every step through ``backend`` and the reference; AssertionError at the first step that differs."""
+    def run(self, backend: AttentionBackend, check_cache: bool = False) -> None:
+        """Every step through ``backend`` and the reference; AssertionError at the first step that differs.
+
+        ``check_cache`` (default layout only): compare the caches slot by slot after each step,
+        before the outputs, so a misplaced write is reported as such.
+        """
         spec = self.spec
+        steps = len(self.scenario.steps)
         for index, step in enumerate(self.scenario.steps):
             query, key, value, meta = self._step_inputs(step)
             out = backend.forward(query.to(self.device), key.to(self.device), value.to(self.device), self.cache,
                                   self._on_device(meta))
             ref = paged_attention(query, key, value, self.ref_cache, meta, spec.scale, spec.sliding_window,
                                   spec.logits_soft_cap)
+            difference = self.cache_difference() if check_cache else None
+            if difference:
+                raise AssertionError(f"K/V cache after step {index + 1} of {steps}: {difference}")
             problems = []
             if tuple(out.shape) != tuple(query.shape) or out.dtype != query.dtype:
                 problems.append(f"returned {tuple(out.shape)} {out.dtype}, expected {tuple(query.shape)} {query.dtype}")
@@ -141,13 +149,13 @@ class PagedRun:
             if problems:
                 ok = len(step) - len(problems)
                 raise AssertionError(
-                    f"attention output differs from the reference in step {index + 1} of {len(self.scenario.steps)} "
+                    f"attention output differs from the reference in step {index + 1} of {steps} "
                     f"({ok} of {len(step)} sequences match): " + "; ".join(problems))
             for seq, new in step:
                 self.position[seq] += new
 
     def cache_difference(self) -> str | None:
-        """After :meth:`run`, where the backend's cache differs from the reference's (default layout only)."""
+        """Where the backend's cache differs from the reference's (default layout only), or None."""
         ours = self.cache.cpu().view(2, -1, self.spec.num_kv_heads, self.spec.head_size)
         ref = self.ref_cache.view(2, -1, self.spec.num_kv_heads, self.spec.head_size)
         differs = (ours != ref).flatten(2).any(-1)
@@ -155,6 +163,6 @@ class PagedRun:
             return None
         bs = self.spec.block_size
         kind, slot = (int(i) for i in differs.nonzero()[0])
-        return (f"{int(differs.any(0).sum())} cache slots differ from the reference after all steps; first: "
+        return (f"{int(differs.any(0).sum())} slots differ from the reference's; first: "
                 f"{'key' if kind == 0 else 'value'} of slot {slot} (block {slot // bs}, offset {slot % bs}). "
                 f"New K/V must land exactly at slot_mapping and nothing else may change")

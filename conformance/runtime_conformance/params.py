@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable
 
 import pytest
 
+from .plugin import target_for
 from .target import Target
 
 
@@ -22,8 +23,13 @@ def unsupported(id: str, reason: str) -> Any:
     return pytest.param(None, id=id, marks=pytest.mark.skip(reason=f"unsupported: {reason}"))
 
 
-def parametrize(metafunc: pytest.Metafunc, target: Target, make: Callable[[Target], Iterable[Any]]) -> None:
-    if target.platform is None:
+def parametrize(metafunc: pytest.Metafunc, make: Callable[[Target], Iterable[Any]]) -> None:
+    """Parametrize ``case`` with ``make(target)``. Without --runtime-platform there is no target:
+    one placeholder case, which the plugin refuses to run (a usage error, not a skip)."""
+    target = target_for(metafunc.config)
+    if target is None:
+        cases = [pytest.param(None, id="no-platform")]
+    elif target.platform is None:
         cases = [pytest.param(None, id="not-loaded", marks=pytest.mark.skip(reason=f"platform not loaded: {target.problem}"))]
     else:
         cases = list(make(target))

@@ -39,21 +39,33 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[REPORT] = Report(name, Path(path))
 
 
-def target_for(config: pytest.Config) -> Target:
-    """The platform under test, discovered on first use (collection parametrizes checks by what it declares)."""
-    if TARGET not in config.stash:
-        name = config.getoption("runtime_platform")
-        if not name:
-            raise pytest.UsageError("runtime-conformance needs --runtime-platform NAME (`runtime plugins` lists the names)")
+def target_for(config: pytest.Config) -> Target | None:
+    """The platform under test, discovered on first use (collection parametrizes checks by what it
+    declares); None without --runtime-platform."""
+    name = config.getoption("runtime_platform")
+    if name and TARGET not in config.stash:
         from .target import Target
 
         config.stash[TARGET] = Target.discover(name)
-    return config.stash[TARGET]
+    return config.stash.get(TARGET, None)
 
 
 @pytest.fixture(scope="session")
 def target(request: pytest.FixtureRequest) -> Target:
     return target_for(request.config)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tag the suite's checks, so the report finds them whatever the rootdir or xdist worker;
+    refuse to run them without a platform."""
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and module.__name__.startswith("runtime_conformance.checks."):
+            if not config.getoption("runtime_platform"):
+                raise pytest.UsageError("runtime-conformance needs --runtime-platform NAME (`runtime plugins` lists the names)")
+            from .report import CHECK_PROPERTY, check_identity
+
+            item.user_properties.append((CHECK_PROPERTY, check_identity(module.__name__, item.name)))
 
 
 @pytest.hookimpl(trylast=True)

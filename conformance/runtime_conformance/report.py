@@ -36,14 +36,14 @@ class Check:
     duration_s: float
 
 
-def _check_id(nodeid: str) -> tuple[str, str] | None:
-    """(family, id) for one of the suite's checks, None for any other test in the session."""
-    path, _, name = nodeid.partition("::")
-    parts = path.replace("\\", "/").split("/")
-    if len(parts) < 3 or parts[-3:-1] != ["runtime_conformance", "checks"]:
-        return None
-    family = parts[-1].removeprefix("test_").removesuffix(".py")
-    return family, f"{family}/{name.removeprefix('test_')}"
+CHECK_PROPERTY = "runtime_conformance_check"
+"""The user property carrying (family, check id) from each collected check to its reports."""
+
+
+def check_identity(module_name: str, item_name: str) -> tuple[str, str]:
+    """(family, id) of a check: ``checks.test_attention`` / ``test_scenario[x]`` -> attention, attention/scenario[x]."""
+    family = module_name.rsplit(".", 1)[-1].removeprefix("test_")
+    return family, f"{family}/{item_name.removeprefix('test_')}"
 
 
 def _reason(report: pytest.TestReport) -> str:
@@ -62,7 +62,7 @@ class Report:
 
     def record(self, report: pytest.TestReport) -> None:
         """Keep each check's call outcome, or its setup/teardown outcome where that failed or skipped."""
-        ids = _check_id(report.nodeid)
+        ids = dict(report.user_properties).get(CHECK_PROPERTY)
         if ids is None or (report.when != "call" and report.passed):
             return
         family, check_id = ids

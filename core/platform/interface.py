@@ -133,6 +133,9 @@ class AttentionMetadata:
     max_seq_len: int
     query_start_loc_cpu: list[int] = field(default_factory=list)
     seq_lens_cpu: list[int] = field(default_factory=list)
+    backend_cache: dict[Any, Any] = field(default_factory=dict)
+    """What a backend derives from this metadata (masks, gather indices) once per step and
+    reuses in every layer; keys are the backend's own. The runner makes fresh metadata each step."""
 
     @property
     def num_seqs(self) -> int:

@@ -11,11 +11,10 @@ from runtime.platform.reference import OPS
 from ..compare import dtype_name
 from ..kernel_checks import CHECKS, DTYPE_INDEPENDENT, check_copy_blocks
 from ..params import case, parametrize, unsupported
-from ..plugin import target_for
 
 
 def pytest_generate_tests(metafunc):
-    parametrize(metafunc, target_for(metafunc.config), _kernels)
+    parametrize(metafunc, _kernels)
 
 
 def _kernels(target):

@@ -12,14 +12,13 @@ import torch.nn.functional as F
 
 from ..compare import assert_close, dtype_name
 from ..params import case, parametrize, unsupported
-from ..plugin import target_for
 from ..quant_data import random_gguf, reference_dequantize, unsupported_reason
 
 ROWS, COLS = 64, 512  # COLS: two K-quant super-blocks per row
 
 
 def pytest_generate_tests(metafunc):
-    parametrize(metafunc, target_for(metafunc.config), _dequantize if metafunc.function.__name__ == "test_dequantize" else _apply)
+    parametrize(metafunc, _dequantize if metafunc.function.__name__ == "test_dequantize" else _apply)
 
 
 def _types(target, with_dtypes: bool):

@@ -15,7 +15,6 @@ from runtime.platform import CONTRACT_VERSION, AttentionBackend, Communicator, P
 from runtime.platform.registry import KernelSet
 
 from ..params import case, parametrize, unsupported
-from ..plugin import target_for
 from ..specs import dtypes, spec_for
 from ..tolerances import TOLERANCES
 
@@ -26,7 +25,7 @@ FLOAT_DTYPES = tuple(TOLERANCES)
 def pytest_generate_tests(metafunc):
     makers = {"test_attention_backend_declarations": _backends, "test_quantization_declarations": _methods}
     if metafunc.function.__name__ in makers:
-        parametrize(metafunc, target_for(metafunc.config), makers[metafunc.function.__name__])
+        parametrize(metafunc, makers[metafunc.function.__name__])
 
 
 def _backends(target):

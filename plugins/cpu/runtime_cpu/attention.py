@@ -34,47 +34,23 @@ class CpuAttentionBackend(AttentionBackend):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         write_kv(key, value, kv_cache, meta.slot_mapping)
-        # Host copies plan the launch; the device tensors are read only by indexing ops.
-        starts = meta.query_start_loc_cpu or meta.query_start_loc.tolist()
-        seq_lens = meta.seq_lens_cpu or meta.seq_lens.tolist()
+        # Every layer of a step sees the same metadata: derive indices and masks once.
+        plan_key = (self.name, kv_cache.shape[2], self.spec.sliding_window, self.spec.logits_soft_cap)
+        plan = meta.backend_cache.get(plan_key)
+        if plan is None:
+            plan = meta.backend_cache[plan_key] = _StepPlan(self, meta, kv_cache.shape[2], query.device)
         out = torch.empty_like(query)
-        decode = [i for i in range(len(seq_lens)) if starts[i + 1] - starts[i] == 1]
-        if decode:
-            self._decode(query, kv_cache, meta.block_table, starts, seq_lens, decode, out)
-        for i, seq_len in enumerate(seq_lens):
-            if starts[i + 1] - starts[i] > 1:
-                self._prefill(query, kv_cache, meta.block_table[i], starts[i], starts[i + 1], seq_len, out)
+        if plan.decode_rows is not None:
+            kv = _gather(kv_cache, plan.decode_blocks, plan.decode_max_len)
+            # Padding reads whatever the cache holds there (block 0, stale or never-written slots);
+            # a NaN in it would survive the mask (0 * NaN), so clear it. kv is a fresh copy.
+            kv.masked_fill_(plan.decode_padding, 0)
+            rows = plan.decode_rows
+            out[rows] = self._attend(query[rows].unsqueeze(1), kv[0], kv[1], plan.decode_allowed).squeeze(1).to(out.dtype)
+        for start, end, seq_len, blocks, allowed in plan.prefills:
+            k, v = _gather(kv_cache, blocks, seq_len)
+            out[start:end] = self._attend(query[start:end].unsqueeze(0), k, v, allowed).squeeze(0).to(out.dtype)
         return out
-
-    def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, starts: list[int],
-                seq_lens: list[int], seqs: list[int], out: torch.Tensor) -> None:
-        """One query token for each sequence in ``seqs``, batched over a padded context."""
-        device = query.device
-        rows = torch.tensor([starts[i] for i in seqs], device=device)
-        lens = torch.tensor([seq_lens[i] for i in seqs], device=device)
-        max_len = max(seq_lens[i] for i in seqs)
-        kv = _gather(kv_cache, block_table[torch.tensor(seqs, device=device)], max_len)
-        key_pos = torch.arange(max_len, device=device)
-        # Padding reads whatever the cache holds there (block 0, stale or never-written slots);
-        # a NaN in it would survive the mask (0 * NaN), so clear it. kv is a fresh copy.
-        padding = key_pos.unsqueeze(0) >= lens.unsqueeze(1)
-        kv.masked_fill_(padding[None, :, :, None, None], 0)
-        allowed = self._mask((lens - 1).unsqueeze(1), key_pos)
-        out[rows] = self._attend(query[rows].unsqueeze(1), kv[0], kv[1], allowed).squeeze(1).to(out.dtype)
-
-    def _prefill(self, query: torch.Tensor, kv_cache: torch.Tensor, block_ids: torch.Tensor, start: int, end: int,
-                 seq_len: int, out: torch.Tensor) -> None:
-        """Rows ``start:end`` of ``query``: the last ``end - start`` tokens of one sequence."""
-        device = query.device
-        q_len = end - start
-        k, v = _gather(kv_cache, block_ids.unsqueeze(0), seq_len)
-        allowed = None
-        # Top-left-aligned is_causal equals our bottom-right causality only when all keys are new;
-        # it lets SDPA skip the masked half instead of reading a mask.
-        if q_len != seq_len or self.spec.sliding_window is not None or self.spec.logits_soft_cap is not None:
-            q_pos = torch.arange(seq_len - q_len, seq_len, device=device).unsqueeze(0)
-            allowed = self._mask(q_pos, torch.arange(seq_len, device=device))
-        out[start:end] = self._attend(query[start:end].unsqueeze(0), k, v, allowed).squeeze(0).to(out.dtype)
 
     def _mask(self, q_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
         """[N, Lq] query positions, [Lk] key positions -> [N, Lq, Lk] True where the key is visible."""
@@ -104,6 +80,42 @@ class CpuAttentionBackend(AttentionBackend):
         scores = scores.masked_fill(~allowed[:, None, None], -math.inf)
         probs = scores.softmax(-1).view(n, kv_heads, group * q_len, -1)
         return (probs @ v).view(n, heads, q_len, d).transpose(1, 2)
+
+
+class _StepPlan:
+    """Gather indices and masks for one step, shared by the layers that have the same window.
+
+    Decode sequences (one new token) are batched over a padded context; each sequence with
+    several new tokens gets its own entry. Top-left-aligned ``is_causal`` (mask None) equals our
+    bottom-right causality only when all keys are new, and lets SDPA skip the masked half.
+    """
+
+    def __init__(self, backend: CpuAttentionBackend, meta: AttentionMetadata, block_size: int, device: torch.device):
+        starts = meta.query_start_loc_cpu or meta.query_start_loc.tolist()
+        seq_lens = meta.seq_lens_cpu or meta.seq_lens.tolist()
+        num_seqs = len(seq_lens)
+        decode = [i for i in range(num_seqs) if starts[i + 1] - starts[i] == 1]
+        self.decode_rows = None
+        if decode:
+            index = torch.tensor(decode, device=device)
+            self.decode_rows = torch.tensor([starts[i] for i in decode], device=device)
+            lens = torch.tensor([seq_lens[i] for i in decode], device=device)
+            self.decode_max_len = max(seq_lens[i] for i in decode)
+            self.decode_blocks = meta.block_table[index]
+            key_pos = torch.arange(self.decode_max_len, device=device)
+            self.decode_padding = (key_pos.unsqueeze(0) >= lens.unsqueeze(1))[None, :, :, None, None]
+            self.decode_allowed = backend._mask((lens - 1).unsqueeze(1), key_pos)
+        self.prefills = []
+        for i in range(num_seqs):
+            q_len = starts[i + 1] - starts[i]
+            if q_len == 1:
+                continue
+            seq_len = seq_lens[i]
+            allowed = None
+            if q_len != seq_len or backend.spec.sliding_window is not None or backend.spec.logits_soft_cap is not None:
+                q_pos = torch.arange(seq_len - q_len, seq_len, device=device).unsqueeze(0)
+                allowed = backend._mask(q_pos, torch.arange(seq_len, device=device))
+            self.prefills.append((starts[i], starts[i + 1], seq_len, meta.block_table[i].unsqueeze(0), allowed))
 
 
 def _gather(kv_cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:

@@ -4,6 +4,7 @@ from runtime.platform import Kernel, hookimpl
 from runtime.platform.distributed import TorchDistributedCommunicator
 
 from .attention import CpuAttentionBackend
+from .kernels import KERNELS
 from .platform import CpuPlatform
 from .quant import GgufDequantizeMethod
 
@@ -26,7 +27,7 @@ def runtime_attention_backends():
 
 @hookimpl
 def runtime_kernels() -> list[Kernel]:
-    return []
+    return KERNELS
 
 
 @hookimpl

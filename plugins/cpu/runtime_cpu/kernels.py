@@ -1,0 +1,46 @@
+"""CPU kernels: the reference semantics in fewer, larger torch ops.
+
+On the CPU each small op costs microseconds of dispatch, and a decode step of a small model
+runs thousands of them; these versions cut the op count (see benchmarks/offline_vs_hf.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from runtime.platform import Kernel
+from runtime.platform.reference import rotary_embedding as reference_rotary
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # torch's fused RMSNorm accumulates in float32 for reduced-precision inputs, like the reference.
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    summed = x + residual
+    return F.rms_norm(summed, (x.shape[-1],), weight, eps), summed
+
+
+def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor,
+                     is_neox: bool = True):
+    """NeoX-style rotation of the full head as one elementwise pass over q and k together:
+    out = x * [cos, cos] + roll(x, D/2) * [-sin, sin]. Other layouts take the reference path."""
+    head_dim = query.shape[-1]
+    if not is_neox or cos_sin_cache.shape[-1] != head_dim:
+        return reference_rotary(positions, query, key, cos_sin_cache, is_neox)
+    cos, sin = cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
+    cos = torch.cat([cos, cos], dim=-1).unsqueeze(1)
+    sin = torch.cat([-sin, sin], dim=-1).unsqueeze(1)
+    heads = query.shape[1]
+    qk = torch.cat([query, key], dim=1).float()
+    out = (qk * cos + qk.roll(head_dim // 2, dims=-1) * sin).to(query.dtype)
+    return out[:, :heads], out[:, heads:]
+
+
+KERNELS = [
+    Kernel("cpu", "rms_norm", rms_norm),
+    Kernel("cpu", "fused_add_rms_norm", fused_add_rms_norm),
+    Kernel("cpu", "rotary_embedding", rotary_embedding),
+]

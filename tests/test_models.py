@@ -154,3 +154,21 @@ def test_unsupported_architecture_is_named(tmp_path, checkpoints):
 def test_kv_cache_too_small_names_the_fix(checkpoints):
     with pytest.raises(ValueError, match="lower --max-model-len or raise --kv-cache-memory"):
         LLM(str(checkpoints["llama"]), kv_cache_memory="4KiB", max_model_len=512)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_parameter_count_known_before_loading(arch, checkpoints):
+    from runtime.models import decoder_settings
+
+    config = transformers.AutoConfig.from_pretrained(checkpoints[arch])
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    expected = sum(p.numel() for n, p in model.named_parameters())
+    assert decoder_settings(config).num_parameters() == expected
+
+
+def test_model_too_big_for_memory_names_the_fix(checkpoints, monkeypatch):
+    from runtime_cpu.platform import CpuPlatform
+
+    monkeypatch.setattr(CpuPlatform, "memory_info", lambda self, index=0: (1000, 2000))
+    with pytest.raises(ValueError, match="model needs 0.00 GiB for its weights in float32, only 0.00 GiB is free on cpu"):
+        LLM(str(checkpoints["llama"]), dtype="float32")

@@ -55,6 +55,7 @@ class EngineCore:
                                  kv_cache_dtype=args.kv_cache_dtype)
         self.platform.check_and_update_config(pconfig)
         self.block_size = pconfig.block_size
+        self._check_weights_fit(config)
         torch.manual_seed(args.seed)
         self.runner = ModelRunner(config, self.source.weights(), self.platform, registry, self.dtype,
                                   self.block_size, self.max_model_len)
@@ -82,6 +83,17 @@ class EngineCore:
         if requested > limit:
             raise ValueError(f"--max-model-len {requested} exceeds the model's context length {limit}; lower it")
         return requested
+
+    def _check_weights_fit(self, config) -> None:
+        from ..models import decoder_settings
+
+        needed = decoder_settings(config).num_parameters() * torch.tensor([], dtype=self.dtype).element_size()
+        free, _ = self.platform.memory_info()
+        if needed > free:
+            gib = 1 << 30
+            raise ValueError(f"model needs {needed / gib:.2f} GiB for its weights in {str(self.dtype).removeprefix('torch.')}, "
+                             f"only {free / gib:.2f} GiB is free on {self.platform.name}: choose a smaller --dtype, "
+                             f"a smaller model or another --device")
 
     def _size_kv_cache(self) -> int:
         per_block = self.runner.kv_bytes_per_block()

@@ -49,6 +49,18 @@ class DecoderSettings:
     sliding_windows: list[int | None] = field(default_factory=list)
     """Per layer: the window, or None for full attention."""
 
+    def num_parameters(self) -> int:
+        """Parameter count, known before any weight is read (to check the model fits)."""
+        qkv = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        per_layer = (self.hidden_size * qkv + self.num_heads * self.head_dim * self.hidden_size
+                     + 3 * self.hidden_size * self.intermediate_size
+                     + (4 if self.sandwich_norms else 2) * self.hidden_size
+                     + (2 * self.head_dim if self.qk_norm else 0)
+                     + (qkv if self.qkv_bias else 0) + (self.hidden_size if self.o_bias else 0)
+                     + (2 * self.intermediate_size + self.hidden_size if self.mlp_bias else 0))
+        embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + embeddings + self.hidden_size
+
     def attention_specs(self, dtype: torch.dtype, block_size: int) -> list[AttentionSpec]:
         return [AttentionSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.attn_scale, dtype, block_size,
                               sliding_window=w, logits_soft_cap=self.attn_soft_cap) for w in self.sliding_windows]

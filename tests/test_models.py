@@ -172,3 +172,13 @@ def test_model_too_big_for_memory_names_the_fix(checkpoints, monkeypatch):
     monkeypatch.setattr(CpuPlatform, "memory_info", lambda self, index=0: (1000, 2000))
     with pytest.raises(ValueError, match="model needs 0.00 GiB for its weights in float32, only 0.00 GiB is free on cpu"):
         LLM(str(checkpoints["llama"]), dtype="float32")
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+def test_sliding_window_shorter_than_the_prompts(arch, tmp_path):
+    path = make_tiny_checkpoint(tmp_path, arch, sliding_window=8)
+    llm = LLM(str(path), dtype="float32", kv_cache_memory="16MiB", max_model_len=128, max_num_batched_tokens=16)
+    assert 8 in llm.engine.runner.settings.sliding_windows
+    prompts = make_prompts(llm.engine.runner.settings.vocab_size, seed=5)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    check(outputs, prompts, reference(path, prompts), context=f"{arch}/window 8")

@@ -1,8 +1,8 @@
 """``--api-key``: every route except the open ones needs ``Authorization: Bearer <key>``.
 
-Checked in an ASGI middleware around each route, before the body is read or validated, so an
-unauthenticated client learns nothing about the request it sent. The comparison is constant-time and the key is never
-logged.
+Checked in an ASGI middleware, before routing and before the body is read or validated, so an
+unauthenticated client learns nothing about the server or the request it sent. The comparison
+is constant-time and the key is never logged.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-OPEN_PATHS = frozenset({"/health", "/version", "/metrics", "/openapi.json", "/docs"})
+OPEN_PATHS = frozenset({"/health", "/version", "/metrics", "/openapi.json"})
 """Probes, monitoring and the schema stay reachable without a key."""
 
 _UNAUTHORIZED = json.dumps({"error": {

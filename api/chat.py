@@ -90,7 +90,9 @@ async def _chunks(gen: Generation, data: ChatCompletionRequest, request_id: str,
     async for _, out in gen.deltas():
         for c in out.outputs:
             completion_tokens += len(c.delta_token_ids)
-            lp = chat_logprobs(c.delta_token_ids, c.delta_logprobs or [], data.top_logprobs or 0) if data.logprobs else None
+            lp = None
+            if data.logprobs:
+                lp = chat_logprobs(c.delta_token_ids, c.delta_logprobs or [], data.top_logprobs or 0)
             if not c.delta_text and c.finish_reason is None and not (lp and lp.content):
                 continue
             yield chunk([ChatStreamChoice(index=c.index, delta=DeltaMessage(content=c.delta_text), logprobs=lp,

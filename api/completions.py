@@ -16,7 +16,8 @@ from .errors import bad_request
 from .generation import EnginePrompt, Generation, check_token_ids, fit_context, sampling_params
 from .logprobs import completion_logprobs
 from .openapi import streaming_responses
-from .protocol import CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo
+from .protocol import (CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest, CompletionResponse,
+                       UsageInfo)
 from .streaming import event_stream, sse
 
 _RESPONSES, _Operation = streaming_responses(CompletionResponse, CompletionChunk)
@@ -32,7 +33,8 @@ def _prompts(data: CompletionRequest, ctx: ServerContext) -> list[EnginePrompt]:
     prompts = []
     for item in prompt:
         if isinstance(item, str):
-            prompts.append(EnginePrompt(item, engine.tokenizer.encode(item, add_special_tokens=data.add_special_tokens)))
+            ids = engine.tokenizer.encode(item, add_special_tokens=data.add_special_tokens)
+            prompts.append(EnginePrompt(item, ids))
         else:
             check_token_ids(item, engine.vocab_size, "prompt")
             prompts.append(EnginePrompt(None, list(item)))

@@ -52,7 +52,7 @@ def sampling_params(req: SamplingFields, vocab_size: int, max_tokens: int, logpr
     """The engine's SamplingParams for ``req``; invalid combinations are a 400 naming the field."""
     bias = {}
     for key, value in (req.logit_bias or {}).items():
-        if not key.isdigit() or int(key) >= vocab_size:
+        if not (key.isascii() and key.isdigit()) or int(key) >= vocab_size:
             raise bad_request(f"logit_bias key {key!r} is not a token id in [0, {vocab_size})", "logit_bias")
         bias[int(key)] = value
     try:

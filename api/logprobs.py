@@ -23,7 +23,8 @@ def _value(logprob: Logprob) -> float:
     return max(logprob.logprob, _FLOOR)
 
 
-def completion_logprobs(tokenizer: Any, token_ids: list[int], entries: Entries, text_offset: int = 0) -> CompletionLogprobs:
+def completion_logprobs(tokenizer: Any, token_ids: list[int], entries: Entries,
+                        text_offset: int = 0) -> CompletionLogprobs:
     """``entries`` aligned with ``token_ids``; a None entry (a prompt's first token) has no logprob.
 
     ``top_logprobs`` holds the chosen token and the top-k, as vLLM's (up to k + 1 entries);

@@ -41,7 +41,8 @@ class _EngineStats(Collector):
         for name, key, doc, family in (
             ("num_requests_running", "num_running", "Requests in the running batch.", GaugeMetricFamily),
             ("num_requests_waiting", "num_waiting", "Requests waiting to be scheduled.", GaugeMetricFamily),
-            ("kv_cache_usage_perc", "kv_cache_usage", "Fraction of KV-cache blocks in use (1 = full).", GaugeMetricFamily),
+            ("kv_cache_usage_perc", "kv_cache_usage", "Fraction of KV-cache blocks in use (1 = full).",
+             GaugeMetricFamily),
             ("prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
              CounterMetricFamily),
             ("prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache.", CounterMetricFamily),

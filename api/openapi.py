@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from litestar.openapi import OpenAPIConfig, ResponseSpec
-from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import OpenAPIMediaType, Operation, Reference
 
 from runtime import __version__
@@ -29,9 +29,14 @@ STREAM_DESCRIPTION = ("With `stream: true` the response is `text/event-stream`: 
 
 
 def openapi_config() -> OpenAPIConfig:
-    """The schema at /openapi.json (and Swagger UI at /docs), as vLLM serves them."""
-    return OpenAPIConfig(title="runtime", version=__version__, path="/",
-                         render_plugins=[JsonRenderPlugin(path="/openapi.json"), SwaggerRenderPlugin(path="/docs")])
+    """The schema at /openapi.json, where vLLM serves it.
+
+    Litestar answers unknown paths under its schema path with an HTML 404 page; rooting it at
+    /openapi.json keeps every other path's 404 OpenAI-shaped. (No Swagger UI: it loads its
+    scripts from a CDN, which servers here often cannot reach.)
+    """
+    return OpenAPIConfig(title="runtime", version=__version__, path="/openapi.json",
+                         render_plugins=[JsonRenderPlugin(path="/")])
 
 
 def streaming_responses(json_model: type, chunk_model: type) -> tuple[dict, type[Operation]]:

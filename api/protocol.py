@@ -74,7 +74,8 @@ class SamplingFields(_Model):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    priority: int = Field(0, ge=-(2**31), le=2**31 - 1, description="Lower runs first under --scheduling-policy priority.")
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1,
+                          description="Lower runs first under --scheduling-policy priority.")
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> "SamplingFields":

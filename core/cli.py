@@ -1,4 +1,4 @@
-"""The ``runtime`` command: ``serve``, ``generate`` and ``plugins``.
+"""The ``runtime`` command: ``serve``, ``generate``, ``bench`` and ``plugins``.
 
 Errors are one line on stderr and exit status 2; no traceback reaches the user.
 """
@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import importlib.util
 import logging
 import os
 import sys
@@ -138,8 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(srv)
     srv.set_defaults(func=_serve)
 
+    from .bench.cli import add_bench_commands
+
+    bench = sub.add_parser("bench", help="benchmark offline throughput or latency, or an OpenAI-compatible server")
+    add_bench_commands(bench, add_engine_args, engine_args_from)
+
     plugins = sub.add_parser("plugins", help="list platform plugins, their status, backends and kernels")
     plugins.set_defaults(func=_plugins)
+    # runtime-conformance is a separate distribution; its subcommand exists where it is installed.
+    if importlib.util.find_spec("runtime_conformance"):
+        importlib.import_module("runtime_conformance.cli").add_parser(sub)
     return parser
 
 

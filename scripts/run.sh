@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
-# Sets everything up (idempotent) and runs the main job on the embedded default model.
+# Sets everything up (idempotent) and serves the embedded default model on 127.0.0.1:8000.
+# Arguments go to `runtime serve` (e.g. a model path, --port 9000, --host 0.0.0.0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-if [ "$#" -eq 0 ]; then
-  set -- --chat "What is the capital of France?"
-fi
-exec .venv/bin/runtime generate "$@"
+exec .venv/bin/runtime serve "$@"

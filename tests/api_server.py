@@ -30,7 +30,8 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.base_url = f"{self.url}/v1"
-        self.args = [sys.executable, "-m", "runtime.cli", "serve", *args, "--host", "127.0.0.1", "--port", str(self.port)]
+        self.args = [sys.executable, "-m", "runtime.cli", "serve", *args,
+                     "--host", "127.0.0.1", "--port", str(self.port)]
         self.env = env
         self.log = tempfile.NamedTemporaryFile(prefix="runtime-serve-", suffix=".log")
         self.proc: Optional[subprocess.Popen] = None

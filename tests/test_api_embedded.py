@@ -11,7 +11,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("api")]
 
 
 def test_default_model_answers_paris():
-    with ServerProcess("--kv-cache-memory", "256MiB", "--max-model-len", "1024") as server:
+    # float32: the platform's default (bfloat16 on CPUs that have it) currently answers off-topic
+    # offline too (tests/test_embedded_model.py::test_chat_answer_is_coherent); this tests serving.
+    with ServerProcess("--kv-cache-memory", "256MiB", "--max-model-len", "1024", "--dtype", "float32") as server:
         client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct"]
         out = client.chat.completions.create(model="SmolLM2-135M-Instruct", max_tokens=32, temperature=0,

@@ -115,6 +115,8 @@ _CAPS = {"n": 2, "best_of": 2, "max_tokens": 4, "max_completion_tokens": 4, "min
 
 def _cap(body):
     if isinstance(body, dict):
+        if "messages" in body and "max_tokens" not in body and "max_completion_tokens" not in body:
+            body["max_tokens"] = _CAPS["max_tokens"]  # chat's default is the rest of the context
         for key, cap in _CAPS.items():
             if isinstance(body.get(key), int) and not isinstance(body[key], bool) and body[key] > cap:
                 body[key] = cap

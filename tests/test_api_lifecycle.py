@@ -174,7 +174,8 @@ def test_health_is_503_while_loading(checkpoint):
         release.wait(30)
         return EngineCore(args)
 
-    engine = AsyncEngine(EngineArgs(model=str(checkpoint), kv_cache_memory="16MiB", max_model_len=128), build=slow_build)
+    engine = AsyncEngine(EngineArgs(model=str(checkpoint), kv_cache_memory="16MiB", max_model_len=128),
+                         build=slow_build)
     with TestClient(create_app(engine, ["tiny"])) as client:
         response = client.get("/health")
         assert response.status_code == 503 and response.json()["error"]["code"] == "model_loading"

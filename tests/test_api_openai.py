@@ -190,7 +190,8 @@ async def test_32_concurrent_streams_match_greedy_alone(aclient, client):
              for p in PROMPTS]
 
     async def stream(prompt):
-        chunks = await aclient.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0, stream=True)
+        chunks = await aclient.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0,
+                                                  stream=True)
         return "".join([c.choices[0].text async for c in chunks if c.choices])
 
     together = await asyncio.gather(*(stream(p) for p in PROMPTS))

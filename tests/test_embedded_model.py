@@ -25,13 +25,7 @@ NEW_TOKENS = 32
 
 @pytest.fixture(scope="module")
 def llm():
-    """float32, as HF transformers loads the GGUF, so tokens can be compared exactly."""
-    return LLM(None, dtype="float32", kv_cache_memory="256MiB", max_model_len=1024)
-
-
-@pytest.fixture(scope="module")
-def default_llm():
-    """What a user gets: the platform's default dtype (bfloat16 on CPUs with native bf16)."""
+    """The default dtype, float32 on the CPU, as HF transformers loads the GGUF."""
     return LLM(None, kv_cache_memory="256MiB", max_model_len=1024)
 
 
@@ -52,9 +46,9 @@ def test_greedy_matches_hf_on_the_gguf(llm, hf_model):
         assert_greedy_matches(out.outputs[0].token_ids, ref_tokens, ref_rows, context=prompt)
 
 
-def test_chat_answer_is_coherent(default_llm):
+def test_chat_answer_is_coherent(llm):
     params = SamplingParams(temperature=0.0, max_tokens=48)
-    out = default_llm.chat([{"role": "user", "content": "What is the capital of France?"}], params, use_tqdm=False)[0]
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}], params, use_tqdm=False)[0]
     completion = out.outputs[0]
     assert "Paris" in completion.text
     assert completion.finish_reason == "stop"

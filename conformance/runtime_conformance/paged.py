@@ -10,6 +10,7 @@ a sequence's length or writes outside ``slot_mapping`` picks up or leaves garbag
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -76,14 +77,14 @@ class PagedRun:
         for seq in range(1, num_seqs):
             self.blocks.append(self.blocks[0][:shared] + [pool.pop() for _ in range(own[seq])])
 
-        shape = backend.kv_cache_shape(num_blocks, bs, spec.num_kv_heads, spec.head_size)
-        self.default_layout = tuple(shape) == AttentionBackend.kv_cache_shape(num_blocks, bs, spec.num_kv_heads, spec.head_size)
+        default = AttentionBackend.kv_cache_shape(num_blocks, bs, spec.num_kv_heads, spec.head_size)
+        shape = tuple(backend.kv_cache_shape(num_blocks, bs, spec.num_kv_heads, spec.head_size))
+        self.default_layout = shape == default
         start = torch.randn(shape, generator=self.generator).to(spec.dtype)
         self.cache = start.to(device)
-        # The reference keeps its own cache in the default layout; with the same starting
-        # values when the backend's layout is the default, so the two can be compared slot by slot.
-        ref_shape = AttentionBackend.kv_cache_shape(num_blocks, bs, spec.num_kv_heads, spec.head_size)
-        self.ref_cache = start.clone() if self.default_layout else torch.randn(ref_shape, generator=self.generator).to(spec.dtype)
+        # The reference keeps its own cache in the default layout: with the same starting values
+        # when the backend's layout is the default too, so the two can be compared slot by slot.
+        self.ref_cache = start.clone() if self.default_layout else torch.randn(default, generator=self.generator).to(spec.dtype)
 
     def describe(self, seq: int, cached: int, new: int) -> str:
         blocks = math.ceil((cached + new) / self.spec.block_size)
@@ -115,9 +116,9 @@ class PagedRun:
 
     def _on_device(self, meta: AttentionMetadata) -> AttentionMetadata:
         d = self.device
-        return AttentionMetadata(meta.query_start_loc.to(d), meta.seq_lens.to(d), meta.block_table.to(d),
-                                 meta.slot_mapping.to(d), meta.max_query_len, meta.max_seq_len,
-                                 list(meta.query_start_loc_cpu), list(meta.seq_lens_cpu))
+        return dataclasses.replace(meta, query_start_loc=meta.query_start_loc.to(d), seq_lens=meta.seq_lens.to(d),
+                                   block_table=meta.block_table.to(d), slot_mapping=meta.slot_mapping.to(d),
+                                   query_start_loc_cpu=list(meta.query_start_loc_cpu), seq_lens_cpu=list(meta.seq_lens_cpu))
 
     def run(self, backend: AttentionBackend, check_cache: bool = False) -> None:
         """Every step through ``backend`` and the reference; AssertionError at the first step that differs.

@@ -84,10 +84,11 @@ class _Recorder:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self.report.record(report)
 
+    # target_for, not the stash: under pytest-xdist this process never collected, so it has not discovered yet.
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        self.report.write(self.config.stash.get(TARGET, None))
+        self.report.write(target_for(self.config))
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         terminalreporter.write_sep("=", "runtime-conformance summary")
-        terminalreporter.write_line(self.report.markdown(self.config.stash.get(TARGET, None)))
+        terminalreporter.write_line(self.report.markdown(target_for(self.config)))
         terminalreporter.write_line(f"report written to {self.report.path}")

@@ -95,10 +95,15 @@ class Report:
     def counts(self) -> Counter:
         return Counter(check.outcome for check in self.checks.values())
 
+    def passed(self) -> bool:
+        """Nothing failed and something passed: a run that checked nothing proves nothing."""
+        counts = self.counts()
+        return not counts["fail"] and counts["pass"] > 0
+
     def write(self, target: Target | None) -> None:
         counts = self.counts()
         data = {**self.header(target),
-                "result": "fail" if counts["fail"] or not counts["pass"] else "pass",
+                "result": "pass" if self.passed() else "fail",
                 "summary": {"pass": counts["pass"], "fail": counts["fail"], "skip": counts["skip"]},
                 "checks": [asdict(c) for c in self.checks.values()]}
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,10 +114,11 @@ class Report:
         head = self.header(target)
         plugin, device = head["plugin"], head["device"]
         counts = self.counts()
-        verdict = "FAILED" if counts["fail"] or not counts["pass"] else "PASSED"
-        lines = [f"**runtime-conformance {__version__}: platform `{self.platform_name}` {verdict}** "
-                 f"({plugin['distribution']} {plugin['version']}, contract {head['contract_version']} "
-                 f"[plugin supports {plugin['contract']}], device: {device['name'] if device else 'none'})", "",
+        verdict = "PASSED" if self.passed() else "FAILED"
+        about = (f"{plugin['distribution']} {plugin['version']}, contract {head['contract_version']} "
+                 f"[plugin supports {plugin['contract']}], device: {device['name']}" if device
+                 else f"contract {head['contract_version']}; platform not loaded: {head['problem']}")
+        lines = [f"**runtime-conformance {__version__}: platform `{self.platform_name}` {verdict}** ({about})", "",
                  "| area | pass | fail | skip |", "| --- | ---: | ---: | ---: |"]
         families = sorted({c.family for c in self.checks.values()},
                           key=lambda f: FAMILIES.index(f) if f in FAMILIES else len(FAMILIES))

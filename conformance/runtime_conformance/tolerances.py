@@ -22,14 +22,16 @@ class Tolerance:
     rtol: float
     logprob: float
     """End to end: how far a generated token's logprob may be from the reference's, and how
-    close the reference's top two must be for a different greedy choice to count as a tie."""
+    close the reference's top two must be for a different greedy choice to count as a tie.
+    Two to three times the largest difference a correct platform shows on the tiny model (float16 0.03,
+    bfloat16 0.17 with the CPU platform); a semantic bug moves logprobs by whole units."""
 
 
 TOLERANCES: dict[torch.dtype, Tolerance] = {
     torch.float64: Tolerance(atol=1e-10, rtol=1e-10, logprob=1e-6),
     torch.float32: Tolerance(atol=1e-4, rtol=1e-4, logprob=1e-3),
-    torch.float16: Tolerance(atol=2e-3, rtol=2e-3, logprob=5e-2),
-    torch.bfloat16: Tolerance(atol=1.6e-2, rtol=1.6e-2, logprob=2e-1),
+    torch.float16: Tolerance(atol=2e-3, rtol=2e-3, logprob=8e-2),
+    torch.bfloat16: Tolerance(atol=1.6e-2, rtol=1.6e-2, logprob=3.5e-1),
 }
 
 

@@ -10,7 +10,6 @@ step's outputs back with one ``loop.call_soon_threadsafe`` into per-request asyn
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import threading
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from .chat import load_chat_template
 from .core import EngineCore
 from .output_processor import OutputProcessor, child_id
 from .outputs import CompletionOutput, RequestOutput
+from .submit import submit
 
 logger = logging.getLogger("runtime")
 
@@ -36,33 +36,6 @@ class EngineDeadError(RuntimeError):
 
 class QueueFullError(RuntimeError):
     """The waiting queue holds ``max_queue_len`` requests already."""
-
-
-def sample_params(params: SamplingParams, index: int) -> SamplingParams:
-    """The params of sample ``index`` of an n-sample request, as the core sees it.
-
-    Each sample is its own core request with n=1; a seeded request's samples get seeds
-    ``seed + index`` so they differ from each other yet the whole request stays reproducible.
-    """
-    if params.n == 1:
-        return params
-    seed = None if params.seed is None else params.seed + index
-    return dataclasses.replace(params, n=1, seed=seed)
-
-
-def submit(core: EngineCore, processor: OutputProcessor, request_id: str, prompt: Optional[str],
-           prompt_token_ids: list[int], params: SamplingParams, priority: int = 0) -> None:
-    """Track a request in ``processor`` and queue its n samples in ``core``: all or none.
-
-    Raises ValueError (from the core) when the request cannot run, leaving nothing behind.
-    """
-    child_ids = processor.add_request(request_id, prompt, prompt_token_ids, params)
-    try:
-        for index, cid in enumerate(child_ids):
-            core.add_request(cid, prompt_token_ids, sample_params(params, index), priority=priority)
-    except ValueError:
-        core.abort_requests(processor.abort(request_id))
-        raise
 
 
 @dataclass
@@ -194,10 +167,6 @@ class AsyncEngine:
     def vocab_size(self) -> int:
         return self._require_core().runner.settings.vocab_size
 
-    @property
-    def max_num_seqs(self) -> int:
-        return self.args.max_num_seqs
-
     def stats(self) -> dict[str, float]:
         """The core's counters as of its last step (running, waiting, KV usage, prefix cache, preemptions)."""
         return self._stats
@@ -213,7 +182,8 @@ class AsyncEngine:
         """
         self._require_core()
         if self.max_queue_len is not None and self.num_waiting >= self.max_queue_len:
-            raise QueueFullError(f"{self.num_waiting} requests are waiting already (--max-queue-len {self.max_queue_len})")
+            raise QueueFullError(f"{self.num_waiting} requests are waiting already "
+                                 f"(--max-queue-len {self.max_queue_len})")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = RequestStream(self, request_id, asyncio.get_running_loop())
@@ -253,8 +223,7 @@ class AsyncEngine:
             processor = OutputProcessor(self.tokenizer)
             self._stats = core.stats()
             self.core = core
-        except BaseException as exc:  # noqa: BLE001  (any failure to load is reported, not raised in a thread)
-            logger.error("the engine failed to load: %s", exc)
+        except BaseException as exc:  # noqa: BLE001  (reported through wait_ready and state, not raised in a thread)
             self._die(exc)
             self._ready.set()
             return
@@ -302,8 +271,8 @@ class AsyncEngine:
                 changed = {out.request_id for out in core_outputs}
                 outputs = [_step_delta(result, changed) for result in results]
             self._stats = core.stats()
-            self._dispatch([(self._loops[o.request_id], o.request_id, o) for o in outputs if o.request_id in self._loops]
-                           + failed)
+            self._dispatch([(self._loops[o.request_id], o.request_id, o) for o in outputs
+                            if o.request_id in self._loops] + failed)
             for out in outputs:
                 if out.finished:
                     self._loops.pop(out.request_id, None)

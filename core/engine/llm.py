@@ -13,6 +13,7 @@ from .chat import load_chat_template, render_chat
 from .core import EngineCore
 from .output_processor import OutputProcessor
 from .outputs import RequestOutput
+from .submit import submit
 
 PromptType = Union[str, list[int], dict[str, Any]]
 
@@ -88,16 +89,11 @@ class LLM:
         order: list[str] = []
         for i, ((text, token_ids), p) in enumerate(zip(encoded, params)):
             rid = str(next(self._ids))
-            child_ids = self.processor.add_request(rid, text, token_ids, p)
-            for index, cid in enumerate(child_ids):
-                child_params = p
-                if p.n > 1 and p.seed is not None:
-                    child_params = SamplingParams(**{**p.__dict__, "n": 1, "seed": p.seed + index})
-                try:
-                    self.engine.add_request(cid, token_ids, child_params, priority=priority[i] if priority else 0)
-                except ValueError:
-                    self._abort_all(order + [rid])
-                    raise
+            try:
+                submit(self.engine, self.processor, rid, text, token_ids, p, priority[i] if priority else 0)
+            except ValueError:
+                self._abort_all(order)
+                raise
             order.append(rid)
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(order), desc="Processed prompts", disable=not use_tqdm)

@@ -39,25 +39,18 @@ def pytest_generate_tests(metafunc):
     parametrize(metafunc, makers[metafunc.function.__name__])
 
 
-def _usable(target):
-    """Backends whose checks can run; the others become one "unsupported" case each."""
+def _each_backend(target, cases_of):
+    """``cases_of(backend, platform)`` for each backend the suite can check; one "unsupported" case for each other."""
+    if not target.backends:
+        yield unsupported("none", "no attention backend registered")
     for backend in target.backends:
         if not dtypes(backend, target.platform):
-            yield backend, unsupported(backend.name, f"{backend.name} declares no dtype the platform supports")
+            yield unsupported(backend.name, f"{backend.name} declares no dtype the platform supports")
         elif not backend.supports_multi_query:
-            yield backend, unsupported(backend.name, f"{backend.name} takes one query token per sequence; the suite "
-                                                     "fills caches with multi-token steps")
+            yield unsupported(backend.name, f"{backend.name} takes one query token per sequence; the suite fills "
+                                            "caches with multi-token steps")
         else:
-            yield backend, None
-
-
-def _each_backend(target, cases_of):
-    found = False
-    for backend, skipped in _usable(target):
-        found = True
-        yield from [skipped] if skipped else cases_of(backend, target.platform)
-    if not found:
-        yield unsupported("none", "no attention backend registered")
+            yield from cases_of(backend, target.platform)
 
 
 def _scenarios(target):

@@ -7,7 +7,6 @@ import math
 import re
 
 import pytest
-import torch
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 

@@ -24,17 +24,6 @@ def _meminfo() -> tuple[int, int]:
         return total // 2, total
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 class CpuPlatform(Platform):
     name = "cpu"
     device_type = "cpu"
@@ -62,10 +51,10 @@ class CpuPlatform(Platform):
         return _meminfo()
 
     def default_dtype(self) -> torch.dtype:
-        # Decoding is memory-bound: bf16 weights halve the bytes per token, and CPUs with native
-        # bf16 dot products (AVX512-BF16, AMX) multiply them at full speed. Elsewhere bf16 is
-        # emulated and slower than float32.
-        return torch.bfloat16 if _cpu_flags() & {"avx512_bf16", "amx_bf16"} else torch.float32
+        # float32, as llama.cpp computes on the CPU: bfloat16 is faster where the CPU has native bf16
+        # dot products (--dtype bfloat16), but it flips near-tied greedy choices of small quantized
+        # models (the embedded SmolLM2 stops answering "Paris").
+        return torch.float32
 
     def check_and_update_config(self, config: PlatformConfig) -> None:
         super().check_and_update_config(config)

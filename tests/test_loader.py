@@ -19,7 +19,7 @@ from tiny_models import ARCHITECTURES, CHAT_TEMPLATE, EOS_ID, IM_END_ID, make_ti
 from runtime.loader import embedded_model_path, open_model
 from runtime.loader.gguf import build_config, hf_name, tokenizer_cache_root, unpermute_rows
 from runtime.platform import RawQuantizedTensor
-from runtime_cpu.quant import GgufDequantizeMethod
+from runtime_cpu.quant import CpuGgufMethod as GgufDequantizeMethod
 
 METHOD = GgufDequantizeMethod()
 

@@ -96,7 +96,7 @@ def test_selection_prefers_priority_and_honours_device(plugin_path):
         registry = Registry()
     assert registry.select_platform().name == "fake"
     assert registry.select_platform("cpu").name == "cpu"
-    with pytest.raises(ValueError, match="unknown --device 'tpu'.*installed platforms are cpu, fake"):
+    with pytest.raises(ValueError, match="unknown --device 'tpu'.*installed platforms are cpu, (cuda, )?fake"):
         registry.select_platform("tpu")
 
 

@@ -5,8 +5,9 @@ The body is the OpenAI ``/v1/completions`` protocol plus the extras vLLM's bench
 server generates the requested length, and ``stream_options`` with ``include_usage`` (the
 final usage chunk) and ``continuous_usage_stats`` (a running usage in every chunk, which tells
 how many tokens each chunk carries). Servers that do not know an extra ignore it; without
-running usage each content chunk counts as one token, as llama.cpp streams them, and a final
-usage, when one comes, corrects the total.
+running usage each chunk counts as one token unless it only closes the stream (no text, a
+finish reason), as llama-cpp-python streams one chunk per token (but one chunk for the tokens
+of one multi-byte character), and a final usage, when one comes, corrects the total.
 """
 
 from __future__ import annotations
@@ -37,14 +38,18 @@ def completion_body(model: str, request: BenchRequest, ignore_eos: bool, tempera
     return body
 
 
-def _chunk_tokens(chunk: dict[str, Any], seen: int) -> tuple[Optional[int], str]:
-    """(new tokens, new text) in one SSE chunk, given ``seen`` tokens so far; tokens is None
-    when the chunk has no running usage to count them by."""
-    text = "".join(c.get("text") or "" for c in chunk.get("choices") or [])
+def _chunk_tokens(chunk: dict[str, Any], seen: int) -> tuple[int, str, bool]:
+    """(new tokens, new text, whether running usage counted them) in one SSE chunk, given
+    ``seen`` tokens so far."""
+    choices = chunk.get("choices") or []
+    text = "".join(c.get("text") or "" for c in choices)
     usage = chunk.get("usage")
-    if usage and chunk.get("choices"):
-        return usage["completion_tokens"] - seen, text
-    return None, text
+    if usage and choices:
+        return usage["completion_tokens"] - seen, text, True
+    # One token a chunk, except a chunk that only closes the stream. A server that holds back a
+    # token whose character is incomplete and sends it with the next one is undercounted by one.
+    closing = any(c.get("finish_reason") for c in choices)
+    return (1 if choices and (text or not closing) else 0), text, False
 
 
 async def stream_completion(client: httpx.AsyncClient, url: str, body: dict[str, Any],
@@ -71,10 +76,8 @@ async def stream_completion(client: httpx.AsyncClient, url: str, body: dict[str,
                 if "error" in chunk:
                     record.error = f"error event: {chunk['error']}"
                     return record
-                tokens, text = _chunk_tokens(chunk, record.output_tokens)
-                running_usage = running_usage or tokens is not None
-                if tokens is None:
-                    tokens = 1 if text else 0
+                tokens, text, counted = _chunk_tokens(chunk, record.output_tokens)
+                running_usage = running_usage or counted
                 texts.append(text)
                 if chunk.get("usage") and not chunk.get("choices"):
                     record.usage = chunk["usage"]

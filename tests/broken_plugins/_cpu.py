@@ -8,7 +8,7 @@ import runtime_cpu.plugin as cpu
 from runtime.platform import Kernel, hookimpl
 from runtime_cpu.attention import CpuAttentionBackend
 from runtime_cpu.platform import CpuPlatform
-from runtime_cpu.quant import GgufDequantizeMethod
+from runtime_cpu.quant import CpuGgufMethod as GgufDequantizeMethod
 
 
 def _serving(cls: type, platform: str) -> type:

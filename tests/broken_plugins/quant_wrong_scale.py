@@ -6,7 +6,7 @@ can find it.
 
 import numpy as np
 import torch
-from runtime_cpu.quant import GgufDequantizeMethod
+from runtime_cpu.quant import CpuGgufMethod as GgufDequantizeMethod
 
 from ._cpu import cpu_plugin
 

@@ -4,34 +4,8 @@ A dense matmul on dequantized weights is what PyTorch's CPU kernels are fastest 
 small models this platform serves; packed-block kernels would save memory, not time.
 """
 
-from __future__ import annotations
-
-import numpy as np
-import torch
-from gguf import GGMLQuantizationType
-from gguf.quants import dequantize
-
-from runtime.platform import QuantizationMethod, RawQuantizedTensor
+from runtime.platform.gguf_dequantize import GgufDequantizeMethod
 
 
-class GgufDequantizeMethod(QuantizationMethod):
-    """Dequantize-on-load for GGUF tensors; ``apply`` is the default dense ``F.linear``."""
-
-    name = "gguf"
+class CpuGgufMethod(GgufDequantizeMethod):
     platform = "cpu"
-    supported_qtypes = frozenset({"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"})
-
-    def dequantize(self, raw: RawQuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
-        """The dense ``raw.shape`` tensor in ``dtype``; ``ValueError`` for an unsupported qtype.
-
-        ``raw.data`` is the tensor as ``gguf.GGUFReader`` exposes it: rows of block bytes for
-        quantized types, a typed array for float types.
-        """
-        if raw.qtype not in self.supported_qtypes:
-            supported = ", ".join(sorted(self.supported_qtypes))
-            raise ValueError(f"GGUF tensor type {raw.qtype} is not supported on cpu; supported types: {supported}")
-        values = dequantize(np.asarray(raw.data), GGMLQuantizationType[raw.qtype]).reshape(raw.shape)
-        # F32 comes back as a view of the read-only file mapping; torch needs memory it may own.
-        if not values.flags.writeable:
-            values = values.copy()
-        return torch.from_numpy(values).to(dtype)

@@ -1,0 +1,73 @@
+"""The CUDA platform: NVIDIA GPUs through torch's CUDA build, kernels written in Triton."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from runtime.platform import Platform, PlatformConfig
+
+
+def triton_importable() -> bool:
+    """Whether triton is installed, without importing it (an import costs time and may fail loudly)."""
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+class CudaPlatform(Platform):
+    name = "cuda"
+    device_type = "cuda"
+    priority = 100
+    dist_backend = "nccl"
+    supported_dtypes = (torch.bfloat16, torch.float16, torch.float32)
+
+    # Until the engine measures a forward pass (a later step), this much stays free for activations,
+    # the sampler's [batch, vocab] buffers and cuBLAS workspaces.
+    ACTIVATION_RESERVE = 1 << 30
+
+    @classmethod
+    def is_available(cls) -> bool:
+        try:
+            return bool(torch.cuda.is_available()) and triton_importable()
+        except Exception:  # a broken driver must read as "not available", never as a crash
+            return False
+
+    def device_count(self) -> int:
+        return torch.cuda.device_count()
+
+    def device_name(self, index: int = 0) -> str:
+        return torch.cuda.get_device_name(index)
+
+    def memory_info(self, index: int = 0) -> tuple[int, int]:
+        free, total = torch.cuda.mem_get_info(index)
+        return int(free), int(total)
+
+    def default_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def check_and_update_config(self, config: PlatformConfig) -> None:
+        super().check_and_update_config(config)
+        if config.dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"{self.device_name()} has no bfloat16; use --dtype float16")
+        if config.kv_cache_dtype != "auto":
+            raise ValueError(f"--kv-cache-dtype {config.kv_cache_dtype} is not supported on cuda yet; use auto")
+
+    def kv_cache_memory(self, requested_bytes: int | None, gpu_memory_utilization: float, weight_bytes: int) -> int:
+        """``gpu_memory_utilization`` of the whole device, less what others hold, the weights and a reserve.
+
+        Memory torch's caching allocator holds counts as ours (it is reused), so the answer does
+        not depend on whether the weights are already loaded when the engine asks.
+        """
+        if requested_bytes is not None:
+            return requested_bytes
+        index = torch.cuda.current_device()
+        free, total = self.memory_info(index)
+        held_by_others = total - free - torch.cuda.memory_reserved(index)
+        budget = int(total * gpu_memory_utilization) - held_by_others - weight_bytes - self.ACTIVATION_RESERVE
+        return max(0, budget)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()

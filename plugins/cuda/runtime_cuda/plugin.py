@@ -1,0 +1,49 @@
+"""Entry point of the CUDA plugin (group ``runtime.platforms``, name ``cuda``).
+
+The platform itself imports torch alone and reports itself unavailable on a machine without a
+GPU (or without triton). The attention backend and kernels are Triton code: they are imported and
+registered only where the platform is available, so a CPU-only machine with this plugin
+installed never pays for importing triton.
+"""
+
+from runtime.platform import hookimpl
+
+from .communicator import NcclCommunicator
+from .platform import CudaPlatform
+
+RUNTIME_CONTRACT = ">=1.0,<2"
+
+
+@hookimpl
+def runtime_platforms():
+    return [CudaPlatform]
+
+
+@hookimpl
+def runtime_attention_backends():
+    if not CudaPlatform.is_available():
+        return []
+    from .attention import TritonAttentionBackend
+
+    return [TritonAttentionBackend]
+
+
+@hookimpl
+def runtime_kernels():
+    if not CudaPlatform.is_available():
+        return []
+    from .kernels import KERNELS
+
+    return KERNELS
+
+
+@hookimpl
+def runtime_communicators():
+    return [NcclCommunicator]
+
+
+@hookimpl
+def runtime_quantization_methods():
+    from .quant import CudaGgufMethod
+
+    return [CudaGgufMethod]

@@ -1,0 +1,250 @@
+"""Triton kernels of the unified paged attention, and the functions that launch them.
+
+One kernel serves every phase. A program owns one *query block* (up to ``BLOCK_M`` rows =
+``block_q`` query tokens of one sequence x the ``group`` query heads that share one KV head)
+and walks that sequence's keys ``TILE_N`` at a time through the block table, with the online
+(flash) softmax. Packing a KV head's query heads into the rows means each K/V tile is read once
+for the whole group: decode under GQA is one matrix product per tile, not ``group`` vector ones.
+
+Programs find their sequence on the device (a binary search over ``query_start_loc``), so a
+launch needs only host-known sizes (tokens, sequences): no device-to-host sync, and the same
+launch can later be captured in a CUDA graph.
+
+Split-K (flash-decoding): with few sequences and long contexts the grid above leaves most
+multiprocessors idle, so the key range of each query block is cut into ``num_splits`` slices,
+each program writes its partial (max, sum, weighted values) to a float32 workspace, and a second
+kernel merges the slices.
+
+Cache layout is the contract's default, ``[2 (K, V), blocks, block_size, kv_heads, head_size]``;
+every address goes through the cache's strides.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # scores go through exp2
+
+
+@triton.jit
+def tanh(x):
+    # From exp2, which every Triton backend and the interpreter have, of -2|x| so it never overflows.
+    e = tl.exp2(tl.abs(x) * (-2.0 * LOG2E))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def store_kv_kernel(key_ptr, value_ptr, cache_ptr, slot_ptr,
+                    num_kv_heads, head_size, block_size,
+                    stride_kt, stride_kh, stride_vt, stride_vh,
+                    stride_ckv, stride_cb, stride_co, stride_ch,
+                    HEADS_PAD: tl.constexpr, HEAD_PAD: tl.constexpr):
+    """One program per new token: its K and V (all KV heads) into the cache slot it maps to.
+
+    A negative slot (a padding token of a fixed-shape batch) writes nothing.
+    """
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + token)
+    heads = tl.arange(0, HEADS_PAD)[:, None]
+    dims = tl.arange(0, HEAD_PAD)[None, :]
+    mask = (heads < num_kv_heads) & (dims < head_size) & (slot >= 0)
+    slot = tl.maximum(slot, 0)
+    dest = cache_ptr + (slot // block_size) * stride_cb + (slot % block_size) * stride_co + heads * stride_ch + dims
+    k = tl.load(key_ptr + token * stride_kt + heads * stride_kh + dims, mask=mask)
+    v = tl.load(value_ptr + token * stride_vt + heads * stride_vh + dims, mask=mask)
+    tl.store(dest, k.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(dest + stride_ckv, v.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+# Sizes that vary from step to step or model to model are not specialised on (Triton would
+# compile a variant per value that is 1 or a multiple of 16): one compile serves them all.
+@triton.jit(do_not_specialize=["num_seqs", "search_steps", "group", "block_q", "block_size", "window"])
+def unified_attention_kernel(
+        out_ptr, partial_ptr, stats_ptr,
+        q_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, query_start_ptr,
+        num_seqs, search_steps, group, block_q, block_size,
+        scale, window, soft_cap,
+        stride_qt, stride_qh, stride_ot, stride_oh,
+        stride_ckv, stride_cb, stride_co, stride_ch, stride_bt,
+        HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
+        USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr, SPLIT: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """Grid: (query blocks (an upper bound), kv heads, splits). See the module docstring."""
+    q_block = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+
+    # Sequence i's query blocks are numbered from query_start[i] // block_q + i: monotone in i and
+    # never overlapping, so the owner is the last sequence whose first number is <= q_block.
+    lo = 0
+    hi = num_seqs - 1
+    for _ in range(search_steps):
+        mid = (lo + hi + 1) // 2
+        owns = tl.load(query_start_ptr + mid) // block_q + mid <= q_block
+        lo = tl.where(owns, mid, lo)
+        hi = tl.where(owns, hi, mid - 1)
+    seq = lo
+
+    q_start = tl.load(query_start_ptr + seq)
+    q_len = tl.load(query_start_ptr + seq + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context = seq_len - q_len
+    first_q = (q_block - (q_start // block_q + seq)) * block_q
+    last_q = tl.minimum(first_q + block_q, q_len) - 1  # < first_q: past this sequence's tokens, nothing to do
+
+    rows = tl.arange(0, BLOCK_M)
+    q_tok = first_q + rows // group
+    head = kv_head * group + rows % group
+    row_ok = (rows < block_q * group) & (q_tok <= last_q)
+    q_pos = context + q_tok
+    dims = tl.arange(0, HEAD_PAD)
+    if HEAD == HEAD_PAD:  # the common case: no feature masks, so loads stay 16 bytes wide
+        dim_ok = tl.full([HEAD_PAD], 1, tl.int1)
+    else:
+        dim_ok = dims < HEAD
+    token = (q_start + q_tok).to(tl.int64)
+    q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+
+    # Keys this block can see: up to its last query's position; with a window, from the first
+    # query's window start. Then this split's share of that range.
+    kv_hi = tl.where(first_q <= last_q, context + last_q + 1, 0)
+    kv_lo = 0
+    if USE_WINDOW:
+        kv_lo = tl.maximum(context + first_q - window + 1, 0)
+    if SPLIT:
+        share = tl.cdiv(tl.cdiv(tl.maximum(kv_hi - kv_lo, 0), num_splits), TILE_N) * TILE_N
+        kv_lo = kv_lo + split * share
+        kv_hi = tl.minimum(kv_hi, kv_lo + share)
+
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 domain
+    l = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+    table = block_table_ptr + seq.to(tl.int64) * stride_bt
+    kv_base = cache_ptr + kv_head * stride_ch
+    for start in range(kv_lo, kv_hi, TILE_N):
+        pos = start + tl.arange(0, TILE_N)
+        pos_ok = pos < kv_hi
+        block = tl.load(table + pos // block_size, mask=pos_ok, other=0).to(tl.int64)
+        slot = block * stride_cb + (pos % block_size) * stride_co
+        k = tl.load(kv_base + slot[None, :] + dims[:, None], mask=pos_ok[None, :] & dim_ok[:, None], other=0.0)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale
+        if USE_SOFT_CAP:
+            s = soft_cap * tanh(s / soft_cap)
+        visible = (pos[None, :] <= q_pos[:, None]) & pos_ok[None, :]
+        if USE_WINDOW:
+            visible = visible & (pos[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s * LOG2E, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        # A row that has seen no visible key yet keeps m = -inf; shift it by 0 instead of inf - inf.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_shift[:, None])
+        alpha = tl.exp2(m - m_shift)
+        l = l * alpha + tl.sum(p, 1)
+        v = tl.load(kv_base + stride_ckv + slot[:, None] + dims[None, :], mask=pos_ok[:, None] & dim_ok[None, :],
+                    other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m = m_new
+
+    if SPLIT:
+        num_heads = tl.num_programs(1) * group
+        index = (token * num_heads + head) * num_splits + split
+        tl.store(stats_ptr + index * 2, m, mask=row_ok)
+        tl.store(stats_ptr + index * 2 + 1, l, mask=row_ok)
+        tl.store(partial_ptr + index[:, None] * HEAD_PAD + dims[None, :], acc, mask=row_ok[:, None])
+    else:
+        out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+        tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit
+def merge_splits_kernel(out_ptr, partial_ptr, stats_ptr, num_splits, head_size, stride_ot, stride_oh,
+                        SPLITS_PAD: tl.constexpr, HEAD_PAD: tl.constexpr):
+    """One program per (token, head): rescale each split's partial sums to the common max and add."""
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_PAD)
+    split_ok = splits < num_splits
+    index = (token * tl.num_programs(1) + head) * num_splits + splits
+    m = tl.load(stats_ptr + index * 2, mask=split_ok, other=float("-inf"))
+    l = tl.load(stats_ptr + index * 2 + 1, mask=split_ok, other=0.0)
+    weight = tl.exp2(m - tl.max(m, 0))  # a split that saw no key has m = -inf: weight 0
+    dims = tl.arange(0, HEAD_PAD)
+    acc = tl.load(partial_ptr + index[:, None] * HEAD_PAD + dims[None, :], mask=split_ok[:, None], other=0.0)
+    out = tl.sum(acc * weight[:, None], 0) / tl.sum(l * weight, 0)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty),
+             mask=dims < head_size)
+
+
+def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write key/value [T, Hkv, D] (any row and head strides) at ``slot_mapping`` [T] of the cache."""
+    tokens, kv_heads, head_size = key.shape
+    if tokens == 0:
+        return
+    key, value = _unit_last_stride(key), _unit_last_stride(value)
+    store_kv_kernel[(tokens,)](
+        key, value, kv_cache, slot_mapping, kv_heads, head_size, kv_cache.shape[2],
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        HEADS_PAD=triton.next_power_of_2(kv_heads), HEAD_PAD=triton.next_power_of_2(head_size))
+
+
+def unified_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, query_start_loc: torch.Tensor,
+                      seq_lens: torch.Tensor, block_table: torch.Tensor, num_seqs: int, *, scale: float,
+                      sliding_window: int | None, soft_cap: float | None, block_m: int, tile_n: int,
+                      num_splits: int = 1, workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """Attention of query [T, H, D] over the cache (its new K/V already stored) into ``out`` [T, H, D].
+
+    ``block_m`` rows per program (a power of two >= 16 and >= the GQA group), ``tile_n`` keys per
+    step; ``num_splits`` > 1 takes the split-K path with ``workspace`` from :func:`split_workspace`.
+    Every size comes from the host: nothing here waits for the device.
+    """
+    tokens, num_heads, head_size = query.shape
+    kv_heads = kv_cache.shape[3]
+    group = num_heads // kv_heads
+    block_q = block_m // group
+    head_pad = padded_head_size(head_size)
+    query = _unit_last_stride(query)
+    split = num_splits > 1
+    partial, stats = workspace if split else (out, out)
+    grid = (tokens // block_q + num_seqs, kv_heads, num_splits)
+    unified_attention_kernel[grid](
+        out, partial, stats, query, kv_cache, block_table, seq_lens, query_start_loc,
+        num_seqs, num_seqs.bit_length(), group, block_q, kv_cache.shape[2],
+        scale, sliding_window or 0, soft_cap or 0.0,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_table.stride(0),
+        HEAD=head_size, HEAD_PAD=head_pad, BLOCK_M=block_m, TILE_N=tile_n,
+        USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=soft_cap is not None, SPLIT=split,
+        # float32 must not silently become TF32 in the matrix units.
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages)
+    if split:
+        merge_splits_kernel[(tokens, num_heads)](
+            out, partial, stats, num_splits, head_size, out.stride(0), out.stride(1),
+            SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_PAD=head_pad)
+    return out
+
+
+def split_workspace(tokens: int, num_heads: int, head_size: int, num_splits: int,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (partial sums [T, H, splits, D_pad], (max, sum) [T, H, splits, 2]) for the split-K path."""
+    partial = torch.empty(tokens, num_heads, num_splits, padded_head_size(head_size), dtype=torch.float32, device=device)
+    stats = torch.empty(tokens, num_heads, num_splits, 2, dtype=torch.float32, device=device)
+    return partial, stats
+
+
+def padded_head_size(head_size: int) -> int:
+    # tl.dot needs every dimension >= 16 and a power of two; padded lanes are masked to zero.
+    return max(16, triton.next_power_of_2(head_size))
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any outer strides but need each head's features contiguous."""
+    return t if t.stride(-1) == 1 else t.contiguous()

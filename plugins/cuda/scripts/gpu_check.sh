@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU checks of runtime-cuda, on a machine with an NVIDIA GPU and the packages installed.
+#   tests:     the plugin's tests, kernels and attention compiled for the GPU, then end to end
+#              (the conformance suite on `cuda`; tiny models and the embedded GGUF against `cpu`)
+#   attention: the attention kernel benchmark
+#   decode:    the Llama-3-8B-shaped decode benchmark (writes a ~16 GB random checkpoint to MODEL_DIR)
+# Usage: plugins/cuda/scripts/gpu_check.sh [STAGE...]   (default: all three). Results go to $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/../../.."
+PY=${PYTHON:-python3}
+OUT=${OUT:-gpu-results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 RUNTIME_CUDA_CONFORMANCE_REPORT="$OUT/conformance-cuda.json"
+stages=("$@")
+[ $# -gt 0 ] || stages=(tests attention decode)
+for stage in "${stages[@]}"; do
+  case $stage in
+    tests) timeout "${TEST_TIMEOUT:-420}" "$PY" -m pytest plugins/cuda/tests -p no:cacheprovider -rs -v --durations=15 \
+             2>&1 | tee "$OUT/tests.log" ;;
+    attention) timeout 90 "$PY" plugins/cuda/benchmarks/attention_kernel.py --json "$OUT/attention.json" \
+             2>&1 | tee -a "$OUT/bench.log" ;;
+    decode) timeout 300 "$PY" plugins/cuda/benchmarks/decode_llama8b.py --dir "${MODEL_DIR:-/tmp/llama8b}" \
+             --json "$OUT/decode.json" 2>&1 | tee -a "$OUT/bench.log" ;;
+    *) echo "unknown stage $stage (tests, attention, decode)"; exit 2 ;;
+  esac
+done

@@ -1,0 +1,191 @@
+"""The unified Triton attention against the core's reference paged attention (float64 math).
+
+Each case is one engine step over a cache whose blocks are shuffled and whose other slots hold
+random values: a kernel that reads past a sequence, assumes contiguous blocks or writes
+outside ``slot_mapping`` picks up or leaves garbage. Shapes are tiny so the interpreter runs
+them on the CPU; the same cases run compiled on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from runtime.platform import AttentionMetadata, AttentionSpec
+from runtime.platform.reference.attention import paged_attention
+
+triton_attention = pytest.importorskip("runtime_cuda.triton_attention",
+                                       reason="needs runtime-cuda and triton (pip install -e plugins/cuda)")
+from runtime_cuda.attention import MAX_SPLITS, TritonAttentionBackend, plan_launch  # noqa: E402
+
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DTYPES = list(TOLERANCE)
+# (cached tokens, new tokens) per sequence: prefill, decode, a chunk after a cached prefix,
+# a long decode, a one-token prompt.
+MIXED = ((0, 7), (12, 1), (5, 4), (30, 1), (0, 1))
+DECODE_HEAVY = ((40, 1), (3, 1), (70, 2), (1, 1))
+
+
+@dataclass(frozen=True)
+class Case:
+    heads: int
+    kv_heads: int
+    head_size: int
+    block_size: int
+    seqs: tuple[tuple[int, int], ...] = MIXED
+    window: int | None = None
+    soft_cap: float | None = None
+    num_splits: int = 1
+    block_m: int = 16
+
+
+CASES = {
+    "mha-d16-bs4": Case(4, 4, 16, 4),
+    "gqa-d80-bs16": Case(8, 2, 80, 16, block_m=32),  # head size padded to 128, two query blocks per prefill
+    "mqa-d32-bs1": Case(4, 1, 32, 1),
+    "window5": Case(4, 2, 16, 4, window=5),
+    "window1": Case(4, 2, 16, 8, window=1),
+    "softcap5": Case(4, 2, 16, 4, soft_cap=5.0),
+    "window7-softcap5": Case(4, 2, 32, 4, window=7, soft_cap=5.0),
+    "split4": Case(8, 2, 16, 8, DECODE_HEAVY, num_splits=4),
+    "split3-window9": Case(8, 2, 16, 4, DECODE_HEAVY, window=9, num_splits=3),
+}
+
+
+class Step:
+    """One step's inputs over a random cache with shuffled blocks (block 0 is never handed out)."""
+
+    def __init__(self, case: Case, dtype: torch.dtype, device: torch.device, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        bs = case.block_size
+        own = [math.ceil((cached + new) / bs) for cached, new in case.seqs]
+        num_blocks = 1 + sum(own) + 2
+        pool = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()
+        tables = [[pool.pop() for _ in range(n)] for n in own]
+        starts, slots, lens = [0], [], []
+        for (cached, new), table in zip(case.seqs, tables):
+            starts.append(starts[-1] + new)
+            lens.append(cached + new)
+            slots += [table[p // bs] * bs + p % bs for p in range(cached, cached + new)]
+        width = max(own)
+        tokens = starts[-1]
+        self.cache = torch.randn(2, num_blocks, bs, case.kv_heads, case.head_size, generator=g).to(dtype)
+        self.query = (2 * torch.randn(tokens, case.heads, case.head_size, generator=g)).to(dtype)
+        self.key = torch.randn(tokens, case.kv_heads, case.head_size, generator=g).to(dtype)
+        self.value = torch.randn(tokens, case.kv_heads, case.head_size, generator=g).to(dtype)
+        self.meta = AttentionMetadata(
+            query_start_loc=torch.tensor(starts, dtype=torch.int32), seq_lens=torch.tensor(lens, dtype=torch.int32),
+            block_table=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64), max_query_len=max(n for _, n in case.seqs),
+            max_seq_len=max(lens), query_start_loc_cpu=starts, seq_lens_cpu=lens)
+        self.case, self.device = case, device
+
+    def reference(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, cache after the write) of the reference, on the CPU."""
+        cache = self.cache.clone()
+        c = self.case
+        out = paged_attention(self.query, self.key, self.value, cache, self.meta, c.head_size ** -0.5, c.window, c.soft_cap)
+        return out, cache
+
+    def on_device(self):
+        d = self.device
+        m = self.meta
+        meta = AttentionMetadata(m.query_start_loc.to(d), m.seq_lens.to(d), m.block_table.to(d), m.slot_mapping.to(d),
+                                 m.max_query_len, m.max_seq_len, m.query_start_loc_cpu, m.seq_lens_cpu)
+        return self.query.to(d), self.key.to(d), self.value.to(d), self.cache.to(d), meta
+
+
+def _assert_close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got.cpu(), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("name", CASES)
+def test_unified_attention_matches_reference(name, dtype, device, require_dot):
+    require_dot(dtype)
+    case = CASES[name]
+    step = Step(case, dtype, device)
+    expected, expected_cache = step.reference()
+    query, key, value, cache, meta = step.on_device()
+    triton_attention.store_kv(key, value, cache, meta.slot_mapping)
+    assert torch.equal(cache.cpu(), expected_cache), "new K/V must land exactly at slot_mapping, nothing else changes"
+    out = torch.full_like(query, float("nan"))  # every row must be written
+    workspace = None
+    if case.num_splits > 1:
+        workspace = triton_attention.split_workspace(query.shape[0], case.heads, case.head_size, case.num_splits, device)
+    triton_attention.unified_attention(
+        query, cache, out, meta.query_start_loc, meta.seq_lens, meta.block_table, len(case.seqs),
+        scale=case.head_size ** -0.5, sliding_window=case.window, soft_cap=case.soft_cap,
+        block_m=case.block_m, tile_n=16, num_splits=case.num_splits, workspace=workspace)
+    _assert_close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d).removeprefix("torch."))
+def test_backend_reads_back_what_it_wrote(dtype, device):
+    """Through the backend (its own launch plan), over two steps: a prefill, then decode and a chunk,
+    with the query and value given as strided views of one fused qkv tensor, as the model passes them."""
+    heads, kv_heads, head_size, bs = 4, 2, 32, 4
+    spec = AttentionSpec(heads, kv_heads, head_size, head_size ** -0.5, dtype, bs, sliding_window=None)
+    backend = TritonAttentionBackend(spec)
+    cache = torch.randn(2, 12, bs, kv_heads, head_size).to(dtype)
+    ref_cache = cache.clone()
+    cache = cache.to(device)
+    g = torch.Generator().manual_seed(1)
+    tables = [[5, 2, 9, 0], [7, 1, 11, 3]]  # 0: padding
+    steps = [((0, 6), (0, 9)), ((6, 1), (9, 3))]
+    for step in steps:
+        starts, lens, slots = [0], [], []
+        for (cached, new), table in zip(step, tables):
+            starts.append(starts[-1] + new)
+            lens.append(cached + new)
+            slots += [table[p // bs] * bs + p % bs for p in range(cached, cached + new)]
+        tokens = starts[-1]
+        qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_size, generator=g).to(dtype)
+        q, k, v = qkv.split([heads * head_size, kv_heads * head_size, kv_heads * head_size], dim=-1)
+        q, k, v = (t.view(tokens, -1, head_size) for t in (q, k, v))
+        meta = AttentionMetadata(torch.tensor(starts, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32),
+                                 torch.tensor(tables, dtype=torch.int32), torch.tensor(slots), max(n for _, n in step),
+                                 max(lens), starts, lens)
+        expected = paged_attention(q, k, v, ref_cache, meta, spec.scale)
+        dev_meta = AttentionMetadata(*(t.to(device) for t in (meta.query_start_loc, meta.seq_lens, meta.block_table,
+                                                               meta.slot_mapping)), meta.max_query_len, meta.max_seq_len,
+                                     starts, lens)
+        got = backend.forward(q.to(device), k.to(device), v.to(device), cache, dev_meta)
+        _assert_close(got, expected, dtype)
+
+
+def test_negative_slots_write_nothing(device):
+    """A padding token (slot -1, as fixed-shape batches will use) leaves the cache untouched."""
+    cache = torch.randn(2, 3, 4, 2, 16).to(device)
+    before = cache.clone()
+    key, value = torch.randn(2, 2, 16).to(device), torch.randn(2, 2, 16).to(device)
+    triton_attention.store_kv(key, value, cache, torch.tensor([-1, 5], device=device))
+    flat = cache.view(2, -1, 2, 16)
+    assert torch.equal(flat[0, 5], key[1]) and torch.equal(flat[1, 5], value[1])
+    flat[:, 5] = before.view(2, -1, 2, 16)[:, 5]
+    assert torch.equal(cache, before)
+
+
+def _plan(**overrides):
+    sizes = dict(num_seqs=1, max_query_len=1, max_seq_len=4096, num_heads=32, num_kv_heads=8, head_size=128,
+                 dtype=torch.bfloat16, multiprocessors=132)
+    return plan_launch(**{**sizes, **overrides})
+
+
+def test_plan_splits_only_long_decode_at_small_batch():
+    block_m, _, splits, _ = _plan()
+    assert block_m == 16 and splits == MAX_SPLITS  # 8 programs on 132 multiprocessors: split
+    assert _plan(num_seqs=64)[2] == 1  # 512 programs already fill the GPU
+    assert _plan(max_seq_len=256)[2] == 1  # too short to pay for the merge
+    assert _plan(max_query_len=512)[2] == 1  # prefill: many query blocks already
+
+
+def test_plan_rows_cover_the_group_and_fit_registers():
+    assert _plan(num_heads=64, num_kv_heads=1)[0] == 64  # MQA: all 64 query heads in one block
+    assert _plan(max_query_len=2048)[0] == 64
+    assert _plan(max_query_len=2048, head_size=256)[0] == 32
+    assert _plan(max_query_len=2048, dtype=torch.float32)[0] == 32

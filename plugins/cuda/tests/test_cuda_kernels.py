@@ -1,0 +1,104 @@
+"""The fused Triton kernels against the core's reference ops, in every dtype the platform runs.
+
+Inputs include what the model really passes: rows of several magnitudes (epsilon matters for
+the small ones), q/k as strided views of one fused qkv tensor, partial rotary, both rotary
+layouts, rows wider than one activation block.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime.platform.reference import OPS, build_cos_sin_cache
+
+kernels = pytest.importorskip("runtime_cuda.kernels",
+                              reason="needs runtime-cuda and triton (pip install -e plugins/cuda)")
+
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DTYPES = pytest.mark.parametrize("dtype", list(TOLERANCE), ids=lambda d: str(d).removeprefix("torch."))
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got.cpu(), expected, atol=tol, rtol=tol)
+
+
+def _rows(g: torch.Generator, *shape: int) -> torch.Tensor:
+    """Random rows whose magnitudes range from 1e-3 to 10."""
+    scale = 10 ** (torch.rand(*shape[:-1], 1, generator=g) * 4 - 3)
+    return torch.randn(*shape, generator=g) * scale
+
+
+@DTYPES
+@pytest.mark.parametrize("shape,eps", [((16, 64), 1e-6), ((7, 1000), 1e-5), ((5, 4, 32), 1e-6)])
+def test_rms_norm(shape, eps, dtype, device):
+    g = torch.Generator().manual_seed(0)
+    x, weight = _rows(g, *shape).to(dtype), (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(dtype)
+    _close(kernels.rms_norm(x.to(device), weight.to(device), eps), OPS["rms_norm"](x, weight, eps), dtype)
+
+
+@DTYPES
+def test_rms_norm_of_a_strided_view(dtype, device):
+    """Per-head q-norm (Qwen3) normalises a [T, H, D] view of the fused qkv output."""
+    g = torch.Generator().manual_seed(1)
+    qkv = _rows(g, 6, 3 * 64).to(dtype)
+    q = qkv[:, :128].view(6, 2, 64)
+    weight = (1 + 0.1 * torch.randn(64, generator=g)).to(dtype)
+    _close(kernels.rms_norm(qkv.to(device)[:, :128].view(6, 2, 64), weight.to(device), 1e-6),
+           OPS["rms_norm"](q, weight, 1e-6), dtype)
+
+
+@DTYPES
+@pytest.mark.parametrize("shape,eps", [((16, 64), 1e-6), ((7, 1000), 1e-5)])
+def test_fused_add_rms_norm(shape, eps, dtype, device):
+    g = torch.Generator().manual_seed(2)
+    x, residual = _rows(g, *shape).to(dtype), _rows(g, *shape).to(dtype)
+    weight = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(dtype)
+    normed, summed = kernels.fused_add_rms_norm(x.to(device), residual.to(device), weight.to(device), eps)
+    expected_normed, expected_summed = OPS["fused_add_rms_norm"](x, residual, weight, eps)
+    _close(summed, expected_summed, dtype)
+    _close(normed, expected_normed, dtype)
+
+
+@DTYPES
+@pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
+@pytest.mark.parametrize("rotary_dim", [64, 32], ids=["full", "partial"])
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 256}],
+                         ids=["default", "llama3"])
+def test_rotary_embedding(scaling, rotary_dim, is_neox, dtype, device):
+    g = torch.Generator().manual_seed(3)
+    tokens, heads, kv_heads, head_size = 13, 4, 2, 64
+    positions = torch.randint(0, 1024, (tokens,), generator=g)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_size, generator=g).to(dtype)
+    cache = build_cos_sin_cache(rotary_dim, 10000.0, 1024, scaling)
+
+    def views(t):
+        q, k, _ = t.split([heads * head_size, kv_heads * head_size, kv_heads * head_size], dim=-1)
+        return q.view(tokens, heads, head_size), k.view(tokens, kv_heads, head_size)
+
+    expected = OPS["rotary_embedding"](positions, *views(qkv), cache, is_neox)
+    got = kernels.rotary_embedding(positions.to(device), *views(qkv.to(device)), cache.to(device), is_neox)
+    _close(got[0], expected[0], dtype)
+    _close(got[1], expected[1], dtype)
+
+
+@DTYPES
+@pytest.mark.parametrize("shape", [(9, 128), (3, 5, 200), (2, 2 * 3000)], ids=["small", "3d", "multi-block"])
+def test_silu_and_mul(shape, dtype, device):
+    x = (3 * torch.randn(*shape, generator=torch.Generator().manual_seed(4))).to(dtype)
+    _close(kernels.silu_and_mul(x.to(device)), OPS["silu_and_mul"](x), dtype)
+
+
+@DTYPES
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_and_mul(approximate, dtype, device):
+    x = (3 * torch.randn(9, 2 * 200, generator=torch.Generator().manual_seed(5))).to(dtype)
+    _close(kernels.gelu_and_mul(x.to(device), approximate), OPS["gelu_and_mul"](x, approximate=approximate), dtype)
+
+
+def test_every_kernel_names_a_contract_op():
+    assert {k.op for k in kernels.KERNELS} <= set(OPS)
+    assert all(k.platform == "cuda" for k in kernels.KERNELS)

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from runtime.bench.metrics import RequestRecord, summarize
-from runtime.bench.report import load_of, save_json, serve_table
+from runtime.bench.report import key_values, load_of, save_json, serve_table
 
 
 def run(concurrency, slo=None):
@@ -44,3 +44,8 @@ def test_plot_writes_a_png(tmp_path):
     path = tmp_path / "chart.png"
     plot_serve({"a": [run(1), run(4)], "b": [run(1), run(4)]}, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_key_values_puts_a_distribution_on_one_line():
+    text = key_values({"benchmark": "latency", "prefill_latency_ms": {"mean": 12.34, "p99": 20.0}})
+    assert text.splitlines() == ["benchmark           latency", "prefill_latency_ms  mean 12.3  p99 20.0"]

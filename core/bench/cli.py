@@ -52,8 +52,7 @@ def _add_output_args(parser: argparse.ArgumentParser) -> None:
 def _engine(ns: argparse.Namespace, engine_args_from: Callable) -> Any:
     from ..engine.llm import LLM
 
-    args = dataclasses.asdict(engine_args_from(ns))
-    return LLM(**args)
+    return LLM(**dataclasses.asdict(engine_args_from(ns)))
 
 
 def _finish(ns: argparse.Namespace, result: dict[str, Any], text: str) -> int:
@@ -91,20 +90,22 @@ def _latency(ns: argparse.Namespace, engine_args_from: Callable) -> int:
 
 
 def _serve(ns: argparse.Namespace) -> int:
-    from .datasets import load_tokenizer
+    from .datasets import load_tokenizer, random_requests
     from .metrics import parse_slo
     from .report import serve_table
     from .serve import ServeConfig, run_serve, warm_up
 
     base_url = (ns.base_url or f"http://{ns.host}:{ns.port}").rstrip("/")
     tokenizer_name = ns.tokenizer or (ns.model if ns.model and Path(ns.model).expanduser().exists() else None)
-    requests = _requests(ns, load_tokenizer(tokenizer_name))
+    tokenizer = load_tokenizer(tokenizer_name)
+    requests = _requests(ns, tokenizer)
     config = ServeConfig(base_url=base_url, model=ns.model, endpoint=ns.endpoint, burstiness=ns.burstiness,
                          ignore_eos=ns.ignore_eos, temperature=ns.temperature, percentiles=ns.percentiles,
                          slo=parse_slo(ns.goodput), api_key=ns.api_key, timeout=ns.request_timeout, seed=ns.seed,
                          progress=not ns.disable_tqdm)
     if ns.num_warmups:
-        warm_up(requests, config)
+        # A prompt of its own, so no measured request finds its prefix cached by the warm-up.
+        warm_up(random_requests(tokenizer, 1, 16, 16, seed=ns.seed + 1), config)
     runs = []
     for rate in ns.request_rate:
         for concurrency in ns.max_concurrency:

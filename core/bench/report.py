@@ -63,10 +63,13 @@ def serve_table(summaries: Sequence[dict[str, Any]]) -> str:
 
 
 def key_values(result: dict[str, Any]) -> str:
-    """``key: value`` lines for a flat result (the offline benchmarks)."""
+    """``key  value`` lines for a result (the offline benchmarks); a dict value goes on one line."""
     width = max(len(k) for k in result)
-    return "\n".join(f"{k:<{width}}  {_cell(v) if not isinstance(v, dict) else json.dumps(v)}"
-                     for k, v in result.items())
+
+    def value(v: Any) -> str:
+        return "  ".join(f"{k} {_cell(x)}" for k, x in v.items()) if isinstance(v, dict) else _cell(v)
+
+    return "\n".join(f"{k:<{width}}  {value(v)}" for k, v in result.items())
 
 
 def save_json(result: Any, path: str) -> None:

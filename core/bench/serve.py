@@ -9,6 +9,7 @@ summary with the run's settings added.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import random
 import time
@@ -108,7 +109,7 @@ def warm_up(requests: Sequence[BenchRequest], config: ServeConfig, max_tokens: i
     """One short request, not measured, so a first-request cost (compilation, allocation) stays out."""
     first = requests[0]
     short = BenchRequest(first.prompt, first.prompt_token_ids, min(first.output_len, max_tokens))
-    quiet = ServeConfig(**{**config.__dict__, "max_concurrency": 1, "request_rate": math.inf, "progress": False})
+    quiet = dataclasses.replace(config, max_concurrency=1, request_rate=math.inf, progress=False)
     records, _ = asyncio.run(_run([short], quiet, served_model(config)))
     if not records[0].success:
         raise RuntimeError(f"the warm-up request failed: {records[0].error}")

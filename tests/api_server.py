@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,14 +12,10 @@ from typing import Optional
 
 import httpx
 
+from runtime.bench.launch import free_port
+
 TINY_ARGS = ("--kv-cache-memory", "16MiB", "--max-model-len", "256", "--served-model-name", "tiny")
 """Engine flags for a tiny checkpoint: small KV cache and context, served as ``tiny``."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:

@@ -14,6 +14,7 @@ import torch
 
 from ..kv.manager import KVCacheManager
 from ..loader.source import ModelSource, open_model
+from ..models import decoder_settings
 from ..platform import PlatformConfig, Registry, get_registry
 from ..sample.params import SamplingParams
 from ..sched.request import Request, RequestStatus
@@ -46,7 +47,7 @@ class EngineCore:
         self.platform = registry.select_platform(args.device)
         self.source = source or open_model(args.model)
         config = self.source.hf_config
-        self.dtype = self._resolve_dtype(args.dtype, config)
+        self.dtype = self._resolve_dtype(args.dtype)
         self.max_model_len = self._resolve_max_model_len(args.max_model_len, config)
         budget = args.max_num_batched_tokens or min(max(2048, self.max_model_len), 8192)
         pconfig = PlatformConfig(dtype=self.dtype, block_size=args.block_size, max_model_len=self.max_model_len,
@@ -68,7 +69,7 @@ class EngineCore:
                     self.platform.name, self.platform.device_name(), self.dtype, self.num_blocks,
                     self.num_blocks * self.block_size, self.max_model_len)
 
-    def _resolve_dtype(self, name: str, config) -> torch.dtype:
+    def _resolve_dtype(self, name: str) -> torch.dtype:
         if name == "auto":
             return self.platform.default_dtype()
         if name not in _DTYPES:
@@ -85,8 +86,6 @@ class EngineCore:
         return requested
 
     def _check_weights_fit(self, config) -> None:
-        from ..models import decoder_settings
-
         needed = decoder_settings(config).num_parameters() * torch.tensor([], dtype=self.dtype).element_size()
         free, _ = self.platform.memory_info()
         if needed > free:

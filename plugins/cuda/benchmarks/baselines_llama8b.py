@@ -48,6 +48,14 @@ def bandwidth() -> dict:
 
 def hf(args) -> list[dict]:
     import transformers
+    from safetensors import safe_open
+    index = args.dir / "model.safetensors.index.json"
+    if not index.exists():  # decode_llama8b.py writes shards without an index; transformers needs one
+        weight_map = {}
+        for f in sorted(args.dir.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as sf:
+                weight_map |= {k: f.name for k in sf.keys()}
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     model = transformers.AutoModelForCausalLM.from_pretrained(args.dir, dtype=torch.bfloat16, device_map="cuda")
     model.eval()
     rng = random.Random(0)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from runtime.platform import CONTRACT_VERSION
+
 from broken_plugins.harness import run_suites, write_entry_points
 from runtime_conformance.cli import add_parser, pytest_arguments
 
@@ -90,7 +92,7 @@ def test_report_describes_the_run(runs):
     assert report["platform"] == "cpu"
     assert report["plugin"] == {"entry_point": "cpu", "distribution": "runtime-cpu", "version": "0.1.0",
                                 "contract": ">=1.0,<2"}
-    assert report["contract_version"] == "1.0"
+    assert report["contract_version"] == CONTRACT_VERSION
     assert report["device"]["type"] == "cpu" and report["device"]["name"]
     assert set(report["checks"][0]) == {"id", "family", "outcome", "reason", "duration_s"}
     assert report["summary"]["pass"] == len(runs["cpu"].checks("pass"))

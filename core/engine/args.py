@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass, fields
 from typing import Optional, Union
 
+from ..platform import KV_CACHE_DTYPES
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
           "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
@@ -41,6 +43,10 @@ class EngineArgs:
     """Bytes for the KV cache (or ``"4GiB"``); default: the platform decides."""
     gpu_memory_utilization: float = 0.9
     kv_cache_dtype: str = "auto"
+    """auto (the model's dtype), fp8 (= fp8_e4m3) or fp8_e5m2, where the attention backend supports it."""
+    quantization: Optional[str] = None
+    """Quantize a dense checkpoint's linear weights when loading: a method the platform offers
+    for it (``fp8`` on cuda, ``int8`` on cpu). None: keep the checkpoint's weights."""
     scheduling_policy: str = "fcfs"
     seed: int = 0
     enforce_eager: bool = False
@@ -60,6 +66,8 @@ class EngineArgs:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be auto or one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         self.kv_cache_memory_bytes = parse_size(self.kv_cache_memory)
 
     @classmethod

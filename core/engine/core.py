@@ -15,7 +15,7 @@ import torch
 from ..kv.manager import KVCacheManager
 from ..loader.source import ModelSource, open_model
 from ..models import decoder_settings
-from ..platform import PlatformConfig, Registry, get_registry
+from ..platform import PlatformConfig, QuantizationMethod, Registry, get_registry
 from ..sample.params import SamplingParams
 from ..sched.request import Request, RequestStatus
 from ..sched.scheduler import Scheduler
@@ -58,8 +58,9 @@ class EngineCore:
         self.block_size = pconfig.block_size
         self._check_weights_fit(config)
         torch.manual_seed(args.seed)
+        quantization = self._quantization_method(registry, args.quantization)
         self.runner = ModelRunner(config, self.source.weights(), self.platform, registry, self.dtype,
-                                  self.block_size, self.max_model_len)
+                                  self.block_size, self.max_model_len, pconfig.kv_cache_dtype, quantization)
         self.num_blocks = self._size_kv_cache()
         self.runner.allocate_kv_cache(self.num_blocks)
         self.kv_manager = KVCacheManager(self.num_blocks, self.block_size, args.enable_prefix_caching)
@@ -84,6 +85,15 @@ class EngineCore:
         if requested > limit:
             raise ValueError(f"--max-model-len {requested} exceeds the model's context length {limit}; lower it")
         return requested
+
+    def _quantization_method(self, registry: Registry, name: Optional[str]) -> Optional[QuantizationMethod]:
+        if name is None:
+            return None
+        offered = sorted({m.name for m in registry.quantization_methods(self.platform.name) if m.quantizes_dense})
+        if name not in offered:
+            raise ValueError(f"--quantization {name} is not offered on {self.platform.name}; "
+                             f"choose one of: {', '.join(offered) or 'none (leave --quantization unset)'}")
+        return registry.quantization_method(self.platform.name, name)
 
     def _check_weights_fit(self, config) -> None:
         needed = decoder_settings(config).num_parameters() * torch.tensor([], dtype=self.dtype).element_size()

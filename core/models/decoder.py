@@ -61,9 +61,10 @@ class DecoderSettings:
         embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + embeddings + self.hidden_size
 
-    def attention_specs(self, dtype: torch.dtype, block_size: int) -> list[AttentionSpec]:
+    def attention_specs(self, dtype: torch.dtype, block_size: int, kv_cache_dtype: str = "auto") -> list[AttentionSpec]:
         return [AttentionSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.attn_scale, dtype, block_size,
-                              sliding_window=w, logits_soft_cap=self.attn_soft_cap) for w in self.sliding_windows]
+                              sliding_window=w, logits_soft_cap=self.attn_soft_cap, kv_cache_dtype=kv_cache_dtype)
+                for w in self.sliding_windows]
 
 
 def sliding_windows(config: Any, num_layers: int) -> list[int | None]:
@@ -191,6 +192,22 @@ class DecoderForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.finish_loading()
+
+    def quantize_weights(self, method: QuantizationMethod) -> None:
+        """Hand every dense linear weight to ``method.quantize`` (``--quantization``), layer by layer
+        so the dense copy of one weight is freed before the next is quantized."""
+        targets = [m for m in self.modules() if isinstance(m, Linear) and m.quant_method is None]
+        if method.quantize_lm_head and self.lm_head is None:
+            # Tied embeddings: the lookup keeps the dense table, the output projection gets its own copy.
+            self.lm_head = Linear(self.settings.hidden_size, self.settings.vocab_size).to(self.embed_tokens.device)
+            self.lm_head.weight.data = self.embed_tokens.data
+            targets.append(self.lm_head)
+        elif not method.quantize_lm_head and self.lm_head is not None:
+            targets.remove(self.lm_head)
+        for linear in targets:
+            linear.quant_weight = method.quantize(linear.weight.data)
+            linear.quant_method = method
+            linear.weight.data = torch.empty(0, device=linear.weight.device, dtype=linear.weight.dtype)
 
     def _check_all_loaded(self, loaded: set[str]) -> None:
         missing = []

@@ -2,6 +2,7 @@
 
 from .hookspecs import hookimpl
 from .interface import (
+    KV_CACHE_DTYPES,
     AttentionBackend,
     AttentionMetadata,
     AttentionSpec,
@@ -16,7 +17,7 @@ from .registry import KernelSet, PluginStatus, Registry, get_registry
 from .version import CONTRACT_VERSION
 
 __all__ = [
-    "CONTRACT_VERSION", "AttentionBackend", "AttentionMetadata", "AttentionSpec", "Communicator", "Kernel",
+    "CONTRACT_VERSION", "KV_CACHE_DTYPES", "AttentionBackend", "AttentionMetadata", "AttentionSpec", "Communicator", "Kernel",
     "KernelSet", "Platform", "PlatformConfig", "PluginStatus", "QuantizationMethod", "RawQuantizedTensor",
     "Registry", "get_registry", "hookimpl",
 ]

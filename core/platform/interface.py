@@ -96,6 +96,10 @@ class Platform:
         """Wait for queued device work (used by benchmarks and profiling)."""
 
 
+KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+"""``--kv-cache-dtype`` names besides ``auto`` (the model's dtype) and the element type each stores."""
+
+
 @dataclass(frozen=True)
 class AttentionSpec:
     """What one attention layer of a model needs from a backend."""
@@ -111,6 +115,15 @@ class AttentionSpec:
     kv_cache_dtype: str = "auto"
     multi_query: bool = True
     """Several query tokens per sequence in one call (prefill chunks, speculative verification)."""
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """Element type of the KV cache: ``dtype`` unless ``kv_cache_dtype`` names an fp8 format.
+
+        fp8 caches store values unscaled (scale 1.0, as vLLM does without calibrated scales):
+        e4m3 holds magnitudes up to 448, which covers the keys and values of common models.
+        """
+        return KV_CACHE_DTYPES.get(self.kv_cache_dtype, self.dtype)
 
 
 @dataclass
@@ -288,6 +301,12 @@ class QuantizationMethod:
     platform: ClassVar[str]
     priority: ClassVar[int] = 0
     supported_qtypes: ClassVar[frozenset[str]] = frozenset()
+    quantizes_dense: ClassVar[bool] = False
+    """True when ``--quantization NAME`` may apply the method to a dense checkpoint's linear
+    weights after loading (online quantization, e.g. fp8); :meth:`quantize` then does it."""
+    quantize_lm_head: ClassVar[bool] = False
+    """With ``quantizes_dense``: also quantize the output projection (tied embeddings included;
+    the embedding lookup itself stays dense)."""
 
     def dequantize(self, raw: RawQuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
@@ -297,3 +316,8 @@ class QuantizationMethod:
 
     def apply(self, weight: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return torch.nn.functional.linear(x, weight, bias)
+
+    def quantize(self, weight: torch.Tensor) -> Any:
+        """What the method keeps for a dense ``[out, in]`` weight already on the device; ``apply``
+        takes it. Only methods with ``quantizes_dense`` implement it."""
+        raise NotImplementedError(f"quantization method {self.name} only loads {self.name} checkpoints")

@@ -143,8 +143,11 @@ class Registry:
                 return comm
         raise ValueError(f"platform {platform} registers no communicator, so it cannot run with --tensor-parallel-size > 1")
 
+    def quantization_methods(self, platform: str) -> list[type[QuantizationMethod]]:
+        return [m for m in self._call("runtime_quantization_methods") if m.platform == platform]
+
     def quantization_method(self, platform: str, fmt: str) -> QuantizationMethod:
-        methods = [m for m in self._call("runtime_quantization_methods") if m.platform == platform and m.name == fmt]
+        methods = [m for m in self.quantization_methods(platform) if m.name == fmt]
         if not methods:
             raise ValueError(f"platform {platform} has no quantization method for {fmt} checkpoints; "
                              f"install a plugin that provides one or choose another --device")

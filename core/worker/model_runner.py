@@ -14,7 +14,8 @@ import torch
 
 from ..models import DecoderForCausalLM, decoder_settings
 from ..models.batch import ForwardBatch
-from ..platform import AttentionMetadata, Platform, Registry
+from ..models.layers.linear import Linear
+from ..platform import AttentionMetadata, Platform, QuantizationMethod, Registry
 from ..sample.sampler import Sampler, SamplingMetadata
 from ..sched.scheduler import SchedulerOutput
 
@@ -32,13 +33,15 @@ class RunnerOutput:
 
 class ModelRunner:
     def __init__(self, hf_config: Any, weights: Any, platform: Platform, registry: Registry, dtype: torch.dtype,
-                 block_size: int, max_model_len: int):
+                 block_size: int, max_model_len: int, kv_cache_dtype: str = "auto",
+                 quantization: QuantizationMethod | None = None):
         self.platform, self.dtype, self.block_size = platform, dtype, block_size
         self.device = platform.device()
         self.settings = decoder_settings(hf_config)
-        specs = self.settings.attention_specs(dtype, block_size)
+        specs = self.settings.attention_specs(dtype, block_size, kv_cache_dtype)
         backend_classes = [registry.select_attention_backend(platform.name, spec) for spec in specs]
         self.backend_classes = backend_classes
+        self.cache_dtype = specs[0].cache_dtype
         ops = registry.kernels(platform.name)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
@@ -49,6 +52,8 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(previous)
         model.load_weights(weights, lambda fmt: registry.quantization_method(platform.name, fmt))
+        if quantization is not None:
+            model.quantize_weights(quantization)
         self.model = model.eval()
         self.sampler = Sampler(ops.apply_top_k_top_p_min_p)
         self.generators: dict[str, torch.Generator] = {}
@@ -57,17 +62,18 @@ class ModelRunner:
 
     @property
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        dense = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return dense + sum(m.stored_bytes for m in self.model.modules() if isinstance(m, Linear) and m.quant_method is not None)
 
     def kv_bytes_per_block(self) -> int:
         s = self.settings
         per_layer = [math.prod(cls.kv_cache_shape(1, self.block_size, s.num_kv_heads, s.head_dim)) for cls in self.backend_classes]
-        return sum(per_layer) * torch.tensor([], dtype=self.dtype).element_size()
+        return sum(per_layer) * torch.tensor([], dtype=self.cache_dtype).element_size()
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         s = self.settings
         self.kv_caches = [torch.zeros(cls.kv_cache_shape(num_blocks, self.block_size, s.num_kv_heads, s.head_dim),
-                                      dtype=self.dtype, device=self.device) for cls in self.backend_classes]
+                                      dtype=self.cache_dtype, device=self.device) for cls in self.backend_classes]
 
     def drop_requests(self, request_ids: list[str]) -> None:
         for rid in request_ids:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -32,6 +33,11 @@ class Linear(nn.Module):
             return self.quant_method.apply(self.quant_weight, x, self.bias)
         return F.linear(x, self.weight, self.bias)
 
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes the weight occupies as stored: the dense parameter, or every tensor the method keeps."""
+        return _tensor_bytes(self.quant_weight) if self.quant_method is not None else _tensor_bytes(self.weight)
+
     def partition_rows(self, index: int) -> slice:
         start = sum(self.partitions[:index])
         return slice(start, start + self.partitions[index])
@@ -42,3 +48,14 @@ class Linear(nn.Module):
         if value.shape != target[rows].shape:
             raise ValueError(f"checkpoint {name} partition {index} has shape {tuple(value.shape)}, expected {tuple(target[rows].shape)}")
         target.data[rows] = value.to(target.dtype)
+
+
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in a method's stored weight: a tensor, a sequence or a dataclass of them."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    if dataclasses.is_dataclass(value):
+        return sum(_tensor_bytes(getattr(value, f.name)) for f in dataclasses.fields(value))
+    return 0

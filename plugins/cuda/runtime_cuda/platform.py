@@ -52,8 +52,7 @@ class CudaPlatform(Platform):
         super().check_and_update_config(config)
         if config.dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
             raise ValueError(f"{self.device_name()} has no bfloat16; use --dtype float16")
-        if config.kv_cache_dtype != "auto":
-            raise ValueError(f"--kv-cache-dtype {config.kv_cache_dtype} is not supported on cuda yet; use auto")
+        # Which fp8 KV formats work is the attention backend's call (its supported_kv_cache_dtypes).
 
     def kv_cache_memory(self, requested_bytes: int | None, gpu_memory_utilization: float, weight_bytes: int) -> int:
         """``gpu_memory_utilization`` of the whole device, less what others hold, the weights and a reserve.

@@ -14,6 +14,7 @@ import torch
 
 from ..platform.reference import apply_top_k_top_p_min_p
 from ..sched.request import Request
+from ..worker.input_buffers import host_to_device
 
 TopKTopPMinP = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """(logits [B, V], top_k [B], top_p [B], min_p [B]) -> logits with excluded tokens at -inf."""
@@ -71,8 +72,10 @@ class SamplingMetadata:
         params = [r.sampling_params for r in requests]
         greedy = [p.greedy for p in params]
 
+        device = torch.device(device)
+
         def column(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return host_to_device(values, dtype, device)
 
         meta = cls(
             temperature=column([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32),
@@ -166,7 +169,7 @@ def _apply_bias_and_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> N
         rows, cols, values = meta.logit_bias
         logits.index_put_((rows, cols), values, accumulate=True)
     if meta.min_tokens_blocked is not None:
-        logits.index_put_(meta.min_tokens_blocked, torch.tensor(float("-inf"), device=logits.device))
+        logits[meta.min_tokens_blocked] = float("-inf")
     counts = meta.output_token_counts
     if meta.repetition_penalties is not None:
         # HF / vLLM: every token seen in prompt or output is made less likely, whatever its sign.
@@ -229,7 +232,7 @@ def _token_counts(rows: list[list[int]], vocab_size: int, device: torch.device |
     """[B, V] float32 occurrence counts. Rows are padded with id V, an extra column dropped at the
     end, so rows of any length go through one scatter_add."""
     width = max((len(row) for row in rows), default=0)
-    tokens = torch.tensor([row + [vocab_size] * (width - len(row)) for row in rows], dtype=torch.long, device=device)
+    tokens = host_to_device([row + [vocab_size] * (width - len(row)) for row in rows], torch.long, torch.device(device))
     counts = torch.zeros(len(rows), vocab_size + 1, dtype=torch.float32, device=device)
     counts.scatter_add_(1, tokens, torch.ones_like(tokens, dtype=torch.float32))
     return counts[:, :vocab_size]

@@ -5,6 +5,7 @@ Owns the device state: the model, the KV-cache tensors, and per-request sampler 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,9 +16,13 @@ import torch
 from ..models import DecoderForCausalLM, decoder_settings
 from ..models.batch import ForwardBatch
 from ..models.layers.linear import Linear
-from ..platform import AttentionMetadata, Platform, QuantizationMethod, Registry
+from ..platform import Platform, QuantizationMethod, Registry
 from ..sample.sampler import Sampler, SamplingMetadata
-from ..sched.scheduler import SchedulerOutput
+from ..sample.params import SamplingParams
+from ..sched.request import Request
+from ..sched.scheduler import ScheduledRequest, SchedulerOutput
+from .decode_graphs import DecodeGraphs, capture_sizes
+from .input_buffers import InputBuffers, StepInputs, host_to_device
 
 TokenLogprobs = tuple[list[int], list[float], int]
 """(token ids, logprobs, rank of the first id): first the sampled/actual token, then the top-k."""
@@ -59,6 +64,8 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}
         self.prompt_logprobs_next: dict[str, int] = {}
         self.kv_caches: list[torch.Tensor] = []
+        self.buffers: InputBuffers | None = None
+        self.decode_graphs: DecodeGraphs | None = None
 
     @property
     def weight_bytes(self) -> int:
@@ -80,12 +87,93 @@ class ModelRunner:
             self.generators.pop(rid, None)
             self.prompt_logprobs_next.pop(rid, None)
 
+    def prepare_inputs(self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> None:
+        """Allocate the persistent input tensors every step copies into (see input_buffers.py)."""
+        max_blocks = math.ceil(max_model_len / self.block_size)
+        graph_rows = capture_sizes(max_num_seqs)[-1] if self.platform.supports_graphs else 0
+        self.buffers = InputBuffers(max(max_num_batched_tokens, graph_rows), max(max_num_seqs, graph_rows),
+                                    max_blocks, self.device)
+        self.max_model_len = max_model_len
+
+    def profile_activation_memory(self, max_num_batched_tokens: int, max_num_seqs: int) -> int | None:
+        """Peak bytes a worst-case step needs beyond the weights, or None where the platform
+        cannot measure: a full token budget of prefill over as many sequences as a step may
+        hold, every row sampled with top-k, top-p and logprobs (the [rows, vocab] buffers)."""
+        if self.platform.peak_memory_allocated() is None:
+            return None
+        num_seqs = max(1, min(max_num_seqs, max_num_batched_tokens))
+        tokens = min(max_num_batched_tokens, num_seqs * (self.max_model_len - 1))
+        lengths = [tokens // num_seqs + (1 if i < tokens % num_seqs else 0) for i in range(num_seqs)]
+        params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, logprobs=20, max_tokens=1)
+        generator = np.random.default_rng(0)
+        scheduled, next_block = [], 1  # block 0 is the null block
+        for i, length in enumerate(lengths):
+            request = Request(f"profile-{i}", generator.integers(0, self.settings.vocab_size, length).tolist(), params,
+                              eos_token_ids=frozenset(), max_model_len=self.max_model_len)
+            blocks = math.ceil(length / self.block_size)
+            scheduled.append(ScheduledRequest(request, 0, length, list(range(next_block, next_block + blocks))))
+            next_block += blocks
+        self.allocate_kv_cache(next_block)
+        self.platform.reset_peak_memory()
+        before = self.platform.peak_memory_allocated()
+        self.execute(SchedulerOutput(scheduled=scheduled))
+        peak = self.platform.peak_memory_allocated() - before
+        self.drop_requests([s.request.request_id for s in scheduled])
+        self.kv_caches = []
+        return peak
+
+    @torch.inference_mode()
+    def capture_decode_graphs(self, max_num_seqs: int) -> None:
+        """Capture decode steps for batch sizes up to ``max_num_seqs`` (after the KV cache exists)."""
+        self.decode_graphs = DecodeGraphs(self.platform, self.model, self.buffers, self.kv_caches,
+                                          self.max_model_len, max_num_seqs)
+        self.decode_graphs.capture()
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         self.drop_requests(out.finished_ids)
         scheduled = out.scheduled
         if not scheduled:
             return RunnerOutput()
+        step = self._step_inputs(scheduled)
+        graph_size = self.decode_graphs.size_for(len(scheduled)) if self.decode_graphs is not None else None
+        if graph_size is not None and len(step.input_ids) == len(scheduled):
+            self.buffers.load(step, padded_seqs=graph_size)
+            hidden = self.decode_graphs.run(graph_size)
+        else:
+            input_ids, positions, meta = self.buffers.load(step)
+            hidden = self.model(ForwardBatch(input_ids, positions, meta, self.kv_caches))
+
+        result = RunnerOutput()
+        query_start = step.query_start_loc
+        sample_rows = [i for i, s in enumerate(scheduled) if s.sample]
+        if sample_rows:
+            if len(sample_rows) == len(step.input_ids):  # one token per row, every row sampled: a decode step
+                last_hidden = hidden[:len(sample_rows)]
+            else:
+                last = host_to_device([int(query_start[i + 1]) - 1 for i in sample_rows], torch.int64, self.device)
+                last_hidden = hidden[last]
+            requests = [scheduled[i].request for i in sample_rows]
+            sampling = SamplingMetadata.from_requests(requests, self.settings.vocab_size, self.device, self.generators)
+            logits = self.model.compute_logits(last_hidden)
+            sampled = self.sampler(logits, sampling)
+            token_ids = sampled.token_ids.tolist()
+            for row, request in enumerate(requests):
+                result.sampled[request.request_id] = token_ids[row]
+            if sampled.logprobs is not None:
+                ids, lps, ranks = sampled.logprob_token_ids.tolist(), sampled.logprobs.tolist(), sampled.sampled_ranks.tolist()
+                for row, request in enumerate(requests):
+                    k = request.sampling_params.logprobs
+                    if k is not None:
+                        result.logprobs[request.request_id] = (ids[row][:k + 1], lps[row][:k + 1], ranks[row])
+        self._prompt_logprobs(scheduled, hidden, query_start, result)
+        if not sample_rows:
+            # Nothing was read back, so the step's input copies may still be queued; the next step
+            # must not refill the staging memory they read from.
+            self.platform.synchronize()
+        return result
+
+    def _step_inputs(self, scheduled: list[ScheduledRequest]) -> StepInputs:
         bs = self.block_size
         starts = np.array([s.start for s in scheduled], dtype=np.int64)
         counts = np.array([s.num_new_tokens for s in scheduled], dtype=np.int64)
@@ -99,40 +187,9 @@ class ModelRunner:
         for i, s in enumerate(scheduled):
             block_table[i, :len(s.block_ids)] = s.block_ids
         slots = block_table[row_of_token, positions // bs] * bs + positions % bs
-        input_ids = np.concatenate([np.asarray(s.request.all_token_ids[s.start:s.start + s.num_new_tokens], dtype=np.int64)
-                                    for s in scheduled])
-        seq_lens = starts + counts
-
-        dev = self.device
-        meta = AttentionMetadata(
-            query_start_loc=torch.from_numpy(query_start.astype(np.int32)).to(dev),
-            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev),
-            block_table=torch.from_numpy(block_table.astype(np.int32)).to(dev),
-            slot_mapping=torch.from_numpy(slots).to(dev),
-            max_query_len=int(counts.max()), max_seq_len=int(seq_lens.max()),
-            query_start_loc_cpu=query_start.tolist(), seq_lens_cpu=seq_lens.tolist())
-        batch = ForwardBatch(torch.from_numpy(input_ids).to(dev), torch.from_numpy(positions).to(dev), meta, self.kv_caches)
-        hidden = self.model(batch)
-
-        result = RunnerOutput()
-        sample_rows = [i for i, s in enumerate(scheduled) if s.sample]
-        if sample_rows:
-            last = torch.tensor([int(query_start[i + 1]) - 1 for i in sample_rows], device=dev)
-            logits = self.model.compute_logits(hidden[last])
-            requests = [scheduled[i].request for i in sample_rows]
-            sampling = SamplingMetadata.from_requests(requests, logits.shape[-1], dev, self.generators)
-            sampled = self.sampler(logits, sampling)
-            token_ids = sampled.token_ids.tolist()
-            for row, request in enumerate(requests):
-                result.sampled[request.request_id] = token_ids[row]
-            if sampled.logprobs is not None:
-                ids, lps, ranks = sampled.logprob_token_ids.tolist(), sampled.logprobs.tolist(), sampled.sampled_ranks.tolist()
-                for row, request in enumerate(requests):
-                    k = request.sampling_params.logprobs
-                    if k is not None:
-                        result.logprobs[request.request_id] = (ids[row][:k + 1], lps[row][:k + 1], ranks[row])
-        self._prompt_logprobs(scheduled, hidden, query_start, result)
-        return result
+        input_ids = np.fromiter(itertools.chain.from_iterable(
+            s.request.all_token_ids[s.start:s.start + s.num_new_tokens] for s in scheduled), np.int64, total)
+        return StepInputs(input_ids, positions, slots, query_start, starts + counts, block_table)
 
     def _prompt_logprobs(self, scheduled, hidden: torch.Tensor, query_start: np.ndarray, result: RunnerOutput) -> None:
         """Logprob of each prompt token given the ones before it, for requests that asked."""

@@ -31,10 +31,10 @@ class ExamplePlatform(Platform):
         page = os.sysconf("SC_PAGE_SIZE")
         return os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page
 
-    def kv_cache_memory(self, requested_bytes: int | None, gpu_memory_utilization: float, weight_bytes: int) -> int:
+    def kv_cache_memory(self, requested_bytes: int | None, gpu_memory_utilization: float, non_kv_bytes: int) -> int:
         # Host memory is shared with everything else on the machine: take a quarter of what is free
         # rather than the default's share of the total, which suits a dedicated accelerator.
         if requested_bytes is not None:
             return requested_bytes
         free, _ = self.memory_info()
-        return max(free - weight_bytes, 0) // 4
+        return max(free - non_kv_bytes, 0) // 4

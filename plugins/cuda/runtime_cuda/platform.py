@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from typing import Any, Callable
 
 import torch
 
@@ -24,9 +25,10 @@ class CudaPlatform(Platform):
     dist_backend = "nccl"
     supported_dtypes = (torch.bfloat16, torch.float16, torch.float32)
 
-    # Until the engine measures a forward pass (a later step), this much stays free for activations,
-    # the sampler's [batch, vocab] buffers and cuBLAS workspaces.
-    ACTIVATION_RESERVE = 1 << 30
+    supports_graphs = True
+    # Beyond the measured activation peak: the decode graphs' shared pool and allocator
+    # fragmentation, which the profile run does not see.
+    UNMEASURED_RESERVE = 256 << 20
 
     @classmethod
     def is_available(cls) -> bool:
@@ -54,8 +56,9 @@ class CudaPlatform(Platform):
             raise ValueError(f"{self.device_name()} has no bfloat16; use --dtype float16")
         # Which fp8 KV formats work is the attention backend's call (its supported_kv_cache_dtypes).
 
-    def kv_cache_memory(self, requested_bytes: int | None, gpu_memory_utilization: float, weight_bytes: int) -> int:
-        """``gpu_memory_utilization`` of the whole device, less what others hold, the weights and a reserve.
+    def kv_cache_memory(self, requested_bytes: int | None, gpu_memory_utilization: float, non_kv_bytes: int) -> int:
+        """``gpu_memory_utilization`` of the whole device, less what other processes hold, the
+        engine's weights and measured activation peak, and a small reserve.
 
         Memory torch's caching allocator holds counts as ours (it is reused), so the answer does
         not depend on whether the weights are already loaded when the engine asks.
@@ -65,8 +68,25 @@ class CudaPlatform(Platform):
         index = torch.cuda.current_device()
         free, total = self.memory_info(index)
         held_by_others = total - free - torch.cuda.memory_reserved(index)
-        budget = int(total * gpu_memory_utilization) - held_by_others - weight_bytes - self.ACTIVATION_RESERVE
+        budget = int(total * gpu_memory_utilization) - held_by_others - non_kv_bytes - self.UNMEASURED_RESERVE
         return max(0, budget)
 
     def synchronize(self) -> None:
         torch.cuda.synchronize()
+
+    def reset_peak_memory(self) -> None:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+    def peak_memory_allocated(self) -> int | None:
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated())
+
+    def graph_pool(self) -> Any:
+        return torch.cuda.graph_pool_handle()
+
+    def capture_graph(self, fn: Callable[[], torch.Tensor], pool: Any) -> tuple[Callable[[], None], torch.Tensor]:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            output = fn()
+        return graph.replay, output

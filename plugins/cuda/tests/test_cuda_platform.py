@@ -61,7 +61,7 @@ def test_kv_cache_memory(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: (61 * GIB, 80 * GIB))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda index: 17 * GIB)
     budget = platform.kv_cache_memory(None, 0.9, 16 * GIB)
-    assert budget == int(80 * GIB * 0.9) - 2 * GIB - 16 * GIB - CudaPlatform.ACTIVATION_RESERVE
+    assert budget == int(80 * GIB * 0.9) - 2 * GIB - 16 * GIB - CudaPlatform.UNMEASURED_RESERVE
     assert platform.kv_cache_memory(None, 0.1, 16 * GIB) == 0
 
 
@@ -70,10 +70,7 @@ def test_config_checks():
     config = PlatformConfig(dtype=torch.float16, block_size=16, max_model_len=256, max_num_seqs=8,
                             max_num_batched_tokens=256, enable_prefix_caching=True)
     platform.check_and_update_config(config)
-    config.kv_cache_dtype = "fp8"
-    with pytest.raises(ValueError, match="--kv-cache-dtype"):
-        platform.check_and_update_config(config)
-    config.kv_cache_dtype, config.dtype = "auto", torch.float64
+    config.dtype = torch.float64
     with pytest.raises(ValueError, match="--dtype"):
         platform.check_and_update_config(config)
 
@@ -87,7 +84,8 @@ def test_attention_declarations():
 
     assert backend.unsupported_reason(spec(head_size=80, sliding_window=4096, logits_soft_cap=50.0, block_size=1)) is None
     assert "head size" in backend.unsupported_reason(spec(head_size=24))
-    assert "kv cache dtype" in backend.unsupported_reason(spec(kv_cache_dtype="fp8"))
+    assert backend.unsupported_reason(spec(kv_cache_dtype="fp8")) is None
+    assert "kv cache dtype" in backend.unsupported_reason(spec(kv_cache_dtype="int4"))
 
 
 def test_gguf_dequantize_on_load():

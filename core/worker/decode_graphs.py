@@ -1,0 +1,91 @@
+"""Decode steps replayed from device graphs captured at start-up.
+
+A decode step of a large model launches hundreds of small kernels; from Python each launch
+costs several microseconds of host time, which at batch 1 is more than the GPU needs to read
+the weights. A graph records one step's launches once and replays them in one call. Shapes are
+fixed per graph, so one is captured per batch size of a ladder and a step of ``n`` sequences
+replays the smallest one that holds it, padded (see :meth:`InputBuffers.load`).
+
+Attention is captured planned for the longest context (``max_model_len``); a backend's launch
+then covers any shorter one, its device code reading the real lengths from ``seq_lens``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import functools
+import logging
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..models.batch import ForwardBatch
+from ..platform import Platform
+from .input_buffers import InputBuffers, StepInputs
+
+logger = logging.getLogger("runtime")
+
+MAX_CAPTURE_SIZE = 512
+
+
+def capture_sizes(max_batch: int) -> list[int]:
+    """1, 2, 4, then every multiple of 8 up to ``max_batch`` (rounded up to the ladder)."""
+    ladder = [1, 2, 4] + list(range(8, MAX_CAPTURE_SIZE + 1, 8))
+    top = bisect.bisect_left(ladder, min(max_batch, MAX_CAPTURE_SIZE))
+    return ladder[:top + 1]
+
+
+def _dummy_decode(num_seqs: int) -> StepInputs:
+    """``num_seqs`` one-token sequences that write nothing and read the null block."""
+    ones = np.ones(num_seqs, dtype=np.int64)
+    return StepInputs(input_ids=np.zeros(num_seqs, dtype=np.int64), positions=np.zeros(num_seqs, dtype=np.int64),
+                      slot_mapping=-ones, query_start_loc=np.arange(num_seqs + 1, dtype=np.int64), seq_lens=ones,
+                      block_table=np.zeros((num_seqs, 1), dtype=np.int64))
+
+
+@dataclasses.dataclass
+class _Graph:
+    replay: Callable[[], None]
+    hidden: torch.Tensor
+    batch: ForwardBatch
+    """Kept alive: launch plans in its metadata own workspaces the graph reads and writes."""
+
+
+class DecodeGraphs:
+    """One captured forward pass (input ids -> final hidden states) per ladder batch size."""
+
+    def __init__(self, platform: Platform, model: Callable[[ForwardBatch], torch.Tensor], buffers: InputBuffers,
+                 kv_caches: list[torch.Tensor], max_model_len: int, max_batch: int):
+        self.platform, self.model, self.buffers = platform, model, buffers
+        self.kv_caches, self.max_model_len = kv_caches, max_model_len
+        self.sizes = capture_sizes(min(max_batch, buffers.max_seqs, buffers.max_tokens))
+        self.graphs: dict[int, _Graph] = {}
+
+    def capture(self) -> None:
+        """Capture every size, largest first so the smaller graphs reuse its pool memory."""
+        start = time.perf_counter()
+        pool = self.platform.graph_pool()
+        for size in reversed(self.sizes):
+            input_ids, positions, meta = self.buffers.load(_dummy_decode(size), max_seq_len=self.max_model_len)
+            meta = dataclasses.replace(meta, block_table=self.buffers.full_width_block_table(size))
+            batch = ForwardBatch(input_ids, positions, meta, self.kv_caches)
+            self.model(batch)  # compiles kernels and plans launches outside the capture
+            replay, hidden = self.platform.capture_graph(functools.partial(self.model, batch), pool)
+            self.graphs[size] = _Graph(replay, hidden, batch)
+        self.platform.synchronize()
+        logger.info("captured decode graphs for %d batch sizes (1 to %d) in %.1f s",
+                    len(self.sizes), self.sizes[-1], time.perf_counter() - start)
+
+    def size_for(self, num_seqs: int) -> int | None:
+        """The captured batch size a decode step of ``num_seqs`` sequences runs at, or None (eager)."""
+        index = bisect.bisect_left(self.sizes, num_seqs)
+        return self.sizes[index] if index < len(self.sizes) and self.graphs else None
+
+    def run(self, size: int) -> torch.Tensor:
+        """Replay the graph of ``size`` on what :meth:`InputBuffers.load` last copied; hidden [size, H]."""
+        graph = self.graphs[size]
+        graph.replay()
+        return graph.hidden

@@ -1,0 +1,128 @@
+"""The step's flat inputs in tensors allocated once, and host-to-device copies that do not wait.
+
+A step writes its token ids, positions, slots and block table into pinned host staging and
+copies them into device tensors that live as long as the engine: nothing is allocated per step,
+the copies queue behind the previous step's work instead of waiting for it, and a captured
+decode graph reads the very tensors each step writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..platform import AttentionMetadata
+
+
+def host_to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small tensor on ``device`` from host values, copied without a host-device sync.
+
+    Pinned memory comes from torch's caching host allocator, which keeps a block until the copy
+    that reads it has finished, so the source may go out of scope at once.
+    """
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=dtype)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+@dataclass
+class StepInputs:
+    """One step's inputs on the host, unpadded: what the scheduler asked for."""
+
+    input_ids: np.ndarray
+    """[T] int64."""
+    positions: np.ndarray
+    """[T] int64."""
+    slot_mapping: np.ndarray
+    """[T] int64."""
+    query_start_loc: np.ndarray
+    """[B+1] int64."""
+    seq_lens: np.ndarray
+    """[B] int64."""
+    block_table: np.ndarray
+    """[B, W] int64, padded with 0."""
+
+
+class _Staged:
+    """Pinned host memory and the device tensor it is copied to (the same tensor on the CPU)."""
+
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device):
+        on_host = device.type == "cpu"
+        self.host = torch.zeros(size, dtype=dtype, pin_memory=not on_host)
+        self.device = self.host if on_host else torch.zeros(size, dtype=dtype, device=device)
+        self.host_array = self.host.numpy()
+
+    def upload(self, end: int) -> None:
+        """Copy the first ``end`` elements: one transfer, queued behind earlier device work."""
+        if self.device is not self.host:
+            self.device[:end].copy_(self.host[:end], non_blocking=True)
+
+
+class InputBuffers:
+    """Owns the persistent input tensors of a runner: at most ``max_tokens`` tokens in
+    ``max_seqs`` sequences of at most ``max_blocks_per_seq`` KV blocks.
+
+    Two flat buffers, so a step is two host-to-device copies whatever its size: the token inputs
+    (ids, positions, slots; int64) and the sequence inputs (query starts, lengths and the block
+    table; int32), laid out so the part a step uses is a prefix.
+    """
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, device: torch.device):
+        self.max_tokens, self.max_seqs, self.width = max_tokens, max_seqs, max_blocks_per_seq
+        self.tokens = _Staged(3 * max_tokens, torch.int64, device)
+        self.seqs = _Staged(2 * max_seqs + 1 + max_seqs * max_blocks_per_seq, torch.int32, device)
+        t, n = max_tokens, max_seqs
+        # Token inputs: [slots | ids | positions], so a step's slots, ids and positions are read
+        # from the front of each third.
+        self.slot_mapping = self._views(self.tokens, 0, t)
+        self.input_ids = self._views(self.tokens, t, t)
+        self.positions = self._views(self.tokens, 2 * t, t)
+        self.query_start_loc = self._views(self.seqs, 0, n + 1)
+        self.seq_lens = self._views(self.seqs, n + 1, n)
+        self._table_start = 2 * n + 1
+        table = self._views(self.seqs, self._table_start, n * max_blocks_per_seq)
+        self.block_table = (table[0].reshape(n, max_blocks_per_seq), table[1].view(n, max_blocks_per_seq))
+
+    @staticmethod
+    def _views(staged: _Staged, start: int, length: int) -> tuple[np.ndarray, torch.Tensor]:
+        return staged.host_array[start:start + length], staged.device[start:start + length]
+
+    def load(self, step: StepInputs, padded_seqs: int | None = None,
+             max_seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Copy ``step`` to the device; returns (input ids, positions, attention metadata).
+
+        ``padded_seqs`` (a decode step for a captured graph) pads the batch to that many
+        one-token sequences: padding tokens write no K/V (slot -1) and attend to one key of the
+        null block. The tensors returned then cover the padded batch, and ``max_seq_len`` (the
+        capture's bound) replaces the step's own.
+        """
+        tokens, seqs = len(step.input_ids), len(step.seq_lens)
+        rows = padded_seqs or seqs
+        width = step.block_table.shape[1]
+        padded_tokens = tokens + rows - seqs
+        ids, positions, slots = self.input_ids[0], self.positions[0], self.slot_mapping[0]
+        query_start, seq_lens, table = self.query_start_loc[0], self.seq_lens[0], self.block_table[0]
+        ids[:tokens], positions[:tokens], slots[:tokens] = step.input_ids, step.positions, step.slot_mapping
+        query_start[:seqs + 1], seq_lens[:seqs] = step.query_start_loc, step.seq_lens
+        table[:seqs, :width] = step.block_table
+        if rows > seqs:
+            ids[tokens:padded_tokens], positions[tokens:padded_tokens], slots[tokens:padded_tokens] = 0, 0, -1
+            query_start[seqs + 1:rows + 1] = np.arange(tokens + 1, padded_tokens + 1)
+            seq_lens[seqs:rows] = 1
+            table[seqs:rows, 0] = 0
+        self.tokens.upload(2 * self.max_tokens + padded_tokens)
+        self.seqs.upload(self._table_start + rows * self.width)
+        meta = AttentionMetadata(
+            query_start_loc=self.query_start_loc[1][:rows + 1], seq_lens=self.seq_lens[1][:rows],
+            block_table=self.block_table[1][:rows, :width], slot_mapping=self.slot_mapping[1][:padded_tokens],
+            max_query_len=int(np.max(np.diff(query_start[:rows + 1]))),
+            max_seq_len=max_seq_len or int(seq_lens[:rows].max()),
+            query_start_loc_cpu=query_start[:rows + 1].tolist(), seq_lens_cpu=seq_lens[:rows].tolist())
+        return self.input_ids[1][:padded_tokens], self.positions[1][:padded_tokens], meta
+
+    def full_width_block_table(self, rows: int) -> torch.Tensor:
+        """The device block table's first ``rows`` rows at full width: what a graph is captured
+        with, so any later step's table (copied into its leading columns) is read in place."""
+        return self.block_table[1][:rows]

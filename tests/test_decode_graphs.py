@@ -1,0 +1,125 @@
+"""The decode-graph path (padded batches, persistent input buffers, replay) on the CPU.
+
+A test platform says it supports graphs and "captures" by keeping the closure: a replay reruns
+the captured forward on the captured batch object, whose tensors are the runner's persistent
+buffers. So it sees exactly what a CUDA graph would: the inputs each step copied in, padded to
+the captured size, with the capture's metadata (the reference attention reads only tensors).
+Greedy outputs must equal the eager CPU engine's, which tests/test_models.py checks against HF.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime.engine.args import EngineArgs
+from runtime.engine.core import EngineCore
+from runtime.platform import Registry, hookimpl
+from runtime.platform.reference import ReferenceAttentionBackend
+from runtime.sample.params import SamplingParams
+from runtime.worker.decode_graphs import capture_sizes
+from runtime_cpu.platform import CpuPlatform
+from tiny_models import make_tiny_checkpoint
+
+
+class ReplayCpuPlatform(CpuPlatform):
+    name = "replay_cpu"
+    priority = -1
+    supports_graphs = True
+    replays = 0
+
+    def graph_pool(self):
+        return None
+
+    def capture_graph(self, fn, pool):
+        static = fn().clone()
+
+        def replay():
+            ReplayCpuPlatform.replays += 1
+            static.copy_(fn())
+
+        return replay, static
+
+
+class ReplayBackend(ReferenceAttentionBackend):
+    name = "replay_reference"
+    platform = "replay_cpu"
+
+
+class ReplayPlugin:
+    RUNTIME_CONTRACT = ">=1.1,<2"
+
+    @hookimpl
+    def runtime_platforms(self):
+        return [ReplayCpuPlatform]
+
+    @hookimpl
+    def runtime_attention_backends(self):
+        return [ReplayBackend]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("graphs"), "llama")
+
+
+def _registry() -> Registry:
+    registry = Registry(entry_points=[])
+    registry.register(ReplayPlugin(), "replay")
+    return registry
+
+
+def _run(engine: EngineCore, prompts: list[list[int]], max_tokens: list[int]) -> dict[str, list[int]]:
+    """Staggered arrivals, so steps mix prefill with decode and decode batches change size."""
+    outputs: dict[str, list[int]] = {}
+    pending = list(enumerate(prompts))
+    while pending or engine.has_unfinished_requests():
+        if pending:
+            i, prompt = pending.pop(0)
+            engine.add_request(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens[i], ignore_eos=True))
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return outputs
+
+
+def test_capture_sizes_ladder():
+    assert capture_sizes(1) == [1]
+    assert capture_sizes(3) == [1, 2, 4]
+    assert capture_sizes(20) == [1, 2, 4, 8, 16, 24]
+    assert capture_sizes(10_000)[-1] == 512
+
+
+def test_graph_replays_match_eager(checkpoint):
+    prompts = [[5 + i, 17, 23 + 2 * i, 9][: 2 + i % 3] * (1 + i) for i in range(7)]
+    max_tokens = [12, 3, 9, 14, 5, 11, 7]
+    common = dict(model=str(checkpoint), device="replay_cpu", max_num_seqs=6, max_model_len=96,
+                  kv_cache_memory="4MiB", max_num_batched_tokens=64)
+    graphs = EngineCore(EngineArgs(**common), registry=_registry())
+    assert graphs.runner.decode_graphs is not None and graphs.runner.decode_graphs.sizes == [1, 2, 4, 8]
+    before = ReplayCpuPlatform.replays
+    with_graphs = _run(graphs, prompts, max_tokens)
+    assert ReplayCpuPlatform.replays - before >= 8  # the pure-decode steps went through a replay
+
+    eager = EngineCore(EngineArgs(**common, enforce_eager=True), registry=_registry())
+    assert eager.runner.decode_graphs is None
+    assert with_graphs == _run(eager, prompts, max_tokens)
+    assert all(len(with_graphs[str(i)]) == max_tokens[i] for i in range(len(prompts)))
+
+
+def test_padding_writes_no_kv(checkpoint):
+    """A padded replay must leave every cache slot outside the real sequences untouched."""
+    engine = EngineCore(EngineArgs(model=str(checkpoint), device="replay_cpu", max_num_seqs=4, max_model_len=64,
+                                   kv_cache_memory="2MiB"), registry=_registry())
+    for cache in engine.runner.kv_caches:
+        cache.fill_(7.0)
+    engine.add_request("a", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    engine.add_request("b", [8, 9], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    engine.add_request("c", [10, 11, 12, 13], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()  # three sequences decode at the captured size 4: one padding row per step
+    used = 3 + 2 + 4 + 3 * 3  # prompt tokens + the K/V written for each decode input (the last token is never fed back)
+    untouched = sum(int((cache == 7.0).all(dim=-1).all(dim=-1).sum()) for cache in engine.runner.kv_caches)
+    layers = len(engine.runner.kv_caches)
+    total_slots = engine.num_blocks * engine.block_size * 2 * layers
+    assert untouched == total_slots - 2 * layers * used
+    assert not torch.isnan(engine.runner.kv_caches[0]).any()

@@ -6,6 +6,12 @@ same call), so the checks work for any cache layout ``kv_cache_shape`` chooses. 
 starts as random values, blocks are handed out in shuffled order and block 0 stays the null
 block the engine pads block tables with: a backend that assumes contiguous blocks, reads past
 a sequence's length or writes outside ``slot_mapping`` picks up or leaves garbage.
+
+With an fp8 ``kv_cache_dtype`` both caches hold fp8 and the reference stores torch's
+round-to-nearest-even cast of K/V, saturated at the format's largest value (an unscaled cache,
+as vLLM keeps without calibrated scales). The backend must store exactly those values; since
+every fp8 value is exact in float16, bfloat16 and float32, its output is then held to the model
+dtype's tolerance, as with a cache in the model dtype.
 """
 
 from __future__ import annotations
@@ -16,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.platform import AttentionBackend, AttentionMetadata, AttentionSpec
+from runtime.platform import KV_CACHE_DTYPES, AttentionBackend, AttentionMetadata, AttentionSpec
 from runtime.platform.reference.attention import paged_attention
 
-from .compare import mismatch
+from .compare import dtype_name, mismatch
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,15 @@ SCENARIOS = {
                        ((0, 10), (1, 1), (2, 6), (3, 1), (4, 1), (5, 3), (6, 1)))),
     "many_blocks": Scenario((((0, 300), (1, 257), (3, 199)), ((0, 1), (1, 11), (2, 150), (3, 1)))),
 }
+
+
+def saturate(t: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """``t`` clamped to what an fp8 ``cache_dtype`` can hold (torch's e5m2 cast would give inf beyond it);
+    ``t`` itself for a cache in the model dtype."""
+    if cache_dtype not in KV_CACHE_DTYPES.values():
+        return t
+    limit = torch.finfo(cache_dtype).max
+    return t.clamp(-limit, limit)
 
 
 def _kind(cached: int, new: int) -> str:
@@ -80,11 +95,12 @@ class PagedRun:
         default = AttentionBackend.kv_cache_shape(num_blocks, bs, spec.num_kv_heads, spec.head_size)
         shape = tuple(backend.kv_cache_shape(num_blocks, bs, spec.num_kv_heads, spec.head_size))
         self.default_layout = shape == default
-        start = torch.randn(shape, generator=self.generator).to(spec.dtype)
+        start = torch.randn(shape, generator=self.generator).to(spec.cache_dtype)
         self.cache = start.to(device)
         # The reference keeps its own cache in the default layout: with the same starting values
         # when the backend's layout is the default too, so the two can be compared slot by slot.
-        self.ref_cache = start.clone() if self.default_layout else torch.randn(default, generator=self.generator).to(spec.dtype)
+        self.ref_cache = (start.clone() if self.default_layout
+                          else torch.randn(default, generator=self.generator).to(spec.cache_dtype))
 
     def describe(self, seq: int, cached: int, new: int) -> str:
         blocks = math.ceil((cached + new) / self.spec.block_size)
@@ -132,8 +148,8 @@ class PagedRun:
             query, key, value, meta = self._step_inputs(step)
             out = backend.forward(query.to(self.device), key.to(self.device), value.to(self.device), self.cache,
                                   self._on_device(meta))
-            ref = paged_attention(query, key, value, self.ref_cache, meta, spec.scale, spec.sliding_window,
-                                  spec.logits_soft_cap)
+            ref = paged_attention(query, saturate(key, spec.cache_dtype), saturate(value, spec.cache_dtype),
+                                  self.ref_cache, meta, spec.scale, spec.sliding_window, spec.logits_soft_cap)
             difference = self.cache_difference() if check_cache else None
             if difference:
                 raise AssertionError(f"K/V cache after step {index + 1} of {steps}: {difference}")
@@ -164,6 +180,11 @@ class PagedRun:
             return None
         bs = self.spec.block_size
         kind, slot = (int(i) for i in differs.nonzero()[0])
+        feature = int((ours[kind, slot] != ref[kind, slot]).flatten().nonzero()[0])
+        got, expected = (float(c[kind, slot].flatten()[feature]) for c in (ours, ref))
+        fp8 = (f"; a {dtype_name(self.spec.cache_dtype)} cache holds torch's round-to-nearest-even cast, saturated "
+               "at the format's largest value" if self.spec.cache_dtype != self.spec.dtype else "")
         return (f"{int(differs.any(0).sum())} slots differ from the reference's; first: "
-                f"{'key' if kind == 0 else 'value'} of slot {slot} (block {slot // bs}, offset {slot % bs}). "
-                f"New K/V must land exactly at slot_mapping and nothing else may change")
+                f"{'key' if kind == 0 else 'value'} of slot {slot} (block {slot // bs}, offset {slot % bs}), "
+                f"got {got:.6g} where the reference has {expected:.6g}. "
+                f"New K/V must land exactly at slot_mapping and nothing else may change{fp8}")

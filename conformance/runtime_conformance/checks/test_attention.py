@@ -4,7 +4,7 @@ Each check feeds a scenario (see :mod:`runtime_conformance.paged`) step by step,
 would: prefill, decode, chunked prefill, prefill after a prefix hit, mixed batches, several
 query tokens per sequence (speculative verification), sequences over many blocks. On top:
 GQA/MQA ratios, every declared head size, block size and dtype, sliding window and soft-capping
-where declared, and where the new K/V land in the cache.
+where declared, every declared fp8 KV-cache dtype, and where the new K/V land in the cache.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from runtime.platform import AttentionBackend, AttentionSpec
+from runtime.platform import KV_CACHE_DTYPES, AttentionBackend, AttentionSpec
 
 from ..compare import dtype_name
 from ..paged import SCENARIOS, PagedRun
@@ -35,7 +35,7 @@ class AttentionCase:
 
 def pytest_generate_tests(metafunc):
     makers = {"test_scenario": _scenarios, "test_head_layout": _head_layouts, "test_block_size": _block_sizes,
-              "test_feature": _features, "test_kv_written_to_slots": _kv_slots}
+              "test_feature": _features, "test_kv_cache_dtype": _kv_cache_dtypes, "test_kv_written_to_slots": _kv_slots}
     parametrize(metafunc, makers[metafunc.function.__name__])
 
 
@@ -84,11 +84,24 @@ def _features(target):
             for dtype in dtypes(b, p):
                 spec = spec_for(b, dtype, sliding_window=window, logits_soft_cap=cap)
                 yield case(AttentionCase(b, spec, "mixed"), f"{b.name}-{dtype_name(dtype)}-{name}")
-        # The engine allocates every cache in the model dtype: contract 1.0 cannot run another cache dtype yet.
-        for kv in b.supported_kv_cache_dtypes:
-            if kv != "auto":
-                yield pytest.param(None, id=f"{b.name}-kv-{kv}", marks=pytest.mark.skip(
-                    reason=f"not checked: kv_cache_dtype {kv} (contract 1.0 allocates caches in the model dtype)"))
+    return _each_backend(target, cases)
+
+
+def _kv_cache_dtypes(target):
+    def cases(b, p):
+        for kv in KV_CACHE_DTYPES:
+            if kv not in b.supported_kv_cache_dtypes:
+                yield unsupported(f"{b.name}-{kv}", f"{b.name} declares no kv_cache_dtype {kv}")
+                continue
+            for dtype in dtypes(b, p):
+                spec = spec_for(b, dtype, kv_cache_dtype=kv)
+                # A declared cache dtype the device cannot hold (e4m3 before compute capability 8.9).
+                reason = b.unsupported_reason(spec)
+                if reason is not None:
+                    yield unsupported(f"{b.name}-{dtype_name(dtype)}-{kv}", f"{b.name} on this device: {reason}")
+                    continue
+                for name in SCENARIOS:
+                    yield case(AttentionCase(b, spec, name), f"{b.name}-{dtype_name(dtype)}-{kv}-{name}")
     return _each_backend(target, cases)
 
 
@@ -97,10 +110,14 @@ def _kv_slots(target):
         case(AttentionCase(b, spec_for(b, dtype), "mixed"), f"{b.name}-{dtype_name(dtype)}") for dtype in dtypes(b, p)])
 
 
-def _run(case: AttentionCase, target, check_cache: bool = False) -> None:
+def _paged_run(case: AttentionCase, target) -> PagedRun:
     reason = case.backend.unsupported_reason(case.spec)
     assert reason is None, f"{case.backend.name} rejects a spec within its declarations: {reason}"
-    run = PagedRun(SCENARIOS[case.scenario], case.spec, case.backend, target.device)
+    return PagedRun(SCENARIOS[case.scenario], case.spec, case.backend, target.device)
+
+
+def _run(case: AttentionCase, target, check_cache: bool = False) -> None:
+    run = _paged_run(case, target)
     if check_cache and not run.default_layout:
         pytest.skip("unsupported: the backend's own cache layout cannot be read slot by slot; the other attention "
                     "checks verify its K/V by reading them back in later steps")
@@ -121,6 +138,14 @@ def test_block_size(case, target):
 
 def test_feature(case, target):
     _run(case, target)
+
+
+def test_kv_cache_dtype(case, target):
+    """Every scenario over an fp8 cache, against the reference holding torch's saturating cast of
+    the same K/V (see :mod:`runtime_conformance.paged`); in the default layout the stored values
+    must also be exactly those, slot by slot."""
+    run = _paged_run(case, target)
+    run.run(case.backend(case.spec), check_cache=run.default_layout)
 
 
 def test_kv_written_to_slots(case, target):

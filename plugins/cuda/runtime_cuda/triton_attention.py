@@ -16,7 +16,9 @@ each program writes its partial (max, sum, weighted values) to a float32 workspa
 kernel merges the slices.
 
 Cache layout is the contract's default, ``[2 (K, V), blocks, block_size, kv_heads, head_size]``;
-every address goes through the cache's strides.
+every address goes through the cache's strides. The cache holds the model's dtype or, with
+``--kv-cache-dtype fp8``, unscaled fp8 (e4m3 or e5m2): stores saturate to the format's range,
+and the attention kernel widens each K/V tile to the query's dtype before its products.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
+from runtime.platform import KV_CACHE_DTYPES
+
+FP8_DTYPES = frozenset(KV_CACHE_DTYPES.values())
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # scores go through exp2
 
 
@@ -41,10 +46,11 @@ def store_kv_kernel(key_ptr, value_ptr, cache_ptr, slot_ptr,
                     num_kv_heads, head_size, block_size,
                     stride_kt, stride_kh, stride_vt, stride_vh,
                     stride_ckv, stride_cb, stride_co, stride_ch,
-                    HEADS_PAD: tl.constexpr, HEAD_PAD: tl.constexpr):
+                    HEADS_PAD: tl.constexpr, HEAD_PAD: tl.constexpr, SATURATE: tl.constexpr):
     """One program per new token: its K and V (all KV heads) into the cache slot it maps to.
 
-    A negative slot (a padding token of a fixed-shape batch) writes nothing.
+    A negative slot (a padding token of a fixed-shape batch) writes nothing. ``SATURATE``
+    (an fp8 cache's largest finite value, else 0) clamps K/V before the cast.
     """
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + token)
@@ -55,6 +61,13 @@ def store_kv_kernel(key_ptr, value_ptr, cache_ptr, slot_ptr,
     dest = cache_ptr + (slot // block_size) * stride_cb + (slot % block_size) * stride_co + heads * stride_ch + dims
     k = tl.load(key_ptr + token * stride_kt + heads * stride_kh + dims, mask=mask)
     v = tl.load(value_ptr + token * stride_vt + heads * stride_vh + dims, mask=mask)
+    if SATURATE > 0:
+        # An unscaled fp8 cache saturates what it cannot hold, as torch's e4m3 cast and vLLM do. Only
+        # the native conversions (cvt .satfinite, compute capability 8.9+) saturate by themselves;
+        # Triton's emulated e5m2 on older GPUs and its interpreter give inf or NaN (e4m3 has no inf),
+        # which would poison every later step that reads the slot.
+        k = tl.clamp(k.to(tl.float32), -SATURATE, SATURATE)
+        v = tl.clamp(v.to(tl.float32), -SATURATE, SATURATE)
     tl.store(dest, k.to(cache_ptr.dtype.element_ty), mask=mask)
     tl.store(dest + stride_ckv, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
@@ -131,7 +144,10 @@ def unified_attention_kernel(
         pos_ok = pos < kv_hi
         block = tl.load(table + pos // block_size, mask=pos_ok, other=0).to(tl.int64)
         slot = block * stride_cb + (pos % block_size) * stride_co
-        k = tl.load(kv_base + slot[None, :] + dims[:, None], mask=pos_ok[None, :] & dim_ok[:, None], other=0.0)
+        # An fp8 cache's values are exact in the query's dtype, so the products stay as accurate as
+        # with a cache in the model dtype (for which this cast is no operation at all).
+        k = tl.load(kv_base + slot[None, :] + dims[:, None], mask=pos_ok[None, :] & dim_ok[:, None],
+                    other=0.0).to(q.dtype)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale
         if USE_SOFT_CAP:
             s = soft_cap * tanh(s / soft_cap)
@@ -146,8 +162,8 @@ def unified_attention_kernel(
         alpha = tl.exp2(m - m_shift)
         l = l * alpha + tl.sum(p, 1)
         v = tl.load(kv_base + stride_ckv + slot[:, None] + dims[None, :], mask=pos_ok[:, None] & dim_ok[None, :],
-                    other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                    other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
 
     if SPLIT:
@@ -191,7 +207,8 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
         key, value, kv_cache, slot_mapping, kv_heads, head_size, kv_cache.shape[2],
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        HEADS_PAD=triton.next_power_of_2(kv_heads), HEAD_PAD=triton.next_power_of_2(head_size))
+        HEADS_PAD=triton.next_power_of_2(kv_heads), HEAD_PAD=triton.next_power_of_2(head_size),
+        SATURATE=torch.finfo(kv_cache.dtype).max if kv_cache.dtype in FP8_DTYPES else 0.0)
 
 
 def unified_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, query_start_loc: torch.Tensor,

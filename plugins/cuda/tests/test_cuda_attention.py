@@ -3,11 +3,13 @@
 Each case is one engine step over a cache whose blocks are shuffled and whose other slots hold
 random values: a kernel that reads past a sequence, assumes contiguous blocks or writes
 outside ``slot_mapping`` picks up or leaves garbage. Shapes are tiny so the interpreter runs
-them on the CPU; the same cases run compiled on a GPU.
+them on the CPU; the same cases run compiled on a GPU. The same cases run over fp8 caches
+(``--kv-cache-dtype fp8``) against a reference whose K/V went through torch's saturating cast.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -23,6 +25,10 @@ from runtime_cuda.attention import MAX_SPLITS, TritonAttentionBackend, plan_laun
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 DTYPES = list(TOLERANCE)
+FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+INTERPRETER_FP8_ROUNDING = ("Triton's interpreter rounds to fp8 without carrying into the exponent "
+                            "(triton/runtime/interpreter.py _convert_float: 0.496 becomes 0.25, not 0.5), so "
+                            "rounding onto fp8 is checked on a GPU only")
 # (cached tokens, new tokens) per sequence: prefill, decode, a chunk after a cached prefix,
 # a long decode, a one-token prompt.
 MIXED = ((0, 7), (12, 1), (5, 4), (30, 1), (0, 1))
@@ -55,10 +61,26 @@ CASES = {
 }
 
 
-class Step:
-    """One step's inputs over a random cache with shuffled blocks (block 0 is never handed out)."""
+def fp8_cast(x: torch.Tensor, fp8: torch.dtype) -> torch.Tensor:
+    """torch's round-to-nearest-even cast, saturating at the format's largest finite value
+    (torch's e5m2 cast would give inf beyond it)."""
+    limit = torch.finfo(fp8).max
+    return x.float().clamp(-limit, limit).to(fp8)
 
-    def __init__(self, case: Case, dtype: torch.dtype, device: torch.device, seed: int = 0):
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality, which torch.equal does not implement for fp8 on the CPU."""
+    return a.dtype == b.dtype and torch.equal(a.cpu().contiguous().view(torch.uint8), b.cpu().contiguous().view(torch.uint8))
+
+
+class Step:
+    """One step's inputs over a random cache with shuffled blocks (block 0 is never handed out).
+
+    ``cache_dtype``: the cache's element type when it is not ``dtype`` (an fp8 format).
+    """
+
+    def __init__(self, case: Case, dtype: torch.dtype, device: torch.device, seed: int = 0,
+                 cache_dtype: torch.dtype | None = None):
         g = torch.Generator().manual_seed(seed)
         bs = case.block_size
         own = [math.ceil((cached + new) / bs) for cached, new in case.seqs]
@@ -72,7 +94,7 @@ class Step:
             slots += [table[p // bs] * bs + p % bs for p in range(cached, cached + new)]
         width = max(own)
         tokens = starts[-1]
-        self.cache = torch.randn(2, num_blocks, bs, case.kv_heads, case.head_size, generator=g).to(dtype)
+        self.cache = torch.randn(2, num_blocks, bs, case.kv_heads, case.head_size, generator=g).to(cache_dtype or dtype)
         self.query = (2 * torch.randn(tokens, case.heads, case.head_size, generator=g)).to(dtype)
         self.key = torch.randn(tokens, case.kv_heads, case.head_size, generator=g).to(dtype)
         self.value = torch.randn(tokens, case.kv_heads, case.head_size, generator=g).to(dtype)
@@ -84,10 +106,16 @@ class Step:
         self.case, self.device = case, device
 
     def reference(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(output, cache after the write) of the reference, on the CPU."""
+        """(output, cache after the write) of the reference, on the CPU.
+
+        Over an fp8 cache the reference stores :func:`fp8_cast` of K/V and computes on those values.
+        """
         cache = self.cache.clone()
         c = self.case
-        out = paged_attention(self.query, self.key, self.value, cache, self.meta, c.head_size ** -0.5, c.window, c.soft_cap)
+        key, value = self.key, self.value
+        if cache.dtype in FP8.values():
+            key, value = fp8_cast(key, cache.dtype), fp8_cast(value, cache.dtype)
+        out = paged_attention(self.query, key, value, cache, self.meta, c.head_size ** -0.5, c.window, c.soft_cap)
         return out, cache
 
     def on_device(self):
@@ -103,16 +131,13 @@ def _assert_close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype)
     torch.testing.assert_close(got.cpu(), expected, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("name", CASES)
-def test_unified_attention_matches_reference(name, dtype, device, require_dot):
-    require_dot(dtype)
-    case = CASES[name]
-    step = Step(case, dtype, device)
+def _store_and_attend(step: Step) -> None:
+    """Both launches over the step's cache, each checked against the reference."""
+    case, device, dtype = step.case, step.device, step.query.dtype
     expected, expected_cache = step.reference()
     query, key, value, cache, meta = step.on_device()
     triton_attention.store_kv(key, value, cache, meta.slot_mapping)
-    assert torch.equal(cache.cpu(), expected_cache), "new K/V must land exactly at slot_mapping, nothing else changes"
+    assert same_bits(cache, expected_cache), "new K/V must land exactly at slot_mapping, nothing else changes"
     out = torch.full_like(query, float("nan"))  # every row must be written
     workspace = None
     if case.num_splits > 1:
@@ -122,6 +147,32 @@ def test_unified_attention_matches_reference(name, dtype, device, require_dot):
         scale=case.head_size ** -0.5, sliding_window=case.window, soft_cap=case.soft_cap,
         block_m=case.block_m, tile_n=16, num_splits=case.num_splits, workspace=workspace)
     _assert_close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("name", CASES)
+def test_unified_attention_matches_reference(name, dtype, device, require_dot):
+    require_dot(dtype)
+    _store_and_attend(Step(CASES[name], dtype, device))
+
+
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("name", CASES)
+def test_attention_over_fp8_cache(name, dtype, fp8, device, require_dot):
+    """Every case (prefill, chunks, decode, GQA/MQA, windows, soft-capping, split-K) over an fp8 cache.
+
+    The tolerance is the model dtype's, not one widened for e4m3's 3-bit mantissa: the reference
+    holds the same fp8 values (store_kv must round exactly as torch does), and every e4m3 and e5m2
+    value is exact in float16, bfloat16 and float32, so reading them costs nothing further.
+    """
+    require_dot(dtype)
+    step = Step(CASES[name], dtype, device, cache_dtype=FP8[fp8])
+    if device.type == "cpu":
+        # The interpreter's own rounding is wrong (INTERPRETER_FP8_ROUNDING) but it converts values
+        # already on the fp8 grid exactly: start the new K/V there, so what is checked is the kernels.
+        step.key, step.value = (fp8_cast(t, FP8[fp8]).to(dtype) for t in (step.key, step.value))
+    _store_and_attend(step)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d).removeprefix("torch."))
@@ -156,6 +207,58 @@ def test_backend_reads_back_what_it_wrote(dtype, device):
                                      starts, lens)
         got = backend.forward(q.to(device), k.to(device), v.to(device), cache, dev_meta)
         _assert_close(got, expected, dtype)
+
+
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_store_to_fp8_keeps_its_values_and_saturates(dtype, fp8, device):
+    """Every finite fp8 value is stored as itself, and what lies beyond the format saturates to
+    its largest value instead of becoming NaN (e4m3 has no inf) or inf (e5m2)."""
+    fp8 = FP8[fp8]
+    limit = torch.finfo(fp8).max
+    grid = torch.arange(256, dtype=torch.uint8).view(fp8).float()
+    grid = grid[grid.isfinite()]
+    beyond = torch.tensor([2 * limit, float("inf")]).clamp(max=torch.finfo(dtype).max)  # float16 ends below 2 * 57344
+    values = torch.cat([grid, beyond, -beyond]).to(dtype)
+    values = torch.cat([values, values.new_zeros(-values.numel() % 32)]).view(-1, 2, 16)
+    tokens = values.shape[0]
+    cache = torch.zeros(2, tokens + 1, 1, 2, 16, dtype=fp8, device=device)
+    slots = torch.randperm(tokens, generator=torch.Generator().manual_seed(0)) + 1
+    triton_attention.store_kv(values.to(device), (-values).to(device), cache, slots.to(device))
+    expected = torch.zeros(2, tokens + 1, 2, 16, dtype=fp8)
+    expected[0, slots], expected[1, slots] = fp8_cast(values, fp8), fp8_cast(-values, fp8)
+    assert same_bits(cache.view(2, -1, 2, 16), expected)
+    assert cache.float().isfinite().all()
+
+
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_store_to_fp8_rounds_as_torch(dtype, fp8, device):
+    """Values off the fp8 grid, from subnormal to beyond the format: bit for bit torch's round-to-nearest-even."""
+    if device.type == "cpu":
+        pytest.skip(INTERPRETER_FP8_ROUNDING)
+    fp8 = FP8[fp8]
+    g = torch.Generator().manual_seed(0)
+    scales = torch.logspace(-12, 17, 64, base=2)[:, None]  # e4m3's subnormals start at 2^-9, e5m2's end at 2^16
+    values = (torch.randn(64, 512, generator=g) * scales).view(-1, 4, 64).to(dtype)
+    tokens = values.shape[0]
+    cache = torch.zeros(2, tokens, 1, 4, 64, dtype=fp8, device=device)
+    triton_attention.store_kv(values.to(device), (values / 3).to(device), cache, torch.arange(tokens, device=device))
+    assert same_bits(cache[0, :, 0], fp8_cast(values, fp8))
+    assert same_bits(cache[1, :, 0], fp8_cast(values / 3, fp8))
+
+
+def test_backend_takes_fp8_caches_the_gpu_can_convert(monkeypatch):
+    """e4m3 needs compute capability 8.9 (Triton has no e4m3 type below it); e5m2 Triton emulates anywhere."""
+    e4m3 = AttentionSpec(8, 2, 64, 0.125, torch.bfloat16, 16, kv_cache_dtype="fp8")
+    e5m2 = dataclasses.replace(e4m3, kv_cache_dtype="fp8_e5m2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert "compute capability 8.9" in TritonAttentionBackend.unsupported_reason(e4m3)
+    assert TritonAttentionBackend.unsupported_reason(e5m2) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert TritonAttentionBackend.unsupported_reason(e4m3) is None
+    assert "not supported" in TritonAttentionBackend.unsupported_reason(dataclasses.replace(e4m3, kv_cache_dtype="int8"))
 
 
 def test_negative_slots_write_nothing(device):

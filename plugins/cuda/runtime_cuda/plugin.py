@@ -44,6 +44,6 @@ def runtime_communicators():
 
 @hookimpl
 def runtime_quantization_methods():
-    from .quant import CudaGgufMethod
+    from .quant import CudaGgufMethod, Fp8Method
 
-    return [CudaGgufMethod]
+    return [CudaGgufMethod, Fp8Method]

@@ -1,11 +1,131 @@
-"""GGUF weights on CUDA: dequantize once on the host at load time, then multiply densely (cuBLAS).
+"""Quantization methods of the CUDA platform.
 
-Packed-block GPU kernels (keeping Q4 weights packed in device memory) would save memory, not
-time at the batch sizes this serves first; they are a later step.
+``CudaGgufMethod``: GGUF weights dequantized once on the host at load time, then multiplied
+densely (cuBLAS). Packed-block GPU kernels (keeping Q4 weights packed in device memory) would
+save memory, not time at the batch sizes this serves first; they are a later step.
+
+``Fp8Method`` (``--quantization fp8``): a dense checkpoint's linear weights quantized at load to
+float8 e4m3 with one float32 scale per output channel; activations quantized per token at run
+time; ``torch._scaled_mm`` multiplies on the FP8 tensor cores (compute capability 8.9+). Where
+that matmul cannot run, the weight stays FP8 in memory and is dequantized for each product, and
+a warning says so once per reason.
 """
 
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from runtime.platform import QuantizationMethod
 from runtime.platform.gguf_dequantize import GgufDequantizeMethod
+
+logger = logging.getLogger(__name__)
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
+# The smallest amax a weight row's scale is taken from, as fp8.MIN_AMAX for activations (this
+# module does not import fp8.py, which needs triton).
+MIN_AMAX = 1e-12
+# _scaled_mm needs K and N to be multiples of 16 (cuBLASLt's 16-byte alignment of FP8 rows).
+SCALED_MM_ALIGN = 16
 
 
 class CudaGgufMethod(GgufDequantizeMethod):
     platform = "cuda"
+
+
+@dataclass
+class Fp8Weight:
+    """A linear weight as ``Fp8Method`` keeps it: ``weight * scale.T`` approximates the original."""
+
+    weight: torch.Tensor
+    """[out, in] float8_e4m3fn, row-major (its transpose is the column-major operand _scaled_mm needs)."""
+    scale: torch.Tensor
+    """[1, out] float32: each output channel's amax / 448."""
+    scaled_mm: bool
+    """Whether ``apply`` multiplies in FP8 (``torch._scaled_mm``) or dequantizes the weight first."""
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] -> (e4m3 [out, in], float32 scales [1, out]): each row's amax maps to 448."""
+    # One float32 copy of the weight at a time, divided in place: an 8B model's largest weight
+    # (gate_up, 28672 x 4096) is 470 MB in float32.
+    scale = weight.abs().amax(dim=1, keepdim=True).float().clamp(min=MIN_AMAX) / FP8_MAX
+    q = weight.to(torch.float32, copy=True).div_(scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale.T.contiguous()
+
+
+def dequantize_weight(stored: Fp8Weight, dtype: torch.dtype) -> torch.Tensor:
+    return (stored.weight.float() * stored.scale.T).to(dtype)
+
+
+class Fp8Method(QuantizationMethod):
+    """Online FP8: per-output-channel e4m3 weights, dynamic per-token e4m3 activations.
+
+    Per-channel and per-token scales (rather than one scale per tensor, vLLM's default for
+    ``--quantization fp8``) keep an outlier channel or token from flattening the others into
+    e4m3's few mantissa bits, and need no extra pass: the row-wise scaled matmul applies both
+    scales in its epilogue, and a token's scale comes from the pass that casts it
+    (benchmarks/fp8_linear.py times row-wise against per-tensor scaling).
+    """
+
+    name = "fp8"
+    platform = "cuda"
+    quantizes_dense = True
+
+    def __init__(self):
+        self._warned: set[str] = set()
+
+    def quantize(self, weight: torch.Tensor) -> Fp8Weight:
+        q, scale = quantize_weight(weight)
+        reason = self._fallback_reason(weight)
+        if reason is not None and reason not in self._warned:
+            self._warned.add(reason)
+            logger.warning("fp8: %s, so those weights are kept in FP8 but dequantized for every matmul "
+                           "(memory saved, no FP8 speed-up)", reason)
+        return Fp8Weight(q, scale, scaled_mm=reason is None)
+
+    @staticmethod
+    def _fallback_reason(weight: torch.Tensor) -> str | None:
+        """Why ``torch._scaled_mm`` cannot multiply this weight, or None when it can."""
+        if weight.device.type != "cuda":
+            return f"weights on {weight.device.type}, not a CUDA device"
+        major, minor = torch.cuda.get_device_capability(weight.device)
+        if (major, minor) < (8, 9):
+            return (f"{torch.cuda.get_device_name(weight.device)} (compute capability {major}.{minor}) has no FP8 "
+                    f"tensor cores (8.9+: Ada, Hopper, Blackwell)")
+        if weight.dtype not in (torch.bfloat16, torch.float16):
+            return (f"the model runs in {str(weight.dtype).removeprefix('torch.')} and the FP8 matmul writes "
+                    f"bfloat16 or float16 (use --dtype bfloat16 for FP8 speed)")
+        out_features, in_features = weight.shape
+        if out_features % SCALED_MM_ALIGN or in_features % SCALED_MM_ALIGN:
+            return f"a [{out_features}, {in_features}] weight is not a multiple of {SCALED_MM_ALIGN} in both dimensions"
+        return None
+
+    def apply(self, stored: Fp8Weight, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if not stored.scaled_mm:
+            return F.linear(x, dequantize_weight(stored, x.dtype), bias)
+        rows = x.reshape(-1, x.shape[-1])
+        return scaled_mm(rows, stored, bias).view(*x.shape[:-1], stored.weight.shape[0])
+
+
+def scaled_mm(x: torch.Tensor, stored: Fp8Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x`` [M, K] @ W.T + bias on the FP8 tensor cores, ``x`` quantized per row on the way in.
+
+    The row-wise scaled matmul writes bfloat16 on every torch build (float16 output came later,
+    and only for some GPUs and cuBLAS versions), so a float16 model gets the bfloat16 result
+    cast back and adds its bias itself: _scaled_mm's bias must be bfloat16 with bfloat16 output.
+    """
+    from .fp8 import quantize_rows
+
+    x_q, x_scale = quantize_rows(x if x.stride(-1) == 1 else x.contiguous())
+    fused_bias = bias if x.dtype == torch.bfloat16 else None
+    out = torch._scaled_mm(x_q, stored.weight.T, scale_a=x_scale, scale_b=stored.scale, bias=fused_bias,
+                           out_dtype=torch.bfloat16)
+    if x.dtype == torch.bfloat16:
+        return out
+    out = out.to(x.dtype)
+    return out if bias is None else out.add_(bias)

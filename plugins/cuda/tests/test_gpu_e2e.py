@@ -130,3 +130,102 @@ def test_embedded_gguf_greedy_matches_cpu():
     problem = _divergence(ours, reference, LOGPROB_TOLERANCE["float32"])
     assert problem is None, f"embedded GGUF on cuda differs from cpu: {problem}"
     assert "Paris" in ours.text, f"cuda answered {ours.text!r}"
+
+
+def test_fp8_quantization_tracks_bfloat16(tmp_path):
+    """``quantization="fp8"`` against the same tiny Llama unquantized, both bfloat16 on cuda.
+
+    The bounds come from running this comparison with the FP8 matmul emulated on the CPU (the
+    same quantization of weights and activations, 64 prompts): this random 2-layer model amplifies
+    e4m3's ~3 % error per matmul into top-5 first-step logprobs that move by 0.18 on average
+    (bfloat16 vs float32 alone: 0.02), and 45 of 64 first tokens agreed, every disagreement at a
+    top-2 gap under 0.5. With agreement p ~ 0.7, fewer than 32 of 64 is a 3.5-sigma event
+    (binomial sd 3.7); a broken matmul agrees on almost none.
+    """
+    sys.path.insert(0, str(REPO_TESTS))
+    from tiny_models import make_tiny_checkpoint
+
+    from runtime.models.layers.linear import Linear
+
+    path = make_tiny_checkpoint(tmp_path, "llama")
+    rng = random.Random(1)
+    prompts = [[rng.randrange(6, 300) for _ in range(rng.randrange(1, 40))] for _ in range(64)]
+    # A few decode steps too, so the quantized layers also run inside the captured CUDA graphs.
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=5)
+
+    def run(**engine_args):
+        llm = LLM(str(path), device="cuda", dtype="bfloat16", kv_cache_memory="32MiB", **engine_args)
+        outputs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+        runner = llm.engine.runner
+        quantized = [tuple(m.quant_weight.weight.shape) for m in runner.model.modules()
+                     if isinstance(m, Linear) and m.quant_method is not None]
+        weight_bytes = runner.weight_bytes
+        del llm, runner
+        _release()
+        return outputs, weight_bytes, quantized
+
+    dense, dense_bytes, _ = run()
+    fp8, fp8_bytes, quantized = run(quantization="fp8")
+    # qkv, o, gate_up and down of both layers (not the output projection), each now one byte per
+    # element and a float32 scale per output row instead of two bytes per element.
+    assert len(quantized) == 4 * 2
+    assert fp8_bytes == dense_bytes - sum(n * k * 2 - (n * k + 4 * n) for n, k in quantized)
+    assert all(len(o.token_ids) == params.max_tokens for o in fp8)
+
+    diffs, agree = [], 0
+    for ours, ref in zip(fp8, dense):
+        row, got = ref.logprobs[0], ours.logprobs[0]
+        diffs += [abs(got[t].logprob - lp.logprob) for t, lp in row.items() if t in got]
+        if ours.token_ids[0] == ref.token_ids[0]:
+            agree += 1
+            continue
+        top = sorted((lp.logprob for lp in row.values()), reverse=True)
+        assert top[0] - top[1] < 1.5, f"fp8 changed a first token the dense model preferred by {top[0] - top[1]:.2f}"
+    mean_diff = sum(diffs) / len(diffs)
+    assert mean_diff < 0.4, f"fp8 moved the top-5 first-step logprobs by {mean_diff:.3f} on average"
+    assert agree >= 32, f"fp8 agreed with bfloat16 on {agree} of 64 first tokens"
+
+
+# --kv-cache-dtype fp8 against the model-dtype cache on the same GPU. A tiny random model amplifies
+# the cache's rounding (e4m3 keeps 3 mantissa bits: up to 2^-4 relative per value) far more than a
+# trained one, so the bounds are statistical, set from these models run on the CPU with the reference
+# attention over an e4m3 cache (bfloat16, two seeds): first-step top-5 logprobs moved by at most 0.51,
+# continuations parted only at near-ties (logprob gap < 0.9), and the greedy choice at a prompt
+# position agreed 84-94% of the time. Halving the stored K or V, a scale bug, moves first-step
+# logprobs by 1.1-2.2 and drops that agreement to 29-44%.
+FP8_LOGPROB_TOLERANCE = 1.0
+FP8_MIN_AGREEMENT = 0.7
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral-window8", "gemma2"])
+def test_fp8_kv_cache_tracks_the_model_dtype_cache(name, tmp_path):
+    sys.path.insert(0, str(REPO_TESTS))
+    from tiny_models import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path, name.split("-")[0], **MODELS[name])
+    rng = random.Random(1)
+    prompts = [[rng.randrange(6, 300) for _ in range(n)] for n in (64, 48, 40, 33, 17, 5, 1)]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5, prompt_logprobs=1)
+    runs = {}
+    for kv_cache_dtype in ("auto", "fp8"):
+        llm = LLM(str(path), device="cuda", dtype="bfloat16", kv_cache_memory="32MiB", kv_cache_dtype=kv_cache_dtype)
+        runs[kv_cache_dtype] = llm.generate(prompts, params, use_tqdm=False)
+        del llm
+        _release()
+
+    def greedy(row):
+        return min(row, key=lambda token: row[token].rank)
+
+    shifts, agree, positions, problems = [], 0, 0, []
+    for i, (ours, ref) in enumerate(zip(runs["fp8"], runs["auto"])):
+        first, ref_first = ours.outputs[0].logprobs[0], ref.outputs[0].logprobs[0]
+        shifts += [abs(first[t].logprob - ref_first[t].logprob) for t in ref_first if t in first]
+        if problem := _divergence(ours.outputs[0], ref.outputs[0], FP8_LOGPROB_TOLERANCE):
+            problems.append(f"prompt {i}: {problem}")
+        # Every prompt position predicts from the same prefix in both runs, so one flip does not cascade.
+        for row, ref_row in zip(ours.prompt_logprobs[1:], ref.prompt_logprobs[1:]):
+            agree += greedy(row) == greedy(ref_row)
+            positions += 1
+    assert max(shifts) <= FP8_LOGPROB_TOLERANCE, f"first-step logprobs moved by up to {max(shifts):.3f}"
+    assert not problems, "fp8 continuations part from auto's beyond a near-tie: " + "; ".join(problems)
+    assert agree >= FP8_MIN_AGREEMENT * positions, f"greedy choice agrees at {agree} of {positions} prompt positions"

@@ -1,6 +1,7 @@
 """Offline generation speed: runtime's LLM against HF transformers ``generate()``, same model and prompts.
 
 Usage: .venv/bin/python benchmarks/offline_vs_hf.py [--batch-sizes 1 16] [--new-tokens 64] [--model PATH]
+           [--dtype auto] [--quantization int8]
 
 Both sides decode greedily with EOS ignored, so they produce the same number of tokens; each
 figure is output tokens per second of wall time, measured in one run (quote the ratio: the
@@ -62,8 +63,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="auto", help="runtime's dtype; HF always runs float32 as it loads the GGUF")
+    parser.add_argument("--quantization", default=None, help="runtime's --quantization (e.g. int8 on the CPU); HF stays float32")
     args = parser.parse_args()
-    llm = LLM(args.model, kv_cache_memory="1GiB", max_model_len=2048, dtype=args.dtype)
+    llm = LLM(args.model, kv_cache_memory="1GiB", max_model_len=2048, dtype=args.dtype, quantization=args.quantization)
     model, tokenizer = hf_model(args.model)
     model.eval()
     time_runtime(llm, PROMPTS[:2], 4)

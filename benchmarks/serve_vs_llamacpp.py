@@ -2,6 +2,7 @@
 
 Usage: .venv/bin/python benchmarks/serve_vs_llamacpp.py [--concurrency 1 4 16 64] [--output-len 64]
            [--input-len 128] [--prompts-per-level 2] [--min-prompts 8] [--output-json F] [--plot F.png]
+           [--runtime-args "--quantization int8"]
 
 Starts ``runtime serve`` on the embedded SmolLM2 GGUF and ``python -m llama_cpp.server`` on the
 same file with every core, and drives them in turn with the same random prompts at each
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -31,9 +33,9 @@ from runtime.bench.serve import ServeConfig, run_serve, warm_up
 from runtime.loader.source import embedded_model_path
 
 
-def runtime_server(gguf: Path, port: int) -> list[str]:
+def runtime_server(gguf: Path, port: int, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "runtime.cli", "serve", str(gguf), "--served-model-name", "model",
-            "--host", "127.0.0.1", "--port", str(port)]
+            "--host", "127.0.0.1", "--port", str(port), *extra]
 
 
 def llamacpp_server(gguf: Path, port: int, n_ctx: int) -> list[str]:
@@ -85,6 +87,8 @@ def main() -> None:
     parser.add_argument("--min-prompts", type=int, default=8)
     parser.add_argument("--output-json", default=None)
     parser.add_argument("--plot", default=None, metavar="FILE.png")
+    parser.add_argument("--runtime-args", default="", metavar="ARGS",
+                        help='extra `runtime serve` flags, one shell-quoted string, e.g. "--quantization int8"')
     args = parser.parse_args()
 
     gguf = embedded_model_path()
@@ -96,7 +100,8 @@ def main() -> None:
     ours_port, theirs_port = free_port(), free_port()
     n_ctx = 2 * (args.input_len + args.output_len) + 256
     # Both stay up (an idle server costs no CPU) and take turns, level by level.
-    with LaunchedServer(runtime_server(gguf, ours_port), ours_port, logs / "runtime.log") as ours_server, \
+    ours_command = runtime_server(gguf, ours_port, shlex.split(args.runtime_args))
+    with LaunchedServer(ours_command, ours_port, logs / "runtime.log") as ours_server, \
             LaunchedServer(llamacpp_server(gguf, theirs_port, n_ctx), theirs_port, logs / "llama.cpp.log",
                            ready_path="/v1/models") as theirs_server:
         results = sweep({"runtime": ours_server.url, "llama.cpp": theirs_server.url}, workloads, warm)

@@ -25,8 +25,9 @@ NEW_TOKENS = 32
 
 @pytest.fixture(scope="module")
 def llm():
-    """The default dtype, float32 on the CPU, as HF transformers loads the GGUF."""
-    return LLM(None, kv_cache_memory="256MiB", max_model_len=1024)
+    """The default dtype, float32 on the CPU, and the weights as HF transformers loads the GGUF
+    (dequantized; the CPU's default int8 requantization is tested against HF in test_int8_quant.py)."""
+    return LLM(None, kv_cache_memory="256MiB", max_model_len=1024, quantization="none")
 
 
 @pytest.fixture(scope="module")

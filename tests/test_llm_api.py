@@ -103,6 +103,12 @@ def test_prompt_too_long_is_rejected_with_numbers(llm):
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_dense_checkpoint_is_not_requantized_by_default(llm, checkpoint):
+    assert llm.engine.quantization == "none"
+    with pytest.raises(ValueError, match="--quantization fp8 is not offered on cpu; choose one of: int8, none"):
+        LLM(str(checkpoint), quantization="fp8", **OPTIONS)
+
+
 def test_unknown_engine_argument(checkpoint):
     with pytest.raises(TypeError, match="unknown engine argument.*max_num_seq\\b"):
         LLM(str(checkpoint), max_num_seq=4)

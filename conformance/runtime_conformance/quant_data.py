@@ -51,3 +51,12 @@ def reference_dequantize(raw: RawQuantizedTensor) -> torch.Tensor:
     """The dense float32 weight, by the gguf package's numpy reference."""
     values = dequantize(np.asarray(raw.data), GGMLQuantizationType[raw.qtype]).reshape(raw.shape)
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+
+
+def random_dense(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """A float32 weight whose rows differ in magnitude (10^-1 to 10^1), so a per-channel scale
+    differs from a per-tensor one, with one large value per row as real weights have."""
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal((rows, cols)) * 10 ** rng.uniform(-1, 1, size=(rows, 1))
+    values[np.arange(rows), rng.integers(0, cols, size=rows)] *= 8
+    return torch.from_numpy(values.astype(np.float32))

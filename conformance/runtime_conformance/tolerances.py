@@ -40,3 +40,42 @@ def tolerance(dtype: torch.dtype) -> Tolerance:
     if dtype not in TOLERANCES:
         raise KeyError(f"runtime-conformance states no tolerance for {dtype}; known: {', '.join(map(str, TOLERANCES))}")
     return TOLERANCES[dtype]
+
+
+@dataclass(frozen=True)
+class QuantizedFormat:
+    unit: float
+    """The largest rounding error of one value, relative to the largest magnitude of its output
+    channel (``per_channel``) or to the value itself (floating-point formats)."""
+    per_channel: bool
+
+
+# int8: symmetric round-to-nearest over [-127, 127] * max|W_c| / 127, half a step is 1/254 of
+# the channel's largest value. fp8: half the spacing of 3 (e4m3) or 2 (e5m2) mantissa bits.
+QUANTIZED_FORMATS: dict[torch.dtype, QuantizedFormat] = {
+    torch.int8: QuantizedFormat(unit=1 / 254, per_channel=True),
+    torch.uint8: QuantizedFormat(unit=1 / 254, per_channel=True),
+    torch.float8_e4m3fn: QuantizedFormat(unit=2 ** -4, per_channel=False),
+    torch.float8_e5m2: QuantizedFormat(unit=2 ** -3, per_channel=False),
+}
+
+
+def quantized_matmul_tolerance(x: torch.Tensor, weight: torch.Tensor, stored: torch.dtype) -> torch.Tensor:
+    """How far ``x @ W.T`` may move, per output element, when W (and x, which a method may
+    quantize too, per row) is rounded to ``stored``: eight standard deviations of the sum of
+    independent rounding errors, each uniform within the format's unit.
+
+    Rounding W's channel c moves output (i, c) by sum_k x_ik * e_ck with |e_ck| <= unit * m_ck,
+    where m_ck is the channel's largest |W| (per-channel formats) or |W_ck| (floating point);
+    the sum's standard deviation is at most unit / sqrt(3) * ||x_i * m_c||. Rounding x adds the
+    same with the roles swapped. A wrong scale, a transposed or shifted weight, moves outputs
+    by their own size, many times this.
+    """
+    fmt = QUANTIZED_FORMATS[stored]
+    if fmt.per_channel:
+        w_bound = weight.abs().amax(dim=1, keepdim=True).expand_as(weight)
+        x_bound = x.abs().amax(dim=1, keepdim=True).expand_as(x)
+    else:
+        w_bound, x_bound = weight.abs(), x.abs()
+    spread = torch.sqrt((x ** 2) @ (w_bound ** 2).T) + torch.sqrt((x_bound ** 2) @ (weight ** 2).T)
+    return 8 * fmt.unit / 3 ** 0.5 * spread

@@ -45,8 +45,9 @@ class EngineArgs:
     kv_cache_dtype: str = "auto"
     """auto (the model's dtype), fp8 (= fp8_e4m3) or fp8_e5m2, where the attention backend supports it."""
     quantization: Optional[str] = None
-    """Quantize a dense checkpoint's linear weights when loading: a method the platform offers
-    for it (``fp8`` on cuda, ``int8`` on cpu). None: keep the checkpoint's weights."""
+    """Quantize the linear weights after loading with a method the platform offers (``fp8`` on
+    cuda, ``int8`` on cpu); ``"none"``: keep the weights as loaded; None: the platform's default
+    for the checkpoint (cpu: int8 for quantized GGUF files, else none)."""
     scheduling_policy: str = "fcfs"
     seed: int = 0
     enforce_eager: bool = False

@@ -58,17 +58,27 @@ class EngineCore:
         self.block_size = pconfig.block_size
         self._check_weights_fit(config)
         torch.manual_seed(args.seed)
-        quantization = self._quantization_method(registry, args.quantization)
+        self.quantization = args.quantization
+        if self.quantization is None:
+            self.quantization = self.platform.default_quantization(self.source.format, self.source.quantized_types) or "none"
+        quantization = self._quantization_method(registry, self.quantization)
         self.runner = ModelRunner(config, self.source.weights(), self.platform, registry, self.dtype,
                                   self.block_size, self.max_model_len, pconfig.kv_cache_dtype, quantization)
-        self.num_blocks = self._size_kv_cache()
+        self.runner.prepare_inputs(budget, args.max_num_seqs, self.max_model_len)
+        activation_bytes = self.runner.profile_activation_memory(budget, args.max_num_seqs)
+        self.num_blocks = self._size_kv_cache(activation_bytes or 0)
         self.runner.allocate_kv_cache(self.num_blocks)
+        if self.platform.supports_graphs and not args.enforce_eager:
+            self.runner.capture_decode_graphs(args.max_num_seqs)
         self.kv_manager = KVCacheManager(self.num_blocks, self.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_manager, args.max_num_seqs, pconfig.max_num_batched_tokens, args.scheduling_policy)
         self.max_num_batched_tokens = pconfig.max_num_batched_tokens
-        logger.info("platform %s (%s), dtype %s, KV cache %d blocks = %d tokens, max_model_len %d",
-                    self.platform.name, self.platform.device_name(), self.dtype, self.num_blocks,
-                    self.num_blocks * self.block_size, self.max_model_len)
+        gib = 1 << 30
+        logger.info("platform %s (%s), dtype %s, quantization %s, weights %.2f GiB, activation peak %s, KV cache %d "
+                    "blocks = %d tokens (%.2f GiB), max_model_len %d", self.platform.name, self.platform.device_name(),
+                    self.dtype, self.quantization, self.runner.weight_bytes / gib, "not measured" if activation_bytes is None else f"{activation_bytes / gib:.2f} GiB",
+                    self.num_blocks, self.num_blocks * self.block_size, self.num_blocks * self.runner.kv_bytes_per_block() / gib,
+                    self.max_model_len)
 
     def _resolve_dtype(self, name: str) -> torch.dtype:
         if name == "auto":
@@ -86,13 +96,13 @@ class EngineCore:
             raise ValueError(f"--max-model-len {requested} exceeds the model's context length {limit}; lower it")
         return requested
 
-    def _quantization_method(self, registry: Registry, name: Optional[str]) -> Optional[QuantizationMethod]:
-        if name is None:
+    def _quantization_method(self, registry: Registry, name: str) -> Optional[QuantizationMethod]:
+        if name == "none":
             return None
         offered = sorted({m.name for m in registry.quantization_methods(self.platform.name) if m.quantizes_dense})
         if name not in offered:
             raise ValueError(f"--quantization {name} is not offered on {self.platform.name}; "
-                             f"choose one of: {', '.join(offered) or 'none (leave --quantization unset)'}")
+                             f"choose one of: {', '.join(offered + ['none'])}")
         return registry.quantization_method(self.platform.name, name)
 
     def _check_weights_fit(self, config) -> None:
@@ -104,10 +114,10 @@ class EngineCore:
                              f"only {free / gib:.2f} GiB is free on {self.platform.name}: choose a smaller --dtype, "
                              f"a smaller model or another --device")
 
-    def _size_kv_cache(self) -> int:
+    def _size_kv_cache(self, activation_bytes: int) -> int:
         per_block = self.runner.kv_bytes_per_block()
         budget = self.platform.kv_cache_memory(self.args.kv_cache_memory_bytes, self.args.gpu_memory_utilization,
-                                               self.runner.weight_bytes)
+                                               self.runner.weight_bytes + activation_bytes)
         needed = math.ceil(self.max_model_len / self.block_size) + 1  # +1: block 0 is the null block
         num_blocks = budget // per_block
         if num_blocks < needed:

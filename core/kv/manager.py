@@ -100,9 +100,15 @@ class KVCacheManager:
         writes before any attention reads it.
         """
         request_id = request.request_id
+        num_covered = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
+        held_ids = self._block_ids.get(request_id)
+        if not new_computed_blocks and held_ids is not None and num_covered <= len(held_ids) * self.block_size:
+            # A decode step inside its last block, 15 steps in 16: nothing to allocate.
+            if self.enable_prefix_caching:
+                self._cache_full_blocks(request, min(num_covered, request.num_tokens) // self.block_size)
+            return list(held_ids)
         held = self._blocks.get(request_id, [])
         hits = [self.pool.blocks[i] for i in new_computed_blocks]
-        num_covered = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
         num_needed = max(0, -(-num_covered // self.block_size) - len(held) - len(hits))
         # A hit on a free block takes it off the free list, so it cannot serve as a new block too.
         num_revived = sum(1 for block in hits if block.ref_cnt == 0)
@@ -156,8 +162,10 @@ class KVCacheManager:
 
     def _cache_full_blocks(self, request: Request, num_full_blocks: int) -> None:
         request_id = request.request_id
-        blocks = self._blocks[request_id]
         start = self._num_cached.get(request_id, 0)
+        if num_full_blocks <= start:
+            return
+        blocks = self._blocks[request_id]
         for i in range(start, num_full_blocks):
             self.pool.cache(blocks[i], self._block_hash(request, i))
         self._num_cached[request_id] = max(start, num_full_blocks)

@@ -199,6 +199,9 @@ def read_weights(reader: GGUFReader, config: transformers.PretrainedConfig) -> W
         yield name, RawQuantizedTensor(format="gguf", qtype=tensor.tensor_type.name, data=data, shape=shape)
 
 
+_FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64"})
+
+
 def open_gguf(path: Path) -> ModelSource:
     """Open a GGUF file: metadata now, tensors (memory-mapped) when the weights are iterated."""
     try:
@@ -220,4 +223,5 @@ def open_gguf(path: Path) -> ModelSource:
         chat_template=_meta(reader, "tokenizer.chat_template", getattr(tokenizer, "chat_template", None)),
         generation_eos_token_ids=eos_token_ids(config, tokenizer, *extra_eos),
         read_weights=lambda: read_weights(reader, config),
+        quantized_types=frozenset(t.tensor_type.name for t in reader.tensors) - _FLOAT_TYPES,
     )

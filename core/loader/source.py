@@ -36,6 +36,8 @@ class ModelSource:
     generation_eos_token_ids: set[int]
     """Every token that ends generation: config, generation_config.json and the tokenizer's eos."""
     read_weights: Callable[[], WeightStream] = field(repr=False)
+    quantized_types: frozenset[str] = frozenset()
+    """Quantized tensor types the checkpoint stores (GGUF's ``Q4_1``, ...); empty for dense weights."""
 
     def weights(self) -> WeightStream:
         """(HF parameter name, tensor) pairs, one tensor in memory at a time.

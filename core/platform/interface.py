@@ -56,6 +56,10 @@ class Platform:
     """True where every step must use one of a few fixed shapes (TPU, Gaudi graphs)."""
     unified_memory: ClassVar[bool] = False
     """True where host and device share memory (Apple silicon): KV offload is a no-op."""
+    supports_graphs: ClassVar[bool] = False
+    """True where the device can record a step's launches once and replay them (CUDA graphs):
+    the runner then captures decode steps at start-up, unless ``--enforce-eager``, and
+    implements :meth:`graph_pool` and :meth:`capture_graph`."""
 
     @classmethod
     def is_available(cls) -> bool:
@@ -85,15 +89,41 @@ class Platform:
             names = ", ".join(str(d).removeprefix("torch.") for d in self.supported_dtypes)
             raise ValueError(f"platform {self.name} does not support dtype {config.dtype}; use --dtype with one of: {names}")
 
-    def kv_cache_memory(self, requested_bytes: int | None, gpu_memory_utilization: float, weight_bytes: int) -> int:
-        """Bytes to give the KV cache. ``requested_bytes`` is ``--kv-cache-memory`` when set."""
+    def kv_cache_memory(self, requested_bytes: int | None, gpu_memory_utilization: float, non_kv_bytes: int) -> int:
+        """Bytes to give the KV cache. ``requested_bytes`` is ``--kv-cache-memory`` when set.
+
+        ``non_kv_bytes`` is what the engine needs besides the cache: the weights, plus the
+        activation peak it measured where :meth:`peak_memory_allocated` reports one.
+        """
         if requested_bytes is not None:
             return requested_bytes
         free, total = self.memory_info()
-        return max(0, int(total * gpu_memory_utilization) - (total - free) - weight_bytes)
+        return max(0, int(total * gpu_memory_utilization) - (total - free) - non_kv_bytes)
 
     def synchronize(self) -> None:
         """Wait for queued device work (used by benchmarks and profiling)."""
+
+    def default_quantization(self, checkpoint_format: str, quantized_types: frozenset[str]) -> str | None:
+        """The ``--quantization`` method to use when the user names none, for a checkpoint of this
+        format storing these quantized tensor types (empty: dense); None keeps the weights as loaded."""
+        return None
+
+    def reset_peak_memory(self) -> None:
+        """Start a new peak for :meth:`peak_memory_allocated`."""
+
+    def peak_memory_allocated(self) -> int | None:
+        """Most bytes the engine's tensors held on the device since :meth:`reset_peak_memory`, or
+        None where the platform cannot tell: the engine then skips its activation profile."""
+        return None
+
+    def graph_pool(self) -> Any:
+        """A memory pool that every captured graph of one engine shares (they never run at once)."""
+        raise NotImplementedError
+
+    def capture_graph(self, fn: Callable[[], torch.Tensor], pool: Any) -> tuple[Callable[[], None], torch.Tensor]:
+        """Record ``fn``'s device work (already run once, so nothing compiles during capture);
+        returns a replay function and ``fn``'s output tensor, which each replay rewrites."""
+        raise NotImplementedError
 
 
 KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -141,7 +171,8 @@ class AttentionMetadata:
     block_table: torch.Tensor
     """[B, max_blocks] int32: physical block ids of request i's KV, in order; padding is 0."""
     slot_mapping: torch.Tensor
-    """[T] int64: cache slot (block_id * block_size + offset) where token t's K/V is written."""
+    """[T] int64: cache slot (block_id * block_size + offset) where token t's K/V is written;
+    negative for a padding token (a fixed-shape batch, e.g. a graph replay): write nothing."""
     max_query_len: int
     max_seq_len: int
     query_start_loc_cpu: list[int] = field(default_factory=list)

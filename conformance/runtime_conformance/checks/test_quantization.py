@@ -3,22 +3,32 @@
 ``dequantize`` must give the reference's dense weight; ``apply(load(w), x, bias)`` must equal
 ``x @ W.T + bias`` with that weight, in every dtype the platform supports. A method is free
 to keep packed weights and run its own kernel: only the product is compared.
+
+A method that quantizes dense weights (``quantizes_dense``, ``--quantization NAME``) is checked
+on its own rounding: ``apply(quantize(W), x, bias)`` against ``x @ W.T + bias`` in float64
+with the original ``W``, within what rounding to the stored format can explain (see
+:func:`~runtime_conformance.tolerances.quantized_matmul_tolerance`), and the stored weight must
+take fewer bytes than the dense one.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 
 from ..compare import assert_close, dtype_name
 from ..params import case, parametrize, unsupported
-from ..quant_data import random_gguf, reference_dequantize, unsupported_reason
+from ..quant_data import random_dense, random_gguf, reference_dequantize, unsupported_reason
+from ..tolerances import QUANTIZED_FORMATS, quantized_matmul_tolerance, tolerance
 
 ROWS, COLS = 64, 512  # COLS: two K-quant super-blocks per row
 
 
 def pytest_generate_tests(metafunc):
-    parametrize(metafunc, _dequantize if metafunc.function.__name__ == "test_dequantize" else _apply)
+    make = {"test_dequantize": _dequantize, "test_apply": _apply, "test_quantize": _quantize}
+    parametrize(metafunc, make[metafunc.function.__name__])
 
 
 def _types(target, with_dtypes: bool):
@@ -34,6 +44,14 @@ def _types(target, with_dtypes: bool):
                 yield case((method, qtype, torch.float32), name)
             else:
                 yield from (case((method, qtype, d), f"{name}-{dtype_name(d)}") for d in target.platform.supported_dtypes)
+
+
+def _quantize(target):
+    methods = [m for m in target.quantization_methods if m.quantizes_dense]
+    if not methods:
+        yield unsupported("none", "no method quantizes dense weights (--quantization offers nothing)")
+    for method in methods:
+        yield from (case((method, d), f"{method.name}-{dtype_name(d)}") for d in target.platform.supported_dtypes)
 
 
 def _dequantize(target):
@@ -66,3 +84,53 @@ def test_apply(case, target):
     got = instance.apply(weight, x.to(target.device), bias.to(target.device))
     assert_close(got, expected, dtype, f"{method.__name__}.apply(load({method.name} {qtype} [{ROWS}, {COLS}]), x [5, {COLS}], bias) "
                  f"vs x @ dequantize(w).T + bias", scale=expected.float().abs().max().item())
+
+
+def _stored_tensors(stored) -> list[torch.Tensor]:
+    """The tensors ``Linear.stored_bytes`` counts in what ``quantize`` returned."""
+    if isinstance(stored, torch.Tensor):
+        return [stored]
+    if isinstance(stored, (list, tuple)):
+        return [t for v in stored for t in _stored_tensors(v)]
+    if dataclasses.is_dataclass(stored):
+        return [t for f in dataclasses.fields(stored) for t in _stored_tensors(getattr(stored, f.name))]
+    return []
+
+
+def test_quantize(case, target):
+    method, dtype = case
+    weight = random_dense(ROWS, COLS, seed=4).to(dtype)
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(5, COLS, generator=generator).to(dtype)
+    bias = torch.randn(ROWS, generator=generator).to(dtype)
+    what = f"{method.__name__}.quantize({method.name}, {dtype_name(dtype)} [{ROWS}, {COLS}])"
+    instance = method()
+    stored = instance.quantize(weight.to(target.device))
+    tensors = _stored_tensors(stored)
+    if not tensors:
+        raise AssertionError(f"{what} returned {type(stored).__name__} holding no tensors: Linear.stored_bytes "
+                             "counts tensors, a tuple or a dataclass of them")
+    payload = max(tensors, key=torch.Tensor.numel).dtype
+    if payload not in QUANTIZED_FORMATS:
+        raise AssertionError(f"{what} stores its values as {dtype_name(payload)}; runtime-conformance knows the "
+                             f"precision of {', '.join(map(dtype_name, QUANTIZED_FORMATS))}")
+    stored_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    dense_bytes = weight.numel() * weight.element_size()
+    assert stored_bytes < dense_bytes, (f"{what} keeps {stored_bytes} bytes, no fewer than the dense weight's "
+                                        f"{dense_bytes}: nothing is saved")
+    got = instance.apply(stored, x.to(target.device), bias.to(target.device)).cpu()
+    expected = F.linear(x.double(), weight.double(), bias.double())
+    assert got.shape == expected.shape and got.dtype == dtype, (
+        f"{what}: apply gave {dtype_name(got.dtype)} {tuple(got.shape)}, expected {dtype_name(dtype)} {tuple(expected.shape)}")
+    quantized = quantized_matmul_tolerance(x.double(), weight.double(), payload)
+    rounding = tolerance(dtype)
+    allowed = quantized + rounding.atol * expected.abs().max() + rounding.rtol * expected.abs()
+    error = (got.double() - expected).abs()
+    bad = ~(error <= allowed)
+    if bad.any():
+        i, c = (int(v) for v in torch.unravel_index(torch.where(bad, error / allowed, 0).argmax(), error.shape))
+        raise AssertionError(
+            f"apply({what}), x [5, {COLS}], bias) vs x @ W.T + bias in float64: {int(bad.sum())} of {bad.numel()} "
+            f"values farther than rounding W (and x) to {dtype_name(payload)} explains; worst at row {i}, output "
+            f"channel {c}: got {got[i, c].item():.6g}, expected {expected[i, c].item():.6g}, allowed error "
+            f"{allowed[i, c].item():.3g} (channel's largest |W| {weight[c].abs().max().item():.3g})")

@@ -61,8 +61,14 @@ class CpuPlatform(Platform):
         if config.kv_cache_dtype != "auto":
             raise ValueError(f"--kv-cache-dtype {config.kv_cache_dtype} is not supported on cpu; use auto")
 
-    def kv_cache_memory(self, requested_bytes: int | None, gpu_memory_utilization: float, weight_bytes: int) -> int:
+    def default_quantization(self, checkpoint_format: str, quantized_types: frozenset[str]) -> str | None:
+        # Decoding is memory-bound. A quantized GGUF dequantized to float32 reads ~6x the bytes
+        # llama.cpp reads; int8 reads a quarter of float32 and keeps greedy answers (the embedded
+        # model's "Paris"; plugins/cpu/tests/test_int8_quant.py). Dense checkpoints stay as given.
+        return "int8" if checkpoint_format == "gguf" and quantized_types else None
+
+    def kv_cache_memory(self, requested_bytes: int | None, gpu_memory_utilization: float, non_kv_bytes: int) -> int:
         if requested_bytes is not None:
             return requested_bytes
         free, _ = self.memory_info()
-        return int(min(max(free - weight_bytes, 0) * self.DEFAULT_KV_FRACTION, self.DEFAULT_KV_CAP))
+        return int(min(max(free - non_kv_bytes, 0) * self.DEFAULT_KV_FRACTION, self.DEFAULT_KV_CAP))

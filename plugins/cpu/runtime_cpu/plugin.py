@@ -6,7 +6,7 @@ from runtime.platform.distributed import TorchDistributedCommunicator
 from .attention import CpuAttentionBackend
 from .kernels import KERNELS
 from .platform import CpuPlatform
-from .quant import CpuGgufMethod
+from .quant import CpuGgufMethod, CpuInt8Method
 
 RUNTIME_CONTRACT = ">=1.0,<2"
 
@@ -37,4 +37,4 @@ def runtime_communicators():
 
 @hookimpl
 def runtime_quantization_methods():
-    return [CpuGgufMethod]
+    return [CpuGgufMethod, CpuInt8Method]

@@ -3,8 +3,8 @@
 Usage: python plugins/cuda/benchmarks/baselines_llama8b.py PART --dir /tmp/llama8b --json OUT.json [options]
   PART = bandwidth  device-to-device copy bandwidth (bytes read + written per second) of a 4 GiB bf16 tensor
        = hf         transformers generate(), greedy, min_new_tokens = max_new_tokens, at --hf-batches
-       = runtime    runtime.LLM: offline throughput of --requests requests (max_num_seqs = --requests),
-                    then decode at batch 1
+       = runtime    runtime.LLM: decode at batch 1, offline throughput of --requests requests,
+                    --mixed lengths, --profile of decode steps (kernel time against wall time)
 Run each part in its own process (two 16 GB models do not share the GPU well). The checkpoint is
 written by decode_llama8b.py's write_checkpoint when --dir has none. Prompts are random token ids;
 decode step = (time for --output-len tokens - time for 1) / (output-len - 1).
@@ -13,7 +13,10 @@ decode step = (time for --output-len tokens - time for 1) / (output-len - 1).
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import random
 import sys
 import time
@@ -84,40 +87,119 @@ def hf(args) -> list[dict]:
 
 
 def runtime_part(args) -> list[dict]:
+    """runtime.LLM on one engine: batch-1 decode, offline throughput of --requests fixed-length requests,
+    then (with --mixed) a mixed-length workload; --profile adds a kernel-time profile of decode steps."""
     from runtime import LLM, SamplingParams
     t0 = time.perf_counter()
-    llm = LLM(str(args.dir), device="cuda", dtype="bfloat16", max_num_seqs=args.requests,
-              max_model_len=args.prompt_len + args.output_len + 64)
-    print(f"engine ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    llm = LLM(str(args.dir), device="cuda", dtype="bfloat16", max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
+              max_model_len=max(args.prompt_len + args.output_len, MIXED_PROMPT[1] + MIXED_OUTPUT[1] if args.mixed else 0) + 64,
+              kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization)
+    engine = llm.engine
+    ready = {"engine": "runtime", "mode": "startup", "startup_s": round(time.perf_counter() - t0, 1),
+             "enforce_eager": args.enforce_eager, "kv_cache_dtype": args.kv_cache_dtype, "quantization": args.quantization,
+             "kv_cache_tokens": engine.num_blocks * engine.block_size, "weight_bytes": engine.runner.weight_bytes,
+             "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": engine.max_num_batched_tokens}
+    print(json.dumps(ready), flush=True)
     rng = random.Random(1)
 
-    def run(n: int, tokens: int) -> float:
-        prompts = [{"prompt_token_ids": [rng.randrange(1000, 100000) for _ in range(args.prompt_len)]} for _ in range(n)]
-        params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    def run(lengths: list[tuple[int, int]]) -> float:
+        prompts = [{"prompt_token_ids": [rng.randrange(1000, 100000) for _ in range(p)]} for p, _ in lengths]
+        params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for _, o in lengths]
         t = sync_time()
         outs = llm.generate(prompts, params, use_tqdm=False)
         t = sync_time() - t
-        assert all(len(o.outputs[0].token_ids) == tokens for o in outs)
+        assert all(len(out.outputs[0].token_ids) == o for out, (_, o) in zip(outs, lengths))
         return t
 
-    out = []
-    run(16, 4)  # warm-up: Triton compiles
-    total = run(args.requests, args.output_len)
-    out.append({"engine": "runtime", "mode": "offline_throughput", "requests": args.requests,
-                "prompt_len": args.prompt_len, "output_len": args.output_len, "e2e_s": round(total, 4),
-                "output_tokens_per_s": round(args.requests * args.output_len / total, 1),
-                "total_tokens_per_s": round(args.requests * (args.prompt_len + args.output_len) / total, 1)})
-    print(json.dumps(out[-1]), flush=True)
-    run(1, 4)
-    first = run(1, 1)
-    total = run(1, args.output_len)
+    out = [ready]
+    run([(args.prompt_len, 4)] * 16)  # warm-up: Triton compiles the prefill variants
+    run([(args.prompt_len, 4)])
+    first = run([(args.prompt_len, 1)])
+    total = run([(args.prompt_len, args.output_len)])
     step = (total - first) / (args.output_len - 1)
     out.append({"engine": "runtime", "mode": "batch1", "batch_size": 1, "prompt_len": args.prompt_len,
                 "output_len": args.output_len, "first_token_s": round(first, 4), "e2e_s": round(total, 4),
                 "decode_step_ms": round(step * 1e3, 3), "decode_tokens_per_s": round(1 / step, 1),
                 "output_tokens_per_s": round(args.output_len / total, 1)})
     print(json.dumps(out[-1]), flush=True)
+    if args.profile:
+        host = cProfile.Profile()
+        host.enable()
+        run([(args.prompt_len, args.output_len)])
+        host.disable()
+        listing = io.StringIO()
+        pstats.Stats(host, stream=listing).sort_stats("tottime").print_stats(25)
+        out.append({"engine": "runtime", "mode": "cprofile_generate_batch1", "listing": listing.getvalue().splitlines()[:45]})
+        for batch in args.profile_batches:
+            out.append(profile_decode(llm, batch, args.prompt_len))
+            print(json.dumps(out[-1]), flush=True)
+
+    if not args.requests:
+        return out
+    total = run([(args.prompt_len, args.output_len)] * args.requests)
+    out.append({"engine": "runtime", "mode": "offline_throughput", "requests": args.requests,
+                "prompt_len": args.prompt_len, "output_len": args.output_len, "e2e_s": round(total, 4),
+                "output_tokens_per_s": round(args.requests * args.output_len / total, 1),
+                "total_tokens_per_s": round(args.requests * (args.prompt_len + args.output_len) / total, 1)})
+    print(json.dumps(out[-1]), flush=True)
+    if args.mixed:
+        mix = random.Random(2)
+        lengths = [(mix.randint(*MIXED_PROMPT), mix.randint(*MIXED_OUTPUT)) for _ in range(args.requests)]
+        total = run(lengths)
+        prompt_tokens, output_tokens = sum(p for p, _ in lengths), sum(o for _, o in lengths)
+        out.append({"engine": "runtime", "mode": "offline_mixed", "requests": args.requests,
+                    "prompt_len_range": MIXED_PROMPT, "output_len_range": MIXED_OUTPUT,
+                    "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "e2e_s": round(total, 4),
+                    "output_tokens_per_s": round(output_tokens / total, 1),
+                    "total_tokens_per_s": round((prompt_tokens + output_tokens) / total, 1)})
+        print(json.dumps(out[-1]), flush=True)
     return out
+
+
+MIXED_PROMPT, MIXED_OUTPUT = (64, 2048), (32, 512)
+
+
+def profile_decode(llm, batch: int, prompt_len: int) -> dict:
+    """Kernel time against wall time over 32 decode steps of ``batch`` sequences (after their prefill)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from runtime import SamplingParams
+    rng = random.Random(3)
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"profile-{batch}-{i}", [rng.randrange(1000, 100000) for _ in range(prompt_len)], params)
+    decoding: set[str] = set()
+    while len(decoding) < batch:  # every prompt prefilled: the steps profiled below are pure decode
+        decoding |= {o.request_id for o in engine.step() if o.new_token_ids}
+    steps = 32
+    t = sync_time()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    wall = sync_time() - t
+    host = cProfile.Profile()
+    t = sync_time()
+    host.enable()
+    for _ in range(steps):
+        engine.step()
+    host.disable()
+    wall_unprofiled = sync_time() - t
+    listing = io.StringIO()
+    pstats.Stats(host, stream=listing).sort_stats("tottime").print_stats(25)
+    kernel_us = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
+    top = sorted((e for e in prof.key_averages() if e.device_type.name == "CUDA"), key=lambda e: -e.self_device_time_total)[:8]
+    while engine.has_unfinished_requests():
+        engine.step()
+    return {"engine": "runtime", "mode": "profile_decode", "batch_size": batch, "steps": steps,
+            "wall_ms_per_step_profiled": round(wall * 1e3 / steps, 3),
+            "wall_ms_per_step_cprofiled": round(wall_unprofiled * 1e3 / steps, 3),
+            "host_profile_by_tottime": listing.getvalue().splitlines()[:45],
+            "kernel_ms_per_step": round(kernel_us / 1e3 / steps, 3),
+            "gpu_busy_fraction": round(kernel_us / 1e6 / wall, 3),
+            "top_kernels_ms_per_step": {e.key[:80]: round(e.self_device_time_total / 1e3 / steps, 3) for e in top}}
 
 
 def main() -> None:
@@ -128,7 +210,15 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--hf-batches", type=int, nargs="+", default=[1, 64])
-    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--requests", type=int, default=1000, help="0: batch-1 decode (and --profile) only")
+    p.add_argument("--max-num-seqs", type=int, default=512)
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--quantization", default=None)
+    p.add_argument("--mixed", action="store_true", help=f"also prompts {MIXED_PROMPT} x outputs {MIXED_OUTPUT}, uniform")
+    p.add_argument("--profile", action="store_true", help="profile decode steps at --profile-batches")
+    p.add_argument("--profile-batches", type=int, nargs="+", default=[1, 256])
     args = p.parse_args()
     if args.part != "bandwidth" and not (args.dir / "config.json").exists():
         from decode_llama8b import write_checkpoint

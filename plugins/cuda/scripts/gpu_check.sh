@@ -4,6 +4,9 @@
 #              (the conformance suite on `cuda`; tiny models and the embedded GGUF against `cpu`)
 #   attention: the attention kernel benchmark
 #   decode:    the Llama-3-8B-shaped decode benchmark (writes a ~16 GB random checkpoint to MODEL_DIR)
+#   fp8:       the fp8 linear microbenchmark (Llama-3-8B shapes)
+#   llama8b:   issue 5's figures: copy bandwidth; runtime with CUDA graphs (batch 1, profile, 1000
+#              requests, mixed lengths); runtime --enforce-eager at batch 1; HF generate() at 1 and 256
 # Usage: plugins/cuda/scripts/gpu_check.sh [STAGE...]   (default: all three). Results go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/../../.."
@@ -21,6 +24,16 @@ for stage in "${stages[@]}"; do
              2>&1 | tee -a "$OUT/bench.log" ;;
     decode) timeout 300 "$PY" plugins/cuda/benchmarks/decode_llama8b.py --dir "${MODEL_DIR:-/tmp/llama8b}" \
              --json "$OUT/decode.json" 2>&1 | tee -a "$OUT/bench.log" ;;
-    *) echo "unknown stage $stage (tests, attention, decode)"; exit 2 ;;
+    fp8) timeout 120 "$PY" plugins/cuda/benchmarks/fp8_linear.py --out "$OUT/fp8-linear.json" 2>&1 | tee -a "$OUT/bench.log" ;;
+    llama8b)
+      B=plugins/cuda/benchmarks M=${MODEL_DIR:-/tmp/llama8b}
+      timeout 60 "$PY" $B/baselines_llama8b.py bandwidth --json "$OUT/bandwidth.json" 2>&1 | tee -a "$OUT/bench.log"
+      timeout 420 "$PY" $B/baselines_llama8b.py runtime --dir "$M" --json "$OUT/runtime-graphs.json" --mixed --profile \
+        2>&1 | tee -a "$OUT/bench.log"
+      timeout 180 "$PY" $B/baselines_llama8b.py runtime --dir "$M" --json "$OUT/runtime-eager.json" --enforce-eager \
+        --requests 0 --profile --profile-batches 1 2>&1 | tee -a "$OUT/bench.log"
+      timeout 240 "$PY" $B/baselines_llama8b.py hf --dir "$M" --json "$OUT/hf.json" --hf-batches 1 256 \
+        2>&1 | tee -a "$OUT/bench.log" ;;
+    *) echo "unknown stage $stage (tests, attention, decode, fp8, llama8b)"; exit 2 ;;
   esac
 done

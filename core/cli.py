@@ -38,7 +38,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "choice (cpu: int8 for quantized GGUF)")
     g.add_argument("--scheduling-policy", default=d.scheduling_policy, choices=["fcfs", "priority"])
     g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--enforce-eager", action="store_true")
+    g.add_argument("--enforce-eager", action="store_true", help="no decode graphs (cuda): every step runs eagerly")
     g.add_argument("--chat-template", default=None, help="chat template file or text (default: the model's)")
 
 

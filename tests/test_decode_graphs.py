@@ -5,6 +5,10 @@ the captured forward on the captured batch object, whose tensors are the runner'
 buffers. So it sees exactly what a CUDA graph would: the inputs each step copied in, padded to
 the captured size, with the capture's metadata (the reference attention reads only tensors).
 Greedy outputs must equal the eager CPU engine's, which tests/test_models.py checks against HF.
+
+Graphs also turn on look-ahead (the next decode step launched before this one's tokens are read
+back), so the same comparisons check it: every output, stop, abort and seeded draw must be what
+the same engine produces without look-ahead.
 """
 
 from __future__ import annotations
@@ -69,17 +73,36 @@ def _registry() -> Registry:
     return registry
 
 
-def _run(engine: EngineCore, prompts: list[list[int]], max_tokens: list[int]) -> dict[str, list[int]]:
-    """Staggered arrivals, so steps mix prefill with decode and decode batches change size."""
-    outputs: dict[str, list[int]] = {}
+def _run(engine: EngineCore, prompts: list[list[int]], max_tokens: list[int], **params) -> dict[str, list]:
+    """Staggered arrivals, so steps mix prefill with decode and decode batches change size.
+    Returns each request's tokens, then its finish reason (and logprobs when asked)."""
+    outputs: dict[str, list] = {}
     pending = list(enumerate(prompts))
+    params = {"temperature": 0.0, "ignore_eos": True} | params
     while pending or engine.has_unfinished_requests():
         if pending:
             i, prompt = pending.pop(0)
-            engine.add_request(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens[i], ignore_eos=True))
+            engine.add_request(str(i), prompt, SamplingParams(max_tokens=max_tokens[i], **params))
         for out in engine.step():
             outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if out.new_logprobs:
+                outputs[out.request_id].append(out.new_logprobs)
+            if out.finish_reason:
+                outputs[out.request_id].append((out.finish_reason, out.stop_reason))
     return outputs
+
+
+def _count_look_aheads(engine: EngineCore) -> list[int]:
+    made = [0]
+    look_ahead = engine.scheduler.look_ahead
+
+    def counted(output):
+        following = look_ahead(output)
+        made[0] += following is not None
+        return following
+
+    engine.scheduler.look_ahead = counted
+    return made
 
 
 def test_capture_sizes_ladder():
@@ -97,13 +120,73 @@ def test_graph_replays_match_eager(checkpoint):
     graphs = EngineCore(EngineArgs(**common), registry=_registry())
     assert graphs.runner.decode_graphs is not None and graphs.runner.decode_graphs.sizes == [1, 2, 4, 8]
     before = ReplayCpuPlatform.replays
+    look_aheads = _count_look_aheads(graphs)
     with_graphs = _run(graphs, prompts, max_tokens)
     assert ReplayCpuPlatform.replays - before >= 8  # the pure-decode steps went through a replay
+    assert look_aheads[0] > 0  # once nothing waits, decode steps were launched ahead
 
     eager = EngineCore(EngineArgs(**common, enforce_eager=True), registry=_registry())
     assert eager.runner.decode_graphs is None
     assert with_graphs == _run(eager, prompts, max_tokens)
-    assert all(len(with_graphs[str(i)]) == max_tokens[i] for i in range(len(prompts)))
+    assert all(len(with_graphs[str(i)]) == max_tokens[i] + 1 for i in range(len(prompts)))
+    assert not graphs.has_unfinished_requests() and graphs.kv_manager.usage == 0
+
+
+COMMON = dict(device="replay_cpu", max_num_seqs=6, max_model_len=96, kv_cache_memory="4MiB", max_num_batched_tokens=64)
+PROMPTS = [[5 + i, 17, 23 + 2 * i, 9][: 2 + i % 3] * (1 + i) for i in range(5)]
+
+
+def _engines(checkpoint):
+    """Two engines replaying the same graphs, the first with look-ahead, the second without (so
+    their logits agree to the bit, and sampling must too)."""
+    ahead = EngineCore(EngineArgs(model=str(checkpoint), **COMMON), registry=_registry())
+    step_by_step = EngineCore(EngineArgs(model=str(checkpoint), **COMMON), registry=_registry())
+    step_by_step.look_ahead = False
+    return ahead, step_by_step
+
+
+def test_look_ahead_stops_where_eager_does(checkpoint):
+    """A stop token the look-ahead step already ran past: the request ends at the same token,
+    the extra step's token is dropped, and every block comes back."""
+    ahead, eager = _engines(checkpoint)
+    greedy = _run(eager, PROMPTS, [20] * 5)
+    stops = sorted({tokens[6] for tokens in greedy.values()})  # each request meets one by its 7th token
+    eager = _engines(checkpoint)[1]
+    look_aheads = _count_look_aheads(ahead)
+    stopped = _run(ahead, PROMPTS, [20] * 5, stop_token_ids=stops)
+    assert stopped == _run(eager, PROMPTS, [20] * 5, stop_token_ids=stops)
+    assert look_aheads[0] > 0
+    assert all(out[-1][0] == "stop" and len(out) <= 8 for out in stopped.values())
+    assert ahead.kv_manager.usage == 0 and not ahead.has_unfinished_requests()
+
+
+def test_look_ahead_keeps_seeded_sampling_and_logprobs(checkpoint):
+    ahead, eager = _engines(checkpoint)
+    params = dict(temperature=0.9, top_p=0.95, seed=7, logprobs=2)
+    look_aheads = _count_look_aheads(ahead)
+    sampled = _run(ahead, PROMPTS, [9, 14, 5, 11, 8], **params)
+    assert look_aheads[0] > 0
+    assert sampled == _run(eager, PROMPTS, [9, 14, 5, 11, 8], **params)
+
+
+def test_abort_during_a_look_ahead_step(checkpoint):
+    results = []
+    for engine in _engines(checkpoint):
+        look_aheads = _count_look_aheads(engine)
+        for i, prompt in enumerate(PROMPTS[:3]):
+            engine.add_request(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+        outputs: dict[str, list[int]] = {}
+        for step in range(40):
+            if step == 12:
+                engine.abort_requests(["1"])
+            if not engine.has_unfinished_requests():
+                break
+            for out in engine.step():
+                outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+        assert engine.kv_manager.usage == 0 and not engine.has_unfinished_requests()
+        results.append((outputs, look_aheads[0]))
+    (ahead, made), (eager, _) = results
+    assert made > 0 and ahead == eager and len(ahead["1"]) < 30 and len(ahead["0"]) == 30
 
 
 def test_padding_writes_no_kv(checkpoint):

@@ -18,8 +18,8 @@ from ..models import decoder_settings
 from ..platform import PlatformConfig, QuantizationMethod, Registry, get_registry
 from ..sample.params import SamplingParams
 from ..sched.request import Request, RequestStatus
-from ..sched.scheduler import Scheduler
-from ..worker.model_runner import ModelRunner, TokenLogprobs
+from ..sched.scheduler import Scheduler, SchedulerOutput
+from ..worker.model_runner import ModelRunner, PendingStep, TokenLogprobs
 from .args import EngineArgs
 
 logger = logging.getLogger("runtime")
@@ -68,7 +68,12 @@ class EngineCore:
         activation_bytes = self.runner.profile_activation_memory(budget, args.max_num_seqs)
         self.num_blocks = self._size_kv_cache(activation_bytes or 0)
         self.runner.allocate_kv_cache(self.num_blocks)
-        if self.platform.supports_graphs and not args.enforce_eager:
+        # Look-ahead queues decode step n+1 behind step n, so the host's work between two steps
+        # (read-back, update, detokenizing, scheduling) overlaps the device's; it pays where steps
+        # are graph replays, the host's part of a step being then mostly that work.
+        self.look_ahead = self.platform.supports_graphs and not args.enforce_eager
+        self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None
+        if self.look_ahead:
             self.runner.capture_decode_graphs(args.max_num_seqs)
         self.kv_manager = KVCacheManager(self.num_blocks, self.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_manager, args.max_num_seqs, pconfig.max_num_batched_tokens, args.scheduling_policy)
@@ -157,11 +162,24 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_STOPPED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self._in_flight is not None or self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[EngineCoreOutput]:
-        out = self.scheduler.schedule()
-        result = self.runner.execute(out)
+        """Compute one step and return what it produced.
+
+        With look-ahead, the step launched by the previous call (if any) is this call's step, and
+        the next one is launched before this one's tokens are read back.
+        """
+        if self._in_flight is not None:
+            (out, pending), self._in_flight = self._in_flight, None
+        else:
+            out = self.scheduler.schedule()
+            pending = self.runner.launch(out)
+        if self.look_ahead and pending is not None and pending.sampled is not None:
+            following = self.scheduler.look_ahead(out)
+            if following is not None:
+                self._in_flight = (following, self.runner.launch(following, pending.sampled.token_ids))
+        result = self.runner.collect(pending)
         updated = self.scheduler.update(out, result.sampled)
         outputs: dict[str, EngineCoreOutput] = {}
         for request in updated:

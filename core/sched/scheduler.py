@@ -41,6 +41,12 @@ class ScheduledRequest:
         """Whether this chunk reaches the last known token, so its logits choose the next one."""
         return self.start + self.num_new_tokens == self._num_tokens
 
+    def next_decode(self, block_ids: list[int]) -> "ScheduledRequest":
+        """The same request's next decode step, made before this step's token is known."""
+        following = ScheduledRequest(self.request, self.start + 1, 1, block_ids)
+        following._num_tokens = self._num_tokens + 1
+        return following
+
 
 @dataclass
 class SchedulerOutput:
@@ -182,6 +188,38 @@ class Scheduler:
 
         finished, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(list(scheduled.values()), preempted, finished)
+
+    def look_ahead(self, output: SchedulerOutput) -> SchedulerOutput | None:
+        """The step after ``output``, made before ``output``'s tokens are known, so the runner can
+        queue it behind ``output`` on the device; None unless it is certain to be what
+        :meth:`schedule` would return once they are, whatever tokens come back:
+
+        every running request decodes one token in ``output`` and again next (nothing waits to be
+        admitted), the coming token cannot end it by length, and its sampling does not depend on
+        that token (penalties, min_tokens); a request whose next token starts a new block gets it
+        now, or there is no look-ahead. A request that the coming token ends (EOS, stop) is
+        computed once more and dropped at update, its blocks freed with the rest.
+        """
+        if self._waiting or not output.scheduled or len(output.scheduled) != len(self._running):
+            return None
+        for item in output.scheduled:
+            request, params = item.request, item.request.sampling_params
+            if (request.status is not RequestStatus.RUNNING or item.num_new_tokens != 1 or not item.sample
+                    or request.num_tokens + 1 >= request.max_total_tokens
+                    or len(request.output_token_ids) < params.min_tokens
+                    or params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0
+                    or params.prompt_logprobs is not None):
+                return None
+        following = []
+        for item in output.scheduled:
+            block_ids = item.block_ids
+            if item.start + 2 > len(block_ids) * self.kv.block_size:
+                # Cover this step's token and the next one; num_computed_tokens is still item.start.
+                block_ids = self.kv.allocate_slots(item.request, 2)
+                if block_ids is None:
+                    return None  # blocks are short: the next schedule() decides who waits
+            following.append(item.next_decode(block_ids))
+        return SchedulerOutput(following)
 
     def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Apply a step's results: advance progress, append sampled tokens, finish what stopped.

@@ -46,18 +46,29 @@ class StepInputs:
 
 
 class _Staged:
-    """Pinned host memory and the device tensor it is copied to (the same tensor on the CPU)."""
+    """Pinned host memory and the device tensor it is copied to (the same tensor on the CPU).
+
+    Two host halves, used in turn: a step may be prepared while the previous one's copy is
+    still queued (look-ahead decoding), so it must not overwrite the memory that copy reads.
+    """
 
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device):
         on_host = device.type == "cpu"
-        self.host = torch.zeros(size, dtype=dtype, pin_memory=not on_host)
-        self.device = self.host if on_host else torch.zeros(size, dtype=dtype, device=device)
-        self.host_array = self.host.numpy()
+        self.device = torch.zeros(size, dtype=dtype, device=device)
+        hosts = [self.device] if on_host else [torch.zeros(size, dtype=dtype, pin_memory=True) for _ in range(2)]
+        self._hosts = [(host, host.numpy()) for host in hosts]
+        self._turn = 0
+
+    def next_host_array(self) -> np.ndarray:
+        """The host memory the next :meth:`upload` copies from."""
+        self._turn = (self._turn + 1) % len(self._hosts)
+        return self._hosts[self._turn][1]
 
     def upload(self, end: int) -> None:
         """Copy the first ``end`` elements: one transfer, queued behind earlier device work."""
-        if self.device is not self.host:
-            self.device[:end].copy_(self.host[:end], non_blocking=True)
+        host = self._hosts[self._turn][0]
+        if host is not self.device:
+            self.device[:end].copy_(host[:end], non_blocking=True)
 
 
 class InputBuffers:
@@ -76,34 +87,33 @@ class InputBuffers:
         t, n = max_tokens, max_seqs
         # Token inputs: [slots | ids | positions], so a step's slots, ids and positions are read
         # from the front of each third.
-        self.slot_mapping = self._views(self.tokens, 0, t)
-        self.input_ids = self._views(self.tokens, t, t)
-        self.positions = self._views(self.tokens, 2 * t, t)
-        self.query_start_loc = self._views(self.seqs, 0, n + 1)
-        self.seq_lens = self._views(self.seqs, n + 1, n)
+        self.slot_mapping = self.tokens.device[:t]
+        self.input_ids = self.tokens.device[t:2 * t]
+        self.positions = self.tokens.device[2 * t:]
+        self.query_start_loc = self.seqs.device[:n + 1]
+        self.seq_lens = self.seqs.device[n + 1:2 * n + 1]
         self._table_start = 2 * n + 1
-        table = self._views(self.seqs, self._table_start, n * max_blocks_per_seq)
-        self.block_table = (table[0].reshape(n, max_blocks_per_seq), table[1].view(n, max_blocks_per_seq))
+        self.block_table = self.seqs.device[self._table_start:].view(n, max_blocks_per_seq)
 
-    @staticmethod
-    def _views(staged: _Staged, start: int, length: int) -> tuple[np.ndarray, torch.Tensor]:
-        return staged.host_array[start:start + length], staged.device[start:start + length]
-
-    def load(self, step: StepInputs, padded_seqs: int | None = None,
-             max_seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def load(self, step: StepInputs, padded_seqs: int | None = None, max_seq_len: int | None = None,
+             device_input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Copy ``step`` to the device; returns (input ids, positions, attention metadata).
 
         ``padded_seqs`` (a decode step for a captured graph) pads the batch to that many
         one-token sequences: padding tokens write no K/V (slot -1) and attend to one key of the
         null block. The tensors returned then cover the padded batch, and ``max_seq_len`` (the
-        capture's bound) replaces the step's own.
+        capture's bound) replaces the step's own. ``device_input_ids`` replaces the step's
+        token ids on the device (a look-ahead step's tokens, still being sampled there).
         """
         tokens, seqs = len(step.input_ids), len(step.seq_lens)
         rows = padded_seqs or seqs
         width = step.block_table.shape[1]
         padded_tokens = tokens + rows - seqs
-        ids, positions, slots = self.input_ids[0], self.positions[0], self.slot_mapping[0]
-        query_start, seq_lens, table = self.query_start_loc[0], self.seq_lens[0], self.block_table[0]
+        t, n = self.max_tokens, self.max_seqs
+        token_host, seq_host = self.tokens.next_host_array(), self.seqs.next_host_array()
+        slots, ids, positions = token_host[:t], token_host[t:2 * t], token_host[2 * t:]
+        query_start, seq_lens = seq_host[:n + 1], seq_host[n + 1:2 * n + 1]
+        table = seq_host[self._table_start:].reshape(n, self.width)
         ids[:tokens], positions[:tokens], slots[:tokens] = step.input_ids, step.positions, step.slot_mapping
         query_start[:seqs + 1], seq_lens[:seqs] = step.query_start_loc, step.seq_lens
         table[:seqs, :width] = step.block_table
@@ -114,15 +124,17 @@ class InputBuffers:
             table[seqs:rows, 0] = 0
         self.tokens.upload(2 * self.max_tokens + padded_tokens)
         self.seqs.upload(self._table_start + rows * self.width)
+        if device_input_ids is not None:
+            self.input_ids[:tokens].copy_(device_input_ids)
         meta = AttentionMetadata(
-            query_start_loc=self.query_start_loc[1][:rows + 1], seq_lens=self.seq_lens[1][:rows],
-            block_table=self.block_table[1][:rows, :width], slot_mapping=self.slot_mapping[1][:padded_tokens],
+            query_start_loc=self.query_start_loc[:rows + 1], seq_lens=self.seq_lens[:rows],
+            block_table=self.block_table[:rows, :width], slot_mapping=self.slot_mapping[:padded_tokens],
             max_query_len=int(np.max(np.diff(query_start[:rows + 1]))),
             max_seq_len=max_seq_len or int(seq_lens[:rows].max()),
             query_start_loc_cpu=query_start[:rows + 1].tolist(), seq_lens_cpu=seq_lens[:rows].tolist())
-        return self.input_ids[1][:padded_tokens], self.positions[1][:padded_tokens], meta
+        return self.input_ids[:padded_tokens], self.positions[:padded_tokens], meta
 
     def full_width_block_table(self, rows: int) -> torch.Tensor:
         """The device block table's first ``rows`` rows at full width: what a graph is captured
         with, so any later step's table (copied into its leading columns) is read in place."""
-        return self.block_table[1][:rows]
+        return self.block_table[:rows]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -17,7 +17,7 @@ from ..models import DecoderForCausalLM, decoder_settings
 from ..models.batch import ForwardBatch
 from ..models.layers.linear import Linear
 from ..platform import Platform, QuantizationMethod, Registry
-from ..sample.sampler import Sampler, SamplingMetadata
+from ..sample.sampler import Sampler, SamplerOutput, SamplingMetadata
 from ..sample.params import SamplingParams
 from ..sched.request import Request
 from ..sched.scheduler import ScheduledRequest, SchedulerOutput
@@ -34,6 +34,23 @@ class RunnerOutput:
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     """Per request, entries for the prompt positions this step covered (the first prompt token has none)."""
+
+
+@dataclass
+class PendingStep:
+    """A launched step whose results are still on the device."""
+
+    scheduled: list[ScheduledRequest]
+    query_start_loc: np.ndarray
+    hidden: torch.Tensor
+    """Final hidden states; a graph's output, rewritten by its next replay. Read only for prompt
+    logprobs, which a look-ahead (decode-only) step never follows."""
+    requests: list[Request] = field(default_factory=list)
+    """The requests that sample, in the rows of ``sampled``."""
+    sampled: SamplerOutput | None = None
+    host_sampled: SamplerOutput | None = None
+    """``sampled`` in host memory once ``ready`` has passed."""
+    ready: torch.Event | None = None
 
 
 class ModelRunner:
@@ -129,51 +146,79 @@ class ModelRunner:
                                           self.max_model_len, max_num_seqs)
         self.decode_graphs.capture()
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        """Run one step and read its results back."""
+        return self.collect(self.launch(out))
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, device_input_ids: torch.Tensor | None = None) -> PendingStep | None:
+        """Queue a step's forward pass and sampling on the device; nothing waits for it.
+
+        ``device_input_ids`` (a look-ahead decode step) are its token ids as the previous step's
+        sampler leaves them on the device, in row order.
+        """
         self.drop_requests(out.finished_ids)
         scheduled = out.scheduled
         if not scheduled:
-            return RunnerOutput()
-        step = self._step_inputs(scheduled)
+            return None
+        step = self._step_inputs(scheduled, token_ids_known=device_input_ids is None)
         graph_size = self.decode_graphs.size_for(len(scheduled)) if self.decode_graphs is not None else None
         if graph_size is not None and len(step.input_ids) == len(scheduled):
-            self.buffers.load(step, padded_seqs=graph_size)
+            self.buffers.load(step, padded_seqs=graph_size, device_input_ids=device_input_ids)
             hidden = self.decode_graphs.run(graph_size)
         else:
-            input_ids, positions, meta = self.buffers.load(step)
+            input_ids, positions, meta = self.buffers.load(step, device_input_ids=device_input_ids)
             hidden = self.model(ForwardBatch(input_ids, positions, meta, self.kv_caches))
-
-        result = RunnerOutput()
-        query_start = step.query_start_loc
+        pending = PendingStep(scheduled, step.query_start_loc, hidden)
         sample_rows = [i for i, s in enumerate(scheduled) if s.sample]
         if sample_rows:
             if len(sample_rows) == len(step.input_ids):  # one token per row, every row sampled: a decode step
                 last_hidden = hidden[:len(sample_rows)]
             else:
-                last = host_to_device([int(query_start[i + 1]) - 1 for i in sample_rows], torch.int64, self.device)
+                last = host_to_device([int(step.query_start_loc[i + 1]) - 1 for i in sample_rows], torch.int64, self.device)
                 last_hidden = hidden[last]
-            requests = [scheduled[i].request for i in sample_rows]
-            sampling = SamplingMetadata.from_requests(requests, self.settings.vocab_size, self.device, self.generators)
-            logits = self.model.compute_logits(last_hidden)
-            sampled = self.sampler(logits, sampling)
+            pending.requests = [scheduled[i].request for i in sample_rows]
+            sampling = SamplingMetadata.from_requests(pending.requests, self.settings.vocab_size, self.device, self.generators)
+            pending.sampled = self.sampler(self.model.compute_logits(last_hidden), sampling)
+            if self.device.type == "cpu":
+                pending.host_sampled = pending.sampled
+            else:
+                # Copied to pinned memory now, in stream order: reading the device tensors later
+                # would also wait for whatever was queued after them (a look-ahead step).
+                pending.host_sampled = SamplerOutput(*(
+                    None if t is None else t.to("cpu", non_blocking=True)
+                    for t in (getattr(pending.sampled, f.name) for f in fields(SamplerOutput))))
+                pending.ready = torch.Event(device=self.device)
+                pending.ready.record()
+        return pending
+
+    @torch.inference_mode()
+    def collect(self, pending: PendingStep | None) -> RunnerOutput:
+        """Wait for a launched step and read its tokens (and logprobs) back."""
+        result = RunnerOutput()
+        if pending is None:
+            return result
+        if pending.ready is not None:
+            pending.ready.synchronize()
+        sampled = pending.host_sampled
+        if sampled is not None:
             token_ids = sampled.token_ids.tolist()
-            for row, request in enumerate(requests):
+            for row, request in enumerate(pending.requests):
                 result.sampled[request.request_id] = token_ids[row]
             if sampled.logprobs is not None:
                 ids, lps, ranks = sampled.logprob_token_ids.tolist(), sampled.logprobs.tolist(), sampled.sampled_ranks.tolist()
-                for row, request in enumerate(requests):
+                for row, request in enumerate(pending.requests):
                     k = request.sampling_params.logprobs
                     if k is not None:
                         result.logprobs[request.request_id] = (ids[row][:k + 1], lps[row][:k + 1], ranks[row])
-        self._prompt_logprobs(scheduled, hidden, query_start, result)
-        if not sample_rows:
+        self._prompt_logprobs(pending.scheduled, pending.hidden, pending.query_start_loc, result)
+        if sampled is None:
             # Nothing was read back, so the step's input copies may still be queued; the next step
             # must not refill the staging memory they read from.
             self.platform.synchronize()
         return result
 
-    def _step_inputs(self, scheduled: list[ScheduledRequest]) -> StepInputs:
+    def _step_inputs(self, scheduled: list[ScheduledRequest], token_ids_known: bool = True) -> StepInputs:
         bs = self.block_size
         starts = np.array([s.start for s in scheduled], dtype=np.int64)
         counts = np.array([s.num_new_tokens for s in scheduled], dtype=np.int64)
@@ -187,8 +232,11 @@ class ModelRunner:
         for i, s in enumerate(scheduled):
             block_table[i, :len(s.block_ids)] = s.block_ids
         slots = block_table[row_of_token, positions // bs] * bs + positions % bs
-        input_ids = np.fromiter(itertools.chain.from_iterable(
-            s.request.all_token_ids[s.start:s.start + s.num_new_tokens] for s in scheduled), np.int64, total)
+        if token_ids_known:
+            input_ids = np.fromiter(itertools.chain.from_iterable(
+                s.request.all_token_ids[s.start:s.start + s.num_new_tokens] for s in scheduled), np.int64, total)
+        else:  # filled on the device (launch's device_input_ids)
+            input_ids = np.zeros(total, dtype=np.int64)
         return StepInputs(input_ids, positions, slots, query_start, starts + counts, block_table)
 
     def _prompt_logprobs(self, scheduled, hidden: torch.Tensor, query_start: np.ndarray, result: RunnerOutput) -> None:

@@ -359,3 +359,21 @@ def test_paged_attention_matches_dense(num_heads, num_kv_heads, window, soft_cap
             torch.testing.assert_close(out[starts[i] + j].double(), expected, atol=1e-5, rtol=1e-5)
     flat = cache.view(2, -1, num_kv_heads, head_size)
     assert torch.equal(flat[0, meta.slot_mapping], new_k) and torch.equal(flat[1, meta.slot_mapping], new_v)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_write_kv_skips_padding_and_saturates_fp8(cache_dtype):
+    from runtime.platform.reference.attention import write_kv
+
+    cache = torch.zeros(2, 4, 2, 1, 3, dtype=cache_dtype)  # [K/V, blocks, block size, heads, dims]
+    key = torch.tensor([[[1.0, -2.5, 1e6]], [[7.0, 7.0, 7.0]], [[-1e6, 0.5, 3.0]]])
+    value = -key
+    slots = torch.tensor([5, -1, 2])
+    write_kv(key, value, cache, slots)
+    limit = torch.finfo(cache_dtype).max
+    flat = cache.view(2, 8, 3).float()
+    for t, slot in ((0, 5), (2, 2)):
+        assert torch.equal(flat[0, slot], key[t, 0].clamp(-limit, limit).to(cache_dtype).float())
+        assert torch.equal(flat[1, slot], value[t, 0].clamp(-limit, limit).to(cache_dtype).float())
+    untouched = [s for s in range(8) if s not in (5, 2)]
+    assert not flat[:, untouched].any()  # the padding token (slot -1) wrote nothing, not even the last slot

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.platform import KV_CACHE_DTYPES, AttentionBackend, AttentionMetadata, AttentionSpec
+from runtime.platform import AttentionBackend, AttentionMetadata, AttentionSpec
 from runtime.platform.reference.attention import paged_attention
 
 from .compare import dtype_name, mismatch
@@ -52,15 +52,6 @@ SCENARIOS = {
                        ((0, 10), (1, 1), (2, 6), (3, 1), (4, 1), (5, 3), (6, 1)))),
     "many_blocks": Scenario((((0, 300), (1, 257), (3, 199)), ((0, 1), (1, 11), (2, 150), (3, 1)))),
 }
-
-
-def saturate(t: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
-    """``t`` clamped to what an fp8 ``cache_dtype`` can hold (torch's e5m2 cast would give inf beyond it);
-    ``t`` itself for a cache in the model dtype."""
-    if cache_dtype not in KV_CACHE_DTYPES.values():
-        return t
-    limit = torch.finfo(cache_dtype).max
-    return t.clamp(-limit, limit)
 
 
 def _kind(cached: int, new: int) -> str:
@@ -148,8 +139,8 @@ class PagedRun:
             query, key, value, meta = self._step_inputs(step)
             out = backend.forward(query.to(self.device), key.to(self.device), value.to(self.device), self.cache,
                                   self._on_device(meta))
-            ref = paged_attention(query, saturate(key, spec.cache_dtype), saturate(value, spec.cache_dtype),
-                                  self.ref_cache, meta, spec.scale, spec.sliding_window, spec.logits_soft_cap)
+            ref = paged_attention(query, key, value, self.ref_cache, meta, spec.scale, spec.sliding_window,
+                                  spec.logits_soft_cap)
             difference = self.cache_difference() if check_cache else None
             if difference:
                 raise AssertionError(f"K/V cache after step {index + 1} of {steps}: {difference}")

@@ -12,11 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
-# The smallest amax a scale is taken from: an all-zero row gets a tiny positive scale (and zeros)
-# instead of a division by zero.
-MIN_AMAX = 1e-12
+from .quant import FP8_DTYPE, FP8_MAX, MIN_AMAX
 
 
 @triton.jit

@@ -26,8 +26,8 @@ logger = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
-# The smallest amax a weight row's scale is taken from, as fp8.MIN_AMAX for activations (this
-# module does not import fp8.py, which needs triton).
+# The smallest amax a scale is taken from (weight rows here, activation rows in fp8.py): an
+# all-zero row gets a tiny positive scale and zeros instead of a division by zero.
 MIN_AMAX = 1e-12
 # _scaled_mm needs K and N to be multiples of 16 (cuBLASLt's 16-byte alignment of FP8 rows).
 SCALED_MM_ALIGN = 16

@@ -92,6 +92,19 @@ def check_gelu_and_mul(fn, dtype, device, g):
                      dtype, f"gelu_and_mul (approximate={approximate!r})")
 
 
+def check_linear(fn, dtype, device, g):
+    # Row counts on both sides of 16 (kernels often special-case few rows) and reductions that
+    # are not a multiple of a tile; weights scaled so outputs are of magnitude 1.
+    for rows, n, k, bias in ((1, 96, 200, False), (5, 130, 64, True), (16, 64, 520, False), (17, 48, 96, True),
+                             (64, 200, 136, False)):
+        x = _randn(g, rows, k, dtype=dtype)
+        weight = (_randn(g, n, k) * k ** -0.5).to(dtype)
+        b = _randn(g, n, dtype=dtype) if bias else None
+        expected = OPS["linear"](x.float(), weight.float(), None if b is None else b.float()).to(dtype)
+        got = fn(*_on(device, x, weight), None if b is None else b.to(device))
+        assert_close(got, expected, dtype, f"linear ({rows} x {k} by [{n}, {k}]{', bias' if bias else ''})")
+
+
 def check_lora_shrink(fn, dtype, device, g):
     x, lora_a = _randn(g, 11, 64, dtype=dtype), (0.1 * _randn(g, 3, 8, 64)).to(dtype)
     slots = torch.tensor([0, 2, -1, 1, 1, 0, -1, 2, 2, 0, 1])  # -1: a token without an adapter
@@ -137,6 +150,7 @@ def check_apply_top_k_top_p_min_p(fn, dtype, device, g):
 
 
 CHECKS: dict[str, Callable] = {
+    "linear": check_linear,
     "rms_norm": check_rms_norm,
     "fused_add_rms_norm": check_fused_add_rms_norm,
     "rotary_embedding": check_rotary_embedding,

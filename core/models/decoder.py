@@ -124,11 +124,12 @@ class DecoderForCausalLM(nn.Module):
                  backends: list[AttentionBackend]):
         super().__init__()
         s = self.settings = settings
+        self.ops = ops
         self.embed_tokens = nn.Parameter(torch.empty(s.vocab_size, s.hidden_size), requires_grad=False)
         rotary = RotaryEmbedding(s.head_dim, config, max_model_len, ops)
         self.layers = nn.ModuleList(DecoderLayer(i, s, backends[i], rotary, ops) for i in range(s.num_layers))
         self.norm = RMSNorm(s.hidden_size, s.rms_norm_eps, ops, unit_offset=s.norm_unit_offset)
-        self.lm_head = None if s.tie_word_embeddings else Linear(s.hidden_size, s.vocab_size)
+        self.lm_head = None if s.tie_word_embeddings else Linear(s.hidden_size, s.vocab_size, ops)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         hidden = F.embedding(batch.input_ids, self.embed_tokens)
@@ -141,7 +142,7 @@ class DecoderForCausalLM(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.embed_tokens) if self.lm_head is None else self.lm_head(hidden)
+        logits = self.ops.linear(hidden, self.embed_tokens) if self.lm_head is None else self.lm_head(hidden)
         logits = logits.float()
         cap = self.settings.final_logit_soft_cap
         return torch.tanh(logits / cap) * cap if cap is not None else logits
@@ -199,7 +200,7 @@ class DecoderForCausalLM(nn.Module):
         targets = [m for m in self.modules() if isinstance(m, Linear) and m.quant_method is None]
         if method.quantize_lm_head and self.lm_head is None:
             # Tied embeddings: the lookup keeps the dense table, the output projection gets its own copy.
-            self.lm_head = Linear(self.settings.hidden_size, self.settings.vocab_size).to(self.embed_tokens.device)
+            self.lm_head = Linear(self.settings.hidden_size, self.settings.vocab_size, self.ops).to(self.embed_tokens.device)
             self.lm_head.weight.data = self.embed_tokens.data
             targets.append(self.lm_head)
         elif not method.quantize_lm_head and self.lm_head is not None:

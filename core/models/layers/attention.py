@@ -18,8 +18,9 @@ class SelfAttention(nn.Module):
                  o_bias: bool = False, qk_norm_eps: float | None = None):
         super().__init__()
         self.layer_index, self.num_heads, self.num_kv_heads, self.head_dim = layer_index, num_heads, num_kv_heads, head_dim
-        self.qkv_proj = Linear(hidden_size, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], bias=qkv_bias)
-        self.o_proj = Linear(num_heads * head_dim, hidden_size, bias=o_bias)
+        self.qkv_proj = Linear(hidden_size, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], ops,
+                              bias=qkv_bias)
+        self.o_proj = Linear(num_heads * head_dim, hidden_size, ops, bias=o_bias)
         # Qwen3 normalises each head of q and k before rotary.
         self.q_norm = RMSNorm(head_dim, qk_norm_eps, ops) if qk_norm_eps is not None else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps, ops) if qk_norm_eps is not None else None

@@ -6,21 +6,22 @@ import dataclasses
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ...platform import QuantizationMethod
+from ...platform import KernelSet, QuantizationMethod
 
 
 class Linear(nn.Module):
     """y = x @ W.T + b. ``W`` is a dense parameter, or what ``quant_method.load`` returned.
 
     ``partitions`` lists the output sizes of fused projections (q/k/v, gate/up): a checkpoint
-    that stores them apart loads each into its row range with :meth:`load_partition`.
+    that stores them apart loads each into its row range with :meth:`load_partition`. A dense
+    weight is multiplied by the platform's ``linear`` op.
     """
 
-    def __init__(self, in_features: int, out_features: int | list[int], bias: bool = False):
+    def __init__(self, in_features: int, out_features: int | list[int], ops: KernelSet, bias: bool = False):
         super().__init__()
+        self.ops = ops
         self.partitions = list(out_features) if isinstance(out_features, (list, tuple)) else [out_features]
         self.in_features, self.out_features = in_features, sum(self.partitions)
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
@@ -31,7 +32,7 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_method is not None:
             return self.quant_method.apply(self.quant_weight, x, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return self.ops.linear(x, self.weight, self.bias)
 
     @property
     def stored_bytes(self) -> int:

@@ -24,8 +24,8 @@ class GatedMLP(nn.Module):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unsupported activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
-        self.gate_up_proj = Linear(hidden_size, [intermediate_size, intermediate_size], bias=bias)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+        self.gate_up_proj = Linear(hidden_size, [intermediate_size, intermediate_size], ops, bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, ops, bias=bias)
         op, self.approximate = ACTIVATIONS[activation]
         self.act = getattr(ops, op)
 

@@ -8,12 +8,14 @@ same signature.
 from .activation import gelu_and_mul, silu_and_mul
 from .attention import ReferenceAttentionBackend, paged_attention
 from .kv import copy_blocks
+from .linear import linear
 from .lora import lora_expand, lora_shrink
 from .norm import fused_add_rms_norm, rms_norm
 from .rotary import build_cos_sin_cache, rotary_embedding
 from .sampling import apply_top_k_top_p_min_p
 
 OPS = {
+    "linear": linear,
     "rms_norm": rms_norm,
     "fused_add_rms_norm": fused_add_rms_norm,
     "rotary_embedding": rotary_embedding,

@@ -9,6 +9,7 @@ the sum first, as the reference does, so the norm sees the same values).
 - ``rotary_embedding``: one program per token rotates every query and key head, NeoX halves or
   GPT-J pairs, partial rotary passing the rest through.
 - ``silu_and_mul`` / ``gelu_and_mul``: the activation and the product in one pass.
+- ``linear``: ``skinny_matmul.py``'s kernel for few rows, cuBLAS otherwise.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import triton.language as tl
 
 from runtime.platform import Kernel
 
+from .skinny_matmul import linear
 from .triton_attention import tanh
 
 # Elements one activation program handles along a row.
@@ -186,4 +188,5 @@ KERNELS = [
     Kernel("cuda", "rotary_embedding", rotary_embedding),
     Kernel("cuda", "silu_and_mul", silu_and_mul),
     Kernel("cuda", "gelu_and_mul", gelu_and_mul),
+    Kernel("cuda", "linear", linear),
 ]

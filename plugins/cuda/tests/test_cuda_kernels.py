@@ -14,6 +14,7 @@ from runtime.platform.reference import OPS, build_cos_sin_cache
 
 kernels = pytest.importorskip("runtime_cuda.kernels",
                               reason="needs runtime-cuda and triton (pip install -e plugins/cuda)")
+skinny = pytest.importorskip("runtime_cuda.skinny_matmul")
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 DTYPES = pytest.mark.parametrize("dtype", list(TOLERANCE), ids=lambda d: str(d).removeprefix("torch."))
@@ -97,6 +98,34 @@ def test_silu_and_mul(shape, dtype, device):
 def test_gelu_and_mul(approximate, dtype, device):
     x = (3 * torch.randn(9, 2 * 200, generator=torch.Generator().manual_seed(5))).to(dtype)
     _close(kernels.gelu_and_mul(x.to(device), approximate), OPS["gelu_and_mul"](x, approximate=approximate), dtype)
+
+
+HALF_DTYPES = pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+SKINNY_PLANS = [dict(block_n=16, block_k=256, num_warps=4, num_stages=4), dict(block_n=32, block_k=512, num_warps=4, num_stages=4)]
+
+
+@HALF_DTYPES
+@pytest.mark.parametrize("plan", SKINNY_PLANS, ids=["narrow", "wide"])
+@pytest.mark.parametrize("rows,n,k,bias", [(1, 96, 200, False), (3, 40, 1030, True), (16, 130, 64, False), (7, 33, 600, True)])
+def test_skinny_matmul_matches_float64(rows, n, k, bias, plan, dtype, device, require_dot):
+    """Each tile plan the op uses, on edges that are no multiple of a tile, against a float64 product."""
+    require_dot(dtype)
+    g = torch.Generator().manual_seed(6)
+    x, weight = torch.randn(rows, k, generator=g).to(dtype), (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    expected = x.double() @ weight.double().T + (b.double() if bias else 0)
+    got = skinny.skinny_matmul(x.to(device), weight.to(device), None if b is None else b.to(device), **plan)
+    _close(got, expected.to(dtype), dtype)
+
+
+@HALF_DTYPES
+def test_linear_takes_the_skinny_kernel_up_to_16_rows_and_keeps_shape(dtype, device, require_dot):
+    require_dot(dtype)
+    g = torch.Generator().manual_seed(7)
+    weight = (torch.randn(72, 160, generator=g) * 160 ** -0.5).to(dtype)
+    for shape in [(2, 8, 160), (17, 160), (40, 160)]:  # 16 rows as [2, 8, K]; then cuBLAS's side of the switch
+        x = torch.randn(*shape, generator=g).to(dtype)
+        _close(kernels.linear(x.to(device), weight.to(device)), (x.double() @ weight.double().T).to(dtype), dtype)
 
 
 def test_every_kernel_names_a_contract_op():

@@ -160,13 +160,68 @@ def test_look_ahead_stops_where_eager_does(checkpoint):
     assert ahead.kv_manager.usage == 0 and not ahead.has_unfinished_requests()
 
 
+def _logprobs_apart(outputs: dict[str, list]) -> tuple[dict, list[float]]:
+    """The outputs with each logprob entry's values taken out, and those values in order."""
+    values: list[float] = []
+    kept = {}
+    for rid, items in outputs.items():
+        kept[rid] = []
+        for item in items:
+            if isinstance(item, list):  # [(token ids, logprobs, rank)]
+                values += item[0][1]
+                item = [(item[0][0], item[0][2])]
+            kept[rid].append(item)
+    return kept, values
+
+
 def test_look_ahead_keeps_seeded_sampling_and_logprobs(checkpoint):
+    """Every draw, top-k id and rank as without look-ahead. A look-ahead step is scheduled
+    before the caller adds the next request, so batches differ by one admission between the
+    two engines, and a token's logprob by float rounding (batch-shaped matmuls)."""
     ahead, eager = _engines(checkpoint)
     params = dict(temperature=0.9, top_p=0.95, seed=7, logprobs=2)
     look_aheads = _count_look_aheads(ahead)
-    sampled = _run(ahead, PROMPTS, [9, 14, 5, 11, 8], **params)
+    sampled, sampled_logprobs = _logprobs_apart(_run(ahead, PROMPTS, [9, 14, 5, 11, 8], **params))
     assert look_aheads[0] > 0
-    assert sampled == _run(eager, PROMPTS, [9, 14, 5, 11, 8], **params)
+    expected, expected_logprobs = _logprobs_apart(_run(eager, PROMPTS, [9, 14, 5, 11, 8], **params))
+    assert sampled == expected
+    assert sampled_logprobs == pytest.approx(expected_logprobs, abs=1e-4)
+
+
+def test_look_ahead_across_admissions_and_prompt_chunks(checkpoint):
+    """Nine requests for six sequences, prompts longer than the 64-token step budget, all added
+    at once (LLM.generate): look-ahead steps admit requests and carry prompt chunks beside
+    decodes whose token is still being sampled, and every output is the step-by-step engine's."""
+    ahead, step_by_step = _engines(checkpoint)
+    prompts = [[(7 * i + 3 * j) % 200 + 5 for j in range(20 + 6 * i)] for i in range(9)]
+    max_tokens = [6, 11, 3, 9, 14, 5, 8, 12, 4]
+    launched = []
+    look_ahead = ahead.scheduler.look_ahead
+
+    def recorded(output):
+        following = look_ahead(output)
+        if following is not None:
+            launched.append(following)
+        return following
+
+    ahead.scheduler.look_ahead = recorded
+
+    def run(engine: EngineCore) -> dict[str, list[int]]:
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens[i], ignore_eos=True))
+        outputs: dict[str, list[int]] = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+        return outputs
+
+    outputs = run(ahead)
+    assert outputs == run(step_by_step)
+    assert all(len(outputs[str(i)]) == max_tokens[i] for i in range(len(prompts)))
+    mixed = [f for f in launched if any(s.token_pending for s in f.scheduled) and any(not s.token_pending for s in f.scheduled)]
+    assert any(s.start == 0 for f in mixed for s in f.scheduled)  # an admission beside pending decodes
+    assert any(0 < s.start < s.request.num_prompt_tokens for f in mixed for s in f.scheduled)  # a later prompt chunk
+    assert ahead.kv_manager.usage == 0 and not ahead.has_unfinished_requests()
 
 
 def test_abort_during_a_look_ahead_step(checkpoint):

@@ -272,7 +272,9 @@ class Checker:
         assert len({s.request.request_id for s in out.scheduled}) == len(out.scheduled)
         for s in out.scheduled:
             assert s.num_new_tokens >= 1 and s.start == s.request.num_computed_tokens
-            assert s.start + s.num_new_tokens <= s.request.num_tokens
+            assert s.start + s.num_new_tokens <= s.request.num_tokens + s.request.num_pending_tokens
+            # A token still being sampled is computed alone, and only if it does not end the request.
+            assert not s.token_pending or (s.num_new_tokens == 1 and s.start + 1 < s.request.max_total_tokens)
             assert len(s.block_ids) == -(-(s.start + s.num_new_tokens) // BS)
             assert s.block_ids == sched.kv.block_ids(s.request.request_id)
         still_running = [r for r in self.requests if r.status is RequestStatus.RUNNING]
@@ -302,14 +304,18 @@ class Checker:
             for pos in range(s.start + s.num_new_tokens):
                 assert self.slots.get((s.block_ids[pos // BS], pos % BS)) == tuple(tokens[: pos + 1])
 
-    def check_state(self) -> None:
+    def check_state(self, in_flight: SchedulerOutput | None = None) -> None:
+        """``in_flight``: a look-ahead step launched and not yet run, whose blocks are held."""
         sched, kv = self.sched, self.sched.kv
         held: Counter[int] = Counter()
+        ahead = {s.request.request_id: s.start + s.num_new_tokens for s in in_flight.scheduled} if in_flight else {}
         for req in self.requests:
             ids = kv.block_ids(req.request_id)
+            assert req.num_pending_tokens == 0  # every sampled token is known once its step is updated
             if req.status is RequestStatus.RUNNING:
                 assert sched.get_request(req.request_id) is req
-                assert len(ids) == -(-req.num_computed_tokens // BS)  # covers them, no waste
+                covered = ahead.get(req.request_id, req.num_computed_tokens)
+                assert len(ids) == -(-covered // BS)  # covers them, no waste
                 held.update(ids)
             else:
                 assert ids == []
@@ -327,6 +333,7 @@ class Checker:
         assert sched.num_waiting == statuses[RequestStatus.WAITING] + statuses[RequestStatus.PREEMPTED]
 
 
+@pytest.mark.parametrize("look_ahead", [False, True], ids=["step_by_step", "look_ahead"])
 @settings(deadline=None, max_examples=120)
 @given(
     num_blocks=st.integers(6, 10),
@@ -337,22 +344,32 @@ class Checker:
     seed=st.integers(0, 2**16),
     ops=st.lists(OPS, min_size=20, max_size=60),
 )
-def test_random_operations_keep_requests_and_blocks_consistent(num_blocks, max_num_seqs, budget, policy,
+def test_random_operations_keep_requests_and_blocks_consistent(look_ahead, num_blocks, max_num_seqs, budget, policy,
                                                                caching, seed, ops):
+    """With ``look_ahead``, steps run as EngineCore runs them on a device: step n + 1 is
+    scheduled before step n's tokens are known, and runs after they are."""
     sched = make_scheduler(num_blocks, max_num_seqs, budget, policy, caching)
     max_model_len = (num_blocks - 1) * BS  # the engine guarantees one request fits the cache
     checker = Checker(sched)
     rng = random.Random(seed)
+    in_flight: SchedulerOutput | None = None
 
     def run_step(abort_mid_step: int | None = None) -> None:
-        out = sched.schedule()
-        checker.check_schedule(out)
+        nonlocal in_flight
+        out, in_flight = in_flight, None
+        if out is None:
+            out = sched.schedule()
+            checker.check_schedule(out)
+        following = sched.look_ahead(out) if look_ahead else None
+        if following is not None:
+            checker.check_schedule(following)
         if abort_mid_step is not None and out.scheduled:
             sched.abort_requests([out.scheduled[abort_mid_step % len(out.scheduled)].request.request_id])
         checker.forward(out)
         sampled = {s.request.request_id: rng.randrange(10) for s in out.scheduled if s.sample}
         updated = sched.update(out, sampled)
         assert all(req.request_id in sampled for req in updated)
+        in_flight = following
 
     for op, arg in ops:
         if op == "add":
@@ -373,14 +390,14 @@ def test_random_operations_keep_requests_and_blocks_consistent(num_blocks, max_n
                 assert target.status.finished and sched.kv.block_ids(target.request_id) == []
             else:
                 sched.finish_requests([target.request_id], RequestStatus.FINISHED_STOPPED)
-        checker.check_state()
+        checker.check_state(in_flight)
 
     for _ in range(2000):
-        if not sched.has_unfinished_requests():
+        if not sched.has_unfinished_requests() and in_flight is None:
             break
         run_step()
-        checker.check_state()
-    assert not sched.has_unfinished_requests()
+        checker.check_state(in_flight)
+    assert not sched.has_unfinished_requests() and in_flight is None
     assert sched.kv.num_free_blocks == num_blocks - 1
     for req in checker.requests:
         if req.status is RequestStatus.FINISHED_LENGTH:

@@ -68,9 +68,9 @@ class EngineCore:
         activation_bytes = self.runner.profile_activation_memory(budget, args.max_num_seqs)
         self.num_blocks = self._size_kv_cache(activation_bytes or 0)
         self.runner.allocate_kv_cache(self.num_blocks)
-        # Look-ahead queues decode step n+1 behind step n, so the host's work between two steps
-        # (read-back, update, detokenizing, scheduling) overlaps the device's; it pays where steps
-        # are graph replays, the host's part of a step being then mostly that work.
+        # Look-ahead queues step n+1 behind step n, so the host's work between two steps
+        # (read-back, update, detokenizing, scheduling) overlaps the device's; it pays where decode
+        # steps are graph replays, the host's part of a step being then mostly that work.
         self.look_ahead = self.platform.supports_graphs and not args.enforce_eager
         self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None
         if self.look_ahead:
@@ -175,10 +175,10 @@ class EngineCore:
         else:
             out = self.scheduler.schedule()
             pending = self.runner.launch(out)
-        if self.look_ahead and pending is not None and pending.sampled is not None:
+        if self.look_ahead and pending is not None:
             following = self.scheduler.look_ahead(out)
             if following is not None:
-                self._in_flight = (following, self.runner.launch(following, pending.sampled.token_ids))
+                self._in_flight = (following, self.runner.launch(following, pending))
         result = self.runner.collect(pending)
         updated = self.scheduler.update(out, result.sampled)
         outputs: dict[str, EngineCoreOutput] = {}

@@ -37,7 +37,9 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
-    """Tokens whose KV is in the cache (prefix hits included)."""
+    """Tokens whose KV is in the cache (prefix hits included), or is being written by a launched step."""
+    num_pending_tokens: int = 0
+    """Tokens sampled by a launched step and not read back yet (0 or 1): counted, not yet known."""
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     stop_reason: int | str | None = None

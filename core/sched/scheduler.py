@@ -30,22 +30,20 @@ class ScheduledRequest:
     num_new_tokens: int
     block_ids: list[int]
     """The request's whole block table."""
+    token_pending: bool = field(init=False)
+    """This chunk is the one token still being sampled on the device by the step in flight
+    (a look-ahead step): its id is not known on the host."""
     _num_tokens: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        # Snapshot: update() appends the sampled token, which must not change what this step was.
-        self._num_tokens = self.request.num_tokens
+        # Snapshots: update() appends the sampled token, which must not change what this step was.
+        self.token_pending = self.request.num_pending_tokens > 0
+        self._num_tokens = self.request.num_tokens + self.request.num_pending_tokens
 
     @property
     def sample(self) -> bool:
-        """Whether this chunk reaches the last known token, so its logits choose the next one."""
+        """Whether this chunk reaches the request's last token, so its logits choose the next one."""
         return self.start + self.num_new_tokens == self._num_tokens
-
-    def next_decode(self, block_ids: list[int]) -> "ScheduledRequest":
-        """The same request's next decode step, made before this step's token is known."""
-        following = ScheduledRequest(self.request, self.start + 1, 1, block_ids)
-        following._num_tokens = self._num_tokens + 1
-        return following
 
 
 @dataclass
@@ -143,21 +141,35 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Choose this step's work: running requests first, then admissions, within the budget."""
+        return self._schedule(look_ahead=False)
+
+    def _schedule(self, look_ahead: bool) -> SchedulerOutput:
+        """``look_ahead``: the previous step is still in flight (see :meth:`look_ahead`), so a
+        request whose coming token ends it by length is left out, and blocks running short stop
+        the step where it is instead of preempting (a preempted request would be recomputed
+        from tokens not known yet)."""
         budget = self.max_num_batched_tokens
         scheduled: dict[str, ScheduledRequest] = {}
         preempted: list[str] = []
+        short = False
 
         for request in list(self._running):
             if budget == 0:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted as a victim for an earlier request of this loop
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_tokens = request.num_tokens + request.num_pending_tokens
+            if request.num_pending_tokens and num_tokens >= request.max_total_tokens:
+                continue  # the token being sampled ends it
+            num_new = min(num_tokens - request.num_computed_tokens, budget)
             if num_new == 0:
                 continue  # its last step's token was not sampled: nothing to compute
             # Running requests are served in admission order but preempted in policy order, so
             # the victim may already be scheduled this step: its work is then withdrawn.
             while (block_ids := self.kv.allocate_slots(request, num_new)) is None:
+                if look_ahead:
+                    short = True
+                    break
                 victim = max(self._running, key=lambda r: self._keys[r.request_id])
                 self._preempt(victim)
                 preempted.append(victim.request_id)
@@ -172,7 +184,7 @@ class Scheduler:
             budget -= num_new
 
         # After a preemption blocks are short: admitting now would only evict what was just computed.
-        while not preempted and self._waiting and budget > 0 and len(self._running) < self.max_num_seqs:
+        while not preempted and not short and self._waiting and budget > 0 and len(self._running) < self.max_num_seqs:
             request = self._waiting[0][1]
             hit_ids, num_hits = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hits, budget)
@@ -190,36 +202,38 @@ class Scheduler:
         return SchedulerOutput(list(scheduled.values()), preempted, finished)
 
     def look_ahead(self, output: SchedulerOutput) -> SchedulerOutput | None:
-        """The step after ``output``, made before ``output``'s tokens are known, so the runner can
-        queue it behind ``output`` on the device; None unless it is certain to be what
-        :meth:`schedule` would return once they are, whatever tokens come back:
+        """The step after ``output``, made while ``output`` is still in flight, so the runner can
+        queue it behind ``output`` on the device and the host's work overlaps the device's.
 
-        every running request decodes one token in ``output`` and again next (nothing waits to be
-        admitted), the coming token cannot end it by length, and its sampling does not depend on
-        that token (penalties, min_tokens); a request whose next token starts a new block gets it
-        now, or there is no look-ahead. A request that the coming token ends (EOS, stop) is
-        computed once more and dropped at update, its blocks freed with the rest.
+        ``output`` is committed first: its requests count as computed, and each one that samples
+        holds one pending token (``Request.num_pending_tokens``) that the next step takes as
+        input straight from the device. The next step is then scheduled as :meth:`schedule`
+        would, admissions and prompt chunks included, except that no request is preempted and a
+        request that the pending token ends by length is left out. A request that the pending
+        token ends otherwise (EOS, a stop string, an abort) is computed once more and dropped at
+        :meth:`update`. None, committing nothing, where a sampled token decides how the next one
+        is sampled (penalties, min_tokens) or prompt logprobs are asked for; None also when
+        nothing can be scheduled.
         """
-        if self._waiting or not output.scheduled or len(output.scheduled) != len(self._running):
+        if not output.scheduled:
             return None
         for item in output.scheduled:
             request, params = item.request, item.request.sampling_params
-            if (request.status is not RequestStatus.RUNNING or item.num_new_tokens != 1 or not item.sample
-                    or request.num_tokens + 1 >= request.max_total_tokens
-                    or len(request.output_token_ids) < params.min_tokens
-                    or params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0
-                    or params.prompt_logprobs is not None):
+            if request.status is RequestStatus.RUNNING and (
+                    params.prompt_logprobs is not None
+                    or item.sample and (len(request.output_token_ids) < params.min_tokens or params.presence_penalty
+                                        or params.frequency_penalty or params.repetition_penalty != 1.0)):
                 return None
-        following = []
         for item in output.scheduled:
-            block_ids = item.block_ids
-            if item.start + 2 > len(block_ids) * self.kv.block_size:
-                # Cover this step's token and the next one; num_computed_tokens is still item.start.
-                block_ids = self.kv.allocate_slots(item.request, 2)
-                if block_ids is None:
-                    return None  # blocks are short: the next schedule() decides who waits
-            following.append(item.next_decode(block_ids))
-        return SchedulerOutput(following)
+            request = item.request
+            if request.status is RequestStatus.RUNNING:
+                request.num_computed_tokens = item.start + item.num_new_tokens
+                request.num_pending_tokens += item.sample
+        following = self._schedule(look_ahead=True)
+        if following.scheduled:
+            return following
+        self._finished_ids = following.finished_ids + self._finished_ids
+        return None
 
     def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Apply a step's results: advance progress, append sampled tokens, finish what stopped.
@@ -234,6 +248,8 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 continue
             request.num_computed_tokens = item.start + item.num_new_tokens
+            if item.sample and request.num_pending_tokens:
+                request.num_pending_tokens -= 1
             if not item.sample or request.request_id not in sampled:
                 continue
             request.append_token(sampled[request.request_id])
@@ -265,6 +281,7 @@ class Scheduler:
             heapq.heapify(self._waiting)
         self.kv.free(request)
         request.status = status
+        request.num_pending_tokens = 0  # a token still being sampled for it is dropped at update
         del self._requests[request.request_id]
         del self._keys[request.request_id]
         self._finished_ids.append(request.request_id)

@@ -95,15 +95,14 @@ class InputBuffers:
         self._table_start = 2 * n + 1
         self.block_table = self.seqs.device[self._table_start:].view(n, max_blocks_per_seq)
 
-    def load(self, step: StepInputs, padded_seqs: int | None = None, max_seq_len: int | None = None,
-             device_input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def load(self, step: StepInputs, padded_seqs: int | None = None,
+             max_seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Copy ``step`` to the device; returns (input ids, positions, attention metadata).
 
         ``padded_seqs`` (a decode step for a captured graph) pads the batch to that many
         one-token sequences: padding tokens write no K/V (slot -1) and attend to one key of the
         null block. The tensors returned then cover the padded batch, and ``max_seq_len`` (the
-        capture's bound) replaces the step's own. ``device_input_ids`` replaces the step's
-        token ids on the device (a look-ahead step's tokens, still being sampled there).
+        capture's bound) replaces the step's own.
         """
         tokens, seqs = len(step.input_ids), len(step.seq_lens)
         rows = padded_seqs or seqs
@@ -124,8 +123,6 @@ class InputBuffers:
             table[seqs:rows, 0] = 0
         self.tokens.upload(2 * self.max_tokens + padded_tokens)
         self.seqs.upload(self._table_start + rows * self.width)
-        if device_input_ids is not None:
-            self.input_ids[:tokens].copy_(device_input_ids)
         meta = AttentionMetadata(
             query_start_loc=self.query_start_loc[:rows + 1], seq_lens=self.seq_lens[:rows],
             block_table=self.block_table[:rows, :width], slot_mapping=self.slot_mapping[:padded_tokens],

@@ -151,23 +151,26 @@ class ModelRunner:
         return self.collect(self.launch(out))
 
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput, device_input_ids: torch.Tensor | None = None) -> PendingStep | None:
+    def launch(self, out: SchedulerOutput, previous: PendingStep | None = None) -> PendingStep | None:
         """Queue a step's forward pass and sampling on the device; nothing waits for it.
 
-        ``device_input_ids`` (a look-ahead decode step) are its token ids as the previous step's
-        sampler leaves them on the device, in row order.
+        ``previous`` is the step still in flight when ``out`` is a look-ahead step: the tokens
+        it is sampling (``ScheduledRequest.token_pending``) are copied into this step's input
+        ids on the device.
         """
         self.drop_requests(out.finished_ids)
         scheduled = out.scheduled
         if not scheduled:
             return None
-        step = self._step_inputs(scheduled, token_ids_known=device_input_ids is None)
+        step = self._step_inputs(scheduled)
         graph_size = self.decode_graphs.size_for(len(scheduled)) if self.decode_graphs is not None else None
         if graph_size is not None and len(step.input_ids) == len(scheduled):
-            self.buffers.load(step, padded_seqs=graph_size, device_input_ids=device_input_ids)
+            self.buffers.load(step, padded_seqs=graph_size)
+            self._copy_pending_tokens(scheduled, step.query_start_loc, previous)
             hidden = self.decode_graphs.run(graph_size)
         else:
-            input_ids, positions, meta = self.buffers.load(step, device_input_ids=device_input_ids)
+            input_ids, positions, meta = self.buffers.load(step)
+            self._copy_pending_tokens(scheduled, step.query_start_loc, previous)
             hidden = self.model(ForwardBatch(input_ids, positions, meta, self.kv_caches))
         pending = PendingStep(scheduled, step.query_start_loc, hidden)
         sample_rows = [i for i, s in enumerate(scheduled) if s.sample]
@@ -188,9 +191,27 @@ class ModelRunner:
                 pending.host_sampled = SamplerOutput(*(
                     None if t is None else t.to("cpu", non_blocking=True)
                     for t in (getattr(pending.sampled, f.name) for f in fields(SamplerOutput))))
-                pending.ready = torch.Event(device=self.device)
-                pending.ready.record()
+        if self.device.type != "cpu":
+            pending.ready = torch.Event(device=self.device)
+            pending.ready.record()
         return pending
+
+    def _copy_pending_tokens(self, scheduled: list[ScheduledRequest], query_start: np.ndarray,
+                             previous: PendingStep | None) -> None:
+        """Write the tokens ``previous`` samples into this step's device input ids, where its
+        rows take them (a row whose token is pending computes just that token)."""
+        rows = [i for i, s in enumerate(scheduled) if s.token_pending]
+        if not rows:
+            return
+        sampled_row = {request.request_id: row for row, request in enumerate(previous.requests)}
+        sources = [sampled_row[scheduled[i].request.request_id] for i in rows]
+        positions = query_start[rows]
+        tokens = previous.sampled.token_ids
+        if sources == list(range(len(rows))) and np.array_equal(positions, np.arange(len(rows))):
+            self.buffers.input_ids[:len(rows)].copy_(tokens[:len(rows)])  # a decode step in the same order
+        else:
+            index = host_to_device(positions.tolist(), torch.int64, self.device)
+            self.buffers.input_ids.index_copy_(0, index, tokens[host_to_device(sources, torch.int64, self.device)])
 
     @torch.inference_mode()
     def collect(self, pending: PendingStep | None) -> RunnerOutput:
@@ -199,6 +220,7 @@ class ModelRunner:
         if pending is None:
             return result
         if pending.ready is not None:
+            # Also what lets the next step refill the staging memory this one's inputs came from.
             pending.ready.synchronize()
         sampled = pending.host_sampled
         if sampled is not None:
@@ -212,13 +234,9 @@ class ModelRunner:
                     if k is not None:
                         result.logprobs[request.request_id] = (ids[row][:k + 1], lps[row][:k + 1], ranks[row])
         self._prompt_logprobs(pending.scheduled, pending.hidden, pending.query_start_loc, result)
-        if sampled is None:
-            # Nothing was read back, so the step's input copies may still be queued; the next step
-            # must not refill the staging memory they read from.
-            self.platform.synchronize()
         return result
 
-    def _step_inputs(self, scheduled: list[ScheduledRequest], token_ids_known: bool = True) -> StepInputs:
+    def _step_inputs(self, scheduled: list[ScheduledRequest]) -> StepInputs:
         bs = self.block_size
         starts = np.array([s.start for s in scheduled], dtype=np.int64)
         counts = np.array([s.num_new_tokens for s in scheduled], dtype=np.int64)
@@ -232,11 +250,10 @@ class ModelRunner:
         for i, s in enumerate(scheduled):
             block_table[i, :len(s.block_ids)] = s.block_ids
         slots = block_table[row_of_token, positions // bs] * bs + positions % bs
-        if token_ids_known:
-            input_ids = np.fromiter(itertools.chain.from_iterable(
-                s.request.all_token_ids[s.start:s.start + s.num_new_tokens] for s in scheduled), np.int64, total)
-        else:  # filled on the device (launch's device_input_ids)
-            input_ids = np.zeros(total, dtype=np.int64)
+        # A pending token is not in all_token_ids yet: 0 here, written on the device at launch.
+        input_ids = np.fromiter(itertools.chain.from_iterable(
+            (0,) if s.token_pending else s.request.all_token_ids[s.start:s.start + s.num_new_tokens] for s in scheduled),
+            np.int64, total)
         return StepInputs(input_ids, positions, slots, query_start, starts + counts, block_table)
 
     def _prompt_logprobs(self, scheduled, hidden: torch.Tensor, query_start: np.ndarray, result: RunnerOutput) -> None:

@@ -137,12 +137,17 @@ def runtime_part(args) -> list[dict]:
 
     if not args.requests:
         return out
-    total = run([(args.prompt_len, args.output_len)] * args.requests)
+    with StepTrace(engine) as trace:
+        total = run([(args.prompt_len, args.output_len)] * args.requests)
     out.append({"engine": "runtime", "mode": "offline_throughput", "requests": args.requests,
                 "prompt_len": args.prompt_len, "output_len": args.output_len, "e2e_s": round(total, 4),
                 "output_tokens_per_s": round(args.requests * args.output_len / total, 1),
-                "total_tokens_per_s": round(args.requests * (args.prompt_len + args.output_len) / total, 1)})
+                "total_tokens_per_s": round(args.requests * (args.prompt_len + args.output_len) / total, 1),
+                "steps": trace.summary()})
     print(json.dumps(out[-1]), flush=True)
+    if args.profile_offline:
+        out.append(profile_kernels(lambda: run([(args.prompt_len, args.output_len)] * args.requests)))
+        print(json.dumps(out[-1]), flush=True)
     if args.mixed:
         mix = random.Random(2)
         lengths = [(mix.randint(*MIXED_PROMPT), mix.randint(*MIXED_OUTPUT)) for _ in range(args.requests)]
@@ -158,6 +163,67 @@ def runtime_part(args) -> list[dict]:
 
 
 MIXED_PROMPT, MIXED_OUTPUT = (64, 2048), (32, 512)
+
+
+class StepTrace:
+    """Wall time of each engine step by kind: decode only, prefill only, or both.
+
+    Each ``EngineCore.step`` call collects the oldest launched step, so call i is charged for
+    launch i (with look-ahead, launch i + 1 happens inside call i).
+    """
+
+    def __init__(self, engine):
+        self.engine, self.kinds, self.walls = engine, [], []
+
+    def __enter__(self):
+        launch, step = self.engine.runner.launch, self.engine.step
+
+        def traced_launch(out, *rest, **kw):
+            prefill = sum(s.num_new_tokens for s in out.scheduled if s.start < s.request.num_prompt_tokens)
+            decode = sum(1 for s in out.scheduled if s.start >= s.request.num_prompt_tokens)
+            self.kinds.append(("mixed" if prefill and decode else "prefill" if prefill else "decode", prefill, decode))
+            return launch(out, *rest, **kw)
+
+        def traced_step():
+            t = time.perf_counter()
+            result = step()
+            self.walls.append(time.perf_counter() - t)
+            return result
+
+        self.engine.runner.launch, self.engine.step = traced_launch, traced_step
+        return self
+
+    def __exit__(self, *exc):
+        del self.engine.runner.launch, self.engine.step
+
+    def summary(self) -> dict:
+        by_kind: dict[str, dict] = {}
+        for (kind, prefill, decode), wall in zip(self.kinds, self.walls):
+            k = by_kind.setdefault(kind, {"steps": 0, "seconds": 0.0, "prefill_tokens": 0, "decode_tokens": 0})
+            k["steps"] += 1
+            k["seconds"] += wall
+            k["prefill_tokens"] += prefill
+            k["decode_tokens"] += decode
+        for k in by_kind.values():
+            k["ms_per_step"] = round(k["seconds"] * 1e3 / k["steps"], 2)
+            k["seconds"] = round(k["seconds"], 3)
+        return by_kind
+
+
+def profile_kernels(fn) -> dict:
+    """Kernel time of one call of ``fn`` (CUDA activity only: the host runs at its own speed)."""
+    from torch.profiler import ProfilerActivity, profile
+    t = sync_time()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    wall = sync_time() - t
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total_us = sum(e.self_device_time_total for e in kernels)
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:25]
+    return {"engine": "runtime", "mode": "profile_offline", "wall_s": round(wall, 3), "kernel_s": round(total_us / 1e6, 3),
+            "gpu_busy_fraction": round(total_us / 1e6 / wall, 3),
+            "top_kernels_s": {e.key[:100]: [round(e.self_device_time_total / 1e6, 3), e.count] for e in top}}
 
 
 def profile_decode(llm, batch: int, prompt_len: int) -> dict:
@@ -219,6 +285,7 @@ def main() -> None:
     p.add_argument("--mixed", action="store_true", help=f"also prompts {MIXED_PROMPT} x outputs {MIXED_OUTPUT}, uniform")
     p.add_argument("--profile", action="store_true", help="profile decode steps at --profile-batches")
     p.add_argument("--profile-batches", type=int, nargs="+", default=[1, 256])
+    p.add_argument("--profile-offline", action="store_true", help="run the offline workload again under the kernel profiler")
     args = p.parse_args()
     if args.part != "bandwidth" and not (args.dir / "config.json").exists():
         from decode_llama8b import write_checkpoint

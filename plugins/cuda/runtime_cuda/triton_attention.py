@@ -72,6 +72,46 @@ def store_kv_kernel(key_ptr, value_ptr, cache_ptr, slot_ptr,
     tl.store(dest + stride_ckv, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _attend_tile(q, m, l, acc, start, kv_hi, q_pos, table, kv_base, dims, dim_ok, block_size, scale, window, soft_cap,
+                 stride_ckv, stride_cb, stride_co,
+                 TILE_N: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """One online-softmax step over keys [start, start + TILE_N): returns the new (m, l, acc).
+    Without ``MASKED`` every key of the tile is visible to every row (a tile wholly below the
+    causal diagonal and inside the range): no position masks, no predicated loads."""
+    pos = start + tl.arange(0, TILE_N)
+    if MASKED:
+        pos_ok = pos < kv_hi
+    else:
+        pos_ok = tl.full([TILE_N], 1, tl.int1)
+    block = tl.load(table + pos // block_size, mask=pos_ok, other=0).to(tl.int64)
+    slot = block * stride_cb + (pos % block_size) * stride_co
+    # An fp8 cache's values are exact in the query's dtype, so the products stay as accurate as
+    # with a cache in the model dtype (for which this cast is no operation at all).
+    k = tl.load(kv_base + slot[None, :] + dims[:, None], mask=pos_ok[None, :] & dim_ok[:, None],
+                other=0.0).to(q.dtype)
+    s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale
+    if USE_SOFT_CAP:
+        s = soft_cap * tanh(s / soft_cap)
+    s = s * LOG2E
+    if MASKED:
+        visible = (pos[None, :] <= q_pos[:, None]) & pos_ok[None, :]
+        if USE_WINDOW:
+            visible = visible & (pos[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    # A row that has seen no visible key yet keeps m = -inf; shift it by 0 instead of inf - inf.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_shift[:, None])
+    alpha = tl.exp2(m - m_shift)
+    l = l * alpha + tl.sum(p, 1)
+    v = tl.load(kv_base + stride_ckv + slot[:, None] + dims[None, :], mask=pos_ok[:, None] & dim_ok[None, :],
+                other=0.0).to(q.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l, acc
+
+
 # Sizes that vary from step to step or model to model are not specialised on (Triton would
 # compile a variant per value that is 1 or a multiple of 16): one compile serves them all.
 @triton.jit(do_not_specialize=["num_seqs", "search_steps", "group", "block_q", "block_size", "window"])
@@ -139,32 +179,20 @@ def unified_attention_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
     table = block_table_ptr + seq.to(tl.int64) * stride_bt
     kv_base = cache_ptr + kv_head * stride_ch
-    for start in range(kv_lo, kv_hi, TILE_N):
-        pos = start + tl.arange(0, TILE_N)
-        pos_ok = pos < kv_hi
-        block = tl.load(table + pos // block_size, mask=pos_ok, other=0).to(tl.int64)
-        slot = block * stride_cb + (pos % block_size) * stride_co
-        # An fp8 cache's values are exact in the query's dtype, so the products stay as accurate as
-        # with a cache in the model dtype (for which this cast is no operation at all).
-        k = tl.load(kv_base + slot[None, :] + dims[:, None], mask=pos_ok[None, :] & dim_ok[:, None],
-                    other=0.0).to(q.dtype)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale
-        if USE_SOFT_CAP:
-            s = soft_cap * tanh(s / soft_cap)
-        visible = (pos[None, :] <= q_pos[:, None]) & pos_ok[None, :]
-        if USE_WINDOW:
-            visible = visible & (pos[None, :] > q_pos[:, None] - window)
-        s = tl.where(visible, s * LOG2E, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        # A row that has seen no visible key yet keeps m = -inf; shift it by 0 instead of inf - inf.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_shift[:, None])
-        alpha = tl.exp2(m - m_shift)
-        l = l * alpha + tl.sum(p, 1)
-        v = tl.load(kv_base + stride_ckv + slot[:, None] + dims[None, :], mask=pos_ok[:, None] & dim_ok[None, :],
-                    other=0.0).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
-        m = m_new
+    # Whole tiles up to the block's first query position are visible to all its rows: they skip
+    # the masks (all but the last tile of a decode, all below the diagonal of a prefill block).
+    # A window hides keys from the left as well, so there every tile is masked.
+    interior_hi = kv_lo
+    if not USE_WINDOW:
+        interior_hi = kv_lo + tl.maximum(tl.minimum(context + first_q + 1, kv_hi) - kv_lo, 0) // TILE_N * TILE_N
+    for start in range(kv_lo, interior_hi, TILE_N):
+        m, l, acc = _attend_tile(q, m, l, acc, start, kv_hi, q_pos, table, kv_base, dims, dim_ok, block_size, scale,
+                                 window, soft_cap, stride_ckv, stride_cb, stride_co, TILE_N, USE_WINDOW, USE_SOFT_CAP,
+                                 DOT_PRECISION, MASKED=False)
+    for start in range(interior_hi, kv_hi, TILE_N):
+        m, l, acc = _attend_tile(q, m, l, acc, start, kv_hi, q_pos, table, kv_base, dims, dim_ok, block_size, scale,
+                                 window, soft_cap, stride_ckv, stride_cb, stride_co, TILE_N, USE_WINDOW, USE_SOFT_CAP,
+                                 DOT_PRECISION, MASKED=True)
 
     if SPLIT:
         num_heads = tl.num_programs(1) * group

@@ -166,3 +166,54 @@ def test_first_token_decoded_in_prompt_context():
     assert tokenizer.decode(output) == "world foo"
     detokenizer = IncrementalDetokenizer(tokenizer, prompt, SamplingParams())
     assert stream(detokenizer, output)[0] == " world foo"
+
+
+def _feed(processor, outputs_by_step):
+    """Run EngineCoreOutputs through ``processor``; returns (every RequestOutput, stopped ids)."""
+    results, stopped = [], []
+    for step in outputs_by_step:
+        got, stop = processor.process(step)
+        results += got
+        stopped += stop
+    return results, stopped
+
+
+def test_final_only_processor_returns_each_request_once_as_the_stream_ends(tokenizer):
+    """The offline LLM's processor: one RequestOutput per request, at its end, whose text and
+    tokens are what the streaming processor ends with (a stop string and n=2 included)."""
+    from runtime.engine.core import EngineCoreOutput
+    from runtime.engine.output_processor import OutputProcessor
+
+    plain, stopping = encode(tokenizer, TEXTS[0]), encode(tokenizer, TEXTS[1])
+    requests = [("plain", SamplingParams(max_tokens=len(plain)), [plain]),
+                ("stop", SamplingParams(max_tokens=len(stopping), stop=["中"]), [stopping]),
+                ("pair", SamplingParams(n=2, max_tokens=len(plain)), [plain, plain[::-1]])]
+    steps = []
+    for position in range(max(len(plain), len(stopping))):
+        step = []
+        for rid, params, samples in requests:
+            for index, tokens in enumerate(samples):
+                if position < len(tokens):
+                    cid = rid if params.n == 1 else f"{index}_{rid}"
+                    step.append(EngineCoreOutput(cid, [tokens[position]],
+                                                 finish_reason="length" if position == len(tokens) - 1 else None))
+        steps.append(step)
+
+    def run(final_only: bool):
+        processor = OutputProcessor(tokenizer, final_only=final_only)
+        for rid, params, _ in requests:
+            processor.add_request(rid, None, [1, 2], params)
+        return _feed(processor, steps)
+
+    streamed, streamed_stops = run(False)
+    final, final_stops = run(True)
+    assert all(out.finished for out in final) and len(final) == len({out.request_id for out in final}) == 3
+    last = {out.request_id: out for out in streamed}
+    for out in final:
+        expected = last[out.request_id]
+        assert [(c.text, c.token_ids, c.finish_reason) for c in out.outputs] == \
+               [(c.text, c.token_ids, c.finish_reason) for c in expected.outputs]
+    by_id = {out.request_id: out for out in final}
+    assert by_id["plain"].outputs[0].text == tokenizer.decode(plain)
+    assert by_id["stop"].outputs[0].finish_reason == "stop" and "中" not in by_id["stop"].outputs[0].text
+    assert final_stops == streamed_stops == ["stop"]

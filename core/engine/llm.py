@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 from typing import Any, Optional, Sequence, Union
 
@@ -33,7 +34,7 @@ class LLM:
         self.engine = EngineCore(self.engine_args)
         self.tokenizer = self.engine.source.tokenizer
         self.chat_template = load_chat_template(self.engine_args.chat_template) or self.engine.source.chat_template
-        self.processor = OutputProcessor(self.tokenizer)
+        self.processor = OutputProcessor(self.tokenizer, final_only=True)
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Any:
@@ -87,17 +88,17 @@ class LLM:
     def _run(self, encoded: list[tuple[Optional[str], list[int]]], params: list[SamplingParams], use_tqdm: bool,
              priority: Optional[list[int]]) -> list[RequestOutput]:
         order: list[str] = []
-        for i, ((text, token_ids), p) in enumerate(zip(encoded, params)):
-            rid = str(next(self._ids))
-            try:
-                submit(self.engine, self.processor, rid, text, token_ids, p, priority[i] if priority else 0)
-            except ValueError:
-                self._abort_all(order)
-                raise
-            order.append(rid)
         finished: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(order), desc="Processed prompts", disable=not use_tqdm)
+        bar = tqdm(total=len(encoded), desc="Processed prompts", disable=not use_tqdm)
+        # What exists before the run (the model, imported libraries: millions of objects) stays out
+        # of the collector's full passes until the run ends: one such pass cost 0.35 s of an 18.7 s
+        # run of an 8B model on an H100 host. Unfreezing hands it all back, so nothing leaks.
+        gc.freeze()
         try:
+            # Under fcfs the requests that fill the first two steps are queued first and the rest
+            # once those run: queueing is then hidden behind the device (admission order is the same).
+            head = self._first_steps_share(encoded) if self.engine_args.scheduling_policy == "fcfs" else len(encoded)
+            self._submit(encoded, params, priority, order, head)
             while self.engine.has_unfinished_requests():
                 outputs, stopped = self.processor.process(self.engine.step())
                 if stopped:
@@ -106,12 +107,33 @@ class LLM:
                     if out.finished:
                         finished[out.request_id] = out
                         bar.update(1)
+                if len(order) < len(encoded):
+                    self._submit(encoded, params, priority, order, len(encoded))
         except BaseException:
             self._abort_all(order)
             raise
         finally:
+            gc.unfreeze()
             bar.close()
         return [finished[rid] for rid in order]
+
+    def _first_steps_share(self, encoded: list[tuple[Optional[str], list[int]]]) -> int:
+        """How many prompts two full steps take: two token budgets, at most max_num_seqs."""
+        budget, tokens = 2 * self.engine.max_num_batched_tokens, 0
+        for count, (_, token_ids) in enumerate(encoded, start=1):
+            tokens += len(token_ids)
+            if tokens >= budget or count >= self.engine_args.max_num_seqs:
+                return count
+        return len(encoded)
+
+    def _submit(self, encoded: list[tuple[Optional[str], list[int]]], params: list[SamplingParams],
+                priority: Optional[list[int]], order: list[str], end: int) -> None:
+        """Queue prompts ``len(order)`` to ``end``, appending their ids to ``order``."""
+        for i in range(len(order), end):
+            text, token_ids = encoded[i]
+            rid = str(next(self._ids))
+            submit(self.engine, self.processor, rid, text, token_ids, params[i], priority[i] if priority else 0)
+            order.append(rid)
 
     def _abort_all(self, request_ids: list[str]) -> None:
         for rid in request_ids:

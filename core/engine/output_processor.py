@@ -30,6 +30,8 @@ class _Request:
 
     @property
     def finished(self) -> bool:
+        if len(self.samples) == 1:
+            return self.samples[0].completion.finish_reason is not None
         return all(s.completion.finish_reason is not None for s in self.samples)
 
 
@@ -39,8 +41,12 @@ def child_id(request_id: str, index: int, n: int) -> str:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Any):
+    """``final_only`` (the offline ``LLM``, which returns finished requests only): a request's
+    RequestOutput is made once, when it finishes, and no step computes stream deltas."""
+
+    def __init__(self, tokenizer: Any, final_only: bool = False):
         self.tokenizer = tokenizer
+        self.final_only = final_only
         self._samples: dict[str, _Sample] = {}
         self._requests: dict[str, _Request] = {}
 
@@ -89,14 +95,16 @@ class OutputProcessor:
             completion = sample.completion
             if out.prompt_logprobs and state.prompt_logprobs is not None and completion.index == 0:
                 state.prompt_logprobs.extend(self._logprob_dict(e) for e in out.prompt_logprobs)
-            completion.delta_token_ids = list(out.new_token_ids)
-            completion.delta_logprobs = None
+            if not self.final_only:
+                completion.delta_token_ids = list(out.new_token_ids)
+                completion.delta_logprobs = None
             if out.new_token_ids:
                 completion.token_ids.extend(out.new_token_ids)
                 if out.new_logprobs:
                     entries = [self._logprob_dict(e) for e in out.new_logprobs]
                     completion.logprobs.extend(entries)
-                    completion.delta_logprobs = entries
+                    if not self.final_only:
+                        completion.delta_logprobs = entries
                     total = sum(values[0] for _, values, _ in out.new_logprobs)
                     completion.cumulative_logprob = (completion.cumulative_logprob or 0.0) + total
                 stop = sample.detokenizer.add_tokens(out.new_token_ids, stop_terminated=out.finish_reason == "stop")
@@ -106,14 +114,21 @@ class OutputProcessor:
             if out.finish_reason is not None and completion.finish_reason is None:
                 completion.finish_reason, completion.stop_reason = out.finish_reason, out.stop_reason
                 sample.detokenizer.finish()
-            completion.text = sample.detokenizer.text
-            completion.delta_text = sample.detokenizer.output_text_delta(finished=completion.finish_reason is not None)
+            if not self.final_only:
+                completion.text = sample.detokenizer.text
+                completion.delta_text = sample.detokenizer.output_text_delta(finished=completion.finish_reason is not None)
             changed[state.request_id] = state
         results = []
         for rid, state in changed.items():
+            finished = state.finished
+            if self.final_only:
+                if not finished:
+                    continue
+                for s in state.samples:
+                    s.completion.text = s.detokenizer.text
             results.append(RequestOutput(rid, state.prompt, state.prompt_token_ids, [s.completion for s in state.samples],
-                                         finished=state.finished, prompt_logprobs=state.prompt_logprobs))
-            if state.finished:
+                                         finished=finished, prompt_logprobs=state.prompt_logprobs))
+            if finished:
                 self.abort(rid)
         return results, stopped
 

@@ -104,8 +104,9 @@ class KVCacheManager:
         held_ids = self._block_ids.get(request_id)
         if not new_computed_blocks and held_ids is not None and num_covered <= len(held_ids) * self.block_size:
             # A decode step inside its last block, 15 steps in 16: nothing to allocate.
-            if self.enable_prefix_caching:
-                self._cache_full_blocks(request, min(num_covered, request.num_tokens) // self.block_size)
+            num_full = min(num_covered, request.num_tokens) // self.block_size
+            if self.enable_prefix_caching and num_full > self._num_cached.get(request_id, 0):
+                self._cache_full_blocks(request, num_full)
             return list(held_ids)
         held = self._blocks.get(request_id, [])
         hits = [self.pool.blocks[i] for i in new_computed_blocks]

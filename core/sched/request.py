@@ -47,6 +47,11 @@ class Request:
     def __post_init__(self) -> None:
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
         self.all_token_ids.extend(self.output_token_ids)
+        # Stop at this many tokens (prompt + output): max_tokens or the context length.
+        limit = self.max_model_len
+        if self.sampling_params.max_tokens is not None:
+            limit = min(limit, len(self.prompt_token_ids) + self.sampling_params.max_tokens)
+        self.max_total_tokens = limit
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -55,14 +60,6 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
-
-    @property
-    def max_total_tokens(self) -> int:
-        """Stop at this many tokens (prompt + output): max_tokens or the context length."""
-        limit = self.max_model_len
-        if self.sampling_params.max_tokens is not None:
-            limit = min(limit, self.num_prompt_tokens + self.sampling_params.max_tokens)
-        return limit
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import json
 import pstats
@@ -166,23 +167,47 @@ MIXED_PROMPT, MIXED_OUTPUT = (64, 2048), (32, 512)
 
 
 class StepTrace:
-    """Wall time of each engine step by kind: decode only, prefill only, or both.
+    """Wall time of each engine step by kind (decode only, prefill only, or both), and the time
+    the GPU waited for each step to be launched.
 
     Each ``EngineCore.step`` call collects the oldest launched step, so call i is charged for
-    launch i (with look-ahead, launch i + 1 happens inside call i).
+    launch i (with look-ahead, launch i + 1 happens inside call i). An event recorded before
+    each launch completes when the GPU reaches it: its distance from the event after the
+    previous launch's work is GPU idle time (the host had not queued the step yet).
     """
 
     def __init__(self, engine):
-        self.engine, self.kinds, self.walls = engine, [], []
+        self.engine, self.kinds, self.walls, self.events = engine, [], [], []
+        self.first_add = self.first_launch = None
+        self.gc_seconds, self._gc_start = [0.0, 0.0, 0.0], 0.0
+
+    def _gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        else:
+            self.gc_seconds[info["generation"]] += time.perf_counter() - self._gc_start
 
     def __enter__(self):
-        launch, step = self.engine.runner.launch, self.engine.step
+        launch, step, add_request = self.engine.runner.launch, self.engine.step, self.engine.add_request
+        gc.callbacks.append(self._gc)
+
+        def traced_add_request(*args, **kw):
+            if self.first_add is None:
+                self.first_add = time.perf_counter()
+            return add_request(*args, **kw)
 
         def traced_launch(out, *rest, **kw):
+            if self.first_launch is None:
+                self.first_launch = time.perf_counter()
             prefill = sum(s.num_new_tokens for s in out.scheduled if s.start < s.request.num_prompt_tokens)
             decode = sum(1 for s in out.scheduled if s.start >= s.request.num_prompt_tokens)
             self.kinds.append(("mixed" if prefill and decode else "prefill" if prefill else "decode", prefill, decode))
-            return launch(out, *rest, **kw)
+            before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            before.record()
+            pending = launch(out, *rest, **kw)
+            after.record()
+            self.events.append((before, after))
+            return pending
 
         def traced_step():
             t = time.perf_counter()
@@ -190,24 +215,31 @@ class StepTrace:
             self.walls.append(time.perf_counter() - t)
             return result
 
-        self.engine.runner.launch, self.engine.step = traced_launch, traced_step
+        self.engine.runner.launch, self.engine.step, self.engine.add_request = traced_launch, traced_step, traced_add_request
         return self
 
     def __exit__(self, *exc):
-        del self.engine.runner.launch, self.engine.step
+        del self.engine.runner.launch, self.engine.step, self.engine.add_request
+        gc.callbacks.remove(self._gc)
 
     def summary(self) -> dict:
+        torch.cuda.synchronize()
+        idle = [0.0] + [max(0.0, after.elapsed_time(before)) / 1e3
+                        for (_, after), (before, _) in zip(self.events, self.events[1:])]
         by_kind: dict[str, dict] = {}
-        for (kind, prefill, decode), wall in zip(self.kinds, self.walls):
-            k = by_kind.setdefault(kind, {"steps": 0, "seconds": 0.0, "prefill_tokens": 0, "decode_tokens": 0})
+        for (kind, prefill, decode), wall, gap in zip(self.kinds, self.walls, idle):
+            k = by_kind.setdefault(kind, {"steps": 0, "seconds": 0.0, "gpu_idle_before_s": 0.0, "prefill_tokens": 0,
+                                          "decode_tokens": 0})
             k["steps"] += 1
             k["seconds"] += wall
+            k["gpu_idle_before_s"] += gap
             k["prefill_tokens"] += prefill
             k["decode_tokens"] += decode
         for k in by_kind.values():
             k["ms_per_step"] = round(k["seconds"] * 1e3 / k["steps"], 2)
-            k["seconds"] = round(k["seconds"], 3)
-        return by_kind
+            k["seconds"], k["gpu_idle_before_s"] = round(k["seconds"], 3), round(k["gpu_idle_before_s"], 3)
+        return by_kind | {"first_add_to_first_launch_s": round(self.first_launch - self.first_add, 3),
+                          "gc_seconds_by_generation": [round(s, 3) for s in self.gc_seconds]}
 
 
 def profile_kernels(fn) -> dict:

@@ -103,6 +103,24 @@ def test_prompt_too_long_is_rejected_with_numbers(llm):
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_prompts_beyond_the_first_steps_are_queued_while_those_run(checkpoint):
+    """With max_num_seqs 2, generate queues two prompts, steps, then queues the rest: every
+    output is the one each prompt gets alone, in input order, and a bad prompt among the later
+    ones still fails the call and leaves the engine empty."""
+    small = LLM(str(checkpoint), max_num_seqs=2, **OPTIONS)
+    prompts = [[10 + i, 20 + 2 * i, 30, 7 * i % 50 + 5] * (1 + i % 3) for i in range(7)]
+    params = [greedy(max_tokens=1 + 3 * i) for i in range(7)]
+    assert small._first_steps_share([(None, p) for p in prompts]) == 2
+    together = small.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    alone = [small.generate({"prompt_token_ids": p}, q, use_tqdm=False)[0] for p, q in zip(prompts, params)]
+    assert [o.prompt_token_ids for o in together] == prompts
+    assert [o.outputs[0].token_ids for o in together] == [o.outputs[0].token_ids for o in alone]
+    with pytest.raises(ValueError, match="prompt has 300 tokens"):
+        small.generate([{"prompt_token_ids": p} for p in prompts[:4]] + [{"prompt_token_ids": [10] * 300}],
+                       use_tqdm=False)
+    assert not small.engine.has_unfinished_requests() and small.engine.kv_manager.usage == 0
+
+
 def test_dense_checkpoint_is_not_requantized_by_default(llm, checkpoint):
     assert llm.engine.quantization == "none"
     with pytest.raises(ValueError, match="--quantization fp8 is not offered on cpu; choose one of: int8, none"):

@@ -125,8 +125,10 @@ def test_embedded_gguf_greedy_matches_cpu():
     def chat(llm, params):
         return llm.chat(question, params, use_tqdm=False)
 
-    [reference] = _greedy(path, "cpu", "float32", chat, max_tokens=16, max_model_len=512)
-    [ours] = _greedy(path, "cuda", "float32", chat, max_tokens=16, max_model_len=512)
+    # quantization "none": both dequantize the file's blocks at load (the CPU would otherwise
+    # requantize them to int8, its default for quantized GGUF, and compute something else).
+    [reference] = _greedy(path, "cpu", "float32", chat, max_tokens=16, max_model_len=512, quantization="none")
+    [ours] = _greedy(path, "cuda", "float32", chat, max_tokens=16, max_model_len=512, quantization="none")
     problem = _divergence(ours, reference, LOGPROB_TOLERANCE["float32"])
     assert problem is None, f"embedded GGUF on cuda differs from cpu: {problem}"
     assert "Paris" in ours.text, f"cuda answered {ours.text!r}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Optional
 
 from litestar import Litestar
@@ -29,8 +28,8 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 def create_app(engine: AsyncEngine, model_names: list[str], api_key: Optional[str] = None) -> Litestar:
     """The OpenAI-compatible app serving ``engine`` under ``model_names`` (the first is the default).
 
-    The app starts the engine (loading in the background) at startup and shuts it down at
-    shutdown. With ``api_key``, every route but /health, /version, /metrics and the schema
+    The app starts the engine (connecting to the engine core, which loads in the background) at
+    startup and shuts it down at shutdown. With ``api_key``, every route but /health, /version, /metrics and the schema
     requires ``Authorization: Bearer <api_key>``.
     """
     if not model_names:
@@ -38,10 +37,10 @@ def create_app(engine: AsyncEngine, model_names: list[str], api_key: Optional[st
     ctx = ServerContext(engine, list(model_names), Metrics(engine, model_names[0]))
 
     async def start() -> None:
-        engine.start()
+        await engine.start()
 
     async def stop() -> None:
-        await asyncio.to_thread(engine.shutdown)
+        await engine.shutdown()
 
     return Litestar(
         route_handlers=ROUTES,

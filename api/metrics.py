@@ -1,17 +1,21 @@
 """``GET /metrics``: Prometheus metrics under vLLM's names with a ``runtime:`` prefix.
 
-Each app has its own CollectorRegistry, so several apps (tests) never share counters. Engine
-state (running and waiting requests, KV-cache usage, prefix-cache and preemption counters) is
-read from the engine's last step when scraped; request latencies and token counts are observed
-by the handlers as outputs arrive.
+Engine state (running and waiting requests, KV-cache usage, prefix-cache and preemption
+counters) is read from the engine core's last step when scraped: every API process receives it.
+Request latencies and token counts are observed by the handlers as outputs arrive, in whichever
+API process serves the request; under ``runtime serve`` (``PROMETHEUS_MULTIPROC_DIR`` set by the
+supervisor) prometheus_client keeps them in files that a scrape of any API process sums, so
+``/metrics`` is one view of the whole server. Otherwise each app has its own registry, so
+several apps in one process (tests) never share counters.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -38,7 +42,7 @@ class _EngineStats(Collector):
 
     def collect(self) -> Iterator[Metric]:
         stats = self.engine.stats()
-        for name, key, doc, family in (
+        for name, field, doc, family in (
             ("num_requests_running", "num_running", "Requests in the running batch.", GaugeMetricFamily),
             ("num_requests_waiting", "num_waiting", "Requests waiting to be scheduled.", GaugeMetricFamily),
             ("kv_cache_usage_perc", "kv_cache_usage", "Fraction of KV-cache blocks in use (1 = full).",
@@ -50,7 +54,7 @@ class _EngineStats(Collector):
              CounterMetricFamily),
         ):
             metric = family(f"runtime:{name}", doc, labels=["model_name"])
-            metric.add_metric([self.model_name], float(stats.get(key, 0)))
+            metric.add_metric([self.model_name], float(getattr(stats, field)))
             yield metric
 
 
@@ -60,19 +64,25 @@ class Metrics:
     def __init__(self, engine: AsyncEngine, model_name: str):
         self.registry = CollectorRegistry()
         self.model_name = model_name
+        # Across processes the values live in files: the metrics are read back through the
+        # multiprocess collector, not registered here (that would count this process twice).
+        shared = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        registry = None if shared else self.registry
+        if shared:
+            multiprocess.MultiProcessCollector(self.registry)
         labels = ["model_name"]
         self.prompt_tokens = Counter("runtime:prompt_tokens", "Prompt tokens processed.", labels,
-                                     registry=self.registry).labels(model_name)
+                                     registry=registry).labels(model_name)
         self.generation_tokens = Counter("runtime:generation_tokens", "Tokens generated.", labels,
-                                         registry=self.registry).labels(model_name)
+                                         registry=registry).labels(model_name)
         self.request_success = Counter("runtime:request_success", "Finished requests by finish reason.",
-                                       labels + ["finished_reason"], registry=self.registry)
+                                       labels + ["finished_reason"], registry=registry)
         self.ttft = Histogram("runtime:time_to_first_token_seconds", "Time from arrival to the first token.", labels,
-                              buckets=_TTFT_BUCKETS, registry=self.registry).labels(model_name)
+                              buckets=_TTFT_BUCKETS, registry=registry).labels(model_name)
         self.itl = Histogram("runtime:inter_token_latency_seconds", "Time between two steps' tokens of a request.",
-                             labels, buckets=_ITL_BUCKETS, registry=self.registry).labels(model_name)
+                             labels, buckets=_ITL_BUCKETS, registry=registry).labels(model_name)
         self.e2e = Histogram("runtime:e2e_request_latency_seconds", "Time from arrival to the last token.", labels,
-                             buckets=_E2E_BUCKETS, registry=self.registry).labels(model_name)
+                             buckets=_E2E_BUCKETS, registry=registry).labels(model_name)
         self.registry.register(_EngineStats(engine, model_name))
 
     def request(self) -> "RequestTimer":

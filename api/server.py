@@ -1,32 +1,79 @@
-"""``runtime serve``: the app on uvicorn, the engine loading in the background.
+"""``runtime serve``: a supervisor, one engine core process and N API server processes.
 
-The socket opens at once and ``/health`` answers 503 until the model is loaded; a model that
-fails to load stops the server with the reason. SIGTERM stops accepting connections, lets
-in-flight requests finish for up to ``shutdown_timeout`` seconds (then aborts them), stops the
-engine and exits 0.
+The supervisor (this process) binds the listening socket at once, spawns the engine core (the
+model and the scheduler, engine/engine_process.py) and ``--api-server-count`` API processes
+(Litestar on uvicorn), which accept connections on that one shared socket and talk to the core
+over ZeroMQ. It then only watches:
+
+- every API process answers 503 (with Retry-After) on every ``/v1/*`` route and ``/health``
+  until the model is loaded; the supervisor prints "ready" once all of them can serve;
+- a model that fails to load stops everything; ``serve`` raises ValueError with the reason;
+- the core dying (killed, out of memory, a device error): each API process notices at once
+  (its liveness pipe closes), ends every in-flight stream with an error event and exits; the
+  supervisor exits 1 within seconds, killing whatever is left;
+- SIGTERM or SIGINT: the API processes stop accepting, let in-flight requests finish for up to
+  ``shutdown_timeout`` seconds (then abort them) and exit; then the core is stopped; exit 0.
+
+Children get SIGTERM from the kernel if the supervisor itself dies, so no process outlives it.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import signal
+import socket
 import sys
-import threading
+import tempfile
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import wait
 from typing import Optional
 
-import uvicorn
-
 from runtime.engine.args import EngineArgs
-from runtime.engine.async_engine import AsyncEngine, EngineDeadError
-
-from .app import create_app
+from runtime.engine.engine_process import CoreConnection, exit_with_parent, start_engine_core
+from runtime.engine.messages import Failed, Ready
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+_AFTER_CORE_DEATH_S = 5.0
+"""How long API processes get to fail their streams and exit after the core died."""
+_LAST_WORDS_S = 1.0
+"""How long a child's exit may precede the core's report of why it failed."""
+
+logger = logging.getLogger("runtime")
 
 
 def default_model_name(args: EngineArgs) -> str:
     """The name a model is served under without --served-model-name: the MODEL argument, as vLLM does."""
     return str(args.model) if args.model else EMBEDDED_MODEL_NAME
+
+
+@dataclass
+class ApiServerConfig:
+    """Everything an API process needs besides its socket and its connection to the core."""
+
+    args: EngineArgs
+    model_names: list[str]
+    api_key: Optional[str]
+    max_queue_len: Optional[int]
+    shutdown_timeout: float
+    log_level: str
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket every API process accepts on (bound here so the port opens at once)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port or --host") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
@@ -35,30 +82,145 @@ def _exit_cleanly(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+def run_api_server(config: ApiServerConfig, sock: socket.socket, connection: CoreConnection) -> None:
+    """An API process's main: the app on uvicorn, on the shared socket, until told to stop or
+    until the core dies (then exit status 1)."""
+    exit_with_parent(f"runtime-api-{connection.client}")
+    logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from runtime.engine.async_engine import AsyncEngine
+
+    from .app import create_app
+
+    engine = AsyncEngine(config.args, max_queue_len=config.max_queue_len, connection=connection)
+    app = create_app(engine, config.model_names, config.api_key)
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level=config.log_level.lower(),
+                                           timeout_graceful_shutdown=config.shutdown_timeout, lifespan="on"))
+    died = []
+
+    def on_death() -> None:
+        died.append(engine.error)
+        server.should_exit = True
+
+    engine.on_death(on_death)
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    server.run(sockets=[sock])
+    if died:
+        sys.exit(1)
+
+
+class Supervisor:
+    """Starts the processes of ``runtime serve`` and watches them until the server stops."""
+
+    def __init__(self, config: ApiServerConfig, host: str, port: int, api_server_count: int):
+        if api_server_count < 1:
+            raise ValueError(f"--api-server-count must be >= 1, got {api_server_count}")
+        self.config = config
+        self.url = f"http://{host}:{port}"
+        self.sock = bind_socket(host, port)
+        self.count = api_server_count
+        self.stopping = False
+        self.metrics_dir = tempfile.TemporaryDirectory(prefix="runtime-metrics-")
+
+    def run(self) -> int:
+        name = self.config.model_names[0]
+        # Request metrics are summed over the API processes through these files (api/metrics.py);
+        # set before the children start, as prometheus_client reads it at import.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir.name
+        context = multiprocessing.get_context("spawn")
+        self.core = start_engine_core(self.config.args, self.count, log_level=self.config.log_level.upper())
+        self.api = [context.Process(target=run_api_server, name=f"runtime-api-{connection.client}", daemon=True,
+                                    args=(self.config, self.sock, connection))
+                    for connection in self.core.connections]
+        for process in self.api:
+            process.start()
+        self.sock.close()  # the API processes hold it now
+        self.core.connections[0].alive.close()
+        print(f"runtime serve: listening on {self.url}; loading {name}", file=sys.stderr, flush=True)
+        logger.info("serving %s as %s", self.config.args.model or "the embedded model", ", ".join(self.config.model_names))
+        previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self._watch()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self._stop_all()
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+            self.metrics_dir.cleanup()
+
+    def _stop(self, signum: int, frame: object) -> None:
+        """SIGTERM/SIGINT: the API processes drain and exit; the watch loop then stops the core."""
+        self.stopping = True
+        for process in self.api:
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+
+    def _watch(self) -> int:
+        """Wait for the children's news until the server stops; returns the exit status."""
+        status = self.core.status
+        exits = {self.core.process.sentinel: "core", **{p.sentinel: i for i, p in enumerate(self.api)}}
+        while True:
+            for item in wait([*exits, status] if not status.closed else list(exits)):
+                if item is status:
+                    try:
+                        message = status.recv()
+                    except (EOFError, OSError):
+                        status.close()
+                        continue
+                    if isinstance(message, Failed) and message.while_loading:
+                        raise ValueError(f"the model failed to load: {message.message}")
+                    if isinstance(message, Ready) and not self.stopping:
+                        print(f"runtime serve: {self.config.model_names[0]} ready at {self.url}/v1",
+                              file=sys.stderr, flush=True)
+                    continue
+                who = exits.pop(item)
+                # The sentinel closes as the child exits, a moment before it can be reaped.
+                (self.core.process if who == "core" else self.api[who]).join(5)
+                api_left = [w for w in exits.values() if w != "core"]
+                if self.stopping and not api_left:
+                    return 0
+                if who == "core" or not self.stopping:
+                    return self._after_failure(who)
+
+    def _after_failure(self, who: "str | int") -> int:
+        """A child exited unexpectedly: the core's last words say whether the model failed to load."""
+        try:
+            message = self.core.status.recv() if self.core.status.poll(_LAST_WORDS_S) else None
+        except (EOFError, OSError):  # closed: it said nothing more
+            message = None
+        if isinstance(message, Failed) and message.while_loading:
+            raise ValueError(f"the model failed to load: {message.message}")
+        if who == "core":
+            print(f"runtime serve: error: the engine core process died (exit code {self.core.process.exitcode}); "
+                  f"in-flight requests ended with an error; stopping", file=sys.stderr, flush=True)
+            deadline = time.monotonic() + _AFTER_CORE_DEATH_S
+            for process in self.api:
+                process.join(max(0.0, deadline - time.monotonic()))
+        else:
+            print(f"runtime serve: error: API process {who} exited with {self.api[who].exitcode}; stopping",
+                  file=sys.stderr, flush=True)
+        return 1
+
+    def _stop_all(self) -> None:
+        for process in self.api:
+            if process.is_alive():
+                process.terminate()
+        for process in self.api:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self.core.stop()
+
+
 def serve(args: EngineArgs, host: str = "127.0.0.1", port: int = 8000, model_names: Optional[list[str]] = None,
           api_key: Optional[str] = None, max_queue_len: Optional[int] = None, shutdown_timeout: float = 30.0,
-          log_level: str = "warning") -> int:
-    """Serve until SIGINT or SIGTERM; returns the exit status. Raises ValueError when the model fails to load."""
+          log_level: str = "warning", api_server_count: int = 1) -> int:
+    """Serve until SIGINT or SIGTERM (exit status 0) or the engine core's death (1).
+
+    Raises ValueError when the model fails to load or the address cannot be bound.
+    """
     names = model_names or [default_model_name(args)]
-    engine = AsyncEngine(args, max_queue_len=max_queue_len)
-    app = create_app(engine, names, api_key)
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level.lower(),
-                            timeout_graceful_shutdown=shutdown_timeout, lifespan="on")
-    server = uvicorn.Server(config)
-
-    def report_when_loaded() -> None:
-        try:
-            engine.wait_ready()
-        except EngineDeadError:
-            server.should_exit = True
-            return
-        print(f"runtime serve: {names[0]} ready at http://{host}:{port}/v1", file=sys.stderr, flush=True)
-
-    threading.Thread(target=report_when_loaded, name="runtime-load-watch", daemon=True).start()
-    signal.signal(signal.SIGTERM, _exit_cleanly)
-    print(f"runtime serve: listening on http://{host}:{port}; loading {names[0]}", file=sys.stderr, flush=True)
-    logging.getLogger("runtime").info("serving %s as %s", args.model or "the embedded model", ", ".join(names))
-    server.run()
-    if engine.core is None and engine.error is not None:
-        raise ValueError(f"the model failed to load: {engine.error}")
-    return 0
+    config = ApiServerConfig(args, names, api_key, max_queue_len, shutdown_timeout, log_level)
+    return Supervisor(config, host, port, api_server_count).run()

@@ -16,8 +16,9 @@ from .protocol import ModelCard, ModelList, VersionResponse
 
 @get("/v1/models", responses=ERROR_RESPONSES, summary="List the served model (under each of its names)")
 async def list_models(ctx: NamedDependency[ServerContext]) -> ModelList:
+    # 503 until a request can be served: clients written for vLLM poll this route for readiness.
     engine = ctx.engine
-    max_model_len = engine.max_model_len if engine.state == "ready" else None
+    max_model_len = engine.max_model_len
     root = str(engine.args.model) if engine.args.model else ctx.model_names[0]
     return ModelList(data=[ModelCard(id=name, created=ctx.created, root=root, max_model_len=max_model_len)
                            for name in ctx.model_names])

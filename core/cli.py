@@ -86,7 +86,8 @@ def _serve(ns: argparse.Namespace) -> int:
     # The key comes from the flag or the environment and is never printed or logged.
     api_key = ns.api_key or os.environ.get("RUNTIME_API_KEY") or None
     return serve(args, host=ns.host, port=ns.port, model_names=ns.served_model_names, api_key=api_key,
-                 max_queue_len=ns.max_queue_len, shutdown_timeout=ns.shutdown_timeout, log_level=ns.log_level)
+                 max_queue_len=ns.max_queue_len, shutdown_timeout=ns.shutdown_timeout, log_level=ns.log_level,
+                 api_server_count=ns.api_server_count)
 
 
 def _plugins(ns: argparse.Namespace) -> int:
@@ -140,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="requests waiting for their first token before new ones get 503 with Retry-After")
     srv.add_argument("--shutdown-timeout", type=float, default=30.0,
                      help="seconds in-flight requests may run after SIGTERM before they are aborted")
+    srv.add_argument("--api-server-count", type=int, default=1,
+                     help="API server processes (HTTP, tokenizing, detokenizing) in front of the one engine core, "
+                          "sharing the port")
     add_engine_args(srv)
     srv.set_defaults(func=_serve)
 

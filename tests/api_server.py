@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Optional
 
 import httpx
@@ -45,6 +46,18 @@ class ServerProcess:
             time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"runtime serve was not healthy within {timeout} s:\n{self.output()}")
+
+    def children(self) -> dict[str, int]:
+        """The server's child processes by name (``runtime-core``, ``runtime-api-0``, ...) -> pid."""
+        assert self.proc is not None
+        found = {}
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            for pid in (task / "children").read_text().split():
+                try:
+                    found[Path(f"/proc/{pid}/comm").read_text().strip()] = int(pid)
+                except FileNotFoundError:
+                    pass  # exited meanwhile
+        return found
 
     def output(self) -> str:
         with open(self.log.name, encoding="utf-8", errors="replace") as f:

@@ -4,6 +4,7 @@ key guards everything but the probes; /health follows loading and engine death; 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
 import os
 import socket
@@ -18,9 +19,9 @@ from litestar.testing import TestClient
 from runtime.api.app import create_app
 from runtime.engine.args import EngineArgs
 from runtime.engine.async_engine import AsyncEngine
-from runtime.engine.core import EngineCore
 
 from api_server import TINY_ARGS, ServerProcess, assert_error, metric, wait_for_metric
+from engine_builds import build_failing_after_three_steps, build_when_released
 from tiny_models import make_tiny_checkpoint
 
 pytestmark = pytest.mark.xdist_group("api")
@@ -167,42 +168,39 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(guarded):
 # -- in-process: loading and engine death ----------------------------------------------------------
 
 
-def test_health_is_503_while_loading(checkpoint):
-    release = threading.Event()
+def wait_healthy(client, timeout=60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while client.get("/health").status_code != 200:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
-    def slow_build(args):
-        release.wait(30)
-        return EngineCore(args)
 
+def test_every_route_is_503_while_loading(checkpoint, tmp_path):
+    release = tmp_path / "release"
     engine = AsyncEngine(EngineArgs(model=str(checkpoint), kv_cache_memory="16MiB", max_model_len=128),
-                         build=slow_build)
+                         build=functools.partial(build_when_released, release))
     with TestClient(create_app(engine, ["tiny"])) as client:
         response = client.get("/health")
         assert response.status_code == 503 and response.json()["error"]["code"] == "model_loading"
-        response = client.post("/v1/completions", json={"prompt": "a"})
-        assert response.status_code == 503 and response.headers["Retry-After"]
-        release.set()
-        engine.wait_ready(60)
-        assert client.get("/health").status_code == 200
+        for method, path, body in (("POST", "/v1/completions", {"prompt": "a"}), ("GET", "/v1/models", None),
+                                   ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}]}),
+                                   ("POST", "/tokenize", {"prompt": "a"})):
+            response = client.request(method, path, json=body)
+            assert response.status_code == 503 and response.headers["Retry-After"], (path, response.text)
+            assert response.json()["error"]["code"] == "model_loading"
+        release.touch()
+        assert wait_healthy(client)
+        assert client.get("/v1/models").json()["data"][0]["max_model_len"] == 128
         assert client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
 
 
 def test_engine_death_fails_requests_and_health(checkpoint):
-    def fragile_build(args):
-        core = EngineCore(args)
-        steps = iter(range(3))
-
-        def step():
-            next(steps)  # StopIteration after three steps: the engine loop dies
-            return EngineCore.step(core)
-
-        core.step = step
-        return core
-
     engine = AsyncEngine(EngineArgs(model=str(checkpoint), kv_cache_memory="16MiB", max_model_len=128),
-                         build=fragile_build)
+                         build=build_failing_after_three_steps)
     with TestClient(create_app(engine, ["tiny"])) as client:
-        engine.wait_ready(60)
+        assert wait_healthy(client)
         response = client.post("/v1/completions", json={"prompt": "a", "max_tokens": 20, "ignore_eos": True})
         assert response.status_code == 503
         assert "engine died" in response.json()["error"]["message"]

@@ -181,7 +181,7 @@ def _feed(processor, outputs_by_step):
 def test_final_only_processor_returns_each_request_once_as_the_stream_ends(tokenizer):
     """The offline LLM's processor: one RequestOutput per request, at its end, whose text and
     tokens are what the streaming processor ends with (a stop string and n=2 included)."""
-    from runtime.engine.core import EngineCoreOutput
+    from runtime.engine.messages import EngineCoreOutput
     from runtime.engine.output_processor import OutputProcessor
 
     plain, stopping = encode(tokenizer, TEXTS[0]), encode(tokenizer, TEXTS[1])

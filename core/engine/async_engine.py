@@ -1,29 +1,37 @@
-"""AsyncEngine: the engine behind the HTTP server.
+"""AsyncEngine: the API process's side of the engine, on its asyncio event loop.
 
-One background thread owns the EngineCore and the OutputProcessor: it builds them (so the server
-can answer ``/health`` while the model loads), then steps while there is work and sleeps on a
-condition otherwise. Request handlers on the asyncio event loop never touch either object: they
-hand new requests and aborts to the thread through a locked inbox, and the thread hands each
-step's outputs back with one ``loop.call_soon_threadsafe`` into per-request asyncio queues.
+It owns text: the tokenizer and chat template (loaded here, beside the core's model load), the
+OutputProcessor (incremental detokenizing, stop strings, logprob dicts, n samples folded into
+one result) and one stream per request. The model and the scheduler live in the engine core
+process (engine_process.py); requests and aborts go to it over a socket, and each step's
+token ids come back in one message that one task on the event loop turns into stream outputs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-from dataclasses import dataclass
+import time
 from typing import Any, Callable, Optional
 
+import zmq
+import zmq.asyncio
+
+from ..loader.source import open_model
 from ..sample.params import SamplingParams
 from .args import EngineArgs
 from .chat import load_chat_template
 from .core import EngineCore
+from .engine_process import CoreConnection, EngineCoreHandle, start_engine_core
+from .messages import (AbortRequests, AddRequest, ClientReady, EngineStats, Failed, Ready, StepOutputs,
+                       decode_from_core, encode)
 from .output_processor import OutputProcessor, child_id
 from .outputs import CompletionOutput, RequestOutput
-from .submit import submit
 
 logger = logging.getLogger("runtime")
+
+_LAST_WORDS_S = 0.5
+"""How long a dead core's last message (why it failed) may trail the end-of-file of its liveness pipe."""
 
 
 class EngineNotReadyError(RuntimeError):
@@ -38,30 +46,21 @@ class QueueFullError(RuntimeError):
     """The waiting queue holds ``max_queue_len`` requests already."""
 
 
-@dataclass
-class _NewRequest:
-    stream: "RequestStream"
-    prompt: Optional[str]
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    priority: int
-
-
 class RequestStream:
     """One request's outputs as they are produced: ``async for output in stream``.
 
     Each RequestOutput holds the samples that changed in one engine step. Their ``delta_*``
     fields hold what is new; a sample's cumulative ``text``, ``token_ids`` and ``logprobs`` are
     filled in the output where it finishes (``finish_reason`` set). ``prompt_logprobs``, when
-    asked for, is set from the output with the request's first token on. Iteration raises the request's error, if
-    any (ValueError: the core refused it; EngineDeadError: the engine died or stopped).
+    asked for, is set from the output with the request's first token on. Iteration raises the
+    request's error, if any (ValueError: the core refused it; EngineDeadError: the engine died or
+    stopped).
 
     ``async with stream:`` aborts the request on exit unless it finished.
     """
 
-    def __init__(self, engine: "AsyncEngine", request_id: str, loop: asyncio.AbstractEventLoop):
+    def __init__(self, engine: "AsyncEngine", request_id: str):
         self.request_id = request_id
-        self.loop = loop
         self._engine = engine
         self._queue: asyncio.Queue = asyncio.Queue()
         self._done = False
@@ -82,7 +81,7 @@ class RequestStream:
         return item
 
     def abort(self) -> None:
-        """Stop generating (the client went away); a no-op once finished. Call on the event loop."""
+        """Stop generating (the client went away); a no-op once finished."""
         if not self._done:
             self._done = True
             self._engine.abort(self.request_id)
@@ -95,228 +94,252 @@ class RequestStream:
 
 
 class AsyncEngine:
-    """Serves requests from asyncio code while the engine steps in a background thread.
+    """Serves requests from asyncio code; the model runs in the engine core process.
 
-    ``start()`` launches the thread, which builds the engine; until it is built ``state`` is
-    ``"loading"``, then ``"ready"``; after a failure or ``shutdown()`` it is ``"dead"`` and
-    ``error`` says why. ``max_queue_len`` bounds the requests that have produced no output yet;
-    beyond it ``add_request`` raises QueueFullError instead of letting memory grow.
+    With ``connection`` it talks to a core that a supervisor started (``runtime serve``, where
+    several API processes share one core); without, ``start()`` spawns a core of its own with
+    ``build`` (which must be picklable). Until the core reports its model loaded and every API
+    process's tokenizer loaded, ``state`` is ``"loading"``, then ``"ready"``; after a failure, the
+    core's death or ``shutdown()`` it is ``"dead"`` and ``error`` says why. ``max_queue_len``
+    bounds the requests that have produced no output yet; beyond it ``add_request`` raises
+    QueueFullError instead of letting memory grow. Every method runs on the event loop that
+    called ``start()``.
     """
 
     def __init__(self, args: EngineArgs, max_queue_len: Optional[int] = None,
-                 build: Callable[[EngineArgs], EngineCore] = EngineCore):
+                 build: Callable[[EngineArgs], EngineCore] = EngineCore, connection: Optional[CoreConnection] = None):
         if max_queue_len is not None and max_queue_len < 1:
             raise ValueError(f"max_queue_len must be >= 1, got {max_queue_len}")
         self.args = args
         self.max_queue_len = max_queue_len
         self._build = build
+        self._connection = connection
+        self._own_core: Optional[EngineCoreHandle] = None
         self.state = "loading"
         self.error: Optional[BaseException] = None
-        self.core: Optional[EngineCore] = None
         self.tokenizer: Any = None
         self.chat_template: Optional[str] = None
-        self._ready = threading.Event()
-        self._cond = threading.Condition()
-        self._inbox: list[_NewRequest] = []
-        self._aborts: set[str] = set()
-        self._stopping = False
-        self._thread: Optional[threading.Thread] = None
-        # Engine thread only: the loop of every request it holds, to route outputs.
-        self._loops: dict[str, asyncio.AbstractEventLoop] = {}
-        # Event loop only: the stream of every request not yet finished.
+        self._model_info: Optional[Ready] = None
+        self._processor: Optional[OutputProcessor] = None
         self._streams: dict[str, RequestStream] = {}
         self.num_waiting = 0
-        """Requests with no output yet (event-loop side count, checked against max_queue_len)."""
-        self._stats: dict[str, float] = {}
+        """Requests with no output yet (checked against max_queue_len)."""
+        self._stats = EngineStats()
+        self._death_callbacks: list[Callable[[], None]] = []
+        self._ready: Optional[asyncio.Event] = None
+        self._tasks: list[asyncio.Task] = []
+        self._zmq: Optional[zmq.asyncio.Context] = None
+        self._to_core: Any = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def start(self) -> "AsyncEngine":
-        """Build the engine and start stepping, in the background; returns at once."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="runtime-engine", daemon=True)
-            self._thread.start()
+    async def start(self) -> "AsyncEngine":
+        """Connect to the core (spawning it if none was given) and load the tokenizer, in the
+        background; returns at once."""
+        if self._ready is not None:
+            return self
+        loop = asyncio.get_running_loop()
+        self._ready = asyncio.Event()
+        if self._connection is None:
+            self._own_core = start_engine_core(self.args, 1, self._build)
+            self._connection = self._own_core.connections[0]
+        connection = self._connection
+        self._zmq = zmq.asyncio.Context()
+        # Sending never blocks (the queue is unbounded), so it needs no future: a plain socket.
+        self._to_core = zmq.Context.shadow(self._zmq.underlying).socket(zmq.PUSH)
+        self._to_core.setsockopt(zmq.SNDHWM, 0)
+        self._to_core.setsockopt(zmq.LINGER, 0)
+        self._to_core.connect(connection.input_address)
+        from_core = self._zmq.socket(zmq.PULL)
+        from_core.setsockopt(zmq.RCVHWM, 0)
+        from_core.setsockopt(zmq.LINGER, 0)
+        from_core.bind(connection.output_address)
+        loop.add_reader(connection.alive.fileno(), self._core_exited)
+        self._tasks = [asyncio.ensure_future(self._receive(from_core)), asyncio.ensure_future(self._load_tokenizer())]
         return self
 
-    def wait_ready(self, timeout: Optional[float] = None) -> None:
-        """Block until the engine is built (or failed to build: raises EngineDeadError)."""
-        if not self._ready.wait(timeout):
-            raise TimeoutError(f"the engine did not load within {timeout} s")
+    async def wait_ready(self, timeout: Optional[float] = None) -> None:
+        """Wait until the engine can serve (raises EngineDeadError if it failed to start)."""
+        if self._ready is None:
+            raise RuntimeError("start() the engine first")
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"the engine did not load within {timeout} s") from None
         if self.state != "ready":
             raise EngineDeadError(f"the engine failed to start: {self.error}")
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the thread; requests still held fail with EngineDeadError."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+    def on_death(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the event loop) once the engine dies other than by ``shutdown()``."""
+        self._death_callbacks.append(callback)
+
+    async def shutdown(self) -> None:
+        """Fail what is still held with EngineDeadError, disconnect, and stop the core if it is ours."""
+        self._die(EngineDeadError("the engine was shut down"), expected=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._connection is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self._connection.alive.fileno())
+            except (ValueError, OSError):
+                pass  # already closed
+        if self._zmq is not None:
+            self._to_core.close(linger=0)
+            self._zmq.destroy(linger=0)
+            self._zmq = None
+        if self._own_core is not None:
+            await asyncio.to_thread(self._own_core.stop)
+            self._connection.alive.close()
+            self._own_core = None
 
     # -- what the server reads --------------------------------------------------------------
 
     def check_ready(self) -> None:
         """Raise EngineNotReadyError while loading, EngineDeadError once failed or stopped."""
-        self._require_core()
+        self._require_info()
 
     @property
     def max_model_len(self) -> int:
-        return self._require_core().max_model_len
+        return self._require_info().max_model_len
 
     @property
     def vocab_size(self) -> int:
-        return self._require_core().runner.settings.vocab_size
+        return self._require_info().vocab_size
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> EngineStats:
         """The core's counters as of its last step (running, waiting, KV usage, prefix cache, preemptions)."""
         return self._stats
+
+    def _require_info(self) -> Ready:
+        if self.state == "loading":
+            raise EngineNotReadyError("the model is still loading; retry shortly")
+        if self.state != "ready" or self._model_info is None:
+            raise EngineDeadError(f"the engine is not running: {self.error}")
+        return self._model_info
 
     # -- requests ---------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
                     params: SamplingParams, priority: int = 0) -> RequestStream:
-        """Queue a request; returns its stream. Call on the event loop that will consume it.
+        """Queue a request; returns its stream.
 
         Raises EngineNotReadyError while loading, EngineDeadError after a failure, and
         QueueFullError when ``max_queue_len`` requests are waiting already.
         """
-        self._require_core()
+        self._require_info()
         if self.max_queue_len is not None and self.num_waiting >= self.max_queue_len:
             raise QueueFullError(f"{self.num_waiting} requests are waiting already "
                                  f"(--max-queue-len {self.max_queue_len})")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        stream = RequestStream(self, request_id, asyncio.get_running_loop())
-        with self._cond:
-            if self.state != "ready":
-                raise EngineDeadError(f"the engine is not running: {self.error}")
-            self._inbox.append(_NewRequest(stream, prompt, list(prompt_token_ids), params, priority))
-            self._cond.notify()
+        self._processor.add_request(request_id, prompt, prompt_token_ids, params)
+        self._send(AddRequest(request_id, self._connection.client, list(prompt_token_ids), params, priority,
+                              time.monotonic()))
+        stream = RequestStream(self, request_id)
         self._streams[request_id] = stream
         self.num_waiting += 1
         return stream
 
     def abort(self, request_id: str) -> None:
-        """Abort a request; it takes effect before the next step, which frees its KV blocks."""
+        """Abort a request; the core applies it before its next step, which frees its KV blocks."""
         stream = self._streams.pop(request_id, None)
         if stream is not None and stream.waiting:
             stream.waiting = False
             self.num_waiting -= 1
-        with self._cond:
-            self._aborts.add(request_id)
-            self._cond.notify()
+        if self._processor is not None and self.state == "ready":
+            ids = self._processor.abort(request_id)
+            if ids:
+                self._send(AbortRequests(ids))
 
-    def _require_core(self) -> EngineCore:
-        if self.state == "loading":
-            raise EngineNotReadyError("the model is still loading; retry shortly")
-        if self.state != "ready" or self.core is None:
-            raise EngineDeadError(f"the engine is not running: {self.error}")
-        return self.core
+    def _send(self, message: AddRequest | AbortRequests | ClientReady) -> None:
+        # An unbounded queue never blocks, so the send completes now, off any await.
+        self._to_core.send(encode(message), copy=True)
 
-    # -- the engine thread ------------------------------------------------------------------
+    # -- what comes back ----------------------------------------------------------------------
 
-    def _run(self) -> None:
+    async def _load_tokenizer(self) -> None:
         try:
-            core = self._build(self.args)
-            self.tokenizer = core.source.tokenizer
-            self.chat_template = load_chat_template(self.args.chat_template) or core.source.chat_template
-            processor = OutputProcessor(self.tokenizer)
-            self._stats = core.stats()
-            self.core = core
-        except BaseException as exc:  # noqa: BLE001  (reported through wait_ready and state, not raised in a thread)
-            self._die(exc)
+            source = await asyncio.to_thread(open_model, self.args.model)
+        except Exception as exc:  # noqa: BLE001  (the core fails on the same model and says why; keep the first)
+            self._die(EngineDeadError(f"the engine failed to start: {exc}"))
+            return
+        self.tokenizer = source.tokenizer
+        self.chat_template = load_chat_template(self.args.chat_template) or source.chat_template
+        self._processor = OutputProcessor(self.tokenizer)
+        self._send(ClientReady(self._connection.client))
+
+    async def _receive(self, socket: Any) -> None:
+        try:
+            while True:
+                message = decode_from_core(await socket.recv(copy=True))
+                if isinstance(message, StepOutputs):
+                    self._on_step(message)
+                elif isinstance(message, Ready) and self.state == "loading":
+                    self._model_info = message
+                    self.state = "ready"
+                    self._ready.set()
+                elif isinstance(message, Failed):
+                    prefix = "the engine failed to start" if message.while_loading else "the engine died"
+                    self._die(EngineDeadError(f"{prefix}: {message.message}"))
+        finally:
+            socket.close(linger=0)
+
+    def _on_step(self, message: StepOutputs) -> None:
+        self._stats = message.stats
+        processor = self._processor
+        if processor is None:
+            return
+        for request_id, why in message.refused:
+            processor.abort(request_id)
+            self._deliver(request_id, ValueError(why))
+        if not message.outputs:
+            return
+        results, stopped = processor.process(message.outputs)
+        if stopped:
+            self._send(AbortRequests(stopped))
+        changed = {out.request_id for out in message.outputs}
+        for result in results:
+            self._deliver(result.request_id, _step_delta(result, changed))
+
+    def _deliver(self, request_id: str, item: Any) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return  # aborted meanwhile
+        if stream.waiting:
+            stream.waiting = False
+            self.num_waiting -= 1
+        if isinstance(item, BaseException) or item.finished:
+            del self._streams[request_id]
+        stream._queue.put_nowait(item)
+
+    def _core_exited(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._connection.alive.fileno())
+        # The core's Failed message, if it sent one, says more than this; give it time to arrive.
+        loop.call_later(_LAST_WORDS_S, self._die, EngineDeadError("the engine core process exited unexpectedly"))
+
+    def _die(self, exc: EngineDeadError, expected: bool = False) -> None:
+        """Mark the engine dead and fail every request it holds; the first cause is kept.
+        Death callbacks run unless the death was ``expected`` (a shutdown)."""
+        if self.state == "dead":
+            return
+        self.state = "dead"
+        self.error = exc
+        streams, self._streams = self._streams, {}
+        self.num_waiting = 0
+        for stream in streams.values():
+            stream._queue.put_nowait(exc)
+        self._processor = None
+        if self._ready is not None:
             self._ready.set()
-            return
-        with self._cond:
-            if not self._stopping:
-                self.state = "ready"
-        self._ready.set()
-        try:
-            self._loop(core, processor)
-        except BaseException as exc:  # noqa: BLE001
-            logger.exception("the engine died")
-            self._die(exc)
-            return
-        self._die(EngineDeadError("the engine was shut down"))
-
-    def _loop(self, core: EngineCore, processor: OutputProcessor) -> None:
-        while True:
-            with self._cond:
-                while not (self._inbox or self._aborts or self._stopping or core.has_unfinished_requests()):
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                inbox, self._inbox = self._inbox, []
-                aborts, self._aborts = self._aborts, set()
-            failed = []
-            for new in inbox:
-                rid = new.stream.request_id
-                if rid in aborts:
-                    continue
-                try:
-                    submit(core, processor, rid, new.prompt, new.prompt_token_ids, new.params, new.priority)
-                except ValueError as exc:
-                    failed.append((new.stream.loop, rid, exc))
-                    continue
-                self._loops[rid] = new.stream.loop
-            for rid in aborts:
-                core.abort_requests(processor.abort(rid))
-                self._loops.pop(rid, None)
-            outputs = []
-            if core.has_unfinished_requests():
-                core_outputs = core.step()
-                results, stopped = processor.process(core_outputs)
-                if stopped:
-                    core.finish_requests(stopped)
-                changed = {out.request_id for out in core_outputs}
-                outputs = [_step_delta(result, changed) for result in results]
-            self._stats = core.stats()
-            self._dispatch([(self._loops[o.request_id], o.request_id, o) for o in outputs
-                            if o.request_id in self._loops] + failed)
-            for out in outputs:
-                if out.finished:
-                    self._loops.pop(out.request_id, None)
-
-    def _dispatch(self, items: list[tuple[asyncio.AbstractEventLoop, str, Any]]) -> None:
-        """Hand (request id, output or error) pairs to their event loops: one callback per loop per step."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[str, Any]]] = {}
-        for loop, rid, item in items:
-            by_loop.setdefault(loop, []).append((rid, item))
-        for loop, batch in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(self._deliver, batch)
-            except RuntimeError:
-                pass  # the loop is closed: nobody is listening any more
-
-    def _deliver(self, batch: list[tuple[str, Any]]) -> None:
-        """On the event loop: put each output in its stream's queue."""
-        for rid, item in batch:
-            stream = self._streams.get(rid)
-            if stream is None:
-                continue  # aborted meanwhile
-            if stream.waiting:
-                stream.waiting = False
-                self.num_waiting -= 1
-            if isinstance(item, BaseException) or item.finished:
-                del self._streams[rid]
-            stream._queue.put_nowait(item)
-
-    def _die(self, exc: BaseException) -> None:
-        """Mark the engine dead and fail every request it holds or has queued."""
-        with self._cond:
-            self.state = "dead"
-            if self.error is None:
-                self.error = exc
-            inbox, self._inbox = self._inbox, []
-        error = exc if isinstance(exc, EngineDeadError) else EngineDeadError(f"the engine died: {exc}")
-        items = [(new.stream.loop, new.stream.request_id, error) for new in inbox]
-        items += [(loop, rid, error) for rid, loop in self._loops.items()]
-        self._loops.clear()
-        self._dispatch(items)
+        if not expected:
+            for callback in self._death_callbacks:
+                callback()
 
 
 def _step_delta(result: RequestOutput, changed: set[str]) -> RequestOutput:
-    """What one step changed in ``result``, safe to hand to another thread.
+    """What one step changed in ``result``, safe to hold while the next step is processed.
 
     The processor keeps mutating an unfinished sample's CompletionOutput, so those are copied
     with only their per-step (freshly allocated) delta fields; finished samples are never

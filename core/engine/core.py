@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -19,25 +18,14 @@ from ..platform import PlatformConfig, QuantizationMethod, Registry, get_registr
 from ..sample.params import SamplingParams
 from ..sched.request import Request, RequestStatus
 from ..sched.scheduler import Scheduler, SchedulerOutput
-from ..worker.model_runner import ModelRunner, PendingStep, TokenLogprobs
+from ..worker.model_runner import ModelRunner, PendingStep
 from .args import EngineArgs
+from .messages import EngineCoreOutput, EngineStats
 
 logger = logging.getLogger("runtime")
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
-
-
-@dataclass
-class EngineCoreOutput:
-    """What one step produced for one request."""
-
-    request_id: str
-    new_token_ids: list[int]
-    new_logprobs: Optional[list[TokenLogprobs]] = None
-    prompt_logprobs: Optional[list[TokenLogprobs]] = None
-    finish_reason: Optional[str] = None
-    stop_reason: int | str | None = None
 
 
 class EngineCore:
@@ -193,12 +181,9 @@ class EngineCore:
             outputs.setdefault(rid, EngineCoreOutput(rid, [])).prompt_logprobs = entries
         return list(outputs.values())
 
-    def stats(self) -> dict[str, float]:
-        return {
-            "num_running": self.scheduler.num_running,
-            "num_waiting": self.scheduler.num_waiting,
-            "kv_cache_usage": self.kv_manager.usage,
-            "prefix_cache_queries": self.kv_manager.prefix_cache_queries,
-            "prefix_cache_hits": self.kv_manager.prefix_cache_hits,
-            "num_preemptions": self.scheduler.num_preemptions,
-        }
+    def stats(self) -> EngineStats:
+        return EngineStats(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+                           kv_cache_usage=self.kv_manager.usage,
+                           prefix_cache_queries=self.kv_manager.prefix_cache_queries,
+                           prefix_cache_hits=self.kv_manager.prefix_cache_hits,
+                           num_preemptions=self.scheduler.num_preemptions)

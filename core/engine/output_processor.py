@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..sample.params import SamplingParams
-from .core import EngineCoreOutput
+from .messages import EngineCoreOutput
 from .detokenizer import IncrementalDetokenizer
 from .outputs import CompletionOutput, Logprob, RequestOutput
 

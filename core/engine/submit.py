@@ -1,6 +1,6 @@
 """Queueing a request in the core: one core request per sample of an n-sample request.
 
-Shared by the offline ``LLM`` and the server's ``AsyncEngine`` so both treat n and seeds alike.
+Shared by the offline ``LLM`` and the engine core process so both treat n and seeds alike.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Optional
 
 from ..sample.params import SamplingParams
 from .core import EngineCore
-from .output_processor import OutputProcessor
+from .output_processor import OutputProcessor, child_id
 
 
 def sample_params(params: SamplingParams, index: int) -> SamplingParams:
@@ -25,16 +25,29 @@ def sample_params(params: SamplingParams, index: int) -> SamplingParams:
     return dataclasses.replace(params, n=1, seed=seed)
 
 
-def submit(core: EngineCore, processor: OutputProcessor, request_id: str, prompt: Optional[str],
-           prompt_token_ids: list[int], params: SamplingParams, priority: int = 0) -> None:
-    """Track a request in ``processor`` and queue its n samples in ``core``: all or none.
+def add_samples(core: EngineCore, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                priority: int = 0, arrival_time: Optional[float] = None) -> list[str]:
+    """Queue the n samples of a request in ``core``, all or none; returns their core-level ids.
 
     Raises ValueError (from the core) when the request cannot run, leaving nothing behind.
     """
-    child_ids = processor.add_request(request_id, prompt, prompt_token_ids, params)
+    ids = [child_id(request_id, index, params.n) for index in range(params.n)]
+    for index, cid in enumerate(ids):
+        try:
+            core.add_request(cid, prompt_token_ids, sample_params(params, index), priority=priority,
+                             arrival_time=arrival_time)
+        except ValueError:
+            core.abort_requests(ids[:index])
+            raise
+    return ids
+
+
+def submit(core: EngineCore, processor: OutputProcessor, request_id: str, prompt: Optional[str],
+           prompt_token_ids: list[int], params: SamplingParams, priority: int = 0) -> None:
+    """Track a request in ``processor`` and queue its n samples in ``core``: all or none."""
+    processor.add_request(request_id, prompt, prompt_token_ids, params)
     try:
-        for index, cid in enumerate(child_ids):
-            core.add_request(cid, prompt_token_ids, sample_params(params, index), priority=priority)
+        add_samples(core, request_id, prompt_token_ids, params, priority)
     except ValueError:
-        core.abort_requests(processor.abort(request_id))
+        processor.abort(request_id)
         raise

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Optional
 
 from litestar import Request, post
 from litestar.di import NamedDependency
@@ -19,7 +19,7 @@ from .generation import EnginePrompt, Generation, fit_context, sampling_params
 from .logprobs import chat_logprobs
 from .openapi import streaming_responses
 from .protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-                       ChatMessage, ChatStreamChoice, DeltaMessage, UsageInfo)
+                       ChatMessage, UsageInfo)
 from .streaming import event_stream, sse
 
 _RESPONSES, _Operation = streaming_responses(ChatCompletionResponse, ChatCompletionChunk)
@@ -77,16 +77,22 @@ async def _chunks(gen: Generation, data: ChatCompletionRequest, request_id: str,
     prompt_tokens = len(gen.prompts[0].token_ids)
     completion_tokens = 0
 
-    def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> bytes:
-        return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage))
+    def chunk(choices: list[dict], usage: Optional[dict] = None) -> bytes:  # a ChatCompletionChunk
+        return sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": choices, "usage": usage})
 
-    def usage() -> UsageInfo:
-        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                         total_tokens=prompt_tokens + completion_tokens)
+    def usage() -> dict:  # a UsageInfo
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    def choice(index: int, role: Optional[str], content: str, logprobs=None, finish_reason=None,
+               stop_reason=None) -> dict:  # a ChatStreamChoice
+        return {"index": index, "delta": {"role": role, "content": content}, "logprobs": logprobs,
+                "finish_reason": finish_reason, "stop_reason": stop_reason}
 
     # OpenAI opens each choice with the role and empty content.
     for index in range(data.n):
-        yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
+        yield chunk([choice(index, "assistant", "")])
     async for _, out in gen.deltas():
         for c in out.outputs:
             completion_tokens += len(c.delta_token_ids)
@@ -95,8 +101,7 @@ async def _chunks(gen: Generation, data: ChatCompletionRequest, request_id: str,
                 lp = chat_logprobs(c.delta_token_ids, c.delta_logprobs or [], data.top_logprobs or 0)
             if not c.delta_text and c.finish_reason is None and not (lp and lp.content):
                 continue
-            yield chunk([ChatStreamChoice(index=c.index, delta=DeltaMessage(content=c.delta_text), logprobs=lp,
-                                          finish_reason=c.finish_reason, stop_reason=c.stop_reason)],
+            yield chunk([choice(c.index, None, c.delta_text, lp, c.finish_reason, c.stop_reason)],
                         usage() if options and options.continuous_usage_stats else None)
     if options and options.include_usage:
         yield chunk([], usage())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Optional
 
 from litestar import Request, post
 from litestar.di import NamedDependency
@@ -109,6 +109,15 @@ async def _chunks(gen: Generation, data: CompletionRequest, echo: _Echo, request
     prompt_tokens = sum(len(p.token_ids) for p in gen.prompts)
     completion_tokens = 0
     offsets: dict[int, int] = {}  # choice index -> characters sent so far
+
+    def chunk(choices: list[dict], usage: Optional[dict] = None) -> bytes:  # a CompletionChunk
+        return sse({"id": request_id, "object": "text_completion", "created": created, "model": model,
+                    "choices": choices, "usage": usage})
+
+    def usage() -> dict:  # a UsageInfo
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
     async for i, out in gen.deltas():
         for c in out.outputs:
             if not c.delta_token_ids and c.finish_reason is None:
@@ -129,14 +138,8 @@ async def _chunks(gen: Generation, data: CompletionRequest, echo: _Echo, request
             offsets[index] += len(text)
             if not text and c.finish_reason is None and not (lp and lp.tokens):
                 continue
-            usage = None
-            if options and options.continuous_usage_stats:
-                usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                  total_tokens=prompt_tokens + completion_tokens)
-            yield sse(CompletionChunk(id=request_id, created=created, model=model, usage=usage, choices=[
-                CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=c.finish_reason,
-                                 stop_reason=c.stop_reason)]))
+            yield chunk([{"index": index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
+                          "stop_reason": c.stop_reason}],
+                        usage() if options and options.continuous_usage_stats else None)
     if options and options.include_usage:
-        yield sse(CompletionChunk(id=request_id, created=created, model=model, choices=[], usage=UsageInfo(
-            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens)))
+        yield chunk([], usage())

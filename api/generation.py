@@ -85,8 +85,10 @@ class Generation:
         try:
             for i, (prompt, sp) in enumerate(zip(prompts, params)):
                 rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-                self.timers.append(ctx.metrics.request())
-                self.streams.append(ctx.engine.add_request(rid, prompt.text, prompt.token_ids, sp, priority))
+                timer = ctx.metrics.request()
+                self.timers.append(timer)
+                self.streams.append(ctx.engine.add_request(rid, prompt.text, prompt.token_ids, sp, priority,
+                                                           observer=timer.observe))
         except BaseException:
             self.abort()
             raise
@@ -97,14 +99,19 @@ class Generation:
 
     async def deltas(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Every prompt's outputs as they come, as (prompt index, output); aborts on early exit."""
+        if len(self.streams) == 1:
+            # One prompt (chat, most completions): read its stream directly, no pump in between.
+            try:
+                async for out in self.streams[0]:
+                    yield 0, out
+            finally:
+                self.abort()
+            return
         queue: asyncio.Queue = asyncio.Queue()
 
-        # The pumps drain the engine's streams as outputs arrive, so the metrics follow the engine
-        # even while a slow client holds the consumer back.
         async def pump(index: int, stream: RequestStream) -> None:
             try:
                 async for out in stream:
-                    self.timers[index].observe(out)
                     queue.put_nowait((index, out, None))
                 queue.put_nowait((index, None, None))
             except Exception as exc:  # noqa: BLE001  (handed to the consumer, which raises it)

@@ -16,7 +16,7 @@ from runtime.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullE
 
 from tiny_models import make_tiny_checkpoint
 
-pytestmark = pytest.mark.xdist_group("api")
+pytestmark = pytest.mark.xdist_group("engine-processes")
 
 OPTIONS = dict(kv_cache_memory="16MiB", max_model_len=256)
 

@@ -196,3 +196,28 @@ async def test_32_concurrent_streams_match_greedy_alone(aclient, client):
 
     together = await asyncio.gather(*(stream(p) for p in PROMPTS))
     assert together == alone
+
+
+def sse_payloads(server, path, body):
+    with httpx.stream("POST", f"{server.base_url}{path}", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    return [line.removeprefix("data: ") for line in lines[:-1]]
+
+
+def test_streamed_chunks_have_the_documented_shape(server):
+    """Every chunk, with every optional part present, validates against the schema's chunk models."""
+    from runtime.api.protocol import ChatCompletionChunk, CompletionChunk
+
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = sse_payloads(server, "/completions", {"prompt": "Hello", "max_tokens": 5, "logprobs": 2, "echo": True,
+                                                   "n": 2, "stream": True, "stream_options": options})
+    parsed = [CompletionChunk.model_validate_json(c) for c in chunks]
+    assert parsed[0].choices[0].logprobs.tokens and parsed[-1].usage.completion_tokens == 10
+    assert all(p.usage is not None for p in parsed)
+    chunks = sse_payloads(server, "/chat/completions", {"messages": CHAT, "max_tokens": 5, "logprobs": True,
+                                                        "top_logprobs": 2, "stream": True, "stream_options": options})
+    parsed = [ChatCompletionChunk.model_validate_json(c) for c in chunks]
+    assert parsed[1].choices[0].logprobs.content[0].top_logprobs
+    assert parsed[-1].usage.completion_tokens == 5

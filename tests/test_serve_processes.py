@@ -19,7 +19,7 @@ from runtime import LLM, SamplingParams
 from api_server import TINY_ARGS, ServerProcess, metric
 from tiny_models import make_tiny_checkpoint
 
-pytestmark = pytest.mark.xdist_group("api")
+pytestmark = pytest.mark.xdist_group("engine-processes")
 
 PROMPTS = [f"Story {i}: once upon a time" if i % 2 else f"{i} bright stars over the sea" for i in range(64)]
 

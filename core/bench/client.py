@@ -13,13 +13,16 @@ of one multi-byte character), and a final usage, when one comes, corrects the to
 from __future__ import annotations
 
 import json
+import re
 import time
-from typing import Any, Optional
+from typing import Any, AsyncIterator, Optional
 
 import httpx
 
 from .datasets import BenchRequest
 from .metrics import RequestRecord
+
+_SSE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 def completion_body(model: str, request: BenchRequest, ignore_eos: bool, temperature: float = 0.0) -> dict[str, Any]:
@@ -52,6 +55,20 @@ def _chunk_tokens(chunk: dict[str, Any], seen: int) -> tuple[int, str, bool]:
     return (1 if choices and (text or not closing) else 0), text, False
 
 
+async def sse_lines(response: httpx.Response) -> AsyncIterator[str]:
+    """The lines of a server-sent event stream, split where SSE splits them (CR, LF, CRLF) and
+    nowhere else: httpx's ``aiter_lines`` also splits at U+2028 and the like, which JSON may
+    carry raw inside a chunk."""
+    buffer = ""
+    async for text in response.aiter_text():
+        buffer += text
+        *lines, buffer = _SSE_BREAK.split(buffer)
+        for line in lines:
+            yield line
+    if buffer:
+        yield buffer
+
+
 async def stream_completion(client: httpx.AsyncClient, url: str, body: dict[str, Any],
                             prompt_len: int, headers: Optional[dict[str, str]] = None) -> RequestRecord:
     """Send ``body`` to ``url`` and time its stream; failures come back as a record, not an exception."""
@@ -65,7 +82,7 @@ async def stream_completion(client: httpx.AsyncClient, url: str, body: dict[str,
                 detail = (await response.aread()).decode(errors="replace")[:500]
                 record.error = f"HTTP {response.status_code}: {detail}"
                 return record
-            async for line in response.aiter_lines():
+            async for line in sse_lines(response):
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()

@@ -56,11 +56,14 @@ class RequestStream:
     request's error, if any (ValueError: the core refused it; EngineDeadError: the engine died or
     stopped).
 
-    ``async with stream:`` aborts the request on exit unless it finished.
+    ``async with stream:`` aborts the request on exit unless it finished. ``observer``, if given,
+    sees each output as it arrives, however late the consumer reads it (metrics).
     """
 
-    def __init__(self, engine: "AsyncEngine", request_id: str):
+    def __init__(self, engine: "AsyncEngine", request_id: str,
+                 observer: Optional[Callable[[RequestOutput], None]] = None):
         self.request_id = request_id
+        self.observer = observer
         self._engine = engine
         self._queue: asyncio.Queue = asyncio.Queue()
         self._done = False
@@ -221,8 +224,9 @@ class AsyncEngine:
     # -- requests ---------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
-                    params: SamplingParams, priority: int = 0) -> RequestStream:
-        """Queue a request; returns its stream.
+                    params: SamplingParams, priority: int = 0,
+                    observer: Optional[Callable[[RequestOutput], None]] = None) -> RequestStream:
+        """Queue a request; returns its stream (see RequestStream for ``observer``).
 
         Raises EngineNotReadyError while loading, EngineDeadError after a failure, and
         QueueFullError when ``max_queue_len`` requests are waiting already.
@@ -236,7 +240,7 @@ class AsyncEngine:
         self._processor.add_request(request_id, prompt, prompt_token_ids, params)
         self._send(AddRequest(request_id, self._connection.client, list(prompt_token_ids), params, priority,
                               time.monotonic()))
-        stream = RequestStream(self, request_id)
+        stream = RequestStream(self, request_id, observer)
         self._streams[request_id] = stream
         self.num_waiting += 1
         return stream
@@ -309,8 +313,13 @@ class AsyncEngine:
         if stream.waiting:
             stream.waiting = False
             self.num_waiting -= 1
-        if isinstance(item, BaseException) or item.finished:
+        if isinstance(item, BaseException):
             del self._streams[request_id]
+        else:
+            if item.finished:
+                del self._streams[request_id]
+            if stream.observer is not None:
+                stream.observer(item)
         stream._queue.put_nowait(item)
 
     def _core_exited(self) -> None:

@@ -26,7 +26,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=d.device, help="platform name, or auto (see `runtime plugins`)")
     g.add_argument("--dtype", default=d.dtype, help="auto, float32, bfloat16 or float16")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="most sequences in one step")
+    g.add_argument("--max-num-seqs", type=int, default=None,
+                   help="most sequences in one step (default: the platform's, cpu 64, cuda 512)")
     g.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
     g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV-cache block")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d.enable_prefix_caching)

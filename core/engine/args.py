@@ -34,7 +34,8 @@ class EngineArgs:
     """Platform name (``runtime plugins`` lists them) or auto: the available one of highest priority."""
     dtype: str = "auto"
     max_model_len: Optional[int] = None
-    max_num_seqs: int = 64
+    max_num_seqs: Optional[int] = None
+    """Most sequences in one step; None: the platform's default (cpu 64, cuda 512)."""
     max_num_batched_tokens: Optional[int] = None
     """Token budget of one step; default max(2048, max_model_len) capped at 8192."""
     block_size: int = 16
@@ -57,7 +58,7 @@ class EngineArgs:
     def __post_init__(self) -> None:
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}")
-        if self.max_num_seqs < 1:
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")

@@ -38,8 +38,9 @@ class EngineCore:
         self.dtype = self._resolve_dtype(args.dtype)
         self.max_model_len = self._resolve_max_model_len(args.max_model_len, config)
         budget = args.max_num_batched_tokens or min(max(2048, self.max_model_len), 8192)
+        self.max_num_seqs = args.max_num_seqs or self.platform.default_max_num_seqs()
         pconfig = PlatformConfig(dtype=self.dtype, block_size=args.block_size, max_model_len=self.max_model_len,
-                                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
+                                 max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
                                  enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
                                  kv_cache_dtype=args.kv_cache_dtype)
         self.platform.check_and_update_config(pconfig)
@@ -52,8 +53,8 @@ class EngineCore:
         quantization = self._quantization_method(registry, self.quantization)
         self.runner = ModelRunner(config, self.source.weights(), self.platform, registry, self.dtype,
                                   self.block_size, self.max_model_len, pconfig.kv_cache_dtype, quantization)
-        self.runner.prepare_inputs(budget, args.max_num_seqs, self.max_model_len)
-        activation_bytes = self.runner.profile_activation_memory(budget, args.max_num_seqs)
+        self.runner.prepare_inputs(budget, self.max_num_seqs, self.max_model_len)
+        activation_bytes = self.runner.profile_activation_memory(budget, self.max_num_seqs)
         self.num_blocks = self._size_kv_cache(activation_bytes or 0)
         self.runner.allocate_kv_cache(self.num_blocks)
         # Look-ahead queues step n+1 behind step n, so the host's work between two steps
@@ -62,9 +63,9 @@ class EngineCore:
         self.look_ahead = self.platform.supports_graphs and not args.enforce_eager
         self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None
         if self.look_ahead:
-            self.runner.capture_decode_graphs(args.max_num_seqs)
+            self.runner.capture_decode_graphs(self.max_num_seqs)
         self.kv_manager = KVCacheManager(self.num_blocks, self.block_size, args.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv_manager, args.max_num_seqs, pconfig.max_num_batched_tokens, args.scheduling_policy)
+        self.scheduler = Scheduler(self.kv_manager, self.max_num_seqs, pconfig.max_num_batched_tokens, args.scheduling_policy)
         self.max_num_batched_tokens = pconfig.max_num_batched_tokens
         gib = 1 << 30
         logger.info("platform %s (%s), dtype %s, quantization %s, weights %.2f GiB, activation peak %s, KV cache %d "

@@ -122,7 +122,7 @@ class LLM:
         budget, tokens = 2 * self.engine.max_num_batched_tokens, 0
         for count, (_, token_ids) in enumerate(encoded, start=1):
             tokens += len(token_ids)
-            if tokens >= budget or count >= self.engine_args.max_num_seqs:
+            if tokens >= budget or count >= self.engine.max_num_seqs:
                 return count
         return len(encoded)
 

@@ -83,6 +83,11 @@ class Platform:
         """The dtype ``--dtype auto`` resolves to when the checkpoint's own is not supported."""
         return self.supported_dtypes[0]
 
+    def default_max_num_seqs(self) -> int:
+        """``--max-num-seqs`` when the user gives none: how many sequences one step may hold.
+        (Contract 1.3.) vLLM's default for most GPUs; a platform sizes it to what it runs well."""
+        return 256
+
     def check_and_update_config(self, config: PlatformConfig) -> None:
         """Adjust ``config`` to what the platform needs, or raise ``ValueError`` naming the fix."""
         if config.dtype not in self.supported_dtypes:

@@ -69,6 +69,9 @@ def test_platform_metadata(target):
     declared = tuple(cls.supported_dtypes)
     if not declared or any(d not in FLOAT_DTYPES for d in declared):
         problems.append(f"supported_dtypes {declared} must be a non-empty tuple of {FLOAT_DTYPES}")
+    seqs = platform.default_max_num_seqs()
+    if not isinstance(seqs, int) or seqs < 1:
+        problems.append(f"default_max_num_seqs() {seqs!r} is not a positive int")
     if platform.default_dtype() not in declared:
         problems.append(f"default_dtype() {platform.default_dtype()} is not in supported_dtypes {declared}")
     if cls.is_available() is not True:

@@ -56,6 +56,10 @@ class CpuPlatform(Platform):
         # models (the embedded SmolLM2 stops answering "Paris").
         return torch.float32
 
+    def default_max_num_seqs(self) -> int:
+        # A few cores are saturated long before that many sequences; more only lengthens each step.
+        return 64
+
     def check_and_update_config(self, config: PlatformConfig) -> None:
         super().check_and_update_config(config)
         if config.kv_cache_dtype != "auto":

@@ -8,6 +8,7 @@ from typing import Any, Callable
 import torch
 
 from runtime.platform import Platform, PlatformConfig
+from runtime.worker.decode_graphs import MAX_CAPTURE_SIZE
 
 
 def triton_importable() -> bool:
@@ -49,6 +50,11 @@ class CudaPlatform(Platform):
 
     def default_dtype(self) -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def default_max_num_seqs(self) -> int:
+        # The largest decode graph captured: a server at 256+ concurrent streams keeps them all in
+        # one step, as vLLM's default does on large GPUs.
+        return MAX_CAPTURE_SIZE
 
     def check_and_update_config(self, config: PlatformConfig) -> None:
         super().check_and_update_config(config)

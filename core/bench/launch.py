@@ -24,14 +24,15 @@ class LaunchedServer:
     returns once ``GET ready_path`` answers 200, and stops it with SIGTERM on exit. Its output
     goes to the file ``log``.
 
-    ``ready_path`` is ``/health`` for runtime and vLLM (their /v1/models answers while the model
-    still loads); llama-cpp-python has no /health but loads the model before it listens, so
-    ``/v1/models`` serves there.
+    ``ready_path`` is ``/health`` for runtime and vLLM (200 once a request can be served);
+    llama-cpp-python has no /health but loads the model before it listens, so ``/v1/models``
+    serves there. ``env`` replaces the environment of ``cmd`` when given.
     """
 
     def __init__(self, cmd: Sequence[str], port: int, log: str | Path, ready_path: str = "/health",
-                 timeout: float = 300.0):
+                 timeout: float = 300.0, env: Optional[dict[str, str]] = None):
         self.cmd = list(cmd)
+        self.env = env
         self.url = f"http://127.0.0.1:{port}"
         self.ready_path = ready_path
         self.log_path = Path(log)
@@ -41,7 +42,7 @@ class LaunchedServer:
 
     def __enter__(self) -> "LaunchedServer":
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

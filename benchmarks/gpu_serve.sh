@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The serving benchmark on a lent GPU, in stages (results under $OUT). Wheels travel in parts
+# (.whl/NN/partNN, a split tar of vLLM 0.22.1's wheel set plus litestar's and py-spy; see
+# docs/serving.md), the build to compare against in .old/ (git archive of an earlier commit).
+#   boot:    install this tree to /tmp/rt and .old/ to /tmp/rt-old, and write the Llama-3-8B-shaped
+#            random checkpoint to /tmp/llama8b in the background
+#   part:    keep the carried part(s) in /tmp/parts
+#   unpack:  join the parts (checked against .whl/SHA256) and install them to /tmp/site
+#   before:  the earlier build served at C=64 and 256, profiled
+#   serve:   this build and vLLM at C=1, 16, 64, 256 (this build profiled at 64 and 256)
+#   offline: this build's offline throughput on 1024 x (512, 128), with the server's engine settings
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-results}; M=/tmp/llama8b
+mkdir -p "$OUT" /tmp/parts
+export PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 PATH=/tmp/site/bin:$PATH
+export PYTHONPATH=/tmp/rt:/tmp/site:/tmp/boot
+pipt() { python3 -m pip install -q --no-deps --no-compile --no-index --no-build-isolation --upgrade --target "$@"; }
+for stage in "$@"; do
+  case $stage in
+    boot)
+      pipt /tmp/boot .whl/boot/*.whl && pipt /tmp/rt . plugins/cpu plugins/cuda && pipt /tmp/rt-old .old .old/plugins/cpu .old/plugins/cuda || exit 1
+      setsid nohup python3 -c "import sys; sys.path.insert(0, 'plugins/cuda/benchmarks'); from decode_llama8b import write_checkpoint; from pathlib import Path; write_checkpoint(Path('$M')); print('checkpoint written')" > /tmp/model.log 2>&1 < /dev/null &
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv ;;
+    part) cp .whl/*/part* /tmp/parts/ && ls -la /tmp/parts ;;
+    unpack)
+      (cd /tmp/parts && sed 's|^\(\S*\)  .*/|\1  |' "$OLDPWD/.whl/SHA256" | sha256sum -c --quiet) || exit 1
+      cat /tmp/parts/part* | tar -x -C /tmp && pipt /tmp/site /tmp/all/*.whl || exit 1
+      cat /tmp/model.log; python3 -c "import vllm, litestar, zmq, msgspec; print('vllm', vllm.__version__, 'litestar ok')" ;;
+    before)
+      PYTHONPATH=/tmp/site:/tmp/boot python3 benchmarks/serve_vs_vllm.py --model $M --out "$OUT/before" --servers runtime-old \
+        --old-runtime /tmp/rt-old --concurrency 64 256 --profile 64 256 2>&1 | tee "$OUT/before.log" ;;
+    serve)
+      python3 benchmarks/serve_vs_vllm.py --model $M --out "$OUT/serve" --servers runtime vllm --profile 64 256 \
+        ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve.log" ;;
+    offline)
+      # The server's engine settings (512 sequences, 8192 tokens a step) on the served workload's shape.
+      timeout 300 python3 plugins/cuda/benchmarks/baselines_llama8b.py runtime --dir $M --json "$OUT/offline.json" \
+        --requests 1024 --max-num-batched-tokens 8192 2>&1 | tail -20 | tee "$OUT/offline.log" ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done

@@ -59,6 +59,16 @@ def test_every_platform_extra_pins_its_plugin():
         assert extras[name] == [f"runtime-{name}=={release.__version__}"], extras.get(name)
 
 
+def test_install_docs_name_the_release():
+    """The install commands quote versions (a wheel's file name, a pin); a release must update them."""
+    readme = (REPO / "README.md").read_text()
+    install_section = readme[readme.index("## Install"):readme.index("\n## ", readme.index("## Install") + 1)]
+    for where, text in {"README.md": install_section, "docs/install.md": (REPO / "docs" / "install.md").read_text()}.items():
+        # 0.1.4 is the unrelated package's.
+        versions = set(re.findall(r"\b\d+\.\d+\.\d+\b", text)) - {"0.1.4"}
+        assert versions == {release.__version__}, f"{where} quotes {sorted(versions)}, the release is {release.__version__}"
+
+
 def fake_distribution(directory: Path, name: str, version: str, extra: str = "", entry_points: str = "") -> None:
     info = directory / f"{name.replace('-', '_')}-{version}.dist-info"
     info.mkdir(parents=True)

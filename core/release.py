@@ -26,7 +26,8 @@ PROJECT_URL = "https://github.com/runtime-project/runtime"
 # Triton kernels, the conformance suite): all released with the core, at its version.
 PLATFORM_EXTRAS = ("cpu", "cuda", "rocm", "gaudi", "tpu", "metal")
 FIRST_PARTY = (*(f"runtime-{name}" for name in PLATFORM_EXTRAS), "runtime-triton", "runtime-conformance")
-INSTALL_DOC = "docs/install.md"
+# Named in messages: an installed runtime has no docs/ folder beside it.
+INSTALL_DOC = f"{PROJECT_URL}/blob/main/docs/install.md"
 
 
 def _canonical(name: str) -> str:

@@ -93,7 +93,9 @@ def _serve(ns: argparse.Namespace) -> int:
 
 def _plugins(ns: argparse.Namespace) -> int:
     from .platform import get_registry
+    from .release import version_report
 
+    print("\n".join(version_report()))
     registry = get_registry()
     if not registry.statuses:
         print("no runtime plugins installed: pip install runtime[cpu]")

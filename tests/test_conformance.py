@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from runtime import __version__
 from runtime.platform import CONTRACT_VERSION
 
 from broken_plugins.harness import run_suites, write_entry_points
@@ -90,7 +91,7 @@ def test_cpu_passes_everything(runs):
 def test_report_describes_the_run(runs):
     report = runs["cpu"].report
     assert report["platform"] == "cpu"
-    assert report["plugin"] == {"entry_point": "cpu", "distribution": "runtime-cpu", "version": "0.1.0",
+    assert report["plugin"] == {"entry_point": "cpu", "distribution": "runtime-cpu", "version": __version__,
                                 "contract": ">=1.0,<2"}
     assert report["contract_version"] == CONTRACT_VERSION
     assert report["device"]["type"] == "cpu" and report["device"]["name"]

@@ -1,12 +1,22 @@
-"""The path users take: build the wheels, install ``runtime[cpu]`` into a fresh venv from them
-alone (torch and the other third-party packages already present), and generate text."""
+"""The path users take (docs/install.md): build the wheels with scripts/build-wheels.sh, then install
+``runtime[cpu]`` and ``runtime[cuda]`` into fresh venvs with ``--find-links dist`` and the public index
+reachable, where PyPI offers an unrelated ``runtime`` 0.1.4. The installed ``runtime`` must be ours,
+and its command must generate text on the CPU.
+
+The venvs see this environment's third-party packages (torch 2.13 CPU, triton, transformers, ...)
+through a .pth file, as a user's environment would already hold them: nothing large is downloaded,
+and the test checks that pip installed our wheels and nothing else.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,11 +24,14 @@ import torch
 import transformers
 
 from hf_reference import hf_greedy
+from runtime import release
 from tiny_models import make_tiny_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("install")]
 REPO = Path(__file__).resolve().parents[1]
 OURS = ("runtime", "runtime_cpu", "runtime-", "__editable__", "runtime_conformance")
+WHEELS = ["runtime", "runtime_conformance", "runtime_cpu", "runtime_cuda"]
+PROMPT = "The capital of France"
 
 
 def run(*cmd, cwd=None, env=None, timeout=600) -> str:
@@ -38,31 +51,127 @@ def third_party_site(tmp: Path) -> Path:
     return view
 
 
-def test_wheels_install_into_fresh_venv_and_generate(tmp_path):
-    dist = tmp_path / "dist"
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", dist, REPO, REPO / "plugins" / "cpu")
-    wheels = sorted(p.name for p in dist.glob("*.whl"))
-    assert [w.split("-")[0] for w in wheels] == ["runtime", "runtime_cpu"], wheels
-
-    venv = tmp_path / "venv"
-    # No pip or setuptools of its own: the user's packages (the view below) are the only ones.
-    run(sys.executable, "-m", "venv", "--without-pip", venv)
-    python = venv / "bin" / "python"
+def fresh_venv(path: Path, view: Path) -> tuple[Path, str]:
+    """A venv whose only packages are the third-party view: (its python, its purelib)."""
+    # No pip or setuptools of its own: pip runs from here with --python.
+    run(sys.executable, "-m", "venv", "--without-pip", path)
+    python = path / "bin" / "python"
     purelib = run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").strip()
-    Path(purelib, "third_party.pth").write_text(str(third_party_site(tmp_path)) + "\n")
-    run(sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-index", "--find-links", dist, "runtime[cpu]")
+    Path(purelib, "third_party.pth").write_text(f"{view}\n")
+    return python, purelib
 
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    located = run(python, "-c", "import runtime, runtime_cpu; print(runtime.__file__); print(runtime_cpu.__file__)",
-                  cwd=tmp_path, env=env)
-    assert all(line.startswith(purelib) for line in located.split()), located
 
-    checkpoint = make_tiny_checkpoint(tmp_path, "llama")
-    prompt = "The capital of France"
-    text = run(venv / "bin" / "runtime", "generate", "--model", checkpoint, "--max-tokens", "8", "--ignore-eos",
-               "--kv-cache-memory", "16MiB", "--max-model-len", "128", "--dtype", "float32", prompt, cwd=tmp_path, env=env)
-
+def reference_text(directory: Path) -> tuple[Path, str]:
+    """A tiny checkpoint and HF transformers' greedy continuation of PROMPT on it."""
+    checkpoint = make_tiny_checkpoint(directory, "llama")
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    tokens, _ = hf_greedy(model, tokenizer.encode(prompt), 8)
-    assert text.rstrip("\n") == tokenizer.decode(tokens, skip_special_tokens=True)
+    tokens, _ = hf_greedy(model, tokenizer.encode(PROMPT), 8)
+    return checkpoint, tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def build_wheels(repo: Path, dist: Path) -> None:
+    # This environment's setuptools builds them: the same wheels, without fetching build tools.
+    run("bash", repo / "scripts" / "build-wheels.sh", "--no-build-isolation",
+        env=dict(os.environ, WHEEL_DIR=str(dist), PYTHON=sys.executable))
+    assert sorted(p.name.split("-")[0] for p in dist.glob("*.whl")) == WHEELS
+    assert {p.name.split("-")[1] for p in dist.glob("*.whl")} == {release.__version__}
+
+
+def install(view: Path, tmp: Path, extra: str, *requirements) -> tuple[Path, dict]:
+    """``pip install REQUIREMENTS`` into a fresh venv: its python, and what pip installed (name -> report item).
+
+    Asserts it installed this release of runtime, runtime-cpu and the extra's plugin, and nothing else:
+    the view satisfied torch, triton and the rest.
+    """
+    python, purelib = fresh_venv(tmp / "venv", view)
+    report = tmp / "pip-report.json"
+    # As documented, with this machine's pip configuration: the public index stays reachable.
+    run(sys.executable, "-m", "pip", "--python", python, "install", *requirements, "--report", report, cwd=tmp)
+    installed = {item["metadata"]["name"]: item for item in json.loads(report.read_text())["install"]}
+    assert set(installed) == {"runtime", "runtime-cpu", f"runtime-{extra}"}, (requirements, sorted(installed))
+    for name, item in installed.items():
+        assert item["metadata"]["version"] == release.__version__, (requirements, name, item["metadata"]["version"])
+
+    # From outside the repository, whose egg-info would answer the metadata look-ups.
+    located = run(python, "-c", "import runtime.release as r; print(r.__file__); print(r.identity_problem())",
+                  **outside(tmp))
+    assert located.split("\n")[:2] == [str(Path(purelib, "runtime", "release.py")), "None"], (requirements, located)
+    assert (python.parent / "runtime").is_file(), f"{requirements}: pip installed no `runtime` command"
+    return python, installed
+
+
+def outside(tmp: Path) -> dict:
+    return {"cwd": tmp, "env": {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}}
+
+
+def test_install_from_wheels_with_the_public_index_reachable(tmp_path):
+    # One test, not one per extra: both would rebuild the wheels in the same source folders at once.
+    wheels, view = tmp_path / "dist", third_party_site(tmp_path)
+    build_wheels(REPO, wheels)
+    checkpoint, expected = reference_text(tmp_path)
+    for extra in ("cpu", "cuda"):
+        tmp = Path(tempfile.mkdtemp(prefix=extra, dir=tmp_path))
+        # No --no-index: PyPI's unrelated runtime 0.1.4 is a candidate too.
+        python, installed = install(view, tmp, extra, "--find-links", wheels, f"runtime[{extra}]")
+        for name, item in installed.items():
+            assert item["download_info"]["url"].startswith(wheels.as_uri()), (extra, name, item["download_info"])
+
+        runtime = python.parent / "runtime"
+        listing = run(runtime, "plugins", **outside(tmp))
+        assert f"runtime {release.__version__} ({release.PROJECT_URL})" in listing, listing
+        for name in set(installed) - {"runtime"}:
+            assert f"  {name} {release.__version__}\n" in listing, listing
+        assert "MISMATCH" not in listing and "platform cpu: available" in listing, listing
+
+        text = run(runtime, "generate", "--model", checkpoint, "--device", "cpu", "--max-tokens", "8", "--ignore-eos",
+                   "--kv-cache-memory", "16MiB", "--max-model-len", "128", "--dtype", "float32", PROMPT, **outside(tmp))
+        assert text.rstrip("\n") == expected, extra
+
+
+def snapshot(tmp: Path) -> Path:
+    """The working tree as the only commit of a new git repository: what ``git+URL`` fetches."""
+    files = run("git", "-C", REPO, "ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0")
+    repo = tmp / "repo"
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, repo / name)
+    git = ["git", "-C", repo, "-c", "user.name=test", "-c", "user.email=test@example.org"]
+    run(*git, "init", "-q")
+    run(*git, "add", "-A")
+    run(*git, "commit", "-q", "-m", "snapshot")
+    return repo
+
+
+def simple_index(wheels: Path, tmp: Path) -> Path:
+    """A PEP 503 index of the wheels: what a project index serves for this project's names."""
+    root = tmp / "simple"
+    for wheel in wheels.glob("*.whl"):
+        project = root / wheel.name.split("-")[0].replace("_", "-")
+        project.mkdir(parents=True)
+        (project / "index.html").write_text(f'<a href="{wheel.as_uri()}">{wheel.name}</a>\n')
+    return root
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_every_documented_install_command_gets_this_project(tmp_path):
+    """docs/install.md's other commands, each into a fresh venv (the wheels command is the test above)."""
+    view, repo, wheels = third_party_site(tmp_path), snapshot(tmp_path), tmp_path / "dist"
+    build_wheels(repo, wheels)  # from the snapshot: the test above builds in the repository's folders
+    # A host, even for a local path: pip's requirement parser wants one in a git+file URL.
+    url = f"git+file://localhost{repo}"
+    commands = {
+        "index": ["--index-url", simple_index(wheels, tmp_path).as_uri(), "runtime[cuda]"],
+        "wheel": ["--find-links", wheels, f"{wheels}/runtime-{release.__version__}-py3-none-any.whl[cuda]"],
+        # Built by pip from its clones; --no-build-isolation only spares fetching setuptools three times.
+        "git": ["--no-build-isolation", f"runtime[cuda] @ {url}", f"runtime-cpu @ {url}#subdirectory=plugins/cpu",
+                f"runtime-cuda @ {url}#subdirectory=plugins/cuda"],
+    }
+    for form, requirements in commands.items():
+        _, installed = install(view, Path(tempfile.mkdtemp(prefix=form, dir=tmp_path)), "cuda", *requirements)
+        sources = {name: item["download_info"] for name, item in installed.items()}
+        if form == "git":
+            assert all(info.get("vcs_info", {}).get("vcs") == "git" for info in sources.values()), sources
+        else:
+            assert all(info["url"].startswith(wheels.as_uri()) for info in sources.values()), (form, sources)

@@ -6,4 +6,4 @@ registered with the core's reference implementations on fresh random inputs, wit
 per-dtype tolerances of :mod:`runtime_conformance.tolerances`.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

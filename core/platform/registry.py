@@ -2,7 +2,8 @@
 
 Plugins are found through the entry-point group ``runtime.platforms``. A plugin that fails
 to import, lacks ``RUNTIME_CONTRACT`` or supports another contract version is skipped with a
-warning and recorded in ``Registry.statuses``; it never stops the runtime.
+warning and recorded in ``Registry.statuses``; it never stops the runtime. So is a first-party
+plugin (runtime-cpu, runtime-cuda, ...) whose version is not the core's (:mod:`runtime.release`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pluggy
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import Version
 
+from ..release import first_party_mismatch
 from . import hookspecs, reference
 from .interface import AttentionBackend, AttentionSpec, Communicator, Kernel, Platform, QuantizationMethod
 from .version import CONTRACT_VERSION
@@ -86,6 +88,11 @@ class Registry:
         dist = getattr(ep, "dist", None)
         dist_name = dist.name if dist is not None else "?"
         dist_version = dist.version if dist is not None else "?"
+        # Checked before importing: a plugin from another release may not even import against this core.
+        mismatch = first_party_mismatch(dist_name, dist_version)
+        if mismatch is not None:
+            self._skip(ep.name, dist_name, dist_version, mismatch)
+            return
         try:
             plugin = ep.load()
         except Exception as exc:  # a broken plugin must never take the runtime down

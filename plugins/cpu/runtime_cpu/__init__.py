@@ -1,3 +1,3 @@
 """runtime-cpu: the CPU platform plugin for runtime."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

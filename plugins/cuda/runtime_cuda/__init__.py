@@ -1,3 +1,3 @@
 """runtime-cuda: the CUDA platform plugin for runtime (Triton kernels, NCCL collectives)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from runtime import __version__
 from runtime.platform import AttentionSpec, PlatformConfig, RawQuantizedTensor, Registry
 
 plugin = pytest.importorskip("runtime_cuda.plugin", reason="runtime-cuda is not installed")
@@ -27,7 +28,7 @@ def test_entry_point_is_installed():
 
 def test_plugin_loads_on_any_machine():
     registry = Registry(entry_points=[])
-    assert registry.register(plugin, "cuda", "runtime-cuda", "0.1.0")
+    assert registry.register(plugin, "cuda", "runtime-cuda", __version__)
     status = registry.statuses[-1]
     assert status.loaded and status.provides == ["platform:cuda"]
     assert registry.communicator("cuda").platform == "cuda"

@@ -34,6 +34,7 @@ from typing import Optional
 from runtime.engine.args import EngineArgs
 from runtime.engine.engine_process import CoreConnection, exit_with_parent, start_engine_core
 from runtime.engine.messages import Failed, Ready
+from runtime.release import version_report
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 _AFTER_CORE_DEATH_S = 5.0
@@ -137,6 +138,7 @@ class Supervisor:
             process.start()
         self.sock.close()  # the API processes hold it now
         self.core.connections[0].alive.close()
+        print("\n".join(version_report()), file=sys.stderr)
         print(f"runtime serve: listening on {self.url}; loading {name}", file=sys.stderr, flush=True)
         logger.info("serving %s as %s", self.config.args.model or "the embedded model", ", ".join(self.config.model_names))
         previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -7,6 +7,9 @@ PY=${PYTHON:-python3}
 VPIP=".venv/bin/python -m pip"
 # torch first, pinned to the CPU build on local disk; the project's range accepts it as is.
 .venv/bin/python -c "import torch" 2>/dev/null || $VPIP install -q torch==2.13.0
+# pip 23 cannot resolve an editable install with extras that another editable pins (runtime[test]
+# against runtime-cpu's runtime==VERSION): it looks for the pin on the index instead.
+$VPIP install -q "pip>=24"
 $VPIP install -q -e ./plugins/cpu -e ".[test]" -e ./conformance
 # The CUDA plugin installs everywhere (its platform reports unavailable without a GPU) so its
 # Triton kernels are tested on the CPU under Triton's interpreter.

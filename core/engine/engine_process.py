@@ -11,6 +11,7 @@ end-of-file in each API process.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import multiprocessing
 import os
@@ -143,6 +144,9 @@ def run_engine_core(args: EngineArgs, build: Callable[[EngineArgs], EngineCore],
             announce(Failed(str(exc), while_loading=True))
             sys.exit(1)
         _wait_for_clients(inbox, len(outboxes))
+        # What exists now (the model, imported libraries: millions of objects) lives as long as the
+        # process: keep it out of the collector's full passes, each of which would stall a step.
+        gc.freeze()
         announce(Ready(max_model_len=core.max_model_len, vocab_size=core.runner.settings.vocab_size))
         try:
             EngineCoreLoop(core, inbox, outboxes).run()

@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# The serving benchmark on a lent GPU, in stages (results under $OUT). Wheels travel in parts
-# (.whl/NN/partNN, a split tar of vLLM 0.22.1's wheel set plus litestar's and py-spy; see
-# docs/serving.md), the build to compare against in .old/ (git archive of an earlier commit).
-#   boot:    install this tree to /tmp/rt and .old/ to /tmp/rt-old, and write the Llama-3-8B-shaped
+# The serving benchmark on a lent GPU, in stages; each stage's results go to $OUT/<stage>.tgz.
+# Wheels travel in parts (.whl/NN/partNN: a split tar of vLLM 0.22.1's wheel set, litestar's and
+# py-spy; .whl/boot: what the checkpoint writer needs first), the build to compare against in
+# .old/ (git archive of an earlier commit). docs/serving.md has the commands that made its figures.
+#   boot:    install this tree to /tmp/rt and .old/ to /tmp/rt-old; write the Llama-3-8B-shaped
 #            random checkpoint to /tmp/llama8b in the background
 #   part:    keep the carried part(s) in /tmp/parts
 #   unpack:  join the parts (checked against .whl/SHA256) and install them to /tmp/site
 #   before:  the earlier build served at C=64 and 256, profiled
-#   serve:   this build and vLLM at C=1, 16, 64, 256 (this build profiled at 64 and 256)
+#   serve:   $SERVERS (default: this build, then vLLM) at C=1, 16, 64, 256 (runtime profiled at 64, 256)
 #   offline: this build's offline throughput on 1024 x (512, 128), with the server's engine settings
+#   tests:   the CUDA plugin's GPU tests
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu-results}; M=/tmp/llama8b
-mkdir -p "$OUT" /tmp/parts
+OUT=${OUT:-gpu-results}; M=/tmp/llama8b; R=/tmp/results
+mkdir -p "$OUT" /tmp/parts $R
 export PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 PATH=/tmp/site/bin:$PATH
 export PYTHONPATH=/tmp/rt:/tmp/site:/tmp/boot
 pipt() { python3 -m pip install -q --no-deps --no-compile --no-index --no-build-isolation --upgrade --target "$@"; }
 for stage in "$@"; do
+  mkdir -p $R/$stage
   case $stage in
     boot)
       pipt /tmp/boot .whl/boot/*.whl && pipt /tmp/rt . plugins/cpu plugins/cuda && pipt /tmp/rt-old .old .old/plugins/cpu .old/plugins/cuda || exit 1
@@ -28,15 +31,18 @@ for stage in "$@"; do
       cat /tmp/parts/part* | tar -x -C /tmp && pipt /tmp/site /tmp/all/*.whl || exit 1
       cat /tmp/model.log; python3 -c "import vllm, litestar, zmq, msgspec; print('vllm', vllm.__version__, 'litestar ok')" ;;
     before)
-      PYTHONPATH=/tmp/site:/tmp/boot python3 benchmarks/serve_vs_vllm.py --model $M --out "$OUT/before" --servers runtime-old \
-        --old-runtime /tmp/rt-old --concurrency 64 256 --profile 64 256 2>&1 | tee "$OUT/before.log" ;;
+      python3 benchmarks/serve_vs_vllm.py --model $M --out $R/before --servers runtime-old --old-runtime /tmp/rt-old \
+        --concurrency 64 256 --profile 64 256 2>&1 | tee $R/before/run.log ;;
     serve)
-      python3 benchmarks/serve_vs_vllm.py --model $M --out "$OUT/serve" --servers runtime vllm --profile 64 256 \
-        ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve.log" ;;
+      python3 benchmarks/serve_vs_vllm.py --model $M --out $R/serve --servers ${SERVERS:-runtime vllm} --profile 64 256 \
+        --vllm-args "--dtype bfloat16" ${SERVE_ARGS:-} 2>&1 | tee $R/serve/run.log ;;
     offline)
       # The server's engine settings (512 sequences, 8192 tokens a step) on the served workload's shape.
-      timeout 300 python3 plugins/cuda/benchmarks/baselines_llama8b.py runtime --dir $M --json "$OUT/offline.json" \
-        --requests 1024 --max-num-batched-tokens 8192 2>&1 | tail -20 | tee "$OUT/offline.log" ;;
+      timeout 300 python3 plugins/cuda/benchmarks/baselines_llama8b.py runtime --dir $M --json $R/offline/offline.json \
+        --requests 1024 --max-num-batched-tokens 8192 2>&1 | tail -20 | tee $R/offline/run.log ;;
+    tests)
+      OUT=$R/tests TEST_TIMEOUT=${TEST_TIMEOUT:-420} plugins/cuda/scripts/gpu_check.sh tests 2>&1 | tail -40 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
+  tar czf "$OUT/$stage-${TAG:-run}.tgz" -C $R $stage
 done

@@ -97,7 +97,7 @@ def profile(server_pid: int, seconds: float, delay: float, out: Path, label: str
                 continue
             raw = out / f"profile-{label}-{name}-{pid}.raw"
             jobs.append((name, pid, raw, subprocess.Popen(
-                ["py-spy", "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",
+                ["py-spy", "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "100", "--nonblocking",
                  "--format", "raw", "--idle", "--threads", "--output", str(raw)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
         with open(out / f"profile-{label}.txt", "w") as f:
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--profile", type=int, nargs="*", default=[], help="concurrency levels to sample with py-spy")
-    parser.add_argument("--profile-seconds", type=float, default=8.0)
+    parser.add_argument("--profile-seconds", type=float, default=5.0)
     parser.add_argument("--runtime-args", default="--device cuda",
                         help="`runtime serve` flags besides the model, one shell-quoted string")
     parser.add_argument("--vllm-args", default="", help="extra `vllm serve` flags, one shell-quoted string")
@@ -151,9 +151,9 @@ def main() -> None:
             for concurrency, requests in workloads.items():
                 watcher = None
                 if concurrency in args.profile:
-                    # Sample the middle of the run: its expected length from the previous level is
-                    # unknown, so start a little after the first wave is admitted.
-                    watcher = profile(server.proc.pid, args.profile_seconds, 4.0, args.out, f"{name}-c{concurrency}")
+                    # Past the first wave's prefill, inside the run (about 8 s at C=64, 25 s at 256 on an H200).
+                    delay = 2.0 if concurrency < 256 else 8.0
+                    watcher = profile(server.proc.pid, args.profile_seconds, delay, args.out, f"{name}-c{concurrency}")
                 run = run_serve(requests, ServeConfig(base_url=server.url, model="model", max_concurrency=concurrency,
                                                       progress=False))
                 if watcher is not None:

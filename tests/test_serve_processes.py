@@ -8,6 +8,9 @@ import concurrent.futures
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -115,3 +118,26 @@ def test_killing_the_core_ends_streams_with_an_error_and_stops_the_server(checkp
     assert "engine core process died" in server.output()
     for name, pid in children.items():
         assert gone(pid), f"{name} (pid {pid}) outlived the server"
+
+
+def test_a_model_that_fails_to_load_stops_the_server_with_the_reason(tmp_path):
+    server = ServerProcess(str(tmp_path / "missing-model"), "--api-server-count", "2")
+    server.proc = subprocess.Popen(server.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = server.proc.communicate(timeout=120)
+    assert server.proc.returncode == 2, err
+    assert err.strip().splitlines()[-1].startswith("runtime serve: error: the model failed to load:"), err
+    assert "not found" in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags,message", [(["--api-server-count", "0"], "--api-server-count must be >= 1"),
+                                           (["--port", "{busy}"], "cannot listen on 127.0.0.1:")])
+def test_serve_flag_errors_are_one_line(checkpoint, flags, message):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        flags = [f.format(busy=busy.getsockname()[1]) for f in flags]
+        out = subprocess.run([sys.executable, "-m", "runtime.cli", "serve", str(checkpoint), "--host", "127.0.0.1",
+                              *flags], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("runtime serve: error: ") and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr

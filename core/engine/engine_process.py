@@ -134,7 +134,10 @@ def run_engine_core(args: EngineArgs, build: Callable[[EngineArgs], EngineCore],
         data = encode(message)
         for outbox in outboxes:
             outbox.send(data)
-        status.send(message)
+        try:
+            status.send(message)
+        except OSError:
+            pass  # the parent stopped listening; the API processes have the news
 
     try:
         try:

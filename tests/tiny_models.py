@@ -113,7 +113,7 @@ def make_tiny_checkpoint(tmp_dir: str | Path, arch: str, seed: int = 0, **overri
     as chat models do. The same ``seed`` and overrides give the same weights.
     """
     tokenizer = make_tiny_tokenizer()
-    config = make_tiny_config(arch, len(tokenizer), **overrides)
+    config = make_tiny_config(arch, overrides.pop("vocab_size", len(tokenizer)), **overrides)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.eos_token_id = [EOS_ID, IM_END_ID]

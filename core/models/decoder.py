@@ -22,6 +22,7 @@ from .layers.linear import Linear
 from .layers.mlp import GatedMLP
 from .layers.norm import RMSNorm
 from .layers.rotary import RotaryEmbedding
+from .parallel import TensorParallel
 
 
 @dataclass
@@ -61,8 +62,12 @@ class DecoderSettings:
         embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + embeddings + self.hidden_size
 
-    def attention_specs(self, dtype: torch.dtype, block_size: int, kv_cache_dtype: str = "auto") -> list[AttentionSpec]:
-        return [AttentionSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.attn_scale, dtype, block_size,
+    def attention_specs(self, dtype: torch.dtype, block_size: int, kv_cache_dtype: str = "auto",
+                        tp: TensorParallel = TensorParallel()) -> list[AttentionSpec]:
+        """Per layer, what attention must support on one rank of ``tp`` (its share of the heads)."""
+        heads = self.num_heads // tp.size
+        kv_first, kv_end = tp.kv_heads(self.num_kv_heads)
+        return [AttentionSpec(heads, kv_end - kv_first, self.head_dim, self.attn_scale, dtype, block_size,
                               sliding_window=w, logits_soft_cap=self.attn_soft_cap, kv_cache_dtype=kv_cache_dtype)
                 for w in self.sliding_windows]
 
@@ -79,11 +84,13 @@ def sliding_windows(config: Any, num_layers: int) -> list[int | None]:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, index: int, s: DecoderSettings, backend: AttentionBackend, rotary: RotaryEmbedding, ops: KernelSet):
+    def __init__(self, index: int, s: DecoderSettings, backend: AttentionBackend, rotary: RotaryEmbedding, ops: KernelSet,
+                 tp: TensorParallel):
         super().__init__()
         self.self_attn = SelfAttention(index, s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim, backend, rotary, ops,
-                                       qkv_bias=s.qkv_bias, o_bias=s.o_bias, qk_norm_eps=s.rms_norm_eps if s.qk_norm else None)
-        self.mlp = GatedMLP(s.hidden_size, s.intermediate_size, s.activation, ops, bias=s.mlp_bias)
+                                       qkv_bias=s.qkv_bias, o_bias=s.o_bias, qk_norm_eps=s.rms_norm_eps if s.qk_norm else None,
+                                       tp=tp)
+        self.mlp = GatedMLP(s.hidden_size, s.intermediate_size, s.activation, ops, bias=s.mlp_bias, tp=tp)
         norm = lambda: RMSNorm(s.hidden_size, s.rms_norm_eps, ops, unit_offset=s.norm_unit_offset)  # noqa: E731
         self.input_layernorm = norm()
         self.post_attention_layernorm = norm()
@@ -118,21 +125,37 @@ _PART_RE = re.compile(r"^(layers\.\d+)\.(self_attn\.[qkv]_proj|mlp\.(?:gate|up)_
 
 
 class DecoderForCausalLM(nn.Module):
-    """forward(batch) -> hidden [T, hidden]; compute_logits(hidden rows) -> [N, vocab] float32."""
+    """forward(batch) -> hidden [T, hidden]; compute_logits(hidden rows) -> [N, vocab] float32.
+
+    With ``tp`` of size > 1 this is one rank's share (models/parallel.py): the embedding table and
+    lm_head hold a slice of the vocabulary (padded to a multiple of the size), and every
+    projection its slice of heads or width; ``compute_logits`` gathers the full vocabulary.
+    """
 
     def __init__(self, settings: DecoderSettings, config: Any, max_model_len: int, ops: KernelSet,
-                 backends: list[AttentionBackend]):
+                 backends: list[AttentionBackend], tp: TensorParallel = TensorParallel()):
         super().__init__()
         s = self.settings = settings
-        self.ops = ops
-        self.embed_tokens = nn.Parameter(torch.empty(s.vocab_size, s.hidden_size), requires_grad=False)
+        self.ops, self.tp = ops, tp
+        self.vocab_first, _, share = tp.padded_split(s.vocab_size)
+        self.vocab_rows = [(self.vocab_first, self.vocab_first + share)] if tp.size > 1 else None
+        self.embed_tokens = nn.Parameter(torch.empty(share, s.hidden_size), requires_grad=False)
         rotary = RotaryEmbedding(s.head_dim, config, max_model_len, ops)
-        self.layers = nn.ModuleList(DecoderLayer(i, s, backends[i], rotary, ops) for i in range(s.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(i, s, backends[i], rotary, ops, tp) for i in range(s.num_layers))
         self.norm = RMSNorm(s.hidden_size, s.rms_norm_eps, ops, unit_offset=s.norm_unit_offset)
-        self.lm_head = None if s.tie_word_embeddings else Linear(s.hidden_size, s.vocab_size, ops)
+        self.lm_head = None if s.tie_word_embeddings else Linear(s.hidden_size, share, ops, rows=self.vocab_rows)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.embed_tokens)
+        # Each rank looks up the ids in its slice of the vocabulary; the others contribute zeros.
+        local = input_ids - self.vocab_first
+        mine = (local >= 0) & (local < self.embed_tokens.shape[0])
+        hidden = F.embedding(torch.where(mine, local, 0), self.embed_tokens)
+        return self.tp.all_reduce(hidden * mine.unsqueeze(-1).to(hidden.dtype))
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        hidden = F.embedding(batch.input_ids, self.embed_tokens)
+        hidden = self.embed(batch.input_ids)
         if self.settings.embedding_scale is not None:
             hidden = hidden * torch.tensor(self.settings.embedding_scale, dtype=hidden.dtype)
         residual = None
@@ -143,6 +166,8 @@ class DecoderForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.ops.linear(hidden, self.embed_tokens) if self.lm_head is None else self.lm_head(hidden)
+        if self.tp.size > 1:
+            logits = self.tp.all_gather(logits, dim=-1)[:, :self.settings.vocab_size]
         logits = logits.float()
         cap = self.settings.final_logit_soft_cap
         return torch.tanh(logits / cap) * cap if cap is not None else logits
@@ -175,6 +200,15 @@ class DecoderForCausalLM(nn.Module):
                 raise ValueError(f"checkpoint tensor {hf_name!r} matches no parameter of {type(self).__name__}")
             param = params[name]
             module = modules.get(name.rsplit(".", 1)[0])
+            if (isinstance(module, Linear) and module.sharded) or name == "embed_tokens":
+                # A rank's slice: dense weights are cut from the checkpoint's (a quantized one is
+                # dequantized first); the platform's --quantization applies to the slice afterwards.
+                if name == "embed_tokens":
+                    self._load_vocab_rows(_dense(value, quant_method, dtype))
+                else:
+                    module.load_whole(name.rsplit(".", 1)[1], _dense(value, quant_method, dtype))
+                loaded.add(name)
+                continue
             if isinstance(value, RawQuantizedTensor) and isinstance(module, Linear) and name.endswith(".weight"):
                 method = quant_method(value.format)
                 stored = method.load(value, dtype, param.device)
@@ -194,13 +228,22 @@ class DecoderForCausalLM(nn.Module):
             if isinstance(module, RMSNorm):
                 module.finish_loading()
 
+    def _load_vocab_rows(self, table: torch.Tensor) -> None:
+        """The embedding table's rows of this rank's vocabulary slice (the padding rows stay zero)."""
+        rows = table[self.vocab_first:self.vocab_first + self.embed_tokens.shape[0]]
+        if rows.shape[1:] != self.embed_tokens.shape[1:] or table.shape[0] != self.settings.vocab_size:
+            raise ValueError(f"checkpoint embedding has shape {tuple(table.shape)}, model expects "
+                             f"({self.settings.vocab_size}, {self.embed_tokens.shape[1]})")
+        self.embed_tokens.data.zero_()
+        self.embed_tokens.data[:rows.shape[0]] = rows.to(self.embed_tokens.dtype)
+
     def quantize_weights(self, method: QuantizationMethod) -> None:
         """Hand every dense linear weight to ``method.quantize`` (``--quantization``), layer by layer
         so the dense copy of one weight is freed before the next is quantized."""
         targets = [m for m in self.modules() if isinstance(m, Linear) and m.quant_method is None]
         if method.quantize_lm_head and self.lm_head is None:
             # Tied embeddings: the lookup keeps the dense table, the output projection gets its own copy.
-            self.lm_head = Linear(self.settings.hidden_size, self.settings.vocab_size, self.ops).to(self.embed_tokens.device)
+            self.lm_head = Linear(self.settings.hidden_size, self.embed_tokens.shape[0], self.ops).to(self.embed_tokens.device)
             self.lm_head.weight.data = self.embed_tokens.data
             targets.append(self.lm_head)
         elif not method.quantize_lm_head and self.lm_head is not None:

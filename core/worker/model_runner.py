@@ -16,6 +16,7 @@ import torch
 from ..models import DecoderForCausalLM, decoder_settings
 from ..models.batch import ForwardBatch
 from ..models.layers.linear import Linear
+from ..models.parallel import TensorParallel
 from ..platform import Platform, QuantizationMethod, Registry
 from ..sample.sampler import Sampler, SamplerOutput, SamplingMetadata
 from ..sample.params import SamplingParams
@@ -56,11 +57,14 @@ class PendingStep:
 class ModelRunner:
     def __init__(self, hf_config: Any, weights: Any, platform: Platform, registry: Registry, dtype: torch.dtype,
                  block_size: int, max_model_len: int, kv_cache_dtype: str = "auto",
-                 quantization: QuantizationMethod | None = None):
+                 quantization: QuantizationMethod | None = None, tp: TensorParallel = TensorParallel(),
+                 device_index: int = 0):
         self.platform, self.dtype, self.block_size = platform, dtype, block_size
-        self.device = platform.device()
+        self.device = platform.device(device_index)
         self.settings = decoder_settings(hf_config)
-        specs = self.settings.attention_specs(dtype, block_size, kv_cache_dtype)
+        specs = self.settings.attention_specs(dtype, block_size, kv_cache_dtype, tp)
+        self.num_kv_heads = specs[0].num_kv_heads
+        """KV heads this rank caches (its tensor-parallel share)."""
         backend_classes = [registry.select_attention_backend(platform.name, spec) for spec in specs]
         self.backend_classes = backend_classes
         self.cache_dtype = specs[0].cache_dtype
@@ -70,7 +74,7 @@ class ModelRunner:
         try:
             with torch.device(self.device):
                 model = DecoderForCausalLM(self.settings, hf_config, max_model_len, ops,
-                                           [cls(spec) for cls, spec in zip(backend_classes, specs)])
+                                           [cls(spec) for cls, spec in zip(backend_classes, specs)], tp)
         finally:
             torch.set_default_dtype(previous)
         model.load_weights(weights, lambda fmt: registry.quantization_method(platform.name, fmt))
@@ -91,12 +95,13 @@ class ModelRunner:
 
     def kv_bytes_per_block(self) -> int:
         s = self.settings
-        per_layer = [math.prod(cls.kv_cache_shape(1, self.block_size, s.num_kv_heads, s.head_dim)) for cls in self.backend_classes]
+        per_layer = [math.prod(cls.kv_cache_shape(1, self.block_size, self.num_kv_heads, s.head_dim))
+                     for cls in self.backend_classes]
         return sum(per_layer) * torch.tensor([], dtype=self.cache_dtype).element_size()
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         s = self.settings
-        self.kv_caches = [torch.zeros(cls.kv_cache_shape(num_blocks, self.block_size, s.num_kv_heads, s.head_dim),
+        self.kv_caches = [torch.zeros(cls.kv_cache_shape(num_blocks, self.block_size, self.num_kv_heads, s.head_dim),
                                       dtype=self.cache_dtype, device=self.device) for cls in self.backend_classes]
 
     def drop_requests(self, request_ids: list[str]) -> None:

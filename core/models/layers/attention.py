@@ -7,20 +7,32 @@ from torch import nn
 
 from ...platform import AttentionBackend, KernelSet
 from ..batch import ForwardBatch
+from ..parallel import TensorParallel
 from .linear import Linear
 from .norm import RMSNorm
 from .rotary import RotaryEmbedding
 
 
 class SelfAttention(nn.Module):
+    """Under tensor parallelism (``tp``) a rank computes its share of the query heads and the KV
+    heads those read (see models/parallel.py); the output projection sums the shares."""
+
     def __init__(self, layer_index: int, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  backend: AttentionBackend, rotary: RotaryEmbedding, ops: KernelSet, qkv_bias: bool = False,
-                 o_bias: bool = False, qk_norm_eps: float | None = None):
+                 o_bias: bool = False, qk_norm_eps: float | None = None, tp: TensorParallel = TensorParallel()):
         super().__init__()
-        self.layer_index, self.num_heads, self.num_kv_heads, self.head_dim = layer_index, num_heads, num_kv_heads, head_dim
-        self.qkv_proj = Linear(hidden_size, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], ops,
-                              bias=qkv_bias)
-        self.o_proj = Linear(num_heads * head_dim, hidden_size, ops, bias=o_bias)
+        q_first, q_end = tp.split(num_heads)
+        kv_first, kv_end = tp.kv_heads(num_kv_heads)
+        self.layer_index, self.head_dim = layer_index, head_dim
+        self.num_heads, self.num_kv_heads = q_end - q_first, kv_end - kv_first
+        q_rows, kv_rows = (q_first * head_dim, q_end * head_dim), (kv_first * head_dim, kv_end * head_dim)
+        sharded = tp.size > 1
+        self.qkv_proj = Linear(hidden_size, [self.num_heads * head_dim, self.num_kv_heads * head_dim,
+                                             self.num_kv_heads * head_dim], ops, bias=qkv_bias,
+                               rows=[q_rows, kv_rows, kv_rows] if sharded else None,
+                               stored=[num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim])
+        self.o_proj = Linear(self.num_heads * head_dim, hidden_size, ops, bias=o_bias,
+                             columns=q_rows if sharded else None, reduce=tp)
         # Qwen3 normalises each head of q and k before rotary.
         self.q_norm = RMSNorm(head_dim, qk_norm_eps, ops) if qk_norm_eps is not None else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps, ops) if qk_norm_eps is not None else None

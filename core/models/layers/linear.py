@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ...platform import KernelSet, QuantizationMethod
+from ..parallel import TensorParallel
 
 
 class Linear(nn.Module):
@@ -17,9 +18,18 @@ class Linear(nn.Module):
     ``partitions`` lists the output sizes of fused projections (q/k/v, gate/up): a checkpoint
     that stores them apart loads each into its row range with :meth:`load_partition`. A dense
     weight is multiplied by the platform's ``linear`` op.
+
+    Under tensor parallelism (models/parallel.py) a rank keeps a slice of the checkpoint's
+    weight: ``rows`` gives, per partition, the [start, end) of the checkpoint rows it holds
+    (column-parallel; rows past the checkpoint's end stay zero, for padded vocabularies);
+    ``columns`` the [start, end) of the input columns (row-parallel), whose partial products
+    ``reduce`` sums across the group before the bias is added. ``stored`` gives the checkpoint's
+    partition sizes, for a fused tensor stored whole (Phi-3's qkv_proj) that a rank cuts up.
     """
 
-    def __init__(self, in_features: int, out_features: int | list[int], ops: KernelSet, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int | list[int], ops: KernelSet, bias: bool = False,
+                 rows: list[tuple[int, int]] | None = None, columns: tuple[int, int] | None = None,
+                 reduce: TensorParallel | None = None, stored: list[int] | None = None):
         super().__init__()
         self.ops = ops
         self.partitions = list(out_features) if isinstance(out_features, (list, tuple)) else [out_features]
@@ -28,11 +38,25 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
         self.quant_method: QuantizationMethod | None = None
         self.quant_weight: Any = None
+        self.rows, self.columns = rows, columns
+        self.reduce = reduce if reduce is not None and reduce.size > 1 else None
+        self.stored = stored
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.reduce is not None else self.bias
         if self.quant_method is not None:
-            return self.quant_method.apply(self.quant_weight, x, self.bias)
-        return self.ops.linear(x, self.weight, self.bias)
+            y = self.quant_method.apply(self.quant_weight, x, bias)
+        else:
+            y = self.ops.linear(x, self.weight, bias)
+        if self.reduce is not None:
+            y = self.reduce.all_reduce(y)
+            if self.bias is not None:
+                y = y + self.bias
+        return y
+
+    @property
+    def sharded(self) -> bool:
+        return self.rows is not None or self.columns is not None
 
     @property
     def stored_bytes(self) -> int:
@@ -43,9 +67,28 @@ class Linear(nn.Module):
         start = sum(self.partitions[:index])
         return slice(start, start + self.partitions[index])
 
+    def shard(self, name: str, index: int, value: torch.Tensor) -> torch.Tensor:
+        """This rank's part of checkpoint tensor ``name`` (weight or bias) of partition ``index``."""
+        if self.rows is not None:
+            start, end = self.rows[index]
+            value = value[start:min(end, value.shape[0])]
+        if self.columns is not None and name == "weight":
+            value = value[:, self.columns[0]:self.columns[1]]
+        return value
+
+    def load_whole(self, name: str, value: torch.Tensor) -> None:
+        """Load a checkpoint tensor holding every partition (this rank keeps its slice of each)."""
+        parts = value.split(self.stored, dim=0) if len(self.partitions) > 1 else [value]
+        for index, part in enumerate(parts):
+            self.load_partition(name, index, part)
+
     def load_partition(self, name: str, index: int, value: torch.Tensor) -> None:
         target = self.bias if name == "bias" else self.weight
+        value = self.shard(name, index, value)
         rows = self.partition_rows(index)
+        if self.rows is not None and value.shape[0] < self.partitions[index]:
+            rows = slice(rows.start, rows.start + value.shape[0])  # a padded vocabulary's last rows stay zero
+            target.data[rows.stop:self.partition_rows(index).stop] = 0
         if value.shape != target[rows].shape:
             raise ValueError(f"checkpoint {name} partition {index} has shape {tuple(value.shape)}, expected {tuple(target[rows].shape)}")
         target.data[rows] = value.to(target.dtype)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ...platform import KernelSet
+from ..parallel import TensorParallel
 from .linear import Linear
 
 # HF hidden_act names -> (op, approximate) ; "gelu_pytorch_tanh" is Gemma's default.
@@ -20,12 +21,20 @@ ACTIVATIONS = {
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, activation: str, ops: KernelSet, bias: bool = False):
+    """Under tensor parallelism a rank holds a share of the intermediate width; the down
+    projection sums the shares."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str, ops: KernelSet, bias: bool = False,
+                 tp: TensorParallel = TensorParallel()):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unsupported activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
-        self.gate_up_proj = Linear(hidden_size, [intermediate_size, intermediate_size], ops, bias=bias)
-        self.down_proj = Linear(intermediate_size, hidden_size, ops, bias=bias)
+        first, end = tp.split(intermediate_size)
+        sharded = tp.size > 1
+        self.gate_up_proj = Linear(hidden_size, [end - first, end - first], ops, bias=bias,
+                                   rows=[(first, end)] * 2 if sharded else None, stored=[intermediate_size] * 2)
+        self.down_proj = Linear(end - first, hidden_size, ops, bias=bias, columns=(first, end) if sharded else None,
+                                reduce=tp)
         op, self.approximate = ACTIVATIONS[activation]
         self.act = getattr(ops, op)
 

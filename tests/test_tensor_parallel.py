@@ -1,0 +1,95 @@
+"""Tensor parallelism in the model: two ranks over gloo, each holding its slice of every weight,
+compute what one rank holding all of them computes (greedy tokens equal, logprobs close), for
+every architecture, a GQA model with fewer KV heads than ranks, a vocabulary the ranks do not
+divide, and a fused qkv checkpoint (Phi-3)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from runtime.models.parallel import TensorParallel, check_tensor_parallel, valid_sizes
+from runtime.platform import get_registry
+from runtime.sample.params import SamplingParams
+from runtime.sched.request import Request
+from runtime.sched.scheduler import ScheduledRequest, SchedulerOutput
+from runtime.worker.model_runner import ModelRunner
+from runtime.loader.source import open_model
+
+from tiny_models import make_tiny_checkpoint
+
+pytestmark = pytest.mark.xdist_group("distributed")
+
+PROMPTS = [[5, 9, 2, 7, 11, 3, 8], [4, 4, 6], [12, 1, 10, 13, 2]]
+BLOCK = 16
+
+
+def run_prefill(path: str, tp: TensorParallel) -> dict:
+    """Prefill PROMPTS in one step and return each request's greedy token and top logprobs."""
+    registry = get_registry()
+    platform = registry.select_platform("cpu")
+    source = open_model(path)
+    runner = ModelRunner(source.hf_config, source.weights(), platform, registry, torch.float32, BLOCK, 128, tp=tp)
+    runner.prepare_inputs(256, 8, 128)
+    runner.allocate_kv_cache(32)
+    params = SamplingParams(temperature=0, logprobs=4, max_tokens=4)
+    scheduled, block = [], 1
+    for i, prompt in enumerate(PROMPTS):
+        request = Request(f"r{i}", prompt, params, eos_token_ids=frozenset(), max_model_len=128)
+        scheduled.append(ScheduledRequest(request, 0, len(prompt), [block]))
+        block += 1
+    out = runner.execute(SchedulerOutput(scheduled=scheduled))
+    return {rid: (out.sampled[rid], out.logprobs[rid]) for rid in out.sampled}
+
+
+def _rank_main(rank: int, world: int, store: str, path: str, results) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        comm = get_registry().communicator("cpu")()
+        results[rank] = run_prefill(path, TensorParallel(rank, world, comm))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_tensor_parallel(path: str, world: int, tmp_path) -> list[dict]:
+    manager = mp.get_context("spawn").Manager()
+    results = manager.dict()
+    mp.spawn(_rank_main, args=(world, str(tmp_path / "store"), path, results), nprocs=world, join=True)
+    return [results[r] for r in range(world)]
+
+
+CASES = [("llama", {}), ("llama", {"num_key_value_heads": 1}), ("qwen2", {}), ("qwen3", {}), ("gemma", {}),
+         ("gemma2", {}), ("mistral", {}), ("phi3", {})]
+
+
+@pytest.mark.parametrize("arch,overrides", CASES, ids=[f"{a}{'-kv1' if o else ''}" for a, o in CASES])
+def test_two_ranks_compute_what_one_does(arch, overrides, tmp_path):
+    path = str(make_tiny_checkpoint(tmp_path, arch, **overrides))
+    alone = run_prefill(path, TensorParallel())
+    for ranks in run_tensor_parallel(path, 2, tmp_path):
+        assert ranks.keys() == alone.keys()
+        for rid, (token, (ids, values, rank)) in ranks.items():
+            ref_token, (ref_ids, ref_values, ref_rank) = alone[rid]
+            assert token == ref_token and ids == ref_ids and rank == ref_rank, (rid, ids, ref_ids)
+            assert values == pytest.approx(ref_values, abs=1e-4)
+
+
+def test_a_vocabulary_the_ranks_do_not_divide(tmp_path):
+    from tiny_models import make_tiny_tokenizer
+    vocab = len(make_tiny_tokenizer())
+    path = str(make_tiny_checkpoint(tmp_path, "llama", vocab_size=vocab + 1 if vocab % 2 == 0 else vocab))
+    alone = run_prefill(path, TensorParallel())
+    for ranks in run_tensor_parallel(path, 2, tmp_path):
+        assert {rid: v[0] for rid, v in ranks.items()} == {rid: v[0] for rid, v in alone.items()}
+
+
+def test_sizes_that_do_not_split_are_refused_with_the_valid_ones():
+    assert valid_sizes(32, 8, 14336) == [1, 2, 4, 8, 16, 32]
+    assert valid_sizes(6, 2, 64) == [1, 2]
+    with pytest.raises(ValueError, match="valid sizes: 1, 2$"):
+        check_tensor_parallel(3, 6, 2, 64)
+    check_tensor_parallel(2, 6, 2, 64)

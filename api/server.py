@@ -1,9 +1,10 @@
 """``runtime serve``: a supervisor, one engine core process and N API server processes.
 
 The supervisor (this process) binds the listening socket at once, spawns the engine core (the
-model and the scheduler, engine/engine_process.py) and ``--api-server-count`` API processes
-(Litestar on uvicorn), which accept connections on that one shared socket and talk to the core
-over ZeroMQ. It then only watches:
+model and the scheduler, engine/engine_process.py; one per ``--data-parallel-size`` rank, each
+with its tensor-parallel workers) and ``--api-server-count`` API processes (Litestar on
+uvicorn), which accept connections on that one shared socket and talk to every core over
+ZeroMQ. It then only watches:
 
 - every API process answers 503 (with Retry-After) on every ``/v1/*`` route and ``/health``
   until the model is loaded; the supervisor prints "ready" once all of them can serve;
@@ -19,6 +20,7 @@ Children get SIGTERM from the kernel if the supervisor itself dies, so no proces
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -32,7 +34,7 @@ from multiprocessing.connection import wait
 from typing import Optional
 
 from runtime.engine.args import EngineArgs
-from runtime.engine.engine_process import CoreConnection, exit_with_parent, start_engine_core
+from runtime.engine.engine_process import CoreConnection, EngineCoreHandle, exit_with_parent, start_engine_core
 from runtime.engine.messages import Failed, Ready
 from runtime.release import version_report
 
@@ -83,10 +85,10 @@ def _exit_cleanly(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
-def run_api_server(config: ApiServerConfig, sock: socket.socket, connection: CoreConnection) -> None:
+def run_api_server(config: ApiServerConfig, sock: socket.socket, connections: list[CoreConnection]) -> None:
     """An API process's main: the app on uvicorn, on the shared socket, until told to stop or
-    until the core dies (then exit status 1)."""
-    exit_with_parent(f"runtime-api-{connection.client}")
+    until a core dies (then exit status 1). ``connections``: one per data-parallel engine core."""
+    exit_with_parent(f"runtime-api-{connections[0].client}")
     logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     import uvicorn
 
@@ -94,7 +96,7 @@ def run_api_server(config: ApiServerConfig, sock: socket.socket, connection: Cor
 
     from .app import create_app
 
-    engine = AsyncEngine(config.args, max_queue_len=config.max_queue_len, connection=connection)
+    engine = AsyncEngine(config.args, max_queue_len=config.max_queue_len, connections=connections)
     app = create_app(engine, config.model_names, config.api_key)
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level=config.log_level.lower(),
                                            timeout_graceful_shutdown=config.shutdown_timeout, lifespan="on"))
@@ -122,6 +124,8 @@ class Supervisor:
         self.sock = bind_socket(host, port)
         self.count = api_server_count
         self.stopping = False
+        self.cores: list[EngineCoreHandle] = []
+        self.api: list = []
         self.metrics_dir = tempfile.TemporaryDirectory(prefix="runtime-metrics-")
 
     def run(self) -> int:
@@ -130,14 +134,18 @@ class Supervisor:
         # set before the children start, as prometheus_client reads it at import.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir.name
         context = multiprocessing.get_context("spawn")
-        self.core = start_engine_core(self.config.args, self.count, log_level=self.config.log_level.upper())
-        self.api = [context.Process(target=run_api_server, name=f"runtime-api-{connection.client}", daemon=True,
-                                    args=(self.config, self.sock, connection))
-                    for connection in self.core.connections]
+        args = self.config.args
+        self.cores = [start_engine_core(dataclasses.replace(args, data_parallel_rank=rank), self.count,
+                                       log_level=self.config.log_level.upper())
+                      for rank in range(args.data_parallel_size)]
+        self.api = [context.Process(target=run_api_server, name=f"runtime-api-{client}", daemon=True,
+                                    args=(self.config, self.sock, [core.connections[client] for core in self.cores]))
+                    for client in range(self.count)]
         for process in self.api:
             process.start()
         self.sock.close()  # the API processes hold it now
-        self.core.connections[0].alive.close()
+        for core in self.cores:
+            core.connections[0].alive.close()
         print("\n".join(version_report()), file=sys.stderr)
         print(f"runtime serve: listening on {self.url}; loading {name}", file=sys.stderr, flush=True)
         logger.info("serving %s as %s", self.config.args.model or "the embedded model", ", ".join(self.config.model_names))
@@ -160,41 +168,45 @@ class Supervisor:
 
     def _watch(self) -> int:
         """Wait for the children's news until the server stops; returns the exit status."""
-        status = self.core.status
-        exits = {self.core.process.sentinel: "core", **{p.sentinel: i for i, p in enumerate(self.api)}}
+        statuses = {core.status: core for core in self.cores}
+        exits = {**{core.process.sentinel: core for core in self.cores}, **{p.sentinel: i for i, p in enumerate(self.api)}}
+        ready = 0
         while True:
-            for item in wait([*exits, status] if not status.closed else list(exits)):
-                if item is status:
+            for item in wait([*exits, *statuses]):
+                if item in statuses:
                     try:
-                        message = status.recv()
+                        message = item.recv()
                     except (EOFError, OSError):
-                        status.close()
+                        del statuses[item]
                         continue
                     if isinstance(message, Failed) and message.while_loading:
                         raise ValueError(f"the model failed to load: {message.message}")
-                    if isinstance(message, Ready) and not self.stopping:
+                    ready += isinstance(message, Ready)
+                    if ready == len(self.cores) and not self.stopping:
                         print(f"runtime serve: {self.config.model_names[0]} ready at {self.url}/v1",
                               file=sys.stderr, flush=True)
                     continue
                 who = exits.pop(item)
                 # The sentinel closes as the child exits, a moment before it can be reaped.
-                (self.core.process if who == "core" else self.api[who]).join(5)
-                api_left = [w for w in exits.values() if w != "core"]
+                (who.process if isinstance(who, EngineCoreHandle) else self.api[who]).join(5)
+                api_left = [w for w in exits.values() if isinstance(w, int)]
                 if self.stopping and not api_left:
                     return 0
-                if who == "core" or not self.stopping:
+                if isinstance(who, EngineCoreHandle) or not self.stopping:
                     return self._after_failure(who)
 
-    def _after_failure(self, who: "str | int") -> int:
-        """A child exited unexpectedly: the core's last words say whether the model failed to load."""
-        try:
-            message = self.core.status.recv() if self.core.status.poll(_LAST_WORDS_S) else None
-        except (EOFError, OSError):  # closed: it said nothing more
-            message = None
-        if isinstance(message, Failed) and message.while_loading:
-            raise ValueError(f"the model failed to load: {message.message}")
-        if who == "core":
-            print(f"runtime serve: error: the engine core process died (exit code {self.core.process.exitcode}); "
+    def _after_failure(self, who: "EngineCoreHandle | int") -> int:
+        """A child exited unexpectedly: the cores' last words say whether the model failed to load."""
+        for core in self.cores:
+            try:
+                message = core.status.recv() if core.status.poll(_LAST_WORDS_S) else None
+            except (EOFError, OSError):  # closed: it said nothing more
+                message = None
+            if isinstance(message, Failed) and message.while_loading:
+                raise ValueError(f"the model failed to load: {message.message}")
+        if isinstance(who, EngineCoreHandle):
+            rank = f" {self.cores.index(who)}" if len(self.cores) > 1 else ""
+            print(f"runtime serve: error: the engine core process{rank} died (exit code {who.process.exitcode}); "
                   f"in-flight requests ended with an error; stopping", file=sys.stderr, flush=True)
             deadline = time.monotonic() + _AFTER_CORE_DEATH_S
             for process in self.api:
@@ -213,7 +225,8 @@ class Supervisor:
             if process.is_alive():
                 process.kill()
                 process.join()
-        self.core.stop()
+        for core in self.cores:
+            core.stop()
 
 
 def serve(args: EngineArgs, host: str = "127.0.0.1", port: int = 8000, model_names: Optional[list[str]] = None,

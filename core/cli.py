@@ -41,6 +41,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--enforce-eager", action="store_true", help="no decode graphs (cuda): every step runs eagerly")
     g.add_argument("--chat-template", default=None, help="chat template file or text (default: the model's)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
+                   help="split every layer across this many ranks, one device each")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=d.pipeline_parallel_size,
+                   help="only 1: pipeline parallelism is not implemented yet")
+    g.add_argument("--data-parallel-size", "-dp", type=int, default=d.data_parallel_size,
+                   help="engine cores, each with its own copy of the model, behind one server (runtime serve)")
+    g.add_argument("--distributed-executor-backend", default=None, choices=["mp", "ray"],
+                   help="how ranks beyond the first run: worker processes on this machine (mp, the default) or Ray")
+    g.add_argument("--distributed-timeout", type=float, default=d.distributed_timeout,
+                   help="seconds a collective may wait for a rank before the engine fails, naming it")
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:

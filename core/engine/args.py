@@ -54,6 +54,18 @@ class EngineArgs:
     enforce_eager: bool = False
     served_model_name: Optional[str] = None
     chat_template: Optional[str] = None
+    tensor_parallel_size: int = 1
+    """Ranks that split every layer (Megatron style), one device each; >1 starts worker processes."""
+    distributed_executor_backend: Optional[str] = None
+    """How ranks beyond the first run: mp (worker processes on this machine; the default) or ray."""
+    pipeline_parallel_size: int = 1
+    """Only 1 today: layers split into stages is not implemented (docs/distributed.md)."""
+    data_parallel_size: int = 1
+    """Engine cores (each with its own copy of the model) behind one server, requests balanced by load."""
+    data_parallel_rank: int = 0
+    """Which of them this engine is: it uses devices from rank x tensor_parallel_size on (set by the server)."""
+    distributed_timeout: float = 300.0
+    """Seconds a collective may wait for a rank before the engine fails, naming it."""
 
     def __post_init__(self) -> None:
         if self.scheduling_policy not in ("fcfs", "priority"):
@@ -70,6 +82,18 @@ class EngineArgs:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be auto or one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.pipeline_parallel_size != 1:
+            raise ValueError(f"--pipeline-parallel-size {self.pipeline_parallel_size}: pipeline parallelism is not "
+                             f"implemented yet; split the model with --tensor-parallel-size instead")
+        if self.data_parallel_size < 1 or not 0 <= self.data_parallel_rank < self.data_parallel_size:
+            raise ValueError(f"data_parallel_size must be >= 1 and data_parallel_rank in [0, size), got "
+                             f"{self.data_parallel_size} and {self.data_parallel_rank}")
+        if self.distributed_executor_backend not in (None, "mp", "ray"):
+            raise ValueError(f"distributed_executor_backend must be mp or ray, got {self.distributed_executor_backend!r}")
+        if self.distributed_timeout <= 0:
+            raise ValueError(f"distributed_timeout must be > 0 seconds, got {self.distributed_timeout}")
         self.kv_cache_memory_bytes = parse_size(self.kv_cache_memory)
 
     @classmethod

@@ -96,12 +96,32 @@ class RequestStream:
         self.abort()
 
 
-class AsyncEngine:
-    """Serves requests from asyncio code; the model runs in the engine core process.
+class _CoreLink:
+    """One engine core as an API process sees it (several under data parallelism)."""
 
-    With ``connection`` it talks to a core that a supervisor started (``runtime serve``, where
-    several API processes share one core); without, ``start()`` spawns a core of its own with
-    ``build`` (which must be picklable). Until the core reports its model loaded and every API
+    def __init__(self, connection: CoreConnection, socket: Any):
+        self.connection, self.socket = connection, socket
+        self.stats = EngineStats()
+        self.model_info: Optional[Ready] = None
+        self.added_since_stats = 0
+        """Requests sent since the core's last counters: load it has not reported yet."""
+
+    @property
+    def load(self) -> int:
+        return self.stats.num_running + self.stats.num_waiting + self.added_since_stats
+
+    def send(self, message: AddRequest | AbortRequests | ClientReady) -> None:
+        # An unbounded queue never blocks, so the send completes now, off any await.
+        self.socket.send(encode(message), copy=True)
+
+
+class AsyncEngine:
+    """Serves requests from asyncio code; the model runs in engine core processes.
+
+    With ``connections`` it talks to cores that a supervisor started (``runtime serve``, where
+    several API processes share them), one per data-parallel rank: each new request goes to the
+    core with the least load (running + waiting, as last reported, + requests sent since).
+    Without, ``start()`` spawns one core of its own with ``build`` (which must be picklable). Until the core reports its model loaded and every API
     process's tokenizer loaded, ``state`` is ``"loading"``, then ``"ready"``; after a failure, the
     core's death or ``shutdown()`` it is ``"dead"`` and ``error`` says why. ``max_queue_len``
     bounds the requests that have produced no output yet; beyond it ``add_request`` raises
@@ -110,29 +130,30 @@ class AsyncEngine:
     """
 
     def __init__(self, args: EngineArgs, max_queue_len: Optional[int] = None,
-                 build: Callable[[EngineArgs], EngineCore] = EngineCore, connection: Optional[CoreConnection] = None):
+                 build: Callable[[EngineArgs], EngineCore] = EngineCore,
+                 connections: Optional[list[CoreConnection]] = None):
         if max_queue_len is not None and max_queue_len < 1:
             raise ValueError(f"max_queue_len must be >= 1, got {max_queue_len}")
         self.args = args
         self.max_queue_len = max_queue_len
         self._build = build
-        self._connection = connection
+        self._connections = list(connections or [])
+        self._links: list[_CoreLink] = []
+        self._core_of: dict[str, _CoreLink] = {}
+        """Request id -> the core serving it."""
         self._own_core: Optional[EngineCoreHandle] = None
         self.state = "loading"
         self.error: Optional[BaseException] = None
         self.tokenizer: Any = None
         self.chat_template: Optional[str] = None
-        self._model_info: Optional[Ready] = None
         self._processor: Optional[OutputProcessor] = None
         self._streams: dict[str, RequestStream] = {}
         self.num_waiting = 0
         """Requests with no output yet (checked against max_queue_len)."""
-        self._stats = EngineStats()
         self._death_callbacks: list[Callable[[], None]] = []
         self._ready: Optional[asyncio.Event] = None
         self._tasks: list[asyncio.Task] = []
         self._zmq: Optional[zmq.asyncio.Context] = None
-        self._to_core: Any = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -143,22 +164,26 @@ class AsyncEngine:
             return self
         loop = asyncio.get_running_loop()
         self._ready = asyncio.Event()
-        if self._connection is None:
+        if not self._connections:
             self._own_core = start_engine_core(self.args, 1, self._build)
-            self._connection = self._own_core.connections[0]
-        connection = self._connection
+            self._connections = self._own_core.connections[:1]
         self._zmq = zmq.asyncio.Context()
-        # Sending never blocks (the queue is unbounded), so it needs no future: a plain socket.
-        self._to_core = zmq.Context.shadow(self._zmq.underlying).socket(zmq.PUSH)
-        self._to_core.setsockopt(zmq.SNDHWM, 0)
-        self._to_core.setsockopt(zmq.LINGER, 0)
-        self._to_core.connect(connection.input_address)
-        from_core = self._zmq.socket(zmq.PULL)
-        from_core.setsockopt(zmq.RCVHWM, 0)
-        from_core.setsockopt(zmq.LINGER, 0)
-        from_core.bind(connection.output_address)
-        loop.add_reader(connection.alive.fileno(), self._core_exited)
-        self._tasks = [asyncio.ensure_future(self._receive(from_core)), asyncio.ensure_future(self._load_tokenizer())]
+        sync = zmq.Context.shadow(self._zmq.underlying)
+        self._tasks = [asyncio.ensure_future(self._load_tokenizer())]
+        for connection in self._connections:
+            # Sending never blocks (the queue is unbounded), so it needs no future: a plain socket.
+            to_core = sync.socket(zmq.PUSH)
+            to_core.setsockopt(zmq.SNDHWM, 0)
+            to_core.setsockopt(zmq.LINGER, 0)
+            to_core.connect(connection.input_address)
+            from_core = self._zmq.socket(zmq.PULL)
+            from_core.setsockopt(zmq.RCVHWM, 0)
+            from_core.setsockopt(zmq.LINGER, 0)
+            from_core.bind(connection.output_address)
+            link = _CoreLink(connection, to_core)
+            self._links.append(link)
+            loop.add_reader(connection.alive.fileno(), self._core_exited, link)
+            self._tasks.append(asyncio.ensure_future(self._receive(link, from_core)))
         return self
 
     async def wait_ready(self, timeout: Optional[float] = None) -> None:
@@ -182,18 +207,18 @@ class AsyncEngine:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._connection is not None:
+        for link in self._links:
             try:
-                asyncio.get_running_loop().remove_reader(self._connection.alive.fileno())
+                asyncio.get_running_loop().remove_reader(link.connection.alive.fileno())
             except (ValueError, OSError):
                 pass  # already closed
+            link.socket.close(linger=0)
         if self._zmq is not None:
-            self._to_core.close(linger=0)
             self._zmq.destroy(linger=0)
             self._zmq = None
         if self._own_core is not None:
             await asyncio.to_thread(self._own_core.stop)
-            self._connection.alive.close()
+            self._connections[0].alive.close()
             self._own_core = None
 
     # -- what the server reads --------------------------------------------------------------
@@ -211,15 +236,23 @@ class AsyncEngine:
         return self._require_info().vocab_size
 
     def stats(self) -> EngineStats:
-        """The core's counters as of its last step (running, waiting, KV usage, prefix cache, preemptions)."""
-        return self._stats
+        """The cores' counters as of their last steps (running, waiting, KV usage, prefix cache,
+        preemptions), summed over data-parallel cores; KV usage is their mean."""
+        if len(self._links) == 1:
+            return self._links[0].stats
+        every = [link.stats for link in self._links]
+        return EngineStats(num_running=sum(s.num_running for s in every), num_waiting=sum(s.num_waiting for s in every),
+                           kv_cache_usage=sum(s.kv_cache_usage for s in every) / max(1, len(every)),
+                           prefix_cache_queries=sum(s.prefix_cache_queries for s in every),
+                           prefix_cache_hits=sum(s.prefix_cache_hits for s in every),
+                           num_preemptions=sum(s.num_preemptions for s in every))
 
     def _require_info(self) -> Ready:
         if self.state == "loading":
             raise EngineNotReadyError("the model is still loading; retry shortly")
-        if self.state != "ready" or self._model_info is None:
+        if self.state != "ready":
             raise EngineDeadError(f"the engine is not running: {self.error}")
-        return self._model_info
+        return self._links[0].model_info
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -238,8 +271,11 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._processor.add_request(request_id, prompt, prompt_token_ids, params)
-        self._send(AddRequest(request_id, self._connection.client, list(prompt_token_ids), params, priority,
-                              time.monotonic()))
+        link = min(self._links, key=lambda candidate: candidate.load)
+        link.send(AddRequest(request_id, link.connection.client, list(prompt_token_ids), params, priority,
+                             time.monotonic()))
+        link.added_since_stats += 1
+        self._core_of[request_id] = link
         stream = RequestStream(self, request_id, observer)
         self._streams[request_id] = stream
         self.num_waiting += 1
@@ -251,14 +287,11 @@ class AsyncEngine:
         if stream is not None and stream.waiting:
             stream.waiting = False
             self.num_waiting -= 1
-        if self._processor is not None and self.state == "ready":
+        link = self._core_of.pop(request_id, None)
+        if self._processor is not None and self.state == "ready" and link is not None:
             ids = self._processor.abort(request_id)
             if ids:
-                self._send(AbortRequests(ids))
-
-    def _send(self, message: AddRequest | AbortRequests | ClientReady) -> None:
-        # An unbounded queue never blocks, so the send completes now, off any await.
-        self._to_core.send(encode(message), copy=True)
+                link.send(AbortRequests(ids))
 
     # -- what comes back ----------------------------------------------------------------------
 
@@ -271,26 +304,29 @@ class AsyncEngine:
         self.tokenizer = source.tokenizer
         self.chat_template = load_chat_template(self.args.chat_template) or source.chat_template
         self._processor = OutputProcessor(self.tokenizer)
-        self._send(ClientReady(self._connection.client))
+        for link in self._links:
+            link.send(ClientReady(link.connection.client))
 
-    async def _receive(self, socket: Any) -> None:
+    async def _receive(self, link: _CoreLink, socket: Any) -> None:
         try:
             while True:
                 message = decode_from_core(await socket.recv(copy=True))
                 if isinstance(message, StepOutputs):
-                    self._on_step(message)
+                    self._on_step(link, message)
                 elif isinstance(message, Ready) and self.state == "loading":
-                    self._model_info = message
-                    self.state = "ready"
-                    self._ready.set()
+                    link.model_info = message
+                    if all(other.model_info is not None for other in self._links):
+                        self.state = "ready"
+                        self._ready.set()
                 elif isinstance(message, Failed):
                     prefix = "the engine failed to start" if message.while_loading else "the engine died"
                     self._die(EngineDeadError(f"{prefix}: {message.message}"))
         finally:
             socket.close(linger=0)
 
-    def _on_step(self, message: StepOutputs) -> None:
-        self._stats = message.stats
+    def _on_step(self, link: _CoreLink, message: StepOutputs) -> None:
+        link.stats = message.stats
+        link.added_since_stats = 0
         processor = self._processor
         if processor is None:
             return
@@ -301,7 +337,7 @@ class AsyncEngine:
             return
         results, stopped = processor.process(message.outputs)
         if stopped:
-            self._send(AbortRequests(stopped))
+            link.send(AbortRequests(stopped))
         changed = {out.request_id for out in message.outputs}
         for result in results:
             self._deliver(result.request_id, _step_delta(result, changed))
@@ -315,16 +351,18 @@ class AsyncEngine:
             self.num_waiting -= 1
         if isinstance(item, BaseException):
             del self._streams[request_id]
+            self._core_of.pop(request_id, None)
         else:
             if item.finished:
                 del self._streams[request_id]
+                self._core_of.pop(request_id, None)
             if stream.observer is not None:
                 stream.observer(item)
         stream._queue.put_nowait(item)
 
-    def _core_exited(self) -> None:
+    def _core_exited(self, link: _CoreLink) -> None:
         loop = asyncio.get_running_loop()
-        loop.remove_reader(self._connection.alive.fileno())
+        loop.remove_reader(link.connection.alive.fileno())
         # The core's Failed message, if it sent one, says more than this; give it time to arrive.
         loop.call_later(_LAST_WORDS_S, self._die, EngineDeadError("the engine core process exited unexpectedly"))
 
@@ -336,6 +374,7 @@ class AsyncEngine:
         self.state = "dead"
         self.error = exc
         streams, self._streams = self._streams, {}
+        self._core_of.clear()
         self.num_waiting = 0
         for stream in streams.values():
             stream._queue.put_nowait(exc)

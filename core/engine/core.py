@@ -6,7 +6,6 @@ schedule -> execute -> update. It speaks token ids only; text is the OutputProce
 from __future__ import annotations
 
 import logging
-import math
 from typing import Optional
 
 import torch
@@ -14,11 +13,14 @@ import torch
 from ..kv.manager import KVCacheManager
 from ..loader.source import ModelSource, open_model
 from ..models import decoder_settings
-from ..platform import PlatformConfig, QuantizationMethod, Registry, get_registry
+from ..models.parallel import check_tensor_parallel
+from ..platform import PlatformConfig, Registry, get_registry
 from ..sample.params import SamplingParams
 from ..sched.request import Request, RequestStatus
 from ..sched.scheduler import Scheduler, SchedulerOutput
-from ..worker.model_runner import ModelRunner, PendingStep
+from ..worker.executor import make_executor
+from ..worker.model_runner import PendingStep
+from ..worker.setup import RunnerPlan, quantization_method
 from .args import EngineArgs
 from .messages import EngineCoreOutput, EngineStats
 
@@ -29,6 +31,8 @@ _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.b
 
 
 class EngineCore:
+    """The scheduler, the KV-cache manager and an executor that runs each step on every rank."""
+
     def __init__(self, args: EngineArgs, registry: Registry | None = None, source: ModelSource | None = None):
         self.args = args
         registry = registry or get_registry()
@@ -45,34 +49,42 @@ class EngineCore:
                                  kv_cache_dtype=args.kv_cache_dtype)
         self.platform.check_and_update_config(pconfig)
         self.block_size = pconfig.block_size
-        self._check_weights_fit(config)
-        torch.manual_seed(args.seed)
+        settings = decoder_settings(config)
+        check_tensor_parallel(args.tensor_parallel_size, settings.num_heads, settings.num_kv_heads,
+                              settings.intermediate_size)
         self.quantization = args.quantization
         if self.quantization is None:
             self.quantization = self.platform.default_quantization(self.source.format, self.source.quantized_types) or "none"
-        quantization = self._quantization_method(registry, self.quantization)
-        self.runner = ModelRunner(config, self.source.weights(), self.platform, registry, self.dtype,
-                                  self.block_size, self.max_model_len, pconfig.kv_cache_dtype, quantization)
-        self.runner.prepare_inputs(budget, self.max_num_seqs, self.max_model_len)
-        activation_bytes = self.runner.profile_activation_memory(budget, self.max_num_seqs)
-        self.num_blocks = self._size_kv_cache(activation_bytes or 0)
-        self.runner.allocate_kv_cache(self.num_blocks)
         # Look-ahead queues step n+1 behind step n, so the host's work between two steps
         # (read-back, update, detokenizing, scheduling) overlaps the device's; it pays where decode
         # steps are graph replays, the host's part of a step being then mostly that work.
         self.look_ahead = self.platform.supports_graphs and not args.enforce_eager
+        self.plan = RunnerPlan(
+            model=args.model, device=self.platform.name, dtype=str(self.dtype).removeprefix("torch."),
+            block_size=self.block_size, max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=pconfig.max_num_batched_tokens, kv_cache_dtype=pconfig.kv_cache_dtype,
+            quantization=self.quantization, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+            gpu_memory_utilization=args.gpu_memory_utilization, graphs=self.look_ahead, seed=args.seed,
+            tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
+            first_device=args.data_parallel_rank * args.tensor_parallel_size)
+        quantization_method(registry, self.platform, self.quantization)  # an unknown method fails before any rank starts
+        self.executor = make_executor(self.plan, registry, self.platform, self.source,
+                                      args.distributed_executor_backend, args.distributed_timeout)
+        self.runner = self.executor.driver
+        self.num_blocks = self.executor.num_blocks
         self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None
-        if self.look_ahead:
-            self.runner.capture_decode_graphs(self.max_num_seqs)
         self.kv_manager = KVCacheManager(self.num_blocks, self.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_manager, self.max_num_seqs, pconfig.max_num_batched_tokens, args.scheduling_policy)
         self.max_num_batched_tokens = pconfig.max_num_batched_tokens
         gib = 1 << 30
-        logger.info("platform %s (%s), dtype %s, quantization %s, weights %.2f GiB, activation peak %s, KV cache %d "
-                    "blocks = %d tokens (%.2f GiB), max_model_len %d", self.platform.name, self.platform.device_name(),
-                    self.dtype, self.quantization, self.runner.weight_bytes / gib, "not measured" if activation_bytes is None else f"{activation_bytes / gib:.2f} GiB",
-                    self.num_blocks, self.num_blocks * self.block_size, self.num_blocks * self.runner.kv_bytes_per_block() / gib,
-                    self.max_model_len)
+        activation_bytes = self.executor.activation_bytes
+        logger.info("platform %s (%s), %s, dtype %s, quantization %s, weights %.2f GiB per rank, activation peak %s, "
+                    "KV cache %d blocks = %d tokens (%.2f GiB per rank), max_model_len %d", self.platform.name,
+                    self.platform.device_name(), self.executor.describe(), self.dtype, self.quantization,
+                    self.runner.weight_bytes / gib,
+                    "not measured" if activation_bytes is None else f"{activation_bytes / gib:.2f} GiB",
+                    self.num_blocks, self.num_blocks * self.block_size,
+                    self.num_blocks * self.runner.kv_bytes_per_block() / gib, self.max_model_len)
 
     def _resolve_dtype(self, name: str) -> torch.dtype:
         if name == "auto":
@@ -90,37 +102,9 @@ class EngineCore:
             raise ValueError(f"--max-model-len {requested} exceeds the model's context length {limit}; lower it")
         return requested
 
-    def _quantization_method(self, registry: Registry, name: str) -> Optional[QuantizationMethod]:
-        if name == "none":
-            return None
-        offered = sorted({m.name for m in registry.quantization_methods(self.platform.name) if m.quantizes_dense})
-        if name not in offered:
-            raise ValueError(f"--quantization {name} is not offered on {self.platform.name}; "
-                             f"choose one of: {', '.join(offered + ['none'])}")
-        return registry.quantization_method(self.platform.name, name)
-
-    def _check_weights_fit(self, config) -> None:
-        needed = decoder_settings(config).num_parameters() * torch.tensor([], dtype=self.dtype).element_size()
-        free, _ = self.platform.memory_info()
-        if needed > free:
-            gib = 1 << 30
-            raise ValueError(f"model needs {needed / gib:.2f} GiB for its weights in {str(self.dtype).removeprefix('torch.')}, "
-                             f"only {free / gib:.2f} GiB is free on {self.platform.name}: choose a smaller --dtype, "
-                             f"a smaller model or another --device")
-
-    def _size_kv_cache(self, activation_bytes: int) -> int:
-        per_block = self.runner.kv_bytes_per_block()
-        budget = self.platform.kv_cache_memory(self.args.kv_cache_memory_bytes, self.args.gpu_memory_utilization,
-                                               self.runner.weight_bytes + activation_bytes)
-        needed = math.ceil(self.max_model_len / self.block_size) + 1  # +1: block 0 is the null block
-        num_blocks = budget // per_block
-        if num_blocks < needed:
-            gib = 1 << 30
-            raise ValueError(
-                f"one sequence of --max-model-len {self.max_model_len} needs {needed * per_block / gib:.3f} GiB of KV cache, "
-                f"only {budget / gib:.3f} GiB is available for it: lower --max-model-len or raise --kv-cache-memory "
-                f"(or --gpu-memory-utilization)")
-        return int(num_blocks)
+    def shutdown(self) -> None:
+        """Stop the other ranks' workers (a one-rank engine has none)."""
+        self.executor.shutdown()
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -163,12 +147,12 @@ class EngineCore:
             (out, pending), self._in_flight = self._in_flight, None
         else:
             out = self.scheduler.schedule()
-            pending = self.runner.launch(out)
+            pending = self.executor.launch(out)
         if self.look_ahead and pending is not None:
             following = self.scheduler.look_ahead(out)
             if following is not None:
-                self._in_flight = (following, self.runner.launch(following, pending))
-        result = self.runner.collect(pending)
+                self._in_flight = (following, self.executor.launch(following, pending))
+        result = self.executor.collect(pending)
         updated = self.scheduler.update(out, result.sampled)
         outputs: dict[str, EngineCoreOutput] = {}
         for request in updated:

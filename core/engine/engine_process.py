@@ -146,6 +146,7 @@ def run_engine_core(args: EngineArgs, build: Callable[[EngineArgs], EngineCore],
             logger.error("the model failed to load: %s", exc)
             announce(Failed(str(exc), while_loading=True))
             sys.exit(1)
+        core.executor.exit_when_stuck = True
         _wait_for_clients(inbox, len(outboxes))
         # What exists now (the model, imported libraries: millions of objects) lives as long as the
         # process: keep it out of the collector's full passes, each of which would stall a step.
@@ -157,6 +158,8 @@ def run_engine_core(args: EngineArgs, build: Callable[[EngineArgs], EngineCore],
             logger.exception("the engine core died")
             announce(Failed(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, while_loading=False))
             sys.exit(1)
+        finally:
+            core.shutdown()
     finally:
         alive.close()
         context.destroy(linger=2000)

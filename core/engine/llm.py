@@ -31,6 +31,9 @@ class LLM:
         if unknown:
             raise TypeError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
         self.engine_args = EngineArgs(model=model, **engine_args)
+        if self.engine_args.data_parallel_size > 1:
+            raise ValueError("data_parallel_size > 1 is for `runtime serve`; offline, run one LLM per device set "
+                             "(tensor_parallel_size splits one model across devices)")
         self.engine = EngineCore(self.engine_args)
         self.tokenizer = self.engine.source.tokenizer
         self.chat_template = load_chat_template(self.engine_args.chat_template) or self.engine.source.chat_template

@@ -1,0 +1,95 @@
+"""Tensor-parallel scaling on a machine with several GPUs (issue 21 runs it; nothing here needs
+more than one GPU to start, it skips sizes the machine cannot hold).
+
+Usage: python3 benchmarks/multi_gpu.py --model DIR --json OUT.json [--tp 1 2 4 8] [--requests 1000]
+           [--prompt-len 512] [--output-len 128]
+
+Per tensor-parallel size, one engine (its own process tree; the previous one is shut down first):
+batch-1 decode tok/s (prompt --prompt-len, --output-len tokens, the mean step time between the
+first token and the last), then offline throughput on --requests random prompts of --prompt-len
+with --output-len tokens each (ignore_eos), and the share of a batch-1 decode step spent in
+collectives (torch profiler: communication kernels' time over all kernels' time, rank 0).
+Model: a Llama-3-8B-shaped (or 70B-shaped) directory of random bf16 weights
+(plugins/cuda/benchmarks/decode_llama8b.py writes the 8B one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import torch
+
+from runtime import LLM, SamplingParams
+
+COMMUNICATION = ("nccl", "allreduce", "all_reduce", "allgather", "all_gather", "ncclDevKernel")
+
+
+def timed(llm: LLM, prompts: list[list[int]], max_tokens: int) -> float:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def communication_share(llm: LLM, prompt: list[int], tokens: int) -> float:
+    """Collective kernels' share of all kernel time over a batch-1 decode (rank 0's view)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        timed(llm, [prompt], tokens)
+    total = comm = 0.0
+    for event in prof.key_averages():
+        cuda = getattr(event, "device_time_total", 0.0) or getattr(event, "cuda_time_total", 0.0)
+        total += cuda
+        if any(word.lower() in event.key.lower() for word in COMMUNICATION):
+            comm += cuda
+    return comm / total if total else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=128)
+    args = parser.parse_args()
+    rng = random.Random(0)
+    results = []
+    for size in args.tp:
+        if size > torch.cuda.device_count():
+            print(f"tp={size}: skipped, {torch.cuda.device_count()} GPUs here", flush=True)
+            continue
+        started = time.perf_counter()
+        llm = LLM(args.model, device="cuda", dtype="bfloat16", tensor_parallel_size=size, max_num_seqs=512,
+                  max_num_batched_tokens=16384, max_model_len=args.prompt_len + args.output_len + 64)
+        ready_s = time.perf_counter() - started
+
+        def prompts(count: int) -> list[list[int]]:  # fresh ids, so nothing hits the prefix cache
+            return [[rng.randrange(1000, 100000) for _ in range(args.prompt_len)] for _ in range(count)]
+
+        timed(llm, prompts(1), 8)
+        first = timed(llm, prompts(1), 1)
+        whole = timed(llm, prompts(1), args.output_len)
+        step = (whole - first) / (args.output_len - 1)
+        share = communication_share(llm, prompts(1)[0], 32) if size > 1 else 0.0
+        offline = timed(llm, prompts(args.requests), args.output_len)
+        row = {"tp": size, "ready_s": round(ready_s, 1), "decode_step_ms": round(step * 1000, 3),
+               "batch1_tok_s": round(1 / step, 1), "communication_share": round(share, 3),
+               "offline_output_tok_s": round(args.requests * args.output_len / offline, 1),
+               "requests": args.requests, "prompt_len": args.prompt_len, "output_len": args.output_len}
+        print(json.dumps(row), flush=True)
+        results.append(row)
+        llm.engine.shutdown()
+        del llm
+        torch.cuda.empty_cache()
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

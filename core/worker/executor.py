@@ -1,0 +1,238 @@
+"""Executors: how the engine core's steps reach every rank.
+
+``LocalExecutor`` runs the one rank in the engine core's own process. ``MultiprocExecutor``
+(``--distributed-executor-backend mp``) is rank 0 of a tensor-parallel group whose other ranks
+are worker processes on this machine (worker/worker_process.py): each step it sends them the
+step (worker/mirror.py) over ZeroMQ, then runs its own share; the ranks' collectives meet inside
+the model. ``RayExecutor`` (``ray``) places the same workers as Ray actors.
+
+A worker that dies, or a collective that stalls past ``--distributed-timeout``, ends the engine
+with an error naming the rank; the workers exit with the engine core (they are its children, or
+Ray actors it owns).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import socket
+import tempfile
+import threading
+import time
+from datetime import timedelta
+from multiprocessing.connection import wait
+from typing import Any, Optional
+
+import torch.distributed as dist
+import zmq
+
+from ..models.parallel import TensorParallel
+from ..platform import Platform, Registry
+from ..sched.scheduler import SchedulerOutput
+from .mirror import Stop, StepSender, encode
+from .model_runner import PendingStep, RunnerOutput
+from .setup import RunnerPlan, build_runner
+
+logger = logging.getLogger("runtime")
+
+_HUNG_AFTER_DEATH_S = 10.0
+"""How long the engine core may stay stuck (in a collective) after a worker died before it exits."""
+
+
+class LocalExecutor:
+    """One rank, in this process."""
+
+    world_size = 1
+
+    def __init__(self, plan: RunnerPlan, registry: Registry, platform: Platform, source: Any = None):
+        self.driver, self.num_blocks, self.activation_bytes = build_runner(plan, registry, platform, source,
+                                                                           device_index=plan.first_device)
+
+    def launch(self, out: SchedulerOutput, previous: Optional[PendingStep] = None) -> Optional[PendingStep]:
+        return self.driver.launch(out, previous)
+
+    def collect(self, pending: Optional[PendingStep]) -> RunnerOutput:
+        return self.driver.collect(pending)
+
+    def shutdown(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return f"1 rank ({self.driver.device})"
+
+
+class MultiprocExecutor:
+    """Rank 0 here, ranks 1..N-1 in worker processes; ``start_worker(rank, ...)`` starts one."""
+
+    def __init__(self, plan: RunnerPlan, registry: Registry, platform: Platform, source: Any = None,
+                 backend: str = "mp", timeout_s: float = 300.0):
+        self.world_size = plan.tensor_parallel_size
+        self.backend = backend
+        self.platform = platform
+        self._dir = tempfile.TemporaryDirectory(prefix="runtime-workers-")
+        self._zmq = zmq.Context()
+        self._sockets = []
+        addresses = []
+        for rank in range(1, self.world_size):
+            sock = self._zmq.socket(zmq.PUSH)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.LINGER, 0)
+            address = self._bind(sock, rank)
+            self._sockets.append(sock)
+            addresses.append(address)
+        dist_address = f"tcp://{_host_for(backend)}:{_free_port()}"
+        self._failure: Optional[str] = None
+        self._workers = self._start_workers(plan, dist_address, addresses, timeout_s)
+        try:
+            dist.init_process_group(platform.dist_backend, init_method=dist_address, rank=0,
+                                    world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
+            tp = TensorParallel(0, self.world_size, registry.communicator(platform.name)())
+            self.driver, self.num_blocks, self.activation_bytes = build_runner(plan, registry, platform, source, tp,
+                                                                               device_index=plan.first_device)
+        except Exception as exc:
+            self.shutdown()
+            raise self._named(exc) from None
+        self._sender = StepSender()
+        self._watcher = threading.Thread(target=self._watch, name="runtime-worker-watch", daemon=True)
+        self._watcher.start()
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def launch(self, out: SchedulerOutput, previous: Optional[PendingStep] = None) -> Optional[PendingStep]:
+        message, step = self._sender.launch(out, previous)
+        self._broadcast(encode(message))
+        try:
+            pending = self.driver.launch(out, previous)
+        except Exception as exc:
+            raise self._named(exc) from None
+        if pending is not None:
+            self._sender.name(pending, step)
+        return pending
+
+    def collect(self, pending: Optional[PendingStep]) -> RunnerOutput:
+        if pending is None:
+            return self.driver.collect(None)
+        self._broadcast(encode(self._sender.collect(pending)))
+        try:
+            return self.driver.collect(pending)
+        except Exception as exc:
+            raise self._named(exc) from None
+
+    def _broadcast(self, data: bytes) -> None:
+        if self._failure is not None:
+            raise RuntimeError(self._failure)
+        for rank, sock in enumerate(self._sockets, start=1):
+            try:
+                # Unbounded queues: a send fails only when the worker is no longer connected.
+                sock.send(data, flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                raise self._named(RuntimeError(f"rank {rank} stopped receiving steps")) from None
+
+    # -- workers ----------------------------------------------------------------------------
+
+    def _bind(self, sock: zmq.Socket, rank: int) -> str:
+        if self.backend == "mp":
+            address = f"ipc://{self._dir.name}/steps-{rank}"
+            sock.bind(address)
+            return address
+        port = sock.bind_to_random_port(f"tcp://{_host_for(self.backend)}")
+        return f"tcp://{_host_for(self.backend)}:{port}"
+
+    def _start_workers(self, plan: RunnerPlan, dist_address: str, addresses: list[str], timeout_s: float) -> list:
+        from .worker_process import run_worker
+
+        context = multiprocessing.get_context("spawn")
+        workers = []
+        for rank, address in enumerate(addresses, start=1):
+            process = context.Process(target=run_worker, name=f"runtime-worker-{rank}", daemon=True,
+                                      args=(plan, rank, self.world_size, dist_address, address, timeout_s,
+                                            logging.getLogger().level))
+            process.start()
+            workers.append(process)
+        return workers
+
+    exit_when_stuck = False
+    """Set by the engine core process: a collective still waiting for a dead worker after a grace
+    period ends the process (its API processes then fail every request). In a user's process
+    (the offline LLM) the collective's own --distributed-timeout raises instead."""
+
+    def _watch(self) -> None:
+        """Name a dead worker; see ``exit_when_stuck``."""
+        sentinels = {p.sentinel: rank for rank, p in enumerate(self._workers, start=1)}
+        ready = wait(list(sentinels))
+        if self._stopping:
+            return
+        rank = sentinels[ready[0]]
+        self._failure = _worker_exit(rank, self._workers[rank - 1])
+        logger.error("%s", self._failure)
+        time.sleep(_HUNG_AFTER_DEATH_S)
+        if self.exit_when_stuck and not self._stopping:
+            logger.error("the engine is still waiting on rank %d after %.0f s; exiting", rank, _HUNG_AFTER_DEATH_S)
+            os._exit(1)
+
+    _stopping = False
+
+    def _named(self, exc: BaseException) -> BaseException:
+        """``exc`` with the dead rank named, when a worker's death caused it."""
+        deadline = time.monotonic() + 2.0
+        while self._failure is None and time.monotonic() < deadline and any(not p.is_alive() for p in self._workers):
+            time.sleep(0.05)
+        if self._failure is None:
+            dead = [(rank, p) for rank, p in enumerate(self._workers, start=1) if not p.is_alive()]
+            if dead:
+                self._failure = _worker_exit(*dead[0])
+        return RuntimeError(f"{self._failure}: {exc}") if self._failure else exc
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        for sock in self._sockets:
+            try:
+                sock.send(encode(Stop()), flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        for process in self._workers:
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+        self._zmq.destroy(linger=0)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self._dir.cleanup()
+
+    def describe(self) -> str:
+        device = self.driver.device if hasattr(self, "driver") else self.platform.device()
+        return f"tensor parallel {self.world_size} ranks ({self.backend} executor; rank 0 on {device})"
+
+
+def _worker_exit(rank: int, process: Any) -> str:
+    """What ended worker ``rank``: its sentinel closes a moment before its exit status can be read."""
+    deadline = time.monotonic() + 2.0
+    while process.exitcode is None and time.monotonic() < deadline:
+        process.join(0.05)
+    return f"tensor-parallel worker rank {rank} (pid {process.pid}) exited with code {process.exitcode}"
+
+
+def _host_for(backend: str) -> str:
+    return "127.0.0.1" if backend == "mp" else socket.gethostbyname(socket.gethostname())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_executor(plan: RunnerPlan, registry: Registry, platform: Platform, source: Any = None,
+                  backend: Optional[str] = None, timeout_s: float = 300.0):
+    """The executor for ``plan``: local for one rank, else ``backend`` (mp or ray)."""
+    if plan.tensor_parallel_size == 1:
+        return LocalExecutor(plan, registry, platform, source)
+    backend = backend or "mp"
+    if backend == "ray":
+        from .ray_executor import RayExecutor
+
+        return RayExecutor(plan, registry, platform, source, timeout_s=timeout_s)
+    if backend != "mp":
+        raise ValueError(f"--distributed-executor-backend {backend!r} is not one of mp, ray")
+    return MultiprocExecutor(plan, registry, platform, source, timeout_s=timeout_s)

@@ -1,0 +1,131 @@
+"""Every rank runs the same runner code on the same steps: rank 0 sends the others each step.
+
+The scheduler runs once, on rank 0. Each step it sends the other ranks what its runner is told
+(msgspec arrays, not pickled objects): the requests new to them, each scheduled request's share
+of the step and block table, the requests to forget, and when to read a step back. Every rank
+samples (the logits are gathered to all, the generators seeded alike, so the tokens agree), so a
+worker keeps its own copy of each request's tokens (``StepMirror``) and needs no reply.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import msgspec
+
+from ..sample.params import SamplingParams
+from ..sched.request import Request
+from ..sched.scheduler import ScheduledRequest, SchedulerOutput
+from .model_runner import ModelRunner, PendingStep, RunnerOutput
+
+
+class NewRequest(msgspec.Struct, array_like=True):
+    request_id: str
+    token_ids: list[int]
+    """Prompt and output so far (a request first sent after a preemption has both)."""
+    num_prompt_tokens: int
+    params: SamplingParams
+
+
+class Scheduled(msgspec.Struct, array_like=True):
+    request_id: str
+    start: int
+    num_new_tokens: int
+    block_ids: list[int]
+    token_pending: bool
+    num_tokens: int
+
+
+class Launch(msgspec.Struct, tag=True, array_like=True):
+    step: int
+    new_requests: list[NewRequest]
+    scheduled: list[Scheduled]
+    finished_ids: list[str]
+    previous: Optional[int] = None
+    """The step in flight whose sampled tokens this one's pending rows take (look-ahead)."""
+
+
+class Collect(msgspec.Struct, tag=True, array_like=True):
+    step: int
+
+
+class Stop(msgspec.Struct, tag=True, array_like=True):
+    pass
+
+
+StepMessage = Union[Launch, Collect, Stop]
+encode = msgspec.msgpack.Encoder().encode
+decode = msgspec.msgpack.Decoder(StepMessage).decode
+
+
+class StepSender:
+    """Rank 0's side: turns what its runner is told into messages, sending each request once."""
+
+    def __init__(self) -> None:
+        self._known: set[str] = set()
+        self._steps: dict[int, int] = {}
+        self._next = 0
+
+    def launch(self, out: SchedulerOutput, previous: Optional[PendingStep]) -> tuple[Launch, int]:
+        """The message for launching ``out``, and the step number to name it by when collecting."""
+        new = []
+        for item in out.scheduled:
+            request = item.request
+            if request.request_id not in self._known:
+                self._known.add(request.request_id)
+                new.append(NewRequest(request.request_id, list(request.all_token_ids), request.num_prompt_tokens,
+                                      request.sampling_params))
+        for rid in out.finished_ids:
+            self._known.discard(rid)
+        step = self._next
+        self._next += 1
+        message = Launch(step, new, [Scheduled(s.request.request_id, s.start, s.num_new_tokens, s.block_ids,
+                                               s.token_pending, s._num_tokens) for s in out.scheduled],
+                         list(out.finished_ids), None if previous is None else self._steps[id(previous)])
+        return message, step
+
+    def name(self, pending: PendingStep, step: int) -> None:
+        """Remember which step number ``pending`` (rank 0's launched step) was sent as."""
+        self._steps[id(pending)] = step
+
+    def collect(self, pending: PendingStep) -> Collect:
+        return Collect(self._steps.pop(id(pending)))
+
+
+class StepMirror:
+    """A worker's side: replays rank 0's launches and read-backs on its own runner."""
+
+    def __init__(self, runner: ModelRunner, max_model_len: int):
+        self.runner = runner
+        self.max_model_len = max_model_len
+        self.requests: dict[str, Request] = {}
+        self.pending: dict[int, Optional[PendingStep]] = {}
+
+    def handle(self, message: Launch | Collect) -> None:
+        if isinstance(message, Collect):
+            self._apply(self.runner.collect(self.pending.pop(message.step)))
+            return
+        for new in message.new_requests:
+            request = Request(new.request_id, new.token_ids[:new.num_prompt_tokens], new.params,
+                              max_model_len=self.max_model_len)
+            for token in new.token_ids[new.num_prompt_tokens:]:
+                request.append_token(token)
+            self.requests[new.request_id] = request
+        scheduled = []
+        for item in message.scheduled:
+            entry = ScheduledRequest(self.requests[item.request_id], item.start, item.num_new_tokens, item.block_ids)
+            # What rank 0's snapshot said: this copy knows no pending tokens of its own.
+            entry.token_pending, entry._num_tokens = item.token_pending, item.num_tokens
+            scheduled.append(entry)
+        previous = self.pending.get(message.previous) if message.previous is not None else None
+        self.pending[message.step] = self.runner.launch(
+            SchedulerOutput(scheduled=scheduled, finished_ids=message.finished_ids), previous)
+        for rid in message.finished_ids:
+            self.requests.pop(rid, None)
+
+    def _apply(self, result: RunnerOutput) -> None:
+        """Append what this step sampled, as rank 0's scheduler does (for requests it still has)."""
+        for rid, token in result.sampled.items():
+            request = self.requests.get(rid)
+            if request is not None:
+                request.append_token(token)

@@ -1,0 +1,140 @@
+"""Building a rank's model runner: the same steps, in the same order, on every rank.
+
+The engine core resolves the engine arguments once into a ``RunnerPlan`` (dtype, context
+length, block size, budgets, quantization, parallel sizes); each rank turns the plan into a
+loaded ``ModelRunner`` with ``build_runner``. Under tensor parallelism the steps that size the
+KV cache are collectives, so the ranks agree on one block count (the smallest any rank can hold)
+and fail together when it is too small.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import torch
+
+from ..loader.source import ModelSource, open_model
+from ..models import decoder_settings
+from ..models.parallel import TensorParallel
+from ..platform import Platform, QuantizationMethod, Registry
+from .model_runner import ModelRunner
+
+_GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class RunnerPlan:
+    """Everything a rank needs to build its runner, resolved once by the engine core."""
+
+    model: Optional[str]
+    device: str
+    """The platform's name."""
+    dtype: str
+    """A torch dtype's name, e.g. ``bfloat16``."""
+    block_size: int
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    kv_cache_dtype: str
+    quantization: str
+    """A method the platform offers for dense weights, or ``none``."""
+    kv_cache_memory_bytes: Optional[int]
+    gpu_memory_utilization: float
+    graphs: bool
+    """Capture decode graphs (the platform supports them and ``--enforce-eager`` is off)."""
+    seed: int
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    first_device: int = 0
+    """Rank r uses device first_device + r (data-parallel engines use disjoint devices)."""
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def fingerprint(self, source: ModelSource) -> int:
+        """A number every rank must share: this plan and the model's configuration (a rank that
+        opened another model, or resolved another setting, differs)."""
+        config = source.hf_config.to_dict() if hasattr(source.hf_config, "to_dict") else dict(vars(source.hf_config))
+        text = json.dumps([asdict(self), config], sort_keys=True, default=str)
+        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
+
+
+def quantization_method(registry: Registry, platform: Platform, name: str) -> Optional[QuantizationMethod]:
+    """The platform's method for ``--quantization name`` (None for ``none``), or a ValueError listing the offered ones."""
+    if name == "none":
+        return None
+    offered = sorted({m.name for m in registry.quantization_methods(platform.name) if m.quantizes_dense})
+    if name not in offered:
+        raise ValueError(f"--quantization {name} is not offered on {platform.name}; "
+                         f"choose one of: {', '.join(offered + ['none'])}")
+    return registry.quantization_method(platform.name, name)
+
+
+def check_weights_fit(plan: RunnerPlan, platform: Platform, source: ModelSource, device_index: int = 0) -> None:
+    """Fail before loading when this rank's share of the weights cannot fit its device."""
+    per_rank = decoder_settings(source.hf_config).num_parameters() / plan.tensor_parallel_size
+    needed = per_rank * torch.tensor([], dtype=plan.torch_dtype).element_size()
+    free, _ = platform.memory_info(device_index)
+    if needed > free:
+        share = "" if plan.tensor_parallel_size == 1 else f" (its share across {plan.tensor_parallel_size} ranks)"
+        raise ValueError(f"model needs {needed / _GIB:.2f} GiB for its weights{share} in {plan.dtype}, only "
+                         f"{free / _GIB:.2f} GiB is free on {platform.name}: choose a smaller --dtype, a smaller model, "
+                         f"another --device or a larger --tensor-parallel-size")
+
+
+def build_runner(plan: RunnerPlan, registry: Registry, platform: Platform, source: Optional[ModelSource] = None,
+                 tp: TensorParallel = TensorParallel(), device_index: int = 0) -> tuple[ModelRunner, int, Optional[int]]:
+    """Load this rank's runner and give it a KV cache; returns (runner, blocks, activation peak bytes).
+
+    Every rank of ``tp`` must call this with the same plan: the block count is agreed by a
+    collective, and decode graphs capture the model's collectives.
+    """
+    source = source or open_model(plan.model)
+    if tp.size > 1:
+        _check_ranks_agree(plan.fingerprint(source), tp, platform, device_index)
+    check_weights_fit(plan, platform, source, device_index)
+    ranks = tp.size * plan.data_parallel_size
+    if platform.device_type == "cpu" and ranks > 1:
+        # The ranks share this machine's cores: one share each, not all of them each.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks))
+    torch.manual_seed(plan.seed)
+    runner = ModelRunner(source.hf_config, source.weights(), platform, registry, plan.torch_dtype, plan.block_size,
+                         plan.max_model_len, plan.kv_cache_dtype, quantization_method(registry, platform, plan.quantization),
+                         tp=tp, device_index=device_index)
+    runner.prepare_inputs(plan.max_num_batched_tokens, plan.max_num_seqs, plan.max_model_len)
+    activation_bytes = runner.profile_activation_memory(plan.max_num_batched_tokens, plan.max_num_seqs)
+    per_block = runner.kv_bytes_per_block()
+    budget = platform.kv_cache_memory(plan.kv_cache_memory_bytes, plan.gpu_memory_utilization,
+                                      runner.weight_bytes + (activation_bytes or 0))
+    num_blocks = _smallest(budget // per_block, tp, runner.device)
+    needed = math.ceil(plan.max_model_len / plan.block_size) + 1  # +1: block 0 is the null block
+    if num_blocks < needed:
+        where = "" if tp.size == 1 else " on the rank with the least memory"
+        raise ValueError(
+            f"one sequence of --max-model-len {plan.max_model_len} needs {needed * per_block / _GIB:.3f} GiB of KV cache, "
+            f"only {num_blocks * per_block / _GIB:.3f} GiB is available for it{where}: lower --max-model-len or raise "
+            f"--kv-cache-memory (or --gpu-memory-utilization)")
+    runner.allocate_kv_cache(num_blocks)
+    if plan.graphs:
+        runner.capture_decode_graphs(plan.max_num_seqs)
+    return runner, num_blocks, activation_bytes
+
+
+def _smallest(value: int, tp: TensorParallel, device: Any) -> int:
+    if tp.size == 1:
+        return int(value)
+    return int(tp.all_gather(torch.tensor([value], dtype=torch.int64, device=device), dim=0).min())
+
+
+def _check_ranks_agree(fingerprint: int, tp: TensorParallel, platform: Platform, device_index: int) -> None:
+    prints = tp.all_gather(torch.tensor([fingerprint], dtype=torch.int64, device=platform.device(device_index)), dim=0)
+    differing = [rank for rank, value in enumerate(prints.tolist()) if value != prints[0].item()]
+    if differing:
+        raise ValueError(f"ranks {', '.join(map(str, differing))} opened a different model or configuration than rank 0 "
+                         f"(model, dtype and engine settings must match on every rank)")

@@ -1,0 +1,71 @@
+"""A tensor-parallel worker: rank r of the group, replaying rank 0's steps (worker/mirror.py).
+
+It joins the process group, builds its share of the model exactly as rank 0 builds its own
+(worker/setup.py), then runs each step it is sent until told to stop. It exits with its parent
+(the engine core), and when a collective fails (a peer died) it exits non-zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from datetime import timedelta
+
+import torch.distributed as dist
+import zmq
+
+from ..models.parallel import TensorParallel
+from ..platform import get_registry
+from .mirror import Stop, StepMirror, decode
+from .setup import RunnerPlan, build_runner
+
+logger = logging.getLogger("runtime")
+
+
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def worker_device_index(platform, plan: RunnerPlan, rank: int) -> int:
+    """One device per rank on devices that have several; every rank shares the CPU."""
+    return 0 if platform.device_type == "cpu" else plan.first_device + rank
+
+
+def run_worker(plan: RunnerPlan, rank: int, world_size: int, dist_address: str, step_address: str,
+               timeout_s: float, log_level: int, name_process: bool = True, device_index: int | None = None) -> None:
+    """The worker's main: a spawned process, or a Ray actor's call (``name_process`` False; Ray
+    shows the actor its own device as ``device_index`` 0)."""
+    if name_process:
+        from ..engine.engine_process import exit_with_parent
+
+        exit_with_parent(f"runtime-worker-{rank}")
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, _raise_exit)
+    logging.basicConfig(level=log_level, format=f"%(levelname)s %(name)s (rank {rank}): %(message)s")
+    registry = get_registry()
+    platform = registry.select_platform(plan.device)
+    context = zmq.Context()
+    steps = context.socket(zmq.PULL)
+    steps.setsockopt(zmq.LINGER, 0)
+    steps.connect(step_address)
+    try:
+        dist.init_process_group(platform.dist_backend, init_method=dist_address, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s))
+        tp = TensorParallel(rank, world_size, registry.communicator(platform.name)())
+        if device_index is None:
+            device_index = worker_device_index(platform, plan, rank)
+        runner, _, _ = build_runner(plan, registry, platform, tp=tp, device_index=device_index)
+        mirror = StepMirror(runner, plan.max_model_len)
+        while True:
+            message = decode(steps.recv())
+            if isinstance(message, Stop):
+                return
+            mirror.handle(message)
+    except Exception:  # noqa: BLE001  (rank 0 names this rank when its own collective fails)
+        logger.exception("worker rank %d failed", rank)
+        sys.exit(1)
+    finally:
+        context.destroy(linger=0)
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -5,7 +5,6 @@ divide, and a fused qkv checkpoint (Phi-3)."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

@@ -141,3 +141,26 @@ def test_serve_flag_errors_are_one_line(checkpoint, flags, message):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("runtime serve: error: ") and message in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_tensor_and_data_parallel_servers_give_each_request_its_solo_output(checkpoint):
+    """-tp 2 (worker processes under the core) and -dp 2 (two cores, requests balanced): 64
+    concurrent streams each equal the one-rank engine's output for that prompt alone."""
+    llm = LLM(str(checkpoint), kv_cache_memory="16MiB", max_model_len=256)
+    prompts = PROMPTS
+    alone = [llm.generate([p], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)[0]
+             .outputs[0].text for p in prompts]
+    for flags, busy in ((["-tp", "2"], ["runtime-core"]), (["-dp", "2"], ["runtime-core-0", "runtime-core-1"])):
+        with ServerProcess(str(checkpoint), *TINY_ARGS, *flags) as server:
+            children = server.children()
+            assert all(name in children for name in busy), children
+            if flags[0] == "-tp":
+                workers = Path(f"/proc/{children['runtime-core']}/task")
+                assert any(Path(f"/proc/{pid}/comm").read_text().strip() == "runtime-rank-1"
+                           for task in workers.iterdir() for pid in (task / "children").read_text().split())
+            before = [cpu_seconds(children[name]) for name in busy]
+            with concurrent.futures.ThreadPoolExecutor(64) as pool:
+                served = list(pool.map(lambda p: stream_text(server.base_url, p, 12), prompts))
+            assert served == alone, flags
+            # Under -dp both cores computed (an idle one spends no CPU).
+            assert all(cpu_seconds(children[name]) - b > 0.05 for name, b in zip(busy, before)), flags

@@ -72,3 +72,16 @@ def test_a_killed_worker_is_named_and_the_engine_fails(tmp_path):
         assert len(launches) >= 10
     finally:
         llm.engine.shutdown()
+
+
+def test_the_ray_executor_generates_what_mp_does(tmp_path):
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    path = make_tiny_checkpoint(tmp_path, "llama")
+    options = dict(kv_cache_memory="16MiB", max_model_len=128, tensor_parallel_size=2)
+    by_mp, _ = generate(path, **options)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        by_ray, _ = generate(path, distributed_executor_backend="ray", **options)
+    finally:
+        ray.shutdown()
+    assert [o.token_ids for o in by_ray] == [o.token_ids for o in by_mp]

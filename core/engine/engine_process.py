@@ -34,7 +34,6 @@ logger = logging.getLogger("runtime")
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
-CORE_PROCESS_NAME = "runtime-core"
 
 
 def exit_with_parent(name: str) -> None:
@@ -96,7 +95,9 @@ def start_engine_core(args: EngineArgs, num_clients: int = 1, build: Callable[[E
     alive_reader, alive_writer = context.Pipe(duplex=False)
     status_reader, status_writer = context.Pipe(duplex=False)
     level = log_level or logging.getLevelName(logging.getLogger().level)
-    process = context.Process(target=run_engine_core, name="runtime-engine-core", daemon=True,
+    # Not a daemon: it starts tensor-parallel workers of its own. Its parent stops it (stop()),
+    # and the kernel does if the parent dies first (exit_with_parent).
+    process = context.Process(target=run_engine_core, name="runtime-engine-core",
                               args=(args, build, input_address, outputs, alive_writer, status_writer, level))
     process.start()
     # The core must hold the only write end, or end-of-file would never come.
@@ -113,7 +114,8 @@ def _raise_exit(signum: int, frame: object) -> None:
 def run_engine_core(args: EngineArgs, build: Callable[[EngineArgs], EngineCore], input_address: str,
                     output_addresses: list[str], alive: Connection, status: Connection, log_level: str) -> None:
     """The process's main: load the model, announce it, then step until terminated."""
-    exit_with_parent(CORE_PROCESS_NAME)
+    # runtime-core, or runtime-core-D for data-parallel rank D of several.
+    exit_with_parent("runtime-core" if args.data_parallel_size == 1 else f"runtime-core-{args.data_parallel_rank}")
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
     # Ctrl-C reaches every process of the terminal's group: the API processes drain their
     # requests, so the core keeps stepping until its parent stops it (SIGTERM).

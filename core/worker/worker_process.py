@@ -39,7 +39,7 @@ def run_worker(plan: RunnerPlan, rank: int, world_size: int, dist_address: str, 
     if name_process:
         from ..engine.engine_process import exit_with_parent
 
-        exit_with_parent(f"runtime-worker-{rank}")
+        exit_with_parent(f"runtime-rank-{rank}")
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, _raise_exit)
     logging.basicConfig(level=log_level, format=f"%(levelname)s %(name)s (rank {rank}): %(message)s")

@@ -1,12 +1,12 @@
-"""Tensor-parallel scaling on a machine with several GPUs (issue 21 runs it; nothing here needs
-more than one GPU to start, it skips sizes the machine cannot hold).
+"""Tensor- and pipeline-parallel scaling on a machine with several GPUs (issue 21 runs it; nothing
+here needs more than one GPU to start, it skips layouts the machine cannot hold).
 
-Usage: python3 benchmarks/multi_gpu.py --model DIR --json OUT.json [--tp 1 2 4 8] [--requests 1000]
-           [--prompt-len 512] [--output-len 128]
+Usage: python3 benchmarks/multi_gpu.py --model DIR --json OUT.json [--layouts 1x1 2x1 4x1 8x1 1x2 2x2 4x2]
+           [--requests 1000] [--prompt-len 512] [--output-len 128]
 
-Per tensor-parallel size, one engine (its own process tree; the previous one is shut down first):
-batch-1 decode tok/s (prompt --prompt-len, --output-len tokens, the mean step time between the
-first token and the last), then offline throughput on --requests random prompts of --prompt-len
+A layout is TPxPP (tensor-parallel ranks times pipeline stages). Per layout, one engine (its own
+process tree; the previous one is shut down first): batch-1 decode tok/s (prompt --prompt-len,
+--output-len tokens, the mean step time between the first token and the last), then offline throughput on --requests random prompts of --prompt-len
 with --output-len tokens each (ignore_eos), and the share of a batch-1 decode step spent in
 collectives (torch profiler: communication kernels' time over all kernels' time, rank 0).
 Model: a Llama-3-8B-shaped (or 70B-shaped) directory of random bf16 weights
@@ -53,19 +53,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--json", required=True)
-    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--layouts", nargs="+", default=["1x1", "2x1", "4x1", "8x1", "1x2", "2x2", "4x2"])
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=128)
     args = parser.parse_args()
     rng = random.Random(0)
     results = []
-    for size in args.tp:
+    for layout in args.layouts:
+        tp, pp = (int(n) for n in layout.split("x"))
+        size = tp * pp
         if size > torch.cuda.device_count():
-            print(f"tp={size}: skipped, {torch.cuda.device_count()} GPUs here", flush=True)
+            print(f"{layout}: skipped, {torch.cuda.device_count()} GPUs here", flush=True)
             continue
         started = time.perf_counter()
-        llm = LLM(args.model, device="cuda", dtype="bfloat16", tensor_parallel_size=size, max_num_seqs=512,
+        llm = LLM(args.model, device="cuda", dtype="bfloat16", tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                  max_num_seqs=512,
                   max_num_batched_tokens=16384, max_model_len=args.prompt_len + args.output_len + 64)
         ready_s = time.perf_counter() - started
 
@@ -76,9 +79,9 @@ def main() -> None:
         first = timed(llm, prompts(1), 1)
         whole = timed(llm, prompts(1), args.output_len)
         step = (whole - first) / (args.output_len - 1)
-        share = communication_share(llm, prompts(1)[0], 32) if size > 1 else 0.0
+        share = communication_share(llm, prompts(1)[0], 32) if tp > 1 else 0.0
         offline = timed(llm, prompts(args.requests), args.output_len)
-        row = {"tp": size, "ready_s": round(ready_s, 1), "decode_step_ms": round(step * 1000, 3),
+        row = {"tp": tp, "pp": pp, "ready_s": round(ready_s, 1), "decode_step_ms": round(step * 1000, 3),
                "batch1_tok_s": round(1 / step, 1), "communication_share": round(share, 3),
                "offline_output_tok_s": round(args.requests * args.output_len / offline, 1),
                "requests": args.requests, "prompt_len": args.prompt_len, "output_len": args.output_len}

@@ -44,7 +44,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
                    help="split every layer across this many ranks, one device each")
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=d.pipeline_parallel_size,
-                   help="only 1: pipeline parallelism is not implemented yet")
+                   help="split the layers into this many stages, each on its own ranks (x --tensor-parallel-size)")
     g.add_argument("--data-parallel-size", "-dp", type=int, default=d.data_parallel_size,
                    help="engine cores, each with its own copy of the model, behind one server (runtime serve)")
     g.add_argument("--distributed-executor-backend", default=None, choices=["mp", "ray"],

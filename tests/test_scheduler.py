@@ -333,7 +333,7 @@ class Checker:
         assert sched.num_waiting == statuses[RequestStatus.WAITING] + statuses[RequestStatus.PREEMPTED]
 
 
-@pytest.mark.parametrize("look_ahead", [False, True], ids=["step_by_step", "look_ahead"])
+@pytest.mark.parametrize("mode", ["step_by_step", "look_ahead", "micro_batches"])
 @settings(deadline=None, max_examples=120)
 @given(
     num_blocks=st.integers(6, 10),
@@ -344,31 +344,58 @@ class Checker:
     seed=st.integers(0, 2**16),
     ops=st.lists(OPS, min_size=20, max_size=60),
 )
-def test_random_operations_keep_requests_and_blocks_consistent(look_ahead, num_blocks, max_num_seqs, budget, policy,
+def test_random_operations_keep_requests_and_blocks_consistent(mode, num_blocks, max_num_seqs, budget, policy,
                                                                caching, seed, ops):
-    """With ``look_ahead``, steps run as EngineCore runs them on a device: step n + 1 is
-    scheduled before step n's tokens are known, and runs after they are."""
+    """Steps run as EngineCore runs them. ``look_ahead``: step n + 1 is scheduled before step
+    n's tokens are known, and runs after they are. ``micro_batches``: as with two pipeline
+    stages, up to two steps are in flight, the second scheduled from requests the first does
+    not hold; they run and are applied oldest first."""
     sched = make_scheduler(num_blocks, max_num_seqs, budget, policy, caching)
     max_model_len = (num_blocks - 1) * BS  # the engine guarantees one request fits the cache
     checker = Checker(sched)
     rng = random.Random(seed)
     in_flight: SchedulerOutput | None = None
+    micro_batches: list[SchedulerOutput] = []
 
-    def run_step(abort_mid_step: int | None = None) -> None:
-        nonlocal in_flight
-        out, in_flight = in_flight, None
-        if out is None:
-            out = sched.schedule()
-            checker.check_schedule(out)
-        following = sched.look_ahead(out) if look_ahead else None
-        if following is not None:
-            checker.check_schedule(following)
+    def computing() -> set[str]:
+        return {s.request.request_id for out in micro_batches for s in out.scheduled}
+
+    def launched() -> SchedulerOutput | None:
+        """Every step launched and not yet applied, as one output (their requests differ)."""
+        if mode == "micro_batches":
+            return SchedulerOutput([s for out in micro_batches for s in out.scheduled]) if micro_batches else None
+        return in_flight
+
+    def apply(out: SchedulerOutput, abort_mid_step: int | None) -> None:
         if abort_mid_step is not None and out.scheduled:
             sched.abort_requests([out.scheduled[abort_mid_step % len(out.scheduled)].request.request_id])
         checker.forward(out)
         sampled = {s.request.request_id: rng.randrange(10) for s in out.scheduled if s.sample}
         updated = sched.update(out, sampled)
         assert all(req.request_id in sampled for req in updated)
+
+    def run_step(abort_mid_step: int | None = None) -> None:
+        nonlocal in_flight
+        if mode == "micro_batches":
+            while len(micro_batches) < 2:
+                busy = computing()
+                out = sched.schedule(busy)
+                checker.check_schedule(out)
+                assert not busy & {s.request.request_id for s in out.scheduled} and not busy & set(out.preempted_ids)
+                if not out.scheduled:
+                    break
+                micro_batches.append(out)
+            if micro_batches:
+                apply(micro_batches.pop(0), abort_mid_step)
+            return
+        out, in_flight = in_flight, None
+        if out is None:
+            out = sched.schedule()
+            checker.check_schedule(out)
+        following = sched.look_ahead(out) if mode == "look_ahead" else None
+        if following is not None:
+            checker.check_schedule(following)
+        apply(out, abort_mid_step)
         in_flight = following
 
     for op, arg in ops:
@@ -390,14 +417,14 @@ def test_random_operations_keep_requests_and_blocks_consistent(look_ahead, num_b
                 assert target.status.finished and sched.kv.block_ids(target.request_id) == []
             else:
                 sched.finish_requests([target.request_id], RequestStatus.FINISHED_STOPPED)
-        checker.check_state(in_flight)
+        checker.check_state(launched())
 
     for _ in range(2000):
-        if not sched.has_unfinished_requests() and in_flight is None:
+        if not sched.has_unfinished_requests() and launched() is None:
             break
         run_step()
-        checker.check_state(in_flight)
-    assert not sched.has_unfinished_requests() and in_flight is None
+        checker.check_state(launched())
+    assert not sched.has_unfinished_requests() and launched() is None
     assert sched.kv.num_free_blocks == num_blocks - 1
     for req in checker.requests:
         if req.status is RequestStatus.FINISHED_LENGTH:

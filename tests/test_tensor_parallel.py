@@ -1,7 +1,8 @@
 """Tensor parallelism in the model: two ranks over gloo, each holding its slice of every weight,
 compute what one rank holding all of them computes (greedy tokens equal, logprobs close), for
 every architecture, a GQA model with fewer KV heads than ranks, a vocabulary the ranks do not
-divide, and a fused qkv checkpoint (Phi-3)."""
+divide, and a fused qkv checkpoint (Phi-3). Pipeline stages, each holding its layers and
+handing on its output, compute what one model does."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from runtime.models.parallel import TensorParallel, check_tensor_parallel, valid_sizes
+from runtime.models.parallel import PipelineParallel, TensorParallel, check_pipeline_parallel, check_tensor_parallel, valid_sizes
 from runtime.platform import get_registry
 from runtime.sample.params import SamplingParams
 from runtime.sched.request import Request
@@ -27,21 +28,30 @@ PROMPTS = [[5, 9, 2, 7, 11, 3, 8], [4, 4, 6], [12, 1, 10, 13, 2]]
 BLOCK = 16
 
 
-def run_prefill(path: str, tp: TensorParallel) -> dict:
-    """Prefill PROMPTS in one step and return each request's greedy token and top logprobs."""
+def make_runner(path: str, tp: TensorParallel = TensorParallel(), pp: PipelineParallel = PipelineParallel()) -> ModelRunner:
     registry = get_registry()
     platform = registry.select_platform("cpu")
     source = open_model(path)
-    runner = ModelRunner(source.hf_config, source.weights(), platform, registry, torch.float32, BLOCK, 128, tp=tp)
+    runner = ModelRunner(source.hf_config, source.weights(), platform, registry, torch.float32, BLOCK, 128, tp=tp, pp=pp)
     runner.prepare_inputs(256, 8, 128)
     runner.allocate_kv_cache(32)
-    params = SamplingParams(temperature=0, logprobs=4, max_tokens=4)
+    return runner
+
+
+def prefill_step() -> SchedulerOutput:
+    """PROMPTS in one step, each asking for its greedy token, top logprobs and prompt logprobs."""
+    params = SamplingParams(temperature=0, logprobs=4, prompt_logprobs=2, max_tokens=4)
     scheduled, block = [], 1
     for i, prompt in enumerate(PROMPTS):
         request = Request(f"r{i}", prompt, params, eos_token_ids=frozenset(), max_model_len=128)
         scheduled.append(ScheduledRequest(request, 0, len(prompt), [block]))
         block += 1
-    out = runner.execute(SchedulerOutput(scheduled=scheduled))
+    return SchedulerOutput(scheduled=scheduled)
+
+
+def run_prefill(path: str, tp: TensorParallel) -> dict:
+    """Prefill PROMPTS in one step and return each request's greedy token and top logprobs."""
+    out = make_runner(path, tp).execute(prefill_step())
     return {rid: (out.sampled[rid], out.logprobs[rid]) for rid in out.sampled}
 
 
@@ -92,3 +102,55 @@ def test_sizes_that_do_not_split_are_refused_with_the_valid_ones():
     with pytest.raises(ValueError, match="valid sizes: 1, 2$"):
         check_tensor_parallel(3, 6, 2, 64)
     check_tensor_parallel(2, 6, 2, 64)
+
+
+class _HandOn:
+    """Stands in for the communicator between stages of one process: what a stage sends, the next receives."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, output):
+        self.sent.append(output.clone())
+        return self
+
+    def wait(self):
+        pass
+
+    def receive(self, num_tokens):
+        output = self.sent.pop(0)
+        assert output.shape[:2] == (2, num_tokens)
+        return output
+
+
+@pytest.mark.parametrize("arch,overrides", CASES, ids=[f"{a}{'-kv1' if o else ''}" for a, o in CASES])
+@pytest.mark.parametrize("stages", [2, 3])
+def test_pipeline_stages_compute_what_one_model_does(arch, overrides, stages, tmp_path):
+    path = str(make_tiny_checkpoint(tmp_path, arch, num_hidden_layers=5, **overrides))
+    alone = make_runner(path).execute(prefill_step())
+    runners = [make_runner(path, pp=PipelineParallel(rank, stages)) for rank in range(stages)]
+    held = [sorted({int(n.split(".")[1]) for n, _ in r.model.named_parameters() if n.startswith("layers.")})
+            for r in runners]
+    assert sum(held, []) == list(range(5)) and [len(h) for h in held] == [5 // stages + (i < 5 % stages)
+                                                                           for i in range(stages)]
+    link = _HandOn()
+    for runner in runners:
+        runner.stage_link = link
+    step = prefill_step()
+    outputs = [runner.collect(runner.launch(step)) for runner in runners]
+    assert all(not out.sampled and not out.prompt_logprobs for out in outputs[:-1])
+    staged = outputs[-1]
+    assert staged.sampled == alone.sampled
+    for rid, (ids, values, rank) in alone.logprobs.items():
+        assert staged.logprobs[rid][0] == ids and staged.logprobs[rid][2] == rank
+        assert staged.logprobs[rid][1] == pytest.approx(values, abs=1e-4)
+    for rid, entries in alone.prompt_logprobs.items():
+        assert [e[0] for e in staged.prompt_logprobs[rid]] == [e[0] for e in entries]
+        assert [v for e in staged.prompt_logprobs[rid] for v in e[1]] == pytest.approx(
+            [v for e in entries for v in e[1]], abs=1e-4)
+
+
+def test_more_stages_than_layers_are_refused():
+    check_pipeline_parallel(4, 4)
+    with pytest.raises(ValueError, match="has 3 layers, fewer than --pipeline-parallel-size 4: use at most 3 stages"):
+        check_pipeline_parallel(4, 3)

@@ -1,6 +1,7 @@
-"""Tensor parallelism end to end: an engine whose ranks are worker processes (gloo) generates
-what a one-rank engine generates, token for token, through chunked prefill, preemption and
-prefix caching; a worker killed mid-generation ends the engine with an error naming its rank."""
+"""Tensor and pipeline parallelism end to end: an engine whose ranks are worker processes (gloo)
+generates what a one-rank engine generates, token for token, through chunked prefill,
+preemption and prefix caching, with pipeline micro-batches in flight; a worker killed
+mid-generation ends the engine with an error naming its rank."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ SMALL = dict(max_model_len=128, max_num_batched_tokens=24, max_num_seqs=4)
 def generate(path, **options):
     llm = LLM(str(path), **options)
     try:
-        params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2),
+        params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2, prompt_logprobs=1),
                   SamplingParams(temperature=0.8, seed=11, max_tokens=16, ignore_eos=True)]
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], [params[i % 2] for i in range(len(PROMPTS))],
                             use_tqdm=False)
@@ -32,15 +33,21 @@ def generate(path, **options):
         llm.engine.shutdown()
 
 
-# 12 blocks of 16 tokens (2 layers x K and V x a rank's KV heads x 16 dims x 4 bytes a token;
-# --kv-cache-memory is per rank): four sequences of up to 69 tokens need 20, so some are
-# preempted and resumed. The 1-KV-head model replicates its head on both ranks; the other splits 2.
-@pytest.mark.parametrize("arch,overrides,block_bytes", [("llama", {"num_key_value_heads": 1}, (4096, 4096)),
-                                                        ("qwen3", {}, (8192, 4096))])
-def test_two_rank_engine_generates_what_one_rank_does(arch, overrides, block_bytes, tmp_path):
+# 12 blocks of 16 tokens (layers x K and V x KV heads x 16 dims x 4 bytes a token, counting a
+# rank's layers and KV heads; --kv-cache-memory is per rank): four sequences of up to 69 tokens
+# need 20, so some are preempted and resumed. The 1-KV-head model replicates its head on both
+# tensor-parallel ranks; the others split 2. A pipeline stage holds 1 of the 2 layers.
+@pytest.mark.parametrize("arch,overrides,tp,pp,block_bytes", [
+    ("llama", {"num_key_value_heads": 1}, 2, 1, (4096, 4096)),
+    ("qwen3", {}, 2, 1, (8192, 4096)),
+    ("gemma2", {}, 1, 2, (8192, 4096)),
+    ("llama", {"num_key_value_heads": 1}, 2, 2, (4096, 2048)),
+], ids=["tp2-kv1", "tp2", "pp2", "tp2xpp2-kv1"])
+def test_a_parallel_engine_generates_what_one_rank_does(arch, overrides, tp, pp, block_bytes, tmp_path):
     path = make_tiny_checkpoint(tmp_path, arch, **overrides)
     alone, _ = generate(path, kv_cache_memory=12 * block_bytes[0], **SMALL)
-    together, preemptions = generate(path, tensor_parallel_size=2, kv_cache_memory=12 * block_bytes[1], **SMALL)
+    together, preemptions = generate(path, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                                     kv_cache_memory=12 * block_bytes[1], **SMALL)
     assert preemptions > 0  # the small cache forced some: resumption is covered
     for a, b in zip(alone, together):
         assert b.token_ids == a.token_ids
@@ -50,9 +57,32 @@ def test_two_rank_engine_generates_what_one_rank_does(arch, overrides, block_byt
                 [lp.logprob for e in a.logprobs for lp in e.values()], abs=1e-4)
 
 
-def test_a_killed_worker_is_named_and_the_engine_fails(tmp_path):
+def test_pipeline_stages_keep_micro_batches_in_flight(tmp_path):
+    """With two stages the engine core launches a second micro-batch (other requests) before
+    reading back the first."""
     path = make_tiny_checkpoint(tmp_path, "llama")
-    llm = LLM(str(path), tensor_parallel_size=2, distributed_timeout=30, kv_cache_memory="16MiB", max_model_len=256)
+    llm = LLM(str(path), pipeline_parallel_size=2, kv_cache_memory="4MiB", max_model_len=128, max_num_batched_tokens=16)
+    engine, depths = llm.engine, []
+    collect = engine.executor.collect
+
+    def collect_noting_depth(pending):
+        depths.append(len(engine._micro_batches) + 1)
+        return collect(pending)
+
+    engine.executor.collect = collect_noting_depth
+    try:
+        outs = llm.generate([{"prompt_token_ids": [3 + i] * 10} for i in range(6)],
+                            SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+        assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
+        assert max(depths) == 2 and depths.count(2) > len(depths) // 2
+    finally:
+        llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)], ids=["tp2", "pp2"])
+def test_a_killed_worker_is_named_and_the_engine_fails(parallel, tmp_path):
+    path = make_tiny_checkpoint(tmp_path, "llama")
+    llm = LLM(str(path), distributed_timeout=30, kv_cache_memory="16MiB", max_model_len=256, **parallel)
     executor = llm.engine.executor
     worker = executor._workers[0]
     launch, launches = executor.launch, []
@@ -77,11 +107,13 @@ def test_a_killed_worker_is_named_and_the_engine_fails(tmp_path):
 def test_the_ray_executor_generates_what_mp_does(tmp_path):
     ray = pytest.importorskip("ray", reason="the ray extra is not installed")
     path = make_tiny_checkpoint(tmp_path, "llama")
-    options = dict(kv_cache_memory="16MiB", max_model_len=128, tensor_parallel_size=2)
-    by_mp, _ = generate(path, **options)
+    splits = [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)]
+    by_mp = [generate(path, kv_cache_memory="16MiB", max_model_len=128, **split)[0] for split in splits]
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
-        by_ray, _ = generate(path, distributed_executor_backend="ray", **options)
+        by_ray = [generate(path, distributed_executor_backend="ray", kv_cache_memory="16MiB", max_model_len=128,
+                           **split)[0] for split in splits]
     finally:
         ray.shutdown()
-    assert [o.token_ids for o in by_ray] == [o.token_ids for o in by_mp]
+    for ray_outputs, mp_outputs in zip(by_ray, by_mp):
+        assert [o.token_ids for o in ray_outputs] == [o.token_ids for o in mp_outputs]

@@ -93,6 +93,19 @@ def _send_recv(comm, rank, world, device, dtype):
                     _value(src, (5, 3), dtype))
 
 
+def _isend(comm, rank, world, device, dtype):
+    # Ranks 0 and 1 each start a send to the other before either receives (as pipeline stages
+    # do): an isend that waited for its receiver would leave both waiting.
+    if rank > 1:
+        return
+    peer = 1 - rank
+    handle = comm.isend(_value(rank, (6, 4), dtype).to(device), dst=peer)
+    got = comm.recv(torch.zeros(6, 4, dtype=dtype, device=device), src=peer)
+    handle.wait()
+    _expect(f"recv ({dtype_name(dtype)} [6, 4]) on rank {rank} must return what rank {peer} started sending with isend",
+            got, _value(peer, (6, 4), dtype))
+
+
 def _barrier(comm, rank, world, device, dtype):
     # The last rank arrives late; everyone else must wait for it.
     delay = 1.0
@@ -118,6 +131,7 @@ COLLECTIVES: dict[str, Callable] = {
     "reduce_scatter": _reduce_scatter,
     "broadcast": _broadcast,
     "send_recv": _send_recv,
+    "isend": _isend,
     "barrier": _barrier,
 }
 DTYPE_INDEPENDENT = {"rank_and_world_size", "barrier"}

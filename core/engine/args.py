@@ -59,11 +59,13 @@ class EngineArgs:
     distributed_executor_backend: Optional[str] = None
     """How ranks beyond the first run: mp (worker processes on this machine; the default) or ray."""
     pipeline_parallel_size: int = 1
-    """Only 1 today: layers split into stages is not implemented (docs/distributed.md)."""
+    """Stages the layers are split into, in order, each on its own ranks (times tensor_parallel_size);
+    up to this many micro-batches are in flight so no stage idles."""
     data_parallel_size: int = 1
     """Engine cores (each with its own copy of the model) behind one server, requests balanced by load."""
     data_parallel_rank: int = 0
-    """Which of them this engine is: it uses devices from rank x tensor_parallel_size on (set by the server)."""
+    """Which of them this engine is: it uses the devices from rank x tensor_parallel_size x
+    pipeline_parallel_size on (set by the server)."""
     distributed_timeout: float = 300.0
     """Seconds a collective may wait for a rank before the engine fails, naming it."""
 
@@ -84,9 +86,8 @@ class EngineArgs:
             raise ValueError(f"kv_cache_dtype must be auto or one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if self.pipeline_parallel_size != 1:
-            raise ValueError(f"--pipeline-parallel-size {self.pipeline_parallel_size}: pipeline parallelism is not "
-                             f"implemented yet; split the model with --tensor-parallel-size instead")
+        if self.pipeline_parallel_size < 1:
+            raise ValueError(f"pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size}")
         if self.data_parallel_size < 1 or not 0 <= self.data_parallel_rank < self.data_parallel_size:
             raise ValueError(f"data_parallel_size must be >= 1 and data_parallel_rank in [0, size), got "
                              f"{self.data_parallel_size} and {self.data_parallel_rank}")

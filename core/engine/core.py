@@ -6,6 +6,7 @@ schedule -> execute -> update. It speaks token ids only; text is the OutputProce
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import Optional
 
 import torch
@@ -13,13 +14,13 @@ import torch
 from ..kv.manager import KVCacheManager
 from ..loader.source import ModelSource, open_model
 from ..models import decoder_settings
-from ..models.parallel import check_tensor_parallel
-from ..platform import PlatformConfig, Registry, get_registry
+from ..models.parallel import check_pipeline_parallel, check_tensor_parallel
+from ..platform import Communicator, PlatformConfig, Registry, get_registry
 from ..sample.params import SamplingParams
 from ..sched.request import Request, RequestStatus
 from ..sched.scheduler import Scheduler, SchedulerOutput
 from ..worker.executor import make_executor
-from ..worker.model_runner import PendingStep
+from ..worker.model_runner import PendingStep, RunnerOutput
 from ..worker.setup import RunnerPlan, quantization_method
 from .args import EngineArgs
 from .messages import EngineCoreOutput, EngineStats
@@ -52,27 +53,37 @@ class EngineCore:
         settings = decoder_settings(config)
         check_tensor_parallel(args.tensor_parallel_size, settings.num_heads, settings.num_kv_heads,
                               settings.intermediate_size)
+        check_pipeline_parallel(args.pipeline_parallel_size, settings.num_layers)
+        if args.pipeline_parallel_size > 1 and registry.communicator(self.platform.name).isend is Communicator.isend:
+            raise ValueError(f"the {self.platform.name} platform's communicator has no isend (contract 1.4), which "
+                             f"pipeline stages need: upgrade the plugin or split with --tensor-parallel-size")
         self.quantization = args.quantization
         if self.quantization is None:
             self.quantization = self.platform.default_quantization(self.source.format, self.source.quantized_types) or "none"
         # Look-ahead queues step n+1 behind step n, so the host's work between two steps
         # (read-back, update, detokenizing, scheduling) overlaps the device's; it pays where decode
         # steps are graph replays, the host's part of a step being then mostly that work.
-        self.look_ahead = self.platform.supports_graphs and not args.enforce_eager
+        # Several pipeline stages overlap instead through micro-batches (see _step_pipelined).
+        self.pipeline_depth = args.pipeline_parallel_size
+        self.look_ahead = self.platform.supports_graphs and not args.enforce_eager and self.pipeline_depth == 1
         self.plan = RunnerPlan(
             model=args.model, device=self.platform.name, dtype=str(self.dtype).removeprefix("torch."),
             block_size=self.block_size, max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=pconfig.max_num_batched_tokens, kv_cache_dtype=pconfig.kv_cache_dtype,
             quantization=self.quantization, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
             gpu_memory_utilization=args.gpu_memory_utilization, graphs=self.look_ahead, seed=args.seed,
-            tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
-            first_device=args.data_parallel_rank * args.tensor_parallel_size)
+            tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+            data_parallel_size=args.data_parallel_size,
+            first_device=args.data_parallel_rank * args.tensor_parallel_size * args.pipeline_parallel_size)
         quantization_method(registry, self.platform, self.quantization)  # an unknown method fails before any rank starts
         self.executor = make_executor(self.plan, registry, self.platform, self.source,
                                       args.distributed_executor_backend, args.distributed_timeout)
         self.runner = self.executor.driver
         self.num_blocks = self.executor.num_blocks
         self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None
+        self._micro_batches: deque[tuple[SchedulerOutput, Optional[PendingStep]]] = deque()
+        self._computing: set[str] = set()
+        """Requests of the micro-batches in flight."""
         self.kv_manager = KVCacheManager(self.num_blocks, self.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_manager, self.max_num_seqs, pconfig.max_num_batched_tokens, args.scheduling_policy)
         self.max_num_batched_tokens = pconfig.max_num_batched_tokens
@@ -135,7 +146,7 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_STOPPED)
 
     def has_unfinished_requests(self) -> bool:
-        return self._in_flight is not None or self.scheduler.has_unfinished_requests()
+        return self._in_flight is not None or bool(self._micro_batches) or self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[EngineCoreOutput]:
         """Compute one step and return what it produced.
@@ -143,6 +154,8 @@ class EngineCore:
         With look-ahead, the step launched by the previous call (if any) is this call's step, and
         the next one is launched before this one's tokens are read back.
         """
+        if self.pipeline_depth > 1:
+            return self._step_pipelined()
         if self._in_flight is not None:
             (out, pending), self._in_flight = self._in_flight, None
         else:
@@ -152,7 +165,27 @@ class EngineCore:
             following = self.scheduler.look_ahead(out)
             if following is not None:
                 self._in_flight = (following, self.executor.launch(following, pending))
-        result = self.executor.collect(pending)
+        return self._outputs(out, self.executor.collect(pending))
+
+    def _step_pipelined(self) -> list[EngineCoreOutput]:
+        """Keep up to one micro-batch per pipeline stage in flight, each of requests the others
+        do not hold, so every stage has work; then read back the oldest."""
+        while len(self._micro_batches) < self.pipeline_depth:
+            out = self.scheduler.schedule(self._computing)
+            if not out.scheduled:
+                if out.finished_ids:
+                    self.executor.launch(out)  # the ranks forget the finished requests
+                break
+            self._micro_batches.append((out, self.executor.launch(out)))
+            self._computing.update(s.request.request_id for s in out.scheduled)
+        if not self._micro_batches:
+            return []
+        out, pending = self._micro_batches.popleft()
+        self._computing.difference_update(s.request.request_id for s in out.scheduled)
+        return self._outputs(out, self.executor.collect(pending))
+
+    def _outputs(self, out: SchedulerOutput, result: RunnerOutput) -> list[EngineCoreOutput]:
+        """Apply a step's results to the scheduler; what each request got from it."""
         updated = self.scheduler.update(out, result.sampled)
         outputs: dict[str, EngineCoreOutput] = {}
         for request in updated:

@@ -22,7 +22,7 @@ from .layers.linear import Linear
 from .layers.mlp import GatedMLP
 from .layers.norm import RMSNorm
 from .layers.rotary import RotaryEmbedding
-from .parallel import TensorParallel
+from .parallel import PipelineParallel, TensorParallel
 
 
 @dataclass
@@ -63,13 +63,16 @@ class DecoderSettings:
         return self.num_layers * per_layer + embeddings + self.hidden_size
 
     def attention_specs(self, dtype: torch.dtype, block_size: int, kv_cache_dtype: str = "auto",
-                        tp: TensorParallel = TensorParallel()) -> list[AttentionSpec]:
-        """Per layer, what attention must support on one rank of ``tp`` (its share of the heads)."""
+                        tp: TensorParallel = TensorParallel(),
+                        pp: PipelineParallel = PipelineParallel()) -> list[AttentionSpec]:
+        """Per layer of ``pp``'s stage, what attention must support on one rank of ``tp`` (its
+        share of the heads)."""
         heads = self.num_heads // tp.size
         kv_first, kv_end = tp.kv_heads(self.num_kv_heads)
         return [AttentionSpec(heads, kv_end - kv_first, self.head_dim, self.attn_scale, dtype, block_size,
-                              sliding_window=w, logits_soft_cap=self.attn_soft_cap, kv_cache_dtype=kv_cache_dtype)
-                for w in self.sliding_windows]
+                              sliding_window=self.sliding_windows[i], logits_soft_cap=self.attn_soft_cap,
+                              kv_cache_dtype=kv_cache_dtype)
+                for i in pp.layers(self.num_layers)]
 
 
 def sliding_windows(config: Any, num_layers: int) -> list[int | None]:
@@ -84,10 +87,10 @@ def sliding_windows(config: Any, num_layers: int) -> list[int | None]:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, index: int, s: DecoderSettings, backend: AttentionBackend, rotary: RotaryEmbedding, ops: KernelSet,
-                 tp: TensorParallel):
+    def __init__(self, cache_index: int, s: DecoderSettings, backend: AttentionBackend, rotary: RotaryEmbedding,
+                 ops: KernelSet, tp: TensorParallel):
         super().__init__()
-        self.self_attn = SelfAttention(index, s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim, backend, rotary, ops,
+        self.self_attn = SelfAttention(cache_index, s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim, backend, rotary, ops,
                                        qkv_bias=s.qkv_bias, o_bias=s.o_bias, qk_norm_eps=s.rms_norm_eps if s.qk_norm else None,
                                        tp=tp)
         self.mlp = GatedMLP(s.hidden_size, s.intermediate_size, s.activation, ops, bias=s.mlp_bias, tp=tp)
@@ -130,20 +133,32 @@ class DecoderForCausalLM(nn.Module):
     With ``tp`` of size > 1 this is one rank's share (models/parallel.py): the embedding table and
     lm_head hold a slice of the vocabulary (padded to a multiple of the size), and every
     projection its slice of heads or width; ``compute_logits`` gathers the full vocabulary.
+
+    With ``pp`` of size > 1 this is one pipeline stage: it holds only its layers (the others are
+    ``StageGap`` placeholders, so parameter names stay the checkpoint's). ``forward`` of a stage
+    other than the first takes the previous stage's output; a stage other than the last returns
+    the hidden state and the residual stacked ([2, T, hidden]) for the next.
     """
 
     def __init__(self, settings: DecoderSettings, config: Any, max_model_len: int, ops: KernelSet,
-                 backends: list[AttentionBackend], tp: TensorParallel = TensorParallel()):
+                 backends: list[AttentionBackend], tp: TensorParallel = TensorParallel(),
+                 pp: PipelineParallel = PipelineParallel()):
         super().__init__()
         s = self.settings = settings
-        self.ops, self.tp = ops, tp
+        self.ops, self.tp, self.pp = ops, tp, pp
+        self.stage_layers = pp.layers(s.num_layers)
         self.vocab_first, _, share = tp.padded_split(s.vocab_size)
         self.vocab_rows = [(self.vocab_first, self.vocab_first + share)] if tp.size > 1 else None
-        self.embed_tokens = nn.Parameter(torch.empty(share, s.hidden_size), requires_grad=False)
+        needs_table = pp.is_first or (pp.is_last and s.tie_word_embeddings)
+        self.embed_tokens = nn.Parameter(torch.empty(share if needs_table else 0, s.hidden_size), requires_grad=False)
         rotary = RotaryEmbedding(s.head_dim, config, max_model_len, ops)
-        self.layers = nn.ModuleList(DecoderLayer(i, s, backends[i], rotary, ops, tp) for i in range(s.num_layers))
-        self.norm = RMSNorm(s.hidden_size, s.rms_norm_eps, ops, unit_offset=s.norm_unit_offset)
-        self.lm_head = None if s.tie_word_embeddings else Linear(s.hidden_size, share, ops, rows=self.vocab_rows)
+        first = self.stage_layers.start
+        self.layers = nn.ModuleList(
+            DecoderLayer(i - first, s, backends[i - first], rotary, ops, tp) if i in self.stage_layers else StageGap()
+            for i in range(s.num_layers))
+        self.norm = RMSNorm(s.hidden_size, s.rms_norm_eps, ops, unit_offset=s.norm_unit_offset) if pp.is_last else None
+        self.lm_head = (Linear(s.hidden_size, share, ops, rows=self.vocab_rows)
+                        if pp.is_last and not s.tie_word_embeddings else None)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
@@ -154,13 +169,17 @@ class DecoderForCausalLM(nn.Module):
         hidden = F.embedding(torch.where(mine, local, 0), self.embed_tokens)
         return self.tp.all_reduce(hidden * mine.unsqueeze(-1).to(hidden.dtype))
 
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        hidden = self.embed(batch.input_ids)
-        if self.settings.embedding_scale is not None:
-            hidden = hidden * torch.tensor(self.settings.embedding_scale, dtype=hidden.dtype)
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(hidden, residual, batch)
+    def forward(self, batch: ForwardBatch, intermediate: torch.Tensor | None = None) -> torch.Tensor:
+        if self.pp.is_first:
+            hidden, residual = self.embed(batch.input_ids), None
+            if self.settings.embedding_scale is not None:
+                hidden = hidden * torch.tensor(self.settings.embedding_scale, dtype=hidden.dtype)
+        else:
+            hidden, residual = intermediate[0], intermediate[1]
+        for i in self.stage_layers:
+            hidden, residual = self.layers[i](hidden, residual, batch)
+        if not self.pp.is_last:
+            return torch.stack((hidden, residual))
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -184,9 +203,7 @@ class DecoderForCausalLM(nn.Module):
         dtype = self.embed_tokens.dtype
         for hf_name, value in weights:
             name = _module_name(hf_name)
-            if name is None:
-                continue
-            if self.lm_head is None and name.startswith("lm_head."):
+            if name is None or not self._holds(name):
                 continue
             part = _PART_RE.match(name)
             if part:
@@ -228,6 +245,19 @@ class DecoderForCausalLM(nn.Module):
             if isinstance(module, RMSNorm):
                 module.finish_loading()
 
+    def _holds(self, name: str) -> bool:
+        """Whether this model (this pipeline stage) has a parameter for checkpoint tensor ``name``;
+        a tied checkpoint's lm_head copy is never used."""
+        if name.startswith("layers."):
+            return int(name.split(".", 2)[1]) in self.stage_layers
+        if name == "embed_tokens":
+            return self.embed_tokens.numel() > 0
+        if name.startswith("lm_head."):
+            return self.lm_head is not None
+        if name.startswith("norm."):
+            return self.norm is not None
+        return True
+
     def _load_vocab_rows(self, table: torch.Tensor) -> None:
         """The embedding table's rows of this rank's vocabulary slice (the padding rows stay zero)."""
         rows = table[self.vocab_first:self.vocab_first + self.embed_tokens.shape[0]]
@@ -241,7 +271,7 @@ class DecoderForCausalLM(nn.Module):
         """Hand every dense linear weight to ``method.quantize`` (``--quantization``), layer by layer
         so the dense copy of one weight is freed before the next is quantized."""
         targets = [m for m in self.modules() if isinstance(m, Linear) and m.quant_method is None]
-        if method.quantize_lm_head and self.lm_head is None:
+        if method.quantize_lm_head and self.lm_head is None and self.pp.is_last:
             # Tied embeddings: the lookup keeps the dense table, the output projection gets its own copy.
             self.lm_head = Linear(self.settings.hidden_size, self.embed_tokens.shape[0], self.ops).to(self.embed_tokens.device)
             self.lm_head.weight.data = self.embed_tokens.data
@@ -264,11 +294,18 @@ class DecoderForCausalLM(nn.Module):
                         missing.append(f"{mod_name}.{kind}")
         fused = {n for n, m in self.named_modules() if isinstance(m, Linear) and len(m.partitions) > 1}
         for name, _ in self.named_parameters():
-            if name.rsplit(".", 1)[0] not in fused and name not in loaded:
+            if name.rsplit(".", 1)[0] not in fused and name not in loaded and self._holds(name):
                 missing.append(name)
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise ValueError(f"checkpoint is missing weights: {shown}")
+
+
+class StageGap(nn.Module):
+    """A layer another pipeline stage holds."""
+
+    def forward(self, *args: Any) -> torch.Tensor:
+        raise RuntimeError("a pipeline stage ran a layer another stage holds")
 
 
 def _module_name(hf_name: str) -> str | None:

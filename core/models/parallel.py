@@ -1,5 +1,6 @@
-"""Tensor parallelism for the one decoder: which slice of each weight a rank holds, and the
-collectives that put the pieces back together (Megatron's split).
+"""Tensor and pipeline parallelism for the one decoder: which slice of each weight a rank holds,
+and the collectives that put the pieces back together (Megatron's split); which layers a
+pipeline stage holds.
 
 Column-parallel projections (q/k/v, gate/up, lm_head) keep a slice of the output rows: each rank
 computes its heads or its part of the intermediate width, no communication. Row-parallel ones
@@ -8,6 +9,10 @@ one all-reduce per projection completes it. The embedding table is split by voca
 a rank looks up the ids in its range, zeros the rest, and an all-reduce sums the pieces. Logits
 are gathered from the ranks' vocabulary slices. KV heads split like query heads; when there are
 fewer KV heads than ranks, each KV head is replicated on ``size / num_kv_heads`` ranks.
+
+A pipeline stage holds a contiguous run of layers: the first also the embedding, the last the
+final norm and lm_head (and the embedding table too when the two are tied). Stages hand each
+other the hidden state and the residual; the runner does the sending (worker/pipeline.py).
 """
 
 from __future__ import annotations
@@ -71,3 +76,35 @@ def check_tensor_parallel(size: int, num_heads: int, num_kv_heads: int, intermed
         raise ValueError(f"the model ({num_heads} attention heads, {num_kv_heads} KV heads, intermediate size "
                          f"{intermediate_size}) does not split across --tensor-parallel-size {size}; valid sizes: "
                          f"{', '.join(map(str, valid))}")
+
+
+@dataclass(frozen=True)
+class PipelineParallel:
+    """This rank's pipeline stage: ``rank`` of ``size`` stages."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.size - 1
+
+    def layers(self, num_layers: int) -> range:
+        """This stage's layers: an equal share each, the first stages taking one more where the
+        count does not divide (the last stage also computes logits and samples)."""
+        share, extra = divmod(num_layers, self.size)
+        start = self.rank * share + min(self.rank, extra)
+        return range(start, start + share + (self.rank < extra))
+
+
+def check_pipeline_parallel(size: int, num_layers: int) -> None:
+    """Raise ValueError when ``size`` stages cannot each hold a layer."""
+    if size < 1:
+        raise ValueError(f"--pipeline-parallel-size must be >= 1, got {size}")
+    if size > num_layers:
+        raise ValueError(f"the model has {num_layers} layers, fewer than --pipeline-parallel-size {size}: "
+                         f"use at most {num_layers} stages")

@@ -49,5 +49,8 @@ class TorchDistributedCommunicator(Communicator):
         dist.recv(tensor, src=src, group=self.group)
         return tensor
 
+    def isend(self, tensor: torch.Tensor, dst: int) -> dist.Work:
+        return dist.isend(tensor.contiguous(), dst=dst, group=self.group)
+
     def barrier(self) -> None:
         dist.barrier(group=self.group)

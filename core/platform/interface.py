@@ -304,6 +304,12 @@ class Communicator:
     def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def isend(self, tensor: torch.Tensor, dst: int) -> Any:
+        """Start sending ``tensor`` to rank ``dst`` without waiting for the receiver (contract
+        1.4, used by pipeline parallelism); returns a handle whose ``wait()`` returns once the
+        send is done. ``tensor`` must not change until then."""
+        raise NotImplementedError
+
     def barrier(self) -> None:
         raise NotImplementedError
 

@@ -139,11 +139,16 @@ class Scheduler:
             if request is not None:
                 self._finish(request, status)
 
-    def schedule(self) -> SchedulerOutput:
-        """Choose this step's work: running requests first, then admissions, within the budget."""
-        return self._schedule(look_ahead=False)
+    def schedule(self, in_flight: frozenset[str] | set[str] = frozenset()) -> SchedulerOutput:
+        """Choose this step's work: running requests first, then admissions, within the budget.
 
-    def _schedule(self, look_ahead: bool) -> SchedulerOutput:
+        ``in_flight``: requests whose previous step has not been applied yet (pipeline
+        micro-batches); they are neither scheduled nor preempted (when the policy would preempt
+        one, the step stops short instead).
+        """
+        return self._schedule(look_ahead=False, in_flight=in_flight)
+
+    def _schedule(self, look_ahead: bool, in_flight: frozenset[str] | set[str] = frozenset()) -> SchedulerOutput:
         """``look_ahead``: the previous step is still in flight (see :meth:`look_ahead`), so a
         request whose coming token ends it by length is left out, and blocks running short stop
         the step where it is instead of preempting (a preempted request would be recomputed
@@ -156,8 +161,8 @@ class Scheduler:
         for request in list(self._running):
             if budget == 0:
                 break
-            if request.status is not RequestStatus.RUNNING:
-                continue  # preempted as a victim for an earlier request of this loop
+            if request.status is not RequestStatus.RUNNING or request.request_id in in_flight:
+                continue  # preempted as a victim for an earlier request of this loop, or still computing
             num_tokens = request.num_tokens + request.num_pending_tokens
             if request.num_pending_tokens and num_tokens >= request.max_total_tokens:
                 continue  # the token being sampled ends it
@@ -167,10 +172,12 @@ class Scheduler:
             # Running requests are served in admission order but preempted in policy order, so
             # the victim may already be scheduled this step: its work is then withdrawn.
             while (block_ids := self.kv.allocate_slots(request, num_new)) is None:
-                if look_ahead:
+                victim = max(self._running, key=lambda r: self._keys[r.request_id])
+                if look_ahead or victim.request_id in in_flight:
+                    # The policy's victim is still computing: wait for its step rather than
+                    # preempt a request the policy ranks higher.
                     short = True
                     break
-                victim = max(self._running, key=lambda r: self._keys[r.request_id])
                 self._preempt(victim)
                 preempted.append(victim.request_id)
                 undone = scheduled.pop(victim.request_id, None)

@@ -1,10 +1,12 @@
 """Executors: how the engine core's steps reach every rank.
 
 ``LocalExecutor`` runs the one rank in the engine core's own process. ``MultiprocExecutor``
-(``--distributed-executor-backend mp``) is rank 0 of a tensor-parallel group whose other ranks
-are worker processes on this machine (worker/worker_process.py): each step it sends them the
-step (worker/mirror.py) over ZeroMQ, then runs its own share; the ranks' collectives meet inside
-the model. ``RayExecutor`` (``ray``) places the same workers as Ray actors.
+(``--distributed-executor-backend mp``) is rank 0 of an engine whose other ranks (tensor-parallel
+ranks, later pipeline stages) are worker processes on this machine (worker/worker_process.py):
+each step it sends them the step (worker/mirror.py) over ZeroMQ, then runs its own share; the
+ranks' collectives meet inside the model, the stages hand on hidden states between them. With
+several stages, the last one's first rank sends back what each step produced.
+``RayExecutor`` (``ray``) places the same workers as Ray actors.
 
 A worker that dies, or a collective that stalls past ``--distributed-timeout``, ends the engine
 with an error naming the rank; the workers exit with the engine core (they are its children, or
@@ -27,12 +29,11 @@ from typing import Any, Optional
 import torch.distributed as dist
 import zmq
 
-from ..models.parallel import TensorParallel
 from ..platform import Platform, Registry
 from ..sched.scheduler import SchedulerOutput
-from .mirror import Stop, StepSender, encode
+from .mirror import Collect, Stop, StepSender, decode_result, encode
 from .model_runner import PendingStep, RunnerOutput
-from .setup import RunnerPlan, build_runner
+from .setup import RunnerPlan, build_runner, join_groups
 
 logger = logging.getLogger("runtime")
 
@@ -63,11 +64,12 @@ class LocalExecutor:
 
 
 class MultiprocExecutor:
-    """Rank 0 here, ranks 1..N-1 in worker processes; ``start_worker(rank, ...)`` starts one."""
+    """Rank 0 here, ranks 1..N-1 in worker processes (``_start_workers``)."""
 
     def __init__(self, plan: RunnerPlan, registry: Registry, platform: Platform, source: Any = None,
                  backend: str = "mp", timeout_s: float = 300.0):
-        self.world_size = plan.tensor_parallel_size
+        self.world_size = plan.world_size
+        self.plan = plan
         self.backend = backend
         self.platform = platform
         self._dir = tempfile.TemporaryDirectory(prefix="runtime-workers-")
@@ -81,14 +83,17 @@ class MultiprocExecutor:
             address = self._bind(sock, rank)
             self._sockets.append(sock)
             addresses.append(address)
+        self._results = self._zmq.socket(zmq.PULL)
+        self._results.setsockopt(zmq.LINGER, 0)
+        results_address = self._bind(self._results, "results")
         dist_address = f"tcp://{_host_for(backend)}:{_free_port()}"
         self._failure: Optional[str] = None
-        self._workers = self._start_workers(plan, dist_address, addresses, timeout_s)
+        self._workers = self._start_workers(plan, dist_address, addresses, results_address, timeout_s)
         try:
             dist.init_process_group(platform.dist_backend, init_method=dist_address, rank=0,
                                     world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
-            tp = TensorParallel(0, self.world_size, registry.communicator(platform.name)())
-            self.driver, self.num_blocks, self.activation_bytes = build_runner(plan, registry, platform, source, tp,
+            place = join_groups(registry, platform, plan, 0)
+            self.driver, self.num_blocks, self.activation_bytes = build_runner(plan, registry, platform, source, place,
                                                                                device_index=plan.first_device)
         except Exception as exc:
             self.shutdown()
@@ -113,11 +118,30 @@ class MultiprocExecutor:
     def collect(self, pending: Optional[PendingStep]) -> RunnerOutput:
         if pending is None:
             return self.driver.collect(None)
-        self._broadcast(encode(self._sender.collect(pending)))
+        message = self._sender.collect(pending)
+        if self.plan.pipeline_parallel_size > 1:
+            try:
+                self.driver.collect(pending)  # the first stage's send is done
+            except Exception as exc:
+                raise self._named(exc) from None
+            result = self._receive_result(message.step)
+            self._broadcast(encode(Collect(message.step, result.sampled)))
+            return result
+        self._broadcast(encode(message))
         try:
             return self.driver.collect(pending)
         except Exception as exc:
             raise self._named(exc) from None
+
+    def _receive_result(self, step: int) -> RunnerOutput:
+        """What the last pipeline stage computed for ``step`` (it sends steps in launch order)."""
+        while not self._results.poll(100):
+            if self._failure is not None:
+                raise RuntimeError(self._failure)
+        result = decode_result(self._results.recv())
+        if result.step != step:
+            raise RuntimeError(f"the last pipeline stage sent step {result.step}, expected {step}")
+        return result.output()
 
     def _broadcast(self, data: bytes) -> None:
         if self._failure is not None:
@@ -131,22 +155,23 @@ class MultiprocExecutor:
 
     # -- workers ----------------------------------------------------------------------------
 
-    def _bind(self, sock: zmq.Socket, rank: int) -> str:
+    def _bind(self, sock: zmq.Socket, name: Any) -> str:
         if self.backend == "mp":
-            address = f"ipc://{self._dir.name}/steps-{rank}"
+            address = f"ipc://{self._dir.name}/steps-{name}"
             sock.bind(address)
             return address
         port = sock.bind_to_random_port(f"tcp://{_host_for(self.backend)}")
         return f"tcp://{_host_for(self.backend)}:{port}"
 
-    def _start_workers(self, plan: RunnerPlan, dist_address: str, addresses: list[str], timeout_s: float) -> list:
+    def _start_workers(self, plan: RunnerPlan, dist_address: str, addresses: list[str], results_address: str,
+                       timeout_s: float) -> list:
         from .worker_process import run_worker
 
         context = multiprocessing.get_context("spawn")
         workers = []
         for rank, address in enumerate(addresses, start=1):
             process = context.Process(target=run_worker, name=f"runtime-worker-{rank}", daemon=True,
-                                      args=(plan, rank, self.world_size, dist_address, address, timeout_s,
+                                      args=(plan, rank, dist_address, address, results_address, timeout_s,
                                             logging.getLogger().level))
             process.start()
             workers.append(process)
@@ -201,8 +226,11 @@ class MultiprocExecutor:
         self._dir.cleanup()
 
     def describe(self) -> str:
-        device = self.driver.device if hasattr(self, "driver") else self.platform.device()
-        return f"tensor parallel {self.world_size} ranks ({self.backend} executor; rank 0 on {device})"
+        first = self.plan.first_device
+        devices = ("every rank on the CPU" if self.platform.device_type == "cpu" else
+                   f"ranks 0-{self.world_size - 1} on {self.platform.device_type}:{first}-{first + self.world_size - 1}")
+        return (f"tensor parallel {self.plan.tensor_parallel_size} x pipeline parallel "
+                f"{self.plan.pipeline_parallel_size} = {self.world_size} ranks ({self.backend} executor; {devices})")
 
 
 def _worker_exit(rank: int, process: Any) -> str:
@@ -210,7 +238,7 @@ def _worker_exit(rank: int, process: Any) -> str:
     deadline = time.monotonic() + 2.0
     while process.exitcode is None and time.monotonic() < deadline:
         process.join(0.05)
-    return f"tensor-parallel worker rank {rank} (pid {process.pid}) exited with code {process.exitcode}"
+    return f"worker rank {rank} (pid {process.pid}) exited with code {process.exitcode}"
 
 
 def _host_for(backend: str) -> str:
@@ -226,7 +254,7 @@ def _free_port() -> int:
 def make_executor(plan: RunnerPlan, registry: Registry, platform: Platform, source: Any = None,
                   backend: Optional[str] = None, timeout_s: float = 300.0):
     """The executor for ``plan``: local for one rank, else ``backend`` (mp or ray)."""
-    if plan.tensor_parallel_size == 1:
+    if plan.world_size == 1:
         return LocalExecutor(plan, registry, platform, source)
     backend = backend or "mp"
     if backend == "ray":

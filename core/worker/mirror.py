@@ -2,14 +2,19 @@
 
 The scheduler runs once, on rank 0. Each step it sends the other ranks what its runner is told
 (msgspec arrays, not pickled objects): the requests new to them, each scheduled request's share
-of the step and block table, the requests to forget, and when to read a step back. Every rank
-samples (the logits are gathered to all, the generators seeded alike, so the tokens agree), so a
-worker keeps its own copy of each request's tokens (``StepMirror``) and needs no reply.
+of the step and block table, the requests to forget, and when to read a step back. Each worker
+keeps its own copy of each request's tokens (``StepMirror``).
+
+With one pipeline stage every rank samples (the logits are gathered to all, the generators
+seeded alike, so the tokens agree) and no worker replies. With several, only the last stage
+samples: its ranks read each step back as soon as it is computed, and its first rank sends
+rank 0 what the step produced (``StepResult``); rank 0 passes the tokens to the earlier stages'
+workers with the read-back (``Collect.sampled``).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import msgspec
 
@@ -47,15 +52,37 @@ class Launch(msgspec.Struct, tag=True, array_like=True):
 
 class Collect(msgspec.Struct, tag=True, array_like=True):
     step: int
+    sampled: Optional[dict[str, int]] = None
+    """The step's tokens, for ranks that did not sample them (pipeline stages before the last)."""
 
 
 class Stop(msgspec.Struct, tag=True, array_like=True):
     pass
 
 
+TokenLogprobsEntry = tuple[list[int], list[float], int]
+
+
+class StepResult(msgspec.Struct, array_like=True):
+    """What a step produced (a ``RunnerOutput``), sent by the last pipeline stage to rank 0."""
+
+    step: int
+    sampled: dict[str, int]
+    logprobs: dict[str, TokenLogprobsEntry]
+    prompt_logprobs: dict[str, list[TokenLogprobsEntry]]
+
+    @classmethod
+    def of(cls, step: int, output: RunnerOutput) -> "StepResult":
+        return cls(step, output.sampled, output.logprobs, output.prompt_logprobs)
+
+    def output(self) -> RunnerOutput:
+        return RunnerOutput(self.sampled, self.logprobs, self.prompt_logprobs)
+
+
 StepMessage = Union[Launch, Collect, Stop]
 encode = msgspec.msgpack.Encoder().encode
 decode = msgspec.msgpack.Decoder(StepMessage).decode
+decode_result = msgspec.msgpack.Decoder(StepResult).decode
 
 
 class StepSender:
@@ -93,17 +120,25 @@ class StepSender:
 
 
 class StepMirror:
-    """A worker's side: replays rank 0's launches and read-backs on its own runner."""
+    """A worker's side: replays rank 0's launches and read-backs on its own runner.
 
-    def __init__(self, runner: ModelRunner, max_model_len: int):
+    ``send_result`` is set on the last pipeline stage's first rank of a pipeline: it is given
+    each step's encoded ``StepResult`` for rank 0.
+    """
+
+    def __init__(self, runner: ModelRunner, max_model_len: int, send_result: Callable[[bytes], None] | None = None):
         self.runner = runner
         self.max_model_len = max_model_len
         self.requests: dict[str, Request] = {}
         self.pending: dict[int, Optional[PendingStep]] = {}
+        self.send_result = send_result
+        self.collects_at_launch = runner.pp.size > 1 and runner.pp.is_last
 
     def handle(self, message: Launch | Collect) -> None:
         if isinstance(message, Collect):
-            self._apply(self.runner.collect(self.pending.pop(message.step)))
+            if message.step in self.pending:  # not a last pipeline stage, which collected at launch
+                result = self.runner.collect(self.pending.pop(message.step))
+                self._apply(result.sampled if message.sampled is None else message.sampled)
             return
         for new in message.new_requests:
             request = Request(new.request_id, new.token_ids[:new.num_prompt_tokens], new.params,
@@ -118,14 +153,21 @@ class StepMirror:
             entry.token_pending, entry._num_tokens = item.token_pending, item.num_tokens
             scheduled.append(entry)
         previous = self.pending.get(message.previous) if message.previous is not None else None
-        self.pending[message.step] = self.runner.launch(
-            SchedulerOutput(scheduled=scheduled, finished_ids=message.finished_ids), previous)
+        pending = self.runner.launch(SchedulerOutput(scheduled=scheduled, finished_ids=message.finished_ids), previous)
+        if self.collects_at_launch:
+            if pending is not None:
+                result = self.runner.collect(pending)
+                self._apply(result.sampled)
+                if self.send_result is not None:
+                    self.send_result(encode(StepResult.of(message.step, result)))
+        else:
+            self.pending[message.step] = pending
         for rid in message.finished_ids:
             self.requests.pop(rid, None)
 
-    def _apply(self, result: RunnerOutput) -> None:
-        """Append what this step sampled, as rank 0's scheduler does (for requests it still has)."""
-        for rid, token in result.sampled.items():
+    def _apply(self, sampled: dict[str, int]) -> None:
+        """Append what a step sampled, as rank 0's scheduler does (for requests it still has)."""
+        for rid, token in sampled.items():
             request = self.requests.get(rid)
             if request is not None:
                 request.append_token(token)

@@ -16,7 +16,7 @@ import torch
 from ..models import DecoderForCausalLM, decoder_settings
 from ..models.batch import ForwardBatch
 from ..models.layers.linear import Linear
-from ..models.parallel import TensorParallel
+from ..models.parallel import PipelineParallel, TensorParallel
 from ..platform import Platform, QuantizationMethod, Registry
 from ..sample.sampler import Sampler, SamplerOutput, SamplingMetadata
 from ..sample.params import SamplingParams
@@ -24,6 +24,7 @@ from ..sched.request import Request
 from ..sched.scheduler import ScheduledRequest, SchedulerOutput
 from .decode_graphs import DecodeGraphs, capture_sizes
 from .input_buffers import InputBuffers, StepInputs, host_to_device
+from .pipeline import StageLink
 
 TokenLogprobs = tuple[list[int], list[float], int]
 """(token ids, logprobs, rank of the first id): first the sampled/actual token, then the top-k."""
@@ -44,25 +45,32 @@ class PendingStep:
     scheduled: list[ScheduledRequest]
     query_start_loc: np.ndarray
     hidden: torch.Tensor
-    """Final hidden states; a graph's output, rewritten by its next replay. Read only for prompt
-    logprobs, which a look-ahead (decode-only) step never follows."""
+    """Final hidden states (a pipeline stage before the last: what it hands on); a graph's
+    output, rewritten by its next replay. Read only for prompt logprobs, which a look-ahead
+    (decode-only) step never follows."""
     requests: list[Request] = field(default_factory=list)
     """The requests that sample, in the rows of ``sampled``."""
     sampled: SamplerOutput | None = None
     host_sampled: SamplerOutput | None = None
     """``sampled`` in host memory once ``ready`` has passed."""
     ready: torch.Event | None = None
+    handed_on: Any = None
+    """A pipeline stage's send of ``hidden`` to the next stage, while in progress."""
 
 
 class ModelRunner:
     def __init__(self, hf_config: Any, weights: Any, platform: Platform, registry: Registry, dtype: torch.dtype,
                  block_size: int, max_model_len: int, kv_cache_dtype: str = "auto",
                  quantization: QuantizationMethod | None = None, tp: TensorParallel = TensorParallel(),
-                 device_index: int = 0):
+                 device_index: int = 0, pp: PipelineParallel = PipelineParallel()):
         self.platform, self.dtype, self.block_size = platform, dtype, block_size
         self.device = platform.device(device_index)
         self.settings = decoder_settings(hf_config)
-        specs = self.settings.attention_specs(dtype, block_size, kv_cache_dtype, tp)
+        specs = self.settings.attention_specs(dtype, block_size, kv_cache_dtype, tp, pp)
+        self.pp = pp
+        self.stage_link: StageLink | None = None
+        """How this pipeline stage meets its neighbours; None on one stage, and while profiling
+        (each stage then runs alone, on zeros in place of the previous stage's output)."""
         self.num_kv_heads = specs[0].num_kv_heads
         """KV heads this rank caches (its tensor-parallel share)."""
         backend_classes = [registry.select_attention_backend(platform.name, spec) for spec in specs]
@@ -74,7 +82,7 @@ class ModelRunner:
         try:
             with torch.device(self.device):
                 model = DecoderForCausalLM(self.settings, hf_config, max_model_len, ops,
-                                           [cls(spec) for cls, spec in zip(backend_classes, specs)], tp)
+                                           [cls(spec) for cls, spec in zip(backend_classes, specs)], tp, pp)
         finally:
             torch.set_default_dtype(previous)
         model.load_weights(weights, lambda fmt: registry.quantization_method(platform.name, fmt))
@@ -176,8 +184,12 @@ class ModelRunner:
         else:
             input_ids, positions, meta = self.buffers.load(step)
             self._copy_pending_tokens(scheduled, step.query_start_loc, previous)
-            hidden = self.model(ForwardBatch(input_ids, positions, meta, self.kv_caches))
+            hidden = self.model(ForwardBatch(input_ids, positions, meta, self.kv_caches), self._stage_input(len(input_ids)))
         pending = PendingStep(scheduled, step.query_start_loc, hidden)
+        if not self.pp.is_last:
+            if self.stage_link is not None:
+                pending.handed_on = self.stage_link.send(hidden)
+            return pending
         sample_rows = [i for i, s in enumerate(scheduled) if s.sample]
         if sample_rows:
             if len(sample_rows) == len(step.input_ids):  # one token per row, every row sampled: a decode step
@@ -200,6 +212,14 @@ class ModelRunner:
             pending.ready = torch.Event(device=self.device)
             pending.ready.record()
         return pending
+
+    def _stage_input(self, num_tokens: int) -> torch.Tensor | None:
+        """What the previous pipeline stage computed for this step (None on the first stage)."""
+        if self.pp.is_first:
+            return None
+        if self.stage_link is None:
+            return torch.zeros(2, num_tokens, self.settings.hidden_size, dtype=self.dtype, device=self.device)
+        return self.stage_link.receive(num_tokens)
 
     def _copy_pending_tokens(self, scheduled: list[ScheduledRequest], query_start: np.ndarray,
                              previous: PendingStep | None) -> None:
@@ -227,6 +247,8 @@ class ModelRunner:
         if pending.ready is not None:
             # Also what lets the next step refill the staging memory this one's inputs came from.
             pending.ready.synchronize()
+        if pending.handed_on is not None:
+            pending.handed_on.wait()
         sampled = pending.host_sampled
         if sampled is not None:
             token_ids = sampled.token_ids.tolist()
@@ -238,7 +260,8 @@ class ModelRunner:
                     k = request.sampling_params.logprobs
                     if k is not None:
                         result.logprobs[request.request_id] = (ids[row][:k + 1], lps[row][:k + 1], ranks[row])
-        self._prompt_logprobs(pending.scheduled, pending.hidden, pending.query_start_loc, result)
+        if self.pp.is_last:
+            self._prompt_logprobs(pending.scheduled, pending.hidden, pending.query_start_loc, result)
         return result
 
     def _step_inputs(self, scheduled: list[ScheduledRequest]) -> StepInputs:

@@ -1,4 +1,4 @@
-"""``--distributed-executor-backend ray``: the tensor-parallel workers as Ray actors.
+"""``--distributed-executor-backend ray``: the workers (ranks 1..N-1) as Ray actors.
 
 The same worker code as the mp executor (worker_process.run_worker) runs inside one actor per
 rank beyond the first, each placed by a Ray placement group (one bundle a rank: a CPU, or a GPU
@@ -44,7 +44,8 @@ class RayExecutor(MultiprocExecutor):
             raise ValueError("--distributed-executor-backend ray needs Ray: pip install ray") from None
         super().__init__(*args, backend="ray", **kwargs)
 
-    def _start_workers(self, plan, dist_address: str, addresses: list[str], timeout_s: float) -> list:
+    def _start_workers(self, plan, dist_address: str, addresses: list[str], results_address: str,
+                       timeout_s: float) -> list:
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -64,7 +65,7 @@ class RayExecutor(MultiprocExecutor):
             actor = actor_class.options(scheduling_strategy=strategy).remote()
             actors.append(actor)
             # Ray gives each actor its own visible device: device 0 there.
-            calls.append(actor.run.remote(plan, rank, self.world_size, dist_address, addresses[rank - 1], timeout_s,
+            calls.append(actor.run.remote(plan, rank, dist_address, addresses[rank - 1], results_address, timeout_s,
                                           logging.getLogger().level, False, 0))
         self._ray = _RayWorkers(actors, calls, group)
         return []
@@ -82,7 +83,7 @@ class RayExecutor(MultiprocExecutor):
             reason = "returned"
         except Exception as exc:  # noqa: BLE001  (the actor died or its call raised: both end the engine)
             reason = f"failed: {type(exc).__name__}"
-        self._failure = f"tensor-parallel worker rank {rank} (Ray actor) {reason}"
+        self._failure = f"worker rank {rank} (Ray actor) {reason}"
         logger.error("%s", self._failure)
 
     def _named(self, exc: BaseException) -> BaseException:

@@ -5,6 +5,9 @@ length, block size, budgets, quantization, parallel sizes); each rank turns the 
 loaded ``ModelRunner`` with ``build_runner``. Under tensor parallelism the steps that size the
 KV cache are collectives, so the ranks agree on one block count (the smallest any rank can hold)
 and fail together when it is too small.
+
+Ranks are numbered stage by stage: global rank r is tensor-parallel rank ``r % tp`` of pipeline
+stage ``r // tp``; rank 0 (the engine core's) is the first stage's first rank.
 """
 
 from __future__ import annotations
@@ -13,16 +16,19 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import torch
 
 from ..loader.source import ModelSource, open_model
 from ..models import decoder_settings
-from ..models.parallel import TensorParallel
+import torch.distributed as dist
+
+from ..models.parallel import PipelineParallel, TensorParallel
 from ..platform import Platform, QuantizationMethod, Registry
 from .model_runner import ModelRunner
+from .pipeline import StageLink
 
 _GIB = 1 << 30
 
@@ -49,9 +55,15 @@ class RunnerPlan:
     """Capture decode graphs (the platform supports them and ``--enforce-eager`` is off)."""
     seed: int
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
     first_device: int = 0
     """Rank r uses device first_device + r (data-parallel engines use disjoint devices)."""
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of one engine: tensor-parallel ranks times pipeline stages."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -76,51 +88,84 @@ def quantization_method(registry: Registry, platform: Platform, name: str) -> Op
     return registry.quantization_method(platform.name, name)
 
 
+@dataclass
+class RankPlace:
+    """Where one rank sits: its tensor-parallel group, its pipeline stage, and the whole engine
+    (``world``: every rank, to agree on settings and the KV block count)."""
+
+    tp: TensorParallel = field(default_factory=TensorParallel)
+    pp: PipelineParallel = PipelineParallel()
+    world: TensorParallel = field(default_factory=TensorParallel)
+    rank: int = 0
+
+
+def join_groups(registry: Registry, platform: Platform, plan: RunnerPlan, rank: int) -> RankPlace:
+    """This rank's place, after the process group is initialised: one tensor-parallel group per
+    pipeline stage (every rank creates every group, in the same order, as torch requires)."""
+    communicator = registry.communicator(platform.name)
+    tp_size, pp_size = plan.tensor_parallel_size, plan.pipeline_parallel_size
+    world = TensorParallel(rank, plan.world_size, communicator())
+    stage = rank // tp_size
+    if pp_size == 1:
+        tp = world
+    else:
+        groups = [dist.new_group(list(range(s * tp_size, (s + 1) * tp_size))) for s in range(pp_size)]
+        tp = TensorParallel(rank % tp_size, tp_size, communicator(groups[stage]) if tp_size > 1 else None)
+    return RankPlace(tp, PipelineParallel(stage, pp_size), world, rank)
+
+
 def check_weights_fit(plan: RunnerPlan, platform: Platform, source: ModelSource, device_index: int = 0) -> None:
     """Fail before loading when this rank's share of the weights cannot fit its device."""
-    per_rank = decoder_settings(source.hf_config).num_parameters() / plan.tensor_parallel_size
+    per_rank = decoder_settings(source.hf_config).num_parameters() / plan.world_size
     needed = per_rank * torch.tensor([], dtype=plan.torch_dtype).element_size()
     free, _ = platform.memory_info(device_index)
     if needed > free:
-        share = "" if plan.tensor_parallel_size == 1 else f" (its share across {plan.tensor_parallel_size} ranks)"
+        share = "" if plan.world_size == 1 else f" (its share across {plan.world_size} ranks)"
         raise ValueError(f"model needs {needed / _GIB:.2f} GiB for its weights{share} in {plan.dtype}, only "
                          f"{free / _GIB:.2f} GiB is free on {platform.name}: choose a smaller --dtype, a smaller model, "
-                         f"another --device or a larger --tensor-parallel-size")
+                         f"another --device or a larger --tensor-parallel-size or --pipeline-parallel-size")
 
 
 def build_runner(plan: RunnerPlan, registry: Registry, platform: Platform, source: Optional[ModelSource] = None,
-                 tp: TensorParallel = TensorParallel(), device_index: int = 0) -> tuple[ModelRunner, int, Optional[int]]:
+                 place: RankPlace | None = None, device_index: int = 0) -> tuple[ModelRunner, int, Optional[int]]:
     """Load this rank's runner and give it a KV cache; returns (runner, blocks, activation peak bytes).
 
-    Every rank of ``tp`` must call this with the same plan: the block count is agreed by a
+    Every rank of the engine must call this with the same plan: the block count is agreed by a
     collective, and decode graphs capture the model's collectives.
     """
     source = source or open_model(plan.model)
-    if tp.size > 1:
-        _check_ranks_agree(plan.fingerprint(source), tp, platform, device_index)
+    place = place or RankPlace()
+    world = place.world
+    if world.size > 1:
+        _check_ranks_agree(plan.fingerprint(source), world, platform, device_index)
     check_weights_fit(plan, platform, source, device_index)
-    ranks = tp.size * plan.data_parallel_size
+    ranks = world.size * plan.data_parallel_size
     if platform.device_type == "cpu" and ranks > 1:
         # The ranks share this machine's cores: one share each, not all of them each.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks))
     torch.manual_seed(plan.seed)
     runner = ModelRunner(source.hf_config, source.weights(), platform, registry, plan.torch_dtype, plan.block_size,
                          plan.max_model_len, plan.kv_cache_dtype, quantization_method(registry, platform, plan.quantization),
-                         tp=tp, device_index=device_index)
+                         tp=place.tp, device_index=device_index, pp=place.pp)
     runner.prepare_inputs(plan.max_num_batched_tokens, plan.max_num_seqs, plan.max_model_len)
     activation_bytes = runner.profile_activation_memory(plan.max_num_batched_tokens, plan.max_num_seqs)
     per_block = runner.kv_bytes_per_block()
     budget = platform.kv_cache_memory(plan.kv_cache_memory_bytes, plan.gpu_memory_utilization,
                                       runner.weight_bytes + (activation_bytes or 0))
-    num_blocks = _smallest(budget // per_block, tp, runner.device)
+    num_blocks = _smallest(budget // per_block, world, runner.device)
     needed = math.ceil(plan.max_model_len / plan.block_size) + 1  # +1: block 0 is the null block
     if num_blocks < needed:
-        where = "" if tp.size == 1 else " on the rank with the least memory"
+        where = "" if world.size == 1 else " on the rank with the least memory"
         raise ValueError(
             f"one sequence of --max-model-len {plan.max_model_len} needs {needed * per_block / _GIB:.3f} GiB of KV cache, "
             f"only {num_blocks * per_block / _GIB:.3f} GiB is available for it{where}: lower --max-model-len or raise "
             f"--kv-cache-memory (or --gpu-memory-utilization)")
     runner.allocate_kv_cache(num_blocks)
+    if place.pp.size > 1:
+        tp_size = place.tp.size
+        runner.stage_link = StageLink(world.comm, None if place.pp.is_first else place.rank - tp_size,
+                                      None if place.pp.is_last else place.rank + tp_size,
+                                      runner.settings.hidden_size, plan.torch_dtype, runner.device)
     if plan.graphs:
         runner.capture_decode_graphs(plan.max_num_seqs)
     return runner, num_blocks, activation_bytes

@@ -1,8 +1,9 @@
-"""A tensor-parallel worker: rank r of the group, replaying rank 0's steps (worker/mirror.py).
+"""A worker: rank r of an engine's ranks, replaying rank 0's steps (worker/mirror.py).
 
-It joins the process group, builds its share of the model exactly as rank 0 builds its own
-(worker/setup.py), then runs each step it is sent until told to stop. It exits with its parent
-(the engine core), and when a collective fails (a peer died) it exits non-zero.
+It joins the process group, builds its share of the model (its tensor-parallel slice of its
+pipeline stage's layers) exactly as rank 0 builds its own (worker/setup.py), then runs each
+step it is sent until told to stop. It exits with its parent (the engine core), and when a
+collective fails (a peer died) it exits non-zero.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ from datetime import timedelta
 import torch.distributed as dist
 import zmq
 
-from ..models.parallel import TensorParallel
 from ..platform import get_registry
 from .mirror import Stop, StepMirror, decode
-from .setup import RunnerPlan, build_runner
+from .setup import RunnerPlan, build_runner, join_groups
 
 logger = logging.getLogger("runtime")
 
@@ -32,10 +32,11 @@ def worker_device_index(platform, plan: RunnerPlan, rank: int) -> int:
     return 0 if platform.device_type == "cpu" else plan.first_device + rank
 
 
-def run_worker(plan: RunnerPlan, rank: int, world_size: int, dist_address: str, step_address: str,
+def run_worker(plan: RunnerPlan, rank: int, dist_address: str, step_address: str, results_address: str,
                timeout_s: float, log_level: int, name_process: bool = True, device_index: int | None = None) -> None:
     """The worker's main: a spawned process, or a Ray actor's call (``name_process`` False; Ray
-    shows the actor its own device as ``device_index`` 0)."""
+    shows the actor its own device as ``device_index`` 0). The last pipeline stage's first rank
+    sends each step's results to ``results_address``."""
     if name_process:
         from ..engine.engine_process import exit_with_parent
 
@@ -50,13 +51,19 @@ def run_worker(plan: RunnerPlan, rank: int, world_size: int, dist_address: str, 
     steps.setsockopt(zmq.LINGER, 0)
     steps.connect(step_address)
     try:
-        dist.init_process_group(platform.dist_backend, init_method=dist_address, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=timeout_s))
-        tp = TensorParallel(rank, world_size, registry.communicator(platform.name)())
+        dist.init_process_group(platform.dist_backend, init_method=dist_address, rank=rank,
+                                world_size=plan.world_size, timeout=timedelta(seconds=timeout_s))
+        place = join_groups(registry, platform, plan, rank)
         if device_index is None:
             device_index = worker_device_index(platform, plan, rank)
-        runner, _, _ = build_runner(plan, registry, platform, tp=tp, device_index=device_index)
-        mirror = StepMirror(runner, plan.max_model_len)
+        runner, _, _ = build_runner(plan, registry, platform, place=place, device_index=device_index)
+        send_result = None
+        if place.pp.size > 1 and place.pp.is_last and place.tp.rank == 0:
+            results = context.socket(zmq.PUSH)
+            results.setsockopt(zmq.LINGER, 0)
+            results.connect(results_address)
+            send_result = results.send
+        mirror = StepMirror(runner, plan.max_model_len, send_result)
         while True:
             message = decode(steps.recv())
             if isinstance(message, Stop):

@@ -15,15 +15,17 @@ from .rotary import RotaryEmbedding
 
 class SelfAttention(nn.Module):
     """Under tensor parallelism (``tp``) a rank computes its share of the query heads and the KV
-    heads those read (see models/parallel.py); the output projection sums the shares."""
+    heads those read (see models/parallel.py); the output projection sums the shares.
+    ``cache_index`` picks this layer's cache from ``batch.kv_caches`` (a pipeline stage caches
+    only its own layers)."""
 
-    def __init__(self, layer_index: int, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+    def __init__(self, cache_index: int, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  backend: AttentionBackend, rotary: RotaryEmbedding, ops: KernelSet, qkv_bias: bool = False,
                  o_bias: bool = False, qk_norm_eps: float | None = None, tp: TensorParallel = TensorParallel()):
         super().__init__()
         q_first, q_end = tp.split(num_heads)
         kv_first, kv_end = tp.kv_heads(num_kv_heads)
-        self.layer_index, self.head_dim = layer_index, head_dim
+        self.cache_index, self.head_dim = cache_index, head_dim
         self.num_heads, self.num_kv_heads = q_end - q_first, kv_end - kv_first
         q_rows, kv_rows = (q_first * head_dim, q_end * head_dim), (kv_first * head_dim, kv_end * head_dim)
         sharded = tp.size > 1
@@ -47,5 +49,5 @@ class SelfAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(batch.positions, q, k)
-        out = self.backend.forward(q, k, v, batch.kv_caches[self.layer_index], batch.attn)
+        out = self.backend.forward(q, k, v, batch.kv_caches[self.cache_index], batch.attn)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))

@@ -14,9 +14,10 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import save_file
-from tiny_models import ARCHITECTURES, CHAT_TEMPLATE, EOS_ID, IM_END_ID, make_tiny_checkpoint, make_tiny_config
+from tiny_models import (ARCHITECTURES, CHAT_TEMPLATE, EOS_ID, IM_END_ID, llama_cpp_permute, make_tiny_checkpoint,
+                         make_tiny_config)
 
-from runtime.loader import embedded_model_path, open_model
+from runtime.loader import embedded_model_path, materialize, open_model
 from runtime.loader.gguf import build_config, hf_name, tokenizer_cache_root, unpermute_rows
 from runtime.platform import RawQuantizedTensor
 from runtime_cpu.quant import CpuGgufMethod as GgufDequantizeMethod
@@ -132,22 +133,16 @@ def test_unsupported_qtype_names_type_and_supported_list():
 
 # --- GGUF naming and layout -------------------------------------------------------------------
 
-def _llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp convert_hf_to_gguf.py LlamaModel.permute (n_head already the kv count for k)."""
-    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(
-        weights.shape)
-
-
 def test_unpermute_rows_inverts_llama_cpp_on_quantized_bytes():
     n_head, head_dim, cols = 3, 8, 64
     original = np.random.default_rng(2).standard_normal((n_head * head_dim, cols)).astype(np.float32)
-    stored = gguf.quants.quantize(_llama_cpp_permute(original, n_head), gguf.GGMLQuantizationType.Q8_0)
+    stored = gguf.quants.quantize(llama_cpp_permute(original, n_head), gguf.GGMLQuantizationType.Q8_0)
     restored = METHOD.dequantize(RawQuantizedTensor("gguf", "Q8_0", unpermute_rows(stored, n_head), original.shape),
                                  torch.float32)
     direct = METHOD.dequantize(RawQuantizedTensor("gguf", "Q8_0", gguf.quants.quantize(
         original, gguf.GGMLQuantizationType.Q8_0), original.shape), torch.float32)
     assert torch.equal(restored, direct)
-    np.testing.assert_array_equal(unpermute_rows(_llama_cpp_permute(original, n_head), n_head), original)
+    np.testing.assert_array_equal(unpermute_rows(llama_cpp_permute(original, n_head), n_head), original)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
@@ -286,7 +281,7 @@ def test_safetensors_weights_equal_hf_state_dict(tmp_path, arch):
     path = make_tiny_checkpoint(tmp_path, arch)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(path)
     source = open_model(str(path))
-    weights = dict(source.weights())
+    weights = {name: materialize(value) for name, value in source.weights()}
     hf_state = hf_model.state_dict()
     tied = {"lm_head.weight"} if hf_model.config.tie_word_embeddings else set()
     assert set(weights) == set(hf_state) - tied

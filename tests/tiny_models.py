@@ -3,12 +3,15 @@
 ``make_tiny_checkpoint(tmp_dir, "qwen2")`` writes a directory that looks like a hub download
 (config.json, generation_config.json, model.safetensors, tokenizer files with a chat template),
 so tests load it through the same loader users hit and compare against HF transformers.
+``make_tiny_gguf`` writes a tiny Llama as llama.cpp's converter would (weights and metadata only).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
+import numpy as np
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -120,4 +123,50 @@ def make_tiny_checkpoint(tmp_dir: str | Path, arch: str, seed: int = 0, **overri
     path = Path(tmp_dir) / arch
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
+    return path
+
+
+def llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py LlamaModel.permute (n_head already the kv count for k)."""
+    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(
+        weights.shape)
+
+
+def make_tiny_gguf(tmp_dir: str | Path, vocab_size: int = 96, seed: int = 0, **overrides) -> Path:
+    """Write a random untied tiny Llama as a GGUF file under ``tmp_dir`` and return its path.
+
+    As llama.cpp writes it: GGUF tensor names, q/k rows in llama.cpp's rotary order, matrices
+    quantized to Q8_0 (vectors F32), and the metadata ``runtime.loader.gguf.build_config`` reads.
+    There is no tokenizer, so read it with ``GGUFReader`` and ``build_config``, not ``open_model``.
+    """
+    config = make_tiny_config("llama", vocab_size, tie_word_embeddings=False, **overrides)
+    torch.manual_seed(seed)
+    state = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).state_dict()
+    path = Path(tmp_dir) / "tiny-llama.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_vocab_size(vocab_size)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    permuted_heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    for name, tensor in state.items():
+        base, suffix = name.rsplit(".", 1)
+        values, module = tensor.numpy(), base.rsplit(".", 1)[-1]
+        if module in permuted_heads:
+            values = llama_cpp_permute(values, permuted_heads[module])
+        gguf_name = f"{names.get_name(base)}.{suffix}"
+        if values.ndim == 2:
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(gguf_name, gguf.quants.quantize(values, q8), raw_dtype=q8)
+        else:
+            writer.add_tensor(gguf_name, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return path

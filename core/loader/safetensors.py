@@ -9,6 +9,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
 from .source import ModelSource, WeightStream, eos_token_ids, generation_config_eos
+from .stored import StoredTensor
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -33,11 +34,12 @@ def weight_files(directory: Path) -> list[Path]:
 
 
 def read_weights(files: list[Path]) -> WeightStream:
-    """Every tensor of ``files`` under its stored (HF) name, read one at a time."""
+    """Every tensor of ``files`` under its stored (HF) name, as a ``StoredTensor`` that reads only
+    what its consumer indexes. Each file stays open while the stream yields its tensors."""
     for file in files:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, StoredTensor(f, name)
 
 
 def open_safetensors(directory: Path) -> ModelSource:

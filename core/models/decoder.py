@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..loader.stored import StoredTensor, materialize
 from ..platform import AttentionBackend, AttentionSpec, KernelSet, QuantizationMethod, RawQuantizedTensor
 from .batch import ForwardBatch
 from .layers.attention import SelfAttention
@@ -191,7 +192,7 @@ class DecoderForCausalLM(nn.Module):
         cap = self.settings.final_logit_soft_cap
         return torch.tanh(logits / cap) * cap if cap is not None else logits
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | RawQuantizedTensor]],
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | StoredTensor | RawQuantizedTensor]],
                      quant_method: Callable[[str], QuantizationMethod]) -> None:
         """Fill parameters from (HF name, value) pairs; raises if any parameter stays unloaded.
 
@@ -210,7 +211,7 @@ class DecoderForCausalLM(nn.Module):
                 prefix, piece, kind = part.groups()
                 fused, index = FUSED_PARTS[piece]
                 linear = modules[f"{prefix}.{fused}"]
-                linear.load_partition(kind, index, _dense(value, quant_method, dtype))
+                linear.load_partition(kind, index, _dense_view(value, quant_method, dtype))
                 loaded.add(f"{prefix}.{fused}.{kind}#{index}")
                 continue
             if name not in params:
@@ -218,12 +219,13 @@ class DecoderForCausalLM(nn.Module):
             param = params[name]
             module = modules.get(name.rsplit(".", 1)[0])
             if (isinstance(module, Linear) and module.sharded) or name == "embed_tokens":
-                # A rank's slice: dense weights are cut from the checkpoint's (a quantized one is
-                # dequantized first); the platform's --quantization applies to the slice afterwards.
+                # A rank reads only its slice of the checkpoint's tensor (of a quantized one it
+                # dequantizes only its rows); the platform's --quantization applies to the slice afterwards.
+                view = _dense_view(value, quant_method, dtype)
                 if name == "embed_tokens":
-                    self._load_vocab_rows(_dense(value, quant_method, dtype))
+                    self._load_vocab_rows(view)
                 else:
-                    module.load_whole(name.rsplit(".", 1)[1], _dense(value, quant_method, dtype))
+                    module.load_whole(name.rsplit(".", 1)[1], view)
                 loaded.add(name)
                 continue
             if isinstance(value, RawQuantizedTensor) and isinstance(module, Linear) and name.endswith(".weight"):
@@ -258,12 +260,13 @@ class DecoderForCausalLM(nn.Module):
             return self.norm is not None
         return True
 
-    def _load_vocab_rows(self, table: torch.Tensor) -> None:
-        """The embedding table's rows of this rank's vocabulary slice (the padding rows stay zero)."""
-        rows = table[self.vocab_first:self.vocab_first + self.embed_tokens.shape[0]]
-        if rows.shape[1:] != self.embed_tokens.shape[1:] or table.shape[0] != self.settings.vocab_size:
-            raise ValueError(f"checkpoint embedding has shape {tuple(table.shape)}, model expects "
-                             f"({self.settings.vocab_size}, {self.embed_tokens.shape[1]})")
+    def _load_vocab_rows(self, table: Any) -> None:
+        """The embedding table's rows of this rank's vocabulary slice, the only ones read from
+        ``table`` (indexed like a tensor); the padding rows stay zero."""
+        expected = (self.settings.vocab_size, self.embed_tokens.shape[1])
+        if tuple(table.shape) != expected:
+            raise ValueError(f"checkpoint embedding has shape {tuple(table.shape)}, model expects {expected}")
+        rows = table[self.vocab_first:min(self.vocab_first + self.embed_tokens.shape[0], self.settings.vocab_size)]
         self.embed_tokens.data.zero_()
         self.embed_tokens.data[:rows.shape[0]] = rows.to(self.embed_tokens.dtype)
 
@@ -316,8 +319,37 @@ def _module_name(hf_name: str) -> str | None:
     return "embed_tokens" if name == "embed_tokens.weight" else name
 
 
-def _dense(value: torch.Tensor | RawQuantizedTensor, quant_method: Callable[[str], QuantizationMethod],
-           dtype: torch.dtype) -> torch.Tensor:
+def _dense(value: torch.Tensor | StoredTensor | RawQuantizedTensor,
+           quant_method: Callable[[str], QuantizationMethod], dtype: torch.dtype) -> torch.Tensor:
+    """The whole checkpoint tensor in memory, dequantized, in ``dtype``."""
     if isinstance(value, RawQuantizedTensor):
         return quant_method(value.format).dequantize(value, dtype)
-    return value.to(dtype)
+    return materialize(value).to(dtype)
+
+
+def _dense_view(value: torch.Tensor | StoredTensor | RawQuantizedTensor,
+                quant_method: Callable[[str], QuantizationMethod], dtype: torch.dtype) -> Any:
+    """``value`` indexed like its dense tensor, reading (and dequantizing) only what is indexed."""
+    if isinstance(value, RawQuantizedTensor):
+        return _DequantizedRows(value, quant_method(value.format), dtype)
+    return value
+
+
+class _DequantizedRows:
+    """A quantized checkpoint matrix indexed like its dense weight, in ``dtype``: the indexed rows
+    are cut from the stored blocks (``RawQuantizedTensor.rows``) and only they are dequantized."""
+
+    def __init__(self, raw: RawQuantizedTensor, method: QuantizationMethod, dtype: torch.dtype):
+        self.raw, self.method, self.dtype = raw, method, dtype
+        self.shape = torch.Size(raw.shape)
+
+    def __getitem__(self, index: slice | tuple[slice, slice]) -> torch.Tensor:
+        rows, *columns = index if isinstance(index, tuple) else (index,)
+        if len(self.shape) < 2:  # a vector (bias) is one run of blocks: small, dequantized whole
+            return self.method.dequantize(self.raw, self.dtype)[rows]
+        dense = self.method.dequantize(self.raw.rows(rows.start, rows.stop), self.dtype)
+        # Columns (row-parallel weights) are cut after dequantizing whole rows: a column range is
+        # a run of bytes inside every row (a few KiB, a page or two), so cutting the bytes would
+        # save little reading, and the range's ends need not fall on block boundaries (256 values
+        # for k-quants), where the bytes could be cut.
+        return dense[:, columns[0]] if columns else dense

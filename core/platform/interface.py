@@ -319,7 +319,8 @@ class RawQuantizedTensor:
     """A weight as stored in a quantized checkpoint, before a method processes it.
 
     ``data`` holds the file's bytes for the tensor (numpy uint8 array, or a typed array for
-    float types); ``shape`` is the logical (dequantized) torch shape, outermost first.
+    float types); ``shape`` is the logical (dequantized) torch shape, outermost first. A
+    matrix's ``data`` has one row per weight row: quantization blocks run along a row.
     """
 
     format: str
@@ -328,6 +329,11 @@ class RawQuantizedTensor:
     """Format-specific type name, e.g. ``"Q4_K"`` or ``"F16"``."""
     data: Any
     shape: tuple[int, ...]
+
+    def rows(self, start: int, end: int) -> RawQuantizedTensor:
+        """Rows [start, end) of a matrix, still quantized: a cut of ``data``'s rows (of a
+        memory-mapped file, only those rows are read)."""
+        return RawQuantizedTensor(self.format, self.qtype, self.data[start:end], (end - start, *self.shape[1:]))
 
 
 class QuantizationMethod:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any
 
 import torch
@@ -25,6 +26,8 @@ class Linear(nn.Module):
     ``columns`` the [start, end) of the input columns (row-parallel), whose partial products
     ``reduce`` sums across the group before the bias is added. ``stored`` gives the checkpoint's
     partition sizes, for a fused tensor stored whole (Phi-3's qkv_proj) that a rank cuts up.
+    Loading indexes the checkpoint tensor once per partition with the rank's rows and columns,
+    so a lazily read one (``StoredTensor``) reads only the rank's slice.
     """
 
     def __init__(self, in_features: int, out_features: int | list[int], ops: KernelSet, bias: bool = False,
@@ -67,24 +70,32 @@ class Linear(nn.Module):
         start = sum(self.partitions[:index])
         return slice(start, start + self.partitions[index])
 
-    def shard(self, name: str, index: int, value: torch.Tensor) -> torch.Tensor:
-        """This rank's part of checkpoint tensor ``name`` (weight or bias) of partition ``index``."""
-        if self.rows is not None:
-            start, end = self.rows[index]
-            value = value[start:min(end, value.shape[0])]
+    def shard(self, name: str, index: int, value: Any, start: int, size: int) -> torch.Tensor:
+        """This rank's part of partition ``index`` of checkpoint tensor ``name`` (weight or bias),
+        which occupies rows [start, start + size) of ``value``, in one indexing of ``value``: a
+        lazily stored tensor then reads only those rows (and, row-parallel, columns)."""
+        first, end = self.rows[index] if self.rows is not None else (0, size)
+        rows = slice(start + first, start + min(end, size))
         if self.columns is not None and name == "weight":
-            value = value[:, self.columns[0]:self.columns[1]]
-        return value
+            return value[rows, self.columns[0]:self.columns[1]]
+        return value[rows]
 
-    def load_whole(self, name: str, value: torch.Tensor) -> None:
-        """Load a checkpoint tensor holding every partition (this rank keeps its slice of each)."""
-        parts = value.split(self.stored, dim=0) if len(self.partitions) > 1 else [value]
-        for index, part in enumerate(parts):
-            self.load_partition(name, index, part)
+    def load_whole(self, name: str, value: Any) -> None:
+        """Load a checkpoint tensor holding every partition (this rank keeps its slice of each).
+        ``value`` is anything indexed like a tensor."""
+        sizes = self.stored if len(self.partitions) > 1 else [value.shape[0]]
+        if value.shape[0] != sum(sizes):
+            raise ValueError(f"checkpoint {name} has {value.shape[0]} rows, expected "
+                             f"{' + '.join(map(str, sizes))} = {sum(sizes)}")
+        for index, start in enumerate(itertools.accumulate(sizes[:-1], initial=0)):
+            self._copy_partition(name, index, self.shard(name, index, value, start, sizes[index]))
 
-    def load_partition(self, name: str, index: int, value: torch.Tensor) -> None:
+    def load_partition(self, name: str, index: int, value: Any) -> None:
+        """Load partition ``index`` stored as a tensor of its own, indexed like in :meth:`load_whole`."""
+        self._copy_partition(name, index, self.shard(name, index, value, 0, value.shape[0]))
+
+    def _copy_partition(self, name: str, index: int, value: torch.Tensor) -> None:
         target = self.bias if name == "bias" else self.weight
-        value = self.shard(name, index, value)
         rows = self.partition_rows(index)
         if self.rows is not None and value.shape[0] < self.partitions[index]:
             rows = slice(rows.start, rows.start + value.shape[0])  # a padded vocabulary's last rows stay zero

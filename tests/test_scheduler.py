@@ -379,8 +379,10 @@ def test_random_operations_keep_requests_and_blocks_consistent(mode, num_blocks,
         if mode == "micro_batches":
             while len(micro_batches) < 2:
                 busy = computing()
-                out = sched.schedule(busy)
+                share = -(-(sched.num_running + sched.num_waiting) // 2)
+                out = sched.schedule(busy, max_seqs=max(1, share))
                 checker.check_schedule(out)
+                assert len(out.scheduled) <= max(1, share)
                 assert not busy & {s.request.request_id for s in out.scheduled} and not busy & set(out.preempted_ids)
                 if not out.scheduled:
                     break

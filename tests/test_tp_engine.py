@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -102,6 +103,32 @@ def test_a_killed_worker_is_named_and_the_engine_fails(parallel, tmp_path):
         assert len(launches) >= 10
     finally:
         llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)], ids=["tp2", "pp2"])
+def test_a_stalled_worker_ends_the_engine_within_the_timeout(parallel, tmp_path):
+    path = make_tiny_checkpoint(tmp_path, "llama")
+    llm = LLM(str(path), distributed_timeout=5, kv_cache_memory="16MiB", max_model_len=256, **parallel)
+    executor = llm.engine.executor
+    worker = executor._workers[0]
+    launch, launches = executor.launch, []
+
+    def launch_then_stop(*args):
+        launches.append(1)
+        if len(launches) == 10:  # mid-generation, the worker stops answering without dying
+            os.kill(worker.pid, signal.SIGSTOP)
+        return launch(*args)
+
+    executor.launch = launch_then_stop
+    try:
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"worker rank 1 stopped responding \(no heartbeat\)"):
+            llm.generate([{"prompt_token_ids": [5, 6, 7]}] * 4, SamplingParams(max_tokens=200, ignore_eos=True),
+                         use_tqdm=False)
+        assert time.monotonic() - started < 5 + 20
+    finally:
+        llm.engine.shutdown()
+    assert not worker.is_alive()
 
 
 def test_the_ray_executor_generates_what_mp_does(tmp_path):

@@ -169,9 +169,12 @@ class EngineCore:
 
     def _step_pipelined(self) -> list[EngineCoreOutput]:
         """Keep up to one micro-batch per pipeline stage in flight, each of requests the others
-        do not hold, so every stage has work; then read back the oldest."""
+        do not hold (and at most its share of all of them), so every stage has work; then read
+        back the oldest."""
         while len(self._micro_batches) < self.pipeline_depth:
-            out = self.scheduler.schedule(self._computing)
+            # An even share each, so that the requests spread over all the micro-batches.
+            share = -(-(self.scheduler.num_running + self.scheduler.num_waiting) // self.pipeline_depth)
+            out = self.scheduler.schedule(self._computing, max_seqs=max(1, share))
             if not out.scheduled:
                 if out.finished_ids:
                     self.executor.launch(out)  # the ranks forget the finished requests

@@ -139,16 +139,18 @@ class Scheduler:
             if request is not None:
                 self._finish(request, status)
 
-    def schedule(self, in_flight: frozenset[str] | set[str] = frozenset()) -> SchedulerOutput:
+    def schedule(self, in_flight: frozenset[str] | set[str] = frozenset(), max_seqs: int | None = None) -> SchedulerOutput:
         """Choose this step's work: running requests first, then admissions, within the budget.
 
         ``in_flight``: requests whose previous step has not been applied yet (pipeline
         micro-batches); they are neither scheduled nor preempted (when the policy would preempt
-        one, the step stops short instead).
+        one, the step stops short instead). ``max_seqs``: at most this many requests in the
+        step (a micro-batch's share of them).
         """
-        return self._schedule(look_ahead=False, in_flight=in_flight)
+        return self._schedule(look_ahead=False, in_flight=in_flight, max_seqs=max_seqs or self.max_num_seqs)
 
-    def _schedule(self, look_ahead: bool, in_flight: frozenset[str] | set[str] = frozenset()) -> SchedulerOutput:
+    def _schedule(self, look_ahead: bool, in_flight: frozenset[str] | set[str] = frozenset(),
+                  max_seqs: int | None = None) -> SchedulerOutput:
         """``look_ahead``: the previous step is still in flight (see :meth:`look_ahead`), so a
         request whose coming token ends it by length is left out, and blocks running short stop
         the step where it is instead of preempting (a preempted request would be recomputed
@@ -159,7 +161,7 @@ class Scheduler:
         short = False
 
         for request in list(self._running):
-            if budget == 0:
+            if budget == 0 or len(scheduled) == max_seqs:
                 break
             if request.status is not RequestStatus.RUNNING or request.request_id in in_flight:
                 continue  # preempted as a victim for an earlier request of this loop, or still computing
@@ -191,7 +193,8 @@ class Scheduler:
             budget -= num_new
 
         # After a preemption blocks are short: admitting now would only evict what was just computed.
-        while not preempted and not short and self._waiting and budget > 0 and len(self._running) < self.max_num_seqs:
+        while (not preempted and not short and self._waiting and budget > 0 and len(self._running) < self.max_num_seqs
+               and len(scheduled) != max_seqs):
             request = self._waiting[0][1]
             hit_ids, num_hits = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hits, budget)

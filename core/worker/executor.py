@@ -32,6 +32,7 @@ import zmq
 from ..platform import Platform, Registry
 from ..sched.scheduler import SchedulerOutput
 from .mirror import Collect, Stop, StepSender, decode_result, encode
+from .progress import RankProgress
 from .model_runner import PendingStep, RunnerOutput
 from .setup import RunnerPlan, build_runner, join_groups
 
@@ -71,6 +72,7 @@ class MultiprocExecutor:
         self.world_size = plan.world_size
         self.plan = plan
         self.backend = backend
+        self.timeout_s = timeout_s
         self.platform = platform
         self._dir = tempfile.TemporaryDirectory(prefix="runtime-workers-")
         self._zmq = zmq.Context()
@@ -88,6 +90,9 @@ class MultiprocExecutor:
         results_address = self._bind(self._results, "results")
         dist_address = f"tcp://{_host_for(backend)}:{_free_port()}"
         self._failure: Optional[str] = None
+        self._progress: Optional[RankProgress] = None
+        """Set by ``_start_workers`` where the workers can share memory with this process."""
+        self._sender = StepSender()
         self._workers = self._start_workers(plan, dist_address, addresses, results_address, timeout_s)
         try:
             dist.init_process_group(platform.dist_backend, init_method=dist_address, rank=0,
@@ -98,7 +103,6 @@ class MultiprocExecutor:
         except Exception as exc:
             self.shutdown()
             raise self._named(exc) from None
-        self._sender = StepSender()
         self._watcher = threading.Thread(target=self._watch, name="runtime-worker-watch", daemon=True)
         self._watcher.start()
 
@@ -135,9 +139,14 @@ class MultiprocExecutor:
 
     def _receive_result(self, step: int) -> RunnerOutput:
         """What the last pipeline stage computed for ``step`` (it sends steps in launch order)."""
+        deadline = time.monotonic() + self.timeout_s
         while not self._results.poll(100):
             if self._failure is not None:
                 raise RuntimeError(self._failure)
+            if time.monotonic() > deadline:
+                last = self.world_size - self.plan.tensor_parallel_size
+                raise self._named(RuntimeError(f"the last pipeline stage (rank {last}) sent no result for step {step} "
+                                               f"in {self.timeout_s:g} s (--distributed-timeout)"))
         result = decode_result(self._results.recv())
         if result.step != step:
             raise RuntimeError(f"the last pipeline stage sent step {result.step}, expected {step}")
@@ -168,11 +177,12 @@ class MultiprocExecutor:
         from .worker_process import run_worker
 
         context = multiprocessing.get_context("spawn")
+        self._progress = RankProgress(context, self.world_size)
         workers = []
         for rank, address in enumerate(addresses, start=1):
             process = context.Process(target=run_worker, name=f"runtime-worker-{rank}", daemon=True,
                                       args=(plan, rank, dist_address, address, results_address, timeout_s,
-                                            logging.getLogger().level))
+                                            logging.getLogger().level, True, None, self._progress))
             process.start()
             workers.append(process)
         return workers
@@ -189,7 +199,8 @@ class MultiprocExecutor:
         if self._stopping:
             return
         rank = sentinels[ready[0]]
-        self._failure = _worker_exit(rank, self._workers[rank - 1])
+        # A rank that froze makes the others' collectives time out and exit: name it first.
+        self._failure = "; ".join(self._stalled() + [_worker_exit(rank, self._workers[rank - 1])])
         logger.error("%s", self._failure)
         time.sleep(_HUNG_AFTER_DEATH_S)
         if self.exit_when_stuck and not self._stopping:
@@ -198,15 +209,22 @@ class MultiprocExecutor:
 
     _stopping = False
 
+    def _stalled(self) -> list[str]:
+        if self._progress is None or self._sender.latest is None:
+            return []
+        return [problem for problem in self._progress.stalled(self._sender.latest)
+                if not any(f"rank {rank} " in problem for rank, p in enumerate(self._workers, 1) if not p.is_alive())]
+
     def _named(self, exc: BaseException) -> BaseException:
-        """``exc`` with the dead rank named, when a worker's death caused it."""
+        """``exc`` with the rank that caused it named: a worker that died, or one that stalled."""
         deadline = time.monotonic() + 2.0
         while self._failure is None and time.monotonic() < deadline and any(not p.is_alive() for p in self._workers):
             time.sleep(0.05)
         if self._failure is None:
             dead = [(rank, p) for rank, p in enumerate(self._workers, start=1) if not p.is_alive()]
-            if dead:
-                self._failure = _worker_exit(*dead[0])
+            problems = self._stalled() + ([_worker_exit(*dead[0])] if dead else [])
+            if problems:
+                self._failure = "; ".join(problems)
         return RuntimeError(f"{self._failure}: {exc}") if self._failure else exc
 
     def shutdown(self) -> None:
@@ -219,7 +237,8 @@ class MultiprocExecutor:
         for process in self._workers:
             process.join(5)
             if process.is_alive():
-                process.kill()
+                process.kill()  # also ends a stopped or stuck worker
+                process.join(5)
         self._zmq.destroy(linger=0)
         if dist.is_initialized():
             dist.destroy_process_group()

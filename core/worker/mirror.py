@@ -93,6 +93,11 @@ class StepSender:
         self._steps: dict[int, int] = {}
         self._next = 0
 
+    @property
+    def latest(self) -> int | None:
+        """The number of the last step sent (None before the first)."""
+        return self._next - 1 if self._next else None
+
     def launch(self, out: SchedulerOutput, previous: Optional[PendingStep]) -> tuple[Launch, int]:
         """The message for launching ``out``, and the step number to name it by when collecting."""
         new = []

@@ -17,7 +17,8 @@ import torch.distributed as dist
 import zmq
 
 from ..platform import get_registry
-from .mirror import Stop, StepMirror, decode
+from .mirror import Launch, Stop, StepMirror, decode
+from .progress import RankProgress
 from .setup import RunnerPlan, build_runner, join_groups
 
 logger = logging.getLogger("runtime")
@@ -33,10 +34,12 @@ def worker_device_index(platform, plan: RunnerPlan, rank: int) -> int:
 
 
 def run_worker(plan: RunnerPlan, rank: int, dist_address: str, step_address: str, results_address: str,
-               timeout_s: float, log_level: int, name_process: bool = True, device_index: int | None = None) -> None:
+               timeout_s: float, log_level: int, name_process: bool = True, device_index: int | None = None,
+               progress: RankProgress | None = None) -> None:
     """The worker's main: a spawned process, or a Ray actor's call (``name_process`` False; Ray
     shows the actor its own device as ``device_index`` 0). The last pipeline stage's first rank
-    sends each step's results to ``results_address``."""
+    sends each step's results to ``results_address``. ``progress`` (mp workers) is where it notes
+    its steps and heartbeat for rank 0."""
     if name_process:
         from ..engine.engine_process import exit_with_parent
 
@@ -64,10 +67,14 @@ def run_worker(plan: RunnerPlan, rank: int, dist_address: str, step_address: str
             results.connect(results_address)
             send_result = results.send
         mirror = StepMirror(runner, plan.max_model_len, send_result)
+        if progress is not None:
+            progress.keep_beating(rank)
         while True:
             message = decode(steps.recv())
             if isinstance(message, Stop):
                 return
+            if progress is not None and isinstance(message, Launch):
+                progress.started(rank, message.step)
             mirror.handle(message)
     except Exception:  # noqa: BLE001  (rank 0 names this rank when its own collective fails)
         logger.exception("worker rank %d failed", rank)

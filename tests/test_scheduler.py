@@ -25,9 +25,10 @@ def make_request(request_id: str, prompt, max_tokens: int = 4, priority: int = 0
                    priority=priority, arrival_time=arrival, max_model_len=max_model_len)
 
 
-def make_scheduler(num_blocks=64, max_num_seqs=8, max_num_batched_tokens=32, policy="fcfs", caching=True):
+def make_scheduler(num_blocks=64, max_num_seqs=8, max_num_batched_tokens=32, policy="fcfs", caching=True,
+                   max_loras=None):
     kv = KVCacheManager(num_blocks, BS, enable_prefix_caching=caching)
-    return Scheduler(kv, max_num_seqs, max_num_batched_tokens, policy)
+    return Scheduler(kv, max_num_seqs, max_num_batched_tokens, policy, max_loras=max_loras)
 
 
 def step(sched: Scheduler, token: int = 7) -> SchedulerOutput:
@@ -219,6 +220,20 @@ def test_finish_requests_for_stop_strings():
         sched.finish_requests(["a"], RequestStatus.RUNNING)
 
 
+def test_a_step_holds_at_most_max_loras_adapters_and_the_others_keep_their_place():
+    sched = make_scheduler(max_loras=2)
+    for i, lora_id in enumerate([1, 2, 3, 0, 1]):
+        sched.add_request(Request(f"r{i}", [i + 1] * 4, SamplingParams(max_tokens=2), lora_id=lora_id))
+    first = sched.schedule()
+    assert [s.request.request_id for s in first.scheduled] == ["r0", "r1", "r3", "r4"]  # r2's adapter waits
+    sched.update(first, {s.request.request_id: 7 for s in first.scheduled})
+    second = sched.schedule()
+    assert "r2" not in [s.request.request_id for s in second.scheduled]  # adapters 1 and 2 still run
+    sched.update(second, {s.request.request_id: 7 for s in second.scheduled})
+    third = sched.schedule()  # r0, r1 and r4 finished (2 tokens): adapter 3's turn
+    assert [s.request.request_id for s in third.scheduled] == ["r2"]
+
+
 def test_duplicate_request_id_is_refused():
     sched = make_scheduler()
     sched.add_request(make_request("a", [1]))
@@ -241,9 +256,11 @@ PREFIXES = [[], [1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9, 9], [5] * 10]
 @st.composite
 def new_requests(draw):
     prompt = draw(st.sampled_from(PREFIXES)) + draw(st.lists(st.integers(0, 4), min_size=1, max_size=6))
-    return prompt, draw(st.integers(1, 12)), draw(st.integers(0, 3)), draw(st.booleans())
+    return prompt, draw(st.integers(1, 12)), draw(st.integers(0, 3)), draw(st.booleans()), draw(st.integers(0, 3))
 
 
+MAX_LORAS = 2
+"""Requests use adapters 0 (none) to 3; a step may hold 2."""
 STEP = st.tuples(st.just("step"), st.none())
 # Steps weigh more, and adds come in bursts, so requests overlap and fight over blocks.
 OPS = st.one_of(
@@ -270,6 +287,7 @@ class Checker:
         assert out.num_batched_tokens <= sched.max_num_batched_tokens
         assert len(out.scheduled) <= sched.max_num_seqs
         assert len({s.request.request_id for s in out.scheduled}) == len(out.scheduled)
+        assert len({s.request.lora_id for s in out.scheduled} - {0}) <= MAX_LORAS
         for s in out.scheduled:
             assert s.num_new_tokens >= 1 and s.start == s.request.num_computed_tokens
             assert s.start + s.num_new_tokens <= s.request.num_tokens + s.request.num_pending_tokens
@@ -296,13 +314,15 @@ class Checker:
         for s in out.scheduled:
             tokens = s.request.all_token_ids
             for pos in range(s.start, s.start + s.num_new_tokens):
-                self.slots[(s.block_ids[pos // BS], pos % BS)] = tuple(tokens[: pos + 1])
+                self.slots[(s.block_ids[pos // BS], pos % BS)] = (s.request.lora_id, tuple(tokens[: pos + 1]))
         for s in out.scheduled:
             if s.request.status is not RequestStatus.RUNNING:
                 continue
             tokens = s.request.all_token_ids
             for pos in range(s.start + s.num_new_tokens):
-                assert self.slots.get((s.block_ids[pos // BS], pos % BS)) == tuple(tokens[: pos + 1])
+                # Written by this adapter (0: the base model) for these tokens: prefix-cache hits
+                # never cross adapters.
+                assert self.slots.get((s.block_ids[pos // BS], pos % BS)) == (s.request.lora_id, tuple(tokens[: pos + 1]))
 
     def check_state(self, in_flight: SchedulerOutput | None = None) -> None:
         """``in_flight``: a look-ahead step launched and not yet run, whose blocks are held."""
@@ -350,7 +370,7 @@ def test_random_operations_keep_requests_and_blocks_consistent(mode, num_blocks,
     n's tokens are known, and runs after they are. ``micro_batches``: as with two pipeline
     stages, up to two steps are in flight, the second scheduled from requests the first does
     not hold; they run and are applied oldest first."""
-    sched = make_scheduler(num_blocks, max_num_seqs, budget, policy, caching)
+    sched = make_scheduler(num_blocks, max_num_seqs, budget, policy, caching, max_loras=MAX_LORAS)
     max_model_len = (num_blocks - 1) * BS  # the engine guarantees one request fits the cache
     checker = Checker(sched)
     rng = random.Random(seed)
@@ -402,10 +422,10 @@ def test_random_operations_keep_requests_and_blocks_consistent(mode, num_blocks,
 
     for op, arg in ops:
         if op == "add":
-            for prompt, max_tokens, priority, eos in arg:
+            for prompt, max_tokens, priority, eos, lora_id in arg:
                 req = Request(f"r{len(checker.requests)}", prompt, SamplingParams(max_tokens=max_tokens),
                               eos_token_ids=frozenset({EOS} if eos else ()), max_model_len=max_model_len,
-                              priority=priority, arrival_time=float(len(checker.requests)))
+                              priority=priority, arrival_time=float(len(checker.requests)), lora_id=lora_id)
                 checker.requests.append(req)
                 sched.add_request(req)
         elif op == "step":

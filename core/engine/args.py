@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, fields
 from typing import Optional, Union
 
+from ..lora.config import LoRAConfig
 from ..platform import KV_CACHE_DTYPES
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
@@ -68,6 +69,14 @@ class EngineArgs:
     pipeline_parallel_size on (set by the server)."""
     distributed_timeout: float = 300.0
     """Seconds a collective may wait for a rank before the engine fails, naming it."""
+    enable_lora: bool = False
+    """Serve LoRA adapters (requests name one with a ``LoRARequest``; docs/lora.md)."""
+    max_loras: int = 1
+    """Distinct adapters in one step (device slots)."""
+    max_lora_rank: int = 16
+    """The largest adapter rank accepted: 8, 16, 32, 64, 128 or 256."""
+    max_cpu_loras: Optional[int] = None
+    """Adapters kept loaded on the host; default max_loras."""
 
     def __post_init__(self) -> None:
         if self.scheduling_policy not in ("fcfs", "priority"):
@@ -96,6 +105,8 @@ class EngineArgs:
         if self.distributed_timeout <= 0:
             raise ValueError(f"distributed_timeout must be > 0 seconds, got {self.distributed_timeout}")
         self.kv_cache_memory_bytes = parse_size(self.kv_cache_memory)
+        self.lora = (LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras or self.max_loras)
+                     if self.enable_lora else None)
 
     @classmethod
     def field_names(cls) -> set[str]:

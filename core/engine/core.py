@@ -13,6 +13,7 @@ import torch
 
 from ..kv.manager import KVCacheManager
 from ..loader.source import ModelSource, open_model
+from ..lora import LoRARequest
 from ..models import decoder_settings
 from ..models.parallel import check_pipeline_parallel, check_tensor_parallel
 from ..platform import Communicator, PlatformConfig, Registry, get_registry
@@ -54,6 +55,9 @@ class EngineCore:
         check_tensor_parallel(args.tensor_parallel_size, settings.num_heads, settings.num_kv_heads,
                               settings.intermediate_size)
         check_pipeline_parallel(args.pipeline_parallel_size, settings.num_layers)
+        if args.lora is not None and args.tensor_parallel_size * args.pipeline_parallel_size > 1:
+            raise ValueError("LoRA adapters with --tensor-parallel-size or --pipeline-parallel-size above 1 are not "
+                             "supported yet: serve adapters on one rank per engine (--data-parallel-size to scale out)")
         if args.pipeline_parallel_size > 1 and registry.communicator(self.platform.name).isend is Communicator.isend:
             raise ValueError(f"the {self.platform.name} platform's communicator has no isend (contract 1.4), which "
                              f"pipeline stages need: upgrade the plugin or split with --tensor-parallel-size")
@@ -74,7 +78,8 @@ class EngineCore:
             gpu_memory_utilization=args.gpu_memory_utilization, graphs=self.look_ahead, seed=args.seed,
             tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
             data_parallel_size=args.data_parallel_size,
-            first_device=args.data_parallel_rank * args.tensor_parallel_size * args.pipeline_parallel_size)
+            first_device=args.data_parallel_rank * args.tensor_parallel_size * args.pipeline_parallel_size,
+            lora=args.lora)
         quantization_method(registry, self.platform, self.quantization)  # an unknown method fails before any rank starts
         self.executor = make_executor(self.plan, registry, self.platform, self.source,
                                       args.distributed_executor_backend, args.distributed_timeout)
@@ -85,7 +90,8 @@ class EngineCore:
         self._computing: set[str] = set()
         """Requests of the micro-batches in flight."""
         self.kv_manager = KVCacheManager(self.num_blocks, self.block_size, args.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv_manager, self.max_num_seqs, pconfig.max_num_batched_tokens, args.scheduling_policy)
+        self.scheduler = Scheduler(self.kv_manager, self.max_num_seqs, pconfig.max_num_batched_tokens, args.scheduling_policy,
+                                   max_loras=args.lora.max_loras if args.lora else None)
         self.max_num_batched_tokens = pconfig.max_num_batched_tokens
         gib = 1 << 30
         activation_bytes = self.executor.activation_bytes
@@ -122,8 +128,14 @@ class EngineCore:
         return frozenset(self.source.generation_eos_token_ids)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    priority: int = 0, arrival_time: float | None = None) -> None:
-        """Queue a request; raises ValueError when it cannot fit the context."""
+                    priority: int = 0, arrival_time: float | None = None,
+                    lora_request: LoRARequest | None = None) -> None:
+        """Queue a request; raises ValueError when it cannot fit the context or its adapter is bad."""
+        if lora_request is not None:
+            if self.runner.lora_registry is None:
+                raise ValueError(f"request names LoRA adapter {lora_request.lora_name!r} but LoRA is not enabled: "
+                                 f"start the engine with --enable-lora")
+            self.runner.lora_registry.register(lora_request)
         if not prompt_token_ids:
             raise ValueError("prompt is empty: give at least one token")
         vocab = self.runner.settings.vocab_size
@@ -133,7 +145,8 @@ class EngineCore:
             raise ValueError(f"prompt has {len(prompt_token_ids)} tokens, the context is {self.max_model_len}: "
                              f"shorten it or raise --max-model-len")
         request = Request(request_id, list(prompt_token_ids), params, eos_token_ids=self.eos_token_ids,
-                          max_model_len=self.max_model_len, priority=priority)
+                          max_model_len=self.max_model_len, priority=priority,
+                          lora_id=lora_request.lora_int_id if lora_request else 0)
         if arrival_time is not None:
             request.arrival_time = arrival_time
         self.scheduler.add_request(request)

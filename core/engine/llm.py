@@ -8,6 +8,7 @@ from typing import Any, Optional, Sequence, Union
 
 from tqdm.auto import tqdm
 
+from ..lora import LoRARequest
 from ..sample.params import SamplingParams
 from .args import EngineArgs
 from .chat import load_chat_template, render_chat
@@ -45,9 +46,12 @@ class LLM:
 
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-                 use_tqdm: bool = True, priority: Optional[list[int]] = None) -> list[RequestOutput]:
+                 use_tqdm: bool = True, priority: Optional[list[int]] = None,
+                 lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None) -> list[RequestOutput]:
         """Generate for each prompt: a string, a list of token ids, or ``{"prompt_token_ids": [...]}``.
 
+        ``lora_request``: the LoRA adapter to generate with (the engine needs ``enable_lora``),
+        one for every prompt or a list with one per prompt (None: the base model).
         Returns one RequestOutput per prompt, in input order.
         """
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
@@ -55,7 +59,7 @@ class LLM:
         prompts = list(prompts)
         params = self._params_per_prompt(sampling_params, len(prompts))
         encoded = [self._encode(p) for p in prompts]
-        return self._run(encoded, params, use_tqdm, priority)
+        return self._run(encoded, params, use_tqdm, priority, self._adapters_per_prompt(lora_request, len(prompts)))
 
     def chat(self, messages: Union[list[dict[str, Any]], list[list[dict[str, Any]]]],
              sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None, use_tqdm: bool = True,
@@ -67,7 +71,7 @@ class LLM:
         texts = [render_chat(self.tokenizer, conv, template, add_generation_prompt, continue_final_message)
                  for conv in conversations]
         encoded = [(text, self.tokenizer.encode(text, add_special_tokens=False)) for text in texts]
-        return self._run(encoded, self._params_per_prompt(sampling_params, len(texts)), use_tqdm, None)
+        return self._run(encoded, self._params_per_prompt(sampling_params, len(texts)), use_tqdm, None, [None] * len(texts))
 
     def _params_per_prompt(self, sampling_params, count: int) -> list[SamplingParams]:
         if sampling_params is None:
@@ -79,6 +83,15 @@ class LLM:
             raise ValueError(f"got {len(sampling_params)} sampling params for {count} prompts")
         return sampling_params
 
+    @staticmethod
+    def _adapters_per_prompt(lora_request, count: int) -> list[Optional[LoRARequest]]:
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            return [lora_request] * count
+        adapters = list(lora_request)
+        if len(adapters) != count:
+            raise ValueError(f"got {len(adapters)} LoRA requests for {count} prompts")
+        return adapters
+
     def _encode(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt)
@@ -89,7 +102,7 @@ class LLM:
         return None, list(prompt)
 
     def _run(self, encoded: list[tuple[Optional[str], list[int]]], params: list[SamplingParams], use_tqdm: bool,
-             priority: Optional[list[int]]) -> list[RequestOutput]:
+             priority: Optional[list[int]], adapters: list[Optional[LoRARequest]]) -> list[RequestOutput]:
         order: list[str] = []
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(encoded), desc="Processed prompts", disable=not use_tqdm)
@@ -101,7 +114,7 @@ class LLM:
             # Under fcfs the requests that fill the first two steps are queued first and the rest
             # once those run: queueing is then hidden behind the device (admission order is the same).
             head = self._first_steps_share(encoded) if self.engine_args.scheduling_policy == "fcfs" else len(encoded)
-            self._submit(encoded, params, priority, order, head)
+            self._submit(encoded, params, priority, adapters, order, head)
             while self.engine.has_unfinished_requests():
                 outputs, stopped = self.processor.process(self.engine.step())
                 if stopped:
@@ -111,7 +124,7 @@ class LLM:
                         finished[out.request_id] = out
                         bar.update(1)
                 if len(order) < len(encoded):
-                    self._submit(encoded, params, priority, order, len(encoded))
+                    self._submit(encoded, params, priority, adapters, order, len(encoded))
         except BaseException:
             self._abort_all(order)
             raise
@@ -130,12 +143,14 @@ class LLM:
         return len(encoded)
 
     def _submit(self, encoded: list[tuple[Optional[str], list[int]]], params: list[SamplingParams],
-                priority: Optional[list[int]], order: list[str], end: int) -> None:
+                priority: Optional[list[int]], adapters: list[Optional[LoRARequest]], order: list[str],
+                end: int) -> None:
         """Queue prompts ``len(order)`` to ``end``, appending their ids to ``order``."""
         for i in range(len(order), end):
             text, token_ids = encoded[i]
             rid = str(next(self._ids))
-            submit(self.engine, self.processor, rid, text, token_ids, params[i], priority[i] if priority else 0)
+            submit(self.engine, self.processor, rid, text, token_ids, params[i], priority[i] if priority else 0,
+                   adapters[i])
             order.append(rid)
 
     def _abort_all(self, request_ids: list[str]) -> None:

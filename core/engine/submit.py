@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from ..lora import LoRARequest
 from ..sample.params import SamplingParams
 from .core import EngineCore
 from .output_processor import OutputProcessor, child_id
@@ -26,7 +27,8 @@ def sample_params(params: SamplingParams, index: int) -> SamplingParams:
 
 
 def add_samples(core: EngineCore, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                priority: int = 0, arrival_time: Optional[float] = None) -> list[str]:
+                priority: int = 0, arrival_time: Optional[float] = None,
+                lora_request: Optional[LoRARequest] = None) -> list[str]:
     """Queue the n samples of a request in ``core``, all or none; returns their core-level ids.
 
     Raises ValueError (from the core) when the request cannot run, leaving nothing behind.
@@ -35,7 +37,7 @@ def add_samples(core: EngineCore, request_id: str, prompt_token_ids: list[int], 
     for index, cid in enumerate(ids):
         try:
             core.add_request(cid, prompt_token_ids, sample_params(params, index), priority=priority,
-                             arrival_time=arrival_time)
+                             arrival_time=arrival_time, lora_request=lora_request)
         except ValueError:
             core.abort_requests(ids[:index])
             raise
@@ -43,11 +45,12 @@ def add_samples(core: EngineCore, request_id: str, prompt_token_ids: list[int], 
 
 
 def submit(core: EngineCore, processor: OutputProcessor, request_id: str, prompt: Optional[str],
-           prompt_token_ids: list[int], params: SamplingParams, priority: int = 0) -> None:
+           prompt_token_ids: list[int], params: SamplingParams, priority: int = 0,
+           lora_request: Optional[LoRARequest] = None) -> None:
     """Track a request in ``processor`` and queue its n samples in ``core``: all or none."""
     processor.add_request(request_id, prompt, prompt_token_ids, params)
     try:
-        add_samples(core, request_id, prompt_token_ids, params, priority)
+        add_samples(core, request_id, prompt_token_ids, params, priority, lora_request=lora_request)
     except ValueError:
         processor.abort(request_id)
         raise

@@ -18,5 +18,3 @@ class ForwardBatch:
     attn: AttentionMetadata
     kv_caches: list[torch.Tensor]
     """One cache tensor per attention layer, in the backend's layout."""
-    lora_slots: torch.Tensor | None = None
-    """[T] adapter slot per token (-1: none); None when LoRA is off."""

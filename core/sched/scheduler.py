@@ -79,6 +79,7 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         policy: str = "fcfs",
+        max_loras: int | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -88,6 +89,8 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.policy = policy
+        self.max_loras = max_loras
+        """Distinct LoRA adapters one step may use (the device's slots); None: no adapters."""
         self.num_preemptions = 0
         """Preemptions since start, all requests together."""
         self._requests: dict[str, Request] = {}
@@ -159,6 +162,7 @@ class Scheduler:
         scheduled: dict[str, ScheduledRequest] = {}
         preempted: list[str] = []
         short = False
+        adapters: set[int] = set()  # the LoRA ids of this step's requests (0: the base model)
 
         for request in list(self._running):
             if budget == 0 or len(scheduled) == max_seqs:
@@ -168,6 +172,8 @@ class Scheduler:
             num_tokens = request.num_tokens + request.num_pending_tokens
             if request.num_pending_tokens and num_tokens >= request.max_total_tokens:
                 continue  # the token being sampled ends it
+            if not self._adapter_fits(request, adapters):
+                continue  # waits for a step with a free adapter slot
             num_new = min(num_tokens - request.num_computed_tokens, budget)
             if num_new == 0:
                 continue  # its last step's token was not sampled: nothing to compute
@@ -191,11 +197,17 @@ class Scheduler:
                 break
             scheduled[request.request_id] = ScheduledRequest(request, request.num_computed_tokens, num_new, block_ids)
             budget -= num_new
+            adapters.add(request.lora_id)
 
         # After a preemption blocks are short: admitting now would only evict what was just computed.
+        other_adapters: list[tuple[tuple, Request]] = []
         while (not preempted and not short and self._waiting and budget > 0 and len(self._running) < self.max_num_seqs
                and len(scheduled) != max_seqs):
             request = self._waiting[0][1]
+            if not self._adapter_fits(request, adapters):
+                # Set aside (not skipped for good): it keeps its place for the next step.
+                other_adapters.append(heapq.heappop(self._waiting))
+                continue
             hit_ids, num_hits = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hits, budget)
             block_ids = self.kv.allocate_slots(request, num_new, hit_ids, num_hits)
@@ -207,9 +219,18 @@ class Scheduler:
             self._running.append(request)
             scheduled[request.request_id] = ScheduledRequest(request, num_hits, num_new, block_ids)
             budget -= num_new
+            adapters.add(request.lora_id)
+        for entry in other_adapters:
+            heapq.heappush(self._waiting, entry)
 
         finished, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(list(scheduled.values()), preempted, finished)
+
+    def _adapter_fits(self, request: Request, adapters: set[int]) -> bool:
+        """Whether ``request`` may join a step using ``adapters`` (0 stands for the base model)."""
+        if not request.lora_id or request.lora_id in adapters or self.max_loras is None:
+            return True
+        return len(adapters - {0}) < self.max_loras
 
     def look_ahead(self, output: SchedulerOutput) -> SchedulerOutput | None:
         """The step after ``output``, made while ``output`` is still in flight, so the runner can

@@ -25,6 +25,8 @@ from ..sched.scheduler import ScheduledRequest, SchedulerOutput
 from .decode_graphs import DecodeGraphs, capture_sizes
 from .input_buffers import InputBuffers, StepInputs, host_to_device
 from .pipeline import StageLink
+from ..lora.config import LoRAConfig
+from ..lora.manager import LoRARegistry, LoRASlots
 
 TokenLogprobs = tuple[list[int], list[float], int]
 """(token ids, logprobs, rank of the first id): first the sampled/actual token, then the top-k."""
@@ -62,7 +64,8 @@ class ModelRunner:
     def __init__(self, hf_config: Any, weights: Any, platform: Platform, registry: Registry, dtype: torch.dtype,
                  block_size: int, max_model_len: int, kv_cache_dtype: str = "auto",
                  quantization: QuantizationMethod | None = None, tp: TensorParallel = TensorParallel(),
-                 device_index: int = 0, pp: PipelineParallel = PipelineParallel()):
+                 device_index: int = 0, pp: PipelineParallel = PipelineParallel(),
+                 lora: LoRAConfig | None = None):
         self.platform, self.dtype, self.block_size = platform, dtype, block_size
         self.device = platform.device(device_index)
         self.settings = decoder_settings(hf_config)
@@ -89,6 +92,11 @@ class ModelRunner:
         if quantization is not None:
             model.quantize_weights(quantization)
         self.model = model.eval()
+        self.lora_config = lora
+        self.lora_registry = LoRARegistry(self.settings, lora.max_lora_rank, lora.max_cpu_loras) if lora else None
+        """The adapters requests name (the engine registers each before scheduling it)."""
+        self.lora_slots: LoRASlots | None = None
+        self.ops = ops
         self.sampler = Sampler(ops.apply_top_k_top_p_min_p)
         self.generators: dict[str, torch.Generator] = {}
         self.prompt_logprobs_next: dict[str, int] = {}
@@ -124,6 +132,9 @@ class ModelRunner:
         self.buffers = InputBuffers(max(max_num_batched_tokens, graph_rows), max(max_num_seqs, graph_rows),
                                     max_blocks, self.device)
         self.max_model_len = max_model_len
+        if self.lora_registry is not None:
+            self.lora_slots = LoRASlots(self.model, self.settings, self.lora_registry, self.lora_config.max_loras,
+                                        self.buffers.max_tokens, self.ops, self.device, self.dtype)
 
     def profile_activation_memory(self, max_num_batched_tokens: int, max_num_seqs: int) -> int | None:
         """Peak bytes a worst-case step needs beyond the weights, or None where the platform
@@ -157,6 +168,8 @@ class ModelRunner:
         """Capture decode steps for batch sizes up to ``max_num_seqs`` (after the KV cache exists)."""
         self.decode_graphs = DecodeGraphs(self.platform, self.model, self.buffers, self.kv_caches,
                                           self.max_model_len, max_num_seqs)
+        if self.lora_slots is not None:
+            self.lora_slots.active = True  # replays then add every token's adapter (none: slot -1)
         self.decode_graphs.capture()
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
@@ -178,10 +191,12 @@ class ModelRunner:
         step = self._step_inputs(scheduled)
         graph_size = self.decode_graphs.size_for(len(scheduled)) if self.decode_graphs is not None else None
         if graph_size is not None and len(step.input_ids) == len(scheduled):
+            self._place_adapters(scheduled, step.query_start_loc, graph_size)
             self.buffers.load(step, padded_seqs=graph_size)
             self._copy_pending_tokens(scheduled, step.query_start_loc, previous)
             hidden = self.decode_graphs.run(graph_size)
         else:
+            self._place_adapters(scheduled, step.query_start_loc, len(step.input_ids))
             input_ids, positions, meta = self.buffers.load(step)
             self._copy_pending_tokens(scheduled, step.query_start_loc, previous)
             hidden = self.model(ForwardBatch(input_ids, positions, meta, self.kv_caches), self._stage_input(len(input_ids)))
@@ -212,6 +227,15 @@ class ModelRunner:
             pending.ready = torch.Event(device=self.device)
             pending.ready.record()
         return pending
+
+    def _place_adapters(self, scheduled: list[ScheduledRequest], query_start: np.ndarray, padded_tokens: int) -> None:
+        """Put the step's adapters in device slots and write each token's slot."""
+        if self.lora_slots is None:
+            return
+        lora_ids = [s.request.lora_id for s in scheduled]
+        slot_of = self.lora_slots.place({i for i in lora_ids if i})
+        row_slots = np.array([slot_of[i] if i else -1 for i in lora_ids], dtype=np.int64)
+        self.lora_slots.set_tokens(np.repeat(row_slots, np.diff(query_start)), padded_tokens)
 
     def _stage_input(self, num_tokens: int) -> torch.Tensor | None:
         """What the previous pipeline stage computed for this step (None on the first stage)."""

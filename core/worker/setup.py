@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 
 from ..loader.source import ModelSource, open_model
+from ..lora.config import LoRAConfig
 from ..models import decoder_settings
 import torch.distributed as dist
 
@@ -59,6 +60,7 @@ class RunnerPlan:
     data_parallel_size: int = 1
     first_device: int = 0
     """Rank r uses device first_device + r (data-parallel engines use disjoint devices)."""
+    lora: Optional[LoRAConfig] = None
 
     @property
     def world_size(self) -> int:
@@ -146,7 +148,7 @@ def build_runner(plan: RunnerPlan, registry: Registry, platform: Platform, sourc
     torch.manual_seed(plan.seed)
     runner = ModelRunner(source.hf_config, source.weights(), platform, registry, plan.torch_dtype, plan.block_size,
                          plan.max_model_len, plan.kv_cache_dtype, quantization_method(registry, platform, plan.quantization),
-                         tp=place.tp, device_index=device_index, pp=place.pp)
+                         tp=place.tp, device_index=device_index, pp=place.pp, lora=plan.lora)
     runner.prepare_inputs(plan.max_num_batched_tokens, plan.max_num_seqs, plan.max_model_len)
     activation_bytes = runner.profile_activation_memory(plan.max_num_batched_tokens, plan.max_num_seqs)
     per_block = runner.kv_bytes_per_block()

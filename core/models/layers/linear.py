@@ -44,6 +44,8 @@ class Linear(nn.Module):
         self.rows, self.columns = rows, columns
         self.reduce = reduce if reduce is not None and reduce.size > 1 else None
         self.stored = stored
+        self.lora: nn.Module | None = None
+        """The LoRA slots of this projection (core/lora/manager.py) when adapters are enabled."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.reduce is not None else self.bias
@@ -51,6 +53,8 @@ class Linear(nn.Module):
             y = self.quant_method.apply(self.quant_weight, x, bias)
         else:
             y = self.ops.linear(x, self.weight, bias)
+        if self.lora is not None:
+            y = self.lora.add_to(x, y)
         if self.reduce is not None:
             y = self.reduce.all_reduce(y)
             if self.bias is not None:

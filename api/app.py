@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from litestar import Litestar
 from litestar.di import Provide
 
 from runtime.engine.async_engine import AsyncEngine
+from runtime.lora import LoRARequest
 
 from .auth import api_key_middleware
 from .chat import create_chat_completion
 from .completions import create_completion
 from .context import ServerContext
 from .errors import EXCEPTION_HANDLERS
+from .lora import UPDATE_ROUTES
+from .lora_modules import LoRAModules
 from .metrics import Metrics
 from .openapi import openapi_config
 from .system import health, list_models, metrics, version
@@ -25,8 +28,11 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 """Litestar's default (10 MB) is below a long context sent as token ids in JSON."""
 
 
-def create_app(engine: AsyncEngine, model_names: list[str], api_key: Optional[str] = None) -> Litestar:
-    """The OpenAI-compatible app serving ``engine`` under ``model_names`` (the first is the default).
+def create_app(engine: AsyncEngine, model_names: list[str], api_key: Optional[str] = None,
+               lora_modules: Sequence[LoRARequest] = (), allow_runtime_lora_updating: bool = False) -> Litestar:
+    """The OpenAI-compatible app serving ``engine`` under ``model_names`` (the first is the default),
+    and the LoRA adapters ``lora_modules`` under their names; ``allow_runtime_lora_updating``
+    adds the routes that load and unload adapters.
 
     The app starts the engine (connecting to the engine core, which loads in the background) at
     startup and shuts it down at shutdown. With ``api_key``, every route but /health, /version, /metrics and the schema
@@ -34,7 +40,8 @@ def create_app(engine: AsyncEngine, model_names: list[str], api_key: Optional[st
     """
     if not model_names:
         raise ValueError("give at least one served model name")
-    ctx = ServerContext(engine, list(model_names), Metrics(engine, model_names[0]))
+    lora = LoRAModules(list(lora_modules), list(model_names), engine.args.max_lora_rank)
+    ctx = ServerContext(engine, list(model_names), Metrics(engine, model_names[0]), lora)
 
     async def start() -> None:
         await engine.start()
@@ -43,7 +50,7 @@ def create_app(engine: AsyncEngine, model_names: list[str], api_key: Optional[st
         await engine.shutdown()
 
     return Litestar(
-        route_handlers=ROUTES,
+        route_handlers=ROUTES + (UPDATE_ROUTES if allow_runtime_lora_updating else []),
         dependencies={"ctx": Provide(lambda: ctx, use_cache=True, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[api_key_middleware(api_key)] if api_key else [],

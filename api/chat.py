@@ -57,7 +57,7 @@ async def create_chat_completion(data: JSONBody[ChatCompletionRequest], request:
     top_logprobs = (data.top_logprobs or 0) if data.logprobs else None
     params = sampling_params(data, engine.vocab_size, max_tokens, logprobs=top_logprobs)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    gen = Generation(ctx, request_id, [prompt], [params], data.priority)
+    gen = Generation(ctx, request_id, [prompt], [params], data.priority, ctx.lora.get(model))
     if data.stream:
         return event_stream(_chunks(gen, data, request_id, model), gen.abort)
     (out,) = await unless_disconnected(gen.collect(), request.receive)

@@ -79,7 +79,7 @@ async def create_completion(data: JSONBody[CompletionRequest], request: Request,
                               logprobs=logprobs, prompt_logprobs=logprobs if data.echo else None)
               for p in prompts]
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    gen = Generation(ctx, request_id, prompts, params, data.priority)
+    gen = Generation(ctx, request_id, prompts, params, data.priority, ctx.lora.get(model))
     echo = _Echo(data, ctx, prompts)
     if data.stream:
         return event_stream(_chunks(gen, data, echo, request_id, model), gen.abort)

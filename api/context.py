@@ -10,6 +10,7 @@ from typing import Optional
 from runtime.engine.async_engine import AsyncEngine
 
 from .errors import APIError
+from .lora_modules import LoRAModules
 from .metrics import Metrics
 
 
@@ -19,14 +20,18 @@ class ServerContext:
     model_names: list[str]
     """The names clients may use for the model; the first is the one listed and reported."""
     metrics: Metrics
+    lora: LoRAModules
+    """The LoRA adapters served, by name (empty without --enable-lora)."""
     created: int = field(default_factory=lambda: int(time.time()))
 
     def resolve_model(self, requested: Optional[str]) -> str:
-        """The name to report for a request naming ``requested`` (None: the default); 404 if not served."""
+        """The name to report for a request naming ``requested`` (None: the default), the model
+        or one of its adapters; 404 if not served."""
         if requested is None:
             return self.model_names[0]
-        if requested not in self.model_names:
+        if requested not in self.model_names and self.lora.get(requested) is None:
+            served = self.model_names + list(self.lora.by_name)
             raise APIError(404, f"The model `{requested}` does not exist; this server serves "
-                                f"{', '.join(f'`{name}`' for name in self.model_names)}.",
+                                f"{', '.join(f'`{name}`' for name in served)}.",
                            param="model", code="model_not_found")
         return requested

@@ -10,6 +10,7 @@ from typing import AsyncIterator, Optional
 
 from runtime.engine.async_engine import RequestStream
 from runtime.engine.outputs import CompletionOutput, RequestOutput
+from runtime.lora import LoRARequest
 from runtime.sample.params import SamplingParams
 
 from .context import ServerContext
@@ -78,7 +79,7 @@ class Generation:
     """
 
     def __init__(self, ctx: ServerContext, request_id: str, prompts: list[EnginePrompt],
-                 params: list[SamplingParams], priority: int):
+                 params: list[SamplingParams], priority: int, lora_request: Optional[LoRARequest] = None):
         self.prompts = prompts
         self.streams: list[RequestStream] = []
         self.timers: list[RequestTimer] = []
@@ -88,7 +89,7 @@ class Generation:
                 timer = ctx.metrics.request()
                 self.timers.append(timer)
                 self.streams.append(ctx.engine.add_request(rid, prompt.text, prompt.token_ids, sp, priority,
-                                                           observer=timer.observe))
+                                                           observer=timer.observe, lora_request=lora_request))
         except BaseException:
             self.abort()
             raise

@@ -29,13 +29,14 @@ import socket
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Optional
 
 from runtime.engine.args import EngineArgs
 from runtime.engine.engine_process import CoreConnection, EngineCoreHandle, exit_with_parent, start_engine_core
 from runtime.engine.messages import Failed, Ready
+from runtime.lora import LoRARequest
 from runtime.release import version_report
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -62,6 +63,8 @@ class ApiServerConfig:
     max_queue_len: Optional[int]
     shutdown_timeout: float
     log_level: str
+    lora_modules: list[LoRARequest] = field(default_factory=list)
+    allow_runtime_lora_updating: bool = False
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -97,7 +100,8 @@ def run_api_server(config: ApiServerConfig, sock: socket.socket, connections: li
     from .app import create_app
 
     engine = AsyncEngine(config.args, max_queue_len=config.max_queue_len, connections=connections)
-    app = create_app(engine, config.model_names, config.api_key)
+    app = create_app(engine, config.model_names, config.api_key, config.lora_modules,
+                     config.allow_runtime_lora_updating)
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level=config.log_level.lower(),
                                            timeout_graceful_shutdown=config.shutdown_timeout, lifespan="on"))
     died = []
@@ -229,13 +233,41 @@ class Supervisor:
             core.stop()
 
 
+def check_lora_flags(args: EngineArgs, names: list[str], lora_modules: list[LoRARequest],
+                     allow_runtime_lora_updating: bool, api_server_count: int) -> None:
+    """Refuse LoRA flags that cannot work, and adapters that do not fit the model, before starting."""
+    if (lora_modules or allow_runtime_lora_updating) and not args.enable_lora:
+        flag = "--lora-modules" if lora_modules else "--allow-runtime-lora-updating"
+        raise ValueError(f"{flag} needs --enable-lora")
+    if allow_runtime_lora_updating and api_server_count > 1:
+        raise ValueError("--allow-runtime-lora-updating works with one API process: each would keep its own "
+                         "adapter table; drop --api-server-count or load adapters with --lora-modules")
+    if not lora_modules:
+        return
+    from runtime.loader.source import open_model
+    from runtime.lora.adapter import load_adapter
+    from runtime.models import decoder_settings
+
+    settings = decoder_settings(open_model(args.model).hf_config)
+    for adapter in lora_modules:
+        if adapter.lora_name in names:
+            raise ValueError(f"--lora-modules name {adapter.lora_name!r} is the model's own name; choose another")
+        load_adapter(adapter.lora_name, adapter.lora_int_id, adapter.lora_path, settings, args.max_lora_rank)
+
+
 def serve(args: EngineArgs, host: str = "127.0.0.1", port: int = 8000, model_names: Optional[list[str]] = None,
           api_key: Optional[str] = None, max_queue_len: Optional[int] = None, shutdown_timeout: float = 30.0,
-          log_level: str = "warning", api_server_count: int = 1) -> int:
+          log_level: str = "warning", api_server_count: int = 1, lora_modules: Optional[list[LoRARequest]] = None,
+          allow_runtime_lora_updating: bool = False) -> int:
     """Serve until SIGINT or SIGTERM (exit status 0) or the engine core's death (1).
 
-    Raises ValueError when the model fails to load or the address cannot be bound.
+    ``lora_modules``: LoRA adapters served under their names (``--lora-modules``);
+    ``allow_runtime_lora_updating`` adds /v1/load_lora_adapter and /v1/unload_lora_adapter.
+    Raises ValueError when the model or an adapter fails to load or the address cannot be bound.
     """
     names = model_names or [default_model_name(args)]
-    config = ApiServerConfig(args, names, api_key, max_queue_len, shutdown_timeout, log_level)
+    lora_modules = lora_modules or []
+    check_lora_flags(args, names, lora_modules, allow_runtime_lora_updating, api_server_count)
+    config = ApiServerConfig(args, names, api_key, max_queue_len, shutdown_timeout, log_level, lora_modules,
+                             allow_runtime_lora_updating)
     return Supervisor(config, host, port, api_server_count).run()

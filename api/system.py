@@ -14,14 +14,17 @@ from .openapi import ERROR_RESPONSES
 from .protocol import ModelCard, ModelList, VersionResponse
 
 
-@get("/v1/models", responses=ERROR_RESPONSES, summary="List the served model (under each of its names)")
+@get("/v1/models", responses=ERROR_RESPONSES,
+     summary="List the served model (under each of its names) and its LoRA adapters (with their parent)")
 async def list_models(ctx: NamedDependency[ServerContext]) -> ModelList:
     # 503 until a request can be served: clients written for vLLM poll this route for readiness.
     engine = ctx.engine
     max_model_len = engine.max_model_len
     root = str(engine.args.model) if engine.args.model else ctx.model_names[0]
-    return ModelList(data=[ModelCard(id=name, created=ctx.created, root=root, max_model_len=max_model_len)
-                           for name in ctx.model_names])
+    cards = [ModelCard(id=name, created=ctx.created, root=root, max_model_len=max_model_len) for name in ctx.model_names]
+    cards += [ModelCard(id=name, created=ctx.created, root=adapter.lora_path, parent=ctx.model_names[0],
+                        max_model_len=max_model_len) for name, adapter in ctx.lora.by_name.items()]
+    return ModelList(data=cards)
 
 
 @get("/health", responses=ERROR_RESPONSES, summary="200 once the model is loaded and the engine runs; 503 otherwise")

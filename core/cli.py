@@ -51,6 +51,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="how ranks beyond the first run: worker processes on this machine (mp, the default) or Ray")
     g.add_argument("--distributed-timeout", type=float, default=d.distributed_timeout,
                    help="seconds a collective may wait for a rank before the engine fails, naming it")
+    g.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (docs/lora.md)")
+    g.add_argument("--max-loras", type=int, default=d.max_loras, help="distinct adapters in one step")
+    g.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank, choices=[8, 16, 32, 64, 128, 256],
+                   help="the largest adapter rank accepted")
+    g.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept loaded on the host (default --max-loras)")
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
@@ -96,9 +101,12 @@ def _serve(ns: argparse.Namespace) -> int:
         args = dataclasses.replace(args, served_model_name=ns.served_model_names[0])
     # The key comes from the flag or the environment and is never printed or logged.
     api_key = ns.api_key or os.environ.get("RUNTIME_API_KEY") or None
+    from .api.lora_modules import parse_lora_modules
+
     return serve(args, host=ns.host, port=ns.port, model_names=ns.served_model_names, api_key=api_key,
                  max_queue_len=ns.max_queue_len, shutdown_timeout=ns.shutdown_timeout, log_level=ns.log_level,
-                 api_server_count=ns.api_server_count)
+                 api_server_count=ns.api_server_count, lora_modules=parse_lora_modules(ns.lora_modules or []),
+                 allow_runtime_lora_updating=ns.allow_runtime_lora_updating)
 
 
 def _plugins(ns: argparse.Namespace) -> int:
@@ -157,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-server-count", type=int, default=1,
                      help="API server processes (HTTP, tokenizing, detokenizing) in front of the one engine core, "
                           "sharing the port")
+    srv.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                     help="LoRA adapters to serve (needs --enable-lora): name=path or "
+                          "'{\"name\": ..., \"path\": ...}'; clients name one in `model`")
+    srv.add_argument("--allow-runtime-lora-updating", action="store_true",
+                     help="add POST /v1/load_lora_adapter and /v1/unload_lora_adapter (loads server-side paths)")
     add_engine_args(srv)
     srv.set_defaults(func=_serve)
 

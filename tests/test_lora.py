@@ -5,39 +5,16 @@ alone; bad adapters are refused with the reason."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
-import transformers
 
 from runtime import LLM, LoRARequest, SamplingParams
 
 from hf_reference import assert_greedy_matches, hf_greedy
+from lora_adapters import FUSED, SEPARATE, make_adapter
 from tiny_models import make_tiny_checkpoint
 
-peft = pytest.importorskip("peft", reason="peft (the test extra) is the independent LoRA reference")
-
-SEPARATE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-FUSED = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 PROMPTS = [[5, 9, 2, 7, 11, 3, 8, 14, 6], [4, 4, 6, 21, 30]]
-
-
-def make_adapter(base: Path, out: Path, rank: int, targets: list[str], seed: int, alpha: int = 16,
-                 rslora: bool = False):
-    """A random PEFT adapter (B not zero, so it changes the output) saved to ``out``; the PEFT model."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False,
-                             use_rslora=rslora, lora_dropout=0.0)
-    torch.manual_seed(seed)
-    model = peft.get_peft_model(model, config)
-    with torch.no_grad():  # PEFT's random B is large next to a tiny model's weights
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(0.2)
-    model.save_pretrained(out)
-    return model.eval()
-
 
 CASES = [("llama", 8, SEPARATE, False), ("qwen2", 16, ["q_proj", "v_proj"], False), ("qwen3", 8, SEPARATE, True),
          ("gemma", 16, SEPARATE, False), ("gemma2", 8, ["o_proj", "down_proj", "up_proj"], False),

@@ -18,6 +18,8 @@ import zmq
 import zmq.asyncio
 
 from ..loader.source import open_model
+from ..lora import LoRARequest
+from ..models import decoder_settings
 from ..sample.params import SamplingParams
 from .args import EngineArgs
 from .chat import load_chat_template
@@ -258,8 +260,10 @@ class AsyncEngine:
 
     def add_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
                     params: SamplingParams, priority: int = 0,
-                    observer: Optional[Callable[[RequestOutput], None]] = None) -> RequestStream:
-        """Queue a request; returns its stream (see RequestStream for ``observer``).
+                    observer: Optional[Callable[[RequestOutput], None]] = None,
+                    lora_request: Optional[LoRARequest] = None) -> RequestStream:
+        """Queue a request, with the LoRA adapter ``lora_request`` if given; returns its stream
+        (see RequestStream for ``observer``).
 
         Raises EngineNotReadyError while loading, EngineDeadError after a failure, and
         QueueFullError when ``max_queue_len`` requests are waiting already.
@@ -273,7 +277,7 @@ class AsyncEngine:
         self._processor.add_request(request_id, prompt, prompt_token_ids, params)
         link = min(self._links, key=lambda candidate: candidate.load)
         link.send(AddRequest(request_id, link.connection.client, list(prompt_token_ids), params, priority,
-                             time.monotonic()))
+                             time.monotonic(), lora_request))
         link.added_since_stats += 1
         self._core_of[request_id] = link
         stream = RequestStream(self, request_id, observer)
@@ -302,6 +306,8 @@ class AsyncEngine:
             self._die(EngineDeadError(f"the engine failed to start: {exc}"))
             return
         self.tokenizer = source.tokenizer
+        self.model_settings = decoder_settings(source.hf_config)
+        """The model's shape, to check LoRA adapters against before any request uses them."""
         self.chat_template = load_chat_template(self.args.chat_template) or source.chat_template
         self._processor = OutputProcessor(self.tokenizer)
         for link in self._links:

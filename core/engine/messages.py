@@ -13,6 +13,7 @@ from typing import Optional, Union
 
 import msgspec
 
+from ..lora import LoRARequest
 from ..sample.params import SamplingParams
 from ..worker.model_runner import TokenLogprobs
 
@@ -49,6 +50,7 @@ class AddRequest(msgspec.Struct, tag=True, array_like=True):
     priority: int = 0
     arrival_time: Optional[float] = None
     """``time.monotonic()`` when the API process received it (one clock for every process)."""
+    lora_request: Optional[LoRARequest] = None
 
 
 class AbortRequests(msgspec.Struct, tag=True, array_like=True):

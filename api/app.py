@@ -41,7 +41,8 @@ def create_app(engine: AsyncEngine, model_names: list[str], api_key: Optional[st
     if not model_names:
         raise ValueError("give at least one served model name")
     lora = LoRAModules(list(lora_modules), list(model_names), engine.args.max_lora_rank)
-    ctx = ServerContext(engine, list(model_names), Metrics(engine, model_names[0]), lora)
+    metrics = Metrics(engine, model_names[0], lora.name_of if engine.args.enable_lora else None)
+    ctx = ServerContext(engine, list(model_names), metrics, lora)
 
     async def start() -> None:
         await engine.start()

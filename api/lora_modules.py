@@ -39,6 +39,8 @@ class LoRAModules:
 
     def __init__(self, adapters: list[LoRARequest], base_names: list[str], max_rank: int):
         self.by_name = {a.lora_name: a for a in adapters}
+        self._names = {a.lora_int_id: a.lora_name for a in adapters}
+        """Every adapter's name by id, unloaded ones included (their requests may still run)."""
         self.base_names, self.max_rank = base_names, max_rank
         self._ids = itertools.count(max((a.lora_int_id for a in adapters), default=0) + 1)
 
@@ -60,6 +62,10 @@ class LoRAModules:
         except ValueError as exc:
             raise APIError(400, str(exc), param="lora_path") from None
         self.by_name[name] = LoRARequest(name, lora_id, path)
+        self._names[lora_id] = name
+
+    def name_of(self, lora_id: int) -> str:
+        return self._names.get(lora_id, str(lora_id))
 
     def unload(self, name: str) -> None:
         """Stop serving ``name``; requests already running with it finish with it."""

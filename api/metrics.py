@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from runtime.engine.async_engine import AsyncEngine
+from runtime.engine.messages import EngineStats
 from runtime.engine.outputs import RequestOutput
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -36,12 +37,15 @@ _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
 class _EngineStats(Collector):
     """Engine gauges and counters, read at scrape time from the engine's last step."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str):
+    def __init__(self, engine: AsyncEngine, model_name: str, adapter_name: Optional[Callable[[int], str]]):
         self.engine = engine
         self.model_name = model_name
+        self.adapter_name = adapter_name
 
     def collect(self) -> Iterator[Metric]:
         stats = self.engine.stats()
+        if self.adapter_name is not None:
+            yield self._lora_info(stats)
         for name, field, doc, family in (
             ("num_requests_running", "num_running", "Requests in the running batch.", GaugeMetricFamily),
             ("num_requests_waiting", "num_waiting", "Requests waiting to be scheduled.", GaugeMetricFamily),
@@ -57,11 +61,21 @@ class _EngineStats(Collector):
             metric.add_metric([self.model_name], float(getattr(stats, field)))
             yield metric
 
+    def _lora_info(self, stats: EngineStats) -> Metric:
+        """vLLM's lora_requests_info: the adapters in use as labels, the time of reading as value."""
+        info = GaugeMetricFamily("runtime:lora_requests_info", "Running and waiting LoRA adapters (labels).",
+                                 labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+        running, waiting = (",".join(map(self.adapter_name, ids)) for ids in (stats.running_lora_ids,
+                                                                                 stats.waiting_lora_ids))
+        info.add_metric([str(self.engine.args.max_loras), running, waiting], time.time())
+        return info
+
 
 class Metrics:
     """The app's metrics; ``render()`` is the /metrics body."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str):
+    def __init__(self, engine: AsyncEngine, model_name: str, adapter_name: Optional[Callable[[int], str]] = None):
+        """``adapter_name``: a LoRA adapter's name by id, where adapters are served."""
         self.registry = CollectorRegistry()
         self.model_name = model_name
         # Across processes the values live in files: the metrics are read back through the
@@ -83,7 +97,7 @@ class Metrics:
                              labels, buckets=_ITL_BUCKETS, registry=registry).labels(model_name)
         self.e2e = Histogram("runtime:e2e_request_latency_seconds", "Time from arrival to the last token.", labels,
                              buckets=_E2E_BUCKETS, registry=registry).labels(model_name)
-        self.registry.register(_EngineStats(engine, model_name))
+        self.registry.register(_EngineStats(engine, model_name, adapter_name))
 
     def request(self) -> "RequestTimer":
         """Start timing a request that arrives now."""

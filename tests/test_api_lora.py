@@ -82,6 +82,8 @@ def test_64_concurrent_requests_over_8_adapters_each_get_what_they_get_alone(set
     preemptions = [float(line.split()[-1]) for line in metrics.splitlines()
                    if line.startswith("runtime:num_preemptions_total")]
     assert preemptions and preemptions[0] > 0  # the small cache forced some: resumption is covered
+    info = [line for line in metrics.splitlines() if line.startswith("runtime:lora_requests_info{")]
+    assert len(info) == 1 and 'max_lora="4"' in info[0] and 'running_lora_adapters=""' in info[0]  # all done
 
 
 def test_adapters_load_and_unload_while_requests_run_and_bad_ones_are_refused(setup):

@@ -247,7 +247,9 @@ class AsyncEngine:
                            kv_cache_usage=sum(s.kv_cache_usage for s in every) / max(1, len(every)),
                            prefix_cache_queries=sum(s.prefix_cache_queries for s in every),
                            prefix_cache_hits=sum(s.prefix_cache_hits for s in every),
-                           num_preemptions=sum(s.num_preemptions for s in every))
+                           num_preemptions=sum(s.num_preemptions for s in every),
+                           running_lora_ids=sorted({i for s in every for i in s.running_lora_ids}),
+                           waiting_lora_ids=sorted({i for s in every for i in s.waiting_lora_ids}))
 
     def _require_info(self) -> Ready:
         if self.state == "loading":

@@ -220,4 +220,6 @@ class EngineCore:
                            kv_cache_usage=self.kv_manager.usage,
                            prefix_cache_queries=self.kv_manager.prefix_cache_queries,
                            prefix_cache_hits=self.kv_manager.prefix_cache_hits,
-                           num_preemptions=self.scheduler.num_preemptions)
+                           num_preemptions=self.scheduler.num_preemptions,
+                           running_lora_ids=self.scheduler.lora_ids(RequestStatus.RUNNING),
+                           waiting_lora_ids=self.scheduler.lora_ids(RequestStatus.WAITING))

@@ -38,6 +38,9 @@ class EngineStats(msgspec.Struct, array_like=True):
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
+    running_lora_ids: list[int] = msgspec.field(default_factory=list)
+    """The LoRA adapters of running requests (and of waiting ones, below)."""
+    waiting_lora_ids: list[int] = msgspec.field(default_factory=list)
 
 
 class AddRequest(msgspec.Struct, tag=True, array_like=True):

@@ -113,6 +113,14 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self._running or self._waiting)
 
+    def lora_ids(self, status: RequestStatus) -> list[int]:
+        """The LoRA adapters of the running (RUNNING) or waiting (WAITING, preempted included) requests."""
+        if status is RequestStatus.RUNNING:
+            requests = self._running
+        else:
+            requests = [request for _, request in self._waiting]
+        return sorted({r.lora_id for r in requests if r.lora_id})
+
     def get_request(self, request_id: str) -> Request | None:
         """The unfinished request with this id, if any."""
         return self._requests.get(request_id)

@@ -129,8 +129,15 @@ def test_a_model_that_fails_to_load_stops_the_server_with_the_reason(tmp_path):
     assert "not found" in err.strip().splitlines()[-1] and "Traceback" not in err
 
 
-@pytest.mark.parametrize("flags,message", [(["--api-server-count", "0"], "--api-server-count must be >= 1"),
-                                           (["--port", "{busy}"], "cannot listen on 127.0.0.1:")])
+@pytest.mark.parametrize("flags,message", [
+    (["--api-server-count", "0"], "--api-server-count must be >= 1"),
+    (["--port", "{busy}"], "cannot listen on 127.0.0.1:"),
+    (["--lora-modules", "a=/nowhere"], "--lora-modules needs --enable-lora"),
+    (["--enable-lora", "--lora-modules", "a"], "give name=path or a JSON object with name and path"),
+    (["--enable-lora", "--lora-modules", "a=/nowhere"], "/nowhere/adapter_config.json not found"),
+    (["--enable-lora", "--allow-runtime-lora-updating", "--api-server-count", "2"], "works with one API process"),
+    (["--enable-lora", "-tp", "2"], "LoRA adapters with --tensor-parallel-size or --pipeline-parallel-size above 1"),
+])
 def test_serve_flag_errors_are_one_line(checkpoint, flags, message):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

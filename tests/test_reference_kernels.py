@@ -27,6 +27,7 @@ from runtime.platform.reference import (
     silu_and_mul,
 )
 from runtime.platform.reference.rotary import rope_inv_freq
+from runtime_conformance.kernel_checks import CHECKS
 
 # A float64 result rounded once to the output dtype, against the kernel's float32 math
 # rounded once: about one unit in the last place apart.
@@ -221,6 +222,13 @@ def test_lora_keeps_base_dtype_and_untouched_rows():
     out = lora_expand(shrunk, lora_b, torch.tensor([-1, 1, -1, 0]), base)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out[[0, 2]], base[[0, 2]])
+
+
+@DTYPES
+@pytest.mark.parametrize("op", [lora_shrink, lora_expand], ids=lambda op: op.__name__)
+def test_lora_passes_its_conformance_check(op, dtype):
+    """The suite's LoRA steps (decode, prefill, mixed, one token, a zero-padded adapter) hold for the yardstick."""
+    CHECKS[op.__name__](op, dtype, torch.device("cpu"), gen(5))
 
 
 # --- KV block copy ---------------------------------------------------------------------------

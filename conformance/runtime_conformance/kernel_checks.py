@@ -105,20 +105,72 @@ def check_linear(fn, dtype, device, g):
         assert_close(got, expected, dtype, f"linear ({rows} x {k} by [{n}, {k}]{', bias' if bias else ''})")
 
 
+# Steps of the engine, as adapter slots per token (-1: no adapter). Tokens of one request are
+# contiguous and share a slot; slot LORA_PADDED_SLOT holds an adapter of rank LORA_PADDED_RANK
+# zero-padded to the slots' rank LORA_RANK, as every adapter of a smaller rank is.
+LORA_STEPS = {
+    "decode": [3, 0, -1, 2, 4, -1, 1],  # one token per request, each on its own adapter
+    "prefill": [1] * 6 + [-1] * 3 + [4] * 9 + [0] * 5,  # prompt chunks: runs of tokens on one adapter
+    "mixed": [2] * 12 + [0, -1, 2, 4, 2],  # a chunk, then decodes, some on the chunk's adapter
+    "one_token": [3],
+}
+LORA_SLOTS, LORA_RANK, LORA_PADDED_SLOT, LORA_PADDED_RANK = 5, 16, 4, 6
+
+
+def _lora_weights(g: torch.Generator, features: int, rank_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Every slot's lora_a [S, r, in] (rank_dim 1) or lora_b [S, out, r] (rank_dim 2), scaled so products
+    are of magnitude 1; the padded slot's weights past its rank are zero."""
+    shape = [LORA_SLOTS, features, features]
+    shape[rank_dim] = LORA_RANK
+    weights = _randn(g, *shape) * shape[2] ** -0.5
+    weights[LORA_PADDED_SLOT].narrow(rank_dim - 1, LORA_PADDED_RANK, LORA_RANK - LORA_PADDED_RANK).zero_()
+    return weights.to(dtype)
+
+
+def _lora_what(op: str, step: str, features: str) -> str:
+    return (f"{op} ({step} step, slots {LORA_STEPS[step]}, {LORA_SLOTS} adapters of rank {LORA_RANK}, "
+            f"slot {LORA_PADDED_SLOT} zero-padded from rank {LORA_PADDED_RANK}, {features})")
+
+
+def _check_padded_slot(got: torch.Tensor, unpadded: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype,
+                       what: str) -> None:
+    """The padded slot's tokens must get what its unpadded adapter gives them."""
+    if rows.numel():
+        assert_close(got.cpu()[rows], unpadded, dtype, f"{what}: the tokens of the zero-padded slot",
+                     scale=_magnitude(unpadded))
+
+
 def check_lora_shrink(fn, dtype, device, g):
-    x, lora_a = _randn(g, 11, 64, dtype=dtype), (0.1 * _randn(g, 3, 8, 64)).to(dtype)
-    slots = torch.tensor([0, 2, -1, 1, 1, 0, -1, 2, 2, 0, 1])  # -1: a token without an adapter
-    expected = OPS["lora_shrink"](x, lora_a, slots, 0.5)
-    assert_close(fn(*_on(device, x, lora_a, slots), 0.5), expected, dtype, "lora_shrink (3 adapters, rank 8, 11 tokens)",
-                 scale=_magnitude(expected))
+    in_features, scale = 200, 0.37
+    lora_a = _lora_weights(g, in_features, rank_dim=1, dtype=dtype)
+    for name, step in LORA_STEPS.items():
+        slots = torch.tensor(step)
+        x = _randn(g, len(step), in_features, dtype=dtype)
+        expected = OPS["lora_shrink"](x, lora_a, slots, scale)
+        got = fn(*_on(device, x, lora_a, slots), scale)
+        what = _lora_what("lora_shrink", name, f"{in_features} input features, scale {scale}")
+        assert_close(got, expected, dtype, what, scale=_magnitude(expected))
+        rows = (slots == LORA_PADDED_SLOT).nonzero().flatten()
+        unpadded = OPS["lora_shrink"](x[rows], lora_a[LORA_PADDED_SLOT, None, :LORA_PADDED_RANK],
+                                      torch.zeros_like(rows), scale)
+        padding = torch.zeros(len(rows), LORA_RANK - LORA_PADDED_RANK, dtype=dtype)
+        _check_padded_slot(got, torch.cat([unpadded, padding], 1), rows, dtype, what)
 
 
 def check_lora_expand(fn, dtype, device, g):
-    shrunk, lora_b, base = _randn(g, 11, 8, dtype=dtype), _randn(g, 3, 48, 8, dtype=dtype), _randn(g, 11, 48, dtype=dtype)
-    slots = torch.tensor([1, -1, 0, 2, 2, -1, 0, 1, 0, 2, 1])
-    expected = OPS["lora_expand"](shrunk, lora_b, slots, base)
-    assert_close(fn(*_on(device, shrunk, lora_b, slots, base)), expected, dtype,
-                 "lora_expand (3 adapters, rank 8, 11 tokens)", scale=_magnitude(expected))
+    out_features = 130
+    lora_b = _lora_weights(g, out_features, rank_dim=2, dtype=dtype)
+    for name, step in LORA_STEPS.items():
+        slots = torch.tensor(step)
+        shrunk, base = _randn(g, len(step), LORA_RANK, dtype=dtype), _randn(g, len(step), out_features, dtype=dtype)
+        expected = OPS["lora_expand"](shrunk, lora_b, slots, base)
+        got = fn(*_on(device, shrunk, lora_b, slots, base))
+        what = _lora_what("lora_expand", name, f"{out_features} output features")
+        assert_close(got, expected, dtype, what, scale=_magnitude(expected))
+        rows = (slots == LORA_PADDED_SLOT).nonzero().flatten()
+        unpadded_b = lora_b[LORA_PADDED_SLOT, None, :, :LORA_PADDED_RANK]
+        unpadded = OPS["lora_expand"](shrunk[rows, :LORA_PADDED_RANK], unpadded_b, torch.zeros_like(rows), base[rows])
+        _check_padded_slot(got, unpadded, rows, dtype, what)
 
 
 def check_copy_blocks(fn, dtype, device, g, layouts: list[tuple[Callable[[int], tuple[int, ...]], int]]):

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from runtime.platform import Kernel
 from runtime.platform.reference import rotary_embedding as reference_rotary
 
+from .lora import lora_expand, lora_shrink
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # torch's fused RMSNorm accumulates in float32 for reduced-precision inputs, like the reference.
@@ -43,4 +45,6 @@ KERNELS = [
     Kernel("cpu", "rms_norm", rms_norm),
     Kernel("cpu", "fused_add_rms_norm", fused_add_rms_norm),
     Kernel("cpu", "rotary_embedding", rotary_embedding),
+    Kernel("cpu", "lora_shrink", lora_shrink),
+    Kernel("cpu", "lora_expand", lora_expand),
 ]

@@ -8,6 +8,7 @@ import torch
 from runtime.platform import reference
 from runtime.platform.reference import build_cos_sin_cache
 from runtime_cpu import kernels
+from runtime_cpu.lora import slot_groups
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
@@ -38,3 +39,75 @@ def test_rotary_embedding(dtype, rotary_dim, is_neox):
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(got_q, ref_q, atol=tol, rtol=tol)
     torch.testing.assert_close(got_k, ref_k, atol=tol, rtol=tol)
+
+
+# Steps of long runs only (multiplied where they lie), of short runs only (gathered), and of both.
+LORA_STEPS = {
+    "one_token": [2],
+    "one_adapter": [1] * 40,
+    "prompt_chunks": [0] * 30 + [-1] * 7 + [3] * 20,
+    "decode": [3, -1, 0, 0, 2, 1, -1, 3, 1, 2, 0, 0],
+    "chunk_and_decodes": [1] * 25 + [0, 1, -1, 3, 1],
+}
+
+
+def _lora_inputs(dtype: torch.dtype, tokens: int, g: torch.Generator, in_features=72, out_features=100, rank=16,
+                 num_slots=4):
+    x = torch.randn(tokens, in_features, generator=g).to(dtype)
+    lora_a = (torch.randn(num_slots, rank, in_features, generator=g) * in_features ** -0.5).to(dtype)
+    lora_b = torch.randn(num_slots, out_features, rank, generator=g).to(dtype)
+    base = torch.randn(tokens, out_features, generator=g).to(dtype)
+    return x, lora_a, lora_b, base
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("step", LORA_STEPS)
+def test_lora_shrink_and_expand(step, dtype):
+    g = torch.Generator().manual_seed(2)
+    slots = torch.tensor(LORA_STEPS[step])
+    x, lora_a, lora_b, base = _lora_inputs(dtype, len(slots), g)
+    tol = TOLERANCE[dtype]
+    shrunk = kernels.lora_shrink(x, lora_a, slots, 0.37)
+    torch.testing.assert_close(shrunk, reference.lora_shrink(x, lora_a, slots, 0.37), atol=tol, rtol=tol)
+    expanded = kernels.lora_expand(shrunk, lora_b, slots, base)
+    torch.testing.assert_close(expanded, reference.lora_expand(shrunk, lora_b, slots, base), atol=tol, rtol=tol)
+    assert torch.equal(expanded[slots < 0], base[slots < 0])
+
+
+def test_lora_expand_onto_a_view_of_a_fused_output():
+    """The model adds each partition's delta to its slice of a fused projection (q of qkv, say)."""
+    g = torch.Generator().manual_seed(3)
+    slots = torch.tensor(LORA_STEPS["chunk_and_decodes"])
+    _, _, lora_b, fused = _lora_inputs(torch.float32, len(slots), g, out_features=300)
+    base, shrunk = fused[:, 100:200], torch.randn(len(slots), 16, generator=g)
+    assert not base.is_contiguous()
+    torch.testing.assert_close(kernels.lora_expand(shrunk, lora_b[:, :100], slots, base),
+                               reference.lora_expand(shrunk, lora_b[:, :100], slots, base), atol=1e-5, rtol=1e-5)
+
+
+def test_lora_of_an_empty_step():
+    x, lora_a, lora_b, base = _lora_inputs(torch.float32, 0, torch.Generator().manual_seed(4))
+    slots = torch.empty(0, dtype=torch.long)
+    assert kernels.lora_shrink(x, lora_a, slots, 1.0).shape == (0, 16)
+    assert kernels.lora_expand(torch.empty(0, 16), lora_b, slots, base).shape == (0, 100)
+
+
+def test_slot_groups_gather_only_the_tokens_of_short_runs():
+    groups = slot_groups(torch.tensor(LORA_STEPS["prompt_chunks"]))
+    assert groups.runs == [(0, slice(0, 30)), (3, slice(37, 57))] and groups.gathered is None
+    groups = slot_groups(torch.tensor(LORA_STEPS["chunk_and_decodes"]))
+    assert groups.runs == [(1, slice(0, 25))]
+    assert groups.gathered.tolist() == [25, 26, 29, 28]  # slot -1 (token 27) needs no product
+    assert groups.gathered_runs == [(0, slice(0, 1)), (1, slice(1, 3)), (3, slice(3, 4))]
+    assert slot_groups(torch.tensor([2])).runs == [(2, slice(0, 1))]
+
+
+def test_slot_groups_are_computed_once_per_step():
+    x, lora_a, _, _ = _lora_inputs(torch.float32, len(LORA_STEPS["decode"]), torch.Generator().manual_seed(5))
+    with torch.inference_mode():  # as the engine runs, where tensors keep no version counter
+        slots = torch.tensor(LORA_STEPS["decode"])
+        assert slot_groups(slots) is slot_groups(slots.clone())  # every layer of a step shares the step's grouping
+        kernels.lora_shrink(x, lora_a, slots, 1.0)
+        slots.copy_(slots.flip(0))  # the next step, written into the same (persistent) tensor
+        torch.testing.assert_close(kernels.lora_shrink(x, lora_a, slots, 1.0),
+                                   reference.lora_shrink(x, lora_a, slots, 1.0), atol=1e-5, rtol=1e-5)

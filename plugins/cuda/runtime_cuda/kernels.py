@@ -10,6 +10,7 @@ the sum first, as the reference does, so the norm sees the same values).
   GPT-J pairs, partial rotary passing the rest through.
 - ``silu_and_mul`` / ``gelu_and_mul``: the activation and the product in one pass.
 - ``linear``: ``skinny_matmul.py``'s kernel for few rows, cuBLAS otherwise.
+- ``lora_shrink`` / ``lora_expand``: ``lora.py``'s kernels, one launch for every adapter of the step.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import triton.language as tl
 
 from runtime.platform import Kernel
 
+from .lora import lora_expand, lora_shrink
 from .skinny_matmul import linear
 from .triton_attention import tanh
 
@@ -189,4 +191,6 @@ KERNELS = [
     Kernel("cuda", "silu_and_mul", silu_and_mul),
     Kernel("cuda", "gelu_and_mul", gelu_and_mul),
     Kernel("cuda", "linear", linear),
+    Kernel("cuda", "lora_shrink", lora_shrink),
+    Kernel("cuda", "lora_expand", lora_expand),
 ]

@@ -20,7 +20,8 @@ if not HAS_GPU:
 
 # The reasons a check cannot run under the interpreter, said once.
 INTERPRETER_BF16_DOT = ("Triton's interpreter multiplies bfloat16 tl.dot operands as their raw uint16 bits "
-                        "(triton/runtime/interpreter.py create_dot), so bfloat16 attention is checked on a GPU only")
+                        "(triton/runtime/interpreter.py create_dot), so bfloat16 tl.dot kernels (attention, "
+                        "the skinny matmul, LoRA) are checked on a GPU only")
 
 
 @pytest.fixture(scope="session")

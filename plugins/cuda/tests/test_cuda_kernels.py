@@ -131,3 +131,119 @@ def test_linear_takes_the_skinny_kernel_up_to_16_rows_and_keeps_shape(dtype, dev
 def test_every_kernel_names_a_contract_op():
     assert {k.op for k in kernels.KERNELS} <= set(OPS)
     assert all(k.platform == "cuda" for k in kernels.KERNELS)
+
+
+LORA_OPS = pytest.mark.parametrize("op", ["lora_shrink", "lora_expand"])
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _lora_slots(layout: str, tokens: int, num_slots: int, g: torch.Generator) -> torch.Tensor:
+    """``decode``: one token per request, slots drawn at random (-1 among them); ``chunks``: four
+    prompt chunks of equal length, one without an adapter."""
+    if layout == "decode":
+        return torch.randint(-1, num_slots, (tokens,), generator=g)
+    chunk_slots = torch.tensor([0, -1, num_slots - 1, 1 % num_slots])
+    return chunk_slots.repeat_interleave(-(-tokens // 4))[:tokens]
+
+
+def _lora_float64(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, base: torch.Tensor | None = None,
+                  scale: float = 1.0) -> torch.Tensor:
+    """scale * x @ weights[slot].T (+ base) in float64, one adapter at a time, rounded to base's (or x's) dtype."""
+    out = torch.zeros(x.shape[0], weights.shape[1], dtype=torch.float64) if base is None else base.double()
+    for slot in slots.unique().tolist():
+        if slot >= 0:
+            rows = slots == slot
+            out[rows] += scale * (x[rows].double() @ weights[slot].double().T)
+    return out.to(x.dtype if base is None else base.dtype)
+
+
+@DTYPES
+@LORA_OPS
+def test_lora_passes_the_conformance_checks(op, dtype, device, require_dot):
+    """Decode and prefill steps, slot -1 among them, one token, a zero-padded adapter: against the reference."""
+    require_dot(dtype)
+    checks = pytest.importorskip("runtime_conformance.kernel_checks", reason="needs runtime-conformance")
+    checks.CHECKS[op](getattr(kernels, op), dtype, device, torch.Generator().manual_seed(8))
+
+
+@DTYPES
+@pytest.mark.parametrize("tokens,in_features,rank,layout", [(3, 1000, 20, "decode"), (17, 64, 8, "decode"),
+                                                            (300, 200, 16, "chunks"), (5, 96, 80, "decode")],
+                         ids=["split-reduction", "two-tiles", "wide-tiles", "two-rank-tiles"])
+def test_lora_shrink_tiles(tokens, in_features, rank, layout, dtype, device, require_dot):
+    """A reduction split in slices (few tokens), ranks below tl.dot's 16 and over one tile, tiles that mix
+    prompt chunks."""
+    require_dot(dtype)
+    g = torch.Generator().manual_seed(9)
+    slots = _lora_slots(layout, tokens, 3, g)
+    x = torch.randn(tokens, in_features, generator=g).to(dtype)
+    lora_a = (torch.randn(3, rank, in_features, generator=g) * in_features ** -0.5).to(dtype)
+    got = kernels.lora_shrink(x.to(device), lora_a.to(device), slots.to(device), 0.37)
+    _close(got, _lora_float64(x, lora_a, slots, scale=0.37), dtype)
+
+
+def test_lora_shrink_splits_few_tokens_over_many_programs():
+    from runtime_cuda.lora import shrink_splits
+
+    assert shrink_splits(3, 1000, 128) == 8  # every 128-feature block its own program
+    assert shrink_splits(16, 14336, 128) > 16
+    assert shrink_splits(8192, 4096, 128) == 1  # 128 tiles of 64 tokens fill the GPU alone
+
+
+@DTYPES
+@pytest.mark.parametrize("tokens,out_features,rank,layout", [(17, 200, 8, "decode"), (300, 130, 80, "chunks")],
+                         ids=["two-tiles", "rank-over-one-block"])
+def test_lora_expand_tiles(tokens, out_features, rank, layout, dtype, device, require_dot):
+    require_dot(dtype)
+    g = torch.Generator().manual_seed(10)
+    slots = _lora_slots(layout, tokens, 3, g)
+    shrunk = torch.randn(tokens, rank, generator=g).to(dtype)
+    base = torch.randn(tokens, out_features, generator=g).to(dtype)
+    lora_b = (torch.randn(3, out_features, rank, generator=g) * rank ** -0.5).to(dtype)
+    got = kernels.lora_expand(shrunk.to(device), lora_b.to(device), slots.to(device), base.to(device))
+    _close(got, _lora_float64(shrunk, lora_b, slots, base), dtype)
+    assert torch.equal(got.cpu()[slots < 0], base[slots < 0])
+
+
+@pytest.mark.parametrize("tokens,layout", [(1, "decode"), (16, "decode"), (256, "decode"), (2048, "chunks")])
+@pytest.mark.parametrize("in_features,out_features", [(4096, 14336), (14336, 4096)], ids=["up", "down"])
+@pytest.mark.parametrize("rank,num_slots", [(8, 1), (64, 8)])
+@pytest.mark.gpu
+@needs_gpu
+def test_lora_model_sized_on_gpu(in_features, out_features, rank, num_slots, tokens, layout):
+    """Llama-3-8B's MLP shapes at decode and prefill step sizes in bfloat16, against float64."""
+    dtype = torch.bfloat16
+    g = torch.Generator().manual_seed(11)
+    slots = _lora_slots(layout, tokens, num_slots, g)
+    x = torch.randn(tokens, in_features, generator=g).to(dtype)
+    lora_a = (torch.randn(num_slots, rank, in_features, generator=g) * in_features ** -0.5).to(dtype)
+    lora_b = (torch.randn(num_slots, out_features, rank, generator=g) * rank ** -0.5).to(dtype)
+    base = torch.randn(tokens, out_features, generator=g).to(dtype)
+    shrunk = kernels.lora_shrink(x.cuda(), lora_a.cuda(), slots.cuda(), 0.5)
+    _close(shrunk, _lora_float64(x, lora_a, slots, scale=0.5), dtype)
+    _close(kernels.lora_expand(shrunk, lora_b.cuda(), slots.cuda(), base.cuda()),
+           _lora_float64(shrunk.cpu(), lora_b, slots, base), dtype)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_lora_in_a_cuda_graph_reads_each_replays_slots():
+    """Captured once, the ops must follow the slots written into the graph's input before each replay."""
+    g = torch.Generator().manual_seed(12)
+    tokens, num_slots = 16, 4
+    x = torch.randn(tokens, 512, generator=g).to(torch.bfloat16).cuda()
+    lora_a = (torch.randn(num_slots, 16, 512, generator=g) * 512 ** -0.5).to(torch.bfloat16).cuda()
+    lora_b = (torch.randn(num_slots, 1024, 16, generator=g) * 0.25).to(torch.bfloat16).cuda()
+    base = torch.randn(tokens, 1024, generator=g).to(torch.bfloat16).cuda()
+    slots = torch.full((tokens,), -1, device="cuda")
+    kernels.lora_expand(kernels.lora_shrink(x, lora_a, slots, 2.0), lora_b, slots, base)  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kernels.lora_expand(kernels.lora_shrink(x, lora_a, slots, 2.0), lora_b, slots, base)
+    for layout in ("decode", "chunks"):
+        step = _lora_slots(layout, tokens, num_slots, g)
+        slots.copy_(step.cuda())
+        graph.replay()
+        shrunk = OPS["lora_shrink"](x.cpu(), lora_a.cpu(), step, 2.0)
+        expected = OPS["lora_expand"](shrunk, lora_b.cpu(), step, base.cpu())
+        _close(out, expected, torch.bfloat16)

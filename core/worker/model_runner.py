@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..lora.config import LoRAConfig
+from ..lora.manager import LoRARegistry, LoRASlots
 from ..models import DecoderForCausalLM, decoder_settings
 from ..models.batch import ForwardBatch
 from ..models.layers.linear import Linear
@@ -25,8 +27,6 @@ from ..sched.scheduler import ScheduledRequest, SchedulerOutput
 from .decode_graphs import DecodeGraphs, capture_sizes
 from .input_buffers import InputBuffers, StepInputs, host_to_device
 from .pipeline import StageLink
-from ..lora.config import LoRAConfig
-from ..lora.manager import LoRARegistry, LoRASlots
 
 TokenLogprobs = tuple[list[int], list[float], int]
 """(token ids, logprobs, rank of the first id): first the sampled/actual token, then the top-k."""

@@ -11,6 +11,8 @@
 #   serve:   $SERVERS (default: this build, then vLLM) at C=1, 16, 64, 256 (runtime profiled at 64, 256)
 #   offline: this build's offline throughput on 1024 x (512, 128), with the server's engine settings
 #   tests:   the CUDA plugin's GPU tests
+#   tests-bg, tests-wait: the same, detached (they run while later calls carry wheels), then awaited
+#   lora:    benchmarks/lora_gpu.py: runtime without LoRA, runtime with 8 adapters, vLLM with the same 8
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}; M=/tmp/llama8b; R=/tmp/results
@@ -22,7 +24,7 @@ for stage in "$@"; do
   mkdir -p $R/$stage
   case $stage in
     boot)
-      pipt /tmp/boot .whl/boot/*.whl && pipt /tmp/rt . plugins/cpu plugins/cuda && pipt /tmp/rt-old .old .old/plugins/cpu .old/plugins/cuda || exit 1
+      pipt /tmp/boot .whl/boot/*.whl && pipt /tmp/rt . plugins/cpu plugins/cuda conformance && pipt /tmp/rt-old .old .old/plugins/cpu .old/plugins/cuda || exit 1
       setsid nohup python3 -c "import sys; sys.path.insert(0, 'plugins/cuda/benchmarks'); from decode_llama8b import write_checkpoint; from pathlib import Path; write_checkpoint(Path('$M')); print('checkpoint written')" > /tmp/model.log 2>&1 < /dev/null &
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv ;;
     part) cp .whl/*/part* /tmp/parts/ && ls -la /tmp/parts ;;
@@ -42,6 +44,17 @@ for stage in "$@"; do
         --requests 1024 --max-num-batched-tokens 8192 2>&1 | tail -20 | tee $R/offline/run.log ;;
     tests)
       OUT=$R/tests TEST_TIMEOUT=${TEST_TIMEOUT:-420} plugins/cuda/scripts/gpu_check.sh tests 2>&1 | tail -40 ;;
+    tests-bg)
+      setsid nohup bash -c "OUT=$R/tests-wait TEST_TIMEOUT=${TEST_TIMEOUT:-480} plugins/cuda/scripts/gpu_check.sh tests; touch /tmp/tests.done" \
+        > /tmp/tests.log 2>&1 < /dev/null & ;;
+    tests-wait)
+      for _ in $(seq ${WAIT_S:-300}); do [ -e /tmp/tests.done ] && break; sleep 1; done
+      grep -E "passed|failed|PASSED|FAILED|ERROR|SKIPPED" /tmp/tests.log | tail -60 ;;
+    lora)
+      for part in "runtime --adapters 0 --json $R/lora/runtime-base.json" "runtime --json $R/lora/runtime-lora.json" \
+                  "vllm --json $R/lora/vllm-lora.json"; do
+        timeout 300 python3 benchmarks/lora_gpu.py $part --dir $M 2>&1 | grep -v "it/s]" | tail -15 | tee -a $R/lora/run.log
+      done ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
   tar czf "$OUT/$stage-${TAG:-run}.tgz" -C $R $stage

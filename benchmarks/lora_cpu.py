@@ -18,20 +18,20 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
 from runtime import LLM, LoRARequest, SamplingParams
 from runtime.lora.adapter import partition_sizes
 from runtime.models import decoder_settings
+from safetensors.torch import save_file
 
 PEFT_NAMES = {"self_attn.qkv_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
               "self_attn.o_proj": ["self_attn.o_proj"], "mlp.gate_up_proj": ["mlp.gate_proj", "mlp.up_proj"],
               "mlp.down_proj": ["mlp.down_proj"]}
 
 
-def write_adapter(llm: LLM, rank: int, directory: Path) -> None:
-    settings = decoder_settings(llm.engine.source.hf_config)
-    generator = torch.Generator().manual_seed(0)
+def write_adapter(settings, rank: int, directory: Path, seed: int = 0) -> None:
+    """A random rank-``rank`` PEFT adapter on every projection of a model with ``settings``, in
+    PEFT's file layout and with a complete adapter_config.json (vLLM reads it too)."""
+    generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(settings.num_layers):
         for module, (outs, width) in partition_sizes(settings).items():
@@ -39,8 +39,12 @@ def write_adapter(llm: LLM, rank: int, directory: Path) -> None:
                 prefix = f"base_model.model.model.layers.{layer}.{name}"
                 tensors[f"{prefix}.lora_A.weight"] = 0.02 * torch.randn(rank, width, generator=generator)
                 tensors[f"{prefix}.lora_B.weight"] = 0.02 * torch.randn(out, rank, generator=generator)
+    directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, directory / "adapter_model.safetensors")
-    (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank}))
+    targets = sorted({name.rsplit(".", 1)[1] for names in PEFT_NAMES.values() for name in names})
+    (directory / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
+        "target_modules": targets, "bias": "none", "use_rslora": False, "modules_to_save": None}))
 
 
 def decode_rate(llm: LLM, batch: int, tokens: int, adapter: LoRARequest | None) -> float:
@@ -66,7 +70,7 @@ def main() -> None:
     llm = LLM(enable_lora=True, max_lora_rank=max(16, args.rank))
     rows = []
     with tempfile.TemporaryDirectory() as directory:
-        write_adapter(llm, args.rank, Path(directory))
+        write_adapter(decoder_settings(llm.engine.source.hf_config), args.rank, Path(directory))
         adapter = LoRARequest("bench", 1, directory)
         for batch in (1, 16):
             base = decode_rate(llm, batch, args.tokens, None)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime import LLM, SamplingParams
+from runtime import LLM, LoRARequest, SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -231,3 +231,32 @@ def test_fp8_kv_cache_tracks_the_model_dtype_cache(name, tmp_path):
     assert max(shifts) <= FP8_LOGPROB_TOLERANCE, f"first-step logprobs moved by up to {max(shifts):.3f}"
     assert not problems, "fp8 continuations part from auto's beyond a near-tie: " + "; ".join(problems)
     assert agree >= FP8_MIN_AGREEMENT * positions, f"greedy choice agrees at {agree} of {positions} prompt positions"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", ["llama", "phi3"])
+def test_mixed_lora_batch_matches_cpu(name, dtype, tiny, tmp_path):
+    """Three adapters (ranks 8 and 16, one rsLoRA) and the base model in one batch, on cuda with
+    CUDA graphs (slot indices in the persistent buffers), against the CPU plugin (whose LoRA is
+    checked against PEFT in CI), two slots for three adapters so one waits for a slot."""
+    sys.path.insert(0, str(REPO_TESTS))
+    from lora_adapters import FUSED, SEPARATE, make_adapter
+
+    path, prompts, _ = tiny(name)
+    targets = FUSED if name == "phi3" else SEPARATE
+    adapters = []
+    for i, (rank, rslora) in enumerate([(8, False), (16, True), (16, False)]):
+        make_adapter(path, tmp_path / f"a{i}", rank, targets, seed=20 + i, rslora=rslora)
+        adapters.append(LoRARequest(f"a{i}", i + 1, str(tmp_path / f"a{i}")))
+    chosen = [adapters[i % 3] if i % 4 != 3 else None for i in range(len(prompts))]
+
+    def run(llm, params):
+        return llm.generate(prompts, params, use_tqdm=False, lora_request=chosen)
+
+    lora = {"enable_lora": True, "max_loras": 2, "max_lora_rank": 16}
+    reference = _greedy(path, "cpu", "float32", run, **lora)
+    outputs = _greedy(path, "cuda", dtype, run, **lora)
+    problems = [f"prompt {i} ({c.name if c else 'base'}): {d}" for i, (o, r, c) in enumerate(zip(outputs, reference, chosen))
+                if (d := _divergence(o, r, LOGPROB_TOLERANCE[dtype]))]
+    assert not problems, f"{name} with LoRA on cuda ({dtype}) differs from cpu: " + "; ".join(problems)
+    assert any(o.token_ids != r.token_ids for o, r in zip(outputs, tiny(name)[2])), "the adapters changed nothing"

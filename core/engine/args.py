@@ -8,6 +8,7 @@ from typing import Optional, Union
 
 from ..lora.config import LoRAConfig
 from ..platform import KV_CACHE_DTYPES
+from ..spec.config import SpeculativeConfig
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
@@ -77,6 +78,9 @@ class EngineArgs:
     """The largest adapter rank accepted: 8, 16, 32, 64, 128 or 256."""
     max_cpu_loras: Optional[int] = None
     """Adapters kept loaded on the host; default max_loras."""
+    speculative_config: Union[str, dict, SpeculativeConfig, None] = None
+    """Speculative decoding, as vLLM's ``--speculative-config`` (JSON text or a dict), e.g.
+    ``{"method": "ngram", "num_speculative_tokens": 4}`` (docs/speculative.md)."""
 
     def __post_init__(self) -> None:
         if self.scheduling_policy not in ("fcfs", "priority"):
@@ -105,6 +109,7 @@ class EngineArgs:
         if self.distributed_timeout <= 0:
             raise ValueError(f"distributed_timeout must be > 0 seconds, got {self.distributed_timeout}")
         self.kv_cache_memory_bytes = parse_size(self.kv_cache_memory)
+        self.speculative = SpeculativeConfig.parse(self.speculative_config)
         self.lora = (LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras or self.max_loras)
                      if self.enable_lora else None)
 

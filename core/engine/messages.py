@@ -41,6 +41,14 @@ class EngineStats(msgspec.Struct, array_like=True):
     running_lora_ids: list[int] = msgspec.field(default_factory=list)
     """The LoRA adapters of running requests (and of waiting ones, below)."""
     waiting_lora_ids: list[int] = msgspec.field(default_factory=list)
+    spec_num_drafts: int = 0
+    """Speculative decoding, since start: proposals verified (one per request and step with drafts)."""
+    spec_num_draft_tokens: int = 0
+    """Tokens proposed and verified."""
+    spec_num_accepted_tokens: int = 0
+    """Proposed tokens the target accepted."""
+    spec_accepted_per_position: list[int] = msgspec.field(default_factory=list)
+    """Accepted tokens by position in the proposal (index 0: the first proposed token)."""
 
 
 class AddRequest(msgspec.Struct, tag=True, array_like=True):

@@ -1,0 +1,5 @@
+"""Speculative decoding: proposers, verification by rejection sampling, acceptance counters."""
+
+from .config import SpeculativeConfig
+
+__all__ = ["SpeculativeConfig"]

@@ -56,6 +56,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank, choices=[8, 16, 32, 64, 128, 256],
                    help="the largest adapter rank accepted")
     g.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept loaded on the host (default --max-loras)")
+    g.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, as vLLM\'s flag: e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                        "(docs/speculative.md)")
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:

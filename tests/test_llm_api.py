@@ -166,6 +166,9 @@ def test_cli_generate_reads_stdin_and_matches_the_api(llm, checkpoint):
     (["generate", "--model", "/nonexistent/model", "hi"], "not found"),
     (["generate", "--temperature", "-2", "hi"], "temperature must be >= 0"),
     (["generate", "--kv-cache-memory", "lots", "hi"], "not a size"),
+    (["generate", "--speculative-config", "{method: ngram}", "hi"], "--speculative-config is not valid JSON"),
+    (["generate", "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 4, "k": 1}', "hi"],
+     "unknown keys ['k']"),
 ])
 def test_cli_errors_are_one_line(args, message):
     out = run_cli(*args)

@@ -137,6 +137,9 @@ def test_a_model_that_fails_to_load_stops_the_server_with_the_reason(tmp_path):
     (["--enable-lora", "--lora-modules", "a=/nowhere"], "/nowhere/adapter_config.json not found"),
     (["--enable-lora", "--allow-runtime-lora-updating", "--api-server-count", "2"], "works with one API process"),
     (["--enable-lora", "-tp", "2"], "LoRA adapters with --tensor-parallel-size or --pipeline-parallel-size above 1"),
+    # (each flag goes through str.format: braces are doubled)
+    (["--speculative-config", "{{method: ngram}}"], "--speculative-config is not valid JSON"),
+    (["--speculative-config", '{{"method": "ngram"}}'], 'needs "method" and "num_speculative_tokens"'),
 ])
 def test_serve_flag_errors_are_one_line(checkpoint, flags, message):
     with socket.socket() as busy:

@@ -1,7 +1,7 @@
 """``GET /metrics``: Prometheus metrics under vLLM's names with a ``runtime:`` prefix.
 
 Engine state (running and waiting requests, KV-cache usage, prefix-cache and preemption
-counters) is read from the engine core's last step when scraped: every API process receives it.
+counters, and with speculative decoding configured its draft and acceptance counters) is read from the engine core's last step when scraped: every API process receives it.
 Request latencies and token counts are observed by the handlers as outputs arrive, in whichever
 API process serves the request; under ``runtime serve`` (``PROMETHEUS_MULTIPROC_DIR`` set by the
 supervisor) prometheus_client keeps them in files that a scrape of any API process sums, so
@@ -60,6 +60,29 @@ class _EngineStats(Collector):
             metric = family(f"runtime:{name}", doc, labels=["model_name"])
             metric.add_metric([self.model_name], float(getattr(stats, field)))
             yield metric
+        speculative = self.engine.args.speculative
+        if speculative is not None:
+            yield from self._spec_decode(stats, speculative.num_speculative_tokens)
+
+    def _spec_decode(self, stats: EngineStats, num_speculative_tokens: int) -> Iterator[Metric]:
+        """vLLM's speculative-decoding counters; the per-position one has a sample for every
+        proposed position (``position`` 0 is the first proposed token) from the start."""
+        for name, field, doc in (
+            ("spec_decode_num_drafts", "spec_num_drafts", "Draft proposals verified."),
+            ("spec_decode_num_draft_tokens", "spec_num_draft_tokens", "Draft tokens proposed and verified."),
+            ("spec_decode_num_accepted_tokens", "spec_num_accepted_tokens", "Draft tokens accepted."),
+        ):
+            metric = CounterMetricFamily(f"runtime:{name}", doc, labels=["model_name"])
+            metric.add_metric([self.model_name], float(getattr(stats, field)))
+            yield metric
+        per_position = CounterMetricFamily("runtime:spec_decode_num_accepted_tokens_per_pos",
+                                           "Draft tokens accepted, by position in the proposal.",
+                                           labels=["model_name", "position"])
+        accepted = stats.spec_accepted_per_position
+        for position in range(max(num_speculative_tokens, len(accepted))):
+            count = accepted[position] if position < len(accepted) else 0
+            per_position.add_metric([self.model_name, str(position)], float(count))
+        yield per_position
 
     def _lora_info(self, stats: EngineStats) -> Metric:
         """vLLM's lora_requests_info: the adapters in use as labels, the time of reading as value."""

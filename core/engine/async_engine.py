@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from itertools import zip_longest
 from typing import Any, Callable, Optional
 
 import zmq
@@ -239,7 +240,8 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         """The cores' counters as of their last steps (running, waiting, KV usage, prefix cache,
-        preemptions), summed over data-parallel cores; KV usage is their mean."""
+        preemptions, speculative decoding), summed over data-parallel cores (the accepted tokens
+        per position elementwise); KV usage is their mean."""
         if len(self._links) == 1:
             return self._links[0].stats
         every = [link.stats for link in self._links]
@@ -249,7 +251,12 @@ class AsyncEngine:
                            prefix_cache_hits=sum(s.prefix_cache_hits for s in every),
                            num_preemptions=sum(s.num_preemptions for s in every),
                            running_lora_ids=sorted({i for s in every for i in s.running_lora_ids}),
-                           waiting_lora_ids=sorted({i for s in every for i in s.waiting_lora_ids}))
+                           waiting_lora_ids=sorted({i for s in every for i in s.waiting_lora_ids}),
+                           spec_num_drafts=sum(s.spec_num_drafts for s in every),
+                           spec_num_draft_tokens=sum(s.spec_num_draft_tokens for s in every),
+                           spec_num_accepted_tokens=sum(s.spec_num_accepted_tokens for s in every),
+                           spec_accepted_per_position=[sum(counts) for counts in zip_longest(
+                               *(s.spec_accepted_per_position for s in every), fillvalue=0)])
 
     def _require_info(self) -> Ready:
         if self.state == "loading":

@@ -55,6 +55,15 @@ def _engine(ns: argparse.Namespace, engine_args_from: Callable) -> Any:
     return LLM(**dataclasses.asdict(engine_args_from(ns)))
 
 
+def _offline_text(result: dict[str, Any]) -> str:
+    """``key value`` lines of an offline result, its speculative-decoding acceptance last."""
+    from .report import key_values
+    from .spec import acceptance_text
+
+    text = key_values({k: v for k, v in result.items() if k != "spec_decode"})
+    return text + "\n" + acceptance_text(result["spec_decode"]) if "spec_decode" in result else text
+
+
 def _finish(ns: argparse.Namespace, result: dict[str, Any], text: str) -> int:
     from .report import save_json
 
@@ -67,18 +76,16 @@ def _finish(ns: argparse.Namespace, result: dict[str, Any], text: str) -> int:
 
 def _throughput(ns: argparse.Namespace, engine_args_from: Callable) -> int:
     from .offline import run_throughput
-    from .report import key_values
 
     llm = _engine(ns, engine_args_from)
     result = {"benchmark": "throughput", "dataset": ns.dataset_name,
               **run_throughput(llm, _requests(ns, llm.get_tokenizer()), progress=not ns.disable_tqdm)}
-    return _finish(ns, result, key_values(result))
+    return _finish(ns, result, _offline_text(result))
 
 
 def _latency(ns: argparse.Namespace, engine_args_from: Callable) -> int:
     from .datasets import random_requests
     from .offline import latency_batches_needed, run_latency
-    from .report import key_values
 
     llm = _engine(ns, engine_args_from)
     count = latency_batches_needed(ns.num_iters, ns.num_iters_warmup)
@@ -86,14 +93,15 @@ def _latency(ns: argparse.Namespace, engine_args_from: Callable) -> int:
     batches = [flat[i * ns.batch_size:(i + 1) * ns.batch_size] for i in range(count)]
     result = {"benchmark": "latency", **run_latency(llm, batches, ns.output_len, ns.num_iters, ns.num_iters_warmup,
                                                     ns.percentiles, progress=not ns.disable_tqdm)}
-    return _finish(ns, result, key_values(result))
+    return _finish(ns, result, _offline_text(result))
 
 
 def _serve(ns: argparse.Namespace) -> int:
     from .datasets import load_tokenizer, random_requests
     from .metrics import parse_slo
-    from .report import serve_table
+    from .report import load_of, serve_table
     from .serve import ServeConfig, run_serve, warm_up
+    from .spec import acceptance_text
 
     base_url = (ns.base_url or f"http://{ns.host}:{ns.port}").rstrip("/")
     tokenizer_name = ns.tokenizer or (ns.model if ns.model and Path(ns.model).expanduser().exists() else None)
@@ -117,7 +125,9 @@ def _serve(ns: argparse.Namespace) -> int:
         plot_serve({runs[0]["model"]: runs}, ns.plot)
         print(f"chart written to {ns.plot}", file=sys.stderr)
     result = {"benchmark": "serve", "dataset": ns.dataset_name, "runs": runs}
-    return _finish(ns, result, serve_table(runs))
+    text = "\n".join([serve_table(runs)] + [acceptance_text(run["spec_decode"], load_of(run))
+                                             for run in runs if "spec_decode" in run])
+    return _finish(ns, result, text)
 
 
 def _rate(value: str) -> float:

@@ -4,6 +4,9 @@
   and tokens per second of wall time.
 - latency: one fixed batch, run repeatedly: prefill latency (generate one token), end-to-end
   latency (generate ``output_len`` tokens) and the decode step time derived from the two.
+
+With speculative decoding configured, both results also hold ``spec_decode``: the drafts and
+acceptance of the measured runs, from the engine's counters (``runtime.bench.spec``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .datasets import BenchRequest
 from .metrics import percentile
+from .spec import acceptance, engine_counters
 
 
 def _params(max_tokens: int) -> Any:
@@ -29,12 +33,13 @@ def run_throughput(llm: Any, requests: Sequence[BenchRequest], progress: bool = 
     """Generate for every request at once; returns counts and throughputs."""
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = [_params(r.output_len) for r in requests]
+    counters_before = engine_counters(llm)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=progress)
     elapsed = time.perf_counter() - start
     input_tokens = sum(len(r.prompt_token_ids) for r in requests)
     output_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return {
+    return _with_spec({
         "elapsed_s": elapsed,
         "num_requests": len(requests),
         "total_input_tokens": input_tokens,
@@ -42,7 +47,14 @@ def run_throughput(llm: Any, requests: Sequence[BenchRequest], progress: bool = 
         "request_throughput": len(requests) / elapsed,
         "output_throughput": output_tokens / elapsed,
         "total_token_throughput": (input_tokens + output_tokens) / elapsed,
-    }
+    }, counters_before, llm)
+
+
+def _with_spec(result: dict[str, Any], counters_before: Any, llm: Any) -> dict[str, Any]:
+    """``result`` plus ``spec_decode``, the drafts and acceptance since ``counters_before``,
+    where the engine speculates."""
+    spec = acceptance(counters_before, engine_counters(llm))
+    return result if spec is None else {**result, "spec_decode": spec}
 
 
 def _timed(llm: Any, batch: Sequence[BenchRequest], max_tokens: int) -> float:
@@ -72,6 +84,7 @@ def run_latency(llm: Any, batches: Sequence[Sequence[BenchRequest]], output_len:
     fresh = iter(batches)
     for _ in tqdm(range(warmup), desc="Warm-up", disable=not progress, leave=False):
         _timed(llm, next(fresh), output_len)
+    counters_before = engine_counters(llm)
     prefill, e2e = [], []
     for _ in tqdm(range(iters), desc="Iterations", disable=not progress):
         prefill.append(_timed(llm, next(fresh), 1))
@@ -84,7 +97,7 @@ def run_latency(llm: Any, batches: Sequence[Sequence[BenchRequest]], output_len:
         return out
 
     batch = batches[0]
-    return {
+    return _with_spec({
         "batch_size": len(batch),
         "input_len": statistics.fmean(len(r.prompt_token_ids) for r in batch),
         "output_len": output_len,
@@ -93,4 +106,4 @@ def run_latency(llm: Any, batches: Sequence[Sequence[BenchRequest]], output_len:
         "decode_step_latency_ms": ms(decode),
         "e2e_latency_ms": ms(e2e),
         "decode_throughput": len(batch) / statistics.median(decode),
-    }
+    }, counters_before, llm)

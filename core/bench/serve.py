@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .client import completion_body, stream_completion
 from .datasets import BenchRequest
 from .metrics import RequestRecord, summarize
+from .spec import acceptance, scrape_counters
 
 
 @dataclass
@@ -118,11 +119,15 @@ def warm_up(requests: Sequence[BenchRequest], config: ServeConfig, max_tokens: i
 def run_serve(requests: Sequence[BenchRequest], config: ServeConfig, keep_requests: bool = False) -> dict[str, Any]:
     """Send ``requests`` to the server at one load point and summarize.
 
+    Where the server's ``/metrics`` has speculative-decoding counters, read before and after,
+    the summary holds ``spec_decode``: the run's drafts and acceptance (``runtime.bench.spec``).
     With ``keep_requests`` the summary also holds ``requests``: each request's prompt and
     output tokens, TTFT, latency, ITLs, the usage the server reported and any error.
     """
     model = served_model(config)
+    counters_before = scrape_counters(config.base_url, config.headers())
     records, duration = asyncio.run(_run(requests, config, model))
+    spec = acceptance(counters_before, scrape_counters(config.base_url, config.headers()))
     summary = {
         "base_url": config.base_url,
         "endpoint": config.endpoint,
@@ -133,6 +138,8 @@ def run_serve(requests: Sequence[BenchRequest], config: ServeConfig, keep_reques
         "max_concurrency": config.max_concurrency,
         **summarize(records, duration, config.percentiles, config.slo),
     }
+    if spec is not None:
+        summary["spec_decode"] = spec
     errors = sorted({r.error for r in records if r.error})
     if errors:
         summary["errors"] = errors[:10]

@@ -121,6 +121,35 @@ def test_kernel_for_unknown_op_is_rejected():
         KernelSet([Kernel("x", "flash_dance", lambda: None)])
 
 
+def test_lora_add_of_a_platform_that_registers_only_shrink_and_expand_is_made_of_them():
+    """A plugin written before contract 1.5 keeps its own LoRA kernels: lora_add calls them per partition."""
+    from runtime.platform import Kernel
+    from runtime.platform.reference import OPS
+
+    calls = []
+
+    def shrink(*args):
+        calls.append("shrink")
+        return OPS["lora_shrink"](*args)
+
+    def expand(*args):
+        calls.append("expand")
+        return OPS["lora_expand"](*args)
+
+    ops = KernelSet([Kernel("x", "lora_shrink", shrink), Kernel("x", "lora_expand", expand)])
+    assert ops.sources["lora_add"] == "lora_shrink + lora_expand per partition"
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5, 12, generator=g), torch.randn(5, 10, generator=g)
+    lora_a, lora_b = torch.randn(2, 3 * 4, 12, generator=g), torch.randn(2, 10, 4, generator=g)
+    slots = torch.tensor([1, -1, 0, 0, 1])
+    expected = OPS["lora_add"](y.clone(), x, lora_a, lora_b, slots, (6, 2, 2), 0.5)
+    assert ops.lora_add(y, x, lora_a, lora_b, slots, (6, 2, 2), 0.5) is y
+    torch.testing.assert_close(y, expected)
+    assert calls == ["shrink", "expand"] * 3
+    assert KernelSet([]).lora_add is OPS["lora_add"]
+    assert KernelSet([Kernel("x", "lora_add", shrink)]).sources["lora_add"] == __name__
+
+
 def test_plugins_command_lists_everything(plugin_path):
     env = dict(os.environ, PYTHONPATH=str(plugin_path), PYTHONWARNINGS="ignore")
     out = subprocess.run([sys.executable, "-m", "runtime.cli", "plugins"], env=env, capture_output=True, text=True,

@@ -19,6 +19,7 @@ from runtime.platform.reference import (
     copy_blocks,
     fused_add_rms_norm,
     gelu_and_mul,
+    lora_add,
     lora_expand,
     lora_shrink,
     paged_attention,
@@ -224,8 +225,51 @@ def test_lora_keeps_base_dtype_and_untouched_rows():
     assert torch.equal(out[[0, 2]], base[[0, 2]])
 
 
+def test_lora_add_adds_each_partitions_product_in_place():
+    """A fused projection of three partitions (q, k, v): partition i's A is rank rows i * r on,
+    its B the rows of its output columns; y changes in place, rows of slot -1 not at all."""
+    tokens, d_in, slices, rank, num_slots = 9, 40, (24, 8, 8), 4, 3
+    x = torch.randn(tokens, d_in, generator=gen())
+    lora_a = torch.randn(num_slots, len(slices) * rank, d_in, generator=gen(1))
+    lora_b = torch.randn(num_slots, sum(slices), rank, generator=gen(2))
+    y = torch.randn(tokens, sum(slices), generator=gen(3))
+    slots = torch.tensor([0, 2, -1, 1, 1, -1, 0, 2, 2])
+    before = y.clone()
+    assert lora_add(y, x, lora_a, lora_b, slots, slices, 0.5) is y
+    starts = [0, 24, 32]
+    for t, slot in enumerate(slots.tolist()):
+        if slot < 0:
+            assert torch.equal(y[t], before[t])
+            continue
+        for i, (start, width) in enumerate(zip(starts, slices)):
+            shrunk = 0.5 * (lora_a[slot, i * rank:(i + 1) * rank].double() @ x[t].double())
+            expected = before[t, start:start + width].double() + lora_b[slot, start:start + width].double() @ shrunk
+            torch.testing.assert_close(y[t, start:start + width].double(), expected, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="do not hold partitions"):
+        lora_add(y, x, lora_a, lora_b, slots, (24, 16), 0.5)
+
+
+def test_the_lora_add_check_catches_what_it_must():
+    """A copy instead of an in-place add, one partition's A used for all, and rows without an
+    adapter touched: each fails the conformance check."""
+    def copies(y, x, a, b, slots, slices, scale):
+        return lora_add(y.clone(), x, a, b, slots, slices, scale)
+
+    def first_partition_only(y, x, a, b, slots, slices, scale):
+        return lora_add(y, x, a[:, :b.shape[2]].repeat(1, len(slices), 1), b, slots, slices, scale)
+
+    def touches_base_rows(y, x, a, b, slots, slices, scale):
+        y[slots < 0] += 1e-3
+        return lora_add(y, x, a, b, slots, slices, scale)
+
+    for fn, message in [(copies, "must add into y in place"), (first_partition_only, "outside the float32 tolerance"),
+                        (touches_base_rows, "rows of tokens without an adapter")]:
+        with pytest.raises(AssertionError, match=message):
+            CHECKS["lora_add"](fn, torch.float32, torch.device("cpu"), gen(6))
+
+
 @DTYPES
-@pytest.mark.parametrize("op", [lora_shrink, lora_expand], ids=lambda op: op.__name__)
+@pytest.mark.parametrize("op", [lora_shrink, lora_expand, lora_add], ids=lambda op: op.__name__)
 def test_lora_passes_its_conformance_check(op, dtype):
     """The suite's LoRA steps (decode, prefill, mixed, one token, a zero-padded adapter) hold for the yardstick."""
     CHECKS[op.__name__](op, dtype, torch.device("cpu"), gen(5))

@@ -173,6 +173,39 @@ def check_lora_expand(fn, dtype, device, g):
         _check_padded_slot(got, unpadded, rows, dtype, what)
 
 
+# A fused projection's partitions (q, k and v of qkv: columns 0-129, 130-169, 170-209), and a
+# projection of one.
+LORA_SLICES = {"fused": (130, 40, 40), "single": (130,)}
+
+
+def check_lora_add(fn, dtype, device, g):
+    in_features, scale = 200, 0.37
+    for layout, slices in LORA_SLICES.items():
+        # Each partition's A and B as check_lora_shrink/expand draw them, stacked: A along the rank, B along the output.
+        lora_a = torch.cat([_lora_weights(g, in_features, rank_dim=1, dtype=dtype) for _ in slices], 1)
+        lora_b = torch.cat([_lora_weights(g, width, rank_dim=2, dtype=dtype) for width in slices], 1)
+        for name, step in LORA_STEPS.items():
+            slots = torch.tensor(step)
+            x, y = _randn(g, len(step), in_features, dtype=dtype), _randn(g, len(step), sum(slices), dtype=dtype)
+            expected = OPS["lora_add"](y.clone(), x, lora_a, lora_b, slots, slices, scale)
+            target = y.to(device, copy=True)  # y itself stays as it was, for the checks below
+            got = fn(target, *_on(device, x, lora_a, lora_b, slots), slices, scale)
+            what = _lora_what("lora_add", name, f"partitions {list(slices)} of {in_features} input features, scale {scale}")
+            assert got is target or (got.data_ptr() == target.data_ptr() and got.shape == target.shape), \
+                f"{what}: must add into y in place and return it"
+            base_rows = slots < 0
+            assert torch.equal(target.cpu()[base_rows], y[base_rows]), \
+                f"{what}: changed rows of tokens without an adapter (slot -1)"
+            assert_close(target, expected, dtype, what, scale=_magnitude(expected))
+            rows = (slots == LORA_PADDED_SLOT).nonzero().flatten()
+            unpadded_a = torch.cat([lora_a[LORA_PADDED_SLOT, None, i * LORA_RANK:i * LORA_RANK + LORA_PADDED_RANK]
+                                    for i in range(len(slices))], 1)
+            unpadded_b = lora_b[LORA_PADDED_SLOT, None, :, :LORA_PADDED_RANK]
+            unpadded = OPS["lora_add"](y[rows].clone(), x[rows], unpadded_a, unpadded_b, torch.zeros_like(rows),
+                                       slices, scale)
+            _check_padded_slot(target, unpadded, rows, dtype, what)
+
+
 def check_copy_blocks(fn, dtype, device, g, layouts: list[tuple[Callable[[int], tuple[int, ...]], int]]):
     """``layouts``: (cache shape for n blocks, block dimension) of every attention backend's cache."""
     for shape_of, block_dim in layouts:
@@ -210,6 +243,7 @@ CHECKS: dict[str, Callable] = {
     "gelu_and_mul": check_gelu_and_mul,
     "lora_shrink": check_lora_shrink,
     "lora_expand": check_lora_expand,
+    "lora_add": check_lora_add,
     "copy_blocks": check_copy_blocks,
     "apply_top_k_top_p_min_p": check_apply_top_k_top_p_min_p,
 }

@@ -8,6 +8,7 @@ plugin (runtime-cpu, runtime-cuda, ...) whose version is not the core's (:mod:`r
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -42,7 +43,8 @@ class PluginStatus:
 class KernelSet:
     """The ops a platform runs, as attributes: ``ops.rms_norm(x, w, eps)``.
 
-    Each op is the platform's highest-priority registered kernel, else the reference one.
+    Each op is the platform's highest-priority registered kernel, else the reference one (but
+    ``lora_add``, unregistered beside a registered ``lora_shrink``/``lora_expand``, is made of those).
     ``sources[op]`` says which (``"reference"`` or the kernel's module) for ``runtime plugins``.
     """
 
@@ -58,6 +60,11 @@ class KernelSet:
             chosen = best.get(op)
             setattr(self, op, chosen.fn if chosen else fn)
             self.sources[op] = chosen.fn.__module__ if chosen else "reference"
+        if "lora_add" not in best and {"lora_shrink", "lora_expand"} & best.keys():
+            # A platform written before contract 1.5 runs lora_add as its own shrink/expand pair per
+            # partition (the reference's lora_add would gather every token's weights instead).
+            self.lora_add = functools.partial(reference.lora_add_per_slice, self.lora_shrink, self.lora_expand)
+            self.sources["lora_add"] = "lora_shrink + lora_expand per partition"
 
 
 def _compatible(spec_text: Any) -> str | None:

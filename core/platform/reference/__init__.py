@@ -9,7 +9,7 @@ from .activation import gelu_and_mul, silu_and_mul
 from .attention import ReferenceAttentionBackend, paged_attention
 from .kv import copy_blocks
 from .linear import linear
-from .lora import lora_expand, lora_shrink
+from .lora import lora_add, lora_add_per_slice, lora_expand, lora_shrink
 from .norm import fused_add_rms_norm, rms_norm
 from .rotary import build_cos_sin_cache, rotary_embedding
 from .sampling import apply_top_k_top_p_min_p
@@ -23,8 +23,9 @@ OPS = {
     "gelu_and_mul": gelu_and_mul,
     "lora_shrink": lora_shrink,
     "lora_expand": lora_expand,
+    "lora_add": lora_add,
     "copy_blocks": copy_blocks,
     "apply_top_k_top_p_min_p": apply_top_k_top_p_min_p,
 }
 
-__all__ = ["OPS", "ReferenceAttentionBackend", "build_cos_sin_cache", "paged_attention", *OPS]
+__all__ = ["OPS", "ReferenceAttentionBackend", "build_cos_sin_cache", "lora_add_per_slice", "paged_attention", *OPS]

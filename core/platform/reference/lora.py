@@ -1,4 +1,9 @@
-"""LoRA shrink/expand with one adapter slot per token (slot -1: no adapter)."""
+"""LoRA shrink/expand with one adapter slot per token (slot -1: no adapter), and ``lora_add``
+(contract 1.5), the pair for every partition of a fused projection in one call."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
 
 import torch
 
@@ -17,3 +22,35 @@ def lora_expand(shrunk: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor,
     b = lora_b[slots.clamp(min=0)]
     delta = torch.einsum("tr,tor->to", shrunk.float(), b.float()) * valid.unsqueeze(-1)
     return (base.float() + delta).to(base.dtype)
+
+
+def lora_add(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor,
+             slices: Sequence[int], scale: float) -> torch.Tensor:
+    """Adds every token's adapter delta to ``y``, the output of a projection fused of ``len(slices)``
+    partitions, in place; returns ``y``.
+
+    y [T, out] (``out = sum(slices)``; partition i is columns ``sum(slices[:i])`` on, ``slices[i]``
+    wide), x [T, in], lora_a [S, n * r, in] (partition i's A is rows ``i * r`` to ``(i + 1) * r``),
+    lora_b [S, out, r] (partition i's B is its columns' rows), slots [T]. Per partition,
+    ``y_i += lora_expand(lora_shrink(x, A_i, slots, scale), B_i, slots, y_i) - y_i``: the shrunk
+    values rounded to x's dtype, each output once to y's. Rows of tokens with slot -1 are left as
+    they are.
+    """
+    return lora_add_per_slice(lora_shrink, lora_expand, y, x, lora_a, lora_b, slots, slices, scale)
+
+
+def lora_add_per_slice(shrink: Callable, expand: Callable, y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
+                       lora_b: torch.Tensor, slots: torch.Tensor, slices: Sequence[int], scale: float) -> torch.Tensor:
+    """``lora_add`` from a ``lora_shrink`` and a ``lora_expand``: one pair of calls per partition, on
+    views of the weights and of ``y``. What a platform that registers only the pair (a plugin written
+    before contract 1.5) runs."""
+    rank, start = lora_b.shape[2], 0
+    if lora_a.shape[1] != len(slices) * rank or lora_b.shape[1] != sum(slices):
+        raise ValueError(f"lora_add: lora_a {list(lora_a.shape)} and lora_b {list(lora_b.shape)} do not hold "
+                         f"partitions {list(slices)} of rank {rank}")
+    for i, width in enumerate(slices):
+        part = y[:, start:start + width]
+        shrunk = shrink(x, lora_a[:, i * rank:(i + 1) * rank], slots, scale)
+        part.copy_(expand(shrunk, lora_b[:, start:start + width], slots, part))
+        start += width
+    return y

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from runtime.platform import Kernel
 from runtime.platform.reference import rotary_embedding as reference_rotary
 
-from .lora import lora_expand, lora_shrink
+from .lora import lora_add, lora_expand, lora_shrink
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -47,4 +47,5 @@ KERNELS = [
     Kernel("cpu", "rotary_embedding", rotary_embedding),
     Kernel("cpu", "lora_shrink", lora_shrink),
     Kernel("cpu", "lora_expand", lora_expand),
+    Kernel("cpu", "lora_add", lora_add),
 ]

@@ -1,12 +1,14 @@
-"""LoRA shrink/expand on the CPU: one matmul per long run of tokens, one per adapter for the others.
+"""LoRA shrink/expand/add on the CPU: one matmul per long run of tokens, one per adapter for the others.
 
 The reference gathers every token's adapter weights ([T, r, in]): gigabytes for a long prompt
 chunk on a large projection. Here each adapter's weights multiply the rows of its tokens at once.
 Rows that lie together in a long run (a prompt chunk, a whole step on one adapter) are used as
 they are, with no copy; the tokens of short runs (decode steps: one token per request) are
 gathered once, sorted by slot, multiplied one adapter at a time and scattered back. Tokens with
-slot -1 get nothing (shrink) or ``base`` unchanged (expand). The grouping costs a dozen small
-ops; it is done once for the many calls of a step.
+slot -1 get nothing (shrink) or ``base`` unchanged (expand, add). The grouping costs a dozen small
+ops; it is done once for the many calls of a step. ``lora_add`` (what the engine calls) shrinks
+against every partition of a fused projection at once and adds each partition's product into
+its columns of the output in place.
 
 Chosen by ``benchmarks/lora_kernels.py --threads 1`` (docs/benchmarks.md has the figures): over
 steps of 1 to 2048 tokens, ranks 8-64 and 1-8 adapters, one gather, matmul and scatter per
@@ -16,7 +18,7 @@ every adapter of the device 2.0-4.4x, the reference 3.3-31x.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -96,13 +98,33 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor, scal
 
 def lora_expand(shrunk: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """shrunk [T, r], lora_b [S, out, r], base [T, out] -> base + shrunk @ lora_b[slot].T (base where slot < 0)."""
-    groups = slot_groups(slots)
     out = base.clone(memory_format=torch.contiguous_format)
+    return _add_expanded(out, shrunk, lora_b, slot_groups(slots), [lora_b.shape[1]])
+
+
+def lora_add(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor,
+             slices: Sequence[int], scale: float) -> torch.Tensor:
+    """y [T, out] += each partition's expand(shrink(x)), in place (contract 1.5; see the reference):
+    one shrink against the partitions' A stacked ([S, n * r, in]) serves them all."""
+    return _add_expanded(y, lora_shrink(x, lora_a, slots, scale), lora_b, slot_groups(slots), slices)
+
+
+def _add_expanded(y: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor, groups: SlotGroups,
+                  slices: Sequence[int]) -> torch.Tensor:
+    """y [T, out] += shrunk [T, n * r] @ lora_b[slot].T per partition, in place: per adapter group one
+    product per partition into its columns. The gathered (decode) tokens' rows of ``y`` are read
+    once and written back once for all partitions."""
+    rank, start, columns = lora_b.shape[2], 0, []
+    for i, width in enumerate(slices):
+        columns.append((slice(i * rank, (i + 1) * rank), slice(start, start + width)))
+        start += width
     for slot, rows in groups.runs:
-        out[rows].addmm_(shrunk[rows], lora_b[slot].T)
+        for ranks, outs in columns:
+            y[rows, outs].addmm_(shrunk[rows, ranks], lora_b[slot, outs].T)
     if groups.gathered is not None:
-        rows_in, rows_out = shrunk.index_select(0, groups.gathered), base.index_select(0, groups.gathered)
+        rows_in, rows_out = shrunk.index_select(0, groups.gathered), y.index_select(0, groups.gathered)
         for slot, rows in groups.gathered_runs:
-            rows_out[rows].addmm_(rows_in[rows], lora_b[slot].T)
-        out.index_copy_(0, groups.gathered, rows_out)
-    return out
+            for ranks, outs in columns:
+                rows_out[rows, outs].addmm_(rows_in[rows, ranks], lora_b[slot, outs].T)
+        y.index_copy_(0, groups.gathered, rows_out)
+    return y

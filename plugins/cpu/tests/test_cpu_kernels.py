@@ -74,6 +74,24 @@ def test_lora_shrink_and_expand(step, dtype):
     assert torch.equal(expanded[slots < 0], base[slots < 0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("step", LORA_STEPS)
+@pytest.mark.parametrize("slices", [(100,), (60, 20, 20)], ids=["single", "qkv"])
+def test_lora_add(slices, step, dtype):
+    """Every partition of a fused projection added into its columns of y, in place, in one call."""
+    g = torch.Generator().manual_seed(6)
+    slots = torch.tensor(LORA_STEPS[step])
+    x, _, _, y = _lora_inputs(dtype, len(slots), g)
+    lora_a = (torch.randn(4, len(slices) * 16, 72, generator=g) * 72 ** -0.5).to(dtype)
+    lora_b = (torch.randn(4, 100, 16, generator=g) * 16 ** -0.5).to(dtype)  # products of magnitude 1
+    expected = reference.lora_add(y.clone(), x, lora_a, lora_b, slots, slices, 0.37)
+    before = y.clone()
+    assert kernels.lora_add(y, x, lora_a, lora_b, slots, slices, 0.37) is y
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(y, expected, atol=tol, rtol=tol)
+    assert torch.equal(y[slots < 0], before[slots < 0])
+
+
 def test_lora_expand_onto_a_view_of_a_fused_output():
     """The model adds each partition's delta to its slice of a fused projection (q of qkv, say)."""
     g = torch.Generator().manual_seed(3)
@@ -90,6 +108,7 @@ def test_lora_of_an_empty_step():
     slots = torch.empty(0, dtype=torch.long)
     assert kernels.lora_shrink(x, lora_a, slots, 1.0).shape == (0, 16)
     assert kernels.lora_expand(torch.empty(0, 16), lora_b, slots, base).shape == (0, 100)
+    assert kernels.lora_add(base, x, lora_a, lora_b, slots, [100], 1.0).shape == (0, 100)
 
 
 def test_slot_groups_gather_only_the_tokens_of_short_runs():

@@ -10,7 +10,8 @@ the sum first, as the reference does, so the norm sees the same values).
   GPT-J pairs, partial rotary passing the rest through.
 - ``silu_and_mul`` / ``gelu_and_mul``: the activation and the product in one pass.
 - ``linear``: ``skinny_matmul.py``'s kernel for few rows, cuBLAS otherwise.
-- ``lora_shrink`` / ``lora_expand``: ``lora.py``'s kernels, one launch for every adapter of the step.
+- ``lora_shrink`` / ``lora_expand``: ``lora.py``'s kernels, one launch for every adapter of the step;
+  ``lora_add``: one shrink and one expand launch for every partition of a fused projection too.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import triton.language as tl
 
 from runtime.platform import Kernel
 
-from .lora import lora_expand, lora_shrink
+from .lora import lora_add, lora_expand, lora_shrink
 from .skinny_matmul import linear
 from .triton_attention import tanh
 
@@ -193,4 +194,5 @@ KERNELS = [
     Kernel("cuda", "linear", linear),
     Kernel("cuda", "lora_shrink", lora_shrink),
     Kernel("cuda", "lora_expand", lora_expand),
+    Kernel("cuda", "lora_add", lora_add),
 ]

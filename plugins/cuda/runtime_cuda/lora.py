@@ -14,9 +14,18 @@ captured in a CUDA graph like any other (replays see the slots of the moment).
 
 Shrink reduces over the layer's input features to a rank of 8-64 outputs (ranks over 64 take
 more programs): for few tokens one program per tile would leave the GPU idle, so the reduction is
-split (``SHRINK_TARGET_PROGRAMS``) into float32 partial sums that one ``sum`` adds up. Math is
-float32 with one rounding to the output dtype, like the reference; float32 inputs multiply as
-IEEE float32, never TF32.
+split (``SHRINK_TARGET_PROGRAMS``) into float32 partial sums. ``lora_shrink`` adds them up with
+one ``sum``; ``lora_add`` (what the engine calls, contract 1.5) leaves them to its expand kernel,
+which adds a tile's partial sums itself in a fixed order (so results are the same every run).
+Math is float32 with one rounding to the output dtype, like the reference; float32 inputs
+multiply as IEEE float32, never TF32.
+
+``lora_add`` serves every partition of a fused projection (q, k, v of qkv; gate, up) with one
+shrink and one expand launch: shrink against the partitions' A stacked along the rank, expand
+over all of the output's columns, each column taking the rank slice of its partition, the
+result added into ``y`` in place (rows of tokens without an adapter are not written). No torch op
+runs between the two launches and nothing is read back on the host, so it is captured in a
+graph as it is.
 
 Tile sizes are a first plan: the kernels compile for sm_86 and sm_90 within 64 KiB of shared
 memory (Triton's ahead-of-time compiler, no GPU) and pass their tests under the interpreter, but
@@ -24,6 +33,8 @@ have not run or been timed on a GPU yet.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import triton
@@ -42,6 +53,18 @@ EXPAND_STEP_BYTES = 128
 EXPAND_BLOCK_N = 128
 # Ranks past this (256 and 512 adapters exist) take more programs, not larger tiles.
 SHRINK_MAX_BLOCK_R = 64
+# lora_add's expand kernel tells apart this many partitions by the column ends it is given; a
+# projection of more is served in groups of these.
+MAX_SLICES = 4
+# Elements of the partial sums lora_add's expand kernel loads at once ([splits, rows, rank
+# block]), and the warps of lora_add's launches. ptxas -v for sm_90 (Triton's compiler, no GPU):
+# with 4 warps and 8192 elements a bf16 expand tile of 16 rows took 222-255 registers and spilled
+# from rank 64 on; with 8 warps and 2048, 115-240 registers and no spill at 16 rows (decode) up
+# to rank 128, none at 64 rows up to rank 16, and at 64 rows and rank 64 820 spilled bytes
+# against lora_expand's 1376. The shrink of stacked partitions (rank tiles of 64: q, k and v at
+# rank 16 are 48) spills at 4 warps (228 bytes at 16 rows), not at 8.
+PARTIALS_BLOCK = 2048
+ADD_WARPS = 8
 
 
 @triton.jit
@@ -113,6 +136,53 @@ def _lora_expand_kernel(shrunk_ptr, b_ptr, slots_ptr, base_ptr, out_ptr, tokens,
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
+@triton.jit
+def _lora_add_expand_kernel(partials_ptr, b_ptr, slots_ptr, y_ptr, tokens, out_features, rank, splits,
+                            end0, end1, end2, stride_ps, stride_pt, stride_bs, stride_bo, stride_yt,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            SPLIT_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid: (token tiles, output feature tiles). y += (sum of the partials) @ b[slot].T, in place.
+
+    ``partials`` [splits, T, n * rank] float32 are the shrink's partial sums over slices of the
+    input features, for every partition stacked along the rank; output column c belongs to
+    partition p = (number of ``end0..end2`` <= c) and takes rank columns p * rank to (p + 1) * rank.
+    A tile's columns may span partitions (small projections): the reduction then covers each
+    partition's rank slice, with b's columns of the other partitions masked to zero."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < tokens
+    col_ok = cols < out_features
+    tile_slots = tl.load(slots_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
+    tile_ok = (row_ok & (tile_slots >= 0))[:, None] & col_ok[None, :]
+    acc = tl.load(y_ptr + rows[:, None].to(tl.int64) * stride_yt + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+    part = (cols >= end0).to(tl.int32) + (cols >= end1).to(tl.int32) + (cols >= end2).to(tl.int32)
+    k_start = tl.min(tl.where(col_ok, part, NO_SLOT), 0) * rank
+    k_end = (tl.max(tl.where(col_ok, part, 0), 0) + 1) * rank
+    reduce = tl.arange(0, BLOCK_K)
+    split_block = tl.arange(0, SPLIT_BLOCK)
+    row_partials = partials_ptr + rows[:, None].to(tl.int64) * stride_pt
+    slot = _next_slot(tile_slots, -1)
+    while slot < NO_SLOT:
+        mine = (tile_slots == slot)[:, None]
+        w_rows = b_ptr + slot.to(tl.int64) * stride_bs + cols[:, None].to(tl.int64) * stride_bo
+        for k in range(k_start, k_end, BLOCK_K):
+            ranks = k + reduce
+            rank_ok = (ranks < k_end)[None, :]
+            shrunk = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            for first in range(0, splits, SPLIT_BLOCK):
+                which = first + split_block
+                ptrs = (row_partials + ranks[None, :])[None, :, :] + which[:, None, None].to(tl.int64) * stride_ps
+                ok = (which < splits)[:, None, None] & (mine & rank_ok)[None, :, :]
+                shrunk += tl.sum(tl.load(ptrs, mask=ok, other=0.0), 0)
+            in_part = (ranks // rank)[None, :] == part[:, None]
+            w = tl.load(w_rows + (ranks % rank)[None, :], mask=col_ok[:, None] & in_part & rank_ok, other=0.0)
+            acc += tl.dot(shrunk.to(w.dtype), tl.trans(w), input_precision=DOT_PRECISION)
+        slot = _next_slot(tile_slots, slot)
+    # The tile's pointers again rather than kept through the loop: fewer registers held.
+    y_tile = y_ptr + rows[:, None].to(tl.int64) * stride_yt + cols[None, :]
+    tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=tile_ok)
+
+
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -137,24 +207,35 @@ def shrink_splits(tokens: int, in_features: int, block_k: int) -> int:
     return max(1, min(SHRINK_TARGET_PROGRAMS // tiles, triton.cdiv(in_features, block_k)))
 
 
-def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor, scale: float) -> torch.Tensor:
-    """x [T, in], lora_a [S, r, in], slots [T] -> [T, r] = scale * x @ lora_a[slot].T (0 where slot < 0)."""
-    x, lora_a = _unit_last_stride(x), _unit_last_stride(lora_a)
+def _shrink_partials(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor, scale: float,
+                     dtype: torch.dtype, num_warps: int = 4) -> torch.Tensor:
+    """[splits, T, r] partial sums of scale * x @ lora_a[slot].T over slices of the input features,
+    in ``dtype`` (one launch; x and lora_a with unit last stride, T > 0)."""
     tokens, in_features = x.shape
     rank = lora_a.shape[1]
-    if not tokens:
-        return torch.empty(0, rank, dtype=x.dtype, device=x.device)
     block_k = SHRINK_STEP_BYTES // x.element_size()
     splits = shrink_splits(tokens, in_features, block_k)
     k_per_split = triton.cdiv(triton.cdiv(in_features, block_k), splits) * block_k
-    # One slice writes the result itself; more write float32 partial sums, rounded once when added up.
-    partials = torch.empty(splits, tokens, rank, dtype=x.dtype if splits == 1 else torch.float32, device=x.device)
+    partials = torch.empty(splits, tokens, rank, dtype=dtype, device=x.device)
     block_m, block_r = _block_m(tokens), min(SHRINK_MAX_BLOCK_R, _dot_width(rank))
     _lora_shrink_kernel[(triton.cdiv(tokens, block_m), triton.cdiv(rank, block_r), splits)](
         x, lora_a, slots, partials, tokens, rank, in_features, k_per_split, scale,
         x.stride(0), lora_a.stride(0), lora_a.stride(1), partials.stride(0), partials.stride(1),
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, DOT_PRECISION=_dot_precision(x.dtype))
-    return partials[0] if splits == 1 else partials.sum(0).to(x.dtype)
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, DOT_PRECISION=_dot_precision(x.dtype),
+        num_warps=num_warps)
+    return partials
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor, scale: float) -> torch.Tensor:
+    """x [T, in], lora_a [S, r, in], slots [T] -> [T, r] = scale * x @ lora_a[slot].T (0 where slot < 0)."""
+    x, lora_a = _unit_last_stride(x), _unit_last_stride(lora_a)
+    tokens, in_features = x.shape
+    if not tokens:
+        return torch.empty(0, lora_a.shape[1], dtype=x.dtype, device=x.device)
+    # One slice writes the result itself; more write float32 partial sums, rounded once when added up.
+    one_slice = shrink_splits(tokens, in_features, SHRINK_STEP_BYTES // x.element_size()) == 1
+    partials = _shrink_partials(x, lora_a, slots, scale, x.dtype if one_slice else torch.float32)
+    return partials[0] if one_slice else partials.sum(0).to(x.dtype)
 
 
 def lora_expand(shrunk: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -173,3 +254,44 @@ def lora_expand(shrunk: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor,
         BLOCK_M=block_m, BLOCK_N=EXPAND_BLOCK_N, BLOCK_K=block_k,
         DOT_PRECISION=_dot_precision(lora_b.dtype))
     return out
+
+
+def lora_add(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor,
+             slices: Sequence[int], scale: float) -> torch.Tensor:
+    """y [T, out] += per partition i: (scale * x @ A_i[slot].T) @ B_i[slot].T, in place; returns y.
+    lora_a [S, n * r, in] and lora_b [S, out, r] hold the ``n = len(slices)`` partitions (contract 1.5).
+    One shrink and one expand launch for up to ``MAX_SLICES`` partitions."""
+    slices = [int(width) for width in slices]
+    rank = lora_b.shape[2]
+    if lora_a.shape[1] != len(slices) * rank or lora_b.shape[1] != sum(slices) or y.shape[1] != sum(slices):
+        raise ValueError(f"lora_add: y {list(y.shape)}, lora_a {list(lora_a.shape)} and lora_b {list(lora_b.shape)} "
+                         f"do not hold partitions {slices} of rank {rank}")
+    if len(slices) > MAX_SLICES:
+        start = 0
+        for first in range(0, len(slices), MAX_SLICES):
+            group = slices[first:first + MAX_SLICES]
+            end = start + sum(group)
+            lora_add(y[:, start:end], x, lora_a[:, first * rank:(first + len(group)) * rank], lora_b[:, start:end],
+                     slots, group, scale)
+            start = end
+        return y
+    tokens, out_features = y.shape
+    if not tokens:
+        return y
+    x, lora_a, lora_b = _unit_last_stride(x), _unit_last_stride(lora_a), _unit_last_stride(lora_b)
+    partials = _shrink_partials(x, lora_a, slots, scale, torch.float32, ADD_WARPS)
+    target = _unit_last_stride(y)
+    ends = [sum(slices[:i + 1]) for i in range(len(slices) - 1)]
+    ends += [out_features] * (MAX_SLICES - 1 - len(ends))
+    block_m = _block_m(tokens)
+    block_k = min(EXPAND_STEP_BYTES // lora_b.element_size(), _dot_width(rank))
+    splits = partials.shape[0]
+    split_block = min(triton.next_power_of_2(splits), max(1, PARTIALS_BLOCK // (block_m * block_k)))
+    _lora_add_expand_kernel[(triton.cdiv(tokens, block_m), triton.cdiv(out_features, EXPAND_BLOCK_N))](
+        partials, lora_b, slots, target, tokens, out_features, rank, splits, *ends,
+        partials.stride(0), partials.stride(1), lora_b.stride(0), lora_b.stride(1), target.stride(0),
+        BLOCK_M=block_m, BLOCK_N=EXPAND_BLOCK_N, BLOCK_K=block_k, SPLIT_BLOCK=split_block,
+        DOT_PRECISION=_dot_precision(lora_b.dtype), num_warps=ADD_WARPS)
+    if target is not y:
+        y.copy_(target)
+    return y

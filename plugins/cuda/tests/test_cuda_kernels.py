@@ -133,7 +133,7 @@ def test_every_kernel_names_a_contract_op():
     assert all(k.platform == "cuda" for k in kernels.KERNELS)
 
 
-LORA_OPS = pytest.mark.parametrize("op", ["lora_shrink", "lora_expand"])
+LORA_OPS = pytest.mark.parametrize("op", ["lora_shrink", "lora_expand", "lora_add"])
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -205,6 +205,63 @@ def test_lora_expand_tiles(tokens, out_features, rank, layout, dtype, device, re
     assert torch.equal(got.cpu()[slots < 0], base[slots < 0])
 
 
+def _lora_add_float64(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                      slots: torch.Tensor, slices: list[int], scale: float) -> torch.Tensor:
+    """lora_add's result per partition in float64: the shrunk values rounded to x's dtype, then y's
+    columns plus their product, rounded once."""
+    rank, start, out = lora_b.shape[2], 0, y.clone()
+    for i, width in enumerate(slices):
+        shrunk = _lora_float64(x, lora_a[:, i * rank:(i + 1) * rank], slots, scale=scale)
+        out[:, start:start + width] = _lora_float64(shrunk, lora_b[:, start:start + width], slots, y[:, start:start + width])
+        start += width
+    return out
+
+
+def _lora_add_inputs(tokens, in_features, slices, rank, layout, dtype, g, num_slots=3):
+    slots = _lora_slots(layout, tokens, num_slots, g)
+    x = torch.randn(tokens, in_features, generator=g).to(dtype)
+    lora_a = (torch.randn(num_slots, len(slices) * rank, in_features, generator=g) * in_features ** -0.5).to(dtype)
+    lora_b = (torch.randn(num_slots, sum(slices), rank, generator=g) * rank ** -0.5).to(dtype)
+    y = torch.randn(tokens, sum(slices), generator=g).to(dtype)
+    return slots, x, lora_a, lora_b, y
+
+
+@DTYPES
+@pytest.mark.parametrize("tokens,in_features,slices,rank,layout", [
+    (1, 1000, [40, 24, 24], 8, "decode"),        # one token, the reduction in 8 slices; one tile spans 3 partitions
+    (17, 200, [200, 72], 16, "decode"),          # two token tiles; a tile spans the partitions' boundary
+    (300, 64, [130], 16, "chunks"),              # 64-token tiles of prompt chunks, one partition
+    (5, 96, [30, 20, 10, 40, 50], 8, "decode"),  # more partitions than one launch tells apart: two groups
+    (6, 300, [256, 128, 128], 80, "decode"),     # rank 80: shrink tiles of 64 across partitions, partial sums in 2 blocks
+    (3, 130, [128, 256], 16, "chunks"),          # partitions on tile boundaries
+], ids=["one-token-split", "two-tiles", "chunks", "groups", "rank-80", "aligned"])
+def test_lora_add_tiles(tokens, in_features, slices, rank, layout, dtype, device, require_dot):
+    """lora_add against float64: y changed in place, rows of slot -1 left bit for bit."""
+    require_dot(dtype)
+    g = torch.Generator().manual_seed(13)
+    slots, x, lora_a, lora_b, y = _lora_add_inputs(tokens, in_features, slices, rank, layout, dtype, g)
+    assert (slots >= 0).any()
+    target = y.to(device, copy=True)
+    got = kernels.lora_add(target, x.to(device), lora_a.to(device), lora_b.to(device), slots.to(device), slices, 0.37)
+    assert got is target
+    _close(target, _lora_add_float64(y, x, lora_a, lora_b, slots, slices, 0.37), dtype)
+    assert torch.equal(target.cpu()[slots < 0], y[slots < 0])
+
+
+@DTYPES
+def test_lora_add_into_a_strided_output(dtype, device, require_dot):
+    """y a column slice of a wider tensor (rows not contiguous): added in place, the rest untouched."""
+    require_dot(dtype)
+    g = torch.Generator().manual_seed(14)
+    slots, x, lora_a, lora_b, y = _lora_add_inputs(7, 64, [48, 16], 16, "decode", dtype, g)
+    wide = torch.randn(7, 100, generator=g).to(dtype)
+    wide[:, 10:74] = y
+    target = wide.to(device, copy=True)
+    kernels.lora_add(target[:, 10:74], x.to(device), lora_a.to(device), lora_b.to(device), slots.to(device), [48, 16], 1.0)
+    _close(target[:, 10:74], _lora_add_float64(y, x, lora_a, lora_b, slots, [48, 16], 1.0), dtype)
+    assert torch.equal(target.cpu()[:, :10], wide[:, :10]) and torch.equal(target.cpu()[:, 74:], wide[:, 74:])
+
+
 @pytest.mark.parametrize("tokens,layout", [(1, "decode"), (16, "decode"), (256, "decode"), (2048, "chunks")])
 @pytest.mark.parametrize("in_features,out_features", [(4096, 14336), (14336, 4096)], ids=["up", "down"])
 @pytest.mark.parametrize("rank,num_slots", [(8, 1), (64, 8)])
@@ -247,3 +304,47 @@ def test_lora_in_a_cuda_graph_reads_each_replays_slots():
         shrunk = OPS["lora_shrink"](x.cpu(), lora_a.cpu(), step, 2.0)
         expected = OPS["lora_expand"](shrunk, lora_b.cpu(), step, base.cpu())
         _close(out, expected, torch.bfloat16)
+
+
+@pytest.mark.parametrize("tokens,layout", [(1, "decode"), (16, "decode"), (256, "decode"), (2048, "chunks")])
+@pytest.mark.parametrize("slices", [[4096, 1024, 1024], [14336, 14336], [4096]], ids=["qkv", "gate_up", "o"])
+@pytest.mark.parametrize("rank,num_slots", [(8, 1), (64, 8)])
+@pytest.mark.gpu
+@needs_gpu
+def test_lora_add_model_sized_on_gpu(slices, rank, num_slots, tokens, layout):
+    """Llama-3-8B's fused projections in bfloat16 at decode and prefill step sizes, against float64."""
+    dtype = torch.bfloat16
+    g = torch.Generator().manual_seed(15)
+    slots, x, lora_a, lora_b, y = _lora_add_inputs(tokens, 4096, slices, rank, layout, dtype, g, num_slots)
+    target = y.cuda()
+    kernels.lora_add(target, x.cuda(), lora_a.cuda(), lora_b.cuda(), slots.cuda(), slices, 0.5)
+    _close(target, _lora_add_float64(y, x, lora_a, lora_b, slots, slices, 0.5), dtype)
+    assert torch.equal(target.cpu()[slots < 0], y[slots < 0])
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_lora_add_in_a_cuda_graph_reads_each_replays_slots():
+    """Captured once (two launches, no other op), lora_add follows the slots written before each replay,
+    and repeated replays on the same inputs give the same bits (the partial sums are added in a fixed order)."""
+    g = torch.Generator().manual_seed(16)
+    tokens, num_slots, slices = 16, 4, [1024, 256, 256]
+    slots_host, x, lora_a, lora_b, y = _lora_add_inputs(tokens, 512, slices, 16, "decode", torch.bfloat16, g, num_slots)
+    x, lora_a, lora_b = x.cuda(), lora_a.cuda(), lora_b.cuda()
+    target = y.cuda()
+    slots = torch.full((tokens,), -1, device="cuda")
+    kernels.lora_add(target, x, lora_a, lora_b, slots, slices, 2.0)  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kernels.lora_add(target, x, lora_a, lora_b, slots, slices, 2.0)
+    for layout in ("decode", "chunks"):
+        step = _lora_slots(layout, tokens, num_slots, g)
+        slots.copy_(step.cuda())
+        results = []
+        for _ in range(2):
+            target.copy_(y.cuda())
+            graph.replay()
+            results.append(target.cpu())
+        expected = OPS["lora_add"](y.clone(), x.cpu(), lora_a.cpu(), lora_b.cpu(), step, slices, 2.0)
+        _close(results[0], expected, torch.bfloat16)
+        assert torch.equal(results[0], results[1])

@@ -2,11 +2,13 @@
 
 The host keeps up to ``--max-cpu-loras`` loaded adapters (least recently used first out; one
 evicted is read from its directory again when a request needs it). The device has
-``--max-loras`` slots: per adapted projection partition, stacked A [slots, max rank, in] and
-B [slots, out, max rank] tensors, an adapter of smaller rank zero-padded. A step's adapters are
-placed in slots before it runs (the scheduler admits at most ``--max-loras`` distinct adapters a
-step), and each token's slot (-1: none) is written to one persistent buffer, so a captured
-decode graph reads the slots and weights of whatever step it replays.
+``--max-loras`` slots: per adapted projection, A [slots, partitions x max rank, in] and
+B [slots, out, max rank] tensors holding all its partitions (q, k, v of qkv), an adapter of
+smaller rank zero-padded; the platform's ``lora_add`` applies them all in one call. A step's
+adapters are placed in slots before it runs (the scheduler admits at most ``--max-loras``
+distinct adapters a step), and each token's slot (-1: none) is written to one persistent buffer,
+so a captured decode graph reads the slots and weights of whatever step it replays. A step with
+no adapted token runs no LoRA kernel at all (see :attr:`LoRASlots.active`).
 """
 
 from __future__ import annotations
@@ -61,26 +63,21 @@ class LoRARegistry:
 
 
 class LinearLoRA(nn.Module):
-    """One projection's slots: per partition, A [S, R, in] and B [S, out, R] (its rows of the output)."""
+    """One projection's slots, its partitions stacked: A [S, n * R, in] (partition i's rows i * R
+    on) and B [S, out, R] (each partition's rows of the output), so one ``lora_add`` serves them all."""
 
     def __init__(self, slots: "LoRASlots", outs: list[int], width: int, ops: Any):
         super().__init__()
-        self.slots, self.ops, self.outs = slots, ops, outs
+        self.slots, self.ops, self.outs = slots, ops, tuple(outs)
         count, rank = slots.num_slots, slots.max_rank
-        self.lora_a = nn.ParameterList(nn.Parameter(torch.zeros(count, rank, width), requires_grad=False) for _ in outs)
-        self.lora_b = nn.ParameterList(nn.Parameter(torch.zeros(count, out, rank), requires_grad=False) for out in outs)
+        self.lora_a = nn.Parameter(torch.zeros(count, len(outs) * rank, width), requires_grad=False)
+        self.lora_b = nn.Parameter(torch.zeros(count, sum(outs), rank), requires_grad=False)
 
     def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``y`` (the base projection of ``x``) plus each token's adapter delta, in place."""
         if not self.slots.active:
             return y
-        token_slots = self.slots.token_slots[:x.shape[0]]
-        start = 0
-        for a, b, out in zip(self.lora_a, self.lora_b, self.outs):
-            shrunk = self.ops.lora_shrink(x, a, token_slots, 1.0)
-            y[:, start:start + out] = self.ops.lora_expand(shrunk, b, token_slots, y[:, start:start + out])
-            start += out
-        return y
+        return self.ops.lora_add(y, x, self.lora_a, self.lora_b, self.slots.token_slots[:x.shape[0]], self.outs, 1.0)
 
 
 class LoRASlots:
@@ -92,7 +89,8 @@ class LoRASlots:
         self.registry, self.num_slots, self.max_rank = registry, num_slots, registry.max_rank
         self.token_slots = torch.full((max_tokens,), -1, dtype=torch.int64, device=device)
         self.active = False
-        """Whether the step being launched has adapted tokens (decode graphs are captured with it on)."""
+        """Whether the step being launched has adapted tokens: the layers add adapters only then,
+        and a decode step replays the graphs captured with it on only then."""
         self._held: list[int] = [0] * num_slots
         """The adapter id in each slot (0: empty)."""
         self._last_used: list[int] = [0] * num_slots
@@ -125,21 +123,32 @@ class LoRASlots:
         return placed
 
     def _load(self, slot: int, adapter: LoRAAdapter) -> None:
+        rank = self.max_rank
         for (index, module), lora in self.layers.items():
-            for partition, (a_slots, b_slots) in enumerate(zip(lora.lora_a, lora.lora_b)):
-                a_slots.data[slot].zero_()
-                b_slots.data[slot].zero_()
+            a_slot, b_slot = lora.lora_a.data[slot], lora.lora_b.data[slot]
+            a_slot.zero_()
+            b_slot.zero_()
+            start = 0
+            for partition, out in enumerate(lora.outs):
                 pair = adapter.weights.get((index, module, partition))
                 if pair is not None:
                     a, b = pair
-                    a_slots.data[slot, :a.shape[0]] = a.to(a_slots.dtype)
-                    b_slots.data[slot, :, :b.shape[1]] = b.to(b_slots.dtype)
+                    a_slot[partition * rank:partition * rank + a.shape[0]] = a.to(a_slot.dtype)
+                    b_slot[start:start + out, :b.shape[1]] = b.to(b_slot.dtype)
+                start += out
         self._held[slot] = adapter.int_id
 
     def set_tokens(self, token_slots: np.ndarray, padded_tokens: int) -> None:
         """Write each token's slot for the next step; rows up to ``padded_tokens`` (a graph's
-        padding) get -1."""
+        padding) get -1. A step without adapted tokens writes nothing: no LoRA kernel reads the
+        buffer then (eager layers skip LoRA, and its decode graphs were captured without it)."""
         self.active = bool((token_slots >= 0).any())
-        staged = np.full(padded_tokens, -1, dtype=np.int64)
-        staged[:len(token_slots)] = token_slots
-        self.token_slots[:padded_tokens].copy_(torch.from_numpy(staged), non_blocking=False)
+        if not self.active:
+            return
+        staged = torch.full((padded_tokens,), -1, dtype=torch.int64)
+        staged[:len(token_slots)] = torch.from_numpy(np.asarray(token_slots, dtype=np.int64))
+        if self.token_slots.device.type != "cpu":
+            # Pinned, so the copy queues behind the step in flight instead of waiting for it; torch's
+            # caching host allocator keeps the block until the copy has read it.
+            staged = staged.pin_memory()
+        self.token_slots[:padded_tokens].copy_(staged, non_blocking=True)

@@ -261,3 +261,68 @@ def test_padding_writes_no_kv(checkpoint):
     total_slots = engine.num_blocks * engine.block_size * 2 * layers
     assert untouched == total_slots - 2 * layers * used
     assert not torch.isnan(engine.runner.kv_caches[0]).any()
+
+
+def test_lora_steps_replay_the_graphs_with_lora_and_the_others_those_without(checkpoint, tmp_path):
+    """With LoRA enabled every size is captured with and without the LoRA path. A decode step
+    replays the LoRA one only when a token has an adapter, and no LoRA op runs in the other;
+    outputs with and without adapters equal the eager engine's (which tests/test_lora.py checks
+    against HF + PEFT)."""
+    from runtime.lora import LoRARequest
+
+    from lora_adapters import SEPARATE, make_adapter
+
+    make_adapter(checkpoint, tmp_path / "a", 8, SEPARATE, seed=5)
+    adapter = LoRARequest("a", 1, str(tmp_path / "a"))
+    lora = dict(enable_lora=True, max_loras=2, max_lora_rank=8)
+    graphs = EngineCore(EngineArgs(model=str(checkpoint), **COMMON, **lora), registry=_registry())
+    runner = graphs.runner
+    decode_graphs = runner.decode_graphs
+    assert set(decode_graphs.graphs) == {(size, with_lora) for size in decode_graphs.sizes for with_lora in (False, True)}
+    assert runner.lora_slots.active is False
+    # Make the fake graphs as frozen as CUDA graphs: a replay runs the LoRA path exactly when its
+    # graph was captured with it, whatever the runner's flag says now. Count replays and LoRA calls.
+    replayed, lora_calls = [], [0]
+    for (size, with_lora), graph in decode_graphs.graphs.items():
+        def replay(original=graph.replay, key=(size, with_lora)):
+            replayed.append(key)
+            active, runner.lora_slots.active = runner.lora_slots.active, key[1]
+            try:
+                original()
+            finally:
+                runner.lora_slots.active = active
+        graph.replay = replay
+    lora_add = runner.ops.lora_add
+
+    def counted_lora_add(*args):
+        lora_calls[0] += 1
+        return lora_add(*args)
+
+    runner.ops.lora_add = counted_lora_add
+
+    def run(engine: EngineCore, adapters: list) -> dict[str, list[int]]:
+        outputs: dict[str, list[int]] = {}
+        for i, (prompt, request) in enumerate(zip(PROMPTS, adapters)):
+            engine.add_request(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+                               lora_request=request)
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+        return outputs
+
+    eager = EngineCore(EngineArgs(model=str(checkpoint), **COMMON, **lora, enforce_eager=True), registry=_registry())
+    base_only = run(graphs, [None] * len(PROMPTS))
+    assert replayed and not any(with_lora for _, with_lora in replayed)
+    assert lora_calls[0] == 0  # no LoRA kernel in any step: prefills ran eager without it, decodes replayed without
+    assert base_only == run(eager, [None] * len(PROMPTS))
+
+    replayed.clear()
+    mixed = [adapter if i % 2 == 0 else None for i in range(len(PROMPTS))]
+    with_adapters = run(graphs, mixed)
+    assert any(with_lora for _, with_lora in replayed) and lora_calls[0] > 0
+    assert with_adapters == run(eager, mixed)
+    assert with_adapters != base_only  # the adapter changed the outputs, so the comparison means something
+
+    replayed.clear()
+    assert run(graphs, [None] * len(PROMPTS)) == base_only  # back to the graphs without LoRA
+    assert replayed and not any(with_lora for _, with_lora in replayed)

@@ -167,9 +167,7 @@ class ModelRunner:
     def capture_decode_graphs(self, max_num_seqs: int) -> None:
         """Capture decode steps for batch sizes up to ``max_num_seqs`` (after the KV cache exists)."""
         self.decode_graphs = DecodeGraphs(self.platform, self.model, self.buffers, self.kv_caches,
-                                          self.max_model_len, max_num_seqs)
-        if self.lora_slots is not None:
-            self.lora_slots.active = True  # replays then add every token's adapter (none: slot -1)
+                                          self.max_model_len, max_num_seqs, lora=self.lora_slots)
         self.decode_graphs.capture()
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:

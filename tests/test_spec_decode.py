@@ -24,6 +24,9 @@ from runtime.spec import SpeculativeConfig
 from runtime.spec.ngram import propose_ngram
 from runtime.spec.rejection import DraftLayout
 
+COPY_TASK = ("Repeat the following paragraph exactly.\n\nThe old lighthouse stood on the northern cliff for two "
+             "hundred years. Every night its keeper climbed the narrow stairs, lit the great lamp, and watched the "
+             "ships pass safely through the dark and dangerous waters below.")
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 
 
@@ -186,6 +189,54 @@ def test_greedy_output_is_unchanged_by_ngram_proposals(arch, checkpoints):
     stats = spec_llm.engine.stats()
     assert stats.num_preemptions > 0 and stats.spec_num_drafts > 0
     assert stats.spec_num_accepted_tokens > 0, "no proposal was accepted: verification of accepted ones is untested"
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_greedy_output_is_unchanged_by_a_draft_model(arch, checkpoints, tmp_path):
+    """A one-layer random draft of the same family (mostly rejected), then the target as its own
+    draft: every proposal accepted, which holds only if the draft's K/V follows each request
+    through chunks, prefix-cache hits, preemptions and rejections."""
+    path = checkpoints(arch)
+    draft = make_tiny_checkpoint(tmp_path, arch, num_hidden_layers=1, seed=5)
+    prompts = _repetitive_prompts(8, seed=1)
+    prompts += [prompts[0] + [9], prompts[1] + [9]]  # arriving last: their prefixes are cached
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    options = dict(kv_cache_memory=10 * 2 * 2 * 2 * 16 * 16 * 4, max_model_len=128, max_num_batched_tokens=16)
+    plain = _run_with_arrivals(LLM(str(path), **options), prompts, params)
+    options["kv_cache_memory"] *= 2  # the draft's K/V shares the budget: as many blocks for the target as a draft
+    for model in (draft, path):
+        spec_llm = LLM(str(path), speculative_config={"method": "draft_model", "model": str(model),
+                                                      "num_speculative_tokens": 3}, **options)
+        assert _run_with_arrivals(spec_llm, prompts, params) == plain
+        stats = spec_llm.engine.stats()
+        assert stats.spec_num_drafts > 0
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+    assert stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens
+
+
+def test_embedded_model_greedy_is_unchanged_by_proposals():
+    """The real model: n-gram lookup on a copying task, and the model as its own draft."""
+    from runtime.loader.source import embedded_model_path
+
+    messages = [{"role": "user", "content": COPY_TASK}]
+    params = SamplingParams(temperature=0.0, max_tokens=64)
+    options = dict(kv_cache_memory="64MiB", max_model_len=512, max_num_batched_tokens=64)
+    plain = LLM(**options).chat(messages, params, use_tqdm=False)[0].outputs[0]
+    ngram = LLM(speculative_config=NGRAM, **options)
+    assert ngram.chat(messages, params, use_tqdm=False)[0].outputs[0].token_ids == plain.token_ids
+    assert ngram.engine.stats().spec_num_accepted_tokens > 20  # the copy was found in the prompt
+    self_draft = LLM(speculative_config={"method": "draft_model", "model": str(embedded_model_path()),
+                                         "num_speculative_tokens": 4}, **options)
+    assert self_draft.chat(messages, params, use_tqdm=False)[0].outputs[0].token_ids == plain.token_ids
+
+
+def test_a_draft_model_with_another_tokenizer_is_refused(checkpoints):
+    from runtime.loader.source import embedded_model_path
+
+    with pytest.raises(ValueError, match="must share the target's vocabulary"):
+        LLM(str(checkpoints("llama")), kv_cache_memory="8MiB", max_model_len=128,
+            speculative_config={"method": "draft_model", "model": str(embedded_model_path()),
+                                "num_speculative_tokens": 2})
 
 
 class OracleProposer:

@@ -84,7 +84,7 @@ class EngineCore:
             tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
             data_parallel_size=args.data_parallel_size,
             first_device=args.data_parallel_rank * args.tensor_parallel_size * args.pipeline_parallel_size,
-            lora=args.lora)
+            lora=args.lora, speculative=args.speculative)
         quantization_method(registry, self.platform, self.quantization)  # an unknown method fails before any rank starts
         self.executor = make_executor(self.plan, registry, self.platform, self.source,
                                       args.distributed_executor_backend, args.distributed_timeout)

@@ -6,6 +6,7 @@ from typing import Any, Optional, Protocol
 
 from ..sched.scheduler import SchedulerOutput
 from .config import SpeculativeConfig
+from .draft import DraftModelProposer
 from .ngram import NgramProposer
 
 
@@ -19,6 +20,9 @@ def check_speculative(args: Any) -> None:
     """ValueError for settings speculative decoding does not support yet, naming the alternative."""
     if args.speculative is None:
         return
+    if args.speculative.method == "draft_model" and args.tensor_parallel_size > 1:
+        raise ValueError("a draft model with --tensor-parallel-size above 1 is not supported yet: use "
+                         '"method": "ngram", or one rank')
     if args.pipeline_parallel_size > 1:
         raise ValueError("speculative decoding with --pipeline-parallel-size above 1 is not supported yet: use "
                          "--tensor-parallel-size to split the model, or drop --speculative-config")
@@ -29,7 +33,7 @@ def make_proposer(config: Optional[SpeculativeConfig], runner: Any) -> Optional[
         return None
     if config.method == "ngram":
         return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
-    raise ValueError(f"speculative method {config.method!r} is not available")
+    return DraftModelProposer(runner.draft)
 
 
 class SpecCounters:

@@ -26,7 +26,7 @@ from ..sched.request import Request
 from ..sched.scheduler import ScheduledRequest, SchedulerOutput
 from ..spec.rejection import DraftLayout
 from .decode_graphs import DecodeGraphs, capture_sizes
-from .input_buffers import InputBuffers, StepInputs, host_to_device
+from .input_buffers import InputBuffers, StepInputs, host_to_device, step_inputs
 from .pipeline import StageLink
 
 TokenLogprobs = tuple[list[int], list[float], int]
@@ -108,6 +108,8 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.buffers: InputBuffers | None = None
         self.decode_graphs: DecodeGraphs | None = None
+        self.draft: ModelRunner | None = None
+        """The draft model's runner, on rank 0 of an engine proposing with a draft model."""
 
     @property
     def weight_bytes(self) -> int:
@@ -317,28 +319,55 @@ class ModelRunner:
             self._prompt_logprobs(pending.scheduled, pending.hidden, pending.query_start_loc, result)
         return result
 
+    def _loaded_event(self) -> torch.Event | None:
+        """Marks the last load's copies as queued (None on the CPU, where loads are done at once)."""
+        if self.device.type == "cpu":
+            return None
+        event = torch.Event(device=self.device)
+        event.record()
+        return event
+
     def _step_inputs(self, scheduled: list[ScheduledRequest]) -> StepInputs:
-        bs = self.block_size
-        starts = np.array([s.start for s in scheduled], dtype=np.int64)
-        counts = np.array([s.num_new_tokens for s in scheduled], dtype=np.int64)
-        query_start = np.zeros(len(scheduled) + 1, dtype=np.int64)
-        np.cumsum(counts, out=query_start[1:])
-        total = int(query_start[-1])
-        row_of_token = np.repeat(np.arange(len(scheduled)), counts)
-        positions = np.arange(total) - query_start[row_of_token] + starts[row_of_token]
-        max_blocks = max(len(s.block_ids) for s in scheduled)
-        block_table = np.zeros((len(scheduled), max_blocks), dtype=np.int64)
-        for i, s in enumerate(scheduled):
-            block_table[i, :len(s.block_ids)] = s.block_ids
-        slots = block_table[row_of_token, positions // bs] * bs + positions % bs
         # A pending token is not in all_token_ids yet: 0 here, written on the device at launch.
         # Proposed tokens are not in it either: they follow the request's known tokens.
+        counts = [s.num_new_tokens for s in scheduled]
         input_ids = np.fromiter(itertools.chain.from_iterable(
             (0,) if s.token_pending
             else s.request.all_token_ids[s.start:s.start + s.num_new_tokens - len(s.draft_token_ids)] + s.draft_token_ids
             if s.draft_token_ids else s.request.all_token_ids[s.start:s.start + s.num_new_tokens] for s in scheduled),
-            np.int64, total)
-        return StepInputs(input_ids, positions, slots, query_start, starts + counts, block_table)
+            np.int64, sum(counts))
+        return step_inputs(input_ids, [s.start for s in scheduled], counts, [s.block_ids for s in scheduled],
+                           self.block_size)
+
+    @torch.inference_mode()
+    def greedy_chain(self, first: StepInputs, last_rows: list[int], widths: list[int]) -> list[list[int]]:
+        """Greedy continuations without sampling or a read-back between passes (a draft model
+        proposing): ``first`` is computed and the argmax after each of its ``last_rows`` (token
+        indices) starts a chain; pass j then feeds chain i its latest token at the next
+        position, for the chains with ``widths[i] > j`` (widths sorted largest first, so those
+        are the first rows). Returns each chain's ``widths[i]`` tokens."""
+        input_ids, positions, meta = self.buffers.load(first)
+        hidden = self.model(ForwardBatch(input_ids, positions, meta, self.kv_caches))
+        rows = host_to_device(last_rows, torch.int64, self.device)
+        tokens = [self.model.compute_logits(hidden[rows]).argmax(-1)]
+        next_positions = first.positions[last_rows] + 1
+        seq_of_row = np.searchsorted(first.query_start_loc, last_rows, side="right") - 1
+        tables = first.block_table[seq_of_row]
+        loaded = [self._loaded_event()]
+        for j in range(1, max(widths, default=0)):
+            n = sum(1 for w in widths if w > j)
+            step = step_inputs(np.zeros(n, dtype=np.int64), next_positions[:n], [1] * n,
+                               list(tables[:n]), self.block_size)
+            if j >= 2 and loaded[j - 2] is not None:
+                loaded[j - 2].synchronize()  # its staging half is the one this load refills
+            input_ids, positions, meta = self.buffers.load(step)
+            loaded.append(self._loaded_event())
+            self.buffers.input_ids[:n].copy_(tokens[-1][:n])
+            hidden = self.model(ForwardBatch(input_ids, positions, meta, self.kv_caches))
+            tokens.append(self.model.compute_logits(hidden[:n]).argmax(-1))
+            next_positions = next_positions[:n] + 1
+        chains = [t.tolist() for t in tokens]
+        return [[chains[j][i] for j in range(w)] for i, w in enumerate(widths)]
 
     def _prompt_logprobs(self, scheduled, hidden: torch.Tensor, query_start: np.ndarray, result: RunnerOutput) -> None:
         """Logprob of each prompt token given the ones before it, for requests that asked."""

@@ -402,3 +402,61 @@ def test_stop_strings_and_penalties_match_without_proposals(checkpoints):
         assert ours.outputs[0].finish_reason == ref.outputs[0].finish_reason
         assert list(ours.outputs[0].token_ids) == list(ref.outputs[0].token_ids)
     assert spec.engine.stats().spec_num_drafts > 0
+
+
+def test_streams_through_the_engine_process_carry_several_tokens_a_step(checkpoints):
+    """The serving path (engine core process, messages, output processor): streamed deltas add up
+    to the offline result with proposals, stop strings and logprobs included."""
+    import asyncio
+
+    from runtime.engine.args import EngineArgs
+    from runtime.engine.async_engine import AsyncEngine
+
+    path = str(checkpoints("llama"))
+    prompt = [5, 6, 7, 8, 9] * 6
+    options = dict(kv_cache_memory="8MiB", max_model_len=160, speculative_config=NGRAM)
+    offline = LLM(path, **options)
+    text = offline.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+                            use_tqdm=False)[0].outputs[0].text
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1),
+              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[text[8:11]])]
+    expected = offline.generate([{"prompt_token_ids": prompt}] * 2, params, use_tqdm=False)
+
+    async def run():
+        engine = await AsyncEngine(EngineArgs(model=path, **options)).start()
+        try:
+            await engine.wait_ready(120)
+            results = []
+            for i, p in enumerate(params):
+                deltas, tokens, final = "", [], None
+                async for out in engine.add_request(f"r{i}", None, prompt, p):
+                    deltas += out.outputs[0].delta_text
+                    tokens += out.outputs[0].delta_token_ids
+                    final = out.outputs[0]
+                results.append((deltas, tokens, final))
+            return results, engine.stats()
+        finally:
+            await engine.shutdown()
+
+    results, stats = asyncio.run(run())
+    assert stats.spec_num_accepted_tokens > 0
+    for (deltas, tokens, final), ref in zip(results, expected):
+        assert deltas == final.text == ref.outputs[0].text
+        assert tokens == list(ref.outputs[0].token_ids)
+        assert final.finish_reason == ref.outputs[0].finish_reason
+    assert results[1][2].finish_reason == "stop" and len(results[1][1]) < 24
+
+
+def test_tensor_parallel_ranks_verify_the_same_proposals(checkpoints):
+    path = str(checkpoints("qwen3"))
+    prompts = [{"prompt_token_ids": p} for p in _repetitive_prompts(6, seed=9)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    options = dict(kv_cache_memory="8MiB", max_model_len=160)
+    plain = [o.outputs[0].token_ids for o in LLM(path, **options).generate(prompts, params, use_tqdm=False)]
+    parallel = LLM(path, tensor_parallel_size=2, speculative_config=NGRAM, **options)
+    try:
+        ours = [o.outputs[0].token_ids for o in parallel.generate(prompts, params, use_tqdm=False)]
+        assert parallel.engine.stats().spec_num_accepted_tokens > 0
+    finally:
+        parallel.engine.shutdown()
+    assert ours == plain

@@ -121,6 +121,23 @@ def test_greedy_verification_accepts_exactly_the_matching_prefix():
     assert out.token_ids[2, :6].tolist() == best[5:11]
 
 
+def test_greedy_rows_stay_greedy_beside_sampled_rows():
+    torch.manual_seed(2)
+    vocab = 16
+    logits = torch.randn(8, vocab)
+    best = logits.argmax(-1).tolist()
+    drafts = [[best[0], (best[1] + 1) % vocab], [3, 4, 5, 6]]
+    requests = [make_request(temperature=0.0), make_request(temperature=1.0, top_k=4, seed=11)]
+    layout = DraftLayout(requests, drafts, torch.device("cpu"))
+    mixed = Sampler().verify(logits, SamplingMetadata.from_requests(layout.row_views, vocab, "cpu", {}), layout)
+    assert mixed.num_tokens[0].item() == 2 and mixed.token_ids[0, :2].tolist() == [best[0], best[1]]
+    # The seeded row draws from its own generator: the same tokens alone as beside the greedy one.
+    alone_layout = DraftLayout(requests[1:], drafts[1:], torch.device("cpu"))
+    alone = Sampler().verify(logits[3:], SamplingMetadata.from_requests(alone_layout.row_views, vocab, "cpu", {}),
+                             alone_layout)
+    assert mixed.token_ids[1].tolist() == alone.token_ids[0].tolist()
+
+
 def test_penalties_see_the_proposals_before_each_position():
     """Row j of a request is penalised as if proposals 1..j were already output."""
     vocab = 10

@@ -13,6 +13,8 @@
 #   tests:   the CUDA plugin's GPU tests
 #   tests-bg, tests-wait: the same, detached (they run while later calls carry wheels), then awaited
 #   lora:    benchmarks/lora_gpu.py: runtime without LoRA, runtime with 8 adapters, vLLM with the same 8
+#   spec:    benchmarks/spec_gpu.py: the embedded model as HF bf16, n-gram proposals at batch 1 and 8 (runtime,
+#            vLLM), then the zero-acceptance overhead and verification step times on the Llama-3-8B shape
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}; M=/tmp/llama8b; R=/tmp/results
@@ -54,6 +56,11 @@ for stage in "$@"; do
       for part in "runtime --adapters 0 --json $R/lora/runtime-base.json" "runtime --json $R/lora/runtime-lora.json" \
                   "vllm --json $R/lora/vllm-lora.json"; do
         timeout 300 python3 benchmarks/lora_gpu.py $part --dir $M 2>&1 | grep -v "it/s]" | tail -15 | tee -a $R/lora/run.log
+      done ;;
+    spec)
+      for part in convert runtime vllm verify; do
+        timeout 300 python3 benchmarks/spec_gpu.py $part --json $R/spec/$part.json --llama-dir $M 2>&1 | grep -v "it/s]" \
+          | tail -15 | tee -a $R/spec/run.log
       done ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

@@ -33,7 +33,7 @@ def make_scheduler(num_blocks=64, max_num_seqs=8, max_num_batched_tokens=32, pol
 
 def step(sched: Scheduler, token: int = 7) -> SchedulerOutput:
     out = sched.schedule()
-    sched.update(out, {s.request.request_id: token for s in out.scheduled if s.sample})
+    sched.update(out, {s.request.request_id: [token] for s in out.scheduled if s.sample})
     return out
 
 
@@ -202,7 +202,7 @@ def test_update_skips_requests_aborted_after_schedule():
     sched.add_request(req)
     out = sched.schedule()
     sched.abort_requests(["a"])
-    assert sched.update(out, {"a": 5}) == []
+    assert sched.update(out, {"a": [5]}) == []
     assert req.output_token_ids == [] and sched.kv.num_free_blocks == 63
     # Its step was never committed, so the cache does not vouch for the KV it would have written.
     sched.add_request(make_request("b", range(1, 10)))
@@ -226,10 +226,10 @@ def test_a_step_holds_at_most_max_loras_adapters_and_the_others_keep_their_place
         sched.add_request(Request(f"r{i}", [i + 1] * 4, SamplingParams(max_tokens=2), lora_id=lora_id))
     first = sched.schedule()
     assert [s.request.request_id for s in first.scheduled] == ["r0", "r1", "r3", "r4"]  # r2's adapter waits
-    sched.update(first, {s.request.request_id: 7 for s in first.scheduled})
+    sched.update(first, {s.request.request_id: [7] for s in first.scheduled})
     second = sched.schedule()
     assert "r2" not in [s.request.request_id for s in second.scheduled]  # adapters 1 and 2 still run
-    sched.update(second, {s.request.request_id: 7 for s in second.scheduled})
+    sched.update(second, {s.request.request_id: [7] for s in second.scheduled})
     third = sched.schedule()  # r0, r1 and r4 finished (2 tokens): adapter 3's turn
     assert [s.request.request_id for s in third.scheduled] == ["r2"]
 
@@ -390,7 +390,7 @@ def test_random_operations_keep_requests_and_blocks_consistent(mode, num_blocks,
         if abort_mid_step is not None and out.scheduled:
             sched.abort_requests([out.scheduled[abort_mid_step % len(out.scheduled)].request.request_id])
         checker.forward(out)
-        sampled = {s.request.request_id: rng.randrange(10) for s in out.scheduled if s.sample}
+        sampled = {s.request.request_id: [rng.randrange(10)] for s in out.scheduled if s.sample}
         updated = sched.update(out, sampled)
         assert all(req.request_id in sampled for req in updated)
 

@@ -81,8 +81,8 @@ def test_two_ranks_compute_what_one_does(arch, overrides, tmp_path):
     alone = run_prefill(path, TensorParallel())
     for ranks in run_tensor_parallel(path, 2, tmp_path):
         assert ranks.keys() == alone.keys()
-        for rid, (token, (ids, values, rank)) in ranks.items():
-            ref_token, (ref_ids, ref_values, ref_rank) = alone[rid]
+        for rid, (token, [(ids, values, rank)]) in ranks.items():
+            ref_token, [(ref_ids, ref_values, ref_rank)] = alone[rid]
             assert token == ref_token and ids == ref_ids and rank == ref_rank, (rid, ids, ref_ids)
             assert values == pytest.approx(ref_values, abs=1e-4)
 
@@ -141,9 +141,10 @@ def test_pipeline_stages_compute_what_one_model_does(arch, overrides, stages, tm
     assert all(not out.sampled and not out.prompt_logprobs for out in outputs[:-1])
     staged = outputs[-1]
     assert staged.sampled == alone.sampled
-    for rid, (ids, values, rank) in alone.logprobs.items():
-        assert staged.logprobs[rid][0] == ids and staged.logprobs[rid][2] == rank
-        assert staged.logprobs[rid][1] == pytest.approx(values, abs=1e-4)
+    for rid, [(ids, values, rank)] in alone.logprobs.items():
+        [(staged_ids, staged_values, staged_rank)] = staged.logprobs[rid]
+        assert staged_ids == ids and staged_rank == rank
+        assert staged_values == pytest.approx(values, abs=1e-4)
     for rid, entries in alone.prompt_logprobs.items():
         assert [e[0] for e in staged.prompt_logprobs[rid]] == [e[0] for e in entries]
         assert [v for e in staged.prompt_logprobs[rid] for v in e[1]] == pytest.approx(

@@ -20,6 +20,7 @@ from ..platform import Communicator, PlatformConfig, Registry, get_registry
 from ..sample.params import SamplingParams
 from ..sched.request import Request, RequestStatus
 from ..sched.scheduler import Scheduler, SchedulerOutput
+from ..spec.proposer import SpecCounters, check_speculative, make_proposer
 from ..worker.executor import make_executor
 from ..worker.model_runner import PendingStep, RunnerOutput
 from ..worker.setup import RunnerPlan, quantization_method
@@ -68,18 +69,22 @@ class EngineCore:
         # (read-back, update, detokenizing, scheduling) overlaps the device's; it pays where decode
         # steps are graph replays, the host's part of a step being then mostly that work.
         # Several pipeline stages overlap instead through micro-batches (see _step_pipelined).
+        # With speculative decoding the next step's inputs depend on how many proposals this
+        # one accepts, and the proposers read the accepted tokens: nothing to queue ahead.
         self.pipeline_depth = args.pipeline_parallel_size
-        self.look_ahead = self.platform.supports_graphs and not args.enforce_eager and self.pipeline_depth == 1
+        graphs = self.platform.supports_graphs and not args.enforce_eager and self.pipeline_depth == 1
+        self.look_ahead = graphs and args.speculative is None
+        check_speculative(args)
         self.plan = RunnerPlan(
             model=args.model, device=self.platform.name, dtype=str(self.dtype).removeprefix("torch."),
             block_size=self.block_size, max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=pconfig.max_num_batched_tokens, kv_cache_dtype=pconfig.kv_cache_dtype,
             quantization=self.quantization, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-            gpu_memory_utilization=args.gpu_memory_utilization, graphs=self.look_ahead, seed=args.seed,
+            gpu_memory_utilization=args.gpu_memory_utilization, graphs=graphs, seed=args.seed,
             tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
             data_parallel_size=args.data_parallel_size,
             first_device=args.data_parallel_rank * args.tensor_parallel_size * args.pipeline_parallel_size,
-            lora=args.lora)
+            lora=args.lora, speculative=args.speculative)
         quantization_method(registry, self.platform, self.quantization)  # an unknown method fails before any rank starts
         self.executor = make_executor(self.plan, registry, self.platform, self.source,
                                       args.distributed_executor_backend, args.distributed_timeout)
@@ -91,7 +96,10 @@ class EngineCore:
         """Requests of the micro-batches in flight."""
         self.kv_manager = KVCacheManager(self.num_blocks, self.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_manager, self.max_num_seqs, pconfig.max_num_batched_tokens, args.scheduling_policy,
-                                   max_loras=args.lora.max_loras if args.lora else None)
+                                   max_loras=args.lora.max_loras if args.lora else None,
+                                   num_speculative_tokens=args.speculative.num_speculative_tokens if args.speculative else 0)
+        self.proposer = make_proposer(args.speculative, self.runner)
+        self.spec_counters = SpecCounters(args.speculative.num_speculative_tokens if args.speculative else 0)
         self.max_num_batched_tokens = pconfig.max_num_batched_tokens
         gib = 1 << 30
         activation_bytes = self.executor.activation_bytes
@@ -173,6 +181,8 @@ class EngineCore:
             (out, pending), self._in_flight = self._in_flight, None
         else:
             out = self.scheduler.schedule()
+            if self.proposer is not None:
+                self.proposer.propose(out)
             pending = self.executor.launch(out)
         if self.look_ahead and pending is not None:
             following = self.scheduler.look_ahead(out)
@@ -202,13 +212,18 @@ class EngineCore:
 
     def _outputs(self, out: SchedulerOutput, result: RunnerOutput) -> list[EngineCoreOutput]:
         """Apply a step's results to the scheduler; what each request got from it."""
+        counts = {rid: len(request.output_token_ids) for rid in result.sampled
+                  if (request := self.scheduler.get_request(rid)) is not None}
+        if self.proposer is not None:
+            self.spec_counters.count(out, result.sampled)
         updated = self.scheduler.update(out, result.sampled)
         outputs: dict[str, EngineCoreOutput] = {}
         for request in updated:
             rid = request.request_id
+            new = request.output_token_ids[counts[rid]:]  # a finishing token drops the ones after it
+            logprobs = result.logprobs.get(rid)
             outputs[rid] = EngineCoreOutput(
-                rid, [request.output_token_ids[-1]],
-                new_logprobs=[result.logprobs[rid]] if rid in result.logprobs else None,
+                rid, new, new_logprobs=logprobs[:len(new)] if logprobs is not None else None,
                 finish_reason=request.status.value if request.status.finished else None,
                 stop_reason=request.stop_reason)
         for rid, entries in result.prompt_logprobs.items():
@@ -222,4 +237,5 @@ class EngineCore:
                            prefix_cache_hits=self.kv_manager.prefix_cache_hits,
                            num_preemptions=self.scheduler.num_preemptions,
                            running_lora_ids=self.scheduler.lora_ids(RequestStatus.RUNNING),
-                           waiting_lora_ids=self.scheduler.lora_ids(RequestStatus.WAITING))
+                           waiting_lora_ids=self.scheduler.lora_ids(RequestStatus.WAITING),
+                           **self.spec_counters.fields())

@@ -57,6 +57,10 @@ class IncrementalDetokenizer:
         self._pending: list[int] = []
         """Tokens the stream holds back as an incomplete character."""
 
+    @property
+    def has_stop_strings(self) -> bool:
+        return bool(self._stop)
+
     def add_tokens(self, token_ids: list[int], stop_terminated: bool = False) -> Optional[str]:
         """Append generated tokens; return the stop string they completed, if any.
 

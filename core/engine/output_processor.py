@@ -99,15 +99,18 @@ class OutputProcessor:
                 completion.delta_token_ids = list(out.new_token_ids)
                 completion.delta_logprobs = None
             if out.new_token_ids:
-                completion.token_ids.extend(out.new_token_ids)
-                if out.new_logprobs:
-                    entries = [self._logprob_dict(e) for e in out.new_logprobs]
+                new_ids, stop = self._add_tokens(sample.detokenizer, out.new_token_ids, out.finish_reason == "stop")
+                new_logprobs = out.new_logprobs[:len(new_ids)] if out.new_logprobs else None
+                if not self.final_only:
+                    completion.delta_token_ids = list(new_ids)
+                completion.token_ids.extend(new_ids)
+                if new_logprobs:
+                    entries = [self._logprob_dict(e) for e in new_logprobs]
                     completion.logprobs.extend(entries)
                     if not self.final_only:
                         completion.delta_logprobs = entries
-                    total = sum(values[0] for _, values, _ in out.new_logprobs)
+                    total = sum(values[0] for _, values, _ in new_logprobs)
                     completion.cumulative_logprob = (completion.cumulative_logprob or 0.0) + total
-                stop = sample.detokenizer.add_tokens(out.new_token_ids, stop_terminated=out.finish_reason == "stop")
                 if stop is not None and out.finish_reason is None:
                     completion.finish_reason, completion.stop_reason = "stop", stop
                     stopped.append(out.request_id)
@@ -131,6 +134,20 @@ class OutputProcessor:
             if finished:
                 self.abort(rid)
         return results, stopped
+
+    @staticmethod
+    def _add_tokens(detokenizer: IncrementalDetokenizer, token_ids: list[int],
+                    stop_terminated: bool) -> tuple[list[int], Optional[str]]:
+        """Feed a step's tokens to the detokenizer; (the tokens kept, the stop string matched).
+        A step with accepted proposals brings several tokens: those after the one completing a
+        stop string are dropped, as a step of one token at a time would never have made them."""
+        if len(token_ids) == 1 or not detokenizer.has_stop_strings:
+            return token_ids, detokenizer.add_tokens(token_ids, stop_terminated=stop_terminated)
+        for count, token_id in enumerate(token_ids, 1):
+            stop = detokenizer.add_tokens([token_id], stop_terminated=stop_terminated and count == len(token_ids))
+            if stop is not None:
+                return token_ids[:count], stop
+        return token_ids, None
 
     def _logprob_dict(self, entry) -> dict[int, Logprob]:
         ids, values, rank = entry

@@ -14,6 +14,8 @@ import torch
 
 from ..platform.reference import apply_top_k_top_p_min_p
 from ..sched.request import Request
+from ..spec.rejection import DraftLayout, rejection_sample
+from .noise import exponential_noise
 from ..worker.input_buffers import host_to_device
 
 TopKTopPMinP = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -127,6 +129,10 @@ class SamplerOutput:
     """[B, K+1] float32: raw-model logprobs of ``logprob_token_ids``."""
     sampled_ranks: Optional[torch.Tensor] = None
     """[B] int64: 1 + the number of tokens with a strictly higher raw logprob than the sampled one."""
+    num_tokens: Optional[torch.Tensor] = None
+    """Set by :meth:`Sampler.verify`: [B] int64 tokens per request (accepted proposals + 1);
+    ``token_ids`` is then [B, K+1] (-1 past ``num_tokens``) and the logprob fields have one
+    row per verified position ([R, ...], see ``DraftLayout``)."""
 
 
 class Sampler:
@@ -149,17 +155,39 @@ class Sampler:
             return SamplerOutput(token_ids)
         return _with_logprobs(token_ids, raw_logprobs, meta.max_num_logprobs)
 
+    def verify(self, logits: torch.Tensor, meta: SamplingMetadata, layout: DraftLayout) -> SamplerOutput:
+        """Speculative decoding: logits [R, V] of every verified position (``layout``), rows
+        sampled as ``meta`` says (built from ``layout.row_views``) -> each request's accepted
+        proposed tokens and the token after them. Greedy rows accept a proposal equal to the
+        argmax; other rows by rejection sampling (see ``spec.rejection``), which leaves each
+        request's output distribution what it is without proposals."""
+        raw_logprobs = logits.float().log_softmax(-1) if meta.max_num_logprobs is not None else None
+        logits = logits.to(torch.float32, copy=True)
+        _apply_bias_and_penalties(logits, meta)
+        greedy_ids = None if meta.all_random else logits.argmax(-1)
+        probs = None if meta.all_greedy else self._probabilities(logits, meta)
+        token_ids, num_tokens, row_tokens = rejection_sample(probs, greedy_ids, meta.greedy, meta.generators, layout)
+        if raw_logprobs is None:
+            return SamplerOutput(token_ids, num_tokens=num_tokens)
+        out = _with_logprobs(row_tokens, raw_logprobs, meta.max_num_logprobs)
+        out.token_ids, out.num_tokens = token_ids, num_tokens
+        return out
+
+    def _probabilities(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """In place: temperature, top-k / top-p / min-p, softmax (greedy rows: meaningless)."""
+        logits.div_(meta.temperature.unsqueeze(1))
+        if meta.needs_top_k_top_p_min_p:
+            logits = self.top_k_top_p_min_p(logits, meta.top_k, meta.top_p, meta.min_p)
+        return logits.softmax(-1)
+
     def _sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         greedy_ids = None if meta.all_random else logits.argmax(-1)
         if meta.all_greedy:
             return greedy_ids
-        logits.div_(meta.temperature.unsqueeze(1))
-        if meta.needs_top_k_top_p_min_p:
-            logits = self.top_k_top_p_min_p(logits, meta.top_k, meta.top_p, meta.min_p)
-        probs = logits.softmax(-1)
+        probs = self._probabilities(logits, meta)
         # Exponential race: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i,
         # without a cumsum/searchsorted, and each row's noise can come from its own generator.
-        sampled = probs.div_(_exponential_noise(probs, meta.generators)).argmax(-1)
+        sampled = probs.div_(exponential_noise(probs, meta.generators)).argmax(-1)
         return sampled if greedy_ids is None else torch.where(meta.greedy, greedy_ids, sampled)
 
 
@@ -180,19 +208,6 @@ def _apply_bias_and_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> N
     if meta.frequency_penalties is not None:
         # OpenAI: output tokens only, count * frequency + (count > 0) * presence.
         logits.sub_(meta.frequency_penalties.unsqueeze(1) * counts + meta.presence_penalties.unsqueeze(1) * (counts > 0))
-
-
-def _exponential_noise(probs: torch.Tensor, generators: list[Optional[torch.Generator]]) -> torch.Tensor:
-    """Exp(1) noise shaped like probs: a seeded row's from its own generator, so it samples the
-    same tokens whatever else shares the batch; the other rows share one draw."""
-    noise = torch.empty_like(probs)
-    if any(g is None for g in generators):
-        noise.exponential_()
-    for row, generator in enumerate(generators):
-        if generator is not None:
-            noise[row].exponential_(generator=generator)
-    # A draw of exactly 0 would turn p / E into inf, or NaN for a masked token, and win the argmax.
-    return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
 
 
 def _with_logprobs(token_ids: torch.Tensor, raw_logprobs: torch.Tensor, k: int) -> SamplerOutput:

@@ -30,6 +30,11 @@ class ScheduledRequest:
     num_new_tokens: int
     block_ids: list[int]
     """The request's whole block table."""
+    max_drafts: int = 0
+    """Proposed tokens this chunk has room for (speculative decoding): their KV slots are
+    allocated and the step's token budget counts them; :meth:`set_drafts` adds them."""
+    draft_token_ids: list[int] = field(default_factory=list)
+    """Proposed tokens computed after the request's last token, for the target to verify."""
     token_pending: bool = field(init=False)
     """This chunk is the one token still being sampled on the device by the step in flight
     (a look-ahead step): its id is not known on the host."""
@@ -43,7 +48,14 @@ class ScheduledRequest:
     @property
     def sample(self) -> bool:
         """Whether this chunk reaches the request's last token, so its logits choose the next one."""
-        return self.start + self.num_new_tokens == self._num_tokens
+        return self.start + self.num_new_tokens - len(self.draft_token_ids) == self._num_tokens
+
+    def set_drafts(self, draft_token_ids: list[int]) -> None:
+        """Compute these proposed tokens (at most ``max_drafts``) after the last token."""
+        if len(draft_token_ids) > self.max_drafts or self.draft_token_ids:
+            raise ValueError(f"{len(draft_token_ids)} proposed tokens, room for {self.max_drafts}")
+        self.num_new_tokens += len(draft_token_ids)
+        self.draft_token_ids = list(draft_token_ids)
 
 
 @dataclass
@@ -80,6 +92,7 @@ class Scheduler:
         max_num_batched_tokens: int,
         policy: str = "fcfs",
         max_loras: int | None = None,
+        num_speculative_tokens: int = 0,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -91,6 +104,8 @@ class Scheduler:
         self.policy = policy
         self.max_loras = max_loras
         """Distinct LoRA adapters one step may use (the device's slots); None: no adapters."""
+        self.num_speculative_tokens = num_speculative_tokens
+        """Room for proposed tokens given to each decoding request (speculative decoding)."""
         self.num_preemptions = 0
         """Preemptions since start, all requests together."""
         self._requests: dict[str, Request] = {}
@@ -185,9 +200,15 @@ class Scheduler:
             num_new = min(num_tokens - request.num_computed_tokens, budget)
             if num_new == 0:
                 continue  # its last step's token was not sampled: nothing to compute
+            # A decoding request's proposed tokens: each accepted one and the token after the
+            # last must fit its max_tokens and the context (the request's max_total_tokens).
+            drafts = 0
+            if self.num_speculative_tokens and num_new == 1 and not request.num_pending_tokens:
+                drafts = max(0, min(self.num_speculative_tokens, budget - 1,
+                                    request.max_total_tokens - request.num_tokens - 1))
             # Running requests are served in admission order but preempted in policy order, so
             # the victim may already be scheduled this step: its work is then withdrawn.
-            while (block_ids := self.kv.allocate_slots(request, num_new)) is None:
+            while (block_ids := self.kv.allocate_slots(request, num_new + drafts)) is None:
                 victim = max(self._running, key=lambda r: self._keys[r.request_id])
                 if look_ahead or victim.request_id in in_flight:
                     # The policy's victim is still computing: wait for its step rather than
@@ -198,13 +219,14 @@ class Scheduler:
                 preempted.append(victim.request_id)
                 undone = scheduled.pop(victim.request_id, None)
                 if undone is not None:
-                    budget += undone.num_new_tokens
+                    budget += undone.num_new_tokens + undone.max_drafts
                 if victim is request:
                     break
             if block_ids is None:
                 break
-            scheduled[request.request_id] = ScheduledRequest(request, request.num_computed_tokens, num_new, block_ids)
-            budget -= num_new
+            scheduled[request.request_id] = ScheduledRequest(request, request.num_computed_tokens, num_new, block_ids,
+                                                             max_drafts=drafts)
+            budget -= num_new + drafts
             adapters.add(request.lora_id)
 
         # After a preemption blocks are short: admitting now would only evict what was just computed.
@@ -274,27 +296,34 @@ class Scheduler:
         self._finished_ids = following.finished_ids + self._finished_ids
         return None
 
-    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+    def update(self, output: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
         """Apply a step's results: advance progress, append sampled tokens, finish what stopped.
 
-        ``sampled`` maps request ids to the token sampled for them. Requests aborted since
-        ``output`` was made are skipped. Returns the requests that got a token, finished included;
-        finished ones have already released their blocks.
+        ``sampled`` maps request ids to the tokens the step produced for them: one, or with
+        proposed tokens the accepted ones and the token after them. Only the accepted ones' KV
+        counts as computed; the rejected ones' slots are written again by later steps. A token
+        that finishes the request drops those after it. Requests aborted since ``output`` was
+        made are skipped. Returns the requests that got a token, finished included; finished
+        ones have already released their blocks.
         """
         updated: list[Request] = []
         for item in output.scheduled:
             request = item.request
             if request.status is not RequestStatus.RUNNING:
                 continue
-            request.num_computed_tokens = item.start + item.num_new_tokens
+            tokens = sampled.get(request.request_id) if item.sample else None
+            rejected = len(item.draft_token_ids) - (len(tokens) - 1 if tokens else 0)
+            request.num_computed_tokens = item.start + item.num_new_tokens - rejected
             if item.sample and request.num_pending_tokens:
                 request.num_pending_tokens -= 1
-            if not item.sample or request.request_id not in sampled:
+            if not tokens:
                 continue
-            request.append_token(sampled[request.request_id])
-            status = request.check_stop()
-            if status is not None:
-                self._finish(request, status)
+            for token in tokens:
+                request.append_token(token)
+                status = request.check_stop()
+                if status is not None:
+                    self._finish(request, status)
+                    break
             updated.append(request)
         return updated
 

@@ -45,6 +45,22 @@ class StepInputs:
     """[B, W] int64, padded with 0."""
 
 
+def step_inputs(input_ids: np.ndarray, starts, counts, block_tables, block_size: int) -> StepInputs:
+    """The flat inputs of sequences that each compute ``counts[i]`` tokens from position
+    ``starts[i]``, with their KV blocks ``block_tables[i]``."""
+    starts, counts = np.asarray(starts, dtype=np.int64), np.asarray(counts, dtype=np.int64)
+    query_start = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=query_start[1:])
+    total = int(query_start[-1])
+    row_of_token = np.repeat(np.arange(len(counts)), counts)
+    positions = np.arange(total) - query_start[row_of_token] + starts[row_of_token]
+    block_table = np.zeros((len(counts), max(len(t) for t in block_tables)), dtype=np.int64)
+    for i, table in enumerate(block_tables):
+        block_table[i, :len(table)] = table
+    slots = block_table[row_of_token, positions // block_size] * block_size + positions % block_size
+    return StepInputs(input_ids, positions, slots, query_start, starts + counts, block_table)
+
+
 class _Staged:
     """Pinned host memory and the device tensor it is copied to (the same tensor on the CPU).
 

@@ -39,6 +39,8 @@ class Scheduled(msgspec.Struct, array_like=True):
     block_ids: list[int]
     token_pending: bool
     num_tokens: int
+    draft_token_ids: list[int] = []
+    """Proposed tokens computed after the known ones (speculative decoding)."""
 
 
 class Launch(msgspec.Struct, tag=True, array_like=True):
@@ -52,7 +54,7 @@ class Launch(msgspec.Struct, tag=True, array_like=True):
 
 class Collect(msgspec.Struct, tag=True, array_like=True):
     step: int
-    sampled: Optional[dict[str, int]] = None
+    sampled: Optional[dict[str, list[int]]] = None
     """The step's tokens, for ranks that did not sample them (pipeline stages before the last)."""
 
 
@@ -67,8 +69,8 @@ class StepResult(msgspec.Struct, array_like=True):
     """What a step produced (a ``RunnerOutput``), sent by the last pipeline stage to rank 0."""
 
     step: int
-    sampled: dict[str, int]
-    logprobs: dict[str, TokenLogprobsEntry]
+    sampled: dict[str, list[int]]
+    logprobs: dict[str, list[TokenLogprobsEntry]]
     prompt_logprobs: dict[str, list[TokenLogprobsEntry]]
 
     @classmethod
@@ -112,7 +114,8 @@ class StepSender:
         step = self._next
         self._next += 1
         message = Launch(step, new, [Scheduled(s.request.request_id, s.start, s.num_new_tokens, s.block_ids,
-                                               s.token_pending, s._num_tokens) for s in out.scheduled],
+                                               s.token_pending, s._num_tokens, s.draft_token_ids)
+                                     for s in out.scheduled],
                          list(out.finished_ids), None if previous is None else self._steps[id(previous)])
         return message, step
 
@@ -153,7 +156,8 @@ class StepMirror:
             self.requests[new.request_id] = request
         scheduled = []
         for item in message.scheduled:
-            entry = ScheduledRequest(self.requests[item.request_id], item.start, item.num_new_tokens, item.block_ids)
+            entry = ScheduledRequest(self.requests[item.request_id], item.start, item.num_new_tokens, item.block_ids,
+                                     max_drafts=len(item.draft_token_ids), draft_token_ids=item.draft_token_ids)
             # What rank 0's snapshot said: this copy knows no pending tokens of its own.
             entry.token_pending, entry._num_tokens = item.token_pending, item.num_tokens
             scheduled.append(entry)
@@ -170,9 +174,12 @@ class StepMirror:
         for rid in message.finished_ids:
             self.requests.pop(rid, None)
 
-    def _apply(self, sampled: dict[str, int]) -> None:
-        """Append what a step sampled, as rank 0's scheduler does (for requests it still has)."""
-        for rid, token in sampled.items():
+    def _apply(self, sampled: dict[str, list[int]]) -> None:
+        """Append what a step sampled, as rank 0's scheduler does (for requests it still has;
+        tokens past one that finishes a request are appended too, and the request is forgotten
+        when rank 0 says it finished)."""
+        for rid, tokens in sampled.items():
             request = self.requests.get(rid)
             if request is not None:
-                request.append_token(token)
+                for token in tokens:
+                    request.append_token(token)

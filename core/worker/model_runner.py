@@ -24,8 +24,9 @@ from ..sample.sampler import Sampler, SamplerOutput, SamplingMetadata
 from ..sample.params import SamplingParams
 from ..sched.request import Request
 from ..sched.scheduler import ScheduledRequest, SchedulerOutput
+from ..spec.rejection import DraftLayout
 from .decode_graphs import DecodeGraphs, capture_sizes
-from .input_buffers import InputBuffers, StepInputs, host_to_device
+from .input_buffers import InputBuffers, StepInputs, host_to_device, step_inputs
 from .pipeline import StageLink
 
 TokenLogprobs = tuple[list[int], list[float], int]
@@ -34,8 +35,10 @@ TokenLogprobs = tuple[list[int], list[float], int]
 
 @dataclass
 class RunnerOutput:
-    sampled: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    sampled: dict[str, list[int]] = field(default_factory=dict)
+    """Per request the step's tokens: one, or with proposals the accepted ones and the one after."""
+    logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    """Per request that asked, one entry per token of ``sampled``."""
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     """Per request, entries for the prompt positions this step covered (the first prompt token has none)."""
 
@@ -55,6 +58,8 @@ class PendingStep:
     sampled: SamplerOutput | None = None
     host_sampled: SamplerOutput | None = None
     """``sampled`` in host memory once ``ready`` has passed."""
+    layout: DraftLayout | None = None
+    """Where each request's verified rows are, for a step with proposed tokens."""
     ready: torch.Event | None = None
     handed_on: Any = None
     """A pipeline stage's send of ``hidden`` to the next stage, while in progress."""
@@ -103,6 +108,8 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.buffers: InputBuffers | None = None
         self.decode_graphs: DecodeGraphs | None = None
+        self.draft: ModelRunner | None = None
+        """The draft model's runner, on rank 0 of an engine proposing with a draft model."""
 
     @property
     def weight_bytes(self) -> int:
@@ -205,14 +212,19 @@ class ModelRunner:
             return pending
         sample_rows = [i for i, s in enumerate(scheduled) if s.sample]
         if sample_rows:
-            if len(sample_rows) == len(step.input_ids):  # one token per row, every row sampled: a decode step
-                last_hidden = hidden[:len(sample_rows)]
-            else:
-                last = host_to_device([int(step.query_start_loc[i + 1]) - 1 for i in sample_rows], torch.int64, self.device)
-                last_hidden = hidden[last]
             pending.requests = [scheduled[i].request for i in sample_rows]
-            sampling = SamplingMetadata.from_requests(pending.requests, self.settings.vocab_size, self.device, self.generators)
-            pending.sampled = self.sampler(self.model.compute_logits(last_hidden), sampling)
+            if any(scheduled[i].draft_token_ids for i in sample_rows):
+                pending.sampled, pending.layout = self._verify(scheduled, sample_rows, step.query_start_loc, hidden)
+            else:
+                if len(sample_rows) == len(step.input_ids):  # one token per row, every row sampled: a decode step
+                    last_hidden = hidden[:len(sample_rows)]
+                else:
+                    last = host_to_device([int(step.query_start_loc[i + 1]) - 1 for i in sample_rows], torch.int64,
+                                          self.device)
+                    last_hidden = hidden[last]
+                sampling = SamplingMetadata.from_requests(pending.requests, self.settings.vocab_size, self.device,
+                                                          self.generators)
+                pending.sampled = self.sampler(self.model.compute_logits(last_hidden), sampling)
             if self.device.type == "cpu":
                 pending.host_sampled = pending.sampled
             else:
@@ -225,6 +237,18 @@ class ModelRunner:
             pending.ready = torch.Event(device=self.device)
             pending.ready.record()
         return pending
+
+    def _verify(self, scheduled: list[ScheduledRequest], sample_rows: list[int], query_start: np.ndarray,
+                hidden: torch.Tensor) -> tuple[SamplerOutput, DraftLayout]:
+        """Sample a step with proposed tokens: the logits of each sampling request's last token
+        and of its proposals, verified together (``Sampler.verify``)."""
+        drafts = [scheduled[i].draft_token_ids for i in sample_rows]
+        rows = np.concatenate([np.arange(int(query_start[i + 1]) - 1 - len(d), int(query_start[i + 1]))
+                               for i, d in zip(sample_rows, drafts)])
+        layout = DraftLayout([scheduled[i].request for i in sample_rows], drafts, self.device)
+        sampling = SamplingMetadata.from_requests(layout.row_views, self.settings.vocab_size, self.device, self.generators)
+        logits = self.model.compute_logits(hidden[host_to_device(rows.tolist(), torch.int64, self.device)])
+        return self.sampler.verify(logits, sampling, layout), layout
 
     def _place_adapters(self, scheduled: list[ScheduledRequest], query_start: np.ndarray, padded_tokens: int) -> None:
         """Put the step's adapters in device slots and write each token's slot."""
@@ -274,37 +298,74 @@ class ModelRunner:
         sampled = pending.host_sampled
         if sampled is not None:
             token_ids = sampled.token_ids.tolist()
-            for row, request in enumerate(pending.requests):
-                result.sampled[request.request_id] = token_ids[row]
+            if pending.layout is None:
+                counts, first_rows = [1] * len(token_ids), range(len(token_ids))
+                tokens = [[token] for token in token_ids]
+            else:
+                counts, first_rows = sampled.num_tokens.tolist(), pending.layout.row_start.tolist()
+                tokens = [row[:n] for row, n in zip(token_ids, counts)]
+            for request, request_tokens in zip(pending.requests, tokens):
+                result.sampled[request.request_id] = request_tokens
             if sampled.logprobs is not None:
                 ids, lps, ranks = sampled.logprob_token_ids.tolist(), sampled.logprobs.tolist(), sampled.sampled_ranks.tolist()
-                for row, request in enumerate(pending.requests):
+                for request, first, n in zip(pending.requests, first_rows, counts):
                     k = request.sampling_params.logprobs
                     if k is not None:
-                        result.logprobs[request.request_id] = (ids[row][:k + 1], lps[row][:k + 1], ranks[row])
+                        result.logprobs[request.request_id] = [(ids[row][:k + 1], lps[row][:k + 1], ranks[row])
+                                                               for row in range(first, first + n)]
         if self.pp.is_last:
             self._prompt_logprobs(pending.scheduled, pending.hidden, pending.query_start_loc, result)
         return result
 
+    def _loaded_event(self) -> torch.Event | None:
+        """Marks the last load's copies as queued (None on the CPU, where loads are done at once)."""
+        if self.device.type == "cpu":
+            return None
+        event = torch.Event(device=self.device)
+        event.record()
+        return event
+
     def _step_inputs(self, scheduled: list[ScheduledRequest]) -> StepInputs:
-        bs = self.block_size
-        starts = np.array([s.start for s in scheduled], dtype=np.int64)
-        counts = np.array([s.num_new_tokens for s in scheduled], dtype=np.int64)
-        query_start = np.zeros(len(scheduled) + 1, dtype=np.int64)
-        np.cumsum(counts, out=query_start[1:])
-        total = int(query_start[-1])
-        row_of_token = np.repeat(np.arange(len(scheduled)), counts)
-        positions = np.arange(total) - query_start[row_of_token] + starts[row_of_token]
-        max_blocks = max(len(s.block_ids) for s in scheduled)
-        block_table = np.zeros((len(scheduled), max_blocks), dtype=np.int64)
-        for i, s in enumerate(scheduled):
-            block_table[i, :len(s.block_ids)] = s.block_ids
-        slots = block_table[row_of_token, positions // bs] * bs + positions % bs
         # A pending token is not in all_token_ids yet: 0 here, written on the device at launch.
+        # Proposed tokens are not in it either: they follow the request's known tokens.
+        counts = [s.num_new_tokens for s in scheduled]
         input_ids = np.fromiter(itertools.chain.from_iterable(
-            (0,) if s.token_pending else s.request.all_token_ids[s.start:s.start + s.num_new_tokens] for s in scheduled),
-            np.int64, total)
-        return StepInputs(input_ids, positions, slots, query_start, starts + counts, block_table)
+            (0,) if s.token_pending
+            else s.request.all_token_ids[s.start:s.start + s.num_new_tokens - len(s.draft_token_ids)] + s.draft_token_ids
+            if s.draft_token_ids else s.request.all_token_ids[s.start:s.start + s.num_new_tokens] for s in scheduled),
+            np.int64, sum(counts))
+        return step_inputs(input_ids, [s.start for s in scheduled], counts, [s.block_ids for s in scheduled],
+                           self.block_size)
+
+    @torch.inference_mode()
+    def greedy_chain(self, first: StepInputs, last_rows: list[int], widths: list[int]) -> list[list[int]]:
+        """Greedy continuations without sampling or a read-back between passes (a draft model
+        proposing): ``first`` is computed and the argmax after each of its ``last_rows`` (token
+        indices) starts a chain; pass j then feeds chain i its latest token at the next
+        position, for the chains with ``widths[i] > j`` (widths sorted largest first, so those
+        are the first rows). Returns each chain's ``widths[i]`` tokens."""
+        input_ids, positions, meta = self.buffers.load(first)
+        hidden = self.model(ForwardBatch(input_ids, positions, meta, self.kv_caches))
+        rows = host_to_device(last_rows, torch.int64, self.device)
+        tokens = [self.model.compute_logits(hidden[rows]).argmax(-1)]
+        next_positions = first.positions[last_rows] + 1
+        seq_of_row = np.searchsorted(first.query_start_loc, last_rows, side="right") - 1
+        tables = first.block_table[seq_of_row]
+        loaded = [self._loaded_event()]
+        for j in range(1, max(widths, default=0)):
+            n = sum(1 for w in widths if w > j)
+            step = step_inputs(np.zeros(n, dtype=np.int64), next_positions[:n], [1] * n,
+                               list(tables[:n]), self.block_size)
+            if j >= 2 and loaded[j - 2] is not None:
+                loaded[j - 2].synchronize()  # its staging half is the one this load refills
+            input_ids, positions, meta = self.buffers.load(step)
+            loaded.append(self._loaded_event())
+            self.buffers.input_ids[:n].copy_(tokens[-1][:n])
+            hidden = self.model(ForwardBatch(input_ids, positions, meta, self.kv_caches))
+            tokens.append(self.model.compute_logits(hidden[:n]).argmax(-1))
+            next_positions = next_positions[:n] + 1
+        chains = [t.tolist() for t in tokens]
+        return [[chains[j][i] for j in range(w)] for i, w in enumerate(widths)]
 
     def _prompt_logprobs(self, scheduled, hidden: torch.Tensor, query_start: np.ndarray, result: RunnerOutput) -> None:
         """Logprob of each prompt token given the ones before it, for requests that asked."""

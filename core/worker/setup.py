@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ import torch
 
 from ..loader.source import ModelSource, open_model
 from ..lora.config import LoRAConfig
+from ..spec.config import SpeculativeConfig
 from ..models import decoder_settings
 import torch.distributed as dist
 
@@ -32,6 +34,7 @@ from .model_runner import ModelRunner
 from .pipeline import StageLink
 
 _GIB = 1 << 30
+logger = logging.getLogger("runtime")
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class RunnerPlan:
     first_device: int = 0
     """Rank r uses device first_device + r (data-parallel engines use disjoint devices)."""
     lora: Optional[LoRAConfig] = None
+    speculative: Optional[SpeculativeConfig] = None
 
     @property
     def world_size(self) -> int:
@@ -151,9 +155,12 @@ def build_runner(plan: RunnerPlan, registry: Registry, platform: Platform, sourc
                          tp=place.tp, device_index=device_index, pp=place.pp, lora=plan.lora)
     runner.prepare_inputs(plan.max_num_batched_tokens, plan.max_num_seqs, plan.max_model_len)
     activation_bytes = runner.profile_activation_memory(plan.max_num_batched_tokens, plan.max_num_seqs)
-    per_block = runner.kv_bytes_per_block()
+    draft = None
+    if plan.speculative is not None and plan.speculative.method == "draft_model" and place.rank == 0:
+        draft = build_draft_runner(plan, registry, platform, source, device_index)
+    per_block = runner.kv_bytes_per_block() + (draft.kv_bytes_per_block() if draft else 0)
     budget = platform.kv_cache_memory(plan.kv_cache_memory_bytes, plan.gpu_memory_utilization,
-                                      runner.weight_bytes + (activation_bytes or 0))
+                                      runner.weight_bytes + (draft.weight_bytes if draft else 0) + (activation_bytes or 0))
     num_blocks = _smallest(budget // per_block, world, runner.device)
     needed = math.ceil(plan.max_model_len / plan.block_size) + 1  # +1: block 0 is the null block
     if num_blocks < needed:
@@ -163,6 +170,12 @@ def build_runner(plan: RunnerPlan, registry: Registry, platform: Platform, sourc
             f"only {num_blocks * per_block / _GIB:.3f} GiB is available for it{where}: lower --max-model-len or raise "
             f"--kv-cache-memory (or --gpu-memory-utilization)")
     runner.allocate_kv_cache(num_blocks)
+    if draft is not None:
+        draft.allocate_kv_cache(num_blocks)
+        runner.draft = draft
+        logger.info("draft model %s: weights %.2f GiB, KV cache %.2f GiB (the target's %d blocks, its block tables)",
+                    plan.speculative.model, draft.weight_bytes / _GIB, num_blocks * draft.kv_bytes_per_block() / _GIB,
+                    num_blocks)
     if place.pp.size > 1:
         tp_size = place.tp.size
         runner.stage_link = StageLink(world.comm, None if place.pp.is_first else place.rank - tp_size,
@@ -171,6 +184,25 @@ def build_runner(plan: RunnerPlan, registry: Registry, platform: Platform, sourc
     if plan.graphs:
         runner.capture_decode_graphs(plan.max_num_seqs)
     return runner, num_blocks, activation_bytes
+
+
+def build_draft_runner(plan: RunnerPlan, registry: Registry, platform: Platform, target: ModelSource,
+                       device_index: int) -> ModelRunner:
+    """The draft model's runner on the target's device (speculative decoding), its inputs
+    prepared, no KV cache yet; ValueError when its vocabulary is not the target's."""
+    source = open_model(plan.speculative.model)
+    target_vocab, draft_vocab = target.tokenizer.get_vocab(), source.tokenizer.get_vocab()
+    if target_vocab != draft_vocab:
+        raise ValueError(f"draft model {plan.speculative.model} has another tokenizer than the target "
+                         f"({len(draft_vocab)} against {len(target_vocab)} tokens, or other ids): a draft model must "
+                         f"share the target's vocabulary (e.g. a smaller model of the same family)")
+    quantization = platform.default_quantization(source.format, source.quantized_types) or "none"
+    draft = ModelRunner(source.hf_config, source.weights(), platform, registry, plan.torch_dtype, plan.block_size,
+                        plan.max_model_len, plan.kv_cache_dtype, quantization_method(registry, platform, quantization),
+                        device_index=device_index)
+    # A step's first draft pass also catches up on the token after each request's last accepted one.
+    draft.prepare_inputs(plan.max_num_batched_tokens + plan.max_num_seqs, plan.max_num_seqs, plan.max_model_len)
+    return draft
 
 
 def _smallest(value: int, tp: TensorParallel, device: Any) -> int:

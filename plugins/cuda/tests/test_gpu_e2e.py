@@ -260,3 +260,24 @@ def test_mixed_lora_batch_matches_cpu(name, dtype, tiny, tmp_path):
                 if (d := _divergence(o, r, LOGPROB_TOLERANCE[dtype]))]
     assert not problems, f"{name} with LoRA on cuda ({dtype}) differs from cpu: " + "; ".join(problems)
     assert any(o.token_ids != r.token_ids for o, r in zip(outputs, tiny(name)[2])), "the adapters changed nothing"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_speculative_greedy_output_matches_without_proposals(dtype, tiny, tmp_path):
+    """On cuda: n-gram proposals, and the model as its own draft (every proposal accepted only if
+    the draft's K/V is right), give the tokens of the same engine without proposals; plain decode
+    steps replay graphs, verification steps run eagerly."""
+    path, prompts, _ = tiny("llama")
+    repetitive = [(p * 3)[:len(p) * 2 + 1] for p in prompts if len(p) > 3]
+
+    def run(llm, params):
+        return llm.generate([{"prompt_token_ids": p} for p in repetitive], params, use_tqdm=False)
+
+    plain = _greedy(path, "cuda", dtype, run, max_tokens=24)
+    configs = [{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3},
+               {"method": "draft_model", "model": str(path), "num_speculative_tokens": 3}]
+    for config in configs:
+        ours = _greedy(path, "cuda", dtype, run, max_tokens=24, speculative_config=config)
+        problems = [f"prompt {i}: {d}" for i, (o, r) in enumerate(zip(ours, plain))
+                    if (d := _divergence(o, r, LOGPROB_TOLERANCE[dtype]))]
+        assert not problems, f"{config['method']} on cuda ({dtype}) changed the output: " + "; ".join(problems)

@@ -1,0 +1,46 @@
+"""The n-gram proposer (prompt lookup): a sequence that repeats itself, as code edits, quotes and
+extraction do, proposes the tokens that followed the last time its latest n tokens occurred."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..sched.scheduler import SchedulerOutput
+
+
+def propose_ngram(token_ids: np.ndarray, num_tokens: int, min_n: int, max_n: int) -> list[int]:
+    """Up to ``num_tokens`` tokens that followed the latest earlier occurrence of the sequence's
+    last n tokens, for the largest n in [min_n, max_n] that occurs; [] when none does.
+
+    The candidates are the positions holding the last token, checked backwards for n - 1 more
+    tokens at once; a sequence of L tokens costs O(L) and a few vector compares.
+    """
+    length = len(token_ids)
+    if num_tokens < 1 or length < min_n + 1:
+        return []
+    # Occurrences ending before the last token, so that at least one token follows each.
+    ends = np.flatnonzero(token_ids[:-1] == token_ids[-1])
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        candidates = ends[ends >= n - 1]
+        for back in range(1, n):
+            if not len(candidates):
+                break
+            candidates = candidates[token_ids[candidates - back] == token_ids[length - 1 - back]]
+        if len(candidates):
+            start = int(candidates[-1]) + 1
+            return token_ids[start:start + num_tokens].tolist()
+    return []
+
+
+class NgramProposer:
+    """Proposes from each request's own tokens (prompt and output); no device work."""
+
+    def __init__(self, prompt_lookup_min: int, prompt_lookup_max: int):
+        self.min_n, self.max_n = prompt_lookup_min, prompt_lookup_max
+
+    def propose(self, out: SchedulerOutput) -> None:
+        """Fill each decoding request's room for proposed tokens (see ``ScheduledRequest.set_drafts``)."""
+        for item in out.scheduled:
+            if item.max_drafts:
+                tokens = np.asarray(item.request.all_token_ids, dtype=np.int64)
+                item.set_drafts(propose_ngram(tokens, item.max_drafts, self.min_n, self.max_n))

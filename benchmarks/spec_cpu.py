@@ -43,6 +43,15 @@ COPY_TASKS = {
 }
 
 
+class WrongProposals:
+    """Fills every room for proposals with token 0 (never accepted)."""
+
+    def propose(self, out) -> None:
+        for item in out.scheduled:
+            if item.max_drafts:
+                item.set_drafts([0] * item.max_drafts)
+
+
 def decode_rate(llm: LLM, prompt, tokens: int) -> tuple[float, int]:
     """(decode tok/s after the first token, tokens generated) for one prompt alone."""
     def run(max_tokens: int):
@@ -69,20 +78,24 @@ def main() -> None:
     prompts = dict(COPY_TASKS)
     prompts["random tokens"] = {"prompt_token_ids": [rng.randrange(100, 40000) for _ in range(64)]}
     config = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
-    engines = {"plain": LLM(max_model_len=1024), "ngram": LLM(max_model_len=1024, speculative_config=config)}
+    engines = {"plain": LLM(max_model_len=1024), "ngram": LLM(max_model_len=1024, speculative_config=config),
+               "wrong": LLM(max_model_len=1024, speculative_config=config)}
+    engines["wrong"].engine.proposer = WrongProposals()
     for llm in engines.values():
         decode_rate(llm, COPY_TASKS["repeat paragraph"], 8)  # warm-up
     rows = []
-    for name, prompt in prompts.items():
+    cases = [(name, prompt, "ngram") for name, prompt in prompts.items()]
+    cases.append(("every proposal wrong", COPY_TASKS["repeat paragraph"], "wrong"))
+    for name, prompt, engine in cases:
         plain, plain_count = decode_rate(engines["plain"], prompt, args.tokens)
-        before = engines["ngram"].engine.stats()
-        spec, spec_count = decode_rate(engines["ngram"], prompt, args.tokens)
-        after = engines["ngram"].engine.stats()
+        before = engines[engine].engine.stats()
+        spec, spec_count = decode_rate(engines[engine], prompt, args.tokens)
+        after = engines[engine].engine.stats()
         drafts = after.spec_num_drafts - before.spec_num_drafts
         proposed = after.spec_num_draft_tokens - before.spec_num_draft_tokens
         accepted = after.spec_num_accepted_tokens - before.spec_num_accepted_tokens
         row = {"prompt": name, "tokens": spec_count, "same_length": spec_count == plain_count,
-               "plain_tok_s": round(plain, 2), "ngram_tok_s": round(spec, 2), "speedup": round(spec / plain, 3),
+               "plain_tok_s": round(plain, 2), "spec_tok_s": round(spec, 2), "speedup": round(spec / plain, 3),
                "acceptance_rate": round(accepted / proposed, 3) if proposed else None,
                "mean_acceptance_length": round(1 + accepted / drafts, 2) if drafts else None}
         print(json.dumps(row), flush=True)

@@ -74,6 +74,18 @@ def measure(generate, args, engine: str, adapters: int) -> list[dict]:
     return out
 
 
+def adapter_generate(llm, sampling_params, requests):
+    """``generate(prompts, max_tokens, which)`` for ``measure`` on either engine's LLM: which is
+    None (no adapter), an adapter's index, or "spread" (round-robin over the adapters)."""
+    def generate(prompts, max_tokens, which):
+        chosen = (None if which is None else requests[which] if which != "spread"
+                  else [requests[i % len(requests)] for i in range(len(prompts))])
+        params = sampling_params(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False, lora_request=chosen)
+        assert all(len(o.outputs[0].token_ids) == max_tokens for o in outs)
+    return generate
+
+
 def runtime_part(args, dirs: list[Path]) -> list[dict]:
     from runtime import LLM, LoRARequest, SamplingParams
     t0 = time.perf_counter()
@@ -85,14 +97,7 @@ def runtime_part(args, dirs: list[Path]) -> list[dict]:
     ready = {"engine": "runtime", "mode": "startup", "startup_s": round(time.perf_counter() - t0, 1)}
     print(json.dumps(ready), flush=True)
 
-    def generate(prompts, max_tokens, which):
-        chosen = (None if which is None else requests[which] if which != "spread"
-                  else [requests[i % len(requests)] for i in range(len(prompts))])
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False, lora_request=chosen)
-        assert all(len(o.outputs[0].token_ids) == max_tokens for o in outs)
-
-    return [ready] + measure(generate, args, "runtime", len(dirs))
+    return [ready] + measure(adapter_generate(llm, SamplingParams, requests), args, "runtime", len(dirs))
 
 
 def vllm_part(args, dirs: list[Path]) -> list[dict]:
@@ -106,14 +111,7 @@ def vllm_part(args, dirs: list[Path]) -> list[dict]:
     ready = {"engine": "vllm", "mode": "startup", "startup_s": round(time.perf_counter() - t0, 1)}
     print(json.dumps(ready), flush=True)
 
-    def generate(prompts, max_tokens, which):
-        chosen = (None if which is None else requests[which] if which != "spread"
-                  else [requests[i % len(requests)] for i in range(len(prompts))])
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False, lora_request=chosen)
-        assert all(len(o.outputs[0].token_ids) == max_tokens for o in outs)
-
-    return [ready] + measure(generate, args, "vllm", len(dirs))
+    return [ready] + measure(adapter_generate(llm, SamplingParams, requests), args, "vllm", len(dirs))
 
 
 def main() -> None:

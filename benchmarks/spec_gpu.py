@@ -17,6 +17,7 @@ the first token (its prefill is the same with and without proposals).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -26,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from spec_cpu import COPY_TASKS  # noqa: E402
+from spec_cpu import COPY_TASKS
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
 
@@ -38,7 +39,6 @@ def sync_time() -> float:
 
 def convert(args) -> list[dict]:
     import transformers
-
     from runtime.loader.source import embedded_model_path
     gguf = embedded_model_path()
     model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
@@ -54,6 +54,13 @@ def chat_prompts(tokenizer, batch: int) -> list[list[int]]:
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": tasks[i % len(tasks)]}],
                                            add_generation_prompt=True, tokenize=False) for i in range(batch)]
     return [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
+
+
+def output_lengths(llm, sampling_params, prompts: list[list[int]], max_tokens: int, **extra) -> list[int]:
+    """Greedy generation on either engine's LLM; the output length of each prompt."""
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        sampling_params(temperature=0, max_tokens=max_tokens, **extra), use_tqdm=False)
+    return [len(o.outputs[0].token_ids) for o in outs]
 
 
 def copy_rates(generate, prompts_by_batch: dict[int, list[list[int]]], engine: str, label: str, tokens: int,
@@ -84,23 +91,17 @@ def copy_rates(generate, prompts_by_batch: dict[int, list[list[int]]], engine: s
 
 def runtime_part(args) -> list[dict]:
     import transformers
-
     from runtime import LLM, SamplingParams
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.hf_dir)
     prompts = {1: chat_prompts(tokenizer, 1), args.batch: chat_prompts(tokenizer, args.batch)}
-    rows = []
-    for label, config in (("none", None), ("ngram", NGRAM)):
+    def setting(label: str, config) -> list[dict]:
         llm = LLM(str(args.hf_dir), device="cuda", dtype="bfloat16", max_model_len=2048, speculative_config=config)
+        return copy_rates(functools.partial(output_lengths, llm, SamplingParams), prompts, "runtime", label,
+                          args.tokens, llm.engine.stats if config else None)
 
-        def generate(batch, max_tokens):
-            outs = llm.generate([{"prompt_token_ids": p} for p in batch], SamplingParams(temperature=0, max_tokens=max_tokens),
-                                use_tqdm=False)
-            return [len(o.outputs[0].token_ids) for o in outs]
-
-        rows += copy_rates(generate, prompts, "runtime", label, args.tokens, llm.engine.stats if config else None)
-        del llm
-        torch.cuda.empty_cache()
-    return rows
+    rows = setting("none", None)
+    torch.cuda.empty_cache()  # the first engine is gone: its memory goes to the second
+    return rows + setting("ngram", NGRAM)
 
 
 def vllm_part(args) -> list[dict]:
@@ -110,53 +111,44 @@ def vllm_part(args) -> list[dict]:
     prompts = {1: chat_prompts(tokenizer, 1), args.batch: chat_prompts(tokenizer, args.batch)}
     llm = LLM(model=str(args.hf_dir), dtype="bfloat16", max_model_len=2048, speculative_config=NGRAM,
               gpu_memory_utilization=0.5)
-
-    def generate(batch, max_tokens):
-        outs = llm.generate([{"prompt_token_ids": p} for p in batch], SamplingParams(temperature=0, max_tokens=max_tokens),
-                            use_tqdm=False)
-        return [len(o.outputs[0].token_ids) for o in outs]
-
-    return copy_rates(generate, prompts, "vllm", "ngram", args.tokens)
+    return copy_rates(functools.partial(output_lengths, llm, SamplingParams), prompts, "vllm", "ngram", args.tokens)
 
 
 def verify_part(args) -> list[dict]:
     from runtime import LLM, SamplingParams
     from runtime.sched.scheduler import SchedulerOutput
-    rows = []
-    prompt = [{"prompt_token_ids": [10 + (7 * i) % 250 for i in range(512)]}]
-    for label, config in (("none", None), ("ngram", NGRAM)):
+    prompt = [[10 + (7 * i) % 250 for i in range(512)]]
+
+    class Always:
+        """Random weights accept nothing: every step proposes k tokens, to price verification."""
+        k = NGRAM["num_speculative_tokens"]
+
+        def propose(self, out: SchedulerOutput) -> None:
+            for item in out.scheduled:
+                if item.max_drafts:
+                    item.set_drafts([7] * min(self.k, item.max_drafts))
+
+    def setting(label: str, config) -> list[dict]:
         llm = LLM(str(args.llama_dir), device="cuda", dtype="bfloat16", max_model_len=1024, speculative_config=config)
-
-        def generate(batch, max_tokens):
-            outs = llm.generate(batch, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
-            return [len(o.outputs[0].token_ids) for o in outs]
-
+        generate = functools.partial(output_lengths, llm, SamplingParams, ignore_eos=True)
         if config is not None:
-            # Random weights: make every step propose k tokens (never accepted) to price verification.
-            class Always:
-                k = NGRAM["num_speculative_tokens"]
-
-                def propose(self, out: SchedulerOutput) -> None:
-                    for item in out.scheduled:
-                        if item.max_drafts:
-                            item.set_drafts([7] * min(self.k, item.max_drafts))
-
             llm.engine.proposer = Always()
-        rows += copy_rates(lambda batch, n: generate(prompt, n), {1: prompt}, "runtime", f"{label} (zero acceptance)",
-                           args.tokens)
-        if config is not None:
-            for k in range(1, 9):
-                llm.engine.proposer.k = k
-                llm.engine.scheduler.num_speculative_tokens = k
-                generate(prompt, 8)
-                start = sync_time()
-                generate(prompt, args.tokens)
-                step = (sync_time() - start) / args.tokens
-                rows.append({"engine": "runtime", "mode": "verification_step", "k": k, "step_ms": round(step * 1e3, 3)})
-                print(json.dumps(rows[-1]), flush=True)
-        del llm
-        torch.cuda.empty_cache()
-    return rows
+        rows = copy_rates(lambda batch, n: generate(prompt, n), {1: prompt}, "runtime", f"{label} (zero acceptance)",
+                          args.tokens)
+        for k in range(1, 9) if config is not None else ():
+            llm.engine.proposer.k = k
+            llm.engine.scheduler.num_speculative_tokens = k
+            generate(prompt, 8)
+            start = sync_time()
+            generate(prompt, args.tokens)
+            step = (sync_time() - start) / args.tokens
+            rows.append({"engine": "runtime", "mode": "verification_step", "k": k, "step_ms": round(step * 1e3, 3)})
+            print(json.dumps(rows[-1]), flush=True)
+        return rows
+
+    rows = setting("none", None)
+    torch.cuda.empty_cache()
+    return rows + setting("ngram", {**NGRAM, "num_speculative_tokens": 8})  # room for k up to 8
 
 
 def main() -> None:

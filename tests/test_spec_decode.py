@@ -260,9 +260,8 @@ class OracleProposer:
     """Proposes the reference continuation, corrupted after a random number of tokens: every
     acceptance length occurs, and how many tokens each step must accept is known."""
 
-    def __init__(self, reference: dict[str, list[int]], prompts: dict[str, int], seed: int = 0):
+    def __init__(self, reference: dict[str, list[int]], prompts: dict[str, int]):
         self.reference, self.prompt_lens = reference, prompts
-        self.rng = random.Random(seed)
         self.expected_accepts: list[int] = []
 
     def propose(self, out: SchedulerOutput) -> None:
@@ -272,7 +271,8 @@ class OracleProposer:
             rid = item.request.request_id
             done = item.request.num_tokens - self.prompt_lens[rid]
             truth = self.reference[rid][done:done + item.max_drafts]
-            good = self.rng.randrange(len(truth) + 1)
+            # Seeded by the request and its progress: the same proposals whatever the batch order.
+            good = random.Random(f"{rid}-{done}").randrange(len(truth) + 1)
             drafts = truth[:good] + [(t + 1) % 300 for t in truth[good:]]
             item.set_drafts(drafts)
             self.expected_accepts.append(good)
@@ -326,23 +326,29 @@ def test_oracle_proposals_accept_the_matching_prefix_and_keep_logprobs(temperatu
 
 
 def test_sampled_sequences_keep_their_distribution(tmp_path):
-    """Two-token continuations at temperature 1 with top-k and top-p, 3000 samples with proposals
-    (the greedy continuation, often accepted) and 3000 without: a two-sample chi-square test."""
+    """Three-token continuations at temperature 1 with top-k and top-p, 3000 samples with proposals
+    (the greedy token after the first sampled one, often accepted) and 3000 without: a two-sample
+    chi-square test."""
     path = make_tiny_checkpoint(tmp_path, "llama", vocab_size=24, initializer_range=0.3)
     prompt = [7, 8, 9, 7, 8]
-    greedy = LLM(str(path), kv_cache_memory="4MiB", max_model_len=64).generate(
-        [{"prompt_token_ids": prompt}], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
-    params = SamplingParams(temperature=1.0, top_k=6, top_p=0.95, max_tokens=2, ignore_eos=True, n=3000)
+    params = SamplingParams(temperature=1.0, top_k=6, top_p=0.95, max_tokens=3, ignore_eos=True, n=3000)
     plain = LLM(str(path), kv_cache_memory="16MiB", max_model_len=64, max_num_seqs=512, seed=1)
     without = plain.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs
     spec = LLM(str(path), kv_cache_memory="16MiB", max_model_len=64, max_num_seqs=512, seed=2,
                speculative_config={"method": "ngram", "num_speculative_tokens": 2})
 
     class Greedy:
+        """Proposes the argmax after the sampled first token (the first decode step has room for one)."""
+
         def propose(self, out):
             for item in out.scheduled:
                 if item.max_drafts:
-                    item.set_drafts(list(greedy[:item.max_drafts]))
+                    item.set_drafts([int(logits_after[item.request.all_token_ids[-1]])][:item.max_drafts])
+
+    plain_engine = LLM(str(path), kv_cache_memory="4MiB", max_model_len=64)
+    continuations = plain_engine.generate([{"prompt_token_ids": prompt + [t]} for t in range(24)],
+                                          SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+    logits_after = {t: o.outputs[0].token_ids[0] for t, o in enumerate(continuations)}
 
     spec.engine.proposer = Greedy()
     with_spec = spec.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs
@@ -378,8 +384,8 @@ def test_kv_cache_after_rejections_holds_the_accepted_tokens(checkpoints):
             blocks = torch.tensor(kv.block_ids(request.request_id))
             positions = torch.arange(request.num_computed_tokens)
             slots = blocks[positions // engine.block_size] * engine.block_size + positions % engine.block_size
-            seen[request.request_id] = torch.stack([cache.flatten(0, 1)[slots] if cache.dim() > 4 else
-                                                    cache.flatten(1, 2)[:, slots] for cache in engine.runner.kv_caches])
+            # [2 (K, V), blocks, block_size, heads, dim]: the contract's default layout.
+            seen[request.request_id] = torch.stack([cache.flatten(1, 2)[:, slots] for cache in engine.runner.kv_caches])
             free(request)
 
         kv.free = recording_free

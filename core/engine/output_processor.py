@@ -96,7 +96,7 @@ class OutputProcessor:
             if out.prompt_logprobs and state.prompt_logprobs is not None and completion.index == 0:
                 state.prompt_logprobs.extend(self._logprob_dict(e) for e in out.prompt_logprobs)
             if not self.final_only:
-                completion.delta_token_ids = list(out.new_token_ids)
+                completion.delta_token_ids = []
                 completion.delta_logprobs = None
             if out.new_token_ids:
                 new_ids, stop = self._add_tokens(sample.detokenizer, out.new_token_ids, out.finish_reason == "stop")

@@ -13,6 +13,7 @@ del _problem
 from .engine.llm import LLM
 from .engine.outputs import CompletionOutput, RequestOutput
 from .lora import LoRARequest
-from .sample.params import SamplingParams
+from .sample.params import SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "CompletionOutput", "LoRARequest", "RequestOutput", "SamplingParams", "__version__"]
+__all__ = ["LLM", "CompletionOutput", "LoRARequest", "RequestOutput", "SamplingParams",
+           "StructuredOutputsParams", "__version__"]

@@ -3,7 +3,47 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on a request's output, in vLLM's shape: set exactly one of the first six fields.
+
+    ``json`` is a JSON schema (a dict or its JSON text), ``regex`` a regular expression, ``choice``
+    a list of literal answers, ``grammar`` an EBNF grammar, ``json_object`` any JSON object,
+    ``structural_tag`` a JSON text of xgrammar's structural-tag form (free text with constrained
+    spans, as tool calls use).
+    """
+
+    json: Optional[Any] = None
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+    structural_tag: Optional[str] = None
+    disable_any_whitespace: bool = False
+    """JSON without optional whitespace between tokens (shorter outputs)."""
+    disable_additional_properties: bool = False
+    """Objects in ``json`` accept no property the schema does not name."""
+    whitespace_pattern: Optional[str] = None
+
+    KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+    def __post_init__(self) -> None:
+        kinds = [name for name in self.KINDS if getattr(self, name) not in (None, False)]
+        if len(kinds) != 1:
+            raise ValueError(
+                f"structured_outputs needs exactly one of {', '.join(self.KINDS)}, "
+                f"got {', '.join(kinds) if kinds else 'none'}")
+        if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
+                                        or not all(isinstance(c, str) for c in self.choice)):
+            raise ValueError("structured_outputs.choice must be a non-empty list of strings")
+
+    @property
+    def kind(self) -> str:
+        """The one constraint set: 'json', 'regex', 'choice', 'grammar', 'json_object' or 'structural_tag'."""
+        return next(name for name in self.KINDS if getattr(self, name) not in (None, False))
 
 
 @dataclass
@@ -40,6 +80,8 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    structured_outputs: Optional[StructuredOutputsParams] = None
+    """Constrain the output to a JSON schema, regex, choice or grammar."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

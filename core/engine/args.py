@@ -8,6 +8,7 @@ from typing import Optional, Union
 
 from ..lora.config import LoRAConfig
 from ..platform import KV_CACHE_DTYPES
+from ..reasoning import reasoning_markers
 from ..spec.config import SpeculativeConfig
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
@@ -81,6 +82,9 @@ class EngineArgs:
     speculative_config: Union[str, dict, SpeculativeConfig, None] = None
     """Speculative decoding, as vLLM's ``--speculative-config`` (JSON text or a dict), e.g.
     ``{"method": "ngram", "num_speculative_tokens": 4}`` (docs/speculative.md)."""
+    reasoning_parser: Optional[str] = None
+    """The model's thinking format (``deepseek_r1``, ``qwen3``): the server returns the thinking as
+    ``reasoning_content`` and structured output constrains only what follows it."""
 
     def __post_init__(self) -> None:
         if self.scheduling_policy not in ("fcfs", "priority"):
@@ -108,6 +112,8 @@ class EngineArgs:
             raise ValueError(f"distributed_executor_backend must be mp or ray, got {self.distributed_executor_backend!r}")
         if self.distributed_timeout <= 0:
             raise ValueError(f"distributed_timeout must be > 0 seconds, got {self.distributed_timeout}")
+        if self.reasoning_parser is not None:
+            reasoning_markers(self.reasoning_parser)
         self.kv_cache_memory_bytes = parse_size(self.kv_cache_memory)
         self.speculative = SpeculativeConfig.parse(self.speculative_config)
         self.lora = (LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras or self.max_loras)

@@ -6,6 +6,7 @@
 #   boot:    install this tree to /tmp/rt and .old/ to /tmp/rt-old; write the Llama-3-8B-shaped
 #            random checkpoint to /tmp/llama8b in the background
 #   part:    keep the carried part(s) in /tmp/parts
+#   gguf:    keep the carried piece(s) of the embedded GGUF (.whl/gN/gguf.N: it is larger than one carry)
 #   unpack:  join the parts (checked against .whl/SHA256) and install them to /tmp/site
 #   before:  the earlier build served at C=64 and 256, profiled
 #   serve:   $SERVERS (default: this build, then vLLM) at C=1, 16, 64, 256 (runtime profiled at 64, 256)
@@ -30,6 +31,7 @@ for stage in "$@"; do
       setsid nohup python3 -c "import sys; sys.path.insert(0, 'plugins/cuda/benchmarks'); from decode_llama8b import write_checkpoint; from pathlib import Path; write_checkpoint(Path('$M')); print('checkpoint written')" > /tmp/model.log 2>&1 < /dev/null &
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv ;;
     part) cp .whl/*/part* /tmp/parts/ && ls -la /tmp/parts ;;
+    gguf) cp .whl/*/gguf.* /tmp/parts/ && ls -la /tmp/parts ;;
     unpack)
       (cd /tmp/parts && sed 's|^\(\S*\)  .*/|\1  |' "$OLDPWD/.whl/SHA256" | sha256sum -c --quiet) || exit 1
       cat /tmp/parts/part* | tar -x -C /tmp && pipt /tmp/site /tmp/all/*.whl || exit 1
@@ -58,8 +60,9 @@ for stage in "$@"; do
         timeout 300 python3 benchmarks/lora_gpu.py $part --dir $M 2>&1 | grep -v "it/s]" | tail -15 | tee -a $R/lora/run.log
       done ;;
     spec)
-      for part in convert runtime vllm verify; do
-        timeout 300 python3 benchmarks/spec_gpu.py $part --json $R/spec/$part.json --llama-dir $M 2>&1 | grep -v "it/s]" \
+      [ -e /tmp/smollm2.gguf ] || cat /tmp/parts/gguf.* > /tmp/smollm2.gguf
+      for part in ${SPEC_PARTS:-convert runtime vllm verify}; do
+        timeout 300 python3 benchmarks/spec_gpu.py $part --gguf /tmp/smollm2.gguf --json $R/spec/$part.json --llama-dir $M 2>&1 | grep -v "it/s]" \
           | tail -15 | tee -a $R/spec/run.log
       done ;;
     *) echo "unknown stage $stage"; exit 2 ;;

@@ -40,7 +40,7 @@ def sync_time() -> float:
 def convert(args) -> list[dict]:
     import transformers
     from runtime.loader.source import embedded_model_path
-    gguf = embedded_model_path()
+    gguf = args.gguf or embedded_model_path()
     model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
     tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model.save_pretrained(args.hf_dir)
@@ -155,6 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", choices=["convert", "runtime", "vllm", "verify"])
     parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--gguf", type=Path, help="the embedded model's GGUF file, where its package is not installed")
     parser.add_argument("--hf-dir", type=Path, default=Path("/tmp/smollm2-bf16"))
     parser.add_argument("--llama-dir", type=Path, default=Path("/tmp/llama8b"))
     parser.add_argument("--batch", type=int, default=8)

@@ -19,7 +19,9 @@ from tiny_models import ARCHITECTURES, make_tiny_checkpoint
 from runtime import LLM, SamplingParams
 from runtime.platform.reference import apply_top_k_top_p_min_p
 from runtime.sample.sampler import Sampler, SamplingMetadata
-from runtime.sched.scheduler import SchedulerOutput
+from runtime.kv.manager import KVCacheManager
+from runtime.sched.request import Request
+from runtime.sched.scheduler import Scheduler, SchedulerOutput
 from runtime.spec import SpeculativeConfig
 from runtime.spec.ngram import propose_ngram
 from runtime.spec.rejection import DraftLayout
@@ -153,6 +155,34 @@ def test_penalties_see_the_proposals_before_each_position():
 
 
 # -- end to end -------------------------------------------------------------------------------------
+
+def test_failing_proposals_back_off_and_one_accepted_token_brings_them_back():
+    """A request whose proposals are all rejected gets room for them on ever fewer steps (so
+    verifying wrong proposals costs a bounded share of its steps); after one is accepted it gets
+    room on every step again."""
+    sched = Scheduler(KVCacheManager(1024, 4, True), 4, 64, "fcfs", num_speculative_tokens=4)
+    sched.add_request(Request("r", list(range(8)), SamplingParams(max_tokens=4000, ignore_eos=True),
+                              max_model_len=4096))
+    proposing_steps: list[int] = []
+    accept_from, steps = 1000, 1200
+    for step in range(steps):
+        out = sched.schedule()
+        (item,) = out.scheduled
+        tokens = [7]
+        if item.max_drafts:
+            item.set_drafts([3] * item.max_drafts)
+            proposing_steps.append(step)
+            if step >= accept_from:
+                tokens = [3] * item.max_drafts + [7]
+        sched.update(out, {"r": tokens})
+    failing = [s for s in proposing_steps if s < accept_from]
+    # Wait doubles after each failure, up to 63 steps: about log2(64) tries, then one in 64.
+    assert 6 <= len(failing) <= 8 + (accept_from - 128) // 64 + 1
+    assert max(b - a for a, b in zip(failing, failing[1:])) == 64
+    first_accepted = next(s for s in proposing_steps if s >= accept_from)
+    assert first_accepted - accept_from <= 64
+    assert proposing_steps[-(steps - first_accepted):] == list(range(first_accepted, steps))
+
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):

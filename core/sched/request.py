@@ -43,6 +43,25 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     stop_reason: int | str | None = None
+    proposal_misses: int = 0
+    """Consecutive steps whose proposed tokens were all rejected (speculative decoding)."""
+    proposal_pause: int = 0
+    """Decode steps left before this request gets room for proposals again."""
+
+    MAX_PROPOSAL_PAUSE = 63
+
+    def count_proposals(self, num_proposed: int, num_accepted: int) -> None:
+        """Back off proposing for a request whose proposals keep failing: after z all-rejected
+        steps in a row, 2^(z-1) - 1 steps without proposals (at most 63). Verifying wrong
+        proposals costs a fraction of a step each time; this bounds that cost to a few percent
+        of a request's steps, while one accepted token brings proposals back at once."""
+        if not num_proposed:
+            return
+        if num_accepted:
+            self.proposal_misses = 0
+            return
+        self.proposal_misses += 1
+        self.proposal_pause = min(2 ** (self.proposal_misses - 1) - 1, self.MAX_PROPOSAL_PAUSE)
 
     def __post_init__(self) -> None:
         self.all_token_ids: list[int] = list(self.prompt_token_ids)

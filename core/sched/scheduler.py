@@ -204,8 +204,11 @@ class Scheduler:
             # last must fit its max_tokens and the context (the request's max_total_tokens).
             drafts = 0
             if self.num_speculative_tokens and num_new == 1 and not request.num_pending_tokens:
-                drafts = max(0, min(self.num_speculative_tokens, budget - 1,
-                                    request.max_total_tokens - request.num_tokens - 1))
+                if request.proposal_pause:
+                    request.proposal_pause -= 1
+                else:
+                    drafts = max(0, min(self.num_speculative_tokens, budget - 1,
+                                        request.max_total_tokens - request.num_tokens - 1))
             # Running requests are served in admission order but preempted in policy order, so
             # the victim may already be scheduled this step: its work is then withdrawn.
             while (block_ids := self.kv.allocate_slots(request, num_new + drafts)) is None:
@@ -314,6 +317,7 @@ class Scheduler:
             tokens = sampled.get(request.request_id) if item.sample else None
             rejected = len(item.draft_token_ids) - (len(tokens) - 1 if tokens else 0)
             request.num_computed_tokens = item.start + item.num_new_tokens - rejected
+            request.count_proposals(len(item.draft_token_ids), len(item.draft_token_ids) - rejected)
             if item.sample and request.num_pending_tokens:
                 request.num_pending_tokens -= 1
             if not tokens:

@@ -26,8 +26,8 @@ NESTED = {"query": "a \"quoted\" } brace", "filters": {"tags": ["x", "y"], "limi
 # parser -> (id, model output, expected content, expected calls as (name, arguments object))
 CASES = {
     "hermes": [
-        ("single", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>',
-         None, [("get_weather", WEATHER)]),
+        ("single", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
+         '\n</tool_call>', None, [("get_weather", WEATHER)]),
         ("parallel with text", 'Let me check both.\n<tool_call>\n{"name": "get_weather", "arguments": '
          '{"city": "Paris", "unit": "celsius"}}\n</tool_call>\n<tool_call>\n{"name": "search", "arguments": '
          + json.dumps(NESTED) + '}\n</tool_call>', "Let me check both.",
@@ -156,7 +156,8 @@ def test_named_call_streams_its_arguments():
     assert len(fragments) > 1 and all(d.id is None for d in deltas[1:])
     assert json.loads("".join(fragments)) == WEATHER
     parts = MessageStream(tools=NamedCallStream("get_weather")).message(text)
-    assert parts.content is None and [(c.name, c.arguments) for c in parts.tool_calls] == [("get_weather", text.strip())]
+    assert parts.content is None
+    assert [(c.name, c.arguments) for c in parts.tool_calls] == [("get_weather", text.strip())]
 
 
 REASONING = {
@@ -251,7 +252,8 @@ def test_template_without_tools_gets_them_as_text_the_parser_reads(parser):
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
     assert messages[0]["content"].startswith("Be brief.\n\n")
     assert all(json.dumps(tool) in messages[0]["content"] for tool in TOOLS)
-    assert messages[3]["content"] == "<tool_response>\n18 C, sunny\n</tool_response>\n<tool_response>\n12:00\n</tool_response>"
+    assert messages[3]["content"] == ("<tool_response>\n18 C, sunny\n</tool_response>\n"
+                                      "<tool_response>\n12:00\n</tool_response>")
     # The assistant's calls are written so that the server's parser reads them back.
     parts = MessageStream(tools=ParsedCallStream(TOOL_CALL_PARSERS[parser]())).message(messages[2]["content"])
     assert parts.content is None
@@ -262,7 +264,8 @@ def test_template_without_tools_gets_them_as_text_the_parser_reads(parser):
 TOOL_TEMPLATE = (
     "{% if tools %}<|im_start|>system\n{% for t in tools %}{{ t.function.name }};{% endfor %}<|im_end|>\n{% endif %}"
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
-    "{% for c in m.tool_calls or [] %}[{{ c.id }}:{{ c.function.name }}:{{ c.function.arguments | tojson }}]{% endfor %}"
+    "{% for c in m.tool_calls or [] %}[{{ c.id }}:{{ c.function.name }}:{{ c.function.arguments | tojson }}]"
+    "{% endfor %}"
     "{% if m.tool_call_id %}({{ m.tool_call_id }}){% endif %}<|im_end|>\n{% endfor %}"
 )
 

@@ -32,8 +32,9 @@ def required_calls_schema(functions: list[dict[str, Any]], parallel: bool) -> di
 def tool_choice_constraint(functions: list[dict[str, Any]], named: Optional[str],
                            parallel: bool) -> StructuredOutputsParams:
     """The constraint for ``tool_choice`` "required" (``named`` None) or naming a function: for a
-    named function the output is its arguments object."""
+    named function the output is its arguments object. The JSON is compact (no optional
+    whitespace), so a model cannot run out of tokens writing blanks inside a call."""
     if named is not None:
         function = next(f for f in functions if f["name"] == named)
-        return StructuredOutputsParams(json=parameters_schema(function))
-    return StructuredOutputsParams(json=required_calls_schema(functions, parallel))
+        return StructuredOutputsParams(json=parameters_schema(function), disable_any_whitespace=True)
+    return StructuredOutputsParams(json=required_calls_schema(functions, parallel), disable_any_whitespace=True)

@@ -13,6 +13,7 @@ never reads ``tools`` or ``tool_calls``, as SmolLM2's) gets plain messages inste
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -70,8 +71,10 @@ CALL_FORMATS = {
 }
 
 
+@functools.lru_cache(maxsize=16)
 def template_reads(template: str) -> tuple[bool, bool]:
-    """Whether ``template`` reads the ``tools`` variable, and whether it reads ``tool_calls``."""
+    """Whether ``template`` reads the ``tools`` variable, and whether it reads ``tool_calls``
+    (cached: a server renders with one or two templates, every request)."""
     try:
         tools = "tools" in jinja2.meta.find_undeclared_variables(
             jinja2.Environment(extensions=["jinja2.ext.loopcontrols", "jinja2.ext.do"]).parse(template))

@@ -66,7 +66,8 @@ class ParsedCallStream:
             elif self.parallel or not self.calls:
                 index = len(self.calls)
                 self.calls.append(event)
-                delta.tool_calls += [ToolCallDelta(index, event.id, event.name), ToolCallDelta(index, arguments=event.arguments)]
+                delta.tool_calls += [ToolCallDelta(index, event.id, event.name),
+                                     ToolCallDelta(index, arguments=event.arguments)]
         return delta
 
 

@@ -173,6 +173,11 @@ def test_reasoning_with_tool_calls(serve):
     assert message.content == "I will look both up." and len(message.tool_calls) == 2
     stream = client.chat.completions.create(model="scripted", messages=ASK, tools=TOOLS, stream=True)
     assert reassemble(stream) == (message.reasoning_content, message.content, calls_of(message), "tool_calls")
+    # A named call's arguments are what follows the thinking (where the constraint applies).
+    engine.reply = '<think>\nParis, in celsius.\n</think>\n\n{"city": "Paris", "unit": "celsius"}'
+    named = client.chat.completions.create(model="scripted", messages=ASK, tools=TOOLS, tool_choice=NAMED).choices[0]
+    assert named.message.reasoning_content == "Paris, in celsius." and named.message.content is None
+    assert calls_of(named.message) == [("get_weather", {"city": "Paris", "unit": "celsius"})]
     engine.reply = "<think>\nJust greet.\n</think>\n\nHello!"
     plain = client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "Hi"}])
     assert (plain.choices[0].message.reasoning_content, plain.choices[0].message.content) == ("Just greet.", "Hello!")

@@ -21,14 +21,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("api")]
 MODEL = "SmolLM2-135M-Instruct"
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
                                                     "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
                    "required": ["city", "unit"], "additionalProperties": False}}}
 ROUTE = {"type": "function", "function": {
     "name": "plan_route", "description": "Plan a trip between two cities.",
-    "parameters": {"type": "object", "properties": {"origin": {"type": "string", "maxLength": 40},
-                                                    "destination": {"type": "string", "maxLength": 40},
-                                                    "stops": {"type": "integer", "minimum": 0, "maximum": 5}},
+    "parameters": {"type": "object", "properties": {"origin": {"type": "string"}, "destination": {"type": "string"},
+                                                    "stops": {"type": "integer"}},
                    "required": ["origin", "destination"], "additionalProperties": False}}}
 TOOLS = [WEATHER, ROUTE]
 SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}

@@ -12,6 +12,7 @@ from runtime.lora import LoRARequest
 
 from .auth import api_key_middleware
 from .chat import create_chat_completion
+from .chat_tools import ChatParsing
 from .completions import create_completion
 from .context import ServerContext
 from .errors import EXCEPTION_HANDLERS
@@ -29,10 +30,13 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
 def create_app(engine: AsyncEngine, model_names: list[str], api_key: Optional[str] = None,
-               lora_modules: Sequence[LoRARequest] = (), allow_runtime_lora_updating: bool = False) -> Litestar:
+               lora_modules: Sequence[LoRARequest] = (), allow_runtime_lora_updating: bool = False,
+               tool_call_parser: Optional[str] = None, enable_auto_tool_choice: bool = False) -> Litestar:
     """The OpenAI-compatible app serving ``engine`` under ``model_names`` (the first is the default),
     and the LoRA adapters ``lora_modules`` under their names; ``allow_runtime_lora_updating``
-    adds the routes that load and unload adapters.
+    adds the routes that load and unload adapters. Chat outputs are split by the engine's
+    ``reasoning_parser`` and, for ``tool_choice`` auto (with ``enable_auto_tool_choice``), by
+    ``tool_call_parser``.
 
     The app starts the engine (connecting to the engine core, which loads in the background) at
     startup and shuts it down at shutdown. With ``api_key``, every route but /health, /version, /metrics and the schema
@@ -42,7 +46,8 @@ def create_app(engine: AsyncEngine, model_names: list[str], api_key: Optional[st
         raise ValueError("give at least one served model name")
     lora = LoRAModules(list(lora_modules), list(model_names), engine.args.max_lora_rank)
     metrics = Metrics(engine, model_names[0], lora.name_of if engine.args.enable_lora else None)
-    ctx = ServerContext(engine, list(model_names), metrics, lora)
+    parsing = ChatParsing(engine.args.reasoning_parser, tool_call_parser, enable_auto_tool_choice)
+    ctx = ServerContext(engine, list(model_names), metrics, lora, parsing)
 
     async def start() -> None:
         await engine.start()

@@ -9,6 +9,7 @@ from typing import Optional
 
 from runtime.engine.async_engine import AsyncEngine
 
+from .chat_tools import ChatParsing
 from .errors import APIError
 from .lora_modules import LoRAModules
 from .metrics import Metrics
@@ -22,6 +23,8 @@ class ServerContext:
     metrics: Metrics
     lora: LoRAModules
     """The LoRA adapters served, by name (empty without --enable-lora)."""
+    parsing: ChatParsing = field(default_factory=ChatParsing)
+    """The reasoning and tool-call parsers chat outputs go through."""
     created: int = field(default_factory=lambda: int(time.time()))
 
     def resolve_model(self, requested: Optional[str]) -> str:

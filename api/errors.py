@@ -20,7 +20,7 @@ logger = logging.getLogger("runtime.api")
 RETRY_AFTER_S = "1"
 _TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 503: "server_error"}
 # Pydantic names the union branch an error came from ("prompt.list[int].0", "content.str"): not a field.
-_BRANCH = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[A-Z]\w*|function-\w+\[.*\])$")
+_BRANCH = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|literal\[.*\]|[A-Z]\w*|function-\w+\[.*\])$")
 
 
 class APIError(Exception):

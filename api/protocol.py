@@ -4,7 +4,7 @@ schema from them, so what the schema says is what the server checks.
 
 Unknown fields are rejected (400 naming them) so a typo never silently changes nothing. Fields
 OpenAI clients send that do not change the output (``user``, ``store``, ...) are accepted and
-ignored; fields whose meaning this server does not implement (``tools``, ...) are declared so
+ignored; fields whose meaning this server does not implement (``functions``, ...) are declared so
 the schema shows them, and setting them is a 400 naming the field.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_LOGPROBS = 20
 MAX_N = 128
@@ -111,12 +111,63 @@ class TextPart(_Model):
     text: str
 
 
+class FunctionCall(_Model):
+    name: str
+    arguments: str = Field(description="The arguments as JSON text.")
+
+
+class ChatToolCall(_Model):
+    """A tool call: in an assistant message sent back, and in a response's ``message.tool_calls``."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+"""OpenAI's rule for function names."""
+
+
+class FunctionDefinition(_Model):
+    name: str = Field(pattern=FUNCTION_NAME, description="Letters, digits, _ and -, at most 64.")
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = Field(None, description="A JSON Schema of the arguments object; "
+                                                                   "absent: no arguments.")
+    strict: Optional[bool] = Field(None, description="Accepted; the arguments always follow the schema with "
+                                                     "tool_choice required or named, never enforced with auto.")
+
+
+class ChatTool(_Model):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Model):
+    name: str
+
+
+class NamedToolChoice(_Model):
+    """``{"type": "function", "function": {"name": ...}}``: call this function."""
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(_Model):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Optional[Union[str, list[TextPart]]] = None
     name: Optional[str] = None
-    tool_calls: Annotated[Unsupported, _unsupported("tool calling")] = None
-    tool_call_id: Optional[str] = None
+    tool_calls: Optional[list[ChatToolCall]] = Field(None, description="An assistant message's calls.")
+    tool_call_id: Optional[str] = Field(None, description="A tool message: the call it answers.")
+    reasoning_content: Optional[str] = Field(None, description="An assistant message's thinking, passed to chat "
+                                                               "templates that render it.")
+    refusal: Optional[str] = Field(None, description="Accepted and ignored.")
+
+    @model_validator(mode="after")
+    def _tool_calls_from_the_assistant(self) -> "ChatMessage":
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls: only assistant messages have tool calls")
+        return self
 
     def text(self) -> str:
         """The content as one string; text parts are joined by newlines, as vLLM does."""
@@ -125,6 +176,16 @@ class ChatMessage(_Model):
         if isinstance(self.content, str):
             return self.content
         return "\n".join(part.text for part in self.content)
+
+    def template_fields(self) -> dict[str, Any]:
+        """The message as chat templates read it (transformers' shape)."""
+        fields: dict[str, Any] = {"role": self.role, "content": self.text()}
+        for name in ("name", "tool_call_id", "reasoning_content"):
+            if getattr(self, name) is not None:
+                fields[name] = getattr(self, name)
+        if self.tool_calls:
+            fields["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        return fields
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -137,14 +198,17 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS, description="Needs logprobs: true.")
     add_generation_prompt: bool = Field(True, description="vLLM extra: end the prompt with the assistant header.")
     continue_final_message: bool = Field(False, description="vLLM extra: let the model continue the last message.")
-    parallel_tool_calls: Optional[bool] = Field(None, description="Accepted and ignored (no tools).")
+    tools: Optional[list[ChatTool]] = Field(None, description="Functions the model may call.")
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = Field(
+        None, description='"none", "auto" (needs --enable-auto-tool-choice), "required" or a named function; '
+                          'default "auto" with tools, "none" without.')
+    parallel_tool_calls: Optional[bool] = Field(None, description="false: at most one call (exactly one with "
+                                                                  "required); default true.")
     store: Optional[bool] = Field(None, description="Accepted and ignored.")
     metadata: Optional[dict[str, str]] = Field(None, description="Accepted and ignored.")
     service_tier: Optional[str] = Field(None, description="Accepted and ignored.")
     response_format: Annotated[Unsupported, _unsupported("structured output", {"type": "text"})] = None
     modalities: Annotated[Unsupported, _unsupported("output modalities other than text", ["text"])] = None
-    tools: Annotated[Unsupported, _unsupported("tool calling")] = None
-    tool_choice: Annotated[Unsupported, _unsupported("tool calling", "none")] = None
     functions: Annotated[Unsupported, _unsupported("function calling")] = None
     function_call: Annotated[Unsupported, _unsupported("function calling", "none")] = None
     audio: Annotated[Unsupported, _unsupported("audio output")] = None
@@ -158,6 +222,28 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("top_logprobs needs logprobs to be true")
         return self
 
+    @field_validator("tools")
+    @classmethod
+    def _distinct_function_names(cls, tools: Optional[list[ChatTool]]) -> Optional[list[ChatTool]]:
+        names = [tool.function.name for tool in tools or []]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"function names must be distinct; given more than once: {', '.join(twice)}")
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_the_tools(cls, choice: Any, info: ValidationInfo) -> Any:
+        if choice is None or choice == "none":
+            return choice
+        tools = info.data.get("tools")
+        if not tools:
+            raise ValueError(f"tool_choice {choice if isinstance(choice, str) else 'naming a function'} needs tools")
+        names = [tool.function.name for tool in tools]
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"function {choice.function.name!r} is not among the tools ({', '.join(names)})")
+        return choice
+
 
 class TokenizeRequest(_Model):
     """POST /tokenize: give ``prompt`` (text) or ``messages`` (rendered with the chat template)."""
@@ -168,6 +254,7 @@ class TokenizeRequest(_Model):
     add_special_tokens: Optional[bool] = Field(None, description="Default: true for a prompt, false for messages.")
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    tools: Optional[list[ChatTool]] = Field(None, description="Rendered with the messages, as chat completions does.")
     return_token_strs: bool = False
 
     @model_validator(mode="after")
@@ -206,7 +293,7 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
-FinishReason = Optional[Literal["stop", "length", "abort"]]
+FinishReason = Optional[Literal["stop", "length", "abort", "tool_calls"]]
 
 
 class CompletionChoice(BaseModel):
@@ -244,6 +331,8 @@ class ChatLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
+    reasoning_content: Optional[str] = Field(None, description="The thinking, with --reasoning-parser.")
+    tool_calls: list[ChatToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -264,9 +353,26 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: Optional[str] = None
 
 
+class DeltaFunctionCall(BaseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of a streamed call: the first brings ``id``, ``type`` and the name, the next ones
+    pieces of the arguments text; pieces with the same ``index`` make one call."""
+
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: Optional[DeltaFunctionCall] = None
+
+
 class DeltaMessage(BaseModel):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None
+    tool_calls: Optional[list[DeltaToolCall]] = None
 
 
 class ChatStreamChoice(BaseModel):

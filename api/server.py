@@ -39,6 +39,8 @@ from runtime.engine.messages import Failed, Ready
 from runtime.lora import LoRARequest
 from runtime.release import version_report
 
+from .chat_tools import ChatParsing
+
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 _AFTER_CORE_DEATH_S = 5.0
 """How long API processes get to fail their streams and exit after the core died."""
@@ -65,6 +67,8 @@ class ApiServerConfig:
     log_level: str
     lora_modules: list[LoRARequest] = field(default_factory=list)
     allow_runtime_lora_updating: bool = False
+    tool_call_parser: Optional[str] = None
+    enable_auto_tool_choice: bool = False
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -101,7 +105,7 @@ def run_api_server(config: ApiServerConfig, sock: socket.socket, connections: li
 
     engine = AsyncEngine(config.args, max_queue_len=config.max_queue_len, connections=connections)
     app = create_app(engine, config.model_names, config.api_key, config.lora_modules,
-                     config.allow_runtime_lora_updating)
+                     config.allow_runtime_lora_updating, config.tool_call_parser, config.enable_auto_tool_choice)
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level=config.log_level.lower(),
                                            timeout_graceful_shutdown=config.shutdown_timeout, lifespan="on"))
     died = []
@@ -258,16 +262,21 @@ def check_lora_flags(args: EngineArgs, names: list[str], lora_modules: list[LoRA
 def serve(args: EngineArgs, host: str = "127.0.0.1", port: int = 8000, model_names: Optional[list[str]] = None,
           api_key: Optional[str] = None, max_queue_len: Optional[int] = None, shutdown_timeout: float = 30.0,
           log_level: str = "warning", api_server_count: int = 1, lora_modules: Optional[list[LoRARequest]] = None,
-          allow_runtime_lora_updating: bool = False) -> int:
+          allow_runtime_lora_updating: bool = False, tool_call_parser: Optional[str] = None,
+          enable_auto_tool_choice: bool = False) -> int:
     """Serve until SIGINT or SIGTERM (exit status 0) or the engine core's death (1).
 
     ``lora_modules``: LoRA adapters served under their names (``--lora-modules``);
     ``allow_runtime_lora_updating`` adds /v1/load_lora_adapter and /v1/unload_lora_adapter.
-    Raises ValueError when the model or an adapter fails to load or the address cannot be bound.
+    ``tool_call_parser`` (``--tool-call-parser``) reads the calls of ``tool_choice`` auto, which
+    needs ``enable_auto_tool_choice`` (``--enable-auto-tool-choice``).
+    Raises ValueError when the model or an adapter fails to load, the address cannot be bound
+    or the tool flags do not go together.
     """
     names = model_names or [default_model_name(args)]
     lora_modules = lora_modules or []
     check_lora_flags(args, names, lora_modules, allow_runtime_lora_updating, api_server_count)
+    ChatParsing(args.reasoning_parser, tool_call_parser, enable_auto_tool_choice)  # refuse bad flags before starting
     config = ApiServerConfig(args, names, api_key, max_queue_len, shutdown_timeout, log_level, lora_modules,
-                             allow_runtime_lora_updating)
+                             allow_runtime_lora_updating, tool_call_parser, enable_auto_tool_choice)
     return Supervisor(config, host, port, api_server_count).run()

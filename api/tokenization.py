@@ -19,7 +19,8 @@ async def tokenize(data: JSONBody[TokenizeRequest], ctx: NamedDependency[ServerC
     engine = ctx.engine
     engine.check_ready()
     if data.messages is not None:
-        text = render(ctx, data.messages, data.add_generation_prompt, data.continue_final_message)
+        tools = [tool.model_dump(exclude_none=True) for tool in data.tools] if data.tools else None
+        text = render(ctx, data.messages, data.add_generation_prompt, data.continue_final_message, tools)
         add_special = bool(data.add_special_tokens)
     else:
         text = data.prompt

@@ -16,6 +16,7 @@ import time
 from typing import Optional, Sequence
 
 from .engine.args import EngineArgs
+from .reasoning import REASONING_PARSERS
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +60,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, as vLLM\'s flag: e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
                         "(docs/speculative.md)")
+    g.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                   help="the model's thinking format: the server returns the thinking as reasoning_content "
+                        "(docs/api.md#reasoning-output)")
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
@@ -109,7 +113,8 @@ def _serve(ns: argparse.Namespace) -> int:
     return serve(args, host=ns.host, port=ns.port, model_names=ns.served_model_names, api_key=api_key,
                  max_queue_len=ns.max_queue_len, shutdown_timeout=ns.shutdown_timeout, log_level=ns.log_level,
                  api_server_count=ns.api_server_count, lora_modules=parse_lora_modules(ns.lora_modules or []),
-                 allow_runtime_lora_updating=ns.allow_runtime_lora_updating)
+                 allow_runtime_lora_updating=ns.allow_runtime_lora_updating, tool_call_parser=ns.tool_call_parser,
+                 enable_auto_tool_choice=ns.enable_auto_tool_choice)
 
 
 def _plugins(ns: argparse.Namespace) -> int:
@@ -137,6 +142,8 @@ def _plugins(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .tools import TOOL_CALL_PARSERS
+
     parser = argparse.ArgumentParser(prog="runtime", description="LLM inference and serving engine")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "'{\"name\": ..., \"path\": ...}'; clients name one in `model`")
     srv.add_argument("--allow-runtime-lora-updating", action="store_true",
                      help="add POST /v1/load_lora_adapter and /v1/unload_lora_adapter (loads server-side paths)")
+    srv.add_argument("--enable-auto-tool-choice", action="store_true",
+                     help='let the model decide to call tools (tool_choice "auto", the default with tools); '
+                          "needs --tool-call-parser")
+    srv.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_CALL_PARSERS),
+                     help="the format the model writes tool calls in (docs/api.md#tool-calling)")
     add_engine_args(srv)
     srv.set_defaults(func=_serve)
 

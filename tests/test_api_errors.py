@@ -42,7 +42,7 @@ BAD_REQUESTS = {
     "huge n": (COMPLETIONS, {"prompt": "a", "n": 100000}, 400, "n"),
     "zero n": (CHAT, {"messages": USER, "n": 0}, 400, "n"),
     "unknown field": (COMPLETIONS, {"prompt": "a", "max_tokenz": 3}, 400, "max_tokenz"),
-    "tools": (CHAT, {"messages": USER, "tools": [{"type": "function"}]}, 400, "tools"),
+    "tool without a function": (CHAT, {"messages": USER, "tools": [{"type": "function"}]}, 400, "tools.0.function"),
     "json_schema output": (CHAT, {"messages": USER, "response_format": {"type": "json_schema"}}, 400,
                            "response_format"),
     "suffix": (COMPLETIONS, {"prompt": "a", "suffix": "b"}, 400, "suffix"),

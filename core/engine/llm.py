@@ -64,11 +64,14 @@ class LLM:
     def chat(self, messages: Union[list[dict[str, Any]], list[list[dict[str, Any]]]],
              sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None, use_tqdm: bool = True,
              chat_template: Optional[str] = None, add_generation_prompt: bool = True,
-             continue_final_message: bool = False) -> list[RequestOutput]:
-        """Generate replies to one conversation (a list of messages) or a list of conversations."""
+             continue_final_message: bool = False, tools: Optional[list[dict[str, Any]]] = None) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of messages) or a list of conversations.
+
+        ``tools``: OpenAI's function tools, rendered by the chat template (or, for a template
+        without tool support, as a system message; docs/api.md#tool-calling)."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         template = load_chat_template(chat_template) or self.chat_template
-        texts = [render_chat(self.tokenizer, conv, template, add_generation_prompt, continue_final_message)
+        texts = [render_chat(self.tokenizer, conv, template, add_generation_prompt, continue_final_message, tools)
                  for conv in conversations]
         encoded = [(text, self.tokenizer.encode(text, add_special_tokens=False)) for text in texts]
         return self._run(encoded, self._params_per_prompt(sampling_params, len(texts)), use_tqdm, None, [None] * len(texts))

@@ -51,6 +51,18 @@ _ARCHS: dict[str, tuple[type, dict]] = {
     "phi3": (transformers.Phi3Config, {"original_max_position_embeddings": 512}),
 }
 ARCHITECTURES = tuple(_ARCHS)
+# Mixture-of-experts models, kept apart so the dense tests do not grow. Each routes to several of
+# 8 experts; Qwen2-MoE adds its shared expert, Qwen3-MoE keeps its middle layer dense
+# (mlp_only_layers) and renormalises the top-k weights (norm_topk_prob), Qwen2-MoE does not.
+_MOE_ARCHS: dict[str, tuple[type, dict]] = {
+    "mixtral": (transformers.MixtralConfig, {"num_local_experts": 8, "num_experts_per_tok": 2}),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, {"num_experts": 8, "num_experts_per_tok": 4, "moe_intermediate_size": 32,
+                                                "shared_expert_intermediate_size": 48, "norm_topk_prob": False}),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, {"num_experts": 8, "num_experts_per_tok": 3, "moe_intermediate_size": 32,
+                                                "norm_topk_prob": True, "num_hidden_layers": 3, "mlp_only_layers": [1]}),
+}
+MOE_ARCHITECTURES = tuple(_MOE_ARCHS)
+_ARCHS.update(_MOE_ARCHS)
 
 
 def make_tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
@@ -83,7 +95,7 @@ def make_tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
 def make_tiny_config(arch: str, vocab_size: int, **overrides) -> transformers.PretrainedConfig:
     """The small config of ``arch`` (see :data:`ARCHITECTURES`), with ``overrides`` applied last."""
     if arch not in _ARCHS:
-        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(_ARCHS)}")
     config_cls, arch_defaults = _ARCHS[arch]
     kwargs = dict(
         vocab_size=vocab_size,

@@ -84,3 +84,27 @@ def test_expert_parallel_needs_experts_that_split(checkpoints, tmp_path):
         check_expert_split(3, moe, expert_parallel=False)
     with pytest.raises(ValueError, match="--enable-expert-parallel needs a mixture-of-experts model"):
         check_expert_split(1, None, expert_parallel=True)
+
+
+def test_a_rank_holds_a_share_of_the_experts_or_of_each_expert():
+    from runtime.models.layers.moe import MoESettings, SparseMoeBlock
+    from runtime.models.parallel import TensorParallel
+    from runtime.platform.registry import KernelSet
+
+    moe = MoESettings(num_experts=8, top_k=2, intermediate_size=32, renormalize=True, sparse_layers=[True],
+                      shared_expert_intermediate_size=48)
+    rank1 = TensorParallel(1, 2, None)
+    by_expert = SparseMoeBlock(moe, 16, "silu", KernelSet([]), rank1, expert_parallel=True).experts
+    assert by_expert.w13.shape == (4, 64, 16) and by_expert.w2.shape == (4, 16, 32)
+    assert by_expert.expert_map.tolist() == [-1, -1, -1, -1, 0, 1, 2, 3]
+    by_width = SparseMoeBlock(moe, 16, "silu", KernelSet([]), rank1).experts
+    assert by_width.w13.shape == (8, 32, 16) and by_width.expert_map is None
+    # A rank reads only its experts, and of each only its columns.
+    gate = torch.arange(32 * 16, dtype=torch.float32).view(32, 16)
+    by_expert.load("gate_proj", gate, 5)
+    by_expert.load("gate_proj", gate, 2)  # another rank's: ignored
+    assert torch.equal(by_expert.w13[1, :32], gate) and ("gate_proj", 1) in by_expert.loaded
+    by_width.load("gate_proj", gate, 5)
+    by_width.load("up_proj", gate, 5)
+    assert torch.equal(by_width.w13[5], torch.cat([gate[16:], gate[16:]]))
+    assert "experts.0.gate_proj" in by_width.missing() and "experts.5.up_proj" not in by_width.missing()

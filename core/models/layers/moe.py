@@ -43,6 +43,11 @@ class MoESettings:
     shared_expert_intermediate_size: int = 0
     """Qwen2-MoE's always-on expert, gated by sigmoid(x @ g); 0 for none."""
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"the config routes each token to {self.top_k} of {self.num_experts} experts; "
+                             f"num_experts_per_tok must be between 1 and the number of experts")
+
     def num_parameters(self, hidden: int) -> int:
         """One MoE block's parameters: router, experts, shared expert and its gate."""
         shared = 3 * hidden * self.shared_expert_intermediate_size + hidden if self.shared_expert_intermediate_size else 0

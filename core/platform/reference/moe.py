@@ -27,9 +27,8 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     """router_logits [T, E] -> (weights [T, k] float32, ids [T, k] int64 of this rank's stacked
     experts, -1 where another rank holds the expert).
 
-    Softmax in float32, the k largest probabilities (ties to the lower expert id, as torch.topk
-    on the CPU and CUDA), divided by their sum when ``renormalize`` (Mixtral always; Qwen-MoE
-    when ``norm_topk_prob``).
+    Softmax in float32, the k largest probabilities (``torch.topk``, as HF), divided by their sum
+    when ``renormalize`` (Mixtral always; Qwen-MoE when ``norm_topk_prob``).
     """
     probs = torch.softmax(router_logits.float(), dim=-1)
     weights, ids = torch.topk(probs, top_k, dim=-1)

@@ -16,13 +16,10 @@ from test_models import MAX_NEW, make_prompts
 from tiny_models import MOE_ARCHITECTURES, make_tiny_checkpoint
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=2)
-# Preemption: KV for one max-length sequence and little more (3 layers x K/V x 4 tokens x 2 KV
-# heads x 16 x 4 bytes = 3 KiB a block for the deepest tiny model).
-SCHEDULES = {
-    "default": dict(),
-    "chunked_prefill": dict(max_num_batched_tokens=8),
-    "preemption": dict(block_size=4, kv_cache_memory=20 * 3 * 2 * 4 * 2 * 16 * 4),
-}
+# The second schedule prefills in 8-token chunks with KV for one max-length sequence and little
+# more (BLOCKS blocks of 4 tokens), so requests are also preempted and recomputed.
+SCHEDULES = {"default": dict(), "chunked_prefill_and_preemption": dict(max_num_batched_tokens=8, block_size=4)}
+BLOCKS = 18
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +36,9 @@ def test_greedy_matches_hf_under_every_schedule(arch, checkpoints):
     refs = [hf_greedy(model, p, MAX_NEW) for p in prompts]
     for schedule, options in SCHEDULES.items():
         options = dict(dict(dtype="float32", kv_cache_memory="16MiB", max_model_len=64), **options)
+        if schedule != "default":  # layers x K/V x block x KV heads x head_dim x float32
+            c = model.config
+            options["kv_cache_memory"] = BLOCKS * c.num_hidden_layers * 2 * 4 * c.num_key_value_heads * c.head_dim * 4
         llm = LLM(str(path), **options)
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
         for out, (ref_tokens, ref_rows) in zip(outputs, refs):
@@ -48,7 +48,7 @@ def test_greedy_matches_hf_under_every_schedule(arch, checkpoints):
                 if token != ref_tokens[step]:
                     break
                 assert abs(entry[token].logprob - float(ref_rows[step][token])) < 1e-3, f"{arch}/{schedule} step {step}"
-        if schedule == "preemption":
+        if schedule != "default":
             assert llm.engine.scheduler.num_preemptions > 0, "the tiny cache should have forced preemption"
 
 
@@ -60,7 +60,8 @@ def test_parameter_count_known_before_loading(arch, checkpoints):
 
 
 def test_sparse_layers_follow_decoder_sparse_step_and_mlp_only_layers():
-    config = transformers.Qwen3MoeConfig(num_hidden_layers=6, decoder_sparse_step=2, mlp_only_layers=[3], num_experts=4)
+    config = transformers.Qwen3MoeConfig(num_hidden_layers=6, decoder_sparse_step=2, mlp_only_layers=[3], num_experts=4,
+                                         num_experts_per_tok=2)
     model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
         **dict(config.to_dict(), hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_attention_heads=2,
                num_key_value_heads=1, head_dim=16, vocab_size=50)))

@@ -44,6 +44,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--chat-template", default=None, help="chat template file or text (default: the model's)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
                    help="split every layer across this many ranks, one device each")
+    g.add_argument("--enable-expert-parallel", action="store_true",
+                   help="mixture-of-experts models: give each tensor-parallel rank whole experts (a share of them) "
+                        "instead of a slice of every expert")
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=d.pipeline_parallel_size,
                    help="split the layers into this many stages, each on its own ranks (x --tensor-parallel-size)")
     g.add_argument("--data-parallel-size", "-dp", type=int, default=d.data_parallel_size,

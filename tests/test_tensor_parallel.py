@@ -28,11 +28,13 @@ PROMPTS = [[5, 9, 2, 7, 11, 3, 8], [4, 4, 6], [12, 1, 10, 13, 2]]
 BLOCK = 16
 
 
-def make_runner(path: str, tp: TensorParallel = TensorParallel(), pp: PipelineParallel = PipelineParallel()) -> ModelRunner:
+def make_runner(path: str, tp: TensorParallel = TensorParallel(), pp: PipelineParallel = PipelineParallel(),
+                expert_parallel: bool = False) -> ModelRunner:
     registry = get_registry()
     platform = registry.select_platform("cpu")
     source = open_model(path)
-    runner = ModelRunner(source.hf_config, source.weights(), platform, registry, torch.float32, BLOCK, 128, tp=tp, pp=pp)
+    runner = ModelRunner(source.hf_config, source.weights(), platform, registry, torch.float32, BLOCK, 128, tp=tp, pp=pp,
+                         expert_parallel=expert_parallel)
     runner.prepare_inputs(256, 8, 128)
     runner.allocate_kv_cache(32)
     return runner
@@ -49,26 +51,40 @@ def prefill_step() -> SchedulerOutput:
     return SchedulerOutput(scheduled=scheduled)
 
 
-def run_prefill(path: str, tp: TensorParallel) -> dict:
+def run_prefill(path: str, tp: TensorParallel, expert_parallel: bool = False) -> dict:
     """Prefill PROMPTS in one step and return each request's greedy token and top logprobs."""
-    out = make_runner(path, tp).execute(prefill_step())
+    out = make_runner(path, tp, expert_parallel=expert_parallel).execute(prefill_step())
     return {rid: (out.sampled[rid], out.logprobs[rid]) for rid in out.sampled}
 
 
-def _rank_main(rank: int, world: int, store: str, path: str, results) -> None:
+def _rank_main(rank: int, world: int, store: str, cases: list[tuple[str, bool]], results) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         comm = get_registry().communicator("cpu")()
-        results[rank] = run_prefill(path, TensorParallel(rank, world, comm))
+        results[rank] = [run_prefill(path, TensorParallel(rank, world, comm), ep) for path, ep in cases]
     finally:
         dist.destroy_process_group()
 
 
-def run_tensor_parallel(path: str, world: int, tmp_path) -> list[dict]:
+def run_tensor_parallel(path: str, world: int, tmp_path, expert_parallel: bool = False) -> list[dict]:
+    return [ranks[0] for ranks in run_parallel_cases([(path, expert_parallel)], world, tmp_path)]
+
+
+def run_parallel_cases(cases: list[tuple[str, bool]], world: int, tmp_path) -> list[list[dict]]:
+    """Per rank, each case's prefill results; the cases (checkpoint, expert parallelism) run one
+    after another in one group of ``world`` processes."""
     manager = mp.get_context("spawn").Manager()
     results = manager.dict()
-    mp.spawn(_rank_main, args=(world, str(tmp_path / "store"), path, results), nprocs=world, join=True)
+    mp.spawn(_rank_main, args=(world, str(tmp_path / "store"), cases, results), nprocs=world, join=True)
     return [results[r] for r in range(world)]
+
+
+def assert_same_as_alone(ranks: dict, alone: dict, context: str = "") -> None:
+    assert ranks.keys() == alone.keys()
+    for rid, (token, [(ids, values, rank)]) in ranks.items():
+        ref_token, [(ref_ids, ref_values, ref_rank)] = alone[rid]
+        assert token == ref_token and ids == ref_ids and rank == ref_rank, (context, rid, ids, ref_ids)
+        assert values == pytest.approx(ref_values, abs=1e-4), context
 
 
 CASES = [("llama", {}), ("llama", {"num_key_value_heads": 1}), ("qwen2", {}), ("qwen3", {}), ("gemma", {}),
@@ -80,11 +96,23 @@ def test_two_ranks_compute_what_one_does(arch, overrides, tmp_path):
     path = str(make_tiny_checkpoint(tmp_path, arch, **overrides))
     alone = run_prefill(path, TensorParallel())
     for ranks in run_tensor_parallel(path, 2, tmp_path):
-        assert ranks.keys() == alone.keys()
-        for rid, (token, [(ids, values, rank)]) in ranks.items():
-            ref_token, [(ref_ids, ref_values, ref_rank)] = alone[rid]
-            assert token == ref_token and ids == ref_ids and rank == ref_rank, (rid, ids, ref_ids)
-            assert values == pytest.approx(ref_values, abs=1e-4)
+        assert_same_as_alone(ranks, alone)
+
+
+# Mixture-of-experts models on two ranks: each expert's width split (the default), or the experts
+# themselves (--enable-expert-parallel: 4 whole experts a rank, pairs routed to the other rank's
+# experts adding nothing); Qwen2-MoE's shared expert is split either way.
+MOE_CASES = [("qwen2_moe", False), ("qwen2_moe", True), ("mixtral", True)]
+
+
+def test_moe_ranks_split_by_width_or_by_expert_compute_what_one_does(tmp_path):
+    from tiny_models import make_tiny_checkpoint as make
+
+    paths = {arch: str(make(tmp_path, arch)) for arch in {arch for arch, _ in MOE_CASES}}
+    alone = {arch: run_prefill(path, TensorParallel()) for arch, path in paths.items()}
+    for ranks in run_parallel_cases([(paths[arch], ep) for arch, ep in MOE_CASES], 2, tmp_path):
+        for (arch, ep), result in zip(MOE_CASES, ranks):
+            assert_same_as_alone(result, alone[arch], f"{arch}, expert parallel {ep}")
 
 
 def test_a_vocabulary_the_ranks_do_not_divide(tmp_path):

@@ -9,6 +9,7 @@ so tests load it through the same loader users hit and compare against HF transf
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -51,6 +52,18 @@ _ARCHS: dict[str, tuple[type, dict]] = {
     "phi3": (transformers.Phi3Config, {"original_max_position_embeddings": 512}),
 }
 ARCHITECTURES = tuple(_ARCHS)
+# Mixture-of-experts models, kept apart so the dense tests do not grow. Each routes to several of
+# 8 experts; Qwen2-MoE adds its shared expert, Qwen3-MoE keeps its middle layer dense
+# (mlp_only_layers) and renormalises the top-k weights (norm_topk_prob), Qwen2-MoE does not.
+_MOE_ARCHS: dict[str, tuple[type, dict]] = {
+    "mixtral": (transformers.MixtralConfig, {"num_local_experts": 8, "num_experts_per_tok": 2}),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, {"num_experts": 8, "num_experts_per_tok": 4, "moe_intermediate_size": 32,
+                                                "shared_expert_intermediate_size": 48, "norm_topk_prob": False}),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, {"num_experts": 8, "num_experts_per_tok": 3, "moe_intermediate_size": 32,
+                                                "norm_topk_prob": True, "num_hidden_layers": 3, "mlp_only_layers": [1]}),
+}
+MOE_ARCHITECTURES = tuple(_MOE_ARCHS)
+_ARCHS.update(_MOE_ARCHS)
 
 
 def make_tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
@@ -83,7 +96,7 @@ def make_tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
 def make_tiny_config(arch: str, vocab_size: int, **overrides) -> transformers.PretrainedConfig:
     """The small config of ``arch`` (see :data:`ARCHITECTURES`), with ``overrides`` applied last."""
     if arch not in _ARCHS:
-        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(_ARCHS)}")
     config_cls, arch_defaults = _ARCHS[arch]
     kwargs = dict(
         vocab_size=vocab_size,
@@ -170,3 +183,77 @@ def make_tiny_gguf(tmp_dir: str | Path, vocab_size: int = 96, seed: int = 0, **o
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# llama.cpp's architecture for each tiny MoE model ("llama" with experts is Mixtral).
+GGUF_MOE_ARCHS = {"mixtral": gguf.MODEL_ARCH.LLAMA, "qwen2_moe": gguf.MODEL_ARCH.QWEN2MOE,
+                  "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE}
+
+
+def make_tiny_moe_gguf(tmp_dir: str | Path, arch: str, vocab_size: int = 96, seed: int = 0) -> tuple[Path, Any, dict]:
+    """Write a random tiny MoE model as llama.cpp's converter lays it out and return (path, its HF
+    config, the HF state dict of what the file holds).
+
+    Each layer's experts are stacked per projection into one 3-D tensor (``blk.N.ffn_gate_exps``
+    etc., ``[experts, out, in]``) quantized to Q8_0; everything else stays F32, Mixtral's q/k rows
+    in llama.cpp's rotary order. The returned state dict has the experts as the file's Q8_0 values
+    dequantize to (by the ``gguf`` package), for an HF model to load as the reference.
+    """
+    # llama.cpp's Qwen3-MoE has no dense layers (its tensor map names no ffn_gate for them).
+    dense = {"mlp_only_layers": []} if arch == "qwen3_moe" else {}
+    config = make_tiny_config(arch, vocab_size, tie_word_embeddings=False, **dense)
+    torch.manual_seed(seed)
+    state = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).state_dict()
+    gguf_arch = GGUF_MOE_ARCHS[arch]
+    name = gguf.MODEL_ARCH_NAMES[gguf_arch]
+    path = Path(tmp_dir) / f"tiny-{arch}.gguf"
+    writer = gguf.GGUFWriter(str(path), name)
+    writer.add_vocab_size(vocab_size)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_expert_count(getattr(config, "num_local_experts", None) or config.num_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    if arch != "mixtral":
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+        writer.add_expert_weights_norm(config.norm_topk_prob)
+    if arch == "qwen2_moe":
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+    names = gguf.get_tensor_name_map(gguf_arch, config.num_hidden_layers)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+
+    def add_stack(base: str, values: np.ndarray) -> np.ndarray:
+        """Write one projection of every expert as a Q8_0 stack; return what the file holds."""
+        stacked = gguf.quants.quantize(values, q8)
+        writer.add_tensor(f"{names.get_name(base)}.weight", stacked, raw_dtype=q8)
+        return gguf.quants.dequantize(stacked, q8)
+
+    for hf, tensor in list(state.items()):
+        values = tensor.numpy()
+        if hf.endswith(".mlp.experts.gate_up_proj"):  # transformers keeps [experts, gate rows + up rows, in]
+            layer = hf.removesuffix(".gate_up_proj")
+            gate, up = np.split(values, 2, axis=1)
+            state[hf] = torch.from_numpy(np.concatenate([add_stack(f"{layer}.gate_proj", gate),
+                                                         add_stack(f"{layer}.up_proj", up)], axis=1))
+            continue
+        if hf.endswith(".mlp.experts.down_proj"):
+            state[hf] = torch.from_numpy(add_stack(hf, values))
+            continue
+        base, suffix = hf.rsplit(".", 1)
+        if base.endswith("shared_expert_gate"):
+            values = values[0]  # a vector in llama.cpp's files
+        if arch == "mixtral" and base.endswith(("q_proj", "k_proj")):
+            heads = config.num_attention_heads if base.endswith("q_proj") else config.num_key_value_heads
+            values = llama_cpp_permute(values, heads)
+        writer.add_tensor(f"{names.get_name(base)}.{suffix}", values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path, config, state

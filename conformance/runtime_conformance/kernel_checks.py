@@ -206,6 +206,71 @@ def check_lora_add(fn, dtype, device, g):
             _check_padded_slot(target, unpadded, rows, dtype, what)
 
 
+# Mixture-of-experts steps (E experts, top-k, tokens): routing skewed so one or two experts take
+# most pairs and others none (router logits biased by +6 and -30), every top-k from 1 to 8 (8 of
+# 8: every expert for every token), widths that are no multiple of a tile, and a rank holding
+# half of the experts (expert parallelism: pairs of the others add nothing).
+MOE_CASES = [
+    # (tokens, experts, top_k, hidden, width, skew)
+    (1, 8, 2, 64, 96, False),       # batch-1 decode, Mixtral's routing
+    (3, 16, 8, 72, 40, False),      # a few decodes, Qwen3-MoE's k
+    (37, 8, 1, 64, 48, True),       # a prefill chunk onto few experts, the rest empty
+    (29, 8, 4, 48, 64, True),
+    (12, 8, 8, 32, 32, False),      # every expert for every token
+    (64, 12, 3, 40, 56, True),
+]
+
+
+def _moe_logits(g: torch.Generator, tokens: int, experts: int, skew: bool) -> torch.Tensor:
+    logits = 2 * _randn(g, tokens, experts)
+    if skew:  # uneven loads: the first expert takes most pairs, the second many; the last three none
+        logits[:, 0] += 6
+        logits[:, 1] += 3
+        logits[:, -3:] -= 30
+    return logits
+
+
+def _moe_expected(x, logits, w13, w2, top_k, renormalize, **kwargs) -> torch.Tensor:
+    """The reference in float64 (no intermediate rounding), rounded once to x's dtype; float8
+    weights enter dequantized."""
+    w13_scale, w2_scale = kwargs.pop("w13_scale", None), kwargs.pop("w2_scale", None)
+    if w13_scale is not None:
+        w13, w2 = w13.double() * w13_scale.double()[..., None], w2.double() * w2_scale.double()[..., None]
+    return OPS["fused_moe"](x.double(), logits, w13.double(), w2.double(), top_k, renormalize, **kwargs).to(x.dtype)
+
+
+def _fp8_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per expert and output channel e4m3 weights and float32 scales, as ``quantize_experts`` gives them."""
+    scale = w.float().abs().amax(dim=-1).clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
+    return (w.float() / scale[..., None]).to(torch.float8_e4m3fn), scale
+
+
+def check_fused_moe(fn, dtype, device, g):
+    for tokens, experts, top_k, hidden, width, skew in MOE_CASES:
+        x = _randn(g, tokens, hidden, dtype=dtype)
+        logits = _moe_logits(g, tokens, experts, skew)
+        w13 = (_randn(g, experts, 2 * width, hidden) * hidden ** -0.5).to(dtype)
+        w2 = (_randn(g, experts, hidden, width) * 2 * width ** -0.5).to(dtype)
+        local = torch.arange(experts) % 2 == 1  # this rank's experts: the odd ones
+        expert_map = torch.where(local, local.cumsum(0) - 1, -1).to(torch.int32)
+        q13, s13 = _fp8_experts(w13)
+        q2, s2 = _fp8_experts(w2)
+        renormalize = top_k % 2 == 0
+        variants = {
+            "": ((x, logits, w13, w2), {}),
+            ", this rank holding the odd experts": ((x, logits, w13[local], w2[local]), {"expert_map": expert_map}),
+            ", float8 e4m3 weights with per-channel scales": ((x, logits, q13, q2), {"w13_scale": s13, "w2_scale": s2}),
+        }
+        for variant, (args, kwargs) in variants.items():
+            expected = _moe_expected(*args, top_k, renormalize, **kwargs)
+            got = fn(*_on(device, *args), top_k, renormalize, "silu",
+                     **{k: v.to(device) for k, v in kwargs.items()})
+            loads = torch.bincount(torch.topk(logits, top_k).indices.flatten(), minlength=experts).tolist()
+            what = (f"fused_moe ({tokens} tokens x top-{top_k} of {experts} experts, pairs per expert {loads}, "
+                    f"hidden {hidden}, expert width {width}, renormalize={renormalize}{variant})")
+            assert_close(got, expected, dtype, what, scale=_magnitude(expected))
+
+
 def check_copy_blocks(fn, dtype, device, g, layouts: list[tuple[Callable[[int], tuple[int, ...]], int]]):
     """``layouts``: (cache shape for n blocks, block dimension) of every attention backend's cache."""
     for shape_of, block_dim in layouts:
@@ -244,6 +309,7 @@ CHECKS: dict[str, Callable] = {
     "lora_shrink": check_lora_shrink,
     "lora_expand": check_lora_expand,
     "lora_add": check_lora_add,
+    "fused_moe": check_fused_moe,
     "copy_blocks": check_copy_blocks,
     "apply_top_k_top_p_min_p": check_apply_top_k_top_p_min_p,
 }

@@ -69,6 +69,9 @@ class EngineArgs:
     data_parallel_rank: int = 0
     """Which of them this engine is: it uses the devices from rank x tensor_parallel_size x
     pipeline_parallel_size on (set by the server)."""
+    enable_expert_parallel: bool = False
+    """Mixture-of-experts models: each tensor-parallel rank holds an equal share of the experts,
+    whole, instead of a slice of every expert (vLLM's flag; docs/models.md)."""
     distributed_timeout: float = 300.0
     """Seconds a collective may wait for a rank before the engine fails, naming it."""
     enable_lora: bool = False

@@ -15,7 +15,7 @@ from ..kv.manager import KVCacheManager
 from ..loader.source import ModelSource, open_model
 from ..lora import LoRARequest
 from ..models import decoder_settings
-from ..models.parallel import check_pipeline_parallel, check_tensor_parallel
+from ..models.parallel import check_expert_split, check_pipeline_parallel, check_tensor_parallel
 from ..platform import Communicator, PlatformConfig, Registry, get_registry
 from ..sample.params import SamplingParams
 from ..sched.request import Request, RequestStatus
@@ -55,7 +55,11 @@ class EngineCore:
         settings = decoder_settings(config)
         check_tensor_parallel(args.tensor_parallel_size, settings.num_heads, settings.num_kv_heads,
                               settings.intermediate_size)
+        check_expert_split(args.tensor_parallel_size, settings.moe, args.enable_expert_parallel)
         check_pipeline_parallel(args.pipeline_parallel_size, settings.num_layers)
+        if args.lora is not None and settings.moe is not None:
+            raise ValueError("LoRA adapters on mixture-of-experts models are not supported yet: serve the model "
+                             "without --enable-lora")
         if args.lora is not None and args.tensor_parallel_size * args.pipeline_parallel_size > 1:
             raise ValueError("LoRA adapters with --tensor-parallel-size or --pipeline-parallel-size above 1 are not "
                              "supported yet: serve adapters on one rank per engine (--data-parallel-size to scale out)")
@@ -84,7 +88,7 @@ class EngineCore:
             tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
             data_parallel_size=args.data_parallel_size,
             first_device=args.data_parallel_rank * args.tensor_parallel_size * args.pipeline_parallel_size,
-            lora=args.lora, speculative=args.speculative)
+            lora=args.lora, speculative=args.speculative, expert_parallel=args.enable_expert_parallel)
         quantization_method(registry, self.platform, self.quantization)  # an unknown method fails before any rank starts
         self.executor = make_executor(self.plan, registry, self.platform, self.source,
                                       args.distributed_executor_backend, args.distributed_timeout)

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import transformers
 from gguf import GGUFReader
-from transformers import AutoTokenizer, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import (AutoTokenizer, LlamaConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config,
+                          Qwen3MoeConfig)
 
 from runtime.platform import RawQuantizedTensor
 
@@ -26,8 +27,12 @@ from .source import ModelSource, WeightStream, eos_token_ids
 logger = logging.getLogger(__name__)
 
 # llama.cpp writes Mistral and other Llama-shaped models as "llama" and runs them without a
-# sliding window, so they become LlamaConfig here too.
-CONFIG_CLASSES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+# sliding window, so they become LlamaConfig here too; a "llama" with experts is Mixtral.
+CONFIG_CLASSES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+                  "qwen2moe": Qwen2MoeConfig, "qwen3moe": Qwen3MoeConfig}
+# llama.cpp normalises the top-k routing weights of these (its ``expert_weights_norm`` default
+# where the file does not say): Mixtral and Qwen3-MoE, not Qwen2-MoE.
+_NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True}
 
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_NAMES = {
@@ -42,6 +47,16 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    # Mixture-of-experts blocks, named as Qwen-MoE's (Mixtral's too: the model uses one naming).
+    # The experts' projections are stacked, [experts, out, in], as HF stores no tensor.
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
 }
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
@@ -148,7 +163,29 @@ def build_config(reader: GGUFReader) -> transformers.PretrainedConfig:
     )
     if arch == "llama":
         kwargs.update(attention_bias="blk.0.attn_q.bias" in names, mlp_bias="blk.0.ffn_up.bias" in names)
+    experts = int(_meta(reader, f"{arch}.expert_count", 0) or 0)
+    if experts:
+        return _moe_config(reader, arch, names, kwargs, experts)
     return CONFIG_CLASSES[arch](**kwargs)
+
+
+def _moe_config(reader: GGUFReader, arch: str, names: set[str], kwargs: dict, experts: int) -> transformers.PretrainedConfig:
+    """Mixtral (a "llama" with experts), Qwen2-MoE or Qwen3-MoE: the experts from the metadata, the
+    layers without a router (``ffn_gate_inp``) as ``mlp_only_layers``."""
+    routed = dict(num_experts_per_tok=int(_meta(reader, f"{arch}.expert_used_count")))
+    if arch == "llama":
+        kwargs.pop("mlp_bias")
+        return MixtralConfig(**kwargs, **routed, num_local_experts=experts)
+    if arch not in _NORM_TOPK:
+        raise ValueError(f"GGUF architecture {arch!r} with experts is not supported; supported: llama (Mixtral), "
+                         f"qwen2moe, qwen3moe")
+    dense = [i for i in range(kwargs["num_hidden_layers"]) if f"blk.{i}.ffn_gate_inp.weight" not in names]
+    routed.update(num_experts=experts, mlp_only_layers=dense,
+                  moe_intermediate_size=int(_meta(reader, f"{arch}.expert_feed_forward_length")),
+                  norm_topk_prob=bool(_meta(reader, f"{arch}.expert_weights_norm", _NORM_TOPK[arch])))
+    if arch == "qwen2moe":
+        routed["shared_expert_intermediate_size"] = int(_meta(reader, f"{arch}.expert_shared_feed_forward_length", 0))
+    return CONFIG_CLASSES[arch](**kwargs, **routed)
 
 
 def tokenizer_cache_root() -> Path:
@@ -185,7 +222,7 @@ def read_weights(reader: GGUFReader, config: transformers.PretrainedConfig) -> W
     """Every tensor under its HF name as a ``RawQuantizedTensor`` in HF row order."""
     # Only llama.cpp's Llama converter permutes q/k; Qwen models keep HF's rotary layout.
     permuted_heads = {}
-    if config.model_type == "llama":
+    if config.model_type in ("llama", "mixtral"):
         permuted_heads = {"self_attn.q_proj": config.num_attention_heads, "self_attn.k_proj": config.num_key_value_heads}
     for tensor in reader.tensors:
         name = hf_name(tensor.name)
@@ -196,6 +233,9 @@ def read_weights(reader: GGUFReader, config: transformers.PretrainedConfig) -> W
             if f".{module}." in name:
                 data = unpermute_rows(data, n_head)
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        if name.endswith("shared_expert_gate.weight") and len(shape) == 1:
+            shape = (1, *shape)  # llama.cpp stores Qwen2-MoE's [1, hidden] gate as a vector
+            data = data.reshape(shape)
         yield name, RawQuantizedTensor(format="gguf", qtype=tensor.tensor_type.name, data=data, shape=shape)
 
 

@@ -7,6 +7,7 @@ from typing import Any, Callable
 from .decoder import DecoderForCausalLM, DecoderSettings
 from .gemma import gemma, gemma2
 from .llama import llama, qwen2, qwen3
+from .moe import mixtral, qwen2_moe, qwen3_moe
 from .phi3 import phi3
 
 ARCHITECTURES: dict[str, Callable[[Any], DecoderSettings]] = {
@@ -17,9 +18,13 @@ ARCHITECTURES: dict[str, Callable[[Any], DecoderSettings]] = {
     "GemmaForCausalLM": gemma,
     "Gemma2ForCausalLM": gemma2,
     "Phi3ForCausalLM": phi3,
+    "MixtralForCausalLM": mixtral,
+    "Qwen2MoeForCausalLM": qwen2_moe,
+    "Qwen3MoeForCausalLM": qwen3_moe,
 }
 # Configs built from GGUF metadata may carry only a model_type.
-MODEL_TYPES = {"llama": llama, "mistral": llama, "qwen2": qwen2, "qwen3": qwen3, "gemma": gemma, "gemma2": gemma2, "phi3": phi3}
+MODEL_TYPES = {"llama": llama, "mistral": llama, "qwen2": qwen2, "qwen3": qwen3, "gemma": gemma, "gemma2": gemma2, "phi3": phi3,
+               "mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe}
 
 
 def decoder_settings(config: Any) -> DecoderSettings:

@@ -7,6 +7,7 @@ checkpoint loads by name; separately stored q/k/v and gate/up load into fused pr
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -21,9 +22,12 @@ from .batch import ForwardBatch
 from .layers.attention import SelfAttention
 from .layers.linear import Linear
 from .layers.mlp import GatedMLP
+from .layers.moe import FusedExperts, MoESettings, SparseMoeBlock
 from .layers.norm import RMSNorm
 from .layers.rotary import RotaryEmbedding
 from .parallel import PipelineParallel, TensorParallel
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,18 +54,26 @@ class DecoderSettings:
     final_logit_soft_cap: float | None = None
     sliding_windows: list[int | None] = field(default_factory=list)
     """Per layer: the window, or None for full attention."""
+    moe: MoESettings | None = None
+    """Mixture-of-experts models: the experts, and which layers have them in place of the MLP."""
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether ``layer`` has an MoE block in place of the dense MLP."""
+        return self.moe is not None and self.moe.sparse_layers[layer]
 
     def num_parameters(self) -> int:
         """Parameter count, known before any weight is read (to check the model fits)."""
         qkv = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
-        per_layer = (self.hidden_size * qkv + self.num_heads * self.head_dim * self.hidden_size
-                     + 3 * self.hidden_size * self.intermediate_size
+        attention = (self.hidden_size * qkv + self.num_heads * self.head_dim * self.hidden_size
                      + (4 if self.sandwich_norms else 2) * self.hidden_size
                      + (2 * self.head_dim if self.qk_norm else 0)
-                     + (qkv if self.qkv_bias else 0) + (self.hidden_size if self.o_bias else 0)
-                     + (2 * self.intermediate_size + self.hidden_size if self.mlp_bias else 0))
+                     + (qkv if self.qkv_bias else 0) + (self.hidden_size if self.o_bias else 0))
+        mlp = (3 * self.hidden_size * self.intermediate_size
+               + (2 * self.intermediate_size + self.hidden_size if self.mlp_bias else 0))
+        sparse = sum(self.is_sparse(i) for i in range(self.num_layers))
+        moe = sparse * self.moe.num_parameters(self.hidden_size) if sparse else 0
         embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + embeddings + self.hidden_size
+        return self.num_layers * attention + (self.num_layers - sparse) * mlp + moe + embeddings + self.hidden_size
 
     def attention_specs(self, dtype: torch.dtype, block_size: int, kv_cache_dtype: str = "auto",
                         tp: TensorParallel = TensorParallel(),
@@ -88,13 +100,16 @@ def sliding_windows(config: Any, num_layers: int) -> list[int | None]:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cache_index: int, s: DecoderSettings, backend: AttentionBackend, rotary: RotaryEmbedding,
-                 ops: KernelSet, tp: TensorParallel):
+    def __init__(self, index: int, cache_index: int, s: DecoderSettings, backend: AttentionBackend,
+                 rotary: RotaryEmbedding, ops: KernelSet, tp: TensorParallel, expert_parallel: bool = False):
         super().__init__()
         self.self_attn = SelfAttention(cache_index, s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim, backend, rotary, ops,
                                        qkv_bias=s.qkv_bias, o_bias=s.o_bias, qk_norm_eps=s.rms_norm_eps if s.qk_norm else None,
                                        tp=tp)
-        self.mlp = GatedMLP(s.hidden_size, s.intermediate_size, s.activation, ops, bias=s.mlp_bias, tp=tp)
+        if s.is_sparse(index):
+            self.mlp = SparseMoeBlock(s.moe, s.hidden_size, s.activation, ops, tp, expert_parallel)
+        else:
+            self.mlp = GatedMLP(s.hidden_size, s.intermediate_size, s.activation, ops, bias=s.mlp_bias, tp=tp)
         norm = lambda: RMSNorm(s.hidden_size, s.rms_norm_eps, ops, unit_offset=s.norm_unit_offset)  # noqa: E731
         self.input_layernorm = norm()
         self.post_attention_layernorm = norm()
@@ -117,15 +132,22 @@ class DecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
-# Checkpoints that store projections apart: name suffix -> (fused module suffix, partition index).
+# Checkpoints that store projections apart: projection -> (fused projection, partition index).
 FUSED_PARTS = {
-    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
-    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
-    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
-    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
-    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
 }
-_PART_RE = re.compile(r"^(layers\.\d+)\.(self_attn\.[qkv]_proj|mlp\.(?:gate|up)_proj)\.(weight|bias)$")
+_PART_RE = re.compile(r"^(layers\.\d+\.(?:self_attn|mlp|mlp\.shared_expert))\.([qkv]_proj|gate_proj|up_proj)\.(weight|bias)$")
+# An MoE block's routed experts: one expert's projection (HF), or every expert's stacked (GGUF).
+_EXPERT_RE = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(?:(\d+)\.)?(gate_proj|up_proj|down_proj)\.weight$")
+# Mixtral's names for its MoE block and its experts' projections -> the Qwen-MoE names used here.
+_MIXTRAL_NAMES = [(re.compile(r"\.block_sparse_moe\."), ".mlp."),
+                  (re.compile(r"(\.experts\.\d+)\.w1\."), r"\1.gate_proj."),
+                  (re.compile(r"(\.experts\.\d+)\.w2\."), r"\1.down_proj."),
+                  (re.compile(r"(\.experts\.\d+)\.w3\."), r"\1.up_proj.")]
 
 
 class DecoderForCausalLM(nn.Module):
@@ -143,7 +165,7 @@ class DecoderForCausalLM(nn.Module):
 
     def __init__(self, settings: DecoderSettings, config: Any, max_model_len: int, ops: KernelSet,
                  backends: list[AttentionBackend], tp: TensorParallel = TensorParallel(),
-                 pp: PipelineParallel = PipelineParallel()):
+                 pp: PipelineParallel = PipelineParallel(), expert_parallel: bool = False):
         super().__init__()
         s = self.settings = settings
         self.ops, self.tp, self.pp = ops, tp, pp
@@ -155,7 +177,8 @@ class DecoderForCausalLM(nn.Module):
         rotary = RotaryEmbedding(s.head_dim, config, max_model_len, ops)
         first = self.stage_layers.start
         self.layers = nn.ModuleList(
-            DecoderLayer(i - first, s, backends[i - first], rotary, ops, tp) if i in self.stage_layers else StageGap()
+            DecoderLayer(i, i - first, s, backends[i - first], rotary, ops, tp, expert_parallel)
+            if i in self.stage_layers else StageGap()
             for i in range(s.num_layers))
         self.norm = RMSNorm(s.hidden_size, s.rms_norm_eps, ops, unit_offset=s.norm_unit_offset) if pp.is_last else None
         self.lm_head = (Linear(s.hidden_size, share, ops, rows=self.vocab_rows)
@@ -205,6 +228,15 @@ class DecoderForCausalLM(nn.Module):
         for hf_name, value in weights:
             name = _module_name(hf_name)
             if name is None or not self._holds(name):
+                continue
+            expert = _EXPERT_RE.match(name)
+            if expert:
+                prefix, number, projection = expert.groups()
+                experts: FusedExperts = modules[prefix]
+                if number is None or experts.holds(int(number)):
+                    # GGUF stacks every expert in one (quantized) tensor: dequantized whole here.
+                    view = _dense(value, quant_method, dtype) if number is None else _dense_view(value, quant_method, dtype)
+                    experts.load(projection, view, None if number is None else int(number))
                 continue
             part = _PART_RE.match(name)
             if part:
@@ -272,8 +304,15 @@ class DecoderForCausalLM(nn.Module):
 
     def quantize_weights(self, method: QuantizationMethod) -> None:
         """Hand every dense linear weight to ``method.quantize`` (``--quantization``), layer by layer
-        so the dense copy of one weight is freed before the next is quantized."""
-        targets = [m for m in self.modules() if isinstance(m, Linear) and m.quant_method is None]
+        so the dense copy of one weight is freed before the next is quantized; MoE experts to
+        ``method.quantize_experts`` (routers stay dense, as their few outputs pick the experts)."""
+        blocks = [m for m in self.modules() if isinstance(m, SparseMoeBlock)]
+        routers = {id(router) for block in blocks for router in block.routers()}
+        kept_dense = sum(not block.experts.quantize(method) for block in blocks)
+        if kept_dense:
+            logger.warning("quantization %s does not quantize mixture-of-experts weights: the experts of %d layers "
+                           "stay in the model's dtype", method.name, kept_dense)
+        targets = [m for m in self.modules() if isinstance(m, Linear) and m.quant_method is None and id(m) not in routers]
         if method.quantize_lm_head and self.lm_head is None and self.pp.is_last:
             # Tied embeddings: the lookup keeps the dense table, the output projection gets its own copy.
             self.lm_head = Linear(self.settings.hidden_size, self.embed_tokens.shape[0], self.ops).to(self.embed_tokens.device)
@@ -295,7 +334,10 @@ class DecoderForCausalLM(nn.Module):
                     parts = all(f"{mod_name}.{kind}#{i}" in loaded for i in range(len(module.partitions)))
                     if not (whole or parts):
                         missing.append(f"{mod_name}.{kind}")
-        fused = {n for n, m in self.named_modules() if isinstance(m, Linear) and len(m.partitions) > 1}
+            if isinstance(module, FusedExperts):
+                missing.extend(f"{mod_name.removesuffix('.experts')}.{m}" for m in module.missing())
+        fused = {n for n, m in self.named_modules()
+                 if (isinstance(m, Linear) and len(m.partitions) > 1) or isinstance(m, FusedExperts)}
         for name, _ in self.named_parameters():
             if name.rsplit(".", 1)[0] not in fused and name not in loaded and self._holds(name):
                 missing.append(name)
@@ -316,6 +358,9 @@ def _module_name(hf_name: str) -> str | None:
     if hf_name.endswith("rotary_emb.inv_freq"):
         return None
     name = hf_name.removeprefix("model.")
+    if ".block_sparse_moe." in name:
+        for pattern, replacement in _MIXTRAL_NAMES:
+            name = pattern.sub(replacement, name)
     return "embed_tokens" if name == "embed_tokens.weight" else name
 
 

@@ -18,7 +18,7 @@ other the hidden state and the residual; the runner does the sending (worker/pip
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -76,6 +76,26 @@ def check_tensor_parallel(size: int, num_heads: int, num_kv_heads: int, intermed
         raise ValueError(f"the model ({num_heads} attention heads, {num_kv_heads} KV heads, intermediate size "
                          f"{intermediate_size}) does not split across --tensor-parallel-size {size}; valid sizes: "
                          f"{', '.join(map(str, valid))}")
+
+
+def check_expert_split(size: int, moe: Any, expert_parallel: bool) -> None:
+    """Raise ValueError when a mixture-of-experts model's experts do not split ``size`` ways:
+    whole experts per rank with ``expert_parallel``, else each expert's intermediate width (and
+    the shared expert's). ``moe`` is the model's ``MoESettings``, None for a dense model."""
+    if moe is None:
+        if expert_parallel:
+            raise ValueError("--enable-expert-parallel needs a mixture-of-experts model; this one has no experts")
+        return
+    if expert_parallel and moe.num_experts % size:
+        raise ValueError(f"the model's {moe.num_experts} experts do not split evenly across --tensor-parallel-size "
+                         f"{size} with --enable-expert-parallel; use a size that divides {moe.num_experts}")
+    widths = [] if expert_parallel else [moe.intermediate_size]
+    widths += [moe.shared_expert_intermediate_size] if moe.shared_expert_intermediate_size else []
+    for width in widths:
+        if width % size:
+            hint = "" if expert_parallel else " or --enable-expert-parallel"
+            raise ValueError(f"the experts' intermediate size {width} does not split across --tensor-parallel-size "
+                             f"{size}; use a size that divides it{hint}")
 
 
 @dataclass(frozen=True)

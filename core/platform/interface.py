@@ -369,3 +369,10 @@ class QuantizationMethod:
         """What the method keeps for a dense ``[out, in]`` weight already on the device; ``apply``
         takes it. Only methods with ``quantizes_dense`` implement it."""
         raise NotImplementedError(f"quantization method {self.name} only loads {self.name} checkpoints")
+
+    def quantize_experts(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(Contract 1.6.) A mixture-of-experts layer's stacked expert weights ``[E, out, in]``
+        (already on the device) as the ``fused_moe`` op takes them quantized: float8 e4m3
+        ``[E, out, in]`` and float32 scales ``[E, out]``, one per expert and output channel. None
+        (the default): the method does not quantize experts, which stay dense."""
+        return None

@@ -70,7 +70,7 @@ class ModelRunner:
                  block_size: int, max_model_len: int, kv_cache_dtype: str = "auto",
                  quantization: QuantizationMethod | None = None, tp: TensorParallel = TensorParallel(),
                  device_index: int = 0, pp: PipelineParallel = PipelineParallel(),
-                 lora: LoRAConfig | None = None):
+                 lora: LoRAConfig | None = None, expert_parallel: bool = False):
         self.platform, self.dtype, self.block_size = platform, dtype, block_size
         self.device = platform.device(device_index)
         self.settings = decoder_settings(hf_config)
@@ -90,7 +90,8 @@ class ModelRunner:
         try:
             with torch.device(self.device):
                 model = DecoderForCausalLM(self.settings, hf_config, max_model_len, ops,
-                                           [cls(spec) for cls, spec in zip(backend_classes, specs)], tp, pp)
+                                           [cls(spec) for cls, spec in zip(backend_classes, specs)], tp, pp,
+                                           expert_parallel)
         finally:
             torch.set_default_dtype(previous)
         model.load_weights(weights, lambda fmt: registry.quantization_method(platform.name, fmt))

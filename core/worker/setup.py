@@ -65,6 +65,8 @@ class RunnerPlan:
     """Rank r uses device first_device + r (data-parallel engines use disjoint devices)."""
     lora: Optional[LoRAConfig] = None
     speculative: Optional[SpeculativeConfig] = None
+    expert_parallel: bool = False
+    """Split a mixture-of-experts model's experts across the tensor-parallel ranks, whole."""
 
     @property
     def world_size(self) -> int:
@@ -152,7 +154,8 @@ def build_runner(plan: RunnerPlan, registry: Registry, platform: Platform, sourc
     torch.manual_seed(plan.seed)
     runner = ModelRunner(source.hf_config, source.weights(), platform, registry, plan.torch_dtype, plan.block_size,
                          plan.max_model_len, plan.kv_cache_dtype, quantization_method(registry, platform, plan.quantization),
-                         tp=place.tp, device_index=device_index, pp=place.pp, lora=plan.lora)
+                         tp=place.tp, device_index=device_index, pp=place.pp, lora=plan.lora,
+                         expert_parallel=plan.expert_parallel)
     runner.prepare_inputs(plan.max_num_batched_tokens, plan.max_num_seqs, plan.max_model_len)
     activation_bytes = runner.profile_activation_memory(plan.max_num_batched_tokens, plan.max_num_seqs)
     draft = None

@@ -22,10 +22,11 @@ ACTIVATIONS = {
 
 class GatedMLP(nn.Module):
     """Under tensor parallelism a rank holds a share of the intermediate width; the down
-    projection sums the shares."""
+    projection sums the shares, unless ``reduce`` is False (a caller that sums this output with
+    other partial sums in one all-reduce: an MoE block's shared expert)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, activation: str, ops: KernelSet, bias: bool = False,
-                 tp: TensorParallel = TensorParallel()):
+                 tp: TensorParallel = TensorParallel(), reduce: bool = True):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unsupported activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
@@ -34,7 +35,7 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = Linear(hidden_size, [end - first, end - first], ops, bias=bias,
                                    rows=[(first, end)] * 2 if sharded else None, stored=[intermediate_size] * 2)
         self.down_proj = Linear(end - first, hidden_size, ops, bias=bias, columns=(first, end) if sharded else None,
-                                reduce=tp)
+                                reduce=tp if reduce else None)
         op, self.approximate = ACTIVATIONS[activation]
         self.act = getattr(ops, op)
 

@@ -10,6 +10,7 @@ from .attention import ReferenceAttentionBackend, paged_attention
 from .kv import copy_blocks
 from .linear import linear
 from .lora import lora_add, lora_add_per_slice, lora_expand, lora_shrink
+from .moe import MOE_ACTIVATIONS, fused_moe, select_experts
 from .norm import fused_add_rms_norm, rms_norm
 from .rotary import build_cos_sin_cache, rotary_embedding
 from .sampling import apply_top_k_top_p_min_p
@@ -24,8 +25,10 @@ OPS = {
     "lora_shrink": lora_shrink,
     "lora_expand": lora_expand,
     "lora_add": lora_add,
+    "fused_moe": fused_moe,
     "copy_blocks": copy_blocks,
     "apply_top_k_top_p_min_p": apply_top_k_top_p_min_p,
 }
 
-__all__ = ["OPS", "ReferenceAttentionBackend", "build_cos_sin_cache", "lora_add_per_slice", "paged_attention", *OPS]
+__all__ = ["MOE_ACTIVATIONS", "OPS", "ReferenceAttentionBackend", "build_cos_sin_cache", "lora_add_per_slice",
+           "paged_attention", "select_experts", *OPS]

@@ -13,6 +13,7 @@ from runtime.platform import Kernel
 from runtime.platform.reference import rotary_embedding as reference_rotary
 
 from .lora import lora_add, lora_expand, lora_shrink
+from .moe import fused_moe
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -48,4 +49,5 @@ KERNELS = [
     Kernel("cpu", "lora_shrink", lora_shrink),
     Kernel("cpu", "lora_expand", lora_expand),
     Kernel("cpu", "lora_add", lora_add),
+    Kernel("cpu", "fused_moe", fused_moe),
 ]

@@ -130,3 +130,29 @@ def test_slot_groups_are_computed_once_per_step():
         slots.copy_(slots.flip(0))  # the next step, written into the same (persistent) tensor
         torch.testing.assert_close(kernels.lora_shrink(x, lora_a, slots, 1.0),
                                    reference.lora_shrink(x, lora_a, slots, 1.0), atol=1e-5, rtol=1e-5)
+
+
+MOE_STEPS = {"decode": (1, 2), "skewed_prefill": (40, 2), "top_8_of_8": (9, 8), "top_1": (17, 1)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("step", MOE_STEPS)
+def test_fused_moe(step, dtype):
+    """Two grouped matmuls give the reference's per-expert loop, with one expert taking most pairs,
+    some none, and a rank holding only some experts."""
+    tokens, top_k = MOE_STEPS[step]
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(tokens, 48, generator=g).to(dtype)
+    logits = 2 * torch.randn(tokens, 8, generator=g)
+    logits[:, 3] += 6
+    logits[:, :2] -= 40
+    w13 = (torch.randn(8, 64, 48, generator=g) * 48 ** -0.5).to(dtype)
+    w2 = (torch.randn(8, 48, 32, generator=g) * 32 ** -0.5).to(dtype)
+    tol = TOLERANCE[dtype]
+    expected = reference.fused_moe(x, logits, w13, w2, top_k, True)
+    torch.testing.assert_close(kernels.fused_moe(x, logits, w13, w2, top_k, True), expected, atol=tol, rtol=tol)
+    expert_map = torch.tensor([-1, 0, -1, 1, -1, 2, -1, 3], dtype=torch.int32)
+    here = expert_map >= 0
+    expected = reference.fused_moe(x, logits, w13[here], w2[here], top_k, False, expert_map=expert_map)
+    got = kernels.fused_moe(x, logits, w13[here], w2[here], top_k, False, expert_map=expert_map)
+    torch.testing.assert_close(got, expected, atol=tol, rtol=tol)

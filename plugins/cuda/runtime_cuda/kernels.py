@@ -12,6 +12,8 @@ the sum first, as the reference does, so the norm sees the same values).
 - ``linear``: ``skinny_matmul.py``'s kernel for few rows, cuBLAS otherwise.
 - ``lora_shrink`` / ``lora_expand``: ``lora.py``'s kernels, one launch for every adapter of the step;
   ``lora_add``: one shrink and one expand launch for every partition of a fused projection too.
+- ``fused_moe``: ``moe.py``'s grouped GEMMs, one launch for gate/up (with the activation) and one
+  for down over the token/expert pairs sorted by expert.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import triton.language as tl
 from runtime.platform import Kernel
 
 from .lora import lora_add, lora_expand, lora_shrink
+from .moe import fused_moe
 from .skinny_matmul import linear
 from .triton_attention import tanh
 
@@ -195,4 +198,5 @@ KERNELS = [
     Kernel("cuda", "lora_shrink", lora_shrink),
     Kernel("cuda", "lora_expand", lora_expand),
     Kernel("cuda", "lora_add", lora_add),
+    Kernel("cuda", "fused_moe", fused_moe),
 ]

@@ -105,6 +105,18 @@ class Fp8Method(QuantizationMethod):
             return f"a [{out_features}, {in_features}] weight is not a multiple of {SCALED_MM_ALIGN} in both dimensions"
         return None
 
+    def quantize_experts(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[E, out, in] -> (e4m3 [E, out, in], float32 scales [E, out]): the per-output-channel
+        scheme of :meth:`quantize`, one expert at a time (a float32 copy of one expert, not of the
+        whole stack). ``fused_moe`` reads the e4m3 weights and applies the scales to its products:
+        weight-only FP8, which halves the bytes a memory-bound decode step reads."""
+        q = torch.empty(weight.shape, dtype=FP8_DTYPE, device=weight.device)
+        scales = torch.empty(weight.shape[:2], dtype=torch.float32, device=weight.device)
+        for expert in range(weight.shape[0]):
+            q[expert], scale = quantize_weight(weight[expert])
+            scales[expert] = scale[0]
+        return q, scales
+
     def apply(self, stored: Fp8Weight, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not stored.scaled_mm:
             return F.linear(x, dequantize_weight(stored, x.dtype), bias)

@@ -1,0 +1,220 @@
+"""``fused_moe`` (contract 1.6) as two Triton grouped GEMMs over token/expert pairs sorted by expert.
+
+Routing is the reference's (softmax, top-k, optional renormalisation: a few small torch ops).
+The pairs are then sorted by expert and each expert's run padded to a multiple of ``BLOCK_M``
+(``align_pairs``: torch ops on the device, sized from the shapes alone), so every block of
+``BLOCK_M`` sorted rows belongs to one expert. Two launches follow:
+
+- gate/up: a program owns one block of rows and ``BLOCK_N`` columns of the intermediate width; it
+  gathers its rows' tokens from ``x``, multiplies them by the same columns of its expert's gate
+  and up weights in one pass over the hidden size, and writes ``act(gate) * up`` for its rows.
+- down: a program owns one block of those rows and ``BLOCK_N`` hidden columns; it multiplies by
+  its expert's down weights, scales each row by its routing weight and writes it at its pair.
+
+A torch sum over each token's k pairs finishes the op. Blocks past the last expert's (the launch
+is sized for the worst padding) return at once, so nothing is read back on the host and the op
+is captured in CUDA graphs. float8 expert weights (``Fp8Method.quantize_experts``) are read as
+they are stored, widened to the activations' dtype in registers, and their per-channel scales
+applied to the products: the weights cross memory at one byte each.
+
+Math is float32; like the reference, the gate/up products are rounded to the input dtype before
+the activation, the activation and the down products once each, and the weighted sum once.
+float32 inputs multiply as IEEE float32, never TF32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from runtime.platform.reference import select_experts
+
+# At most this many sorted rows use the decode plan (the smallest tile tl.dot takes, narrow
+# column tiles so a batch of a few tokens still spreads its weight reads over every SM).
+SMALL_PAIRS = 64
+
+
+@dataclass(frozen=True)
+class MoEPlan:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# Compiled for sm_90 by Triton's compiler without a GPU (cuobjdump --dump-resource-usage), bf16
+# activations with bf16 or e4m3 weights: these two plans spill nothing but 8 bytes (decode down,
+# bf16); 4 warps at 16 x 64 or 64 x 64 tiles, and 8 warps at 64 x 128, spilled 48 to 2560 bytes
+# (the gate/up kernel holds two accumulators). Not yet run or timed on a GPU.
+DECODE_PLAN = MoEPlan(block_m=16, block_n=32, block_k=256, num_warps=8, num_stages=4)
+PREFILL_PLAN = MoEPlan(block_m=64, block_n=64, block_k=64, num_warps=8, num_stages=3)
+
+
+def plan_for(pairs: int, dtype: torch.dtype) -> MoEPlan:
+    plan = DECODE_PLAN if pairs <= SMALL_PAIRS else PREFILL_PLAN
+    if dtype == torch.float32:  # the same shared memory per stage as a 16-bit tile
+        plan = MoEPlan(plan.block_m, plan.block_n, plan.block_k // 2, plan.num_warps, plan.num_stages)
+    return plan
+
+
+def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [T, k] (stacked expert per pair, -1: another rank's) -> (sorted_pairs [capacity] int32:
+    the pair at each sorted row, ``T * k`` for padding; block_expert [capacity / block_m] int32:
+    each block's expert, ``num_experts`` past the last used block).
+
+    Expert e's pairs occupy rows from its padded start on, in pair order; each expert's run is
+    padded to a multiple of ``block_m``. ``capacity`` is the most rows any routing needs.
+    """
+    pairs = ids.numel()
+    device = ids.device
+    flat = ids.flatten()
+    flat = torch.where(flat < 0, num_experts, flat)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts[:num_experts] + block_m - 1) // block_m * block_m
+    padded_ends = padded.cumsum(0)
+    # Each expert's first sorted row; pairs of other ranks (the extra "expert") go to a dump row.
+    capacity = triton.cdiv(pairs + num_experts * (block_m - 1), block_m) * block_m
+    starts = torch.cat([padded_ends - padded, torch.full((1,), capacity, dtype=torch.int64, device=device)])
+    order = torch.argsort(flat, stable=True)
+    sorted_experts = flat[order]
+    first_of_expert = counts.cumsum(0) - counts
+    rows = starts[sorted_experts] + torch.arange(pairs, device=device) - first_of_expert[sorted_experts]
+    rows = torch.where(sorted_experts < num_experts, rows, capacity)
+    sorted_pairs = torch.full((capacity + 1,), pairs, dtype=torch.int32, device=device)
+    sorted_pairs.scatter_(0, rows, order.to(torch.int32))
+    block_starts = torch.arange(0, capacity, block_m, device=device)
+    block_expert = torch.searchsorted(padded_ends, block_starts, right=True).to(torch.int32)
+    return sorted_pairs[:capacity], block_expert
+
+
+@triton.jit
+def _activate(gate, up, ACTIVATION: tl.constexpr):
+    if ACTIVATION == "silu":
+        act = gate * tl.sigmoid(gate)
+    elif ACTIVATION == "gelu":
+        act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+    else:
+        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        act = 0.5 * gate * (2.0 * tl.sigmoid(2.0 * inner))  # 1 + tanh(z) = 2 * sigmoid(2z)
+    return act * up
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, sorted_pairs_ptr, block_expert_ptr,
+                    num_pairs, num_experts, width, hidden, top_k,
+                    stride_xm, stride_we, stride_wn, stride_se, stride_om,
+                    HAS_SCALE: tl.constexpr, ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[row, n] = act(x[token] @ gate[e, n]) * (x[token] @ up[e, n]) for the block's sorted rows."""
+    block = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + block).to(tl.int64)
+    if expert >= num_experts:
+        return
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_pairs_ptr + rows)
+    row_ok = pairs < num_pairs
+    tokens = (pairs // top_k).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < width
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + tokens[:, None] * stride_xm + ks[None, :]
+    gate_ptrs = w_ptr + expert * stride_we + cols[:, None].to(tl.int64) * stride_wn + ks[None, :]
+    up_ptrs = gate_ptrs + width * stride_wn
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, hidden, BLOCK_K):
+        k_ok = ks[None, :] < hidden - k
+        x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok, other=0.0)
+        w_gate = tl.load(gate_ptrs, mask=col_ok[:, None] & k_ok, other=0.0).to(x.dtype)
+        w_up = tl.load(up_ptrs, mask=col_ok[:, None] & k_ok, other=0.0).to(x.dtype)
+        acc_gate += tl.dot(x, tl.trans(w_gate), input_precision=DOT_PRECISION)
+        acc_up += tl.dot(x, tl.trans(w_up), input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K
+        gate_ptrs += BLOCK_K
+        up_ptrs += BLOCK_K
+    if HAS_SCALE:
+        scales = scale_ptr + expert * stride_se + cols
+        acc_gate *= tl.load(scales, mask=col_ok, other=0.0)[None, :]
+        acc_up *= tl.load(scales + width, mask=col_ok, other=0.0)[None, :]
+    ty = out_ptr.dtype.element_ty
+    act = _activate(acc_gate.to(ty).to(tl.float32), acc_up.to(ty).to(tl.float32), ACTIVATION)
+    out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+    tl.store(out_ptrs, act.to(ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(a_ptr, w_ptr, scale_ptr, routing_ptr, out_ptr, sorted_pairs_ptr, block_expert_ptr,
+                 num_pairs, num_experts, hidden, width,
+                 stride_am, stride_we, stride_wn, stride_se, stride_om,
+                 HAS_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[pair, n] = routing[pair] * (a[row] @ down[e, n]) (float32) for the block's sorted rows."""
+    block = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + block).to(tl.int64)
+    if expert >= num_experts:
+        return
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_pairs_ptr + rows)
+    row_ok = pairs < num_pairs
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < hidden
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_am + ks[None, :]
+    w_ptrs = w_ptr + expert * stride_we + cols[:, None].to(tl.int64) * stride_wn + ks[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, width, BLOCK_K):
+        k_ok = ks[None, :] < width - k
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok, other=0.0)
+        w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok, other=0.0).to(a.dtype)
+        acc += tl.dot(a, tl.trans(w), input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + expert * stride_se + cols, mask=col_ok, other=0.0)[None, :]
+    routing = tl.load(routing_ptr + pairs, mask=row_ok, other=0.0)
+    acc = acc.to(a_ptr.dtype.element_ty).to(tl.float32) * routing[:, None]
+    out_ptrs = out_ptr + pairs[:, None].to(tl.int64) * stride_om + cols[None, :]
+    tl.store(out_ptrs, acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
+              renormalize: bool, activation: str = "silu", expert_map: torch.Tensor | None = None,
+              w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference's semantics (runtime.platform.reference.moe.fused_moe) in two launches."""
+    if activation not in ("silu", "gelu", "gelu_tanh"):
+        raise ValueError(f"fused_moe: activation must be silu, gelu or gelu_tanh, got {activation!r}")
+    tokens, hidden = x.shape
+    if tokens == 0:
+        return x.new_zeros(0, hidden)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    weights, ids = select_experts(router_logits, top_k, renormalize, expert_map)
+    experts, width = w13.shape[0], w2.shape[2]
+    pairs = tokens * top_k
+    plan = plan_for(pairs, x.dtype)
+    sorted_pairs, block_expert = align_pairs(ids, experts, plan.block_m)
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    has_scale = w13_scale is not None
+    activated = torch.empty(sorted_pairs.numel(), width, dtype=x.dtype, device=x.device)
+    _gate_up_kernel[(block_expert.numel(), triton.cdiv(width, plan.block_n))](
+        x, w13, w13_scale if has_scale else w13, activated, sorted_pairs, block_expert,
+        pairs, experts, width, hidden, top_k,
+        x.stride(0), w13.stride(0), w13.stride(1), w13_scale.stride(0) if has_scale else 0, activated.stride(0),
+        HAS_SCALE=has_scale, ACTIVATION=activation, DOT_PRECISION=precision,
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
+        num_warps=plan.num_warps, num_stages=plan.num_stages)
+    # Every pair's row is written unless some pairs belong to other ranks' experts.
+    alloc = torch.zeros if expert_map is not None else torch.empty
+    per_pair = alloc(pairs, hidden, dtype=torch.float32, device=x.device)
+    _down_kernel[(block_expert.numel(), triton.cdiv(hidden, plan.block_n))](
+        activated, w2, w2_scale if has_scale else w2, weights.flatten().contiguous(), per_pair, sorted_pairs, block_expert,
+        pairs, experts, hidden, width,
+        activated.stride(0), w2.stride(0), w2.stride(1), w2_scale.stride(0) if has_scale else 0, per_pair.stride(0),
+        HAS_SCALE=has_scale, DOT_PRECISION=precision,
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
+        num_warps=plan.num_warps, num_stages=plan.num_stages)
+    return per_pair.view(tokens, top_k, hidden).sum(dim=1).to(x.dtype)

@@ -78,8 +78,10 @@ def main() -> None:
     prompts = dict(COPY_TASKS)
     prompts["random tokens"] = {"prompt_token_ids": [rng.randrange(100, 40000) for _ in range(64)]}
     config = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
-    engines = {"plain": LLM(max_model_len=1024), "ngram": LLM(max_model_len=1024, speculative_config=config),
-               "wrong": LLM(max_model_len=1024, speculative_config=config)}
+    # Three engines at once: a small KV cache each (one request at a time needs little).
+    options = dict(max_model_len=1024, kv_cache_memory="256MiB")
+    engines = {"plain": LLM(**options), "ngram": LLM(**options, speculative_config=config),
+               "wrong": LLM(**options, speculative_config=config)}
     engines["wrong"].engine.proposer = WrongProposals()
     for llm in engines.values():
         decode_rate(llm, COPY_TASKS["repeat paragraph"], 8)  # warm-up

@@ -7,6 +7,7 @@ same signature.
 
 from .activation import gelu_and_mul, silu_and_mul
 from .attention import ReferenceAttentionBackend, paged_attention
+from .grammar import apply_token_bitmask
 from .kv import copy_blocks
 from .linear import linear
 from .lora import lora_add, lora_add_per_slice, lora_expand, lora_shrink
@@ -26,6 +27,7 @@ OPS = {
     "lora_add": lora_add,
     "copy_blocks": copy_blocks,
     "apply_top_k_top_p_min_p": apply_top_k_top_p_min_p,
+    "apply_token_bitmask": apply_token_bitmask,
 }
 
 __all__ = ["OPS", "ReferenceAttentionBackend", "build_cos_sin_cache", "lora_add_per_slice", "paged_attention", *OPS]

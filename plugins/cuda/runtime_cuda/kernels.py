@@ -12,6 +12,7 @@ the sum first, as the reference does, so the norm sees the same values).
 - ``linear``: ``skinny_matmul.py``'s kernel for few rows, cuBLAS otherwise.
 - ``lora_shrink`` / ``lora_expand``: ``lora.py``'s kernels, one launch for every adapter of the step;
   ``lora_add``: one shrink and one expand launch for every partition of a fused projection too.
+- ``apply_token_bitmask``: ``bitmask.py``'s kernel, structured output's mask of every constrained row.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import triton.language as tl
 
 from runtime.platform import Kernel
 
+from .bitmask import apply_token_bitmask
 from .lora import lora_add, lora_expand, lora_shrink
 from .skinny_matmul import linear
 from .triton_attention import tanh
@@ -195,4 +197,5 @@ KERNELS = [
     Kernel("cuda", "lora_shrink", lora_shrink),
     Kernel("cuda", "lora_expand", lora_expand),
     Kernel("cuda", "lora_add", lora_add),
+    Kernel("cuda", "apply_token_bitmask", apply_token_bitmask),
 ]

@@ -15,6 +15,8 @@
 #   lora:    benchmarks/lora_gpu.py: runtime without LoRA, runtime with 8 adapters, vLLM with the same 8
 #   spec:    benchmarks/spec_gpu.py: the embedded model as HF bf16, n-gram proposals at batch 1 and 8 (runtime,
 #            vLLM), then the zero-acceptance overhead and verification step times on the Llama-3-8B shape
+#   structured: benchmarks/structured_gpu.py: the Llama-3-8B shape with the embedded model's tokenizer, batch 64
+#            with a JSON schema on every request: runtime plain vs constrained (the mask's step overhead), then vLLM
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}; M=/tmp/llama8b; R=/tmp/results
@@ -61,6 +63,11 @@ for stage in "$@"; do
       for part in convert runtime vllm verify; do
         timeout 300 python3 benchmarks/spec_gpu.py $part --json $R/spec/$part.json --llama-dir $M 2>&1 | grep -v "it/s]" \
           | tail -15 | tee -a $R/spec/run.log
+      done ;;
+    structured)
+      for part in prepare runtime vllm; do
+        timeout 480 python3 benchmarks/structured_gpu.py $part --json $R/structured/$part.json --llama-dir $M 2>&1 \
+          | grep -v "it/s]" | tail -15 | tee -a $R/structured/run.log
       done ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

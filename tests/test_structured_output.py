@@ -73,6 +73,22 @@ def test_reference_bitmask_op_masks_exactly_the_cleared_bits():
     assert got is logits and torch.equal(got, expected)
 
 
+def test_conformance_checks_the_bitmask_op():
+    """The suite passes the reference and names a kernel that masks the wrong bit."""
+    from runtime_conformance.kernel_checks import check_apply_token_bitmask
+
+    check_apply_token_bitmask(apply_token_bitmask, torch.float32, torch.device("cpu"), torch.Generator().manual_seed(0))
+
+    def reversed_bits(logits, bitmask, rows):  # bit 0 taken for token 31 of each word
+        flipped = torch.zeros_like(bitmask)
+        for bit in range(32):
+            flipped |= ((bitmask >> bit) & 1) << (31 - bit)
+        return apply_token_bitmask(logits, flipped, rows)
+
+    with pytest.raises(AssertionError, match="apply_token_bitmask .*the tokens masked differ"):
+        check_apply_token_bitmask(reversed_bits, torch.float32, torch.device("cpu"), torch.Generator().manual_seed(0))
+
+
 def test_fifty_json_schemas_all_validate(llm):
     """One batch, greedy and sampled rows: each output parses and validates with jsonschema."""
     names = list(SCHEMAS)
@@ -285,3 +301,20 @@ def test_embedded_model_answers_in_the_schema():
     value = json.loads(out.text)
     jsonschema.validate(value, schema)
     assert "Paris" in value["capital"]
+
+
+@pytest.mark.xdist_group("distributed")
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_parallel_ranks_apply_the_masks_where_they_sample(checkpoint, llm, tp, pp):
+    """Tensor-parallel ranks all sample (the masks follow each step to them); pipeline stages hand
+    the masks to the last stage with the launch. Greedy outputs equal one rank's."""
+    params, schemas = _schema_params()
+    prompts = [f"Parallel request {i}" for i in range(len(params))]
+    expected = texts(llm.generate(prompts, params, use_tqdm=False))
+    parallel = LLM(str(checkpoint), tensor_parallel_size=tp, pipeline_parallel_size=pp, **TINY)
+    try:
+        assert texts(parallel.generate(prompts, params, use_tqdm=False)) == expected
+    finally:
+        parallel.engine.shutdown()
+    for text, schema in zip(expected, schemas):
+        jsonschema.validate(parse(text), schema)

@@ -46,7 +46,8 @@ def grammar_key(params: StructuredOutputsParams) -> GrammarKey:
             raise ValueError(f"structured_outputs.json must be a JSON schema (an object), got {type(schema).__name__}")
         return GrammarKey("json", json.dumps(schema, sort_keys=True), whitespace)
     if kind == "json_object":
-        return GrammarKey("json_object", "", whitespace)
+        # Any JSON object (xgrammar's built-in JSON grammar would also take arrays and scalars).
+        return GrammarKey("json", json.dumps({"type": "object"}), whitespace)
     if kind == "regex":
         return GrammarKey("regex", params.regex)
     if kind == "choice":
@@ -130,8 +131,6 @@ class GrammarCompiler:
                 # Strict (xgrammar's default, as vLLM): objects take no property the schema does
                 # not name unless it says additionalProperties, arrays no item it does not describe.
                 return self._compiler.compile_json_schema(key.text, any_whitespace=key.any_whitespace)
-            if key.kind == "json_object":
-                return self._compiler.compile_builtin_json_grammar()
             if key.kind == "regex":
                 return self._compiler.compile_regex(key.text)
             if key.kind == "grammar":

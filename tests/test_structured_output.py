@@ -110,6 +110,9 @@ def test_json_object_regex_choice_and_grammar(llm):
         structured(regex=regex), structured(regex=regex), structured(choice=choices), structured(choice=choices),
         structured(grammar=ARITHMETIC), structured(grammar=ARITHMETIC),
         structured(json_object=True, disable_any_whitespace=True)])]
+    # json_object is an object, never an array or a scalar, however much the model wants "[".
+    tokenizer = llm.get_tokenizer()
+    params[-1].logit_bias = {tokenizer.convert_tokens_to_ids("["): 10.0, tokenizer.convert_tokens_to_ids("}"): 5.0}
     outputs = texts(llm.generate(["a", "b", "c", "d", "e", "f", "g"], params, use_tqdm=False))
     assert all(re.fullmatch(regex, text) for text in outputs[:2]), outputs[:2]
     assert all(text in choices for text in outputs[2:4]), outputs[2:4]

@@ -24,6 +24,7 @@ from .openapi import streaming_responses
 from .protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                        ChatLogprobs, ChatMessage, UsageInfo)
 from .streaming import event_stream, sse
+from .structured import structured_outputs
 
 _RESPONSES, _Operation = streaming_responses(ChatCompletionResponse, ChatCompletionChunk)
 
@@ -59,7 +60,8 @@ async def create_chat_completion(data: JSONBody[ChatCompletionRequest], request:
     max_tokens = fit_context(engine.max_model_len, len(prompt.token_ids),
                              data.max_completion_tokens or data.max_tokens, "messages")
     top_logprobs = (data.top_logprobs or 0) if data.logprobs else None
-    params = sampling_params(data, engine.vocab_size, max_tokens, logprobs=top_logprobs)
+    params = sampling_params(data, engine.vocab_size, max_tokens, logprobs=top_logprobs,
+                             structured=structured_outputs(data))
     plan.constrain(params)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     gen = Generation(ctx, request_id, [prompt], [params], data.priority, ctx.lora.get(model))

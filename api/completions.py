@@ -19,6 +19,7 @@ from .openapi import streaming_responses
 from .protocol import (CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest, CompletionResponse,
                        UsageInfo)
 from .streaming import event_stream, sse
+from .structured import structured_outputs
 
 _RESPONSES, _Operation = streaming_responses(CompletionResponse, CompletionChunk)
 
@@ -74,9 +75,11 @@ async def create_completion(data: JSONBody[CompletionRequest], request: Request,
     engine.check_ready()
     prompts = _prompts(data, ctx)
     logprobs = data.logprobs
+    structured = structured_outputs(data)
     params = [sampling_params(data, engine.vocab_size,
                               fit_context(engine.max_model_len, len(p.token_ids), data.max_tokens, "prompt"),
-                              logprobs=logprobs, prompt_logprobs=logprobs if data.echo else None)
+                              logprobs=logprobs, prompt_logprobs=logprobs if data.echo else None,
+                              structured=structured)
               for p in prompts]
     request_id = f"cmpl-{uuid.uuid4().hex}"
     gen = Generation(ctx, request_id, prompts, params, data.priority, ctx.lora.get(model))

@@ -11,7 +11,7 @@ from typing import AsyncIterator, Optional
 from runtime.engine.async_engine import RequestStream
 from runtime.engine.outputs import CompletionOutput, RequestOutput
 from runtime.lora import LoRARequest
-from runtime.sample.params import SamplingParams
+from runtime.sample.params import SamplingParams, StructuredOutputsParams
 
 from .context import ServerContext
 from .errors import bad_request, from_value_error
@@ -49,8 +49,10 @@ def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
 
 
 def sampling_params(req: SamplingFields, vocab_size: int, max_tokens: int, logprobs: Optional[int] = None,
-                    prompt_logprobs: Optional[int] = None) -> SamplingParams:
-    """The engine's SamplingParams for ``req``; invalid combinations are a 400 naming the field."""
+                    prompt_logprobs: Optional[int] = None,
+                    structured: Optional[StructuredOutputsParams] = None) -> SamplingParams:
+    """The engine's SamplingParams for ``req``; invalid combinations are a 400 naming the field.
+    ``structured``: the output's constraint (see api/structured.py), already checked."""
     bias = {}
     for key, value in (req.logit_bias or {}).items():
         if not (key.isascii() and key.isdigit()) or int(key) >= vocab_size:
@@ -66,7 +68,7 @@ def sampling_params(req: SamplingFields, vocab_size: int, max_tokens: int, logpr
             include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos,
             max_tokens=max_tokens, min_tokens=req.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             logit_bias=bias, skip_special_tokens=req.skip_special_tokens,
-            spaces_between_special_tokens=req.spaces_between_special_tokens)
+            spaces_between_special_tokens=req.spaces_between_special_tokens, structured_outputs=structured)
     except ValueError as exc:
         raise from_value_error(exc, _PARAM_FIELDS) from None
 

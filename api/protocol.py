@@ -48,6 +48,51 @@ class StreamOptions(_Model):
     """vLLM extra: put the usage so far in every chunk."""
 
 
+class JsonSchemaFormat(_Model):
+    """OpenAI's ``response_format.json_schema``."""
+
+    name: str = Field(description="The schema's name (a-z, A-Z, 0-9, _ and -).")
+    description: Optional[str] = None
+    json_schema: Optional[dict[str, Any]] = Field(None, alias="schema", description="A JSON schema; absent: any JSON object.")
+    strict: Optional[bool] = Field(None, description="Accepted: the output always follows the schema strictly.")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ResponseFormat(_Model):
+    """OpenAI's ``response_format``: ``text`` (no constraint), ``json_object`` (any JSON object) or
+    ``json_schema`` (output valid for ``json_schema.schema``); vLLM's ``structural_tag`` too."""
+
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: Optional[JsonSchemaFormat] = None
+    format: Optional[dict[str, Any]] = Field(None, description="structural_tag: xgrammar's structural-tag format.")
+    structures: Optional[list[dict[str, Any]]] = Field(None, description="structural_tag (vLLM's older form).")
+    triggers: Optional[list[str]] = Field(None, description="structural_tag (vLLM's older form).")
+
+    @model_validator(mode="after")
+    def _schema_for_json_schema(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs json_schema")
+        return self
+
+
+class StructuredOutputsRequest(_Model):
+    """vLLM's ``structured_outputs`` request field: exactly one constraint."""
+
+    json_: Optional[Union[dict[str, Any], str]] = Field(None, alias="json", description="A JSON schema.")
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = Field(None, description="An EBNF grammar (xgrammar's / GBNF syntax, root rule `root`).")
+    json_object: Optional[bool] = None
+    structural_tag: Optional[Union[dict[str, Any], str]] = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: Optional[str] = None
+    disable_fallback: bool = Field(False, description="Accepted (there is one backend).")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
 class SamplingFields(_Model):
     """Fields shared by completions and chat completions: OpenAI's, then vLLM's extras."""
 
@@ -76,6 +121,15 @@ class SamplingFields(_Model):
     include_stop_str_in_output: bool = False
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1,
                           description="Lower runs first under --scheduling-policy priority.")
+    # Structured output (docs/api.md): at most one of these.
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[StructuredOutputsRequest] = None
+    guided_json: Optional[Union[dict[str, Any], str]] = Field(None, description="vLLM's older field: structured_outputs.json.")
+    guided_regex: Optional[str] = Field(None, description="vLLM's older field: structured_outputs.regex.")
+    guided_choice: Optional[list[str]] = Field(None, description="vLLM's older field: structured_outputs.choice.")
+    guided_grammar: Optional[str] = Field(None, description="vLLM's older field: structured_outputs.grammar.")
+    guided_whitespace_pattern: Optional[str] = Field(None, description="Accepted and ignored.")
+    guided_decoding_backend: Optional[str] = Field(None, description="Accepted and ignored (xgrammar).")
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> "SamplingFields":
@@ -207,7 +261,6 @@ class ChatCompletionRequest(SamplingFields):
     store: Optional[bool] = Field(None, description="Accepted and ignored.")
     metadata: Optional[dict[str, str]] = Field(None, description="Accepted and ignored.")
     service_tier: Optional[str] = Field(None, description="Accepted and ignored.")
-    response_format: Annotated[Unsupported, _unsupported("structured output", {"type": "text"})] = None
     modalities: Annotated[Unsupported, _unsupported("output modalities other than text", ["text"])] = None
     functions: Annotated[Unsupported, _unsupported("function calling")] = None
     function_call: Annotated[Unsupported, _unsupported("function calling", "none")] = None

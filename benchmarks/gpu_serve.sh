@@ -21,6 +21,8 @@
 #            qwen3-30b-a3b is 61 GB) in $MOE_DIR (default /tmp/moe); the fused_moe op alone, then runtime and
 #            vLLM: batch-1 decode against the roofline and offline 1000 x (512, 128). Needs `unpack` first for
 #            vLLM; removes /tmp/llama8b when the disk lacks room for both checkpoints
+#   structured: benchmarks/structured_gpu.py: the Llama-3-8B shape with the embedded model's tokenizer, batch 64
+#            with a JSON schema on every request: runtime plain vs constrained (the mask's step overhead), then vLLM
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}; M=/tmp/llama8b; R=/tmp/results
@@ -83,6 +85,10 @@ from runtime.models import decoder_settings as d; print(int(d(m.config_of(a.shap
       for part in kernel runtime vllm; do
         timeout 600 python3 benchmarks/moe_gpu.py $part $SHAPE --dir $D --json $R/moe/$part.json 2>&1 | grep -v "it/s]" \
           | tail -15 | tee -a $R/moe/run.log
+    structured)
+      for part in prepare runtime vllm; do
+        timeout 480 python3 benchmarks/structured_gpu.py $part --json $R/structured/$part.json --llama-dir $M 2>&1 \
+          | grep -v "it/s]" | tail -15 | tee -a $R/structured/run.log
       done ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

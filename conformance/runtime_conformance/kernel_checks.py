@@ -299,6 +299,29 @@ def check_apply_top_k_top_p_min_p(fn, dtype, device, g):
     assert torch.equal(got[kept], expected[kept]), "apply_top_k_top_p_min_p changed the logits it kept"
 
 
+def check_apply_token_bitmask(fn, dtype, device, g):
+    """Rows of a vocabulary not a multiple of 32 (the last word partly past it), masks with the
+    sign bit set and words all ones or all zeros, a subset of the rows in no particular order."""
+    for batch, vocab, rows in ((6, 100, [4, 0, 2]), (3, 70, [0, 1, 2]), (5, 1000, [3])):
+        logits = 3 * _randn(g, batch, vocab)
+        words = (vocab + 31) // 32
+        bitmask = torch.randint(-2**31, 2**31 - 1, (len(rows), words), generator=g, dtype=torch.int64).to(torch.int32)
+        bitmask[0, 0] = -1  # every token of the word allowed
+        if words > 1:
+            bitmask[-1, 1] = 0  # none of them
+        index = torch.tensor(rows)
+        expected = OPS["apply_token_bitmask"](logits.clone(), bitmask, index)
+        target = logits.to(device, copy=True)
+        got = fn(target, *_on(device, bitmask, index))
+        what = f"apply_token_bitmask (logits [{batch}, {vocab}], rows {rows})"
+        assert got.data_ptr() == target.data_ptr() and got.shape == target.shape, \
+            f"{what}: must mask the logits in place and return them"
+        differ = ((got.cpu() == float("-inf")) != (expected == float("-inf"))).sum(-1).tolist()
+        assert not any(differ), f"{what}: the tokens masked differ from the reference's by {differ} tokens per row"
+        kept = expected != float("-inf")
+        assert torch.equal(got.cpu()[kept], expected[kept]), f"{what}: changed logits it must keep"
+
+
 CHECKS: dict[str, Callable] = {
     "linear": check_linear,
     "rms_norm": check_rms_norm,
@@ -312,6 +335,7 @@ CHECKS: dict[str, Callable] = {
     "fused_moe": check_fused_moe,
     "copy_blocks": check_copy_blocks,
     "apply_top_k_top_p_min_p": check_apply_top_k_top_p_min_p,
+    "apply_token_bitmask": check_apply_token_bitmask,
 }
-DTYPE_INDEPENDENT = {"apply_top_k_top_p_min_p"}
+DTYPE_INDEPENDENT = {"apply_top_k_top_p_min_p", "apply_token_bitmask"}
 """Ops whose inputs have one dtype whatever the model's (logits are float32)."""

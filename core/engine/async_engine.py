@@ -350,12 +350,32 @@ class AsyncEngine:
             self._deliver(request_id, ValueError(why))
         if not message.outputs:
             return
-        results, stopped = processor.process(message.outputs)
+        outputs = message.outputs
+        if any(out.error is not None for out in outputs):
+            outputs = self._fail(link, outputs)
+        results, stopped = processor.process(outputs)
         if stopped:
             link.send(AbortRequests(stopped))
         changed = {out.request_id for out in message.outputs}
         for result in results:
             self._deliver(result.request_id, _step_delta(result, changed))
+
+    def _fail(self, link: _CoreLink, outputs: list) -> list:
+        """Fail the requests of samples the core failed (with the sample's error), aborting
+        their other samples; the outputs left to process."""
+        failed: set[str] = set()
+        for out in outputs:
+            if out.error is None:
+                continue
+            parent = self._processor.parent_of(out.request_id)
+            if parent is None or parent in failed:
+                continue
+            failed.add(parent)
+            siblings = [cid for cid in self._processor.abort(parent) if cid != out.request_id]
+            if siblings:
+                link.send(AbortRequests(siblings))
+            self._deliver(parent, ValueError(out.error))
+        return [out for out in outputs if out.error is None]
 
     def _deliver(self, request_id: str, item: Any) -> None:
         stream = self._streams.get(request_id)

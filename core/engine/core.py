@@ -21,6 +21,7 @@ from ..sample.params import SamplingParams
 from ..sched.request import Request, RequestStatus
 from ..sched.scheduler import Scheduler, SchedulerOutput
 from ..spec.proposer import SpecCounters, check_speculative, make_proposer
+from ..structured.manager import StructuredOutputManager
 from ..worker.executor import make_executor
 from ..worker.model_runner import PendingStep, RunnerOutput
 from ..worker.setup import RunnerPlan, quantization_method
@@ -105,6 +106,14 @@ class EngineCore:
         self.proposer = make_proposer(args.speculative, self.runner)
         self.spec_counters = SpecCounters(args.speculative.num_speculative_tokens if args.speculative else 0)
         self.max_num_batched_tokens = pconfig.max_num_batched_tokens
+        self.structured = StructuredOutputManager(self.source.tokenizer, self.runner.settings.vocab_size,
+                                                  self.eos_token_ids, args.reasoning_parser)
+        self._awaiting_grammar: dict[str, Request] = {}
+        """Constrained requests whose grammar is still compiling: the scheduler gets them once it has."""
+        self._unsampled: Optional[tuple[SchedulerOutput, PendingStep]] = None
+        """The look-ahead step in flight, launched without sampling (see ``_launch``)."""
+        self._failed: list[EngineCoreOutput] = []
+        """Requests failed outside a step (a grammar that did not compile), reported by the next."""
         gib = 1 << 30
         activation_bytes = self.executor.activation_bytes
         logger.info("platform %s (%s), %s, dtype %s, quantization %s, weights %.2f GiB per rank, activation peak %s, "
@@ -133,6 +142,7 @@ class EngineCore:
 
     def shutdown(self) -> None:
         """Stop the other ranks' workers (a one-rank engine has none)."""
+        self.structured.shutdown()
         self.executor.shutdown()
 
     @property
@@ -161,17 +171,74 @@ class EngineCore:
                           lora_id=lora_request.lora_int_id if lora_request else 0)
         if arrival_time is not None:
             request.arrival_time = arrival_time
+        if params.structured_outputs is not None:
+            if request_id in self._awaiting_grammar or self.scheduler.get_request(request_id) is not None:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self.structured.add(request)
+            if not self.structured.is_ready(request_id):
+                self._awaiting_grammar[request_id] = request
+                return
         self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: list[str]) -> None:
+        self._forget_grammars(request_ids)
         self.scheduler.abort_requests(request_ids)
 
     def finish_requests(self, request_ids: list[str]) -> None:
         """Finish requests the output processor stopped (a stop string matched)."""
+        self._forget_grammars(request_ids)
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_STOPPED)
 
+    def _forget_grammars(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self._awaiting_grammar.pop(rid, None)
+            self.structured.remove(rid)
+
     def has_unfinished_requests(self) -> bool:
-        return self._in_flight is not None or bool(self._micro_batches) or self.scheduler.has_unfinished_requests()
+        return (self._in_flight is not None or bool(self._micro_batches) or self.scheduler.has_unfinished_requests()
+                or bool(self._awaiting_grammar) or bool(self._failed))
+
+    def _admit_compiled(self) -> None:
+        """Hand the scheduler the requests whose grammar is ready (in arrival order, which its
+        policy keeps); fail those whose grammar did not compile. With nothing else to run, wait
+        a moment for a grammar rather than spin."""
+        if not self._awaiting_grammar:
+            return
+        if not self.scheduler.has_unfinished_requests() and self._in_flight is None and not self._micro_batches:
+            self.structured.wait(0.01)
+        for rid, request in list(self._awaiting_grammar.items()):
+            if not self.structured.is_ready(rid):
+                continue
+            del self._awaiting_grammar[rid]
+            error = self.structured.error(rid)
+            if error is None:
+                self.scheduler.add_request(request)
+            else:
+                self.structured.remove(rid)
+                self._failed.append(EngineCoreOutput(rid, [], finish_reason=RequestStatus.FINISHED_ABORTED.value,
+                                                     error=error))
+
+    def _launch(self, out: SchedulerOutput, previous: Optional[PendingStep] = None) -> Optional[PendingStep]:
+        """Launch a step. A step with constrained requests queues its forward pass first and its
+        sampling once their masks are filled (meanwhile, on the host): at once when the
+        matchers are up to date, after the step in flight is applied when it is a look-ahead
+        step (``previous``; see :meth:`_sample_in_flight`)."""
+        if not self.structured.tracks_any(out.scheduled):
+            return self.executor.launch(out, previous)
+        pending = self.executor.launch(out, previous, sample=False)
+        if pending is not None:
+            if previous is None:
+                self.executor.sample(pending, self.structured.bitmask(out.scheduled))
+            else:
+                self._unsampled = (out, pending)
+        return pending
+
+    def _sample_in_flight(self) -> None:
+        """Sample the look-ahead step in flight, if its launch left that for now (the matchers
+        have just seen the tokens of the step before it)."""
+        if self._unsampled is not None:
+            (out, pending), self._unsampled = self._unsampled, None
+            self.executor.sample(pending, self.structured.bitmask(out.scheduled))
 
     def step(self) -> list[EngineCoreOutput]:
         """Compute one step and return what it produced.
@@ -179,20 +246,31 @@ class EngineCore:
         With look-ahead, the step launched by the previous call (if any) is this call's step, and
         the next one is launched before this one's tokens are read back.
         """
+        self._admit_compiled()
         if self.pipeline_depth > 1:
             return self._step_pipelined()
         if self._in_flight is not None:
             (out, pending), self._in_flight = self._in_flight, None
         else:
             out = self.scheduler.schedule()
+            self._reset_preempted(out)
             if self.proposer is not None:
                 self.proposer.propose(out)
-            pending = self.executor.launch(out)
+                self.structured.truncate_drafts(out.scheduled)
+            pending = self._launch(out)
         if self.look_ahead and pending is not None:
             following = self.scheduler.look_ahead(out)
             if following is not None:
-                self._in_flight = (following, self.executor.launch(following, pending))
-        return self._outputs(out, self.executor.collect(pending))
+                self._in_flight = (following, self._launch(following, pending))
+        outputs = self._outputs(out, self.executor.collect(pending))
+        self._sample_in_flight()
+        return outputs
+
+    def _reset_preempted(self, out: SchedulerOutput) -> None:
+        for rid in out.preempted_ids:
+            request = self.scheduler.get_request(rid)
+            if request is not None:
+                self.structured.reset(request)
 
     def _step_pipelined(self) -> list[EngineCoreOutput]:
         """Keep up to one micro-batch per pipeline stage in flight, each of requests the others
@@ -202,14 +280,16 @@ class EngineCore:
             # An even share each, so that the requests spread over all the micro-batches.
             share = -(-(self.scheduler.num_running + self.scheduler.num_waiting) // self.pipeline_depth)
             out = self.scheduler.schedule(self._computing, max_seqs=max(1, share))
+            self._reset_preempted(out)
             if not out.scheduled:
                 if out.finished_ids:
                     self.executor.launch(out)  # the ranks forget the finished requests
                 break
-            self._micro_batches.append((out, self.executor.launch(out)))
+            # The last stage samples as soon as it has computed: the masks go with the launch.
+            self._micro_batches.append((out, self.executor.launch(out, grammar=self.structured.bitmask(out.scheduled))))
             self._computing.update(s.request.request_id for s in out.scheduled)
         if not self._micro_batches:
-            return []
+            return self._take_failed()
         out, pending = self._micro_batches.popleft()
         self._computing.difference_update(s.request.request_id for s in out.scheduled)
         return self._outputs(out, self.executor.collect(pending))
@@ -226,13 +306,29 @@ class EngineCore:
             rid = request.request_id
             new = request.output_token_ids[counts[rid]:]  # a finishing token drops the ones after it
             logprobs = result.logprobs.get(rid)
+            error = self._advance_grammar(request)
             outputs[rid] = EngineCoreOutput(
                 rid, new, new_logprobs=logprobs[:len(new)] if logprobs is not None else None,
                 finish_reason=request.status.value if request.status.finished else None,
-                stop_reason=request.stop_reason)
+                stop_reason=request.stop_reason, error=error)
         for rid, entries in result.prompt_logprobs.items():
             outputs.setdefault(rid, EngineCoreOutput(rid, [])).prompt_logprobs = entries
-        return list(outputs.values())
+        return self._take_failed() + list(outputs.values())
+
+    def _advance_grammar(self, request: Request) -> Optional[str]:
+        """Feed a constrained request's new tokens to its matcher; forget it once finished. The
+        error that fails it, if its output left the grammar (which the mask rules out)."""
+        self.structured.advance(request)
+        error = self.structured.error(request.request_id)
+        if error is not None and not request.status.finished:
+            self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_ABORTED)
+        if request.status.finished:
+            self.structured.remove(request.request_id)
+        return error
+
+    def _take_failed(self) -> list[EngineCoreOutput]:
+        failed, self._failed = self._failed, []
+        return failed
 
     def stats(self) -> EngineStats:
         return EngineStats(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,

@@ -10,12 +10,20 @@ from tqdm.auto import tqdm
 
 from ..lora import LoRARequest
 from ..sample.params import SamplingParams
+from ..structured.grammar import check
 from .args import EngineArgs
 from .chat import load_chat_template, render_chat
 from .core import EngineCore
 from .output_processor import OutputProcessor
 from .outputs import RequestOutput
 from .submit import submit
+
+
+def check_structured_outputs(params: Sequence[SamplingParams]) -> None:
+    """ValueError naming the first invalid constraint, before any request is queued."""
+    for sp in {id(p): p for p in params}.values():
+        if sp.structured_outputs is not None:
+            check(sp.structured_outputs)
 
 PromptType = Union[str, list[int], dict[str, Any]]
 
@@ -58,6 +66,7 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         params = self._params_per_prompt(sampling_params, len(prompts))
+        check_structured_outputs(params)
         encoded = [self._encode(p) for p in prompts]
         return self._run(encoded, params, use_tqdm, priority, self._adapters_per_prompt(lora_request, len(prompts)))
 
@@ -74,7 +83,9 @@ class LLM:
         texts = [render_chat(self.tokenizer, conv, template, add_generation_prompt, continue_final_message, tools)
                  for conv in conversations]
         encoded = [(text, self.tokenizer.encode(text, add_special_tokens=False)) for text in texts]
-        return self._run(encoded, self._params_per_prompt(sampling_params, len(texts)), use_tqdm, None, [None] * len(texts))
+        params = self._params_per_prompt(sampling_params, len(texts))
+        check_structured_outputs(params)
+        return self._run(encoded, params, use_tqdm, None, [None] * len(texts))
 
     def _params_per_prompt(self, sampling_params, count: int) -> list[SamplingParams]:
         if sampling_params is None:
@@ -119,7 +130,11 @@ class LLM:
             head = self._first_steps_share(encoded) if self.engine_args.scheduling_policy == "fcfs" else len(encoded)
             self._submit(encoded, params, priority, adapters, order, head)
             while self.engine.has_unfinished_requests():
-                outputs, stopped = self.processor.process(self.engine.step())
+                step = self.engine.step()
+                failed = next((out for out in step if out.error is not None), None)
+                if failed is not None:
+                    raise ValueError(f"request {self.processor.parent_of(failed.request_id)} failed: {failed.error}")
+                outputs, stopped = self.processor.process(step)
                 if stopped:
                     self.engine.finish_requests(stopped)
                 for out in outputs:

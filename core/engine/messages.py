@@ -27,6 +27,9 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     prompt_logprobs: Optional[list[TokenLogprobs]] = None
     finish_reason: Optional[str] = None
     stop_reason: Union[int, str, None] = None
+    error: Optional[str] = None
+    """Why the request failed (finish_reason ``abort``): its grammar failed to compile, say.
+    Only that request fails."""
 
 
 class EngineStats(msgspec.Struct, array_like=True):

@@ -75,6 +75,11 @@ class OutputProcessor:
             return []
         return [child_id(request_id, i, state.params.n) for i in range(state.params.n)]
 
+    def parent_of(self, core_request_id: str) -> Optional[str]:
+        """The request a core-level id is a sample of (None once it is forgotten)."""
+        sample = self._samples.get(core_request_id)
+        return None if sample is None else sample.parent.request_id
+
     def abort(self, request_id: str) -> list[str]:
         """Forget a request; returns the core-level ids to abort."""
         ids = self.child_ids(request_id)

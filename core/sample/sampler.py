@@ -1,6 +1,6 @@
 """Batched sampling: one step's logits [B, V] -> next token per row (+ logprobs).
 
-The order follows vLLM v1: logit_bias, the min_tokens mask, penalties; then greedy rows take
+The order follows vLLM v1: a grammar's mask (structured output), logit_bias, the min_tokens mask, penalties; then greedy rows take
 the argmax and the other rows go through temperature, top-k / top-p / min-p, softmax and an
 exponential race. Logprobs describe the raw model distribution, before any of that.
 """
@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..platform.reference import apply_top_k_top_p_min_p
+from ..platform.reference import apply_token_bitmask, apply_top_k_top_p_min_p
 from ..sched.request import Request
 from ..spec.rejection import DraftLayout, rejection_sample
 from .noise import exponential_noise
@@ -20,6 +20,8 @@ from ..worker.input_buffers import host_to_device
 
 TopKTopPMinP = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """(logits [B, V], top_k [B], top_p [B], min_p [B]) -> logits with excluded tokens at -inf."""
+TokenBitmask = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(logits [B, V], bitmask [N, ceil(V / 32)] int32, rows [N]) -> logits, disallowed tokens at -inf in place."""
 
 
 @dataclass
@@ -61,6 +63,8 @@ class SamplingMetadata:
     """(rows, token ids, values), each [N]."""
     min_tokens_blocked: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     """(rows, token ids), each [N]: stop tokens a row may not sample yet."""
+    grammar: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    """(bitmask [N, ceil(V / 32)] int32, rows [N]): what structured output allows in N rows."""
 
     @classmethod
     def from_requests(cls, requests: list[Request], vocab_size: int, device: torch.device | str,
@@ -138,17 +142,21 @@ class SamplerOutput:
 class Sampler:
     """Turns a batch of logits into tokens, each row with its own sampling settings.
 
-    ``top_k_top_p_min_p`` lets a platform pass its own kernel (same contract as the reference).
+    ``top_k_top_p_min_p`` and ``apply_token_bitmask`` let a platform pass its own kernels (same
+    contract as the reference).
     """
 
-    def __init__(self, top_k_top_p_min_p: TopKTopPMinP = apply_top_k_top_p_min_p) -> None:
+    def __init__(self, top_k_top_p_min_p: TopKTopPMinP = apply_top_k_top_p_min_p,
+                 apply_token_bitmask: TokenBitmask = apply_token_bitmask) -> None:
         self.top_k_top_p_min_p = top_k_top_p_min_p
+        self.apply_token_bitmask = apply_token_bitmask
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """logits [B, V] (any float dtype; left unchanged) -> SamplerOutput."""
         raw_logprobs = logits.float().log_softmax(-1) if meta.max_num_logprobs is not None else None
         # One float32 copy, so every step below may work in place without touching the caller's tensor.
         logits = logits.to(torch.float32, copy=True)
+        self._apply_grammar(logits, meta)
         _apply_bias_and_penalties(logits, meta)
         token_ids = self._sample(logits, meta)
         if raw_logprobs is None:
@@ -163,6 +171,7 @@ class Sampler:
         request's output distribution what it is without proposals."""
         raw_logprobs = logits.float().log_softmax(-1) if meta.max_num_logprobs is not None else None
         logits = logits.to(torch.float32, copy=True)
+        self._apply_grammar(logits, meta)
         _apply_bias_and_penalties(logits, meta)
         greedy_ids = None if meta.all_random else logits.argmax(-1)
         probs = None if meta.all_greedy else self._probabilities(logits, meta)
@@ -172,6 +181,10 @@ class Sampler:
         out = _with_logprobs(row_tokens, raw_logprobs, meta.max_num_logprobs)
         out.token_ids, out.num_tokens = token_ids, num_tokens
         return out
+
+    def _apply_grammar(self, logits: torch.Tensor, meta: SamplingMetadata) -> None:
+        if meta.grammar is not None:
+            self.apply_token_bitmask(logits, *meta.grammar)
 
     def _probabilities(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         """In place: temperature, top-k / top-p / min-p, softmax (greedy rows: meaningless)."""

@@ -57,6 +57,11 @@ class ScheduledRequest:
         self.num_new_tokens += len(draft_token_ids)
         self.draft_token_ids = list(draft_token_ids)
 
+    def truncate_drafts(self, count: int) -> None:
+        """Keep only the first ``count`` proposed tokens (their slots stay allocated, unused)."""
+        self.num_new_tokens -= len(self.draft_token_ids) - count
+        self.draft_token_ids = self.draft_token_ids[:count]
+
 
 @dataclass
 class SchedulerOutput:

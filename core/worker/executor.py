@@ -31,6 +31,7 @@ import zmq
 
 from ..platform import Platform, Registry
 from ..sched.scheduler import SchedulerOutput
+from ..structured.bitmask import GrammarBitmask
 from .mirror import Collect, Stop, StepSender, decode_result, encode
 from .progress import RankProgress
 from .model_runner import PendingStep, RunnerOutput
@@ -51,8 +52,12 @@ class LocalExecutor:
         self.driver, self.num_blocks, self.activation_bytes = build_runner(plan, registry, platform, source,
                                                                            device_index=plan.first_device)
 
-    def launch(self, out: SchedulerOutput, previous: Optional[PendingStep] = None) -> Optional[PendingStep]:
-        return self.driver.launch(out, previous)
+    def launch(self, out: SchedulerOutput, previous: Optional[PendingStep] = None,
+               grammar: Optional[GrammarBitmask] = None, sample: bool = True) -> Optional[PendingStep]:
+        return self.driver.launch(out, previous, grammar, sample)
+
+    def sample(self, pending: PendingStep, grammar: Optional[GrammarBitmask]) -> None:
+        self.driver.sample(pending, grammar)
 
     def collect(self, pending: Optional[PendingStep]) -> RunnerOutput:
         return self.driver.collect(pending)
@@ -108,16 +113,25 @@ class MultiprocExecutor:
 
     # -- steps ------------------------------------------------------------------------------
 
-    def launch(self, out: SchedulerOutput, previous: Optional[PendingStep] = None) -> Optional[PendingStep]:
-        message, step = self._sender.launch(out, previous)
+    def launch(self, out: SchedulerOutput, previous: Optional[PendingStep] = None,
+               grammar: Optional[GrammarBitmask] = None, sample: bool = True) -> Optional[PendingStep]:
+        message, step = self._sender.launch(out, previous, grammar, sample)
         self._broadcast(encode(message))
         try:
-            pending = self.driver.launch(out, previous)
+            pending = self.driver.launch(out, previous, grammar, sample)
         except Exception as exc:
             raise self._named(exc) from None
         if pending is not None:
             self._sender.name(pending, step)
         return pending
+
+    def sample(self, pending: PendingStep, grammar: Optional[GrammarBitmask]) -> None:
+        """Every rank samples a step launched with ``sample=False`` (one pipeline stage only)."""
+        self._broadcast(encode(self._sender.sample(pending, grammar)))
+        try:
+            self.driver.sample(pending, grammar)
+        except Exception as exc:
+            raise self._named(exc) from None
 
     def collect(self, pending: Optional[PendingStep]) -> RunnerOutput:
         if pending is None:

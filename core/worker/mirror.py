@@ -18,9 +18,12 @@ from typing import Callable, Optional, Union
 
 import msgspec
 
+import torch
+
 from ..sample.params import SamplingParams
 from ..sched.request import Request
 from ..sched.scheduler import ScheduledRequest, SchedulerOutput
+from ..structured.bitmask import GrammarBitmask
 from .model_runner import ModelRunner, PendingStep, RunnerOutput
 
 
@@ -43,6 +46,24 @@ class Scheduled(msgspec.Struct, array_like=True):
     """Proposed tokens computed after the known ones (speculative decoding)."""
 
 
+class Mask(msgspec.Struct, array_like=True):
+    """A ``GrammarBitmask``: its rows and its int32 words as bytes."""
+
+    rows: list[int]
+    words: int
+    bitmask: bytes
+
+    @classmethod
+    def of(cls, grammar: Optional[GrammarBitmask]) -> Optional["Mask"]:
+        if grammar is None:
+            return None
+        return cls(grammar.rows, grammar.bitmask.shape[1], grammar.bitmask.numpy().tobytes())
+
+    def grammar(self) -> GrammarBitmask:
+        words = torch.frombuffer(bytearray(self.bitmask), dtype=torch.int32)
+        return GrammarBitmask(self.rows, words.view(len(self.rows), self.words))
+
+
 class Launch(msgspec.Struct, tag=True, array_like=True):
     step: int
     new_requests: list[NewRequest]
@@ -50,6 +71,16 @@ class Launch(msgspec.Struct, tag=True, array_like=True):
     finished_ids: list[str]
     previous: Optional[int] = None
     """The step in flight whose sampled tokens this one's pending rows take (look-ahead)."""
+    sample: bool = True
+    """False: the forward pass only; a ``Sample`` message follows (structured output's masks)."""
+    grammar: Optional[Mask] = None
+
+
+class Sample(msgspec.Struct, tag=True, array_like=True):
+    """Sample launched step ``step`` (launched with ``sample=False``), masked by ``grammar``."""
+
+    step: int
+    grammar: Optional[Mask] = None
 
 
 class Collect(msgspec.Struct, tag=True, array_like=True):
@@ -81,7 +112,7 @@ class StepResult(msgspec.Struct, array_like=True):
         return RunnerOutput(self.sampled, self.logprobs, self.prompt_logprobs)
 
 
-StepMessage = Union[Launch, Collect, Stop]
+StepMessage = Union[Launch, Sample, Collect, Stop]
 encode = msgspec.msgpack.Encoder().encode
 decode = msgspec.msgpack.Decoder(StepMessage).decode
 decode_result = msgspec.msgpack.Decoder(StepResult).decode
@@ -100,7 +131,8 @@ class StepSender:
         """The number of the last step sent (None before the first)."""
         return self._next - 1 if self._next else None
 
-    def launch(self, out: SchedulerOutput, previous: Optional[PendingStep]) -> tuple[Launch, int]:
+    def launch(self, out: SchedulerOutput, previous: Optional[PendingStep], grammar: Optional[GrammarBitmask] = None,
+               sample: bool = True) -> tuple[Launch, int]:
         """The message for launching ``out``, and the step number to name it by when collecting."""
         new = []
         for item in out.scheduled:
@@ -116,8 +148,12 @@ class StepSender:
         message = Launch(step, new, [Scheduled(s.request.request_id, s.start, s.num_new_tokens, s.block_ids,
                                                s.token_pending, s._num_tokens, s.draft_token_ids)
                                      for s in out.scheduled],
-                         list(out.finished_ids), None if previous is None else self._steps[id(previous)])
+                         list(out.finished_ids), None if previous is None else self._steps[id(previous)], sample,
+                         Mask.of(grammar))
         return message, step
+
+    def sample(self, pending: PendingStep, grammar: Optional[GrammarBitmask]) -> Sample:
+        return Sample(self._steps[id(pending)], Mask.of(grammar))
 
     def name(self, pending: PendingStep, step: int) -> None:
         """Remember which step number ``pending`` (rank 0's launched step) was sent as."""
@@ -142,7 +178,12 @@ class StepMirror:
         self.send_result = send_result
         self.collects_at_launch = runner.pp.size > 1 and runner.pp.is_last
 
-    def handle(self, message: Launch | Collect) -> None:
+    def handle(self, message: Launch | Sample | Collect) -> None:
+        if isinstance(message, Sample):
+            pending = self.pending.get(message.step)
+            if pending is not None:
+                self.runner.sample(pending, message.grammar.grammar() if message.grammar else None)
+            return
         if isinstance(message, Collect):
             if message.step in self.pending:  # not a last pipeline stage, which collected at launch
                 result = self.runner.collect(self.pending.pop(message.step))
@@ -162,7 +203,8 @@ class StepMirror:
             entry.token_pending, entry._num_tokens = item.token_pending, item.num_tokens
             scheduled.append(entry)
         previous = self.pending.get(message.previous) if message.previous is not None else None
-        pending = self.runner.launch(SchedulerOutput(scheduled=scheduled, finished_ids=message.finished_ids), previous)
+        pending = self.runner.launch(SchedulerOutput(scheduled=scheduled, finished_ids=message.finished_ids), previous,
+                                     message.grammar.grammar() if message.grammar else None, message.sample)
         if self.collects_at_launch:
             if pending is not None:
                 result = self.runner.collect(pending)

@@ -25,6 +25,7 @@ from ..sample.params import SamplingParams
 from ..sched.request import Request
 from ..sched.scheduler import ScheduledRequest, SchedulerOutput
 from ..spec.rejection import DraftLayout
+from ..structured.bitmask import GrammarBitmask
 from .decode_graphs import DecodeGraphs, capture_sizes
 from .input_buffers import InputBuffers, StepInputs, host_to_device, step_inputs
 from .pipeline import StageLink
@@ -183,12 +184,15 @@ class ModelRunner:
         return self.collect(self.launch(out))
 
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput, previous: PendingStep | None = None) -> PendingStep | None:
+    def launch(self, out: SchedulerOutput, previous: PendingStep | None = None,
+               grammar: GrammarBitmask | None = None, sample: bool = True) -> PendingStep | None:
         """Queue a step's forward pass and sampling on the device; nothing waits for it.
 
         ``previous`` is the step still in flight when ``out`` is a look-ahead step: the tokens
         it is sampling (``ScheduledRequest.token_pending``) are copied into this step's input
-        ids on the device.
+        ids on the device. ``grammar`` masks the sampled rows (structured output). With
+        ``sample=False`` only the forward pass is queued and :meth:`sample` queues the sampling
+        later: the engine fills a step's grammar masks while its forward pass runs.
         """
         self.drop_requests(out.finished_ids)
         scheduled = out.scheduled
@@ -211,20 +215,30 @@ class ModelRunner:
             if self.stage_link is not None:
                 pending.handed_on = self.stage_link.send(hidden)
             return pending
+        if sample:
+            self.sample(pending, grammar)
+        return pending
+
+    @torch.inference_mode()
+    def sample(self, pending: PendingStep, grammar: GrammarBitmask | None = None) -> None:
+        """Queue the sampling of a launched step (once), its rows masked by ``grammar``."""
+        scheduled, query_start_loc, hidden = pending.scheduled, pending.query_start_loc, pending.hidden
         sample_rows = [i for i, s in enumerate(scheduled) if s.sample]
         if sample_rows:
             pending.requests = [scheduled[i].request for i in sample_rows]
+            mask = None if grammar is None else grammar.on(self.device)
             if any(scheduled[i].draft_token_ids for i in sample_rows):
-                pending.sampled, pending.layout = self._verify(scheduled, sample_rows, step.query_start_loc, hidden)
+                pending.sampled, pending.layout = self._verify(scheduled, sample_rows, query_start_loc, hidden, mask)
             else:
-                if len(sample_rows) == len(step.input_ids):  # one token per row, every row sampled: a decode step
-                    last_hidden = hidden[:len(sample_rows)]
+                if len(sample_rows) == int(query_start_loc[-1]):
+                    last_hidden = hidden[:len(sample_rows)]  # one token per row, every row sampled: a decode step
                 else:
-                    last = host_to_device([int(step.query_start_loc[i + 1]) - 1 for i in sample_rows], torch.int64,
+                    last = host_to_device([int(query_start_loc[i + 1]) - 1 for i in sample_rows], torch.int64,
                                           self.device)
                     last_hidden = hidden[last]
                 sampling = SamplingMetadata.from_requests(pending.requests, self.settings.vocab_size, self.device,
                                                           self.generators)
+                sampling.grammar = mask
                 pending.sampled = self.sampler(self.model.compute_logits(last_hidden), sampling)
             if self.device.type == "cpu":
                 pending.host_sampled = pending.sampled
@@ -237,10 +251,10 @@ class ModelRunner:
         if self.device.type != "cpu":
             pending.ready = torch.Event(device=self.device)
             pending.ready.record()
-        return pending
 
     def _verify(self, scheduled: list[ScheduledRequest], sample_rows: list[int], query_start: np.ndarray,
-                hidden: torch.Tensor) -> tuple[SamplerOutput, DraftLayout]:
+                hidden: torch.Tensor, mask: tuple[torch.Tensor, torch.Tensor] | None
+                ) -> tuple[SamplerOutput, DraftLayout]:
         """Sample a step with proposed tokens: the logits of each sampling request's last token
         and of its proposals, verified together (``Sampler.verify``)."""
         drafts = [scheduled[i].draft_token_ids for i in sample_rows]
@@ -248,6 +262,7 @@ class ModelRunner:
                                for i, d in zip(sample_rows, drafts)])
         layout = DraftLayout([scheduled[i].request for i in sample_rows], drafts, self.device)
         sampling = SamplingMetadata.from_requests(layout.row_views, self.settings.vocab_size, self.device, self.generators)
+        sampling.grammar = mask
         logits = self.model.compute_logits(hidden[host_to_device(rows.tolist(), torch.int64, self.device)])
         return self.sampler.verify(logits, sampling, layout), layout
 

@@ -7,6 +7,7 @@ same signature.
 
 from .activation import gelu_and_mul, silu_and_mul
 from .attention import ReferenceAttentionBackend, paged_attention
+from .grammar import apply_token_bitmask
 from .kv import copy_blocks
 from .linear import linear
 from .lora import lora_add, lora_add_per_slice, lora_expand, lora_shrink
@@ -28,6 +29,7 @@ OPS = {
     "fused_moe": fused_moe,
     "copy_blocks": copy_blocks,
     "apply_top_k_top_p_min_p": apply_top_k_top_p_min_p,
+    "apply_token_bitmask": apply_token_bitmask,
 }
 
 __all__ = ["MOE_ACTIVATIONS", "OPS", "ReferenceAttentionBackend", "build_cos_sin_cache", "lora_add_per_slice",

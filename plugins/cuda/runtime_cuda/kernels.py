@@ -14,6 +14,7 @@ the sum first, as the reference does, so the norm sees the same values).
   ``lora_add``: one shrink and one expand launch for every partition of a fused projection too.
 - ``fused_moe``: ``moe.py``'s grouped GEMMs, one launch for gate/up (with the activation) and one
   for down over the token/expert pairs sorted by expert.
+- ``apply_token_bitmask``: ``bitmask.py``'s kernel, structured output's mask of every constrained row.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import triton.language as tl
 
 from runtime.platform import Kernel
 
+from .bitmask import apply_token_bitmask
 from .lora import lora_add, lora_expand, lora_shrink
 from .moe import fused_moe
 from .skinny_matmul import linear
@@ -199,4 +201,5 @@ KERNELS = [
     Kernel("cuda", "lora_expand", lora_expand),
     Kernel("cuda", "lora_add", lora_add),
     Kernel("cuda", "fused_moe", fused_moe),
+    Kernel("cuda", "apply_token_bitmask", apply_token_bitmask),
 ]

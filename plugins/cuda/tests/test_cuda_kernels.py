@@ -348,3 +348,19 @@ def test_lora_add_in_a_cuda_graph_reads_each_replays_slots():
         expected = OPS["lora_add"](y.clone(), x.cpu(), lora_a.cpu(), lora_b.cpu(), step, slices, 2.0)
         _close(results[0], expected, torch.bfloat16)
         assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("vocab,rows", [(100, [4, 0, 2]), (70, [1]), (3000, [0, 5, 2, 3])])
+def test_apply_token_bitmask(vocab, rows, device):
+    """Masks with the sign bit, words all ones and all zeros, a vocabulary ending mid-word."""
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(6, vocab, generator=g)
+    words = (vocab + 31) // 32
+    bitmask = torch.randint(-2**31, 2**31 - 1, (len(rows), words), generator=g, dtype=torch.int64).to(torch.int32)
+    bitmask[0, 0] = -1
+    bitmask[-1, -1] = 0
+    index = torch.tensor(rows)
+    expected = OPS["apply_token_bitmask"](logits.clone(), bitmask, index)
+    got = logits.to(device)
+    assert kernels.apply_token_bitmask(got, bitmask.to(device), index.to(device)) is got
+    assert torch.equal(got.cpu(), expected)

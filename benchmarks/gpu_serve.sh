@@ -85,6 +85,7 @@ from runtime.models import decoder_settings as d; print(int(d(m.config_of(a.shap
       for part in kernel runtime vllm; do
         timeout 600 python3 benchmarks/moe_gpu.py $part $SHAPE --dir $D --json $R/moe/$part.json 2>&1 | grep -v "it/s]" \
           | tail -15 | tee -a $R/moe/run.log
+      done ;;
     structured)
       for part in prepare runtime vllm; do
         timeout 480 python3 benchmarks/structured_gpu.py $part --json $R/structured/$part.json --llama-dir $M 2>&1 \

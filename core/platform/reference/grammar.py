@@ -1,4 +1,4 @@
-"""Structured output's mask (contract 1.6): the tokens a grammar rules out get -inf."""
+"""Structured output's mask (contract 1.7): the tokens a grammar rules out get -inf."""
 
 import torch
 

@@ -1,4 +1,4 @@
-"""``apply_token_bitmask`` (contract 1.6): structured output's mask in one launch for every
+"""``apply_token_bitmask`` (contract 1.7): structured output's mask in one launch for every
 constrained row of a step, in place.
 
 One program per (row, block of 32 * WORDS tokens): it loads WORDS int32 words of the row's

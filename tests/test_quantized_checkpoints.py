@@ -10,10 +10,14 @@ import torch
 import transformers
 
 from runtime import LLM, SamplingParams
+from runtime.loader import open_model
 from runtime.loader.quantized import quantization_config, read_quantized_weights
 from runtime.loader.safetensors import weight_files
 from runtime.platform import RawQuantizedTensor, get_registry
+from runtime.models.layers.linear import Linear
+from runtime.models.parallel import TensorParallel
 from runtime.platform.packed import cut_columns
+from runtime.worker.model_runner import ModelRunner
 from runtime_conformance.tolerances import tolerance
 
 from hf_reference import assert_greedy_matches, hf_greedy
@@ -146,3 +150,37 @@ def test_unsupported_checkpoint_methods_are_named(dense_dir, tmp_path):
     with pytest.raises(ValueError, match="checkpoint quantization 'bitsandbytes' is not supported; supported: gptq, awq, "
                                          "compressed-tensors, fp8"):
         LLM(str(tmp_path / "q"), kv_cache_memory="16MiB", max_model_len=128)
+
+
+def _rank_model(path, tp: TensorParallel):
+    """One rank's model as a tensor-parallel rank loads it (loading needs no communicator)."""
+    source = open_model(str(path))
+    registry = get_registry()
+    return ModelRunner(source.hf_config, source.weights(), registry.select_platform("cpu"), registry, torch.float32,
+                       16, 128, tp=tp).model
+
+
+def test_tensor_parallel_ranks_keep_their_packed_slices(dense_dir, tmp_path):
+    """Each rank of two keeps its rows (column-parallel) or its whole groups of input columns
+    (row-parallel) still packed: its product with the identity is the full weight's slice."""
+    write_quantized(dense_dir, tmp_path / "q", Scheme("gptq", 4, 32, symmetric=False))
+    full = _rank_model(tmp_path / "q", TensorParallel())
+    for rank in range(2):
+        ranked = _rank_model(tmp_path / "q", TensorParallel(rank, 2))
+        for name, linear in ranked.named_modules():
+            if not isinstance(linear, Linear) or linear.quant_method is None:
+                continue
+            whole = full.get_submodule(name)
+            columns = linear.columns or (0, whole.in_features)
+            expected = whole(torch.eye(whole.in_features))[columns[0]:columns[1]]
+            rows = [torch.arange(*linear.rows[i]) + sum(whole.partitions[:i]) for i in range(len(whole.partitions))] \
+                if linear.rows else [torch.arange(whole.out_features)]
+            got = linear.quant_method.apply(linear.quant_weight, torch.eye(linear.in_features))
+            assert torch.equal(got, expected[:, torch.cat(rows)]), (rank, name)
+
+
+def test_tensor_parallel_split_inside_a_group_is_refused(dense_dir, tmp_path):
+    write_quantized(dense_dir, tmp_path / "q", Scheme("gptq", 4, 128))
+    with pytest.raises(ValueError, match=r"input columns \[64, 128\) do not fall on the checkpoint's quantization "
+                                         r"groups of 128 columns"):
+        _rank_model(tmp_path / "q", TensorParallel(1, 2))

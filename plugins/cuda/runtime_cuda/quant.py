@@ -4,8 +4,9 @@
 densely (cuBLAS). Packed-block GPU kernels (keeping Q4 weights packed in device memory) would
 save memory, not time at the batch sizes this serves first; they are a later step.
 
-``gptq`` / ``awq`` / ``compressed-tensors`` integer checkpoints load dequantized to the model's
-dtype for now (a packed W4A16 Triton GEMM is the next step, docs/quantization.md); FP8
+``gptq`` / ``awq`` / ``compressed-tensors`` 4- and 8-bit weights stay packed and run the W4A16 /
+W8A16 Triton GEMM (wna16.py); other integer weights (2-bit, unequal act-order groups) are
+dequantized to the model's dtype at load. FP8
 checkpoints (``fp8``, and compressed-tensors' float-quantized ones) keep their e4m3 weights and
 per-channel scales and run ``Fp8Method``'s scaled matmul, activations scaled per token.
 
@@ -157,8 +158,8 @@ def scaled_mm(x: torch.Tensor, stored: Fp8Weight, bias: torch.Tensor | None) -> 
 
 
 class CudaGroupQuantMethod(QuantizationMethod):
-    """GPTQ / AWQ / compressed-tensors integer weights, dequantized at load; compressed-tensors'
-    FP8 weights through ``Fp8Method``."""
+    """GPTQ / AWQ / compressed-tensors integer weights on the WNA16 GEMM (the rest dequantized
+    at load); compressed-tensors' FP8 weights through ``Fp8Method``."""
 
     platform = "cuda"
     supported_qtypes = frozenset({"int2", "int4", "int8"})
@@ -172,12 +173,20 @@ class CudaGroupQuantMethod(QuantizationMethod):
     def load(self, raw: RawQuantizedTensor, dtype: torch.dtype, device: torch.device):
         if isinstance(raw.data, Fp8Data):
             return Fp8Method().load(raw, dtype, device)
+        from . import wna16
+
+        if wna16.supports(raw.data):
+            return wna16.repack(raw.data, dtype, device)
         return self.dequantize(raw, dtype).to(device)
 
     def apply(self, weight, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(weight, Fp8Weight):
             return Fp8Method().apply(weight, x, bias)
-        return F.linear(x, weight, bias)
+        if isinstance(weight, torch.Tensor):
+            return F.linear(x, weight, bias)
+        from . import wna16
+
+        return wna16.matmul(weight, x, bias)
 
 
 class CudaGptqMethod(CudaGroupQuantMethod):

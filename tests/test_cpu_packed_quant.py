@@ -3,6 +3,7 @@ embedded model (Q4_1) served from them by default against HF transformers on the
 
 from __future__ import annotations
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -11,13 +12,16 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from runtime import LLM, SamplingParams
+from runtime.loader.gguf import build_config, read_weights
 from runtime.loader.source import embedded_model_path
-from runtime.platform import RawQuantizedTensor
+from runtime.platform import RawQuantizedTensor, get_registry
+from runtime.worker.model_runner import ModelRunner
 from runtime_conformance.tolerances import tolerance
 from runtime_cpu import int4
-from runtime_cpu.quant import CpuGgufMethod
+from runtime_cpu.quant import CpuGgufMethod, Int8Weight
 
 from hf_reference import assert_greedy_matches, hf_greedy
+from tiny_models import make_tiny_gguf
 
 
 def _gguf(qtype: str, rows: int, cols: int, seed: int) -> RawQuantizedTensor:
@@ -50,6 +54,27 @@ def test_gguf_4bit_blocks_repack_to_the_same_weight(qtype):
     assert packed_bits == 5.0
 
 
+def test_a_tied_quantized_table_is_the_packed_output_projection(tmp_path):
+    """A GGUF whose output is its (quantized) embedding table: the logits come from the method's
+    packed copy of the table (int8 of Q8_0), the lookup from the exact dequantized rows."""
+    path = make_tiny_gguf(tmp_path)
+    reader = gguf.GGUFReader(path)
+    config = build_config(reader)
+    config.tie_word_embeddings = True
+    weights = [(name, raw) for name, raw in read_weights(reader, config) if name != "lm_head.weight"]
+    table = dict(weights)["model.embed_tokens.weight"]
+    registry = get_registry()
+    model = ModelRunner(config, iter(weights), registry.select_platform("cpu"), registry, torch.float32, 16, 128).model
+    dense = torch.from_numpy(dequantize(table.data, GGMLQuantizationType.Q8_0).reshape(table.shape)).double()
+    assert torch.equal(model.embed_tokens.double(), dense)
+    assert isinstance(model.lm_head.quant_weight, Int8Weight)
+    hidden = torch.randn(3, dense.shape[1], generator=torch.Generator().manual_seed(0))
+    expected = hidden.double() @ dense.T
+    # int8 per channel: half a step (1/254 of the row's largest value) per weight, summed.
+    allowed = hidden.double().abs() @ dense.abs().amax(1, keepdim=True).expand_as(dense).T / 254 + 1e-5
+    assert bool(((model.compute_logits(hidden).double() - expected).abs() <= allowed).all())
+
+
 def test_other_gguf_types_requantize_to_int8():
     raw = _gguf("Q8_0", 16, 64, seed=2)
     stored = CpuGgufMethod().load(raw, torch.float32, torch.device("cpu"))
@@ -69,6 +94,8 @@ def test_embedded_model_is_served_from_its_4bit_blocks():
     assert len(layers) == 4 * 30 and all(isinstance(m.quant_weight, int4.Int4Weight) for m in layers)
     bits = 8 * sum(m.stored_bytes for m in layers) / sum(m.in_features * m.out_features for m in layers)
     assert bits == 5.0  # Q4_1: 4-bit values, a scale and an offset per 32
+    # The tied output projection multiplies the Q8_0 table as int8; the lookup keeps it dense.
+    assert isinstance(llm.engine.runner.model.lm_head.quant_weight, Int8Weight)
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)
     chat = llm.chat([{"role": "user", "content": "What is the capital of France?"}],

@@ -212,7 +212,7 @@ class DecoderForCausalLM(nn.Module):
             name = _module_name(hf_name)
             if name is None or not self._holds(name):
                 continue
-            packed = keep_packed and isinstance(value, RawQuantizedTensor) and name.endswith(".weight")
+            packed = keep_packed and isinstance(value, RawQuantizedTensor) and hf_name.endswith(".weight")
             part = _PART_RE.match(name)
             if part:
                 prefix, piece, kind = part.groups()
@@ -225,7 +225,8 @@ class DecoderForCausalLM(nn.Module):
             if name == "embed_tokens" and self.embed_tokens.numel() > 0:
                 self._load_vocab_rows(_dense_view(value, quant_method, dtype))
                 if packed and self.lm_head is None and self.pp.is_last and self.settings.tie_word_embeddings:
-                    self._tie_packed_head(value, quant_method(value.format))
+                    if self._tie_packed_head(value, quant_method(value.format)):
+                        loaded.add("lm_head.weight")
                 loaded.add(name)
                 continue
             if name not in params:
@@ -250,14 +251,16 @@ class DecoderForCausalLM(nn.Module):
             if isinstance(module, RMSNorm):
                 module.finish_loading()
 
-    def _tie_packed_head(self, table: RawQuantizedTensor, method: QuantizationMethod) -> None:
+    def _tie_packed_head(self, table: RawQuantizedTensor, method: QuantizationMethod) -> bool:
         """A quantized embedding table tied to the output: the lookup keeps the dense rows, the
         output projection multiplies the packed table (as llama.cpp does), unless the method
-        keeps it dense anyway or the rank's vocabulary slice is padded."""
+        keeps it dense anyway or the rank's vocabulary slice is padded. Whether it did."""
         head = Linear(self.settings.hidden_size, self.embed_tokens.shape[0], self.ops, rows=self.vocab_rows)
         head = head.to(self.embed_tokens.device, self.embed_tokens.dtype)
         if head.load_packed(None, table, method) and head.quant_method is not None:
             self.lm_head = head
+            return True
+        return False
 
     def _holds(self, name: str) -> bool:
         """Whether this model (this pipeline stage) has a parameter for checkpoint tensor ``name``;

@@ -1,4 +1,4 @@
-"""CPU matmul with int8 weights and float32 activations: which kernel to run ``--quantization int8`` on.
+"""CPU matmul with int8 or int4 weights and float32 activations: which kernel to run quantized weights on.
 
 Usage: .venv/bin/python benchmarks/cpu_int8_matmul.py [--rows 1 4 16 64] [--repeats 15] [--threads N]
 
@@ -19,7 +19,10 @@ Candidates, all in PyTorch's CPU build:
 - ``dynamic-fbgemm`` / ``dynamic-onednn``: ``torch.ops.quantized.linear_dynamic`` on a prepacked
   per-channel qint8 weight, activations quantized to uint8 per call;
 - ``runtime-int8``: the CPU plugin's ``--quantization int8`` (``CpuInt8Method.apply``): fbgemm's
-  dynamic linear on each activation row split in two exactly representable parts.
+  dynamic linear on each activation row split in two exactly representable parts;
+- ``runtime-int4``: the CPU plugin's packed 4-bit path (GGUF Q4_0/Q4_1/Q4_K, 4-bit GPTQ/AWQ):
+  ``torch._weight_int4pack_mm_for_cpu`` on the weight rounded to 4 bits per group of 32 (its error
+  column shows that coarser rounding against the int8 reference), bfloat16 activations.
 
 ``torch.ops.onednn.qlinear_pointwise`` (the PT2E path) was measured too and left out: with the
 activation quantized per call it was 30-300x slower than float32 here.
@@ -36,6 +39,7 @@ import warnings
 import torch
 import torch.ao.nn.quantized.dynamic  # noqa: F401  (registers torch.ops.quantized.linear_dynamic)
 import torch.nn.functional as F
+from runtime_cpu import int4
 from runtime_cpu.quant import CpuInt8Method
 
 COLD_BYTES = 256 << 20  # float32 bytes of the copies of each weight: beyond any last-level cache
@@ -63,7 +67,19 @@ def candidates(weight: torch.Tensor) -> dict:
     method = CpuInt8Method()
     stored = method.quantize(weight)
     out["runtime-int8"] = lambda x: method.apply(stored, x)
+    packed = int4.pack(*quantize_int4(weight), group_size=32)
+    out["runtime-int4"] = lambda x: int4.matmul(packed, x)
     return out
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_1's rounding: per 32 values, 16 steps from the minimum to the maximum; as the int4
+    kernel's (q, scale, offset) with W = (q - 8) * scale + offset."""
+    groups = weight.reshape(weight.shape[0], -1, 32)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=1e-12)
+    q = torch.round((groups - low) / scale).clamp(0, 15).reshape(weight.shape)
+    return q, scale.squeeze(-1), (low + 8 * scale).squeeze(-1)
 
 
 def reference(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

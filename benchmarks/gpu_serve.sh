@@ -14,6 +14,9 @@
 #   tests:   the CUDA plugin's GPU tests
 #   tests-bg, tests-wait: the same, detached (they run while later calls carry wheels), then awaited
 #   lora:    benchmarks/lora_gpu.py: runtime without LoRA, runtime with 8 adapters, vLLM with the same 8
+#   quant:   benchmarks/quant_gpu.py: a random GPTQ 4-bit (group 128) copy of /tmp/llama8b, then runtime bf16,
+#            runtime GPTQ (W4A16 Triton GEMM) and vLLM GPTQ-Marlin: batch-1 decode and 1000 x (512, 128) offline
+#            ($QUANT_PARTS picks parts: write runtime-bf16 runtime-gptq vllm-gptq; report always runs)
 #   spec:    benchmarks/spec_gpu.py: the embedded model as HF bf16, n-gram proposals at batch 1 and 8 (runtime,
 #            vLLM), then the zero-acceptance overhead and verification step times on the Llama-3-8B shape
 #   moe:     benchmarks/moe_gpu.py: a random bf16 MoE checkpoint of $MOE_SHAPE (default mixtral-16l, 47 GB: fits
@@ -66,6 +69,12 @@ for stage in "$@"; do
                   "vllm --json $R/lora/vllm-lora.json"; do
         timeout 300 python3 benchmarks/lora_gpu.py $part --dir $M 2>&1 | grep -v "it/s]" | tail -15 | tee -a $R/lora/run.log
       done ;;
+    quant)
+      for part in ${QUANT_PARTS:-write runtime-bf16 runtime-gptq vllm-gptq}; do
+        timeout ${QUANT_TIMEOUT:-540} python3 benchmarks/quant_gpu.py $part --dir $M --out $R/quant 2>&1 | grep -v "it/s]" \
+          | tail -15 | tee -a $R/quant/run.log
+      done
+      python3 benchmarks/quant_gpu.py report --out $R/quant | tee -a $R/quant/run.log ;;
     spec)
       [ -e /tmp/smollm2.gguf ] || cat /tmp/parts/gguf.* > /tmp/smollm2.gguf
       for part in ${SPEC_PARTS:-convert runtime vllm verify}; do

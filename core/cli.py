@@ -36,8 +36,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
     g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, help="auto, fp8 (e4m3) or fp8_e5m2")
     g.add_argument("--quantization", "-q", default=None,
-                   help="quantize the weights at load: fp8 (cuda), int8 (cpu), or none; default: the platform's "
-                        "choice (cpu: int8 for quantized GGUF)")
+                   help="the checkpoint's format, kept packed (gptq, awq, compressed-tensors, fp8, gguf), a method "
+                        "that quantizes dense weights at load (fp8 on cuda, int8 on cpu), or none (dequantize "
+                        "everything); default: the checkpoint's format (docs/quantization.md)")
     g.add_argument("--scheduling-policy", default=d.scheduling_policy, choices=["fcfs", "priority"])
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--enforce-eager", action="store_true", help="no decode graphs (cuda): every step runs eagerly")

@@ -123,7 +123,8 @@ def test_prompts_beyond_the_first_steps_are_queued_while_those_run(checkpoint):
 
 def test_dense_checkpoint_is_not_requantized_by_default(llm, checkpoint):
     assert llm.engine.quantization == "none"
-    with pytest.raises(ValueError, match="--quantization fp8 is not offered on cpu; choose one of: int8, none"):
+    with pytest.raises(ValueError, match="--quantization fp8 cannot run this checkpoint on cpu: it loads fp8 checkpoints "
+                                         "and this one is not quantized; choose one of: int8, none"):
         LLM(str(checkpoint), quantization="fp8", **OPTIONS)
 
 

@@ -126,9 +126,9 @@ def test_dequantize_to_requested_dtype_and_shape():
 
 
 def test_unsupported_qtype_names_type_and_supported_list():
-    packed = gguf.quants.quantize(np.ones((1, 32), np.float32), gguf.GGMLQuantizationType.Q5_0)
-    with pytest.raises(ValueError, match=r"Q5_0.*Q4_K"):
-        METHOD.dequantize(RawQuantizedTensor("gguf", "Q5_0", packed, (1, 32)), torch.float32)
+    packed = np.zeros((1, 18), np.uint8)  # one IQ4_NL block (importance-matrix types are not supported)
+    with pytest.raises(ValueError, match=r"IQ4_NL.*Q4_K"):
+        METHOD.dequantize(RawQuantizedTensor("gguf", "IQ4_NL", packed, (1, 32)), torch.float32)
 
 
 # --- GGUF naming and layout -------------------------------------------------------------------

@@ -28,10 +28,11 @@ RANKS = [TensorParallel(rank, 2) for rank in range(2)]
 
 
 def load(hf_config, weights, tp: TensorParallel = TensorParallel()) -> DecoderForCausalLM:
-    """The model one rank of ``tp`` loads (no communicator: loading does not communicate)."""
+    """The model one rank of ``tp`` loads (no communicator: loading does not communicate), quantized
+    tensors dequantized (``--quantization none``; packed slices: test_quantized_checkpoints.py)."""
     registry = get_registry()
     platform = registry.select_platform("cpu")
-    return ModelRunner(hf_config, weights, platform, registry, torch.float32, 16, 128, tp=tp).model
+    return ModelRunner(hf_config, weights, platform, registry, torch.float32, 16, 128, keep_packed=False, tp=tp).model
 
 
 def rank_slice(full: torch.Tensor, partitions: list[int], rows: list[tuple[int, int]] | None,

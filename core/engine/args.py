@@ -49,9 +49,11 @@ class EngineArgs:
     kv_cache_dtype: str = "auto"
     """auto (the model's dtype), fp8 (= fp8_e4m3) or fp8_e5m2, where the attention backend supports it."""
     quantization: Optional[str] = None
-    """Quantize the linear weights after loading with a method the platform offers (``fp8`` on
-    cuda, ``int8`` on cpu); ``"none"``: keep the weights as loaded; None: the platform's default
-    for the checkpoint (cpu: int8 for quantized GGUF files, else none)."""
+    """As vLLM's ``--quantization``: the checkpoint's own format (``gptq``, ``awq``,
+    ``compressed-tensors``, ``fp8``, ``gguf``), whose weights the platform keeps packed where it
+    can; a method that quantizes dense weights after loading (``fp8`` on cuda, ``int8`` on cpu;
+    a quantized checkpoint is dequantized first); ``"none"``: every weight dequantized, exactly;
+    None: the platform's choice, else the checkpoint's format (docs/quantization.md)."""
     scheduling_policy: str = "fcfs"
     seed: int = 0
     enforce_eager: bool = False

@@ -24,7 +24,7 @@ from ..spec.proposer import SpecCounters, check_speculative, make_proposer
 from ..structured.manager import StructuredOutputManager
 from ..worker.executor import make_executor
 from ..worker.model_runner import PendingStep, RunnerOutput
-from ..worker.setup import RunnerPlan, quantization_method
+from ..worker.setup import RunnerPlan, quantization_method, resolve_quantization
 from .args import EngineArgs
 from .messages import EngineCoreOutput, EngineStats
 
@@ -67,9 +67,7 @@ class EngineCore:
         if args.pipeline_parallel_size > 1 and registry.communicator(self.platform.name).isend is Communicator.isend:
             raise ValueError(f"the {self.platform.name} platform's communicator has no isend (contract 1.4), which "
                              f"pipeline stages need: upgrade the plugin or split with --tensor-parallel-size")
-        self.quantization = args.quantization
-        if self.quantization is None:
-            self.quantization = self.platform.default_quantization(self.source.format, self.source.quantized_types) or "none"
+        self.quantization = resolve_quantization(registry, self.platform, self.source, args.quantization)
         # Look-ahead queues step n+1 behind step n, so the host's work between two steps
         # (read-back, update, detokenizing, scheduling) overlaps the device's; it pays where decode
         # steps are graph replays, the host's part of a step being then mostly that work.
@@ -90,7 +88,7 @@ class EngineCore:
             data_parallel_size=args.data_parallel_size,
             first_device=args.data_parallel_rank * args.tensor_parallel_size * args.pipeline_parallel_size,
             lora=args.lora, speculative=args.speculative, expert_parallel=args.enable_expert_parallel)
-        quantization_method(registry, self.platform, self.quantization)  # an unknown method fails before any rank starts
+        quantization_method(registry, self.platform, self.quantization, self.source.quantization)  # fail before any rank starts
         self.executor = make_executor(self.plan, registry, self.platform, self.source,
                                       args.distributed_executor_backend, args.distributed_timeout)
         self.runner = self.executor.driver

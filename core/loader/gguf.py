@@ -254,6 +254,7 @@ def open_gguf(path: Path) -> ModelSource:
         raise ValueError(f"GGUF tensors with no Hugging Face counterpart: {', '.join(unknown[:5])}"
                          f"{' ...' if len(unknown) > 5 else ''}")
     tokenizer = load_tokenizer(path)
+    quantized = frozenset(t.tensor_type.name for t in reader.tensors) - _FLOAT_TYPES
     extra_eos = [_meta(reader, "tokenizer.ggml.eot_token_id"), _meta(reader, "tokenizer.ggml.eom_token_id")]
     return ModelSource(
         hf_config=config,
@@ -263,5 +264,6 @@ def open_gguf(path: Path) -> ModelSource:
         chat_template=_meta(reader, "tokenizer.chat_template", getattr(tokenizer, "chat_template", None)),
         generation_eos_token_ids=eos_token_ids(config, tokenizer, *extra_eos),
         read_weights=lambda: read_weights(reader, config),
-        quantized_types=frozenset(t.tensor_type.name for t in reader.tensors) - _FLOAT_TYPES,
+        quantized_types=quantized,
+        quantization="gguf" if quantized else None,
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
+from .quantized import quantization_config, read_quantized_weights
 from .source import ModelSource, WeightStream, eos_token_ids, generation_config_eos
 from .stored import StoredTensor
 
@@ -51,6 +52,8 @@ def open_safetensors(directory: Path) -> ModelSource:
         reason = str(exc).strip().splitlines()[0]
         raise ValueError(f"could not load a tokenizer from {directory} (expected tokenizer.json): {reason}") from None
     files = weight_files(directory)
+    quantization = quantization_config(config)
+    read = (lambda: read_weights(files)) if quantization is None else (lambda: read_quantized_weights(files, quantization))
     return ModelSource(
         hf_config=config,
         tokenizer=tokenizer,
@@ -58,5 +61,6 @@ def open_safetensors(directory: Path) -> ModelSource:
         path=directory,
         chat_template=getattr(tokenizer, "chat_template", None),
         generation_eos_token_ids=eos_token_ids(config, tokenizer, generation_config_eos(directory)),
-        read_weights=lambda: read_weights(files),
+        read_weights=read,
+        quantization=None if quantization is None else quantization["quant_method"],
     )

@@ -40,6 +40,10 @@ class ModelSource:
     read_weights: Callable[[], WeightStream] = field(repr=False)
     quantized_types: frozenset[str] = frozenset()
     """Quantized tensor types the checkpoint stores (GGUF's ``Q4_1``, ...); empty for dense weights."""
+    quantization: str | None = None
+    """How the checkpoint is quantized: ``gguf`` (a GGUF file with quantized tensors), or the
+    ``quant_method`` of config.json's ``quantization_config`` (``gptq``, ``awq``,
+    ``compressed-tensors``, ``fp8``); None for dense weights."""
 
     def weights(self) -> WeightStream:
         """(HF parameter name, tensor) pairs, one tensor in memory at a time.

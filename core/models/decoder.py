@@ -18,6 +18,7 @@ from torch import nn
 
 from ..loader.stored import StoredTensor, materialize
 from ..platform import AttentionBackend, AttentionSpec, KernelSet, QuantizationMethod, RawQuantizedTensor
+from ..platform.packed import Fp8Data, GroupQuantData
 from .batch import ForwardBatch
 from .layers.attention import SelfAttention
 from .layers.linear import Linear
@@ -216,10 +217,15 @@ class DecoderForCausalLM(nn.Module):
         return torch.tanh(logits / cap) * cap if cap is not None else logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | StoredTensor | RawQuantizedTensor]],
-                     quant_method: Callable[[str], QuantizationMethod]) -> None:
+                     quant_method: Callable[[str], QuantizationMethod], keep_packed: bool = True) -> None:
         """Fill parameters from (HF name, value) pairs; raises if any parameter stays unloaded.
 
         ``quant_method(format)`` gives the platform's method for a quantized checkpoint tensor.
+        With ``keep_packed`` a quantized linear weight goes to that method's ``load`` (packed, if
+        the method keeps it so), fused partitions and tensor-parallel slices cut from the packed
+        data; without, every quantized tensor is dequantized (``--quantization none``, or a method
+        that quantizes the dense weights afterwards). Embedding tables are always dequantized; a
+        tied output projection then gets the method's packed copy of the table.
         """
         params = dict(self.named_parameters())
         modules = dict(self.named_modules())
@@ -238,36 +244,34 @@ class DecoderForCausalLM(nn.Module):
                     view = _dense(value, quant_method, dtype) if number is None else _dense_view(value, quant_method, dtype)
                     experts.load(projection, view, None if number is None else int(number))
                 continue
+            packed = keep_packed and isinstance(value, RawQuantizedTensor) and hf_name.endswith(".weight")
             part = _PART_RE.match(name)
             if part:
                 prefix, piece, kind = part.groups()
                 fused, index = FUSED_PARTS[piece]
                 linear = modules[f"{prefix}.{fused}"]
-                linear.load_partition(kind, index, _dense_view(value, quant_method, dtype))
+                if not (packed and linear.load_packed(index, value, quant_method(value.format))):
+                    linear.load_partition(kind, index, _dense_view(value, quant_method, dtype))
                 loaded.add(f"{prefix}.{fused}.{kind}#{index}")
+                continue
+            if name == "embed_tokens" and self.embed_tokens.numel() > 0:
+                self._load_vocab_rows(_dense_view(value, quant_method, dtype))
+                if packed and self.lm_head is None and self.pp.is_last and self.settings.tie_word_embeddings:
+                    if self._tie_packed_head(value, quant_method(value.format)):
+                        loaded.add("lm_head.weight")
+                loaded.add(name)
                 continue
             if name not in params:
                 raise ValueError(f"checkpoint tensor {hf_name!r} matches no parameter of {type(self).__name__}")
             param = params[name]
             module = modules.get(name.rsplit(".", 1)[0])
-            if (isinstance(module, Linear) and module.sharded) or name == "embed_tokens":
-                # A rank reads only its slice of the checkpoint's tensor (of a quantized one it
-                # dequantizes only its rows); the platform's --quantization applies to the slice afterwards.
-                view = _dense_view(value, quant_method, dtype)
-                if name == "embed_tokens":
-                    self._load_vocab_rows(view)
-                else:
-                    module.load_whole(name.rsplit(".", 1)[1], view)
+            if isinstance(module, Linear) and packed and module.load_packed(None, value, quant_method(value.format)):
                 loaded.add(name)
                 continue
-            if isinstance(value, RawQuantizedTensor) and isinstance(module, Linear) and name.endswith(".weight"):
-                method = quant_method(value.format)
-                stored = method.load(value, dtype, param.device)
-                if isinstance(stored, torch.Tensor) and stored.shape == param.shape:
-                    param.data.copy_(stored)
-                else:
-                    module.quant_method, module.quant_weight = method, stored
-                    param.data = torch.empty(0, device=param.device, dtype=dtype)
+            if isinstance(module, Linear) and module.sharded:
+                # A rank reads only its slice of the checkpoint's tensor (of a quantized one it
+                # dequantizes only its rows); the platform's --quantization applies to the slice afterwards.
+                module.load_whole(name.rsplit(".", 1)[1], _dense_view(value, quant_method, dtype))
             else:
                 tensor = _dense(value, quant_method, dtype)
                 if tensor.shape != param.shape:
@@ -278,6 +282,17 @@ class DecoderForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.finish_loading()
+
+    def _tie_packed_head(self, table: RawQuantizedTensor, method: QuantizationMethod) -> bool:
+        """A quantized embedding table tied to the output: the lookup keeps the dense rows, the
+        output projection multiplies the packed table (as llama.cpp does), unless the method
+        keeps it dense anyway or the rank's vocabulary slice is padded. Whether it did."""
+        head = Linear(self.settings.hidden_size, self.embed_tokens.shape[0], self.ops, rows=self.vocab_rows)
+        head = head.to(self.embed_tokens.device, self.embed_tokens.dtype)
+        if head.load_packed(None, table, method) and head.quant_method is not None:
+            self.lm_head = head
+            return True
+        return False
 
     def _holds(self, name: str) -> bool:
         """Whether this model (this pipeline stage) has a parameter for checkpoint tensor ``name``;
@@ -364,11 +379,20 @@ def _module_name(hf_name: str) -> str | None:
     return "embed_tokens" if name == "embed_tokens.weight" else name
 
 
+def _dequantize(raw: RawQuantizedTensor, quant_method: Callable[[str], QuantizationMethod],
+                dtype: torch.dtype) -> torch.Tensor:
+    """A quantized checkpoint tensor as a dense one: hub formats' unpacked data by its own
+    definition (any platform can run them dequantized), GGUF's by the platform's method."""
+    if isinstance(raw.data, (GroupQuantData, Fp8Data)):
+        return raw.data.dequantize(dtype)
+    return quant_method(raw.format).dequantize(raw, dtype)
+
+
 def _dense(value: torch.Tensor | StoredTensor | RawQuantizedTensor,
            quant_method: Callable[[str], QuantizationMethod], dtype: torch.dtype) -> torch.Tensor:
     """The whole checkpoint tensor in memory, dequantized, in ``dtype``."""
     if isinstance(value, RawQuantizedTensor):
-        return quant_method(value.format).dequantize(value, dtype)
+        return _dequantize(value, quant_method, dtype)
     return materialize(value).to(dtype)
 
 
@@ -376,7 +400,7 @@ def _dense_view(value: torch.Tensor | StoredTensor | RawQuantizedTensor,
                 quant_method: Callable[[str], QuantizationMethod], dtype: torch.dtype) -> Any:
     """``value`` indexed like its dense tensor, reading (and dequantizing) only what is indexed."""
     if isinstance(value, RawQuantizedTensor):
-        return _DequantizedRows(value, quant_method(value.format), dtype)
+        return _DequantizedRows(value, quant_method, dtype)
     return value
 
 
@@ -384,15 +408,15 @@ class _DequantizedRows:
     """A quantized checkpoint matrix indexed like its dense weight, in ``dtype``: the indexed rows
     are cut from the stored blocks (``RawQuantizedTensor.rows``) and only they are dequantized."""
 
-    def __init__(self, raw: RawQuantizedTensor, method: QuantizationMethod, dtype: torch.dtype):
-        self.raw, self.method, self.dtype = raw, method, dtype
+    def __init__(self, raw: RawQuantizedTensor, quant_method: Callable[[str], QuantizationMethod], dtype: torch.dtype):
+        self.raw, self.quant_method, self.dtype = raw, quant_method, dtype
         self.shape = torch.Size(raw.shape)
 
     def __getitem__(self, index: slice | tuple[slice, slice]) -> torch.Tensor:
         rows, *columns = index if isinstance(index, tuple) else (index,)
         if len(self.shape) < 2:  # a vector (bias) is one run of blocks: small, dequantized whole
-            return self.method.dequantize(self.raw, self.dtype)[rows]
-        dense = self.method.dequantize(self.raw.rows(rows.start, rows.stop), self.dtype)
+            return _dequantize(self.raw, self.quant_method, self.dtype)[rows]
+        dense = _dequantize(self.raw.rows(rows.start, rows.stop), self.quant_method, self.dtype)
         # Columns (row-parallel weights) are cut after dequantizing whole rows: a column range is
         # a run of bytes inside every row (a few KiB, a page or two), so cutting the bytes would
         # save little reading, and the range's ends need not fall on block boundaries (256 values

@@ -14,6 +14,9 @@ from gguf.quants import dequantize
 from .interface import QuantizationMethod, RawQuantizedTensor
 
 
+FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64"})
+
+
 class GgufDequantizeMethod(QuantizationMethod):
     """GGUF tensors dequantized once at load; ``apply`` is the default dense ``F.linear``."""
 

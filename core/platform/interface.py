@@ -356,6 +356,14 @@ class QuantizationMethod:
     """With ``quantizes_dense``: also quantize the output projection (tied embeddings included;
     the embedding lookup itself stays dense)."""
 
+    def precision(self, qtype: str) -> torch.dtype | None:
+        """How closely ``apply`` follows ``x @ dequantize(w).T`` for a checkpoint tensor of ``qtype``
+        (contract 1.8): None, within the model dtype's rounding; ``torch.bfloat16``, products
+        computed in bfloat16 (a packed kernel that dequantizes to bfloat16); ``torch.int8`` or an
+        FP8 dtype, the weight requantized to that format per output channel. The conformance
+        suite checks ``apply`` within the stated precision."""
+        return None
+
     def dequantize(self, raw: RawQuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
 

@@ -69,7 +69,8 @@ class PendingStep:
 class ModelRunner:
     def __init__(self, hf_config: Any, weights: Any, platform: Platform, registry: Registry, dtype: torch.dtype,
                  block_size: int, max_model_len: int, kv_cache_dtype: str = "auto",
-                 quantization: QuantizationMethod | None = None, tp: TensorParallel = TensorParallel(),
+                 quantization: QuantizationMethod | None = None, keep_packed: bool = True,
+                 tp: TensorParallel = TensorParallel(),
                  device_index: int = 0, pp: PipelineParallel = PipelineParallel(),
                  lora: LoRAConfig | None = None, expert_parallel: bool = False):
         self.platform, self.dtype, self.block_size = platform, dtype, block_size
@@ -95,7 +96,7 @@ class ModelRunner:
                                            expert_parallel)
         finally:
             torch.set_default_dtype(previous)
-        model.load_weights(weights, lambda fmt: registry.quantization_method(platform.name, fmt))
+        model.load_weights(weights, lambda fmt: registry.quantization_method(platform.name, fmt), keep_packed)
         if quantization is not None:
             model.quantize_weights(quantization)
         self.model = model.eval()

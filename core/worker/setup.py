@@ -85,9 +85,41 @@ class RunnerPlan:
         return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
 
 
-def quantization_method(registry: Registry, platform: Platform, name: str) -> Optional[QuantizationMethod]:
-    """The platform's method for ``--quantization name`` (None for ``none``), or a ValueError listing the offered ones."""
-    if name == "none":
+def resolve_quantization(registry: Registry, platform: Platform, source: ModelSource, requested: Optional[str]) -> str:
+    """``--quantization`` as vLLM reads it: a checkpoint method (``gptq``, ``awq``,
+    ``compressed-tensors``, ``fp8``, ``gguf``) names the checkpoint's own format and keeps its
+    weights packed; a method that quantizes dense weights (``int8`` on cpu, ``fp8`` on cuda)
+    quantizes the (dequantized) weights after loading; ``none`` dequantizes everything. Without
+    one, the platform's choice for the checkpoint, else the checkpoint's own format. A
+    ``ValueError`` lists what the platform offers for a combination it cannot run."""
+    methods = registry.quantization_methods(platform.name)
+    checkpoint = source.quantization
+    if requested is None:
+        return platform.default_quantization(source.format, source.quantized_types) or checkpoint or "none"
+    if requested == "none":
+        return requested
+    for_checkpoint = sorted({m.name for m in methods if m.name == checkpoint})
+    for_dense = sorted({m.name for m in methods if m.quantizes_dense})
+    offered = ", ".join(sorted(set(for_checkpoint + for_dense)) + ["none"])
+    if requested == checkpoint and for_checkpoint:
+        return requested
+    if requested in for_dense:
+        return requested
+    names = {m.name for m in methods}
+    if requested in names and requested != checkpoint:
+        why = f"it loads {requested} checkpoints and this one is {checkpoint or 'not quantized'}"
+    else:
+        why = f"the {platform.name} platform has no {requested} method"
+    raise ValueError(f"--quantization {requested} cannot run this checkpoint on {platform.name}: {why}; "
+                     f"choose one of: {offered}")
+
+
+def quantization_method(registry: Registry, platform: Platform, name: str,
+                        checkpoint: Optional[str] = None) -> Optional[QuantizationMethod]:
+    """The method that quantizes the dense weights after loading for a resolved ``--quantization
+    name`` (:func:`resolve_quantization`): None for ``none`` and for the checkpoint's own format,
+    whose method loads the packed tensors instead."""
+    if name in ("none", checkpoint):
         return None
     offered = sorted({m.name for m in registry.quantization_methods(platform.name) if m.quantizes_dense})
     if name not in offered:
@@ -153,9 +185,10 @@ def build_runner(plan: RunnerPlan, registry: Registry, platform: Platform, sourc
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks))
     torch.manual_seed(plan.seed)
     runner = ModelRunner(source.hf_config, source.weights(), platform, registry, plan.torch_dtype, plan.block_size,
-                         plan.max_model_len, plan.kv_cache_dtype, quantization_method(registry, platform, plan.quantization),
-                         tp=place.tp, device_index=device_index, pp=place.pp, lora=plan.lora,
-                         expert_parallel=plan.expert_parallel)
+                         plan.max_model_len, plan.kv_cache_dtype,
+                         quantization_method(registry, platform, plan.quantization, source.quantization),
+                         keep_packed=plan.quantization == source.quantization, tp=place.tp, device_index=device_index,
+                         pp=place.pp, lora=plan.lora, expert_parallel=plan.expert_parallel)
     runner.prepare_inputs(plan.max_num_batched_tokens, plan.max_num_seqs, plan.max_model_len)
     activation_bytes = runner.profile_activation_memory(plan.max_num_batched_tokens, plan.max_num_seqs)
     draft = None
@@ -199,10 +232,11 @@ def build_draft_runner(plan: RunnerPlan, registry: Registry, platform: Platform,
         raise ValueError(f"draft model {plan.speculative.model} has another tokenizer than the target "
                          f"({len(draft_vocab)} against {len(target_vocab)} tokens, or other ids): a draft model must "
                          f"share the target's vocabulary (e.g. a smaller model of the same family)")
-    quantization = platform.default_quantization(source.format, source.quantized_types) or "none"
+    quantization = resolve_quantization(registry, platform, source, None)
     draft = ModelRunner(source.hf_config, source.weights(), platform, registry, plan.torch_dtype, plan.block_size,
-                        plan.max_model_len, plan.kv_cache_dtype, quantization_method(registry, platform, quantization),
-                        device_index=device_index)
+                        plan.max_model_len, plan.kv_cache_dtype,
+                        quantization_method(registry, platform, quantization, source.quantization),
+                        keep_packed=quantization == source.quantization, device_index=device_index)
     # A step's first draft pass also catches up on the token after each request's last accepted one.
     draft.prepare_inputs(plan.max_num_batched_tokens + plan.max_num_seqs, plan.max_num_seqs, plan.max_model_len)
     return draft

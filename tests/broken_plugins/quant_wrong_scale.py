@@ -15,6 +15,9 @@ Q8_0_BLOCK_BYTES = 34  # float16 scale + 32 int8 quants
 
 
 class FirstBlockScale(GgufDequantizeMethod):
+    def precision(self, qtype):
+        return None  # it claims the exact product: it keeps every type dense
+
     def load(self, raw, dtype, device):
         if raw.qtype != "Q8_0":
             return super().load(raw, dtype, device)

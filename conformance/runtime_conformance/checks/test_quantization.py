@@ -1,8 +1,13 @@
 """Quantization: every declared method and type against dequantize-then-matmul.
 
 ``dequantize`` must give the reference's dense weight; ``apply(load(w), x, bias)`` must equal
-``x @ W.T + bias`` with that weight, in every dtype the platform supports. A method is free
-to keep packed weights and run its own kernel: only the product is compared.
+``x @ W.T + bias`` with that weight, in every dtype the platform supports, within the precision
+the method declares for the type (``QuantizationMethod.precision``: exact, products in bfloat16,
+or the weight requantized to int8/FP8). A method is free to keep packed weights and run its own
+kernel: only the product is compared, and a weight kept packed must take about the checkpoint's
+bytes (or int8's), not a dense copy's. GGUF weights come from the gguf package's quantizers,
+GPTQ/AWQ/compressed-tensors/FP8 ones are random integers, scales, zero points and act-order
+groups in the unpacked form the loader hands over (``runtime.platform.packed``).
 
 A method that quantizes dense weights (``quantizes_dense``, ``--quantization NAME``) is checked
 on its own rounding: ``apply(quantize(W), x, bias)`` against ``x @ W.T + bias`` in float64
@@ -15,12 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..compare import assert_close, dtype_name
 from ..params import case, parametrize, unsupported
-from ..quant_data import random_dense, random_gguf, reference_dequantize, unsupported_reason
+from ..quant_data import random_dense, random_weight, unsupported_reason
 from ..tolerances import QUANTIZED_FORMATS, quantized_matmul_tolerance, tolerance
 
 ROWS, COLS = 64, 512  # COLS: two K-quant super-blocks per row
@@ -64,8 +70,8 @@ def _apply(target):
 
 def test_dequantize(case):
     method, qtype, dtype = case
-    raw = random_gguf(qtype, ROWS, COLS, seed=1)
-    expected = reference_dequantize(raw)
+    raw, expected = random_weight(method.name, qtype, ROWS, COLS, seed=1)
+    expected = expected.float()
     got = method().dequantize(raw, dtype)
     assert_close(got, expected, dtype, f"{method.__name__}.dequantize({method.name} {qtype} [{ROWS}, {COLS}])",
                  scale=expected.abs().max().item())
@@ -73,17 +79,56 @@ def test_dequantize(case):
 
 def test_apply(case, target):
     method, qtype, dtype = case
-    raw = random_gguf(qtype, ROWS, COLS, seed=2)
+    raw, dense = random_weight(method.name, qtype, ROWS, COLS, seed=2)
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(5, COLS, generator=generator).to(dtype)
     bias = torch.randn(ROWS, generator=generator).to(dtype)
     # Reference: the exact weight, products in float64, one rounding to the dtype at the end.
-    expected = F.linear(x.double(), reference_dequantize(raw).double(), bias.double()).to(dtype)
+    exact = F.linear(x.double(), dense, bias.double())
+    expected = exact.to(dtype)
     instance = method()
     weight = instance.load(raw, dtype, target.device)
     got = instance.apply(weight, x.to(target.device), bias.to(target.device))
-    assert_close(got, expected, dtype, f"{method.__name__}.apply(load({method.name} {qtype} [{ROWS}, {COLS}]), x [5, {COLS}], bias) "
-                 f"vs x @ dequantize(w).T + bias", scale=expected.float().abs().max().item())
+    what = (f"{method.__name__}.apply(load({method.name} {qtype} [{ROWS}, {COLS}]), x [5, {COLS}], bias) "
+            f"vs x @ dequantize(w).T + bias")
+    precision = instance.precision(qtype)
+    if precision is None:
+        assert_close(got, expected, dtype, what, scale=expected.float().abs().max().item())
+    elif precision in QUANTIZED_FORMATS:
+        _assert_within_requantization(got.cpu(), exact, x.double(), dense, precision, dtype, what)
+    else:  # products computed in a narrower float type: that type's tolerance
+        narrow = max(dtype, precision, key=lambda d: tolerance(d).rtol)
+        assert_close(got.to(dtype), exact.to(dtype), narrow, f"{what} (computed in {dtype_name(precision)})",
+                     scale=exact.abs().max().item())
+    _assert_packed_footprint(weight, raw, what)
+
+
+def _assert_within_requantization(got, exact, x, dense, precision, dtype, what):
+    """``apply`` of a weight the method requantized to ``precision``: within what that rounding explains."""
+    rounding = tolerance(dtype)
+    allowed = (quantized_matmul_tolerance(x, dense, precision) + rounding.atol * exact.abs().max()
+               + rounding.rtol * exact.abs())
+    error = (got.double() - exact).abs()
+    bad = ~(error <= allowed)
+    assert not bad.any(), (f"{what} (requantized to {dtype_name(precision)}): {int(bad.sum())} of {bad.numel()} values "
+                           f"farther than that rounding explains; worst error / allowed "
+                           f"{(error / allowed).max().item():.3g}")
+
+
+def _assert_packed_footprint(weight, raw, what):
+    """A weight the method keeps packed (``load`` gave no dense tensor) holds no more bytes than
+    the checkpoint's own packing or int8 (whichever is larger), plus a sixth for scales and layout."""
+    if isinstance(weight, torch.Tensor):
+        return
+    stored = sum(t.numel() * t.element_size() for t in _stored_tensors(weight))
+    numel = raw.shape[0] * raw.shape[1]
+    if isinstance(raw.data, np.ndarray):
+        checkpoint = raw.data.nbytes
+    else:
+        checkpoint = numel * (1 if raw.qtype == "fp8_e4m3" else int(raw.qtype.removeprefix("int")) / 8)
+    bound = max(checkpoint, numel) * 7 / 6
+    assert stored <= bound, (f"{what}: the loaded weight keeps {stored} bytes, more than {bound:.0f} (the checkpoint "
+                             f"packs it in {checkpoint:.0f}): it is not kept packed")
 
 
 def _stored_tensors(stored) -> list[torch.Tensor]:

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...platform import KernelSet, QuantizationMethod
+from ...platform import KernelSet, QuantizationMethod, RawQuantizedTensor
+from ...platform.packed import cat_raw_rows, cut_columns
 from ..parallel import TensorParallel
 
 
@@ -46,6 +47,8 @@ class Linear(nn.Module):
         self.stored = stored
         self.lora: nn.Module | None = None
         """The LoRA slots of this projection (core/lora/manager.py) when adapters are enabled."""
+        self._packed_parts: dict[int, RawQuantizedTensor] = {}
+        """Quantized partitions read so far, kept packed until the last one arrives."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.reduce is not None else self.bias
@@ -97,6 +100,36 @@ class Linear(nn.Module):
     def load_partition(self, name: str, index: int, value: Any) -> None:
         """Load partition ``index`` stored as a tensor of its own, indexed like in :meth:`load_whole`."""
         self._copy_partition(name, index, self.shard(name, index, value, 0, value.shape[0]))
+
+    def load_packed(self, index: int | None, raw: RawQuantizedTensor, method: QuantizationMethod) -> bool:
+        """Keep a quantized checkpoint weight packed: partition ``index`` stored apart, or (None)
+        the tensor holding every partition. This rank's rows (and, row-parallel, input columns)
+        are cut from the packed data; once every partition is in, they are stacked and handed to
+        ``method.load`` as one weight. False, loading nothing, where the packed rows cannot fill
+        the partition (a vocabulary padded for tensor parallelism): load it dense instead."""
+        sizes = self.stored if len(self.partitions) > 1 else [raw.shape[0]]
+        if index is None and raw.shape[0] != sum(sizes):
+            raise ValueError(f"checkpoint weight has {raw.shape[0]} rows, expected {' + '.join(map(str, sizes))} = {sum(sizes)}")
+        pieces = ({index: (0, raw.shape[0])} if index is not None
+                  else {i: (start, sizes[i]) for i, start in enumerate(itertools.accumulate(sizes[:-1], initial=0))})
+        for i, (start, size) in pieces.items():
+            first, end = self.rows[i] if self.rows is not None else (0, size)
+            if min(end, size) - first != self.partitions[i]:
+                return False
+            part = raw.rows(start + first, start + min(end, size))
+            self._packed_parts[i] = part if self.columns is None else cut_columns(part, *self.columns)
+        if len(self._packed_parts) == len(self.partitions):
+            whole = cat_raw_rows([self._packed_parts.pop(i) for i in range(len(self.partitions))])
+            stored = method.load(whole, self.weight.dtype, self.weight.device)
+            if isinstance(stored, torch.Tensor):
+                if stored.shape != self.weight.shape:
+                    raise ValueError(f"quantized checkpoint weight has shape {tuple(stored.shape)}, expected "
+                                     f"{tuple(self.weight.shape)}")
+                self.weight.data.copy_(stored)
+            else:
+                self.quant_method, self.quant_weight = method, stored
+                self.weight.data = torch.empty(0, device=self.weight.device, dtype=self.weight.dtype)
+        return True
 
     def _copy_partition(self, name: str, index: int, value: torch.Tensor) -> None:
         target = self.bias if name == "bias" else self.weight

@@ -66,10 +66,9 @@ class CpuPlatform(Platform):
             raise ValueError(f"--kv-cache-dtype {config.kv_cache_dtype} is not supported on cpu; use auto")
 
     def default_quantization(self, checkpoint_format: str, quantized_types: frozenset[str]) -> str | None:
-        # Decoding is memory-bound. A quantized GGUF dequantized to float32 reads ~6x the bytes
-        # llama.cpp reads; int8 reads a quarter of float32 and keeps greedy answers (the embedded
-        # model's "Paris"; plugins/cpu/tests/test_int8_quant.py). Dense checkpoints stay as given.
-        return "int8" if checkpoint_format == "gguf" and quantized_types else None
+        # A quantized checkpoint keeps its own format (GGUF's 4-bit types and 4-bit GPTQ/AWQ on the
+        # int4 kernel, GGUF's others as int8: quant.py); dense checkpoints stay as given.
+        return None
 
     def kv_cache_memory(self, requested_bytes: int | None, gpu_memory_utilization: float, non_kv_bytes: int) -> int:
         if requested_bytes is not None:

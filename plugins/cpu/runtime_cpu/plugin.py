@@ -6,7 +6,8 @@ from runtime.platform.distributed import TorchDistributedCommunicator
 from .attention import CpuAttentionBackend
 from .kernels import KERNELS
 from .platform import CpuPlatform
-from .quant import CpuGgufMethod, CpuInt8Method
+from .quant import (CpuAwqMethod, CpuCompressedTensorsMethod, CpuFp8CheckpointMethod, CpuGgufMethod, CpuGptqMethod,
+                    CpuInt8Method)
 
 RUNTIME_CONTRACT = ">=1.0,<2"
 
@@ -37,4 +38,4 @@ def runtime_communicators():
 
 @hookimpl
 def runtime_quantization_methods():
-    return [CpuGgufMethod, CpuInt8Method]
+    return [CpuGgufMethod, CpuInt8Method, CpuGptqMethod, CpuAwqMethod, CpuCompressedTensorsMethod, CpuFp8CheckpointMethod]

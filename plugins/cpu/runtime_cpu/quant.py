@@ -1,7 +1,10 @@
 """Quantization methods of the CPU platform.
 
-``gguf``: GGUF weights dequantized once at load, then multiplied densely. A dense matmul on
-dequantized weights is what PyTorch's CPU kernels run for any checkpoint type.
+``gguf`` (the default for GGUF files), ``gptq``, ``awq``, ``compressed-tensors``: 4-bit weights
+stay 4-bit (see int4.py): GGUF Q4_0, Q4_1 and Q4_K, and 4-bit GPTQ/AWQ/compressed-tensors
+weights whose groups are 32, 64, 128 or 256 columns, run on PyTorch's packed int4 CPU matmul.
+GGUF's other quantized types become per-channel int8 (below), as ``--quantization int8`` made
+them before; other hub weights (8-bit, odd group sizes) are dequantized to the model's dtype.
 
 ``int8`` (``--quantization int8``): after loading, every linear weight (the output projection
 included) becomes symmetric per-output-channel int8 with a float32 scale per row. Decoding is
@@ -25,12 +28,13 @@ from typing import Any
 import torch
 import torch.ao.nn.quantized.dynamic  # noqa: F401  (registers torch.ops.quantized.linear_dynamic)
 
-from runtime.platform import QuantizationMethod
-from runtime.platform.gguf_dequantize import GgufDequantizeMethod
+from runtime.platform import QuantizationMethod, RawQuantizedTensor
+from runtime.platform.gguf_dequantize import FLOAT_TYPES, GgufDequantizeMethod
+from runtime.platform.packed import GroupQuantData
+
+from . import int4
 
 
-class CpuGgufMethod(GgufDequantizeMethod):
-    platform = "cpu"
 
 
 @dataclass
@@ -110,3 +114,79 @@ class CpuInt8Method(QuantizationMethod):
         if bias is not None:
             out = out + bias
         return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
+
+
+class CpuGgufMethod(GgufDequantizeMethod):
+    """GGUF tensors: Q4_0, Q4_1 and Q4_K on the int4 kernel; other quantized types as
+    per-channel int8 (the int8 method's rounding of the dequantized weight); float types dense."""
+
+    platform = "cpu"
+    supported_qtypes = GgufDequantizeMethod.supported_qtypes | {"Q5_0", "Q5_1", "Q2_K", "Q3_K"}
+
+    def precision(self, qtype: str) -> torch.dtype | None:
+        if qtype in int4.GGUF_INT4_TYPES:
+            return torch.bfloat16
+        return None if qtype in FLOAT_TYPES else torch.int8
+
+    def load(self, raw: RawQuantizedTensor, dtype: torch.dtype, device: torch.device) -> Any:
+        if raw.qtype in int4.GGUF_INT4_TYPES and len(raw.shape) == 2:
+            return int4.from_gguf(raw)
+        dense = self.dequantize(raw, dtype)
+        if raw.qtype in FLOAT_TYPES or len(raw.shape) != 2:
+            return dense
+        return CpuInt8Method().quantize(dense)
+
+    def apply(self, weight: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return _apply(weight, x, bias)
+
+
+class CpuGroupQuantMethod(QuantizationMethod):
+    """GPTQ / AWQ / compressed-tensors integer weights: 4-bit ones the int4 kernel takes stay
+    packed; the others (8-bit, other group sizes) are dequantized at load. compressed-tensors'
+    FP8 weights are dequantized too (the CPU has no FP8 matmul)."""
+
+    platform = "cpu"
+    supported_qtypes = frozenset({"int2", "int4", "int8"})
+
+    def precision(self, qtype: str) -> torch.dtype | None:
+        return torch.bfloat16 if qtype == "int4" else None
+
+    def dequantize(self, raw: RawQuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+        return raw.data.dequantize(dtype)
+
+    def load(self, raw: RawQuantizedTensor, dtype: torch.dtype, device: torch.device) -> Any:
+        if isinstance(raw.data, GroupQuantData) and int4.supports_group_quant(raw.data):
+            return int4.from_group_quant(raw.data)
+        return self.dequantize(raw, dtype)
+
+    def apply(self, weight: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return _apply(weight, x, bias)
+
+
+class CpuGptqMethod(CpuGroupQuantMethod):
+    name = "gptq"
+
+
+class CpuAwqMethod(CpuGroupQuantMethod):
+    name = "awq"
+
+
+class CpuCompressedTensorsMethod(CpuGroupQuantMethod):
+    name = "compressed-tensors"
+    supported_qtypes = CpuGroupQuantMethod.supported_qtypes | {"fp8_e4m3"}
+
+
+class CpuFp8CheckpointMethod(CpuGroupQuantMethod):
+    """FP8 checkpoints load on the CPU dequantized to the model's dtype (no FP8 matmul here)."""
+
+    name = "fp8"
+    supported_qtypes = frozenset({"fp8_e4m3"})
+
+
+def _apply(weight: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The product for whichever form ``load`` kept."""
+    if isinstance(weight, int4.Int4Weight):
+        return int4.matmul(weight, x, bias)
+    if isinstance(weight, Int8Weight):
+        return CpuInt8Method().apply(weight, x, bias)
+    return torch.nn.functional.linear(x, weight, bias)

@@ -44,6 +44,6 @@ def runtime_communicators():
 
 @hookimpl
 def runtime_quantization_methods():
-    from .quant import CudaGgufMethod, Fp8Method
+    from .quant import CudaAwqMethod, CudaCompressedTensorsMethod, CudaGgufMethod, CudaGptqMethod, Fp8Method
 
-    return [CudaGgufMethod, Fp8Method]
+    return [CudaGgufMethod, Fp8Method, CudaGptqMethod, CudaAwqMethod, CudaCompressedTensorsMethod]

@@ -4,6 +4,12 @@
 densely (cuBLAS). Packed-block GPU kernels (keeping Q4 weights packed in device memory) would
 save memory, not time at the batch sizes this serves first; they are a later step.
 
+``gptq`` / ``awq`` / ``compressed-tensors`` 4- and 8-bit weights stay packed and run the W4A16 /
+W8A16 Triton GEMM (wna16.py); other integer weights (2-bit, unequal act-order groups) are
+dequantized to the model's dtype at load. FP8
+checkpoints (``fp8``, and compressed-tensors' float-quantized ones) keep their e4m3 weights and
+per-channel scales and run ``Fp8Method``'s scaled matmul, activations scaled per token.
+
 ``Fp8Method`` (``--quantization fp8``): a dense checkpoint's linear weights quantized at load to
 float8 e4m3 with one float32 scale per output channel; activations quantized per token at run
 time; ``torch._scaled_mm`` multiplies on the FP8 tensor cores (compute capability 8.9+). Where
@@ -19,8 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from runtime.platform import QuantizationMethod
+from runtime.platform import QuantizationMethod, RawQuantizedTensor
 from runtime.platform.gguf_dequantize import GgufDequantizeMethod
+from runtime.platform.packed import Fp8Data
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +82,7 @@ class Fp8Method(QuantizationMethod):
     name = "fp8"
     platform = "cuda"
     quantizes_dense = True
+    supported_qtypes = frozenset({"fp8_e4m3"})
 
     def __init__(self):
         self._warned: set[str] = set()
@@ -82,11 +90,14 @@ class Fp8Method(QuantizationMethod):
     def quantize(self, weight: torch.Tensor) -> Fp8Weight:
         q, scale = quantize_weight(weight)
         reason = self._fallback_reason(weight)
+        self._warn(reason)
+        return Fp8Weight(q, scale, scaled_mm=reason is None)
+
+    def _warn(self, reason: str | None) -> None:
         if reason is not None and reason not in self._warned:
             self._warned.add(reason)
             logger.warning("fp8: %s, so those weights are kept in FP8 but dequantized for every matmul "
                            "(memory saved, no FP8 speed-up)", reason)
-        return Fp8Weight(q, scale, scaled_mm=reason is None)
 
     @staticmethod
     def _fallback_reason(weight: torch.Tensor) -> str | None:
@@ -117,6 +128,21 @@ class Fp8Method(QuantizationMethod):
             scales[expert] = scale[0]
         return q, scales
 
+    def precision(self, qtype: str) -> torch.dtype:
+        return FP8_DTYPE  # activations are rounded to e4m3 per token
+
+    def dequantize(self, raw: RawQuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+        return raw.data.dequantize(dtype)
+
+    def load(self, raw: RawQuantizedTensor, dtype: torch.dtype, device: torch.device) -> Fp8Weight:
+        """An FP8 checkpoint's weight as stored, its scales per output channel. A static input
+        scale is not used: activations are scaled per token, which covers a calibrated scale's range."""
+        data: Fp8Data = raw.data
+        weight = data.weight.to(device)
+        reason = self._fallback_reason(torch.empty(weight.shape, dtype=dtype, device=device))
+        self._warn(reason)
+        return Fp8Weight(weight, data.scale.to(device, torch.float32)[None, :].contiguous(), scaled_mm=reason is None)
+
     def apply(self, stored: Fp8Weight, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not stored.scaled_mm:
             return F.linear(x, dequantize_weight(stored, x.dtype), bias)
@@ -141,3 +167,48 @@ def scaled_mm(x: torch.Tensor, stored: Fp8Weight, bias: torch.Tensor | None) -> 
         return out
     out = out.to(x.dtype)
     return out if bias is None else out.add_(bias)
+
+
+class CudaGroupQuantMethod(QuantizationMethod):
+    """GPTQ / AWQ / compressed-tensors integer weights on the WNA16 GEMM (the rest dequantized
+    at load); compressed-tensors' FP8 weights through ``Fp8Method``."""
+
+    platform = "cuda"
+    supported_qtypes = frozenset({"int2", "int4", "int8"})
+
+    def dequantize(self, raw: RawQuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+        return raw.data.dequantize(dtype)
+
+    def precision(self, qtype: str) -> torch.dtype | None:
+        return FP8_DTYPE if qtype == "fp8_e4m3" else None
+
+    def load(self, raw: RawQuantizedTensor, dtype: torch.dtype, device: torch.device):
+        if isinstance(raw.data, Fp8Data):
+            return Fp8Method().load(raw, dtype, device)
+        from . import wna16
+
+        if wna16.supports(raw.data):
+            return wna16.repack(raw.data, dtype, device)
+        return self.dequantize(raw, dtype).to(device)
+
+    def apply(self, weight, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(weight, Fp8Weight):
+            return Fp8Method().apply(weight, x, bias)
+        if isinstance(weight, torch.Tensor):
+            return F.linear(x, weight, bias)
+        from . import wna16
+
+        return wna16.matmul(weight, x, bias)
+
+
+class CudaGptqMethod(CudaGroupQuantMethod):
+    name = "gptq"
+
+
+class CudaAwqMethod(CudaGroupQuantMethod):
+    name = "awq"
+
+
+class CudaCompressedTensorsMethod(CudaGroupQuantMethod):
+    name = "compressed-tensors"
+    supported_qtypes = CudaGroupQuantMethod.supported_qtypes | {"fp8_e4m3"}

@@ -266,3 +266,23 @@ def test_quantize_weights_in_a_model_halves_linear_weight_bytes(tmp_path):
     # Weight-only e4m3 (2.5 % rms error per weight) through two layers of this random tiny model
     # moved its top-5 first-step logprobs by 0.15 on average and 0.79 at most over 64 prompts.
     assert max(abs(got[t].logprob - ref[t].logprob) for t in common) < 1.0
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "compressed-tensors"])
+def test_fp8_checkpoint_weights_load_as_stored(fmt):
+    """An FP8 checkpoint's e4m3 weight and per-channel scales are kept as stored (no second
+    rounding) and multiplied as weight * scale (here, without a GPU, by the dequantizing path)."""
+    from runtime.platform import RawQuantizedTensor
+    from runtime.platform.packed import Fp8Data
+    from runtime_cuda.quant import CudaCompressedTensorsMethod
+
+    generator = torch.Generator().manual_seed(7)
+    weight = (torch.randn(48, 64, generator=generator) * 50).to(torch.float8_e4m3fn)
+    scale = torch.rand(48, generator=generator) * 1e-3 + 1e-4
+    raw = RawQuantizedTensor(fmt, "fp8_e4m3", Fp8Data(weight, scale), (48, 64))
+    method = Fp8Method() if fmt == "fp8" else CudaCompressedTensorsMethod()
+    stored = method.load(raw, torch.float32, torch.device("cpu"))
+    assert torch.equal(stored.weight.view(torch.uint8), weight.view(torch.uint8))
+    x = torch.randn(3, 64, generator=generator)
+    expected = x.double() @ (weight.double() * scale.double()[:, None]).T
+    torch.testing.assert_close(method.apply(stored, x).double(), expected, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,161 @@
+"""GPTQ 4-bit (group 128) against bf16 on a Llama-3-8B shape: runtime's W4A16 GEMM, and vLLM's GPTQ-Marlin.
+
+Usage: python benchmarks/quant_gpu.py PART [--dir /tmp/llama8b] [--out DIR] [--requests 1000]
+  PART = write         a random GPTQ checkpoint of the bf16 one's shape in DIR-gptq (symmetric, group 128,
+                       no act-order, lm_head and embedding as in the bf16 checkpoint), written on the GPU
+       = runtime-bf16  runtime.LLM on the bf16 checkpoint: batch-1 decode, offline --requests x (512, 128)
+       = runtime-gptq  the same on the GPTQ checkpoint (--quantization gptq: the W4A16 Triton GEMM)
+       = vllm-gptq     vLLM's LLM on the GPTQ checkpoint (gptq_marlin), same measurements
+       = report        the table of what the parts wrote, with the ratios the issue targets
+Each part runs in its own process (two 8B models do not share a GPU well) and writes OUT/PART.json.
+The bf16 checkpoint is plugins/cuda/benchmarks/decode_llama8b.py's (written if missing). Weight values
+do not change speed; decode step = (time for 128 tokens - time for 1) / 127, as baselines_llama8b.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "cuda" / "benchmarks"))
+
+GROUP, BITS = 128, 4
+PROMPT_LEN, OUTPUT_LEN = 512, 128
+
+
+def write_gptq(dense: Path, out: Path) -> None:
+    """GPTQ (AutoGPTQ v1 layout) tensors for every projection of ``dense``: random nibbles,
+    float16 scales of a 0.02-std weight, stored zero points 7 (a symmetric zero of 8)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (dense / name).exists():
+            shutil.copy(dense / name, out / name)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": BITS, "group_size": GROUP, "desc_act": False,
+                                     "sym": True, "checkpoint_format": "gptq"}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    per = 32 // BITS
+    for file in sorted(dense.glob("*.safetensors")):
+        tensors = {}
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                module = name.removesuffix(".weight")
+                if not name.endswith("_proj.weight"):
+                    tensors[name] = f.get_tensor(name)
+                    continue
+                n, k = f.get_slice(name).get_shape()
+                words = torch.randint(-2 ** 31, 2 ** 31, (k // per, n), dtype=torch.int64, device="cuda")
+                tensors[f"{module}.qweight"] = words.to(torch.int32).cpu()
+                zero_word = sum(7 << (BITS * j) for j in range(per))
+                tensors[f"{module}.qzeros"] = torch.full((k // GROUP, n // per), zero_word, dtype=torch.int64).to(torch.int32)
+                tensors[f"{module}.scales"] = (torch.rand(k // GROUP, n, device="cuda") * 0.004 + 0.004).half().cpu()
+                tensors[f"{module}.g_idx"] = (torch.arange(k) // GROUP).to(torch.int32)
+        save_file(tensors, out / file.name)
+        print(f"wrote {out / file.name}", flush=True)
+
+
+def measure(generate, requests: int) -> list[dict]:
+    """Batch-1 decode and offline throughput with ``generate(prompts, output_len)`` -> seconds."""
+    rng = random.Random(1)
+
+    def run(count: int, output_len: int) -> float:
+        prompts = [[rng.randrange(1000, 100000) for _ in range(PROMPT_LEN)] for _ in range(count)]
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        generate(prompts, output_len)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    run(16, 4)
+    run(1, 4)
+    first, total = run(1, 1), run(1, OUTPUT_LEN)
+    step = (total - first) / (OUTPUT_LEN - 1)
+    results = [{"mode": "batch1", "decode_step_ms": round(step * 1e3, 3), "decode_tokens_per_s": round(1 / step, 1)}]
+    print(json.dumps(results[-1]), flush=True)
+    if requests:
+        seconds = run(requests, OUTPUT_LEN)
+        results.append({"mode": "offline", "requests": requests, "seconds": round(seconds, 2),
+                        "output_tokens_per_s": round(requests * OUTPUT_LEN / seconds, 1)})
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def runtime_part(path: Path, quantization: str | None, requests: int) -> list[dict]:
+    from runtime import LLM, SamplingParams
+
+    llm = LLM(str(path), device="cuda", dtype="bfloat16", max_num_seqs=512, max_num_batched_tokens=8192,
+              max_model_len=PROMPT_LEN + OUTPUT_LEN + 64, quantization=quantization)
+    print(json.dumps({"quantization": llm.engine.quantization, "weight_gib": round(llm.engine.runner.weight_bytes / 2 ** 30, 2)}))
+
+    def generate(prompts, output_len):
+        params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+        llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+
+    return measure(generate, requests)
+
+
+def vllm_part(path: Path, requests: int) -> list[dict]:
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    llm = LLM(str(path), dtype="bfloat16", max_num_seqs=512, max_num_batched_tokens=8192,
+              max_model_len=PROMPT_LEN + OUTPUT_LEN + 64, gpu_memory_utilization=0.9)
+
+    def generate(prompts, output_len):
+        params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+        llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+
+    return measure(generate, requests)
+
+
+def report(out: Path) -> None:
+    parts = {p: json.loads((out / f"{p}.json").read_text())["results"] for p in ("runtime-bf16", "runtime-gptq", "vllm-gptq")
+             if (out / f"{p}.json").exists()}
+    value = {(p, r["mode"]): r.get("decode_tokens_per_s", r.get("output_tokens_per_s")) for p, rs in parts.items() for r in rs}
+    print("| engine | batch-1 decode tok/s | offline output tok/s |\n|---|---:|---:|")
+    for p in parts:
+        print(f"| {p} | {value.get((p, 'batch1'))} | {value.get((p, 'offline'))} |")
+    for mode, target in (("batch1", "decode >= 2.5x bf16"), ("offline", "offline >= 0.9x bf16")):
+        if ("runtime-gptq", mode) in value and ("runtime-bf16", mode) in value:
+            print(f"runtime gptq / bf16 {mode}: {value['runtime-gptq', mode] / value['runtime-bf16', mode]:.2f}x (target {target})")
+        if ("runtime-gptq", mode) in value and ("vllm-gptq", mode) in value:
+            print(f"runtime gptq / vLLM gptq_marlin {mode}: {value['runtime-gptq', mode] / value['vllm-gptq', mode]:.2f}x (target >= 1.0x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=["write", "runtime-bf16", "runtime-gptq", "vllm-gptq", "report"])
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/llama8b"), help="the bf16 checkpoint")
+    parser.add_argument("--out", type=Path, default=Path("quant-results"))
+    parser.add_argument("--requests", type=int, default=1000)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    gptq = args.dir.with_name(args.dir.name + "-gptq")
+    if args.part == "report":
+        return report(args.out)
+    if not (args.dir / "config.json").exists():
+        from decode_llama8b import write_checkpoint
+        write_checkpoint(args.dir)
+    if args.part == "write":
+        return write_gptq(args.dir, gptq)
+    if args.part == "runtime-bf16":
+        results = runtime_part(args.dir, None, args.requests)
+    elif args.part == "runtime-gptq":
+        results = runtime_part(gptq, "gptq", args.requests)
+    else:
+        results = vllm_part(gptq, args.requests)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "part": args.part, "argv": sys.argv}
+    (args.out / f"{args.part}.json").write_text(json.dumps(meta | {"results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

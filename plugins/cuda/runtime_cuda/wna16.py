@@ -1,0 +1,147 @@
+"""W4A16 / W8A16: ``x @ W.T (+ b)`` with ``W`` kept as 4- or 8-bit integers, a scale and a zero
+point per group of input columns, activations in the model's 16-bit (or 32-bit) float type.
+
+One layout serves GPTQ, AWQ and compressed-tensors (repacked at load from their unpacked form,
+``runtime.platform.packed.GroupQuantData``): ``qweight`` int32 [K * bits / 32, N] holds
+``32 / bits`` consecutive input rows of one output column per word (value j at bit ``j * bits``),
+so a tile of the weight is a run of whole words along N, read coalesced; ``scales`` and
+``zeros`` are [G, N] in the model's dtype (zero points are small integers, exact in it).
+Act-order checkpoints are repacked with their input rows sorted by group, and ``apply`` gathers
+the activations' columns in the same order, so groups are always runs of ``group_size`` rows.
+
+The kernel dequantizes a [BLOCK_K, BLOCK_N] tile in registers, ``(q - zero) * scale`` rounded
+to the activations' dtype, and multiplies it on the tensor cores. For few rows (decode) the
+reduction is split over ``split_k`` programs per output tile that add their partial sums into a
+float32 buffer (so skinny products still fill the GPU); prefill tiles use no split. Every launch
+has a shape fixed by the input's, so decode steps capture in CUDA graphs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from runtime.platform.packed import GroupQuantData
+
+
+@dataclass
+class WNA16Weight:
+    qweight: torch.Tensor
+    """int32 [K * bits / 32, N]."""
+    scales: torch.Tensor
+    """[K / group_size, N] in the model's dtype."""
+    zeros: torch.Tensor
+    """[K / group_size, N] in the model's dtype."""
+    bits: int
+    group_size: int
+    order: torch.Tensor | None = None
+    """Input column order the rows were repacked in (act-order); None: as stored."""
+
+
+def supports(data: GroupQuantData) -> bool:
+    """4 or 8 bits, K a whole number of words, and (act-order) groups of equal size."""
+    k = data.qweight.shape[1]
+    if data.bits not in (4, 8) or k % (32 // data.bits) or k % data.group_size:
+        return False
+    if data.g_idx is None:
+        return True
+    counts = torch.bincount(data.g_idx.long(), minlength=k // data.group_size)
+    return len(counts) == k // data.group_size and bool((counts == data.group_size).all())
+
+
+def repack(data: GroupQuantData, dtype: torch.dtype, device: torch.device) -> WNA16Weight:
+    """The kernel's layout of a weight ``supports`` accepts."""
+    q, order = data.qweight, None
+    if data.g_idx is not None:
+        order = torch.argsort(data.g_idx.long(), stable=True)
+        q = q[:, order]
+    per = 32 // data.bits
+    values = q.T.to(torch.int64).reshape(q.shape[1] // per, per, q.shape[0])
+    shifts = (torch.arange(per, dtype=torch.int64) * data.bits)[None, :, None]
+    words = (values << shifts).sum(dim=1)  # disjoint bit fields: the sum is their bitwise or
+    qweight = (words - (words >= 2 ** 31).to(torch.int64) * 2 ** 32).to(torch.int32)
+    return WNA16Weight(qweight.contiguous().to(device), data.scales.T.contiguous().to(device, dtype),
+                       data.zeros.T.contiguous().to(device, dtype), data.bits, data.group_size,
+                       None if order is None else order.to(device))
+
+
+@triton.jit
+def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_qk, stride_sg, stride_om,
+                  BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr):
+    PER: tl.constexpr = 32 // BITS
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(2)
+    reduce = tl.arange(0, BLOCK_K)
+    row_ok, col_ok = rows < M, cols < N
+    span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    start = split * span
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(start, tl.minimum(start + span, K), BLOCK_K):
+        ks = k0 + reduce
+        k_ok = ks < K
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        tile_ok = k_ok[:, None] & col_ok[None, :]
+        words = tl.load(q_ptr + (ks // PER)[:, None].to(tl.int64) * stride_qk + cols[None, :], mask=tile_ok, other=0,
+                        eviction_policy="evict_first")
+        q = (words >> ((ks % PER) * BITS)[:, None]) & ((1 << BITS) - 1)
+        group = (ks // GROUP)[:, None].to(tl.int64) * stride_sg + cols[None, :]
+        scale = tl.load(s_ptr + group, mask=tile_ok, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + group, mask=tile_ok, other=0.0).to(tl.float32)
+        w = ((q.to(tl.float32) - zero) * scale).to(x.dtype)
+        if IEEE:
+            acc += tl.dot(x, w, input_precision="ieee")
+        else:
+            acc += tl.dot(x, w)
+    out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+    out_ok = row_ok[:, None] & col_ok[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=out_ok)
+
+
+def plan(m: int, n: int, k: int, sm_count: int = 132) -> dict:
+    """Tiles for an [m, k] by [n, k] product: skinny products split K until about two programs
+    per multiprocessor run; larger ones use prefill tiles. (To be tuned on a GPU with
+    benchmarks/quant_gpu.py --sweep.)"""
+    if m <= 16:
+        tiles = triton.cdiv(n, 64)
+        split = max(1, min(k // 256, (2 * sm_count) // tiles))
+        return dict(block_m=16, block_n=64, block_k=128, split_k=split, num_warps=4, num_stages=4)
+    if m <= 64:
+        return dict(block_m=64, block_n=128, block_k=64, split_k=1, num_warps=4, num_stages=4)
+    return dict(block_m=128, block_n=128, block_k=64, split_k=1, num_warps=8, num_stages=3)
+
+
+def matmul(weight: WNA16Weight, x: torch.Tensor, bias: torch.Tensor | None = None, **tiles) -> torch.Tensor:
+    """``x @ W.T + bias`` in ``x``'s dtype; ``tiles`` override :func:`plan`'s choice."""
+    rows = x.reshape(-1, x.shape[-1])
+    if weight.order is not None:
+        rows = rows[:, weight.order]
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    m, k = rows.shape
+    n = weight.qweight.shape[1]
+    if not tiles:
+        sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
+        tiles = plan(m, n, k, sm)
+    split = tiles["split_k"]
+    out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1 else \
+        torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m:
+        grid = (triton.cdiv(m, tiles["block_m"]), triton.cdiv(n, tiles["block_n"]), split)
+        _wna16_kernel[grid](rows, weight.qweight, weight.scales, weight.zeros, out, m, n, k, rows.stride(0),
+                            weight.qweight.stride(0), weight.scales.stride(0), out.stride(0), BITS=weight.bits,
+                            GROUP=weight.group_size, BLOCK_M=tiles["block_m"], BLOCK_N=tiles["block_n"],
+                            BLOCK_K=tiles["block_k"], SPLIT_K=split, IEEE=x.dtype == torch.float32,
+                            num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
+    out = out.to(x.dtype)
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], n)

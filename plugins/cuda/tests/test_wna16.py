@@ -1,0 +1,49 @@
+"""The W4A16/W8A16 Triton GEMM (runtime_cuda.wna16) against the float64 product with the weight
+dequantized by its format's definition: on a GPU, or on the CPU under Triton's interpreter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime.platform.packed import GroupQuantData
+
+wna16 = pytest.importorskip("runtime_cuda.wna16")
+
+
+def _group_quant(n: int, k: int, bits: int, group: int, act_order: bool, seed: int) -> GroupQuantData:
+    g = torch.Generator().manual_seed(seed)
+    levels = 2 ** bits
+    q = torch.randint(0, levels, (n, k), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(n, k // group, generator=g) * 0.02 + 0.001).half()
+    zeros = torch.randint(0, levels, (n, k // group), generator=g).float()
+    g_idx = (torch.arange(k) // group)[torch.randperm(k, generator=g)].to(torch.int32) if act_order else None
+    return GroupQuantData(q, scales, zeros, bits, group, g_idx)
+
+
+CASES = [  # rows, n, k, bits, group, act-order, tiles (None: the op's own plan)
+    (1, 48, 256, 4, 128, False, None),
+    (5, 40, 256, 4, 32, True, dict(block_m=16, block_n=32, block_k=64, split_k=3, num_warps=4, num_stages=2)),
+    (3, 64, 192, 8, 64, False, dict(block_m=16, block_n=64, block_k=64, split_k=2, num_warps=4, num_stages=2)),
+    (37, 72, 128, 4, 64, False, dict(block_m=32, block_n=32, block_k=32, split_k=1, num_warps=4, num_stages=2)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["float16", "float32"])
+@pytest.mark.parametrize("rows,n,k,bits,group,act_order,tiles", CASES)
+def test_wna16_matches_float64_dequantized_product(rows, n, k, bits, group, act_order, tiles, dtype, device, require_dot):
+    require_dot(dtype)
+    data = _group_quant(n, k, bits, group, act_order, seed=rows)
+    assert wna16.supports(data)
+    weight = wna16.repack(data, dtype, device)
+    assert weight.qweight.numel() * 4 == n * k * bits // 8  # packed: bits a weight, no dense copy
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    expected = x.double() @ data.dequantize(torch.float64).T + bias.double()
+    got = wna16.matmul(weight, x.to(device), bias.to(device), **(tiles or {})).cpu()
+    assert got.dtype == dtype and got.shape == (rows, n)
+    # Weights rounded to the activations' dtype once, products accumulated in float32.
+    step = {torch.float16: 2 ** -10, torch.float32: 2 ** -20}[dtype]
+    allowed = 2 * step * (x.double().abs() @ data.dequantize(torch.float64).abs().T + bias.double().abs()) + 1e-6
+    assert bool(((got.double() - expected).abs() <= allowed).all()), ((got.double() - expected).abs() / allowed).max()

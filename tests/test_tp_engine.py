@@ -99,11 +99,11 @@ def test_a_failed_worker_is_named_and_the_engine_fails_within_the_timeout(parall
     worker = executor._workers[0]
     launch, launches = executor.launch, []
 
-    def launch_then_fail(*args):
+    def launch_then_fail(*args, **kwargs):
         launches.append(1)
         if len(launches) == 10:  # mid-generation
             os.kill(worker.pid, sig)
-        return launch(*args)
+        return launch(*args, **kwargs)
 
     executor.launch = launch_then_fail
     try:

@@ -157,12 +157,7 @@ def make_tiny_gguf(tmp_dir: str | Path, vocab_size: int = 96, seed: int = 0, **o
     state = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).state_dict()
     path = Path(tmp_dir) / "tiny-llama.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_vocab_size(vocab_size)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
+    _write_gguf_shape(writer, config, vocab_size)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
@@ -184,6 +179,16 @@ def make_tiny_gguf(tmp_dir: str | Path, vocab_size: int = 96, seed: int = 0, **o
     writer.close()
     return path
 
+
+
+def _write_gguf_shape(writer: gguf.GGUFWriter, config: Any, vocab_size: int) -> None:
+    """The metadata every tiny GGUF file carries: vocabulary, widths, layers and heads."""
+    writer.add_vocab_size(vocab_size)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
 
 # llama.cpp's architecture for each tiny MoE model ("llama" with experts is Mixtral).
 GGUF_MOE_ARCHS = {"mixtral": gguf.MODEL_ARCH.LLAMA, "qwen2_moe": gguf.MODEL_ARCH.QWEN2MOE,
@@ -208,12 +213,7 @@ def make_tiny_moe_gguf(tmp_dir: str | Path, arch: str, vocab_size: int = 96, see
     name = gguf.MODEL_ARCH_NAMES[gguf_arch]
     path = Path(tmp_dir) / f"tiny-{arch}.gguf"
     writer = gguf.GGUFWriter(str(path), name)
-    writer.add_vocab_size(vocab_size)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
+    _write_gguf_shape(writer, config, vocab_size)
     writer.add_key_length(config.head_dim)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)

@@ -117,6 +117,26 @@ def test_a_failed_worker_is_named_and_the_engine_fails_within_the_timeout(parall
     assert not worker.is_alive()
 
 
+def test_an_engine_whose_rendezvous_failed_leaves_the_next_one_in_this_process_working(tmp_path, monkeypatch):
+    """A worker gone before the process group forms fails the engine, naming it; torch's group
+    counter in this process must not stay one ahead of the next engine's fresh workers."""
+    from runtime.worker.executor import MultiprocExecutor
+
+    path = make_tiny_checkpoint(tmp_path, "llama")
+    await_workers = MultiprocExecutor._await_workers
+
+    def await_then_lose_a_worker(self, timeout_s):
+        await_workers(self, timeout_s)
+        self._workers[0].kill()
+
+    monkeypatch.setattr(MultiprocExecutor, "_await_workers", await_then_lose_a_worker)
+    with pytest.raises(RuntimeError, match=r"worker rank 1 \(pid \d+\) exited with code -9"):
+        LLM(str(path), distributed_timeout=3, kv_cache_memory="16MiB", max_model_len=128, tensor_parallel_size=2)
+    monkeypatch.undo()
+    outputs, _ = generate(path, kv_cache_memory="16MiB", distributed_timeout=60, **SMALL, tensor_parallel_size=2)
+    assert [len(o.token_ids) for o in outputs] == [24, 16] * (len(PROMPTS) // 2)
+
+
 def test_the_ray_executor_generates_what_mp_does(tmp_path):
     ray = pytest.importorskip("ray", reason="the ray extra is not installed")
     path = make_tiny_checkpoint(tmp_path, "llama")

@@ -32,7 +32,7 @@ import zmq
 from ..platform import Platform, Registry
 from ..sched.scheduler import SchedulerOutput
 from ..structured.bitmask import GrammarBitmask
-from .mirror import Collect, Stop, StepSender, decode_result, encode
+from .mirror import WORKER_READY, Collect, Stop, StepSender, decode_result, encode
 from .progress import RankProgress
 from .model_runner import PendingStep, RunnerOutput
 from .setup import RunnerPlan, build_runner, join_groups
@@ -41,6 +41,9 @@ logger = logging.getLogger("runtime")
 
 _HUNG_AFTER_DEATH_S = 10.0
 """How long the engine core may stay stuck (in a collective) after a worker died before it exits."""
+
+_WORKER_START_S = 300.0
+"""How long workers may take to start (spawn, imports) at least: a loaded machine is slow at it."""
 
 
 class LocalExecutor:
@@ -100,6 +103,7 @@ class MultiprocExecutor:
         self._sender = StepSender()
         self._workers = self._start_workers(plan, dist_address, addresses, results_address, timeout_s)
         try:
+            self._await_workers(max(timeout_s, _WORKER_START_S))
             dist.init_process_group(platform.dist_backend, init_method=dist_address, rank=0,
                                     world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
             place = join_groups(registry, platform, plan, 0)
@@ -201,6 +205,28 @@ class MultiprocExecutor:
             workers.append(process)
         return workers
 
+    def _await_workers(self, timeout_s: float) -> None:
+        """Wait for every worker's ``WORKER_READY``, failing at once if one ends before it."""
+        waiting, deadline = self.world_size - 1, time.monotonic() + timeout_s
+        while waiting:
+            if self._results.poll(100):
+                message = self._results.recv()
+                if message != WORKER_READY:
+                    raise RuntimeError(f"a worker sent {message[:40]!r} before the others started")
+                waiting -= 1
+                continue
+            ended = self._ended_worker()
+            if ended is not None:
+                self._failure = ended
+                raise RuntimeError("it ended before joining the process group (its error is logged above)")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{waiting} of {self.world_size - 1} workers did not start within {timeout_s:g} s")
+
+    def _ended_worker(self) -> Optional[str]:
+        """How the first worker that has already ended did so, or None."""
+        dead = [(rank, p) for rank, p in enumerate(self._workers, start=1) if not p.is_alive()]
+        return _worker_exit(*dead[0]) if dead else None
+
     exit_when_stuck = False
     """Set by the engine core process: a collective still waiting for a dead worker after a grace
     period ends the process (its API processes then fail every request). In a user's process
@@ -235,8 +261,8 @@ class MultiprocExecutor:
         while self._failure is None and time.monotonic() < deadline and any(not p.is_alive() for p in self._workers):
             time.sleep(0.05)
         if self._failure is None:
-            dead = [(rank, p) for rank, p in enumerate(self._workers, start=1) if not p.is_alive()]
-            problems = self._stalled() + ([_worker_exit(*dead[0])] if dead else [])
+            ended = self._ended_worker()
+            problems = self._stalled() + ([ended] if ended else [])
             if problems:
                 self._failure = "; ".join(problems)
         return RuntimeError(f"{self._failure}: {exc}") if self._failure else exc
@@ -256,6 +282,10 @@ class MultiprocExecutor:
         self._zmq.destroy(linger=0)
         if dist.is_initialized():
             dist.destroy_process_group()
+        else:
+            # torch counts the default group before its rendezvous; after a failed one the next
+            # engine in this process would name its groups one off from its fresh workers' and hang.
+            dist.distributed_c10d._world.group_count = 0
         self._dir.cleanup()
 
     def describe(self) -> str:

@@ -93,6 +93,10 @@ class Stop(msgspec.Struct, tag=True, array_like=True):
     pass
 
 
+WORKER_READY = b"ready"
+"""What each worker first sends on the results socket, before it joins the process group."""
+
+
 TokenLogprobsEntry = tuple[list[int], list[float], int]
 
 

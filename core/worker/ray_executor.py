@@ -86,6 +86,12 @@ class RayExecutor(MultiprocExecutor):
         self._failure = f"worker rank {rank} (Ray actor) {reason}"
         logger.error("%s", self._failure)
 
+    def _ended_worker(self) -> str | None:
+        import ray
+
+        done, _ = ray.wait(self._ray.calls, num_returns=1, timeout=0)
+        return f"worker rank {self._ray.calls.index(done[0]) + 1} (Ray actor) ended" if done else None
+
     def _named(self, exc: BaseException) -> BaseException:
         return RuntimeError(f"{self._failure}: {exc}") if self._failure else exc
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import zmq
 
 from ..platform import get_registry
-from .mirror import Launch, Stop, StepMirror, decode
+from .mirror import WORKER_READY, Launch, Stop, StepMirror, decode
 from .progress import RankProgress
 from .setup import RunnerPlan, build_runner, join_groups
 
@@ -38,8 +38,8 @@ def run_worker(plan: RunnerPlan, rank: int, dist_address: str, step_address: str
                progress: RankProgress | None = None) -> None:
     """The worker's main: a spawned process, or a Ray actor's call (``name_process`` False; Ray
     shows the actor its own device as ``device_index`` 0). The last pipeline stage's first rank
-    sends each step's results to ``results_address``. ``progress`` (mp workers) is where it notes
-    its steps and heartbeat for rank 0."""
+    sends each step's results to ``results_address``; every worker first sends ``WORKER_READY``
+    there. ``progress`` (mp workers) is where it notes its steps and heartbeat for rank 0."""
     if name_process:
         from ..engine.engine_process import exit_with_parent
 
@@ -53,6 +53,12 @@ def run_worker(plan: RunnerPlan, rank: int, dist_address: str, step_address: str
     steps = context.socket(zmq.PULL)
     steps.setsockopt(zmq.LINGER, 0)
     steps.connect(step_address)
+    results = context.socket(zmq.PUSH)
+    results.setsockopt(zmq.LINGER, 0)
+    results.connect(results_address)
+    # Rank 0 starts the rendezvous only once every worker is this far (imports done), so that
+    # --distributed-timeout bounds collectives, not how long a loaded machine takes to spawn us.
+    results.send(WORKER_READY)
     try:
         dist.init_process_group(platform.dist_backend, init_method=dist_address, rank=rank,
                                 world_size=plan.world_size, timeout=timedelta(seconds=timeout_s))
@@ -60,12 +66,7 @@ def run_worker(plan: RunnerPlan, rank: int, dist_address: str, step_address: str
         if device_index is None:
             device_index = worker_device_index(platform, plan, rank)
         runner, _, _ = build_runner(plan, registry, platform, place=place, device_index=device_index)
-        send_result = None
-        if place.pp.size > 1 and place.pp.is_last and place.tp.rank == 0:
-            results = context.socket(zmq.PUSH)
-            results.setsockopt(zmq.LINGER, 0)
-            results.connect(results_address)
-            send_result = results.send
+        send_result = results.send if place.pp.size > 1 and place.pp.is_last and place.tp.rank == 0 else None
         mirror = StepMirror(runner, plan.max_model_len, send_result)
         if progress is not None:
             progress.keep_beating(rank)

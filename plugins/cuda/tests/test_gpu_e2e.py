@@ -1,6 +1,7 @@
 """End to end on a GPU: the conformance suite passes on ``cuda``, and models generate on ``cuda``
-the greedy tokens they generate on ``cpu`` (tiny random models of every architecture in float32
-and bfloat16, and the embedded GGUF model in float32).
+the greedy tokens they generate on ``cpu`` (tiny random models of every architecture, MoE ones
+too, in float32 and bfloat16; GPTQ/AWQ checkpoints against their dequantized weights; JSON-schema
+constrained decoding; the embedded GGUF model in float32).
 
 Skipped without a GPU. ``RUNTIME_CUDA_CONFORMANCE_REPORT`` (a path) keeps the suite's JSON
 report; ``RUNTIME_CUDA_GGUF`` names a .gguf file to use instead of the embedded model.
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,7 +79,7 @@ def _prompts(prompts):
 
 # (architecture, config overrides): every tiny architecture, Mistral also with a window the prompts exceed.
 MODELS = {"llama": {}, "mistral": {}, "mistral-window8": {"sliding_window": 8}, "qwen2": {}, "qwen3": {},
-          "gemma": {}, "gemma2": {}, "phi3": {}}
+          "gemma": {}, "gemma2": {}, "phi3": {}, "mixtral": {}, "qwen2_moe": {}, "qwen3_moe": {}}
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +111,71 @@ def test_tiny_model_greedy_matches_cpu(name, dtype, tiny):
     problems = [f"prompt {i}: {d}" for i, (o, r) in enumerate(zip(outputs, reference))
                 if (d := _divergence(o, r, LOGPROB_TOLERANCE[dtype]))]
     assert not problems, f"{name} on cuda ({dtype}) differs from cpu: " + "; ".join(problems)
+
+
+QUANT_SHAPE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+"""Wide enough for groups of 128 input columns."""
+
+
+@pytest.fixture(scope="module")
+def quant_dense(tmp_path_factory):
+    sys.path.insert(0, str(REPO_TESTS))
+    from tiny_models import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("dense"), "llama", seed=3, **QUANT_SHAPE)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("scheme", ["gptq-4-32-asym-actorder", "gptq-8-128-sym", "awq-4-64-asym"])
+def test_packed_checkpoint_greedy_matches_its_dequantized_weights_on_cpu(scheme, dtype, quant_dense, tmp_path):
+    """The W4A16/W8A16 Triton GEMM (weights kept packed) against the CPU running a dense copy of
+    the same weights, dequantized in float64 by each format's definition."""
+    sys.path.insert(0, str(REPO_TESTS))
+    from quantized_checkpoints import Scheme, write_quantized
+    from safetensors.torch import load_file, save_file
+
+    fmt, bits, group, sym, *order = scheme.split("-")
+    dense = write_quantized(quant_dense, tmp_path / "q", Scheme(fmt, int(bits), int(group), symmetric=sym == "sym",
+                                                                   act_order=bool(order)))
+    reference_dir = Path(shutil.copytree(quant_dense, tmp_path / "dequantized"))
+    weights = load_file(reference_dir / "model.safetensors")
+    save_file({name: dense[name].float() if name in dense else w for name, w in weights.items()},
+              reference_dir / "model.safetensors")
+    rng = random.Random(1)
+    prompts = [[rng.randrange(6, 300) for _ in range(n)] for n in (5, 17, 40)]
+    reference = _greedy(reference_dir, "cpu", "float32", _prompts(prompts))
+    outputs = _greedy(tmp_path / "q", "cuda", dtype, _prompts(prompts))
+    problems = [f"prompt {i}: {d}" for i, (o, r) in enumerate(zip(outputs, reference))
+                if (d := _divergence(o, r, LOGPROB_TOLERANCE[dtype]))]
+    assert not problems, f"{scheme} on cuda ({dtype}) differs from its dequantized weights on cpu: " + "; ".join(problems)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_json_schema_outputs_match_cpu_and_validate(dtype, tiny):
+    """Constrained decoding on cuda (the bitmask kernel on the logits): greedy outputs are the
+    CPU's, token for token up to near-ties, and each validates against its schema."""
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("xgrammar")
+    sys.path.insert(0, str(REPO_TESTS))
+    from json_schemas import SCHEMAS
+    from runtime.sample.params import StructuredOutputsParams
+
+    path, _, _ = tiny("llama")
+    names = list(SCHEMAS)[:12]
+
+    def run(llm, _params):
+        params = [SamplingParams(temperature=0.0, max_tokens=64, logprobs=5, structured_outputs=StructuredOutputsParams(
+            json=SCHEMAS[name], disable_any_whitespace=True)) for name in names]
+        return llm.generate([f"Example {i}:" for i in range(len(names))], params, use_tqdm=False)
+
+    reference = _greedy(path, "cpu", "float32", run)
+    outputs = _greedy(path, "cuda", dtype, run)
+    problems = [f"{name}: {d}" for name, o, r in zip(names, outputs, reference)
+                if (d := _divergence(o, r, LOGPROB_TOLERANCE[dtype]))]
+    assert not problems, f"constrained decoding on cuda ({dtype}) differs from cpu: " + "; ".join(problems)
+    for name, out in zip(names, outputs):
+        assert out.finish_reason == "stop", (name, out.text)
+        jsonschema.validate(json.loads(out.text, strict=False), SCHEMAS[name])
 
 
 def test_embedded_gguf_greedy_matches_cpu():

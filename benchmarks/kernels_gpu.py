@@ -1,0 +1,103 @@
+"""The CUDA plugin's newer kernels alone on a GPU, each against what it replaces or its roofline.
+
+- ``wna16``: the W4A16 GEMM (4-bit, group 128) on Llama-3-8B's projection shapes against the
+  bf16 ``torch.matmul`` of the same shape, and against the time to read its packed weight once.
+- ``bitmask``: ``apply_token_bitmask`` on 64 rows of a 128,256-token vocabulary, against
+  reading and writing those logits once.
+
+Every figure is a CUDA graph of 50 calls replayed, divided by 50. One JSON line per case.
+(``benchmarks/moe_gpu.py kernel`` measures ``fused_moe`` the same way.)
+Usage: python3 benchmarks/kernels_gpu.py [wna16] [bitmask] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from moe_gpu import copy_bandwidth  # noqa: E402
+
+LLAMA8B_LINEARS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+"""Output and input width of each projection of one layer."""
+
+
+def graph_us(call) -> float:
+    """Microseconds a call takes, from a CUDA graph of 50 of them."""
+    call()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(50):
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(4):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / 200 * 1e6
+
+
+def wna16_cases(bandwidth: float) -> list[dict]:
+    from runtime.platform.packed import GroupQuantData
+    from runtime_cuda import wna16
+
+    out = []
+    for name, (n, k) in LLAMA8B_LINEARS.items():
+        g = torch.Generator().manual_seed(n + k)
+        data = GroupQuantData(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8),
+                              (torch.rand(n, k // 128, generator=g) * 0.02 + 0.001).to(torch.bfloat16),
+                              torch.randint(0, 16, (n, k // 128), generator=g).float(), 4, 128, None)
+        weight = wna16.repack(data, torch.bfloat16, torch.device("cuda"))
+        dense = data.dequantize(torch.float32).to(device="cuda", dtype=torch.bfloat16)
+        packed_bytes = n * k / 2 + 2 * 2 * n * (k // 128)
+        for rows in (1, 16, 64, 256):
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            error = (wna16.matmul(weight, x).float() - x @ dense.T).abs().max().item()
+            quant_us = graph_us(lambda: wna16.matmul(weight, x))
+            dense_us = graph_us(lambda: x @ dense.T)
+            out.append({"kernel": "wna16", "linear": name, "n": n, "k": k, "rows": rows, "w4a16_us": round(quant_us, 1),
+                        "bf16_us": round(dense_us, 1), "speedup_vs_bf16": round(dense_us / quant_us, 2),
+                        "of_roofline": round(packed_bytes / bandwidth * 1e6 / quant_us, 3),
+                        "max_abs_diff_vs_bf16": round(error, 4)})
+            print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def bitmask_cases(bandwidth: float) -> list[dict]:
+    from runtime_cuda.bitmask import apply_token_bitmask
+
+    vocab, out = 128256, []
+    for rows in (1, 64, 256):
+        logits = torch.randn(rows, vocab, device="cuda")
+        bitmask = torch.randint(-2**31, 2**31 - 1, (rows, (vocab + 31) // 32), device="cuda", dtype=torch.int64)
+        bitmask = bitmask.to(torch.int32)
+        index = torch.arange(rows, device="cuda")
+        us = graph_us(lambda: apply_token_bitmask(logits, bitmask, index))
+        moved = 2 * logits.numel() * 4 + bitmask.numel() * 4
+        out.append({"kernel": "apply_token_bitmask", "vocab": vocab, "rows": rows, "us": round(us, 1),
+                    "of_roofline": round(moved / bandwidth * 1e6 / us, 3)})
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kernels", nargs="*", choices=["wna16", "bitmask"], default=["wna16", "bitmask"])
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    bandwidth = copy_bandwidth()
+    print(json.dumps({"device": torch.cuda.get_device_name(), "copy_GBps": round(bandwidth / 1e9)}), flush=True)
+    cases = {"wna16": wna16_cases, "bitmask": bitmask_cases}
+    results = [row for name in args.kernels for row in cases[name](bandwidth)]
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

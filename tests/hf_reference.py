@@ -2,7 +2,43 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import safetensors.torch
 import torch
+import transformers
+
+
+def embedded_hf_model() -> transformers.PreTrainedModel:
+    """HF transformers' own reading of the embedded GGUF, in float32 (a fresh copy each call).
+
+    Reading the GGUF takes HF ~40 s on a 2-core machine and four test modules need it: the first
+    reader in a machine keeps HF's result as a safetensors checkpoint (keyed by the file's size
+    and time), which later readers load in seconds; the values are HF's conversion either way.
+    """
+    from runtime.loader.source import embedded_model_path
+
+    path = embedded_model_path()
+    stat = path.stat()
+    kept = Path(tempfile.gettempdir()) / f"runtime-test-embedded-hf-{stat.st_size}-{stat.st_mtime_ns}"
+    if (kept / "config.json").exists():
+        return transformers.AutoModelForCausalLM.from_pretrained(kept, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    staging = Path(tempfile.mkdtemp(prefix=kept.name + ".", dir=kept.parent))
+    # save_pretrained refuses a model read from a GGUF ("quantized with gguf"): keep its config
+    # without that mark, and its tensors (save_model keeps the tied embedding once).
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (staging / "config.json").write_text(json.dumps(config))
+    safetensors.torch.save_model(model, str(staging / "model.safetensors"))
+    try:
+        staging.rename(kept)  # atomic: a reader never sees half a checkpoint
+    except OSError:  # another test process kept it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return model.eval()
 
 
 @torch.inference_mode()

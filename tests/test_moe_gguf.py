@@ -4,12 +4,12 @@ what HF transformers computes from the same (dequantized) weights."""
 
 from __future__ import annotations
 
-import gguf
 import pytest
 import torch
 import transformers
 
 from runtime.loader.gguf import build_config, read_weights
+from runtime.loader.gguf_file import GgufFile
 from runtime.models import decoder_settings
 from runtime.platform import get_registry
 from runtime.worker.model_runner import ModelRunner
@@ -21,7 +21,7 @@ from tiny_models import make_tiny_moe_gguf
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_gguf_moe_computes_what_hf_does(arch, tmp_path):
     path, config, state = make_tiny_moe_gguf(tmp_path, arch)
-    reader = gguf.GGUFReader(path)
+    reader = GgufFile(path)
     read = build_config(reader)
     assert type(read) is type(config)
     assert decoder_settings(read).moe == decoder_settings(config).moe

@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 
-import gguf
 import numpy as np
 import pytest
 import torch
 
 from runtime.loader import StoredTensor, open_model
 from runtime.loader.gguf import build_config, read_weights
+from runtime.loader.gguf_file import GgufFile
 from runtime.models.decoder import DecoderForCausalLM
 from runtime.models.layers.linear import Linear
 from runtime.models.parallel import TensorParallel
@@ -148,7 +148,7 @@ class RecordingRows:
 
 def recorded_gguf_weights(path, rows_taken: dict[str, list[int]]):
     """The GGUF file's weight stream, each tensor's rows taken recorded under its HF name."""
-    reader = gguf.GGUFReader(path)
+    reader = GgufFile(path)
     for name, raw in read_weights(reader, build_config(reader)):
         yield name, dataclasses.replace(raw, data=RecordingRows(raw.data, rows_taken[name]))
 
@@ -161,7 +161,7 @@ o_proj and down_proj are dequantized in whole rows, see ``decoder._DequantizedRo
 
 def test_a_gguf_rank_dequantizes_only_its_rows(tmp_path):
     path = make_tiny_gguf(tmp_path)
-    reader = gguf.GGUFReader(path)
+    reader = GgufFile(path)
     config = build_config(reader)
     rows = {name: raw.shape[0] for name, raw in read_weights(reader, config) if name.endswith(ROW_SLICED)}
     assert len(rows) == 5 * config.num_hidden_layers + 2

@@ -150,7 +150,7 @@ def make_tiny_gguf(tmp_dir: str | Path, vocab_size: int = 96, seed: int = 0, **o
 
     As llama.cpp writes it: GGUF tensor names, q/k rows in llama.cpp's rotary order, matrices
     quantized to Q8_0 (vectors F32), and the metadata ``runtime.loader.gguf.build_config`` reads.
-    There is no tokenizer, so read it with ``GGUFReader`` and ``build_config``, not ``open_model``.
+    There is no tokenizer, so read it with ``GgufFile`` and ``build_config``, not ``open_model``.
     """
     config = make_tiny_config("llama", vocab_size, tie_word_embeddings=False, **overrides)
     torch.manual_seed(seed)

@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 import transformers
-from gguf import GGUFReader
 from transformers import (AutoTokenizer, LlamaConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config,
                           Qwen3MoeConfig)
 
 from runtime.platform import RawQuantizedTensor
 
+from .gguf_file import GgufFile
 from .source import ModelSource, WeightStream, eos_token_ids
 
 logger = logging.getLogger(__name__)
@@ -85,12 +85,11 @@ def unpermute_rows(data: np.ndarray, n_head: int) -> np.ndarray:
     return data.reshape(n_head, head_rows, 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
 
 
-def _meta(reader: GGUFReader, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    return field.contents() if field is not None else default
+def _meta(reader: GgufFile, key: str, default: Any = None) -> Any:
+    return reader.fields.get(key, default)
 
 
-def _rope_parameters(reader: GGUFReader, arch: str, head_dim: int, theta: float) -> dict:
+def _rope_parameters(reader: GgufFile, arch: str, head_dim: int, theta: float) -> dict:
     """HF ``rope_parameters`` from the rope metadata (and a Llama 3 ``rope_freqs`` tensor)."""
     params: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
     kind = _meta(reader, f"{arch}.rope.scaling.type", "none")
@@ -133,7 +132,7 @@ def _llama3_rope(divisors: np.ndarray, head_dim: int, theta: float) -> dict:
     return params
 
 
-def build_config(reader: GGUFReader) -> transformers.PretrainedConfig:
+def build_config(reader: GgufFile) -> transformers.PretrainedConfig:
     """The HF config of a GGUF file, from its metadata and which tensors it holds."""
     arch = _meta(reader, "general.architecture")
     if arch not in CONFIG_CLASSES:
@@ -144,7 +143,7 @@ def build_config(reader: GGUFReader) -> transformers.PretrainedConfig:
     head_dim = int(_meta(reader, f"{arch}.attention.key_length",
                          _meta(reader, f"{arch}.rope.dimension_count", hidden // heads)))
     theta = float(_meta(reader, f"{arch}.rope.freq_base", 10000.0))
-    vocab = _meta(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    vocab = _meta(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"])
     kwargs = dict(
         vocab_size=int(vocab),
         hidden_size=hidden,
@@ -169,7 +168,7 @@ def build_config(reader: GGUFReader) -> transformers.PretrainedConfig:
     return CONFIG_CLASSES[arch](**kwargs)
 
 
-def _moe_config(reader: GGUFReader, arch: str, names: set[str], kwargs: dict, experts: int) -> transformers.PretrainedConfig:
+def _moe_config(reader: GgufFile, arch: str, names: set[str], kwargs: dict, experts: int) -> transformers.PretrainedConfig:
     """Mixtral (a "llama" with experts), Qwen2-MoE or Qwen3-MoE: the experts from the metadata, the
     layers without a router (``ffn_gate_inp``) as ``mlp_only_layers``."""
     routed = dict(num_experts_per_tok=int(_meta(reader, f"{arch}.expert_used_count")))
@@ -218,7 +217,7 @@ def load_tokenizer(path: Path) -> Any:
     return tokenizer
 
 
-def read_weights(reader: GGUFReader, config: transformers.PretrainedConfig) -> WeightStream:
+def read_weights(reader: GgufFile, config: transformers.PretrainedConfig) -> WeightStream:
     """Every tensor under its HF name as a ``RawQuantizedTensor`` in HF row order."""
     # Only llama.cpp's Llama converter permutes q/k; Qwen models keep HF's rotary layout.
     permuted_heads = {}
@@ -245,7 +244,7 @@ _FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64"})
 def open_gguf(path: Path) -> ModelSource:
     """Open a GGUF file: metadata now, tensors (memory-mapped) when the weights are iterated."""
     try:
-        reader = GGUFReader(path)
+        reader = GgufFile(path)
     except Exception as exc:  # garbage fails anywhere inside the parser; the user needs one line
         raise ValueError(f"{path} is not a readable GGUF file: {exc}") from None
     config = build_config(reader)

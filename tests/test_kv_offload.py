@@ -21,20 +21,9 @@ from runtime.sample.params import SamplingParams
 from runtime.sched.request import Request, RequestStatus
 from runtime.sched.scheduler import Scheduler, SchedulerOutput, swap_is_cheaper
 
-BS = 4
+from test_kv_manager import BS, admit, make_request
+
 EOS = 0
-
-
-def make_request(request_id: str, prompt, max_tokens: int = 4, **kwargs) -> Request:
-    return Request(request_id, list(prompt), SamplingParams(max_tokens=max_tokens), **kwargs)
-
-
-def admit(kv: KVCacheManager, request: Request) -> list[int] | None:
-    hit_ids, num_hits = kv.get_computed_blocks(request)
-    ids = kv.allocate_slots(request, request.num_tokens - num_hits, hit_ids, num_hits)
-    if ids is not None:
-        request.num_computed_tokens = request.num_tokens
-    return ids
 
 
 def next_token(tokens: tuple[int, ...]) -> int:

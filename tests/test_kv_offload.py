@@ -256,7 +256,7 @@ OPS = st.lists(st.one_of(st.tuples(st.just("add"), requests_to_add()), st.tuples
                min_size=10, max_size=50)
 
 
-@settings(deadline=None, max_examples=150)
+@settings(deadline=None, max_examples=100)
 @given(num_blocks=st.integers(6, 10), num_host_blocks=st.integers(1, 12), budget=st.integers(1, 16),
        max_num_seqs=st.integers(1, 4), mode=st.sampled_from(["swap", "recompute"]), caching=st.booleans(),
        look_ahead=st.booleans(), ops=OPS)

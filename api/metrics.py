@@ -56,6 +56,11 @@ class _EngineStats(Collector):
             ("prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache.", CounterMetricFamily),
             ("num_preemptions", "num_preemptions", "Requests preempted for lack of KV-cache blocks.",
              CounterMetricFamily),
+            ("cpu_prefix_cache_queries", "cpu_prefix_cache_queries",
+             "Prompt tokens looked up in the KV cache's host tier (those the device's prefix cache missed).",
+             CounterMetricFamily),
+            ("cpu_prefix_cache_hits", "cpu_prefix_cache_hits", "Prompt tokens found in the KV cache's host tier.",
+             CounterMetricFamily),
         ):
             metric = family(f"runtime:{name}", doc, labels=["model_name"])
             metric.add_metric([self.model_name], float(getattr(stats, field)))

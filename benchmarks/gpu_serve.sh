@@ -26,6 +26,9 @@
 #            vLLM; removes /tmp/llama8b when the disk lacks room for both checkpoints
 #   structured: benchmarks/structured_gpu.py: the Llama-3-8B shape with the embedded model's tokenizer, batch 64
 #            with a JSON schema on every request: runtime plain vs constrained (the mask's step overhead), then vLLM
+#   offload: benchmarks/offload_gpu.py on the Llama-3-8B shape: a shared-prefix workload whose prefixes need 4x the
+#            device KV cache, runtime without and with --kv-offloading-size (target >= 1.5x throughput, higher
+#            prefix hit rate); then preemption by recompute, swap and auto under a cache a quarter of the need
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}; M=/tmp/llama8b; R=/tmp/results
@@ -100,6 +103,12 @@ from runtime.models import decoder_settings as d; print(int(d(m.config_of(a.shap
         timeout 480 python3 benchmarks/structured_gpu.py $part --json $R/structured/$part.json --llama-dir $M 2>&1 \
           | grep -v "it/s]" | tail -15 | tee -a $R/structured/run.log
       done ;;
+    offload)
+      for part in ${OFFLOAD_PARTS:-offload swap}; do
+        timeout 540 python3 benchmarks/offload_gpu.py $part --dir $M --json $R/offload/$part.json 2>&1 | grep -v "it/s]" \
+          | tail -15 | tee -a $R/offload/run.log
+      done
+      python3 benchmarks/offload_gpu.py report --json $R/offload/report.json | tee -a $R/offload/run.log ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
   tar czf "$OUT/$stage-${TAG:-run}.tgz" -C $R $stage

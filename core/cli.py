@@ -40,6 +40,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "that quantizes dense weights at load (fp8 on cuda, int8 on cpu), or none (dequantize "
                         "everything); default: the checkpoint's format (docs/quantization.md)")
     g.add_argument("--scheduling-policy", default=d.scheduling_policy, choices=["fcfs", "priority"])
+    g.add_argument("--kv-offloading-size", type=float, default=None,
+                   help="GiB of host memory for KV blocks evicted from the device's prefix cache (and swapped "
+                        "requests), all ranks together; a no-op where host and device share memory (docs/kv-offload.md)")
+    g.add_argument("--preemption-mode", default=d.preemption_mode, choices=["recompute", "swap", "auto"],
+                   help="a preempted request's KV: recomputed on resume, swapped to host memory (needs "
+                        "--kv-offloading-size), or auto: swap where copying is cheaper than recomputing")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--enforce-eager", action="store_true", help="no decode graphs (cuda): every step runs eagerly")
     g.add_argument("--chat-template", default=None, help="chat template file or text (default: the model's)")

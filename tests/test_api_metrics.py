@@ -70,3 +70,16 @@ def test_stats_sum_spec_counters_over_data_parallel_cores():
     assert (total.num_running, total.spec_num_drafts, total.spec_num_draft_tokens,
             total.spec_num_accepted_tokens) == (3, 7, 21, 10)
     assert total.spec_accepted_per_position == [6, 3, 1]
+
+
+def test_host_tier_prefix_cache_counters_beside_the_devices_and_summed_over_cores():
+    engine = AsyncEngine(EngineArgs(data_parallel_size=2))
+    engine._links = [_CoreLink(None, None), _CoreLink(None, None)]
+    engine._links[0].stats = EngineStats(prefix_cache_queries=100, prefix_cache_hits=40, cpu_prefix_cache_queries=60,
+                                         cpu_prefix_cache_hits=32)
+    engine._links[1].stats = EngineStats(prefix_cache_queries=50, prefix_cache_hits=10, cpu_prefix_cache_queries=40,
+                                         cpu_prefix_cache_hits=16)
+    samples = scrape(EngineArgs(), engine.stats())
+    assert samples["runtime:prefix_cache_hits_total"] == [({"model_name": "tiny"}, 50.0)]
+    assert samples["runtime:cpu_prefix_cache_queries_total"] == [({"model_name": "tiny"}, 100.0)]
+    assert samples["runtime:cpu_prefix_cache_hits_total"] == [({"model_name": "tiny"}, 48.0)]

@@ -35,7 +35,8 @@ core_output = st.builds(
     finish_reason=st.none() | st.sampled_from(["stop", "length", "abort"]),
     stop_reason=st.none() | st.integers(0, 10**6) | st.text(min_size=1, max_size=8))
 stats = st.builds(EngineStats, num_running=small, num_waiting=small, kv_cache_usage=unit, prefix_cache_queries=small,
-                  prefix_cache_hits=small, num_preemptions=small)
+                  prefix_cache_hits=small, num_preemptions=small, cpu_prefix_cache_queries=small,
+                  cpu_prefix_cache_hits=small)
 
 to_core = st.one_of(
     st.builds(AddRequest, request_id=ids, client=st.integers(0, 64), prompt_token_ids=tokens, params=params,

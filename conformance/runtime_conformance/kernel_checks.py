@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from runtime.platform.reference import OPS, build_cos_sin_cache
+from runtime.platform.reference import OPS, build_cos_sin_cache, host_cache_shape
 
 from .compare import assert_close
 
@@ -286,6 +286,32 @@ def check_copy_blocks(fn, dtype, device, g, layouts: list[tuple[Callable[[int], 
                                  f"{pairs.tolist()}): layer {layer} blocks {changed} differ from the reference")
 
 
+def check_swap_blocks(fn, dtype, device, g, layouts: list[tuple[Callable[[int], tuple[int, ...]], int]]):
+    """Offload blocks to a host copy (pinned where the device is not the CPU) and load others
+    back, for every attention backend's cache layout. The results are read only through work
+    queued after the calls, which the contract orders after the copies."""
+    for shape_of, block_dim in layouts:
+        caches = [_randn(g, *shape_of(10), dtype=dtype) for _ in range(2)]
+        hosts = [_randn(g, *host_cache_shape(shape_of(10), block_dim, 6), dtype=dtype) for _ in range(2)]
+        out_pairs = torch.tensor([[1, 4], [7, 0], [3, 2]], dtype=torch.int64)
+        in_pairs = torch.tensor([[5, 4], [2, 0], [9, 5]], dtype=torch.int64)
+        expected_caches, expected_hosts = [c.clone() for c in caches], [h.clone() for h in hosts]
+        OPS["swap_blocks"](expected_caches, expected_hosts, out_pairs, block_dim, to_host=True)
+        OPS["swap_blocks"](expected_caches, expected_hosts, in_pairs, block_dim, to_host=False)
+        got_caches = _on(device, *caches)
+        got_hosts = [h.pin_memory() if device.type != "cpu" else h.clone() for h in hosts]
+        fn(got_caches, got_hosts, out_pairs, block_dim, to_host=True)
+        fn(got_caches, got_hosts, in_pairs, block_dim, to_host=False)
+        got_caches = [c.cpu() for c in got_caches]  # queued after both calls: the copies are done
+        what = f"swap_blocks (cache {list(shape_of(10))}, block dim {block_dim}, to host {out_pairs.tolist()}, back {in_pairs.tolist()})"
+        for layer, (ours, ref) in enumerate(zip(got_hosts, expected_hosts)):
+            changed = (ours != ref).flatten(1).any(1).nonzero().flatten().tolist()
+            assert not changed, f"{what}: layer {layer} host blocks {changed} differ from the reference"
+        for layer, (ours, ref) in enumerate(zip(got_caches, expected_caches)):
+            changed = (ours != ref).movedim(block_dim, 0).flatten(1).any(1).nonzero().flatten().tolist()
+            assert not changed, f"{what}: layer {layer} device blocks {changed} differ from the reference"
+
+
 def check_apply_top_k_top_p_min_p(fn, dtype, device, g):
     logits = 3 * _randn(g, 6, 100)  # logits are float32 whatever the model dtype
     settings = {"top_k": [0, 5, 50, 1, 0, 100], "top_p": [1.0, 0.9, 0.5, 1.0, 0.3, 1.0], "min_p": [0.0, 0.0, 0.1, 0.0, 0.0, 0.05]}
@@ -334,6 +360,7 @@ CHECKS: dict[str, Callable] = {
     "lora_add": check_lora_add,
     "fused_moe": check_fused_moe,
     "copy_blocks": check_copy_blocks,
+    "swap_blocks": check_swap_blocks,
     "apply_top_k_top_p_min_p": check_apply_top_k_top_p_min_p,
     "apply_token_bitmask": check_apply_token_bitmask,
 }

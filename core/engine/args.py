@@ -9,6 +9,7 @@ from typing import Optional, Union
 from ..lora.config import LoRAConfig
 from ..platform import KV_CACHE_DTYPES
 from ..reasoning import reasoning_markers
+from ..sched.scheduler import PREEMPTION_MODES
 from ..spec.config import SpeculativeConfig
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
@@ -87,6 +88,14 @@ class EngineArgs:
     speculative_config: Union[str, dict, SpeculativeConfig, None] = None
     """Speculative decoding, as vLLM's ``--speculative-config`` (JSON text or a dict), e.g.
     ``{"method": "ngram", "num_speculative_tokens": 4}`` (docs/speculative.md)."""
+    kv_offloading_size: Optional[float] = None
+    """GiB of host memory (all ranks together) for the KV cache's host tier: blocks evicted from
+    the device's prefix cache are copied there and copied back on a later hit; None or 0: none.
+    A no-op on platforms whose host and device share memory (docs/kv-offload.md)."""
+    preemption_mode: str = "recompute"
+    """What happens to a preempted request's KV: ``recompute`` (dropped, computed again on
+    resume), ``swap`` (kept in the host tier, copied back; needs ``kv_offloading_size``) or
+    ``auto`` (swap where the platform copies a token's KV faster than it recomputes it)."""
     reasoning_parser: Optional[str] = None
     """The model's thinking format (``deepseek_r1``, ``qwen3``): the server returns the thinking as
     ``reasoning_content`` and structured output constrains only what follows it."""
@@ -119,6 +128,15 @@ class EngineArgs:
             raise ValueError(f"distributed_timeout must be > 0 seconds, got {self.distributed_timeout}")
         if self.reasoning_parser is not None:
             reasoning_markers(self.reasoning_parser)
+        if self.kv_offloading_size is not None and not self.kv_offloading_size >= 0:
+            raise ValueError(f"kv_offloading_size must be >= 0 GiB, got {self.kv_offloading_size}: give the host "
+                             f"memory for offloaded KV blocks, or 0 for none")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, got {self.preemption_mode!r}")
+        self.kv_offloading_bytes = int((self.kv_offloading_size or 0) * (1 << 30))
+        if self.preemption_mode != "recompute" and not self.kv_offloading_bytes:
+            raise ValueError(f"preemption_mode {self.preemption_mode} keeps preempted requests' KV in host memory: "
+                             f"set kv_offloading_size (--kv-offloading-size GiB) too")
         self.kv_cache_memory_bytes = parse_size(self.kv_cache_memory)
         self.speculative = SpeculativeConfig.parse(self.speculative_config)
         self.lora = (LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras or self.max_loras)

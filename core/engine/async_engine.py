@@ -250,6 +250,8 @@ class AsyncEngine:
                            prefix_cache_queries=sum(s.prefix_cache_queries for s in every),
                            prefix_cache_hits=sum(s.prefix_cache_hits for s in every),
                            num_preemptions=sum(s.num_preemptions for s in every),
+                           cpu_prefix_cache_queries=sum(s.cpu_prefix_cache_queries for s in every),
+                           cpu_prefix_cache_hits=sum(s.cpu_prefix_cache_hits for s in every),
                            running_lora_ids=sorted({i for s in every for i in s.running_lora_ids}),
                            waiting_lora_ids=sorted({i for s in every for i in s.waiting_lora_ids}),
                            spec_num_drafts=sum(s.spec_num_drafts for s in every),

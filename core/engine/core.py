@@ -19,7 +19,7 @@ from ..models.parallel import check_expert_split, check_pipeline_parallel, check
 from ..platform import Communicator, PlatformConfig, Registry, get_registry
 from ..sample.params import SamplingParams
 from ..sched.request import Request, RequestStatus
-from ..sched.scheduler import Scheduler, SchedulerOutput
+from ..sched.scheduler import Scheduler, SchedulerOutput, swap_is_cheaper
 from ..spec.proposer import SpecCounters, check_speculative, make_proposer
 from ..structured.manager import StructuredOutputManager
 from ..worker.executor import make_executor
@@ -78,6 +78,7 @@ class EngineCore:
         graphs = self.platform.supports_graphs and not args.enforce_eager and self.pipeline_depth == 1
         self.look_ahead = graphs and args.speculative is None
         check_speculative(args)
+        host_tier_bytes = self._host_tier_bytes(args)
         self.plan = RunnerPlan(
             model=args.model, device=self.platform.name, dtype=str(self.dtype).removeprefix("torch."),
             block_size=self.block_size, max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
@@ -87,7 +88,8 @@ class EngineCore:
             tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
             data_parallel_size=args.data_parallel_size,
             first_device=args.data_parallel_rank * args.tensor_parallel_size * args.pipeline_parallel_size,
-            lora=args.lora, speculative=args.speculative, expert_parallel=args.enable_expert_parallel)
+            lora=args.lora, speculative=args.speculative, expert_parallel=args.enable_expert_parallel,
+            kv_offloading_bytes=host_tier_bytes)
         quantization_method(registry, self.platform, self.quantization, self.source.quantization)  # fail before any rank starts
         self.executor = make_executor(self.plan, registry, self.platform, self.source,
                                       args.distributed_executor_backend, args.distributed_timeout)
@@ -97,10 +99,13 @@ class EngineCore:
         self._micro_batches: deque[tuple[SchedulerOutput, Optional[PendingStep]]] = deque()
         self._computing: set[str] = set()
         """Requests of the micro-batches in flight."""
-        self.kv_manager = KVCacheManager(self.num_blocks, self.block_size, args.enable_prefix_caching)
+        self.kv_manager = KVCacheManager(self.num_blocks, self.block_size, args.enable_prefix_caching,
+                                         num_host_blocks=self.runner.num_host_blocks)
+        self.preemption_mode = self._resolve_preemption_mode(args.preemption_mode if host_tier_bytes else "recompute")
         self.scheduler = Scheduler(self.kv_manager, self.max_num_seqs, pconfig.max_num_batched_tokens, args.scheduling_policy,
                                    max_loras=args.lora.max_loras if args.lora else None,
-                                   num_speculative_tokens=args.speculative.num_speculative_tokens if args.speculative else 0)
+                                   num_speculative_tokens=args.speculative.num_speculative_tokens if args.speculative else 0,
+                                   preemption_mode=self.preemption_mode)
         self.proposer = make_proposer(args.speculative, self.runner)
         self.spec_counters = SpecCounters(args.speculative.num_speculative_tokens if args.speculative else 0)
         self.max_num_batched_tokens = pconfig.max_num_batched_tokens
@@ -128,6 +133,32 @@ class EngineCore:
         if name not in _DTYPES:
             raise ValueError(f"--dtype {name!r} is not one of auto, {', '.join(_DTYPES)}")
         return _DTYPES[name]
+
+    def _host_tier_bytes(self, args: EngineArgs) -> int:
+        """Host memory for the KV cache's host tier: none where host and device share memory."""
+        if not args.kv_offloading_bytes:
+            return 0
+        if self.platform.unified_memory:
+            logger.info("platform %s shares memory between host and device: --kv-offloading-size and "
+                        "--preemption-mode swap change nothing (give the memory to --kv-cache-memory)", self.platform.name)
+            return 0
+        if args.speculative is not None and args.speculative.method == "draft_model":
+            raise ValueError("--kv-offloading-size copies the target model's KV blocks only, and a draft model "
+                             "shares their block ids: drop --kv-offloading-size, or propose with ngram")
+        return args.kv_offloading_bytes
+
+    def _resolve_preemption_mode(self, mode: str) -> str:
+        """``auto`` becomes swap or recompute by :func:`swap_is_cheaper` on this model and platform."""
+        if mode != "auto":
+            return mode
+        element = torch.tensor([], dtype=self.dtype).element_size()
+        kv_per_token = self.runner.kv_bytes_per_block() * self.plan.world_size / self.block_size
+        flops_per_token = 2 * self.runner.weight_bytes * self.plan.world_size / element
+        chosen = "swap" if swap_is_cheaper(kv_per_token, flops_per_token, self.platform.host_copy_bytes_per_s,
+                                           self.platform.flops_per_s * self.plan.world_size) else "recompute"
+        logger.info("--preemption-mode auto: %s (%.0f KV bytes and %.3g FLOPs per token)", chosen, kv_per_token,
+                    flops_per_token)
+        return chosen
 
     @staticmethod
     def _resolve_max_model_len(requested: Optional[int], config) -> int:
@@ -280,8 +311,8 @@ class EngineCore:
             out = self.scheduler.schedule(self._computing, max_seqs=max(1, share))
             self._reset_preempted(out)
             if not out.scheduled:
-                if out.finished_ids:
-                    self.executor.launch(out)  # the ranks forget the finished requests
+                if out.finished_ids or out.transfers:
+                    self.executor.launch(out)  # the ranks forget the finished requests, copy blocks
                 break
             # The last stage samples as soon as it has computed: the masks go with the launch.
             self._micro_batches.append((out, self.executor.launch(out, grammar=self.structured.bitmask(out.scheduled))))
@@ -333,6 +364,8 @@ class EngineCore:
                            kv_cache_usage=self.kv_manager.usage,
                            prefix_cache_queries=self.kv_manager.prefix_cache_queries,
                            prefix_cache_hits=self.kv_manager.prefix_cache_hits,
+                           cpu_prefix_cache_queries=self.kv_manager.cpu_prefix_cache_queries,
+                           cpu_prefix_cache_hits=self.kv_manager.cpu_prefix_cache_hits,
                            num_preemptions=self.scheduler.num_preemptions,
                            running_lora_ids=self.scheduler.lora_ids(RequestStatus.RUNNING),
                            waiting_lora_ids=self.scheduler.lora_ids(RequestStatus.WAITING),

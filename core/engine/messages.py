@@ -41,6 +41,9 @@ class EngineStats(msgspec.Struct, array_like=True):
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
+    cpu_prefix_cache_queries: int = 0
+    """Tokens looked up in the KV cache's host tier (those the device's prefix cache missed)."""
+    cpu_prefix_cache_hits: int = 0
     running_lora_ids: list[int] = msgspec.field(default_factory=list)
     """The LoRA adapters of running requests (and of waiting ones, below)."""
     waiting_lora_ids: list[int] = msgspec.field(default_factory=list)

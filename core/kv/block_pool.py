@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 NULL_BLOCK_ID = 0
 """Never handed out: the runner pads block tables with it, so its contents are never read."""
@@ -40,6 +40,9 @@ class BlockPool:
         # Keyed by block id so a cache hit can take a block out of the middle in O(1).
         self._free: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks[1:])
         self._cached: dict[bytes, Block] = {}
+        self.on_evict: Callable[[Block], None] | None = None
+        """Called with each cached block about to be handed out again, while it still holds its
+        contents and hash (the KV manager copies it to the host tier)."""
 
     @property
     def num_free_blocks(self) -> int:
@@ -58,6 +61,8 @@ class BlockPool:
         blocks = []
         for _ in range(n):
             _, block = self._free.popitem(last=False)
+            if block.block_hash is not None and self.on_evict is not None:
+                self.on_evict(block)
             self.uncache(block)
             block.ref_cnt = 1
             blocks.append(block)

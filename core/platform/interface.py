@@ -55,7 +55,13 @@ class Platform:
     static_shapes: ClassVar[bool] = False
     """True where every step must use one of a few fixed shapes (TPU, Gaudi graphs)."""
     unified_memory: ClassVar[bool] = False
-    """True where host and device share memory (Apple silicon): KV offload is a no-op."""
+    """True where host and device share memory (Apple silicon, the CPU): KV offload and
+    preemption by swap are no-ops, memory for a host tier being better spent on the cache itself."""
+    host_copy_bytes_per_s: ClassVar[float] = 2.0e10
+    """(Contract 1.9.) Rough bytes per second of a KV block copy between device and host memory
+    (a PCIe 4.0 x16 link): ``--preemption-mode auto`` weighs it against :attr:`flops_per_s`."""
+    flops_per_s: ClassVar[float] = 1.0e14
+    """(Contract 1.9.) Rough dense-matmul throughput the model's forward pass reaches, per device."""
     supports_graphs: ClassVar[bool] = False
     """True where the device can record a step's launches once and replay them (CUDA graphs):
     the runner then captures decode steps at start-up, unless ``--enforce-eager``, and

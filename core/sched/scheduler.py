@@ -3,8 +3,9 @@
 There are no prefill and decode phases. Each step, running requests are served first (a decode
 token, or the next chunk of an unfinished prompt), then waiting requests are admitted into what
 is left of the budget; a prompt longer than that is chunked, so decodes never wait behind it.
-When the cache runs out of blocks, the lowest-priority running request is preempted and later
-recomputed from its prompt and the output it had so far.
+When the cache runs out of blocks, the lowest-priority running request is preempted: later
+recomputed from its prompt and the output it had so far, or, preempted by swap, its KV kept in
+the KV manager's host tier and copied back when it resumes.
 """
 
 from __future__ import annotations
@@ -14,10 +15,24 @@ import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from ..kv.host_pool import KVTransfers
 from ..kv.manager import KVCacheManager
 from .request import Request, RequestStatus
 
 POLICIES = ("fcfs", "priority")
+PREEMPTION_MODES = ("recompute", "swap", "auto")
+"""``--preemption-mode`` values; the engine resolves ``auto`` to one of the others (:func:`swap_is_cheaper`)."""
+
+
+def swap_is_cheaper(kv_bytes_per_token: float, flops_per_token: float, host_bytes_per_s: float,
+                    flops_per_s: float) -> bool:
+    """The cost model of ``--preemption-mode auto``, per token of a preempted request: a swap
+    copies its KV to the host and back (``2 * kv_bytes_per_token`` over the host link), a
+    recompute runs the model over it once more (``flops_per_token``, about twice the parameter
+    count). Both grow linearly with the request's length, so one answer fits every request;
+    attention's quadratic part and prefix-cache hits, which tilt the balance either way for
+    long or shared prompts, are left out."""
+    return 2 * kv_bytes_per_token / host_bytes_per_s < flops_per_token / flops_per_s
 
 
 @dataclass
@@ -77,6 +92,8 @@ class SchedulerOutput:
     """Preempted this step: their blocks are gone, they restart from scratch when readmitted."""
     finished_ids: list[str] = field(default_factory=list)
     """Finished or aborted since the previous schedule()."""
+    transfers: KVTransfers = field(default_factory=KVTransfers)
+    """Block copies between the device cache and the host tier, made before the forward pass."""
 
     @property
     def num_batched_tokens(self) -> int:
@@ -88,6 +105,8 @@ class Scheduler:
 
     ``policy`` orders admission and preemption: ``"fcfs"`` by arrival; ``"priority"`` by
     ``(priority, arrival)``, lower first. Preemption picks the running request last in that order.
+    ``preemption_mode``: ``"recompute"`` drops the victim's KV; ``"swap"`` moves it to the KV
+    manager's host tier (recomputing when the tier has no room).
     """
 
     def __init__(
@@ -98,9 +117,12 @@ class Scheduler:
         policy: str = "fcfs",
         max_loras: int | None = None,
         num_speculative_tokens: int = 0,
+        preemption_mode: str = "recompute",
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if preemption_mode not in ("recompute", "swap"):
+            raise ValueError(f"preemption_mode must be recompute or swap, got {preemption_mode!r}")
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         self.kv = kv_manager
@@ -111,8 +133,11 @@ class Scheduler:
         """Distinct LoRA adapters one step may use (the device's slots); None: no adapters."""
         self.num_speculative_tokens = num_speculative_tokens
         """Room for proposed tokens given to each decoding request (speculative decoding)."""
+        self.preemption_mode = preemption_mode
         self.num_preemptions = 0
         """Preemptions since start, all requests together."""
+        self.num_swaps = 0
+        """Those of them by swap."""
         self._requests: dict[str, Request] = {}
         self._keys: dict[str, tuple] = {}
         self._arrivals = itertools.count()
@@ -246,9 +271,14 @@ class Scheduler:
                 # Set aside (not skipped for good): it keeps its place for the next step.
                 other_adapters.append(heapq.heappop(self._waiting))
                 continue
-            hit_ids, num_hits = self.kv.get_computed_blocks(request)
-            num_new = min(request.num_tokens - num_hits, budget)
-            block_ids = self.kv.allocate_slots(request, num_new, hit_ids, num_hits)
+            if self.kv.is_swapped(request):
+                num_hits = request.num_computed_tokens
+                num_new = min(request.num_tokens - num_hits, budget)
+                block_ids = self.kv.swap_in(request, num_new)
+            else:
+                hit_ids, num_hits = self.kv.get_computed_blocks(request)
+                num_new = min(request.num_tokens - num_hits, budget)
+                block_ids = self.kv.allocate_slots(request, num_new, hit_ids, num_hits)
             if block_ids is None:
                 break  # no skipping ahead: smaller requests behind it would starve it
             heapq.heappop(self._waiting)
@@ -262,7 +292,7 @@ class Scheduler:
             heapq.heappush(self._waiting, entry)
 
         finished, self._finished_ids = self._finished_ids, []
-        return SchedulerOutput(list(scheduled.values()), preempted, finished)
+        return SchedulerOutput(list(scheduled.values()), preempted, finished, self.kv.take_transfers())
 
     def _adapter_fits(self, request: Request, adapters: set[int]) -> bool:
         """Whether ``request`` may join a step using ``adapters`` (0 stands for the base model)."""
@@ -337,14 +367,18 @@ class Scheduler:
         return updated
 
     def _preempt(self, request: Request) -> None:
-        """Drop a running request's KV; it waits to be recomputed (prompt + output so far).
+        """Swap a running request's KV out to the host tier, or drop it; it waits to be resumed
+        where it was, or recomputed (prompt + output so far).
 
         It rejoins the waiting queue under its original key, so it keeps its place in the
         policy order: under fcfs, the head, ahead of everything that arrived after it.
         """
         self._running.remove(request)
-        self.kv.free(request)  # before num_computed_tokens is reset: free() reads it
-        request.num_computed_tokens = 0
+        if self.preemption_mode == "swap" and self.kv.swap_out(request):
+            self.num_swaps += 1
+        else:
+            self.kv.free(request)  # before num_computed_tokens is reset: free() reads it
+            request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions += 1

@@ -21,6 +21,7 @@ import msgspec
 import torch
 
 from ..sample.params import SamplingParams
+from ..kv.host_pool import KVTransfers
 from ..sched.request import Request
 from ..sched.scheduler import ScheduledRequest, SchedulerOutput
 from ..structured.bitmask import GrammarBitmask
@@ -74,6 +75,9 @@ class Launch(msgspec.Struct, tag=True, array_like=True):
     sample: bool = True
     """False: the forward pass only; a ``Sample`` message follows (structured output's masks)."""
     grammar: Optional[Mask] = None
+    to_host: list[tuple[int, int]] = []
+    """The step's ``KVTransfers``: (device block, host block) copies to the host tier, then back."""
+    to_device: list[tuple[int, int]] = []
 
 
 class Sample(msgspec.Struct, tag=True, array_like=True):
@@ -153,7 +157,7 @@ class StepSender:
                                                s.token_pending, s._num_tokens, s.draft_token_ids)
                                      for s in out.scheduled],
                          list(out.finished_ids), None if previous is None else self._steps[id(previous)], sample,
-                         Mask.of(grammar))
+                         Mask.of(grammar), out.transfers.to_host, out.transfers.to_device)
         return message, step
 
     def sample(self, pending: PendingStep, grammar: Optional[GrammarBitmask]) -> Sample:
@@ -207,7 +211,9 @@ class StepMirror:
             entry.token_pending, entry._num_tokens = item.token_pending, item.num_tokens
             scheduled.append(entry)
         previous = self.pending.get(message.previous) if message.previous is not None else None
-        pending = self.runner.launch(SchedulerOutput(scheduled=scheduled, finished_ids=message.finished_ids), previous,
+        transfers = KVTransfers(message.to_host, message.to_device)
+        pending = self.runner.launch(SchedulerOutput(scheduled=scheduled, finished_ids=message.finished_ids,
+                                                     transfers=transfers), previous,
                                      message.grammar.grammar() if message.grammar else None, message.sample)
         if self.collects_at_launch:
             if pending is not None:

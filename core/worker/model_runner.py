@@ -19,7 +19,9 @@ from ..models import DecoderForCausalLM, decoder_settings
 from ..models.batch import ForwardBatch
 from ..models.layers.linear import Linear
 from ..models.parallel import PipelineParallel, TensorParallel
+from ..kv.host_pool import KVTransfers
 from ..platform import Platform, QuantizationMethod, Registry
+from ..platform.reference import host_cache_shape
 from ..sample.sampler import Sampler, SamplerOutput, SamplingMetadata
 from ..sample.params import SamplingParams
 from ..sched.request import Request
@@ -109,6 +111,9 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}
         self.prompt_logprobs_next: dict[str, int] = {}
         self.kv_caches: list[torch.Tensor] = []
+        self.host_caches: list[torch.Tensor] = []
+        """The host tier's copy of each layer's cache (KV offload, preemption by swap); block first."""
+        self.num_host_blocks = 0
         self.buffers: InputBuffers | None = None
         self.decode_graphs: DecodeGraphs | None = None
         self.draft: ModelRunner | None = None
@@ -129,6 +134,30 @@ class ModelRunner:
         s = self.settings
         self.kv_caches = [torch.zeros(cls.kv_cache_shape(num_blocks, self.block_size, self.num_kv_heads, s.head_dim),
                                       dtype=self.cache_dtype, device=self.device) for cls in self.backend_classes]
+
+    def allocate_host_cache(self, num_blocks: int) -> None:
+        """The host tier's tensors: ``num_blocks`` blocks of every layer, in pinned memory where
+        the device is not the CPU (asynchronous copies need it). On the CPU they are a second
+        tensor in the same memory, which is what lets the CPU platform exercise the host tier."""
+        pinned = self.device.type != "cpu"
+        self.host_caches = [torch.empty(host_cache_shape(tuple(cache.shape), cls.kv_cache_block_dim, num_blocks),
+                                        dtype=cache.dtype, pin_memory=pinned)
+                            for cache, cls in zip(self.kv_caches, self.backend_classes)]
+        self.num_host_blocks = num_blocks
+
+    def _swap(self, transfers: KVTransfers) -> None:
+        """Queue a step's block copies (``KVTransfers``), offloads first, one op call per
+        direction and cache layout, before anything of the step reads or writes those blocks."""
+        by_block_dim: dict[int, list[int]] = {}
+        for layer, cls in enumerate(self.backend_classes):
+            by_block_dim.setdefault(cls.kv_cache_block_dim, []).append(layer)
+        for pairs, to_host in ((transfers.to_host, True), (transfers.to_device, False)):
+            if not pairs:
+                continue
+            index = torch.tensor(pairs, dtype=torch.int64)
+            for block_dim, layers in by_block_dim.items():
+                self.ops.swap_blocks([self.kv_caches[i] for i in layers], [self.host_caches[i] for i in layers],
+                                     index, block_dim, to_host=to_host)
 
     def drop_requests(self, request_ids: list[str]) -> None:
         for rid in request_ids:
@@ -196,6 +225,8 @@ class ModelRunner:
         later: the engine fills a step's grammar masks while its forward pass runs.
         """
         self.drop_requests(out.finished_ids)
+        if out.transfers:
+            self._swap(out.transfers)
         scheduled = out.scheduled
         if not scheduled:
             return None

@@ -67,6 +67,8 @@ class RunnerPlan:
     speculative: Optional[SpeculativeConfig] = None
     expert_parallel: bool = False
     """Split a mixture-of-experts model's experts across the tensor-parallel ranks, whole."""
+    kv_offloading_bytes: int = 0
+    """Host memory for the KV cache's host tier, all ranks together; 0: none."""
 
     @property
     def world_size(self) -> int:
@@ -212,6 +214,15 @@ def build_runner(plan: RunnerPlan, registry: Registry, platform: Platform, sourc
         logger.info("draft model %s: weights %.2f GiB, KV cache %.2f GiB (the target's %d blocks, its block tables)",
                     plan.speculative.model, draft.weight_bytes / _GIB, num_blocks * draft.kv_bytes_per_block() / _GIB,
                     num_blocks)
+    if plan.kv_offloading_bytes:
+        num_host_blocks = _smallest(plan.kv_offloading_bytes // world.size // runner.kv_bytes_per_block(), world,
+                                    runner.device)
+        if num_host_blocks < 1:
+            raise ValueError(f"--kv-offloading-size {plan.kv_offloading_bytes / _GIB:g} GiB holds no KV block "
+                             f"({runner.kv_bytes_per_block() * world.size} bytes across the ranks): raise it")
+        runner.allocate_host_cache(num_host_blocks)
+        logger.info("KV host tier: %d blocks = %d tokens (%.2f GiB per rank)", num_host_blocks,
+                    num_host_blocks * plan.block_size, num_host_blocks * runner.kv_bytes_per_block() / _GIB)
     if place.pp.size > 1:
         tp_size = place.tp.size
         runner.stage_link = StageLink(world.comm, None if place.pp.is_first else place.rank - tp_size,

@@ -9,7 +9,7 @@ from runtime.platform import AttentionBackend
 from runtime.platform.reference import OPS
 
 from ..compare import dtype_name
-from ..kernel_checks import CHECKS, DTYPE_INDEPENDENT, check_copy_blocks
+from ..kernel_checks import CHECKS, DTYPE_INDEPENDENT, check_copy_blocks, check_swap_blocks
 from ..params import case, parametrize, unsupported
 
 
@@ -31,9 +31,10 @@ def _kernels(target):
 def test_kernel(case, target):
     kernel, dtype = case
     generator = torch.Generator().manual_seed(0)
-    if kernel.op == "copy_blocks":
+    if kernel.op in ("copy_blocks", "swap_blocks"):
         backends = target.backends or [AttentionBackend]
         layouts = [(lambda n, b=b: tuple(b.kv_cache_shape(n, 4, 2, 8)), b.kv_cache_block_dim) for b in backends]
-        check_copy_blocks(kernel.fn, dtype, target.device, generator, layouts)
+        check = check_copy_blocks if kernel.op == "copy_blocks" else check_swap_blocks
+        check(kernel.fn, dtype, target.device, generator, layouts)
     else:
         CHECKS[kernel.op](kernel.fn, dtype, target.device, generator)

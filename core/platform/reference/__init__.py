@@ -8,7 +8,7 @@ same signature.
 from .activation import gelu_and_mul, silu_and_mul
 from .attention import ReferenceAttentionBackend, paged_attention
 from .grammar import apply_token_bitmask
-from .kv import copy_blocks
+from .kv import copy_blocks, host_cache_shape, swap_blocks
 from .linear import linear
 from .lora import lora_add, lora_add_per_slice, lora_expand, lora_shrink
 from .moe import MOE_ACTIVATIONS, fused_moe, select_experts
@@ -28,9 +28,10 @@ OPS = {
     "lora_add": lora_add,
     "fused_moe": fused_moe,
     "copy_blocks": copy_blocks,
+    "swap_blocks": swap_blocks,
     "apply_top_k_top_p_min_p": apply_top_k_top_p_min_p,
     "apply_token_bitmask": apply_token_bitmask,
 }
 
-__all__ = ["MOE_ACTIVATIONS", "OPS", "ReferenceAttentionBackend", "build_cos_sin_cache", "lora_add_per_slice",
+__all__ = ["MOE_ACTIVATIONS", "OPS", "ReferenceAttentionBackend", "build_cos_sin_cache", "host_cache_shape", "lora_add_per_slice",
            "paged_attention", "select_experts", *OPS]

@@ -42,6 +42,18 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     return out[:, :heads], out[:, heads:]
 
 
+def swap_blocks(kv_caches: list[torch.Tensor], host_caches: list[torch.Tensor], pairs: torch.Tensor,
+                block_dim: int = 1, to_host: bool = True) -> None:
+    # Both copies are in the same memory: one gather and one scatter per layer, done on return.
+    device_ids, host_ids = pairs[:, 0], pairs[:, 1]
+    for cache, host in zip(kv_caches, host_caches):
+        blocks = cache.movedim(block_dim, 0)
+        if to_host:
+            host[host_ids] = blocks[device_ids]
+        else:
+            blocks[device_ids] = host[host_ids]
+
+
 KERNELS = [
     Kernel("cpu", "rms_norm", rms_norm),
     Kernel("cpu", "fused_add_rms_norm", fused_add_rms_norm),
@@ -50,4 +62,5 @@ KERNELS = [
     Kernel("cpu", "lora_expand", lora_expand),
     Kernel("cpu", "lora_add", lora_add),
     Kernel("cpu", "fused_moe", fused_moe),
+    Kernel("cpu", "swap_blocks", swap_blocks),
 ]

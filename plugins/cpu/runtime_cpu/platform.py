@@ -31,6 +31,9 @@ class CpuPlatform(Platform):
     dist_backend = "gloo"
     supported_dtypes = (torch.float32, torch.bfloat16, torch.float16)
     unified_memory = True
+    # --preemption-mode auto, where a test lifts unified_memory: a memcpy against a few cores' matmuls.
+    host_copy_bytes_per_s = 1.0e10
+    flops_per_s = 1.0e11
 
     # Without --kv-cache-memory the KV cache takes this share of available memory after the
     # weights, capped so a laptop keeps room for everything else.

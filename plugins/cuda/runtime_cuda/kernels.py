@@ -15,6 +15,8 @@ the sum first, as the reference does, so the norm sees the same values).
 - ``fused_moe``: ``moe.py``'s grouped GEMMs, one launch for gate/up (with the activation) and one
   for down over the token/expert pairs sorted by expert.
 - ``apply_token_bitmask``: ``bitmask.py``'s kernel, structured output's mask of every constrained row.
+- ``swap_blocks``: ``swap.py``'s asynchronous copies between the KV cache and its pinned host copy
+  on a side stream (KV offload, preemption by swap).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from runtime.platform import Kernel
 from .bitmask import apply_token_bitmask
 from .lora import lora_add, lora_expand, lora_shrink
 from .moe import fused_moe
+from .swap import swap_blocks
 from .skinny_matmul import linear
 from .triton_attention import tanh
 
@@ -202,4 +205,5 @@ KERNELS = [
     Kernel("cuda", "lora_add", lora_add),
     Kernel("cuda", "fused_moe", fused_moe),
     Kernel("cuda", "apply_token_bitmask", apply_token_bitmask),
+    Kernel("cuda", "swap_blocks", swap_blocks),
 ]

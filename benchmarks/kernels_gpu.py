@@ -88,13 +88,16 @@ def bitmask_cases(bandwidth: float) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kernels", nargs="*", choices=["wna16", "bitmask"], default=["wna16", "bitmask"])
+    parser.add_argument("kernels", nargs="*", help="wna16, bitmask (default: both)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    cases = {"wna16": wna16_cases, "bitmask": bitmask_cases}
+    unknown = set(args.kernels) - set(cases)
+    if unknown:
+        parser.error(f"unknown kernels {sorted(unknown)}; choose from {sorted(cases)}")
     bandwidth = copy_bandwidth()
     print(json.dumps({"device": torch.cuda.get_device_name(), "copy_GBps": round(bandwidth / 1e9)}), flush=True)
-    cases = {"wna16": wna16_cases, "bitmask": bitmask_cases}
-    results = [row for name in args.kernels for row in cases[name](bandwidth)]
+    results = [row for name in args.kernels or list(cases) for row in cases[name](bandwidth)]
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

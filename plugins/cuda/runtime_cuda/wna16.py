@@ -106,17 +106,23 @@ def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
         tl.atomic_add(out_ptrs, acc, mask=out_ok)
 
 
-def plan(m: int, n: int, k: int, sm_count: int = 132) -> dict:
+def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2) -> dict:
     """Tiles for an [m, k] by [n, k] product: skinny products split K until about two programs
-    per multiprocessor run; larger ones use prefill tiles. (To be tuned on a GPU with
-    benchmarks/quant_gpu.py --sweep.)"""
+    per multiprocessor run; larger ones use prefill tiles. Float32 activations (``element_size``
+    4) take half the K depth and pipeline stages: their tiles need twice the shared memory (the
+    16-bit decode tiles in float32 asked an H100 for 352 KB of its 227). (To be tuned on a GPU
+    with benchmarks/quant_gpu.py --sweep.)"""
+    wide = element_size > 2
     if m <= 16:
         tiles = triton.cdiv(n, 64)
         split = max(1, min(k // 256, (2 * sm_count) // tiles))
-        return dict(block_m=16, block_n=64, block_k=128, split_k=split, num_warps=4, num_stages=4)
+        return dict(block_m=16, block_n=64, block_k=64 if wide else 128, split_k=split, num_warps=4,
+                    num_stages=2 if wide else 4)
     if m <= 64:
-        return dict(block_m=64, block_n=128, block_k=64, split_k=1, num_warps=4, num_stages=4)
-    return dict(block_m=128, block_n=128, block_k=64, split_k=1, num_warps=8, num_stages=3)
+        return dict(block_m=64, block_n=64 if wide else 128, block_k=64, split_k=1, num_warps=4,
+                    num_stages=2 if wide else 4)
+    return dict(block_m=64 if wide else 128, block_n=128, block_k=32 if wide else 64, split_k=1,
+                num_warps=4 if wide else 8, num_stages=2 if wide else 3)
 
 
 def matmul(weight: WNA16Weight, x: torch.Tensor, bias: torch.Tensor | None = None, **tiles) -> torch.Tensor:
@@ -130,7 +136,7 @@ def matmul(weight: WNA16Weight, x: torch.Tensor, bias: torch.Tensor | None = Non
     n = weight.qweight.shape[1]
     if not tiles:
         sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
-        tiles = plan(m, n, k, sm)
+        tiles = plan(m, n, k, sm, x.element_size())
     split = tiles["split_k"]
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1 else \
         torch.empty(m, n, dtype=x.dtype, device=x.device)

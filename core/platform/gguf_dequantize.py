@@ -26,8 +26,8 @@ class GgufDequantizeMethod(QuantizationMethod):
     def dequantize(self, raw: RawQuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
         """The dense ``raw.shape`` tensor in ``dtype`` on the host; ``ValueError`` for an unsupported qtype.
 
-        ``raw.data`` is the tensor as ``gguf.GGUFReader`` exposes it: rows of block bytes for
-        quantized types, a typed array for float types.
+        ``raw.data`` is the tensor as ``gguf.GGUFReader`` (and ``runtime.loader.gguf_file``)
+        exposes it: rows of block bytes for quantized types, a typed array for float types.
         """
         if raw.qtype not in self.supported_qtypes:
             supported = ", ".join(sorted(self.supported_qtypes))

@@ -97,7 +97,14 @@ def test_report_describes_the_run(runs):
                                 "contract": ">=1.0,<2"}
     assert report["contract_version"] == CONTRACT_VERSION
     assert report["device"]["type"] == "cpu" and report["device"]["name"]
-    assert set(report["checks"][0]) == {"id", "family", "outcome", "reason", "duration_s"}
+    assert set(report["checks"][0]) == {"id", "family", "outcome", "reason", "duration_s", "margin"}
+    # Each numeric check keeps its closest comparison, so a vendor sees a margin shrink before it fails.
+    margins = {c["id"]: c["margin"] for c in report["checks"] if c["margin"]}
+    rms = margins["kernels/kernel[rms_norm-bfloat16]"]
+    assert rms["dtype"] == "bfloat16" and rms["comparisons"] == 3 and 0 < rms["used"] <= 1
+    assert rms["mean"] <= rms["limit_mean"] and rms["baseline_mean"] > 0
+    assert all(m["used"] <= 1 for m in margins.values())
+    assert any(i.startswith("attention/") for i in margins)
     assert report["summary"]["pass"] == len(runs["cpu"].checks("pass"))
     # The summary table a vendor pastes into a README.
     assert "| area | pass | fail | skip |" in runs["cpu"].output

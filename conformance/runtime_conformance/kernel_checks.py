@@ -4,7 +4,9 @@ against the core's reference on the same fresh random inputs.
 Each check is ``check(fn, dtype, device, generator)`` (``copy_blocks`` also takes the cache
 layouts to copy in) and raises AssertionError naming the op,
 the variant (shape, epsilon, rope scaling, ...) and the worst mismatch. Inputs are built on the
-CPU, the reference runs there, the kernel runs on the platform's device.
+CPU, the reference runs there, the kernel runs on the platform's device. Numeric results are
+held to the exact result (the reference on the inputs widened to float64) by both rules of
+:mod:`runtime_conformance.compare`, the baseline being the reference on the inputs as given.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch
 
 from runtime.platform.reference import OPS, build_cos_sin_cache, host_cache_shape
 
-from .compare import assert_close
+from .compare import assert_close, assert_precise
+from .tolerances import ELEMENTWISE_FLOOR
 
 
 def _randn(g: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -24,6 +27,15 @@ def _randn(g: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32) 
 
 def _on(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.to(device) for t in tensors]
+
+
+def _wide(value):
+    return value.double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+
+def reference(op: str, *args, **kwargs):
+    """(exact, baseline): the reference op on the inputs widened to float64, and on them as given."""
+    return OPS[op](*map(_wide, args), **kwargs), OPS[op](*args, **kwargs)
 
 
 def _magnitude(t: torch.Tensor) -> float:
@@ -37,8 +49,9 @@ def check_rms_norm(fn, dtype, device, g):
         scale = 10 ** (torch.rand(*shape[:-1], 1, generator=g) * 4 - 3)
         x = (_randn(g, *shape) * scale).to(dtype)
         weight = (1 + 0.1 * _randn(g, shape[-1])).to(dtype)
-        expected = OPS["rms_norm"](x, weight, eps)
-        assert_close(fn(*_on(device, x, weight), eps), expected, dtype, f"rms_norm (input {list(shape)}, eps {eps})")
+        exact, baseline = reference("rms_norm", x, weight, eps)
+        assert_precise(fn(*_on(device, x, weight), eps), exact, baseline, dtype,
+                       f"rms_norm (input {list(shape)}, eps {eps})", floor=ELEMENTWISE_FLOOR)
 
 
 def check_fused_add_rms_norm(fn, dtype, device, g):
@@ -46,12 +59,12 @@ def check_fused_add_rms_norm(fn, dtype, device, g):
         scale = 10 ** (torch.rand(shape[0], 1, generator=g) * 4 - 3)
         x, residual = (_randn(g, *shape) * scale).to(dtype), (_randn(g, *shape) * scale).to(dtype)
         weight = (1 + 0.1 * _randn(g, shape[-1])).to(dtype)
-        normed, summed = OPS["fused_add_rms_norm"](x, residual, weight, eps)
+        exact, baseline = reference("fused_add_rms_norm", x, residual, weight, eps)
         got = fn(*_on(device, x, residual, weight), eps)
         what = f"fused_add_rms_norm (input {list(shape)}, eps {eps})"
         assert isinstance(got, tuple) and len(got) == 2, f"{what}: must return (normed, residual + x)"
-        assert_close(got[1], summed, dtype, f"{what}, returned residual")
-        assert_close(got[0], normed, dtype, f"{what}, normed output")
+        assert_precise(got[1], exact[1], baseline[1], dtype, f"{what}, returned residual", floor=ELEMENTWISE_FLOOR)
+        assert_precise(got[0], exact[0], baseline[0], dtype, f"{what}, normed output", floor=ELEMENTWISE_FLOOR)
 
 
 ROPE_SCALINGS = {
@@ -72,37 +85,39 @@ def check_rotary_embedding(fn, dtype, device, g):
         for rotary_dim in (head_size, head_size // 2):
             cache = build_cos_sin_cache(rotary_dim, 10000.0, max_positions, scaling)
             for is_neox in (True, False):
-                expected = OPS["rotary_embedding"](positions, query, key, cache, is_neox)
+                exact, baseline = reference("rotary_embedding", positions, query, key, cache, is_neox)
                 got = fn(*_on(device, positions, query, key, cache), is_neox)
                 what = f"rotary_embedding (rope {name}, rotary_dim {rotary_dim} of {head_size}, is_neox={is_neox})"
-                assert_close(got[0], expected[0], dtype, f"{what}, query")
-                assert_close(got[1], expected[1], dtype, f"{what}, key")
+                assert_precise(got[0], exact[0], baseline[0], dtype, f"{what}, query")
+                assert_precise(got[1], exact[1], baseline[1], dtype, f"{what}, key")
 
 
 def check_silu_and_mul(fn, dtype, device, g):
     for shape in ((9, 128), (3, 5, 200)):
         x = (3 * _randn(g, *shape)).to(dtype)
-        assert_close(fn(*_on(device, x)), OPS["silu_and_mul"](x), dtype, f"silu_and_mul (input {list(shape)})")
+        assert_precise(fn(*_on(device, x)), *reference("silu_and_mul", x), dtype, f"silu_and_mul (input {list(shape)})",
+                       floor=ELEMENTWISE_FLOOR)
 
 
 def check_gelu_and_mul(fn, dtype, device, g):
     x = (3 * _randn(g, 9, 128)).to(dtype)
     for approximate in ("none", "tanh"):
-        assert_close(fn(*_on(device, x), approximate=approximate), OPS["gelu_and_mul"](x, approximate=approximate),
-                     dtype, f"gelu_and_mul (approximate={approximate!r})")
+        assert_precise(fn(*_on(device, x), approximate=approximate), *reference("gelu_and_mul", x, approximate=approximate),
+                       dtype, f"gelu_and_mul (approximate={approximate!r})", floor=ELEMENTWISE_FLOOR)
 
 
 def check_linear(fn, dtype, device, g):
-    # Row counts on both sides of 16 (kernels often special-case few rows) and reductions that
-    # are not a multiple of a tile; weights scaled so outputs are of magnitude 1.
-    for rows, n, k, bias in ((1, 96, 200, False), (5, 130, 64, True), (16, 64, 520, False), (17, 48, 96, True),
-                             (64, 200, 136, False)):
+    # Row counts on both sides of 16 (kernels often special-case few rows), reductions that
+    # are not a multiple of a tile, and one as long as a large model's MLP, where accumulating
+    # in a narrow dtype shows; weights scaled so outputs are of magnitude 1.
+    for rows, n, k, bias in ((8, 64, 8192, False), (1, 96, 200, False), (5, 130, 64, True), (16, 64, 520, False),
+                             (17, 48, 96, True), (64, 200, 136, False)):
         x = _randn(g, rows, k, dtype=dtype)
         weight = (_randn(g, n, k) * k ** -0.5).to(dtype)
         b = _randn(g, n, dtype=dtype) if bias else None
-        expected = OPS["linear"](x.float(), weight.float(), None if b is None else b.float()).to(dtype)
         got = fn(*_on(device, x, weight), None if b is None else b.to(device))
-        assert_close(got, expected, dtype, f"linear ({rows} x {k} by [{n}, {k}]{', bias' if bias else ''})")
+        assert_precise(got, *reference("linear", x, weight, b), dtype,
+                       f"linear ({rows} x {k} by [{n}, {k}]{', bias' if bias else ''})")
 
 
 # Steps of the engine, as adapter slots per token (-1: no adapter). Tokens of one request are
@@ -146,10 +161,10 @@ def check_lora_shrink(fn, dtype, device, g):
     for name, step in LORA_STEPS.items():
         slots = torch.tensor(step)
         x = _randn(g, len(step), in_features, dtype=dtype)
-        expected = OPS["lora_shrink"](x, lora_a, slots, scale)
+        exact, baseline = reference("lora_shrink", x, lora_a, slots, scale)
         got = fn(*_on(device, x, lora_a, slots), scale)
         what = _lora_what("lora_shrink", name, f"{in_features} input features, scale {scale}")
-        assert_close(got, expected, dtype, what, scale=_magnitude(expected))
+        assert_precise(got, exact, baseline, dtype, what, scale=_magnitude(exact))
         rows = (slots == LORA_PADDED_SLOT).nonzero().flatten()
         unpadded = OPS["lora_shrink"](x[rows], lora_a[LORA_PADDED_SLOT, None, :LORA_PADDED_RANK],
                                       torch.zeros_like(rows), scale)
@@ -163,10 +178,10 @@ def check_lora_expand(fn, dtype, device, g):
     for name, step in LORA_STEPS.items():
         slots = torch.tensor(step)
         shrunk, base = _randn(g, len(step), LORA_RANK, dtype=dtype), _randn(g, len(step), out_features, dtype=dtype)
-        expected = OPS["lora_expand"](shrunk, lora_b, slots, base)
+        exact, baseline = reference("lora_expand", shrunk, lora_b, slots, base)
         got = fn(*_on(device, shrunk, lora_b, slots, base))
         what = _lora_what("lora_expand", name, f"{out_features} output features")
-        assert_close(got, expected, dtype, what, scale=_magnitude(expected))
+        assert_precise(got, exact, baseline, dtype, what, scale=_magnitude(exact))
         rows = (slots == LORA_PADDED_SLOT).nonzero().flatten()
         unpadded_b = lora_b[LORA_PADDED_SLOT, None, :, :LORA_PADDED_RANK]
         unpadded = OPS["lora_expand"](shrunk[rows, :LORA_PADDED_RANK], unpadded_b, torch.zeros_like(rows), base[rows])
@@ -187,7 +202,7 @@ def check_lora_add(fn, dtype, device, g):
         for name, step in LORA_STEPS.items():
             slots = torch.tensor(step)
             x, y = _randn(g, len(step), in_features, dtype=dtype), _randn(g, len(step), sum(slices), dtype=dtype)
-            expected = OPS["lora_add"](y.clone(), x, lora_a, lora_b, slots, slices, scale)
+            exact, baseline = reference("lora_add", y.clone(), x, lora_a, lora_b, slots, slices, scale)
             target = y.to(device, copy=True)  # y itself stays as it was, for the checks below
             got = fn(target, *_on(device, x, lora_a, lora_b, slots), slices, scale)
             what = _lora_what("lora_add", name, f"partitions {list(slices)} of {in_features} input features, scale {scale}")
@@ -196,7 +211,7 @@ def check_lora_add(fn, dtype, device, g):
             base_rows = slots < 0
             assert torch.equal(target.cpu()[base_rows], y[base_rows]), \
                 f"{what}: changed rows of tokens without an adapter (slot -1)"
-            assert_close(target, expected, dtype, what, scale=_magnitude(expected))
+            assert_precise(target, exact, baseline, dtype, what, scale=_magnitude(exact))
             rows = (slots == LORA_PADDED_SLOT).nonzero().flatten()
             unpadded_a = torch.cat([lora_a[LORA_PADDED_SLOT, None, i * LORA_RANK:i * LORA_RANK + LORA_PADDED_RANK]
                                     for i in range(len(slices))], 1)
@@ -230,13 +245,13 @@ def _moe_logits(g: torch.Generator, tokens: int, experts: int, skew: bool) -> to
     return logits
 
 
-def _moe_expected(x, logits, w13, w2, top_k, renormalize, **kwargs) -> torch.Tensor:
-    """The reference in float64 (no intermediate rounding), rounded once to x's dtype; float8
-    weights enter dequantized."""
+def _moe_exact(x, logits, w13, w2, top_k, renormalize, **kwargs) -> torch.Tensor:
+    """The reference in float64 (no intermediate rounding; routing weights and the activation in
+    float32); float8 weights enter dequantized."""
     w13_scale, w2_scale = kwargs.pop("w13_scale", None), kwargs.pop("w2_scale", None)
     if w13_scale is not None:
         w13, w2 = w13.double() * w13_scale.double()[..., None], w2.double() * w2_scale.double()[..., None]
-    return OPS["fused_moe"](x.double(), logits, w13.double(), w2.double(), top_k, renormalize, **kwargs).to(x.dtype)
+    return OPS["fused_moe"](x.double(), logits, w13.double(), w2.double(), top_k, renormalize, **kwargs)
 
 
 def _fp8_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,13 +277,14 @@ def check_fused_moe(fn, dtype, device, g):
             ", float8 e4m3 weights with per-channel scales": ((x, logits, q13, q2), {"w13_scale": s13, "w2_scale": s2}),
         }
         for variant, (args, kwargs) in variants.items():
-            expected = _moe_expected(*args, top_k, renormalize, **kwargs)
+            exact = _moe_exact(*args, top_k, renormalize, **kwargs)
+            baseline = OPS["fused_moe"](*args, top_k, renormalize, **kwargs)
             got = fn(*_on(device, *args), top_k, renormalize, "silu",
                      **{k: v.to(device) for k, v in kwargs.items()})
             loads = torch.bincount(torch.topk(logits, top_k).indices.flatten(), minlength=experts).tolist()
             what = (f"fused_moe ({tokens} tokens x top-{top_k} of {experts} experts, pairs per expert {loads}, "
                     f"hidden {hidden}, expert width {width}, renormalize={renormalize}{variant})")
-            assert_close(got, expected, dtype, what, scale=_magnitude(expected))
+            assert_precise(got, exact, baseline, dtype, what, scale=_magnitude(exact))
 
 
 def check_copy_blocks(fn, dtype, device, g, layouts: list[tuple[Callable[[int], tuple[int, ...]], int]]):

@@ -12,6 +12,10 @@ round-to-nearest-even cast of K/V, saturated at the format's largest value (an u
 as vLLM keeps without calibrated scales). The backend must store exactly those values; since
 every fp8 value is exact in float16, bfloat16 and float32, its output is then held to the model
 dtype's tolerance, as with a cache in the model dtype.
+
+Outputs are compared with the reference computed in float64 by both rules of
+:mod:`runtime_conformance.compare`, the baseline being the reference computed in float32 from
+the same cache and rounded to the model dtype.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 from runtime.platform import AttentionBackend, AttentionMetadata, AttentionSpec
 from runtime.platform.reference.attention import paged_attention
 
-from .compare import dtype_name, mismatch
+from .compare import dtype_name, precision
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,8 @@ class PagedRun:
 
     def describe(self, seq: int, cached: int, new: int) -> str:
         blocks = math.ceil((cached + new) / self.spec.block_size)
-        return f"sequence {seq} ({cached} cached + {new} new tokens over {blocks} blocks, {_kind(cached, new)})"
+        return (f"sequence {seq} ({cached} cached + {new} new tokens over {blocks} blocks, {_kind(cached, new)}), "
+                f"query row r at position {cached} + r")
 
     def _step_inputs(self, step: tuple[tuple[int, int], ...]):
         spec, bs = self.spec, self.spec.block_size
@@ -139,8 +144,11 @@ class PagedRun:
             query, key, value, meta = self._step_inputs(step)
             out = backend.forward(query.to(self.device), key.to(self.device), value.to(self.device), self.cache,
                                   self._on_device(meta))
-            ref = paged_attention(query, key, value, self.ref_cache, meta, spec.scale, spec.sliding_window,
-                                  spec.logits_soft_cap)
+            # The float64 query makes a float64 output; K/V are stored in the cache dtype either way.
+            exact = paged_attention(query.double(), key.double(), value.double(), self.ref_cache, meta, spec.scale,
+                                    spec.sliding_window, spec.logits_soft_cap)
+            baseline = paged_attention(query, key, value, self.ref_cache, meta, spec.scale, spec.sliding_window,
+                                       spec.logits_soft_cap, compute_dtype=torch.float32)
             difference = self.cache_difference() if check_cache else None
             if difference:
                 raise AssertionError(f"K/V cache after step {index + 1} of {steps}: {difference}")
@@ -151,9 +159,11 @@ class PagedRun:
                 out = out.cpu()
                 for row, (seq, new) in enumerate(step):
                     rows = slice(meta.query_start_loc_cpu[row], meta.query_start_loc_cpu[row + 1])
-                    problem = mismatch(out[rows], ref[rows], spec.dtype)
+                    where = self.describe(seq, self.position[seq], new)
+                    problem = precision(out[rows], exact[rows], baseline[rows], spec.dtype,
+                                        f"step {index + 1} of {steps}, {where}")
                     if problem:
-                        problems.append(f"{self.describe(seq, self.position[seq], new)}: {problem}")
+                        problems.append(f"{where}: {problem}")
             if problems:
                 ok = len(step) - len(problems)
                 raise AssertionError(

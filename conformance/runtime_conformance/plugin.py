@@ -68,6 +68,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.user_properties.append((CHECK_PROPERTY, check_identity(module.__name__, item.name)))
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """Record the margins of every comparison a check makes; its report keeps the closest one."""
+    if REPORT not in item.config.stash:
+        return (yield)
+    from .compare import recording
+    from .report import CHECK_PROPERTY, MARGIN_PROPERTY
+
+    if not any(name == CHECK_PROPERTY for name, _ in item.user_properties):
+        return (yield)
+
+    with recording() as margins:
+        try:
+            return (yield)
+        finally:
+            if margins:
+                closest = max(margins, key=lambda m: m.used)
+                item.user_properties.append((MARGIN_PROPERTY, {**closest.as_dict(), "comparisons": len(margins)}))
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionstart(session: pytest.Session) -> None:
     if REPORT in session.config.stash:

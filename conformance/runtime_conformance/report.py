@@ -34,10 +34,16 @@ class Check:
     reason: str
     """Why it failed or was skipped (a skip that starts with "unsupported:" is a feature the plugin does not declare)."""
     duration_s: float
+    margin: dict | None = None
+    """The statistics of the check's comparison closest to failing (:class:`runtime_conformance.compare.Margin`,
+    plus how many comparisons it made), or None for a check that compares no numbers. A ``used``
+    creeping towards 1 over releases is a margin shrinking before it fails."""
 
 
 CHECK_PROPERTY = "runtime_conformance_check"
 """The user property carrying (family, check id) from each collected check to its reports."""
+MARGIN_PROPERTY = "runtime_conformance_margin"
+"""The user property carrying a check's closest comparison (a dict) to its call report."""
 
 
 def check_identity(module_name: str, item_name: str) -> tuple[str, str]:
@@ -62,7 +68,8 @@ class Report:
 
     def record(self, report: pytest.TestReport) -> None:
         """Keep each check's call outcome, or its setup/teardown outcome where that failed or skipped."""
-        ids = dict(report.user_properties).get(CHECK_PROPERTY)
+        properties = dict(report.user_properties)
+        ids = properties.get(CHECK_PROPERTY)
         if ids is None or (report.when != "call" and report.passed):
             return
         family, check_id = ids
@@ -70,7 +77,7 @@ class Report:
         if previous is not None and previous.outcome == "fail":
             return  # a teardown error must not hide the call's failure
         self.checks[check_id] = Check(check_id, family, _OUTCOMES[report.outcome], _reason(report),
-                                      round(report.duration, 3))
+                                      round(report.duration, 3), properties.get(MARGIN_PROPERTY))
 
     def header(self, target: Target | None) -> dict:
         status = target.status if target else None

@@ -7,6 +7,11 @@ magnitude 1: room for another accumulation order, fused multiply-adds or a fast 
 square root, far too little for a semantic bug (a missing token, a wrong scale, a lost epsilon).
 float32 is a bit wider than two ulps so a device's float32 matmul may accumulate in blocks; it
 may not compute in a narrower type (TF32 or bf16 "float32" fails, as it should).
+
+Elementwise limits alone let a systematic fault hide under the rounding of a narrow dtype: in
+bfloat16 two units in the last place absorb an activation approximated badly in its tails, a
+product accumulated in bfloat16, or an epsilon lost on small rows. So each result is also held
+to the error a correct implementation makes in the same dtype (see :class:`Precision`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,55 @@ class Tolerance:
     Two to three times the largest difference a correct platform shows on the tiny model (float16 0.03,
     bfloat16 0.17 with the CPU platform); a semantic bug moves logprobs by whole units."""
 
+
+@dataclass(frozen=True)
+class Precision:
+    """How much larger than a correct implementation's a candidate's error may be.
+
+    Errors are measured against the float64 result and counted in units of the dtype's epsilon
+    relative to that result (or to ``floor`` times its RMS, for values near zero; see
+    :func:`runtime_conformance.compare.precision`). The baseline is the core's reference run on
+    the same inputs in the candidate's dtype, accumulating in float32, rounded once: what a
+    correct kernel on any device makes. A candidate fails when its mean error exceeds
+    ``mean_factor`` times the baseline's, or its largest error ``max_factor`` times the
+    baseline's largest; a baseline below ``min_mean`` / ``min_max`` units (an exactly
+    representable result) counts as that much, so a result one rounding away always passes.
+
+    The factors leave room for what correct kernels legitimately do differently. In float16
+    and bfloat16 the output rounding dominates a kernel that accumulates in float32: another
+    summation order, a tensor core's blocked accumulation, flash attention's rounding of its
+    probabilities to the input dtype before the second product, or RMSNorm rounding the
+    normalized value before the weight add at most about one rounding, so the mean may double
+    and the worst value grow a few units; 4 and 8 leave twice that. A kernel that accumulates in
+    the narrow dtype, drops a scale or approximates an activation wrongly moves the mean by ten
+    times or more (the project's mutation self-test measures the margins). float32 results carry
+    only float32 rounding, so faster but correct device math (fast exponentials and reciprocal
+    square roots, split-K reductions, blocked flash-attention softmax) may make errors many
+    times the CPU reference's; 32 and 128 admit that while a TF32 or bfloat16 "float32" product,
+    thousands of float32 units off, still fails by a wide margin.
+    """
+
+    mean_factor: float
+    max_factor: float
+    min_mean: float = 1 / 16
+    """Units: a quarter of the mean error of rounding once to the dtype (results measured
+    against their RMS average less than that: most values are smaller than the RMS)."""
+    min_max: float = 0.5
+    """Units: the largest error of rounding once to the dtype."""
+
+
+PRECISION: dict[torch.dtype, Precision] = {
+    torch.float32: Precision(mean_factor=32, max_factor=128),
+    torch.float16: Precision(mean_factor=4, max_factor=8),
+    torch.bfloat16: Precision(mean_factor=4, max_factor=8),
+}
+
+ELEMENTWISE_FLOOR = 2 ** -16
+"""Elementwise ops (activations, norms, rotary) are computed value by value, so a correct
+result is within a rounding of each value itself: errors count relative to the value down to
+this fraction of the result's RMS, where the float32 computation of a tiny value (an activation's
+far tail) stops being relative. Reductions (products, attention, LoRA, MoE) sum terms that may
+cancel, so their errors count relative to the result's RMS (a floor of 1)."""
 
 TOLERANCES: dict[torch.dtype, Tolerance] = {
     torch.float64: Tolerance(atol=1e-10, rtol=1e-10, logprob=1e-6),

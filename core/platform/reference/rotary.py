@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from .precision import wide
+
 
 def rope_inv_freq(rotary_dim: int, base: float, scaling: dict[str, Any] | None, max_positions: int) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (float64) and the cos/sin multiplier for a rope_scaling dict.
@@ -87,11 +89,11 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     ``is_neox``: halves rotated together (HF Llama layout); otherwise interleaved pairs (GPT-J).
     """
     rotary_dim = cos_sin_cache.shape[-1]
-    cos, sin = cos_sin_cache[positions].float().chunk(2, dim=-1)
+    cos, sin = wide(cos_sin_cache[positions]).chunk(2, dim=-1)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
-        rot, rest = x[..., :rotary_dim].float(), x[..., rotary_dim:]
+        rot, rest = wide(x[..., :rotary_dim]), x[..., rotary_dim:]
         if is_neox:
             x1, x2 = rot.chunk(2, dim=-1)
             out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

@@ -251,7 +251,7 @@ def table() -> str:
         cells = []
         for dtype in DTYPES:
             caught = [o for o in run(mutation, dtype) if o.message] if dtype in mutation.dtypes else None
-            cells.append("not a fault" if caught is None else
+            cells.append("not checked" if caught is None else
                          ", ".join(f"{o.check} ({o.ratio:.3g}x)" for o in caught) or "**missed**")
         lines.append(f"| {mutation.name} | {mutation.fault} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

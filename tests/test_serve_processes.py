@@ -136,6 +136,10 @@ def test_a_model_that_fails_to_load_stops_the_server_with_the_reason(tmp_path):
     (["--enable-lora", "--lora-modules", "a"], "give name=path or a JSON object with name and path"),
     (["--enable-lora", "--lora-modules", "a=/nowhere"], "/nowhere/adapter_config.json not found"),
     (["--enable-lora", "--allow-runtime-lora-updating", "--api-server-count", "2"], "works with one API process"),
+    (["--enable-lora", "--lora-allowed-dirs", "/"], "--lora-allowed-dirs confines /v1/load_lora_adapter: it needs"),
+    (["--enable-lora", "--allow-runtime-lora-updating", "--lora-allowed-dirs", "/nowhere"],
+     "--lora-allowed-dirs /nowhere is not a directory"),
+    (["--max-request-body-bytes", "0"], "--max-request-body-bytes must be >= 1"),
     (["--enable-lora", "-tp", "2"], "LoRA adapters with --tensor-parallel-size or --pipeline-parallel-size above 1"),
     # (each flag goes through str.format: braces are doubled)
     (["--speculative-config", "{{method: ngram}}"], "--speculative-config is not valid JSON"),

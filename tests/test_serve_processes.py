@@ -19,7 +19,7 @@ import pytest
 
 from runtime import LLM, SamplingParams
 
-from api_server import TINY_ARGS, ServerProcess, metric
+from api_server import TINY_ARGS, ServerProcess, gone, metric
 from tiny_models import make_tiny_checkpoint
 
 pytestmark = pytest.mark.xdist_group("engine-processes")
@@ -35,19 +35,6 @@ def checkpoint(tmp_path_factory):
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def gone(pid: int, timeout: float = 5.0) -> bool:
-    """Whether process ``pid`` ends (or is a zombie: it runs nothing) within ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def stream_text(url: str, prompt: str, max_tokens: int) -> str:

@@ -17,6 +17,7 @@ from ..lora import LoRARequest
 from ..models import decoder_settings
 from ..models.parallel import check_expert_split, check_pipeline_parallel, check_tensor_parallel
 from ..platform import Communicator, PlatformConfig, Registry, get_registry
+from ..platform.faults import StepFaults
 from ..sample.params import SamplingParams
 from ..sched.request import Request, RequestStatus
 from ..sched.scheduler import Scheduler, SchedulerOutput
@@ -111,6 +112,7 @@ class EngineCore:
         self._unsampled: Optional[tuple[SchedulerOutput, PendingStep]] = None
         """The look-ahead step in flight, launched without sampling (see ``_launch``)."""
         self._failed: list[EngineCoreOutput] = []
+        self._faults = StepFaults()
         """Requests failed outside a step (a grammar that did not compile), reported by the next."""
         gib = 1 << 30
         activation_bytes = self.executor.activation_bytes
@@ -244,6 +246,7 @@ class EngineCore:
         With look-ahead, the step launched by the previous call (if any) is this call's step, and
         the next one is launched before this one's tokens are read back.
         """
+        self._faults.step()
         self._admit_compiled()
         if self.pipeline_depth > 1:
             return self._step_pipelined()

@@ -193,7 +193,10 @@ class Supervisor:
                         continue
                     if isinstance(message, Failed) and message.while_loading:
                         raise ValueError(f"the model failed to load: {message.message}")
-                    ready += isinstance(message, Ready)
+                    if isinstance(message, Ready):
+                        ready += 1
+                        if ready == 1:
+                            print(f"runtime serve: {message.kernels}", file=sys.stderr, flush=True)
                     if ready == len(self.cores) and not self.stopping:
                         print(f"runtime serve: {self.config.model_names[0]} ready at {self.url}/v1",
                               file=sys.stderr, flush=True)

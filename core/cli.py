@@ -123,10 +123,11 @@ def _serve(ns: argparse.Namespace) -> int:
 
 
 def _plugins(ns: argparse.Namespace) -> int:
-    from .platform import get_registry
+    from .platform import CONTRACT_VERSION, get_registry
     from .release import version_report
 
     print("\n".join(version_report()))
+    print(f"plugin contract {CONTRACT_VERSION} (a plugin declaring another range is skipped, with the reason below)")
     registry = get_registry()
     if not registry.statuses:
         print("no runtime plugins installed: pip install runtime[cpu]")
@@ -143,6 +144,8 @@ def _plugins(ns: argparse.Namespace) -> int:
         if available:
             ops = registry.kernels(name).sources
             print("  kernels: " + ", ".join(f"{op}={src}" for op, src in ops.items()))
+            methods = sorted({m.name for m in registry.quantization_methods(name)})
+            print("  quantization: " + (", ".join(methods) or "none"))
     return 0
 
 

@@ -66,6 +66,9 @@ def test_a_mixed_load_keeps_every_guarantee(server):
     assert report.kv_usage_after == report.kv_usage_idle == 0, figures
     assert abs(report.rss_slope_mib_per_min) < RSS_SLOPE_LIMIT_MIB_PER_MIN, figures
     assert "Traceback" not in server.output()
+    # The start-up report, printed with "ready" (tests/reliability/test_kernel_selection.py has the rest).
+    assert "runtime serve: platform cpu (" in server.output() and "attention cpu_sdpa, quantization none; fallbacks:" \
+        in server.output()
 
 
 def complete(url: str, prompt: list[int], max_tokens: int = OUTPUT) -> httpx.Response:

@@ -14,6 +14,7 @@ from typing import Optional
 import httpx
 
 from runtime.bench.launch import free_port
+from runtime.bench.soak import process_tree
 
 TINY_ARGS = ("--kv-cache-memory", "16MiB", "--max-model-len", "256", "--served-model-name", "tiny")
 """Engine flags for a tiny checkpoint: small KV cache and context, served as ``tiny``."""
@@ -62,15 +63,12 @@ class ServerProcess:
     def descendants(self) -> dict[int, str]:
         """Every process under the server (workers of the core too), pid -> name."""
         assert self.proc is not None
-        found, stack = {}, [self.proc.pid]
-        while stack:
-            for task in Path(f"/proc/{stack.pop()}/task").iterdir():
-                for pid in (task / "children").read_text().split():
-                    try:
-                        found[int(pid)] = Path(f"/proc/{pid}/comm").read_text().strip()
-                    except FileNotFoundError:
-                        continue  # exited meanwhile
-                    stack.append(int(pid))
+        found = {}
+        for pid in process_tree(self.proc.pid)[1:]:
+            try:
+                found[pid] = Path(f"/proc/{pid}/comm").read_text().strip()
+            except FileNotFoundError:
+                pass  # exited meanwhile
         return found
 
     def output(self) -> str:

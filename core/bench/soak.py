@@ -130,19 +130,30 @@ class SoakReport:
         }
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of process ``pid`` and all its descendants (0 for those that are gone)."""
-    total, stack = 0, [pid]
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process under it (as they are now; one that exits meanwhile is left out)."""
+    found, stack = [], [pid]
     while stack:
         current = stack.pop()
-        proc = Path(f"/proc/{current}")
         try:
-            status = (proc / "status").read_text()
-            total += int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024
-            for task in (proc / "task").iterdir():
-                stack.extend(int(c) for c in (task / "children").read_text().split())
-        except (FileNotFoundError, ProcessLookupError, AttributeError):
-            continue  # exited meanwhile, or a zombie without VmRSS
+            children = [int(c) for task in Path(f"/proc/{current}/task").iterdir()
+                        for c in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue
+        found.append(current)
+        stack.extend(children)
+    return found
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of process ``pid`` and all its descendants."""
+    total = 0
+    for current in process_tree(pid):
+        try:
+            match = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{current}/status").read_text(), re.MULTILINE)
+        except FileNotFoundError:
+            continue
+        total += int(match.group(1)) * 1024 if match else 0  # a zombie has no VmRSS
     return total
 
 

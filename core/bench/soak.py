@@ -6,7 +6,8 @@ hang up mid-stream and 5% send invalid requests. What must hold, whatever the lo
 
 - no 5xx and no broken connection; every invalid request is a 400 in OpenAI's error shape;
 - every greedy request gets the text it gets alone (measured one at a time before the load), each
-  of its ``n`` samples, cut at the first stop string it was given;
+  of its ``n`` samples, cut at the first stop string it was given; a sample that leaves it for
+  the runner-up of a near-tie (a token of the top 5 alone) is counted apart, with the gap;
 - once the load stops, the KV cache is back to its idle usage (``/metrics``);
 - the server's memory (the RSS of its process tree) is flat after warm-up: the report gives the
   slope of a least-squares line through the samples taken after ``warm_up_s``.
@@ -74,6 +75,23 @@ class Case:
     prompt: str
     max_tokens: int
     text: str = ""
+    tokens: list[tuple[str, dict[str, float]]] = field(default_factory=list)
+    """The text alone, token by token: (the token, its top-5 alternatives' logprobs)."""
+
+    def runner_up_gap(self, text: str) -> Optional[float]:
+        """Where ``text`` leaves this case's text alone: if it took a token that was among the top 5
+        there, how far below the token alone chose it was (nats); else None. A small gap is a
+        near-tie that batched arithmetic may legitimately tip (docs/reliability.md)."""
+        differs = next((i for i, (a, b) in enumerate(zip(text, self.text)) if a != b), min(len(text), len(self.text)))
+        offset = 0
+        for token, top in self.tokens:
+            if offset + len(token) > differs:
+                rest = text[offset:]
+                gaps = [top[token] - logprob for alt, logprob in top.items()
+                        if alt and alt != token and rest.startswith(alt) and token in top]
+                return min(gaps) if gaps else None
+            offset += len(token)
+        return None
 
     def body(self, model: str, **extra: Any) -> dict[str, Any]:
         body: dict[str, Any] = {"model": model, "max_tokens": self.max_tokens, "temperature": 0, **extra}
@@ -92,7 +110,9 @@ class SoakReport:
     failures: list[str] = field(default_factory=list)
     """5xx, broken connections, wrong statuses, malformed answers: each one breaks the guarantee."""
     mismatches: list[str] = field(default_factory=list)
-    """Greedy samples whose text differs from the request's text alone."""
+    """Greedy samples whose text differs from the request's text alone, not at a near-tie."""
+    near_ties: list[tuple[float, str]] = field(default_factory=list)
+    """Greedy samples that left the text alone for a token of its top 5, with the logprob gap."""
     tokens: int = 0
     kv_usage_idle: float = 0.0
     kv_usage_after: float = 0.0
@@ -121,6 +141,9 @@ class SoakReport:
             "server_errors_5xx": sum(v for k, v in self.statuses.items() if isinstance(k, int) and k >= 500),
             "failures": len(self.failures), "failure_examples": self.failures[:5],
             "greedy_mismatches": len(self.mismatches), "mismatch_examples": self.mismatches[:5],
+            "greedy_near_ties": len(self.near_ties),
+            "near_tie_largest_gap_nats": round(max(g for g, _ in self.near_ties), 4) if self.near_ties else None,
+            "near_tie_examples": [w for _, w in sorted(self.near_ties, reverse=True)[:3]],
             "completion_tokens": self.tokens,
             "kv_cache_usage_idle": self.kv_usage_idle, "kv_cache_usage_after": self.kv_usage_after,
             "rss_mib_after_warm_up": [round(after[0] / 2**20, 1), round(after[-1] / 2**20, 1)] if after else None,
@@ -209,12 +232,20 @@ class Soak:
         self.deck: list[str] = []
 
     async def references(self, client: httpx.AsyncClient) -> None:
-        """Each case's text alone: one request at a time, nothing else running."""
+        """Each case's text alone, with its top logprobs: one request at a time, nothing else running."""
         for case in self.cases:
-            response = await client.post(self.config.url + case.path, json=case.body(self.config.model))
+            top = {"logprobs": 5} if case.path == COMPLETIONS else {"logprobs": True, "top_logprobs": 5}
+            response = await client.post(self.config.url + case.path, json=case.body(self.config.model, **top))
             response.raise_for_status()
             choice = response.json()["choices"][0]
-            case.text = choice["text"] if case.path == COMPLETIONS else choice["message"]["content"]
+            if case.path == COMPLETIONS:
+                case.text = choice["text"]
+                logprobs = choice["logprobs"]
+                case.tokens = list(zip(logprobs["tokens"], logprobs["top_logprobs"]))
+            else:
+                case.text = choice["message"]["content"] or ""
+                case.tokens = [(t["token"], {alt["token"]: alt["logprob"] for alt in t["top_logprobs"]})
+                               for t in choice["logprobs"]["content"]]
 
     def fail(self, what: str) -> None:
         self.report.failures.append(what)
@@ -231,7 +262,7 @@ class Soak:
                     return None
                 data = response.json()
                 self.report.tokens += data["usage"]["completion_tokens"]
-                return [{"text": c["text"] if path == COMPLETIONS else c["message"]["content"],
+                return [{"text": c["text"] if path == COMPLETIONS else c["message"]["content"] or "",
                          "finish_reason": c["finish_reason"], "logprobs": c.get("logprobs")}
                         for c in sorted(data["choices"], key=lambda c: c["index"])]
             async with client.stream("POST", self.config.url + path, json=body) as response:
@@ -293,8 +324,13 @@ class Soak:
         expected = cut_at_stop(case.text, stops)
         for i, choice in enumerate(choices):
             if choice["text"] != expected:
-                self.report.mismatches.append(f"{case.path} {case.prompt!r} n={n} stream={stream} stop={stops} "
-                                              f"sample {i}: {choice['text']!r} != alone {expected!r}")
+                gap = case.runner_up_gap(choice["text"])
+                what = (f"{case.path} {case.prompt!r} n={n} stream={stream} stop={stops} sample {i}: "
+                        f"{choice['text']!r} != alone {expected!r}")
+                if gap is None:
+                    self.report.mismatches.append(what)
+                else:
+                    self.report.near_ties.append((gap, what))
             if choice["finish_reason"] not in ("stop", "length"):
                 self.fail(f"{case.path} finish_reason {choice['finish_reason']!r}")
 

@@ -59,6 +59,7 @@ def test_a_mixed_load_keeps_every_guarantee(server):
     assert report.failures == [], report.failures[:5]
     assert figures["server_errors_5xx"] == 0
     assert report.mismatches == [], report.mismatches[:5]
+    assert report.near_ties == [], report.near_ties[:5]  # float32 on one device: batching changes no bit
     # The mix happened: each kind of request was sent, and greedy ones were checked in numbers.
     assert report.sent["greedy"] >= 16 and report.sent["sampled"] >= 16, report.sent
     assert report.sent["disconnect"] >= 4 and report.sent["invalid"] >= 2, report.sent

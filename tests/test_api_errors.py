@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import httpx
 import pytest
 import schemathesis
@@ -175,12 +173,6 @@ def test_openapi_schema_describes_the_models(server):
     for name in ("messages", "temperature", "top_k", "min_p", "repetition_penalty", "stream_options", "logprobs"):
         assert name in fields
     assert {"/v1/models", COMPLETIONS, "/tokenize", "/detokenize", "/health", "/metrics"} <= set(schema["paths"])
-    # The limits are in the schema, so the fuzzing below (negative mode) sends values beyond them.
-    request = schema["components"]["schemas"]["CompletionRequest"]["properties"]
-    assert f'"maxItems": {MAX_STOP_STRINGS}' in json.dumps(request["stop"])
-    assert f'"maxLength": {MAX_STOP_CHARS}' in json.dumps(request["stop"])
-    assert f'"maxProperties": {MAX_LOGIT_BIAS}' in json.dumps(request["logit_bias"])
-    assert f'"maxItems": {MAX_STOP_TOKEN_IDS}' in json.dumps(request["stop_token_ids"])
 
 
 # Keep each fuzzed generation short: larger values test nothing the validation tests do not.

@@ -29,7 +29,8 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--warm-up-minutes", type=float, default=1.0, help="left out of the RSS slope")
+    parser.add_argument("--warm-up-minutes", type=float, default=3.0,
+                        help="left out of the RSS slope (the embedded model's server grows for about 2.5)")
     parser.add_argument("--server-args", default="", help="more `runtime serve` flags, one string")
     parser.add_argument("--out", default="soak-results")
     ns = parser.parse_args()

@@ -246,6 +246,13 @@ class Soak:
                 case.text = choice["message"]["content"] or ""
                 case.tokens = [(t["token"], {alt["token"]: alt["logprob"] for alt in t["top_logprobs"]})
                                for t in choice["logprobs"]["content"]]
+        # A text holding U+FFFD was cut through a multi-byte character: its tokens' strings do not
+        # add up to it (three byte tokens, one character), so neither stop strings taken from it
+        # nor the place where another output leaves it are well defined. Those prompts still come
+        # as sampled requests.
+        self.cases = [case for case in self.cases if "\ufffd" not in case.text]
+        if not self.cases:
+            raise RuntimeError("every greedy case's text alone holds U+FFFD: no case to check against")
 
     def fail(self, what: str) -> None:
         self.report.failures.append(what)

@@ -16,6 +16,7 @@ from .chat_tools import ChatParsing
 from .completions import create_completion
 from .context import ServerContext
 from .errors import EXCEPTION_HANDLERS
+from .limits import MAX_BODY_BYTES
 from .lora import UPDATE_ROUTES
 from .lora_modules import LoRAModules
 from .metrics import Metrics
@@ -25,18 +26,18 @@ from .tokenization import detokenize, tokenize
 
 ROUTES = [create_completion, create_chat_completion, tokenize, detokenize, list_models, health, version, metrics]
 
-MAX_BODY_BYTES = 64 * 1024 * 1024
-"""Litestar's default (10 MB) is below a long context sent as token ids in JSON."""
 
 
 def create_app(engine: AsyncEngine, model_names: list[str], api_key: Optional[str] = None,
                lora_modules: Sequence[LoRARequest] = (), allow_runtime_lora_updating: bool = False,
-               tool_call_parser: Optional[str] = None, enable_auto_tool_choice: bool = False) -> Litestar:
+               tool_call_parser: Optional[str] = None, enable_auto_tool_choice: bool = False,
+               max_request_body_bytes: int = MAX_BODY_BYTES, lora_allowed_dirs: Sequence[str] = ()) -> Litestar:
     """The OpenAI-compatible app serving ``engine`` under ``model_names`` (the first is the default),
     and the LoRA adapters ``lora_modules`` under their names; ``allow_runtime_lora_updating``
     adds the routes that load and unload adapters. Chat outputs are split by the engine's
     ``reasoning_parser`` and, for ``tool_choice`` auto (with ``enable_auto_tool_choice``), by
-    ``tool_call_parser``.
+    ``tool_call_parser``. A body over ``max_request_body_bytes`` is a 413; with
+    ``lora_allowed_dirs``, adapters load at runtime only from under those directories.
 
     The app starts the engine (connecting to the engine core, which loads in the background) at
     startup and shuts it down at shutdown. With ``api_key``, every route but /health, /version, /metrics and the schema
@@ -44,7 +45,7 @@ def create_app(engine: AsyncEngine, model_names: list[str], api_key: Optional[st
     """
     if not model_names:
         raise ValueError("give at least one served model name")
-    lora = LoRAModules(list(lora_modules), list(model_names), engine.args.max_lora_rank)
+    lora = LoRAModules(list(lora_modules), list(model_names), engine.args.max_lora_rank, lora_allowed_dirs)
     metrics = Metrics(engine, model_names[0], lora.name_of if engine.args.enable_lora else None)
     parsing = ChatParsing(engine.args.reasoning_parser, tool_call_parser, enable_auto_tool_choice)
     ctx = ServerContext(engine, list(model_names), metrics, lora, parsing)
@@ -63,7 +64,7 @@ def create_app(engine: AsyncEngine, model_names: list[str], api_key: Optional[st
         openapi_config=openapi_config(),
         on_startup=[start],
         on_shutdown=[stop],
-        request_max_body_size=MAX_BODY_BYTES,
+        request_max_body_size=max_request_body_bytes,
         logging_config=None,  # the CLI configures logging; Litestar's default would override it
         debug=False,
     )

@@ -20,7 +20,7 @@ logger = logging.getLogger("runtime.api")
 RETRY_AFTER_S = "1"
 _TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 503: "server_error"}
 # Pydantic names the union branch an error came from ("prompt.list[int].0", "content.str"): not a field.
-_BRANCH = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|literal\[.*\]|[A-Z]\w*|function-\w+\[.*\])$")
+_BRANCH = re.compile(r"^(str|int|float|bool|constrained-\w+|list\[.*\]|dict\[.*\]|literal\[.*\]|[A-Z]\w*|function-\w+\[.*\])$")
 
 
 class APIError(Exception):
@@ -93,16 +93,31 @@ def _validation_error(request: Request, exc: ValidationException) -> Response:
         problems.append((field or None, message))
     if not problems:
         return error_response(bad_request(exc.detail or "invalid request"))
+    problems = _without_other_branches(problems)
     param = problems[0][0]
     # A union reports one error per branch for the same field; keep the first few distinct lines.
     lines = list(dict.fromkeys(f"{field}: {message}" if field else message for field, message in problems))
     return error_response(bad_request("; ".join(lines[:3]), param))
 
 
+def _without_other_branches(problems: list[tuple[Optional[str], str]]) -> list[tuple[Optional[str], str]]:
+    """Drop "Input should be a valid ..." of a union's other branches where the value took one
+    branch and broke a rule inside it (``stop``: a list with a string too long is not about strings)."""
+    def within(field: Optional[str], other: Optional[str]) -> bool:
+        return field is not None and other is not None and (other == field or other.startswith(field + "."))
+
+    specific = [f for f, m in problems if not m.startswith("Input should be a valid")]
+    return [(f, m) for f, m in problems
+            if not (m.startswith("Input should be a valid") and any(within(f, s) for s in specific))] or problems
+
+
 def _http_error(request: Request, exc: HTTPException) -> Response:
     detail = exc.detail
     if exc.status_code == 400 and "JSON" in detail:
         detail = f"the request body is not valid JSON: {detail}"
+    if exc.status_code == 413:
+        detail = (f"the request body is over this server's limit of {request.app.request_max_body_size} bytes; "
+                  "send less, or start the server with a larger --max-request-body-bytes")
     headers = dict(exc.headers or {})
     return error_response(APIError(exc.status_code, detail, headers=headers))
 

@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-MAX_LOGPROBS = 20
-MAX_N = 128
+from .limits import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_N, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
+
 _INT64 = dict(ge=-(2**63), le=2**63 - 1 - MAX_N)  # room for seed + sample index
 
 
@@ -36,6 +36,7 @@ def _unsupported(feature: str, allowed: Any = None) -> AfterValidator:
 
 
 Unsupported = Optional[Any]
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 
 
 # -- requests ----------------------------------------------------------------------------------
@@ -101,13 +102,14 @@ class SamplingFields(_Model):
     temperature: Optional[float] = Field(None, ge=0, le=2, description="0 is greedy; default 1.")
     top_p: Optional[float] = Field(None, gt=0, le=1)
     seed: Optional[int] = Field(None, **_INT64, description="Per-request seed: sampling is reproducible.")
-    stop: Optional[Union[str, list[str]]] = Field(None, description="Strings that end the output (not included).")
+    stop: Optional[Union[StopString, Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]]] = Field(
+        None, description="Strings that end the output (not included).")
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100, le=100)]]] = Field(
-        None, description="Token id (as a string) -> bias added to its logit.")
+        None, max_length=MAX_LOGIT_BIAS, description="Token id (as a string) -> bias added to its logit.")
     user: Optional[str] = Field(None, description="Accepted and ignored.")
     # vLLM's extra sampling parameters
     top_k: Optional[int] = Field(None, ge=-1, le=2**31 - 1, description="0 or -1: off.")
@@ -115,7 +117,8 @@ class SamplingFields(_Model):
     repetition_penalty: Optional[float] = Field(None, gt=0, le=100)
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0, le=2**31 - 1)
-    stop_token_ids: Optional[list[Annotated[int, Field(ge=0, le=2**31 - 1)]]] = None
+    stop_token_ids: Optional[list[Annotated[int, Field(ge=0, le=2**31 - 1)]]] = Field(
+        None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False

@@ -31,7 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
-from typing import Optional
+from typing import Optional, Sequence
 
 from runtime.engine.args import EngineArgs
 from runtime.engine.engine_process import CoreConnection, EngineCoreHandle, exit_with_parent, start_engine_core
@@ -39,6 +39,7 @@ from runtime.engine.messages import Failed, Ready
 from runtime.lora import LoRARequest
 from runtime.release import version_report
 
+from .limits import MAX_BODY_BYTES
 from .chat_tools import ChatParsing
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -69,6 +70,8 @@ class ApiServerConfig:
     allow_runtime_lora_updating: bool = False
     tool_call_parser: Optional[str] = None
     enable_auto_tool_choice: bool = False
+    max_request_body_bytes: int = MAX_BODY_BYTES
+    lora_allowed_dirs: list[str] = field(default_factory=list)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -105,7 +108,8 @@ def run_api_server(config: ApiServerConfig, sock: socket.socket, connections: li
 
     engine = AsyncEngine(config.args, max_queue_len=config.max_queue_len, connections=connections)
     app = create_app(engine, config.model_names, config.api_key, config.lora_modules,
-                     config.allow_runtime_lora_updating, config.tool_call_parser, config.enable_auto_tool_choice)
+                     config.allow_runtime_lora_updating, config.tool_call_parser, config.enable_auto_tool_choice,
+                     config.max_request_body_bytes, config.lora_allowed_dirs)
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level=config.log_level.lower(),
                                            timeout_graceful_shutdown=config.shutdown_timeout, lifespan="on"))
     died = []
@@ -189,7 +193,10 @@ class Supervisor:
                         continue
                     if isinstance(message, Failed) and message.while_loading:
                         raise ValueError(f"the model failed to load: {message.message}")
-                    ready += isinstance(message, Ready)
+                    if isinstance(message, Ready):
+                        ready += 1
+                        if ready == 1:
+                            print(f"runtime serve: {message.kernels}", file=sys.stderr, flush=True)
                     if ready == len(self.cores) and not self.stopping:
                         print(f"runtime serve: {self.config.model_names[0]} ready at {self.url}/v1",
                               file=sys.stderr, flush=True)
@@ -238,7 +245,8 @@ class Supervisor:
 
 
 def check_lora_flags(args: EngineArgs, names: list[str], lora_modules: list[LoRARequest],
-                     allow_runtime_lora_updating: bool, api_server_count: int) -> None:
+                     allow_runtime_lora_updating: bool, api_server_count: int,
+                     lora_allowed_dirs: Sequence[str] = ()) -> None:
     """Refuse LoRA flags that cannot work, and adapters that do not fit the model, before starting."""
     if (lora_modules or allow_runtime_lora_updating) and not args.enable_lora:
         flag = "--lora-modules" if lora_modules else "--allow-runtime-lora-updating"
@@ -246,6 +254,14 @@ def check_lora_flags(args: EngineArgs, names: list[str], lora_modules: list[LoRA
     if allow_runtime_lora_updating and api_server_count > 1:
         raise ValueError("--allow-runtime-lora-updating works with one API process: each would keep its own "
                          "adapter table; drop --api-server-count or load adapters with --lora-modules")
+    if lora_allowed_dirs and not allow_runtime_lora_updating:
+        raise ValueError("--lora-allowed-dirs confines /v1/load_lora_adapter: it needs --allow-runtime-lora-updating")
+    for directory in lora_allowed_dirs:
+        if not os.path.isdir(directory):
+            raise ValueError(f"--lora-allowed-dirs {directory} is not a directory")
+    if allow_runtime_lora_updating and not lora_allowed_dirs:
+        logger.warning("/v1/load_lora_adapter loads adapters from any directory this server can read; "
+                       "confine it with --lora-allowed-dirs")
     if not lora_modules:
         return
     from runtime.loader.source import open_model
@@ -263,11 +279,14 @@ def serve(args: EngineArgs, host: str = "127.0.0.1", port: int = 8000, model_nam
           api_key: Optional[str] = None, max_queue_len: Optional[int] = None, shutdown_timeout: float = 30.0,
           log_level: str = "warning", api_server_count: int = 1, lora_modules: Optional[list[LoRARequest]] = None,
           allow_runtime_lora_updating: bool = False, tool_call_parser: Optional[str] = None,
-          enable_auto_tool_choice: bool = False) -> int:
+          enable_auto_tool_choice: bool = False, max_request_body_bytes: int = MAX_BODY_BYTES,
+          lora_allowed_dirs: Sequence[str] = ()) -> int:
     """Serve until SIGINT or SIGTERM (exit status 0) or the engine core's death (1).
 
     ``lora_modules``: LoRA adapters served under their names (``--lora-modules``);
-    ``allow_runtime_lora_updating`` adds /v1/load_lora_adapter and /v1/unload_lora_adapter.
+    ``allow_runtime_lora_updating`` adds /v1/load_lora_adapter and /v1/unload_lora_adapter, which
+    load only from under ``lora_allowed_dirs`` (``--lora-allowed-dirs``) when given.
+    ``max_request_body_bytes`` (``--max-request-body-bytes``): larger bodies are a 413.
     ``tool_call_parser`` (``--tool-call-parser``) reads the calls of ``tool_choice`` auto, which
     needs ``enable_auto_tool_choice`` (``--enable-auto-tool-choice``).
     Raises ValueError when the model or an adapter fails to load, the address cannot be bound
@@ -275,8 +294,11 @@ def serve(args: EngineArgs, host: str = "127.0.0.1", port: int = 8000, model_nam
     """
     names = model_names or [default_model_name(args)]
     lora_modules = lora_modules or []
-    check_lora_flags(args, names, lora_modules, allow_runtime_lora_updating, api_server_count)
+    check_lora_flags(args, names, lora_modules, allow_runtime_lora_updating, api_server_count, lora_allowed_dirs)
+    if max_request_body_bytes < 1:
+        raise ValueError(f"--max-request-body-bytes must be >= 1, got {max_request_body_bytes}")
     ChatParsing(args.reasoning_parser, tool_call_parser, enable_auto_tool_choice)  # refuse bad flags before starting
     config = ApiServerConfig(args, names, api_key, max_queue_len, shutdown_timeout, log_level, lora_modules,
-                             allow_runtime_lora_updating, tool_call_parser, enable_auto_tool_choice)
+                             allow_runtime_lora_updating, tool_call_parser, enable_auto_tool_choice,
+                             max_request_body_bytes, list(lora_allowed_dirs))
     return Supervisor(config, host, port, api_server_count).run()

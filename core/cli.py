@@ -124,14 +124,16 @@ def _serve(ns: argparse.Namespace) -> int:
                  max_queue_len=ns.max_queue_len, shutdown_timeout=ns.shutdown_timeout, log_level=ns.log_level,
                  api_server_count=ns.api_server_count, lora_modules=parse_lora_modules(ns.lora_modules or []),
                  allow_runtime_lora_updating=ns.allow_runtime_lora_updating, tool_call_parser=ns.tool_call_parser,
-                 enable_auto_tool_choice=ns.enable_auto_tool_choice)
+                 enable_auto_tool_choice=ns.enable_auto_tool_choice, max_request_body_bytes=ns.max_request_body_bytes,
+                 lora_allowed_dirs=ns.lora_allowed_dirs or [])
 
 
 def _plugins(ns: argparse.Namespace) -> int:
-    from .platform import get_registry
+    from .platform import CONTRACT_VERSION, get_registry
     from .release import version_report
 
     print("\n".join(version_report()))
+    print(f"plugin contract {CONTRACT_VERSION} (a plugin declaring another range is skipped, with the reason below)")
     registry = get_registry()
     if not registry.statuses:
         print("no runtime plugins installed: pip install runtime[cpu]")
@@ -148,10 +150,13 @@ def _plugins(ns: argparse.Namespace) -> int:
         if available:
             ops = registry.kernels(name).sources
             print("  kernels: " + ", ".join(f"{op}={src}" for op, src in ops.items()))
+            methods = sorted({m.name for m in registry.quantization_methods(name)})
+            print("  quantization: " + (", ".join(methods) or "none"))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .api.limits import MAX_BODY_BYTES
     from .tools import TOOL_CALL_PARSERS
 
     parser = argparse.ArgumentParser(prog="runtime", description="LLM inference and serving engine")
@@ -190,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "'{\"name\": ..., \"path\": ...}'; clients name one in `model`")
     srv.add_argument("--allow-runtime-lora-updating", action="store_true",
                      help="add POST /v1/load_lora_adapter and /v1/unload_lora_adapter (loads server-side paths)")
+    srv.add_argument("--lora-allowed-dirs", nargs="+", default=None, metavar="DIR",
+                     help="/v1/load_lora_adapter loads only adapters under these directories (others: 403)")
+    srv.add_argument("--max-request-body-bytes", type=int, default=MAX_BODY_BYTES,
+                     help="larger request bodies get 413 (default 64 MiB)")
     srv.add_argument("--enable-auto-tool-choice", action="store_true",
                      help='let the model decide to call tools (tool_choice "auto", the default with tools); '
                           "needs --tool-call-parser")

@@ -14,6 +14,7 @@ from typing import Optional
 import httpx
 
 from runtime.bench.launch import free_port
+from runtime.bench.soak import process_tree
 
 TINY_ARGS = ("--kv-cache-memory", "16MiB", "--max-model-len", "256", "--served-model-name", "tiny")
 """Engine flags for a tiny checkpoint: small KV cache and context, served as ``tiny``."""
@@ -59,6 +60,17 @@ class ServerProcess:
                     pass  # exited meanwhile
         return found
 
+    def descendants(self) -> dict[int, str]:
+        """Every process under the server (workers of the core too), pid -> name."""
+        assert self.proc is not None
+        found = {}
+        for pid in process_tree(self.proc.pid)[1:]:
+            try:
+                found[pid] = Path(f"/proc/{pid}/comm").read_text().strip()
+            except FileNotFoundError:
+                pass  # exited meanwhile
+        return found
+
     def output(self) -> str:
         with open(self.log.name, encoding="utf-8", errors="replace") as f:
             return f.read()
@@ -81,6 +93,19 @@ class ServerProcess:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+def gone(pid: int, timeout: float = 5.0) -> bool:
+    """Whether process ``pid`` ends (or is a zombie: it runs nothing) within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def metric(url: str, name: str, headers: Optional[dict[str, str]] = None) -> float:

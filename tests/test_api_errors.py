@@ -7,6 +7,9 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
+from runtime.api.limits import (MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_N, MAX_STOP_CHARS,
+                                MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS)
+
 from api_server import TINY_ARGS, ServerProcess, assert_error
 from tiny_models import make_tiny_checkpoint
 
@@ -15,12 +18,13 @@ pytestmark = pytest.mark.xdist_group("api")
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
 USER = [{"role": "user", "content": "hi"}]
+BODY_LIMIT = 1 << 20
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     path = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), "llama")
-    with ServerProcess(str(path), *TINY_ARGS) as srv:
+    with ServerProcess(str(path), *TINY_ARGS, "--max-request-body-bytes", str(BODY_LIMIT)) as srv:
         yield srv
 
 
@@ -66,11 +70,73 @@ BAD_REQUESTS = {
     "detokenize a bad id": ("/detokenize", {"tokens": [10**9]}, 400, "tokens"),
 }
 
+# (path, JSON body, param the error must name, the limit its message must give)
+OVER_LIMITS = {
+    "too many stop strings": (COMPLETIONS, {"prompt": "a", "stop": [f"s{i}" for i in range(MAX_STOP_STRINGS + 1)]},
+                              "stop", MAX_STOP_STRINGS),
+    "a stop string too long": (CHAT, {"messages": USER, "stop": ["x", "y" * (MAX_STOP_CHARS + 1)]}, "stop.1",
+                               MAX_STOP_CHARS),
+    "one stop string too long": (COMPLETIONS, {"prompt": "a", "stop": "y" * (MAX_STOP_CHARS + 1)}, "stop",
+                                 MAX_STOP_CHARS),
+    "logit_bias too large": (CHAT, {"messages": USER, "logit_bias": {str(i): 1 for i in range(MAX_LOGIT_BIAS + 1)}},
+                             "logit_bias", MAX_LOGIT_BIAS),
+    "too many stop token ids": (COMPLETIONS, {"prompt": "a", "stop_token_ids": [1] * (MAX_STOP_TOKEN_IDS + 1)},
+                                "stop_token_ids", MAX_STOP_TOKEN_IDS),
+    "n above the limit": (CHAT, {"messages": USER, "n": MAX_N + 1}, "n", MAX_N),
+    "logprobs above the limit": (COMPLETIONS, {"prompt": "a", "logprobs": MAX_LOGPROBS + 1}, "logprobs",
+                                 MAX_LOGPROBS),
+    "top_logprobs above the limit": (CHAT, {"messages": USER, "logprobs": True, "top_logprobs": MAX_LOGPROBS + 1},
+                                     "top_logprobs", MAX_LOGPROBS),
+    "max_tokens beyond the context": (COMPLETIONS, {"prompt": "a", "max_tokens": 10**12}, "max_tokens", 256),
+    "max_completion_tokens beyond the context": (CHAT, {"messages": USER, "max_completion_tokens": 10**6},
+                                                 "max_tokens", 256),
+}
+
 
 @pytest.mark.parametrize("case", BAD_REQUESTS)
 def test_bad_request(server, case):
     path, body, status, param = BAD_REQUESTS[case]
     assert_error(httpx.post(server.url + path, json=body, timeout=30), status, param)
+
+
+@pytest.mark.parametrize("case", OVER_LIMITS)
+def test_limits_are_400s_naming_the_field_and_the_limit(server, case):
+    path, body, param, limit = OVER_LIMITS[case]
+    error = assert_error(httpx.post(server.url + path, json=body, timeout=30), 400, param)
+    assert str(limit) in error["message"], error
+    at_limit = _at_limit(body)
+    response = httpx.post(server.url + path, json={**at_limit, "max_tokens": 2}, timeout=60)
+    assert response.status_code == 200, (case, response.text)
+
+
+def _at_limit(body):
+    """``body`` with the field over its limit brought back to the limit (it must then be served)."""
+    fixed = dict(body)
+    for key, value in body.items():
+        if key == "stop":
+            fixed[key] = [s[:MAX_STOP_CHARS] for s in value][:MAX_STOP_STRINGS] if isinstance(value, list) \
+                else value[:MAX_STOP_CHARS]
+        elif key == "logit_bias":
+            fixed[key] = dict(list(value.items())[:300])  # token ids of the tiny model's 320
+        elif key == "stop_token_ids":
+            fixed[key] = value[:MAX_STOP_TOKEN_IDS]
+        elif key in ("n", "logprobs", "top_logprobs") and not isinstance(value, bool):
+            fixed[key] = value - 1
+        elif key in ("max_tokens", "max_completion_tokens"):
+            del fixed[key]
+    return fixed
+
+
+def test_a_body_over_the_server_limit_is_413_naming_the_flag(server):
+    big = {"prompt": "a", "user": "x" * BODY_LIMIT}
+    error = assert_error(httpx.post(server.url + COMPLETIONS, json=big, timeout=60), 413)
+    assert str(BODY_LIMIT) in error["message"] and "--max-request-body-bytes" in error["message"]
+    # Without a Content-Length the server counts what arrives.
+    chunked = (b'{"prompt": "a", "user": "' + b"x" * BODY_LIMIT + b'"}' for _ in range(2))
+    response = httpx.post(server.url + COMPLETIONS, content=chunked, headers={"content-type": "application/json"},
+                          timeout=60)
+    assert_error(response, 413)
+    assert httpx.post(server.url + COMPLETIONS, json={"prompt": "a", "max_tokens": 1}).status_code == 200
 
 
 @pytest.mark.parametrize("path", [COMPLETIONS, CHAT])

@@ -26,14 +26,18 @@ def setup(tmp_path_factory):
     for i in range(NUM_ADAPTERS + 2):
         make_adapter(base, root / f"a{i}", [8, 16][i % 2], SEPARATE, seed=100 + i)
     make_adapter(base, root / "rank32", 32, SEPARATE, seed=7)
+    outside = tmp_path_factory.mktemp("elsewhere")
+    make_adapter(base, outside / "outside", 8, SEPARATE, seed=9)
+    (root / "link").symlink_to(outside / "outside")
     modules = [f"a{i}={root / f'a{i}'}" for i in range(NUM_ADAPTERS)]
     # 4 adapters a step for 9 models (adapters and base), a 32-token budget (prompts are chunked),
     # a small KV cache (requests are preempted), prefix caching on.
     server = ServerProcess(str(base), *TINY_ARGS[2:], "--kv-cache-memory", str(20 * 8192), "--enable-lora",
                            "--max-loras", "4", "--max-cpu-loras", "6", "--max-lora-rank", "16",
                            "--max-num-batched-tokens", "32", "--max-num-seqs", "16", "--allow-runtime-lora-updating",
+                           "--lora-allowed-dirs", str(root),
                            "--lora-modules", *modules).start()
-    yield server, root
+    yield server, root, outside
     assert server.stop() == 0
 
 
@@ -45,7 +49,7 @@ def complete(client: httpx.Client, model: str, prompt: list[int], max_tokens: in
 
 
 def test_models_lists_each_adapter_with_its_parent(setup):
-    server, root = setup
+    server, root, _ = setup
     cards = {c["id"]: c for c in httpx.get(f"{server.base_url}/models").json()["data"]}
     assert cards["tiny"]["parent"] is None
     for i in range(NUM_ADAPTERS):
@@ -87,7 +91,7 @@ def test_64_concurrent_requests_over_8_adapters_each_get_what_they_get_alone(set
 
 
 def test_adapters_load_and_unload_while_requests_run_and_bad_ones_are_refused(setup):
-    server, root = setup
+    server, root, outside = setup
     prompt = [5, 9, 2, 7, 11, 3, 8]
     with httpx.Client(base_url=server.base_url, timeout=120) as client:
         before = complete(client, "a0", prompt)
@@ -119,5 +123,11 @@ def test_adapters_load_and_unload_while_requests_run_and_bad_ones_are_refused(se
         for body, message in bad:
             response = client.post("/load_lora_adapter", json=body)
             assert response.status_code == 400 and message in response.json()["error"]["message"], response.text
+        # Outside --lora-allowed-dirs, however the path gets there: a 403 naming the flag.
+        for path in (outside / "outside", root / "link", root / ".." / outside.name / "outside"):
+            response = client.post("/load_lora_adapter", json={"lora_name": "out", "lora_path": str(path)})
+            error = response.json()["error"]
+            assert response.status_code == 403 and error["param"] == "lora_path", response.text
+            assert "--lora-allowed-dirs" in error["message"] and str(root) in error["message"]
         assert client.post("/unload_lora_adapter", json={"lora_name": "a0"}).status_code == 404
         assert complete(client, "a1", prompt)  # still serving

@@ -19,7 +19,7 @@ import pytest
 
 from runtime import LLM, SamplingParams
 
-from api_server import TINY_ARGS, ServerProcess, metric
+from api_server import TINY_ARGS, ServerProcess, gone, metric
 from tiny_models import make_tiny_checkpoint
 
 pytestmark = pytest.mark.xdist_group("engine-processes")
@@ -35,19 +35,6 @@ def checkpoint(tmp_path_factory):
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def gone(pid: int, timeout: float = 5.0) -> bool:
-    """Whether process ``pid`` ends (or is a zombie: it runs nothing) within ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def stream_text(url: str, prompt: str, max_tokens: int) -> str:
@@ -136,6 +123,10 @@ def test_a_model_that_fails_to_load_stops_the_server_with_the_reason(tmp_path):
     (["--enable-lora", "--lora-modules", "a"], "give name=path or a JSON object with name and path"),
     (["--enable-lora", "--lora-modules", "a=/nowhere"], "/nowhere/adapter_config.json not found"),
     (["--enable-lora", "--allow-runtime-lora-updating", "--api-server-count", "2"], "works with one API process"),
+    (["--enable-lora", "--lora-allowed-dirs", "/"], "--lora-allowed-dirs confines /v1/load_lora_adapter: it needs"),
+    (["--enable-lora", "--allow-runtime-lora-updating", "--lora-allowed-dirs", "/nowhere"],
+     "--lora-allowed-dirs /nowhere is not a directory"),
+    (["--max-request-body-bytes", "0"], "--max-request-body-bytes must be >= 1"),
     (["--enable-lora", "-tp", "2"], "LoRA adapters with --tensor-parallel-size or --pipeline-parallel-size above 1"),
     # (each flag goes through str.format: braces are doubled)
     (["--speculative-config", "{{method: ngram}}"], "--speculative-config is not valid JSON"),

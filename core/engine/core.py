@@ -17,6 +17,7 @@ from ..lora import LoRARequest
 from ..models import decoder_settings
 from ..models.parallel import check_expert_split, check_pipeline_parallel, check_tensor_parallel
 from ..platform import Communicator, PlatformConfig, Registry, get_registry
+from ..platform.faults import StepFaults
 from ..sample.params import SamplingParams
 from ..sched.request import Request, RequestStatus
 from ..sched.scheduler import Scheduler, SchedulerOutput, swap_is_cheaper
@@ -32,6 +33,22 @@ logger = logging.getLogger("runtime")
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
+
+
+def kernel_report(registry: Registry, platform, runner, quantization: str, checkpoint_quantization: Optional[str]) -> str:
+    """One line naming what runs the model and every fallback taken (``runtime serve`` prints it
+    when ready; ``runtime plugins`` lists what is installed): the attention backend, the
+    quantization method, backends of higher priority passed over and why, ops the platform has no
+    kernel for (the core's plain-torch reference runs them), a quantized checkpoint run otherwise."""
+    fallbacks = [f"attention {why}" for why in runner.attention_passed_over]
+    reference = [op for op, source in registry.kernels(platform.name).sources.items() if source == "reference"]
+    if reference:
+        fallbacks.append(f"reference kernels for {', '.join(reference)}")
+    if checkpoint_quantization and quantization != checkpoint_quantization:
+        fallbacks.append(f"the {checkpoint_quantization} checkpoint runs as {quantization}")
+    attention = ", ".join(sorted({cls.name for cls in runner.backend_classes}))
+    return (f"platform {platform.name} ({platform.device_name()}): attention {attention}, quantization "
+            f"{quantization}; fallbacks: {'; '.join(fallbacks) or 'none'}")
 
 
 class EngineCore:
@@ -116,7 +133,11 @@ class EngineCore:
         self._unsampled: Optional[tuple[SchedulerOutput, PendingStep]] = None
         """The look-ahead step in flight, launched without sampling (see ``_launch``)."""
         self._failed: list[EngineCoreOutput] = []
+        self._faults = StepFaults()
         """Requests failed outside a step (a grammar that did not compile), reported by the next."""
+        self.kernel_report = kernel_report(registry, self.platform, self.runner, self.quantization,
+                                           self.source.quantization)
+        logger.info("%s", self.kernel_report)
         gib = 1 << 30
         activation_bytes = self.executor.activation_bytes
         logger.info("platform %s (%s), %s, dtype %s, quantization %s, weights %.2f GiB per rank, activation peak %s, "
@@ -275,6 +296,7 @@ class EngineCore:
         With look-ahead, the step launched by the previous call (if any) is this call's step, and
         the next one is launched before this one's tokens are read back.
         """
+        self._faults.step()
         self._admit_compiled()
         if self.pipeline_depth > 1:
             return self._step_pipelined()

@@ -153,7 +153,8 @@ def run_engine_core(args: EngineArgs, build: Callable[[EngineArgs], EngineCore],
         # What exists now (the model, imported libraries: millions of objects) lives as long as the
         # process: keep it out of the collector's full passes, each of which would stall a step.
         gc.freeze()
-        announce(Ready(max_model_len=core.max_model_len, vocab_size=core.runner.settings.vocab_size))
+        announce(Ready(max_model_len=core.max_model_len, vocab_size=core.runner.settings.vocab_size,
+                       kernels=core.kernel_report))
         try:
             EngineCoreLoop(core, inbox, outboxes).run()
         except Exception as exc:  # noqa: BLE001

@@ -97,6 +97,8 @@ class Ready(msgspec.Struct, tag=True, array_like=True):
 
     max_model_len: int
     vocab_size: int
+    kernels: str = ""
+    """``EngineCore.kernel_report``: what runs the model, and the fallbacks taken."""
 
 
 class Failed(msgspec.Struct, tag=True, array_like=True):

@@ -183,15 +183,26 @@ class Registry:
             raise RuntimeError("no platform is available: install runtime[cpu] (see `runtime plugins` for why others were skipped)")
         return max(available, key=lambda p: p.priority)()
 
-    def select_attention_backend(self, platform: str, spec: AttentionSpec) -> type[AttentionBackend]:
+    def _attention_choice(self, platform: str, spec: AttentionSpec) -> tuple[type[AttentionBackend] | None, list[str]]:
         reasons = []
         for backend in self.attention_backends(platform):
             why = backend.unsupported_reason(spec)
             if why is None:
-                return backend
-            reasons.append(f"{backend.name}: {why}")
-        detail = "; ".join(reasons) if reasons else "the platform registers no attention backend"
-        raise ValueError(f"no attention backend on {platform} supports this model ({detail})")
+                return backend, reasons
+            reasons.append(f"{backend.name} ({why})")
+        return None, reasons
+
+    def select_attention_backend(self, platform: str, spec: AttentionSpec) -> type[AttentionBackend]:
+        backend, reasons = self._attention_choice(platform, spec)
+        if backend is None:
+            detail = "; ".join(reasons) if reasons else "the platform registers no attention backend"
+            raise ValueError(f"no attention backend on {platform} supports this model ({detail})")
+        return backend
+
+    def attention_passed_over(self, platform: str, spec: AttentionSpec) -> list[str]:
+        """The backends of higher priority than the one selected for ``spec``, each as
+        ``"name (why not)"``: the fallbacks a start-up report names."""
+        return self._attention_choice(platform, spec)[1]
 
 
 _default: Registry | None = None

@@ -87,6 +87,9 @@ class ModelRunner:
         """KV heads this rank caches (its tensor-parallel share)."""
         backend_classes = [registry.select_attention_backend(platform.name, spec) for spec in specs]
         self.backend_classes = backend_classes
+        self.attention_passed_over = sorted({why for spec in specs
+                                             for why in registry.attention_passed_over(platform.name, spec)})
+        """Backends of higher priority that could not run this model (see ``EngineCore.kernel_report``)."""
         self.cache_dtype = specs[0].cache_dtype
         ops = registry.kernels(platform.name)
         previous = torch.get_default_dtype()

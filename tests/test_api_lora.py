@@ -59,7 +59,7 @@ def test_models_lists_each_adapter_with_its_parent(setup):
 
 
 def test_64_concurrent_requests_over_8_adapters_each_get_what_they_get_alone(setup):
-    server, _ = setup
+    server, _, _ = setup
     rng = random.Random(5)
     models = ["tiny"] + [f"a{i}" for i in range(NUM_ADAPTERS)]
     prompts = [[rng.randrange(3, 200) for _ in range(rng.randrange(4, 40))] for _ in range(6)]

@@ -15,32 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from moe_gpu import copy_bandwidth  # noqa: E402
+from moe_gpu import copy_bandwidth, graph_us  # noqa: E402
 
 LLAMA8B_LINEARS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 """Output and input width of each projection of one layer."""
-
-
-def graph_us(call) -> float:
-    """Microseconds a call takes, from a CUDA graph of 50 of them."""
-    call()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(50):
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(4):
-        graph.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / 200 * 1e6
 
 
 def wna16_cases(bandwidth: float) -> list[dict]:

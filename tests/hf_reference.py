@@ -41,6 +41,18 @@ def embedded_hf_model() -> transformers.PreTrainedModel:
     return model.eval()
 
 
+def embedded_greedy_and_chat(llm, prompts: list[str], new_tokens: int):
+    """An engine's greedy outputs of ``prompts`` (EOS ignored) and its chat answer to "What is the
+    capital of France?": what every test of the embedded model checks (the answer names Paris)."""
+    from runtime import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    chat = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                    SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)[0].outputs[0].text
+    return outputs, chat
+
+
 @torch.inference_mode()
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy tokens and each step's full log-softmax row, ignoring EOS (as ``ignore_eos``)."""

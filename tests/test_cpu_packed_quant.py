@@ -9,7 +9,7 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
-from runtime import LLM, SamplingParams
+from runtime import LLM
 from runtime.loader.gguf import build_config, read_weights
 from runtime.loader.gguf_file import GgufFile
 from runtime.platform import RawQuantizedTensor, get_registry
@@ -18,7 +18,7 @@ from runtime_conformance.tolerances import tolerance
 from runtime_cpu import int4
 from runtime_cpu.quant import CpuGgufMethod, Int8Weight
 
-from hf_reference import assert_greedy_matches, embedded_hf_model, hf_greedy
+from hf_reference import assert_greedy_matches, embedded_greedy_and_chat, embedded_hf_model, hf_greedy
 from tiny_models import make_tiny_gguf
 
 
@@ -94,10 +94,7 @@ def test_embedded_model_is_served_from_its_4bit_blocks():
     assert bits == 5.0  # Q4_1: 4-bit values, a scale and an offset per 32
     # The tied output projection multiplies the Q8_0 table as int8; the lookup keeps it dense.
     assert isinstance(llm.engine.runner.model.lm_head.quant_weight, Int8Weight)
-    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    outputs = llm.generate(PROMPTS, params, use_tqdm=False)
-    chat = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                    SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)[0].outputs[0].text
+    outputs, chat = embedded_greedy_and_chat(llm, PROMPTS, NEW_TOKENS)
     del llm
     assert "Paris" in chat, chat
     hf = embedded_hf_model()

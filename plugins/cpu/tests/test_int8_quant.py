@@ -10,11 +10,12 @@ import pytest
 import torch
 import transformers
 
-from runtime import LLM, SamplingParams
+from runtime import LLM
 from runtime_cpu.quant import CpuInt8Method, Int8Weight
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))
-from hf_reference import embedded_hf_model, hf_greedy  # noqa: E402
+from hf_reference import (assert_greedy_matches, embedded_greedy_and_chat, embedded_hf_model,  # noqa: E402
+                          hf_greedy)
 
 
 def _weight(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -111,19 +112,12 @@ def test_greedy_matches_hf_running_the_same_int8_weights():
     default for GGUF files before their 4-bit types stayed packed)."""
     llm = LLM(None, kv_cache_memory="256MiB", max_model_len=512, quantization="int8")
     assert llm.engine.quantization == "int8"
-    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    outputs = llm.generate(PROMPTS, params, use_tqdm=False)
-    chat = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                    SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)[0].outputs[0].text
+    outputs, chat = embedded_greedy_and_chat(llm, PROMPTS, NEW_TOKENS)
     del llm
     assert "Paris" in chat, chat
     model = _hf_with_int8_weights()
+    # Only a near-tie may flip: the two products differ by float32 accumulation order and
+    # runtime's activation rounding (1/15876 of a row's largest value).
     for prompt, out in zip(PROMPTS, outputs):
         reference, rows = hf_greedy(model, out.prompt_token_ids, NEW_TOKENS)
-        for step, (ours, theirs) in enumerate(zip(out.outputs[0].token_ids, reference)):
-            if ours != theirs:
-                # Only a near-tie may flip: the two products differ by float32 accumulation order
-                # and runtime's activation rounding (1/15876 of a row's largest value).
-                gap = float(rows[step][theirs] - rows[step][ours])
-                assert gap < 1e-2, f"{prompt!r}: step {step} chose {ours}, HF {theirs}, logprob gap {gap:.3g}"
-                break
+        assert_greedy_matches(out.outputs[0].token_ids, reference, rows, near_tie=1e-2, context=prompt)

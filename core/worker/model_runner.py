@@ -5,6 +5,7 @@ Owns the device state: the model, the KV-cache tensors, and per-request sampler 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from dataclasses import dataclass, field, fields
@@ -17,7 +18,7 @@ from ..lora.config import LoRAConfig
 from ..lora.manager import LoRARegistry, LoRASlots
 from ..models import DecoderForCausalLM, decoder_settings
 from ..models.batch import ForwardBatch
-from ..models.layers.linear import Linear
+from ..models.layers.linear import Linear, deferred_dense_weights
 from ..models.parallel import PipelineParallel, TensorParallel
 from ..kv.host_pool import KVTransfers
 from ..platform import Platform, QuantizationMethod, Registry
@@ -95,13 +96,19 @@ class ModelRunner:
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
-            with torch.device(self.device):
+            # Only a checkpoint's own packed weights are kept packed; dense ones to be quantized
+            # after loading need their dense copy anyway.
+            deferred = deferred_dense_weights() if keep_packed and quantization is None else contextlib.nullcontext()
+            with torch.device(self.device), deferred:
                 model = DecoderForCausalLM(self.settings, hf_config, max_model_len, ops,
                                            [cls(spec) for cls, spec in zip(backend_classes, specs)], tp, pp,
                                            expert_parallel)
         finally:
             torch.set_default_dtype(previous)
         model.load_weights(weights, lambda fmt: registry.quantization_method(platform.name, fmt), keep_packed)
+        deferred_left = [name for name, param in model.named_parameters() if param.is_meta]
+        if deferred_left:
+            raise ValueError(f"the checkpoint filled no dense weight for {', '.join(deferred_left[:3])}")
         if quantization is not None:
             model.quantize_weights(quantization)
         self.model = model.eval()

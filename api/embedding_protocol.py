@@ -26,8 +26,8 @@ class EmbeddingRequest(_Model):
         None, ge=1, description="Keep the first this many components (models trained for it; then normalized).")
     user: Optional[str] = Field(None, description="Accepted and ignored.")
     add_special_tokens: bool = Field(True, description="vLLM extra: add BOS/EOS etc. when tokenizing the input.")
-    normalize: Optional[bool] = Field(None, description="vLLM extra: scale to unit length (default: the model's "
-                                                        "setting).")
+    use_activation: Optional[bool] = Field(None, description="vLLM extra: normalize to unit length (default: the "
+                                                             "model's setting).")
     priority: int = Field(0, description="vLLM extra: lower runs first under --scheduling-policy priority.")
 
     @field_validator("input")

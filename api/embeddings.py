@@ -71,7 +71,7 @@ async def create_embeddings(data: JSONBody[EmbeddingRequest], request: Request,
     if engine.pooler_config is None:
         raise bad_request("this server generates text: /v1/embeddings needs a server started with --task embed "
                           "(or --runner pooling)")
-    pooling = PoolingParams(dimensions=data.dimensions, normalize=data.normalize)
+    pooling = PoolingParams(dimensions=data.dimensions, use_activation=data.use_activation)
     try:
         engine.pooler_config.spec(pooling)
     except ValueError as exc:

@@ -29,8 +29,11 @@ KEPT_VECTORS = 4
 
 
 def prompts(args) -> list[list[int]]:
+    """Random ids of ordinary tokens (past the first 1000, where special tokens live, on the 8B shape's vocabulary)."""
+    vocab = json.loads((args.dir / "config.json").read_text())["vocab_size"]
+    low, high = min(1000, vocab // 4), min(100000, vocab)
     rng = random.Random(0)
-    return [[rng.randrange(1000, 100000) for _ in range(args.prompt_len)] for _ in range(args.requests)]
+    return [[rng.randrange(low, high) for _ in range(args.prompt_len)] for _ in range(args.requests)]
 
 
 def measure(engine: str, embed, args) -> list[dict]:
@@ -54,9 +57,9 @@ def measure(engine: str, embed, args) -> list[dict]:
 def runtime_part(args) -> list[dict]:
     from runtime import LLM
     t0 = time.perf_counter()
-    llm = LLM(str(args.dir), device="cuda", dtype="bfloat16", task="embed", max_model_len=args.prompt_len + 64,
+    llm = LLM(str(args.dir), device=args.device, dtype="bfloat16", task="embed", max_model_len=args.prompt_len + 64,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              pooler_config={"pooling_type": "LAST", "normalize": True})
+              pooler_config={"pooling_type": "LAST", "use_activation": True})
     ready = {"engine": "runtime", "part": "startup", "startup_s": round(time.perf_counter() - t0, 1)}
     print(json.dumps(ready), flush=True)
     embed = lambda batch: [o.outputs.embedding for o in llm.embed(batch, use_tqdm=False)]  # noqa: E731
@@ -65,10 +68,12 @@ def runtime_part(args) -> list[dict]:
 
 def vllm_part(args) -> list[dict]:
     from vllm import LLM
+    from vllm.config import PoolerConfig
     t0 = time.perf_counter()
+    # A causal LM under runner pooling becomes an embedder that normalizes (use_activation) by default.
     llm = LLM(model=str(args.dir), dtype="bfloat16", runner="pooling", max_model_len=args.prompt_len + 64,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              pooler_config={"pooling_type": "LAST", "normalize": True})
+              pooler_config=PoolerConfig(pooling_type="LAST"))
     ready = {"engine": "vllm", "part": "startup", "startup_s": round(time.perf_counter() - t0, 1)}
     print(json.dumps(ready), flush=True)
 
@@ -101,6 +106,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cuda", help="the runtime part's platform (cpu: a smoke run of the script)")
     args = parser.parse_args()
     args.json.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -86,10 +86,10 @@ def test_mean_pooling_from_sentence_transformers_files(mean_llm, hf_model, promp
     assert mean_llm.engine.kv_manager.usage == 0.0
 
 
-def test_dimensions_and_normalize_per_request(last_llm, mean_llm, hf_model, prompts):
+def test_dimensions_and_activation_per_request(last_llm, mean_llm, hf_model, prompts):
     truncated = last_llm.embed(prompts[:3], PoolingParams(dimensions=16), use_tqdm=False)
     assert_vectors_match(truncated, hf_embeddings(hf_model, prompts[:3], "LAST", normalize=True, dimensions=16))
-    normalized = mean_llm.embed(prompts[:3], PoolingParams(normalize=True), use_tqdm=False)
+    normalized = mean_llm.embed(prompts[:3], PoolingParams(use_activation=True), use_tqdm=False)
     assert_vectors_match(normalized, hf_embeddings(hf_model, prompts[:3], "MEAN", normalize=True))
 
 
@@ -116,7 +116,7 @@ def test_errors_name_the_cause(last_llm, mean_llm, prompts):
 def test_pooler_config_sources(checkpoint, hf_model):
     plain = transformers.AutoConfig.from_pretrained(checkpoint)
     plain.is_matryoshka = False
-    config = resolve_pooler_config(checkpoint, plain, '{"pooling_type": "cls", "normalize": false}')
+    config = resolve_pooler_config(checkpoint, plain, '{"seq_pooling_type": "cls", "use_activation": false}')
     assert (config.pooling_type, config.normalize, config.source) == ("CLS", False, "--pooler-config")
     with pytest.raises(ValueError, match="does not support truncated embeddings"):
         config.spec(PoolingParams(dimensions=8))

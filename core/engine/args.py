@@ -108,8 +108,8 @@ class EngineArgs:
     """vLLM's ``--runner``: ``generate`` or ``pooling`` (the same as task embed); None: as ``task`` says."""
     pooler_config: Union[str, dict, None] = None
     """vLLM's ``--pooler-config`` for task embed, JSON text or a dict: ``pooling_type`` (LAST,
-    MEAN or CLS) and/or ``normalize``, over the checkpoint's sentence-transformers settings
-    (default: LAST, normalized)."""
+    MEAN or CLS) and/or ``use_activation`` (normalize), over the checkpoint's sentence-transformers
+    settings (default: LAST, normalized)."""
     reasoning_parser: Optional[str] = None
     """The model's thinking format (``deepseek_r1``, ``qwen3``): the server returns the thinking as
     ``reasoning_content`` and structured output constrains only what follows it."""

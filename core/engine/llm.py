@@ -95,7 +95,7 @@ class LLM:
         """The embedding of each prompt (a string, a list of token ids, or ``{"prompt_token_ids": [...]}``),
         in input order; the engine needs ``task="embed"`` (or ``runner="pooling"``).
 
-        ``pooling_params``: ``dimensions`` and ``normalize`` (default: the model's), one for
+        ``pooling_params``: ``dimensions`` and ``use_activation`` (default: the model's), one for
         every prompt or a list with one per prompt. Raises ValueError naming the first prompt
         that cannot be embedded (too long, dimensions the model does not offer), before any runs.
         """

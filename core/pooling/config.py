@@ -14,6 +14,9 @@ POOLING_TYPES = ("LAST", "MEAN", "CLS")
 
 _ST_MODES = {"pooling_mode_lasttoken": "LAST", "pooling_mode_mean_tokens": "MEAN", "pooling_mode_cls_token": "CLS"}
 """sentence-transformers' Pooling module settings that this runtime computes, by the type they mean."""
+_OVERRIDE_KEYS = {"pooling_type": "pooling_type", "seq_pooling_type": "pooling_type", "use_activation": "normalize",
+                  "normalize": "normalize"}
+"""``--pooler-config`` keys, vLLM 0.22's and their older names, by the setting each gives."""
 _ST_NORMALIZE = "sentence_transformers.models.Normalize"
 _ST_POOLING = "sentence_transformers.models.Pooling"
 
@@ -44,14 +47,15 @@ class PoolerConfig:
                                  f"{', '.join(map(str, self.matryoshka_dimensions))}")
             if not 1 <= dims <= self.hidden_size:
                 raise ValueError(f"dimensions must be between 1 and the model's {self.hidden_size}, got {dims}")
-        normalize = self.normalize if params.normalize is None else params.normalize
+        normalize = self.normalize if params.use_activation is None else params.use_activation
         return PoolingSpec(self.pooling_type, normalize, dims or self.hidden_size)
 
 
 def resolve_pooler_config(model_path: Optional[Path], hf_config: Any,
                           override: Union[str, dict, None] = None) -> PoolerConfig:
     """The model's ``PoolerConfig``. ``override``: vLLM's ``--pooler-config``, JSON text or a
-    dict with ``pooling_type`` and/or ``normalize``, over whatever the checkpoint says."""
+    dict with ``pooling_type`` (or ``seq_pooling_type``) and/or ``use_activation`` (or older
+    vLLM's ``normalize``), over whatever the checkpoint says."""
     hidden_size = int(hf_config.hidden_size)
     dims = getattr(hf_config, "matryoshka_dimensions", None)
     matryoshka = tuple(int(d) for d in dims) if dims else None
@@ -61,17 +65,17 @@ def resolve_pooler_config(model_path: Optional[Path], hf_config: Any,
     source = "sentence-transformers files" if found else "default for decoder embedders"
     if override:
         values = json.loads(override) if isinstance(override, str) else dict(override)
-        unknown = set(values) - {"pooling_type", "normalize"}
+        unknown = set(values) - set(_OVERRIDE_KEYS)
         if unknown:
             raise ValueError(f"--pooler-config has unknown key(s) {', '.join(sorted(unknown))}: give pooling_type "
-                             f"and/or normalize")
-        settings.update(values)
+                             f"and/or use_activation")
+        settings.update({_OVERRIDE_KEYS[key]: value for key, value in values.items()})
         source = "--pooler-config"
     pooling_type = str(settings["pooling_type"]).upper()
     if pooling_type not in POOLING_TYPES:
         raise ValueError(f"pooling_type {settings['pooling_type']!r} is not one of {', '.join(POOLING_TYPES)}")
     if not isinstance(settings["normalize"], bool):
-        raise ValueError(f"--pooler-config normalize must be true or false, got {settings['normalize']!r}")
+        raise ValueError(f"--pooler-config use_activation must be true or false, got {settings['normalize']!r}")
     return PoolerConfig(pooling_type, settings["normalize"], hidden_size, matryoshka, supports, source)
 
 

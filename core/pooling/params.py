@@ -8,15 +8,16 @@ from typing import Optional
 
 @dataclass(frozen=True)
 class PoolingParams:
-    """vLLM's ``PoolingParams`` for embeddings.
+    """vLLM's ``PoolingParams`` for embeddings (0.22's fields).
 
     ``dimensions``: keep the first this many components (models trained for it, Matryoshka
-    style; the vector is normalized after the cut). ``normalize``: scale to unit length; None
-    takes the model's setting (``PoolerConfig.normalize``).
+    style; the vector is normalized after the cut). ``use_activation``: an embedding's
+    activation is the normalization to unit length; None takes the model's setting
+    (``PoolerConfig.normalize``).
     """
 
     dimensions: Optional[int] = None
-    normalize: Optional[bool] = None
+    use_activation: Optional[bool] = None
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,16 @@
 """POST /v1/embeddings on a real ``runtime serve --runner pooling``: the openai client's
 ``embeddings.create`` against HF transformers' pooled hidden states, token-id inputs, usage and
-metrics, and bad inputs answered 400 while the server keeps serving."""
+metrics, and bad inputs answered 400 (fuzzed from the OpenAPI schema too) while the server keeps serving."""
 
 from __future__ import annotations
 
 import httpx
 import openai
 import pytest
+import schemathesis
 import torch
 import transformers
+from hypothesis import HealthCheck, given, settings
 
 from api_server import TINY_ARGS, ServerProcess
 from hf_reference import hf_embeddings
@@ -101,3 +103,19 @@ def test_generation_routes_refused_and_server_keeps_serving(client, server):
         response = httpx.post(f"{server.base_url}/{path}", json={"model": "tiny", **body})
         assert response.status_code == 400 and "--task embed" in response.json()["error"]["message"]
     assert len(client.embeddings.create(model="tiny", input="still here").data[0].embedding) == 64
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_fuzzing_finds_no_server_error(server, mode):
+    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    strategy = schema["/v1/embeddings"]["POST"].as_strategy(generation_mode=schemathesis.GenerationMode(mode))
+
+    @given(case=strategy)
+    @settings(max_examples=20, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    def check(case):
+        response = case.call(base_url=server.url, timeout=60)
+        assert response.status_code < 500, (case.body, response.text)
+        if response.status_code >= 400:
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}, response.text
+
+    check()

@@ -93,6 +93,18 @@ def test_dimensions_and_activation_per_request(last_llm, mean_llm, hf_model, pro
     assert_vectors_match(normalized, hf_embeddings(hf_model, prompts[:3], "MEAN", normalize=True))
 
 
+def test_base_model_checkpoint_embeds_and_refuses_to_generate(checkpoint, hf_model, prompts, tmp_path):
+    """A checkpoint without an output layer (``Qwen2Model``, as e5-mistral ships ``MistralModel``)."""
+    hf_model.get_decoder().save_pretrained(tmp_path)
+    for item in checkpoint.glob("*token*"):
+        os.symlink(item, tmp_path / item.name)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["Qwen2Model"]
+    outputs = LLM(str(tmp_path), **OPTIONS).embed(prompts[:3], use_tqdm=False)
+    assert_vectors_match(outputs, hf_embeddings(hf_model, prompts[:3], "LAST", normalize=True))
+    with pytest.raises(ValueError, match="Qwen2Model is a base model without an output layer.*--task embed"):
+        LLM(str(tmp_path), kv_cache_memory="16MiB", max_model_len=256)
+
+
 def test_prefix_cache_serves_last_token_but_not_mean(last_llm, mean_llm, prompts):
     for llm, expect_hits in ((last_llm, True), (mean_llm, False)):
         kv = llm.engine.kv_manager

@@ -145,5 +145,7 @@ def test_task_flags():
         EngineArgs(task="embed", runner="generate")
     with pytest.raises(ValueError, match="pooler_config is for embedding models"):
         EngineArgs(pooler_config='{"pooling_type": "MEAN"}')
+    with pytest.raises(ValueError, match="--pooler-config is not JSON"):
+        EngineArgs(task="embed", pooler_config="{pooling_type: MEAN}")
     with pytest.raises(ValueError, match="task embed does not support speculative_config"):
         EngineArgs(task="embed", speculative_config={"method": "ngram", "num_speculative_tokens": 2})

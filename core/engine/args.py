@@ -8,6 +8,7 @@ from typing import Optional, Union
 
 from ..lora.config import LoRAConfig
 from ..platform import KV_CACHE_DTYPES
+from ..pooling.config import parse_pooler_override
 from ..reasoning import reasoning_markers
 from ..sched.scheduler import PREEMPTION_MODES
 from ..spec.config import SpeculativeConfig
@@ -171,6 +172,8 @@ class EngineArgs:
             if self.pooler_config is not None:
                 raise ValueError("pooler_config is for embedding models: add --task embed (or --runner pooling)")
             return
+        if self.pooler_config is not None:
+            parse_pooler_override(self.pooler_config)  # a mistake fails here, not in the engine core process
         unsupported = [name for name, on in (("speculative_config", self.speculative_config is not None),
                                               ("enable_lora", self.enable_lora),
                                               ("tensor_parallel_size > 1", self.tensor_parallel_size > 1),

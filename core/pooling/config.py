@@ -64,19 +64,33 @@ def resolve_pooler_config(model_path: Optional[Path], hf_config: Any,
     settings = {"pooling_type": "LAST", "normalize": True, **found}
     source = "sentence-transformers files" if found else "default for decoder embedders"
     if override:
-        values = json.loads(override) if isinstance(override, str) else dict(override)
-        unknown = set(values) - set(_OVERRIDE_KEYS)
-        if unknown:
-            raise ValueError(f"--pooler-config has unknown key(s) {', '.join(sorted(unknown))}: give pooling_type "
-                             f"and/or use_activation")
-        settings.update({_OVERRIDE_KEYS[key]: value for key, value in values.items()})
+        settings.update(parse_pooler_override(override))
         source = "--pooler-config"
-    pooling_type = str(settings["pooling_type"]).upper()
-    if pooling_type not in POOLING_TYPES:
-        raise ValueError(f"pooling_type {settings['pooling_type']!r} is not one of {', '.join(POOLING_TYPES)}")
-    if not isinstance(settings["normalize"], bool):
+    return PoolerConfig(settings["pooling_type"], settings["normalize"], hidden_size, matryoshka, supports, source)
+
+
+def parse_pooler_override(override: Union[str, dict]) -> dict[str, Any]:
+    """``--pooler-config`` (JSON text or a dict) as settings: ``pooling_type`` (one of
+    POOLING_TYPES) and/or ``normalize``; ValueError naming what is wrong with it."""
+    if isinstance(override, str):
+        try:
+            override = json.loads(override)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--pooler-config is not JSON ({exc}): give e.g. '{{\"pooling_type\": \"MEAN\"}}'") from None
+    if not isinstance(override, dict):
+        raise ValueError(f"--pooler-config must be a JSON object, got {override!r}")
+    unknown = set(override) - set(_OVERRIDE_KEYS)
+    if unknown:
+        raise ValueError(f"--pooler-config has unknown key(s) {', '.join(sorted(unknown))}: give pooling_type "
+                         f"and/or use_activation")
+    settings = {_OVERRIDE_KEYS[key]: value for key, value in override.items()}
+    if "pooling_type" in settings:
+        if str(settings["pooling_type"]).upper() not in POOLING_TYPES:
+            raise ValueError(f"pooling_type {settings['pooling_type']!r} is not one of {', '.join(POOLING_TYPES)}")
+        settings["pooling_type"] = str(settings["pooling_type"]).upper()
+    if not isinstance(settings.get("normalize", True), bool):
         raise ValueError(f"--pooler-config use_activation must be true or false, got {settings['normalize']!r}")
-    return PoolerConfig(pooling_type, settings["normalize"], hidden_size, matryoshka, supports, source)
+    return settings
 
 
 def _sentence_transformers(directory: Path) -> dict[str, Any]:

@@ -33,7 +33,8 @@ def server(checkpoint):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+    with openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")

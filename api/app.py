@@ -14,6 +14,7 @@ from .auth import api_key_middleware
 from .chat import create_chat_completion
 from .chat_tools import ChatParsing
 from .completions import create_completion
+from .embeddings import create_embeddings
 from .context import ServerContext
 from .errors import EXCEPTION_HANDLERS
 from .limits import MAX_BODY_BYTES
@@ -24,7 +25,7 @@ from .openapi import openapi_config
 from .system import health, list_models, metrics, version
 from .tokenization import detokenize, tokenize
 
-ROUTES = [create_completion, create_chat_completion, tokenize, detokenize, list_models, health, version, metrics]
+ROUTES = [create_completion, create_chat_completion, create_embeddings, tokenize, detokenize, list_models, health, version, metrics]
 
 
 

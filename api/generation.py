@@ -82,6 +82,9 @@ class Generation:
 
     def __init__(self, ctx: ServerContext, request_id: str, prompts: list[EnginePrompt],
                  params: list[SamplingParams], priority: int, lora_request: Optional[LoRARequest] = None):
+        if ctx.engine.pooler_config is not None:
+            raise bad_request("this server runs --task embed: it serves /v1/embeddings, not completions; serve the "
+                              "model without --task embed to generate")
         self.prompts = prompts
         self.streams: list[RequestStream] = []
         self.timers: list[RequestTimer] = []

@@ -143,6 +143,13 @@ class RequestTimer:
         self.start = time.perf_counter()
         self.last: float | None = None
 
+    def embedded(self, num_prompt_tokens: int, num_inputs: int) -> None:
+        """An embeddings request's inputs are all computed: their tokens, one success each, its latency."""
+        m = self.metrics
+        m.prompt_tokens.inc(num_prompt_tokens)
+        m.request_success.labels(m.model_name, "stop").inc(num_inputs)
+        m.e2e.observe(time.perf_counter() - self.start)
+
     def observe(self, out: RequestOutput) -> None:
         now = time.perf_counter()
         m = self.metrics

@@ -29,6 +29,9 @@
 #   offload: benchmarks/offload_gpu.py on the Llama-3-8B shape: a shared-prefix workload whose prefixes need 4x the
 #            device KV cache, runtime without and with --kv-offloading-size (target >= 1.5x throughput, higher
 #            prefix hit rate); then preemption by recompute, swap and auto under a cache a quarter of the need
+#   embed:   benchmarks/embed_gpu.py on the Llama-3-8B shape as an embedder (last token, normalized): runtime and
+#            vLLM (runner pooling) offline, 2048 x 512-token prompts, sequences/s, then the report (ratio and the
+#            cosine between the two engines' vectors). Needs `unpack` first for vLLM
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}; M=/tmp/llama8b; R=/tmp/results
@@ -109,6 +112,11 @@ from runtime.models import decoder_settings as d; print(int(d(m.config_of(a.shap
           | tail -15 | tee -a $R/offload/run.log
       done
       python3 benchmarks/offload_gpu.py report --json $R/offload/report.json | tee -a $R/offload/run.log ;;
+    embed)
+      for part in runtime vllm report; do
+        timeout 480 python3 benchmarks/embed_gpu.py $part --dir $M --json $R/embed/$part.json ${EMBED_ARGS:-} 2>&1 \
+          | grep -v "it/s]" | tail -15 | tee -a $R/embed/run.log
+      done ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
   tar czf "$OUT/$stage-${TAG:-run}.tgz" -C $R $stage

@@ -11,9 +11,10 @@ if (_problem := identity_problem()) is not None:
 del _problem
 
 from .engine.llm import LLM
-from .engine.outputs import CompletionOutput, RequestOutput
+from .engine.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from .lora import LoRARequest
+from .pooling import PoolingParams
 from .sample.params import SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "CompletionOutput", "LoRARequest", "RequestOutput", "SamplingParams",
-           "StructuredOutputsParams", "__version__"]
+__all__ = ["LLM", "CompletionOutput", "EmbeddingOutput", "EmbeddingRequestOutput", "LoRARequest", "PoolingParams",
+           "RequestOutput", "SamplingParams", "StructuredOutputsParams", "__version__"]

@@ -70,6 +70,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, as vLLM\'s flag: e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
                         "(docs/speculative.md)")
+    g.add_argument("--task", default=d.task, choices=["generate", "embed"],
+                   help="embed: serve the model as an embedder, POST /v1/embeddings (docs/embeddings.md)")
+    g.add_argument("--runner", default=None, choices=["generate", "pooling"],
+                   help="vLLM's name for the same choice: pooling is --task embed")
+    g.add_argument("--pooler-config", default=None, metavar="JSON",
+                   help='task embed: \'{"pooling_type": "LAST"|"MEAN"|"CLS", "use_activation": true|false}\' (normalize '
+                        "or not) over the checkpoint's sentence-transformers settings (default: LAST, normalized)")
     g.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
                    help="the model's thinking format: the server returns the thinking as reasoning_content "
                         "(docs/api.md#reasoning-output)")

@@ -84,3 +84,18 @@ def assert_greedy_matches(ours: list[int], reference: list[int], reference_rows:
         assert gap < near_tie, (f"{context}: step {step} chose {mine}, reference {theirs}, "
                                 f"reference logprob gap {gap:.4g} is not a near-tie")
         return
+
+
+@torch.inference_mode()
+def hf_embeddings(model: transformers.PreTrainedModel, prompts: list[list[int]], pooling: str, normalize: bool,
+                  dimensions: int | None = None) -> list[torch.Tensor]:
+    """Each prompt's embedding from HF's base model (the final norm's output), computed alone in
+    float64 after the forward pass: the LAST token's hidden state, the MEAN over all, or the
+    first (CLS); the first ``dimensions`` components, then scaled to unit length if ``normalize``."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model
+    vectors = []
+    for ids in prompts:
+        hidden = base(torch.tensor([ids])).last_hidden_state[0].double()
+        vector = {"LAST": hidden[-1], "MEAN": hidden.mean(0), "CLS": hidden[0]}[pooling][:dimensions]
+        vectors.append(vector / vector.norm() if normalize else vector)
+    return vectors

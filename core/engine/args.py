@@ -8,6 +8,7 @@ from typing import Optional, Union
 
 from ..lora.config import LoRAConfig
 from ..platform import KV_CACHE_DTYPES
+from ..pooling.config import parse_pooler_override
 from ..reasoning import reasoning_markers
 from ..sched.scheduler import PREEMPTION_MODES
 from ..spec.config import SpeculativeConfig
@@ -26,6 +27,11 @@ def parse_size(value: Union[str, int, None]) -> Optional[int]:
         raise ValueError(f"kv_cache_memory {value!r} is not a size; use bytes or a size such as 4GiB or 512MiB")
     unit = (match.group(2) or "").lower().removesuffix("b")
     return int(float(match.group(1)) * _UNITS[unit])
+
+
+TASKS = ("generate", "embed")
+RUNNERS = {"generate": "generate", "pooling": "embed"}
+"""vLLM's ``--runner`` values and the task each means."""
 
 
 @dataclass
@@ -96,6 +102,15 @@ class EngineArgs:
     """What happens to a preempted request's KV: ``recompute`` (dropped, computed again on
     resume), ``swap`` (kept in the host tier, copied back; needs ``kv_offloading_size``) or
     ``auto`` (swap where the platform copies a token's KV faster than it recomputes it)."""
+    task: str = "generate"
+    """``generate`` (completions) or ``embed``: the model computes embeddings (``LLM.embed``,
+    ``POST /v1/embeddings``) from its hidden states, pooled as ``pooler_config`` says (docs/embeddings.md)."""
+    runner: Optional[str] = None
+    """vLLM's ``--runner``: ``generate`` or ``pooling`` (the same as task embed); None: as ``task`` says."""
+    pooler_config: Union[str, dict, None] = None
+    """vLLM's ``--pooler-config`` for task embed, JSON text or a dict: ``pooling_type`` (LAST,
+    MEAN or CLS) and/or ``use_activation`` (normalize), over the checkpoint's sentence-transformers
+    settings (default: LAST, normalized)."""
     reasoning_parser: Optional[str] = None
     """The model's thinking format (``deepseek_r1``, ``qwen3``): the server returns the thinking as
     ``reasoning_content`` and structured output constrains only what follows it."""
@@ -128,6 +143,7 @@ class EngineArgs:
             raise ValueError(f"distributed_timeout must be > 0 seconds, got {self.distributed_timeout}")
         if self.reasoning_parser is not None:
             reasoning_markers(self.reasoning_parser)
+        self._resolve_task()
         if self.kv_offloading_size is not None and not self.kv_offloading_size >= 0:
             raise ValueError(f"kv_offloading_size must be >= 0 GiB, got {self.kv_offloading_size}: give the host "
                              f"memory for offloaded KV blocks, or 0 for none")
@@ -141,6 +157,32 @@ class EngineArgs:
         self.speculative = SpeculativeConfig.parse(self.speculative_config)
         self.lora = (LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras or self.max_loras)
                      if self.enable_lora else None)
+
+    def _resolve_task(self) -> None:
+        """``task`` from ``task`` and vLLM's ``runner``, which must agree; what embed cannot do."""
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.runner is not None:
+            if self.runner not in RUNNERS:
+                raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
+            if self.task != "generate" and RUNNERS[self.runner] != self.task:
+                raise ValueError(f"runner {self.runner} contradicts task {self.task}: give one of them")
+            self.task = RUNNERS[self.runner]
+        if self.task != "embed":
+            if self.pooler_config is not None:
+                raise ValueError("pooler_config is for embedding models: add --task embed (or --runner pooling)")
+            return
+        if self.pooler_config is not None:
+            parse_pooler_override(self.pooler_config)  # a mistake fails here, not in the engine core process
+        unsupported = [name for name, on in (("speculative_config", self.speculative_config is not None),
+                                              ("enable_lora", self.enable_lora),
+                                              ("tensor_parallel_size > 1", self.tensor_parallel_size > 1),
+                                              ("pipeline_parallel_size > 1", self.pipeline_parallel_size > 1),
+                                              ("kv_offloading_size", bool(self.kv_offloading_size)),
+                                              ("reasoning_parser", self.reasoning_parser is not None)) if on]
+        if unsupported:
+            raise ValueError(f"task embed does not support {', '.join(unsupported)} yet: drop it (scale an embedding "
+                             f"model out with --data-parallel-size)")
 
     @classmethod
     def field_names(cls) -> set[str]:

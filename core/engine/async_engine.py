@@ -21,6 +21,7 @@ import zmq.asyncio
 from ..loader.source import open_model
 from ..lora import LoRARequest
 from ..models import decoder_settings
+from ..pooling import PoolerConfig, PoolingParams, resolve_pooler_config
 from ..sample.params import SamplingParams
 from .args import EngineArgs
 from .chat import load_chat_template
@@ -32,6 +33,9 @@ from .output_processor import OutputProcessor, child_id
 from .outputs import CompletionOutput, RequestOutput
 
 logger = logging.getLogger("runtime")
+
+_UNUSED_SAMPLING = SamplingParams(max_tokens=1)
+"""What an embedding request's ``AddRequest.params`` holds: it samples nothing."""
 
 _LAST_WORDS_S = 0.5
 """How long a dead core's last message (why it failed) may trail the end-of-file of its liveness pipe."""
@@ -151,6 +155,10 @@ class AsyncEngine:
         self.chat_template: Optional[str] = None
         self._processor: Optional[OutputProcessor] = None
         self._streams: dict[str, RequestStream] = {}
+        self._embeddings: dict[str, asyncio.Future] = {}
+        """Embedding requests by id -> their vector (float32 little-endian bytes), once computed."""
+        self.pooler_config: Optional[PoolerConfig] = None
+        """The model's pooling where the engine runs task embed (as the core resolves it)."""
         self.num_waiting = 0
         """Requests with no output yet (checked against max_queue_len)."""
         self._death_callbacks: list[Callable[[], None]] = []
@@ -296,8 +304,49 @@ class AsyncEngine:
         self.num_waiting += 1
         return stream
 
+    def add_embedding_request(self, request_id: str, prompt_token_ids: list[int], pooling: PoolingParams,
+                              priority: int = 0) -> asyncio.Future:
+        """Queue an embedding request (the engine runs task embed); returns a future of its vector,
+        float32 little-endian bytes. It raises ValueError when the core refuses the request
+        (too long for one step, say) and EngineDeadError if the engine dies; cancel it with
+        :meth:`abort`. Raises as :meth:`add_request` does."""
+        self._require_info()
+        if self.max_queue_len is not None and self.num_waiting >= self.max_queue_len:
+            raise QueueFullError(f"{self.num_waiting} requests are waiting already "
+                                 f"(--max-queue-len {self.max_queue_len})")
+        if request_id in self._streams or request_id in self._embeddings:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        link = min(self._links, key=lambda candidate: candidate.load)
+        link.send(AddRequest(request_id, link.connection.client, list(prompt_token_ids), _UNUSED_SAMPLING, priority,
+                             time.monotonic(), pooling=pooling))
+        link.added_since_stats += 1
+        self._core_of[request_id] = link
+        future = asyncio.get_running_loop().create_future()
+        self._embeddings[request_id] = future
+        self.num_waiting += 1
+        return future
+
+    def _settle_embedding(self, request_id: str, result: bytes | BaseException | None) -> None:
+        """Resolve an embedding request's future with its vector or error (None: cancel it)."""
+        future = self._embeddings.pop(request_id)
+        self._core_of.pop(request_id, None)
+        self.num_waiting -= 1
+        if not future.done():
+            if result is None:
+                future.cancel()
+            elif isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
     def abort(self, request_id: str) -> None:
         """Abort a request; the core applies it before its next step, which frees its KV blocks."""
+        if request_id in self._embeddings:
+            link = self._core_of.get(request_id)
+            self._settle_embedding(request_id, None)
+            if link is not None and self.state == "ready":
+                link.send(AbortRequests([request_id]))
+            return
         stream = self._streams.pop(request_id, None)
         if stream is not None and stream.waiting:
             stream.waiting = False
@@ -320,6 +369,8 @@ class AsyncEngine:
         self.model_settings = decoder_settings(source.hf_config)
         """The model's shape, to check LoRA adapters against before any request uses them."""
         self.chat_template = load_chat_template(self.args.chat_template) or source.chat_template
+        if self.args.task == "embed":
+            self.pooler_config = resolve_pooler_config(source.path, source.hf_config, self.args.pooler_config)
         self._processor = OutputProcessor(self.tokenizer)
         for link in self._links:
             link.send(ClientReady(link.connection.client))
@@ -348,11 +399,23 @@ class AsyncEngine:
         if processor is None:
             return
         for request_id, why in message.refused:
+            if request_id in self._embeddings:
+                self._settle_embedding(request_id, ValueError(why))
+                continue
             processor.abort(request_id)
             self._deliver(request_id, ValueError(why))
         if not message.outputs:
             return
         outputs = message.outputs
+        embedded = {out.request_id for out in outputs if out.request_id in self._embeddings}
+        if embedded:
+            for out in outputs:
+                if out.request_id in embedded:
+                    self._settle_embedding(out.request_id, out.embedding if out.embedding is not None
+                                           else ValueError(out.error or "the request was aborted"))
+            outputs = [out for out in outputs if out.request_id not in embedded]
+            if not outputs:
+                return
         if any(out.error is not None for out in outputs):
             outputs = self._fail(link, outputs)
         results, stopped = processor.process(outputs)
@@ -411,6 +474,10 @@ class AsyncEngine:
         self.state = "dead"
         self.error = exc
         streams, self._streams = self._streams, {}
+        embeddings, self._embeddings = self._embeddings, {}
+        for future in embeddings.values():
+            if not future.done():
+                future.set_exception(exc)
         self._core_of.clear()
         self.num_waiting = 0
         for stream in streams.values():

@@ -18,6 +18,7 @@ from ..models import decoder_settings
 from ..models.parallel import check_expert_split, check_pipeline_parallel, check_tensor_parallel
 from ..platform import Communicator, PlatformConfig, Registry, get_registry
 from ..platform.faults import StepFaults
+from ..pooling import PoolerConfig, PoolingParams, resolve_pooler_config
 from ..sample.params import SamplingParams
 from ..sched.request import Request, RequestStatus
 from ..sched.scheduler import Scheduler, SchedulerOutput, swap_is_cheaper
@@ -63,6 +64,12 @@ class EngineCore:
         self.dtype = self._resolve_dtype(args.dtype)
         self.max_model_len = self._resolve_max_model_len(args.max_model_len, config)
         budget = args.max_num_batched_tokens or min(max(2048, self.max_model_len), 8192)
+        self.pooler_config: Optional[PoolerConfig] = None
+        """The model's pooling, for an embedding engine (``--task embed``); None: it generates."""
+        if args.task == "embed":
+            self.pooler_config = resolve_pooler_config(self.source.path, config, args.pooler_config)
+            # An embedding is computed in one step: by default a step holds the longest prompt.
+            budget = args.max_num_batched_tokens or max(budget, self.max_model_len)
         self.max_num_seqs = args.max_num_seqs or self.platform.default_max_num_seqs()
         pconfig = PlatformConfig(dtype=self.dtype, block_size=args.block_size, max_model_len=self.max_model_len,
                                  max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
@@ -71,6 +78,10 @@ class EngineCore:
         self.platform.check_and_update_config(pconfig)
         self.block_size = pconfig.block_size
         settings = decoder_settings(config)
+        architectures = getattr(config, "architectures", None) or ["?"]
+        if self.pooler_config is None and all(name.endswith("Model") for name in architectures):
+            raise ValueError(f"{architectures[0]} is a base model without an output layer: it cannot "
+                             f"generate; serve it as an embedder with --task embed")
         check_tensor_parallel(args.tensor_parallel_size, settings.num_heads, settings.num_kv_heads,
                               settings.intermediate_size)
         check_expert_split(args.tensor_parallel_size, settings.moe, args.enable_expert_parallel)
@@ -92,7 +103,9 @@ class EngineCore:
         # With speculative decoding the next step's inputs depend on how many proposals this
         # one accepts, and the proposers read the accepted tokens: nothing to queue ahead.
         self.pipeline_depth = args.pipeline_parallel_size
-        graphs = self.platform.supports_graphs and not args.enforce_eager and self.pipeline_depth == 1
+        # An embedding engine only ever runs prompts: it has no decode steps to capture.
+        graphs = (self.platform.supports_graphs and not args.enforce_eager and self.pipeline_depth == 1
+                  and self.pooler_config is None)
         self.look_ahead = graphs and args.speculative is None
         check_speculative(args)
         host_tier_bytes = self._host_tier_bytes(args)
@@ -106,7 +119,7 @@ class EngineCore:
             data_parallel_size=args.data_parallel_size,
             first_device=args.data_parallel_rank * args.tensor_parallel_size * args.pipeline_parallel_size,
             lora=args.lora, speculative=args.speculative, expert_parallel=args.enable_expert_parallel,
-            kv_offloading_bytes=host_tier_bytes)
+            kv_offloading_bytes=host_tier_bytes, pooling=self.pooler_config is not None)
         quantization_method(registry, self.platform, self.quantization, self.source.quantization)  # fail before any rank starts
         self.executor = make_executor(self.plan, registry, self.platform, self.source,
                                       args.distributed_executor_backend, args.distributed_timeout)
@@ -138,6 +151,9 @@ class EngineCore:
         self.kernel_report = kernel_report(registry, self.platform, self.runner, self.quantization,
                                            self.source.quantization)
         logger.info("%s", self.kernel_report)
+        if self.pooler_config is not None:
+            logger.info("task embed: %s pooling, %snormalized (%s)", self.pooler_config.pooling_type,
+                        "" if self.pooler_config.normalize else "not ", self.pooler_config.source)
         gib = 1 << 30
         activation_bytes = self.executor.activation_bytes
         logger.info("platform %s (%s), %s, dtype %s, quantization %s, weights %.2f GiB per rank, activation peak %s, "
@@ -201,8 +217,12 @@ class EngineCore:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     priority: int = 0, arrival_time: float | None = None,
-                    lora_request: LoRARequest | None = None) -> None:
-        """Queue a request; raises ValueError when it cannot fit the context or its adapter is bad."""
+                    lora_request: LoRARequest | None = None, pooling: PoolingParams | None = None) -> None:
+        """Queue a request; raises ValueError when it cannot fit the context or its adapter is bad.
+
+        ``pooling``: an embedding request (the engine must run task embed, and every request
+        of such an engine is one): its output is one vector, ``EngineCoreOutput.embedding``."""
+        spec = self._pooling_spec(pooling, len(prompt_token_ids))
         if lora_request is not None:
             if self.runner.lora_registry is None:
                 raise ValueError(f"request names LoRA adapter {lora_request.lora_name!r} but LoRA is not enabled: "
@@ -213,12 +233,12 @@ class EngineCore:
         vocab = self.runner.settings.vocab_size
         if max(prompt_token_ids) >= vocab or min(prompt_token_ids) < 0:
             raise ValueError(f"prompt contains token ids outside the vocabulary [0, {vocab})")
-        if len(prompt_token_ids) >= self.max_model_len:
+        if spec is None and len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(prompt_token_ids)} tokens, the context is {self.max_model_len}: "
                              f"shorten it or raise --max-model-len")
         request = Request(request_id, list(prompt_token_ids), params, eos_token_ids=self.eos_token_ids,
                           max_model_len=self.max_model_len, priority=priority,
-                          lora_id=lora_request.lora_int_id if lora_request else 0)
+                          lora_id=lora_request.lora_int_id if lora_request else 0, pooling=spec)
         if arrival_time is not None:
             request.arrival_time = arrival_time
         if params.structured_outputs is not None:
@@ -229,6 +249,24 @@ class EngineCore:
                 self._awaiting_grammar[request_id] = request
                 return
         self.scheduler.add_request(request)
+
+    def _pooling_spec(self, pooling: PoolingParams | None, prompt_len: int):
+        """The request's ``PoolingSpec`` (None for a generation request); ValueError when the
+        request does not suit the engine's task or cannot be computed in one step."""
+        if self.pooler_config is None:
+            if pooling is not None:
+                raise ValueError("this engine generates text; embeddings need an engine started with --task embed "
+                                 "(or --runner pooling)")
+            return None
+        if pooling is None:
+            raise ValueError("this engine runs --task embed: it computes embeddings, not completions; serve the "
+                             "model without --task embed to generate")
+        limit = min(self.max_model_len, self.max_num_batched_tokens)
+        if prompt_len > limit:
+            raise ValueError(f"input has {prompt_len} tokens, this embedding engine takes at most {limit} "
+                             f"(--max-model-len {self.max_model_len}, --max-num-batched-tokens "
+                             f"{self.max_num_batched_tokens}): shorten it")
+        return self.pooler_config.spec(pooling)
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self._forget_grammars(request_ids)
@@ -355,6 +393,10 @@ class EngineCore:
         outputs: dict[str, EngineCoreOutput] = {}
         for request in updated:
             rid = request.request_id
+            if request.pooling is not None:
+                outputs[rid] = EngineCoreOutput(rid, [], finish_reason=request.status.value,
+                                                embedding=result.pooled[rid])
+                continue
             new = request.output_token_ids[counts[rid]:]  # a finishing token drops the ones after it
             logprobs = result.logprobs.get(rid)
             error = self._advance_grammar(request)

@@ -6,16 +6,18 @@ import gc
 import itertools
 from typing import Any, Optional, Sequence, Union
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from ..lora import LoRARequest
+from ..pooling import PoolingParams
 from ..sample.params import SamplingParams
 from ..structured.grammar import check
 from .args import EngineArgs
 from .chat import load_chat_template, render_chat
 from .core import EngineCore
 from .output_processor import OutputProcessor
-from .outputs import RequestOutput
+from .outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from .submit import submit
 
 
@@ -86,6 +88,51 @@ class LLM:
         params = self._params_per_prompt(sampling_params, len(texts))
         check_structured_outputs(params)
         return self._run(encoded, params, use_tqdm, None, [None] * len(texts))
+
+    def embed(self, prompts: Union[PromptType, Sequence[PromptType]],
+              pooling_params: Union[PoolingParams, Sequence[PoolingParams], None] = None,
+              use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
+        """The embedding of each prompt (a string, a list of token ids, or ``{"prompt_token_ids": [...]}``),
+        in input order; the engine needs ``task="embed"`` (or ``runner="pooling"``).
+
+        ``pooling_params``: ``dimensions`` and ``use_activation`` (default: the model's), one for
+        every prompt or a list with one per prompt. Raises ValueError naming the first prompt
+        that cannot be embedded (too long, dimensions the model does not offer), before any runs.
+        """
+        if self.engine.pooler_config is None:
+            raise ValueError("LLM.embed needs an embedding engine: LLM(model, task='embed') (or runner='pooling')")
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        encoded = [self._encode(p)[1] for p in prompts]
+        if pooling_params is None or isinstance(pooling_params, PoolingParams):
+            pooling = [pooling_params or PoolingParams()] * len(encoded)
+        else:
+            pooling = list(pooling_params)
+            if len(pooling) != len(encoded):
+                raise ValueError(f"got {len(pooling)} pooling params for {len(encoded)} prompts")
+        ids = [str(next(self._ids)) for _ in encoded]
+        vectors: dict[str, bytes] = {}
+        bar = tqdm(total=len(encoded), desc="Embedded prompts", disable=not use_tqdm)
+        try:
+            for i, (rid, token_ids, params) in enumerate(zip(ids, encoded, pooling)):
+                try:
+                    self.engine.add_request(rid, token_ids, SamplingParams(max_tokens=1), pooling=params)
+                except ValueError as exc:
+                    raise ValueError(f"prompt {i}: {exc}") from None
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.error is not None:
+                        raise ValueError(f"prompt {ids.index(out.request_id)} failed: {out.error}")
+                    if out.embedding is not None:
+                        vectors[out.request_id] = out.embedding
+                        bar.update(1)
+        except BaseException:
+            self.engine.abort_requests(ids)
+            raise
+        finally:
+            bar.close()
+        return [EmbeddingRequestOutput(rid, token_ids, EmbeddingOutput(np.frombuffer(vectors[rid], "<f4").tolist()))
+                for rid, token_ids in zip(ids, encoded)]
 
     def _params_per_prompt(self, sampling_params, count: int) -> list[SamplingParams]:
         if sampling_params is None:

@@ -14,6 +14,7 @@ from typing import Optional, Union
 import msgspec
 
 from ..lora import LoRARequest
+from ..pooling import PoolingParams
 from ..sample.params import SamplingParams
 from ..worker.model_runner import TokenLogprobs
 
@@ -30,6 +31,8 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     error: Optional[str] = None
     """Why the request failed (finish_reason ``abort``): its grammar failed to compile, say.
     Only that request fails."""
+    embedding: Optional[bytes] = None
+    """An embedding request's vector, float32 little-endian (with its finish_reason ``stop``)."""
 
 
 class EngineStats(msgspec.Struct, array_like=True):
@@ -68,6 +71,8 @@ class AddRequest(msgspec.Struct, tag=True, array_like=True):
     arrival_time: Optional[float] = None
     """``time.monotonic()`` when the API process received it (one clock for every process)."""
     lora_request: Optional[LoRARequest] = None
+    pooling: Optional[PoolingParams] = None
+    """An embedding request (``params`` is then unused): see ``EngineCore.add_request``."""
 
 
 class AbortRequests(msgspec.Struct, tag=True, array_like=True):

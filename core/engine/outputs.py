@@ -48,3 +48,19 @@ class RequestOutput:
     finished: bool = False
     prompt_logprobs: Optional[PromptLogprobs] = None
     num_cached_tokens: int = 0
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+    """The vector (its first ``dimensions`` components where a request asked for fewer)."""
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """One prompt's embedding, as vLLM's ``LLM.embed`` returns it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True

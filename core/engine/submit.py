@@ -9,6 +9,7 @@ import dataclasses
 from typing import Optional
 
 from ..lora import LoRARequest
+from ..pooling import PoolingParams
 from ..sample.params import SamplingParams
 from .core import EngineCore
 from .output_processor import OutputProcessor, child_id
@@ -28,11 +29,16 @@ def sample_params(params: SamplingParams, index: int) -> SamplingParams:
 
 def add_samples(core: EngineCore, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                 priority: int = 0, arrival_time: Optional[float] = None,
-                lora_request: Optional[LoRARequest] = None) -> list[str]:
+                lora_request: Optional[LoRARequest] = None, pooling: Optional[PoolingParams] = None) -> list[str]:
     """Queue the n samples of a request in ``core``, all or none; returns their core-level ids.
+    An embedding request (``pooling``) is one core request under its own id.
 
     Raises ValueError (from the core) when the request cannot run, leaving nothing behind.
     """
+    if pooling is not None:
+        core.add_request(request_id, prompt_token_ids, params, priority=priority, arrival_time=arrival_time,
+                         lora_request=lora_request, pooling=pooling)
+        return [request_id]
     ids = [child_id(request_id, index, params.n) for index in range(params.n)]
     for index, cid in enumerate(ids):
         try:

@@ -89,10 +89,12 @@ class KVCacheManager:
         tier, the run goes on there where the device's ends, and :meth:`allocate_slots` loads
         those blocks back. At least one token is always left to compute, because its logits
         choose the next token. Nothing is returned when prefix caching is off or the request
-        wants prompt logprobs (those need every prompt position's logits). Takes no references:
-        pass the result to :meth:`allocate_slots` at once.
+        wants prompt logprobs (those need every prompt position's logits), nor for an embedding
+        pooled from every position's hidden state. Takes no references: pass the result to
+        :meth:`allocate_slots` at once.
         """
-        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
+        if (not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None
+                or (request.pooling is not None and request.pooling.reads_every_position)):
             return [], 0
         num_full = (request.num_tokens - 1) // self.block_size
         hits: list[int] = []

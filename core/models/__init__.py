@@ -21,6 +21,12 @@ ARCHITECTURES: dict[str, Callable[[Any], DecoderSettings]] = {
     "MixtralForCausalLM": mixtral,
     "Qwen2MoeForCausalLM": qwen2_moe,
     "Qwen3MoeForCausalLM": qwen3_moe,
+    # Base models without an output layer, as embedding checkpoints ship them (e5-mistral's
+    # MistralModel); they serve with --task embed.
+    "LlamaModel": llama,
+    "MistralModel": llama,
+    "Qwen2Model": qwen2,
+    "Qwen3Model": qwen3,
 }
 # Configs built from GGUF metadata may carry only a model_type.
 MODEL_TYPES = {"llama": llama, "mistral": llama, "qwen2": qwen2, "qwen3": qwen3, "gemma": gemma, "gemma2": gemma2, "phi3": phi3,

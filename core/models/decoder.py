@@ -166,7 +166,9 @@ class DecoderForCausalLM(nn.Module):
 
     def __init__(self, settings: DecoderSettings, config: Any, max_model_len: int, ops: KernelSet,
                  backends: list[AttentionBackend], tp: TensorParallel = TensorParallel(),
-                 pp: PipelineParallel = PipelineParallel(), expert_parallel: bool = False):
+                 pp: PipelineParallel = PipelineParallel(), expert_parallel: bool = False, lm_head: bool = True):
+        """``lm_head=False``: no output projection (an embedding model's runner never computes
+        logits; a checkpoint's lm_head, or its absence in a base-model checkpoint, is ignored)."""
         super().__init__()
         s = self.settings = settings
         self.ops, self.tp, self.pp = ops, tp, pp
@@ -183,7 +185,7 @@ class DecoderForCausalLM(nn.Module):
             for i in range(s.num_layers))
         self.norm = RMSNorm(s.hidden_size, s.rms_norm_eps, ops, unit_offset=s.norm_unit_offset) if pp.is_last else None
         self.lm_head = (Linear(s.hidden_size, share, ops, rows=self.vocab_rows)
-                        if pp.is_last and not s.tie_word_embeddings else None)
+                        if pp.is_last and not s.tie_word_embeddings and lm_head else None)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:

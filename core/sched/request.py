@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from ..pooling.params import PoolingSpec
 from ..sample.params import SamplingParams
 
 
@@ -34,6 +35,9 @@ class Request:
     priority: int = 0
     """Lower runs first under the priority policy (vLLM's convention)."""
     lora_id: int = 0
+    pooling: PoolingSpec | None = None
+    """An embedding request: its whole prompt is computed in one step and pooled into a vector;
+    it samples nothing and finishes (freeing its blocks) as that step is applied."""
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

@@ -278,6 +278,8 @@ class Scheduler:
             else:
                 hit_ids, num_hits = self.kv.get_computed_blocks(request)
                 num_new = min(request.num_tokens - num_hits, budget)
+                if request.pooling is not None and num_new < request.num_tokens - num_hits:
+                    break  # an embedding is computed in one step: it waits for a step with room for it
                 block_ids = self.kv.allocate_slots(request, num_new, hit_ids, num_hits)
             if block_ids is None:
                 break  # no skipping ahead: smaller requests behind it would starve it
@@ -341,13 +343,19 @@ class Scheduler:
         proposed tokens the accepted ones and the token after them. Only the accepted ones' KV
         counts as computed; the rejected ones' slots are written again by later steps. A token
         that finishes the request drops those after it. Requests aborted since ``output`` was
-        made are skipped. Returns the requests that got a token, finished included; finished
-        ones have already released their blocks.
+        made are skipped; embedding requests finish. Returns the requests that got a token (or
+        their vector), finished included; finished ones have already released their blocks.
         """
         updated: list[Request] = []
         for item in output.scheduled:
             request = item.request
             if request.status is not RequestStatus.RUNNING:
+                continue
+            if request.pooling is not None:
+                # Its vector is made: done, and its blocks go back to the pool at once.
+                request.num_computed_tokens = item.start + item.num_new_tokens
+                self._finish(request, RequestStatus.FINISHED_STOPPED)
+                updated.append(request)
                 continue
             tokens = sampled.get(request.request_id) if item.sample else None
             rejected = len(item.draft_token_ids) - (len(tokens) - 1 if tokens else 0)

@@ -23,6 +23,8 @@ from ..models.parallel import PipelineParallel, TensorParallel
 from ..kv.host_pool import KVTransfers
 from ..platform import Platform, QuantizationMethod, Registry
 from ..platform.reference import host_cache_shape
+from ..pooling import PoolingSpec
+from ..pooling.pooler import pool, vector_bytes
 from ..sample.sampler import Sampler, SamplerOutput, SamplingMetadata
 from ..sample.params import SamplingParams
 from ..sched.request import Request
@@ -45,6 +47,8 @@ class RunnerOutput:
     """Per request that asked, one entry per token of ``sampled``."""
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     """Per request, entries for the prompt positions this step covered (the first prompt token has none)."""
+    pooled: dict[str, bytes] = field(default_factory=dict)
+    """Per embedding request of the step, its vector (float32 little-endian)."""
 
 
 @dataclass
@@ -67,6 +71,10 @@ class PendingStep:
     ready: torch.Event | None = None
     handed_on: Any = None
     """A pipeline stage's send of ``hidden`` to the next stage, while in progress."""
+    pooled_requests: list[Request] = field(default_factory=list)
+    """The embedding requests, in the rows of ``host_pooled``."""
+    host_pooled: torch.Tensor | None = None
+    """Their vectors [N, hidden] float32 in host memory once ``ready`` has passed."""
 
 
 class ModelRunner:
@@ -75,8 +83,10 @@ class ModelRunner:
                  quantization: QuantizationMethod | None = None, keep_packed: bool = True,
                  tp: TensorParallel = TensorParallel(),
                  device_index: int = 0, pp: PipelineParallel = PipelineParallel(),
-                 lora: LoRAConfig | None = None, expert_parallel: bool = False):
+                 lora: LoRAConfig | None = None, expert_parallel: bool = False, pooling: bool = False):
+        """``pooling``: the runner of an embedding engine (no output projection; its requests are pooled)."""
         self.platform, self.dtype, self.block_size = platform, dtype, block_size
+        self.pooling = pooling
         self.device = platform.device(device_index)
         self.settings = decoder_settings(hf_config)
         specs = self.settings.attention_specs(dtype, block_size, kv_cache_dtype, tp, pp)
@@ -102,7 +112,7 @@ class ModelRunner:
             with torch.device(self.device), deferred:
                 model = DecoderForCausalLM(self.settings, hf_config, max_model_len, ops,
                                            [cls(spec) for cls, spec in zip(backend_classes, specs)], tp, pp,
-                                           expert_parallel)
+                                           expert_parallel, lm_head=not pooling)
         finally:
             torch.set_default_dtype(previous)
         model.load_weights(weights, lambda fmt: registry.quantization_method(platform.name, fmt), keep_packed)
@@ -188,7 +198,8 @@ class ModelRunner:
     def profile_activation_memory(self, max_num_batched_tokens: int, max_num_seqs: int) -> int | None:
         """Peak bytes a worst-case step needs beyond the weights, or None where the platform
         cannot measure: a full token budget of prefill over as many sequences as a step may
-        hold, every row sampled with top-k, top-p and logprobs (the [rows, vocab] buffers)."""
+        hold, every row sampled with top-k, top-p and logprobs (the [rows, vocab] buffers), or
+        of an embedding engine every row mean-pooled."""
         if self.platform.peak_memory_allocated() is None:
             return None
         num_seqs = max(1, min(max_num_seqs, max_num_batched_tokens))
@@ -199,7 +210,8 @@ class ModelRunner:
         scheduled, next_block = [], 1  # block 0 is the null block
         for i, length in enumerate(lengths):
             request = Request(f"profile-{i}", generator.integers(0, self.settings.vocab_size, length).tolist(), params,
-                              eos_token_ids=frozenset(), max_model_len=self.max_model_len)
+                              eos_token_ids=frozenset(), max_model_len=self.max_model_len,
+                              pooling=PoolingSpec("MEAN", True, self.settings.hidden_size) if self.pooling else None)
             blocks = math.ceil(length / self.block_size)
             scheduled.append(ScheduledRequest(request, 0, length, list(range(next_block, next_block + blocks))))
             next_block += blocks
@@ -265,7 +277,8 @@ class ModelRunner:
     def sample(self, pending: PendingStep, grammar: GrammarBitmask | None = None) -> None:
         """Queue the sampling of a launched step (once), its rows masked by ``grammar``."""
         scheduled, query_start_loc, hidden = pending.scheduled, pending.query_start_loc, pending.hidden
-        sample_rows = [i for i, s in enumerate(scheduled) if s.sample]
+        self._pool(pending)
+        sample_rows = [i for i, s in enumerate(scheduled) if s.sample and s.request.pooling is None]
         if sample_rows:
             pending.requests = [scheduled[i].request for i in sample_rows]
             mask = None if grammar is None else grammar.on(self.device)
@@ -293,6 +306,17 @@ class ModelRunner:
         if self.device.type != "cpu":
             pending.ready = torch.Event(device=self.device)
             pending.ready.record()
+
+    def _pool(self, pending: PendingStep) -> None:
+        """Queue the vectors of the step's embedding requests (each computed whole in this step)
+        and their copy to host memory."""
+        rows = [i for i, s in enumerate(pending.scheduled) if s.request.pooling is not None]
+        if not rows:
+            return
+        pending.pooled_requests = [pending.scheduled[i].request for i in rows]
+        starts, ends = pending.query_start_loc[rows], pending.query_start_loc[np.array(rows) + 1]
+        vectors = pool(pending.hidden, starts, ends, [r.pooling for r in pending.pooled_requests])
+        pending.host_pooled = vectors if self.device.type == "cpu" else vectors.to("cpu", non_blocking=True)
 
     def _verify(self, scheduled: list[ScheduledRequest], sample_rows: list[int], query_start: np.ndarray,
                 hidden: torch.Tensor, mask: tuple[torch.Tensor, torch.Tensor] | None
@@ -371,6 +395,10 @@ class ModelRunner:
                     if k is not None:
                         result.logprobs[request.request_id] = [(ids[row][:k + 1], lps[row][:k + 1], ranks[row])
                                                                for row in range(first, first + n)]
+        if pending.host_pooled is not None:
+            vectors = pending.host_pooled.numpy()
+            for request, row in zip(pending.pooled_requests, vectors):
+                result.pooled[request.request_id] = vector_bytes(row, request.pooling)
         if self.pp.is_last:
             self._prompt_logprobs(pending.scheduled, pending.hidden, pending.query_start_loc, result)
         return result

@@ -69,6 +69,8 @@ class RunnerPlan:
     """Split a mixture-of-experts model's experts across the tensor-parallel ranks, whole."""
     kv_offloading_bytes: int = 0
     """Host memory for the KV cache's host tier, all ranks together; 0: none."""
+    pooling: bool = False
+    """An embedding engine (``--task embed``): the runner pools hidden states, computes no logits."""
 
     @property
     def world_size(self) -> int:
@@ -206,7 +208,7 @@ def build_runner(plan: RunnerPlan, registry: Registry, platform: Platform, sourc
                          plan.max_model_len, plan.kv_cache_dtype,
                          quantization_method(registry, platform, plan.quantization, source.quantization),
                          keep_packed=plan.quantization == source.quantization, tp=place.tp, device_index=device_index,
-                         pp=place.pp, lora=plan.lora, expert_parallel=plan.expert_parallel)
+                         pp=place.pp, lora=plan.lora, expert_parallel=plan.expert_parallel, pooling=plan.pooling)
     runner.prepare_inputs(plan.max_num_batched_tokens, plan.max_num_seqs, plan.max_model_len)
     activation_bytes = runner.profile_activation_memory(plan.max_num_batched_tokens, plan.max_num_seqs)
     draft = None

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Optional, Union
 
 from ..lora.config import LoRAConfig
+from ..multimodal.processor import parse_image_limit
 from ..platform import KV_CACHE_DTYPES
 from ..reasoning import reasoning_markers
 from ..sched.scheduler import PREEMPTION_MODES
@@ -96,6 +97,14 @@ class EngineArgs:
     """What happens to a preempted request's KV: ``recompute`` (dropped, computed again on
     resume), ``swap`` (kept in the host tier, copied back; needs ``kv_offloading_size``) or
     ``auto`` (swap where the platform copies a token's KV faster than it recomputes it)."""
+    limit_mm_per_prompt: Union[str, dict, int, None] = None
+    """Vision-language models: images one prompt may hold, as vLLM's ``--limit-mm-per-prompt``
+    (JSON ``{"image": 2}``); default 4. Each step encodes images of at most
+    ``max_num_batched_tokens`` placeholder tokens (docs/multimodal.md)."""
+    allowed_local_media_path: Optional[str] = None
+    """Directory whose image files (``file://`` URLs in chat content) may be read; None: none."""
+    allow_remote_media: bool = False
+    """Fetch ``http(s)://`` image URLs (off by default: the server fetches no address a client names)."""
     reasoning_parser: Optional[str] = None
     """The model's thinking format (``deepseek_r1``, ``qwen3``): the server returns the thinking as
     ``reasoning_content`` and structured output constrains only what follows it."""
@@ -138,6 +147,7 @@ class EngineArgs:
             raise ValueError(f"preemption_mode {self.preemption_mode} keeps preempted requests' KV in host memory: "
                              f"set kv_offloading_size (--kv-offloading-size GiB) too")
         self.kv_cache_memory_bytes = parse_size(self.kv_cache_memory)
+        self.image_limit = parse_image_limit(self.limit_mm_per_prompt)
         self.speculative = SpeculativeConfig.parse(self.speculative_config)
         self.lora = (LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras or self.max_loras)
                      if self.enable_lora else None)

@@ -14,6 +14,7 @@ from typing import Optional, Union
 import msgspec
 
 from ..lora import LoRARequest
+from ..multimodal.inputs import ImageInput
 from ..sample.params import SamplingParams
 from ..worker.model_runner import TokenLogprobs
 
@@ -68,6 +69,8 @@ class AddRequest(msgspec.Struct, tag=True, array_like=True):
     arrival_time: Optional[float] = None
     """``time.monotonic()`` when the API process received it (one clock for every process)."""
     lora_request: Optional[LoRARequest] = None
+    mm_inputs: Optional[list[ImageInput]] = None
+    """The prompt's preprocessed images (a vision-language model)."""
 
 
 class AbortRequests(msgspec.Struct, tag=True, array_like=True):

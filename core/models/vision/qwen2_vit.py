@@ -1,0 +1,138 @@
+"""Qwen2-VL's image side: a vision transformer over native-resolution patch grids with 2-D
+rotary positions, and the merger that folds each 2x2 block of patches into one decoder token.
+
+Images of any size go through as one flat sequence of patches; attention stays inside each
+image (a block-diagonal mask). Parameter names are HF's (``visual.*``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .activations import activation
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def patch_positions(grid_thw: list[int], merge: int) -> torch.Tensor:
+    """[patches, 2] (row, column) of each patch, in the order the image processor emits them:
+    merge x merge blocks, row by row, repeated for each temporal slice."""
+    t, h, w = grid_thw
+    rows = torch.arange(h).unsqueeze(1).expand(-1, w)
+    cols = torch.arange(w).unsqueeze(0).expand(h, -1)
+
+    def blocked(index: torch.Tensor) -> torch.Tensor:
+        return index.reshape(h // merge, merge, w // merge, merge).permute(0, 2, 1, 3).flatten()
+
+    return torch.stack([blocked(rows), blocked(cols)], dim=-1).repeat(t, 1)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        tokens = x.shape[0]
+        q, k, v = self.qkv(x).view(tokens, 3, self.heads, -1).unbind(1)
+        q, k = ((t.float() * cos + rotate_half(t.float()) * sin).to(v.dtype) for t in (q, k))
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask)
+        return self.proj(out.transpose(0, 1).reshape(tokens, -1))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, width: int, hidden: int, act: str):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, config: Any):
+        super().__init__()
+        width = config.embed_dim
+        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.attn = VisionAttention(width, config.num_heads)
+        self.mlp = VisionMLP(width, int(width * config.mlp_ratio), config.hidden_act)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, config: Any):
+        super().__init__()
+        self.kernel = (config.temporal_patch_size, config.patch_size, config.patch_size)
+        self.channels = getattr(config, "in_channels", None) or config.in_chans
+        self.proj = nn.Conv3d(self.channels, config.embed_dim, self.kernel, stride=self.kernel, bias=False)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        x = patches.view(-1, self.channels, *self.kernel).to(self.proj.weight.dtype)
+        return self.proj(x).view(x.shape[0], -1)
+
+
+class PatchMerger(nn.Module):
+    def __init__(self, out_width: int, width: int, merge: int):
+        super().__init__()
+        self.merged = width * merge * merge
+        self.ln_q = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(self.merged, self.merged), nn.GELU(), nn.Linear(self.merged, out_width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.ln_q(x).view(-1, self.merged))
+
+
+class Qwen2VisionTransformer(nn.Module):
+    def __init__(self, config: Any):
+        super().__init__()
+        self.merge = config.spatial_merge_size
+        self.patch_embed = PatchEmbed(config)
+        head_dim = config.embed_dim // config.num_heads
+        # Half of each head's rotary dimensions follow the row, half the column.
+        dim = head_dim // 2
+        self.register_buffer("inv_freq", 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)),
+                             persistent=False)
+        self.blocks = nn.ModuleList(VisionBlock(config) for _ in range(config.depth))
+        self.merger = PatchMerger(config.hidden_size, config.embed_dim, self.merge)
+
+    def forward(self, patches: torch.Tensor, grids: list[list[int]]) -> torch.Tensor:
+        device = patches.device
+        positions = torch.cat([patch_positions(g, self.merge) for g in grids]).to(device)
+        angles = (positions.unsqueeze(-1).float() * self.inv_freq).flatten(1)
+        angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)
+        cos, sin = angles.cos(), angles.sin()
+        # Attention within each temporal slice of each image (a still image has one slice).
+        sizes = torch.tensor([h * w for t, h, w in grids for _ in range(t)], device=device)
+        image_of = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes)
+        mask = image_of.unsqueeze(0) == image_of.unsqueeze(1)
+        x = self.patch_embed(patches)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask)
+        return self.merger(x)
+
+
+class Qwen2VLEncoder(nn.Module):
+    """Flat patches of several images [patches, C*T*P*P] -> one [tokens, text width] tensor per image."""
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.visual = Qwen2VisionTransformer(config.vision_config)
+
+    def forward(self, patches: torch.Tensor, grids: list[list[int]]) -> list[torch.Tensor]:
+        merged = self.visual(patches, grids)
+        merge = self.visual.merge
+        return list(merged.split([t * h * w // (merge * merge) for t, h, w in grids]))

@@ -1,0 +1,135 @@
+"""Tiny random vision-language checkpoints (LLaVA-1.5, Qwen2-VL) written from transformers
+configs, with their image processors, and HF transformers' greedy output as the reference.
+
+``make_tiny_llava`` / ``make_tiny_qwen2_vl`` write a directory laid out as a hub download:
+config.json, model.safetensors, tokenizer files with a chat template, preprocessor_config.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+
+from tiny_models import EOS_ID, IM_END_ID, make_tiny_tokenizer
+
+# A LLaVA-style template: it loops over the content parts and writes <image> for each image.
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def random_image(seed: int, width: int, height: int) -> Image.Image:
+    """An RGB image of random pixels (a different one per seed)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def _save(model: transformers.PreTrainedModel, tokenizer, image_processor, path: Path) -> Path:
+    model.generation_config.eos_token_id = [EOS_ID, IM_END_ID]
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    image_processor.save_pretrained(path)
+    return path
+
+
+def make_tiny_llava(tmp_dir: str | Path, seed: int = 0) -> Path:
+    """LLaVA-1.5 shaped: a 2-layer CLIP tower on 28 px images (patch 7: 16 image tokens, the
+    CLS row dropped, features of the second-to-last layer), the GELU projector, a tiny Llama."""
+    tokenizer = make_tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<image>"]})
+    tokenizer.chat_template = LLAVA_TEMPLATE
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                           num_attention_heads=4, image_size=28, patch_size=7, projection_dim=32)
+    text = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                    max_position_embeddings=512, initializer_range=0.2, eos_token_id=EOS_ID)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text,
+                                      image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                                      initializer_range=0.2)
+    torch.manual_seed(seed)
+    model = transformers.LlavaForConditionalGeneration(config)
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    return _save(model, tokenizer, processor, Path(tmp_dir) / "llava")
+
+
+def make_tiny_qwen2_vl(tmp_dir: str | Path, seed: int = 0) -> Path:
+    """Qwen2-VL shaped: a 2-block vision transformer (patch 14, 2x2 merge) at native resolution
+    between 56x56 and 112x112 pixels, M-RoPE sections [2, 3, 3], a tiny Qwen2 decoder. Its chat
+    template prints content as a string (the placeholders then go before the text)."""
+    tokenizer = make_tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]})
+    ids = tokenizer.convert_tokens_to_ids
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, eos_token_id=EOS_ID)
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_chans=3, initializer_range=0.2)
+    config = transformers.Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
+                                        video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                                        vision_end_token_id=ids("<|vision_end|>"), initializer_range=0.2)
+    torch.manual_seed(seed)
+    model = transformers.Qwen2VLForConditionalGeneration(config)
+    processor = transformers.Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14,
+                                                   merge_size=2, temporal_patch_size=2)
+    return _save(model, tokenizer, processor, Path(tmp_dir) / "qwen2_vl")
+
+
+def hf_processor(path: Path):
+    """HF's own processor of the checkpoint (tokenizer + image processor + placeholder expansion)."""
+    config = transformers.AutoConfig.from_pretrained(path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    image_processor = transformers.AutoImageProcessor.from_pretrained(path)
+    if config.model_type == "llava":
+        return transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                           patch_size=config.vision_config.patch_size,
+                                           vision_feature_select_strategy=config.vision_feature_select_strategy,
+                                           num_additional_image_tokens=1, image_token="<image>")
+    return Qwen2VLReferenceProcessor(image_processor, tokenizer, config.vision_config.spatial_merge_size)
+
+
+class Qwen2VLReferenceProcessor:
+    """What transformers' Qwen2VLProcessor does for images (it needs torchvision for its video
+    half): each ``<|image_pad|>`` becomes t*h*w / merge^2 copies, from the image processor's grid."""
+
+    def __init__(self, image_processor, tokenizer, merge: int):
+        self.image_processor, self.tokenizer, self.merge = image_processor, tokenizer, merge
+
+    def __call__(self, text: list[str], images=None, return_tensors: str = "pt") -> dict:
+        pad = "<|image_pad|>"
+        inputs = {}
+        if images:
+            inputs = dict(self.image_processor(images=images, return_tensors="pt"))
+            counts = iter((inputs["image_grid_thw"].prod(-1) // self.merge ** 2).tolist())
+            pieces = text[0].split(pad)
+            text = [pieces[0] + "".join(pad * next(counts) + piece for piece in pieces[1:])]
+        encoded = dict(self.tokenizer(text, return_tensors="pt"))
+        # The model places image tokens' rotary positions by these types (text 0, image 1).
+        pad_id = self.tokenizer.convert_tokens_to_ids(pad)
+        encoded["mm_token_type_ids"] = (encoded["input_ids"] == pad_id).int()
+        return {**encoded, **inputs}
+
+
+@torch.inference_mode()
+def hf_vision_greedy(path: Path, prompts: list[tuple[str, list[Image.Image]]], max_new_tokens: int) -> list[list[int]]:
+    """HF transformers' greedy continuation of each (prompt text, images), EOS ignored."""
+    model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    # No end-of-sequence token: greedy runs its full length, as the runtime's ignore_eos does
+    # (min_new_tokens would mask EOS out of the choice instead).
+    model.generation_config.eos_token_id = None
+    processor = hf_processor(path)
+    outputs = []
+    for text, images in prompts:
+        inputs = processor(text=[text], images=images or None, return_tensors="pt")
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        outputs.append(generated[0, inputs["input_ids"].shape[1]:].tolist())
+    return outputs

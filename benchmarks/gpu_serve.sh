@@ -29,6 +29,8 @@
 #   offload: benchmarks/offload_gpu.py on the Llama-3-8B shape: a shared-prefix workload whose prefixes need 4x the
 #            device KV cache, runtime without and with --kv-offloading-size (target >= 1.5x throughput, higher
 #            prefix hit rate); then preemption by recompute, swap and auto under a cache a quarter of the need
+#   vision:  benchmarks/vision_gpu.py: a LLaVA-1.5-7B-shaped random bf16 checkpoint in /tmp/llava7b, one 336 px JPEG
+#            and 128 random tokens per chat request, 128 out, at C=16 and 64: runtime, then vLLM (needs `unpack`)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}; M=/tmp/llama8b; R=/tmp/results
@@ -109,6 +111,13 @@ from runtime.models import decoder_settings as d; print(int(d(m.config_of(a.shap
           | tail -15 | tee -a $R/offload/run.log
       done
       python3 benchmarks/offload_gpu.py report --json $R/offload/report.json | tee -a $R/offload/run.log ;;
+    vision)
+      [ -e /tmp/llava7b/config.json ] || timeout 600 python3 benchmarks/vision_gpu.py write --dir /tmp/llava7b 2>&1 | tail -3
+      for part in ${VISION_PARTS:-runtime vllm}; do
+        timeout 540 python3 benchmarks/vision_gpu.py $part --dir /tmp/llava7b --json $R/vision/$part.json 2>&1 \
+          | grep -v "it/s]" | tail -15 | tee -a $R/vision/run.log
+      done
+      python3 benchmarks/vision_gpu.py report --out $R/vision | tee -a $R/vision/run.log ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
   tar czf "$OUT/$stage-${TAG:-run}.tgz" -C $R $stage

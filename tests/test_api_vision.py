@@ -56,9 +56,20 @@ def test_chat_with_images_matches_hf(server):
     tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(path)
     assert reply.choices[0].message.content == tokenizer.decode(expected, skip_special_tokens=True)
     assert reply.usage.prompt_tokens == len(tokenizer.encode(text, add_special_tokens=False)) + 2 * 15
-    local = client.chat.completions.create(model="tiny", messages=_message(f"file://{media / 'inside.png'}"),
-                                           max_tokens=4, temperature=0)
-    assert local.choices[0].finish_reason in ("length", "stop")
+    # A local file, twice behind different text: encoded once, the second request hits the encoder cache.
+    hits = _metric(proc, "runtime:encoder_cache_hits_total")
+    for text in ("What is this?", "And this picture, what does it show?"):
+        local = client.chat.completions.create(model="tiny", messages=_message(f"file://{media / 'inside.png'}", text=text),
+                                               max_tokens=4, temperature=0)
+        assert local.usage.completion_tokens == 4 or local.choices[0].finish_reason == "stop"
+    assert _metric(proc, "runtime:encoder_cache_hits_total") == hits + 1
+
+
+def _metric(proc: ServerProcess, name: str) -> float:
+    for line in httpx.get(f"{proc.url}/metrics").text.splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} is not in /metrics")
 
 
 def test_bad_images_get_a_400_naming_the_cause_and_the_server_keeps_serving(server):

@@ -265,7 +265,9 @@ class AsyncEngine:
                            spec_num_draft_tokens=sum(s.spec_num_draft_tokens for s in every),
                            spec_num_accepted_tokens=sum(s.spec_num_accepted_tokens for s in every),
                            spec_accepted_per_position=[sum(counts) for counts in zip_longest(
-                               *(s.spec_accepted_per_position for s in every), fillvalue=0)])
+                               *(s.spec_accepted_per_position for s in every), fillvalue=0)],
+                           encoder_cache_queries=sum(s.encoder_cache_queries for s in every),
+                           encoder_cache_hits=sum(s.encoder_cache_hits for s in every))
 
     def _require_info(self) -> Ready:
         if self.state == "loading":

@@ -426,6 +426,7 @@ class EngineCore:
         return failed
 
     def stats(self) -> EngineStats:
+        encoder = self.scheduler.encoder_cache
         return EngineStats(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
                            kv_cache_usage=self.kv_manager.usage,
                            prefix_cache_queries=self.kv_manager.prefix_cache_queries,
@@ -435,4 +436,6 @@ class EngineCore:
                            num_preemptions=self.scheduler.num_preemptions,
                            running_lora_ids=self.scheduler.lora_ids(RequestStatus.RUNNING),
                            waiting_lora_ids=self.scheduler.lora_ids(RequestStatus.WAITING),
+                           encoder_cache_queries=encoder.queries if encoder is not None else 0,
+                           encoder_cache_hits=encoder.hits if encoder is not None else 0,
                            **self.spec_counters.fields())

@@ -56,6 +56,10 @@ class EngineStats(msgspec.Struct, array_like=True):
     """Proposed tokens the target accepted."""
     spec_accepted_per_position: list[int] = msgspec.field(default_factory=list)
     """Accepted tokens by position in the proposal (index 0: the first proposed token)."""
+    encoder_cache_queries: int = 0
+    """Vision-language models, since start: images a scheduled prompt chunk needed the encoder output of."""
+    encoder_cache_hits: int = 0
+    """Those whose output was cached already (the image was not encoded again)."""
 
 
 class AddRequest(msgspec.Struct, tag=True, array_like=True):

@@ -32,15 +32,19 @@ class ImageInput(msgspec.Struct, array_like=True, frozen=True):
     dtype: str
     grid_thw: Optional[list[int]] = None
     """Qwen2-VL: the patch grid (temporal, height, width) before the spatial merge."""
+    image_size: Optional[list[int]] = None
+    """LLaVA-NeXT: the image's (height, width) before preprocessing, which its tiling follows."""
 
     @classmethod
-    def from_array(cls, pixels: np.ndarray, offset: int, length: int,
-                   grid_thw: Optional[list[int]] = None) -> "ImageInput":
+    def from_array(cls, pixels: np.ndarray, offset: int, length: int, grid_thw: Optional[list[int]] = None,
+                   image_size: Optional[list[int]] = None) -> "ImageInput":
+        """``pixels``: what the encoder takes for this image, concatenated with other images'
+        along the first dimension (LLaVA: [1 or tiles, 3, H, W]; Qwen2-VL: [patches, C*T*P*P])."""
         pixels = np.ascontiguousarray(pixels)
         digest = hashlib.sha256(pixels.tobytes())
-        digest.update(repr((pixels.dtype.str, pixels.shape, grid_thw)).encode())
+        digest.update(repr((pixels.dtype.str, pixels.shape, grid_thw, image_size)).encode())
         return cls(digest.hexdigest(), offset, length, pixels.tobytes(), list(pixels.shape), pixels.dtype.name,
-                   grid_thw)
+                   grid_thw, image_size)
 
     @property
     def end(self) -> int:

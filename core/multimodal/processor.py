@@ -106,4 +106,4 @@ class ImageProcessor:
         patch = self.config.vision_config.patch_size
         extra = 1 if self.config.vision_feature_select_strategy == "full" else 0
         length = (values.shape[-2] // patch) * (values.shape[-1] // patch) + extra
-        return list(values), [None] * len(values), [length] * len(values)
+        return list(values[:, None]), [None] * len(values), [length] * len(values)

@@ -30,20 +30,14 @@ class EncoderOutputs:
         new = [image for image in {i.hash: i for i in out.encoder_inputs}.values() if image.hash not in self.outputs]
         if not new:
             return
-        # Images of one shape (LLaVA's fixed crop) batch by stacking; patch sequences (Qwen2-VL's
-        # native resolutions) by concatenating, the encoder keeping each image to itself.
-        grids = [image.grid_thw for image in new]
-        if grids[0] is None:
-            by_shape: dict[tuple, list[ImageInput]] = {}
-            for image in new:
-                by_shape.setdefault(tuple(image.shape), []).append(image)
-            groups = list(by_shape.values())
-        else:
-            groups = [new]
-        for group in groups:
-            pixels = [image.pixel_values() for image in group]
-            batch = torch.cat(pixels) if grids[0] is not None else torch.stack(pixels)
-            rows = self.encoder(batch.to(self.device, non_blocking=True), [image.grid_thw for image in group])
+        # Images whose pixels have the same trailing shape (LLaVA's fixed crops, Qwen2-VL's patches)
+        # run as one batch, concatenated along the first dimension; the encoder splits it per image.
+        groups: dict[tuple, list[ImageInput]] = {}
+        for image in new:
+            groups.setdefault(tuple(image.shape[1:]), []).append(image)
+        for group in groups.values():
+            batch = torch.cat([image.pixel_values() for image in group])
+            rows = self.encoder(batch.to(self.device, non_blocking=True), group)
             for image, value in zip(group, rows):
                 if value.shape[0] != image.length:
                     raise ValueError(f"the encoder made {value.shape[0]} rows for an image with {image.length} "

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...multimodal.inputs import ImageInput
 from .activations import activation
 
 
@@ -102,7 +103,8 @@ class LlavaProjector(nn.Module):
 
 
 class LlavaEncoder(nn.Module):
-    """pixel values [N, 3, H, W] (images of one size) -> one [patches, text width] tensor per image."""
+    """pixel values [N, 3, H, W] of N images (crops of one size) -> one [patches, text width]
+    tensor per image."""
 
     def __init__(self, config: Any):
         super().__init__()
@@ -118,8 +120,12 @@ class LlavaEncoder(nn.Module):
                                                     config.projector_hidden_act,
                                                     getattr(config, "multimodal_projector_bias", True))
 
-    def forward(self, pixels: torch.Tensor, grids: list[list[int] | None]) -> list[torch.Tensor]:
+    def project(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[crops, 3, H, W] -> [crops, patches (+ CLS), text width]."""
         features = self.vision_tower(pixels)
         if not self.keep_cls:
             features = features[:, 1:]
-        return list(self.multi_modal_projector(features).unbind(0))
+        return self.multi_modal_projector(features)
+
+    def forward(self, pixels: torch.Tensor, images: list[ImageInput]) -> list[torch.Tensor]:
+        return list(self.project(pixels).unbind(0))

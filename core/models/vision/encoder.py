@@ -15,7 +15,7 @@ _ENCODERS = {"llava": LlavaEncoder, "qwen2_vl": Qwen2VLEncoder}
 
 
 def build_encoder(config: Any) -> Optional[nn.Module]:
-    """The encoder module (``forward(pixels, grids) -> [tokens, text width] per image``), or
+    """The encoder module (``forward(pixels, images) -> [tokens, text width] per image``), or
     None for a text-only model; built on the current default device and dtype."""
     arch = vision_arch(config)
     return None if arch is None else _ENCODERS[arch.name](config)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...multimodal.inputs import ImageInput
 from .activations import activation
 
 
@@ -126,13 +127,15 @@ class Qwen2VisionTransformer(nn.Module):
 
 
 class Qwen2VLEncoder(nn.Module):
-    """Flat patches of several images [patches, C*T*P*P] -> one [tokens, text width] tensor per image."""
+    """Flat patches of several images [patches, C*T*P*P] (their ``ImageInput``s give the grids)
+    -> one [tokens, text width] tensor per image."""
 
     def __init__(self, config: Any):
         super().__init__()
         self.visual = Qwen2VisionTransformer(config.vision_config)
 
-    def forward(self, patches: torch.Tensor, grids: list[list[int]]) -> list[torch.Tensor]:
+    def forward(self, patches: torch.Tensor, images: list[ImageInput]) -> list[torch.Tensor]:
+        grids = [image.grid_thw for image in images]
         merged = self.visual(patches, grids)
         merge = self.visual.merge
         return list(merged.split([t * h * w // (merge * merge) for t, h, w in grids]))

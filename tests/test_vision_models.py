@@ -46,6 +46,14 @@ def llava(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def llava_next(tmp_path_factory):
+    path = make_tiny_llava(tmp_path_factory.mktemp("llava_next"), next_=True)
+    llm = LLM(str(path), kv_cache_memory="16MiB", max_model_len=512)
+    yield path, llm
+    llm.engine.shutdown()
+
+
+@pytest.fixture(scope="module")
 def qwen2_vl(tmp_path_factory):
     path = make_tiny_qwen2_vl(tmp_path_factory.mktemp("qwen2_vl"))
     llm = LLM(str(path), kv_cache_memory="16MiB", max_model_len=256)
@@ -61,6 +69,14 @@ def test_llava_greedy_matches_hf(llava):
     # Each image's 16 rows replaced one placeholder: the prompt grew by 15 tokens per image.
     texts = [llm.tokenizer.encode(text) for text, _ in prompts]
     assert [len(o.prompt_token_ids) - len(t) for o, t in zip(outputs, texts)] == [15, 30, 0]
+
+
+def test_llava_next_greedy_matches_hf(llava_next):
+    """Any-resolution tiles: a wide, a tall and a square image pick different grids."""
+    path, llm = llava_next
+    prompts = _prompts("<image>")
+    outputs = llm.generate(_as_engine_prompts(prompts), GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == hf_vision_greedy(path, prompts, NEW_TOKENS)
 
 
 def test_qwen2_vl_greedy_matches_hf(qwen2_vl):

@@ -41,9 +41,10 @@ def _save(model: transformers.PreTrainedModel, tokenizer, image_processor, path:
     return path
 
 
-def make_tiny_llava(tmp_dir: str | Path, seed: int = 0) -> Path:
-    """LLaVA-1.5 shaped: a 2-layer CLIP tower on 28 px images (patch 7: 16 image tokens, the
-    CLS row dropped, features of the second-to-last layer), the GELU projector, a tiny Llama."""
+def make_tiny_llava(tmp_dir: str | Path, seed: int = 0, next_: bool = False) -> Path:
+    """LLaVA-1.5 shaped: a 3-layer CLIP tower on 28 px images (patch 7: 16 image tokens, the
+    CLS row dropped, features of the second-to-last layer), the GELU projector, a tiny Llama.
+    ``next_``: LLaVA-NeXT, the same tower over any-resolution tiles (grids up to 2x2 of 28 px)."""
     tokenizer = make_tiny_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<image>"]})
     tokenizer.chat_template = LLAVA_TEMPLATE
@@ -52,10 +53,20 @@ def make_tiny_llava(tmp_dir: str | Path, seed: int = 0) -> Path:
     text = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                     max_position_embeddings=512, initializer_range=0.2, eos_token_id=EOS_ID)
-    config = transformers.LlavaConfig(vision_config=vision, text_config=text,
-                                      image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-                                      initializer_range=0.2)
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
     torch.manual_seed(seed)
+    if next_:
+        pinpoints = [[28, 56], [56, 28], [56, 56]]
+        config = transformers.LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=image_token,
+                                              image_grid_pinpoints=pinpoints, initializer_range=0.2)
+        model = transformers.LlavaNextForConditionalGeneration(config)
+        with torch.no_grad():
+            model.model.image_newline.normal_()  # HF starts it at zero-ish; a distinct row tests its place
+        processor = transformers.LlavaNextImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                                         image_grid_pinpoints=pinpoints)
+        return _save(model, tokenizer, processor, Path(tmp_dir) / "llava_next")
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
+                                      initializer_range=0.2)
     model = transformers.LlavaForConditionalGeneration(config)
     processor = transformers.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
     return _save(model, tokenizer, processor, Path(tmp_dir) / "llava")
@@ -89,6 +100,11 @@ def hf_processor(path: Path):
     config = transformers.AutoConfig.from_pretrained(path)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     image_processor = transformers.AutoImageProcessor.from_pretrained(path)
+    if config.model_type == "llava_next":
+        return transformers.LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                               patch_size=config.vision_config.patch_size,
+                                               vision_feature_select_strategy=config.vision_feature_select_strategy,
+                                               num_additional_image_tokens=1, image_token="<image>")
     if config.model_type == "llava":
         return transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                            patch_size=config.vision_config.patch_size,

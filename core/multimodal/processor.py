@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..models.vision import VisionArch, vision_arch
+from ..models.vision.llava_next import anyres_tokens
 from .inputs import ImageInput
 from .media import MediaError
 
@@ -82,9 +83,11 @@ class ImageProcessor:
         expanded: list[int] = []
         inputs: list[ImageInput] = []
         previous = 0
-        for slot, image_pixels, grid, length in zip(slots, pixels, grids, lengths):
+        sizes = [[image.height, image.width] for image in images]
+        for slot, image_pixels, grid, length, size in zip(slots, pixels, grids, lengths, sizes):
             expanded += token_ids[previous:slot]
-            inputs.append(ImageInput.from_array(image_pixels, len(expanded), length, grid))
+            inputs.append(ImageInput.from_array(image_pixels, len(expanded), length, grid,
+                                                size if self.arch.name == "llava_next" else None))
             expanded += [token_id] * length
             previous = slot + 1
         expanded += token_ids[previous:]
@@ -103,6 +106,12 @@ class ImageProcessor:
             merge = self.config.vision_config.spatial_merge_size
             pixels = np.split(values, np.cumsum(sizes)[:-1])
             return pixels, grids, [size // (merge * merge) for size in sizes]
+        if self.arch.name == "llava_next":
+            # Padded to the most tiles of the batch: each image keeps its own.
+            sizes = [list(map(int, size)) for size in out["image_sizes"]]
+            counts = [anyres_tokens(self.config, size) for size in sizes]
+            return [values[i, :tiles] for i, (tiles, _) in enumerate(counts)], [None] * len(sizes), \
+                [length for _, length in counts]
         patch = self.config.vision_config.patch_size
         extra = 1 if self.config.vision_feature_select_strategy == "full" else 0
         length = (values.shape[-2] // patch) * (values.shape[-1] // patch) + extra

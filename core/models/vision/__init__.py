@@ -1,6 +1,6 @@
 """Vision-language models: an image encoder beside the decoder, by the checkpoint's architecture.
 
-A LLaVA or Qwen2-VL checkpoint is the decoder the runtime already runs (its ``text_config``)
+A LLaVA(-NeXT) or Qwen2-VL checkpoint is the decoder the runtime already runs (its ``text_config``)
 plus a vision encoder whose output rows replace the embeddings of each image's placeholder
 tokens. ``vision_arch`` says which, and what the rest of the engine needs to know about it.
 """
@@ -14,7 +14,7 @@ from typing import Any, Iterator, Optional
 @dataclass(frozen=True)
 class VisionArch:
     name: str
-    """``llava`` or ``qwen2_vl``."""
+    """``llava``, ``llava_next`` or ``qwen2_vl``."""
     image_token_id: int
     """The placeholder token, repeated once per row of an image's encoder output."""
     placeholder: str
@@ -24,7 +24,8 @@ class VisionArch:
     vision_start_token_id: Optional[int] = None
 
 
-VISION_ARCHITECTURES = ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration")
+VISION_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
+                        "Qwen2VLForConditionalGeneration")
 
 
 def vision_arch(config: Any) -> Optional[VisionArch]:
@@ -32,6 +33,8 @@ def vision_arch(config: Any) -> Optional[VisionArch]:
     names = list(getattr(config, "architectures", None) or [])
     if "LlavaForConditionalGeneration" in names:
         return VisionArch("llava", config.image_token_index, "<image>")
+    if "LlavaNextForConditionalGeneration" in names:
+        return VisionArch("llava_next", config.image_token_index, "<image>")
     if "Qwen2VLForConditionalGeneration" in names:
         text = config.text_config
         rope = dict(getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {})
@@ -50,7 +53,7 @@ def text_config(config: Any) -> Any:
 _TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
                   ("language_model.lm_head.", "lm_head."))
 _VISION_PREFIXES = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.",
-                    "visual.", "model.visual.")
+                    "image_newline", "model.image_newline", "visual.", "model.visual.")
 
 
 def is_vision_weight(name: str) -> bool:

@@ -9,9 +9,10 @@ from torch import nn
 
 from . import vision_arch
 from .clip import LlavaEncoder
+from .llava_next import LlavaNextEncoder
 from .qwen2_vit import Qwen2VLEncoder
 
-_ENCODERS = {"llava": LlavaEncoder, "qwen2_vl": Qwen2VLEncoder}
+_ENCODERS = {"llava": LlavaEncoder, "llava_next": LlavaNextEncoder, "qwen2_vl": Qwen2VLEncoder}
 
 
 def build_encoder(config: Any) -> Optional[nn.Module]:

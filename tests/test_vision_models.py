@@ -164,3 +164,15 @@ def test_encoder_cache_evicts_only_unreferenced_outputs():
     assert cache.can_add(16)
     cache.add(c, "r3")
     assert cache.take_freed() == [a.hash] and not cache.holds(a.hash) and cache.holds(b.hash)
+
+
+def test_chat_through_a_template_that_prints_content_as_a_string(qwen2_vl):
+    """The tiny Qwen2-VL's template prints ``content`` whole: the placeholders go before the text."""
+    path, llm = qwen2_vl
+    image = random_image(12, 60, 36)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                             {"type": "image_pil", "image_pil": image}]}]
+    out = llm.chat(messages, GREEDY, use_tqdm=False)[0]
+    text = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>\nWhat is this?<|im_end|>\n<|im_start|>assistant\n"
+    assert out.prompt == text
+    assert out.outputs[0].token_ids == hf_vision_greedy(path, [(text, [image])], NEW_TOKENS)[0]

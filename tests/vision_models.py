@@ -7,6 +7,7 @@ config.json, model.safetensors, tokenizer files with a chat template, preprocess
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -129,9 +130,10 @@ class Qwen2VLReferenceProcessor:
             pieces = text[0].split(pad)
             text = [pieces[0] + "".join(pad * next(counts) + piece for piece in pieces[1:])]
         encoded = dict(self.tokenizer(text, return_tensors="pt"))
-        # The model places image tokens' rotary positions by these types (text 0, image 1).
-        pad_id = self.tokenizer.convert_tokens_to_ids(pad)
-        encoded["mm_token_type_ids"] = (encoded["input_ids"] == pad_id).int()
+        if "mm_token_type_ids" in inspect.signature(transformers.Qwen2VLModel.get_rope_index).parameters:
+            # Newer transformers place image tokens' rotary positions by these types (text 0, image 1).
+            pad_id = self.tokenizer.convert_tokens_to_ids(pad)
+            encoded["mm_token_type_ids"] = (encoded["input_ids"] == pad_id).int()
         return {**encoded, **inputs}
 
 

@@ -8,7 +8,8 @@ Usage: python3 benchmarks/vision_gpu.py write  --dir DIR        # the random bf1
 
 Each request is a streaming chat completion whose user message holds a JPEG data: URI (its own
 random image, so nothing hits the encoder cache) and the text; ``ignore_eos`` and ``min_tokens``
-make every server generate 128 tokens. At concurrency c, max(32, 4 c) requests. TTFT is the time
+make every server generate 128 tokens. At concurrency c, max(32, 4 c) requests. Both servers
+get ``--max-model-len 2048 --max-num-batched-tokens 8192`` and otherwise their defaults. TTFT is the time
 to the first chunk with content (the role-only chunk servers send first does not count);
 throughput is generated tokens (the final usage) per second of the run.
 """
@@ -136,7 +137,9 @@ def serve(kind: str, model: Path, levels: list[int], out: Path, output_len: int)
     else:
         cmd = [sys.executable, "-m", "runtime.cli", "serve", str(model), "--device", "cuda", "--limit-mm-per-prompt",
                '{"image": 1}']
-    cmd += ["--served-model-name", "model", "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(port)]
+    # One token budget for both (it is also each one's encoder budget: 14 images of 576 rows a step).
+    cmd += ["--served-model-name", "model", "--max-model-len", "2048", "--max-num-batched-tokens", "8192",
+            "--host", "127.0.0.1", "--port", str(port)]
     results = []
     with LaunchedServer(cmd, port, out.with_suffix(".log"), timeout=900) as server:
         asyncio.run(run(server.url, requests(4, seed=-1), 4, 16))  # warm-up

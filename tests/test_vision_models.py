@@ -71,6 +71,15 @@ def test_llava_greedy_matches_hf(llava):
     assert [len(o.prompt_token_ids) - len(t) for o, t in zip(outputs, texts)] == [15, 30, 0]
 
 
+def test_llava_with_a_siglip_tower_matches_hf(tmp_path):
+    path = make_tiny_llava(tmp_path, siglip=True)
+    llm = LLM(str(path), kv_cache_memory="8MiB", max_model_len=256)
+    prompts = _prompts("<image>")[:2]
+    outputs = llm.generate(_as_engine_prompts(prompts), GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == hf_vision_greedy(path, prompts, NEW_TOKENS)
+    llm.engine.shutdown()
+
+
 def test_llava_next_greedy_matches_hf(llava_next):
     """Any-resolution tiles: a wide, a tall and a square image pick different grids."""
     path, llm = llava_next

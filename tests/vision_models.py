@@ -42,10 +42,11 @@ def _save(model: transformers.PreTrainedModel, tokenizer, image_processor, path:
     return path
 
 
-def make_tiny_llava(tmp_dir: str | Path, seed: int = 0, next_: bool = False) -> Path:
+def make_tiny_llava(tmp_dir: str | Path, seed: int = 0, next_: bool = False, siglip: bool = False) -> Path:
     """LLaVA-1.5 shaped: a 3-layer CLIP tower on 28 px images (patch 7: 16 image tokens, the
     CLS row dropped, features of the second-to-last layer), the GELU projector, a tiny Llama.
-    ``next_``: LLaVA-NeXT, the same tower over any-resolution tiles (grids up to 2x2 of 28 px)."""
+    ``next_``: LLaVA-NeXT, the same tower over any-resolution tiles (grids up to 2x2 of 28 px).
+    ``siglip``: a SigLIP tower instead, every row of its last layer kept (strategy ``full``)."""
     tokenizer = make_tiny_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<image>"]})
     tokenizer.chat_template = LLAVA_TEMPLATE
@@ -56,6 +57,15 @@ def make_tiny_llava(tmp_dir: str | Path, seed: int = 0, next_: bool = False) -> 
                                     max_position_embeddings=512, initializer_range=0.2, eos_token_id=EOS_ID)
     image_token = tokenizer.convert_tokens_to_ids("<image>")
     torch.manual_seed(seed)
+    if siglip:
+        vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                                 num_attention_heads=4, image_size=28, patch_size=7)
+        config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
+                                          vision_feature_select_strategy="full", vision_feature_layer=-1,
+                                          initializer_range=0.2)
+        model = transformers.LlavaForConditionalGeneration(config)
+        processor = transformers.SiglipImageProcessor(size={"height": 28, "width": 28})
+        return _save(model, tokenizer, processor, Path(tmp_dir) / "llava_siglip")
     if next_:
         pinpoints = [[28, 56], [56, 28], [56, 56]]
         config = transformers.LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=image_token,
@@ -107,10 +117,11 @@ def hf_processor(path: Path):
                                                vision_feature_select_strategy=config.vision_feature_select_strategy,
                                                num_additional_image_tokens=1, image_token="<image>")
     if config.model_type == "llava":
+        clip = config.vision_config.model_type == "clip_vision_model"
         return transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                            patch_size=config.vision_config.patch_size,
                                            vision_feature_select_strategy=config.vision_feature_select_strategy,
-                                           num_additional_image_tokens=1, image_token="<image>")
+                                           num_additional_image_tokens=1 if clip else 0, image_token="<image>")
     return Qwen2VLReferenceProcessor(image_processor, tokenizer, config.vision_config.spatial_merge_size)
 
 

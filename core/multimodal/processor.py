@@ -112,7 +112,8 @@ class ImageProcessor:
             counts = [anyres_tokens(self.config, size) for size in sizes]
             return [values[i, :tiles] for i, (tiles, _) in enumerate(counts)], [None] * len(sizes), \
                 [length for _, length in counts]
-        patch = self.config.vision_config.patch_size
-        extra = 1 if self.config.vision_feature_select_strategy == "full" else 0
-        length = (values.shape[-2] // patch) * (values.shape[-1] // patch) + extra
+        vision = self.config.vision_config
+        # CLIP adds a class row, the "default" strategy drops the first row.
+        extra = (vision.model_type == "clip_vision_model") - (self.config.vision_feature_select_strategy == "default")
+        length = (values.shape[-2] // vision.patch_size) * (values.shape[-1] // vision.patch_size) + extra
         return list(values[:, None]), [None] * len(values), [length] * len(values)

@@ -1,4 +1,4 @@
-"""LLaVA-1.5's image side: a CLIP vision transformer and the projector into the decoder's width.
+"""LLaVA's image side: a CLIP or SigLIP vision transformer and the projector into the decoder's width.
 
 Plain torch (layer norms, SDPA): the encoder runs once per image, bidirectionally over a fixed
 number of patches, with none of the decoder's paged attention. Parameter names are HF's.
@@ -55,35 +55,45 @@ class ClipLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-class ClipEmbeddings(nn.Module):
-    def __init__(self, config: Any):
+class PatchEmbeddings(nn.Module):
+    """CLIP's (a class row first, no bias) or SigLIP's (patches only, a biased projection)."""
+
+    def __init__(self, config: Any, class_row: bool):
         super().__init__()
         width, patch = config.hidden_size, config.patch_size
-        self.class_embedding = nn.Parameter(torch.empty(width))
-        self.patch_embedding = nn.Conv2d(config.num_channels, width, patch, stride=patch, bias=False)
-        self.position_embedding = nn.Embedding((config.image_size // patch) ** 2 + 1, width)
+        if class_row:
+            self.class_embedding = nn.Parameter(torch.empty(width))
+        self.class_row = class_row
+        self.patch_embedding = nn.Conv2d(config.num_channels, width, patch, stride=patch, bias=not class_row)
+        self.position_embedding = nn.Embedding((config.image_size // patch) ** 2 + class_row, width)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         patches = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
-        cls = self.class_embedding.expand(patches.shape[0], 1, -1)
-        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
+        if self.class_row:
+            patches = torch.cat([self.class_embedding.expand(patches.shape[0], 1, -1), patches], dim=1)
+        return patches + self.position_embedding.weight
 
 
-class ClipVisionTower(nn.Module):
-    """Runs only the layers up to the ones whose outputs LLaVA reads (``vision_feature_layer``)."""
+class VisionTower(nn.Module):
+    """CLIP's or SigLIP's vision transformer (their layers are alike). Runs only the layers up to
+    the ones whose outputs LLaVA reads (``vision_feature_layer``)."""
 
     def __init__(self, config: Any, feature_layers: list[int]):
         super().__init__()
         total = config.num_hidden_layers
         # hidden_states[0] is the embeddings; hidden_states[i] the output of layer i.
         self.feature_layers = [i if i >= 0 else total + 1 + i for i in feature_layers]
-        self.embeddings = ClipEmbeddings(config)
-        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.class_row = config.model_type == "clip_vision_model"
+        self.embeddings = PatchEmbeddings(config, self.class_row)
+        # CLIP normalises the embeddings first (HF's name has its typo); SigLIP does not.
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if self.class_row else None
         self.encoder = nn.Module()
         self.encoder.layers = nn.ModuleList(ClipLayer(config) for _ in range(max(self.feature_layers)))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        hidden = self.pre_layrnorm(self.embeddings(pixels))
+        hidden = self.embeddings(pixels)
+        if self.pre_layrnorm is not None:
+            hidden = self.pre_layrnorm(hidden)
         states = [hidden]
         for layer in self.encoder.layers:
             hidden = layer(hidden)
@@ -109,13 +119,14 @@ class LlavaEncoder(nn.Module):
     def __init__(self, config: Any):
         super().__init__()
         vision = config.vision_config
-        if getattr(vision, "model_type", "clip_vision_model") != "clip_vision_model":
+        if vision.model_type not in ("clip_vision_model", "siglip_vision_model"):
             raise ValueError(f"LLaVA with a {vision.model_type} vision tower is not supported: only CLIP "
-                             f"(clip_vision_model) is")
+                             f"(clip_vision_model) and SigLIP (siglip_vision_model) are")
         layers = config.vision_feature_layer
         layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
-        self.keep_cls = config.vision_feature_select_strategy == "full"
-        self.vision_tower = ClipVisionTower(vision, layers)
+        # "default" drops the first row (CLIP's class row), "full" keeps every row.
+        self.keep_first = config.vision_feature_select_strategy == "full"
+        self.vision_tower = VisionTower(vision, layers)
         self.multi_modal_projector = LlavaProjector(vision.hidden_size * len(layers), config.text_config.hidden_size,
                                                     config.projector_hidden_act,
                                                     getattr(config, "multimodal_projector_bias", True))
@@ -123,7 +134,7 @@ class LlavaEncoder(nn.Module):
     def project(self, pixels: torch.Tensor) -> torch.Tensor:
         """[crops, 3, H, W] -> [crops, patches (+ CLS), text width]."""
         features = self.vision_tower(pixels)
-        if not self.keep_cls:
+        if not self.keep_first:
             features = features[:, 1:]
         return self.multi_modal_projector(features)
 

@@ -51,9 +51,9 @@ class LlavaNextEncoder(LlavaEncoder):
     """Tiles of several images [sum of tiles, 3, H, W] -> one [tokens, text width] tensor per image."""
 
     def __init__(self, config: Any):
-        if config.vision_feature_select_strategy != "default":
-            raise ValueError(f"LLaVA-NeXT with vision_feature_select_strategy {config.vision_feature_select_strategy!r} "
-                             f"is not supported: only 'default' (the CLS row dropped) is")
+        if config.vision_feature_select_strategy != "default" or config.vision_config.model_type != "clip_vision_model":
+            raise ValueError("LLaVA-NeXT is supported with a CLIP tower and vision_feature_select_strategy 'default' "
+                             "(the class row dropped) only")
         super().__init__(config)
         self.config = config
         self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))

@@ -175,6 +175,18 @@ def test_encoder_cache_evicts_only_unreferenced_outputs():
     assert cache.take_freed() == [a.hash] and not cache.holds(a.hash) and cache.holds(b.hash)
 
 
+def test_qwen2_5_vl_window_attention_matches_hf(tmp_path):
+    """Qwen2.5-VL's windows (2x2 merged tokens) over images whose grids do not divide into them."""
+    path = make_tiny_qwen2_vl(tmp_path, v2_5=True)
+    llm = LLM(str(path), kv_cache_memory="8MiB", max_model_len=256)
+    placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
+    prompts = [(f"See {placeholder} and {placeholder}.", [random_image(4, 112, 84), random_image(5, 70, 100)]),
+               (f"{placeholder} What is it?", [random_image(6, 56, 56)])]
+    outputs = llm.generate(_as_engine_prompts(prompts), GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == hf_vision_greedy(path, prompts, NEW_TOKENS)
+    llm.engine.shutdown()
+
+
 def test_chat_through_a_template_that_prints_content_as_a_string(qwen2_vl):
     """The tiny Qwen2-VL's template prints ``content`` whole: the placeholders go before the text."""
     path, llm = qwen2_vl

@@ -83,10 +83,11 @@ def make_tiny_llava(tmp_dir: str | Path, seed: int = 0, next_: bool = False, sig
     return _save(model, tokenizer, processor, Path(tmp_dir) / "llava")
 
 
-def make_tiny_qwen2_vl(tmp_dir: str | Path, seed: int = 0) -> Path:
+def make_tiny_qwen2_vl(tmp_dir: str | Path, seed: int = 0, v2_5: bool = False) -> Path:
     """Qwen2-VL shaped: a 2-block vision transformer (patch 14, 2x2 merge) at native resolution
     between 56x56 and 112x112 pixels, M-RoPE sections [2, 3, 3], a tiny Qwen2 decoder. Its chat
-    template prints content as a string (the placeholders then go before the text)."""
+    template prints content as a string (the placeholders then go before the text). ``v2_5``:
+    Qwen2.5-VL's tower instead, windows of 2x2 merged tokens in block 0, full attention in block 1."""
     tokenizer = make_tiny_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": [
         "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]})
@@ -96,14 +97,20 @@ def make_tiny_qwen2_vl(tmp_dir: str | Path, seed: int = 0) -> Path:
                 rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, eos_token_id=EOS_ID)
     vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2, in_chans=3, initializer_range=0.2)
-    config = transformers.Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
-                                        video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
-                                        vision_end_token_id=ids("<|vision_end|>"), initializer_range=0.2)
+    config_class, model_class = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+    if v2_5:
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=4, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=56,
+                      fullatt_block_indexes=[1], initializer_range=0.2)
+        config_class, model_class = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+    config = config_class(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
+                          video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                          vision_end_token_id=ids("<|vision_end|>"), initializer_range=0.2)
     torch.manual_seed(seed)
-    model = transformers.Qwen2VLForConditionalGeneration(config)
+    model = model_class(config)
     processor = transformers.Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14,
                                                    merge_size=2, temporal_patch_size=2)
-    return _save(model, tokenizer, processor, Path(tmp_dir) / "qwen2_vl")
+    return _save(model, tokenizer, processor, Path(tmp_dir) / ("qwen2_5_vl" if v2_5 else "qwen2_vl"))
 
 
 def hf_processor(path: Path):
@@ -122,15 +129,17 @@ def hf_processor(path: Path):
                                            patch_size=config.vision_config.patch_size,
                                            vision_feature_select_strategy=config.vision_feature_select_strategy,
                                            num_additional_image_tokens=1 if clip else 0, image_token="<image>")
-    return Qwen2VLReferenceProcessor(image_processor, tokenizer, config.vision_config.spatial_merge_size)
+    model_class = transformers.Qwen2_5_VLModel if config.model_type == "qwen2_5_vl" else transformers.Qwen2VLModel
+    return Qwen2VLReferenceProcessor(image_processor, tokenizer, config.vision_config.spatial_merge_size, model_class)
 
 
 class Qwen2VLReferenceProcessor:
     """What transformers' Qwen2VLProcessor does for images (it needs torchvision for its video
     half): each ``<|image_pad|>`` becomes t*h*w / merge^2 copies, from the image processor's grid."""
 
-    def __init__(self, image_processor, tokenizer, merge: int):
+    def __init__(self, image_processor, tokenizer, merge: int, model_class):
         self.image_processor, self.tokenizer, self.merge = image_processor, tokenizer, merge
+        self.model_class = model_class
 
     def __call__(self, text: list[str], images=None, return_tensors: str = "pt") -> dict:
         pad = "<|image_pad|>"
@@ -141,7 +150,7 @@ class Qwen2VLReferenceProcessor:
             pieces = text[0].split(pad)
             text = [pieces[0] + "".join(pad * next(counts) + piece for piece in pieces[1:])]
         encoded = dict(self.tokenizer(text, return_tensors="pt"))
-        if "mm_token_type_ids" in inspect.signature(transformers.Qwen2VLModel.get_rope_index).parameters:
+        if "mm_token_type_ids" in inspect.signature(self.model_class.get_rope_index).parameters:
             # Newer transformers place image tokens' rotary positions by these types (text 0, image 1).
             pad_id = self.tokenizer.convert_tokens_to_ids(pad)
             encoded["mm_token_type_ids"] = (encoded["input_ids"] == pad_id).int()

@@ -27,7 +27,7 @@ ARCHITECTURES: dict[str, Callable[[Any], DecoderSettings]] = {
 MODEL_TYPES = {"llama": llama, "mistral": llama, "qwen2": qwen2, "qwen3": qwen3, "gemma": gemma, "gemma2": gemma2, "phi3": phi3,
                "mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe,
                # Vision-language checkpoints' text_config (models/vision): their decoders.
-               "qwen2_vl_text": qwen2, "qwen2_vl": qwen2}
+               "qwen2_vl_text": qwen2, "qwen2_vl": qwen2, "qwen2_5_vl_text": qwen2, "qwen2_5_vl": qwen2}
 
 
 def decoder_settings(config: Any) -> DecoderSettings:

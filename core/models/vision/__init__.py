@@ -14,7 +14,7 @@ from typing import Any, Iterator, Optional
 @dataclass(frozen=True)
 class VisionArch:
     name: str
-    """``llava``, ``llava_next`` or ``qwen2_vl``."""
+    """``llava``, ``llava_next`` or ``qwen2_vl`` (Qwen2.5-VL too: its tower is told apart by its config)."""
     image_token_id: int
     """The placeholder token, repeated once per row of an image's encoder output."""
     placeholder: str
@@ -25,7 +25,7 @@ class VisionArch:
 
 
 VISION_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
-                        "Qwen2VLForConditionalGeneration")
+                        "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 
 
 def vision_arch(config: Any) -> Optional[VisionArch]:
@@ -35,7 +35,7 @@ def vision_arch(config: Any) -> Optional[VisionArch]:
         return VisionArch("llava", config.image_token_index, "<image>")
     if "LlavaNextForConditionalGeneration" in names:
         return VisionArch("llava_next", config.image_token_index, "<image>")
-    if "Qwen2VLForConditionalGeneration" in names:
+    if "Qwen2VLForConditionalGeneration" in names or "Qwen2_5_VLForConditionalGeneration" in names:
         text = config.text_config
         rope = dict(getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {})
         section = tuple(rope["mrope_section"]) if "mrope_section" in rope else None

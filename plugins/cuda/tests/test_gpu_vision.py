@@ -1,6 +1,7 @@
-"""Vision-language models on a GPU: tiny random LLaVA-1.5 and Qwen2-VL generate on ``cuda``
-(float32; LLaVA's decodes through CUDA graphs, Qwen2-VL eager) the greedy tokens HF
-transformers generates, for a batch mixing prompts with one and two images and a text-only one.
+"""Vision-language models on a GPU: tiny random LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL
+generate on ``cuda`` (float32; LLaVA's decodes through CUDA graphs, Qwen's eager) the greedy
+tokens HF transformers generates, for a batch mixing prompts with one and two images and a
+text-only one.
 
 Skipped without a GPU.
 """
@@ -22,13 +23,16 @@ REPO_TESTS = Path(__file__).resolve().parents[3] / "tests"
 NEW_TOKENS = 10
 
 
-@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("arch", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
 def test_vision_models_match_hf_on_cuda(tmp_path, arch):
     sys.path.insert(0, str(REPO_TESTS))
     from vision_models import hf_vision_greedy, make_tiny_llava, make_tiny_qwen2_vl, random_image
 
-    path = (make_tiny_llava if arch == "llava" else make_tiny_qwen2_vl)(tmp_path)
-    placeholder = "<image>" if arch == "llava" else "<|vision_start|><|image_pad|><|vision_end|>"
+    if arch.startswith("llava"):
+        path, placeholder = make_tiny_llava(tmp_path, next_=arch == "llava_next"), "<image>"
+    else:
+        path = make_tiny_qwen2_vl(tmp_path, v2_5=arch == "qwen2_5_vl")
+        placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
     prompts = [(f"Look: {placeholder} what is it?", [random_image(1, 40, 30)]),
                (f"{placeholder} then {placeholder} differ", [random_image(2, 64, 50), random_image(3, 30, 44)]),
                ("The capital of France is", [])]

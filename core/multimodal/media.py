@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import unquote, urlparse
 
+import httpx
 from PIL import Image, UnidentifiedImageError
 
 MEDIA_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP"}
@@ -105,8 +106,6 @@ def _from_remote(url: str, policy: MediaPolicy) -> Image.Image:
     if not policy.allow_remote_media:
         raise MediaError("remote image URLs are not fetched: send the image as a data: URI, or start the server "
                          "with --allow-remote-media")
-    import httpx
-
     try:
         with httpx.stream("GET", url, timeout=REMOTE_TIMEOUT_S, follow_redirects=True) as response:
             response.raise_for_status()

@@ -9,6 +9,7 @@ image (``<image>``; Qwen2-VL's ``<|image_pad|>`` between ``<|vision_start|>`` an
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -26,8 +27,6 @@ DEFAULT_IMAGE_LIMIT = 4
 def parse_image_limit(value: Any) -> int:
     """Images per prompt from ``--limit-mm-per-prompt``: vLLM's JSON (``{"image": 2}``), a dict
     or an int; None: the default."""
-    import json
-
     if value is None:
         return DEFAULT_IMAGE_LIMIT
     if isinstance(value, str):

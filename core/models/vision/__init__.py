@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
+from ...loader.stored import materialize
+
 
 @dataclass(frozen=True)
 class VisionArch:
@@ -69,8 +71,6 @@ def vision_weight_name(name: str) -> str:
 def text_weights(weights: Iterator[tuple[str, Any]], vision: dict[str, Any]) -> Iterator[tuple[str, Any]]:
     """The decoder's tensors of a checkpoint stream under the decoder's names; the vision
     tensors are read into ``vision`` on the way (they are small beside the decoder)."""
-    from ...loader.stored import materialize
-
     for name, value in weights:
         if is_vision_weight(name):
             vision[vision_weight_name(name)] = materialize(value)

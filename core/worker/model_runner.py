@@ -5,6 +5,7 @@ Owns the device state: the model, the KV-cache tensors, and per-request sampler 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from dataclasses import dataclass, field, fields
@@ -17,7 +18,7 @@ from ..lora.config import LoRAConfig
 from ..lora.manager import LoRARegistry, LoRASlots
 from ..models import DecoderForCausalLM, decoder_settings
 from ..models.batch import ForwardBatch
-from ..models.layers.linear import Linear
+from ..models.layers.linear import Linear, deferred_dense_weights
 from ..models.parallel import PipelineParallel, TensorParallel
 from ..models.vision import text_config, text_weights, vision_arch
 from ..models.vision.encoder import build_encoder, load_encoder
@@ -100,10 +101,14 @@ class ModelRunner:
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
-            with torch.device(self.device):
+            # Only a checkpoint's own packed weights are kept packed; dense ones to be quantized
+            # after loading need their dense copy anyway.
+            deferred = deferred_dense_weights() if keep_packed and quantization is None else contextlib.nullcontext()
+            with torch.device(self.device), deferred:
                 model = DecoderForCausalLM(self.settings, text_config(hf_config), max_model_len, ops,
                                            [cls(spec) for cls, spec in zip(backend_classes, specs)], tp, pp,
                                            expert_parallel)
+            with torch.device(self.device):
                 encoder = build_encoder(hf_config)
         finally:
             torch.set_default_dtype(previous)
@@ -111,6 +116,9 @@ class ModelRunner:
         if encoder is not None:
             weights = text_weights(weights, vision_tensors)
         model.load_weights(weights, lambda fmt: registry.quantization_method(platform.name, fmt), keep_packed)
+        deferred_left = [name for name, param in model.named_parameters() if param.is_meta]
+        if deferred_left:
+            raise ValueError(f"the checkpoint filled no dense weight for {', '.join(deferred_left[:3])}")
         self.encoder_outputs: EncoderOutputs | None = None
         """A vision model's image encoder and its outputs by image hash."""
         if encoder is not None:

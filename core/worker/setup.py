@@ -156,10 +156,26 @@ def join_groups(registry: Registry, platform: Platform, plan: RunnerPlan, rank: 
     return RankPlace(tp, PipelineParallel(stage, pp_size), world, rank)
 
 
+def weight_bytes(plan: RunnerPlan, source: ModelSource) -> int:
+    """Bytes the model's weights take on the device in ``plan.dtype``: every parameter dense, or,
+    for a checkpoint whose own quantized weights are kept packed, the tensors as stored (float
+    ones converted to the dtype; a quantized embedding table also dense, as lookups read it
+    dequantized). The packed figure is a lower bound: a method that expands a format on load
+    needs more, and the KV-cache sizing after loading reports that shortfall."""
+    element = torch.tensor([], dtype=plan.torch_dtype).element_size()
+    if source.quantization is None or plan.quantization != source.quantization or source.stored_sizes is None:
+        return decoder_settings(source.hf_config).num_parameters() * element
+    total = 0
+    for tensor in source.stored_sizes():
+        total += tensor.numel * element if tensor.is_float else tensor.stored_bytes
+        if not tensor.is_float and tensor.name.endswith("embed_tokens.weight"):
+            total += tensor.numel * element
+    return total
+
+
 def check_weights_fit(plan: RunnerPlan, platform: Platform, source: ModelSource, device_index: int = 0) -> None:
     """Fail before loading when this rank's share of the weights cannot fit its device."""
-    per_rank = decoder_settings(source.hf_config).num_parameters() / plan.world_size
-    needed = per_rank * torch.tensor([], dtype=plan.torch_dtype).element_size()
+    needed = weight_bytes(plan, source) / plan.world_size
     free, _ = platform.memory_info(device_index)
     if needed > free:
         share = "" if plan.world_size == 1 else f" (its share across {plan.world_size} ranks)"

@@ -1,8 +1,11 @@
 """End to end: a tiny random Llama generates on the platform what it generates on the reference
 platform (the core's reference attention and kernels, float32 on the CPU), greedy; seeded
-sampling is reproducible; chunked prefill and preemption leave the output unchanged.
+sampling is reproducible; chunked prefill and preemption leave the output unchanged. Models with
+the features a platform declares (Gemma-2's sliding window, soft-capping and GELU; Qwen-2's
+q/k/v biases; Qwen-3's q/k norms) match the reference in every declared dtype, whole and in
+chunks shorter than the sliding window.
 
-The model runs in float32 where the platform supports it, else in its default dtype, with
+The Llama runs in float32 where the platform supports it, else in its default dtype, with
 that dtype's tolerance: a different greedy token is accepted only at a near-tie.
 """
 
@@ -21,8 +24,8 @@ from runtime.sample.params import SamplingParams
 from ..compare import dtype_name
 from ..generation import generate, greedy_differences
 from ..reference_platform import NAME as REFERENCE, reference_registry
-from ..specs import main_dtype, pick
-from ..tiny_model import VOCAB_SIZE, write_tiny_llama
+from ..specs import dtypes, main_dtype, pick
+from ..tiny_model import FEATURE_MODELS, VOCAB_SIZE, write_tiny_model
 from ..tolerances import tolerance
 
 MAX_TOKENS = 12
@@ -52,7 +55,7 @@ def model(target, tmp_path_factory) -> Model:
         pytest.fail("no attention backend registered: no model can run")
     backend = target.backends[0]
     head_size = pick(backend.supported_head_sizes, 64)
-    path = write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), head_size)
+    path = write_tiny_model(tmp_path_factory.mktemp("tiny-llama"), head_size)
     dtype = main_dtype(backend, platform)
     return Model(path, dtype_name(dtype), pick(backend.supported_block_sizes, 16), _prompts())
 
@@ -109,3 +112,36 @@ def test_preemption_unchanged(target, model, reference, engine):
                     kv_cache_memory=blocks * engine.runner.kv_bytes_per_block())
     _assert_matches_reference(small, model, reference, "with preemption")
     assert small.scheduler.num_preemptions > 0, f"the check could not force a preemption with a cache of {blocks} blocks"
+
+
+FEATURE_CHUNK = 4
+"""Prefill chunk of the feature models' chunked runs: shorter than Gemma-2's 8-token window,
+which whole prefills of the longer prompts exceed."""
+
+
+@pytest.mark.parametrize("arch", sorted(FEATURE_MODELS))
+def test_feature_models_match_reference(arch, target, tmp_path_factory):
+    """Greedy output of a model with the architecture's features, in every dtype the platform and
+    its backend declare, whole and in chunks, against the reference platform in float32 (the
+    prompts share a prefix: the second is a prefix-cache hit)."""
+    platform = target.require_platform()
+    if not target.backends:
+        pytest.fail("no attention backend registered: no model can run")
+    backend = target.backends[0]
+    if arch == "gemma2" and not any(b.supports_sliding_window and b.supports_logits_soft_cap for b in target.backends):
+        pytest.skip(f"no attention backend of {platform.name} declares sliding windows and soft-capping")
+    head_size = pick(backend.supported_head_sizes, 64)
+    model = Model(write_tiny_model(tmp_path_factory.mktemp(arch), head_size, arch), "float32",
+                  pick(backend.supported_block_sizes, 16), _prompts())
+    params = [GREEDY] * len(model.prompts)
+    reference = generate(_engine(model, reference_registry(), REFERENCE, "float32"), model.prompts, params)
+    problems = []
+    for dtype in dtypes(backend, platform):
+        for chunk in (None, FEATURE_CHUNK):
+            overrides = {} if chunk is None else {"max_num_batched_tokens": chunk, "max_num_seqs": chunk}
+            engine = _engine(model, target.registry, target.name, dtype_name(dtype), **overrides)
+            generated = generate(engine, model.prompts, params)
+            run = f"{dtype_name(dtype)}{'' if chunk is None else f', {chunk}-token chunks'}"
+            problems += [f"{run}: {p}" for p in greedy_differences(generated, reference, tolerance(dtype).logprob)]
+    assert not problems, (f"{arch} ({FEATURE_MODELS[arch][2]}): greedy output differs from the reference "
+                          f"platform's: " + "; ".join(problems))

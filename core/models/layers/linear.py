@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import itertools
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -12,6 +14,20 @@ from torch import nn
 from ...platform import KernelSet, QuantizationMethod, RawQuantizedTensor
 from ...platform.packed import cat_raw_rows, cut_columns
 from ..parallel import TensorParallel
+
+_DEFER_DENSE = contextvars.ContextVar("defer_dense_weights", default=False)
+
+
+@contextlib.contextmanager
+def deferred_dense_weights() -> Iterator[None]:
+    """Linear layers built inside allocate their dense weight only when a dense tensor is loaded
+    into it. A quantized checkpoint's layers that stay packed then never hold the dense copy, so
+    a model loads wherever its packed weights fit, not only where the dense model would."""
+    token = _DEFER_DENSE.set(True)
+    try:
+        yield
+    finally:
+        _DEFER_DENSE.reset(token)
 
 
 class Linear(nn.Module):
@@ -38,7 +54,11 @@ class Linear(nn.Module):
         self.ops = ops
         self.partitions = list(out_features) if isinstance(out_features, (list, tuple)) else [out_features]
         self.in_features, self.out_features = in_features, sum(self.partitions)
-        self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
+        self._deferred_home = torch.empty(0).device
+        """Where a deferred dense weight (``deferred_dense_weights``), on the meta device until
+        :meth:`dense_weight`, is to be allocated."""
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features,
+                                               device="meta" if _DEFER_DENSE.get() else None), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
         self.quant_method: QuantizationMethod | None = None
         self.quant_weight: Any = None
@@ -72,6 +92,19 @@ class Linear(nn.Module):
     def stored_bytes(self) -> int:
         """Bytes the weight occupies as stored: the dense parameter, or every tensor the method keeps."""
         return _tensor_bytes(self.quant_weight) if self.quant_method is not None else _tensor_bytes(self.weight)
+
+    @property
+    def home(self) -> torch.device:
+        """The device the layer's weights live on."""
+        return self._deferred_home if self.weight.is_meta else self.weight.device
+
+    def dense_weight(self) -> nn.Parameter:
+        """The dense weight parameter, allocated now if it was deferred."""
+        if self.weight.is_meta:
+            self.weight = nn.Parameter(torch.empty(self.weight.shape, dtype=self.weight.dtype,
+                                                    device=self._deferred_home),
+                                       requires_grad=False)
+        return self.weight
 
     def partition_rows(self, index: int) -> slice:
         start = sum(self.partitions[:index])
@@ -120,19 +153,19 @@ class Linear(nn.Module):
             self._packed_parts[i] = part if self.columns is None else cut_columns(part, *self.columns)
         if len(self._packed_parts) == len(self.partitions):
             whole = cat_raw_rows([self._packed_parts.pop(i) for i in range(len(self.partitions))])
-            stored = method.load(whole, self.weight.dtype, self.weight.device)
+            stored = method.load(whole, self.weight.dtype, self.home)
             if isinstance(stored, torch.Tensor):
                 if stored.shape != self.weight.shape:
                     raise ValueError(f"quantized checkpoint weight has shape {tuple(stored.shape)}, expected "
                                      f"{tuple(self.weight.shape)}")
-                self.weight.data.copy_(stored)
+                self.dense_weight().data.copy_(stored)
             else:
                 self.quant_method, self.quant_weight = method, stored
-                self.weight.data = torch.empty(0, device=self.weight.device, dtype=self.weight.dtype)
+                self.weight = nn.Parameter(torch.empty(0, device=self.home, dtype=self.weight.dtype), requires_grad=False)
         return True
 
     def _copy_partition(self, name: str, index: int, value: torch.Tensor) -> None:
-        target = self.bias if name == "bias" else self.weight
+        target = self.bias if name == "bias" else self.dense_weight()
         rows = self.partition_rows(index)
         if self.rows is not None and value.shape[0] < self.partitions[index]:
             rows = slice(rows.start, rows.start + value.shape[0])  # a padded vocabulary's last rows stay zero

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any, AsyncIterator, Optional
@@ -12,6 +13,9 @@ from litestar.params import JSONBody
 
 from runtime.engine.chat import render_chat
 from runtime.engine.outputs import CompletionOutput
+from runtime.multimodal.chat import render_with_images
+from runtime.multimodal.inputs import ImageInput
+from runtime.multimodal.media import MediaError, load_image
 from runtime.tools import MessageStream
 
 from .chat_tools import ChatPlan, delta_rounds, finish_reason, response_calls
@@ -30,16 +34,23 @@ _RESPONSES, _Operation = streaming_responses(ChatCompletionResponse, ChatComplet
 
 
 def render(ctx: ServerContext, messages: list[ChatMessage], add_generation_prompt: bool,
-           continue_final_message: bool, tools: Optional[list[dict[str, Any]]] = None) -> str:
-    """The prompt text: the messages (and tools) through the model's chat template (or --chat-template).
+           continue_final_message: bool, tools: Optional[list[dict[str, Any]]] = None, num_images: int = 0) -> str:
+    """The prompt text: the messages (and tools) through the model's chat template (or --chat-template),
+    with one image placeholder per image part (runtime.multimodal.chat).
 
     Any failure of the template on these messages (roles out of order, a template's own
     ``raise_exception``) is the request's fault: a 400.
     """
     plain = [m.template_fields() for m in messages]
-    try:
-        return render_chat(ctx.engine.tokenizer, plain, ctx.engine.chat_template, add_generation_prompt,
+
+    def through_template(msgs: list[dict[str, Any]]) -> str:
+        return render_chat(ctx.engine.tokenizer, msgs, ctx.engine.chat_template, add_generation_prompt,
                            continue_final_message, tools, ctx.parsing.tool_call_parser)
+
+    try:
+        if num_images:
+            return render_with_images(through_template, plain, num_images, ctx.engine.image_processor.placeholder)
+        return through_template(plain)
     except Exception as exc:  # noqa: BLE001  (jinja2 raises many types; all mean these messages do not render)
         param = "continue_final_message" if "continue_final_message" in str(exc) else "messages"
         raise bad_request(f"the chat template cannot render these messages: {exc}", param) from None
@@ -53,8 +64,14 @@ async def create_chat_completion(data: JSONBody[ChatCompletionRequest], request:
     engine = ctx.engine
     engine.check_ready()
     plan = ctx.parsing.plan(data)
-    text = render(ctx, data.messages, data.add_generation_prompt, data.continue_final_message, plan.prompt_tools())
-    prompt = EnginePrompt(text, engine.tokenizer.encode(text, add_special_tokens=False))
+    urls = [url for message in data.messages for url in message.image_urls()]
+    if urls and engine.image_processor is None:
+        raise bad_request(f"the model `{model}` takes no images: send text content only", "messages")
+    text = render(ctx, data.messages, data.add_generation_prompt, data.continue_final_message, plan.prompt_tools(),
+                  len(urls))
+    token_ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    images = await _images(ctx, token_ids, urls) if engine.image_processor is not None else None
+    prompt = EnginePrompt(text, images[0] if images else token_ids, (images[1] or None) if images else None)
     if not prompt.token_ids:
         raise bad_request("the rendered messages are empty", "messages")
     max_tokens = fit_context(engine.max_model_len, len(prompt.token_ids),
@@ -74,6 +91,25 @@ async def create_chat_completion(data: JSONBody[ChatCompletionRequest], request:
     return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=UsageInfo(
         prompt_tokens=len(prompt.token_ids), completion_tokens=completion_tokens,
         total_tokens=len(prompt.token_ids) + completion_tokens))
+
+
+async def _images(ctx: ServerContext, token_ids: list[int], urls: list[str]) -> tuple[list[int], list[ImageInput]]:
+    """The prompt's images loaded and preprocessed (off the event loop): the token ids with
+    their placeholders expanded, and the images; any bad image is a 400 saying why."""
+    engine = ctx.engine
+    processor = engine.image_processor
+    if len(urls) > processor.limit:
+        raise bad_request(f"{len(urls)} images in one request, at most {processor.limit} are accepted "
+                          f"(--limit-mm-per-prompt)", "messages")
+
+    def prepare() -> tuple[list[int], list[ImageInput]]:
+        return processor.process(token_ids, [load_image(url, engine.media_policy) for url in urls])
+
+    try:
+        # Without images only the placeholders are checked (a stray one is an error): no thread needed.
+        return await asyncio.to_thread(prepare) if urls else prepare()
+    except MediaError as exc:
+        raise bad_request(str(exc), "messages") from None
 
 
 def _choice(plan: ChatPlan, output: CompletionOutput, logprobs: Optional[ChatLogprobs]) -> ChatChoice:

@@ -11,6 +11,7 @@ from typing import AsyncIterator, Optional
 from runtime.engine.async_engine import RequestStream
 from runtime.engine.outputs import CompletionOutput, RequestOutput
 from runtime.lora import LoRARequest
+from runtime.multimodal.inputs import ImageInput
 from runtime.sample.params import SamplingParams, StructuredOutputsParams
 
 from .context import ServerContext
@@ -27,6 +28,8 @@ class EnginePrompt:
     text: Optional[str]
     """None when the client sent token ids."""
     token_ids: list[int]
+    mm_inputs: Optional[list[ImageInput]] = None
+    """The prompt's preprocessed images (a vision-language model)."""
 
 
 def fit_context(max_model_len: int, prompt_len: int, max_tokens: Optional[int], what: str) -> int:
@@ -94,7 +97,8 @@ class Generation:
                 timer = ctx.metrics.request()
                 self.timers.append(timer)
                 self.streams.append(ctx.engine.add_request(rid, prompt.text, prompt.token_ids, sp, priority,
-                                                           observer=timer.observe, lora_request=lora_request))
+                                                           observer=timer.observe, lora_request=lora_request,
+                                                           mm_inputs=prompt.mm_inputs))
         except BaseException:
             self.abort()
             raise

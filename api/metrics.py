@@ -61,6 +61,10 @@ class _EngineStats(Collector):
              CounterMetricFamily),
             ("cpu_prefix_cache_hits", "cpu_prefix_cache_hits", "Prompt tokens found in the KV cache's host tier.",
              CounterMetricFamily),
+            ("encoder_cache_queries", "encoder_cache_queries",
+             "Images whose encoder output a scheduled prompt chunk needed (vision-language models).", CounterMetricFamily),
+            ("encoder_cache_hits", "encoder_cache_hits", "Of those, images whose encoder output was cached already.",
+             CounterMetricFamily),
         ):
             metric = family(f"runtime:{name}", doc, labels=["model_name"])
             metric.add_metric([self.model_name], float(getattr(stats, field)))

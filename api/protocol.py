@@ -168,6 +168,22 @@ class TextPart(_Model):
     text: str
 
 
+class ImageURL(_Model):
+    url: str = Field(description="A data: URI (base64 PNG, JPEG or WebP); a file:// URL under "
+                                 "--allowed-local-media-path; http(s) only with --allow-remote-media.")
+    detail: Optional[Literal["auto", "low", "high"]] = Field(None, description="Accepted and ignored.")
+
+
+class ImagePart(_Model):
+    """An image in a user message (vision-language models; docs/multimodal.md)."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
 class FunctionCall(_Model):
     name: str
     arguments: str = Field(description="The arguments as JSON text.")
@@ -212,7 +228,7 @@ class NamedToolChoice(_Model):
 
 class ChatMessage(_Model):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: Optional[Union[str, list[TextPart]]] = None
+    content: Optional[Union[str, list[ContentPart]]] = None
     name: Optional[str] = None
     tool_calls: Optional[list[ChatToolCall]] = Field(None, description="An assistant message's calls.")
     tool_call_id: Optional[str] = Field(None, description="A tool message: the call it answers.")
@@ -232,11 +248,22 @@ class ChatMessage(_Model):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "\n".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content if isinstance(part, TextPart))
+
+    def image_urls(self) -> list[str]:
+        """The URLs of the content's image parts, in order."""
+        if not isinstance(self.content, list):
+            return []
+        return [part.image_url.url for part in self.content if isinstance(part, ImagePart)]
 
     def template_fields(self) -> dict[str, Any]:
-        """The message as chat templates read it (transformers' shape)."""
-        fields: dict[str, Any] = {"role": self.role, "content": self.text()}
+        """The message as chat templates read it (transformers' shape); with images, the
+        content is its parts (``{"type": "image"}`` for each image)."""
+        content: Any = self.text()
+        if self.image_urls():
+            content = [{"type": "text", "text": part.text} if isinstance(part, TextPart) else {"type": "image"}
+                       for part in self.content]
+        fields: dict[str, Any] = {"role": self.role, "content": content}
         for name in ("name", "tool_call_id", "reasoning_content"):
             if getattr(self, name) is not None:
                 fields[name] = getattr(self, name)

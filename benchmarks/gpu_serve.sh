@@ -32,6 +32,8 @@
 #   embed:   benchmarks/embed_gpu.py on the Llama-3-8B shape as an embedder (last token, normalized): runtime and
 #            vLLM (runner pooling) offline, 2048 x 512-token prompts, sequences/s, then the report (ratio and the
 #            cosine between the two engines' vectors). Needs `unpack` first for vLLM
+#   vision:  benchmarks/vision_gpu.py: a LLaVA-1.5-7B-shaped random bf16 checkpoint in /tmp/llava7b, one 336 px JPEG
+#            and 128 random tokens per chat request, 128 out, at C=16 and 64: runtime, then vLLM (needs `unpack`)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}; M=/tmp/llama8b; R=/tmp/results
@@ -117,6 +119,13 @@ from runtime.models import decoder_settings as d; print(int(d(m.config_of(a.shap
         timeout 480 python3 benchmarks/embed_gpu.py $part --dir $M --json $R/embed/$part.json ${EMBED_ARGS:-} 2>&1 \
           | grep -v "it/s]" | tail -15 | tee -a $R/embed/run.log
       done ;;
+    vision)
+      [ -e /tmp/llava7b/config.json ] || timeout 600 python3 benchmarks/vision_gpu.py write --dir /tmp/llava7b 2>&1 | tail -3
+      for part in ${VISION_PARTS:-runtime vllm}; do
+        timeout 540 python3 benchmarks/vision_gpu.py $part --dir /tmp/llava7b --json $R/vision/$part.json 2>&1 \
+          | grep -v "it/s]" | tail -15 | tee -a $R/vision/run.log
+      done
+      python3 benchmarks/vision_gpu.py report --out $R/vision | tee -a $R/vision/run.log ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
   tar czf "$OUT/$stage-${TAG:-run}.tgz" -C $R $stage

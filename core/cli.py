@@ -77,6 +77,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pooler-config", default=None, metavar="JSON",
                    help='task embed: \'{"pooling_type": "LAST"|"MEAN"|"CLS", "use_activation": true|false}\' (normalize '
                         "or not) over the checkpoint's sentence-transformers settings (default: LAST, normalized)")
+    g.add_argument("--limit-mm-per-prompt", default=None, metavar="JSON",
+                   help='vision-language models: images one prompt may hold, e.g. \'{"image": 2}\' (default 4; '
+                        "docs/multimodal.md)")
+    g.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="directory whose image files chat requests may name as file:// URLs (default: none)")
+    g.add_argument("--allow-remote-media", action="store_true",
+                   help="fetch http(s):// image URLs named in chat requests (off: only data: URIs and local files)")
     g.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
                    help="the model's thinking format: the server returns the thinking as reasoning_content "
                         "(docs/api.md#reasoning-output)")

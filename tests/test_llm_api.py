@@ -110,7 +110,7 @@ def test_prompts_beyond_the_first_steps_are_queued_while_those_run(checkpoint):
     small = LLM(str(checkpoint), max_num_seqs=2, **OPTIONS)
     prompts = [[10 + i, 20 + 2 * i, 30, 7 * i % 50 + 5] * (1 + i % 3) for i in range(7)]
     params = [greedy(max_tokens=1 + 3 * i) for i in range(7)]
-    assert small._first_steps_share([(None, p) for p in prompts]) == 2
+    assert small._first_steps_share([(None, p, None) for p in prompts]) == 2
     together = small.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     alone = [small.generate({"prompt_token_ids": p}, q, use_tqdm=False)[0] for p, q in zip(prompts, params)]
     assert [o.prompt_token_ids for o in together] == prompts

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from runtime.engine.messages import (AbortRequests, AddRequest, ClientReady, EngineCoreOutput, EngineStats, Failed,
                                      Ready, StepOutputs, decode_from_core, decode_to_core, encode)
+from runtime.multimodal.inputs import ImageInput
 from runtime.sample.params import SamplingParams
 
 ids = st.text(min_size=1, max_size=40)
@@ -36,11 +37,17 @@ core_output = st.builds(
     stop_reason=st.none() | st.integers(0, 10**6) | st.text(min_size=1, max_size=8))
 stats = st.builds(EngineStats, num_running=small, num_waiting=small, kv_cache_usage=unit, prefix_cache_queries=small,
                   prefix_cache_hits=small, num_preemptions=small, cpu_prefix_cache_queries=small,
-                  cpu_prefix_cache_hits=small)
+                  cpu_prefix_cache_hits=small, encoder_cache_queries=small, encoder_cache_hits=small)
+image = st.builds(ImageInput, hash=st.text(min_size=64, max_size=64, alphabet="0123456789abcdef"),
+                  offset=st.integers(0, 10**6), length=st.integers(1, 10**4), data=st.binary(max_size=64),
+                  shape=st.lists(st.integers(1, 1000), max_size=4), dtype=st.sampled_from(["float32", "float16"]),
+                  grid_thw=st.none() | st.lists(st.integers(1, 100), min_size=3, max_size=3),
+                  image_size=st.none() | st.lists(st.integers(1, 5000), min_size=2, max_size=2))
 
 to_core = st.one_of(
     st.builds(AddRequest, request_id=ids, client=st.integers(0, 64), prompt_token_ids=tokens, params=params,
-              priority=st.integers(-1000, 1000), arrival_time=st.none() | floats),
+              priority=st.integers(-1000, 1000), arrival_time=st.none() | floats,
+              mm_inputs=st.none() | st.lists(image, max_size=3)),
     st.builds(AbortRequests, request_ids=st.lists(ids, max_size=5)),
     st.builds(ClientReady, client=st.integers(0, 64)))
 from_core = st.one_of(

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Optional, Union
 
 from ..lora.config import LoRAConfig
+from ..multimodal.processor import parse_image_limit
 from ..platform import KV_CACHE_DTYPES
 from ..pooling.config import parse_pooler_override
 from ..reasoning import reasoning_markers
@@ -111,6 +112,14 @@ class EngineArgs:
     """vLLM's ``--pooler-config`` for task embed, JSON text or a dict: ``pooling_type`` (LAST,
     MEAN or CLS) and/or ``use_activation`` (normalize), over the checkpoint's sentence-transformers
     settings (default: LAST, normalized)."""
+    limit_mm_per_prompt: Union[str, dict, int, None] = None
+    """Vision-language models: images one prompt may hold, as vLLM's ``--limit-mm-per-prompt``
+    (JSON ``{"image": 2}``); default 4. Each step encodes images of at most
+    ``max_num_batched_tokens`` placeholder tokens (docs/multimodal.md)."""
+    allowed_local_media_path: Optional[str] = None
+    """Directory whose image files (``file://`` URLs in chat content) may be read; None: none."""
+    allow_remote_media: bool = False
+    """Fetch ``http(s)://`` image URLs (off by default: the server fetches no address a client names)."""
     reasoning_parser: Optional[str] = None
     """The model's thinking format (``deepseek_r1``, ``qwen3``): the server returns the thinking as
     ``reasoning_content`` and structured output constrains only what follows it."""
@@ -154,6 +163,7 @@ class EngineArgs:
             raise ValueError(f"preemption_mode {self.preemption_mode} keeps preempted requests' KV in host memory: "
                              f"set kv_offloading_size (--kv-offloading-size GiB) too")
         self.kv_cache_memory_bytes = parse_size(self.kv_cache_memory)
+        self.image_limit = parse_image_limit(self.limit_mm_per_prompt)
         self.speculative = SpeculativeConfig.parse(self.speculative_config)
         self.lora = (LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras or self.max_loras)
                      if self.enable_lora else None)

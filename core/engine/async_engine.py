@@ -22,6 +22,10 @@ from ..loader.source import open_model
 from ..lora import LoRARequest
 from ..models import decoder_settings
 from ..pooling import PoolerConfig, PoolingParams, resolve_pooler_config
+from ..models.vision import vision_arch
+from ..multimodal.inputs import ImageInput
+from ..multimodal.media import MediaPolicy
+from ..multimodal.processor import ImageProcessor
 from ..sample.params import SamplingParams
 from .args import EngineArgs
 from .chat import load_chat_template
@@ -153,6 +157,9 @@ class AsyncEngine:
         self.error: Optional[BaseException] = None
         self.tokenizer: Any = None
         self.chat_template: Optional[str] = None
+        self.image_processor: Optional[ImageProcessor] = None
+        """A vision-language model's preprocessing (None for text-only models)."""
+        self.media_policy = MediaPolicy(args.allowed_local_media_path, args.allow_remote_media)
         self._processor: Optional[OutputProcessor] = None
         self._streams: dict[str, RequestStream] = {}
         self._embeddings: dict[str, asyncio.Future] = {}
@@ -266,7 +273,9 @@ class AsyncEngine:
                            spec_num_draft_tokens=sum(s.spec_num_draft_tokens for s in every),
                            spec_num_accepted_tokens=sum(s.spec_num_accepted_tokens for s in every),
                            spec_accepted_per_position=[sum(counts) for counts in zip_longest(
-                               *(s.spec_accepted_per_position for s in every), fillvalue=0)])
+                               *(s.spec_accepted_per_position for s in every), fillvalue=0)],
+                           encoder_cache_queries=sum(s.encoder_cache_queries for s in every),
+                           encoder_cache_hits=sum(s.encoder_cache_hits for s in every))
 
     def _require_info(self) -> Ready:
         if self.state == "loading":
@@ -280,7 +289,8 @@ class AsyncEngine:
     def add_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
                     params: SamplingParams, priority: int = 0,
                     observer: Optional[Callable[[RequestOutput], None]] = None,
-                    lora_request: Optional[LoRARequest] = None) -> RequestStream:
+                    lora_request: Optional[LoRARequest] = None,
+                    mm_inputs: Optional[list[ImageInput]] = None) -> RequestStream:
         """Queue a request, with the LoRA adapter ``lora_request`` if given; returns its stream
         (see RequestStream for ``observer``).
 
@@ -296,7 +306,7 @@ class AsyncEngine:
         self._processor.add_request(request_id, prompt, prompt_token_ids, params)
         link = min(self._links, key=lambda candidate: candidate.load)
         link.send(AddRequest(request_id, link.connection.client, list(prompt_token_ids), params, priority,
-                             time.monotonic(), lora_request))
+                             time.monotonic(), lora_request, mm_inputs))
         link.added_since_stats += 1
         self._core_of[request_id] = link
         stream = RequestStream(self, request_id, observer)
@@ -371,6 +381,13 @@ class AsyncEngine:
         self.chat_template = load_chat_template(self.args.chat_template) or source.chat_template
         if self.args.task == "embed":
             self.pooler_config = resolve_pooler_config(source.path, source.hf_config, self.args.pooler_config)
+        if vision_arch(source.hf_config) is not None:
+            try:
+                self.image_processor = await asyncio.to_thread(ImageProcessor, source.hf_config, source.path,
+                                                               self.tokenizer, self.args.image_limit)
+            except ValueError as exc:
+                self._die(EngineDeadError(f"the engine failed to start: {exc}"))
+                return
         self._processor = OutputProcessor(self.tokenizer)
         for link in self._links:
             link.send(ClientReady(link.connection.client))

@@ -16,6 +16,10 @@ from ..loader.source import ModelSource, open_model
 from ..lora import LoRARequest
 from ..models import decoder_settings
 from ..models.parallel import check_expert_split, check_pipeline_parallel, check_tensor_parallel
+from ..models.vision import text_config, vision_arch
+from ..multimodal.encoder_cache import EncoderCacheManager
+from ..multimodal.inputs import ImageInput
+from ..multimodal.mrope import mrope_positions
 from ..platform import Communicator, PlatformConfig, Registry, get_registry
 from ..platform.faults import StepFaults
 from ..pooling import PoolerConfig, PoolingParams, resolve_pooler_config
@@ -62,7 +66,9 @@ class EngineCore:
         self.source = source or open_model(args.model)
         config = self.source.hf_config
         self.dtype = self._resolve_dtype(args.dtype)
-        self.max_model_len = self._resolve_max_model_len(args.max_model_len, config)
+        self.vision = vision_arch(config)
+        self._check_vision(args)
+        self.max_model_len = self._resolve_max_model_len(args.max_model_len, text_config(config))
         budget = args.max_num_batched_tokens or min(max(2048, self.max_model_len), 8192)
         self.pooler_config: Optional[PoolerConfig] = None
         """The model's pooling, for an embedding engine (``--task embed``); None: it generates."""
@@ -103,9 +109,11 @@ class EngineCore:
         # With speculative decoding the next step's inputs depend on how many proposals this
         # one accepts, and the proposers read the accepted tokens: nothing to queue ahead.
         self.pipeline_depth = args.pipeline_parallel_size
-        # An embedding engine only ever runs prompts: it has no decode steps to capture.
+        # An embedding engine only ever runs prompts: it has no decode steps to capture. M-RoPE
+        # moves decode positions by a per-request delta that captured graphs do not take.
+        mrope = self.vision is not None and self.vision.mrope_section is not None
         graphs = (self.platform.supports_graphs and not args.enforce_eager and self.pipeline_depth == 1
-                  and self.pooler_config is None)
+                  and self.pooler_config is None and not mrope)
         self.look_ahead = graphs and args.speculative is None
         check_speculative(args)
         host_tier_bytes = self._host_tier_bytes(args)
@@ -135,7 +143,9 @@ class EngineCore:
         self.scheduler = Scheduler(self.kv_manager, self.max_num_seqs, pconfig.max_num_batched_tokens, args.scheduling_policy,
                                    max_loras=args.lora.max_loras if args.lora else None,
                                    num_speculative_tokens=args.speculative.num_speculative_tokens if args.speculative else 0,
-                                   preemption_mode=self.preemption_mode)
+                                   preemption_mode=self.preemption_mode,
+                                   encoder_cache=EncoderCacheManager(pconfig.max_num_batched_tokens) if self.vision else None,
+                                   encoder_budget=pconfig.max_num_batched_tokens)
         self.proposer = make_proposer(args.speculative, self.runner)
         self.spec_counters = SpecCounters(args.speculative.num_speculative_tokens if args.speculative else 0)
         self.max_num_batched_tokens = pconfig.max_num_batched_tokens
@@ -163,6 +173,17 @@ class EngineCore:
                     "not measured" if activation_bytes is None else f"{activation_bytes / gib:.2f} GiB",
                     self.num_blocks, self.num_blocks * self.block_size,
                     self.num_blocks * self.runner.kv_bytes_per_block() / gib, self.max_model_len)
+
+    def _check_vision(self, args: EngineArgs) -> None:
+        if self.vision is None:
+            return
+        if args.tensor_parallel_size * args.pipeline_parallel_size > 1:
+            raise ValueError("vision-language models run on one rank for now: drop --tensor-parallel-size and "
+                             "--pipeline-parallel-size (--data-parallel-size scales out)")
+        if args.speculative is not None:
+            raise ValueError("speculative decoding with a vision-language model is not supported: drop --speculative-config")
+        if args.lora is not None:
+            raise ValueError("LoRA adapters on vision-language models are not supported: drop --enable-lora")
 
     def _resolve_dtype(self, name: str) -> torch.dtype:
         if name == "auto":
@@ -217,11 +238,14 @@ class EngineCore:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     priority: int = 0, arrival_time: float | None = None,
-                    lora_request: LoRARequest | None = None, pooling: PoolingParams | None = None) -> None:
+                    lora_request: LoRARequest | None = None, pooling: PoolingParams | None = None,
+                    mm_inputs: list[ImageInput] | None = None) -> None:
         """Queue a request; raises ValueError when it cannot fit the context or its adapter is bad.
 
         ``pooling``: an embedding request (the engine must run task embed, and every request
-        of such an engine is one): its output is one vector, ``EngineCoreOutput.embedding``."""
+        of such an engine is one): its output is one vector, ``EngineCoreOutput.embedding``.
+        ``mm_inputs``: the prompt's preprocessed images (runtime.multimodal.processor), whose
+        placeholder tokens the prompt already holds, expanded."""
         spec = self._pooling_spec(pooling, len(prompt_token_ids))
         if lora_request is not None:
             if self.runner.lora_registry is None:
@@ -239,6 +263,8 @@ class EngineCore:
         request = Request(request_id, list(prompt_token_ids), params, eos_token_ids=self.eos_token_ids,
                           max_model_len=self.max_model_len, priority=priority,
                           lora_id=lora_request.lora_int_id if lora_request else 0, pooling=spec)
+        if mm_inputs:
+            self._attach_images(request, mm_inputs)
         if arrival_time is not None:
             request.arrival_time = arrival_time
         if params.structured_outputs is not None:
@@ -267,6 +293,24 @@ class EngineCore:
                              f"(--max-model-len {self.max_model_len}, --max-num-batched-tokens "
                              f"{self.max_num_batched_tokens}): shorten it")
         return self.pooler_config.spec(pooling)
+
+    def _attach_images(self, request: Request, images: list[ImageInput]) -> None:
+        """Check that each image's placeholder run is in the prompt, and give the request its
+        images (and, M-RoPE, its prompt's rotary positions)."""
+        if self.vision is None:
+            raise ValueError("the model takes no images: serve a vision-language model (docs/multimodal.md)")
+        images = sorted(images, key=lambda image: image.offset)
+        tokens = request.prompt_token_ids
+        end = 0
+        for image in images:
+            run = tokens[image.offset:image.end]
+            if image.offset < end or image.end > len(tokens) or run.count(self.vision.image_token_id) != image.length:
+                raise ValueError(f"an image's placeholder tokens [{image.offset}, {image.end}) are not in the prompt")
+            end = image.end
+        request.mm_inputs = images
+        if self.vision.mrope_section is not None:
+            merge = self.source.hf_config.vision_config.spatial_merge_size
+            request.rope_positions, request.rope_delta = mrope_positions(len(tokens), images, merge)
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self._forget_grammars(request_ids)
@@ -424,6 +468,7 @@ class EngineCore:
         return failed
 
     def stats(self) -> EngineStats:
+        encoder = self.scheduler.encoder_cache
         return EngineStats(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
                            kv_cache_usage=self.kv_manager.usage,
                            prefix_cache_queries=self.kv_manager.prefix_cache_queries,
@@ -433,4 +478,6 @@ class EngineCore:
                            num_preemptions=self.scheduler.num_preemptions,
                            running_lora_ids=self.scheduler.lora_ids(RequestStatus.RUNNING),
                            waiting_lora_ids=self.scheduler.lora_ids(RequestStatus.WAITING),
+                           encoder_cache_queries=encoder.queries if encoder is not None else 0,
+                           encoder_cache_hits=encoder.hits if encoder is not None else 0,
                            **self.spec_counters.fields())

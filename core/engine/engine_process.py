@@ -214,7 +214,8 @@ class EngineCoreLoop:
             return
         try:
             ids = add_samples(self.core, message.request_id, message.prompt_token_ids, message.params,
-                              message.priority, message.arrival_time, message.lora_request, message.pooling)
+                              message.priority, message.arrival_time, message.lora_request,
+                              pooling=message.pooling, mm_inputs=message.mm_inputs)
         except ValueError as exc:
             self._refused[message.client].append((message.request_id, str(exc)))
             return

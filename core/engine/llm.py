@@ -10,6 +10,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..lora import LoRARequest
+from ..multimodal.chat import render_with_images, split_images
+from ..multimodal.inputs import ImageInput
+from ..multimodal.media import MediaPolicy, load_image
+from ..multimodal.processor import ImageProcessor
 from ..pooling import PoolingParams
 from ..sample.params import SamplingParams
 from ..structured.grammar import check
@@ -28,6 +32,8 @@ def check_structured_outputs(params: Sequence[SamplingParams]) -> None:
             check(sp.structured_outputs)
 
 PromptType = Union[str, list[int], dict[str, Any]]
+Encoded = tuple[Optional[str], list[int], Optional[list[ImageInput]]]
+"""A prompt as the engine takes it: text (if any), token ids, images."""
 
 
 class LLM:
@@ -49,6 +55,10 @@ class LLM:
         self.tokenizer = self.engine.source.tokenizer
         self.chat_template = load_chat_template(self.engine_args.chat_template) or self.engine.source.chat_template
         self.processor = OutputProcessor(self.tokenizer, final_only=True)
+        self.image_processor = (ImageProcessor(self.engine.source.hf_config, self.engine.source.path, self.tokenizer,
+                                               self.engine_args.image_limit)
+                                if self.engine.vision is not None else None)
+        self.media_policy = MediaPolicy(self.engine_args.allowed_local_media_path, self.engine_args.allow_remote_media)
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Any:
@@ -58,7 +68,10 @@ class LLM:
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
                  use_tqdm: bool = True, priority: Optional[list[int]] = None,
                  lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None) -> list[RequestOutput]:
-        """Generate for each prompt: a string, a list of token ids, or ``{"prompt_token_ids": [...]}``.
+        """Generate for each prompt: a string, a list of token ids, or a dict as vLLM's:
+        ``{"prompt": text}`` or ``{"prompt_token_ids": [...]}``, with ``"multi_modal_data":
+        {"image": PIL image or list of them}`` for a vision-language model (the prompt holds one
+        placeholder, e.g. ``<image>``, where each image goes).
 
         ``lora_request``: the LoRA adapter to generate with (the engine needs ``enable_lora``),
         one for every prompt or a list with one per prompt (None: the base model).
@@ -79,15 +92,26 @@ class LLM:
         """Generate replies to one conversation (a list of messages) or a list of conversations.
 
         ``tools``: OpenAI's function tools, rendered by the chat template (or, for a template
-        without tool support, as a system message; docs/api.md#tool-calling)."""
+        without tool support, as a system message; docs/api.md#tool-calling). A message's
+        content may be a list of parts: ``{"type": "text", "text": ...}``, ``{"type":
+        "image_url", "image_url": {"url": ...}}`` (``data:`` URIs; ``file://`` under
+        ``allowed_local_media_path``) and ``{"type": "image_pil", "image_pil": PIL image}``."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         template = load_chat_template(chat_template) or self.chat_template
-        texts = [render_chat(self.tokenizer, conv, template, add_generation_prompt, continue_final_message, tools)
-                 for conv in conversations]
-        encoded = [(text, self.tokenizer.encode(text, add_special_tokens=False)) for text in texts]
-        params = self._params_per_prompt(sampling_params, len(texts))
+        encoded = []
+        for conversation in conversations:
+            shaped, sources = split_images(conversation)
+
+            def render(msgs: list[dict[str, Any]]) -> str:
+                return render_chat(self.tokenizer, msgs, template, add_generation_prompt, continue_final_message, tools)
+
+            placeholder = self.image_processor.placeholder if self.image_processor is not None else ""
+            text = render_with_images(render, shaped, len(sources), placeholder)
+            images = [load_image(s, self.media_policy) if isinstance(s, str) else s for s in sources]
+            encoded.append(self._with_images(text, self.tokenizer.encode(text, add_special_tokens=False), images))
+        params = self._params_per_prompt(sampling_params, len(encoded))
         check_structured_outputs(params)
-        return self._run(encoded, params, use_tqdm, None, [None] * len(texts))
+        return self._run(encoded, params, use_tqdm, None, [None] * len(encoded))
 
     def embed(self, prompts: Union[PromptType, Sequence[PromptType]],
               pooling_params: Union[PoolingParams, Sequence[PoolingParams], None] = None,
@@ -153,16 +177,30 @@ class LLM:
             raise ValueError(f"got {len(adapters)} LoRA requests for {count} prompts")
         return adapters
 
-    def _encode(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
+    def _encode(self, prompt: PromptType) -> Encoded:
         if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
+            return self._with_images(prompt, self.tokenizer.encode(prompt), [])
         if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
-        return None, list(prompt)
+            text = prompt.get("prompt")
+            token_ids = list(prompt["prompt_token_ids"]) if "prompt_token_ids" in prompt else self.tokenizer.encode(text)
+            data = prompt.get("multi_modal_data") or {}
+            unknown = set(data) - {"image"}
+            if unknown:
+                raise ValueError(f"multi_modal_data holds {', '.join(sorted(unknown))}: only images are supported")
+            images = data.get("image", [])
+            return self._with_images(text, token_ids, images if isinstance(images, (list, tuple)) else [images])
+        return self._with_images(None, list(prompt), [])
 
-    def _run(self, encoded: list[tuple[Optional[str], list[int]]], params: list[SamplingParams], use_tqdm: bool,
+    def _with_images(self, text: Optional[str], token_ids: list[int], images: list[Any]) -> Encoded:
+        """The prompt with its images preprocessed and their placeholders expanded."""
+        if self.image_processor is None:
+            if images:
+                raise ValueError("the model takes no images: load a vision-language model (docs/multimodal.md)")
+            return text, token_ids, None
+        token_ids, inputs = self.image_processor.process(token_ids, images)
+        return text, token_ids, inputs or None
+
+    def _run(self, encoded: list[Encoded], params: list[SamplingParams], use_tqdm: bool,
              priority: Optional[list[int]], adapters: list[Optional[LoRARequest]]) -> list[RequestOutput]:
         order: list[str] = []
         finished: dict[str, RequestOutput] = {}
@@ -198,24 +236,24 @@ class LLM:
             bar.close()
         return [finished[rid] for rid in order]
 
-    def _first_steps_share(self, encoded: list[tuple[Optional[str], list[int]]]) -> int:
+    def _first_steps_share(self, encoded: list[Encoded]) -> int:
         """How many prompts two full steps take: two token budgets, at most max_num_seqs."""
         budget, tokens = 2 * self.engine.max_num_batched_tokens, 0
-        for count, (_, token_ids) in enumerate(encoded, start=1):
+        for count, (_, token_ids, _) in enumerate(encoded, start=1):
             tokens += len(token_ids)
             if tokens >= budget or count >= self.engine.max_num_seqs:
                 return count
         return len(encoded)
 
-    def _submit(self, encoded: list[tuple[Optional[str], list[int]]], params: list[SamplingParams],
+    def _submit(self, encoded: list[Encoded], params: list[SamplingParams],
                 priority: Optional[list[int]], adapters: list[Optional[LoRARequest]], order: list[str],
                 end: int) -> None:
         """Queue prompts ``len(order)`` to ``end``, appending their ids to ``order``."""
         for i in range(len(order), end):
-            text, token_ids = encoded[i]
+            text, token_ids, images = encoded[i]
             rid = str(next(self._ids))
             submit(self.engine, self.processor, rid, text, token_ids, params[i], priority[i] if priority else 0,
-                   adapters[i])
+                   adapters[i], images)
             order.append(rid)
 
     def _abort_all(self, request_ids: list[str]) -> None:

@@ -14,6 +14,7 @@ from typing import Optional, Union
 import msgspec
 
 from ..lora import LoRARequest
+from ..multimodal.inputs import ImageInput
 from ..pooling import PoolingParams
 from ..sample.params import SamplingParams
 from ..worker.model_runner import TokenLogprobs
@@ -58,6 +59,10 @@ class EngineStats(msgspec.Struct, array_like=True):
     """Proposed tokens the target accepted."""
     spec_accepted_per_position: list[int] = msgspec.field(default_factory=list)
     """Accepted tokens by position in the proposal (index 0: the first proposed token)."""
+    encoder_cache_queries: int = 0
+    """Vision-language models, since start: images a scheduled prompt chunk needed the encoder output of."""
+    encoder_cache_hits: int = 0
+    """Those whose output was cached already (the image was not encoded again)."""
 
 
 class AddRequest(msgspec.Struct, tag=True, array_like=True):
@@ -73,6 +78,8 @@ class AddRequest(msgspec.Struct, tag=True, array_like=True):
     lora_request: Optional[LoRARequest] = None
     pooling: Optional[PoolingParams] = None
     """An embedding request (``params`` is then unused): see ``EngineCore.add_request``."""
+    mm_inputs: Optional[list[ImageInput]] = None
+    """The prompt's preprocessed images (a vision-language model)."""
 
 
 class AbortRequests(msgspec.Struct, tag=True, array_like=True):

@@ -9,6 +9,7 @@ import dataclasses
 from typing import Optional
 
 from ..lora import LoRARequest
+from ..multimodal.inputs import ImageInput
 from ..pooling import PoolingParams
 from ..sample.params import SamplingParams
 from .core import EngineCore
@@ -29,7 +30,8 @@ def sample_params(params: SamplingParams, index: int) -> SamplingParams:
 
 def add_samples(core: EngineCore, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                 priority: int = 0, arrival_time: Optional[float] = None,
-                lora_request: Optional[LoRARequest] = None, pooling: Optional[PoolingParams] = None) -> list[str]:
+                lora_request: Optional[LoRARequest] = None, pooling: Optional[PoolingParams] = None,
+                mm_inputs: Optional[list[ImageInput]] = None) -> list[str]:
     """Queue the n samples of a request in ``core``, all or none; returns their core-level ids.
     An embedding request (``pooling``) is one core request under its own id.
 
@@ -37,13 +39,13 @@ def add_samples(core: EngineCore, request_id: str, prompt_token_ids: list[int], 
     """
     if pooling is not None:
         core.add_request(request_id, prompt_token_ids, params, priority=priority, arrival_time=arrival_time,
-                         lora_request=lora_request, pooling=pooling)
+                         lora_request=lora_request, pooling=pooling, mm_inputs=mm_inputs)
         return [request_id]
     ids = [child_id(request_id, index, params.n) for index in range(params.n)]
     for index, cid in enumerate(ids):
         try:
             core.add_request(cid, prompt_token_ids, sample_params(params, index), priority=priority,
-                             arrival_time=arrival_time, lora_request=lora_request)
+                             arrival_time=arrival_time, lora_request=lora_request, mm_inputs=mm_inputs)
         except ValueError:
             core.abort_requests(ids[:index])
             raise
@@ -52,11 +54,12 @@ def add_samples(core: EngineCore, request_id: str, prompt_token_ids: list[int], 
 
 def submit(core: EngineCore, processor: OutputProcessor, request_id: str, prompt: Optional[str],
            prompt_token_ids: list[int], params: SamplingParams, priority: int = 0,
-           lora_request: Optional[LoRARequest] = None) -> None:
+           lora_request: Optional[LoRARequest] = None, mm_inputs: Optional[list[ImageInput]] = None) -> None:
     """Track a request in ``processor`` and queue its n samples in ``core``: all or none."""
     processor.add_request(request_id, prompt, prompt_token_ids, params)
     try:
-        add_samples(core, request_id, prompt_token_ids, params, priority, lora_request=lora_request)
+        add_samples(core, request_id, prompt_token_ids, params, priority, lora_request=lora_request,
+                    mm_inputs=mm_inputs)
     except ValueError:
         processor.abort(request_id)
         raise

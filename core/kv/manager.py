@@ -11,9 +11,10 @@ from .block_pool import Block, BlockPool
 from .host_pool import HostBlockPool, KVTransfers
 
 
-def hash_block_tokens(parent_hash: bytes | None, token_ids: Sequence[int], lora_id: int) -> bytes:
+def hash_block_tokens(parent_hash: bytes | None, token_ids: Sequence[int], lora_id: int, extra: bytes = b"") -> bytes:
     """The prefix-cache key of one full block: it depends on every token before it (through
-    ``parent_hash``), its own tokens, and the LoRA adapter that produced its KV.
+    ``parent_hash``), its own tokens, the LoRA adapter that produced its KV, and ``extra``: the
+    hashes of the images whose placeholder tokens it holds (equal placeholders, other images).
 
     SHA-256 rather than Python's ``hash``: integer hashing is predictable, so a tenant could craft
     a prompt whose key collides with another's and read KV computed from someone else's prompt.
@@ -21,6 +22,7 @@ def hash_block_tokens(parent_hash: bytes | None, token_ids: Sequence[int], lora_
     h = hashlib.sha256(parent_hash or b"")
     h.update(lora_id.to_bytes(8, "little", signed=True))
     h.update(array("q", token_ids).tobytes())
+    h.update(extra)
     return h.digest()
 
 
@@ -256,7 +258,9 @@ class KVCacheManager:
         while len(chain) <= index:
             start = len(chain) * size
             parent = chain[-1] if chain else None
-            chain.append(hash_block_tokens(parent, request.all_token_ids[start : start + size], request.lora_id))
+            images = b"".join(bytes.fromhex(image.hash) for image in request.mm_inputs
+                              if image.offset < start + size and image.end > start)
+            chain.append(hash_block_tokens(parent, request.all_token_ids[start : start + size], request.lora_id, images))
         return chain[index]
 
     def _cache_full_blocks(self, request: Request, num_full_blocks: int) -> None:

@@ -9,6 +9,7 @@ from .gemma import gemma, gemma2
 from .llama import llama, qwen2, qwen3
 from .moe import mixtral, qwen2_moe, qwen3_moe
 from .phi3 import phi3
+from .vision import VISION_ARCHITECTURES, vision_arch
 
 ARCHITECTURES: dict[str, Callable[[Any], DecoderSettings]] = {
     "LlamaForCausalLM": llama,
@@ -30,11 +31,20 @@ ARCHITECTURES: dict[str, Callable[[Any], DecoderSettings]] = {
 }
 # Configs built from GGUF metadata may carry only a model_type.
 MODEL_TYPES = {"llama": llama, "mistral": llama, "qwen2": qwen2, "qwen3": qwen3, "gemma": gemma, "gemma2": gemma2, "phi3": phi3,
-               "mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe}
+               "mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe,
+               # Vision-language checkpoints' text_config (models/vision): their decoders.
+               "qwen2_vl_text": qwen2, "qwen2_vl": qwen2, "qwen2_5_vl_text": qwen2, "qwen2_5_vl": qwen2}
 
 
 def decoder_settings(config: Any) -> DecoderSettings:
-    """The settings for a HF config, or a ValueError naming the supported architectures."""
+    """The settings for a HF config, or a ValueError naming the supported architectures. A
+    vision-language checkpoint's are its decoder's (``text_config``)."""
+    arch = vision_arch(config)
+    if arch is not None:
+        text = config.text_config
+        settings = MODEL_TYPES[text.model_type](text) if text.model_type in MODEL_TYPES else decoder_settings(text)
+        settings.mrope_section = arch.mrope_section
+        return settings
     names = list(getattr(config, "architectures", None) or [])
     for name in names:
         if name in ARCHITECTURES:
@@ -42,7 +52,7 @@ def decoder_settings(config: Any) -> DecoderSettings:
     if not names and getattr(config, "model_type", None) in MODEL_TYPES:
         return MODEL_TYPES[config.model_type](config)
     raise ValueError(f"unsupported architecture {', '.join(names) or getattr(config, 'model_type', '?')}; "
-                     f"supported: {', '.join(ARCHITECTURES)}")
+                     f"supported: {', '.join(ARCHITECTURES)}, {', '.join(VISION_ARCHITECTURES)}")
 
 
 __all__ = ["ARCHITECTURES", "DecoderForCausalLM", "DecoderSettings", "decoder_settings"]

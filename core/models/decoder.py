@@ -57,6 +57,8 @@ class DecoderSettings:
     """Per layer: the window, or None for full attention."""
     moe: MoESettings | None = None
     """Mixture-of-experts models: the experts, and which layers have them in place of the MLP."""
+    mrope_section: tuple[int, ...] | None = None
+    """Qwen2-VL: rotary frequencies per position axis (time, height, width); None: plain rotary."""
 
     def is_sparse(self, layer: int) -> bool:
         """Whether ``layer`` has an MoE block in place of the dense MLP."""
@@ -177,7 +179,7 @@ class DecoderForCausalLM(nn.Module):
         self.vocab_rows = [(self.vocab_first, self.vocab_first + share)] if tp.size > 1 else None
         needs_table = pp.is_first or (pp.is_last and s.tie_word_embeddings)
         self.embed_tokens = nn.Parameter(torch.empty(share if needs_table else 0, s.hidden_size), requires_grad=False)
-        rotary = RotaryEmbedding(s.head_dim, config, max_model_len, ops)
+        rotary = RotaryEmbedding(s.head_dim, config, max_model_len, ops, mrope_section=s.mrope_section)
         first = self.stage_layers.start
         self.layers = nn.ModuleList(
             DecoderLayer(i, i - first, s, backends[i - first], rotary, ops, tp, expert_parallel)
@@ -199,6 +201,9 @@ class DecoderForCausalLM(nn.Module):
     def forward(self, batch: ForwardBatch, intermediate: torch.Tensor | None = None) -> torch.Tensor:
         if self.pp.is_first:
             hidden, residual = self.embed(batch.input_ids), None
+            if batch.mm_embeds is not None:
+                index, rows = batch.mm_embeds
+                hidden = hidden.index_copy(0, index, rows.to(hidden.dtype))
             if self.settings.embedding_scale is not None:
                 hidden = hidden * torch.tensor(self.settings.embedding_scale, dtype=hidden.dtype)
         else:

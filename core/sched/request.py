@@ -5,7 +5,11 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
+import numpy as np
+
+from ..multimodal.inputs import ImageInput
 from ..pooling.params import PoolingSpec
 from ..sample.params import SamplingParams
 
@@ -51,6 +55,12 @@ class Request:
     """Consecutive steps whose proposed tokens were all rejected (speculative decoding)."""
     proposal_pause: int = 0
     """Decode steps left before this request gets room for proposals again."""
+    mm_inputs: list[ImageInput] = field(default_factory=list)
+    """The prompt's images, in prompt order, with where their placeholder tokens sit."""
+    rope_positions: Optional[np.ndarray] = None
+    """M-RoPE models (Qwen2-VL) with images: the prompt's [3, P] rotary positions."""
+    rope_delta: int = 0
+    """M-RoPE: rotary position minus index of every token after the prompt."""
 
     MAX_PROPOSAL_PAUSE = 63
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 from ..kv.host_pool import KVTransfers
 from ..kv.manager import KVCacheManager
+from ..multimodal.encoder_cache import EncoderCacheManager
+from ..multimodal.inputs import ImageInput
 from .request import Request, RequestStatus
 
 POLICIES = ("fcfs", "priority")
@@ -94,6 +96,10 @@ class SchedulerOutput:
     """Finished or aborted since the previous schedule()."""
     transfers: KVTransfers = field(default_factory=KVTransfers)
     """Block copies between the device cache and the host tier, made before the forward pass."""
+    encoder_inputs: list[ImageInput] = field(default_factory=list)
+    """Images the runner encodes this step (before the forward pass), keeping the outputs."""
+    encoder_freed: list[str] = field(default_factory=list)
+    """Hashes of encoder outputs the runner drops (before encoding this step's images)."""
 
     @property
     def num_batched_tokens(self) -> int:
@@ -107,6 +113,9 @@ class Scheduler:
     ``(priority, arrival)``, lower first. Preemption picks the running request last in that order.
     ``preemption_mode``: ``"recompute"`` drops the victim's KV; ``"swap"`` moves it to the KV
     manager's host tier (recomputing when the tier has no room).
+    ``encoder_cache``: a vision model's encoder-cache accounts; a step encodes images of at most
+    ``encoder_budget`` placeholder tokens (one larger image alone), a prompt chunk stopping
+    before an image that does not fit, so a burst of images never stalls the decodes.
     """
 
     def __init__(
@@ -118,6 +127,8 @@ class Scheduler:
         max_loras: int | None = None,
         num_speculative_tokens: int = 0,
         preemption_mode: str = "recompute",
+        encoder_cache: EncoderCacheManager | None = None,
+        encoder_budget: int = 0,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -134,6 +145,8 @@ class Scheduler:
         self.num_speculative_tokens = num_speculative_tokens
         """Room for proposed tokens given to each decoding request (speculative decoding)."""
         self.preemption_mode = preemption_mode
+        self.encoder_cache = encoder_cache
+        self.encoder_budget = encoder_budget
         self.num_preemptions = 0
         """Preemptions since start, all requests together."""
         self.num_swaps = 0
@@ -216,6 +229,7 @@ class Scheduler:
         preempted: list[str] = []
         short = False
         adapters: set[int] = set()  # the LoRA ids of this step's requests (0: the base model)
+        encoding: dict[str, ImageInput] = {}  # images this step encodes, by hash
 
         for request in list(self._running):
             if budget == 0 or len(scheduled) == max_seqs:
@@ -228,8 +242,9 @@ class Scheduler:
             if not self._adapter_fits(request, adapters):
                 continue  # waits for a step with a free adapter slot
             num_new = min(num_tokens - request.num_computed_tokens, budget)
+            num_new, images = self._fit_images(request, request.num_computed_tokens, num_new, encoding)
             if num_new == 0:
-                continue  # its last step's token was not sampled: nothing to compute
+                continue  # its last step's token was not sampled, or its next image waits for encoder room
             # A decoding request's proposed tokens: each accepted one and the token after the
             # last must fit its max_tokens and the context (the request's max_total_tokens).
             drafts = 0
@@ -259,6 +274,7 @@ class Scheduler:
                 break
             scheduled[request.request_id] = ScheduledRequest(request, request.num_computed_tokens, num_new, block_ids,
                                                              max_drafts=drafts)
+            self._hold_images(request, images, encoding)
             budget -= num_new + drafts
             adapters.add(request.lora_id)
 
@@ -274,13 +290,15 @@ class Scheduler:
             if self.kv.is_swapped(request):
                 num_hits = request.num_computed_tokens
                 num_new = min(request.num_tokens - num_hits, budget)
-                block_ids = self.kv.swap_in(request, num_new)
+                num_new, images = self._fit_images(request, num_hits, num_new, encoding)
+                block_ids = self.kv.swap_in(request, num_new) if num_new else None
             else:
                 hit_ids, num_hits = self.kv.get_computed_blocks(request)
                 num_new = min(request.num_tokens - num_hits, budget)
                 if request.pooling is not None and num_new < request.num_tokens - num_hits:
                     break  # an embedding is computed in one step: it waits for a step with room for it
-                block_ids = self.kv.allocate_slots(request, num_new, hit_ids, num_hits)
+                num_new, images = self._fit_images(request, num_hits, num_new, encoding)
+                block_ids = self.kv.allocate_slots(request, num_new, hit_ids, num_hits) if num_new else None
             if block_ids is None:
                 break  # no skipping ahead: smaller requests behind it would starve it
             heapq.heappop(self._waiting)
@@ -288,13 +306,52 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self._running.append(request)
             scheduled[request.request_id] = ScheduledRequest(request, num_hits, num_new, block_ids)
+            self._hold_images(request, images, encoding)
             budget -= num_new
             adapters.add(request.lora_id)
         for entry in other_adapters:
             heapq.heappush(self._waiting, entry)
 
         finished, self._finished_ids = self._finished_ids, []
-        return SchedulerOutput(list(scheduled.values()), preempted, finished, self.kv.take_transfers())
+        freed = self.encoder_cache.take_freed() if self.encoder_cache is not None else []
+        return SchedulerOutput(list(scheduled.values()), preempted, finished, self.kv.take_transfers(),
+                               list(encoding.values()), freed)
+
+    def _fit_images(self, request: Request, start: int, num_new: int, encoding: dict[str, ImageInput]
+                    ) -> tuple[int, list[ImageInput]]:
+        """Cut a chunk of ``num_new`` tokens from ``start`` so that every image whose placeholder
+        it covers is cached, encoded this step already, or fits what is left of the step's encoder
+        budget and the cache: the chunk stops before the first image that does not. Returns the
+        chunk's size and the images it covers (for :meth:`_hold_images` once the chunk is
+        scheduled)."""
+        if not request.mm_inputs or self.encoder_cache is None:
+            return num_new, []
+        end, covered = start + num_new, []
+        pending = sum(image.length for image in encoding.values())
+        for image in request.mm_inputs:
+            if image.end <= start or image.offset >= end:
+                continue
+            if self.encoder_cache.holds(image.hash) or image.hash in encoding:
+                covered.append(image)
+                continue
+            # An image larger than the whole budget runs alone, in a step that encodes nothing else.
+            fits = pending + image.length <= self.encoder_budget or pending == 0
+            if fits and self.encoder_cache.can_add(image.length, pending):
+                covered.append(image)
+                pending += image.length
+                continue
+            end = image.offset
+            break
+        return max(0, end - start), covered
+
+    def _hold_images(self, request: Request, images: list[ImageInput], encoding: dict[str, ImageInput]) -> None:
+        """A scheduled chunk's images: referenced if cached, else accounted and queued to encode."""
+        for image in images:
+            if self.encoder_cache.holds(image.hash):
+                self.encoder_cache.reference(image.hash, request.request_id)
+            else:
+                self.encoder_cache.add(image, request.request_id)
+                encoding[image.hash] = image
 
     def _adapter_fits(self, request: Request, adapters: set[int]) -> bool:
         """Whether ``request`` may join a step using ``adapters`` (0 stands for the base model)."""
@@ -360,6 +417,8 @@ class Scheduler:
             tokens = sampled.get(request.request_id) if item.sample else None
             rejected = len(item.draft_token_ids) - (len(tokens) - 1 if tokens else 0)
             request.num_computed_tokens = item.start + item.num_new_tokens - rejected
+            if request.mm_inputs and self.encoder_cache is not None:
+                self.encoder_cache.release_computed(request.request_id, request.mm_inputs, request.num_computed_tokens)
             request.count_proposals(len(item.draft_token_ids), len(item.draft_token_ids) - rejected)
             if item.sample and request.num_pending_tokens:
                 request.num_pending_tokens -= 1
@@ -382,6 +441,7 @@ class Scheduler:
         policy order: under fcfs, the head, ahead of everything that arrived after it.
         """
         self._running.remove(request)
+        self._release_images(request)
         if self.preemption_mode == "swap" and self.kv.swap_out(request):
             self.num_swaps += 1
         else:
@@ -399,8 +459,14 @@ class Scheduler:
             self._waiting = [entry for entry in self._waiting if entry[1] is not request]
             heapq.heapify(self._waiting)
         self.kv.free(request)
+        self._release_images(request)
         request.status = status
         request.num_pending_tokens = 0  # a token still being sampled for it is dropped at update
         del self._requests[request.request_id]
         del self._keys[request.request_id]
         self._finished_ids.append(request.request_id)
+
+    def _release_images(self, request: Request) -> None:
+        """A request leaving the running set no longer pins its images' encoder outputs."""
+        if request.mm_inputs and self.encoder_cache is not None:
+            self.encoder_cache.release_all(request.request_id, request.mm_inputs)

@@ -20,6 +20,9 @@ from ..models import DecoderForCausalLM, decoder_settings
 from ..models.batch import ForwardBatch
 from ..models.layers.linear import Linear, deferred_dense_weights
 from ..models.parallel import PipelineParallel, TensorParallel
+from ..models.vision import text_config, text_weights, vision_arch
+from ..models.vision.encoder import build_encoder, load_encoder
+from ..multimodal.mrope import step_rope_positions
 from ..kv.host_pool import KVTransfers
 from ..platform import Platform, QuantizationMethod, Registry
 from ..platform.reference import host_cache_shape
@@ -32,6 +35,7 @@ from ..sched.scheduler import ScheduledRequest, SchedulerOutput
 from ..spec.rejection import DraftLayout
 from ..structured.bitmask import GrammarBitmask
 from .decode_graphs import DecodeGraphs, capture_sizes
+from .encoder_outputs import EncoderOutputs
 from .input_buffers import InputBuffers, StepInputs, host_to_device, step_inputs
 from .pipeline import StageLink
 
@@ -103,6 +107,7 @@ class ModelRunner:
         """Backends of higher priority that could not run this model (see ``EngineCore.kernel_report``)."""
         self.cache_dtype = specs[0].cache_dtype
         ops = registry.kernels(platform.name)
+        self.vision = vision_arch(hf_config)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
@@ -110,15 +115,25 @@ class ModelRunner:
             # after loading need their dense copy anyway.
             deferred = deferred_dense_weights() if keep_packed and quantization is None else contextlib.nullcontext()
             with torch.device(self.device), deferred:
-                model = DecoderForCausalLM(self.settings, hf_config, max_model_len, ops,
+                model = DecoderForCausalLM(self.settings, text_config(hf_config), max_model_len, ops,
                                            [cls(spec) for cls, spec in zip(backend_classes, specs)], tp, pp,
                                            expert_parallel, lm_head=not pooling)
+            with torch.device(self.device):
+                encoder = build_encoder(hf_config)
         finally:
             torch.set_default_dtype(previous)
+        vision_tensors: dict[str, torch.Tensor] = {}
+        if encoder is not None:
+            weights = text_weights(weights, vision_tensors)
         model.load_weights(weights, lambda fmt: registry.quantization_method(platform.name, fmt), keep_packed)
         deferred_left = [name for name, param in model.named_parameters() if param.is_meta]
         if deferred_left:
             raise ValueError(f"the checkpoint filled no dense weight for {', '.join(deferred_left[:3])}")
+        self.encoder_outputs: EncoderOutputs | None = None
+        """A vision model's image encoder and its outputs by image hash."""
+        if encoder is not None:
+            load_encoder(encoder, vision_tensors)
+            self.encoder_outputs = EncoderOutputs(encoder.eval(), self.device, dtype)
         if quantization is not None:
             model.quantize_weights(quantization)
         self.model = model.eval()
@@ -254,7 +269,13 @@ class ModelRunner:
             return None
         step = self._step_inputs(scheduled)
         graph_size = self.decode_graphs.size_for(len(scheduled)) if self.decode_graphs is not None else None
-        if graph_size is not None and len(step.input_ids) == len(scheduled):
+        # Decodes of requests with images run as any decode (a graph), unless M-RoPE moves their positions.
+        images = self.encoder_outputs is not None and any(
+            s.request.mm_inputs and (s.start < s.request.mm_inputs[-1].end or s.request.rope_positions is not None)
+            for s in scheduled)
+        if self.encoder_outputs is not None:
+            self.encoder_outputs.update(out)
+        if graph_size is not None and len(step.input_ids) == len(scheduled) and not images:
             self._place_adapters(scheduled, step.query_start_loc, graph_size)
             self.buffers.load(step, padded_seqs=graph_size)
             self._copy_pending_tokens(scheduled, step.query_start_loc, previous)
@@ -263,7 +284,10 @@ class ModelRunner:
             self._place_adapters(scheduled, step.query_start_loc, len(step.input_ids))
             input_ids, positions, meta = self.buffers.load(step)
             self._copy_pending_tokens(scheduled, step.query_start_loc, previous)
-            hidden = self.model(ForwardBatch(input_ids, positions, meta, self.kv_caches), self._stage_input(len(input_ids)))
+            batch = ForwardBatch(input_ids, positions, meta, self.kv_caches)
+            if images:
+                self._add_images(scheduled, batch, step)
+            hidden = self.model(batch, self._stage_input(len(input_ids)))
         pending = PendingStep(scheduled, step.query_start_loc, hidden)
         if not self.pp.is_last:
             if self.stage_link is not None:
@@ -331,6 +355,16 @@ class ModelRunner:
         sampling.grammar = mask
         logits = self.model.compute_logits(hidden[host_to_device(rows.tolist(), torch.int64, self.device)])
         return self.sampler.verify(logits, sampling, layout), layout
+
+    def _add_images(self, scheduled: list[ScheduledRequest], batch: ForwardBatch, step: StepInputs) -> None:
+        """Put the encoder's rows in place of the step's placeholder tokens' embeddings and
+        (M-RoPE) give every token its rotary positions."""
+        batch.mm_embeds = self.encoder_outputs.gather(scheduled, step.query_start_loc)
+        if self.vision.mrope_section is not None and any(s.request.rope_positions is not None for s in scheduled):
+            rope = step_rope_positions([(s.start, s.num_new_tokens) for s in scheduled],
+                                       [s.request.rope_positions for s in scheduled],
+                                       [s.request.rope_delta for s in scheduled])
+            batch.rope_positions = torch.from_numpy(rope).to(self.device, non_blocking=True)
 
     def _place_adapters(self, scheduled: list[ScheduledRequest], query_start: np.ndarray, padded_tokens: int) -> None:
         """Put the step's adapters in device slots and write each token's slot."""

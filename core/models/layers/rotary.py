@@ -23,13 +23,30 @@ def rope_settings(config: Any) -> tuple[float, dict | None, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, config: Any, max_positions: int, ops: KernelSet, is_neox: bool = True):
+    """``mrope_section`` (Qwen2-VL's M-RoPE): how many of the rotary frequencies follow the
+    temporal, height and width positions; ``forward`` then also takes positions [3, T]."""
+
+    def __init__(self, head_dim: int, config: Any, max_positions: int, ops: KernelSet, is_neox: bool = True,
+                 mrope_section: tuple[int, ...] | None = None):
         super().__init__()
         theta, scaling, partial = rope_settings(config)
         rotary_dim = int(head_dim * partial)
         positions = max(max_positions, int(getattr(config, "max_position_embeddings", 0) or 0))
         self.register_buffer("cos_sin_cache", build_cos_sin_cache(rotary_dim, theta, positions, scaling), persistent=False)
         self.ops, self.is_neox = ops, is_neox
+        if mrope_section is not None:
+            if sum(mrope_section) != rotary_dim // 2:
+                raise ValueError(f"mrope_section {list(mrope_section)} covers {sum(mrope_section)} frequencies, the "
+                                 f"rotary dimension has {rotary_dim // 2}")
+            axis = torch.repeat_interleave(torch.arange(len(mrope_section)), torch.tensor(mrope_section))
+            # The cache row holds cos then sin of each frequency: both halves pick the same axis.
+            self.register_buffer("mrope_axis", torch.cat([axis, axis]), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.dim() == 2:
+            # Each token's cos/sin row mixes its three positions' rows; the op then reads row t for token t.
+            rows = self.cos_sin_cache[positions]
+            mixed = rows.gather(0, self.mrope_axis.expand(1, positions.shape[1], -1)).squeeze(0)
+            positions = torch.arange(positions.shape[1], device=positions.device)
+            return self.ops.rotary_embedding(positions, q, k, mixed, self.is_neox)
         return self.ops.rotary_embedding(positions, q, k, self.cos_sin_cache, self.is_neox)

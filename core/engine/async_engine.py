@@ -306,7 +306,7 @@ class AsyncEngine:
         self._processor.add_request(request_id, prompt, prompt_token_ids, params)
         link = min(self._links, key=lambda candidate: candidate.load)
         link.send(AddRequest(request_id, link.connection.client, list(prompt_token_ids), params, priority,
-                             time.monotonic(), lora_request, mm_inputs))
+                             time.monotonic(), lora_request, mm_inputs=mm_inputs))
         link.added_since_stats += 1
         self._core_of[request_id] = link
         stream = RequestStream(self, request_id, observer)

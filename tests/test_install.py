@@ -30,8 +30,10 @@ from tiny_models import make_tiny_checkpoint
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("install")]
 REPO = Path(__file__).resolve().parents[1]
 OURS = ("runtime", "runtime_cpu", "runtime-", "__editable__", "runtime_conformance")
-WHEELS = ["runtime", "runtime_conformance", "runtime_cpu", "runtime_cuda"]
+WHEELS = ["runtime", "runtime_conformance", "runtime_cpu", "runtime_cuda", "runtime_triton"]
 PROMPT = "The capital of France"
+# What pip must install for each extra besides runtime and runtime-cpu.
+EXTRA_DISTRIBUTIONS = {"cpu": set(), "cuda": {"runtime-cuda", "runtime-triton"}}
 
 
 def run(*cmd, cwd=None, env=None, timeout=600) -> str:
@@ -81,7 +83,7 @@ def build_wheels(repo: Path, dist: Path) -> None:
 def install(view: Path, tmp: Path, extra: str, *requirements) -> tuple[Path, dict]:
     """``pip install REQUIREMENTS`` into a fresh venv: its python, and what pip installed (name -> report item).
 
-    Asserts it installed this release of runtime, runtime-cpu and the extra's plugin, and nothing else:
+    Asserts it installed this release of runtime, runtime-cpu and the extra's distributions, and nothing else:
     the view satisfied torch, triton and the rest.
     """
     python, purelib = fresh_venv(tmp / "venv", view)
@@ -89,7 +91,7 @@ def install(view: Path, tmp: Path, extra: str, *requirements) -> tuple[Path, dic
     # As documented, with this machine's pip configuration: the public index stays reachable.
     run(sys.executable, "-m", "pip", "--python", python, "install", *requirements, "--report", report, cwd=tmp)
     installed = {item["metadata"]["name"]: item for item in json.loads(report.read_text())["install"]}
-    assert set(installed) == {"runtime", "runtime-cpu", f"runtime-{extra}"}, (requirements, sorted(installed))
+    assert set(installed) == {"runtime", "runtime-cpu", *EXTRA_DISTRIBUTIONS[extra]}, (requirements, sorted(installed))
     for name, item in installed.items():
         assert item["metadata"]["version"] == release.__version__, (requirements, name, item["metadata"]["version"])
 
@@ -166,7 +168,7 @@ def test_every_documented_install_command_gets_this_project(tmp_path):
         "wheel": ["--find-links", wheels, f"{wheels}/runtime-{release.__version__}-py3-none-any.whl[cuda]"],
         # Built by pip from its clones; --no-build-isolation only spares fetching setuptools three times.
         "git": ["--no-build-isolation", f"runtime[cuda] @ {url}", f"runtime-cpu @ {url}#subdirectory=plugins/cpu",
-                f"runtime-cuda @ {url}#subdirectory=plugins/cuda"],
+                f"runtime-cuda @ {url}#subdirectory=plugins/cuda", f"runtime-triton @ {url}#subdirectory=plugins/triton"],
     }
     for form, requirements in commands.items():
         _, installed = install(view, Path(tempfile.mkdtemp(prefix=form, dir=tmp_path)), "cuda", *requirements)

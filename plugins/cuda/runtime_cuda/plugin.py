@@ -1,7 +1,7 @@
 """Entry point of the CUDA plugin (group ``runtime.platforms``, name ``cuda``).
 
 The platform itself imports torch alone and reports itself unavailable on a machine without a
-GPU (or without triton). The attention backend and kernels are Triton code: they are imported and
+GPU (or without triton). The attention backend and kernels are runtime-triton's Triton code: they are imported and
 registered only where the platform is available, so a CPU-only machine with this plugin
 installed never pays for importing triton.
 """
@@ -23,7 +23,7 @@ def runtime_platforms():
 def runtime_attention_backends():
     if not CudaPlatform.is_available():
         return []
-    from .attention import TritonAttentionBackend
+    from runtime_triton.attention import TritonAttentionBackend
 
     return [TritonAttentionBackend]
 
@@ -32,9 +32,9 @@ def runtime_attention_backends():
 def runtime_kernels():
     if not CudaPlatform.is_available():
         return []
-    from .kernels import KERNELS
+    from runtime_triton.registry import kernels
 
-    return KERNELS
+    return kernels("cuda")
 
 
 @hookimpl

@@ -77,7 +77,7 @@ def test_config_checks():
 
 
 def test_attention_declarations():
-    backend = pytest.importorskip("runtime_cuda.attention", reason="needs triton").TritonAttentionBackend
+    backend = pytest.importorskip("runtime_triton.attention", reason="needs triton").TritonAttentionBackend
 
     def spec(**kw):
         fields = dict(num_heads=8, num_kv_heads=2, head_size=128, scale=0.1, dtype=torch.bfloat16, block_size=16)

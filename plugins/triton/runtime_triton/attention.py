@@ -1,7 +1,7 @@
 """The CUDA attention backend: the contract's one call, as two Triton launches (three with split-K).
 
 ``forward`` stores the new K/V at ``slot_mapping``, then runs the unified kernel of
-:mod:`runtime_cuda.triton_attention` over the paged cache. How to launch (rows per program,
+:mod:`runtime_triton.paged_attention` over the paged cache. How to launch (rows per program,
 keys per tile, whether to split the key range) is decided once per step from host-side sizes
 and shared by every layer of the step through ``meta.backend_cache``.
 """
@@ -16,7 +16,7 @@ import triton
 
 from runtime.platform import AttentionBackend, AttentionMetadata, AttentionSpec
 
-from .triton_attention import padded_head_size, split_workspace, store_kv, unified_attention
+from .paged_attention import padded_head_size, split_workspace, store_kv, unified_attention
 
 # Split-K pays once a query block's keys take many tiles; below this context it only adds a launch.
 SPLIT_MIN_SEQ_LEN = 512
@@ -71,7 +71,7 @@ def plan_launch(*, num_seqs: int, max_query_len: int, max_seq_len: int, num_head
 
 
 class TritonAttentionBackend(AttentionBackend):
-    """Paged attention for every phase in one Triton kernel family (see triton_attention.py)."""
+    """Paged attention for every phase in one Triton kernel family (see paged_attention.py)."""
 
     name = "triton_unified"
     platform = "cuda"

@@ -72,6 +72,13 @@ class Platform:
         """Whether this machine has the device and its software stack. Must not raise."""
         raise NotImplementedError
 
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """(Contract 1.11.) None when the platform is available; otherwise why not, naming what is
+        missing and how to get it, in one line: ``runtime plugins`` prints it, and ``--device NAME``
+        fails with it. Must not raise. The default only knows :meth:`is_available`'s answer."""
+        return None if cls.is_available() else "is_available() is False on this machine"
+
     def device(self, index: int = 0) -> torch.device:
         return torch.device(self.device_type, index) if self.device_type != "cpu" else torch.device("cpu")
 

@@ -23,9 +23,9 @@ def runtime_platforms():
 def runtime_attention_backends():
     if not CudaPlatform.is_available():
         return []
-    from runtime_triton.attention import TritonAttentionBackend
+    from .backend import CudaTritonAttentionBackend
 
-    return [TritonAttentionBackend]
+    return [CudaTritonAttentionBackend]
 
 
 @hookimpl
@@ -33,8 +33,9 @@ def runtime_kernels():
     if not CudaPlatform.is_available():
         return []
     from runtime_triton.registry import kernels
+    from runtime_triton.tile_plans.nvidia import PLANS
 
-    return kernels("cuda")
+    return kernels("cuda", PLANS)
 
 
 @hookimpl

@@ -22,7 +22,7 @@ def _swap_blocks():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_the_reference(dtype):
-    from runtime_triton.attention import TritonAttentionBackend
+    from runtime_cuda.backend import CudaTritonAttentionBackend as TritonAttentionBackend
 
     layouts = [(lambda n, b=b: tuple(b.kv_cache_shape(n, 16, 8, 128)), b.kv_cache_block_dim)
                for b in (AttentionBackend, TritonAttentionBackend)]

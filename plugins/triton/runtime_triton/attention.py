@@ -1,26 +1,26 @@
-"""The CUDA attention backend: the contract's one call, as two Triton launches (three with split-K).
+"""The Triton attention backend of NVIDIA and AMD GPUs: the contract's one call, as two Triton
+launches (three with split-K).
 
 ``forward`` stores the new K/V at ``slot_mapping``, then runs the unified kernel of
 :mod:`runtime_triton.paged_attention` over the paged cache. How to launch (rows per program,
 keys per tile, whether to split the key range) is decided once per step from host-side sizes
-and shared by every layer of the step through ``meta.backend_cache``.
+and shared by every layer of the step through ``meta.backend_cache``, by the GPU family's
+:class:`~runtime_triton.tile_plans.TilePlans`. A platform plugin registers a subclass naming its
+platform and plans.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
-import triton
 
 from runtime.platform import AttentionBackend, AttentionMetadata, AttentionSpec
 
-from .paged_attention import padded_head_size, split_workspace, store_kv, unified_attention
-
-# Split-K pays once a query block's keys take many tiles; below this context it only adds a launch.
-SPLIT_MIN_SEQ_LEN = 512
-MAX_SPLITS = 16
+from .paged_attention import split_workspace, store_kv, unified_attention
+from .tile_plans import TilePlans
 
 
 @dataclass(frozen=True)
@@ -39,42 +39,12 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def plan_launch(*, num_seqs: int, max_query_len: int, max_seq_len: int, num_heads: int,
-                num_kv_heads: int, head_size: int, dtype: torch.dtype, multiprocessors: int) -> tuple[int, int, int, int]:
-    """(block_m, tile_n, num_splits, num_warps) for one step; every input is known on the host.
-
-    Rows: enough for the longest query of the step times the GQA group (at least 16, tl.dot's
-    minimum), capped where Q and the accumulator still fit in registers. Keys per tile: 64 for
-    decode rows, 32 where a block holds several query tokens (prefill): on an H100 a prefill of
-    32 x 512 tokens ran 1.22x faster with 32 than with 64 (benchmarks/attention_plans.py), the
-    causal diagonal masking less of each tile, while a decode step was fastest at 64. Splits: only when every
-    sequence fits one query block (decode, short speculative steps) and the grid would leave
-    multiprocessors idle, sized to about two programs per multiprocessor.
-    """
-    group = num_heads // num_kv_heads
-    head_pad = padded_head_size(head_size)
-    wide = head_pad > 128 or dtype == torch.float32
-    cap = max(32 if wide else 64, triton.next_power_of_2(group))
-    block_m = min(max(16, triton.next_power_of_2(group * max_query_len)), cap)
-    tile_n = 32 if wide or max_query_len > 1 else 64
-    num_splits = 1
-    one_block_each = group * max_query_len <= block_m
-    if one_block_each and max_seq_len >= SPLIT_MIN_SEQ_LEN:
-        programs = num_seqs * num_kv_heads
-        wanted = triton.next_power_of_2(max(1, 2 * multiprocessors // programs))
-        # At least a tile per split. Fewer, longer splits leave most multiprocessors idle: at batch 1
-        # and 600 tokens of context, 2 splits per KV head made attention 7% of an 8B model's step.
-        num_splits = max(1, min(MAX_SPLITS, wanted, max_seq_len // tile_n))
-        num_splits = 1 << (num_splits.bit_length() - 1)  # powers of two: few merge-kernel variants to compile
-    num_warps = 8 if block_m >= 128 else 4
-    return block_m, tile_n, num_splits, num_warps
-
-
 class TritonAttentionBackend(AttentionBackend):
-    """Paged attention for every phase in one Triton kernel family (see paged_attention.py)."""
+    """Paged attention for every phase in one Triton kernel family (see paged_attention.py).
+    Subclasses set ``platform`` and ``tile_plans``."""
 
     name = "triton_unified"
-    platform = "cuda"
+    tile_plans: ClassVar[TilePlans]
     priority = 10
     supported_dtypes = (torch.bfloat16, torch.float16, torch.float32)
     # Any size up to 256 works (padded to a power of two); these are the ones real models use,
@@ -84,17 +54,6 @@ class TritonAttentionBackend(AttentionBackend):
     supported_kv_cache_dtypes = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
     supports_sliding_window = True
     supports_logits_soft_cap = True
-
-    @classmethod
-    def unsupported_reason(cls, spec: AttentionSpec) -> str | None:
-        reason = super().unsupported_reason(spec)
-        # Triton has e4m3 conversions only where the hardware does (its fp8e4nv type); e5m2 it emulates.
-        if reason is None and spec.cache_dtype == torch.float8_e4m3fn and torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability()
-            if (major, minor) < (8, 9):
-                return (f"an fp8 (e4m3) KV cache needs compute capability 8.9 or newer, this GPU has {major}.{minor}; "
-                        "use --kv-cache-dtype fp8_e5m2")
-        return reason
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -114,7 +73,7 @@ class TritonAttentionBackend(AttentionBackend):
         key = (self.name, num_heads, self.spec.num_kv_heads, head_size, query.dtype)
         plan = meta.backend_cache.get(key)
         if plan is None:
-            block_m, tile_n, splits, warps = plan_launch(
+            block_m, tile_n, splits, warps = self.tile_plans.attention(
                 num_seqs=meta.seq_lens.shape[0], max_query_len=meta.max_query_len,
                 max_seq_len=meta.max_seq_len, num_heads=num_heads, num_kv_heads=self.spec.num_kv_heads,
                 head_size=head_size, dtype=query.dtype, multiprocessors=_multiprocessors(query.device))

@@ -18,6 +18,8 @@ A platform plugin (runtime-cuda, runtime-rocm) returns ``kernels(its name)`` fro
 
 from __future__ import annotations
 
+import functools
+
 from runtime.platform import Kernel
 
 from .bitmask import apply_token_bitmask
@@ -26,6 +28,7 @@ from .lora import lora_add, lora_expand, lora_shrink
 from .moe import fused_moe
 from .skinny_matmul import linear
 from .swap import swap_blocks
+from .tile_plans import TilePlans
 
 OPS = {
     "rms_norm": rms_norm,
@@ -43,6 +46,7 @@ OPS = {
 }
 
 
-def kernels(platform: str) -> list[Kernel]:
-    """Every op of this package, registered for ``platform``."""
-    return [Kernel(platform, op, fn) for op, fn in OPS.items()]
+def kernels(platform: str, plans: TilePlans) -> list[Kernel]:
+    """Every op of this package, registered for ``platform``, launched with ``plans``' tiles."""
+    tiled = {"linear": functools.update_wrapper(functools.partial(linear, plan=plans.skinny_matmul), linear)}
+    return [Kernel(platform, op, tiled.get(op, fn)) for op, fn in OPS.items()]

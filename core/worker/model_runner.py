@@ -21,6 +21,7 @@ from ..models.layers.linear import Linear
 from ..models.parallel import PipelineParallel, TensorParallel
 from ..kv.host_pool import KVTransfers
 from ..platform import Platform, QuantizationMethod, Registry
+from ..platform.buckets import bucket_for, sequence_buckets
 from ..platform.reference import host_cache_shape
 from ..sample.sampler import Sampler, SamplerOutput, SamplingMetadata
 from ..sample.params import SamplingParams
@@ -29,7 +30,7 @@ from ..sched.scheduler import ScheduledRequest, SchedulerOutput
 from ..spec.rejection import DraftLayout
 from ..structured.bitmask import GrammarBitmask
 from .decode_graphs import DecodeGraphs, capture_sizes
-from .input_buffers import InputBuffers, StepInputs, host_to_device, step_inputs
+from .input_buffers import InputBuffers, StepInputs, asynchronous_copies, host_to_device, step_inputs
 from .pipeline import StageLink
 
 TokenLogprobs = tuple[list[int], list[float], int]
@@ -77,6 +78,7 @@ class ModelRunner:
                  lora: LoRAConfig | None = None, expert_parallel: bool = False):
         self.platform, self.dtype, self.block_size = platform, dtype, block_size
         self.device = platform.device(device_index)
+        self.asynchronous = asynchronous_copies(self.device)
         self.settings = decoder_settings(hf_config)
         specs = self.settings.attention_specs(dtype, block_size, kv_cache_dtype, tp, pp)
         self.pp = pp
@@ -118,6 +120,8 @@ class ModelRunner:
         """The host tier's copy of each layer's cache (KV offload, preemption by swap); block first."""
         self.num_host_blocks = 0
         self.buffers: InputBuffers | None = None
+        self.static_buckets: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        """(token buckets, sequence buckets) of a static-shape platform; see :meth:`prepare_inputs`."""
         self.decode_graphs: DecodeGraphs | None = None
         self.draft: ModelRunner | None = None
         """The draft model's runner, on rank 0 of an engine proposing with a draft model."""
@@ -140,9 +144,9 @@ class ModelRunner:
 
     def allocate_host_cache(self, num_blocks: int) -> None:
         """The host tier's tensors: ``num_blocks`` blocks of every layer, in pinned memory where
-        the device is not the CPU (asynchronous copies need it). On the CPU they are a second
+        copies to the device are asynchronous (they need it; ``asynchronous_copies``). On the CPU they are a second
         tensor in the same memory, which is what lets the CPU platform exercise the host tier."""
-        pinned = self.device.type != "cpu"
+        pinned = self.asynchronous
         self.host_caches = [torch.empty(host_cache_shape(tuple(cache.shape), cls.kv_cache_block_dim, num_blocks),
                                         dtype=cache.dtype, pin_memory=pinned)
                             for cache, cls in zip(self.kv_caches, self.backend_classes)]
@@ -167,8 +171,13 @@ class ModelRunner:
             self.generators.pop(rid, None)
             self.prompt_logprobs_next.pop(rid, None)
 
-    def prepare_inputs(self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> None:
-        """Allocate the persistent input tensors every step copies into (see input_buffers.py)."""
+    def prepare_inputs(self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
+                       static_shape_buckets: tuple[int, ...] | None = None) -> None:
+        """Allocate the persistent input tensors every step copies into (see input_buffers.py).
+        With ``static_shape_buckets`` every step is padded to one of those token counts and one of
+        :func:`~runtime.platform.buckets.sequence_buckets`' sequence counts (static-shape platforms)."""
+        self.static_buckets = None if static_shape_buckets is None else (
+            static_shape_buckets, sequence_buckets(max_num_seqs))
         max_blocks = math.ceil(max_model_len / self.block_size)
         graph_rows = capture_sizes(max_num_seqs)[-1] if self.platform.supports_graphs else 0
         self.buffers = InputBuffers(max(max_num_batched_tokens, graph_rows), max(max_num_seqs, graph_rows),
@@ -241,8 +250,9 @@ class ModelRunner:
             self._copy_pending_tokens(scheduled, step.query_start_loc, previous)
             hidden = self.decode_graphs.run(graph_size)
         else:
-            self._place_adapters(scheduled, step.query_start_loc, len(step.input_ids))
-            input_ids, positions, meta = self.buffers.load(step)
+            static = self._static_shape(step)
+            self._place_adapters(scheduled, step.query_start_loc, static[0] if static else len(step.input_ids))
+            input_ids, positions, meta = self.buffers.load(step, static_shape=static)
             self._copy_pending_tokens(scheduled, step.query_start_loc, previous)
             hidden = self.model(ForwardBatch(input_ids, positions, meta, self.kv_caches), self._stage_input(len(input_ids)))
         pending = PendingStep(scheduled, step.query_start_loc, hidden)
@@ -281,9 +291,9 @@ class ModelRunner:
                 # Copied to pinned memory now, in stream order: reading the device tensors later
                 # would also wait for whatever was queued after them (a look-ahead step).
                 pending.host_sampled = SamplerOutput(*(
-                    None if t is None else t.to("cpu", non_blocking=True)
+                    None if t is None else t.to("cpu", non_blocking=self.asynchronous)
                     for t in (getattr(pending.sampled, f.name) for f in fields(SamplerOutput))))
-        if self.device.type != "cpu":
+        if self.asynchronous:
             pending.ready = torch.Event(device=self.device)
             pending.ready.record()
 
@@ -369,12 +379,20 @@ class ModelRunner:
         return result
 
     def _loaded_event(self) -> torch.Event | None:
-        """Marks the last load's copies as queued (None on the CPU, where loads are done at once)."""
-        if self.device.type == "cpu":
+        """Marks the last load's copies as queued (None where loads are done at once: the CPU, and
+        devices whose copies are synchronous, see ``asynchronous_copies``)."""
+        if not self.asynchronous:
             return None
         event = torch.Event(device=self.device)
         event.record()
         return event
+
+    def _static_shape(self, step: StepInputs) -> tuple[int, int] | None:
+        """The (tokens, sequences) bucket a static-shape platform pads ``step`` to, else None."""
+        if self.static_buckets is None:
+            return None
+        token_buckets, seq_buckets = self.static_buckets
+        return bucket_for(len(step.input_ids), token_buckets), bucket_for(len(step.seq_lens), seq_buckets)
 
     def _step_inputs(self, scheduled: list[ScheduledRequest]) -> StepInputs:
         # A pending token is not in all_token_ids yet: 0 here, written on the device at launch.

@@ -69,6 +69,8 @@ class RunnerPlan:
     """Split a mixture-of-experts model's experts across the tensor-parallel ranks, whole."""
     kv_offloading_bytes: int = 0
     """Host memory for the KV cache's host tier, all ranks together; 0: none."""
+    static_shape_buckets: Optional[tuple[int, ...]] = None
+    """The platform's token buckets (``PlatformConfig.static_shape_buckets``): every step padded to one."""
 
     @property
     def world_size(self) -> int:
@@ -191,7 +193,7 @@ def build_runner(plan: RunnerPlan, registry: Registry, platform: Platform, sourc
                          quantization_method(registry, platform, plan.quantization, source.quantization),
                          keep_packed=plan.quantization == source.quantization, tp=place.tp, device_index=device_index,
                          pp=place.pp, lora=plan.lora, expert_parallel=plan.expert_parallel)
-    runner.prepare_inputs(plan.max_num_batched_tokens, plan.max_num_seqs, plan.max_model_len)
+    runner.prepare_inputs(plan.max_num_batched_tokens, plan.max_num_seqs, plan.max_model_len, plan.static_shape_buckets)
     activation_bytes = runner.profile_activation_memory(plan.max_num_batched_tokens, plan.max_num_seqs)
     draft = None
     if plan.speculative is not None and plan.speculative.method == "draft_model" and place.rank == 0:

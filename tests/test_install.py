@@ -30,10 +30,16 @@ from tiny_models import make_tiny_checkpoint
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("install")]
 REPO = Path(__file__).resolve().parents[1]
 OURS = ("runtime", "runtime_cpu", "runtime-", "__editable__", "runtime_conformance")
-WHEELS = ["runtime", "runtime_conformance", "runtime_cpu", "runtime_cuda", "runtime_triton"]
+WHEELS = ["runtime", "runtime_conformance", "runtime_cpu", "runtime_cuda", "runtime_gaudi", "runtime_metal", "runtime_rocm",
+          "runtime_tpu", "runtime_triton"]
 PROMPT = "The capital of France"
+# What `runtime plugins` says of each platform without its hardware (the start of the reason).
+UNAVAILABLE_HERE = {"rocm": "torch is not a ROCm build", "tpu": "torch_xla is not installed",
+                    "gaudi": "habana_frameworks.torch is not installed", "metal": "Metal needs macOS"}
 # What pip must install for each extra besides runtime and runtime-cpu.
-EXTRA_DISTRIBUTIONS = {"cpu": set(), "cuda": {"runtime-cuda", "runtime-triton"}}
+EXTRA_DISTRIBUTIONS = {"cpu": set(), "cuda": {"runtime-cuda", "runtime-triton"},
+                       # Their hardware SDKs (a ROCm torch, torch-xla, habana_frameworks, MPS) are the user's to install.
+                       "rocm,tpu,gaudi,metal": {"runtime-rocm", "runtime-triton", "runtime-tpu", "runtime-gaudi", "runtime-metal"}}
 
 
 def run(*cmd, cwd=None, env=None, timeout=600) -> str:
@@ -129,6 +135,15 @@ def test_install_from_wheels_with_the_public_index_reachable(tmp_path):
         text = run(runtime, "generate", "--model", checkpoint, "--device", "cpu", "--max-tokens", "8", "--ignore-eos",
                    "--kv-cache-memory", "16MiB", "--max-model-len", "128", "--dtype", "float32", PROMPT, **outside(tmp))
         assert text.rstrip("\n") == expected, extra
+
+    # The other platforms' extras, into one venv: each plugin installs without its hardware SDK and
+    # says, in `runtime plugins`, what is missing.
+    extras = "rocm,tpu,gaudi,metal"
+    tmp = Path(tempfile.mkdtemp(prefix="others", dir=tmp_path))
+    python, installed = install(view, tmp, extras, "--find-links", wheels, f"runtime[{extras}]")
+    listing = run(python.parent / "runtime", "plugins", **outside(tmp))
+    for name, reason in UNAVAILABLE_HERE.items():
+        assert f"platform {name}: unavailable: {reason}" in listing, listing
 
 
 def snapshot(tmp: Path) -> Path:

@@ -23,7 +23,7 @@ for stage in "${stages[@]}"; do
       $PY -m pip install -q "transformers>=4.46" "tokenizers>=0.21" "pluggy>=1.5" "importlib-metadata>=6" \
         "packaging>=23" "pydantic>=2.6" "safetensors>=0.4" "gguf>=0.10" "jinja2>=3.1" "tqdm>=4.66" "litestar>=2.12" \
         "uvicorn>=0.30" "prometheus-client>=0.20" "httpx>=0.27" "pyzmq>=25" "msgspec>=0.18" "pytest>=8,<9" \
-        && $PY -m pip install -q --no-deps "xgrammar>=0.2.9" \
+        "apache-tvm-ffi>=0.1.11" && $PY -m pip install -q --no-deps "xgrammar>=0.2.9" \
         && $PY -m pip install -q --no-deps -e . -e ./plugins/cpu -e ./plugins/tpu -e ./conformance || exit 1 ;;
     conformance)
       $PY -m pytest -p no:cacheprovider -q --pyargs runtime_conformance --runtime-platform tpu \

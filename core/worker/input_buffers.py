@@ -102,7 +102,9 @@ class _Staged:
         """Copy the first ``end`` elements: one transfer, queued behind earlier device work."""
         host = self._hosts[self._turn][0]
         if host is not self.device:
-            self.device[:end].copy_(host[:end], non_blocking=self.asynchronous)
+            # A whole-buffer copy takes no view: XLA cannot version a view made under inference mode.
+            target, source = (self.device, host) if end == self.size else (self.device[:end], host[:end])
+            target.copy_(source, non_blocking=self.asynchronous)
 
 
 class InputBuffers:
@@ -149,14 +151,7 @@ class InputBuffers:
         rows = padded_seqs or seqs
         width = step.block_table.shape[1]
         padded_tokens = tokens + rows - seqs
-        t, n = self.max_tokens, self.max_seqs
-        token_host, seq_host = self.tokens.next_host_array(), self.seqs.next_host_array()
-        slots, ids, positions = token_host[:t], token_host[t:2 * t], token_host[2 * t:]
-        query_start, seq_lens = seq_host[:n + 1], seq_host[n + 1:2 * n + 1]
-        table = seq_host[self._table_start:].reshape(n, self.width)
-        ids[:tokens], positions[:tokens], slots[:tokens] = step.input_ids, step.positions, step.slot_mapping
-        query_start[:seqs + 1], seq_lens[:seqs] = step.query_start_loc, step.seq_lens
-        table[:seqs, :width] = step.block_table
+        slots, ids, positions, query_start, seq_lens, table = self._write_step(step)
         if rows > seqs:
             ids[tokens:padded_tokens], positions[tokens:padded_tokens], slots[tokens:padded_tokens] = 0, 0, -1
             query_start[seqs + 1:rows + 1] = np.arange(tokens + 1, padded_tokens + 1)
@@ -172,20 +167,27 @@ class InputBuffers:
             query_start_loc_cpu=query_start[:rows + 1].tolist(), seq_lens_cpu=seq_lens[:rows].tolist())
         return self.input_ids[:padded_tokens], self.positions[:padded_tokens], meta
 
-    def _load_static(self, step: StepInputs, padded_tokens: int,
-                     rows: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def _write_step(self, step: StepInputs) -> tuple[np.ndarray, ...]:
+        """Write the step's own rows into the next host staging; returns its views (slots, ids,
+        positions, query starts, sequence lengths, block table) for the caller's padding."""
         tokens, seqs = len(step.input_ids), len(step.seq_lens)
-        width = step.block_table.shape[1]
         t, n = self.max_tokens, self.max_seqs
         token_host, seq_host = self.tokens.next_host_array(), self.seqs.next_host_array()
         slots, ids, positions = token_host[:t], token_host[t:2 * t], token_host[2 * t:]
         query_start, seq_lens = seq_host[:n + 1], seq_host[n + 1:2 * n + 1]
         table = seq_host[self._table_start:].reshape(n, self.width)
         ids[:tokens], positions[:tokens], slots[:tokens] = step.input_ids, step.positions, step.slot_mapping
-        ids[tokens:padded_tokens], positions[tokens:padded_tokens], slots[tokens:padded_tokens] = 0, 0, -1
         query_start[:seqs + 1], seq_lens[:seqs] = step.query_start_loc, step.seq_lens
+        table[:seqs, :step.block_table.shape[1]] = step.block_table
+        return slots, ids, positions, query_start, seq_lens, table
+
+    def _load_static(self, step: StepInputs, padded_tokens: int,
+                     rows: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        tokens, seqs = len(step.input_ids), len(step.seq_lens)
+        slots, ids, positions, query_start, seq_lens, table = self._write_step(step)
+        ids[tokens:padded_tokens], positions[tokens:padded_tokens], slots[tokens:padded_tokens] = 0, 0, -1
         query_start[seqs + 1:rows + 1], seq_lens[seqs:rows] = tokens, 1
-        table[:seqs, :width], table[:seqs, width:], table[seqs:rows] = step.block_table, 0, 0
+        table[:seqs, step.block_table.shape[1]:], table[seqs:rows] = 0, 0
         self.tokens.upload(self.tokens.size)
         self.seqs.upload(self.seqs.size)
         meta = AttentionMetadata(

@@ -5,6 +5,7 @@ Owns the device state: the model, the KV-cache tensors, and per-request sampler 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field, fields
@@ -32,6 +33,16 @@ from ..structured.bitmask import GrammarBitmask
 from .decode_graphs import DecodeGraphs, capture_sizes
 from .input_buffers import InputBuffers, StepInputs, asynchronous_copies, host_to_device, step_inputs
 from .pipeline import StageLink
+
+def _without_autograd(method):
+    """Run a runner method under ``torch.inference_mode``, or ``torch.no_grad`` where the platform
+    says inference mode does not work for it (``Platform.inference_mode``)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with torch.inference_mode() if self.platform.inference_mode else torch.no_grad():
+            return method(self, *args, **kwargs)
+    return wrapper
+
 
 TokenLogprobs = tuple[list[int], list[float], int]
 """(token ids, logprobs, rank of the first id): first the sampled/actual token, then the top-k."""
@@ -214,7 +225,7 @@ class ModelRunner:
         self.kv_caches = []
         return peak
 
-    @torch.inference_mode()
+    @_without_autograd
     def capture_decode_graphs(self, max_num_seqs: int) -> None:
         """Capture decode steps for batch sizes up to ``max_num_seqs`` (after the KV cache exists)."""
         self.decode_graphs = DecodeGraphs(self.platform, self.model, self.buffers, self.kv_caches,
@@ -225,7 +236,7 @@ class ModelRunner:
         """Run one step and read its results back."""
         return self.collect(self.launch(out))
 
-    @torch.inference_mode()
+    @_without_autograd
     def launch(self, out: SchedulerOutput, previous: PendingStep | None = None,
                grammar: GrammarBitmask | None = None, sample: bool = True) -> PendingStep | None:
         """Queue a step's forward pass and sampling on the device; nothing waits for it.
@@ -264,7 +275,7 @@ class ModelRunner:
             self.sample(pending, grammar)
         return pending
 
-    @torch.inference_mode()
+    @_without_autograd
     def sample(self, pending: PendingStep, grammar: GrammarBitmask | None = None) -> None:
         """Queue the sampling of a launched step (once), its rows masked by ``grammar``."""
         scheduled, query_start_loc, hidden = pending.scheduled, pending.query_start_loc, pending.hidden
@@ -345,7 +356,7 @@ class ModelRunner:
             index = host_to_device(positions.tolist(), torch.int64, self.device)
             self.buffers.input_ids.index_copy_(0, index, tokens[host_to_device(sources, torch.int64, self.device)])
 
-    @torch.inference_mode()
+    @_without_autograd
     def collect(self, pending: PendingStep | None) -> RunnerOutput:
         """Wait for a launched step and read its tokens (and logprobs) back."""
         result = RunnerOutput()
@@ -406,7 +417,7 @@ class ModelRunner:
         return step_inputs(input_ids, [s.start for s in scheduled], counts, [s.block_ids for s in scheduled],
                            self.block_size)
 
-    @torch.inference_mode()
+    @_without_autograd
     def greedy_chain(self, first: StepInputs, last_rows: list[int], widths: list[int]) -> list[list[int]]:
         """Greedy continuations without sampling or a read-back between passes (a draft model
         proposing): ``first`` is computed and the argmax after each of its ``last_rows`` (token

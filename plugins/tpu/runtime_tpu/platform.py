@@ -35,6 +35,7 @@ class TpuPlatform(Platform):
     dist_backend = "xla"
     supported_dtypes = (torch.bfloat16, torch.float32)
     static_shapes = True
+    inference_mode = False  # torch-xla cannot take views of ordinary tensors under it: no_grad instead
     # v5e: PCIe 4.0 to the host; 197 bf16 TFLOP/s per chip, about 40 % of it in a forward pass.
     host_copy_bytes_per_s = 2.0e10
     flops_per_s = 8.0e13

@@ -45,7 +45,7 @@ for stage in "$@"; do
   mkdir -p $R/$stage
   case $stage in
     boot)
-      pipt /tmp/boot .whl/boot/*.whl && pipt /tmp/rt . ./plugins/cpu ./plugins/cuda ./conformance && { [ ! -d .old ] || pipt /tmp/rt-old ./.old ./.old/plugins/cpu ./.old/plugins/cuda; } || exit 1
+      pipt /tmp/boot .whl/boot/*.whl && pipt /tmp/rt . ./plugins/cpu ./plugins/triton ./plugins/cuda ./conformance && { [ ! -d .old ] || pipt /tmp/rt-old ./.old ./.old/plugins/cpu $([ ! -d .old/plugins/triton ] || echo ./.old/plugins/triton) ./.old/plugins/cuda; } || exit 1
       setsid nohup python3 -c "import sys; sys.path.insert(0, 'plugins/cuda/benchmarks'); from decode_llama8b import write_checkpoint; from pathlib import Path; write_checkpoint(Path('$M')); print('checkpoint written')" > /tmp/model.log 2>&1 < /dev/null &
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv ;;
     part) cp .whl/*/part* /tmp/parts/ && ls -la /tmp/parts ;;

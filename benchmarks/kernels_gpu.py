@@ -28,7 +28,7 @@ LLAMA8B_LINEARS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 40
 
 def wna16_cases(bandwidth: float) -> list[dict]:
     from runtime.platform.packed import GroupQuantData
-    from runtime_cuda import wna16
+    from runtime_triton import wna16
 
     out = []
     for name, (n, k) in LLAMA8B_LINEARS.items():
@@ -53,7 +53,7 @@ def wna16_cases(bandwidth: float) -> list[dict]:
 
 
 def bitmask_cases(bandwidth: float) -> list[dict]:
-    from runtime_cuda.bitmask import apply_token_bitmask
+    from runtime_triton.bitmask import apply_token_bitmask
 
     vocab, out = 128256, []
     for rows in (1, 64, 256):

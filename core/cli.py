@@ -157,11 +157,11 @@ def _plugins(ns: argparse.Namespace) -> int:
         detail = ", ".join(status.provides) if status.loaded else status.reason
         print(f"{status.name:10} {status.distribution} {status.version:10} {state:8} {detail}")
     for name, cls in sorted(registry.platforms.items()):
-        available = cls.is_available()
+        reason = cls.unavailable_reason()
         backends = ", ".join(b.name for b in registry.attention_backends(name)) or "none"
-        print(f"platform {name}: {'available' if available else 'not available'}; priority {cls.priority}; "
-              f"attention: {backends}")
-        if available:
+        print(f"platform {name}: {'available' if reason is None else 'unavailable: ' + reason}; "
+              f"priority {cls.priority}; attention: {backends}")
+        if reason is None:
             ops = registry.kernels(name).sources
             print("  kernels: " + ", ".join(f"{op}={src}" for op, src in ops.items()))
             methods = sorted({m.name for m in registry.quantization_methods(name)})

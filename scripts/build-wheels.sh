@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds a wheel of every distribution of this repository (runtime, runtime-cpu, runtime-cuda,
-# runtime-conformance) into dist/, replacing the ones built before. Idempotent.
+# Builds a wheel of every distribution of this repository (runtime, every platform plugin,
+# runtime-triton, runtime-conformance) into dist/, replacing the ones built before. Idempotent.
 #   bash scripts/build-wheels.sh [pip wheel options]   e.g. --no-build-isolation (use this Python's setuptools)
 # Then, in any environment (docs/install.md): pip install --find-links dist "runtime[cuda]"
 # WHEEL_DIR=DIR writes elsewhere; PYTHON picks the interpreter (default: .venv's, else python3).
@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 OUT=${WHEEL_DIR:-dist}
 # ./ so pip reads each as a directory, never as a name to look up on an index.
-PROJECTS=(. ./plugins/cpu ./plugins/cuda ./conformance)
+PROJECTS=(. ./plugins/cpu ./plugins/triton ./plugins/cuda ./plugins/rocm ./plugins/tpu ./plugins/gaudi ./plugins/metal
+          ./conformance)
 mkdir -p "$OUT"
 # Old wheels would stay candidates for --find-links; setuptools' build/ keeps files deleted from the sources.
 rm -f "$OUT"/runtime-*.whl "$OUT"/runtime_*.whl

@@ -30,8 +30,16 @@ from tiny_models import make_tiny_checkpoint
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("install")]
 REPO = Path(__file__).resolve().parents[1]
 OURS = ("runtime", "runtime_cpu", "runtime-", "__editable__", "runtime_conformance")
-WHEELS = ["runtime", "runtime_conformance", "runtime_cpu", "runtime_cuda"]
+WHEELS = ["runtime", "runtime_conformance", "runtime_cpu", "runtime_cuda", "runtime_gaudi", "runtime_metal", "runtime_rocm",
+          "runtime_tpu", "runtime_triton"]
 PROMPT = "The capital of France"
+# What `runtime plugins` says of each platform without its hardware (the start of the reason).
+UNAVAILABLE_HERE = {"rocm": "torch is not a ROCm build", "tpu": "torch_xla is not installed",
+                    "gaudi": "habana_frameworks.torch is not installed", "metal": "Metal needs macOS"}
+# What pip must install for each extra besides runtime and runtime-cpu.
+EXTRA_DISTRIBUTIONS = {"cpu": set(), "cuda": {"runtime-cuda", "runtime-triton"},
+                       # Their hardware SDKs (a ROCm torch, torch-xla, habana_frameworks, MPS) are the user's to install.
+                       "rocm,tpu,gaudi,metal": {"runtime-rocm", "runtime-triton", "runtime-tpu", "runtime-gaudi", "runtime-metal"}}
 
 
 def run(*cmd, cwd=None, env=None, timeout=600) -> str:
@@ -81,7 +89,7 @@ def build_wheels(repo: Path, dist: Path) -> None:
 def install(view: Path, tmp: Path, extra: str, *requirements) -> tuple[Path, dict]:
     """``pip install REQUIREMENTS`` into a fresh venv: its python, and what pip installed (name -> report item).
 
-    Asserts it installed this release of runtime, runtime-cpu and the extra's plugin, and nothing else:
+    Asserts it installed this release of runtime, runtime-cpu and the extra's distributions, and nothing else:
     the view satisfied torch, triton and the rest.
     """
     python, purelib = fresh_venv(tmp / "venv", view)
@@ -89,7 +97,7 @@ def install(view: Path, tmp: Path, extra: str, *requirements) -> tuple[Path, dic
     # As documented, with this machine's pip configuration: the public index stays reachable.
     run(sys.executable, "-m", "pip", "--python", python, "install", *requirements, "--report", report, cwd=tmp)
     installed = {item["metadata"]["name"]: item for item in json.loads(report.read_text())["install"]}
-    assert set(installed) == {"runtime", "runtime-cpu", f"runtime-{extra}"}, (requirements, sorted(installed))
+    assert set(installed) == {"runtime", "runtime-cpu", *EXTRA_DISTRIBUTIONS[extra]}, (requirements, sorted(installed))
     for name, item in installed.items():
         assert item["metadata"]["version"] == release.__version__, (requirements, name, item["metadata"]["version"])
 
@@ -127,6 +135,15 @@ def test_install_from_wheels_with_the_public_index_reachable(tmp_path):
         text = run(runtime, "generate", "--model", checkpoint, "--device", "cpu", "--max-tokens", "8", "--ignore-eos",
                    "--kv-cache-memory", "16MiB", "--max-model-len", "128", "--dtype", "float32", PROMPT, **outside(tmp))
         assert text.rstrip("\n") == expected, extra
+
+    # The other platforms' extras, into one venv: each plugin installs without its hardware SDK and
+    # says, in `runtime plugins`, what is missing.
+    extras = "rocm,tpu,gaudi,metal"
+    tmp = Path(tempfile.mkdtemp(prefix="others", dir=tmp_path))
+    python, installed = install(view, tmp, extras, "--find-links", wheels, f"runtime[{extras}]")
+    listing = run(python.parent / "runtime", "plugins", **outside(tmp))
+    for name, reason in UNAVAILABLE_HERE.items():
+        assert f"platform {name}: unavailable: {reason}" in listing, listing
 
 
 def snapshot(tmp: Path) -> Path:
@@ -166,7 +183,7 @@ def test_every_documented_install_command_gets_this_project(tmp_path):
         "wheel": ["--find-links", wheels, f"{wheels}/runtime-{release.__version__}-py3-none-any.whl[cuda]"],
         # Built by pip from its clones; --no-build-isolation only spares fetching setuptools three times.
         "git": ["--no-build-isolation", f"runtime[cuda] @ {url}", f"runtime-cpu @ {url}#subdirectory=plugins/cpu",
-                f"runtime-cuda @ {url}#subdirectory=plugins/cuda"],
+                f"runtime-cuda @ {url}#subdirectory=plugins/cuda", f"runtime-triton @ {url}#subdirectory=plugins/triton"],
     }
     for form, requirements in commands.items():
         _, installed = install(view, Path(tempfile.mkdtemp(prefix=form, dir=tmp_path)), "cuda", *requirements)

@@ -96,7 +96,10 @@ def test_selection_prefers_priority_and_honours_device(plugin_path):
         registry = Registry()
     assert registry.select_platform().name == "fake"
     assert registry.select_platform("cpu").name == "cpu"
-    with pytest.raises(ValueError, match="unknown --device 'tpu'.*installed platforms are cpu, (cuda, )?fake"):
+    with pytest.raises(ValueError, match="unknown --device 'abacus': installed platforms are cpu, .*fake"):
+        registry.select_platform("abacus")
+    with pytest.raises(ValueError, match="platform 'tpu' is installed but not available on this machine "
+                                         r"\(torch_xla is not installed.*\); choose another --device"):
         registry.select_platform("tpu")
 
 

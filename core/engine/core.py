@@ -127,7 +127,8 @@ class EngineCore:
             data_parallel_size=args.data_parallel_size,
             first_device=args.data_parallel_rank * args.tensor_parallel_size * args.pipeline_parallel_size,
             lora=args.lora, speculative=args.speculative, expert_parallel=args.enable_expert_parallel,
-            kv_offloading_bytes=host_tier_bytes, pooling=self.pooler_config is not None)
+            kv_offloading_bytes=host_tier_bytes, pooling=self.pooler_config is not None,
+            static_shape_buckets=pconfig.static_shape_buckets)
         quantization_method(registry, self.platform, self.quantization, self.source.quantization)  # fail before any rank starts
         self.executor = make_executor(self.plan, registry, self.platform, self.source,
                                       args.distributed_executor_backend, args.distributed_timeout)

@@ -34,6 +34,9 @@ class PlatformConfig:
     enforce_eager: bool = False
     kv_cache_dtype: str = "auto"
     static_shape_buckets: tuple[int, ...] | None = None
+    """Token counts, ascending, the last ``max_num_batched_tokens`` (``runtime.platform.buckets``):
+    when set, the runner pads every step to the smallest that holds it, its sequences to a power
+    of two up to ``max_num_seqs``, and its block table to full width (padding tokens have slot -1)."""
 
 
 class Platform:
@@ -62,6 +65,9 @@ class Platform:
     (a PCIe 4.0 x16 link): ``--preemption-mode auto`` weighs it against :attr:`flops_per_s`."""
     flops_per_s: ClassVar[float] = 1.0e14
     """(Contract 1.9.) Rough dense-matmul throughput the model's forward pass reaches, per device."""
+    inference_mode: ClassVar[bool] = True
+    """(Contract 1.11.) Whether the runner runs steps under ``torch.inference_mode`` (else
+    ``torch.no_grad``): torch-xla's lazy tensors cannot take a view of an ordinary tensor under it."""
     supports_graphs: ClassVar[bool] = False
     """True where the device can record a step's launches once and replay them (CUDA graphs):
     the runner then captures decode steps at start-up, unless ``--enforce-eager``, and
@@ -71,6 +77,13 @@ class Platform:
     def is_available(cls) -> bool:
         """Whether this machine has the device and its software stack. Must not raise."""
         raise NotImplementedError
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """(Contract 1.11.) None when the platform is available; otherwise why not, naming what is
+        missing and how to get it, in one line: ``runtime plugins`` prints it, and ``--device NAME``
+        fails with it. Must not raise. The default only knows :meth:`is_available`'s answer."""
+        return None if cls.is_available() else "is_available() is False on this machine"
 
     def device(self, index: int = 0) -> torch.device:
         return torch.device(self.device_type, index) if self.device_type != "cpu" else torch.device("cpu")

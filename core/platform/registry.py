@@ -175,8 +175,10 @@ class Registry:
                 known = ", ".join(sorted(platforms)) or "none"
                 raise ValueError(f"unknown --device {name!r}: installed platforms are {known} (see `runtime plugins`)")
             cls = platforms[name]
-            if not cls.is_available():
-                raise ValueError(f"platform {name!r} is installed but not available on this machine; choose another --device")
+            reason = cls.unavailable_reason()
+            if reason is not None:
+                raise ValueError(f"platform {name!r} is installed but not available on this machine ({reason}); "
+                                 "choose another --device")
             return cls()
         available = [p for p in platforms.values() if p.is_available()]
         if not available:

@@ -8,12 +8,25 @@ decode graph reads the very tensors each step writes.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..platform import AttentionMetadata
+
+
+@functools.cache
+def asynchronous_copies(device: torch.device) -> bool:
+    """Whether host-device copies to ``device`` run asynchronously from pinned memory and are
+    ordered by events: where ``device`` is torch's current accelerator (CUDA, ROCm). Devices torch
+    does not pin for (XLA, whose copies are part of the traced step) copy from plain host memory."""
+    if device.type == "cpu":
+        return False
+    accelerator = getattr(torch, "accelerator", None)
+    current = accelerator.current_accelerator() if accelerator is not None and accelerator.is_available() else None
+    return current is not None and current.type == device.type
 
 
 def host_to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -24,6 +37,8 @@ def host_to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Te
     """
     if device.type == "cpu":
         return torch.tensor(values, dtype=dtype)
+    if not asynchronous_copies(device):
+        return torch.tensor(values, dtype=dtype).to(device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
@@ -69,9 +84,12 @@ class _Staged:
     """
 
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device):
+        self.size = size
         on_host = device.type == "cpu"
         self.device = torch.zeros(size, dtype=dtype, device=device)
-        hosts = [self.device] if on_host else [torch.zeros(size, dtype=dtype, pin_memory=True) for _ in range(2)]
+        self.asynchronous = asynchronous_copies(device)
+        hosts = [self.device] if on_host else [torch.zeros(size, dtype=dtype, pin_memory=self.asynchronous)
+                                               for _ in range(2)]
         self._hosts = [(host, host.numpy()) for host in hosts]
         self._turn = 0
 
@@ -84,7 +102,9 @@ class _Staged:
         """Copy the first ``end`` elements: one transfer, queued behind earlier device work."""
         host = self._hosts[self._turn][0]
         if host is not self.device:
-            self.device[:end].copy_(host[:end], non_blocking=True)
+            # A whole-buffer copy takes no view: XLA cannot version a view made under inference mode.
+            target, source = (self.device, host) if end == self.size else (self.device[:end], host[:end])
+            target.copy_(source, non_blocking=self.asynchronous)
 
 
 class InputBuffers:
@@ -111,27 +131,27 @@ class InputBuffers:
         self._table_start = 2 * n + 1
         self.block_table = self.seqs.device[self._table_start:].view(n, max_blocks_per_seq)
 
-    def load(self, step: StepInputs, padded_seqs: int | None = None,
-             max_seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def load(self, step: StepInputs, padded_seqs: int | None = None, max_seq_len: int | None = None,
+             static_shape: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Copy ``step`` to the device; returns (input ids, positions, attention metadata).
 
         ``padded_seqs`` (a decode step for a captured graph) pads the batch to that many
         one-token sequences: padding tokens write no K/V (slot -1) and attend to one key of the
         null block. The tensors returned then cover the padded batch, and ``max_seq_len`` (the
         capture's bound) replaces the step's own.
+
+        ``static_shape`` (tokens, sequences), a static-shape bucket: the step padded to exactly
+        that many tokens and sequences at the block table's full width, so every step of a bucket
+        has the same shapes. Padding tokens (slot -1) follow the last sequence's; padding
+        sequences have no new tokens and one key of the null block.
         """
+        if static_shape is not None:
+            return self._load_static(step, *static_shape)
         tokens, seqs = len(step.input_ids), len(step.seq_lens)
         rows = padded_seqs or seqs
         width = step.block_table.shape[1]
         padded_tokens = tokens + rows - seqs
-        t, n = self.max_tokens, self.max_seqs
-        token_host, seq_host = self.tokens.next_host_array(), self.seqs.next_host_array()
-        slots, ids, positions = token_host[:t], token_host[t:2 * t], token_host[2 * t:]
-        query_start, seq_lens = seq_host[:n + 1], seq_host[n + 1:2 * n + 1]
-        table = seq_host[self._table_start:].reshape(n, self.width)
-        ids[:tokens], positions[:tokens], slots[:tokens] = step.input_ids, step.positions, step.slot_mapping
-        query_start[:seqs + 1], seq_lens[:seqs] = step.query_start_loc, step.seq_lens
-        table[:seqs, :width] = step.block_table
+        slots, ids, positions, query_start, seq_lens, table = self._write_step(step)
         if rows > seqs:
             ids[tokens:padded_tokens], positions[tokens:padded_tokens], slots[tokens:padded_tokens] = 0, 0, -1
             query_start[seqs + 1:rows + 1] = np.arange(tokens + 1, padded_tokens + 1)
@@ -144,6 +164,36 @@ class InputBuffers:
             block_table=self.block_table[:rows, :width], slot_mapping=self.slot_mapping[:padded_tokens],
             max_query_len=int(np.max(np.diff(query_start[:rows + 1]))),
             max_seq_len=max_seq_len or int(seq_lens[:rows].max()),
+            query_start_loc_cpu=query_start[:rows + 1].tolist(), seq_lens_cpu=seq_lens[:rows].tolist())
+        return self.input_ids[:padded_tokens], self.positions[:padded_tokens], meta
+
+    def _write_step(self, step: StepInputs) -> tuple[np.ndarray, ...]:
+        """Write the step's own rows into the next host staging; returns its views (slots, ids,
+        positions, query starts, sequence lengths, block table) for the caller's padding."""
+        tokens, seqs = len(step.input_ids), len(step.seq_lens)
+        t, n = self.max_tokens, self.max_seqs
+        token_host, seq_host = self.tokens.next_host_array(), self.seqs.next_host_array()
+        slots, ids, positions = token_host[:t], token_host[t:2 * t], token_host[2 * t:]
+        query_start, seq_lens = seq_host[:n + 1], seq_host[n + 1:2 * n + 1]
+        table = seq_host[self._table_start:].reshape(n, self.width)
+        ids[:tokens], positions[:tokens], slots[:tokens] = step.input_ids, step.positions, step.slot_mapping
+        query_start[:seqs + 1], seq_lens[:seqs] = step.query_start_loc, step.seq_lens
+        table[:seqs, :step.block_table.shape[1]] = step.block_table
+        return slots, ids, positions, query_start, seq_lens, table
+
+    def _load_static(self, step: StepInputs, padded_tokens: int,
+                     rows: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        tokens, seqs = len(step.input_ids), len(step.seq_lens)
+        slots, ids, positions, query_start, seq_lens, table = self._write_step(step)
+        ids[tokens:padded_tokens], positions[tokens:padded_tokens], slots[tokens:padded_tokens] = 0, 0, -1
+        query_start[seqs + 1:rows + 1], seq_lens[seqs:rows] = tokens, 1
+        table[:seqs, step.block_table.shape[1]:], table[seqs:rows] = 0, 0
+        self.tokens.upload(self.tokens.size)
+        self.seqs.upload(self.seqs.size)
+        meta = AttentionMetadata(
+            query_start_loc=self.query_start_loc[:rows + 1], seq_lens=self.seq_lens[:rows],
+            block_table=self.block_table[:rows], slot_mapping=self.slot_mapping[:padded_tokens],
+            max_query_len=int(np.max(np.diff(step.query_start_loc))), max_seq_len=int(np.max(step.seq_lens)),
             query_start_loc_cpu=query_start[:rows + 1].tolist(), seq_lens_cpu=seq_lens[:rows].tolist())
         return self.input_ids[:padded_tokens], self.positions[:padded_tokens], meta
 

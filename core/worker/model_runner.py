@@ -6,6 +6,7 @@ Owns the device state: the model, the KV-cache tensors, and per-request sampler 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field, fields
@@ -25,6 +26,7 @@ from ..models.vision.encoder import build_encoder, load_encoder
 from ..multimodal.mrope import step_rope_positions
 from ..kv.host_pool import KVTransfers
 from ..platform import Platform, QuantizationMethod, Registry
+from ..platform.buckets import bucket_for, sequence_buckets
 from ..platform.reference import host_cache_shape
 from ..pooling import PoolingSpec
 from ..pooling.pooler import pool, vector_bytes
@@ -36,8 +38,18 @@ from ..spec.rejection import DraftLayout
 from ..structured.bitmask import GrammarBitmask
 from .decode_graphs import DecodeGraphs, capture_sizes
 from .encoder_outputs import EncoderOutputs
-from .input_buffers import InputBuffers, StepInputs, host_to_device, step_inputs
+from .input_buffers import InputBuffers, StepInputs, asynchronous_copies, host_to_device, step_inputs
 from .pipeline import StageLink
+
+def _without_autograd(method):
+    """Run a runner method under ``torch.inference_mode``, or ``torch.no_grad`` where the platform
+    says inference mode does not work for it (``Platform.inference_mode``)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with torch.inference_mode() if self.platform.inference_mode else torch.no_grad():
+            return method(self, *args, **kwargs)
+    return wrapper
+
 
 TokenLogprobs = tuple[list[int], list[float], int]
 """(token ids, logprobs, rank of the first id): first the sampled/actual token, then the top-k."""
@@ -92,6 +104,7 @@ class ModelRunner:
         self.platform, self.dtype, self.block_size = platform, dtype, block_size
         self.pooling = pooling
         self.device = platform.device(device_index)
+        self.asynchronous = asynchronous_copies(self.device)
         self.settings = decoder_settings(hf_config)
         specs = self.settings.attention_specs(dtype, block_size, kv_cache_dtype, tp, pp)
         self.pp = pp
@@ -150,6 +163,8 @@ class ModelRunner:
         """The host tier's copy of each layer's cache (KV offload, preemption by swap); block first."""
         self.num_host_blocks = 0
         self.buffers: InputBuffers | None = None
+        self.static_buckets: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        """(token buckets, sequence buckets) of a static-shape platform; see :meth:`prepare_inputs`."""
         self.decode_graphs: DecodeGraphs | None = None
         self.draft: ModelRunner | None = None
         """The draft model's runner, on rank 0 of an engine proposing with a draft model."""
@@ -172,9 +187,9 @@ class ModelRunner:
 
     def allocate_host_cache(self, num_blocks: int) -> None:
         """The host tier's tensors: ``num_blocks`` blocks of every layer, in pinned memory where
-        the device is not the CPU (asynchronous copies need it). On the CPU they are a second
+        copies to the device are asynchronous (they need it; ``asynchronous_copies``). On the CPU they are a second
         tensor in the same memory, which is what lets the CPU platform exercise the host tier."""
-        pinned = self.device.type != "cpu"
+        pinned = self.asynchronous
         self.host_caches = [torch.empty(host_cache_shape(tuple(cache.shape), cls.kv_cache_block_dim, num_blocks),
                                         dtype=cache.dtype, pin_memory=pinned)
                             for cache, cls in zip(self.kv_caches, self.backend_classes)]
@@ -199,8 +214,13 @@ class ModelRunner:
             self.generators.pop(rid, None)
             self.prompt_logprobs_next.pop(rid, None)
 
-    def prepare_inputs(self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> None:
-        """Allocate the persistent input tensors every step copies into (see input_buffers.py)."""
+    def prepare_inputs(self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
+                       static_shape_buckets: tuple[int, ...] | None = None) -> None:
+        """Allocate the persistent input tensors every step copies into (see input_buffers.py).
+        With ``static_shape_buckets`` every step is padded to one of those token counts and one of
+        :func:`~runtime.platform.buckets.sequence_buckets`' sequence counts (static-shape platforms)."""
+        self.static_buckets = None if static_shape_buckets is None else (
+            static_shape_buckets, sequence_buckets(max_num_seqs))
         max_blocks = math.ceil(max_model_len / self.block_size)
         graph_rows = capture_sizes(max_num_seqs)[-1] if self.platform.supports_graphs else 0
         self.buffers = InputBuffers(max(max_num_batched_tokens, graph_rows), max(max_num_seqs, graph_rows),
@@ -239,7 +259,7 @@ class ModelRunner:
         self.kv_caches = []
         return peak
 
-    @torch.inference_mode()
+    @_without_autograd
     def capture_decode_graphs(self, max_num_seqs: int) -> None:
         """Capture decode steps for batch sizes up to ``max_num_seqs`` (after the KV cache exists)."""
         self.decode_graphs = DecodeGraphs(self.platform, self.model, self.buffers, self.kv_caches,
@@ -250,7 +270,7 @@ class ModelRunner:
         """Run one step and read its results back."""
         return self.collect(self.launch(out))
 
-    @torch.inference_mode()
+    @_without_autograd
     def launch(self, out: SchedulerOutput, previous: PendingStep | None = None,
                grammar: GrammarBitmask | None = None, sample: bool = True) -> PendingStep | None:
         """Queue a step's forward pass and sampling on the device; nothing waits for it.
@@ -281,8 +301,9 @@ class ModelRunner:
             self._copy_pending_tokens(scheduled, step.query_start_loc, previous)
             hidden = self.decode_graphs.run(graph_size)
         else:
-            self._place_adapters(scheduled, step.query_start_loc, len(step.input_ids))
-            input_ids, positions, meta = self.buffers.load(step)
+            static = self._static_shape(step)
+            self._place_adapters(scheduled, step.query_start_loc, static[0] if static else len(step.input_ids))
+            input_ids, positions, meta = self.buffers.load(step, static_shape=static)
             self._copy_pending_tokens(scheduled, step.query_start_loc, previous)
             batch = ForwardBatch(input_ids, positions, meta, self.kv_caches)
             if images:
@@ -297,7 +318,7 @@ class ModelRunner:
             self.sample(pending, grammar)
         return pending
 
-    @torch.inference_mode()
+    @_without_autograd
     def sample(self, pending: PendingStep, grammar: GrammarBitmask | None = None) -> None:
         """Queue the sampling of a launched step (once), its rows masked by ``grammar``."""
         scheduled, query_start_loc, hidden = pending.scheduled, pending.query_start_loc, pending.hidden
@@ -325,9 +346,9 @@ class ModelRunner:
                 # Copied to pinned memory now, in stream order: reading the device tensors later
                 # would also wait for whatever was queued after them (a look-ahead step).
                 pending.host_sampled = SamplerOutput(*(
-                    None if t is None else t.to("cpu", non_blocking=True)
+                    None if t is None else t.to("cpu", non_blocking=self.asynchronous)
                     for t in (getattr(pending.sampled, f.name) for f in fields(SamplerOutput))))
-        if self.device.type != "cpu":
+        if self.asynchronous:
             pending.ready = torch.Event(device=self.device)
             pending.ready.record()
 
@@ -400,7 +421,7 @@ class ModelRunner:
             index = host_to_device(positions.tolist(), torch.int64, self.device)
             self.buffers.input_ids.index_copy_(0, index, tokens[host_to_device(sources, torch.int64, self.device)])
 
-    @torch.inference_mode()
+    @_without_autograd
     def collect(self, pending: PendingStep | None) -> RunnerOutput:
         """Wait for a launched step and read its tokens (and logprobs) back."""
         result = RunnerOutput()
@@ -438,12 +459,20 @@ class ModelRunner:
         return result
 
     def _loaded_event(self) -> torch.Event | None:
-        """Marks the last load's copies as queued (None on the CPU, where loads are done at once)."""
-        if self.device.type == "cpu":
+        """Marks the last load's copies as queued (None where loads are done at once: the CPU, and
+        devices whose copies are synchronous, see ``asynchronous_copies``)."""
+        if not self.asynchronous:
             return None
         event = torch.Event(device=self.device)
         event.record()
         return event
+
+    def _static_shape(self, step: StepInputs) -> tuple[int, int] | None:
+        """The (tokens, sequences) bucket a static-shape platform pads ``step`` to, else None."""
+        if self.static_buckets is None:
+            return None
+        token_buckets, seq_buckets = self.static_buckets
+        return bucket_for(len(step.input_ids), token_buckets), bucket_for(len(step.seq_lens), seq_buckets)
 
     def _step_inputs(self, scheduled: list[ScheduledRequest]) -> StepInputs:
         # A pending token is not in all_token_ids yet: 0 here, written on the device at launch.
@@ -457,7 +486,7 @@ class ModelRunner:
         return step_inputs(input_ids, [s.start for s in scheduled], counts, [s.block_ids for s in scheduled],
                            self.block_size)
 
-    @torch.inference_mode()
+    @_without_autograd
     def greedy_chain(self, first: StepInputs, last_rows: list[int], widths: list[int]) -> list[list[int]]:
         """Greedy continuations without sampling or a read-back between passes (a draft model
         proposing): ``first`` is computed and the argmax after each of its ``last_rows`` (token

@@ -71,6 +71,8 @@ class RunnerPlan:
     """Host memory for the KV cache's host tier, all ranks together; 0: none."""
     pooling: bool = False
     """An embedding engine (``--task embed``): the runner pools hidden states, computes no logits."""
+    static_shape_buckets: Optional[tuple[int, ...]] = None
+    """The platform's token buckets (``PlatformConfig.static_shape_buckets``): every step padded to one."""
 
     @property
     def world_size(self) -> int:
@@ -209,7 +211,7 @@ def build_runner(plan: RunnerPlan, registry: Registry, platform: Platform, sourc
                          quantization_method(registry, platform, plan.quantization, source.quantization),
                          keep_packed=plan.quantization == source.quantization, tp=place.tp, device_index=device_index,
                          pp=place.pp, lora=plan.lora, expert_parallel=plan.expert_parallel, pooling=plan.pooling)
-    runner.prepare_inputs(plan.max_num_batched_tokens, plan.max_num_seqs, plan.max_model_len)
+    runner.prepare_inputs(plan.max_num_batched_tokens, plan.max_num_seqs, plan.max_model_len, plan.static_shape_buckets)
     activation_bytes = runner.profile_activation_memory(plan.max_num_batched_tokens, plan.max_num_seqs)
     draft = None
     if plan.speculative is not None and plan.speculative.method == "draft_model" and place.rank == 0:

@@ -8,20 +8,7 @@ import platform as host
 import torch
 
 from runtime.platform import Platform, PlatformConfig
-
-
-def _meminfo() -> tuple[int, int]:
-    """(available, total) bytes from /proc/meminfo; falls back to sysconf elsewhere."""
-    try:
-        fields = {}
-        with open("/proc/meminfo") as f:
-            for line in f:
-                key, value = line.split(":", 1)
-                fields[key] = int(value.split()[0]) * 1024
-        return fields.get("MemAvailable", fields["MemFree"]), fields["MemTotal"]
-    except (OSError, KeyError, ValueError):
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return total // 2, total
+from runtime.platform.emulation import host_memory
 
 
 class CpuPlatform(Platform):
@@ -51,7 +38,7 @@ class CpuPlatform(Platform):
         return f"{host.processor() or host.machine()} ({os.cpu_count()} cores)"
 
     def memory_info(self, index: int = 0) -> tuple[int, int]:
-        return _meminfo()
+        return host_memory()
 
     def default_dtype(self) -> torch.dtype:
         # float32, as llama.cpp computes on the CPU: bfloat16 is faster where the CPU has native bf16

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from runtime.platform import AttentionMetadata
-from runtime_cuda.attention import plan_launch
-from runtime_cuda.triton_attention import split_workspace, unified_attention
+from runtime_triton.tile_plans.nvidia import attention as plan_launch
+from runtime_triton.paged_attention import split_workspace, unified_attention
 
 HEADS, KV_HEADS, HEAD, BLOCK = 32, 8, 128, 16
 

@@ -20,8 +20,8 @@ from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench
 
 from attention_kernel import HEAD, HEADS, KV_HEADS, batch
-from runtime_cuda.attention import plan_launch
-from runtime_cuda.triton_attention import unified_attention
+from runtime_triton.tile_plans.nvidia import attention as plan_launch
+from runtime_triton.paged_attention import unified_attention
 
 CASES = {"decode 512 x context 576": (512, 576, 1), "prefill 32 x 512": (32, 512, 512)}
 GRIDS = {

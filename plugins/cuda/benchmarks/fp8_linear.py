@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from runtime_cuda.fp8 import quantize_rows
+from runtime_triton.fp8 import quantize_rows
 from runtime_cuda.quant import Fp8Method
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench
 
-from runtime_cuda.skinny_matmul import skinny_matmul
+from runtime_triton.skinny_matmul import skinny_matmul
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}

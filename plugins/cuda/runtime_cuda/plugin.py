@@ -1,7 +1,7 @@
 """Entry point of the CUDA plugin (group ``runtime.platforms``, name ``cuda``).
 
 The platform itself imports torch alone and reports itself unavailable on a machine without a
-GPU (or without triton). The attention backend and kernels are Triton code: they are imported and
+GPU (or without triton). The attention backend and kernels are runtime-triton's Triton code: they are imported and
 registered only where the platform is available, so a CPU-only machine with this plugin
 installed never pays for importing triton.
 """
@@ -23,18 +23,19 @@ def runtime_platforms():
 def runtime_attention_backends():
     if not CudaPlatform.is_available():
         return []
-    from .attention import TritonAttentionBackend
+    from .backend import CudaTritonAttentionBackend
 
-    return [TritonAttentionBackend]
+    return [CudaTritonAttentionBackend]
 
 
 @hookimpl
 def runtime_kernels():
     if not CudaPlatform.is_available():
         return []
-    from .kernels import KERNELS
+    from runtime_triton.registry import kernels
+    from runtime_triton.tile_plans.nvidia import PLANS
 
-    return KERNELS
+    return kernels("cuda", PLANS)
 
 
 @hookimpl

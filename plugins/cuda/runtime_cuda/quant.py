@@ -5,7 +5,7 @@ densely (cuBLAS). Packed-block GPU kernels (keeping Q4 weights packed in device 
 save memory, not time at the batch sizes this serves first; they are a later step.
 
 ``gptq`` / ``awq`` / ``compressed-tensors`` 4- and 8-bit weights stay packed and run the W4A16 /
-W8A16 Triton GEMM (wna16.py); other integer weights (2-bit, unequal act-order groups) are
+W8A16 Triton GEMM (runtime_triton.wna16); other integer weights (2-bit, unequal act-order groups) are
 dequantized to the model's dtype at load. FP8
 checkpoints (``fp8``, and compressed-tensors' float-quantized ones) keep their e4m3 weights and
 per-channel scales and run ``Fp8Method``'s scaled matmul, activations scaled per token.
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
-# The smallest amax a scale is taken from (weight rows here, activation rows in fp8.py): an
+# The smallest amax a scale is taken from (weight rows here, activation rows in runtime_triton.fp8): an
 # all-zero row gets a tiny positive scale and zeros instead of a division by zero.
 MIN_AMAX = 1e-12
 # _scaled_mm needs K and N to be multiples of 16 (cuBLASLt's 16-byte alignment of FP8 rows).
@@ -157,9 +157,9 @@ def scaled_mm(x: torch.Tensor, stored: Fp8Weight, bias: torch.Tensor | None) -> 
     and only for some GPUs and cuBLAS versions), so a float16 model gets the bfloat16 result
     cast back and adds its bias itself: _scaled_mm's bias must be bfloat16 with bfloat16 output.
     """
-    from .fp8 import quantize_rows
+    from runtime_triton.fp8 import quantize_rows
 
-    x_q, x_scale = quantize_rows(x if x.stride(-1) == 1 else x.contiguous())
+    x_q, x_scale = quantize_rows(x if x.stride(-1) == 1 else x.contiguous(), FP8_DTYPE)
     fused_bias = bias if x.dtype == torch.bfloat16 else None
     out = torch._scaled_mm(x_q, stored.weight.T, scale_a=x_scale, scale_b=stored.scale, bias=fused_bias,
                            out_dtype=torch.bfloat16)
@@ -185,7 +185,7 @@ class CudaGroupQuantMethod(QuantizationMethod):
     def load(self, raw: RawQuantizedTensor, dtype: torch.dtype, device: torch.device):
         if isinstance(raw.data, Fp8Data):
             return Fp8Method().load(raw, dtype, device)
-        from . import wna16
+        from runtime_triton import wna16
 
         if wna16.supports(raw.data):
             return wna16.repack(raw.data, dtype, device)
@@ -196,7 +196,7 @@ class CudaGroupQuantMethod(QuantizationMethod):
             return Fp8Method().apply(weight, x, bias)
         if isinstance(weight, torch.Tensor):
             return F.linear(x, weight, bias)
-        from . import wna16
+        from runtime_triton import wna16
 
         return wna16.matmul(weight, x, bias)
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks of runtime-cuda, on a machine with an NVIDIA GPU and the packages installed.
+# The GPU checks of runtime-cuda and the runtime-triton kernels it runs, on a machine with an NVIDIA
+# GPU and the packages installed (runtime, runtime-cpu, runtime-triton, runtime-cuda, runtime-conformance).
 #   tests:     the plugin's tests, kernels and attention compiled for the GPU, then end to end
 #              (the conformance suite on `cuda`; tiny models and the embedded GGUF against `cpu`)
 #   attention: the attention kernel benchmark

@@ -31,10 +31,10 @@ def device() -> torch.device:
     if not HAS_GPU:
         from triton.runtime.interpreter import InterpretedFunction
 
-        from runtime_cuda import kernels
+        from runtime_triton import kernels
 
         if not isinstance(kernels._rms_norm_kernel, InterpretedFunction):
-            pytest.skip("runtime_cuda's kernels were imported before TRITON_INTERPRET=1 was set, so they need a GPU; "
+            pytest.skip("runtime_triton's kernels were imported before TRITON_INTERPRET=1 was set, so they need a GPU; "
                         "run these tests in their own pytest process")
     return torch.device("cuda" if HAS_GPU else "cpu")
 

@@ -19,9 +19,11 @@ import torch
 from runtime.platform import AttentionMetadata, AttentionSpec
 from runtime.platform.reference.attention import paged_attention
 
-triton_attention = pytest.importorskip("runtime_cuda.triton_attention",
+triton_attention = pytest.importorskip("runtime_triton.paged_attention",
                                        reason="needs runtime-cuda and triton (pip install -e plugins/cuda)")
-from runtime_cuda.attention import MAX_SPLITS, TritonAttentionBackend, plan_launch  # noqa: E402
+from runtime_cuda.backend import CudaTritonAttentionBackend as TritonAttentionBackend  # noqa: E402
+from runtime_triton.tile_plans import MAX_SPLITS  # noqa: E402
+from runtime_triton.tile_plans.nvidia import attention as plan_launch  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 DTYPES = list(TOLERANCE)

@@ -7,14 +7,21 @@ layouts, rows wider than one activation block.
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
 from runtime.platform.reference import OPS, build_cos_sin_cache
 
-kernels = pytest.importorskip("runtime_cuda.kernels",
-                              reason="needs runtime-cuda and triton (pip install -e plugins/cuda)")
-skinny = pytest.importorskip("runtime_cuda.skinny_matmul")
+registry = pytest.importorskip("runtime_triton.registry",
+                               reason="needs runtime-cuda and triton (pip install -e plugins/cuda)")
+skinny = pytest.importorskip("runtime_triton.skinny_matmul")
+from runtime_triton.tile_plans.nvidia import PLANS  # noqa: E402
+
+# What the CUDA plugin registers, by op name: kernels.rms_norm, ...
+KERNELS = registry.kernels("cuda", PLANS)
+kernels = types.SimpleNamespace(KERNELS=KERNELS, **{k.op: k.fn for k in KERNELS})
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 DTYPES = pytest.mark.parametrize("dtype", list(TOLERANCE), ids=lambda d: str(d).removeprefix("torch."))
@@ -183,7 +190,7 @@ def test_lora_shrink_tiles(tokens, in_features, rank, layout, dtype, device, req
 
 
 def test_lora_shrink_splits_few_tokens_over_many_programs():
-    from runtime_cuda.lora import shrink_splits
+    from runtime_triton.lora import shrink_splits
 
     assert shrink_splits(3, 1000, 128) == 8  # every 128-feature block its own program
     assert shrink_splits(16, 14336, 128) > 16

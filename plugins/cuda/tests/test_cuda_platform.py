@@ -47,11 +47,24 @@ def test_is_available_never_raises(monkeypatch):
     def broken():
         raise RuntimeError("CUDA driver initialization failed")
 
+    monkeypatch.setattr(torch.version, "cuda", "12.8")  # a CUDA build, whatever this machine has
+    monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(torch.cuda, "is_available", broken)
     assert CudaPlatform.is_available() is False
+    assert "CUDA driver initialization failed" in CudaPlatform.unavailable_reason()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr("runtime_cuda.platform.triton_importable", lambda: False)
     assert CudaPlatform.is_available() is False
+    assert "pip install triton" in CudaPlatform.unavailable_reason()
+    monkeypatch.setattr("runtime_cuda.platform.triton_importable", lambda: True)
+    assert CudaPlatform.unavailable_reason() is None
+
+
+def test_a_rocm_build_of_torch_is_not_cuda(monkeypatch):
+    # torch.cuda answers on ROCm too (HIP behind it): the cuda platform must leave AMD GPUs to rocm.
+    monkeypatch.setattr(torch.version, "hip", "6.4.43482")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert "rocm platform" in CudaPlatform.unavailable_reason()
 
 
 def test_kv_cache_memory(monkeypatch):
@@ -77,7 +90,7 @@ def test_config_checks():
 
 
 def test_attention_declarations():
-    backend = pytest.importorskip("runtime_cuda.attention", reason="needs triton").TritonAttentionBackend
+    backend = pytest.importorskip("runtime_cuda.backend", reason="needs triton").CudaTritonAttentionBackend
 
     def spec(**kw):
         fields = dict(num_heads=8, num_kv_heads=2, head_size=128, scale=0.1, dtype=torch.bfloat16, block_size=16)

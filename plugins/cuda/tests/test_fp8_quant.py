@@ -120,7 +120,7 @@ def _exact_rows(g: torch.Generator, rows: int, cols: int) -> tuple[torch.Tensor,
 
 @pytest.mark.parametrize("cols", [64, 200])
 def test_quantize_rows_on_exact_values(cols, device):
-    from runtime_cuda.fp8 import quantize_rows
+    from runtime_triton.fp8 import quantize_rows
 
     g = torch.Generator().manual_seed(2)
     x, powers = _exact_rows(g, 7, cols)
@@ -140,7 +140,7 @@ def test_quantize_rows_on_exact_values(cols, device):
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_quantize_rows_rounds_to_nearest(dtype):
-    from runtime_cuda.fp8 import quantize_rows
+    from runtime_triton.fp8 import quantize_rows
 
     g = torch.Generator().manual_seed(3)
     x = (torch.randn(300, 4096, generator=g) * (10 ** (torch.rand(300, 1, generator=g) * 4 - 2))).to(dtype)

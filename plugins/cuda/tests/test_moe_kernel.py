@@ -9,7 +9,7 @@ import torch
 
 from runtime.platform.reference import OPS
 
-moe = pytest.importorskip("runtime_cuda.moe", reason="needs runtime-cuda and triton (pip install -e plugins/cuda)")
+moe = pytest.importorskip("runtime_triton.moe", reason="needs runtime-cuda and triton (pip install -e plugins/cuda)")
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # (tokens, top_k): a decode step, a prefill chunk past SMALL_PAIRS pairs, every expert per token.

@@ -15,14 +15,14 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def _swap_blocks():
-    from runtime_cuda.swap import swap_blocks
+    from runtime_triton.swap import swap_blocks
 
     return swap_blocks
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_the_reference(dtype):
-    from runtime_cuda.attention import TritonAttentionBackend
+    from runtime_cuda.backend import CudaTritonAttentionBackend as TritonAttentionBackend
 
     layouts = [(lambda n, b=b: tuple(b.kv_cache_shape(n, 16, 8, 128)), b.kv_cache_block_dim)
                for b in (AttentionBackend, TritonAttentionBackend)]

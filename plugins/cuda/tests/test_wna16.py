@@ -1,4 +1,4 @@
-"""The W4A16/W8A16 Triton GEMM (runtime_cuda.wna16) against the float64 product with the weight
+"""The W4A16/W8A16 Triton GEMM (runtime_triton.wna16) against the float64 product with the weight
 dequantized by its format's definition: on a GPU, or on the CPU under Triton's interpreter."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 from runtime.platform.packed import GroupQuantData
 
-wna16 = pytest.importorskip("runtime_cuda.wna16")
+wna16 = pytest.importorskip("runtime_triton.wna16")
 
 
 def _group_quant(n: int, k: int, bits: int, group: int, act_order: bool, seed: int) -> GroupQuantData:

@@ -8,15 +8,20 @@ padded to 16 (free: the tensor cores idle while the weight streams in). No split
 partial sums, no second kernel and no atomics: the result is written once, in the input dtype.
 
 ``linear`` is the platform's ``linear`` op: this kernel for up to 16 rows of a 16-bit weight
-(decode batches, and CUDA graphs of up to 16 sequences), cuBLAS for everything else.
+(decode batches, and CUDA graphs of up to 16 sequences), cuBLAS (hipBLASLt on ROCm) for everything
+else. Tile sizes per GPU family: ``tile_plans``.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from .tile_plans import nvidia
 
 MAX_ROWS = 16
 
@@ -44,15 +49,10 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, s
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok & (cols[None, :] < N))
 
 
-def plan(n: int, k: int) -> dict:
-    """Tile sizes for an [n, k] weight, from a sweep on an H100 (benchmarks/skinny_matmul.py):
-    small weights want more, narrower programs; long rows and tall weights wide, deep tiles."""
-    if n <= 8192 and k <= 4096:
-        return dict(block_n=16, block_k=256, num_warps=4, num_stages=4)
-    return dict(block_n=32, block_k=512, num_warps=4, num_stages=4)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           plan: Callable[[int, int], dict] = nvidia.skinny_matmul) -> torch.Tensor:
+    """The platform's ``linear`` op; ``plan`` is the GPU family's tiles for an [n, k] weight
+    (``TilePlans.skinny_matmul``; ``registry.kernels`` binds it)."""
     if (x.numel() <= MAX_ROWS * x.shape[-1] and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16)
             and weight.is_contiguous()):
         return skinny_matmul(x, weight, bias, **plan(*weight.shape))

@@ -9,14 +9,8 @@ the sum first, as the reference does, so the norm sees the same values).
 - ``rotary_embedding``: one program per token rotates every query and key head, NeoX halves or
   GPT-J pairs, partial rotary passing the rest through.
 - ``silu_and_mul`` / ``gelu_and_mul``: the activation and the product in one pass.
-- ``linear``: ``skinny_matmul.py``'s kernel for few rows, cuBLAS otherwise.
-- ``lora_shrink`` / ``lora_expand``: ``lora.py``'s kernels, one launch for every adapter of the step;
-  ``lora_add``: one shrink and one expand launch for every partition of a fused projection too.
-- ``fused_moe``: ``moe.py``'s grouped GEMMs, one launch for gate/up (with the activation) and one
-  for down over the token/expert pairs sorted by expert.
-- ``apply_token_bitmask``: ``bitmask.py``'s kernel, structured output's mask of every constrained row.
-- ``swap_blocks``: ``swap.py``'s asynchronous copies between the KV cache and its pinned host copy
-  on a side stream (KV offload, preemption by swap).
+
+``registry.py`` registers these and the other modules' ops for a platform.
 """
 
 from __future__ import annotations
@@ -25,14 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from runtime.platform import Kernel
-
-from .bitmask import apply_token_bitmask
-from .lora import lora_add, lora_expand, lora_shrink
-from .moe import fused_moe
-from .swap import swap_blocks
-from .skinny_matmul import linear
-from .triton_attention import tanh
+from .paged_attention import tanh
 
 # Elements one activation program handles along a row.
 ACTIVATION_BLOCK = 1024
@@ -192,18 +179,3 @@ def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
         raise ValueError(f"gelu_and_mul: approximate must be 'none' or 'tanh', got {approximate!r}")
     return _gated(x, "gelu" if approximate == "none" else "gelu_tanh")
 
-
-KERNELS = [
-    Kernel("cuda", "rms_norm", rms_norm),
-    Kernel("cuda", "fused_add_rms_norm", fused_add_rms_norm),
-    Kernel("cuda", "rotary_embedding", rotary_embedding),
-    Kernel("cuda", "silu_and_mul", silu_and_mul),
-    Kernel("cuda", "gelu_and_mul", gelu_and_mul),
-    Kernel("cuda", "linear", linear),
-    Kernel("cuda", "lora_shrink", lora_shrink),
-    Kernel("cuda", "lora_expand", lora_expand),
-    Kernel("cuda", "lora_add", lora_add),
-    Kernel("cuda", "fused_moe", fused_moe),
-    Kernel("cuda", "apply_token_bitmask", apply_token_bitmask),
-    Kernel("cuda", "swap_blocks", swap_blocks),
-]

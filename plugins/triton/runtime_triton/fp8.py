@@ -12,7 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant import FP8_DTYPE, FP8_MAX, MIN_AMAX
+# The smallest amax a scale is taken from: an all-zero row gets a tiny positive scale and zeros
+# instead of a division by zero.
+MIN_AMAX = 1e-12
 
 
 @triton.jit
@@ -29,14 +31,16 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, n_cols, stride_x, stride_q,
     tl.store(scale_ptr + row, scale)
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` [M, K] (unit column stride) -> (e4m3 [M, K] row-major, float32 scales [M, 1]) with
-    ``x ~= q * scale`` row by row, each row's absolute maximum mapped to 448."""
+def quantize_rows(x: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` [M, K] (unit column stride) -> (``fp8_dtype`` [M, K] row-major, float32 scales [M, 1])
+    with ``x ~= q * scale`` row by row, each row's absolute maximum mapped to the format's largest
+    value (448 for e4m3fn; 240 for e4m3fnuz, the e4m3 of AMD's MI300)."""
     rows, cols = x.shape
-    q = torch.empty((rows, cols), dtype=FP8_DTYPE, device=x.device)
+    fp8_max = float(torch.finfo(fp8_dtype).max)
+    q = torch.empty((rows, cols), dtype=fp8_dtype, device=x.device)
     scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
     if rows:
         block = triton.next_power_of_2(cols)
-        _quantize_rows_kernel[(rows,)](x, q, scale, cols, x.stride(0), q.stride(0), FP8_MAX=FP8_MAX,
+        _quantize_rows_kernel[(rows,)](x, q, scale, cols, x.stride(0), q.stride(0), FP8_MAX=fp8_max,
                                        MIN_AMAX=MIN_AMAX, BLOCK=block, num_warps=min(16, max(1, block // 256)))
     return q, scale

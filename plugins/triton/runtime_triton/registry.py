@@ -1,0 +1,52 @@
+"""The ops of this package as ``Kernel`` registrations for one platform.
+
+A platform plugin (runtime-cuda, runtime-rocm) returns ``kernels(its name)`` from its
+``runtime_kernels`` hook; this package registers nothing by itself (it has no entry point).
+
+- ``rms_norm``, ``fused_add_rms_norm``, ``rotary_embedding``, ``silu_and_mul``, ``gelu_and_mul``:
+  ``kernels.py``.
+- ``linear``: ``skinny_matmul.py``'s kernel for few rows, the vendor BLAS (cuBLAS, hipBLASLt)
+  otherwise.
+- ``lora_shrink`` / ``lora_expand``: ``lora.py``'s kernels, one launch for every adapter of the step;
+  ``lora_add``: one shrink and one expand launch for every partition of a fused projection too.
+- ``fused_moe``: ``moe.py``'s grouped GEMMs, one launch for gate/up (with the activation) and one
+  for down over the token/expert pairs sorted by expert.
+- ``apply_token_bitmask``: ``bitmask.py``'s kernel, structured output's mask of every constrained row.
+- ``swap_blocks``: ``swap.py``'s asynchronous copies between the KV cache and its pinned host copy
+  on a side stream (KV offload, preemption by swap).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from runtime.platform import Kernel
+
+from .bitmask import apply_token_bitmask
+from .kernels import fused_add_rms_norm, gelu_and_mul, rms_norm, rotary_embedding, silu_and_mul
+from .lora import lora_add, lora_expand, lora_shrink
+from .moe import fused_moe
+from .skinny_matmul import linear
+from .swap import swap_blocks
+from .tile_plans import TilePlans
+
+OPS = {
+    "rms_norm": rms_norm,
+    "fused_add_rms_norm": fused_add_rms_norm,
+    "rotary_embedding": rotary_embedding,
+    "silu_and_mul": silu_and_mul,
+    "gelu_and_mul": gelu_and_mul,
+    "linear": linear,
+    "lora_shrink": lora_shrink,
+    "lora_expand": lora_expand,
+    "lora_add": lora_add,
+    "fused_moe": fused_moe,
+    "apply_token_bitmask": apply_token_bitmask,
+    "swap_blocks": swap_blocks,
+}
+
+
+def kernels(platform: str, plans: TilePlans) -> list[Kernel]:
+    """Every op of this package, registered for ``platform``, launched with ``plans``' tiles."""
+    tiled = {"linear": functools.update_wrapper(functools.partial(linear, plan=plans.skinny_matmul), linear)}
+    return [Kernel(platform, op, tiled.get(op, fn)) for op, fn in OPS.items()]

@@ -5,6 +5,7 @@ Owns the device state: the model, the KV-cache tensors, and per-request sampler 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field, fields
@@ -29,6 +30,7 @@ from ..sched.scheduler import ScheduledRequest, SchedulerOutput
 from ..spec.rejection import DraftLayout
 from ..structured.bitmask import GrammarBitmask
 from .decode_graphs import DecodeGraphs, capture_sizes
+from .determinism import check_batch_invariant, check_batch_invariant_method
 from .input_buffers import InputBuffers, StepInputs, host_to_device, step_inputs
 from .pipeline import StageLink
 
@@ -74,11 +76,12 @@ class ModelRunner:
                  quantization: QuantizationMethod | None = None, keep_packed: bool = True,
                  tp: TensorParallel = TensorParallel(),
                  device_index: int = 0, pp: PipelineParallel = PipelineParallel(),
-                 lora: LoRAConfig | None = None, expert_parallel: bool = False):
+                 lora: LoRAConfig | None = None, expert_parallel: bool = False, deterministic: bool = False):
         self.platform, self.dtype, self.block_size = platform, dtype, block_size
         self.device = platform.device(device_index)
         self.settings = decoder_settings(hf_config)
-        specs = self.settings.attention_specs(dtype, block_size, kv_cache_dtype, tp, pp)
+        specs = [dataclasses.replace(spec, deterministic=deterministic)
+                 for spec in self.settings.attention_specs(dtype, block_size, kv_cache_dtype, tp, pp)]
         self.pp = pp
         self.stage_link: StageLink | None = None
         """How this pipeline stage meets its neighbours; None on one stage, and while profiling
@@ -91,7 +94,9 @@ class ModelRunner:
                                              for why in registry.attention_passed_over(platform.name, spec)})
         """Backends of higher priority that could not run this model (see ``EngineCore.kernel_report``)."""
         self.cache_dtype = specs[0].cache_dtype
-        ops = registry.kernels(platform.name)
+        ops = registry.kernels(platform.name, deterministic)
+        if deterministic:
+            check_batch_invariant(ops, self.settings, lora is not None)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
@@ -101,8 +106,18 @@ class ModelRunner:
                                            expert_parallel)
         finally:
             torch.set_default_dtype(previous)
-        model.load_weights(weights, lambda fmt: registry.quantization_method(platform.name, fmt), keep_packed)
+        def checkpoint_method(fmt: str) -> QuantizationMethod:
+            method = registry.quantization_method(platform.name, fmt)
+            if deterministic:
+                check_batch_invariant_method(method)
+                method.deterministic = True
+            return method
+
+        model.load_weights(weights, checkpoint_method, keep_packed)
         if quantization is not None:
+            if deterministic:
+                check_batch_invariant_method(quantization)
+                quantization.deterministic = True
             model.quantize_weights(quantization)
         self.model = model.eval()
         self.lora_config = lora

@@ -9,7 +9,8 @@ the sum first, as the reference does, so the norm sees the same values).
 - ``rotary_embedding``: one program per token rotates every query and key head, NeoX halves or
   GPT-J pairs, partial rotary passing the rest through.
 - ``silu_and_mul`` / ``gelu_and_mul``: the activation and the product in one pass.
-- ``linear``: ``skinny_matmul.py``'s kernel for few rows, cuBLAS otherwise.
+- ``linear``: ``skinny_matmul.py``'s kernel for few rows, cuBLAS otherwise; under ``--deterministic``
+  ``batch_invariant.py``'s one-plan kernel (the others here compute each row on its own already).
 - ``lora_shrink`` / ``lora_expand``: ``lora.py``'s kernels, one launch for every adapter of the step;
   ``lora_add``: one shrink and one expand launch for every partition of a fused projection too.
 - ``fused_moe``: ``moe.py``'s grouped GEMMs, one launch for gate/up (with the activation) and one
@@ -27,6 +28,7 @@ import triton.language as tl
 
 from runtime.platform import Kernel
 
+from . import batch_invariant
 from .bitmask import apply_token_bitmask
 from .lora import lora_add, lora_expand, lora_shrink
 from .moe import fused_moe
@@ -194,16 +196,17 @@ def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
 
 
 KERNELS = [
-    Kernel("cuda", "rms_norm", rms_norm),
-    Kernel("cuda", "fused_add_rms_norm", fused_add_rms_norm),
-    Kernel("cuda", "rotary_embedding", rotary_embedding),
-    Kernel("cuda", "silu_and_mul", silu_and_mul),
-    Kernel("cuda", "gelu_and_mul", gelu_and_mul),
+    Kernel("cuda", "rms_norm", rms_norm, batch_invariant=True),
+    Kernel("cuda", "fused_add_rms_norm", fused_add_rms_norm, batch_invariant=True),
+    Kernel("cuda", "rotary_embedding", rotary_embedding, batch_invariant=True),
+    Kernel("cuda", "silu_and_mul", silu_and_mul, batch_invariant=True),
+    Kernel("cuda", "gelu_and_mul", gelu_and_mul, batch_invariant=True),
     Kernel("cuda", "linear", linear),
+    Kernel("cuda", "linear", batch_invariant.linear, priority=-1, batch_invariant=True),
     Kernel("cuda", "lora_shrink", lora_shrink),
     Kernel("cuda", "lora_expand", lora_expand),
     Kernel("cuda", "lora_add", lora_add),
     Kernel("cuda", "fused_moe", fused_moe),
-    Kernel("cuda", "apply_token_bitmask", apply_token_bitmask),
-    Kernel("cuda", "swap_blocks", swap_blocks),
+    Kernel("cuda", "apply_token_bitmask", apply_token_bitmask, batch_invariant=True),
+    Kernel("cuda", "swap_blocks", swap_blocks, batch_invariant=True),
 ]

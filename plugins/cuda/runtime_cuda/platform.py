@@ -27,6 +27,7 @@ class CudaPlatform(Platform):
     supported_dtypes = (torch.bfloat16, torch.float16, torch.float32)
 
     supports_graphs = True
+    supports_deterministic = True
     # --preemption-mode auto: an H100's pinned-memory copies over PCIe 5.0 reach about 25 GB/s
     # each way in practice, its bf16 matmuls about 40 % of their 989 TFLOP/s peak in a forward pass.
     host_copy_bytes_per_s = 2.5e10

@@ -496,6 +496,9 @@ class ModelCard(BaseModel):
     root: Optional[str] = None
     parent: Optional[str] = None
     max_model_len: Optional[int] = None
+    deterministic: bool = False
+    """Whether the server runs in batch-invariant mode (``--deterministic``): a request's tokens and
+    logprobs do not depend on the other requests it is batched with."""
 
 
 class ModelList(BaseModel):
@@ -516,6 +519,8 @@ class DetokenizeResponse(BaseModel):
 
 class VersionResponse(BaseModel):
     version: str
+    deterministic: bool = False
+    """``--deterministic``: batch-invariant mode (see :class:`ModelCard`)."""
 
 
 class ErrorInfo(BaseModel):

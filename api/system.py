@@ -21,9 +21,12 @@ async def list_models(ctx: NamedDependency[ServerContext]) -> ModelList:
     engine = ctx.engine
     max_model_len = engine.max_model_len
     root = str(engine.args.model) if engine.args.model else ctx.model_names[0]
-    cards = [ModelCard(id=name, created=ctx.created, root=root, max_model_len=max_model_len) for name in ctx.model_names]
+    deterministic = engine.args.deterministic
+    cards = [ModelCard(id=name, created=ctx.created, root=root, max_model_len=max_model_len, deterministic=deterministic)
+             for name in ctx.model_names]
     cards += [ModelCard(id=name, created=ctx.created, root=adapter.lora_path, parent=ctx.model_names[0],
-                        max_model_len=max_model_len) for name, adapter in ctx.lora.by_name.items()]
+                        max_model_len=max_model_len, deterministic=deterministic)
+              for name, adapter in ctx.lora.by_name.items()]
     return ModelList(data=cards)
 
 
@@ -36,9 +39,9 @@ async def health(ctx: NamedDependency[ServerContext]) -> Response:
     return Response(b"", status_code=200)
 
 
-@get("/version", summary="The server's version")
-async def version() -> VersionResponse:
-    return VersionResponse(version=__version__)
+@get("/version", summary="The server's version, and whether it runs in deterministic (batch-invariant) mode")
+async def version(ctx: NamedDependency[ServerContext]) -> VersionResponse:
+    return VersionResponse(version=__version__, deterministic=ctx.engine.args.deterministic)
 
 
 @get("/metrics", summary="Prometheus metrics", media_type=CONTENT_TYPE)

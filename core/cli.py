@@ -48,6 +48,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "--kv-offloading-size), or auto: swap where copying is cheaper than recomputing")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--enforce-eager", action="store_true", help="no decode graphs (cuda): every step runs eagerly")
+    g.add_argument("--deterministic", action="store_true",
+                   help="batch-invariant kernels: a request's tokens and logprobs do not depend on what else is in "
+                        "the batch (seeded sampling reproducible on a busy server; slower, docs/api.md#deterministic-mode)")
     g.add_argument("--chat-template", default=None, help="chat template file or text (default: the model's)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
                    help="split every layer across this many ranks, one device each")

@@ -84,7 +84,7 @@ def test_cpu_passes_everything(runs):
     assert run.returncode == 0, run.output[-5000:]
     assert run.report["result"] == "pass" and not run.checks("fail")
     assert {c["family"] for c in run.report["checks"]} == {
-        "registration", "attention", "kernels", "quantization", "communicator", "memory", "end_to_end"}
+        "registration", "attention", "kernels", "quantization", "batch_invariance", "communicator", "memory", "end_to_end"}
     # Skips are only what the plugin does not declare (it registers no kernels), each saying so.
     assert all(reason.startswith("unsupported: ") for reason in run.checks("skip").values()), run.checks("skip")
     assert len(run.checks("pass")) > 100

@@ -20,7 +20,8 @@ from . import __version__
 if TYPE_CHECKING:
     from .target import Target
 
-FAMILIES = ("registration", "attention", "kernels", "quantization", "communicator", "memory", "end_to_end")
+FAMILIES = ("registration", "attention", "kernels", "quantization", "batch_invariance", "communicator", "memory",
+            "end_to_end")
 _OUTCOMES = {"passed": "pass", "failed": "fail", "skipped": "skip"}
 
 

@@ -65,6 +65,10 @@ class EngineArgs:
     scheduling_policy: str = "fcfs"
     seed: int = 0
     enforce_eager: bool = False
+    deterministic: bool = False
+    """Batch-invariant mode: a request's tokens and logprobs are bitwise the same alone or beside any
+    other requests (each token computed with a reduction order fixed by its own inputs; the platform
+    must support it, docs/python-api.md#deterministic-mode). Slower; the default mode is not."""
     served_model_name: Optional[str] = None
     chat_template: Optional[str] = None
     tensor_parallel_size: int = 1

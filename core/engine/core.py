@@ -46,7 +46,8 @@ def kernel_report(registry: Registry, platform, runner, quantization: str, check
     quantization method, backends of higher priority passed over and why, ops the platform has no
     kernel for (the core's plain-torch reference runs them), a quantized checkpoint run otherwise."""
     fallbacks = [f"attention {why}" for why in runner.attention_passed_over]
-    reference = [op for op, source in registry.kernels(platform.name).sources.items() if source == "reference"]
+    reference = [op for op, source in registry.kernels(platform.name, runner.ops.deterministic).sources.items()
+                 if source == "reference"]
     if reference:
         fallbacks.append(f"reference kernels for {', '.join(reference)}")
     if checkpoint_quantization and quantization != checkpoint_quantization:
@@ -80,7 +81,7 @@ class EngineCore:
         pconfig = PlatformConfig(dtype=self.dtype, block_size=args.block_size, max_model_len=self.max_model_len,
                                  max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
                                  enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
-                                 kv_cache_dtype=args.kv_cache_dtype)
+                                 kv_cache_dtype=args.kv_cache_dtype, deterministic=args.deterministic)
         self.platform.check_and_update_config(pconfig)
         self.block_size = pconfig.block_size
         settings = decoder_settings(config)
@@ -128,7 +129,7 @@ class EngineCore:
             first_device=args.data_parallel_rank * args.tensor_parallel_size * args.pipeline_parallel_size,
             lora=args.lora, speculative=args.speculative, expert_parallel=args.enable_expert_parallel,
             kv_offloading_bytes=host_tier_bytes, pooling=self.pooler_config is not None,
-            static_shape_buckets=pconfig.static_shape_buckets)
+            static_shape_buckets=pconfig.static_shape_buckets, deterministic=args.deterministic)
         quantization_method(registry, self.platform, self.quantization, self.source.quantization)  # fail before any rank starts
         self.executor = make_executor(self.plan, registry, self.platform, self.source,
                                       args.distributed_executor_backend, args.distributed_timeout)

@@ -37,6 +37,9 @@ class PlatformConfig:
     """Token counts, ascending, the last ``max_num_batched_tokens`` (``runtime.platform.buckets``):
     when set, the runner pads every step to the smallest that holds it, its sequences to a power
     of two up to ``max_num_seqs``, and its block table to full width (padding tokens have slot -1)."""
+    deterministic: bool = False
+    """(Contract 1.10.) ``--deterministic``: every row's result must not depend on the other rows of
+    its batch. ``check_and_update_config`` refuses it on a platform without :attr:`Platform.supports_deterministic`."""
 
 
 class Platform:
@@ -72,6 +75,12 @@ class Platform:
     """True where the device can record a step's launches once and replay them (CUDA graphs):
     the runner then captures decode steps at start-up, unless ``--enforce-eager``, and
     implements :meth:`graph_pool` and :meth:`capture_graph`."""
+
+    supports_deterministic: ClassVar[bool] = False
+    """(Contract 1.10.) True where the platform runs ``--deterministic``: its attention backends,
+    kernels and quantization methods that claim ``batch_invariant`` compute each row (token) with a
+    reduction order that does not depend on which other rows share the batch, so a request's
+    tokens and logprobs are bitwise the same alone and on a busy server."""
 
     @classmethod
     def is_available(cls) -> bool:
@@ -112,6 +121,9 @@ class Platform:
         if config.dtype not in self.supported_dtypes:
             names = ", ".join(str(d).removeprefix("torch.") for d in self.supported_dtypes)
             raise ValueError(f"platform {self.name} does not support dtype {config.dtype}; use --dtype with one of: {names}")
+        if config.deterministic and not self.supports_deterministic:
+            raise ValueError(f"platform {self.name} does not support --deterministic (batch-invariant kernels); "
+                             f"run without it or choose another --device")
 
     def kv_cache_memory(self, requested_bytes: int | None, gpu_memory_utilization: float, non_kv_bytes: int) -> int:
         """Bytes to give the KV cache. ``requested_bytes`` is ``--kv-cache-memory`` when set.
@@ -169,6 +181,10 @@ class AttentionSpec:
     kv_cache_dtype: str = "auto"
     multi_query: bool = True
     """Several query tokens per sequence in one call (prefill chunks, speculative verification)."""
+    deterministic: bool = False
+    """(Contract 1.10.) ``--deterministic``: each query token's output must be bitwise the same
+    whatever else is in the batch, and whether its sequence's tokens arrive in one prefill chunk,
+    several, or one per decode step: a split plan fixed by the token's own context length."""
 
     @property
     def cache_dtype(self) -> torch.dtype:
@@ -230,6 +246,8 @@ class AttentionBackend:
     supports_sliding_window: ClassVar[bool] = False
     supports_logits_soft_cap: ClassVar[bool] = False
     supports_multi_query: ClassVar[bool] = True
+    batch_invariant: ClassVar[bool] = False
+    """(Contract 1.10.) True where the backend honours ``spec.deterministic`` (see :class:`AttentionSpec`)."""
     kv_cache_block_dim: ClassVar[int] = 1
     """Which dimension of ``kv_cache_shape`` indexes blocks (used by block copy)."""
 
@@ -250,6 +268,8 @@ class AttentionBackend:
             return "no logits soft-capping"
         if spec.multi_query and not cls.supports_multi_query:
             return "only one query token per sequence"
+        if spec.deterministic and not cls.batch_invariant:
+            return "not batch-invariant (--deterministic)"
         return None
 
     @staticmethod
@@ -284,6 +304,10 @@ class Kernel:
     op: str
     fn: Callable[..., Any]
     priority: int = 0
+    batch_invariant: bool = False
+    """(Contract 1.10.) Each row of the result (a token, for ``linear``; a request, for sampling
+    helpers) is bitwise the same whatever other rows are passed with it. Under ``--deterministic``
+    only such kernels are chosen; the conformance suite checks the claim."""
 
 
 class Communicator:
@@ -374,6 +398,14 @@ class QuantizationMethod:
     quantize_lm_head: ClassVar[bool] = False
     """With ``quantizes_dense``: also quantize the output projection (tied embeddings included;
     the embedding lookup itself stays dense)."""
+    batch_invariant: ClassVar[bool] = False
+    """(Contract 1.10.) With :attr:`deterministic` set, ``apply`` computes each row of ``x`` bitwise
+    the same whatever other rows come with it, for every form ``load``/``quantize`` keeps:
+    ``--deterministic`` requires it."""
+    deterministic: bool = False
+    """(Contract 1.10.) Set on the instance by the engine under ``--deterministic``, before any
+    ``load``: ``apply`` must then take batch-invariant paths only (a faster batch-dependent one may
+    serve the default mode)."""
 
     def precision(self, qtype: str) -> torch.dtype | None:
         """How closely ``apply`` follows ``x @ dequantize(w).T`` for a checkpoint tensor of ``qtype``

@@ -46,15 +46,30 @@ class KernelSet:
     Each op is the platform's highest-priority registered kernel, else the reference one (but
     ``lora_add``, unregistered beside a registered ``lora_shrink``/``lora_expand``, is made of those).
     ``sources[op]`` says which (``"reference"`` or the kernel's module) for ``runtime plugins``.
+
+    ``deterministic`` (``--deterministic``, contract 1.10) considers only kernels that claim
+    ``batch_invariant``, else the reference where it is batch-invariant; ``not_batch_invariant``
+    lists the ops left with neither (they run the best kernel, and the engine refuses the mode
+    when the model needs one of them).
     """
 
-    def __init__(self, kernels: Iterable[Kernel]):
+    def __init__(self, kernels: Iterable[Kernel], deterministic: bool = False):
         best: dict[str, Kernel] = {}
+        fallback: dict[str, Kernel] = {}
         for kernel in kernels:
             if kernel.op not in reference.OPS:
                 raise ValueError(f"kernel for unknown op {kernel.op!r}; known ops: {', '.join(sorted(reference.OPS))}")
-            if kernel.op not in best or kernel.priority > best[kernel.op].priority:
-                best[kernel.op] = kernel
+            pool = best if kernel.batch_invariant or not deterministic else fallback
+            if kernel.op not in pool or kernel.priority > pool[kernel.op].priority:
+                pool[kernel.op] = kernel
+        self.deterministic = deterministic
+        self.not_batch_invariant: list[str] = []
+        if deterministic:
+            for op in reference.OPS:
+                if op not in best and op not in reference.BATCH_INVARIANT:
+                    self.not_batch_invariant.append(op)
+                    if op in fallback:
+                        best[op] = fallback[op]
         self.sources: dict[str, str] = {}
         for op, fn in reference.OPS.items():
             chosen = best.get(op)
@@ -148,8 +163,8 @@ class Registry:
         backends = [b for b in self._call("runtime_attention_backends") if b.platform == platform]
         return sorted(backends, key=lambda b: -b.priority)
 
-    def kernels(self, platform: str) -> KernelSet:
-        return KernelSet(k for k in self._call("runtime_kernels") if k.platform == platform)
+    def kernels(self, platform: str, deterministic: bool = False) -> KernelSet:
+        return KernelSet((k for k in self._call("runtime_kernels") if k.platform == platform), deterministic)
 
     def communicator(self, platform: str) -> type[Communicator]:
         for comm in self._call("runtime_communicators"):

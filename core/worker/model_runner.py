@@ -6,6 +6,7 @@ Owns the device state: the model, the KV-cache tensors, and per-request sampler 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import math
@@ -37,6 +38,7 @@ from ..sched.scheduler import ScheduledRequest, SchedulerOutput
 from ..spec.rejection import DraftLayout
 from ..structured.bitmask import GrammarBitmask
 from .decode_graphs import DecodeGraphs, capture_sizes
+from .determinism import check_batch_invariant, check_batch_invariant_method
 from .encoder_outputs import EncoderOutputs
 from .input_buffers import InputBuffers, StepInputs, asynchronous_copies, host_to_device, step_inputs
 from .pipeline import StageLink
@@ -99,14 +101,17 @@ class ModelRunner:
                  quantization: QuantizationMethod | None = None, keep_packed: bool = True,
                  tp: TensorParallel = TensorParallel(),
                  device_index: int = 0, pp: PipelineParallel = PipelineParallel(),
-                 lora: LoRAConfig | None = None, expert_parallel: bool = False, pooling: bool = False):
-        """``pooling``: the runner of an embedding engine (no output projection; its requests are pooled)."""
+                 lora: LoRAConfig | None = None, expert_parallel: bool = False, pooling: bool = False,
+                 deterministic: bool = False):
+        """``pooling``: the runner of an embedding engine (no output projection; its requests are pooled).
+        ``deterministic``: batch-invariant kernels and quantization methods only (``--deterministic``)."""
         self.platform, self.dtype, self.block_size = platform, dtype, block_size
         self.pooling = pooling
         self.device = platform.device(device_index)
         self.asynchronous = asynchronous_copies(self.device)
         self.settings = decoder_settings(hf_config)
-        specs = self.settings.attention_specs(dtype, block_size, kv_cache_dtype, tp, pp)
+        specs = [dataclasses.replace(spec, deterministic=deterministic)
+                 for spec in self.settings.attention_specs(dtype, block_size, kv_cache_dtype, tp, pp)]
         self.pp = pp
         self.stage_link: StageLink | None = None
         """How this pipeline stage meets its neighbours; None on one stage, and while profiling
@@ -119,7 +124,9 @@ class ModelRunner:
                                              for why in registry.attention_passed_over(platform.name, spec)})
         """Backends of higher priority that could not run this model (see ``EngineCore.kernel_report``)."""
         self.cache_dtype = specs[0].cache_dtype
-        ops = registry.kernels(platform.name)
+        ops = registry.kernels(platform.name, deterministic)
+        if deterministic:
+            check_batch_invariant(ops, self.settings, lora is not None)
         self.vision = vision_arch(hf_config)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
@@ -135,10 +142,18 @@ class ModelRunner:
                 encoder = build_encoder(hf_config)
         finally:
             torch.set_default_dtype(previous)
+
+        def checkpoint_method(fmt: str) -> QuantizationMethod:
+            method = registry.quantization_method(platform.name, fmt)
+            if deterministic:
+                check_batch_invariant_method(method)
+                method.deterministic = True
+            return method
+
         vision_tensors: dict[str, torch.Tensor] = {}
         if encoder is not None:
             weights = text_weights(weights, vision_tensors)
-        model.load_weights(weights, lambda fmt: registry.quantization_method(platform.name, fmt), keep_packed)
+        model.load_weights(weights, checkpoint_method, keep_packed)
         deferred_left = [name for name, param in model.named_parameters() if param.is_meta]
         if deferred_left:
             raise ValueError(f"the checkpoint filled no dense weight for {', '.join(deferred_left[:3])}")
@@ -148,6 +163,9 @@ class ModelRunner:
             load_encoder(encoder, vision_tensors)
             self.encoder_outputs = EncoderOutputs(encoder.eval(), self.device, dtype)
         if quantization is not None:
+            if deterministic:
+                check_batch_invariant_method(quantization)
+                quantization.deterministic = True
             model.quantize_weights(quantization)
         self.model = model.eval()
         self.lora_config = lora

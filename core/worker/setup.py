@@ -73,6 +73,8 @@ class RunnerPlan:
     """An embedding engine (``--task embed``): the runner pools hidden states, computes no logits."""
     static_shape_buckets: Optional[tuple[int, ...]] = None
     """The platform's token buckets (``PlatformConfig.static_shape_buckets``): every step padded to one."""
+    deterministic: bool = False
+    """Batch-invariant kernels only (``--deterministic``)."""
 
     @property
     def world_size(self) -> int:
@@ -210,7 +212,8 @@ def build_runner(plan: RunnerPlan, registry: Registry, platform: Platform, sourc
                          plan.max_model_len, plan.kv_cache_dtype,
                          quantization_method(registry, platform, plan.quantization, source.quantization),
                          keep_packed=plan.quantization == source.quantization, tp=place.tp, device_index=device_index,
-                         pp=place.pp, lora=plan.lora, expert_parallel=plan.expert_parallel, pooling=plan.pooling)
+                         pp=place.pp, lora=plan.lora, expert_parallel=plan.expert_parallel, pooling=plan.pooling,
+                         deterministic=plan.deterministic)
     runner.prepare_inputs(plan.max_num_batched_tokens, plan.max_num_seqs, plan.max_model_len, plan.static_shape_buckets)
     activation_bytes = runner.profile_activation_memory(plan.max_num_batched_tokens, plan.max_num_seqs)
     draft = None
@@ -267,7 +270,8 @@ def build_draft_runner(plan: RunnerPlan, registry: Registry, platform: Platform,
     draft = ModelRunner(source.hf_config, source.weights(), platform, registry, plan.torch_dtype, plan.block_size,
                         plan.max_model_len, plan.kv_cache_dtype,
                         quantization_method(registry, platform, quantization, source.quantization),
-                        keep_packed=quantization == source.quantization, device_index=device_index)
+                        keep_packed=quantization == source.quantization, device_index=device_index,
+                        deterministic=plan.deterministic)
     # A step's first draft pass also catches up on the token after each request's last accepted one.
     draft.prepare_inputs(plan.max_num_batched_tokens + plan.max_num_seqs, plan.max_num_seqs, plan.max_model_len)
     return draft

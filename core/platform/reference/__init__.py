@@ -33,5 +33,13 @@ OPS = {
     "apply_token_bitmask": apply_token_bitmask,
 }
 
-__all__ = ["MOE_ACTIVATIONS", "OPS", "ReferenceAttentionBackend", "build_cos_sin_cache", "host_cache_shape", "lora_add_per_slice",
+BATCH_INVARIANT = frozenset({
+    "rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "gelu_and_mul", "copy_blocks",
+    "swap_blocks", "apply_top_k_top_p_min_p", "apply_token_bitmask",
+})
+"""Ops whose reference computes each row on its own (elementwise, or a reduction along the row):
+``--deterministic`` may fall back to them. The matmul ops (``linear``, LoRA, ``fused_moe``) are not:
+torch's matmul picks its blocking by the number of rows (contract 1.10)."""
+
+__all__ = ["BATCH_INVARIANT", "MOE_ACTIVATIONS", "OPS", "ReferenceAttentionBackend", "build_cos_sin_cache", "host_cache_shape", "lora_add_per_slice",
            "paged_attention", "select_experts", *OPS]

@@ -15,13 +15,16 @@ import torch.nn.functional as F
 from runtime.platform import AttentionBackend, AttentionMetadata
 from runtime.platform.reference.attention import write_kv
 
+from .attention_rows import attend_rows, plan_rows
+
 
 class CpuAttentionBackend(AttentionBackend):
     """The CPU platform's attention: SDPA (flash kernel where torch has one), float32 math.
 
     Every dtype computes in float32 and casts back, so bf16/fp16 results differ from the
     reference only by the final rounding. Logits soft-capping cannot go through SDPA and takes
-    a plain softmax path.
+    a plain softmax path. Under ``--deterministic`` (``spec.deterministic``) every token takes the
+    batch-invariant path of attention_rows.py instead.
     """
 
     name = "cpu_sdpa"
@@ -30,10 +33,13 @@ class CpuAttentionBackend(AttentionBackend):
     supported_dtypes = (torch.float32, torch.bfloat16, torch.float16)
     supports_sliding_window = True
     supports_logits_soft_cap = True
+    batch_invariant = True
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         write_kv(key, value, kv_cache, meta.slot_mapping)
+        if self.spec.deterministic:
+            return self._forward_rows(query, kv_cache, meta)
         # Every layer of a step sees the same metadata: derive indices and masks once.
         plan_key = (self.name, kv_cache.shape[2], self.spec.sliding_window, self.spec.logits_soft_cap)
         plan = meta.backend_cache.get(plan_key)
@@ -50,6 +56,19 @@ class CpuAttentionBackend(AttentionBackend):
         for start, end, seq_len, blocks, allowed in plan.prefills:
             k, v = _gather(kv_cache, blocks, seq_len)
             out[start:end] = self._attend(query[start:end].unsqueeze(0), k, v, allowed).squeeze(0).to(out.dtype)
+        return out
+
+    def _forward_rows(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        plan_key = (self.name, "rows", kv_cache.shape[2], self.spec.sliding_window)
+        groups = meta.backend_cache.get(plan_key)
+        if groups is None:
+            groups = meta.backend_cache[plan_key] = plan_rows(
+                meta.query_start_loc_cpu or meta.query_start_loc.tolist(), meta.seq_lens_cpu or meta.seq_lens.tolist(),
+                meta.block_table, kv_cache.shape[2], self.spec.sliding_window)
+        out = torch.empty_like(query)
+        for group in groups:
+            out[group.rows] = attend_rows(query, kv_cache, group, self.spec.scale,
+                                          self.spec.logits_soft_cap).to(out.dtype)
         return out
 
     def _mask(self, q_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:

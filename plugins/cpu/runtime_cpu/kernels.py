@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from runtime.platform import Kernel
+from runtime.platform.reference import linear as reference_linear
 from runtime.platform.reference import rotary_embedding as reference_rotary
 
+from . import batch_invariant
 from .lora import lora_add, lora_expand, lora_shrink
 from .moe import fused_moe
 
@@ -54,13 +56,18 @@ def swap_blocks(kv_caches: list[torch.Tensor], host_caches: list[torch.Tensor], 
             blocks[device_ids] = host[host_ids]
 
 
+# rms_norm and rotary compute each row on its own (a reduction along the row, elementwise); torch's
+# matmul does not (see batch_invariant.py): the default mode keeps it (the higher priority), and
+# --deterministic, which only considers batch-invariant kernels, takes the padded one.
 KERNELS = [
-    Kernel("cpu", "rms_norm", rms_norm),
-    Kernel("cpu", "fused_add_rms_norm", fused_add_rms_norm),
-    Kernel("cpu", "rotary_embedding", rotary_embedding),
+    Kernel("cpu", "rms_norm", rms_norm, batch_invariant=True),
+    Kernel("cpu", "fused_add_rms_norm", fused_add_rms_norm, batch_invariant=True),
+    Kernel("cpu", "rotary_embedding", rotary_embedding, batch_invariant=True),
+    Kernel("cpu", "linear", reference_linear, priority=1),
+    Kernel("cpu", "linear", batch_invariant.linear, batch_invariant=True),
     Kernel("cpu", "lora_shrink", lora_shrink),
     Kernel("cpu", "lora_expand", lora_expand),
     Kernel("cpu", "lora_add", lora_add),
     Kernel("cpu", "fused_moe", fused_moe),
-    Kernel("cpu", "swap_blocks", swap_blocks),
+    Kernel("cpu", "swap_blocks", swap_blocks, batch_invariant=True),
 ]

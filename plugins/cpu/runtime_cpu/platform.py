@@ -18,6 +18,7 @@ class CpuPlatform(Platform):
     dist_backend = "gloo"
     supported_dtypes = (torch.float32, torch.bfloat16, torch.float16)
     unified_memory = True
+    supports_deterministic = True
     # --preemption-mode auto, where a test lifts unified_memory: a memcpy against a few cores' matmuls.
     host_copy_bytes_per_s = 1.0e10
     flops_per_s = 1.0e11

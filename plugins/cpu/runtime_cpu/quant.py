@@ -32,7 +32,7 @@ from runtime.platform import QuantizationMethod, RawQuantizedTensor
 from runtime.platform.gguf_dequantize import FLOAT_TYPES, GgufDequantizeMethod
 from runtime.platform.packed import GroupQuantData
 
-from . import int4
+from . import batch_invariant, int4
 
 
 
@@ -84,6 +84,7 @@ def _two_part_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 class CpuInt8Method(QuantizationMethod):
     name = "int8"
     platform = "cpu"
+    batch_invariant = True
     quantizes_dense = True
     quantize_lm_head = True
 
@@ -121,6 +122,7 @@ class CpuGgufMethod(GgufDequantizeMethod):
     per-channel int8 (the int8 method's rounding of the dequantized weight); float types dense."""
 
     platform = "cpu"
+    batch_invariant = True
     supported_qtypes = GgufDequantizeMethod.supported_qtypes | {"Q5_0", "Q5_1", "Q2_K", "Q3_K"}
 
     def precision(self, qtype: str) -> torch.dtype | None:
@@ -137,7 +139,7 @@ class CpuGgufMethod(GgufDequantizeMethod):
         return CpuInt8Method().quantize(dense)
 
     def apply(self, weight: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return _apply(weight, x, bias)
+        return _apply(weight, x, bias, self.deterministic)
 
 
 class CpuGroupQuantMethod(QuantizationMethod):
@@ -146,6 +148,7 @@ class CpuGroupQuantMethod(QuantizationMethod):
     FP8 weights are dequantized too (the CPU has no FP8 matmul)."""
 
     platform = "cpu"
+    batch_invariant = True
     supported_qtypes = frozenset({"int2", "int4", "int8"})
 
     def precision(self, qtype: str) -> torch.dtype | None:
@@ -160,7 +163,7 @@ class CpuGroupQuantMethod(QuantizationMethod):
         return self.dequantize(raw, dtype)
 
     def apply(self, weight: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return _apply(weight, x, bias)
+        return _apply(weight, x, bias, self.deterministic)
 
 
 class CpuGptqMethod(CpuGroupQuantMethod):
@@ -183,10 +186,14 @@ class CpuFp8CheckpointMethod(CpuGroupQuantMethod):
     supported_qtypes = frozenset({"fp8_e4m3"})
 
 
-def _apply(weight: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The product for whichever form ``load`` kept."""
+def _apply(weight: Any, x: torch.Tensor, bias: torch.Tensor | None, deterministic: bool) -> torch.Tensor:
+    """The product for whichever form ``load`` kept. The int4 and int8 kernels compute each row on
+    its own already (the conformance suite's batch-invariance check holds them to it); a dense
+    weight takes the padded matmul under ``--deterministic``."""
     if isinstance(weight, int4.Int4Weight):
         return int4.matmul(weight, x, bias)
     if isinstance(weight, Int8Weight):
         return CpuInt8Method().apply(weight, x, bias)
+    if deterministic:
+        return batch_invariant.linear(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)

@@ -26,6 +26,7 @@ class CudaPlatform(TorchCudaApiPlatform):
     priority = 100
     dist_backend = "nccl"
 
+    supports_deterministic = True
     # --preemption-mode auto: an H100's pinned-memory copies over PCIe 5.0 reach about 25 GB/s
     # each way in practice, its bf16 matmuls about 40 % of their 989 TFLOP/s peak in a forward pass.
     host_copy_bytes_per_s = 2.5e10

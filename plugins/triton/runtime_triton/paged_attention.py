@@ -124,7 +124,7 @@ def unified_attention_kernel(
         stride_ckv, stride_cb, stride_co, stride_ch, stride_bt,
         HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
         USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr, SPLIT: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, ALIGN_TILES: tl.constexpr = False):
     """Grid: (query blocks (an upper bound), kv heads, splits). See the module docstring."""
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -169,6 +169,10 @@ def unified_attention_kernel(
     kv_lo = 0
     if USE_WINDOW:
         kv_lo = tl.maximum(context + first_q - window + 1, 0)
+        if ALIGN_TILES:
+            # Tiles at multiples of TILE_N whatever the block's first query: a token's keys are then
+            # summed in the same tiles in every chunk and batch (--deterministic; masks hide the extra keys).
+            kv_lo = kv_lo // TILE_N * TILE_N
     if SPLIT:
         share = tl.cdiv(tl.cdiv(tl.maximum(kv_hi - kv_lo, 0), num_splits), TILE_N) * TILE_N
         kv_lo = kv_lo + split * share
@@ -243,11 +247,12 @@ def unified_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
                       seq_lens: torch.Tensor, block_table: torch.Tensor, num_seqs: int, *, scale: float,
                       sliding_window: int | None, soft_cap: float | None, block_m: int, tile_n: int,
                       num_splits: int = 1, workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
-                      num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                      num_warps: int = 4, num_stages: int = 2, align_tiles: bool = False) -> torch.Tensor:
     """Attention of query [T, H, D] over the cache (its new K/V already stored) into ``out`` [T, H, D].
 
     ``block_m`` rows per program (a power of two >= 16 and >= the GQA group), ``tile_n`` keys per
     step; ``num_splits`` > 1 takes the split-K path with ``workspace`` from :func:`split_workspace`.
+    ``align_tiles`` starts a sliding window's key tiles at multiples of ``tile_n`` (batch invariance).
     Every size comes from the host: nothing here waits for the device.
     """
     tokens, num_heads, head_size = query.shape
@@ -268,7 +273,7 @@ def unified_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
         HEAD=head_size, HEAD_PAD=head_pad, BLOCK_M=block_m, TILE_N=tile_n,
         USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=soft_cap is not None, SPLIT=split,
         # float32 must not silently become TF32 in the matrix units.
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", ALIGN_TILES=align_tiles,
         num_warps=num_warps, num_stages=num_stages)
     if split:
         merge_splits_kernel[(tokens, num_heads)](

@@ -6,7 +6,7 @@ A platform plugin (runtime-cuda, runtime-rocm) returns ``kernels(its name)`` fro
 - ``rms_norm``, ``fused_add_rms_norm``, ``rotary_embedding``, ``silu_and_mul``, ``gelu_and_mul``:
   ``kernels.py``.
 - ``linear``: ``skinny_matmul.py``'s kernel for few rows, the vendor BLAS (cuBLAS, hipBLASLt)
-  otherwise.
+  otherwise; under ``--deterministic`` ``batch_invariant.py``'s one-plan kernel.
 - ``lora_shrink`` / ``lora_expand``: ``lora.py``'s kernels, one launch for every adapter of the step;
   ``lora_add``: one shrink and one expand launch for every partition of a fused projection too.
 - ``fused_moe``: ``moe.py``'s grouped GEMMs, one launch for gate/up (with the activation) and one
@@ -22,6 +22,7 @@ import functools
 
 from runtime.platform import Kernel
 
+from . import batch_invariant
 from .bitmask import apply_token_bitmask
 from .kernels import fused_add_rms_norm, gelu_and_mul, rms_norm, rotary_embedding, silu_and_mul
 from .lora import lora_add, lora_expand, lora_shrink
@@ -29,6 +30,10 @@ from .moe import fused_moe
 from .skinny_matmul import linear
 from .swap import swap_blocks
 from .tile_plans import TilePlans
+
+BATCH_INVARIANT = {"rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "gelu_and_mul",
+                   "apply_token_bitmask", "swap_blocks"}
+"""Ops whose kernels compute each row on its own, whatever else is in the batch (contract 1.10)."""
 
 OPS = {
     "rms_norm": rms_norm,
@@ -49,4 +54,5 @@ OPS = {
 def kernels(platform: str, plans: TilePlans) -> list[Kernel]:
     """Every op of this package, registered for ``platform``, launched with ``plans``' tiles."""
     tiled = {"linear": functools.update_wrapper(functools.partial(linear, plan=plans.skinny_matmul), linear)}
-    return [Kernel(platform, op, tiled.get(op, fn)) for op, fn in OPS.items()]
+    return [Kernel(platform, op, tiled.get(op, fn), batch_invariant=op in BATCH_INVARIANT) for op, fn in OPS.items()] + [
+        Kernel(platform, "linear", batch_invariant.linear, priority=-1, batch_invariant=True)]

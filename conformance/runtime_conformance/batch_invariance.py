@@ -1,0 +1,148 @@
+"""The batch-invariance check of ``--deterministic`` (contract 1.10), shared by every op that claims it.
+
+A row's output must be bitwise equal computed alone and inside batches of 2 to 64 random rows,
+at a random position. Each op is described by how to build ``n`` rows of its inputs and how to
+run it on a selection of those rows; the check compares row ``target`` of every batch with the
+batch of that row alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from runtime.platform import AttentionMetadata, AttentionSpec
+from runtime.platform.reference import build_cos_sin_cache
+
+BATCH_SIZES = (2, 3, 5, 8, 9, 17, 33, 64)
+TRIALS_PER_SIZE = 1
+
+
+@dataclass
+class RowOp:
+    """``make(n, g)`` -> the inputs of n rows; ``run(inputs, rows)`` -> the op's output for those
+    rows: a tensor (or tuple of tensors) whose first dimension is the row, or a list of one tensor per row."""
+
+    make: Callable[[int, torch.Generator], dict]
+    run: Callable[[dict, torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]]
+
+
+def _randn(g, *shape, dtype):
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+def row_ops(fn: Callable, dtype: torch.dtype, device: torch.device) -> dict[str, RowOp]:
+    """The row form of every op a batch-invariance claim means something for."""
+    on = lambda t: t.to(device)  # noqa: E731
+    weight_k, weight_n = 576, 320
+    return {
+        "linear": RowOp(
+            lambda n, g: {"x": _randn(g, n, weight_k, dtype=dtype), "w": _randn(g, weight_n, weight_k, dtype=dtype),
+                          "b": _randn(g, weight_n, dtype=dtype)},
+            lambda a, r: fn(on(a["x"][r]), on(a["w"]), on(a["b"]))),
+        "rms_norm": RowOp(
+            lambda n, g: {"x": _randn(g, n, 576, dtype=dtype), "w": _randn(g, 576, dtype=dtype)},
+            lambda a, r: fn(on(a["x"][r]), on(a["w"]), 1e-6)),
+        "fused_add_rms_norm": RowOp(
+            lambda n, g: {"x": _randn(g, n, 576, dtype=dtype), "res": _randn(g, n, 576, dtype=dtype),
+                          "w": _randn(g, 576, dtype=dtype)},
+            lambda a, r: fn(on(a["x"][r]), on(a["res"][r]), on(a["w"]), 1e-6)),
+        "rotary_embedding": RowOp(
+            lambda n, g: {"pos": torch.randint(0, 512, (n,), generator=g), "q": _randn(g, n, 4, 64, dtype=dtype),
+                          "k": _randn(g, n, 2, 64, dtype=dtype),
+                          "cache": build_cos_sin_cache(64, 512, 10000.0).to(dtype)},
+            lambda a, r: fn(on(a["pos"][r]), on(a["q"][r]), on(a["k"][r]), on(a["cache"]), True)),
+        "silu_and_mul": RowOp(lambda n, g: {"x": _randn(g, n, 2 * 384, dtype=dtype)}, lambda a, r: fn(on(a["x"][r]))),
+        "gelu_and_mul": RowOp(lambda n, g: {"x": _randn(g, n, 2 * 384, dtype=dtype)}, lambda a, r: fn(on(a["x"][r]))),
+        "apply_top_k_top_p_min_p": RowOp(
+            lambda n, g: {"logits": _randn(g, n, 1000, dtype=dtype) * 3,
+                          "k": torch.randint(0, 60, (n,), generator=g),
+                          "p": torch.rand(n, generator=g) * 0.5 + 0.5, "m": torch.rand(n, generator=g) * 0.1},
+            lambda a, r: fn(on(a["logits"][r]), on(a["k"][r]), on(a["p"][r]), on(a["m"][r]))),
+    }
+
+
+def _parts(output, position: int) -> list[torch.Tensor]:
+    """The row at ``position`` of each of the op's outputs."""
+    if isinstance(output, list):
+        return [output[position].cpu()]
+    return [t[position:position + 1].cpu() for t in (output if isinstance(output, tuple) else (output,))]
+
+
+def assert_batch_invariant(op: RowOp, name: str, seed: int = 0) -> None:
+    """Every batch size of :data:`BATCH_SIZES`, row 0 of the inputs at a random position among
+    random rows: its output must equal, bitwise, its output alone."""
+    g = torch.Generator().manual_seed(seed)
+    pool = max(BATCH_SIZES) * 2
+    inputs = op.make(pool, g)
+    alone = _parts(op.run(inputs, torch.tensor([0])), 0)
+    for size in BATCH_SIZES:
+        for _ in range(TRIALS_PER_SIZE):
+            rows = torch.randperm(pool - 1, generator=g)[:size] + 1
+            position = int(torch.randint(0, size, (), generator=g))
+            rows[position] = 0
+            batch = _parts(op.run(inputs, rows), position)
+            for part, (got, expected) in enumerate(zip(batch, alone)):
+                if not torch.equal(got, expected):
+                    diff = (got.double() - expected.double()).abs().max().item()
+                    raise AssertionError(f"{name} is not batch-invariant: output {part} of a row differs alone and "
+                                         f"at position {position} of a batch of {size} (max difference {diff:g})")
+
+
+BLOCK, HEADS, KV_HEADS, DIM = 16, 4, 2, 64
+
+
+def attention_row_op(backend_cls, dtype, device) -> RowOp:
+    """Rows are sequences: each a context of random length whose last tokens are new. Sequence 0
+    is the target; its new tokens' outputs must not depend on the sequences beside it. Each row's
+    new-token count is random (1: decode), so a batch mixes decode rows and prefill chunks."""
+    spec = AttentionSpec(HEADS, KV_HEADS, DIM, DIM ** -0.5, dtype, BLOCK, deterministic=True)
+    backend = backend_cls(spec)
+
+    def make(n, g):
+        lens = torch.randint(1, 80, (n,), generator=g)
+        new = torch.minimum(lens, torch.randint(1, 3, (n,), generator=g) ** 3)  # 1 or 8 new tokens
+        return {"lens": lens, "new": new, "q": [_r(g, int(m), HEADS, dtype) for m in new],
+                "k": [_r(g, int(s), KV_HEADS, dtype) for s in lens], "v": [_r(g, int(s), KV_HEADS, dtype) for s in lens]}
+
+    def forward(cache, table, chunks):
+        """One step over ``chunks`` [(table row, first position, q, k, v)]: the backend writes the
+        chunk's K/V into its own cache layout and attends; returns each chunk's output."""
+        starts, slots, seq_lens = [0], [], []
+        for row, first, q, _, _ in chunks:
+            positions = torch.arange(first, first + q.shape[0])
+            slots.append(table[row, positions // BLOCK].long() * BLOCK + positions % BLOCK)
+            starts.append(starts[-1] + q.shape[0])
+            seq_lens.append(first + q.shape[0])
+        picked = table[[c[0] for c in chunks]]
+        meta = AttentionMetadata(torch.tensor(starts, dtype=torch.int32, device=device),
+                                 torch.tensor(seq_lens, dtype=torch.int32, device=device), picked.to(device),
+                                 torch.cat(slots).to(device), max(e - b for b, e in zip(starts, starts[1:])),
+                                 max(seq_lens), starts, seq_lens)
+        q, k, v = (torch.cat([c[i] for c in chunks]).to(device) for i in (2, 3, 4))
+        out = backend.forward(q, k, v, cache, meta).cpu()
+        return [out[b:e] for b, e in zip(starts, starts[1:])]
+
+    def run(a, rows):
+        max_blocks = -(-80 // BLOCK)
+        cache = torch.zeros(backend_cls.kv_cache_shape(len(rows) * max_blocks + 1, BLOCK, KV_HEADS, DIM),
+                            dtype=spec.cache_dtype, device=device)
+        table = torch.arange(len(rows) * max_blocks).view(len(rows), max_blocks).int() + 1
+        context, new_tokens = [], []
+        for i, r in enumerate(rows.tolist()):
+            length, new = int(a["lens"][r]), int(a["new"][r])
+            old = length - new
+            if old:
+                context.append((i, 0, torch.zeros(old, HEADS, DIM, dtype=dtype), a["k"][r][:old], a["v"][r][:old]))
+            new_tokens.append((i, old, a["q"][r], a["k"][r][old:], a["v"][r][old:]))
+        if context:
+            forward(cache, table, context)
+        return forward(cache, table, new_tokens)
+
+    return RowOp(make, run)
+
+
+def _r(g, n, heads, dtype):
+    return torch.randn(n, heads, DIM, generator=g).to(dtype)

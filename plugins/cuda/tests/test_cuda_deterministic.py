@@ -1,0 +1,101 @@
+"""--deterministic on the CUDA plugin: the one-plan matmul and the fixed attention plan give a row
+the same bits alone and inside batches of 2 to 64 random rows (runtime_conformance's check), and,
+on a GPU, engines in bfloat16 with CUDA graphs return a request's tokens and logprobs bitwise the
+same alone and mixed into a busy batch (every tiny architecture and the Llama-3-8B shape).
+
+Without a GPU only the matmul's values are checked (under Triton's interpreter, float32): the
+interpreter runs tl.dot as a numpy matmul of the whole tile, whose rows are not independent of
+each other as the GPU's matrix units are, and its attention takes minutes.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime_conformance.batch_invariance import assert_batch_invariant, attention_row_op, row_ops
+
+batch_invariant = pytest.importorskip("runtime_triton.batch_invariant", reason="runtime-triton's kernels need triton")
+from runtime_cuda.backend import CudaTritonAttentionBackend  # noqa: E402
+
+REPO_TESTS = Path(__file__).resolve().parents[3] / "tests"
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_batch_invariant_linear_matches_torch(dtype, device, require_dot):
+    require_dot(dtype)
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=g).to(dtype).to(device) for shape in ((70, 200), (130, 200), (130,)))
+    expected = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    tolerance = 1e-4 if dtype == torch.float32 else 0.25
+    assert (batch_invariant.linear(x, w, b).double() - expected).abs().max().item() < tolerance
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the interpreter's tl.dot mixes a tile's rows")
+def test_batch_invariant_linear_rows_do_not_depend_on_the_batch(dtype, device):
+    assert_batch_invariant(row_ops(batch_invariant.linear, dtype, device)["linear"], f"cuda linear ({dtype})")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the interpreter's tl.dot mixes a tile's rows")
+def test_deterministic_attention_plan_does_not_depend_on_the_batch(dtype, device):
+    assert_batch_invariant(attention_row_op(CudaTritonAttentionBackend, dtype, device), f"triton attention ({dtype})")
+
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+
+
+def _engine_alone_and_mixed(model: str, dtype: str, sampled: int, greedy: int):
+    sys.path.insert(0, str(REPO_TESTS))
+    from determinism import mixed_jobs, run_schedule, targets
+
+    from runtime.engine.args import EngineArgs
+    from runtime.engine.core import EngineCore
+
+    # CUDA graphs stay on (no enforce_eager): decode steps replay captured batch-invariant kernels.
+    core = EngineCore(EngineArgs(model=model, dtype=dtype, deterministic=True, max_model_len=512,
+                                 max_num_batched_tokens=64, kv_cache_memory="2GiB", enable_prefix_caching=True))
+    rng = random.Random(0)
+    vocab = min(core.runner.settings.vocab_size, 30000)
+    target_jobs = targets(rng, vocab, sampled, greedy, max_tokens=16)
+    alone = {rid: run_schedule(core, [(0, rid, prompt, params)])[rid] for _, rid, prompt, params in target_jobs}
+    mixed = run_schedule(core, mixed_jobs(rng, vocab, target_jobs, others=40, last_step=12))
+    core.shutdown()
+    del core
+    gc.collect()
+    torch.cuda.empty_cache()
+    return alone, mixed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"])
+def test_tiny_models_in_bfloat16_do_not_depend_on_the_batch(arch, tmp_path):
+    sys.path.insert(0, str(REPO_TESTS))
+    from tiny_models import make_tiny_checkpoint
+
+    alone, mixed = _engine_alone_and_mixed(str(make_tiny_checkpoint(tmp_path, arch)), "bfloat16", sampled=10, greedy=10)
+    for rid in alone:
+        assert mixed[rid] == alone[rid], f"{arch} {rid}: tokens or logprobs differ alone and mixed into a batch"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_llama3_8b_shape_does_not_depend_on_the_batch(tmp_path):
+    sys.path.insert(0, str(REPO_TESTS))
+    from tiny_models import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path, "llama", **LLAMA3_8B)
+    alone, mixed = _engine_alone_and_mixed(str(path), "bfloat16", sampled=20, greedy=20)
+    for rid in alone:
+        assert mixed[rid] == alone[rid], f"Llama-3-8B shape {rid}: tokens or logprobs differ alone and mixed"

@@ -1,0 +1,59 @@
+"""Batch-invariant dense projection for ``--deterministic`` (contract 1.10).
+
+cuBLAS picks its kernel, tile and split-K by the number of rows, so a token's product depends on
+how many tokens share its step. This kernel has one plan for every row count: each program owns a
+BLOCK_M x BLOCK_N tile of the output and walks the whole reduction in BLOCK_K steps in order, no
+split of K, so every output element is the same sum in the same order whatever the batch (the
+tile sizes depend on the dtype only). Slower than cuBLAS at large batches (no tuned tiles, no
+split-K); docs/api.md#deterministic-mode gives the measured cost.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 64
+
+
+@triton.jit
+def _matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    reduce = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + reduce[None, :]
+    w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_wn + reduce[None, :]
+    row_ok, col_ok = rows[:, None] < M, cols[:, None] < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        k_ok = reduce[None, :] < K - k
+        x = tl.load(x_ptrs, mask=row_ok & k_ok, other=0.0)
+        w = tl.load(w_ptrs, mask=col_ok & k_ok, other=0.0)
+        acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok & (cols[None, :] < N))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` with each row's result independent of the other rows."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    m, k = rows.shape
+    n = weight.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m:
+        _matmul_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))](
+            rows, weight, bias if bias is not None else weight, out, m, n, k, rows.stride(0), weight.stride(0),
+            out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+            # float32 must not silently become TF32 in the matrix units.
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3)
+    return out.view(*x.shape[:-1], n)

@@ -68,6 +68,10 @@ class ScriptedEngine:
     is what every request gets; ``received`` records each request's prompt and params."""
 
     max_model_len = 4096
+    image_processor = None
+    """A text-only model (no images in chat)."""
+    pooler_config = None
+    """A generating engine (not --task embed)."""
 
     def __init__(self, tokenizer: Any, reasoning_parser: Optional[str] = None, chat_template: Optional[str] = None):
         self.args = EngineArgs(reasoning_parser=reasoning_parser)
@@ -78,7 +82,7 @@ class ScriptedEngine:
         self.received: list[Received] = []
 
     def add_request(self, request_id: str, prompt: str, prompt_token_ids: list[int], params: SamplingParams,
-                    priority: int = 0, observer=None, lora_request=None) -> ScriptedStream:
+                    priority: int = 0, observer=None, lora_request=None, mm_inputs=None) -> ScriptedStream:
         self.received.append(Received(prompt, params))
         reply = self.reply(prompt) if callable(self.reply) else self.reply
         return ScriptedStream(request_id, prompt, prompt_token_ids, token_pieces(self.tokenizer, reply), params)

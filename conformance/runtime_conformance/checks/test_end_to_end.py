@@ -129,7 +129,7 @@ def test_feature_models_match_reference(arch, target, tmp_path_factory):
         pytest.fail("no attention backend registered: no model can run")
     backend = target.backends[0]
     if arch == "gemma2" and not any(b.supports_sliding_window and b.supports_logits_soft_cap for b in target.backends):
-        pytest.skip(f"no attention backend of {platform.name} declares sliding windows and soft-capping")
+        pytest.skip(f"unsupported: no attention backend of {platform.name} declares sliding windows and soft-capping")
     head_size = pick(backend.supported_head_sizes, 64)
     model = Model(write_tiny_model(tmp_path_factory.mktemp(arch), head_size, arch), "float32",
                   pick(backend.supported_block_sizes, 16), _prompts())

@@ -47,3 +47,45 @@ def test_wna16_matches_float64_dequantized_product(rows, n, k, bits, group, act_
     step = {torch.float16: 2 ** -10, torch.float32: 2 ** -20}[dtype]
     allowed = 2 * step * (x.double().abs() @ data.dequantize(torch.float64).abs().T + bias.double().abs()) + 1e-6
     assert bool(((got.double() - expected).abs() <= allowed).all()), ((got.double() - expected).abs() / allowed).max()
+
+
+def test_a_plan_too_large_for_shared_memory_shrinks_and_is_remembered(monkeypatch):
+    """A launch whose tile asks more shared memory than the GPU has (Triton's OutOfResources, at
+    compile time) is retried with fewer stages, then half the K depth; the plan that fit is used
+    straight away next time. The kernel is a stand-in that only fits two stages and K depth 64."""
+    from triton.runtime.errors import OutOfResources
+
+    launches = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def launch(*args, BLOCK_K, num_stages, **kwargs):
+                launches.append((BLOCK_K, num_stages))
+                if num_stages > 2 or BLOCK_K > 64:
+                    raise OutOfResources(245760, 232448, "shared memory")
+            return launch
+
+    monkeypatch.setattr(wna16, "_wna16_kernel", Kernel())
+    monkeypatch.setattr(wna16, "FITTED_TILES", {})
+    weight = wna16.repack(_group_quant(64, 256, 4, 32, False, seed=0), torch.float16, torch.device("cpu"))
+    x = torch.randn(4, 256).half()
+    tiles = dict(block_m=16, block_n=64, block_k=128, split_k=1, num_warps=4, num_stages=4)
+    wna16.matmul(weight, x, **tiles)
+    assert launches == [(128, 4), (128, 3), (128, 2), (128, 1), (64, 2)]
+    launches.clear()
+    wna16.matmul(weight, x, **tiles)
+    assert launches == [(64, 2)]
+    # A stand-in that fits nothing: every smaller plan is tried once, then the error is raised.
+    class NothingFits:
+        def __getitem__(self, grid):
+            def launch(*args, BLOCK_K, num_stages, **kwargs):
+                launches.append((BLOCK_K, num_stages))
+                raise OutOfResources(245760, 232448, "shared memory")
+            return launch
+
+    monkeypatch.setattr(wna16, "_wna16_kernel", NothingFits())
+    monkeypatch.setattr(wna16, "FITTED_TILES", {})
+    launches.clear()
+    with pytest.raises(OutOfResources):
+        wna16.matmul(weight, x, **{**tiles, "block_k": 64, "num_stages": 2})
+    assert launches == [(64, 2), (64, 1), (32, 2), (32, 1)]

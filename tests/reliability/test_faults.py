@@ -8,6 +8,7 @@ import concurrent.futures
 import json
 import os
 import signal
+import threading
 import time
 
 import httpx
@@ -15,7 +16,7 @@ import pytest
 
 from runtime.platform.faults import ENV as INJECT_OOM
 
-from api_server import TINY_ARGS, ServerProcess, gone, metric
+from api_server import TINY_ARGS, ServerProcess, gone
 from tiny_models import make_tiny_checkpoint
 
 pytestmark = pytest.mark.xdist_group("engine-processes")
@@ -28,25 +29,33 @@ def checkpoint(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), "llama")
 
 
-def stream_until_it_ends(url: str, i: int) -> tuple[list[str], float]:
-    """The stream's lines and when it ended."""
+def stream_until_it_ends(url: str, i: int, streaming: threading.Event) -> tuple[list[str], float]:
+    """The stream's lines and when it ended; ``streaming`` is set once its first line arrived."""
     body = {"prompt": f"{i} once upon a time", "max_tokens": 240, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
         if response.status_code != 200:
+            streaming.set()
             return [f"status {response.status_code}", response.read().decode()], time.monotonic()
-        return [line for line in response.iter_lines() if line], time.monotonic()
+        lines = []
+        for line in response.iter_lines():
+            if line:
+                lines.append(line)
+                streaming.set()
+        return lines, time.monotonic()
 
 
 def fail_while_streaming(server: ServerProcess, fault) -> tuple[list[list[str]], int, float]:
-    """Run STREAMS streams, call ``fault()`` once all run; (each stream's lines, exit status,
-    seconds from the first stream's end to the server's exit)."""
+    """Run STREAMS streams, call ``fault()`` once each has streamed a token (running is not enough:
+    a loaded machine may still be computing a prompt); (each stream's lines, exit status, seconds
+    from the first stream's end to the server's exit)."""
     processes = server.descendants()
     try:
         with concurrent.futures.ThreadPoolExecutor(STREAMS) as pool:
-            futures = [pool.submit(stream_until_it_ends, server.url, i) for i in range(STREAMS)]
-            deadline = time.monotonic() + 30
-            while metric(server.url, "num_requests_running") < STREAMS and time.monotonic() < deadline:
-                time.sleep(0.02)
+            streaming = [threading.Event() for _ in range(STREAMS)]
+            futures = [pool.submit(stream_until_it_ends, server.url, i, streaming[i]) for i in range(STREAMS)]
+            deadline = time.monotonic() + 60
+            for event in streaming:
+                event.wait(max(0.0, deadline - time.monotonic()))
             fault()
             results = [future.result(timeout=60) for future in futures]
         code = server.proc.wait(timeout=45)
@@ -64,7 +73,7 @@ def assert_streams_failed(results: list[list[str]]) -> list[dict]:
         assert lines[-1] == "data: [DONE]", lines[-3:]
         error = json.loads(lines[-2][6:])["error"]
         assert error["code"] == "engine_dead", error
-        assert len(lines) > 3  # it had streamed tokens before the fault
+        assert len(lines) >= 3  # it had streamed a token before the fault, then the error and [DONE]
         errors.append(error)
     return errors
 

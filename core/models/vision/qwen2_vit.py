@@ -19,6 +19,7 @@ from torch import nn
 
 from ...multimodal.inputs import ImageInput
 from .activations import activation
+from .clip import ClipMLP
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -52,16 +53,6 @@ class VisionAttention(nn.Module):
         q, k = ((t.float() * cos + rotate_half(t.float()) * sin).to(v.dtype) for t in (q, k))
         out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask)
         return self.proj(out.transpose(0, 1).reshape(tokens, -1))
-
-
-class VisionMLP(nn.Module):
-    def __init__(self, width: int, hidden: int, act: str):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
-        self.act = activation(act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class GatedVisionMLP(nn.Module):
@@ -98,7 +89,7 @@ class VisionBlock(nn.Module):
         if is_qwen2_5(config):
             self.mlp = GatedVisionMLP(width, config.intermediate_size, config.hidden_act)
         else:
-            self.mlp = VisionMLP(width, int(width * config.mlp_ratio), config.hidden_act)
+            self.mlp = ClipMLP(width, int(width * config.mlp_ratio), config.hidden_act)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cos, sin, mask)

@@ -4,8 +4,9 @@ point per group of input columns, activations in the model's 16-bit (or 32-bit) 
 One layout serves GPTQ, AWQ and compressed-tensors (repacked at load from their unpacked form,
 ``runtime.platform.packed.GroupQuantData``): ``qweight`` int32 [K * bits / 32, N] holds
 ``32 / bits`` consecutive input rows of one output column per word (value j at bit ``j * bits``),
-so a tile of the weight is a run of whole words along N, read coalesced; ``scales`` and
-``zeros`` are [G, N] in the model's dtype (zero points are small integers, exact in it).
+so a tile of the weight is a run of whole words along N, read coalesced; ``scales`` are [G, N]
+in the model's dtype, ``zeros`` [G, N] int16 (zero points are small integers), so the weight keeps
+about the checkpoint's bytes.
 Act-order checkpoints are repacked with their input rows sorted by group, and ``apply`` gathers
 the activations' columns in the same order, so groups are always runs of ``group_size`` rows.
 
@@ -35,17 +36,19 @@ class WNA16Weight:
     scales: torch.Tensor
     """[K / group_size, N] in the model's dtype."""
     zeros: torch.Tensor
-    """[K / group_size, N] in the model's dtype."""
+    """[K / group_size, N] int16."""
     bits: int
     group_size: int
     order: torch.Tensor | None = None
-    """Input column order the rows were repacked in (act-order); None: as stored."""
+    """int32 [K]: input column order the rows were repacked in (act-order); None: as stored."""
 
 
 def supports(data: GroupQuantData) -> bool:
-    """4 or 8 bits, K a whole number of words, and (act-order) groups of equal size."""
+    """4 or 8 bits, K a whole number of words, integer zero points, and (act-order) groups of equal size."""
     k = data.qweight.shape[1]
     if data.bits not in (4, 8) or k % (32 // data.bits) or k % data.group_size:
+        return False
+    if not bool((data.zeros == data.zeros.round()).all()) or data.zeros.abs().max() > 2 ** 15 - 1:
         return False
     if data.g_idx is None:
         return True
@@ -57,7 +60,7 @@ def repack(data: GroupQuantData, dtype: torch.dtype, device: torch.device) -> WN
     """The kernel's layout of a weight ``supports`` accepts."""
     q, order = data.qweight, None
     if data.g_idx is not None:
-        order = torch.argsort(data.g_idx.long(), stable=True)
+        order = torch.argsort(data.g_idx.long(), stable=True).to(torch.int32)
         q = q[:, order]
     per = 32 // data.bits
     values = q.T.to(torch.int64).reshape(q.shape[1] // per, per, q.shape[0])
@@ -65,7 +68,7 @@ def repack(data: GroupQuantData, dtype: torch.dtype, device: torch.device) -> WN
     words = (values << shifts).sum(dim=1)  # disjoint bit fields: the sum is their bitwise or
     qweight = (words - (words >= 2 ** 31).to(torch.int64) * 2 ** 32).to(torch.int32)
     return WNA16Weight(qweight.contiguous().to(device), data.scales.T.contiguous().to(device, dtype),
-                       data.zeros.T.contiguous().to(device, dtype), data.bits, data.group_size,
+                       data.zeros.T.contiguous().to(device, torch.int16), data.bits, data.group_size,
                        None if order is None else order.to(device))
 
 
@@ -144,7 +147,7 @@ def matmul(weight: WNA16Weight, x: torch.Tensor, bias: torch.Tensor | None = Non
     """``x @ W.T + bias`` in ``x``'s dtype; ``tiles`` override :func:`plan`'s choice."""
     rows = x.reshape(-1, x.shape[-1])
     if weight.order is not None:
-        rows = rows[:, weight.order]
+        rows = rows.index_select(1, weight.order)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     m, k = rows.shape

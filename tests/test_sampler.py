@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from runtime.sample.params import SamplingParams
-from runtime.sample.sampler import Sampler, SamplingMetadata, _apply_bias_and_penalties
+from runtime.sample.sampler import Sampler, SamplingMetadata, _apply_bias_and_penalties, top_logprobs
 from runtime.sched.request import Request
 
 EOS = 2
@@ -247,3 +247,16 @@ def test_logprobs_from_half_precision_logits():
     assert out.logprobs.dtype == torch.float32
     torch.testing.assert_close(out.logprobs[0, 0], logits[0].float().log_softmax(-1).max())
     assert math.isclose(float(out.logprobs[0].exp()[1:].sum()), float(logits[0].float().softmax(-1).topk(2).values.sum()), rel_tol=1e-5)
+
+
+def test_top_logprobs_break_ties_by_token_id_like_a_stable_sort():
+    """Rows full of equal values (bfloat16 logits tie often): the list is a stable descending
+    sort's first k, whatever k, and the values are topk's."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        rows = (torch.randn(6, 64, generator=g) * 2).round() / 4
+        rows[0, :9] = float("-inf")
+        k = int(torch.randint(0, 65, (), generator=g))
+        values, ids = top_logprobs(rows, k)
+        expected_values, expected_ids = rows.sort(dim=-1, descending=True, stable=True)
+        assert torch.equal(values, expected_values[:, :k]) and torch.equal(ids, expected_ids[:, :k])

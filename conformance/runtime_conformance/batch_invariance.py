@@ -29,35 +29,53 @@ class RowOp:
     run: Callable[[dict, torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]]
 
 
+@dataclass(frozen=True)
+class RowDims:
+    """The sizes the row ops are checked at: small by default (the conformance suite); a plugin's
+    own tests pass a real model's (a kernel may change its plan with the width)."""
+
+    hidden: int = 576
+    """Input width of the linear and the norms."""
+    out_features: int = 320
+    intermediate: int = 384
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 64
+    vocab: int = 1000
+    rope_theta: float = 10000.0
+
+
 def _randn(g, *shape, dtype):
     return torch.randn(*shape, generator=g).to(dtype)
 
 
-def row_ops(fn: Callable, dtype: torch.dtype, device: torch.device) -> dict[str, RowOp]:
+def row_ops(fn: Callable, dtype: torch.dtype, device: torch.device, dims: RowDims = RowDims()) -> dict[str, RowOp]:
     """The row form of every op a batch-invariance claim means something for."""
     on = lambda t: t.to(device)  # noqa: E731
-    weight_k, weight_n = 576, 320
+    weight_k, weight_n, width, head = dims.hidden, dims.out_features, dims.hidden, dims.head_dim
     return {
         "linear": RowOp(
             lambda n, g: {"x": _randn(g, n, weight_k, dtype=dtype), "w": _randn(g, weight_n, weight_k, dtype=dtype),
                           "b": _randn(g, weight_n, dtype=dtype)},
             lambda a, r: fn(on(a["x"][r]), on(a["w"]), on(a["b"]))),
         "rms_norm": RowOp(
-            lambda n, g: {"x": _randn(g, n, 576, dtype=dtype), "w": _randn(g, 576, dtype=dtype)},
+            lambda n, g: {"x": _randn(g, n, width, dtype=dtype), "w": _randn(g, width, dtype=dtype)},
             lambda a, r: fn(on(a["x"][r]), on(a["w"]), 1e-6)),
         "fused_add_rms_norm": RowOp(
-            lambda n, g: {"x": _randn(g, n, 576, dtype=dtype), "res": _randn(g, n, 576, dtype=dtype),
-                          "w": _randn(g, 576, dtype=dtype)},
+            lambda n, g: {"x": _randn(g, n, width, dtype=dtype), "res": _randn(g, n, width, dtype=dtype),
+                          "w": _randn(g, width, dtype=dtype)},
             lambda a, r: fn(on(a["x"][r]), on(a["res"][r]), on(a["w"]), 1e-6)),
         "rotary_embedding": RowOp(
-            lambda n, g: {"pos": torch.randint(0, 512, (n,), generator=g), "q": _randn(g, n, 4, 64, dtype=dtype),
-                          "k": _randn(g, n, 2, 64, dtype=dtype),
-                          "cache": build_cos_sin_cache(64, 512, 10000.0).to(dtype)},
+            lambda n, g: {"pos": torch.randint(0, 512, (n,), generator=g), "q": _randn(g, n, dims.heads, head, dtype=dtype),
+                          "k": _randn(g, n, dims.kv_heads, head, dtype=dtype),
+                          "cache": build_cos_sin_cache(head, 512, dims.rope_theta).to(dtype)},
             lambda a, r: fn(on(a["pos"][r]), on(a["q"][r]), on(a["k"][r]), on(a["cache"]), True)),
-        "silu_and_mul": RowOp(lambda n, g: {"x": _randn(g, n, 2 * 384, dtype=dtype)}, lambda a, r: fn(on(a["x"][r]))),
-        "gelu_and_mul": RowOp(lambda n, g: {"x": _randn(g, n, 2 * 384, dtype=dtype)}, lambda a, r: fn(on(a["x"][r]))),
+        "silu_and_mul": RowOp(lambda n, g: {"x": _randn(g, n, 2 * dims.intermediate, dtype=dtype)},
+                              lambda a, r: fn(on(a["x"][r]))),
+        "gelu_and_mul": RowOp(lambda n, g: {"x": _randn(g, n, 2 * dims.intermediate, dtype=dtype)},
+                              lambda a, r: fn(on(a["x"][r]))),
         "apply_top_k_top_p_min_p": RowOp(
-            lambda n, g: {"logits": _randn(g, n, 1000, dtype=dtype) * 3,
+            lambda n, g: {"logits": _randn(g, n, dims.vocab, dtype=dtype) * 3,
                           "k": torch.randint(0, 60, (n,), generator=g),
                           "p": torch.rand(n, generator=g) * 0.5 + 0.5, "m": torch.rand(n, generator=g) * 0.1},
             lambda a, r: fn(on(a["logits"][r]), on(a["k"][r]), on(a["p"][r]), on(a["m"][r]))),
@@ -71,14 +89,14 @@ def _parts(output, position: int) -> list[torch.Tensor]:
     return [t[position:position + 1].cpu() for t in (output if isinstance(output, tuple) else (output,))]
 
 
-def assert_batch_invariant(op: RowOp, name: str, seed: int = 0) -> None:
-    """Every batch size of :data:`BATCH_SIZES`, row 0 of the inputs at a random position among
-    random rows: its output must equal, bitwise, its output alone."""
+def assert_batch_invariant(op: RowOp, name: str, seed: int = 0, sizes: tuple[int, ...] = BATCH_SIZES) -> None:
+    """Every batch size of ``sizes``, row 0 of the inputs at a random position among random rows:
+    its output must equal, bitwise, its output alone."""
     g = torch.Generator().manual_seed(seed)
-    pool = max(BATCH_SIZES) * 2
+    pool = max(sizes) * 2
     inputs = op.make(pool, g)
     alone = _parts(op.run(inputs, torch.tensor([0])), 0)
-    for size in BATCH_SIZES:
+    for size in sizes:
         for _ in range(TRIALS_PER_SIZE):
             rows = torch.randperm(pool - 1, generator=g)[:size] + 1
             position = int(torch.randint(0, size, (), generator=g))
@@ -91,21 +109,23 @@ def assert_batch_invariant(op: RowOp, name: str, seed: int = 0) -> None:
                                          f"at position {position} of a batch of {size} (max difference {diff:g})")
 
 
-BLOCK, HEADS, KV_HEADS, DIM = 16, 4, 2, 64
+BLOCK = 16
 
 
-def attention_row_op(backend_cls, dtype, device) -> RowOp:
+def attention_row_op(backend_cls, dtype, device, dims: RowDims = RowDims()) -> RowOp:
     """Rows are sequences: each a context of random length whose last tokens are new. Sequence 0
     is the target; its new tokens' outputs must not depend on the sequences beside it. Each row's
     new-token count is random (1: decode), so a batch mixes decode rows and prefill chunks."""
-    spec = AttentionSpec(HEADS, KV_HEADS, DIM, DIM ** -0.5, dtype, BLOCK, deterministic=True)
+    heads, kv_heads, dim = dims.heads, dims.kv_heads, dims.head_dim
+    spec = AttentionSpec(heads, kv_heads, dim, dim ** -0.5, dtype, BLOCK, deterministic=True)
     backend = backend_cls(spec)
 
     def make(n, g):
         lens = torch.randint(1, 80, (n,), generator=g)
         new = torch.minimum(lens, torch.randint(1, 3, (n,), generator=g) ** 3)  # 1 or 8 new tokens
-        return {"lens": lens, "new": new, "q": [_r(g, int(m), HEADS, dtype) for m in new],
-                "k": [_r(g, int(s), KV_HEADS, dtype) for s in lens], "v": [_r(g, int(s), KV_HEADS, dtype) for s in lens]}
+        return {"lens": lens, "new": new, "q": [_r(g, int(m), heads, dim, dtype) for m in new],
+                "k": [_r(g, int(s), kv_heads, dim, dtype) for s in lens],
+                "v": [_r(g, int(s), kv_heads, dim, dtype) for s in lens]}
 
     def forward(cache, table, chunks):
         """One step over ``chunks`` [(table row, first position, q, k, v)]: the backend writes the
@@ -127,7 +147,7 @@ def attention_row_op(backend_cls, dtype, device) -> RowOp:
 
     def run(a, rows):
         max_blocks = -(-80 // BLOCK)
-        cache = torch.zeros(backend_cls.kv_cache_shape(len(rows) * max_blocks + 1, BLOCK, KV_HEADS, DIM),
+        cache = torch.zeros(backend_cls.kv_cache_shape(len(rows) * max_blocks + 1, BLOCK, kv_heads, dim),
                             dtype=spec.cache_dtype, device=device)
         table = torch.arange(len(rows) * max_blocks).view(len(rows), max_blocks).int() + 1
         context, new_tokens = [], []
@@ -135,7 +155,7 @@ def attention_row_op(backend_cls, dtype, device) -> RowOp:
             length, new = int(a["lens"][r]), int(a["new"][r])
             old = length - new
             if old:
-                context.append((i, 0, torch.zeros(old, HEADS, DIM, dtype=dtype), a["k"][r][:old], a["v"][r][:old]))
+                context.append((i, 0, torch.zeros(old, heads, dim, dtype=dtype), a["k"][r][:old], a["v"][r][:old]))
             new_tokens.append((i, old, a["q"][r], a["k"][r][old:], a["v"][r][old:]))
         if context:
             forward(cache, table, context)
@@ -144,5 +164,5 @@ def attention_row_op(backend_cls, dtype, device) -> RowOp:
     return RowOp(make, run)
 
 
-def _r(g, n, heads, dtype):
-    return torch.randn(n, heads, DIM, generator=g).to(dtype)
+def _r(g, n, heads, dim, dtype):
+    return torch.randn(n, heads, dim, generator=g).to(dtype)

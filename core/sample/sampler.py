@@ -223,9 +223,27 @@ def _apply_bias_and_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> N
         logits.sub_(meta.frequency_penalties.unsqueeze(1) * counts + meta.presence_penalties.unsqueeze(1) * (counts > 0))
 
 
+def top_logprobs(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest of each row of ``logprobs`` [R, V] and their token ids, largest first,
+    equal values in token-id order. torch's topk orders ties by whichever algorithm it picks for
+    the tensor's shape (on CUDA, one per row or several blocks per row by the number of rows), so
+    a request's list would depend on its batch; the values it returns do not."""
+    k = min(k, logprobs.shape[-1])
+    if k == 0:
+        return logprobs[:, :0], torch.zeros(logprobs.shape[0], 0, dtype=torch.long, device=logprobs.device)
+    kth = logprobs.topk(k, dim=-1).values[:, -1:]
+    above, ties = logprobs > kth, logprobs == kth
+    # Of the values equal to the k-th, the lowest token ids fill the list (an integer count: exact).
+    chosen = above | (ties & (ties.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
+    ids = chosen.nonzero()[:, 1].view(logprobs.shape[0], k)
+    values = logprobs.gather(1, ids)
+    order = values.sort(dim=-1, descending=True, stable=True).indices
+    return values.gather(1, order), ids.gather(1, order)
+
+
 def _with_logprobs(token_ids: torch.Tensor, raw_logprobs: torch.Tensor, k: int) -> SamplerOutput:
     sampled = raw_logprobs.gather(1, token_ids.unsqueeze(1))
-    top_values, top_ids = raw_logprobs.topk(min(k, raw_logprobs.shape[-1]), dim=-1)
+    top_values, top_ids = top_logprobs(raw_logprobs, k)
     return SamplerOutput(
         token_ids=token_ids,
         logprob_token_ids=torch.cat([token_ids.unsqueeze(1), top_ids], dim=1),

@@ -31,7 +31,7 @@ from ..platform.buckets import bucket_for, sequence_buckets
 from ..platform.reference import host_cache_shape
 from ..pooling import PoolingSpec
 from ..pooling.pooler import pool, vector_bytes
-from ..sample.sampler import Sampler, SamplerOutput, SamplingMetadata
+from ..sample.sampler import Sampler, SamplerOutput, SamplingMetadata, top_logprobs
 from ..sample.params import SamplingParams
 from ..sched.request import Request
 from ..sched.scheduler import ScheduledRequest, SchedulerOutput
@@ -551,9 +551,9 @@ class ModelRunner:
             targets = torch.tensor(request.prompt_token_ids[first + 1:end + 1], device=hidden.device)
             actual = logprobs.gather(-1, targets.unsqueeze(-1))
             ranks = (logprobs > actual).sum(-1) + 1
-            top = logprobs.topk(k, dim=-1) if k > 0 else None
-            ids = torch.cat([targets.unsqueeze(-1), top.indices], -1) if top is not None else targets.unsqueeze(-1)
-            vals = torch.cat([actual, top.values], -1) if top is not None else actual
+            top_values, top_ids = top_logprobs(logprobs, k)
+            ids = torch.cat([targets.unsqueeze(-1), top_ids], -1)
+            vals = torch.cat([actual, top_values], -1)
             result.prompt_logprobs[request.request_id] = [
                 (row_ids, row_vals, rank) for row_ids, row_vals, rank in zip(ids.tolist(), vals.tolist(), ranks.tolist())]
             self.prompt_logprobs_next[request.request_id] = end

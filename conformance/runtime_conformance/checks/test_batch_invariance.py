@@ -6,6 +6,7 @@ A platform without ``supports_deterministic`` has nothing to prove here."""
 from __future__ import annotations
 
 import torch
+from runtime.platform import Kernel, reference
 
 from ..batch_invariance import RowOp, assert_batch_invariant, attention_row_op, row_ops
 from ..compare import dtype_name
@@ -26,7 +27,14 @@ def _claims(target):
 
 
 def _kernels(target):
-    claimed = [k for k in target.kernels if k.batch_invariant and k.op in row_ops(None, torch.float32, None)]
+    checked = row_ops(None, torch.float32, None)
+    claimed = [k for k in target.kernels if k.batch_invariant and k.op in checked]
+    if _claims(target):
+        # Ops the platform leaves to the core's reference run it on the platform's device under
+        # --deterministic: torch's own kernels there must keep rows apart too.
+        own = {k.op for k in claimed}
+        claimed += [Kernel(target.platform.name, op, reference.OPS[op], batch_invariant=True)
+                    for op in sorted(reference.BATCH_INVARIANT & checked.keys() - own)]
     if not _claims(target) or not claimed:
         yield unsupported("none", "the platform claims no batch-invariant row kernel (--deterministic)")
         return

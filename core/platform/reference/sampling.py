@@ -2,6 +2,9 @@
 
 import torch
 
+FIXED_POINT = 2.0 ** 40
+"""Units per probability 1 of the top-p running sum: 2**40 * vocab stays far inside int64."""
+
 
 def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """logits [B, V]; top_k [B] int (<= 0 or >= V: off); top_p [B] float (1: off); min_p [B] (0: off).
@@ -20,9 +23,14 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
     out = out.masked_fill(logits < kth, float("-inf"))
     ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
     probs_sorted = sorted_logits.float().masked_fill(ranks >= k.unsqueeze(-1), float("-inf")).softmax(-1)
-    before = probs_sorted.cumsum(-1) - probs_sorted
-    # top_p >= 1 is off: a float32 cumulative sum reaches 1.0 before a long tail ends and would cut it.
-    keep_sorted = (before < top_p.float().unsqueeze(-1)) | (top_p >= 1).unsqueeze(-1)
+    # The running sum in integers (units of 2**-40, exact in any order): a float sum's rounding depends
+    # on how the device's scan groups the additions, which on CUDA changes with the number of rows,
+    # and a row's mask must not depend on its batch (--deterministic).
+    units = (probs_sorted * FIXED_POINT).round().long()
+    before = units.cumsum(-1) - units
+    limit = (top_p.double() * FIXED_POINT).ceil().long().unsqueeze(-1)
+    # top_p >= 1 is off: rounded probabilities can sum past 1 before a long tail ends and would cut it.
+    keep_sorted = (before < limit) | (top_p >= 1).unsqueeze(-1)
     keep_sorted[:, 0] = True
     threshold = sorted_logits.masked_fill(~keep_sorted, float("inf")).min(-1, keepdim=True).values
     out = out.masked_fill(logits < threshold, float("-inf"))

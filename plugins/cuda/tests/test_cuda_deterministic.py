@@ -18,12 +18,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime_conformance.batch_invariance import assert_batch_invariant, attention_row_op, row_ops
+from runtime_conformance.batch_invariance import RowDims, RowOp, assert_batch_invariant, attention_row_op, row_ops
 
 batch_invariant = pytest.importorskip("runtime_triton.batch_invariant", reason="runtime-triton's kernels need triton")
 from runtime_cuda.backend import CudaTritonAttentionBackend  # noqa: E402
 
 REPO_TESTS = Path(__file__).resolve().parents[3] / "tests"
+LLAMA3_8B_ROWS = RowDims(hidden=4096, out_features=6144, intermediate=14336, heads=32, kv_heads=8, head_dim=128,
+                         vocab=128256, rope_theta=500000.0)
+"""The conformance check's row ops at Llama-3-8B's sizes: a kernel may change its plan with the width."""
+LLAMA3_8B_LINEARS = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 128256)]
+"""(in, out) of every projection: fused qkv, o, fused gate/up, down, lm_head."""
+GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the interpreter's tl.dot mixes a tile's rows")
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -99,3 +105,56 @@ def test_llama3_8b_shape_does_not_depend_on_the_batch(tmp_path):
     alone, mixed = _engine_alone_and_mixed(str(path), "bfloat16", sampled=20, greedy=20)
     for rid in alone:
         assert mixed[rid] == alone[rid], f"Llama-3-8B shape {rid}: tokens or logprobs differ alone and mixed"
+
+
+def _deterministic_cuda_ops():
+    from runtime.platform.registry import get_registry
+
+    return get_registry().kernels("cuda", deterministic=True)
+
+
+@pytest.mark.gpu
+@GPU_ONLY
+@pytest.mark.parametrize("op", ["rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul",
+                                "apply_top_k_top_p_min_p"])
+def test_what_deterministic_mode_runs_does_not_depend_on_the_batch_at_llama3_8b_sizes(op):
+    """Every op ``--deterministic`` picks on cuda (kernel or the core's reference run on the GPU)."""
+    fn = getattr(_deterministic_cuda_ops(), op)
+    assert_batch_invariant(row_ops(fn, torch.bfloat16, torch.device("cuda"), LLAMA3_8B_ROWS)[op], f"{op} at 8B sizes")
+
+
+@pytest.mark.gpu
+@GPU_ONLY
+@pytest.mark.parametrize("k,n", LLAMA3_8B_LINEARS, ids=lambda v: str(v))
+def test_deterministic_linear_does_not_depend_on_the_batch_at_llama3_8b_sizes(k, n):
+    dims = RowDims(hidden=k, out_features=n)
+    op = row_ops(_deterministic_cuda_ops().linear, torch.bfloat16, torch.device("cuda"), dims)["linear"]
+    # Past 64 rows too: the kernel's tiles change with the row count (its reduction order does not).
+    assert_batch_invariant(op, f"linear [{n}, {k}]", sizes=(2, 9, 64, 65, 300, 1100))
+
+
+@pytest.mark.gpu
+@GPU_ONLY
+def test_deterministic_attention_plan_does_not_depend_on_the_batch_at_llama3_8b_sizes():
+    op = attention_row_op(CudaTritonAttentionBackend, torch.bfloat16, torch.device("cuda"), LLAMA3_8B_ROWS)
+    assert_batch_invariant(op, "triton attention at 8B sizes")
+
+
+@pytest.mark.gpu
+@GPU_ONLY
+def test_the_samplers_log_softmax_does_not_depend_on_the_batch_at_llama3_8b_vocab():
+    """The sampler's logprobs are torch's log_softmax over the vocabulary on the GPU."""
+    op = RowOp(lambda n, g: {"logits": torch.randn(n, LLAMA3_8B_ROWS.vocab, generator=g) * 3},
+               lambda a, r: a["logits"][r].cuda().log_softmax(-1))
+    assert_batch_invariant(op, "log_softmax over 128256")
+
+
+@pytest.mark.gpu
+@GPU_ONLY
+def test_top_logprobs_do_not_depend_on_the_batch_at_llama3_8b_vocab():
+    """bfloat16 logits tie often; the reported top logprobs keep ties in token-id order in any batch."""
+    from runtime.sample.sampler import top_logprobs
+
+    op = RowOp(lambda n, g: {"logits": (torch.randn(n, LLAMA3_8B_ROWS.vocab, generator=g) * 3).bfloat16().float()},
+               lambda a, r: top_logprobs(a["logits"][r].cuda().log_softmax(-1), 5))
+    assert_batch_invariant(op, "top_logprobs over 128256")

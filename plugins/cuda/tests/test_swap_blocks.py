@@ -47,3 +47,22 @@ def test_copies_are_ordered_after_the_writes_before_them_and_before_the_reads_af
     reference = torch.zeros(host_cache_shape(shape, 1, 8))
     OPS["swap_blocks"]([cache.cpu()], [reference], torch.tensor([[3, 5]]), 1, to_host=True)
     assert torch.equal(host, reference)
+
+
+@pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "pageable"])
+def test_round_trip_through_the_host_matches_the_reference(pinned):
+    """Pinned host blocks are copied by kernels over the mapped memory, pageable ones by DMA per
+    block: both give the reference's host blocks and device blocks back."""
+    swap_blocks = _swap_blocks()
+    shape = AttentionBackend.kv_cache_shape(40, 16, 8, 128)
+    cache = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    host = torch.zeros(host_cache_shape(shape, 1, 12), dtype=torch.bfloat16, pin_memory=pinned)
+    out_pairs, in_pairs = torch.tensor([[3, 5], [17, 0], [39, 11]]), torch.tensor([[7, 11], [8, 5], [0, 0]])
+    expected_cache, expected_host = cache.cpu(), torch.zeros(host.shape, dtype=host.dtype)
+    OPS["swap_blocks"]([expected_cache], [expected_host], out_pairs, 1, to_host=True)
+    OPS["swap_blocks"]([expected_cache], [expected_host], in_pairs, 1, to_host=False)
+    swap_blocks([cache], [host], out_pairs, 1, to_host=True)
+    swap_blocks([cache], [host], in_pairs, 1, to_host=False)
+    torch.cuda.synchronize()
+    assert torch.equal(host.cpu(), expected_host)
+    assert torch.equal(cache.cpu(), expected_cache)

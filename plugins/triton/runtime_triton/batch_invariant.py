@@ -1,10 +1,14 @@
 """Batch-invariant dense projection for ``--deterministic`` (contract 1.10).
 
 cuBLAS picks its kernel, tile and split-K by the number of rows, so a token's product depends on
-how many tokens share its step. This kernel has one plan for every row count: each program owns a
-BLOCK_M x BLOCK_N tile of the output and walks the whole reduction in BLOCK_K steps in order, no
-split of K, so every output element is the same sum in the same order whatever the batch (the
-tile sizes depend on the dtype only). Slower than cuBLAS at large batches (no tuned tiles, no
+how many tokens share its step. In this kernel every output element is the same sum in the same
+order whatever the batch: each program owns a tile of the output and walks the whole reduction in
+BLOCK_K steps in order, no split of K, and BLOCK_K never changes. The tile's rows and columns do
+change with the row count for 16-bit types (narrow tiles give a few rows enough programs; wide ones
+feed the tensor cores at prefill): they only decide which elements a program computes, not how
+each is summed, as long as every tile is at least one 64-row warpgroup instruction wide
+(plugins/cuda/tests/test_cuda_deterministic.py checks rows alone against batches of up to 1100).
+float32 keeps one plan (IEEE products, no tensor-core shapes to choose). Slower than cuBLAS (no
 split-K); docs/api.md#deterministic-mode gives the measured cost.
 """
 
@@ -14,7 +18,18 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 64
+BLOCK_K = 64
+FLOAT32_TILES = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+FEW_ROW_TILES = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=4)
+MANY_ROW_TILES = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
+FEW_ROWS = 64
+"""Up to this many rows a product is weight-bound: narrow tiles, twice the programs."""
+
+
+def tiles(rows: int, dtype: torch.dtype) -> dict:
+    if dtype == torch.float32:
+        return FLOAT32_TILES
+    return FEW_ROW_TILES if rows <= FEW_ROWS else MANY_ROW_TILES
 
 
 @triton.jit
@@ -51,9 +66,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     n = weight.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m:
-        _matmul_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))](
+        plan = tiles(m, x.dtype)
+        _matmul_kernel[(triton.cdiv(m, plan["BLOCK_M"]), triton.cdiv(n, plan["BLOCK_N"]))](
             rows, weight, bias if bias is not None else weight, out, m, n, k, rows.stride(0), weight.stride(0),
-            out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+            out.stride(0), HAS_BIAS=bias is not None, BLOCK_K=BLOCK_K,
             # float32 must not silently become TF32 in the matrix units.
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3)
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **plan)
     return out.view(*x.shape[:-1], n)

@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
-
-import xgrammar as xgr
+from typing import TYPE_CHECKING, Any
 
 from ..sample.params import StructuredOutputsParams
+
+if TYPE_CHECKING:
+    # Imported where used: xgrammar takes seconds to import, and the CLI, the API processes and
+    # engines that see no constrained request never need it.
+    import xgrammar as xgr
 
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 
@@ -80,6 +83,7 @@ def _message(exc: BaseException) -> str:
 def check(params: StructuredOutputsParams) -> GrammarKey:
     """Parse ``params`` into a grammar (no tokenizer needed); raises ValueError naming the
     constraint and what is wrong with it. Returns its key."""
+    import xgrammar as xgr
     try:
         key = grammar_key(params)
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
@@ -103,6 +107,7 @@ def tokenizer_info(tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -
     """The vocabulary as xgrammar matches it, special tokens (``<pad>``, ``<|im_start|>``, ...)
     blanked: xgrammar never lets a blank token into a grammar (stop tokens still end it), where
     it would otherwise match their text inside a JSON string, text the detokenizer then drops."""
+    import xgrammar as xgr
     detected = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
     vocab = [""] * vocab_size
     for token, index in tokenizer.get_vocab().items():
@@ -120,6 +125,7 @@ class GrammarCompiler:
     """Compiles keys against one model's vocabulary. Thread-safe; xgrammar caches what it compiled."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int], max_threads: int = 1):
+        import xgrammar as xgr
         self.vocab_size = vocab_size
         self._compiler = xgr.GrammarCompiler(tokenizer_info(tokenizer, vocab_size, stop_token_ids),
                                              max_threads=max_threads)

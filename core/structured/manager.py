@@ -18,19 +18,21 @@ prompt (after any start-of-thinking token: the template closed the span) or in i
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Optional
-
-import xgrammar as xgr
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..reasoning import reasoning_markers
 from ..sched.request import Request
 from ..sched.scheduler import ScheduledRequest
 from .bitmask import GrammarBitmask
 from .grammar import GrammarCompiler, GrammarKey, check
+
+if TYPE_CHECKING:
+    import xgrammar as xgr
 
 logger = logging.getLogger("runtime")
 
@@ -66,8 +68,13 @@ class StructuredOutputManager:
         self._compiler: Optional[Future] = None
         self._grammars: dict[GrammarKey, Future] = {}
         self._states: dict[str, _State] = {}
-        self._batch = xgr.BatchGrammarMatcher("auto")
         self._reasoning = self._reasoning_tokens(reasoning_parser, tokenizer)
+
+    @functools.cached_property
+    def _batch(self) -> xgr.BatchGrammarMatcher:
+        import xgrammar as xgr
+
+        return xgr.BatchGrammarMatcher("auto")
 
     @staticmethod
     def _reasoning_tokens(name: Optional[str], tokenizer: Any) -> Optional[_Reasoning]:
@@ -106,6 +113,7 @@ class StructuredOutputManager:
 
     def is_ready(self, request_id: str) -> bool:
         """The request's grammar has compiled (or failed: see :meth:`error`); it may be scheduled."""
+        import xgrammar as xgr
         state = self._states.get(request_id)
         if state is None or state.matcher is not None or state.error is not None:
             return True
@@ -199,6 +207,7 @@ class StructuredOutputManager:
     def bitmask(self, items: list[ScheduledRequest]) -> Optional[GrammarBitmask]:
         """The masks of a step's sampled rows, in the runner's order (each sampling request's
         rows: its last token's, then one per proposal); None when no row is constrained."""
+        import xgrammar as xgr
         rows: list[int] = []
         plain: list[xgr.GrammarMatcher] = []
         speculative: list[tuple[int, xgr.GrammarMatcher, list[int]]] = []

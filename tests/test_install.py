@@ -113,10 +113,21 @@ def outside(tmp: Path) -> dict:
     return {"cwd": tmp, "env": {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}}
 
 
-def test_install_from_wheels_with_the_public_index_reachable(tmp_path):
-    # One test, not one per extra: both would rebuild the wheels in the same source folders at once.
-    wheels, view = tmp_path / "dist", third_party_site(tmp_path)
-    build_wheels(REPO, wheels)
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(third-party view, snapshot repository, its wheels), built once for both tests: from the
+    snapshot, so the build leaves the working tree's folders alone."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    tmp = tmp_path_factory.mktemp("built")
+    view, repo, wheels = third_party_site(tmp), snapshot(tmp), tmp / "dist"
+    build_wheels(repo, wheels)
+    return view, repo, wheels
+
+
+def test_install_from_wheels_with_the_public_index_reachable(built, tmp_path):
+    # One test, not one per extra: each extra is a fresh venv from the same wheels.
+    view, _, wheels = built
     checkpoint, expected = reference_text(tmp_path)
     for extra in ("cpu", "cuda"):
         tmp = Path(tempfile.mkdtemp(prefix=extra, dir=tmp_path))
@@ -171,11 +182,9 @@ def simple_index(wheels: Path, tmp: Path) -> Path:
     return root
 
 
-@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
-def test_every_documented_install_command_gets_this_project(tmp_path):
+def test_every_documented_install_command_gets_this_project(built, tmp_path):
     """docs/install.md's other commands, each into a fresh venv (the wheels command is the test above)."""
-    view, repo, wheels = third_party_site(tmp_path), snapshot(tmp_path), tmp_path / "dist"
-    build_wheels(repo, wheels)  # from the snapshot: the test above builds in the repository's folders
+    view, repo, wheels = built
     # A host, even for a local path: pip's requirement parser wants one in a git+file URL.
     url = f"git+file://localhost{repo}"
     commands = {

@@ -278,12 +278,12 @@ def test_lora_steps_replay_the_graphs_with_lora_and_the_others_those_without(che
     graphs = EngineCore(EngineArgs(model=str(checkpoint), **COMMON, **lora), registry=_registry())
     runner = graphs.runner
     decode_graphs = runner.decode_graphs
-    assert set(decode_graphs.graphs) == {(size, with_lora) for size in decode_graphs.sizes for with_lora in (False, True)}
+    assert set(decode_graphs.graphs) == {(size, 1, with_lora) for size in decode_graphs.sizes for with_lora in (False, True)}
     assert runner.lora_slots.active is False
     # Make the fake graphs as frozen as CUDA graphs: a replay runs the LoRA path exactly when its
     # graph was captured with it, whatever the runner's flag says now. Count replays and LoRA calls.
     replayed, lora_calls = [], [0]
-    for (size, with_lora), graph in decode_graphs.graphs.items():
+    for (size, _, with_lora), graph in decode_graphs.graphs.items():
         def replay(original=graph.replay, key=(size, with_lora)):
             replayed.append(key)
             active, runner.lora_slots.active = runner.lora_slots.active, key[1]

@@ -398,6 +398,56 @@ def test_sampled_sequences_keep_their_distribution(tmp_path):
     assert p_value > 1e-3, f"distributions differ (chi-square {float(stat):.1f} on {dof} dof)"
 
 
+
+class WrongThenRightProposer:
+    """Proposes the reference continuation with every token changed (all rejected) until a
+    request has ``switch`` output tokens, then the reference itself (all accepted)."""
+
+    def __init__(self, reference: dict[str, list[int]], prompt_lens: dict[str, int], switch: int):
+        self.reference, self.prompt_lens, self.switch = reference, prompt_lens, switch
+        self.proposing_steps: dict[str, list[int]] = {rid: [] for rid in reference}
+
+    def propose(self, out: SchedulerOutput) -> None:
+        for item in out.scheduled:
+            if not item.max_drafts:
+                continue
+            rid = item.request.request_id
+            done = item.request.num_tokens - self.prompt_lens[rid]
+            self.proposing_steps[rid].append(done)
+            truth = self.reference[rid][done:done + item.max_drafts]
+            item.set_drafts(truth if done >= self.switch else [(t + 1) % 300 for t in truth])
+
+
+def test_failing_proposals_back_off_in_the_engine_and_output_is_unchanged(checkpoints):
+    """Engine-level back-off: over 40 output tokens of wrong proposals a request verifies
+    proposals on its decode steps after 1, 2, 4, 8, 16, 32 tokens only (2^(z-1) - 1 steps of pause
+    after z failures), so zero acceptance costs a handful of wide steps; once proposals turn
+    right, the next proposing step accepts them and proposals return on every step. Greedy
+    output equals the output without proposals throughout."""
+    path = checkpoints("llama")
+    prompts = _repetitive_prompts(2, seed=9)
+    params = SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True)
+    options = dict(kv_cache_memory="8MiB", max_model_len=160)
+    reference = LLM(str(path), **options).generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    ref_tokens = {f"{i}": list(o.outputs[0].token_ids) for i, o in enumerate(reference)}
+    spec = LLM(str(path), speculative_config={"method": "ngram", "num_speculative_tokens": 4}, **options)
+    proposer = WrongThenRightProposer(ref_tokens, {f"{i}": len(p) for i, p in enumerate(prompts)}, switch=40)
+    spec.engine.proposer = proposer
+    for i, prompt in enumerate(prompts):
+        spec.engine.add_request(f"{i}", prompt, params)
+    tokens = {f"{i}": [] for i in range(len(prompts))}
+    while spec.engine.has_unfinished_requests():
+        for out in spec.engine.step():
+            tokens[out.request_id] += out.new_token_ids
+    assert tokens == ref_tokens
+    for steps in proposer.proposing_steps.values():
+        wrong = [done for done in steps if done < 40]
+        assert wrong == [1, 2, 4, 8, 16, 32]
+        right = [done for done in steps if done >= 40]
+        assert right[0] == 64  # the pause after the 6th failure (31 steps) ran out
+        # From then on every step proposes and accepts all 4: 5 tokens a step, up to max_tokens.
+        assert right == [64, 69, 74]
+
 def test_kv_cache_after_rejections_holds_the_accepted_tokens(checkpoints):
     """When a request finishes, the K/V of every position it computed equals a run without
     proposals (rejected proposals' slots were written again with the accepted tokens)."""

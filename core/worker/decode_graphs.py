@@ -9,6 +9,10 @@ replays the smallest one that holds it, padded (see :meth:`InputBuffers.load`).
 Attention is captured planned for the longest context (``max_model_len``); a backend's launch
 then covers any shorter one, its device code reading the real lengths from ``seq_lens``.
 
+With speculative decoding (k proposed tokens per request) a second ladder is captured for
+verification steps, every sequence padded to 1 + k query tokens (see verify_batch.py); the
+attention launch is planned for that query length, and a mixed step (prompt chunks) runs eagerly.
+
 With LoRA enabled every size is captured twice: with the LoRA path on (each projection's
 ``lora_add`` reads the step's per-token slots) and off (no LoRA kernel at all). A step replays
 the first only when one of its tokens has an adapter (``LoRASlots.active``), so serving the base
@@ -18,6 +22,7 @@ model costs what it does with LoRA disabled.
 from __future__ import annotations
 
 import bisect
+import collections
 import dataclasses
 import functools
 import logging
@@ -43,11 +48,14 @@ def capture_sizes(max_batch: int) -> list[int]:
     return ladder[:top + 1]
 
 
-def _dummy_decode(num_seqs: int) -> StepInputs:
-    """``num_seqs`` one-token sequences that write nothing and read the null block."""
-    ones = np.ones(num_seqs, dtype=np.int64)
-    return StepInputs(input_ids=np.zeros(num_seqs, dtype=np.int64), positions=np.zeros(num_seqs, dtype=np.int64),
-                      slot_mapping=-ones, query_start_loc=np.arange(num_seqs + 1, dtype=np.int64), seq_lens=ones,
+def _dummy_step(num_seqs: int, query_len: int) -> StepInputs:
+    """``num_seqs`` sequences of ``query_len`` tokens that write nothing (their keys are read
+    through the block table at capture, whatever it holds; nothing reads the outputs)."""
+    tokens = num_seqs * query_len
+    return StepInputs(input_ids=np.zeros(tokens, dtype=np.int64), positions=np.zeros(tokens, dtype=np.int64),
+                      slot_mapping=np.full(tokens, -1, dtype=np.int64),
+                      query_start_loc=np.arange(num_seqs + 1, dtype=np.int64) * query_len,
+                      seq_lens=np.full(num_seqs, query_len, dtype=np.int64),
                       block_table=np.zeros((num_seqs, 1), dtype=np.int64))
 
 
@@ -60,49 +68,69 @@ class _Graph:
 
 
 class DecodeGraphs:
-    """One captured forward pass (input ids -> final hidden states) per ladder batch size, and
-    per LoRA state when ``lora`` (the runner's ``LoRASlots``) is given."""
+    """One captured forward pass (input ids -> final hidden states) per ladder batch size and
+    query length (1, and 1 + k with ``num_speculative_tokens`` k), and per LoRA state when
+    ``lora`` (the runner's ``LoRASlots``) is given."""
 
     def __init__(self, platform: Platform, model: Callable[[ForwardBatch], torch.Tensor], buffers: InputBuffers,
-                 kv_caches: list[torch.Tensor], max_model_len: int, max_batch: int, lora: Any = None):
+                 kv_caches: list[torch.Tensor], max_model_len: int, max_batch: int, lora: Any = None,
+                 num_speculative_tokens: int = 0):
         self.platform, self.model, self.buffers = platform, model, buffers
         self.kv_caches, self.max_model_len = kv_caches, max_model_len
         self.lora = lora
         self.sizes = capture_sizes(min(max_batch, buffers.max_seqs, buffers.max_tokens))
-        self.graphs: dict[tuple[int, bool], _Graph] = {}
-        """By (batch size, captured with the LoRA path on)."""
+        """The decode ladder (one token per sequence)."""
+        self.ladders: dict[int, list[int]] = {1: self.sizes}
+        """Captured batch sizes by query tokens per sequence."""
+        if num_speculative_tokens:
+            query_len = 1 + num_speculative_tokens
+            # The padded step must fit the input buffers, sized for the step budget and the decode ladder.
+            self.ladders[query_len] = [size for size in self.sizes if size * query_len <= buffers.max_tokens]
+        self.graphs: dict[tuple[int, int, bool], _Graph] = {}
+        """By (batch size, query tokens per sequence, captured with the LoRA path on)."""
+        self.replays: collections.Counter[tuple[int, int]] = collections.Counter()
+        """Replays by (batch size, query tokens per sequence), for tests and logs."""
 
     def capture(self) -> None:
-        """Capture every size, largest first so the smaller graphs reuse its pool memory."""
+        """Capture every shape, most tokens first so the smaller graphs reuse its pool memory."""
         start = time.perf_counter()
         pool = self.platform.graph_pool()
         lora_states = (False, True) if self.lora is not None else (False,)
-        for size in reversed(self.sizes):
+        shapes = sorted(((size, query_len) for query_len, sizes in self.ladders.items() for size in sizes),
+                        key=lambda shape: -shape[0] * shape[1])
+        for size, query_len in shapes:
             for with_lora in lora_states:
                 if self.lora is not None:
                     self.lora.active = with_lora
                 # A batch of its own per graph: launch plans in its metadata own what the graph reads.
-                input_ids, positions, meta = self.buffers.load(_dummy_decode(size), max_seq_len=self.max_model_len)
+                input_ids, positions, meta = self.buffers.load(_dummy_step(size, query_len),
+                                                               max_seq_len=self.max_model_len)
                 meta = dataclasses.replace(meta, block_table=self.buffers.full_width_block_table(size))
                 batch = ForwardBatch(input_ids, positions, meta, self.kv_caches)
                 self.model(batch)  # compiles kernels and plans launches outside the capture
                 replay, hidden = self.platform.capture_graph(functools.partial(self.model, batch), pool)
-                self.graphs[size, with_lora] = _Graph(replay, hidden, batch)
+                self.graphs[size, query_len, with_lora] = _Graph(replay, hidden, batch)
         if self.lora is not None:
             self.lora.active = False
         self.platform.synchronize()
-        logger.info("captured decode graphs for %d batch sizes (1 to %d)%s in %.1f s", len(self.sizes),
-                    self.sizes[-1], ", with and without LoRA," if self.lora is not None else "",
-                    time.perf_counter() - start)
+        verify = [f"{len(sizes)} of {query_len} tokens per sequence" for query_len, sizes in self.ladders.items()
+                  if query_len > 1 and sizes]
+        logger.info("captured decode graphs for %d batch sizes (1 to %d)%s%s in %.1f s", len(self.sizes),
+                    self.sizes[-1], "".join(f", verification graphs for {v} batch sizes" for v in verify),
+                    ", with and without LoRA," if self.lora is not None else "", time.perf_counter() - start)
 
-    def size_for(self, num_seqs: int) -> int | None:
-        """The captured batch size a decode step of ``num_seqs`` sequences runs at, or None (eager)."""
-        index = bisect.bisect_left(self.sizes, num_seqs)
-        return self.sizes[index] if index < len(self.sizes) and self.graphs else None
+    def size_for(self, num_seqs: int, query_len: int = 1) -> int | None:
+        """The captured batch size a step of ``num_seqs`` sequences of ``query_len`` tokens each
+        runs at, or None (eager)."""
+        sizes = self.ladders.get(query_len, [])
+        index = bisect.bisect_left(sizes, num_seqs)
+        return sizes[index] if index < len(sizes) and self.graphs else None
 
-    def run(self, size: int) -> torch.Tensor:
-        """Replay the graph of ``size`` on what :meth:`InputBuffers.load` last copied (the one with
-        the LoRA path when the step has adapted tokens); hidden [size, H]."""
-        graph = self.graphs[size, self.lora is not None and self.lora.active]
+    def run(self, size: int, query_len: int = 1) -> torch.Tensor:
+        """Replay the graph of ``size`` sequences of ``query_len`` tokens on what
+        :meth:`InputBuffers.load` last copied (the one with the LoRA path when the step has
+        adapted tokens); hidden [size * query_len, H]."""
+        graph = self.graphs[size, query_len, self.lora is not None and self.lora.active]
+        self.replays[size, query_len] += 1
         graph.replay()
         return graph.hidden

@@ -42,6 +42,7 @@ from .determinism import check_batch_invariant, check_batch_invariant_method
 from .encoder_outputs import EncoderOutputs
 from .input_buffers import InputBuffers, StepInputs, asynchronous_copies, host_to_device, step_inputs
 from .pipeline import StageLink
+from .verify_batch import pad_verification, verification_size
 
 def _without_autograd(method):
     """Run a runner method under ``torch.inference_mode``, or ``torch.no_grad`` where the platform
@@ -184,6 +185,8 @@ class ModelRunner:
         self.static_buckets: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         """(token buckets, sequence buckets) of a static-shape platform; see :meth:`prepare_inputs`."""
         self.decode_graphs: DecodeGraphs | None = None
+        self.num_speculative_tokens = 0
+        """k of the verification graphs (0: none captured)."""
         self.draft: ModelRunner | None = None
         """The draft model's runner, on rank 0 of an engine proposing with a draft model."""
 
@@ -278,10 +281,13 @@ class ModelRunner:
         return peak
 
     @_without_autograd
-    def capture_decode_graphs(self, max_num_seqs: int) -> None:
-        """Capture decode steps for batch sizes up to ``max_num_seqs`` (after the KV cache exists)."""
+    def capture_decode_graphs(self, max_num_seqs: int, num_speculative_tokens: int = 0) -> None:
+        """Capture decode steps for batch sizes up to ``max_num_seqs`` (after the KV cache exists),
+        and with ``num_speculative_tokens`` k verification steps of 1 + k tokens per sequence."""
         self.decode_graphs = DecodeGraphs(self.platform, self.model, self.buffers, self.kv_caches,
-                                          self.max_model_len, max_num_seqs, lora=self.lora_slots)
+                                          self.max_model_len, max_num_seqs, lora=self.lora_slots,
+                                          num_speculative_tokens=num_speculative_tokens)
+        self.num_speculative_tokens = num_speculative_tokens
         self.decode_graphs.capture()
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
@@ -313,11 +319,21 @@ class ModelRunner:
             for s in scheduled)
         if self.encoder_outputs is not None:
             self.encoder_outputs.update(out)
+        verify_size = None if images or self.decode_graphs is None else verification_size(
+            scheduled, self.num_speculative_tokens, self.buffers.width * self.block_size, self.decode_graphs.size_for)
+        query_start = step.query_start_loc
         if graph_size is not None and len(step.input_ids) == len(scheduled) and not images:
             self._place_adapters(scheduled, step.query_start_loc, graph_size)
             self.buffers.load(step, padded_seqs=graph_size)
             self._copy_pending_tokens(scheduled, step.query_start_loc, previous)
             hidden = self.decode_graphs.run(graph_size)
+        elif verify_size is not None:
+            query_len = 1 + self.num_speculative_tokens
+            padded = pad_verification(step, query_len, verify_size, self.block_size)
+            query_start = padded.query_start_loc  # verification finds each request's rows from its start
+            self._place_adapters(scheduled, query_start[:len(scheduled) + 1], verify_size * query_len)
+            self.buffers.load(padded, max_seq_len=self.max_model_len)
+            hidden = self.decode_graphs.run(verify_size, query_len)
         else:
             static = self._static_shape(step)
             self._place_adapters(scheduled, step.query_start_loc, static[0] if static else len(step.input_ids))
@@ -327,7 +343,7 @@ class ModelRunner:
             if images:
                 self._add_images(scheduled, batch, step)
             hidden = self.model(batch, self._stage_input(len(input_ids)))
-        pending = PendingStep(scheduled, step.query_start_loc, hidden)
+        pending = PendingStep(scheduled, query_start, hidden)
         if not self.pp.is_last:
             if self.stage_link is not None:
                 pending.handed_on = self.stage_link.send(hidden)
@@ -387,8 +403,9 @@ class ModelRunner:
         """Sample a step with proposed tokens: the logits of each sampling request's last token
         and of its proposals, verified together (``Sampler.verify``)."""
         drafts = [scheduled[i].draft_token_ids for i in sample_rows]
-        rows = np.concatenate([np.arange(int(query_start[i + 1]) - 1 - len(d), int(query_start[i + 1]))
-                               for i, d in zip(sample_rows, drafts)])
+        # From each request's first row: a verification graph's step pads requests after their tokens.
+        last_known = [int(query_start[i]) + scheduled[i].num_new_tokens - 1 - len(d) for i, d in zip(sample_rows, drafts)]
+        rows = np.concatenate([np.arange(first, first + len(d) + 1) for first, d in zip(last_known, drafts)])
         layout = DraftLayout([scheduled[i].request for i in sample_rows], drafts, self.device)
         sampling = SamplingMetadata.from_requests(layout.row_views, self.settings.vocab_size, self.device, self.generators)
         sampling.grammar = mask
@@ -510,7 +527,9 @@ class ModelRunner:
         proposing): ``first`` is computed and the argmax after each of its ``last_rows`` (token
         indices) starts a chain; pass j then feeds chain i its latest token at the next
         position, for the chains with ``widths[i] > j`` (widths sorted largest first, so those
-        are the first rows). Returns each chain's ``widths[i]`` tokens."""
+        are the first rows). Returns each chain's ``widths[i]`` tokens. Passes after the first
+        replay the decode graphs where this runner captured them; the first, of one or two known
+        tokens per request beside prompt chunks, runs eagerly."""
         input_ids, positions, meta = self.buffers.load(first)
         hidden = self.model(ForwardBatch(input_ids, positions, meta, self.kv_caches))
         rows = host_to_device(last_rows, torch.int64, self.device)
@@ -525,10 +544,14 @@ class ModelRunner:
                                list(tables[:n]), self.block_size)
             if j >= 2 and loaded[j - 2] is not None:
                 loaded[j - 2].synchronize()  # its staging half is the one this load refills
-            input_ids, positions, meta = self.buffers.load(step)
+            graph_size = self.decode_graphs.size_for(n) if self.decode_graphs is not None else None
+            input_ids, positions, meta = self.buffers.load(step, padded_seqs=graph_size)
             loaded.append(self._loaded_event())
             self.buffers.input_ids[:n].copy_(tokens[-1][:n])
-            hidden = self.model(ForwardBatch(input_ids, positions, meta, self.kv_caches))
+            if graph_size is None:
+                hidden = self.model(ForwardBatch(input_ids, positions, meta, self.kv_caches))
+            else:
+                hidden = self.decode_graphs.run(graph_size)
             tokens.append(self.model.compute_logits(hidden[:n]).argmax(-1))
             next_positions = next_positions[:n] + 1
         chains = [t.tolist() for t in tokens]

@@ -252,7 +252,11 @@ def build_runner(plan: RunnerPlan, registry: Registry, platform: Platform, sourc
                                       None if place.pp.is_last else place.rank + tp_size,
                                       runner.settings.hidden_size, plan.torch_dtype, runner.device)
     if plan.graphs:
-        runner.capture_decode_graphs(plan.max_num_seqs)
+        k = plan.speculative.num_speculative_tokens if plan.speculative is not None else 0
+        runner.capture_decode_graphs(plan.max_num_seqs, k)
+        if draft is not None:
+            # The draft's passes after its first are decode steps of one token per proposing request.
+            draft.capture_decode_graphs(plan.max_num_seqs)
     return runner, num_blocks, activation_bytes
 
 

@@ -334,8 +334,8 @@ def test_mixed_lora_batch_matches_cpu(name, dtype, tiny, tmp_path):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_speculative_greedy_output_matches_without_proposals(dtype, tiny, tmp_path):
     """On cuda: n-gram proposals, and the model as its own draft (every proposal accepted only if
-    the draft's K/V is right), give the tokens of the same engine without proposals; plain decode
-    steps replay graphs, verification steps run eagerly."""
+    the draft's K/V is right), give the tokens of the same engine without proposals; decode and
+    verification steps replay graphs (test_gpu_verify_graphs.py counts the replays)."""
     path, prompts, _ = tiny("llama")
     repetitive = [(p * 3)[:len(p) * 2 + 1] for p in prompts if len(p) > 3]
 

@@ -1,0 +1,96 @@
+"""Speculative verification steps replayed from CUDA graphs (1 + k query tokens per sequence,
+fewer proposals padded): greedy output with proposals and graphs is the output without
+proposals, the verification graphs were replayed (the runner's replay counts by shape, not
+timing), the draft model's passes replayed its decode graphs, and seeded sampling draws the
+same tokens with graphs as eagerly. Tiny random models, float32 and bfloat16.
+
+Skipped without a GPU. Run: ``.venv/bin/python -m pytest -q plugins/cuda/tests/test_gpu_verify_graphs.py``.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime import LLM, SamplingParams
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+REPO_TESTS = Path(__file__).resolve().parents[3] / "tests"
+# How close a near-tie must be (logprob gap) to excuse a different greedy token, per dtype.
+LOGPROB_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.35}
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    sys.path.insert(0, str(REPO_TESTS))
+    from tiny_models import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("verify_graphs"), "llama")
+
+
+def _prompts() -> list[list[int]]:
+    """Prompts that repeat themselves, of varied lengths: the n-gram lookup proposes 0 to 4 tokens."""
+    rng = random.Random(3)
+    prompts = []
+    for i in range(6):
+        base = [rng.randrange(6, 300) for _ in range(rng.randrange(3, 30))]
+        prompts.append((base * 3)[:len(base) * 2 + i % 5])
+    return prompts
+
+
+def _generate(path, dtype: str, params: SamplingParams, **engine_args):
+    """(CompletionOutputs, verification replays, draft replays) of a fresh engine on ``_prompts()``."""
+    llm = LLM(str(path), device="cuda", dtype=dtype, kv_cache_memory="64MiB", max_num_seqs=8, **engine_args)
+    outputs = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in _prompts()], params,
+                                                   use_tqdm=False)]
+    runner = llm.engine.runner
+    graphs = runner.decode_graphs
+    verify = sum(n for (_, query_len), n in graphs.replays.items() if query_len > 1) if graphs is not None else 0
+    draft = sum(runner.draft.decode_graphs.replays.values()) if runner.draft is not None and \
+        runner.draft.decode_graphs is not None else 0
+    del llm, runner, graphs
+    gc.collect()
+    torch.cuda.empty_cache()
+    return outputs, verify, draft
+
+
+def _divergence(ours, ref, tolerance: float) -> str | None:
+    """Where greedy ``ours`` departs from ``ref`` (with logprobs) beyond a near-tie."""
+    for step, (token, ref_token) in enumerate(zip(ours.token_ids, ref.token_ids)):
+        if token == ref_token:
+            continue
+        row = ref.logprobs[step]
+        gap = row[ref_token].logprob - (row[token].logprob if token in row else -math.inf)
+        return None if gap <= tolerance else f"token {step}: {token}, without proposals {ref_token} (gap {gap:.4f})"
+    return None if len(ours.token_ids) == len(ref.token_ids) else "different lengths"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_greedy_output_with_verification_graphs_matches_without_proposals(dtype, checkpoint):
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=5)
+    plain, _, _ = _generate(checkpoint, dtype, params)
+    configs = [NGRAM, {"method": "draft_model", "model": str(checkpoint), "num_speculative_tokens": 3}]
+    for config in configs:
+        ours, verify_replays, draft_replays = _generate(checkpoint, dtype, params, speculative_config=config)
+        problems = [f"prompt {i}: {d}" for i, (o, r) in enumerate(zip(ours, plain))
+                    if (d := _divergence(o, r, LOGPROB_TOLERANCE[dtype]))]
+        assert not problems, f"{config['method']} with graphs ({dtype}) changed the output: " + "; ".join(problems)
+        assert verify_replays > 0, f"{config['method']}: no verification step replayed a graph"
+        if config["method"] == "draft_model":
+            assert draft_replays > 0, "the draft model's passes replayed no decode graph"
+
+
+def test_seeded_sampling_draws_the_same_tokens_with_and_without_verification_graphs(checkpoint):
+    params = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, seed=11, max_tokens=32, ignore_eos=True)
+    graphs, verify_replays, _ = _generate(checkpoint, "float32", params, speculative_config=NGRAM)
+    eager, eager_replays, _ = _generate(checkpoint, "float32", params, speculative_config=NGRAM, enforce_eager=True)
+    assert verify_replays > 0 and eager_replays == 0
+    assert [o.token_ids for o in graphs] == [o.token_ids for o in eager]

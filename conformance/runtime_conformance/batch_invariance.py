@@ -127,24 +127,6 @@ def attention_row_op(backend_cls, dtype, device, dims: RowDims = RowDims()) -> R
                 "k": [_r(g, int(s), kv_heads, dim, dtype) for s in lens],
                 "v": [_r(g, int(s), kv_heads, dim, dtype) for s in lens]}
 
-    def forward(cache, table, chunks):
-        """One step over ``chunks`` [(table row, first position, q, k, v)]: the backend writes the
-        chunk's K/V into its own cache layout and attends; returns each chunk's output."""
-        starts, slots, seq_lens = [0], [], []
-        for row, first, q, _, _ in chunks:
-            positions = torch.arange(first, first + q.shape[0])
-            slots.append(table[row, positions // BLOCK].long() * BLOCK + positions % BLOCK)
-            starts.append(starts[-1] + q.shape[0])
-            seq_lens.append(first + q.shape[0])
-        picked = table[[c[0] for c in chunks]]
-        meta = AttentionMetadata(torch.tensor(starts, dtype=torch.int32, device=device),
-                                 torch.tensor(seq_lens, dtype=torch.int32, device=device), picked.to(device),
-                                 torch.cat(slots).to(device), max(e - b for b, e in zip(starts, starts[1:])),
-                                 max(seq_lens), starts, seq_lens)
-        q, k, v = (torch.cat([c[i] for c in chunks]).to(device) for i in (2, 3, 4))
-        out = backend.forward(q, k, v, cache, meta).cpu()
-        return [out[b:e] for b, e in zip(starts, starts[1:])]
-
     def run(a, rows):
         max_blocks = -(-80 // BLOCK)
         cache = torch.zeros(backend_cls.kv_cache_shape(len(rows) * max_blocks + 1, BLOCK, kv_heads, dim),
@@ -158,10 +140,61 @@ def attention_row_op(backend_cls, dtype, device, dims: RowDims = RowDims()) -> R
                 context.append((i, 0, torch.zeros(old, heads, dim, dtype=dtype), a["k"][r][:old], a["v"][r][:old]))
             new_tokens.append((i, old, a["q"][r], a["k"][r][old:], a["v"][r][old:]))
         if context:
-            forward(cache, table, context)
-        return forward(cache, table, new_tokens)
+            _forward(backend, device, cache, table, context)
+        return _forward(backend, device, cache, table, new_tokens)
 
     return RowOp(make, run)
+
+
+def _forward(backend, device, cache, table, chunks):
+    """One step over ``chunks`` [(table row, first position, q, k, v)]: the backend writes the
+    chunks' K/V into its own cache layout and attends; returns each chunk's output."""
+    starts, slots, seq_lens = [0], [], []
+    for row, first, q, _, _ in chunks:
+        positions = torch.arange(first, first + q.shape[0])
+        slots.append(table[row, positions // BLOCK].long() * BLOCK + positions % BLOCK)
+        starts.append(starts[-1] + q.shape[0])
+        seq_lens.append(first + q.shape[0])
+    picked = table[[c[0] for c in chunks]]
+    meta = AttentionMetadata(torch.tensor(starts, dtype=torch.int32, device=device),
+                             torch.tensor(seq_lens, dtype=torch.int32, device=device), picked.to(device),
+                             torch.cat(slots).to(device), max(e - b for b, e in zip(starts, starts[1:])),
+                             max(seq_lens), starts, seq_lens)
+    q, k, v = (torch.cat([c[i] for c in chunks]).to(device) for i in (2, 3, 4))
+    out = backend.forward(q, k, v, cache, meta).cpu()
+    return [out[b:e] for b, e in zip(starts, starts[1:])]
+
+
+CHUNKINGS = ((70,), (1, 69), (7, 63), (16, 54), (33, 37), (64, 6), (65, 1, 1, 1, 1, 1))
+"""Ways one 70-token sequence is fed: whole, split anywhere (where a step's token budget ends), decoded."""
+
+
+def assert_chunking_invariant(backend_cls, dtype, device, dims: RowDims = RowDims()) -> None:
+    """One sequence fed in each of :data:`CHUNKINGS`: every query's output bitwise the same. A
+    prompt's chunks are cut where the step's token budget runs out, which depends on the batch."""
+    heads, kv_heads, dim = dims.heads, dims.kv_heads, dims.head_dim
+    backend = backend_cls(AttentionSpec(heads, kv_heads, dim, dim ** -0.5, dtype, BLOCK, deterministic=True))
+    g = torch.Generator().manual_seed(0)
+    length = sum(CHUNKINGS[0])
+    q, k, v = (_r(g, length, h, dim, dtype) for h in (heads, kv_heads, kv_heads))
+    table = torch.arange(-(-length // BLOCK)).view(1, -1).int() + 1
+    whole = None
+    for sizes in CHUNKINGS:
+        cache = torch.zeros(backend_cls.kv_cache_shape(table.numel() + 1, BLOCK, kv_heads, dim),
+                            dtype=backend.spec.cache_dtype, device=device)
+        outputs, first = [], 0
+        for size in sizes:
+            end = first + size
+            outputs += _forward(backend, device, cache, table, [(0, first, q[first:end], k[first:end], v[first:end])])
+            first = end
+        got = torch.cat(outputs)
+        if whole is None:
+            whole = got
+        elif not torch.equal(got, whole):
+            position = int((got != whole).flatten(1).any(1).nonzero()[0])
+            diff = (got.double() - whole.double()).abs().max().item()
+            raise AssertionError(f"{backend_cls.name} ({dtype}) depends on where a prompt is cut: fed in chunks {sizes}, "
+                                 f"query {position} differs from the whole prompt's (max difference {diff:g})")
 
 
 def _r(g, n, heads, dim, dtype):

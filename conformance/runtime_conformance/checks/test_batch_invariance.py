@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from runtime.platform import Kernel, reference
 
-from ..batch_invariance import RowOp, assert_batch_invariant, attention_row_op, row_ops
+from ..batch_invariance import RowOp, assert_batch_invariant, assert_chunking_invariant, attention_row_op, row_ops
 from ..compare import dtype_name
 from ..params import case, parametrize, unsupported
 from ..quant_data import random_weight, unsupported_reason
@@ -91,3 +91,4 @@ def test_quantization_batch_invariant(case, target):
 def test_attention_batch_invariant(case, target):
     backend_cls, dtype = case
     assert_batch_invariant(attention_row_op(backend_cls, dtype, target.device), f"{backend_cls.name} ({dtype_name(dtype)})")
+    assert_chunking_invariant(backend_cls, dtype, target.device)

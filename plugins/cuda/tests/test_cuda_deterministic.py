@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime_conformance.batch_invariance import RowDims, RowOp, assert_batch_invariant, attention_row_op, row_ops
+from runtime_conformance.batch_invariance import (RowDims, RowOp, assert_batch_invariant, assert_chunking_invariant,
+                                                  attention_row_op, row_ops)
 
 batch_invariant = pytest.importorskip("runtime_triton.batch_invariant", reason="runtime-triton's kernels need triton")
 from runtime_cuda.backend import CudaTritonAttentionBackend  # noqa: E402
@@ -138,6 +139,7 @@ def test_deterministic_linear_does_not_depend_on_the_batch_at_llama3_8b_sizes(k,
 def test_deterministic_attention_plan_does_not_depend_on_the_batch_at_llama3_8b_sizes():
     op = attention_row_op(CudaTritonAttentionBackend, torch.bfloat16, torch.device("cuda"), LLAMA3_8B_ROWS)
     assert_batch_invariant(op, "triton attention at 8B sizes")
+    assert_chunking_invariant(CudaTritonAttentionBackend, torch.bfloat16, torch.device("cuda"), LLAMA3_8B_ROWS)
 
 
 @pytest.mark.gpu

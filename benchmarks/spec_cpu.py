@@ -2,11 +2,13 @@
 n-gram proposals, on copy-heavy chat prompts (repeat a paragraph, edit code) and on random
 token prompts (nothing to copy: the overhead of proposing and verifying in vain).
 
-Usage: .venv/bin/python benchmarks/spec_cpu.py [--tokens 128] [--k 4] [--json OUT.json]
+Usage: .venv/bin/python benchmarks/spec_cpu.py [--tokens 128] [--k 4] [--repeats 1] [--cases NAME ...] [--json OUT.json]
 
 Each prompt runs alone (batch 1) on one engine per setting, after a warm-up; decode tok/s is
 the output tokens after the first over the time after the first (the first token's time, the
-prompt's prefill, is the same with and without proposals and left out).
+prompt's prefill, is the same with and without proposals and left out). With ``--repeats N``
+the two settings run in turn N times and each rate is the median, so a machine whose load
+changes during the run skews both alike.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -72,6 +75,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    parser.add_argument("--repeats", type=int, default=1, help="alternating runs per setting; rates are medians")
+    parser.add_argument("--cases", nargs="*", default=None, help="only the cases with these names")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     rng = random.Random(0)
@@ -88,22 +93,29 @@ def main() -> None:
     rows = []
     cases = [(name, prompt, "ngram") for name, prompt in prompts.items()]
     cases.append(("every proposal wrong", COPY_TASKS["repeat paragraph"], "wrong"))
+    cases = [case for case in cases if args.cases is None or case[0] in args.cases]
     for name, prompt, engine in cases:
-        plain, plain_count = decode_rate(engines["plain"], prompt, args.tokens)
+        plain_rates, spec_rates = [], []
         before = engines[engine].engine.stats()
-        spec, spec_count = decode_rate(engines[engine], prompt, args.tokens)
+        for _ in range(args.repeats):
+            rate, plain_count = decode_rate(engines["plain"], prompt, args.tokens)
+            plain_rates.append(rate)
+            rate, spec_count = decode_rate(engines[engine], prompt, args.tokens)
+            spec_rates.append(rate)
         after = engines[engine].engine.stats()
+        plain, spec = statistics.median(plain_rates), statistics.median(spec_rates)
         drafts = after.spec_num_drafts - before.spec_num_drafts
         proposed = after.spec_num_draft_tokens - before.spec_num_draft_tokens
         accepted = after.spec_num_accepted_tokens - before.spec_num_accepted_tokens
-        row = {"prompt": name, "tokens": spec_count, "same_length": spec_count == plain_count,
+        row = {"prompt": name, "tokens": spec_count, "same_length": spec_count == plain_count, "drafts": drafts,
                "plain_tok_s": round(plain, 2), "spec_tok_s": round(spec, 2), "speedup": round(spec / plain, 3),
                "acceptance_rate": round(accepted / proposed, 3) if proposed else None,
                "mean_acceptance_length": round(1 + accepted / drafts, 2) if drafts else None}
         print(json.dumps(row), flush=True)
         rows.append(row)
     if args.json:
-        Path(args.json).write_text(json.dumps({"k": args.k, "config": config, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"k": args.k, "config": config, "repeats": args.repeats, "rows": rows},
+                                              indent=1))
 
 
 if __name__ == "__main__":

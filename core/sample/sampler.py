@@ -14,6 +14,7 @@ import torch
 
 from ..platform.reference import apply_token_bitmask, apply_top_k_top_p_min_p
 from ..sched.request import Request
+from .params import SamplingParams
 from ..spec.rejection import DraftLayout, rejection_sample
 from .noise import exponential_noise
 from ..worker.input_buffers import host_to_device
@@ -87,29 +88,17 @@ class SamplingMetadata:
             return host_to_device(values, dtype, device)
 
         meta = cls(
-            temperature=column([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32),
-            greedy=column(greedy, torch.bool),
+            **row_columns(params, device),
             all_greedy=all(greedy),
             all_random=not any(greedy),
-            top_k=column([p.top_k for p in params], torch.long),
-            top_p=column([p.top_p for p in params], torch.float32),
-            min_p=column([p.min_p for p in params], torch.float32),
             needs_top_k_top_p_min_p=any(
                 (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0) for p, g in zip(params, greedy) if not g),
             generators=[request_generator(r, device, generators) for r in requests],
             max_num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=None),
         )
 
-        has_repetition = any(p.repetition_penalty != 1.0 for p in params)
-        has_additive = any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params)
-        if has_repetition or has_additive:
-            meta.output_token_counts = token_counts([r.output_token_ids for r in requests], vocab_size, device)
-        if has_additive:
-            meta.frequency_penalties = column([p.frequency_penalty for p in params], torch.float32)
-            meta.presence_penalties = column([p.presence_penalty for p in params], torch.float32)
-        if has_repetition:
-            meta.repetition_penalties = column([p.repetition_penalty for p in params], torch.float32)
-            meta.prompt_token_mask = token_counts([r.prompt_token_ids for r in requests], vocab_size, device) > 0
+        add_penalties(meta, params, [r.output_token_ids for r in requests], [r.prompt_token_ids for r in requests],
+                      vocab_size, device)
 
         # Ids outside the vocabulary are the API's to reject; here they would crash the whole batch.
         bias = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias.items() if 0 <= t < vocab_size]
@@ -239,6 +228,35 @@ def _with_logprobs(token_ids: torch.Tensor, raw_logprobs: torch.Tensor, k: int) 
         logprobs=torch.cat([sampled, top_values], dim=1),
         sampled_ranks=(raw_logprobs > sampled).sum(-1) + 1,
     )
+
+
+def row_columns(params: list[SamplingParams], device: torch.device) -> dict[str, torch.Tensor]:
+    """The per-row settings every batch has (``SamplingMetadata``'s fields of those names)."""
+    def column(values: list, dtype: torch.dtype) -> torch.Tensor:
+        return host_to_device(values, dtype, device)
+
+    return dict(temperature=column([1.0 if p.greedy else p.temperature for p in params], torch.float32),
+                greedy=column([p.greedy for p in params], torch.bool),
+                top_k=column([p.top_k for p in params], torch.long),
+                top_p=column([p.top_p for p in params], torch.float32),
+                min_p=column([p.min_p for p in params], torch.float32))
+
+
+def add_penalties(meta: SamplingMetadata, params: list[SamplingParams], outputs: list[list[int]],
+                  prompts: list[list[int]], vocab_size: int, device: torch.device,
+                  width: Callable[[list[list[int]]], int | None] = lambda rows: None) -> None:
+    """Set the penalty groups of ``meta`` that some row needs; ``width(rows)`` pads the token
+    lists counted (None: to the longest)."""
+    has_repetition = any(p.repetition_penalty != 1.0 for p in params)
+    has_additive = any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params)
+    if has_repetition or has_additive:
+        meta.output_token_counts = token_counts(outputs, vocab_size, device, width(outputs))
+    if has_additive:
+        meta.frequency_penalties = host_to_device([p.frequency_penalty for p in params], torch.float32, device)
+        meta.presence_penalties = host_to_device([p.presence_penalty for p in params], torch.float32, device)
+    if has_repetition:
+        meta.repetition_penalties = host_to_device([p.repetition_penalty for p in params], torch.float32, device)
+        meta.prompt_token_mask = token_counts(prompts, vocab_size, device, width(prompts)) > 0
 
 
 def request_generator(request: Request, device: torch.device | str, generators: dict[str, torch.Generator]) -> Optional[torch.Generator]:

@@ -33,7 +33,7 @@ import torch
 from ..sched.request import Request
 from ..worker.input_buffers import host_to_device
 from .params import SamplingParams
-from .sampler import SamplingMetadata, request_generator, stop_tokens_blocked, token_counts
+from .sampler import SamplingMetadata, add_penalties, request_generator, row_columns, stop_tokens_blocked
 
 NEUTRAL = SamplingParams(temperature=0.0)
 """A padding row's settings: greedy, nothing to truncate, no penalty, bias or logprobs."""
@@ -52,27 +52,21 @@ def static_sampling_metadata(requests: list[Request], rows: int, vocab_size: int
         raise ValueError(f"{len(requests)} sampling rows do not fit the sequence bucket {rows}")
     device = torch.device(device)
     params = [r.sampling_params for r in requests] + [NEUTRAL] * (rows - len(requests))
-    greedy = [p.greedy for p in params]
-
-    def column(values: list, dtype: torch.dtype) -> torch.Tensor:
-        return host_to_device(values, dtype, device)
-
     asked = [p.logprobs for p in params if p.logprobs is not None]
     meta = SamplingMetadata(
-        temperature=column([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32),
-        greedy=column(greedy, torch.bool),
+        **row_columns(params, device),
         all_greedy=False,
         all_random=False,
-        top_k=column([p.top_k for p in params], torch.long),
-        top_p=column([p.top_p for p in params], torch.float32),
-        min_p=column([p.min_p for p in params], torch.float32),
         needs_top_k_top_p_min_p=True,
         generators=[None] * rows,
         max_num_logprobs=min(power_of_two_at_least(max(asked)), vocab_size) if asked else None,
     )
     _seeded_noise(meta, requests, rows, vocab_size, device, generators)
-    _penalties(meta, requests, params, rows, vocab_size, device, column)
-    _bias_and_blocked(meta, requests, params, vocab_size, column)
+    padding = [[]] * (rows - len(requests))
+    add_penalties(meta, params, [list(r.output_token_ids) for r in requests] + padding,
+                  [list(r.prompt_token_ids) for r in requests] + padding, vocab_size, device,
+                  width=lambda token_lists: power_of_two_at_least(max(len(t) for t in token_lists)))
+    _bias_and_blocked(meta, requests, params, vocab_size, device)
     return meta
 
 
@@ -92,30 +86,8 @@ def _seeded_noise(meta: SamplingMetadata, requests: list[Request], rows: int, vo
     meta.seeded_noise = (mask.to(device), drawn.to(device))
 
 
-def _penalties(meta: SamplingMetadata, requests: list[Request], params: list[SamplingParams], rows: int,
-               vocab_size: int, device: torch.device, column) -> None:
-    has_repetition = any(p.repetition_penalty != 1.0 for p in params)
-    has_additive = any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params)
-    if not (has_repetition or has_additive):
-        return
-    padding = [[]] * (rows - len(requests))
-    outputs = [list(r.output_token_ids) for r in requests] + padding
-    meta.output_token_counts = token_counts(outputs, vocab_size, device, _padded_width(outputs))
-    if has_additive:
-        meta.frequency_penalties = column([p.frequency_penalty for p in params], torch.float32)
-        meta.presence_penalties = column([p.presence_penalty for p in params], torch.float32)
-    if has_repetition:
-        meta.repetition_penalties = column([p.repetition_penalty for p in params], torch.float32)
-        prompts = [list(r.prompt_token_ids) for r in requests] + padding
-        meta.prompt_token_mask = token_counts(prompts, vocab_size, device, _padded_width(prompts)) > 0
-
-
-def _padded_width(token_lists: list[list[int]]) -> int:
-    return power_of_two_at_least(max((len(t) for t in token_lists), default=0))
-
-
 def _bias_and_blocked(meta: SamplingMetadata, requests: list[Request], params: list[SamplingParams],
-                      vocab_size: int, column) -> None:
+                      vocab_size: int, device: torch.device) -> None:
     """logit_bias and the min_tokens mask as one padded accumulate list (``SamplingMetadata.logit_bias``)."""
     entries = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias.items() if 0 <= t < vocab_size]
     entries += [(i, t, float("-inf")) for i, r in enumerate(requests) for t in stop_tokens_blocked(r)
@@ -124,7 +96,8 @@ def _bias_and_blocked(meta: SamplingMetadata, requests: list[Request], params: l
         return
     entries += [(0, 0, 0.0)] * (power_of_two_at_least(len(entries)) - len(entries))
     rows, cols, values = zip(*entries)
-    meta.logit_bias = (column(rows, torch.long), column(cols, torch.long), column(values, torch.float32))
+    meta.logit_bias = (host_to_device(rows, torch.long, device), host_to_device(cols, torch.long, device),
+                       host_to_device(values, torch.float32, device))
 
 
 def full_grammar_mask(rows: list[int], bitmask: torch.Tensor, padded_rows: int,

@@ -203,6 +203,9 @@ class ModelRunner:
         s = self.settings
         self.kv_caches = [torch.zeros(cls.kv_cache_shape(num_blocks, self.block_size, self.num_kv_heads, s.head_dim),
                                       dtype=self.cache_dtype, device=self.device) for cls in self.backend_classes]
+        # Weights and caches materialized before the first step (a lazily traced device): its
+        # program is then the same as every later step's of its shapes.
+        self.platform.mark_step()
 
     def allocate_host_cache(self, num_blocks: int) -> None:
         """The host tier's tensors: ``num_blocks`` blocks of every layer, in pinned memory where

@@ -22,14 +22,14 @@ for stage in "${stages[@]}"; do
       # runtime's own dependencies without letting any of them move torch; xgrammar's wants a newer one.
       $PY -m pip install -q "transformers>=4.46" "tokenizers>=0.21" "pluggy>=1.5" "importlib-metadata>=6" \
         "packaging>=23" "pydantic>=2.6" "safetensors>=0.4" "gguf>=0.10" "jinja2>=3.1" "tqdm>=4.66" "litestar>=2.12" \
-        "uvicorn>=0.30" "prometheus-client>=0.20" "httpx>=0.27" "pyzmq>=25" "msgspec>=0.18" "pytest>=8,<9" \
+        "uvicorn>=0.30" "prometheus-client>=0.20" "httpx>=0.27" "pyzmq>=25" "msgspec>=0.18" "pillow>=10" "pytest>=8,<9" \
         "apache-tvm-ffi>=0.1.11" && $PY -m pip install -q --no-deps "xgrammar>=0.2.9" \
         && $PY -m pip install -q --no-deps -e . -e ./plugins/cpu -e ./plugins/tpu -e ./conformance || exit 1 ;;
     conformance)
       $PY -m pytest -p no:cacheprovider -q --pyargs runtime_conformance --runtime-platform tpu \
-        --runtime-report "$OUT/conformance-tpu.json" 2>&1 | tee "$OUT/conformance.log" | tail -30 ;;
+        --runtime-report "$OUT/conformance-tpu.json" --durations=20 2>&1 | tee "$OUT/conformance.log" | tail -60 ;;
     e2e)
-      $PY -m pytest -p no:cacheprovider -q -rs plugins/tpu/tests/test_xla_cpu.py 2>&1 | tee "$OUT/e2e.log" | tail -30 ;;
+      $PY -m pytest -p no:cacheprovider -q -rsP plugins/tpu/tests/test_xla_cpu.py 2>&1 | tee "$OUT/e2e.log" | tail -30 ;;
     *) echo "unknown stage $stage (setup, conformance, e2e)"; exit 2 ;;
   esac
 done

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -68,8 +69,10 @@ class PagedRun:
     """One scenario for one backend: caches, block tables and the random inputs of every step."""
 
     def __init__(self, scenario: Scenario, spec: AttentionSpec, backend: type[AttentionBackend],
-                 device: torch.device, seed: int = 0):
-        self.scenario, self.spec, self.device = scenario, spec, device
+                 device: torch.device, seed: int = 0, mark_step: Callable[[], None] = lambda: None):
+        """``mark_step``: the platform's (``Platform.mark_step``), called after each step's forward
+        as the engine does, so a lazily traced device runs each step as its own program."""
+        self.scenario, self.spec, self.device, self.mark_step = scenario, spec, device, mark_step
         self.generator = torch.Generator().manual_seed(seed)
         bs = spec.block_size
         num_seqs = 1 + max(seq for step in scenario.steps for seq, _ in step)
@@ -144,6 +147,7 @@ class PagedRun:
             query, key, value, meta = self._step_inputs(step)
             out = backend.forward(query.to(self.device), key.to(self.device), value.to(self.device), self.cache,
                                   self._on_device(meta))
+            self.mark_step()
             # The float64 query makes a float64 output; K/V are stored in the cache dtype either way.
             exact = paged_attention(query.double(), key.double(), value.double(), self.ref_cache, meta, spec.scale,
                                     spec.sliding_window, spec.logits_soft_cap)

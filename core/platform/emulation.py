@@ -81,6 +81,9 @@ class EmulatedPlatform(Platform):
     def synchronize(self) -> None:
         pass
 
+    def mark_step(self) -> None:
+        pass  # eager torch on the host: nothing traced to launch
+
     def peak_memory_allocated(self) -> int | None:
         return None
 

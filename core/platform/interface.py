@@ -139,6 +139,13 @@ class Platform:
     def synchronize(self) -> None:
         """Wait for queued device work (used by benchmarks and profiling)."""
 
+    def mark_step(self) -> None:
+        """(Contract 1.12.) Called once all of a step's device work is queued (forward pass,
+        sampling, pooling) and before any of it is read back. A platform that traces lazily
+        (torch-xla) compiles the step's whole graph here, or finds it compiled, and launches it:
+        the step is then one program, and the KV cache's in-place writes are materialized instead
+        of being carried, recomputed, into the next step's graph. Default: nothing (eager devices)."""
+
     def default_quantization(self, checkpoint_format: str, quantized_types: frozenset[str]) -> str | None:
         """The ``--quantization`` method to use when the user names none, for a checkpoint of this
         format storing these quantized tensor types (empty: dense); None keeps the weights as loaded."""

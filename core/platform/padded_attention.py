@@ -29,13 +29,16 @@ Sdpa = Callable[..., torch.Tensor]
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Store the new K/V at ``slot_mapping`` of the [2, blocks, block_size, Hkv, D] cache, in place."""
-    # fp8 caches are moved as their bytes: the CPU has no index_copy_ for float8 types.
-    raw = kv_cache.view(torch.uint8) if kv_cache.element_size() == 1 else kv_cache
+    # fp8 caches are moved as their bytes: the CPU has no index_copy_ for float8 types. Only
+    # those: torch-xla runs a dtype view on the host, which would cut the step's graph per layer.
+    fp8 = kv_cache.element_size() == 1
+    raw = kv_cache.view(torch.uint8) if fp8 else kv_cache
     flat = raw.view(2, -1, *kv_cache.shape[3:])
     valid = (slot_mapping >= 0)[:, None, None]
     slots = slot_mapping.clamp(min=0)
     for index, new in ((0, key), (1, value)):
-        stored = _to_cache_dtype(new, kv_cache.dtype).view(raw.dtype)
+        stored = _to_cache_dtype(new, kv_cache.dtype)
+        stored = stored.view(torch.uint8) if fp8 else stored
         kept = flat[index].index_select(0, slots)
         flat[index].index_copy_(0, slots, torch.where(valid, stored, kept))
 

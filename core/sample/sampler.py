@@ -14,6 +14,7 @@ import torch
 
 from ..platform.reference import apply_token_bitmask, apply_top_k_top_p_min_p
 from ..sched.request import Request
+from .params import SamplingParams
 from ..spec.rejection import DraftLayout, rejection_sample
 from .noise import exponential_noise
 from ..worker.input_buffers import host_to_device
@@ -65,6 +66,9 @@ class SamplingMetadata:
     """(rows, token ids), each [N]: stop tokens a row may not sample yet."""
     grammar: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     """(bitmask [N, ceil(V / 32)] int32, rows [N]): what structured output allows in N rows."""
+    seeded_noise: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    """(rows [B] bool, noise [B, V]): Exp(1) draws made on the host from seeded rows' generators,
+    replacing those rows' noise (``runtime.sample.static_shapes``: the device may have no generators)."""
 
     @classmethod
     def from_requests(cls, requests: list[Request], vocab_size: int, device: torch.device | str,
@@ -84,29 +88,17 @@ class SamplingMetadata:
             return host_to_device(values, dtype, device)
 
         meta = cls(
-            temperature=column([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32),
-            greedy=column(greedy, torch.bool),
+            **row_columns(params, device),
             all_greedy=all(greedy),
             all_random=not any(greedy),
-            top_k=column([p.top_k for p in params], torch.long),
-            top_p=column([p.top_p for p in params], torch.float32),
-            min_p=column([p.min_p for p in params], torch.float32),
             needs_top_k_top_p_min_p=any(
                 (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0) for p, g in zip(params, greedy) if not g),
-            generators=[_generator(r, device, generators) for r in requests],
+            generators=[request_generator(r, device, generators) for r in requests],
             max_num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=None),
         )
 
-        has_repetition = any(p.repetition_penalty != 1.0 for p in params)
-        has_additive = any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params)
-        if has_repetition or has_additive:
-            meta.output_token_counts = _token_counts([r.output_token_ids for r in requests], vocab_size, device)
-        if has_additive:
-            meta.frequency_penalties = column([p.frequency_penalty for p in params], torch.float32)
-            meta.presence_penalties = column([p.presence_penalty for p in params], torch.float32)
-        if has_repetition:
-            meta.repetition_penalties = column([p.repetition_penalty for p in params], torch.float32)
-            meta.prompt_token_mask = _token_counts([r.prompt_token_ids for r in requests], vocab_size, device) > 0
+        add_penalties(meta, params, [r.output_token_ids for r in requests], [r.prompt_token_ids for r in requests],
+                      vocab_size, device)
 
         # Ids outside the vocabulary are the API's to reject; here they would crash the whole batch.
         bias = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias.items() if 0 <= t < vocab_size]
@@ -114,7 +106,7 @@ class SamplingMetadata:
             rows, cols, values = zip(*bias)
             meta.logit_bias = (column(rows, torch.long), column(cols, torch.long), column(values, torch.float32))
 
-        blocked = [(i, t) for i, r in enumerate(requests) for t in _stop_tokens_blocked(r) if 0 <= t < vocab_size]
+        blocked = [(i, t) for i, r in enumerate(requests) for t in stop_tokens_blocked(r) if 0 <= t < vocab_size]
         if blocked:
             rows, cols = zip(*blocked)
             meta.min_tokens_blocked = (column(rows, torch.long), column(cols, torch.long))
@@ -200,7 +192,11 @@ class Sampler:
         probs = self._probabilities(logits, meta)
         # Exponential race: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i,
         # without a cumsum/searchsorted, and each row's noise can come from its own generator.
-        sampled = probs.div_(exponential_noise(probs, meta.generators)).argmax(-1)
+        noise = exponential_noise(probs, meta.generators)
+        if meta.seeded_noise is not None:
+            seeded, drawn = meta.seeded_noise
+            noise = torch.where(seeded.unsqueeze(1), drawn, noise)
+        sampled = probs.div_(noise).argmax(-1)
         return sampled if greedy_ids is None else torch.where(meta.greedy, greedy_ids, sampled)
 
 
@@ -252,7 +248,36 @@ def _with_logprobs(token_ids: torch.Tensor, raw_logprobs: torch.Tensor, k: int) 
     )
 
 
-def _generator(request: Request, device: torch.device | str, generators: dict[str, torch.Generator]) -> Optional[torch.Generator]:
+def row_columns(params: list[SamplingParams], device: torch.device) -> dict[str, torch.Tensor]:
+    """The per-row settings every batch has (``SamplingMetadata``'s fields of those names)."""
+    def column(values: list, dtype: torch.dtype) -> torch.Tensor:
+        return host_to_device(values, dtype, device)
+
+    return dict(temperature=column([1.0 if p.greedy else p.temperature for p in params], torch.float32),
+                greedy=column([p.greedy for p in params], torch.bool),
+                top_k=column([p.top_k for p in params], torch.long),
+                top_p=column([p.top_p for p in params], torch.float32),
+                min_p=column([p.min_p for p in params], torch.float32))
+
+
+def add_penalties(meta: SamplingMetadata, params: list[SamplingParams], outputs: list[list[int]],
+                  prompts: list[list[int]], vocab_size: int, device: torch.device,
+                  width: Callable[[list[list[int]]], int | None] = lambda rows: None) -> None:
+    """Set the penalty groups of ``meta`` that some row needs; ``width(rows)`` pads the token
+    lists counted (None: to the longest)."""
+    has_repetition = any(p.repetition_penalty != 1.0 for p in params)
+    has_additive = any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params)
+    if has_repetition or has_additive:
+        meta.output_token_counts = token_counts(outputs, vocab_size, device, width(outputs))
+    if has_additive:
+        meta.frequency_penalties = host_to_device([p.frequency_penalty for p in params], torch.float32, device)
+        meta.presence_penalties = host_to_device([p.presence_penalty for p in params], torch.float32, device)
+    if has_repetition:
+        meta.repetition_penalties = host_to_device([p.repetition_penalty for p in params], torch.float32, device)
+        meta.prompt_token_mask = token_counts(prompts, vocab_size, device, width(prompts)) > 0
+
+
+def request_generator(request: Request, device: torch.device | str, generators: dict[str, torch.Generator]) -> Optional[torch.Generator]:
     seed = request.sampling_params.seed
     if seed is None:
         return None
@@ -263,7 +288,7 @@ def _generator(request: Request, device: torch.device | str, generators: dict[st
     return generators[request.request_id]
 
 
-def _stop_tokens_blocked(request: Request) -> set[int]:
+def stop_tokens_blocked(request: Request) -> set[int]:
     """Tokens the request may not sample yet: its stop tokens (and EOS unless ignore_eos) until min_tokens are out."""
     params = request.sampling_params
     if len(request.output_token_ids) >= params.min_tokens:
@@ -274,10 +299,12 @@ def _stop_tokens_blocked(request: Request) -> set[int]:
     return blocked
 
 
-def _token_counts(rows: list[list[int]], vocab_size: int, device: torch.device | str) -> torch.Tensor:
-    """[B, V] float32 occurrence counts. Rows are padded with id V, an extra column dropped at the
-    end, so rows of any length go through one scatter_add."""
-    width = max((len(row) for row in rows), default=0)
+def token_counts(rows: list[list[int]], vocab_size: int, device: torch.device | str,
+                 width: int | None = None) -> torch.Tensor:
+    """[B, V] float32 occurrence counts. Rows are padded with id V to ``width`` (default: the
+    longest row's length), an extra column dropped at the end, so rows of any length go through
+    one scatter_add."""
+    width = max((len(row) for row in rows), default=0) if width is None else width
     tokens = host_to_device([row + [vocab_size] * (width - len(row)) for row in rows], torch.long, torch.device(device))
     counts = torch.zeros(len(rows), vocab_size + 1, dtype=torch.float32, device=device)
     counts.scatter_add_(1, tokens, torch.ones_like(tokens, dtype=torch.float32))

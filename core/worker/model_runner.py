@@ -33,6 +33,7 @@ from ..pooling import PoolingSpec
 from ..pooling.pooler import pool, vector_bytes
 from ..sample.sampler import Sampler, SamplerOutput, SamplingMetadata, top_logprobs
 from ..sample.params import SamplingParams
+from ..sample.static_shapes import full_grammar_mask, static_sampling_metadata
 from ..sched.request import Request
 from ..sched.scheduler import ScheduledRequest, SchedulerOutput
 from ..spec.rejection import DraftLayout
@@ -205,6 +206,9 @@ class ModelRunner:
         s = self.settings
         self.kv_caches = [torch.zeros(cls.kv_cache_shape(num_blocks, self.block_size, self.num_kv_heads, s.head_dim),
                                       dtype=self.cache_dtype, device=self.device) for cls in self.backend_classes]
+        # Weights and caches materialized before the first step (a lazily traced device): its
+        # program is then the same as every later step's of its shapes.
+        self.platform.mark_step()
 
     def allocate_host_cache(self, num_blocks: int) -> None:
         """The host tier's tensors: ``num_blocks`` blocks of every layer, in pinned memory where
@@ -347,6 +351,7 @@ class ModelRunner:
         if not self.pp.is_last:
             if self.stage_link is not None:
                 pending.handed_on = self.stage_link.send(hidden)
+            self.platform.mark_step()
             return pending
         if sample:
             self.sample(pending, grammar)
@@ -360,9 +365,13 @@ class ModelRunner:
         sample_rows = [i for i, s in enumerate(scheduled) if s.sample and s.request.pooling is None]
         if sample_rows:
             pending.requests = [scheduled[i].request for i in sample_rows]
-            mask = None if grammar is None else grammar.on(self.device)
-            if any(scheduled[i].draft_token_ids for i in sample_rows):
+            drafted = any(scheduled[i].draft_token_ids for i in sample_rows)
+            mask = None if grammar is None or (self.static_buckets is not None and not drafted) \
+                else grammar.on(self.device)
+            if drafted:
                 pending.sampled, pending.layout = self._verify(scheduled, sample_rows, query_start_loc, hidden, mask)
+            elif self.static_buckets is not None:
+                pending.sampled = self._sample_static(scheduled, sample_rows, query_start_loc, hidden, grammar)
             else:
                 if len(sample_rows) == int(query_start_loc[-1]):
                     last_hidden = hidden[:len(sample_rows)]  # one token per row, every row sampled: a decode step
@@ -374,28 +383,51 @@ class ModelRunner:
                                                           self.generators)
                 sampling.grammar = mask
                 pending.sampled = self.sampler(self.model.compute_logits(last_hidden), sampling)
-            if self.device.type == "cpu":
-                pending.host_sampled = pending.sampled
-            else:
-                # Copied to pinned memory now, in stream order: reading the device tensors later
-                # would also wait for whatever was queued after them (a look-ahead step).
-                pending.host_sampled = SamplerOutput(*(
-                    None if t is None else t.to("cpu", non_blocking=self.asynchronous)
-                    for t in (getattr(pending.sampled, f.name) for f in fields(SamplerOutput))))
+        self.platform.mark_step()
+        self._copy_results_to_host(pending)
         if self.asynchronous:
             pending.ready = torch.Event(device=self.device)
             pending.ready.record()
 
+    def _copy_results_to_host(self, pending: PendingStep) -> None:
+        """Queue the copies of the step's tokens (and vectors) to host memory, now, in stream order:
+        reading the device tensors later would also wait for whatever was queued after them (a
+        look-ahead step)."""
+        if self.device.type == "cpu":
+            pending.host_sampled = pending.sampled
+            return
+        if pending.host_pooled is not None:
+            pending.host_pooled = pending.host_pooled.to("cpu", non_blocking=True)
+        if pending.sampled is not None:
+            pending.host_sampled = SamplerOutput(*(
+                None if t is None else t.to("cpu", non_blocking=self.asynchronous)
+                for t in (getattr(pending.sampled, f.name) for f in fields(SamplerOutput))))
+
+    def _sample_static(self, scheduled: list[ScheduledRequest], sample_rows: list[int], query_start: np.ndarray,
+                       hidden: torch.Tensor, grammar: GrammarBitmask | None) -> SamplerOutput:
+        """Sample a static-shape step with every row-count padded to its sequence bucket, so
+        sampling adds no shape to the step's program (``runtime.sample.static_shapes``). The
+        padding rows sample from the first token's hidden state; :meth:`collect` reads only the
+        real rows."""
+        rows = bucket_for(len(scheduled), self.static_buckets[1])
+        last = [int(query_start[i + 1]) - 1 for i in sample_rows]
+        last_hidden = hidden[host_to_device(last + [0] * (rows - len(last)), torch.int64, self.device)]
+        requests = [scheduled[i].request for i in sample_rows]
+        sampling = static_sampling_metadata(requests, rows, self.settings.vocab_size, self.device, self.generators)
+        if grammar is not None:
+            sampling.grammar = full_grammar_mask(grammar.rows, grammar.bitmask, rows, self.device)
+        return self.sampler(self.model.compute_logits(last_hidden), sampling)
+
     def _pool(self, pending: PendingStep) -> None:
-        """Queue the vectors of the step's embedding requests (each computed whole in this step)
-        and their copy to host memory."""
+        """Queue the vectors of the step's embedding requests (each computed whole in this step),
+        into ``host_pooled`` (on the device until :meth:`sample` copies them to host memory)."""
         rows = [i for i, s in enumerate(pending.scheduled) if s.request.pooling is not None]
         if not rows:
             return
         pending.pooled_requests = [pending.scheduled[i].request for i in rows]
         starts, ends = pending.query_start_loc[rows], pending.query_start_loc[np.array(rows) + 1]
         vectors = pool(pending.hidden, starts, ends, [r.pooling for r in pending.pooled_requests])
-        pending.host_pooled = vectors if self.device.type == "cpu" else vectors.to("cpu", non_blocking=True)
+        pending.host_pooled = vectors
 
     def _verify(self, scheduled: list[ScheduledRequest], sample_rows: list[int], query_start: np.ndarray,
                 hidden: torch.Tensor, mask: tuple[torch.Tensor, torch.Tensor] | None

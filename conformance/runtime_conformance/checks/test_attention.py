@@ -113,7 +113,8 @@ def _kv_slots(target):
 def _paged_run(case: AttentionCase, target) -> PagedRun:
     reason = case.backend.unsupported_reason(case.spec)
     assert reason is None, f"{case.backend.name} rejects a spec within its declarations: {reason}"
-    return PagedRun(SCENARIOS[case.scenario], case.spec, case.backend, target.device)
+    return PagedRun(SCENARIOS[case.scenario], case.spec, case.backend, target.device,
+                    mark_step=target.platform.mark_step)
 
 
 def _run(case: AttentionCase, target, check_cache: bool = False) -> None:

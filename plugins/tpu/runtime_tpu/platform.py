@@ -123,6 +123,10 @@ class TpuPlatform(Platform):
     def synchronize(self) -> None:
         xla.module("torch_xla.core.xla_model").wait_device_ops()
 
+    def mark_step(self) -> None:
+        # Every live tensor's pending graph in one program: the step's outputs and its cache writes.
+        xla.module("torch_xla").sync()
+
 
 class EmulatedTpuPlatform(EmulatedPlatform, TpuPlatform):
     """``RUNTIME_EMULATE=tpu``: bucketing, config rules and the XLA-shaped attention on the host

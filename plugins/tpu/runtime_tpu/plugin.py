@@ -12,7 +12,7 @@ from runtime.platform.gguf_dequantize import GgufDequantizeMethod
 from .attention import XlaPagedAttentionBackend
 from .platform import EmulatedTpuPlatform, TpuPlatform
 
-RUNTIME_CONTRACT = ">=1.11,<2"
+RUNTIME_CONTRACT = ">=1.12,<2"
 
 
 class XlaCommunicator(TorchDistributedCommunicator):

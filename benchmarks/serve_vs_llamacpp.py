@@ -2,13 +2,17 @@
 
 Usage: .venv/bin/python benchmarks/serve_vs_llamacpp.py [--concurrency 1 4 16 64] [--output-len 64]
            [--input-len 128] [--prompts-per-level 2] [--min-prompts 8] [--output-json F] [--plot F.png]
-           [--runtime-args "--quantization int8"]
+           [--runtime-args "--quantization int8"] [--threads N]
 
 Starts ``runtime serve`` on the embedded SmolLM2 GGUF and ``python -m llama_cpp.server`` on the
 same file with every core, and drives them in turn with the same random prompts at each
 concurrency, streaming, through ``runtime.bench``: one server busy at a time, each level on both
 back to back, since the machine is shared and its load drifts. At concurrency c it sends
-max(min_prompts, prompts_per_level * c) requests. Prints a Markdown table of output tokens/s
+max(min_prompts, prompts_per_level * c) requests. ``--threads`` gives both servers that many
+compute threads (default: every core); on a machine other jobs load, fewer threads than cores
+keep either server's threads from waiting on each other at every parallel step (measured on this
+2-core machine at load average 8: 2 threads ran both 3-10x slower than 1). The load average at
+the start and the end of the run is saved with the results. Prints a Markdown table of output tokens/s
 and TTFT p50/p99 and their ratios; quote the ratios (absolute numbers move with the machine's
 load). Tokens are counted off each stream; llama.cpp sends no usage, so a multi-byte
 character's tokens, streamed as one chunk, count as one: the table shows the tokens counted
@@ -38,10 +42,10 @@ def runtime_server(gguf: Path, port: int, extra: list[str]) -> list[str]:
             "--host", "127.0.0.1", "--port", str(port), *extra]
 
 
-def llamacpp_server(gguf: Path, port: int, n_ctx: int) -> list[str]:
-    # llama-cpp-python defaults to half the cores for generation; give it all of them, as runtime has.
+def llamacpp_server(gguf: Path, port: int, n_ctx: int, threads: int) -> list[str]:
+    # llama-cpp-python defaults to half the cores for generation; give it as many as runtime has.
     # By default a new request cuts the one streaming short; queueing them is what a benchmark needs.
-    threads = str(os.cpu_count() or 1)
+    threads = str(threads)
     return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "model",
             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx),
             "--n_threads", threads, "--n_threads_batch", threads, "--interrupt_requests", "False"]
@@ -89,7 +93,10 @@ def main() -> None:
     parser.add_argument("--plot", default=None, metavar="FILE.png")
     parser.add_argument("--runtime-args", default="", metavar="ARGS",
                         help='extra `runtime serve` flags, one shell-quoted string, e.g. "--quantization int8"')
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="compute threads of each server (runtime: OMP_NUM_THREADS; default: every core)")
     args = parser.parse_args()
+    load_before = os.getloadavg()
 
     gguf = embedded_model_path()
     tokenizer = load_tokenizer(str(gguf))
@@ -101,8 +108,9 @@ def main() -> None:
     n_ctx = 2 * (args.input_len + args.output_len) + 256
     # Both stay up (an idle server costs no CPU) and take turns, level by level.
     ours_command = runtime_server(gguf, ours_port, shlex.split(args.runtime_args))
-    with LaunchedServer(ours_command, ours_port, logs / "runtime.log") as ours_server, \
-            LaunchedServer(llamacpp_server(gguf, theirs_port, n_ctx), theirs_port, logs / "llama.cpp.log",
+    ours_env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    with LaunchedServer(ours_command, ours_port, logs / "runtime.log", env=ours_env) as ours_server, \
+            LaunchedServer(llamacpp_server(gguf, theirs_port, n_ctx, args.threads), theirs_port, logs / "llama.cpp.log",
                            ready_path="/v1/models") as theirs_server:
         results = sweep({"runtime": ours_server.url, "llama.cpp": theirs_server.url}, workloads, warm)
     ours, theirs = results["runtime"], results["llama.cpp"]
@@ -110,7 +118,8 @@ def main() -> None:
           "ratios: tok/s runtime / llama.cpp, TTFT llama.cpp / runtime (above 1: runtime ahead)\n")
     print(compare(ours, theirs))
     if args.output_json:
-        save_json({"runtime": ours, "llama.cpp": theirs, "settings": vars(args)}, args.output_json)
+        save_json({"runtime": ours, "llama.cpp": theirs, "settings": vars(args),
+                   "load_average_1_5_15min": {"start": load_before, "end": os.getloadavg()}}, args.output_json)
     if args.plot:
         from runtime.bench.plot import plot_serve
 

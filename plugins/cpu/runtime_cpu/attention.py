@@ -37,26 +37,42 @@ class CpuAttentionBackend(AttentionBackend):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        write_kv(key, value, kv_cache, meta.slot_mapping)
         if self.spec.deterministic:
+            write_kv(key, value, kv_cache, meta.slot_mapping)
             return self._forward_rows(query, kv_cache, meta)
         # Every layer of a step sees the same metadata: derive indices and masks once.
         plan_key = (self.name, kv_cache.shape[2], self.spec.sliding_window, self.spec.logits_soft_cap)
         plan = meta.backend_cache.get(plan_key)
         if plan is None:
             plan = meta.backend_cache[plan_key] = _StepPlan(self, meta, kv_cache.shape[2], query.device)
+        if plan.every_slot_written and key.dtype == kv_cache.dtype:
+            # No padding token: both K and V in one index_copy_, without the reference's filtering.
+            kv_cache.view(2, -1, *kv_cache.shape[3:]).index_copy_(1, meta.slot_mapping, torch.stack((key, value)))
+        else:
+            write_kv(key, value, kv_cache, meta.slot_mapping)
+        if plan.decode_only:
+            # Every row is a decode row, in order: no scatter into a fresh output. A decode step
+            # runs thousands of small ops; each one saved is microseconds per layer.
+            out = self._decode(query, kv_cache, plan)
+            return out if out.dtype == query.dtype else out.to(query.dtype)
         out = torch.empty_like(query)
         if plan.decode_rows is not None:
-            kv = _gather(kv_cache, plan.decode_blocks, plan.decode_max_len)
-            # Padding reads whatever the cache holds there (block 0, stale or never-written slots);
-            # a NaN in it would survive the mask (0 * NaN), so clear it. kv is a fresh copy.
-            kv.masked_fill_(plan.decode_padding, 0)
             rows = plan.decode_rows
-            out[rows] = self._attend(query[rows].unsqueeze(1), kv[0], kv[1], plan.decode_allowed).squeeze(1).to(out.dtype)
+            out[rows] = self._decode(query[rows], kv_cache, plan).to(out.dtype)
         for start, end, seq_len, blocks, allowed in plan.prefills:
             k, v = _gather(kv_cache, blocks, seq_len)
-            out[start:end] = self._attend(query[start:end].unsqueeze(0), k, v, allowed).squeeze(0).to(out.dtype)
+            out[start:end] = self._attend(query[start:end].unsqueeze(0), k, v, allowed, causal=allowed is None).squeeze(0).to(out.dtype)
         return out
+
+    def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, plan: _StepPlan) -> torch.Tensor:
+        """The decode rows' queries [N, H, D] -> [N, H, D] float32, over one padded gather."""
+        k, v = _gather(kv_cache, plan.decode_blocks, plan.decode_max_len)
+        if plan.decode_padded:
+            # Padding reads whatever the cache holds there (block 0, stale or never-written slots);
+            # a NaN in it would survive the mask (0 * NaN), so clear it. The gather is a fresh copy.
+            k.masked_fill_(plan.decode_padding, 0)
+            v.masked_fill_(plan.decode_padding, 0)
+        return self._attend(query.unsqueeze(1), k, v, plan.decode_allowed).squeeze(1)
 
     def _forward_rows(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         plan_key = (self.name, "rows", kv_cache.shape[2], self.spec.sliding_window)
@@ -79,13 +95,15 @@ class CpuAttentionBackend(AttentionBackend):
             allowed &= key_pos > q_pos - self.spec.sliding_window
         return allowed
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
-        """q [N, Lq, H, D], k/v [N, Lk, Hkv, D], allowed [N, Lq, Lk] (None: plain causal) -> [N, Lq, H, D] float32."""
-        q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
+                causal: bool = False) -> torch.Tensor:
+        """q [N, Lq, H, D], k/v [N, Lk, Hkv, D], allowed [N, Lq, Lk] (None: every key, or with
+        ``causal`` plain top-left causality) -> [N, Lq, H, D] float32."""
+        q, k, v = (t.transpose(1, 2) if t.dtype == torch.float32 else t.transpose(1, 2).float() for t in (q, k, v))
         cap = self.spec.logits_soft_cap
         if cap is None:
             mask = None if allowed is None else allowed.unsqueeze(1)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=allowed is None,
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                scale=self.spec.scale, enable_gqa=True)
             return o.transpose(1, 2)
         # Group query heads under their KV head (head h reads KV head h // group) instead of
@@ -114,16 +132,23 @@ class _StepPlan:
         seq_lens = meta.seq_lens_cpu or meta.seq_lens.tolist()
         num_seqs = len(seq_lens)
         decode = [i for i in range(num_seqs) if starts[i + 1] - starts[i] == 1]
+        self.every_slot_written = bool((meta.slot_mapping >= 0).all())
         self.decode_rows = None
+        self.decode_only = len(decode) == num_seqs == starts[-1] == meta.slot_mapping.shape[0]
         if decode:
             index = torch.tensor(decode, device=device)
             self.decode_rows = torch.tensor([starts[i] for i in decode], device=device)
-            lens = torch.tensor([seq_lens[i] for i in decode], device=device)
-            self.decode_max_len = max(seq_lens[i] for i in decode)
+            decode_lens = [seq_lens[i] for i in decode]
+            lens = torch.tensor(decode_lens, device=device)
+            self.decode_max_len = max(decode_lens)
             self.decode_blocks = meta.block_table[index]
             key_pos = torch.arange(self.decode_max_len, device=device)
-            self.decode_padding = (key_pos.unsqueeze(0) >= lens.unsqueeze(1))[None, :, :, None, None]
+            # One length (always so for one sequence): nothing to pad, and no mask where no window cuts the keys.
+            self.decode_padded = min(decode_lens) != self.decode_max_len
+            self.decode_padding = (key_pos.unsqueeze(0) >= lens.unsqueeze(1))[:, :, None, None]
             self.decode_allowed = backend._mask((lens - 1).unsqueeze(1), key_pos)
+            if not self.decode_padded and backend.spec.sliding_window is None and backend.spec.logits_soft_cap is None:
+                self.decode_allowed = None
         self.prefills = []
         for i in range(num_seqs):
             q_len = starts[i + 1] - starts[i]
@@ -138,7 +163,8 @@ class _StepPlan:
 
 
 def _gather(kv_cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
-    """block_ids [N, max_blocks] -> [2, N, length, Hkv, D]: the first ``length`` K/V of each row's blocks."""
+    """block_ids [N, max_blocks] -> [2, N, length, Hkv, D]: the first ``length`` K/V of each row's blocks
+    (unpacked as K, V by the callers)."""
     block_size = kv_cache.shape[2]
     num_blocks = -(-length // block_size)
     # Whole-block indexing copies contiguous runs instead of one slot at a time.

@@ -6,6 +6,8 @@ runs thousands of them; these versions cut the op count (see benchmarks/offline_
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -35,13 +37,32 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     head_dim = query.shape[-1]
     if not is_neox or cos_sin_cache.shape[-1] != head_dim:
         return reference_rotary(positions, query, key, cos_sin_cache, is_neox)
-    cos, sin = cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
-    cos = torch.cat([cos, cos], dim=-1).unsqueeze(1)
-    sin = torch.cat([-sin, sin], dim=-1).unsqueeze(1)
+    cos, sin = _signed_table(cos_sin_cache).index_select(0, positions).unsqueeze(1).chunk(2, dim=-1)
     heads = query.shape[1]
-    qk = torch.cat([query, key], dim=1).float()
-    out = (qk * cos + qk.roll(head_dim // 2, dims=-1) * sin).to(query.dtype)
+    qk = torch.cat([query, key], dim=1)
+    if qk.dtype != torch.float32:
+        qk = qk.float()
+    out = torch.addcmul(qk * cos, qk.roll(head_dim // 2, dims=-1), sin)
+    if out.dtype != query.dtype:
+        out = out.to(query.dtype)
     return out[:, :heads], out[:, heads:]
+
+
+_SIGNED_TABLES: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def _signed_table(cos_sin_cache: torch.Tensor) -> torch.Tensor:
+    """``[positions, 2 * D]``: ``[cos, cos, -sin, sin]`` of each position, built once per cache
+    (a model's rotary buffer lives as long as the model) so a layer's rotation selects its rows
+    in one op instead of rebuilding them from the cache's ``[cos, sin]`` in five."""
+    entry = _SIGNED_TABLES.get(id(cos_sin_cache))
+    if entry is not None and entry[0]() is cos_sin_cache:
+        return entry[1]
+    cos, sin = cos_sin_cache.chunk(2, dim=-1)
+    table = torch.cat([cos, cos, -sin, sin], dim=-1)
+    key = id(cos_sin_cache)
+    _SIGNED_TABLES[key] = (weakref.ref(cos_sin_cache, lambda _: _SIGNED_TABLES.pop(key, None)), table)
+    return table
 
 
 def swap_blocks(kv_caches: list[torch.Tensor], host_caches: list[torch.Tensor], pairs: torch.Tensor,

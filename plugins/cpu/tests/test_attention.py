@@ -36,6 +36,9 @@ def single_thread():
 CASES = {
     "prefill": [(0, 7), (0, 33), (0, 2)],
     "decode": [(12, 1), (0, 1), (40, 1), (31, 1), (5, 1)],
+    # All decode rows of one context length: the backend drops the mask and the padding fill.
+    "decode_one_length": [(20, 1), (20, 1), (20, 1)],
+    "one_decode": [(37, 1)],
     "chunked_prefill": [(40, 9), (16, 16)],
     "speculative_verify": [(30, 4), (17, 4), (1, 4)],
     "mixed": [(0, 10), (20, 1), (33, 6), (0, 1), (64, 1), (5, 3), (9, 1)],
@@ -148,6 +151,22 @@ def test_window_soft_cap_dtypes(case, sliding_window, logits_soft_cap, dtype):
 def test_unused_cache_slots_never_leak(block_size, logits_soft_cap):
     # Decode pads every context to the batch's longest; the padding must not read NaN into the result.
     check(CASES["mixed"], block_size=block_size, logits_soft_cap=logits_soft_cap, poison_unused=True)
+
+
+@pytest.mark.parametrize("case", ["decode_one_length", "mixed"])
+def test_padding_token_writes_nothing(case):
+    """A negative slot (a padding token) stores nothing; the other tokens' K/V and every output
+    still match the reference, which reads the same cache."""
+    spec = AttentionSpec(num_heads=4, num_kv_heads=2, head_size=64, scale=0.125, dtype=torch.float32, block_size=16)
+    query, key, value, cache, meta = build_batch(CASES[case], num_heads=4, num_kv_heads=2, head_size=64,
+                                                 block_size=16, dtype=torch.float32)
+    meta.slot_mapping[-1] = -1
+    ours_cache, ref_cache = cache.clone(), cache.clone()
+    out = CpuAttentionBackend(spec).forward(query, key, value, ours_cache, meta)
+    ref = paged_attention(query, key, value, ref_cache, meta, spec.scale)
+    torch.testing.assert_close(out, ref, **TOLERANCE[torch.float32])
+    torch.testing.assert_close(ours_cache, ref_cache, rtol=0, atol=0)
+    assert not torch.equal(ours_cache, cache)
 
 
 def test_without_host_copies():

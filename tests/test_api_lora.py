@@ -67,13 +67,16 @@ def test_64_concurrent_requests_over_8_adapters_each_get_what_they_get_alone(set
 
     async def run_all() -> list[str]:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=300) as client:
-            async def one(model, prompt):
-                await asyncio.sleep(rng.random() * 2)  # random arrival
+            async def one(model, prompt, delay):
+                await asyncio.sleep(delay)
                 body = {"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
                 response = await client.post("/completions", json=body)
                 assert response.status_code == 200, response.text
                 return response.json()["choices"][0]["text"]
-            return await asyncio.gather(*(one(m, p) for m, p in jobs))
+            # Half at once, so the running batch outgrows the small cache however fast the machine
+            # (preemption must happen), half at random times over the next second.
+            delays = [0.0 if i % 2 else rng.random() for i in range(len(jobs))]
+            return await asyncio.gather(*(one(m, p, d) for (m, p), d in zip(jobs, delays)))
 
     together = asyncio.run(run_all())
     with httpx.Client(base_url=server.base_url) as client:

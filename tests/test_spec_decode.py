@@ -286,21 +286,31 @@ def test_a_draft_model_with_another_tokenizer_is_refused(checkpoints):
                                 "num_speculative_tokens": 2})
 
 
-class OracleProposer:
+class ReferenceProposer:
+    """Proposals made from each request's known reference continuation."""
+
+    def __init__(self, reference: dict[str, list[int]], prompt_lens: dict[str, int]):
+        self.reference, self.prompt_lens = reference, prompt_lens
+
+    def proposing(self, out: SchedulerOutput):
+        """(item, request id, output tokens so far, the reference's next tokens) of each request with room."""
+        for item in out.scheduled:
+            if item.max_drafts:
+                rid = item.request.request_id
+                done = item.request.num_tokens - self.prompt_lens[rid]
+                yield item, rid, done, self.reference[rid][done:done + item.max_drafts]
+
+
+class OracleProposer(ReferenceProposer):
     """Proposes the reference continuation, corrupted after a random number of tokens: every
     acceptance length occurs, and how many tokens each step must accept is known."""
 
     def __init__(self, reference: dict[str, list[int]], prompts: dict[str, int]):
-        self.reference, self.prompt_lens = reference, prompts
+        super().__init__(reference, prompts)
         self.expected_accepts: list[int] = []
 
     def propose(self, out: SchedulerOutput) -> None:
-        for item in out.scheduled:
-            if not item.max_drafts:
-                continue
-            rid = item.request.request_id
-            done = item.request.num_tokens - self.prompt_lens[rid]
-            truth = self.reference[rid][done:done + item.max_drafts]
+        for item, rid, done, truth in self.proposing(out):
             # Seeded by the request and its progress: the same proposals whatever the batch order.
             good = random.Random(f"{rid}-{done}").randrange(len(truth) + 1)
             drafts = truth[:good] + [(t + 1) % 300 for t in truth[good:]]
@@ -398,23 +408,18 @@ def test_sampled_sequences_keep_their_distribution(tmp_path):
     assert p_value > 1e-3, f"distributions differ (chi-square {float(stat):.1f} on {dof} dof)"
 
 
-
-class WrongThenRightProposer:
+class WrongThenRightProposer(ReferenceProposer):
     """Proposes the reference continuation with every token changed (all rejected) until a
     request has ``switch`` output tokens, then the reference itself (all accepted)."""
 
     def __init__(self, reference: dict[str, list[int]], prompt_lens: dict[str, int], switch: int):
-        self.reference, self.prompt_lens, self.switch = reference, prompt_lens, switch
+        super().__init__(reference, prompt_lens)
+        self.switch = switch
         self.proposing_steps: dict[str, list[int]] = {rid: [] for rid in reference}
 
     def propose(self, out: SchedulerOutput) -> None:
-        for item in out.scheduled:
-            if not item.max_drafts:
-                continue
-            rid = item.request.request_id
-            done = item.request.num_tokens - self.prompt_lens[rid]
+        for item, rid, done, truth in self.proposing(out):
             self.proposing_steps[rid].append(done)
-            truth = self.reference[rid][done:done + item.max_drafts]
             item.set_drafts(truth if done >= self.switch else [(t + 1) % 300 for t in truth])
 
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import time
 from pathlib import Path
 
 import numpy as np
+
+from gpu_parts import run_part
 
 KEPT_VECTORS = 4
 """Vectors of the first prompts each part keeps, for the report's cross-check."""
@@ -107,16 +108,7 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cuda", help="the runtime part's platform (cpu: a smoke run of the script)")
-    args = parser.parse_args()
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        rows = {"runtime": runtime_part, "vllm": vllm_part, "report": report}[args.part](args)
-    except Exception as exc:  # noqa: BLE001  (one JSON result per part, a failure included)
-        rows = [{"part": args.part, "error": f"{type(exc).__name__}: {exc}"}]
-        args.json.write_text(json.dumps(rows, indent=1))
-        raise
-    args.json.write_text(json.dumps(rows, indent=1))
-    os._exit(0)  # vLLM's engine processes can hold the interpreter's exit; the results are written
+    run_part({"runtime": runtime_part, "vllm": vllm_part, "report": report}, parser.parse_args())
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -32,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from structured_cpu import THROUGHPUT_SCHEMAS  # noqa: E402
+from gpu_parts import run_part  # noqa: E402
 
 
 def sync_time() -> float:
@@ -160,16 +160,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        rows = {"prepare": prepare, "runtime": runtime_part, "vllm": vllm_part}[args.part](args)
-    except Exception as exc:  # noqa: BLE001  (one JSON result per part, a failure included)
-        rows = [{"part": args.part, "error": f"{type(exc).__name__}: {exc}"}]
-        args.json.write_text(json.dumps(rows, indent=1))
-        raise
-    args.json.write_text(json.dumps(rows, indent=1))
-    os._exit(0)  # vLLM's engine processes can hold the interpreter's exit; the results are written
+    run_part({"prepare": prepare, "runtime": runtime_part, "vllm": vllm_part}, parser.parse_args())
 
 
 if __name__ == "__main__":

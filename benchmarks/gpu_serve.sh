@@ -12,7 +12,7 @@
 #   serve:   $SERVERS (default: this build, then vLLM) at C=1, 16, 64, 256 (runtime profiled at 64, 256)
 #   offline: this build's offline throughput on 1024 x (512, 128), with the server's engine settings
 #   tests:   the CUDA plugin's GPU tests
-#   tests-bg, tests-wait: the same, detached (they run while later calls carry wheels), then awaited
+#   tests-bg, tests-wait: the same ($TESTS: some of them), detached (they run while later calls carry wheels), then awaited
 #   lora:    benchmarks/lora_gpu.py: runtime without LoRA, runtime with 8 adapters, vLLM with the same 8
 #   quant:   benchmarks/quant_gpu.py: a random GPTQ 4-bit (group 128) copy of /tmp/llama8b, then runtime bf16,
 #            runtime GPTQ (W4A16 Triton GEMM) and vLLM GPTQ-Marlin: batch-1 decode and 1000 x (512, 128) offline
@@ -67,7 +67,9 @@ for stage in "$@"; do
     tests)
       OUT=$R/tests TEST_TIMEOUT=${TEST_TIMEOUT:-420} plugins/cuda/scripts/gpu_check.sh tests 2>&1 | tail -40 ;;
     tests-bg)
-      setsid nohup bash -c "OUT=$R/tests-wait TEST_TIMEOUT=${TEST_TIMEOUT:-480} plugins/cuda/scripts/gpu_check.sh tests; touch /tmp/tests.done" \
+      # The 8B deterministic test reuses boot's checkpoint: wait until it is written.
+      setsid nohup bash -c "for _ in \$(seq 600); do grep -q written /tmp/model.log && break; sleep 1; done; \
+        RUNTIME_LLAMA8B_DIR=$M OUT=$R/tests-wait TEST_TIMEOUT=${TEST_TIMEOUT:-480} plugins/cuda/scripts/gpu_check.sh tests; touch /tmp/tests.done" \
         > /tmp/tests.log 2>&1 < /dev/null & ;;
     tests-wait)
       for _ in $(seq ${WAIT_S:-300}); do [ -e /tmp/tests.done ] && break; sleep 1; done

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of runtime-cuda and the runtime-triton kernels it runs, on a machine with an NVIDIA
 # GPU and the packages installed (runtime, runtime-cpu, runtime-triton, runtime-cuda, runtime-conformance).
-#   tests:     the plugin's tests, kernels and attention compiled for the GPU, then end to end
+#   tests:     the plugin's tests ($TESTS: some of them), kernels and attention compiled for the GPU, then end to end
 #              (the conformance suite on `cuda`; tiny models and the embedded GGUF against `cpu`)
 #   attention: the attention kernel benchmark
 #   decode:    the Llama-3-8B-shaped decode benchmark (writes a ~16 GB random checkpoint to MODEL_DIR)
@@ -19,7 +19,7 @@ stages=("$@")
 [ $# -gt 0 ] || stages=(tests attention decode)
 for stage in "${stages[@]}"; do
   case $stage in
-    tests) timeout "${TEST_TIMEOUT:-420}" "$PY" -m pytest plugins/cuda/tests -p no:cacheprovider -rs -v --durations=15 \
+    tests) timeout "${TEST_TIMEOUT:-420}" "$PY" -m pytest ${TESTS:-plugins/cuda/tests} -p no:cacheprovider -rs -v --durations=15 \
              2>&1 | tee "$OUT/tests.log" ;;
     attention) timeout 90 "$PY" plugins/cuda/benchmarks/attention_kernel.py --json "$OUT/attention.json" \
              2>&1 | tee -a "$OUT/bench.log" ;;

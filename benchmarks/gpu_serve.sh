@@ -107,7 +107,7 @@ from runtime.models import decoder_settings as d; print(int(d(m.config_of(a.shap
       done ;;
     structured)
       for part in prepare runtime vllm; do
-        timeout 480 python3 benchmarks/structured_gpu.py $part --json $R/structured/$part.json --llama-dir $M 2>&1 \
+        timeout 480 python3 benchmarks/structured_gpu.py $part --json $R/structured/$part.json --llama-dir $M --gguf /tmp/smollm2.gguf 2>&1 \
           | grep -v "it/s]" | tail -15 | tee -a $R/structured/run.log
       done ;;
     offload)

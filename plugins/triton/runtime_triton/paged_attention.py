@@ -94,12 +94,17 @@ def _attend_tile(q, m, l, acc, start, kv_hi, q_pos, table, kv_base, dims, dim_ok
     s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale
     if USE_SOFT_CAP:
         s = soft_cap * tanh(s / soft_cap)
-    s = s * LOG2E
     if MASKED:
         visible = (pos[None, :] <= q_pos[:, None]) & pos_ok[None, :]
         if USE_WINDOW:
             visible = visible & (pos[None, :] > q_pos[:, None] - window)
         s = tl.where(visible, s, float("-inf"))
+    # After the mask, so masked and interior tiles run the same arithmetic from here on (whether a
+    # query's tile is masked depends on where its prompt was cut: --deterministic). With the mask
+    # between this product and the subtraction below, float32 scores of one query came out an ulp
+    # apart in masked and interior tiles on an H100: the compiler can fuse the two into one FMA
+    # only where nothing sits between them.
+    s = s * LOG2E
     m_new = tl.maximum(m, tl.max(s, 1))
     # A row that has seen no visible key yet keeps m = -inf; shift it by 0 instead of inf - inf.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -17,8 +17,9 @@ for p in manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manyli
   PLAT+=(--platform "$p")
 done
 get() { python3 -m pip download -q --no-deps "${PLAT[@]}" -d "$@"; }
+# importlib-metadata 10 imports a module it does not declare (lazy_importer): 8.7 works on 3.12.
 if [ ! -e $W/boot/.done ]; then
-  get $W/boot msgspec==0.22.0 pyzmq==27.3.0 importlib-metadata zipp gguf==0.19.0 xgrammar==0.2.9 \
+  get $W/boot msgspec==0.22.0 pyzmq==27.3.0 importlib-metadata==8.7.0 zipp gguf==0.19.0 xgrammar==0.2.9 \
     apache-tvm-ffi==0.1.15.post2 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 \
     typing-inspection==0.4.5 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 \
     rpds-py==2026.9.1

@@ -48,10 +48,7 @@ class Mutation:
     dtypes: tuple[torch.dtype, ...] = DTYPES
     """Where it is a fault: rounding cos/sin to the model dtype (as HF does) or summing a token's
     experts in it (as vLLM's moe_sum does) is what production bfloat16 kernels do, within the
-    contract's rounding; in float32 the same is a narrow-precision fault. An attention output
-    accumulator rounded to float16 or bfloat16 every 16 keys is a fault the suite does not
-    catch in those dtypes: over the contexts it runs (up to 300 tokens; a thousand cost more
-    than the suite may) the drift stays under the limit."""
+    contract's rounding; in float32 the same is a narrow-precision fault."""
 
 
 def _narrow(dtype: torch.dtype) -> torch.dtype:
@@ -175,7 +172,7 @@ MUTATIONS = [
     Mutation("attention-narrow-scores", "scores and softmax computed in a narrow dtype", ("attention:mixed",),
              attention=_reference_attention(compute_dtype=lambda spec: _narrow(spec.dtype)), dtypes=(torch.float32,)),
     Mutation("attention-narrow-accumulation", "the weighted sum of V accumulated in a narrow dtype, tiles of 16 keys",
-             _GENERIC, attention=_attention_narrow_accumulation, dtypes=(torch.float32,)),
+             _GENERIC + ("attention:long_context",), attention=_attention_narrow_accumulation),
     Mutation("attention-scale-dropped", "scores not multiplied by the softmax scale", _GENERIC,
              attention=_reference_attention(scale=lambda spec: 1.0)),
     Mutation("attention-diagonal-masked", "the causal mask off by one: a query does not see its own position",

@@ -1,6 +1,6 @@
-"""LLaVA's tower and row-selection variants against HF transformers: a SigLIP tower (no class
-row, every row kept) under LLaVA-1.5 and LLaVA-NeXT, CLIP with its class row kept, and the
-LLaVA-NeXT combinations HF cannot tile, refused."""
+"""LLaVA's tower and feature-selection variants against HF transformers: a SigLIP tower (no class
+row, every row kept) under LLaVA-1.5 and LLaVA-NeXT, CLIP with its class row kept, several
+layers' features, and the LLaVA-NeXT combinations HF cannot tile, refused."""
 
 from __future__ import annotations
 
@@ -17,11 +17,15 @@ NEW_TOKENS = 8
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
 
-@pytest.mark.parametrize("next_, siglip, strategy", [(False, True, None), (True, True, None), (False, False, "full")],
-                         ids=["llava-siglip", "llava-next-siglip", "llava-clip-full"])
-def test_llava_tower_and_strategy_variants_match_hf(tmp_path, next_, siglip, strategy):
-    """SigLIP (no class row, every row kept) under LLaVA-1.5 and LLaVA-NeXT; CLIP with its class row kept."""
-    path = make_tiny_llava(tmp_path, next_=next_, siglip=siglip, strategy=strategy)
+@pytest.mark.parametrize("next_, siglip, strategy, layer", [
+    (False, True, None, None), (True, True, None, None), (False, False, "full", None), (False, True, "default", None),
+    (True, False, None, [0, -2, -1])],
+    ids=["llava-siglip", "llava-next-siglip", "llava-clip-full", "llava-siglip-default", "llava-next-clip-layers"])
+def test_llava_tower_and_strategy_variants_match_hf(tmp_path, next_, siglip, strategy, layer):
+    """SigLIP (no class row, every row kept) under LLaVA-1.5 and LLaVA-NeXT; CLIP with its class
+    row kept; SigLIP with its first patch dropped (HF's "default" drops the first row whatever it
+    is); three layers' features side by side (the embeddings' included)."""
+    path = make_tiny_llava(tmp_path, next_=next_, siglip=siglip, strategy=strategy, feature_layer=layer)
     llm = LLM(str(path), kv_cache_memory="8MiB", max_model_len=512)
     prompts = mixed_prompts("<image>")[:2]
     outputs = llm.generate(engine_prompts(prompts), GREEDY, use_tqdm=False)

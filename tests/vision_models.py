@@ -57,12 +57,13 @@ def _save(model: transformers.PreTrainedModel, tokenizer, image_processor, path:
 
 
 def make_tiny_llava(tmp_dir: str | Path, seed: int = 0, next_: bool = False, siglip: bool = False,
-                    strategy: str | None = None) -> Path:
+                    strategy: str | None = None, feature_layer: int | list[int] | None = None) -> Path:
     """LLaVA-1.5 shaped: a 3-layer CLIP tower on 28 px images (patch 7: 16 image tokens, the
     CLS row dropped, features of the second-to-last layer), the GELU projector, a tiny Llama.
     ``next_``: LLaVA-NeXT, the same tower over any-resolution tiles (grids up to 2x2 of 28 px).
     ``siglip``: a SigLIP tower instead, every row of its last layer kept (strategy ``full``).
-    ``strategy``: another ``vision_feature_select_strategy`` than the tower's usual one."""
+    ``strategy``, ``feature_layer``: another ``vision_feature_select_strategy`` or
+    ``vision_feature_layer`` (a list: those layers' features side by side) than the tower's usual."""
     tokenizer = make_tiny_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<image>"]})
     tokenizer.chat_template = LLAVA_TEMPLATE
@@ -78,8 +79,11 @@ def make_tiny_llava(tmp_dir: str | Path, seed: int = 0, next_: bool = False, sig
                       vision_feature_select_strategy=strategy or "full")
     else:
         common.update(vision_config=transformers.CLIPVisionConfig(**tower, projection_dim=32),
-                      vision_feature_select_strategy=strategy or "default")
+                      vision_feature_layer=-2, vision_feature_select_strategy=strategy or "default")
+    if feature_layer is not None:
+        common["vision_feature_layer"] = feature_layer
     name = "llava" + ("_next" if next_ else "") + ("_siglip" if siglip else "") + (f"_{strategy}" if strategy else "")
+    name += "_layers" if feature_layer is not None else ""
     torch.manual_seed(seed)
     if next_:
         pinpoints = [[28, 56], [56, 28], [56, 56]]

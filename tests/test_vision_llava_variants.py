@@ -8,6 +8,7 @@ import pytest
 import transformers
 
 from runtime import LLM, SamplingParams
+from runtime.models.vision.clip import LlavaEncoder
 from runtime.models.vision.llava_next import LlavaNextEncoder
 from vision_models import engine_prompts, hf_vision_greedy, make_tiny_llava, mixed_prompts
 
@@ -43,3 +44,10 @@ def test_llava_next_refuses_tiles_that_are_not_patch_grids(siglip, strategy):
                                           vision_feature_select_strategy=strategy, vision_feature_layer=-1)
     with pytest.raises(ValueError, match=f"vision_feature_select_strategy '{'full' if siglip else 'default'}'"):
         LlavaNextEncoder(config)
+
+
+def test_llava_refuses_a_tower_other_than_clip_or_siglip():
+    config = transformers.LlavaConfig(vision_config={"model_type": "siglip2_vision_model"},
+                                      text_config=transformers.LlamaConfig(hidden_size=64))
+    with pytest.raises(ValueError, match="vision_config.model_type 'siglip2_vision_model' is not supported"):
+        LlavaEncoder(config)

@@ -15,25 +15,12 @@ from runtime.multimodal.inputs import ImageInput
 from runtime.sched.request import Request
 from runtime.sched.scheduler import Scheduler
 from runtime.kv.manager import KVCacheManager
-from vision_models import hf_vision_greedy, make_tiny_llava, make_tiny_qwen2_vl, random_image
+from vision_models import engine_prompts, hf_vision_greedy, make_tiny_llava, make_tiny_qwen2_vl, mixed_prompts, random_image
 
 pytestmark = pytest.mark.xdist_group("vision")
 
 NEW_TOKENS = 8
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-
-
-def _prompts(placeholder: str) -> list[tuple[str, list]]:
-    """One image, two images (two sizes), and text only: served together in one batch."""
-    return [
-        (f"<|im_start|>user\n{placeholder}\nWhat is in the picture?<|im_end|>\n", [random_image(1, 40, 30)]),
-        (f"The first {placeholder} and the second {placeholder} differ", [random_image(2, 64, 50), random_image(3, 30, 44)]),
-        ("The capital of France is", []),
-    ]
-
-
-def _as_engine_prompts(prompts: list[tuple[str, list]]) -> list:
-    return [{"prompt": text, "multi_modal_data": {"image": images}} if images else text for text, images in prompts]
 
 
 @pytest.fixture(scope="module")
@@ -63,35 +50,26 @@ def qwen2_vl(tmp_path_factory):
 
 def test_llava_greedy_matches_hf(llava):
     path, llm = llava
-    prompts = _prompts("<image>")
-    outputs = llm.generate(_as_engine_prompts(prompts), GREEDY, use_tqdm=False)
+    prompts = mixed_prompts("<image>")
+    outputs = llm.generate(engine_prompts(prompts), GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == hf_vision_greedy(path, prompts, NEW_TOKENS)
     # Each image's 16 rows replaced one placeholder: the prompt grew by 15 tokens per image.
     texts = [llm.tokenizer.encode(text) for text, _ in prompts]
     assert [len(o.prompt_token_ids) - len(t) for o, t in zip(outputs, texts)] == [15, 30, 0]
 
 
-def test_llava_with_a_siglip_tower_matches_hf(tmp_path):
-    path = make_tiny_llava(tmp_path, siglip=True)
-    llm = LLM(str(path), kv_cache_memory="8MiB", max_model_len=256)
-    prompts = _prompts("<image>")[:2]
-    outputs = llm.generate(_as_engine_prompts(prompts), GREEDY, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outputs] == hf_vision_greedy(path, prompts, NEW_TOKENS)
-    llm.engine.shutdown()
-
-
 def test_llava_next_greedy_matches_hf(llava_next):
     """Any-resolution tiles: a wide, a tall and a square image pick different grids."""
     path, llm = llava_next
-    prompts = _prompts("<image>")
-    outputs = llm.generate(_as_engine_prompts(prompts), GREEDY, use_tqdm=False)
+    prompts = mixed_prompts("<image>")
+    outputs = llm.generate(engine_prompts(prompts), GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == hf_vision_greedy(path, prompts, NEW_TOKENS)
 
 
 def test_qwen2_vl_greedy_matches_hf(qwen2_vl):
     path, llm = qwen2_vl
-    prompts = _prompts("<|vision_start|><|image_pad|><|vision_end|>")
-    outputs = llm.generate(_as_engine_prompts(prompts), GREEDY, use_tqdm=False)
+    prompts = mixed_prompts("<|vision_start|><|image_pad|><|vision_end|>")
+    outputs = llm.generate(engine_prompts(prompts), GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == hf_vision_greedy(path, prompts, NEW_TOKENS)
 
 
@@ -182,9 +160,17 @@ def test_qwen2_5_vl_window_attention_matches_hf(tmp_path):
     placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
     prompts = [(f"See {placeholder} and {placeholder}.", [random_image(4, 112, 84), random_image(5, 70, 100)]),
                (f"{placeholder} What is it?", [random_image(6, 56, 56)])]
-    outputs = llm.generate(_as_engine_prompts(prompts), GREEDY, use_tqdm=False)
+    outputs = llm.generate(engine_prompts(prompts), GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == hf_vision_greedy(path, prompts, NEW_TOKENS)
     llm.engine.shutdown()
+
+
+def test_qwen2_vl_refuses_a_video_placeholder(qwen2_vl):
+    path, llm = qwen2_vl
+    with pytest.raises(ValueError, match="video inputs are not supported"):
+        llm.generate("<|vision_start|><|video_pad|><|vision_end|> What happens?", GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="only images"):
+        llm.generate({"prompt": "Hi", "multi_modal_data": {"video": [random_image(1, 56, 56)]}}, GREEDY, use_tqdm=False)
 
 
 def test_chat_through_a_template_that_prints_content_as_a_string(qwen2_vl):

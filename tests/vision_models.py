@@ -34,6 +34,20 @@ def random_image(seed: int, width: int, height: int) -> Image.Image:
     return Image.fromarray(pixels)
 
 
+def mixed_prompts(placeholder: str) -> list[tuple[str, list[Image.Image]]]:
+    """One image, two images (two sizes), and text only: served together in one batch."""
+    return [
+        (f"<|im_start|>user\n{placeholder}\nWhat is in the picture?<|im_end|>\n", [random_image(1, 40, 30)]),
+        (f"The first {placeholder} and the second {placeholder} differ", [random_image(2, 64, 50), random_image(3, 30, 44)]),
+        ("The capital of France is", []),
+    ]
+
+
+def engine_prompts(prompts: list[tuple[str, list[Image.Image]]]) -> list:
+    """(text, images) pairs as ``LLM.generate`` takes them."""
+    return [{"prompt": text, "multi_modal_data": {"image": images}} if images else text for text, images in prompts]
+
+
 def _save(model: transformers.PreTrainedModel, tokenizer, image_processor, path: Path) -> Path:
     model.generation_config.eos_token_id = [EOS_ID, IM_END_ID]
     model.save_pretrained(path, safe_serialization=True)
@@ -42,45 +56,50 @@ def _save(model: transformers.PreTrainedModel, tokenizer, image_processor, path:
     return path
 
 
-def make_tiny_llava(tmp_dir: str | Path, seed: int = 0, next_: bool = False, siglip: bool = False) -> Path:
+def make_tiny_llava(tmp_dir: str | Path, seed: int = 0, next_: bool = False, siglip: bool = False,
+                    strategy: str | None = None, feature_layer: int | list[int] | None = None) -> Path:
     """LLaVA-1.5 shaped: a 3-layer CLIP tower on 28 px images (patch 7: 16 image tokens, the
     CLS row dropped, features of the second-to-last layer), the GELU projector, a tiny Llama.
     ``next_``: LLaVA-NeXT, the same tower over any-resolution tiles (grids up to 2x2 of 28 px).
-    ``siglip``: a SigLIP tower instead, every row of its last layer kept (strategy ``full``)."""
+    ``siglip``: a SigLIP tower instead, every row of its last layer kept (strategy ``full``).
+    ``strategy``, ``feature_layer``: another ``vision_feature_select_strategy`` or
+    ``vision_feature_layer`` (a list: those layers' features side by side) than the tower's usual."""
     tokenizer = make_tiny_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<image>"]})
     tokenizer.chat_template = LLAVA_TEMPLATE
-    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                           num_attention_heads=4, image_size=28, patch_size=7, projection_dim=32)
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28,
+                 patch_size=7)
     text = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                     max_position_embeddings=512, initializer_range=0.2, eos_token_id=EOS_ID)
-    image_token = tokenizer.convert_tokens_to_ids("<image>")
-    torch.manual_seed(seed)
+    common = dict(text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                  initializer_range=0.2)
     if siglip:
-        vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                                 num_attention_heads=4, image_size=28, patch_size=7)
-        config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
-                                          vision_feature_select_strategy="full", vision_feature_layer=-1,
-                                          initializer_range=0.2)
-        model = transformers.LlavaForConditionalGeneration(config)
-        processor = transformers.SiglipImageProcessor(size={"height": 28, "width": 28})
-        return _save(model, tokenizer, processor, Path(tmp_dir) / "llava_siglip")
+        common.update(vision_config=transformers.SiglipVisionConfig(**tower), vision_feature_layer=-1,
+                      vision_feature_select_strategy=strategy or "full")
+    else:
+        common.update(vision_config=transformers.CLIPVisionConfig(**tower, projection_dim=32),
+                      vision_feature_layer=-2, vision_feature_select_strategy=strategy or "default")
+    if feature_layer is not None:
+        common["vision_feature_layer"] = feature_layer
+    name = "llava" + ("_next" if next_ else "") + ("_siglip" if siglip else "") + (f"_{strategy}" if strategy else "")
+    name += "_layers" if feature_layer is not None else ""
+    torch.manual_seed(seed)
     if next_:
         pinpoints = [[28, 56], [56, 28], [56, 56]]
-        config = transformers.LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=image_token,
-                                              image_grid_pinpoints=pinpoints, initializer_range=0.2)
-        model = transformers.LlavaNextForConditionalGeneration(config)
+        model = transformers.LlavaNextForConditionalGeneration(
+            transformers.LlavaNextConfig(**common, image_grid_pinpoints=pinpoints))
         with torch.no_grad():
             model.model.image_newline.normal_()  # HF starts it at zero-ish; a distinct row tests its place
         processor = transformers.LlavaNextImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
                                                          image_grid_pinpoints=pinpoints)
-        return _save(model, tokenizer, processor, Path(tmp_dir) / "llava_next")
-    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
-                                      initializer_range=0.2)
-    model = transformers.LlavaForConditionalGeneration(config)
-    processor = transformers.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    return _save(model, tokenizer, processor, Path(tmp_dir) / "llava")
+    elif siglip:
+        model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(**common))
+        processor = transformers.SiglipImageProcessor(size={"height": 28, "width": 28})
+    else:
+        model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(**common))
+        processor = transformers.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    return _save(model, tokenizer, processor, Path(tmp_dir) / name)
 
 
 def make_tiny_qwen2_vl(tmp_dir: str | Path, seed: int = 0, v2_5: bool = False) -> Path:
@@ -118,17 +137,13 @@ def hf_processor(path: Path):
     config = transformers.AutoConfig.from_pretrained(path)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     image_processor = transformers.AutoImageProcessor.from_pretrained(path)
-    if config.model_type == "llava_next":
-        return transformers.LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                               patch_size=config.vision_config.patch_size,
-                                               vision_feature_select_strategy=config.vision_feature_select_strategy,
-                                               num_additional_image_tokens=1, image_token="<image>")
-    if config.model_type == "llava":
+    if config.model_type in ("llava", "llava_next"):
+        processor_class = transformers.LlavaNextProcessor if config.model_type == "llava_next" else transformers.LlavaProcessor
         clip = config.vision_config.model_type == "clip_vision_model"
-        return transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                           patch_size=config.vision_config.patch_size,
-                                           vision_feature_select_strategy=config.vision_feature_select_strategy,
-                                           num_additional_image_tokens=1 if clip else 0, image_token="<image>")
+        return processor_class(image_processor=image_processor, tokenizer=tokenizer,
+                               patch_size=config.vision_config.patch_size,
+                               vision_feature_select_strategy=config.vision_feature_select_strategy,
+                               num_additional_image_tokens=1 if clip else 0, image_token="<image>")
     model_class = transformers.Qwen2_5_VLModel if config.model_type == "qwen2_5_vl" else transformers.Qwen2VLModel
     return Qwen2VLReferenceProcessor(image_processor, tokenizer, config.vision_config.spatial_merge_size, model_class)
 

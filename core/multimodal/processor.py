@@ -63,16 +63,22 @@ class ImageProcessor:
         self.arch: VisionArch = arch
         self.config, self.tokenizer, self.limit = config, tokenizer, limit
         self.placeholder = arch.placeholder
+        # Qwen2-VL's video placeholder: the runtime has no video preprocessing or time positions.
+        self.video_token_id = getattr(config, "video_token_id", None)
 
     def process(self, token_ids: Sequence[int], images: Sequence[Any]) -> tuple[list[int], list[ImageInput]]:
         """(token ids with every placeholder expanded, one ImageInput per image in order).
         MediaError (a ValueError) when the count is over the limit or does not match the prompt's
-        placeholders."""
+        placeholders, or the prompt holds a video placeholder."""
         if len(images) > self.limit:
             raise MediaError(f"{len(images)} images in one prompt, at most {self.limit} are accepted "
                              f"(--limit-mm-per-prompt)")
         token_id = self.arch.image_token_id
-        slots = np.flatnonzero(np.asarray(token_ids, dtype=np.int64) == token_id).tolist()
+        ids = np.asarray(token_ids, dtype=np.int64)
+        if self.video_token_id is not None and (ids == self.video_token_id).any():
+            raise MediaError("the prompt holds a video placeholder (video_token_id): video inputs are not supported, "
+                             "only images")
+        slots = np.flatnonzero(ids == token_id).tolist()
         if len(slots) != len(images):
             raise MediaError(f"the prompt has {len(slots)} image placeholders ({self.placeholder!r}) for "
                              f"{len(images)} images: put one placeholder where each image goes")

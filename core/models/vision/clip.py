@@ -120,8 +120,8 @@ class LlavaEncoder(nn.Module):
         super().__init__()
         vision = config.vision_config
         if vision.model_type not in ("clip_vision_model", "siglip_vision_model"):
-            raise ValueError(f"LLaVA with a {vision.model_type} vision tower is not supported: only CLIP "
-                             f"(clip_vision_model) and SigLIP (siglip_vision_model) are")
+            raise ValueError(f"LLaVA's vision_config.model_type {vision.model_type!r} is not supported: only CLIP "
+                             f"(clip_vision_model) and SigLIP (siglip_vision_model) towers are")
         layers = config.vision_feature_layer
         layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
         # "default" drops the first row (CLIP's class row), "full" keeps every row.

@@ -1,4 +1,4 @@
-"""LLaVA-NeXT's image side: LLaVA's CLIP tower and projector over any-resolution tiles.
+"""LLaVA-NeXT's image side: LLaVA's CLIP or SigLIP tower and projector over any-resolution tiles.
 
 The image processor resizes an image to the best of ``image_grid_pinpoints`` and cuts it into
 rows x cols tiles of the tower's size, plus the whole image at that size (the base). The base's
@@ -51,10 +51,12 @@ class LlavaNextEncoder(LlavaEncoder):
     """Tiles of several images [sum of tiles, 3, H, W] -> one [tokens, text width] tensor per image."""
 
     def __init__(self, config: Any):
-        if config.vision_feature_select_strategy != "default" or config.vision_config.model_type != "clip_vision_model":
-            raise ValueError("LLaVA-NeXT is supported with a CLIP tower and vision_feature_select_strategy 'default' "
-                             "(the class row dropped) only")
         super().__init__(config)
+        # Each tile's rows are laid out as a side x side map: CLIP's class row must go, SigLIP has none.
+        if self.keep_first == self.vision_tower.class_row:
+            tower, needed = ("CLIP", "default") if self.vision_tower.class_row else ("SigLIP", "full")
+            raise ValueError(f"LLaVA-NeXT with a {tower} tower needs vision_feature_select_strategy '{needed}', "
+                             f"the config says {config.vision_feature_select_strategy!r}: set it to '{needed}'")
         self.config = config
         self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
 

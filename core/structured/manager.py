@@ -59,8 +59,11 @@ class StructuredOutputManager:
     """Owner of every constrained request's grammar state, on the engine core's rank 0."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: frozenset[int],
-                 reasoning_parser: Optional[str] = None, compile_threads: Optional[int] = None):
+                 reasoning_parser: Optional[str] = None, compile_threads: Optional[int] = None,
+                 fill_threads: int | str = "auto"):
+        """``fill_threads``: xgrammar's batch-fill threads (an integer, or "auto": half the cores)."""
         self.vocab_size = vocab_size
+        self._fill_threads = fill_threads
         self._tokenizer = tokenizer
         self._eos = sorted(eos_token_ids)
         threads = compile_threads or max(1, min(4, (os.cpu_count() or 2) // 2))
@@ -74,7 +77,7 @@ class StructuredOutputManager:
     def _batch(self) -> xgr.BatchGrammarMatcher:
         import xgrammar as xgr
 
-        return xgr.BatchGrammarMatcher("auto")
+        return xgr.BatchGrammarMatcher(self._fill_threads)
 
     @staticmethod
     def _reasoning_tokens(name: Optional[str], tokenizer: Any) -> Optional[_Reasoning]:

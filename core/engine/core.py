@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from concurrent.futures import Future
 from typing import Optional
 
 import torch
@@ -151,12 +152,18 @@ class EngineCore:
         self.proposer = make_proposer(args.speculative, self.runner)
         self.spec_counters = SpecCounters(args.speculative.num_speculative_tokens if args.speculative else 0)
         self.max_num_batched_tokens = pconfig.max_num_batched_tokens
-        self.structured = StructuredOutputManager(self.source.tokenizer, self.runner.settings.vocab_size,
-                                                  self.eos_token_ids, args.reasoning_parser)
+        # Steps whose masks may be in use at once: one per micro-batch, or the look-ahead step and
+        # the one before it; a mask row per sampled position (proposals included).
+        self.structured = StructuredOutputManager(
+            self.source.tokenizer, self.runner.settings.vocab_size, self.eos_token_ids, args.reasoning_parser,
+            pin_memory=self.runner.asynchronous, buffers_in_flight=max(2, self.pipeline_depth) + 1,
+            max_rows=self.max_num_seqs * (1 + (args.speculative.num_speculative_tokens if args.speculative else 0)))
         self._awaiting_grammar: dict[str, Request] = {}
         """Constrained requests whose grammar is still compiling: the scheduler gets them once it has."""
         self._unsampled: Optional[tuple[SchedulerOutput, PendingStep]] = None
         """The look-ahead step in flight, launched without sampling (see ``_launch``)."""
+        self._masks: Optional[Future] = None
+        """The masks of the ``_unsampled`` step, being filled (see ``_fill_in_flight``)."""
         self._failed: list[EngineCoreOutput] = []
         self._faults = StepFaults()
         """Requests failed outside a step (a grammar that did not compile), reported by the next."""
@@ -355,8 +362,8 @@ class EngineCore:
     def _launch(self, out: SchedulerOutput, previous: Optional[PendingStep] = None) -> Optional[PendingStep]:
         """Launch a step. A step with constrained requests queues its forward pass first and its
         sampling once their masks are filled (meanwhile, on the host): at once when the
-        matchers are up to date, after the step in flight is applied when it is a look-ahead
-        step (``previous``; see :meth:`_sample_in_flight`)."""
+        matchers are up to date; for a look-ahead step (``previous``), filled once the step in
+        flight is applied and sampled at the start of the next call (see :meth:`_fill_in_flight`)."""
         if not self.structured.tracks_any(out.scheduled):
             return self.executor.launch(out, previous)
         pending = self.executor.launch(out, previous, sample=False)
@@ -367,12 +374,24 @@ class EngineCore:
                 self._unsampled = (out, pending)
         return pending
 
+    def _fill_in_flight(self) -> None:
+        """Start filling the masks of the look-ahead step in flight, if its launch left sampling
+        for later, now that the matchers have seen the tokens of the step before it. The fill
+        runs on the grammar's fill thread while this thread hands back the step's outputs (and
+        the caller detokenizes, schedules...) and the device computes the look-ahead step."""
+        if self._unsampled is not None and self._masks is None:
+            out, _ = self._unsampled
+            self._masks = self.structured.bitmask_later(out.scheduled)
+
     def _sample_in_flight(self) -> None:
-        """Sample the look-ahead step in flight, if its launch left that for now (the matchers
-        have just seen the tokens of the step before it)."""
+        """Sample the look-ahead step in flight, if its launch left that for now, with the masks
+        :meth:`_fill_in_flight` started (waiting for them): before anything is queued after it,
+        and before the matchers change again."""
         if self._unsampled is not None:
             (out, pending), self._unsampled = self._unsampled, None
-            self.executor.sample(pending, self.structured.bitmask(out.scheduled))
+            masks, self._masks = self._masks, None
+            grammar = masks.result() if masks is not None else self.structured.bitmask(out.scheduled)
+            self.executor.sample(pending, grammar)
 
     def step(self) -> list[EngineCoreOutput]:
         """Compute one step and return what it produced.
@@ -381,6 +400,7 @@ class EngineCore:
         the next one is launched before this one's tokens are read back.
         """
         self._faults.step()
+        self._sample_in_flight()
         self._admit_compiled()
         if self.pipeline_depth > 1:
             return self._step_pipelined()
@@ -398,7 +418,7 @@ class EngineCore:
             if following is not None:
                 self._in_flight = (following, self._launch(following, pending))
         outputs = self._outputs(out, self.executor.collect(pending))
-        self._sample_in_flight()
+        self._fill_in_flight()
         return outputs
 
     def _reset_preempted(self, out: SchedulerOutput) -> None:
@@ -455,12 +475,15 @@ class EngineCore:
         return self._take_failed() + list(outputs.values())
 
     def _advance_grammar(self, request: Request) -> Optional[str]:
-        """Feed a constrained request's new tokens to its matcher; forget it once finished. The
-        error that fails it, if its output left the grammar (which the mask rules out)."""
+        """Feed a constrained request's new tokens to its matcher; finish it once its grammar has
+        ended (with ignore_eos too: nothing may follow); forget it once finished. The error that
+        fails it, if its output left the grammar (which the mask rules out)."""
         self.structured.advance(request)
         error = self.structured.error(request.request_id)
         if error is not None and not request.status.finished:
             self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_ABORTED)
+        elif self.structured.terminated(request) and not request.status.finished:
+            self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
         if request.status.finished:
             self.structured.remove(request.request_id)
         return error

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from ..reasoning import reasoning_markers
 from ..sched.request import Request
 from ..sched.scheduler import ScheduledRequest
-from .bitmask import GrammarBitmask
+from .bitmask import BitmaskBuffers, GrammarBitmask
 from .grammar import GrammarCompiler, GrammarKey, check
 
 if TYPE_CHECKING:
@@ -60,18 +60,24 @@ class StructuredOutputManager:
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: frozenset[int],
                  reasoning_parser: Optional[str] = None, compile_threads: Optional[int] = None,
-                 fill_threads: int | str = "auto"):
-        """``fill_threads``: xgrammar's batch-fill threads (an integer, or "auto": half the cores)."""
+                 fill_threads: int | str = "auto", pin_memory: bool = False, buffers_in_flight: int = 3,
+                 max_rows: int = 0):
+        """``pin_memory``: fill the masks into pinned host buffers (a device that copies from
+        them asynchronously); ``buffers_in_flight``: steps whose masks may be in use at once
+        (launched, not collected) plus one; ``max_rows``: the most rows a step constrains, to
+        size those buffers once; ``fill_threads``: xgrammar's batch-fill threads."""
         self.vocab_size = vocab_size
         self._fill_threads = fill_threads
         self._tokenizer = tokenizer
         self._eos = sorted(eos_token_ids)
         threads = compile_threads or max(1, min(4, (os.cpu_count() or 2) // 2))
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="runtime-grammar")
+        self._filler = ThreadPoolExecutor(1, thread_name_prefix="runtime-grammar-fill")
         self._compiler: Optional[Future] = None
         self._grammars: dict[GrammarKey, Future] = {}
         self._states: dict[str, _State] = {}
         self._reasoning = self._reasoning_tokens(reasoning_parser, tokenizer)
+        self._buffers = BitmaskBuffers(-(-vocab_size // 32), buffers_in_flight, pin_memory, max_rows)
 
     @functools.cached_property
     def _batch(self) -> xgr.BatchGrammarMatcher:
@@ -141,6 +147,7 @@ class StructuredOutputManager:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._filler.shutdown(wait=True)
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -153,6 +160,13 @@ class StructuredOutputManager:
         state = self._states.get(request.request_id)
         return state is not None and state.matcher is not None and not state.thinking \
             and not state.matcher.is_terminated()
+
+    def terminated(self, request: Request) -> bool:
+        """Whether ``request``'s grammar has ended: its output is complete (the engine finishes
+        it, ignore_eos or not, as vLLM does)."""
+        state = self._states.get(request.request_id)
+        return state is not None and state.matcher is not None and not state.thinking \
+            and state.matcher.is_terminated()
 
     def advance(self, request: Request) -> None:
         """Feed the matcher the output tokens it has not seen; a rejected token (which masking
@@ -207,6 +221,12 @@ class StructuredOutputManager:
                 matcher.rollback(kept)
             item.truncate_drafts(kept)
 
+    def bitmask_later(self, items: list[ScheduledRequest]) -> Future:
+        """:meth:`bitmask` on the manager's fill thread, its result in the future returned.
+        xgrammar lets go of the GIL while it fills, so the caller's own host work runs meanwhile;
+        the matchers of ``items`` must not be fed, reset or rolled back until the result is taken."""
+        return self._filler.submit(self.bitmask, list(items))
+
     def bitmask(self, items: list[ScheduledRequest]) -> Optional[GrammarBitmask]:
         """The masks of a step's sampled rows, in the runner's order (each sampling request's
         rows: its last token's, then one per proposal); None when no row is constrained."""
@@ -230,7 +250,7 @@ class StructuredOutputManager:
             row += 1 + len(item.draft_token_ids)
         if not rows:
             return None
-        bitmask = xgr.allocate_token_bitmask(len(rows), self.vocab_size)
+        bitmask = self._buffers.take(len(rows))
         if speculative:
             first = 0
             plain_index = []

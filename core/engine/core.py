@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from concurrent.futures import Future
 from typing import Optional
 
 import torch
@@ -162,8 +161,6 @@ class EngineCore:
         """Constrained requests whose grammar is still compiling: the scheduler gets them once it has."""
         self._unsampled: Optional[tuple[SchedulerOutput, PendingStep]] = None
         """The look-ahead step in flight, launched without sampling (see ``_launch``)."""
-        self._masks: Optional[Future] = None
-        """The masks of the ``_unsampled`` step, being filled (see ``_fill_in_flight``)."""
         self._failed: list[EngineCoreOutput] = []
         self._faults = StepFaults()
         """Requests failed outside a step (a grammar that did not compile), reported by the next."""
@@ -362,8 +359,8 @@ class EngineCore:
     def _launch(self, out: SchedulerOutput, previous: Optional[PendingStep] = None) -> Optional[PendingStep]:
         """Launch a step. A step with constrained requests queues its forward pass first and its
         sampling once their masks are filled (meanwhile, on the host): at once when the
-        matchers are up to date; for a look-ahead step (``previous``), filled once the step in
-        flight is applied and sampled at the start of the next call (see :meth:`_fill_in_flight`)."""
+        matchers are up to date, after the step in flight is applied when it is a look-ahead
+        step (``previous``; see :meth:`_sample_in_flight`)."""
         if not self.structured.tracks_any(out.scheduled):
             return self.executor.launch(out, previous)
         pending = self.executor.launch(out, previous, sample=False)
@@ -374,24 +371,12 @@ class EngineCore:
                 self._unsampled = (out, pending)
         return pending
 
-    def _fill_in_flight(self) -> None:
-        """Start filling the masks of the look-ahead step in flight, if its launch left sampling
-        for later, now that the matchers have seen the tokens of the step before it. The fill
-        runs on the grammar's fill thread while this thread hands back the step's outputs (and
-        the caller detokenizes, schedules...) and the device computes the look-ahead step."""
-        if self._unsampled is not None and self._masks is None:
-            out, _ = self._unsampled
-            self._masks = self.structured.bitmask_later(out.scheduled)
-
     def _sample_in_flight(self) -> None:
-        """Sample the look-ahead step in flight, if its launch left that for now, with the masks
-        :meth:`_fill_in_flight` started (waiting for them): before anything is queued after it,
-        and before the matchers change again."""
+        """Sample the look-ahead step in flight, if its launch left that for now (the matchers
+        have just seen the tokens of the step before it)."""
         if self._unsampled is not None:
             (out, pending), self._unsampled = self._unsampled, None
-            masks, self._masks = self._masks, None
-            grammar = masks.result() if masks is not None else self.structured.bitmask(out.scheduled)
-            self.executor.sample(pending, grammar)
+            self.executor.sample(pending, self.structured.bitmask(out.scheduled))
 
     def step(self) -> list[EngineCoreOutput]:
         """Compute one step and return what it produced.
@@ -400,7 +385,6 @@ class EngineCore:
         the next one is launched before this one's tokens are read back.
         """
         self._faults.step()
-        self._sample_in_flight()
         self._admit_compiled()
         if self.pipeline_depth > 1:
             return self._step_pipelined()
@@ -418,7 +402,7 @@ class EngineCore:
             if following is not None:
                 self._in_flight = (following, self._launch(following, pending))
         outputs = self._outputs(out, self.executor.collect(pending))
-        self._fill_in_flight()
+        self._sample_in_flight()
         return outputs
 
     def _reset_preempted(self, out: SchedulerOutput) -> None:

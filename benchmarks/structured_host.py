@@ -8,9 +8,9 @@ The engine's own ``StructuredOutputManager`` with the embedded model's tokenizer
 tokens) over --vocab-size logits (the Llama-3 shape, as benchmarks/structured_gpu.py), request i
 carrying schema i % 8 of benchmarks/structured_cpu.py. Each step: the manager fills the step's
 masks (``bitmask``), the mask goes to the device (``GrammarBitmask.on``, here the CPU), the
-sampler's metadata is built (``SamplingMetadata.from_requests``: host work queued after the
-mask), a random model's token is drawn under the mask (not timed: the device's part) and the
-matchers are fed it (``advance``). A request whose grammar ends is replaced by a fresh one, so
+sampler's metadata is built (``SamplingMetadata.from_requests``: host work of every step, done at
+the launch, before the fill), a random model's token is drawn under the mask (not timed: the
+device's part) and the matchers are fed it (``advance``). A request whose grammar ends is replaced by a fresh one, so
 every step has --batch constrained rows. Reported: median ms per step of each part, for each
 xgrammar thread count of --threads. The machine may be shared: compare parts within one run.
 """

@@ -153,18 +153,21 @@ class StructuredOutputManager:
         """Whether a request of the step that samples has a grammar (masked now or later)."""
         return bool(self._states) and any(item.sample and item.request.request_id in self._states for item in items)
 
+    def _matcher(self, request: Request) -> Optional[xgr.GrammarMatcher]:
+        """``request``'s matcher, once its grammar applies (compiled, thinking over)."""
+        state = self._states.get(request.request_id)
+        return None if state is None or state.thinking else state.matcher
+
     def constrains(self, request: Request) -> bool:
         """Whether ``request``'s next token is masked."""
-        state = self._states.get(request.request_id)
-        return state is not None and state.matcher is not None and not state.thinking \
-            and not state.matcher.is_terminated()
+        matcher = self._matcher(request)
+        return matcher is not None and not matcher.is_terminated()
 
     def terminated(self, request: Request) -> bool:
         """Whether ``request``'s grammar has ended: its output is complete (the engine finishes
         it, ignore_eos or not, as vLLM does)."""
-        state = self._states.get(request.request_id)
-        return state is not None and state.matcher is not None and not state.thinking \
-            and state.matcher.is_terminated()
+        matcher = self._matcher(request)
+        return matcher is not None and matcher.is_terminated()
 
     def advance(self, request: Request) -> None:
         """Feed the matcher the output tokens it has not seen; a rejected token (which masking

@@ -25,7 +25,8 @@
 #            vLLM: batch-1 decode against the roofline and offline 1000 x (512, 128). Needs `unpack` first for
 #            vLLM; removes /tmp/llama8b when the disk lacks room for both checkpoints
 #   structured: benchmarks/structured_gpu.py: the Llama-3-8B shape with the embedded model's tokenizer, batch 64
-#            with a JSON schema on every request: runtime plain vs constrained (the mask's step overhead), then vLLM
+#            with a JSON schema on every request: runtime plain vs constrained (the mask's step overhead), then vLLM;
+#            then benchmarks/structured_host.py: the host's part of a constrained step, by xgrammar fill threads
 #   offload: benchmarks/offload_gpu.py on the Llama-3-8B shape: a shared-prefix workload whose prefixes need 4x the
 #            device KV cache, runtime without and with --kv-offloading-size (target >= 1.5x throughput, higher
 #            prefix hit rate); then preemption by recompute, swap and auto under a cache a quarter of the need
@@ -109,7 +110,10 @@ from runtime.models import decoder_settings as d; print(int(d(m.config_of(a.shap
       for part in prepare runtime vllm; do
         timeout 480 python3 benchmarks/structured_gpu.py $part --json $R/structured/$part.json --llama-dir $M --gguf /tmp/smollm2.gguf 2>&1 \
           | grep -v "it/s]" | tail -15 | tee -a $R/structured/run.log
-      done ;;
+      done
+      # The host's part of a constrained step on this machine's CPU, by xgrammar fill threads.
+      timeout 300 python3 benchmarks/structured_host.py --gguf /tmp/smollm2.gguf --threads 1 4 auto \
+        --json $R/structured/host.json 2>&1 | tail -4 | tee -a $R/structured/run.log ;;
     offload)
       for part in ${OFFLOAD_PARTS:-offload swap}; do
         timeout 540 python3 benchmarks/offload_gpu.py $part --dir $M --json $R/offload/$part.json 2>&1 | grep -v "it/s]" \

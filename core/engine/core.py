@@ -151,8 +151,12 @@ class EngineCore:
         self.proposer = make_proposer(args.speculative, self.runner)
         self.spec_counters = SpecCounters(args.speculative.num_speculative_tokens if args.speculative else 0)
         self.max_num_batched_tokens = pconfig.max_num_batched_tokens
-        self.structured = StructuredOutputManager(self.source.tokenizer, self.runner.settings.vocab_size,
-                                                  self.eos_token_ids, args.reasoning_parser)
+        # Steps whose masks may be in use at once: one per micro-batch, or the look-ahead step and
+        # the one before it; a mask row per sampled position (proposals included).
+        self.structured = StructuredOutputManager(
+            self.source.tokenizer, self.runner.settings.vocab_size, self.eos_token_ids, args.reasoning_parser,
+            pin_memory=self.runner.asynchronous, buffers_in_flight=max(2, self.pipeline_depth) + 1,
+            max_rows=self.max_num_seqs * (1 + (args.speculative.num_speculative_tokens if args.speculative else 0)))
         self._awaiting_grammar: dict[str, Request] = {}
         """Constrained requests whose grammar is still compiling: the scheduler gets them once it has."""
         self._unsampled: Optional[tuple[SchedulerOutput, PendingStep]] = None
@@ -455,12 +459,15 @@ class EngineCore:
         return self._take_failed() + list(outputs.values())
 
     def _advance_grammar(self, request: Request) -> Optional[str]:
-        """Feed a constrained request's new tokens to its matcher; forget it once finished. The
-        error that fails it, if its output left the grammar (which the mask rules out)."""
+        """Feed a constrained request's new tokens to its matcher; finish it once its grammar has
+        ended (with ignore_eos too: nothing may follow); forget it once finished. The error that
+        fails it, if its output left the grammar (which the mask rules out)."""
         self.structured.advance(request)
         error = self.structured.error(request.request_id)
         if error is not None and not request.status.finished:
             self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_ABORTED)
+        elif self.structured.terminated(request) and not request.status.finished:
+            self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
         if request.status.finished:
             self.structured.remove(request.request_id)
         return error

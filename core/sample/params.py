@@ -71,6 +71,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
+    """Generate past end-of-sequence; a structured output still ends where its grammar does (as vLLM)."""
     max_tokens: Optional[int] = 16
     """None: up to the model's context length."""
     min_tokens: int = 0

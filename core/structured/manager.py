@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from ..reasoning import reasoning_markers
 from ..sched.request import Request
 from ..sched.scheduler import ScheduledRequest
-from .bitmask import GrammarBitmask
+from .bitmask import BitmaskBuffers, GrammarBitmask
 from .grammar import GrammarCompiler, GrammarKey, check
 
 if TYPE_CHECKING:
@@ -59,8 +59,15 @@ class StructuredOutputManager:
     """Owner of every constrained request's grammar state, on the engine core's rank 0."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: frozenset[int],
-                 reasoning_parser: Optional[str] = None, compile_threads: Optional[int] = None):
+                 reasoning_parser: Optional[str] = None, compile_threads: Optional[int] = None,
+                 fill_threads: int | str = "auto", pin_memory: bool = False, buffers_in_flight: int = 3,
+                 max_rows: int = 0):
+        """``pin_memory``: fill the masks into pinned host buffers (a device that copies from
+        them asynchronously); ``buffers_in_flight``: steps whose masks may be in use at once
+        (launched, not collected) plus one; ``max_rows``: the most rows a step constrains, to
+        size those buffers once; ``fill_threads``: xgrammar's batch-fill threads."""
         self.vocab_size = vocab_size
+        self._fill_threads = fill_threads
         self._tokenizer = tokenizer
         self._eos = sorted(eos_token_ids)
         threads = compile_threads or max(1, min(4, (os.cpu_count() or 2) // 2))
@@ -69,12 +76,13 @@ class StructuredOutputManager:
         self._grammars: dict[GrammarKey, Future] = {}
         self._states: dict[str, _State] = {}
         self._reasoning = self._reasoning_tokens(reasoning_parser, tokenizer)
+        self._buffers = BitmaskBuffers(-(-vocab_size // 32), buffers_in_flight, pin_memory, max_rows)
 
     @functools.cached_property
     def _batch(self) -> xgr.BatchGrammarMatcher:
         import xgrammar as xgr
 
-        return xgr.BatchGrammarMatcher("auto")
+        return xgr.BatchGrammarMatcher(self._fill_threads)
 
     @staticmethod
     def _reasoning_tokens(name: Optional[str], tokenizer: Any) -> Optional[_Reasoning]:
@@ -145,11 +153,21 @@ class StructuredOutputManager:
         """Whether a request of the step that samples has a grammar (masked now or later)."""
         return bool(self._states) and any(item.sample and item.request.request_id in self._states for item in items)
 
+    def _matcher(self, request: Request) -> Optional[xgr.GrammarMatcher]:
+        """``request``'s matcher, once its grammar applies (compiled, thinking over)."""
+        state = self._states.get(request.request_id)
+        return None if state is None or state.thinking else state.matcher
+
     def constrains(self, request: Request) -> bool:
         """Whether ``request``'s next token is masked."""
-        state = self._states.get(request.request_id)
-        return state is not None and state.matcher is not None and not state.thinking \
-            and not state.matcher.is_terminated()
+        matcher = self._matcher(request)
+        return matcher is not None and not matcher.is_terminated()
+
+    def terminated(self, request: Request) -> bool:
+        """Whether ``request``'s grammar has ended: its output is complete (the engine finishes
+        it, ignore_eos or not, as vLLM does)."""
+        matcher = self._matcher(request)
+        return matcher is not None and matcher.is_terminated()
 
     def advance(self, request: Request) -> None:
         """Feed the matcher the output tokens it has not seen; a rejected token (which masking
@@ -227,7 +245,7 @@ class StructuredOutputManager:
             row += 1 + len(item.draft_token_ids)
         if not rows:
             return None
-        bitmask = xgr.allocate_token_bitmask(len(rows), self.vocab_size)
+        bitmask = self._buffers.take(len(rows))
         if speculative:
             first = 0
             plain_index = []

@@ -95,6 +95,14 @@ class PendingStep:
     """The embedding requests, in the rows of ``host_pooled``."""
     host_pooled: torch.Tensor | None = None
     """Their vectors [N, hidden] float32 in host memory once ``ready`` has passed."""
+    logits: tuple[torch.Tensor, SamplingMetadata] | None = None
+    """The sampled rows' logits and sampling metadata, queued by a launch that left the
+    sampling for later (see :meth:`ModelRunner.launch`)."""
+
+
+def _sample_rows(scheduled: list[ScheduledRequest]) -> list[int]:
+    """The rows of a step's requests that sample a token (embedding requests pool instead)."""
+    return [i for i, s in enumerate(scheduled) if s.sample and s.request.pooling is None]
 
 
 class ModelRunner:
@@ -355,6 +363,12 @@ class ModelRunner:
             return pending
         if sample:
             self.sample(pending, grammar)
+        elif self.static_buckets is None and not any(s.draft_token_ids for s in scheduled):
+            # Sampling waits for the host's grammar masks: queue the logits now, so that only the
+            # masking and the sampler follow the masks.
+            sample_rows = _sample_rows(scheduled)
+            if sample_rows:
+                pending.logits = self._logits(pending, sample_rows)
         return pending
 
     @_without_autograd
@@ -362,7 +376,7 @@ class ModelRunner:
         """Queue the sampling of a launched step (once), its rows masked by ``grammar``."""
         scheduled, query_start_loc, hidden = pending.scheduled, pending.query_start_loc, pending.hidden
         self._pool(pending)
-        sample_rows = [i for i, s in enumerate(scheduled) if s.sample and s.request.pooling is None]
+        sample_rows = _sample_rows(scheduled)
         if sample_rows:
             pending.requests = [scheduled[i].request for i in sample_rows]
             drafted = any(scheduled[i].draft_token_ids for i in sample_rows)
@@ -373,21 +387,27 @@ class ModelRunner:
             elif self.static_buckets is not None:
                 pending.sampled = self._sample_static(scheduled, sample_rows, query_start_loc, hidden, grammar)
             else:
-                if len(sample_rows) == int(query_start_loc[-1]):
-                    last_hidden = hidden[:len(sample_rows)]  # one token per row, every row sampled: a decode step
-                else:
-                    last = host_to_device([int(query_start_loc[i + 1]) - 1 for i in sample_rows], torch.int64,
-                                          self.device)
-                    last_hidden = hidden[last]
-                sampling = SamplingMetadata.from_requests(pending.requests, self.settings.vocab_size, self.device,
-                                                          self.generators)
+                logits, sampling = pending.logits or self._logits(pending, sample_rows)
                 sampling.grammar = mask
-                pending.sampled = self.sampler(self.model.compute_logits(last_hidden), sampling)
+                pending.sampled = self.sampler(logits, sampling)
         self.platform.mark_step()
         self._copy_results_to_host(pending)
         if self.asynchronous:
             pending.ready = torch.Event(device=self.device)
             pending.ready.record()
+
+    def _logits(self, pending: PendingStep, sample_rows: list[int]) -> tuple[torch.Tensor, SamplingMetadata]:
+        """The logits of a step's sampled rows (no proposals, dynamic shapes) and their sampling
+        metadata: all of the sampling but the sampler itself."""
+        query_start_loc, hidden = pending.query_start_loc, pending.hidden
+        if len(sample_rows) == int(query_start_loc[-1]):
+            last_hidden = hidden[:len(sample_rows)]  # one token per row, every row sampled: a decode step
+        else:
+            last = host_to_device([int(query_start_loc[i + 1]) - 1 for i in sample_rows], torch.int64, self.device)
+            last_hidden = hidden[last]
+        requests = [pending.scheduled[i].request for i in sample_rows]
+        sampling = SamplingMetadata.from_requests(requests, self.settings.vocab_size, self.device, self.generators)
+        return self.model.compute_logits(last_hidden), sampling
 
     def _copy_results_to_host(self, pending: PendingStep) -> None:
         """Queue the copies of the step's tokens (and vectors) to host memory, now, in stream order:

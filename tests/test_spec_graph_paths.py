@@ -22,6 +22,7 @@ from tiny_models import make_tiny_checkpoint
 from runtime.engine.args import EngineArgs
 from runtime.engine.core import EngineCore
 from runtime.sample.params import SamplingParams
+from runtime.sample.sampler import Sampler, SamplingMetadata
 from runtime.sched.request import Request
 from runtime.spec.rejection import DraftLayout
 
@@ -144,3 +145,24 @@ def test_draft_layout_matches_a_brute_force_layout():
             assert layout.proposed[b, j] == (d[j] if j < len(d) else -1)
     views = layout.row_views
     assert [v.output_token_ids for v in views] == [drafts[b][:j] for b, j in rows]
+
+
+def test_greedy_rows_matched_on_the_host_emit_what_rejection_sampling_on_the_device_does():
+    """All-greedy verification without logprobs leaves the matching to ``DraftLayout.emitted``
+    on the host; with logprobs it runs on the device. Both emit the same tokens."""
+    rng = random.Random(1)
+    torch.manual_seed(1)
+    vocab, batch = 8, 12  # a small vocabulary, so proposals often equal the argmax
+    drafts = [[rng.randrange(vocab) for _ in range(rng.randrange(0, 5))] for _ in range(batch)]
+    layout_rows = sum(len(d) + 1 for d in drafts)
+    logits = torch.randn(layout_rows, vocab)
+    emitted = []
+    for logprobs in (None, 2):
+        requests = [Request(str(i), [5, 6], SamplingParams(temperature=0.0, logprobs=logprobs), max_model_len=64)
+                    for i in range(batch)]
+        layout = DraftLayout(requests, drafts, torch.device("cpu"))
+        out = Sampler().verify(logits, SamplingMetadata.from_requests(layout.row_views, vocab, "cpu", {}), layout)
+        assert (out.num_tokens is None) == (logprobs is None)
+        emitted.append(layout.emitted(out))
+    assert emitted[0] == emitted[1]
+    assert any(1 < len(tokens) < len(d) + 1 for tokens, d in zip(emitted[0], drafts)), "no partial acceptance"

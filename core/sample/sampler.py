@@ -128,7 +128,10 @@ class SamplerOutput:
     num_tokens: Optional[torch.Tensor] = None
     """Set by :meth:`Sampler.verify`: [B] int64 tokens per request (accepted proposals + 1);
     ``token_ids`` is then [B, K+1] (-1 past ``num_tokens``) and the logprob fields have one
-    row per verified position ([R, ...], see ``DraftLayout``)."""
+    row per verified position ([R, ...], see ``DraftLayout``). Left None by a verification whose
+    rows are all greedy, without logprobs: ``token_ids`` is then each row's argmax [R], and
+    ``DraftLayout.emitted`` matches the proposals on the host, a few compares of R numbers
+    in place of a dozen device ops."""
 
 
 class Sampler:
@@ -166,6 +169,8 @@ class Sampler:
         self._apply_grammar(logits, meta)
         _apply_bias_and_penalties(logits, meta)
         greedy_ids = None if meta.all_random else logits.argmax(-1)
+        if meta.all_greedy and raw_logprobs is None:
+            return SamplerOutput(greedy_ids)  # matched against the proposals on the host (DraftLayout.emitted)
         probs = None if meta.all_greedy else self._probabilities(logits, meta)
         token_ids, num_tokens, row_tokens = rejection_sample(probs, greedy_ids, meta.greedy, meta.generators, layout,
                                                              row_tokens=raw_logprobs is not None)

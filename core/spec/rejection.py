@@ -78,6 +78,19 @@ class DraftLayout:
         self.proposed = proposed_flat.view(batch, width)
         """[B, K+1] the proposal at position j (-1 past a request's proposals)."""
         self.row_views = [RowView(r, d, j) for r, d in zip(requests, drafts) for j in range(len(d) + 1)]
+        self._following, self._index = following, index
+
+    def emitted(self, sampled) -> list[list[int]]:
+        """Each request's tokens from ``Sampler.verify``'s output read back to the host: its
+        accepted proposals and the token after them. Where every row was greedy (no
+        ``num_tokens``), a request accepts the proposals its rows' argmax repeats, so its tokens
+        are the argmax of its first accepted + 1 rows."""
+        if sampled.num_tokens is not None:
+            return [row[:n] for row, n in zip(sampled.token_ids.tolist(), sampled.num_tokens.tolist())]
+        argmax = sampled.token_ids.numpy()
+        # A request's last row proposes -1, which no argmax equals: each run of matches ends there.
+        counts = (argmax == self._following)[self._index].cumprod(1).sum(1) + 1
+        return [argmax[start:start + n].tolist() for start, n in zip(self.row_start.tolist(), counts.tolist())]
 
 
 def rejection_sample(probs: Optional[torch.Tensor], greedy_ids: Optional[torch.Tensor], greedy: torch.Tensor,

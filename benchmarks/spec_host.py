@@ -38,6 +38,12 @@ from runtime.sample.params import SamplingParams  # noqa: E402
 K = 4
 
 
+def _engine(path: Path, speculative: bool) -> EngineCore:
+    spec = {"method": "ngram", "num_speculative_tokens": K} if speculative else None
+    return EngineCore(EngineArgs(model=str(path), device="replay_cpu", max_num_seqs=8, max_model_len=512,
+                                 kv_cache_memory="16MiB", speculative_config=spec), registry=_registry())
+
+
 class OpCounter(TorchDispatchMode):
     """Counts the tensor ops dispatched outside the model's forward pass: on a GPU each is a
     kernel launch (or a copy) the host pays for, outside any graph."""

@@ -8,8 +8,9 @@ Usage: python3 benchmarks/spec_gpu.py PART --json OUT.json [options]
                    and --batch, with and without n-gram proposals (acceptance reported)
        = vllm      the same with vLLM 0.22.1 (speculative_config as vLLM reads it)
        = verify    runtime.LLM on --llama-dir (random weights, nothing is ever accepted): decode tok/s
-                   at batch 1 with and without proposals (the zero-acceptance overhead), and the
-                   time of one verification step of k = 1..8 proposals against a plain decode step
+                   at batch 1 with and without proposals (the zero-acceptance overhead, back-off on),
+                   and the time of one verification step of k = 1..8 proposals (back-off off, so
+                   every decode step verifies) against a plain decode step
 Run each part in its own process. Both engines ignore EOS, so they generate the same number of
 tokens. decode tok/s = output tokens after the first over the time after the first token (its
 prefill is the same with and without proposals): the best of --repeats full runs minus the best
@@ -139,7 +140,8 @@ def runtime_part(args) -> list[dict]:
                           args.tokens, args.repeats, llm.engine.stats if config else None)
 
     rows = setting("none", None)
-    torch.cuda.empty_cache()  # the first engine is gone: its memory goes to the second
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the first engine is gone: its memory goes to the second
     return rows + setting("ngram", NGRAM)
 
 
@@ -162,6 +164,7 @@ def vllm_part(args) -> list[dict]:
 
 def verify_part(args) -> list[dict]:
     from runtime import LLM, SamplingParams
+    from runtime.sched.request import Request
     from runtime.sched.scheduler import SchedulerOutput
     prompt = [[10 + (7 * i) % 250 for i in range(512)]]
 
@@ -182,17 +185,31 @@ def verify_part(args) -> list[dict]:
             llm.engine.proposer = Always()
         rows = copy_rates(lambda batch, n: generate(prompt, n), {1: prompt}, "runtime", f"{label} (zero acceptance)",
                           args.tokens, args.repeats)
-        for k in range(1, 9) if config is not None else ():
+
+        def step_row(mode: str, k: int) -> dict:
+            generate(prompt, 8)
+            drafts = llm.engine.stats().spec_num_drafts
+            seconds = best_seconds(lambda: generate(prompt, args.tokens), args.repeats)[0]
+            row = {"engine": "runtime", "mode": mode, "k": k, "step_ms": round(seconds / args.tokens * 1e3, 3)}
+            if k:
+                row["verification_steps_per_run"] = (llm.engine.stats().spec_num_drafts - drafts) / args.repeats
+            print(json.dumps(row), flush=True)
+            return row
+
+        if config is None:
+            return rows + [step_row("decode_step", 0)]
+        # After a few all-rejected steps the back-off would leave mostly plain decode steps to
+        # time: off for the sweep, so every decode step verifies k proposals (a token each).
+        Request.MAX_PROPOSAL_PAUSE = 0
+        for k in range(1, 9):
             llm.engine.proposer.k = k
             llm.engine.scheduler.num_speculative_tokens = k
-            generate(prompt, 8)
-            step = best_seconds(lambda: generate(prompt, args.tokens), args.repeats)[0] / args.tokens
-            rows.append({"engine": "runtime", "mode": "verification_step", "k": k, "step_ms": round(step * 1e3, 3)})
-            print(json.dumps(rows[-1]), flush=True)
+            rows.append(step_row("verification_step", k))
         return rows
 
     rows = setting("none", None)
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return rows + setting("ngram", {**NGRAM, "num_speculative_tokens": 8})  # room for k up to 8
 
 

@@ -2,13 +2,15 @@
 then small, so what is left is the host's work per step: scheduling, proposing, input
 preparation, verification, read-back, update).
 
-Usage: .venv/bin/python benchmarks/spec_host.py [--batch 1 8] [--tokens 96] [--repeats 3] [--json OUT.json]
+Usage: .venv/bin/python benchmarks/spec_host.py [--batch 1 8] [--tokens 96] [--repeats 3] [--proposer oracle|ngram]
+                                               [--json OUT.json]
 
 The engine runs on tests/test_decode_graphs.py's replay platform, so steps take the paths a
 CUDA engine takes (decode graphs, verification graphs, eager) and each path is counted. Each
 request's proposals come from an oracle that knows its greedy output (a run without proposals;
 tests/test_spec_graph_paths.py's OracleProposer), so batches mix full acceptance, partial
-acceptance and requests without proposals. Per setting, from the run of ``--repeats`` with the
+acceptance and requests without proposals (``--proposer ngram``: the engine's n-gram proposer
+instead, on the same repetitive prompts). Per setting, from the run of ``--repeats`` with the
 least host time: host ms per decode step and per output token (the step's wall time less the
 model's forward passes), ms per step in each phase, and the tensor ops per step outside the
 forward pass (on a GPU, kernel launches and copies the host pays for one by one).
@@ -94,14 +96,14 @@ def _generate(engine: EngineCore, prompts: list[list[int]], tokens: int, on_star
     return dict(outputs), steps, time.perf_counter() - start
 
 
-def measure(path: Path, batch: int, tokens: int, repeats: int) -> list[dict]:
+def measure(path: Path, batch: int, tokens: int, repeats: int, proposer: str) -> list[dict]:
     prompts = [[10 + (i * 7 + j * 3) % 200 for j in range(24 + 5 * i)] for i in range(batch)]
     plain = _engine(path, speculative=False)
     reference, _, _ = _generate(plain, prompts, tokens)
     spec = _engine(path, speculative=True)
     rows = []
-    for label, engine in (("none", plain), ("oracle", spec)):
-        if engine is spec:
+    for label, engine in (("none", plain), (proposer, spec)):
+        if engine is spec and proposer == "oracle":
             spec.proposer = OracleProposer(reference)
         phases: collections.Counter = collections.Counter()
         counter = OpCounter()
@@ -140,11 +142,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--proposer", choices=["oracle", "ngram"], default="oracle",
+                        help="ngram: the engine's own n-gram proposer (k = 4, lookup 2 to 5) on prompts that repeat")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = make_tiny_checkpoint(tmp, "llama")
-        rows = [row for batch in args.batch for row in measure(path, batch, args.tokens, args.repeats)]
+        rows = [row for batch in args.batch for row in measure(path, batch, args.tokens, args.repeats, args.proposer)]
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

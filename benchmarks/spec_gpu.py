@@ -8,10 +8,14 @@ Usage: python3 benchmarks/spec_gpu.py PART --json OUT.json [options]
                    and --batch, with and without n-gram proposals (acceptance reported)
        = vllm      the same with vLLM 0.22.1 (speculative_config as vLLM reads it)
        = verify    runtime.LLM on --llama-dir (random weights, nothing is ever accepted): decode tok/s
-                   at batch 1 with and without proposals (the zero-acceptance overhead), and the
-                   time of one verification step of k = 1..8 proposals against a plain decode step
-Run each part in its own process. decode tok/s = output tokens after the first over the time after
-the first token (its prefill is the same with and without proposals).
+                   at batch 1 with and without proposals (the zero-acceptance overhead, back-off on),
+                   and the time of one verification step of k = 1..8 proposals (back-off off, so
+                   every decode step verifies) against a plain decode step
+Run each part in its own process. Both engines ignore EOS, so they generate the same number of
+tokens. decode tok/s = output tokens after the first over the time after the first token (its
+prefill is the same with and without proposals): the best of --repeats full runs minus the best
+of --repeats one-token runs. Acceptance (runtime's stats, vLLM's get_metrics counters) is over
+all the full runs.
 """
 
 from __future__ import annotations
@@ -19,9 +23,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
 
 import torch
 
@@ -33,8 +40,19 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2,
 
 
 def sync_time() -> float:
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter()
+
+
+def best_seconds(run: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """(the shortest of ``repeats`` timed calls of ``run``, what the last call returned)."""
+    best, result = math.inf, None
+    for _ in range(repeats):
+        start = sync_time()
+        result = run()
+        best = min(best, sync_time() - start)
+    return best, result
 
 
 def convert(args) -> list[dict]:
@@ -63,27 +81,41 @@ def chat_prompts(tokenizer, batch: int) -> list[list[int]]:
     return [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
 
 
-def output_lengths(llm, sampling_params, prompts: list[list[int]], max_tokens: int, **extra) -> list[int]:
-    """Greedy generation on either engine's LLM; the output length of each prompt."""
+def output_lengths(llm, sampling_params, prompts: list[list[int]], max_tokens: int) -> list[int]:
+    """Greedy generation on either engine's LLM, EOS ignored (both engines then generate the same
+    number of tokens); the output length of each prompt."""
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        sampling_params(temperature=0, max_tokens=max_tokens, **extra), use_tqdm=False)
+                        sampling_params(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
     return [len(o.outputs[0].token_ids) for o in outs]
 
 
+def vllm_spec_stats(llm) -> SimpleNamespace:
+    """vLLM's speculative-decoding counters (``LLM.get_metrics``, with log stats on) under the
+    names of runtime's EngineStats fields."""
+    names = {"vllm:spec_decode_num_drafts": "spec_num_drafts",
+             "vllm:spec_decode_num_draft_tokens": "spec_num_draft_tokens",
+             "vllm:spec_decode_num_accepted_tokens": "spec_num_accepted_tokens"}
+    totals = dict.fromkeys(names.values(), 0)
+    for metric in llm.get_metrics():
+        if metric.name in names:
+            totals[names[metric.name]] += metric.value
+    return SimpleNamespace(**totals)
+
+
 def copy_rates(generate, prompts_by_batch: dict[int, list[list[int]]], engine: str, label: str, tokens: int,
-               stats=None) -> list[dict]:
+               repeats: int, stats=None) -> list[dict]:
+    """Decode tok/s per batch: (tokens - the first of each request) over (the best of ``repeats``
+    full runs - the best of ``repeats`` one-token runs); acceptance over all full runs."""
     rows = []
     for batch, prompts in prompts_by_batch.items():
         generate(prompts, 4)
-        first = sync_time()
-        generate(prompts, 1)
-        first = sync_time() - first
+        first, _ = best_seconds(lambda: generate(prompts, 1), repeats)
         before = stats() if stats else None
-        total = sync_time()
-        counts = generate(prompts, tokens)
-        total = sync_time() - total
-        row = {"engine": engine, "proposals": label, "batch": batch,
-               "decode_tok_s": round((sum(counts) - batch) / (total - first), 1), "tokens": sum(counts)}
+        total, counts = best_seconds(lambda: generate(prompts, tokens), repeats)
+        decode = total - first
+        row = {"engine": engine, "proposals": label, "batch": batch, "tokens": sum(counts),
+               "decode_tok_s": round((sum(counts) - batch) / decode, 1) if decode > 0 else None,
+               "total_s": round(total, 4), "first_token_s": round(first, 4)}
         if stats:
             after = stats()
             drafts = after.spec_num_drafts - before.spec_num_drafts
@@ -102,12 +134,14 @@ def runtime_part(args) -> list[dict]:
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.hf_dir)
     prompts = {1: chat_prompts(tokenizer, 1), args.batch: chat_prompts(tokenizer, args.batch)}
     def setting(label: str, config) -> list[dict]:
-        llm = LLM(str(args.hf_dir), device="cuda", dtype="bfloat16", max_model_len=2048, speculative_config=config)
+        llm = LLM(str(args.hf_dir), device=args.device, dtype="bfloat16", max_model_len=2048,
+                  speculative_config=config)
         return copy_rates(functools.partial(output_lengths, llm, SamplingParams), prompts, "runtime", label,
-                          args.tokens, llm.engine.stats if config else None)
+                          args.tokens, args.repeats, llm.engine.stats if config else None)
 
     rows = setting("none", None)
-    torch.cuda.empty_cache()  # the first engine is gone: its memory goes to the second
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the first engine is gone: its memory goes to the second
     return rows + setting("ngram", NGRAM)
 
 
@@ -117,12 +151,20 @@ def vllm_part(args) -> list[dict]:
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.hf_dir)
     prompts = {1: chat_prompts(tokenizer, 1), args.batch: chat_prompts(tokenizer, args.batch)}
     llm = LLM(model=str(args.hf_dir), dtype="bfloat16", max_model_len=2048, speculative_config=NGRAM,
-              gpu_memory_utilization=0.5)
-    return copy_rates(functools.partial(output_lengths, llm, SamplingParams), prompts, "vllm", "ngram", args.tokens)
+              gpu_memory_utilization=0.5, disable_log_stats=False)
+    stats = functools.partial(vllm_spec_stats, llm)
+    try:
+        stats()
+    except Exception as error:  # noqa: BLE001 - any failure only drops the acceptance columns
+        print(f"vLLM's spec-decode counters unavailable ({error}): acceptance not reported", flush=True)
+        stats = None
+    return copy_rates(functools.partial(output_lengths, llm, SamplingParams), prompts, "vllm", "ngram", args.tokens,
+                      args.repeats, stats)
 
 
 def verify_part(args) -> list[dict]:
     from runtime import LLM, SamplingParams
+    from runtime.sched.request import Request
     from runtime.sched.scheduler import SchedulerOutput
     prompt = [[10 + (7 * i) % 250 for i in range(512)]]
 
@@ -136,25 +178,38 @@ def verify_part(args) -> list[dict]:
                     item.set_drafts([7] * min(self.k, item.max_drafts))
 
     def setting(label: str, config) -> list[dict]:
-        llm = LLM(str(args.llama_dir), device="cuda", dtype="bfloat16", max_model_len=1024, speculative_config=config)
-        generate = functools.partial(output_lengths, llm, SamplingParams, ignore_eos=True)
+        llm = LLM(str(args.llama_dir), device=args.device, dtype="bfloat16", max_model_len=1024,
+                  speculative_config=config)
+        generate = functools.partial(output_lengths, llm, SamplingParams)
         if config is not None:
             llm.engine.proposer = Always()
         rows = copy_rates(lambda batch, n: generate(prompt, n), {1: prompt}, "runtime", f"{label} (zero acceptance)",
-                          args.tokens)
-        for k in range(1, 9) if config is not None else ():
+                          args.tokens, args.repeats)
+
+        def step_row(mode: str, k: int) -> dict:
+            generate(prompt, 8)
+            drafts = llm.engine.stats().spec_num_drafts
+            seconds = best_seconds(lambda: generate(prompt, args.tokens), args.repeats)[0]
+            row = {"engine": "runtime", "mode": mode, "k": k, "step_ms": round(seconds / args.tokens * 1e3, 3)}
+            if k:
+                row["verification_steps_per_run"] = (llm.engine.stats().spec_num_drafts - drafts) / args.repeats
+            print(json.dumps(row), flush=True)
+            return row
+
+        if config is None:
+            return rows + [step_row("decode_step", 0)]
+        # After a few all-rejected steps the back-off would leave mostly plain decode steps to
+        # time: off for the sweep, so every decode step verifies k proposals (a token each).
+        Request.MAX_PROPOSAL_PAUSE = 0
+        for k in range(1, 9):
             llm.engine.proposer.k = k
             llm.engine.scheduler.num_speculative_tokens = k
-            generate(prompt, 8)
-            start = sync_time()
-            generate(prompt, args.tokens)
-            step = (sync_time() - start) / args.tokens
-            rows.append({"engine": "runtime", "mode": "verification_step", "k": k, "step_ms": round(step * 1e3, 3)})
-            print(json.dumps(rows[-1]), flush=True)
+            rows.append(step_row("verification_step", k))
         return rows
 
     rows = setting("none", None)
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return rows + setting("ngram", {**NGRAM, "num_speculative_tokens": 8})  # room for k up to 8
 
 
@@ -167,6 +222,9 @@ def main() -> None:
     parser.add_argument("--llama-dir", type=Path, default=Path("/tmp/llama8b"))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="each timing is the best of this many runs")
+    parser.add_argument("--device", default="cuda", help="runtime's device (cpu: check the runtime part on a tiny "
+                                                         "checkpoint given as --hf-dir)")
     args = parser.parse_args()
     part = {"convert": convert, "runtime": runtime_part, "vllm": vllm_part, "verify": verify_part}[args.part]
     args.json.write_text(json.dumps(part(args), indent=1))

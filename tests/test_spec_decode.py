@@ -21,9 +21,9 @@ from runtime.platform.reference import apply_top_k_top_p_min_p
 from runtime.sample.sampler import Sampler, SamplingMetadata
 from runtime.kv.manager import KVCacheManager
 from runtime.sched.request import Request
-from runtime.sched.scheduler import Scheduler, SchedulerOutput
+from runtime.sched.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from runtime.spec import SpeculativeConfig
-from runtime.spec.ngram import propose_ngram
+from runtime.spec.ngram import NgramProposer, propose_ngram
 from runtime.spec.rejection import DraftLayout
 
 COPY_TASK = ("Repeat the following paragraph exactly.\n\nThe old lighthouse stood on the northern cliff for two "
@@ -52,6 +52,24 @@ def test_ngram_proposals_follow_the_latest_longest_match():
         high = low + rng.randrange(0, 3)
         got = propose_ngram(np.array(tokens), k, low, high)
         assert got == _reference_ngram(tokens, k, low, high), (tokens, k, low, high)
+
+
+def test_the_ngram_proposer_reads_each_request_as_it_grows():
+    """The proposer keeps each request's tokens as an array it extends step by step: every
+    step's proposal is the brute-force one over the whole sequence, also for a request that
+    finishes and a new one under the same id."""
+    rng = random.Random(1)
+    proposer = NgramProposer(1, 3)
+    for round_ in range(2):
+        request = Request("r", [rng.randrange(4) for _ in range(5)], SamplingParams(), max_model_len=512)
+        finished = ["r"] if round_ else []
+        for _ in range(60):
+            item = ScheduledRequest(request, request.num_tokens - 1, 1, [1], max_drafts=3)
+            proposer.propose(SchedulerOutput(scheduled=[item], finished_ids=finished))
+            assert item.draft_token_ids == _reference_ngram(request.all_token_ids, 3, 1, 3)
+            finished = []
+            for _ in range(rng.randrange(1, 4)):
+                request.append_token(rng.randrange(4))
 
 
 @pytest.mark.parametrize("value, message", [
@@ -117,10 +135,7 @@ def test_greedy_verification_accepts_exactly_the_matching_prefix():
     layout = DraftLayout(requests, drafts, torch.device("cpu"))
     meta = SamplingMetadata.from_requests(layout.row_views, vocab, "cpu", {})
     out = Sampler().verify(logits[:layout.num_rows], meta, layout)
-    assert out.num_tokens.tolist() == [3, 1, 6]
-    assert out.token_ids[0, :3].tolist() == [best[0], best[1], best[2]]
-    assert out.token_ids[1, 0].item() == best[4]
-    assert out.token_ids[2, :6].tolist() == best[5:11]
+    assert layout.emitted(out) == [best[0:3], [best[4]], best[5:11]]
 
 
 def test_greedy_rows_stay_greedy_beside_sampled_rows():
@@ -150,8 +165,7 @@ def test_penalties_see_the_proposals_before_each_position():
     meta = SamplingMetadata.from_requests(layout.row_views, vocab, "cpu", {})
     out = Sampler().verify(logits, meta, layout)
     # Row 0: no 3 yet, argmax 3 = proposal accepted; row 1: one 3 seen (1 - 2 < 0), argmax 0: rejected.
-    assert out.num_tokens.tolist() == [2]
-    assert out.token_ids[0, :2].tolist() == [3, 0]
+    assert layout.emitted(out) == [[3, 0]]
 
 
 # -- end to end -------------------------------------------------------------------------------------

@@ -116,6 +116,12 @@ class EngineCore:
         graphs = (self.platform.supports_graphs and not args.enforce_eager and self.pipeline_depth == 1
                   and self.pooler_config is None and not mrope)
         self.look_ahead = graphs and args.speculative is None
+        # What speculative decoding keeps of it: once a step's results are applied, the next step
+        # is scheduled and launched before they go back to the caller, whose work on them
+        # (detokenizing, stop strings, streaming) then runs while the device computes. That step
+        # is scheduled exactly as it would be at the next call; requests the caller finishes or
+        # aborts meanwhile are skipped when its results come back, as with look-ahead.
+        self.launch_early = graphs and args.speculative is not None
         check_speculative(args)
         host_tier_bytes = self._host_tier_bytes(args)
         self.plan = RunnerPlan(
@@ -382,7 +388,9 @@ class EngineCore:
         """Compute one step and return what it produced.
 
         With look-ahead, the step launched by the previous call (if any) is this call's step, and
-        the next one is launched before this one's tokens are read back.
+        the next one is launched before this one's tokens are read back. With ``launch_early``
+        (speculative decoding) the previous call's launched step is this call's too, and the next
+        one is launched once this one's results are applied.
         """
         self._faults.step()
         self._admit_compiled()
@@ -391,19 +399,24 @@ class EngineCore:
         if self._in_flight is not None:
             (out, pending), self._in_flight = self._in_flight, None
         else:
-            out = self.scheduler.schedule()
-            self._reset_preempted(out)
-            if self.proposer is not None:
-                self.proposer.propose(out)
-                self.structured.truncate_drafts(out.scheduled)
-            pending = self._launch(out)
+            out, pending = self._schedule_and_launch()
         if self.look_ahead and pending is not None:
             following = self.scheduler.look_ahead(out)
             if following is not None:
                 self._in_flight = (following, self._launch(following, pending))
         outputs = self._outputs(out, self.executor.collect(pending))
         self._sample_in_flight()
+        if self.launch_early and self.scheduler.has_unfinished_requests():
+            self._in_flight = self._schedule_and_launch()
         return outputs
+
+    def _schedule_and_launch(self) -> tuple[SchedulerOutput, Optional[PendingStep]]:
+        out = self.scheduler.schedule()
+        self._reset_preempted(out)
+        if self.proposer is not None:
+            self.proposer.propose(out)
+            self.structured.truncate_drafts(out.scheduled)
+        return out, self._launch(out)
 
     def _reset_preempted(self, out: SchedulerOutput) -> None:
         for rid in out.preempted_ids:

@@ -97,8 +97,8 @@ class SamplingMetadata:
             max_num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=None),
         )
 
-        add_penalties(meta, params, [r.output_token_ids for r in requests], [r.prompt_token_ids for r in requests],
-                      vocab_size, device)
+        add_penalties(meta, params, lambda: [r.output_token_ids for r in requests],
+                      lambda: [r.prompt_token_ids for r in requests], vocab_size, device)
 
         # Ids outside the vocabulary are the API's to reject; here they would crash the whole batch.
         bias = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias.items() if 0 <= t < vocab_size]
@@ -128,7 +128,10 @@ class SamplerOutput:
     num_tokens: Optional[torch.Tensor] = None
     """Set by :meth:`Sampler.verify`: [B] int64 tokens per request (accepted proposals + 1);
     ``token_ids`` is then [B, K+1] (-1 past ``num_tokens``) and the logprob fields have one
-    row per verified position ([R, ...], see ``DraftLayout``)."""
+    row per verified position ([R, ...], see ``DraftLayout``). Left None by a verification whose
+    rows are all greedy, without logprobs: ``token_ids`` is then each row's argmax [R], and
+    ``DraftLayout.emitted`` matches the proposals on the host, a few compares of R numbers
+    in place of a dozen device ops."""
 
 
 class Sampler:
@@ -166,8 +169,11 @@ class Sampler:
         self._apply_grammar(logits, meta)
         _apply_bias_and_penalties(logits, meta)
         greedy_ids = None if meta.all_random else logits.argmax(-1)
+        if meta.all_greedy and raw_logprobs is None:
+            return SamplerOutput(greedy_ids)  # matched against the proposals on the host (DraftLayout.emitted)
         probs = None if meta.all_greedy else self._probabilities(logits, meta)
-        token_ids, num_tokens, row_tokens = rejection_sample(probs, greedy_ids, meta.greedy, meta.generators, layout)
+        token_ids, num_tokens, row_tokens = rejection_sample(probs, greedy_ids, meta.greedy, meta.generators, layout,
+                                                             row_tokens=raw_logprobs is not None)
         if raw_logprobs is None:
             return SamplerOutput(token_ids, num_tokens=num_tokens)
         out = _with_logprobs(row_tokens, raw_logprobs, meta.max_num_logprobs)
@@ -260,21 +266,25 @@ def row_columns(params: list[SamplingParams], device: torch.device) -> dict[str,
                 min_p=column([p.min_p for p in params], torch.float32))
 
 
-def add_penalties(meta: SamplingMetadata, params: list[SamplingParams], outputs: list[list[int]],
-                  prompts: list[list[int]], vocab_size: int, device: torch.device,
+def add_penalties(meta: SamplingMetadata, params: list[SamplingParams], outputs: Callable[[], list[list[int]]],
+                  prompts: Callable[[], list[list[int]]], vocab_size: int, device: torch.device,
                   width: Callable[[list[list[int]]], int | None] = lambda rows: None) -> None:
-    """Set the penalty groups of ``meta`` that some row needs; ``width(rows)`` pads the token
-    lists counted (None: to the longest)."""
+    """Set the penalty groups of ``meta`` that some row needs; ``outputs()`` and ``prompts()``
+    give the rows' token lists, asked for only where a penalty counts them (a verified row's
+    output list is built on demand); ``width(rows)`` pads the token lists counted (None: to the
+    longest)."""
     has_repetition = any(p.repetition_penalty != 1.0 for p in params)
     has_additive = any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params)
     if has_repetition or has_additive:
-        meta.output_token_counts = token_counts(outputs, vocab_size, device, width(outputs))
+        rows = outputs()
+        meta.output_token_counts = token_counts(rows, vocab_size, device, width(rows))
     if has_additive:
         meta.frequency_penalties = host_to_device([p.frequency_penalty for p in params], torch.float32, device)
         meta.presence_penalties = host_to_device([p.presence_penalty for p in params], torch.float32, device)
     if has_repetition:
         meta.repetition_penalties = host_to_device([p.repetition_penalty for p in params], torch.float32, device)
-        meta.prompt_token_mask = token_counts(prompts, vocab_size, device, width(prompts)) > 0
+        rows = prompts()
+        meta.prompt_token_mask = token_counts(rows, vocab_size, device, width(rows)) > 0
 
 
 def request_generator(request: Request, device: torch.device | str, generators: dict[str, torch.Generator]) -> Optional[torch.Generator]:
@@ -291,7 +301,7 @@ def request_generator(request: Request, device: torch.device | str, generators: 
 def stop_tokens_blocked(request: Request) -> set[int]:
     """Tokens the request may not sample yet: its stop tokens (and EOS unless ignore_eos) until min_tokens are out."""
     params = request.sampling_params
-    if len(request.output_token_ids) >= params.min_tokens:
+    if not params.min_tokens or len(request.output_token_ids) >= params.min_tokens:
         return set()
     blocked = set(params.stop_token_ids)
     if not params.ignore_eos:

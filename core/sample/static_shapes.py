@@ -63,8 +63,8 @@ def static_sampling_metadata(requests: list[Request], rows: int, vocab_size: int
     )
     _seeded_noise(meta, requests, rows, vocab_size, device, generators)
     padding = [[]] * (rows - len(requests))
-    add_penalties(meta, params, [list(r.output_token_ids) for r in requests] + padding,
-                  [list(r.prompt_token_ids) for r in requests] + padding, vocab_size, device,
+    add_penalties(meta, params, lambda: [list(r.output_token_ids) for r in requests] + padding,
+                  lambda: [list(r.prompt_token_ids) for r in requests] + padding, vocab_size, device,
                   width=lambda token_lists: power_of_two_at_least(max(len(t) for t in token_lists)))
     _bias_and_blocked(meta, requests, params, vocab_size, device)
     return meta

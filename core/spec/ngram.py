@@ -37,10 +37,29 @@ class NgramProposer:
 
     def __init__(self, prompt_lookup_min: int, prompt_lookup_max: int):
         self.min_n, self.max_n = prompt_lookup_min, prompt_lookup_max
+        self._arrays: dict[str, tuple[np.ndarray, int]] = {}
+        """Per request, its tokens as an array (grown by doubling) and how many it holds: a step
+        copies only the tokens added since the last, not the whole list (tens of microseconds
+        per request and step for a few hundred tokens)."""
 
     def propose(self, out: SchedulerOutput) -> None:
         """Fill each decoding request's room for proposed tokens (see ``ScheduledRequest.set_drafts``)."""
+        for rid in out.finished_ids:
+            self._arrays.pop(rid, None)
         for item in out.scheduled:
             if item.max_drafts:
-                tokens = np.asarray(item.request.all_token_ids, dtype=np.int64)
-                item.set_drafts(propose_ngram(tokens, item.max_drafts, self.min_n, self.max_n))
+                item.set_drafts(propose_ngram(self._token_array(item.request), item.max_drafts, self.min_n,
+                                              self.max_n))
+
+    def _token_array(self, request) -> np.ndarray:
+        """The request's ``all_token_ids`` (which only grows) as an array."""
+        tokens = request.all_token_ids
+        array, held = self._arrays.get(request.request_id, (None, 0))
+        if array is None or len(array) < len(tokens):
+            grown = np.empty(max(2 * len(tokens), 64), dtype=np.int64)
+            if array is not None:
+                grown[:held] = array[:held]
+            array = grown
+        array[held:len(tokens)] = tokens[held:]
+        self._arrays[request.request_id] = (array, len(tokens))
+        return array[:len(tokens)]

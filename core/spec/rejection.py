@@ -12,7 +12,8 @@ then distributed as p_j exactly (P(x) = p(d) [x = d] + (1 - p(d)) p(x) / (1 - p(
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import itertools
 from typing import Optional
 
 import numpy as np
@@ -20,53 +21,83 @@ import torch
 
 from ..sample.noise import exponential_noise, uniform_noise
 from ..sample.params import SamplingParams
+from ..worker.input_buffers import host_to_device
 
 
-@dataclass
 class RowView:
     """One verified position, as the sampler sees a request: its output so far includes the
-    proposals before this position."""
+    proposals before this position (a list made only when the sampler reads it: penalties)."""
 
-    request_id: str
-    sampling_params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    eos_token_ids: frozenset[int]
+    def __init__(self, request, drafts: list[int], position: int):
+        self.request_id: str = request.request_id
+        self.sampling_params: SamplingParams = request.sampling_params
+        self.prompt_token_ids: list[int] = request.prompt_token_ids
+        self.eos_token_ids: frozenset[int] = request.eos_token_ids
+        self._request, self._drafts, self._position = request, drafts, position
+
+    @functools.cached_property
+    def output_token_ids(self) -> list[int]:
+        return self._request.output_token_ids + self._drafts[:self._position]
 
 
 class DraftLayout:
     """Where each request's verified rows are: request b has ``num_drafts[b]`` proposals and
-    rows ``row_start[b] .. row_start[b] + num_drafts[b]`` (R rows in all)."""
+    rows ``row_start[b] .. row_start[b] + num_drafts[b]`` (R rows in all).
+
+    Its index tensors reach the device in one copy from pinned memory that does not wait for the
+    device: built while the step's forward pass runs, they must not stall the host until it ends
+    (a copy from pageable memory would)."""
 
     def __init__(self, requests: list, drafts: list[list[int]], device: torch.device):
-        self.num_drafts = np.array([len(d) for d in drafts], dtype=np.int64)
+        batch = len(drafts)
+        self.num_drafts = np.fromiter(map(len, drafts), dtype=np.int64, count=batch)
         counts = self.num_drafts + 1
-        self.row_start = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        self.num_rows = int(counts.sum())
+        self.row_start = np.zeros(batch, dtype=np.int64)
+        np.cumsum(counts[:-1], out=self.row_start[1:])
+        self.num_rows = rows = int(counts.sum())
         width = int(counts.max())
-        following = np.full(self.num_rows, -1, dtype=np.int64)
-        index = np.full((len(drafts), width), self.num_rows, dtype=np.int64)  # past the end: a padding row
-        for b, d in enumerate(drafts):
-            start = self.row_start[b]
-            following[start:start + len(d)] = d
-            index[b, :len(d) + 1] = np.arange(start, start + len(d) + 1)
-        self.following = torch.from_numpy(following).to(device)
-        """[R] the proposal each row verifies (-1 on a request's last row)."""
-        self.index = torch.from_numpy(index).to(device)
-        """[B, K+1] row of each request's position j (R: none)."""
-        self.row_position = torch.from_numpy(np.concatenate([np.arange(n) for n in counts])).to(device)
-        """[R] each row's position j among its request's rows."""
-        self.row_request = torch.from_numpy(np.repeat(np.arange(len(drafts)), counts)).to(device)
-        """[R] each row's request b."""
-        self.row_views = [RowView(r.request_id, r.sampling_params, r.prompt_token_ids, r.output_token_ids + d[:j],
-                                  r.eos_token_ids)
-                          for r, d in zip(requests, drafts) for j in range(len(d) + 1)]
+        row_request = np.repeat(np.arange(batch), counts)
+        row_position = np.arange(rows) - self.row_start[row_request]
+        following = np.full(rows, -1, dtype=np.int64)
+        has_proposal = row_position < self.num_drafts[row_request]
+        following[has_proposal] = np.fromiter(itertools.chain.from_iterable(drafts), dtype=np.int64,
+                                              count=rows - batch)
+        # Positions past a request's own rows read its last row, whose proposal is none (-1).
+        position = np.arange(width)
+        index = self.row_start[:, None] + np.minimum(position[None, :], self.num_drafts[:, None])
+        proposed = np.where(position[None, :] < self.num_drafts[:, None], following[index], -1)
+        packed = host_to_device(np.concatenate([following, row_position, row_request, position, index.ravel(),
+                                                proposed.ravel()]), torch.int64, device)
+        self.following, self.row_position, self.row_request, self.position, index_flat, proposed_flat = \
+            packed.split([rows, rows, rows, width, batch * width, batch * width])
+        """following [R]: the proposal each row verifies (-1 on a request's last row);
+        row_position [R]: each row's position j among its request's rows; row_request [R]: its
+        request b; position [K+1]: 0 .. K."""
+        self.index = index_flat.view(batch, width)
+        """[B, K+1] row of each request's position j (past its rows: its last row)."""
+        self.proposed = proposed_flat.view(batch, width)
+        """[B, K+1] the proposal at position j (-1 past a request's proposals)."""
+        self.row_views = [RowView(r, d, j) for r, d in zip(requests, drafts) for j in range(len(d) + 1)]
+        self._following, self._index = following, index
+
+    def emitted(self, sampled) -> list[list[int]]:
+        """Each request's tokens from ``Sampler.verify``'s output read back to the host: its
+        accepted proposals and the token after them. Where every row was greedy (no
+        ``num_tokens``), a request accepts the proposals its rows' argmax repeats, so its tokens
+        are the argmax of its first accepted + 1 rows."""
+        if sampled.num_tokens is not None:
+            return [row[:n] for row, n in zip(sampled.token_ids.tolist(), sampled.num_tokens.tolist())]
+        argmax = sampled.token_ids.numpy()
+        # A request's last row proposes -1, which no argmax equals: each run of matches ends there.
+        counts = (argmax == self._following)[self._index].cumprod(1).sum(1) + 1
+        return [argmax[start:start + n].tolist() for start, n in zip(self.row_start.tolist(), counts.tolist())]
 
 
 def rejection_sample(probs: Optional[torch.Tensor], greedy_ids: Optional[torch.Tensor], greedy: torch.Tensor,
-                     generators: list[Optional[torch.Generator]], layout: DraftLayout
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(tokens [B, K+1] with -1 past each request's count, counts [B], each row's emitted token [R]).
+                     generators: list[Optional[torch.Generator]], layout: DraftLayout, row_tokens: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(tokens [B, K+1] with -1 past each request's count, counts [B], each row's emitted token
+    [R] when ``row_tokens`` else None).
 
     ``probs`` [R, V]: each row's sampling distribution (None when every row is greedy);
     ``greedy_ids`` [R]: each row's argmax (None when no row is greedy); ``greedy`` [R] bool;
@@ -74,30 +105,30 @@ def rejection_sample(probs: Optional[torch.Tensor], greedy_ids: Optional[torch.T
     own generators, row after row, so they stay reproducible whatever shares the batch.
     """
     following = layout.following
-    has_proposal = following >= 0
-    safe = following.clamp(min=0)
     if probs is None:
-        accepted = has_proposal & (greedy_ids == following)
+        # A request's last row proposes -1, which no argmax equals.
+        accepted = greedy_ids == following
         recovered = greedy_ids
     else:
+        has_proposal = following >= 0
+        safe = following.clamp(min=0).unsqueeze(1)
+        at_proposal = probs.gather(1, safe)
         draws = uniform_noise(layout.num_rows, generators, probs.device)
-        accepted = has_proposal & (draws < probs.gather(1, safe.unsqueeze(1)).squeeze(1))
+        accepted = has_proposal & (draws < at_proposal.squeeze(1))
         # The residual: the proposal taken out (a request's last row, with none, keeps p whole).
-        at_proposal = probs.gather(1, safe.unsqueeze(1))
-        residual = probs.scatter(1, safe.unsqueeze(1), torch.where(has_proposal.unsqueeze(1), 0.0, at_proposal))
+        residual = probs.scatter(1, safe, torch.where(has_proposal.unsqueeze(1), 0.0, at_proposal))
         recovered = residual.div_(exponential_noise(residual, generators)).argmax(-1)
         if greedy_ids is not None:
-            accepted = torch.where(greedy, has_proposal & (greedy_ids == following), accepted)
+            accepted = torch.where(greedy, greedy_ids == following, accepted)
             recovered = torch.where(greedy, greedy_ids, recovered)
-    pad = torch.zeros(1, dtype=torch.bool, device=following.device)
-    accepted_at = torch.cat([accepted, pad])[layout.index]  # [B, K+1]
-    num_accepted = accepted_at.long().cumprod(1).sum(1)
-    position = torch.arange(layout.index.shape[1], device=following.device).unsqueeze(0)
-    pad_token = torch.full((1,), -1, dtype=torch.long, device=following.device)
-    proposed = torch.cat([following, pad_token])[layout.index]
-    emitted = torch.cat([recovered, pad_token])[layout.index]
-    tokens = torch.where(position < num_accepted.unsqueeze(1), proposed,
-                         torch.where(position == num_accepted.unsqueeze(1), emitted, -1))
-    # Per row, the token emitted at its position (rows past a rejection: unused).
-    row_tokens = torch.where(layout.row_position < num_accepted[layout.row_request], safe, recovered)
-    return tokens, num_accepted + 1, row_tokens
+    # Every request's last row accepts nothing, so the run of accepted positions ends there at the latest.
+    num_accepted = accepted[layout.index].long().cumprod(1).sum(1)
+    count = num_accepted.unsqueeze(1)
+    tokens = torch.where(layout.position < count, layout.proposed,
+                         torch.where(layout.position == count, recovered[layout.index], -1))
+    emitted = None
+    if row_tokens:
+        # Per row, the token emitted at its position (rows past a rejection: unused).
+        emitted = torch.where(layout.row_position < num_accepted[layout.row_request], following.clamp(min=0),
+                              recovered)
+    return tokens, num_accepted + 1, emitted

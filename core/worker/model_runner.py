@@ -521,13 +521,12 @@ class ModelRunner:
             pending.handed_on.wait()
         sampled = pending.host_sampled
         if sampled is not None:
-            token_ids = sampled.token_ids.tolist()
             if pending.layout is None:
-                counts, first_rows = [1] * len(token_ids), range(len(token_ids))
-                tokens = [[token] for token in token_ids]
+                tokens = [[token] for token in sampled.token_ids.tolist()]
+                first_rows = range(len(tokens))
             else:
-                counts, first_rows = sampled.num_tokens.tolist(), pending.layout.row_start.tolist()
-                tokens = [row[:n] for row, n in zip(token_ids, counts)]
+                tokens, first_rows = pending.layout.emitted(sampled), pending.layout.row_start.tolist()
+            counts = [len(t) for t in tokens]
             for request, request_tokens in zip(pending.requests, tokens):
                 result.sampled[request.request_id] = request_tokens
             if sampled.logprobs is not None:

@@ -1,0 +1,168 @@
+"""Which path a speculative step takes, and what early launching does to outputs (CPU).
+
+On tests/test_decode_graphs.py's replay platform (a "graph" reruns the captured forward on the
+runner's persistent buffers): a decode step whose requests mix proposals and none replays a
+verification graph, never runs eagerly, and greedy output equals the eager engine's without
+proposals. With graphs, a speculative engine launches the next step before returning a step's
+outputs (``EngineCore.launch_early``): a request finished or aborted by the caller meanwhile
+keeps exactly the tokens it had. The layout of verified rows is checked against a brute-force
+one.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from test_decode_graphs import _registry, _run
+from test_spec_decode import _repetitive_prompts
+from tiny_models import make_tiny_checkpoint
+
+from runtime.engine.args import EngineArgs
+from runtime.engine.core import EngineCore
+from runtime.sample.params import SamplingParams
+from runtime.sample.sampler import Sampler, SamplingMetadata
+from runtime.sched.request import Request
+from runtime.spec.rejection import DraftLayout
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4}
+COMMON = dict(max_num_seqs=6, max_model_len=128, kv_cache_memory="4MiB", max_num_batched_tokens=64)
+PROMPTS = _repetitive_prompts(6, seed=5)
+MAX_TOKENS = [21, 13, 25, 9, 17, 23]
+
+
+class OracleProposer:
+    """Proposes each request's known greedy continuation; requests with odd ids propose only on
+    every other step, and those with ids 2 mod 3 get their third proposal wrong, so batches mix
+    full acceptance, partial acceptance and rows without proposals."""
+
+    def __init__(self, outputs: dict[str, list[int]]):
+        self.outputs = outputs
+        self.calls = 0
+
+    def propose(self, out) -> None:
+        self.calls += 1
+        for item in out.scheduled:
+            request = item.request
+            number = int(request.request_id)
+            if not item.max_drafts or (number % 2 and self.calls % 2):
+                continue
+            done = len(request.output_token_ids)
+            drafts = list(self.outputs[request.request_id][done:done + item.max_drafts])
+            if number % 3 == 2 and len(drafts) > 2:
+                drafts[2] = (drafts[2] + 1) % 300
+            item.set_drafts(drafts)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("spec_paths"), "llama")
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint) -> dict[str, list]:
+    eager = EngineCore(EngineArgs(model=str(checkpoint), device="replay_cpu", enforce_eager=True, **COMMON),
+                       registry=_registry())
+    return _run(eager, PROMPTS, MAX_TOKENS)
+
+
+def _oracle_engine(checkpoint, reference) -> EngineCore:
+    engine = EngineCore(EngineArgs(model=str(checkpoint), device="replay_cpu", speculative_config=NGRAM, **COMMON),
+                        registry=_registry())
+    engine.proposer = OracleProposer({rid: [t for t in tokens if isinstance(t, int)]
+                                      for rid, tokens in reference.items()})
+    return engine
+
+
+def test_decode_steps_mixing_proposals_and_none_replay_verification_graphs(checkpoint, reference):
+    engine = _oracle_engine(checkpoint, reference)
+    runner, paths = engine.runner, []
+    launch = runner.launch
+
+    def recorded(out, *args, **kwargs):
+        before = dict(runner.decode_graphs.replays)
+        pending = launch(out, *args, **kwargs)
+        replayed = [shape for shape, n in runner.decode_graphs.replays.items() if n != before.get(shape, 0)]
+        decoding = bool(out.scheduled) and all(s.start >= s.request.num_prompt_tokens for s in out.scheduled)
+        drafts = [len(s.draft_token_ids) for s in out.scheduled]
+        paths.append((decoding, drafts, replayed))
+        return pending
+
+    runner.launch = recorded
+    assert _run(engine, PROMPTS, MAX_TOKENS) == reference
+    for decoding, drafts, replayed in paths:
+        if decoding:
+            assert len(replayed) == 1, f"a decode step with proposals {drafts} ran eagerly"
+            assert replayed[0][1] == (5 if any(drafts) else 1)
+    mixed = [drafts for decoding, drafts, _ in paths if decoding and 0 in drafts and any(drafts)]
+    assert len(mixed) >= 3, "no decode step mixed rows with and without proposals"
+    stats = engine.stats()
+    assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
+    assert engine.kv_manager.usage == 0
+
+
+def test_requests_finished_while_the_next_step_is_in_flight_keep_their_tokens(checkpoint, reference):
+    """The caller finishes request 1 (as a stop string does) and aborts request 4 after a few
+    tokens, each time with the next step already launched: they keep exactly the tokens they
+    had, the others are unchanged, and every block comes back."""
+    engine = _oracle_engine(checkpoint, reference)
+    assert engine.launch_early
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(str(i), prompt, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=MAX_TOKENS[i]))
+    tokens: dict[str, list[int]] = {str(i): [] for i in range(len(PROMPTS))}
+    stop_after, stopped_at = {"1": 5, "4": 3}, {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens[out.request_id].extend(out.new_token_ids)
+        for rid, count in stop_after.items():
+            if rid not in stopped_at and len(tokens[rid]) >= count:
+                in_flight, _ = engine._in_flight
+                assert rid in {s.request.request_id for s in in_flight.scheduled}
+                (engine.finish_requests if rid == "1" else engine.abort_requests)([rid])
+                stopped_at[rid] = len(tokens[rid])
+    assert stopped_at.keys() == stop_after.keys()
+    for rid, got in tokens.items():
+        expected = [t for t in reference[rid] if isinstance(t, int)]
+        assert got == expected[:stopped_at.get(rid, len(expected))]
+    assert engine.kv_manager.usage == 0
+
+
+def test_draft_layout_matches_a_brute_force_layout():
+    rng = random.Random(0)
+    drafts = [[rng.randrange(1, 50) for _ in range(rng.randrange(0, 5))] for _ in range(9)]
+    requests = [Request(str(i), [5, 6], SamplingParams(), max_model_len=64) for i in range(len(drafts))]
+    layout = DraftLayout(requests, drafts, torch.device("cpu"))
+    rows = [(b, j) for b, d in enumerate(drafts) for j in range(len(d) + 1)]
+    width = max(len(d) for d in drafts) + 1
+    assert layout.num_rows == len(rows)
+    assert layout.following.tolist() == [drafts[b][j] if j < len(drafts[b]) else -1 for b, j in rows]
+    assert layout.row_request.tolist() == [b for b, _ in rows]
+    assert layout.row_position.tolist() == [j for _, j in rows]
+    for b, d in enumerate(drafts):
+        for j in range(width):
+            assert rows[layout.index[b, j]] == (b, min(j, len(d)))
+            assert layout.proposed[b, j] == (d[j] if j < len(d) else -1)
+    views = layout.row_views
+    assert [v.output_token_ids for v in views] == [drafts[b][:j] for b, j in rows]
+
+
+def test_greedy_rows_matched_on_the_host_emit_what_rejection_sampling_on_the_device_does():
+    """All-greedy verification without logprobs leaves the matching to ``DraftLayout.emitted``
+    on the host; with logprobs it runs on the device. Both emit the same tokens."""
+    rng = random.Random(1)
+    torch.manual_seed(1)
+    vocab, batch = 8, 12  # a small vocabulary, so proposals often equal the argmax
+    drafts = [[rng.randrange(vocab) for _ in range(rng.randrange(0, 5))] for _ in range(batch)]
+    layout_rows = sum(len(d) + 1 for d in drafts)
+    logits = torch.randn(layout_rows, vocab)
+    emitted = []
+    for logprobs in (None, 2):
+        requests = [Request(str(i), [5, 6], SamplingParams(temperature=0.0, logprobs=logprobs), max_model_len=64)
+                    for i in range(batch)]
+        layout = DraftLayout(requests, drafts, torch.device("cpu"))
+        out = Sampler().verify(logits, SamplingMetadata.from_requests(layout.row_views, vocab, "cpu", {}), layout)
+        assert (out.num_tokens is None) == (logprobs is None)
+        emitted.append(layout.emitted(out))
+    assert emitted[0] == emitted[1]
+    assert any(1 < len(tokens) < len(d) + 1 for tokens, d in zip(emitted[0], drafts)), "no partial acceptance"

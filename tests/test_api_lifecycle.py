@@ -146,16 +146,21 @@ def test_overload_is_503_with_retry_after(guarded):
 def test_sigterm_finishes_in_flight_requests_and_exits_0(guarded):
     """Last in this module: it stops the guarded server."""
     headers = {"Authorization": f"Bearer {KEY}"}
-    result = {}
+    result = {"lines": []}
+    streaming = threading.Event()
 
     def stream():
+        # Long enough to be in flight when the signal comes: the first chunk starts the stop.
         with httpx.stream("POST", f"{guarded.base_url}/completions", headers=headers, timeout=60,
-                          json={"prompt": "Hello", "max_tokens": 60, "ignore_eos": True, "stream": True}) as r:
-            result["lines"] = [line for line in r.iter_lines() if line]
+                          json={"prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line:
+                    result["lines"].append(line)
+                    streaming.set()
 
     thread = threading.Thread(target=stream)
     thread.start()
-    wait_for_metric(guarded.url, "num_requests_running", lambda v: v == 1, timeout=10)
+    assert streaming.wait(30), "the stream sent nothing in 30 s"
     assert guarded.stop() == 0
     thread.join(30)
     assert result["lines"][-1] == "data: [DONE]"

@@ -70,7 +70,7 @@ for stage in "$@"; do
     tests-bg)
       # The 8B deterministic test reuses boot's checkpoint: wait until it is written.
       setsid nohup bash -c "for _ in \$(seq 600); do grep -q written /tmp/model.log && break; sleep 1; done; \
-        RUNTIME_LLAMA8B_DIR=$M OUT=$R/tests-wait TEST_TIMEOUT=${TEST_TIMEOUT:-480} plugins/cuda/scripts/gpu_check.sh tests; touch /tmp/tests.done" \
+        RUNTIME_LLAMA8B_DIR=$M OUT=$R/tests-wait TEST_TIMEOUT=${TEST_TIMEOUT:-1200} plugins/cuda/scripts/gpu_check.sh tests; touch /tmp/tests.done" \
         > /tmp/tests.log 2>&1 < /dev/null & ;;
     tests-wait)
       for _ in $(seq ${WAIT_S:-300}); do [ -e /tmp/tests.done ] && break; sleep 1; done

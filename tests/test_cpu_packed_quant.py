@@ -52,6 +52,28 @@ def test_gguf_4bit_blocks_repack_to_the_same_weight(qtype):
     assert packed_bits == 5.0
 
 
+@pytest.mark.parametrize("rows, cols, qtype", [(192, 512, "Q4_1"), (128, 256, "Q4_K"), (96, 512, "Q4_0")])
+def test_int4_product_is_the_dequantized_product_at_every_row_count(rows, cols, qtype):
+    """Below ``DENSE_MIN_ROWS`` rows the kernel multiplies, from it on the weight is dequantized
+    from the kernel's packed bytes and multiplied densely (192 and 128 output columns: whole
+    blocks of the layout; 96: not, so the kernel stays). Every count gives the float64 product
+    of the gguf package's dequantization within bfloat16 rounding; ``deterministic`` gives each
+    row the one-row result at every count."""
+    raw = _gguf(qtype, rows, cols, seed=3)
+    weight = int4.from_gguf(raw)
+    reference = torch.from_numpy(dequantize(raw.data, GGMLQuantizationType[qtype]).reshape(raw.shape)).double()
+    x = torch.randn(int4.DENSE_MIN_ROWS + 70, cols, generator=torch.Generator().manual_seed(4))
+    alone = torch.cat([int4.matmul(weight, x[i:i + 1]) for i in range(len(x))])
+    for count in (1, 5, int4.DENSE_MIN_ROWS - 1, int4.DENSE_MIN_ROWS, len(x)):
+        expected = x[:count].double() @ reference.T
+        # Activations, weights and the output each rounded to bfloat16 (2**-9 each) around a
+        # float32 sum; a wrong nibble, scale or column order is off by a whole step or more.
+        scale = x[:count].double().abs() @ reference.abs().T
+        out = int4.matmul(weight, x[:count]).double()
+        assert bool(((out - expected).abs() <= 2 ** -7 * scale + 1e-6).all()), ((out - expected).abs() / scale).max()
+        assert torch.equal(int4.matmul(weight, x[:count], deterministic=True), alone[:count])
+
+
 def test_a_tied_quantized_table_is_the_packed_output_projection(tmp_path):
     """A GGUF whose output is its (quantized) embedding table: the logits come from the method's
     packed copy of the table (int8 of Q8_0), the lookup from the exact dequantized rows."""

@@ -14,10 +14,19 @@ repacks exactly into ``(q, scale, zero)``:
   input columns by group once at load, and ``apply`` gathers the activations the same way.
 ``torch._dyn_quant_matmul_4bit`` was measured too: on x86 its packing keeps float32 weights
 (KleidiAI, its 4-bit kernel, is Arm-only), so it saves nothing here.
+
+The kernel works on 4 rows at a time and dequantizes the whole weight again for each 4, so its
+cost grows with the row count as fast as its one-row cost (3072x576, one thread: 0.12 ms at one
+row, 3.4 ms at 64, 26 ms at 512). From 64 rows on (prefill chunks) ``matmul`` dequantizes the
+weight once, with torch ops on the packed bytes (1.7 ms), and multiplies in bfloat16 with
+oneDNN (AMX where the CPU has it): 2.7 ms at 64 rows, 3.7 ms at 512. Both round the weight to
+bfloat16 and accumulate in float32, but not in the same order, so a row's result depends on
+which path its batch took: ``deterministic`` keeps every batch on the kernel.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +37,8 @@ from runtime.platform import RawQuantizedTensor
 from runtime.platform.packed import GroupQuantData
 
 GROUP_SIZES = (32, 64, 128, 256)
+# From this many rows the dequantize-then-matmul path is faster (module docstring).
+DENSE_MIN_ROWS = 64
 GGUF_INT4_TYPES = frozenset({"Q4_0", "Q4_1", "Q4_K"})
 _COMPUTE = torch.bfloat16
 
@@ -103,8 +114,49 @@ def from_gguf(raw: RawQuantizedTensor) -> Int4Weight:
     return pack(q, torch.from_numpy(scales.reshape(rows, groups)), torch.from_numpy(offsets.reshape(rows, groups)), 32)
 
 
-def matmul(weight: Int4Weight, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W.T + bias`` in ``x``'s dtype, computed in bfloat16 with float32 accumulation.
+@functools.cache
+def _nibble_layout() -> tuple[int, bool] | None:
+    """How ``_convert_weight_to_int4pack_for_cpu`` lays out a full block of output columns on
+    this CPU, as ``(block, halves)``: each block of ``block`` columns takes ``block / 2`` bytes
+    per input column, byte ``j`` holding column ``j`` (low nibble) and ``j + block / 2`` (high)
+    if ``halves``, else columns ``2j`` and ``2j + 1``. ATen picks the block by vector width
+    (64 on AVX-512, 32 on AVX2 and scalar builds); found by packing a known matrix and
+    checked against it. None: a layout not listed here, and every batch stays on the kernel."""
+    q = torch.arange(128 * 64, dtype=torch.int32).reshape(128, 64).mul_(7).remainder_(16)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    for layout in ((64, True), (32, True), (32, False)):
+        if torch.equal(_columns_by_input(packed, 128, 64, *layout).transpose(1, 2).reshape(128, 64), q.to(torch.uint8)):
+            return layout
+    return None
+
+
+def _columns_by_input(packed: torch.Tensor, n: int, k: int, block: int, halves: bool) -> torch.Tensor:
+    """The nibbles of a packed ``[n, k]`` weight (n a multiple of ``block``) as ``[n / block, k, block]``."""
+    by_byte = packed.view(n // block, k, 1, block // 2) if halves else packed.view(n // block, k, block // 2, 1)
+    nibbles = torch.cat([by_byte & 0x0F, by_byte >> 4], dim=2 if halves else 3)
+    return nibbles.view(n // block, k, block)
+
+
+def _dequantized_transposed(weight: Int4Weight, layout: tuple[int, bool]) -> torch.Tensor:
+    """``W.T`` [K, N] in bfloat16: ``(q - 8) * scale + offset`` as the kernel computes it."""
+    block, halves = layout
+    groups, n = weight.scales_and_zeros.shape[:2]
+    k = groups * weight.group_size
+    nibbles = _columns_by_input(weight.packed, n, k, block, halves).view(torch.int8).sub_(8)
+    by_block = (groups, n // block, block)
+    scale, offset = (part.reshape(by_block).transpose(0, 1).unsqueeze(2).contiguous()
+                     for part in weight.scales_and_zeros.unbind(-1))
+    # One rounding to bfloat16 of the exact (q - 8) * scale + offset: addcmul computes in float.
+    dense = torch.addcmul(offset, nibbles.view(n // block, groups, weight.group_size, block).to(_COMPUTE), scale)
+    return dense.permute(1, 2, 0, 3).reshape(k, n)
+
+
+def matmul(weight: Int4Weight, x: torch.Tensor, bias: torch.Tensor | None = None,
+           deterministic: bool = False) -> torch.Tensor:
+    """``x @ W.T + bias`` in ``x``'s dtype, computed in bfloat16 with float32 accumulation: on
+    the int4 kernel, or from ``DENSE_MIN_ROWS`` rows on by dequantizing the weight once (module
+    docstring); ``deterministic`` keeps every batch on the kernel, so a row's result does not
+    depend on its batch.
 
     A decode step makes thousands of small calls, so conversions and reshapes that would do
     nothing are skipped in Python rather than dispatched: each costs microseconds."""
@@ -113,7 +165,11 @@ def matmul(weight: Int4Weight, x: torch.Tensor, bias: torch.Tensor | None = None
         rows = rows[:, weight.order]
     if rows.dtype != _COMPUTE:
         rows = rows.to(_COMPUTE)
-    out = torch._weight_int4pack_mm_for_cpu(rows, weight.packed, weight.group_size, weight.scales_and_zeros)
+    layout = None if deterministic or rows.shape[0] < DENSE_MIN_ROWS else _nibble_layout()
+    if layout is not None and weight.packed.shape[0] % layout[0] == 0:
+        out = rows @ _dequantized_transposed(weight, layout)
+    else:
+        out = torch._weight_int4pack_mm_for_cpu(rows, weight.packed, weight.group_size, weight.scales_and_zeros)
     if out.dtype != x.dtype:
         out = out.to(x.dtype)
     if bias is not None:

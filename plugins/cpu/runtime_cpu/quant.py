@@ -187,11 +187,11 @@ class CpuFp8CheckpointMethod(CpuGroupQuantMethod):
 
 
 def _apply(weight: Any, x: torch.Tensor, bias: torch.Tensor | None, deterministic: bool) -> torch.Tensor:
-    """The product for whichever form ``load`` kept. The int4 and int8 kernels compute each row on
-    its own already (the conformance suite's batch-invariance check holds them to it); a dense
-    weight takes the padded matmul under ``--deterministic``."""
+    """The product for whichever form ``load`` kept. The int8 kernel computes each row on its own
+    already (the conformance suite's batch-invariance check holds it to it); int4 weights stay on
+    their kernel and a dense weight takes the padded matmul under ``--deterministic``."""
     if isinstance(weight, int4.Int4Weight):
-        return int4.matmul(weight, x, bias)
+        return int4.matmul(weight, x, bias, deterministic)
     if isinstance(weight, Int8Weight):
         return CpuInt8Method().apply(weight, x, bias)
     if deterministic:

@@ -111,6 +111,9 @@ QUANTIZED_FORMATS: dict[torch.dtype, QuantizedFormat] = {
     torch.uint8: QuantizedFormat(unit=1 / 254, per_channel=True),
     torch.float8_e4m3fn: QuantizedFormat(unit=2 ** -4, per_channel=False),
     torch.float8_e5m2: QuantizedFormat(unit=2 ** -3, per_channel=False),
+    # AMD MI300's FNUZ variants: the same mantissa bits, a different exponent range.
+    torch.float8_e4m3fnuz: QuantizedFormat(unit=2 ** -4, per_channel=False),
+    torch.float8_e5m2fnuz: QuantizedFormat(unit=2 ** -3, per_channel=False),
 }
 
 

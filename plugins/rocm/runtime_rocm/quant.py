@@ -6,7 +6,9 @@
 to the architecture's e4m3 (``float8_e4m3fnuz`` on MI300, ``float8_e4m3fn`` on MI350),
 activations per token by runtime-triton's ``quantize_rows`` in the same format, and
 ``torch._scaled_mm`` multiplies with both scales. Where the architecture has no fp8 (or the
-model is float32), the weight stays fp8 in memory and is dequantized for each product.
+model is float32), the weight stays fp8 in memory and is dequantized for each product. FP8
+checkpoints (``fp8_e4m3``, OCP's ``float8_e4m3fn``) load the same way: on MI300 each weight is
+converted to ``float8_e4m3fnuz`` (see :func:`ocp_to_fnuz`), elsewhere kept as stored.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from runtime.platform import QuantizationMethod
+from runtime.platform import QuantizationMethod, RawQuantizedTensor
+from runtime.platform.packed import Fp8Data
 from runtime.platform.gguf_dequantize import GgufDequantizeMethod
 
 from .arch import fp8_dtype
@@ -45,6 +48,17 @@ def quantize_weight(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Ten
     return q, scale.T.contiguous()
 
 
+def ocp_to_fnuz(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``float8_e4m3fn`` values with their scales -> the same products in ``float8_e4m3fnuz``.
+
+    FNUZ's exponent bias is one higher, so every bit pattern but one means half its OCP value:
+    the bits are kept and the scale doubled, which is exact. The one exception is 0x80, OCP's
+    negative zero and FNUZ's only NaN: it becomes zero."""
+    bits = weight.view(torch.uint8)
+    bits = torch.where(bits == 0x80, torch.zeros_like(bits), bits)
+    return bits.view(torch.float8_e4m3fnuz), scale * 2
+
+
 class RocmFp8Method(QuantizationMethod):
     name = "fp8"
     platform = "rocm"
@@ -65,6 +79,19 @@ class RocmFp8Method(QuantizationMethod):
         q, scale = quantize_weight(weight, self.dtype or torch.float8_e4m3fn)
         fast = self.dtype is not None and weight.device.type == "cuda" and weight.dtype in (torch.bfloat16, torch.float16)
         return RocmFp8Weight(q, scale, scaled_mm=fast)
+
+    def dequantize(self, raw: RawQuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+        return raw.data.dequantize(dtype)
+
+    def load(self, raw: RawQuantizedTensor, dtype: torch.dtype, device: torch.device) -> RocmFp8Weight:
+        """An FP8 checkpoint's weight and per-channel scales, in the architecture's format. A
+        static input scale is not used: activations are scaled per token (as on CUDA)."""
+        data: Fp8Data = raw.data
+        weight, scale = data.weight.to(device), data.scale.to(device, torch.float32)
+        if self.dtype == torch.float8_e4m3fnuz:
+            weight, scale = ocp_to_fnuz(weight, scale)
+        fast = self.dtype is not None and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+        return RocmFp8Weight(weight, scale[None, :].contiguous(), scaled_mm=fast)
 
     def apply(self, stored: RocmFp8Weight, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not stored.scaled_mm:

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from runtime import __version__
-from runtime.platform import AttentionSpec, Registry
+from runtime.platform import AttentionSpec, RawQuantizedTensor, Registry
+from runtime.platform.packed import Fp8Data
 from runtime_rocm import plugin
 from runtime_rocm.arch import base_arch, fp8_dtype
 from runtime_rocm.platform import RocmPlatform
@@ -125,3 +126,23 @@ def test_fp8_weights_in_the_fnuz_format():
     assert (error <= weight.double().abs() * 2 ** -4 + stored.scale.T.double() * 2 ** -9).all()
     x = torch.randn(5, 96, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(method.apply(stored, x), x @ dequantized.float().T, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch, stored_dtype", [("gfx942", torch.float8_e4m3fnuz), ("gfx950", torch.float8_e4m3fn)])
+def test_fp8_checkpoint_weights_load_exactly_in_the_architectures_format(arch, stored_dtype):
+    """An FP8 checkpoint's OCP e4m3 weights (negative zero and the largest values included) load
+    converted to FNUZ on gfx942 and as stored on gfx950; either way the stored weight times its
+    scale is the checkpoint's exactly (the conversion only moves a factor 2 into the scale)."""
+    generator = torch.Generator().manual_seed(2)
+    values = (torch.randn(32, 64, generator=generator) * 100).clamp(-448, 448)
+    values[0, :4] = torch.tensor([-0.0, 448.0, -448.0, 2 ** -9])
+    checkpoint = values.to(torch.float8_e4m3fn)
+    assert checkpoint.view(torch.uint8)[0, 0] == 0x80  # negative zero: FNUZ's NaN pattern
+    scale = torch.rand(32, generator=generator) + 0.01
+    raw = RawQuantizedTensor("fp8", "fp8_e4m3", Fp8Data(checkpoint, scale), (32, 64))
+    stored = RocmFp8Method(arch=arch).load(raw, torch.float32, torch.device("cpu"))
+    assert stored.weight.dtype == stored_dtype and not stored.scaled_mm
+    exact = checkpoint.double() * scale.double()[:, None]
+    assert torch.equal(stored.weight.double() * stored.scale.T.double(), exact)
+    x = torch.randn(3, 64, generator=generator)
+    torch.testing.assert_close(RocmFp8Method(arch=arch).apply(stored, x).double(), x.double() @ exact.T, atol=1e-3, rtol=1e-5)

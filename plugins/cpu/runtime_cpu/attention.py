@@ -66,13 +66,12 @@ class CpuAttentionBackend(AttentionBackend):
 
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, plan: _StepPlan) -> torch.Tensor:
         """The decode rows' queries [N, H, D] -> [N, H, D] float32, over one padded gather."""
-        k, v = _gather(kv_cache, plan.decode_blocks, plan.decode_max_len)
+        kv = _gather(kv_cache, plan.decode_blocks, plan.decode_max_len)
         if plan.decode_padded:
             # Padding reads whatever the cache holds there (block 0, stale or never-written slots);
             # a NaN in it would survive the mask (0 * NaN), so clear it. The gather is a fresh copy.
-            k.masked_fill_(plan.decode_padding, 0)
-            v.masked_fill_(plan.decode_padding, 0)
-        return self._attend(query.unsqueeze(1), k, v, plan.decode_allowed).squeeze(1)
+            kv.masked_fill_(plan.decode_padding, 0)
+        return self._attend(query.unsqueeze(1), kv[0], kv[1], plan.decode_allowed).squeeze(1)
 
     def _forward_rows(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         plan_key = (self.name, "rows", kv_cache.shape[2], self.spec.sliding_window)
@@ -165,8 +164,10 @@ class _StepPlan:
 def _gather(kv_cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
     """block_ids [N, max_blocks] -> [2, N, length, Hkv, D]: the first ``length`` K/V of each row's blocks
     (unpacked as K, V by the callers)."""
-    block_size = kv_cache.shape[2]
-    num_blocks = -(-length // block_size)
-    # Whole-block indexing copies contiguous runs instead of one slot at a time.
-    kv = kv_cache[:, block_ids[:, :num_blocks].long()]
-    return kv.flatten(2, 3)[:, :, :length]
+    two, cache_blocks, block_size = kv_cache.shape[:3]
+    rows, num_blocks = block_ids.shape[0], -(-length // block_size)
+    ids = block_ids[:, :num_blocks].reshape(-1)
+    # index_select over whole blocks as rows copies each block with one memcpy: 4x faster than
+    # advanced indexing's per-element copy (16 decode rows of 260 tokens, SmolLM2-135M's cache).
+    blocks = kv_cache.view(two * cache_blocks, -1).index_select(0, torch.cat((ids, ids + cache_blocks)))
+    return blocks.view(two, rows, num_blocks * block_size, *kv_cache.shape[3:])[:, :, :length]

@@ -69,6 +69,8 @@ def candidates(weight: torch.Tensor) -> dict:
     out["runtime-int8"] = lambda x: method.apply(stored, x)
     packed = int4.pack(*quantize_int4(weight), group_size=32)
     out["runtime-int4"] = lambda x: int4.matmul(packed, x)
+    # The kernel alone at every row count (from int4.DENSE_MIN_ROWS rows the default dequantizes).
+    out["int4-kernel"] = lambda x: int4.matmul(packed, x, deterministic=True)
     return out
 
 

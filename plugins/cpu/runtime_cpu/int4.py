@@ -16,10 +16,12 @@ repacks exactly into ``(q, scale, zero)``:
 (KleidiAI, its 4-bit kernel, is Arm-only), so it saves nothing here.
 
 The kernel works on 4 rows at a time and dequantizes the whole weight again for each 4, so its
-cost grows with the row count as fast as its one-row cost (3072x576, one thread: 0.12 ms at one
-row, 3.4 ms at 64, 26 ms at 512). From 64 rows on (prefill chunks) ``matmul`` dequantizes the
-weight once, with torch ops on the packed bytes (1.7 ms), and multiplies in bfloat16 with
-oneDNN (AMX where the CPU has it): 2.7 ms at 64 rows, 3.7 ms at 512. Both round the weight to
+cost grows with the row count as fast as its one-row cost (3072x576, one thread, weights out of
+cache as in a model: 0.13 ms at one row, 7.6 ms at 128, 28.6 ms at 512). From 128 rows on
+(prefill chunks) ``matmul`` dequantizes the weight once, with torch ops on the packed bytes, and
+multiplies in bfloat16 with oneDNN (AMX where the CPU has it): 5.7 ms at 128 rows, 7.1 ms at 512;
+below 96-128 rows the dequantization costs more than the kernel saves
+(benchmarks/cpu_int8_matmul.py, ``runtime-int4`` against ``int4-kernel``). Both round the weight to
 bfloat16 and accumulate in float32, but not in the same order, so a row's result depends on
 which path its batch took: ``deterministic`` keeps every batch on the kernel.
 """
@@ -38,7 +40,7 @@ from runtime.platform.packed import GroupQuantData
 
 GROUP_SIZES = (32, 64, 128, 256)
 # From this many rows the dequantize-then-matmul path is faster (module docstring).
-DENSE_MIN_ROWS = 64
+DENSE_MIN_ROWS = 128
 GGUF_INT4_TYPES = frozenset({"Q4_0", "Q4_1", "Q4_K"})
 _COMPUTE = torch.bfloat16
 

@@ -12,7 +12,8 @@
 #   serve:   $SERVERS (default: this build, then vLLM) at C=1, 16, 64, 256 (runtime profiled at 64, 256)
 #   offline: this build's offline throughput on 1024 x (512, 128), with the server's engine settings
 #   tests:   the CUDA plugin's GPU tests
-#   tests-bg, tests-wait: the same ($TESTS: some of them), detached (they run while later calls carry wheels), then awaited
+#   tests-bg, tests-wait: the same ($TESTS: some of them; $TESTS2: more, in a second pytest beside it), detached (they
+#            run while later calls carry wheels), then awaited
 #   lora:    benchmarks/lora_gpu.py: runtime without LoRA, runtime with 8 adapters, vLLM with the same 8
 #   quant:   benchmarks/quant_gpu.py: a random GPTQ 4-bit (group 128) copy of /tmp/llama8b, then runtime bf16,
 #            runtime GPTQ (W4A16 Triton GEMM) and vLLM GPTQ-Marlin: batch-1 decode and 1000 x (512, 128) offline
@@ -68,13 +69,19 @@ for stage in "$@"; do
     tests)
       OUT=$R/tests TEST_TIMEOUT=${TEST_TIMEOUT:-420} plugins/cuda/scripts/gpu_check.sh tests 2>&1 | tail -40 ;;
     tests-bg)
-      # The 8B deterministic test reuses boot's checkpoint: wait until it is written.
-      setsid nohup bash -c "for _ in \$(seq 600); do grep -q written /tmp/model.log && break; sleep 1; done; \
-        RUNTIME_LLAMA8B_DIR=$M OUT=$R/tests-wait TEST_TIMEOUT=${TEST_TIMEOUT:-1200} plugins/cuda/scripts/gpu_check.sh tests; touch /tmp/tests.done" \
-        > /tmp/tests.log 2>&1 < /dev/null & ;;
+      # The 8B deterministic test reuses boot's checkpoint: wait until it is written. $TESTS2, when set,
+      # runs beside $TESTS in a second pytest (the tests size their own KV caches, so two fit one GPU).
+      for n in 1 2; do
+        tests=$([ $n = 1 ] && echo "${TESTS:-}" || echo "${TESTS2:-}")
+        [ $n = 2 ] && [ -z "$tests" ] && break
+        setsid nohup bash -c "for _ in \$(seq 600); do grep -q written /tmp/model.log && break; sleep 1; done; \
+          TESTS='$tests' RUNTIME_LLAMA8B_DIR=$M OUT=$R/tests-wait/$n TEST_TIMEOUT=${TEST_TIMEOUT:-1200} \
+          plugins/cuda/scripts/gpu_check.sh tests; touch /tmp/tests.done$n" > /tmp/tests$n.log 2>&1 < /dev/null &
+        [ -n "${TESTS2:-}" ] || touch /tmp/tests.done2
+      done ;;
     tests-wait)
-      for _ in $(seq ${WAIT_S:-300}); do [ -e /tmp/tests.done ] && break; sleep 1; done
-      grep -E "passed|failed|PASSED|FAILED|ERROR|SKIPPED" /tmp/tests.log | tail -60 ;;
+      for _ in $(seq ${WAIT_S:-300}); do [ -e /tmp/tests.done1 ] && [ -e /tmp/tests.done2 ] && break; sleep 1; done
+      grep -hE "passed|failed|PASSED|FAILED|ERROR|SKIPPED" /tmp/tests1.log /tmp/tests2.log 2>/dev/null | tail -80 ;;
     lora)
       for part in "runtime --adapters 0 --json $R/lora/runtime-base.json" "runtime --json $R/lora/runtime-lora.json" \
                   "vllm --json $R/lora/vllm-lora.json"; do

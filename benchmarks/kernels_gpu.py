@@ -2,12 +2,14 @@
 
 - ``wna16``: the W4A16 GEMM (4-bit, group 128) on Llama-3-8B's projection shapes against the
   bf16 ``torch.matmul`` of the same shape, and against the time to read its packed weight once.
+- ``wna16-sweep``: the same shapes at 1 to 4096 rows, every tile plan of a grid (``SWEEP``) timed,
+  the best and the op's own plan side by side: what ``wna16.plan`` is tuned from.
 - ``bitmask``: ``apply_token_bitmask`` on 64 rows of a 128,256-token vocabulary, against
   reading and writing those logits once.
 
 Every figure is a CUDA graph of 50 calls replayed, divided by 50. One JSON line per case.
 (``benchmarks/moe_gpu.py kernel`` measures ``fused_moe`` the same way.)
-Usage: python3 benchmarks/kernels_gpu.py [wna16] [bitmask] [--json FILE]
+Usage: python3 benchmarks/kernels_gpu.py [wna16] [wna16-sweep] [bitmask] [--json FILE]
 """
 
 from __future__ import annotations
@@ -26,18 +28,25 @@ LLAMA8B_LINEARS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 40
 """Output and input width of each projection of one layer."""
 
 
-def wna16_cases(bandwidth: float) -> list[dict]:
+def gptq_weight(n: int, k: int):
+    """A random 4-bit, group-128 weight of [n, k] packed for the kernel, and its bf16 dequantized copy."""
     from runtime.platform.packed import GroupQuantData
+    from runtime_triton import wna16
+
+    g = torch.Generator().manual_seed(n + k)
+    data = GroupQuantData(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8),
+                          (torch.rand(n, k // 128, generator=g) * 0.02 + 0.001).to(torch.bfloat16),
+                          torch.randint(0, 16, (n, k // 128), generator=g).float(), 4, 128, None)
+    return (wna16.repack(data, torch.bfloat16, torch.device("cuda")),
+            data.dequantize(torch.float32).to(device="cuda", dtype=torch.bfloat16))
+
+
+def wna16_cases(bandwidth: float) -> list[dict]:
     from runtime_triton import wna16
 
     out = []
     for name, (n, k) in LLAMA8B_LINEARS.items():
-        g = torch.Generator().manual_seed(n + k)
-        data = GroupQuantData(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8),
-                              (torch.rand(n, k // 128, generator=g) * 0.02 + 0.001).to(torch.bfloat16),
-                              torch.randint(0, 16, (n, k // 128), generator=g).float(), 4, 128, None)
-        weight = wna16.repack(data, torch.bfloat16, torch.device("cuda"))
-        dense = data.dequantize(torch.float32).to(device="cuda", dtype=torch.bfloat16)
+        weight, dense = gptq_weight(n, k)
         packed_bytes = n * k / 2 + 2 * 2 * n * (k // 128)
         for rows in (1, 16, 64, 256):
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
@@ -47,6 +56,54 @@ def wna16_cases(bandwidth: float) -> list[dict]:
             out.append({"kernel": "wna16", "linear": name, "n": n, "k": k, "rows": rows, "w4a16_us": round(quant_us, 1),
                         "bf16_us": round(dense_us, 1), "speedup_vs_bf16": round(dense_us / quant_us, 2),
                         "of_roofline": round(packed_bytes / bandwidth * 1e6 / quant_us, 3),
+                        "max_abs_diff_vs_bf16": round(error, 4)})
+            print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def sweep_plans(rows: int) -> list[dict]:
+    """The tile plans tried at ``rows``: split-K GEMV-like tiles for decode, square-ish tiles for prefill."""
+    import itertools
+
+    if rows <= 16:
+        grid = itertools.product([16], [32, 64, 128], [64, 128, 256], [1, 2, 4, 8], [False, True], [4], [4])
+    elif rows <= 64:
+        grid = itertools.product([16, 64], [64, 128], [64, 128], [1, 2, 4], [False, True], [4], [3])
+    else:
+        grid = itertools.product([64, 128], [128, 256], [32, 64], [1], [False], [None], [3, 4])
+    return [dict(block_m=m, block_n=n, block_k=k, split_k=split, words_once=once,
+                 num_warps=warps or (8 if m >= 128 else 4), num_stages=stages)
+            for m, n, k, split, once, warps, stages in grid]
+
+
+def wna16_sweep(bandwidth: float) -> list[dict]:
+    from triton.runtime.errors import OutOfResources
+
+    from runtime_triton import wna16
+
+    out = []
+    for name, (n, k) in LLAMA8B_LINEARS.items():
+        weight, dense = gptq_weight(n, k)
+        packed_bytes = n * k / 2 + 2 * 2 * n * (k // 128)
+        for rows in (1, 16, 64, 256, 1024, 4096):
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            timed = []
+            for tiles in sweep_plans(rows):
+                try:
+                    timed.append((graph_us(lambda: wna16.matmul(weight, x, **tiles)), tiles))
+                except OutOfResources:
+                    continue
+            timed.sort(key=lambda pair: pair[0])
+            best_us, best = timed[0]
+            error = (wna16.matmul(weight, x, **best).float() - x @ dense.T).abs().max().item()
+            own_us = graph_us(lambda: wna16.matmul(weight, x))
+            dense_us = graph_us(lambda: x @ dense.T)
+            out.append({"kernel": "wna16-sweep", "linear": name, "n": n, "k": k, "rows": rows, "plans": len(timed),
+                        "best_us": round(best_us, 1), "best": best, "own_plan_us": round(own_us, 1),
+                        "own_plan": wna16.plan(rows, n, k, torch.cuda.get_device_properties(0).multi_processor_count),
+                        "bf16_us": round(dense_us, 1), "best_vs_bf16": round(dense_us / best_us, 2),
+                        "best_of_roofline": round(packed_bytes / bandwidth * 1e6 / best_us, 3),
+                        "runners_up": [[round(us, 1), t] for us, t in timed[1:4]],
                         "max_abs_diff_vs_bf16": round(error, 4)})
             print(json.dumps(out[-1]), flush=True)
     return out
@@ -71,16 +128,16 @@ def bitmask_cases(bandwidth: float) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kernels", nargs="*", help="wna16, bitmask (default: both)")
+    parser.add_argument("kernels", nargs="*", help="wna16, wna16-sweep, bitmask (default: wna16 and bitmask)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    cases = {"wna16": wna16_cases, "bitmask": bitmask_cases}
+    cases = {"wna16": wna16_cases, "wna16-sweep": wna16_sweep, "bitmask": bitmask_cases}
     unknown = set(args.kernels) - set(cases)
     if unknown:
         parser.error(f"unknown kernels {sorted(unknown)}; choose from {sorted(cases)}")
     bandwidth = copy_bandwidth()
     print(json.dumps({"device": torch.cuda.get_device_name(), "copy_GBps": round(bandwidth / 1e9)}), flush=True)
-    results = [row for name in args.kernels or list(cases) for row in cases[name](bandwidth)]
+    results = [row for name in args.kernels or ["wna16", "bitmask"] for row in cases[name](bandwidth)]
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -7,6 +7,9 @@ Usage: python benchmarks/quant_gpu.py PART [--dir /tmp/llama8b] [--out DIR] [--r
        = runtime-gptq  the same on the GPTQ checkpoint (--quantization gptq: the W4A16 Triton GEMM)
        = vllm-gptq     vLLM's LLM on the GPTQ checkpoint (gptq_marlin), same measurements
        = report        the table of what the parts wrote, with the ratios the issue targets
+--wna16-plans FILE (runtime-gptq): the W4A16 GEMM takes, per weight shape, the best plan of a
+``benchmarks/kernels_gpu.py wna16-sweep --json FILE`` run at the nearest swept row count at or above
+its own (the sweep's plans tried end to end before they go into ``wna16.plan``).
 Each part runs in its own process (two 8B models do not share a GPU well) and writes OUT/PART.json.
 The bf16 checkpoint is plugins/cuda/benchmarks/decode_llama8b.py's (written if missing). Weight values
 do not change speed; decode step = (time for 128 tokens - time for 1) / 127, as baselines_llama8b.py.
@@ -90,6 +93,25 @@ def measure(generate, requests: int) -> list[dict]:
     return results
 
 
+def use_swept_plans(sweep: Path) -> None:
+    """Route ``wna16.plan`` to the sweep's best plans (shapes it did not sweep keep the op's own)."""
+    from runtime_triton import wna16
+
+    best: dict[tuple[int, int], list[tuple[int, dict]]] = {}
+    for row in json.loads(sweep.read_text()):
+        if row["kernel"] == "wna16-sweep":
+            best.setdefault((row["n"], row["k"]), []).append((row["rows"], row["best"]))
+    own = wna16.plan
+
+    def swept(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2) -> dict:
+        if element_size != 2 or (n, k) not in best:
+            return own(m, n, k, sm_count, element_size)
+        plans = sorted(best[n, k], key=lambda pair: pair[0])
+        return next((tiles for rows, tiles in plans if rows >= m), plans[-1][1])
+
+    wna16.plan = swept
+
+
 def runtime_part(path: Path, quantization: str | None, requests: int) -> list[dict]:
     from runtime import LLM, SamplingParams
 
@@ -137,6 +159,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/llama8b"), help="the bf16 checkpoint")
     parser.add_argument("--out", type=Path, default=Path("quant-results"))
     parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--wna16-plans", type=Path, help="a kernels_gpu.py wna16-sweep JSON (runtime-gptq)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     gptq = args.dir.with_name(args.dir.name + "-gptq")
@@ -150,6 +173,8 @@ def main() -> None:
     if args.part == "runtime-bf16":
         results = runtime_part(args.dir, None, args.requests)
     elif args.part == "runtime-gptq":
+        if args.wna16_plans:
+            use_swept_plans(args.wna16_plans)
         results = runtime_part(gptq, "gptq", args.requests)
     else:
         results = vllm_part(gptq, args.requests)

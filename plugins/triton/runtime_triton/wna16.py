@@ -59,7 +59,8 @@ def supports(data: GroupQuantData) -> bool:
 def repack(data: GroupQuantData, dtype: torch.dtype, device: torch.device) -> WNA16Weight:
     """The kernel's layout of a weight ``supports`` accepts."""
     q, order = data.qweight, None
-    if data.g_idx is not None:
+    # A g_idx already in group order (as many checkpoints store even without act-order) needs no gather.
+    if data.g_idx is not None and not bool((data.g_idx[1:] >= data.g_idx[:-1]).all()):
         order = torch.argsort(data.g_idx.long(), stable=True).to(torch.int32)
         q = q[:, order]
     per = 32 // data.bits
@@ -75,8 +76,11 @@ def repack(data: GroupQuantData, dtype: torch.dtype, device: torch.device) -> WN
 @triton.jit
 def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_qk, stride_sg, stride_om,
                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr):
+                  BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr, WORDS_ONCE: tl.constexpr):
     PER: tl.constexpr = 32 // BITS
+    # A K tile inside one group (tiles start at multiples of BLOCK_K) reads one row of scales
+    # and zero points instead of one per weight.
+    ONE_GROUP: tl.constexpr = GROUP % BLOCK_K == 0
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(2)
@@ -91,12 +95,26 @@ def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         tile_ok = k_ok[:, None] & col_ok[None, :]
-        words = tl.load(q_ptr + (ks // PER)[:, None].to(tl.int64) * stride_qk + cols[None, :], mask=tile_ok, other=0,
-                        eviction_policy="evict_first")
+        if WORDS_ONCE:
+            # Each word read once, then spread over its PER rows in registers (K is a whole
+            # number of words, so a word is in range exactly when its first row is).
+            word_rows = k0 // PER + tl.arange(0, BLOCK_K // PER)
+            packed = tl.load(q_ptr + word_rows[:, None].to(tl.int64) * stride_qk + cols[None, :],
+                             mask=(word_rows < K // PER)[:, None] & col_ok[None, :], other=0,
+                             eviction_policy="evict_first")
+            words = tl.reshape(tl.broadcast_to(packed[:, None, :], (BLOCK_K // PER, PER, BLOCK_N)), (BLOCK_K, BLOCK_N))
+        else:
+            words = tl.load(q_ptr + (ks // PER)[:, None].to(tl.int64) * stride_qk + cols[None, :], mask=tile_ok,
+                            other=0, eviction_policy="evict_first")
         q = (words >> ((ks % PER) * BITS)[:, None]) & ((1 << BITS) - 1)
-        group = (ks // GROUP)[:, None].to(tl.int64) * stride_sg + cols[None, :]
-        scale = tl.load(s_ptr + group, mask=tile_ok, other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + group, mask=tile_ok, other=0.0).to(tl.float32)
+        if ONE_GROUP:
+            group = (k0 // GROUP) * stride_sg + cols.to(tl.int64)
+            scale = tl.load(s_ptr + group, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            zero = tl.load(z_ptr + group, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        else:
+            group = (ks // GROUP)[:, None].to(tl.int64) * stride_sg + cols[None, :]
+            scale = tl.load(s_ptr + group, mask=tile_ok, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + group, mask=tile_ok, other=0.0).to(tl.float32)
         w = ((q.to(tl.float32) - zero) * scale).to(x.dtype)
         if IEEE:
             acc += tl.dot(x, w, input_precision="ieee")
@@ -168,6 +186,7 @@ def matmul(weight: WNA16Weight, x: torch.Tensor, bias: torch.Tensor | None = Non
                                     weight.qweight.stride(0), weight.scales.stride(0), out.stride(0), BITS=weight.bits,
                                     GROUP=weight.group_size, BLOCK_M=tiles["block_m"], BLOCK_N=tiles["block_n"],
                                     BLOCK_K=tiles["block_k"], SPLIT_K=split, IEEE=x.dtype == torch.float32,
+                                    WORDS_ONCE=tiles.get("words_once", False),
                                     num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
                 break
             except OutOfResources:

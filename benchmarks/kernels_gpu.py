@@ -2,7 +2,7 @@
 
 - ``wna16``: the W4A16 GEMM (4-bit, group 128) on Llama-3-8B's projection shapes against the
   bf16 ``torch.matmul`` of the same shape, and against the time to read its packed weight once.
-- ``wna16-sweep``: the same shapes at 1 to 2048 rows, every tile plan of a grid (``SWEEP``) timed,
+- ``wna16-sweep``: the same shapes at 1, 64, 256 and 2048 rows, every tile plan of a grid (``SWEEP``) timed,
   the best and the op's own plan side by side: what ``wna16.plan`` is tuned from.
 - ``bitmask``: ``apply_token_bitmask`` on 64 rows of a 128,256-token vocabulary, against
   reading and writing those logits once.
@@ -62,18 +62,21 @@ def wna16_cases(bandwidth: float) -> list[dict]:
 
 
 def sweep_plans(rows: int) -> list[dict]:
-    """The tile plans tried at ``rows``: split-K GEMV-like tiles for decode, square-ish tiles for prefill."""
+    """The tile plans tried at ``rows``: split-K tiles for decode, square-ish tiles for prefill; each
+    with the weight as the first operand (``swap_ab``) or the second, decode tiles also reading
+    each word once (``words_once``) or once per row it holds."""
     import itertools
 
+    variants = [(False, False), (True, False), (False, True), (True, True)]
     if rows <= 16:
-        grid = itertools.product([16], [64, 128], [128, 256], [1, 2, 4, 8], [False, True], [4], [4])
+        grid = itertools.product([16], [64, 128], [128, 256], [1, 4, 8], variants, [4])
     elif rows <= 64:
-        grid = itertools.product([16, 64], [64, 128], [64, 128], [1, 2, 4], [False], [4], [3])
+        grid = itertools.product([16, 64], [64, 128], [64], [1, 2, 4], variants[::2], [3])
     else:
-        grid = itertools.product([64, 128], [128, 256], [32, 64], [1], [False], [None], [3, 4])
-    return [dict(block_m=m, block_n=n, block_k=k, split_k=split, words_once=once,
-                 num_warps=warps or (8 if m >= 128 else 4), num_stages=stages)
-            for m, n, k, split, once, warps, stages in grid]
+        grid = itertools.product([64, 128], [128, 256], [32, 64], [1], variants[::2], [3])
+    return [dict(block_m=m, block_n=n, block_k=k, split_k=split, words_once=once, swap_ab=swap,
+                 num_warps=8 if m >= 128 else 4, num_stages=stages)
+            for m, n, k, split, (once, swap), stages in grid]
 
 
 def wna16_sweep(bandwidth: float) -> list[dict]:
@@ -85,7 +88,7 @@ def wna16_sweep(bandwidth: float) -> list[dict]:
     for name, (n, k) in LLAMA8B_LINEARS.items():
         weight, dense = gptq_weight(n, k)
         packed_bytes = n * k / 2 + 2 * 2 * n * (k // 128)
-        for rows in (1, 16, 64, 256, 2048):
+        for rows in (1, 64, 256, 2048):
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             timed = []
             for tiles in sweep_plans(rows):

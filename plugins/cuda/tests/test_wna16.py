@@ -31,6 +31,11 @@ CASES = [  # rows, n, k, bits, group, act-order, tiles (None: the op's own plan)
                                     words_once=True)),
     (3, 64, 192, 8, 64, False, dict(block_m=16, block_n=64, block_k=128, split_k=1, num_warps=4, num_stages=2,
                                      words_once=True)),
+    # The transposed product (weight as the first operand), with and without split K.
+    (5, 40, 256, 4, 32, True, dict(block_m=16, block_n=64, block_k=64, split_k=2, num_warps=4, num_stages=2,
+                                    swap_ab=True)),
+    (37, 72, 128, 8, 64, False, dict(block_m=32, block_n=64, block_k=64, split_k=1, num_warps=4, num_stages=2,
+                                      swap_ab=True, words_once=True)),
 ]
 
 

@@ -76,7 +76,8 @@ def repack(data: GroupQuantData, dtype: torch.dtype, device: torch.device) -> WN
 @triton.jit
 def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_qk, stride_sg, stride_om,
                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr, WORDS_ONCE: tl.constexpr):
+                  BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr, WORDS_ONCE: tl.constexpr,
+                  SWAP_AB: tl.constexpr):
     PER: tl.constexpr = 32 // BITS
     # A K tile inside one group (tiles start at multiples of BLOCK_K) reads one row of scales
     # and zero points instead of one per weight.
@@ -88,7 +89,13 @@ def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
     row_ok, col_ok = rows < M, cols < N
     span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     start = split * span
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # SWAP_AB computes the transposed tile, W^T x^T: the dequantized weight, made in registers, is
+    # then the operand Hopper's matrix instructions read from registers, and few rows are their
+    # narrow side instead of a 64-row tile mostly of padding.
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(start, tl.minimum(start + span, K), BLOCK_K):
         ks = k0 + reduce
         k_ok = ks < K
@@ -116,12 +123,16 @@ def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
             scale = tl.load(s_ptr + group, mask=tile_ok, other=0.0).to(tl.float32)
             zero = tl.load(z_ptr + group, mask=tile_ok, other=0.0).to(tl.float32)
         w = ((q.to(tl.float32) - zero) * scale).to(x.dtype)
-        if IEEE:
-            acc += tl.dot(x, w, input_precision="ieee")
+        if SWAP_AB:
+            acc += tl.dot(tl.trans(w), tl.trans(x), input_precision="ieee" if IEEE else "tf32")
         else:
-            acc += tl.dot(x, w)
-    out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
-    out_ok = row_ok[:, None] & col_ok[None, :]
+            acc += tl.dot(x, w, input_precision="ieee" if IEEE else "tf32")
+    if SWAP_AB:
+        out_ptrs = out_ptr + rows[None, :].to(tl.int64) * stride_om + cols[:, None]
+        out_ok = row_ok[None, :] & col_ok[:, None]
+    else:
+        out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+        out_ok = row_ok[:, None] & col_ok[None, :]
     if SPLIT_K == 1:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
     else:
@@ -186,7 +197,7 @@ def matmul(weight: WNA16Weight, x: torch.Tensor, bias: torch.Tensor | None = Non
                                     weight.qweight.stride(0), weight.scales.stride(0), out.stride(0), BITS=weight.bits,
                                     GROUP=weight.group_size, BLOCK_M=tiles["block_m"], BLOCK_N=tiles["block_n"],
                                     BLOCK_K=tiles["block_k"], SPLIT_K=split, IEEE=x.dtype == torch.float32,
-                                    WORDS_ONCE=tiles.get("words_once", False),
+                                    WORDS_ONCE=tiles.get("words_once", False), SWAP_AB=tiles.get("swap_ab", False),
                                     num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
                 break
             except OutOfResources:

@@ -2,7 +2,7 @@
 
 - ``wna16``: the W4A16 GEMM (4-bit, group 128) on Llama-3-8B's projection shapes against the
   bf16 ``torch.matmul`` of the same shape, and against the time to read its packed weight once.
-- ``wna16-sweep``: the same shapes at 1, 64, 256 and 2048 rows, every tile plan of a grid (``SWEEP``) timed,
+- ``wna16-sweep``: the same shapes at 1 to 8192 rows, every tile plan of a grid (``SWEEP``) timed,
   the best and the op's own plan side by side: what ``wna16.plan`` is tuned from.
 - ``bitmask``: ``apply_token_bitmask`` on 64 rows of a 128,256-token vocabulary, against
   reading and writing those logits once.
@@ -64,7 +64,8 @@ def wna16_cases(bandwidth: float) -> list[dict]:
 def sweep_plans(rows: int) -> list[dict]:
     """The tile plans tried at ``rows``: split-K tiles for decode, square-ish tiles for prefill; each
     with the weight as the first operand (``swap_ab``) or the second, decode tiles also reading
-    each word once (``words_once``) or once per row it holds."""
+    each word once (``words_once``) or once per row it holds; from 65 rows also the weight
+    dequantized once and multiplied by the library (``dense``)."""
     import itertools
 
     variants = [(False, False), (True, False), (False, True), (True, True)]
@@ -74,9 +75,10 @@ def sweep_plans(rows: int) -> list[dict]:
         grid = itertools.product([16, 64], [64, 128], [64], [1, 2, 4], variants[::2], [3])
     else:
         grid = itertools.product([64, 128], [128, 256], [32, 64], [1], variants[::2], [3])
-    return [dict(block_m=m, block_n=n, block_k=k, split_k=split, words_once=once, swap_ab=swap,
-                 num_warps=8 if m >= 128 else 4, num_stages=stages)
-            for m, n, k, split, (once, swap), stages in grid]
+    plans = [dict(block_m=m, block_n=n, block_k=k, split_k=split, words_once=once, swap_ab=swap,
+                  num_warps=8 if m >= 128 else 4, num_stages=stages)
+             for m, n, k, split, (once, swap), stages in grid]
+    return plans + ([dict(dense=True)] if rows > 64 else [])
 
 
 def wna16_sweep(bandwidth: float) -> list[dict]:
@@ -88,7 +90,7 @@ def wna16_sweep(bandwidth: float) -> list[dict]:
     for name, (n, k) in LLAMA8B_LINEARS.items():
         weight, dense = gptq_weight(n, k)
         packed_bytes = n * k / 2 + 2 * 2 * n * (k // 128)
-        for rows in (1, 64, 256, 2048):
+        for rows in (1, 64, 256, 512, 2048, 8192):
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             timed = []
             for tiles in sweep_plans(rows):

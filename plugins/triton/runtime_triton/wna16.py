@@ -14,7 +14,10 @@ The kernel dequantizes a [BLOCK_K, BLOCK_N] tile in registers, ``(q - zero) * sc
 to the activations' dtype, and multiplies it on the tensor cores. For few rows (decode) the
 reduction is split over ``split_k`` programs per output tile that add their partial sums into a
 float32 buffer (so skinny products still fill the GPU); prefill tiles use no split. Every launch
-has a shape fixed by the input's, so decode steps capture in CUDA graphs.
+has a shape fixed by the input's, so decode steps capture in CUDA graphs. A plan may also compute
+the transposed tile (``swap_ab``), read each packed word once (``words_once``), or, for many rows,
+dequantize the whole weight once and hand the product to the library GEMM (``dense``);
+``benchmarks/kernels_gpu.py wna16-sweep`` times them against each other.
 """
 
 from __future__ import annotations
@@ -139,6 +142,33 @@ def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
         tl.atomic_add(out_ptrs, acc, mask=out_ok)
 
 
+@triton.jit
+def _dequantize_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_qk, stride_sg, stride_ok,
+                       BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    PER: tl.constexpr = 32 // BITS
+    ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = (ks < K)[:, None] & (cols < N)[None, :]
+    words = tl.load(q_ptr + (ks // PER)[:, None].to(tl.int64) * stride_qk + cols[None, :], mask=ok, other=0)
+    q = (words >> ((ks % PER) * BITS)[:, None]) & ((1 << BITS) - 1)
+    group = (ks // GROUP)[:, None].to(tl.int64) * stride_sg + cols[None, :]
+    scale = tl.load(s_ptr + group, mask=ok, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + group, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + ks[:, None].to(tl.int64) * stride_ok + cols[None, :],
+             ((q.to(tl.float32) - zero) * scale).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def dequantize(weight: WNA16Weight, dtype: torch.dtype) -> torch.Tensor:
+    """W^T [K, N] in ``dtype``, its rows in the repacked (group) order, each value rounded once
+    from the same float32 ``(q - zero) * scale`` the GEMM computes."""
+    k, n = weight.qweight.shape[0] * (32 // weight.bits), weight.qweight.shape[1]
+    out = torch.empty(k, n, dtype=dtype, device=weight.qweight.device)
+    _dequantize_kernel[(triton.cdiv(k, 64), triton.cdiv(n, 128))](
+        weight.qweight, weight.scales, weight.zeros, out, n, k, weight.qweight.stride(0), weight.scales.stride(0),
+        out.stride(0), BITS=weight.bits, GROUP=weight.group_size, BLOCK_K=64, BLOCK_N=128)
+    return out
+
+
 def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2) -> dict:
     """Tiles for an [m, k] by [n, k] product: skinny products split K until about two programs
     per multiprocessor run; larger ones use prefill tiles. Float32 activations (``element_size``
@@ -184,6 +214,13 @@ def matmul(weight: WNA16Weight, x: torch.Tensor, bias: torch.Tensor | None = Non
     if not tiles:
         sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
         tiles = plan(m, n, k, sm, x.element_size())
+    if tiles.get("dense"):
+        # Many rows: the weight dequantized once, then the library's GEMM (the dequantization
+        # costs about what reading and writing the dense weight does, small beside the product).
+        out = torch.mm(rows, dequantize(weight, x.dtype))
+        if bias is not None:
+            out = out + bias
+        return out.view(*x.shape[:-1], n)
     split = tiles["split_k"]
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1 else \
         torch.empty(m, n, dtype=x.dtype, device=x.device)

@@ -64,7 +64,8 @@ def wna16_cases(bandwidth: float) -> list[dict]:
 def sweep_plans(rows: int) -> list[dict]:
     """The tile plans tried at ``rows``: split-K tiles for decode, square-ish tiles for prefill; each
     with the weight as the first operand (``swap_ab``) or the second, decode tiles also reading
-    each word once (``words_once``) or once per row it holds; from 65 rows also the weight
+    each word once (``words_once``) or once per row it holds; for one row also on the vector
+    units (``gemv``); from 65 rows also the weight
     dequantized once and multiplied by the library (``dense``)."""
     import itertools
 
@@ -78,6 +79,10 @@ def sweep_plans(rows: int) -> list[dict]:
     plans = [dict(block_m=m, block_n=n, block_k=k, split_k=split, words_once=once, swap_ab=swap,
                   num_warps=8 if m >= 128 else 4, num_stages=stages)
              for m, n, k, split, (once, swap), stages in grid]
+    if rows == 1:
+        plans += [dict(block_m=1, block_n=n, block_k=k, split_k=split, words_once=once, gemv=True, num_warps=4,
+                       num_stages=4) for n, k, split, once in itertools.product([64, 128], [64, 128], [1, 4, 8],
+                                                                                 [False, True])]
     return plans + ([dict(dense=True)] if rows > 64 else [])
 
 

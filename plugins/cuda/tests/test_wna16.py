@@ -36,6 +36,11 @@ CASES = [  # rows, n, k, bits, group, act-order, tiles (None: the op's own plan)
                                     swap_ab=True)),
     (37, 72, 128, 8, 64, False, dict(block_m=32, block_n=64, block_k=64, split_k=1, num_warps=4, num_stages=2,
                                       swap_ab=True, words_once=True)),
+    # On the vector units: one row, and a few rows with act-order and split K.
+    (1, 72, 256, 4, 128, False, dict(block_m=1, block_n=64, block_k=128, split_k=1, num_warps=4, num_stages=2,
+                                      gemv=True, words_once=True)),
+    (3, 40, 256, 4, 32, True, dict(block_m=4, block_n=32, block_k=32, split_k=2, num_warps=4, num_stages=2,
+                                    gemv=True)),
     # Dequantized once, then the library's GEMM; act-order rows gathered the same way.
     (37, 72, 256, 4, 32, True, dict(dense=True)),
     (9, 64, 192, 8, 64, False, dict(dense=True)),

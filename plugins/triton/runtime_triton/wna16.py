@@ -15,7 +15,8 @@ to the activations' dtype, and multiplies it on the tensor cores. For few rows (
 reduction is split over ``split_k`` programs per output tile that add their partial sums into a
 float32 buffer (so skinny products still fill the GPU); prefill tiles use no split. Every launch
 has a shape fixed by the input's, so decode steps capture in CUDA graphs. A plan may also compute
-the transposed tile (``swap_ab``), read each packed word once (``words_once``), or, for many rows,
+the transposed tile (``swap_ab``), read each packed word once (``words_once``), multiply on the
+vector units instead of the tensor cores for a row or a few (``gemv``), or, for many rows,
 dequantize the whole weight once and hand the product to the library GEMM (``dense``);
 ``benchmarks/kernels_gpu.py wna16-sweep`` times them against each other.
 """
@@ -80,7 +81,7 @@ def repack(data: GroupQuantData, dtype: torch.dtype, device: torch.device) -> WN
 def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_qk, stride_sg, stride_om,
                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr, WORDS_ONCE: tl.constexpr,
-                  SWAP_AB: tl.constexpr):
+                  SWAP_AB: tl.constexpr, GEMV: tl.constexpr):
     PER: tl.constexpr = 32 // BITS
     # A K tile inside one group (tiles start at multiples of BLOCK_K) reads one row of scales
     # and zero points instead of one per weight.
@@ -126,7 +127,10 @@ def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
             scale = tl.load(s_ptr + group, mask=tile_ok, other=0.0).to(tl.float32)
             zero = tl.load(z_ptr + group, mask=tile_ok, other=0.0).to(tl.float32)
         w = ((q.to(tl.float32) - zero) * scale).to(x.dtype)
-        if SWAP_AB:
+        if GEMV:
+            # A row or a few: multiply and add on the vector units, no padding to a matrix tile.
+            acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+        elif SWAP_AB:
             acc += tl.dot(tl.trans(w), tl.trans(x), input_precision="ieee" if IEEE else "tf32")
         else:
             acc += tl.dot(x, w, input_precision="ieee" if IEEE else "tf32")
@@ -235,6 +239,7 @@ def matmul(weight: WNA16Weight, x: torch.Tensor, bias: torch.Tensor | None = Non
                                     GROUP=weight.group_size, BLOCK_M=tiles["block_m"], BLOCK_N=tiles["block_n"],
                                     BLOCK_K=tiles["block_k"], SPLIT_K=split, IEEE=x.dtype == torch.float32,
                                     WORDS_ONCE=tiles.get("words_once", False), SWAP_AB=tiles.get("swap_ab", False),
+                                    GEMV=tiles.get("gemv", False),
                                     num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
                 break
             except OutOfResources:

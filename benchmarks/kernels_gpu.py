@@ -97,12 +97,14 @@ def wna16_sweep(bandwidth: float) -> list[dict]:
         packed_bytes = n * k / 2 + 2 * 2 * n * (k // 128)
         for rows in (1, 64, 256, 512, 2048, 8192):
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-            timed = []
+            timed, failed = [], []
             for tiles in sweep_plans(rows):
                 try:
                     timed.append((graph_us(lambda: wna16.matmul(weight, x, **tiles)), tiles))
                 except OutOfResources:
                     continue
+                except Exception as error:  # a plan this GPU or Triton cannot compile: named in the row
+                    failed.append([tiles, f"{type(error).__name__}: {str(error)[:200]}"])
             timed.sort(key=lambda pair: pair[0])
             best_us, best = timed[0]
             error = (wna16.matmul(weight, x, **best).float() - x @ dense.T).abs().max().item()
@@ -113,7 +115,7 @@ def wna16_sweep(bandwidth: float) -> list[dict]:
                         "own_plan": wna16.plan(rows, n, k, torch.cuda.get_device_properties(0).multi_processor_count),
                         "bf16_us": round(dense_us, 1), "best_vs_bf16": round(dense_us / best_us, 2),
                         "best_of_roofline": round(packed_bytes / bandwidth * 1e6 / best_us, 3),
-                        "runners_up": [[round(us, 1), t] for us, t in timed[1:4]],
+                        "runners_up": [[round(us, 1), t] for us, t in timed[1:4]], "failed": failed[:3],
                         "max_abs_diff_vs_bf16": round(error, 4)})
             print(json.dumps(out[-1]), flush=True)
     return out

@@ -81,8 +81,8 @@ def sweep_plans(rows: int) -> list[dict]:
              for m, n, k, split, (once, swap), stages in grid]
     if rows == 1:
         plans += [dict(block_m=1, block_n=n, block_k=k, split_k=split, words_once=once, gemv=True, num_warps=4,
-                       num_stages=4) for n, k, split, once in itertools.product([64, 128], [64, 128], [1, 4, 8],
-                                                                                 [False, True])]
+                       num_stages=4) for n, k, split, once in itertools.product([64, 128, 256], [128, 256, 512],
+                                                                                 [2, 4, 8], [True])]
     return plans + ([dict(dense=True)] if rows > 64 else [])
 
 
@@ -97,18 +97,28 @@ def wna16_sweep(bandwidth: float) -> list[dict]:
         packed_bytes = n * k / 2 + 2 * 2 * n * (k // 128)
         for rows in (1, 64, 256, 512, 2048, 8192):
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            expected = (x @ dense.T).float()
+
+            def checked_us(call) -> float:
+                """The call's time, once its result matches bf16's (a launch that failed would look fast)."""
+                torch.cuda.synchronize()
+                difference = (call().float() - expected).abs().max().item()
+                if not difference <= 1e-2 * expected.abs().max().item():
+                    raise ValueError(f"result differs from bf16's by {difference}")
+                return graph_us(call)
+
             timed, failed = [], []
             for tiles in sweep_plans(rows):
                 try:
-                    timed.append((graph_us(lambda: wna16.matmul(weight, x, **tiles)), tiles))
+                    timed.append((checked_us(lambda: wna16.matmul(weight, x, **tiles)), tiles))
                 except OutOfResources:
                     continue
-                except Exception as error:  # a plan this GPU or Triton cannot compile: named in the row
+                except Exception as error:  # a plan this GPU or Triton cannot run: named in the row
                     failed.append([tiles, f"{type(error).__name__}: {str(error)[:200]}"])
             timed.sort(key=lambda pair: pair[0])
             best_us, best = timed[0]
-            error = (wna16.matmul(weight, x, **best).float() - x @ dense.T).abs().max().item()
-            own_us = graph_us(lambda: wna16.matmul(weight, x))
+            error = (wna16.matmul(weight, x, **best).float() - expected).abs().max().item()
+            own_us = checked_us(lambda: wna16.matmul(weight, x))
             dense_us = graph_us(lambda: x @ dense.T)
             out.append({"kernel": "wna16-sweep", "linear": name, "n": n, "k": k, "rows": rows, "plans": len(timed),
                         "best_us": round(best_us, 1), "best": best, "own_plan_us": round(own_us, 1),

@@ -39,7 +39,8 @@ def host_to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Te
         return torch.tensor(values, dtype=dtype)
     if not asynchronous_copies(device):
         return torch.tensor(values, dtype=dtype).to(device)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+    # ``torch.tensor(..., pin_memory=True)`` refuses numpy arrays; pinning a plain copy takes both.
+    return torch.as_tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
 
 
 @dataclass

@@ -23,6 +23,8 @@ def _group_quant(n: int, k: int, bits: int, group: int, act_order: bool, seed: i
 
 CASES = [  # rows, n, k, bits, group, act-order, tiles (None: the op's own plan)
     (1, 48, 256, 4, 128, False, None),
+    (20, 64, 256, 4, 64, False, None),
+    (70, 48, 256, 4, 128, True, None),
     (5, 40, 256, 4, 32, True, dict(block_m=16, block_n=32, block_k=64, split_k=3, num_warps=4, num_stages=2)),
     (3, 64, 192, 8, 64, False, dict(block_m=16, block_n=64, block_k=64, split_k=2, num_warps=4, num_stages=2)),
     (37, 72, 128, 4, 64, False, dict(block_m=32, block_n=32, block_k=32, split_k=1, num_warps=4, num_stages=2)),

@@ -99,16 +99,15 @@ def _attend_tile(q, m, l, acc, start, kv_hi, q_pos, table, kv_base, dims, dim_ok
         if USE_WINDOW:
             visible = visible & (pos[None, :] > q_pos[:, None] - window)
         s = tl.where(visible, s, float("-inf"))
-    # After the mask, so masked and interior tiles run the same arithmetic from here on (whether a
-    # query's tile is masked depends on where its prompt was cut: --deterministic). With the mask
-    # between this product and the subtraction below, float32 scores of one query came out an ulp
-    # apart in masked and interior tiles on an H100: the compiler can fuse the two into one FMA
-    # only where nothing sits between them.
-    s = s * LOG2E
-    m_new = tl.maximum(m, tl.max(s, 1))
+    # Masked and interior tiles must round a score alike (whether a query's tile is masked depends
+    # on where its prompt was cut: --deterministic). Left to the compiler, ``s * LOG2E - m`` became
+    # one FMA in interior tiles but a product, the mask's select and a subtraction in masked ones
+    # (float32 scores an ulp apart on an H100), so the FMA is written out. The max of the scaled
+    # scores is the scaled max: rounding is monotone.
+    m_new = tl.maximum(m, tl.max(s, 1) * LOG2E)
     # A row that has seen no visible key yet keeps m = -inf; shift it by 0 instead of inf - inf.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_shift[:, None])
+    p = tl.exp2(tl.fma(s, LOG2E, -m_shift[:, None]))
     alpha = tl.exp2(m - m_shift)
     l = l * alpha + tl.sum(p, 1)
     v = tl.load(kv_base + stride_ckv + slot[:, None] + dims[None, :], mask=pos_ok[:, None] & dim_ok[None, :],

@@ -174,22 +174,30 @@ def dequantize(weight: WNA16Weight, dtype: torch.dtype) -> torch.Tensor:
 
 
 def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2) -> dict:
-    """Tiles for an [m, k] by [n, k] product: skinny products split K until about two programs
-    per multiprocessor run; larger ones use prefill tiles. Float32 activations (``element_size``
-    4) take half the K depth and pipeline stages: their tiles need twice the shared memory (the
-    16-bit decode tiles in float32 asked an H100 for 352 KB of its 227). (To be tuned on a GPU
-    with benchmarks/quant_gpu.py --sweep.)"""
-    wide = element_size > 2
+    """Tiles for an [m, k] by [n, k] product, 16-bit activations from a sweep on an H100
+    (``benchmarks/kernels_gpu.py wna16-sweep``, Llama-3-8B's projections, docs/quantization.md):
+    one row on the vector units with K split 8 ways (1.4-2.2x faster than the tensor-core tile
+    padded to 16 rows); up to 16 rows that padded tile, K split 8 ways, each word read once; up
+    to 64 rows 64-row tiles; beyond, the weight dequantized once and the library's GEMM (at 256
+    to 8192 rows 1.3-2.9x faster than any tile tried). Float32 activations (``element_size`` 4)
+    keep half the K depth and pipeline stages of the first plans: their tiles need twice the
+    shared memory (the 16-bit decode tiles in float32 asked an H100 for 352 KB of its 227)."""
+    if element_size > 2:
+        if m <= 16:
+            split = max(1, min(k // 256, (2 * sm_count) // triton.cdiv(n, 64)))
+            return dict(block_m=16, block_n=64, block_k=64, split_k=split, num_warps=4, num_stages=2)
+        return dict(block_m=64, block_n=128 if m > 64 else 64, block_k=32 if m > 64 else 64, split_k=1, num_warps=4,
+                    num_stages=2)
+    if m == 1:
+        return dict(block_m=1, block_n=128, block_k=128, split_k=8, words_once=True, gemv=True, num_warps=4,
+                    num_stages=4)
     if m <= 16:
-        tiles = triton.cdiv(n, 64)
-        split = max(1, min(k // 256, (2 * sm_count) // tiles))
-        return dict(block_m=16, block_n=64, block_k=64 if wide else 128, split_k=split, num_warps=4,
-                    num_stages=2 if wide else 4)
+        return dict(block_m=16, block_n=64, block_k=128, split_k=8, words_once=True, num_warps=4, num_stages=4)
     if m <= 64:
-        return dict(block_m=64, block_n=64 if wide else 128, block_k=64, split_k=1, num_warps=4,
-                    num_stages=2 if wide else 4)
-    return dict(block_m=64 if wide else 128, block_n=128, block_k=32 if wide else 64, split_k=1,
-                num_warps=4 if wide else 8, num_stages=2 if wide else 3)
+        if n > 16384:  # wide outputs (gate/up): enough tiles without a split
+            return dict(block_m=64, block_n=128, block_k=64, split_k=1, swap_ab=True, num_warps=4, num_stages=3)
+        return dict(block_m=64, block_n=64, block_k=64, split_k=4, num_warps=4, num_stages=3)
+    return dict(dense=True)
 
 
 FITTED_TILES: dict[tuple, dict] = {}

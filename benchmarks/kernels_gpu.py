@@ -75,7 +75,7 @@ def sweep_plans(rows: int) -> list[dict]:
     elif rows <= 64:
         grid = itertools.product([16, 64], [64, 128], [64], [1, 2, 4], variants[::2], [3])
     else:
-        grid = itertools.product([64, 128], [128, 256], [32, 64], [1], variants[::2], [3])
+        grid = itertools.product([64, 128, 256], [128, 256], [32, 64], [1], variants, [3])
     plans = [dict(block_m=m, block_n=n, block_k=k, split_k=split, words_once=once, swap_ab=swap,
                   num_warps=8 if m >= 128 else 4, num_stages=stages)
              for m, n, k, split, (once, swap), stages in grid]

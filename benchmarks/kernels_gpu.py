@@ -65,7 +65,7 @@ def sweep_plans(rows: int) -> list[dict]:
     """The tile plans tried at ``rows``: split-K tiles for decode, square-ish tiles for prefill; each
     with the weight as the first operand (``swap_ab``) or the second, decode tiles also reading
     each word once (``words_once``) or once per row it holds; for one row also on the vector
-    units (``gemv``); from 65 rows also the weight
+    units (``gemv``, ``late_sum``); from 65 rows also the weight
     dequantized once and multiplied by the library (``dense``)."""
     import itertools
 
@@ -83,6 +83,8 @@ def sweep_plans(rows: int) -> list[dict]:
         plans += [dict(block_m=1, block_n=n, block_k=k, split_k=split, words_once=once, gemv=True, num_warps=4,
                        num_stages=4) for n, k, split, once in itertools.product([64, 128, 256], [128, 256, 512],
                                                                                  [2, 4, 8], [True])]
+        plans += [dict(block_m=1, block_n=n, block_k=k, split_k=split, words_once=True, gemv=True, late_sum=True,
+                       num_warps=4, num_stages=4) for n, k, split in itertools.product([64, 128], [128, 256], [4, 8])]
     return plans + ([dict(dense=True)] if rows > 64 else [])
 
 

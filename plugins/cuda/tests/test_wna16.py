@@ -43,6 +43,9 @@ CASES = [  # rows, n, k, bits, group, act-order, tiles (None: the op's own plan)
                                       gemv=True, words_once=True)),
     (3, 40, 256, 4, 32, True, dict(block_m=4, block_n=32, block_k=32, split_k=2, num_warps=4, num_stages=2,
                                     gemv=True)),
+    # One row, products summed across K once at the end; act-order and split K.
+    (1, 48, 512, 4, 64, True, dict(block_m=1, block_n=32, block_k=64, split_k=3, num_warps=4, num_stages=2,
+                                   gemv=True, late_sum=True, words_once=True)),
     # Dequantized once, then the library's GEMM; act-order rows gathered the same way.
     (37, 72, 256, 4, 32, True, dict(dense=True)),
     (9, 64, 192, 8, 64, False, dict(dense=True)),

@@ -16,7 +16,8 @@ reduction is split over ``split_k`` programs per output tile that add their part
 float32 buffer (so skinny products still fill the GPU); prefill tiles use no split. Every launch
 has a shape fixed by the input's, so decode steps capture in CUDA graphs. A plan may also compute
 the transposed tile (``swap_ab``), read each packed word once (``words_once``), multiply on the
-vector units instead of the tensor cores for a row or a few (``gemv``), or, for many rows,
+vector units instead of the tensor cores for a row or a few (``gemv``; for one row, ``late_sum``
+sums across K once at the end), or, for many rows,
 dequantize the whole weight once and hand the product to the library GEMM (``dense``);
 ``benchmarks/kernels_gpu.py wna16-sweep`` times them against each other.
 """
@@ -81,7 +82,7 @@ def repack(data: GroupQuantData, dtype: torch.dtype, device: torch.device) -> WN
 def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_qk, stride_sg, stride_om,
                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr, WORDS_ONCE: tl.constexpr,
-                  SWAP_AB: tl.constexpr, GEMV: tl.constexpr):
+                  SWAP_AB: tl.constexpr, GEMV: tl.constexpr, LATE_SUM: tl.constexpr):
     PER: tl.constexpr = 32 // BITS
     # A K tile inside one group (tiles start at multiples of BLOCK_K) reads one row of scales
     # and zero points instead of one per weight.
@@ -100,6 +101,10 @@ def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if LATE_SUM:
+        # One row on the vector units, its products kept per K row and summed across the tile's
+        # threads once at the end rather than every step.
+        partial = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     for k0 in range(start, tl.minimum(start + span, K), BLOCK_K):
         ks = k0 + reduce
         k_ok = ks < K
@@ -127,13 +132,17 @@ def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
             scale = tl.load(s_ptr + group, mask=tile_ok, other=0.0).to(tl.float32)
             zero = tl.load(z_ptr + group, mask=tile_ok, other=0.0).to(tl.float32)
         w = ((q.to(tl.float32) - zero) * scale).to(x.dtype)
-        if GEMV:
+        if LATE_SUM:
+            partial += tl.sum(x.to(tl.float32), 0)[:, None] * w.to(tl.float32)
+        elif GEMV:
             # A row or a few: multiply and add on the vector units, no padding to a matrix tile.
             acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
         elif SWAP_AB:
             acc += tl.dot(tl.trans(w), tl.trans(x), input_precision="ieee" if IEEE else "tf32")
         else:
             acc += tl.dot(x, w, input_precision="ieee" if IEEE else "tf32")
+    if LATE_SUM:
+        acc = tl.sum(partial, 0)[None, :]
     if SWAP_AB:
         out_ptrs = out_ptr + rows[None, :].to(tl.int64) * stride_om + cols[:, None]
         out_ok = row_ok[None, :] & col_ok[:, None]
@@ -226,6 +235,8 @@ def matmul(weight: WNA16Weight, x: torch.Tensor, bias: torch.Tensor | None = Non
     if not tiles:
         sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
         tiles = plan(m, n, k, sm, x.element_size())
+    if tiles.get("late_sum") and tiles.get("block_m") != 1:
+        raise ValueError(f"late_sum tiles take one row a program (block_m=1), not {tiles.get('block_m')}")
     if tiles.get("dense"):
         # Many rows: the weight dequantized once, then the library's GEMM (the dequantization
         # costs about what reading and writing the dense weight does, small beside the product).
@@ -247,7 +258,7 @@ def matmul(weight: WNA16Weight, x: torch.Tensor, bias: torch.Tensor | None = Non
                                     GROUP=weight.group_size, BLOCK_M=tiles["block_m"], BLOCK_N=tiles["block_n"],
                                     BLOCK_K=tiles["block_k"], SPLIT_K=split, IEEE=x.dtype == torch.float32,
                                     WORDS_ONCE=tiles.get("words_once", False), SWAP_AB=tiles.get("swap_ab", False),
-                                    GEMV=tiles.get("gemv", False),
+                                    GEMV=tiles.get("gemv", False), LATE_SUM=tiles.get("late_sum", False),
                                     num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
                 break
             except OutOfResources:

@@ -268,7 +268,7 @@ def check_lora_flags(args: EngineArgs, names: list[str], lora_modules: list[LoRA
     from runtime.lora.adapter import load_adapter
     from runtime.models import decoder_settings
 
-    settings = decoder_settings(open_model(args.model).hf_config)
+    settings = decoder_settings(open_model(args.model, args.load_format).hf_config)
     for adapter in lora_modules:
         if adapter.lora_name in names:
             raise ValueError(f"--lora-modules name {adapter.lora_name!r} is the model's own name; choose another")

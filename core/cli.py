@@ -24,6 +24,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     d = EngineArgs()
     g = parser.add_argument_group("engine")
     g.add_argument("--model", default=None, help="HF-layout directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"],
+                   help="auto: the model's weights; dummy: made-up weights of the architecture in the directory's "
+                        "config.json (benchmarks: only config.json and a tokenizer are read)")
     g.add_argument("--device", default=d.device, help="platform name, or auto (see `runtime plugins`)")
     g.add_argument("--dtype", default=d.dtype, help="auto, float32, bfloat16 or float16")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")

@@ -31,9 +31,14 @@ class BenchRequest:
 
 
 def load_tokenizer(name: Optional[str]) -> Any:
-    """The HF tokenizer of a model as ``runtime serve`` would load it (None: the embedded model)."""
+    """The HF tokenizer of a model as ``runtime serve`` would load it (None: the embedded model);
+    a directory's weights are not needed (a server may run it with ``--load-format dummy``)."""
     from ..loader.source import open_model
 
+    if name is not None and Path(name).expanduser().is_dir():
+        from ..loader.safetensors import open_tokenizer
+
+        return open_tokenizer(Path(name).expanduser())
     return open_model(name).tokenizer
 
 

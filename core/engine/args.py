@@ -41,6 +41,9 @@ class EngineArgs:
 
     model: Optional[str] = None
     """HF-layout directory or .gguf file; None: the embedded SmolLM2-135M-Instruct Q4_1."""
+    load_format: str = "auto"
+    """auto: the model's files; dummy (vLLM's name): made-up weights of the architecture in the
+    directory's config.json, its tokenizer used as is, nothing else read (benchmarks of a shape)."""
     device: str = "auto"
     """Platform name (``runtime plugins`` lists them) or auto: the available one of highest priority."""
     dtype: str = "auto"

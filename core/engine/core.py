@@ -64,7 +64,7 @@ class EngineCore:
         self.args = args
         registry = registry or get_registry()
         self.platform = registry.select_platform(args.device)
-        self.source = source or open_model(args.model)
+        self.source = source or open_model(args.model, args.load_format)
         config = self.source.hf_config
         self.dtype = self._resolve_dtype(args.dtype)
         self.vision = vision_arch(config)
@@ -125,7 +125,7 @@ class EngineCore:
         check_speculative(args)
         host_tier_bytes = self._host_tier_bytes(args)
         self.plan = RunnerPlan(
-            model=args.model, device=self.platform.name, dtype=str(self.dtype).removeprefix("torch."),
+            model=args.model, load_format=args.load_format, device=self.platform.name, dtype=str(self.dtype).removeprefix("torch."),
             block_size=self.block_size, max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=pconfig.max_num_batched_tokens, kv_cache_dtype=pconfig.kv_cache_dtype,
             quantization=self.quantization, kv_cache_memory_bytes=args.kv_cache_memory_bytes,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -60,17 +61,32 @@ def stored_sizes(files: list[Path]) -> Iterator[StoredSize]:
                 yield StoredSize(name, numel, numel * _ELEMENT_BYTES.get(dtype, 1), dtype in _FLOAT_DTYPES)
 
 
-def open_safetensors(directory: Path) -> ModelSource:
-    """Open a local HF-layout model directory; nothing is fetched from a hub."""
-    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+def open_tokenizer(directory: Path):
+    """The HF tokenizer in a model directory; a ``ValueError`` naming the directory if none loads."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError) as exc:  # transformers explains over several lines; keep the first
         reason = str(exc).strip().splitlines()[0]
         raise ValueError(f"could not load a tokenizer from {directory} (expected tokenizer.json): {reason}") from None
-    files = weight_files(directory)
+
+
+def open_safetensors(directory: Path, dummy: bool = False) -> ModelSource:
+    """Open a local HF-layout model directory; nothing is fetched from a hub. ``dummy``: made-up
+    weights of the config's architecture instead of the directory's files (``--load-format dummy``)."""
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    tokenizer = open_tokenizer(directory)
     quantization = quantization_config(config)
-    read = (lambda: read_weights(files)) if quantization is None else (lambda: read_quantized_weights(files, quantization))
+    if dummy:
+        if quantization is not None:
+            raise ValueError(f"--load-format dummy makes dense weights; {directory} is a {quantization['quant_method']} "
+                             f"checkpoint: load its files, or give a dense model's config and a --quantization that "
+                             f"quantizes at load")
+        from .dummy import dummy_weights
+        read, sizes = (lambda: dummy_weights(config)), None
+    else:
+        files = weight_files(directory)
+        read = (lambda: read_weights(files)) if quantization is None else (lambda: read_quantized_weights(files, quantization))
+        sizes = functools.partial(stored_sizes, files)
     return ModelSource(
         hf_config=config,
         tokenizer=tokenizer,
@@ -79,6 +95,6 @@ def open_safetensors(directory: Path) -> ModelSource:
         chat_template=getattr(tokenizer, "chat_template", None),
         generation_eos_token_ids=eos_token_ids(config, tokenizer, generation_config_eos(directory)),
         read_weights=read,
-        stored_sizes=lambda: stored_sizes(files),
+        stored_sizes=sizes,
         quantization=None if quantization is None else quantization["quant_method"],
     )

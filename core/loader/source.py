@@ -96,11 +96,21 @@ def embedded_model_path() -> Path:
     )
 
 
-def open_model(model: str | Path | None) -> ModelSource:
+LOAD_FORMATS = ("auto", "dummy")
+"""``--load-format`` values: the model's own files, or made-up weights of its architecture."""
+
+
+def open_model(model: str | Path | None, load_format: str = "auto") -> ModelSource:
     """Open ``model``: None (embedded default), a HF-layout directory, or a ``.gguf`` file.
+    ``load_format`` ``dummy``: a directory's config.json and tokenizer with made-up weights.
 
     Raises ``ValueError`` with a one-line explanation for anything else.
     """
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"unknown --load-format {load_format!r}; choose from {', '.join(LOAD_FORMATS)}")
+    if load_format == "dummy" and (model is None or not Path(model).expanduser().is_dir()):
+        raise ValueError(f"--load-format dummy needs a model directory with config.json and a tokenizer, not "
+                         f"{'the embedded model' if model is None else repr(str(model))}")
     # Imported here so each reader's dependencies load only for the format in use.
     if model is None:
         from .gguf import open_gguf
@@ -112,7 +122,7 @@ def open_model(model: str | Path | None) -> ModelSource:
             raise ValueError(f"model directory {path} has no config.json; expected a Hugging Face model directory or a .gguf file")
         from .safetensors import open_safetensors
 
-        return open_safetensors(path)
+        return open_safetensors(path, dummy=load_format == "dummy")
     if path.is_file() and path.suffix.lower() == ".gguf":
         from .gguf import open_gguf
 

@@ -75,6 +75,8 @@ class RunnerPlan:
     """The platform's token buckets (``PlatformConfig.static_shape_buckets``): every step padded to one."""
     deterministic: bool = False
     """Batch-invariant kernels only (``--deterministic``)."""
+    load_format: str = "auto"
+    """``--load-format``: the model's files, or made-up weights (``dummy``)."""
 
     @property
     def world_size(self) -> int:
@@ -197,7 +199,7 @@ def build_runner(plan: RunnerPlan, registry: Registry, platform: Platform, sourc
     Every rank of the engine must call this with the same plan: the block count is agreed by a
     collective, and decode graphs capture the model's collectives.
     """
-    source = source or open_model(plan.model)
+    source = source or open_model(plan.model, plan.load_format)
     place = place or RankPlace()
     world = place.world
     if world.size > 1:
@@ -264,7 +266,7 @@ def build_draft_runner(plan: RunnerPlan, registry: Registry, platform: Platform,
                        device_index: int) -> ModelRunner:
     """The draft model's runner on the target's device (speculative decoding), its inputs
     prepared, no KV cache yet; ValueError when its vocabulary is not the target's."""
-    source = open_model(plan.speculative.model)
+    source = open_model(plan.speculative.model, plan.load_format)
     target_vocab, draft_vocab = target.tokenizer.get_vocab(), source.tokenizer.get_vocab()
     if target_vocab != draft_vocab:
         raise ValueError(f"draft model {plan.speculative.model} has another tokenizer than the target "

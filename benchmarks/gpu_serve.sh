@@ -20,11 +20,11 @@
 #            ($QUANT_PARTS picks parts: write runtime-bf16 runtime-gptq vllm-gptq; report always runs)
 #   spec:    benchmarks/spec_gpu.py: the embedded model as HF bf16, n-gram proposals at batch 1 and 8 (runtime,
 #            vLLM), then the zero-acceptance overhead and verification step times on the Llama-3-8B shape
-#   moe:     benchmarks/moe_gpu.py: a random bf16 MoE checkpoint of $MOE_SHAPE (default mixtral-16l, 47 GB: fits
-#            an 80 GB H100; mixtral-8x7b, 93 GB, needs an H200 and more disk than a lent machine's 64 GiB,
-#            qwen3-30b-a3b is 61 GB) in $MOE_DIR (default /tmp/moe); the fused_moe op alone, then runtime and
-#            vLLM: batch-1 decode against the roofline and offline 1000 x (512, 128). Needs `unpack` first for
-#            vLLM; removes /tmp/llama8b when the disk lacks room for both checkpoints
+#   moe:     benchmarks/moe_gpu.py: an MoE model of $MOE_SHAPE (default mixtral-16l, 47 GB of bf16 weights: fits
+#            an 80 GB H100; mixtral-8x7b, 93 GB, needs an H200; qwen3-30b-a3b is 61 GB), config and tokenizer in
+#            $MOE_DIR (default /tmp/moe), made-up weights in both engines (load_format dummy: nothing on disk);
+#            the fused_moe op alone, then runtime and vLLM: batch-1 decode against the roofline and offline
+#            1000 x (512, 128). Needs `unpack` first for vLLM
 #   structured: benchmarks/structured_gpu.py: the Llama-3-8B shape with the embedded model's tokenizer, batch 64
 #            with a JSON schema on every request: runtime plain vs constrained (the mask's step overhead), then vLLM;
 #            then benchmarks/structured_host.py: the host's part of a constrained step, by xgrammar fill threads
@@ -101,14 +101,7 @@ for stage in "$@"; do
       done ;;
     moe)
       D=${MOE_DIR:-/tmp/moe}; SHAPE="--shape ${MOE_SHAPE:-mixtral-16l} ${MOE_ARGS:-}"
-      if [ ! -e $D/config.json ]; then
-        need_gb=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import moe_gpu as m, argparse; \
-a = argparse.Namespace(shape='${MOE_SHAPE:-mixtral-16l}', layers=None); \
-from runtime.models import decoder_settings as d; print(int(d(m.config_of(a.shape, a.layers)).num_parameters() * 2 / 1e9) + 5)")
-        free_gb=$(df -BG --output=avail "$(dirname $D)" | tail -1 | tr -dc 0-9)
-        if [ "$free_gb" -lt "$need_gb" ] && [ -d $M ]; then echo "removing $M: $free_gb GB free, $need_gb GB needed"; rm -rf $M; fi
-        timeout 900 python3 benchmarks/moe_gpu.py write $SHAPE --dir $D 2>&1 | tail -3 | tee -a $R/moe/run.log
-      fi
+      python3 benchmarks/moe_gpu.py write $SHAPE --dir $D 2>&1 | tail -3 | tee -a $R/moe/run.log
       for part in kernel runtime vllm; do
         timeout 600 python3 benchmarks/moe_gpu.py $part $SHAPE --dir $D --json $R/moe/$part.json 2>&1 | grep -v "it/s]" \
           | tail -15 | tee -a $R/moe/run.log

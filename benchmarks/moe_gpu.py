@@ -1,14 +1,14 @@
-"""Mixture-of-experts on a GPU: a random bf16 checkpoint of a real MoE shape, this runtime against
-vLLM on the same checkpoint; batch-1 decode against the roofline of the bytes a token reads.
+"""Mixture-of-experts on a GPU: a real MoE shape with made-up bf16 weights, this runtime against
+vLLM on the same model; batch-1 decode against the roofline of the bytes a token reads.
 
 Usage: python3 benchmarks/moe_gpu.py PART [--shape mixtral-16l] [--dir /tmp/moe] [--json OUT.json]
-  PART = write    the checkpoint (HF layout, per-expert tensors as the hub stores them, a word-level tokenizer)
+  PART = write    the model directory: config.json and a word-level tokenizer, no weights (both engines
+                  run it with load_format="dummy": made-up weights, nothing written to or read from disk)
        = runtime  runtime.LLM(device cuda, bf16)
        = vllm     vllm.LLM (0.22.1 importable: ../shared/anchors/vllm.md)
        = kernel   the fused_moe op alone at 1-256 tokens against the roofline of the experts it reads
 Run each part in its own process. Shapes (--layers overrides the layer count):
-  mixtral-8x7b   Mixtral-8x7B: 32 layers, 8 experts of 14336, top-2; 93 GB in bf16: one H200's memory,
-                 and more disk than a lent machine's 64 GiB, so write it to a larger disk or use --layers
+  mixtral-8x7b   Mixtral-8x7B: 32 layers, 8 experts of 14336, top-2; 93 GB in bf16: one H200's memory
   mixtral-16l    the same with 16 layers (47 GB): fits an 80 GB H100 with room for the KV cache (the default)
   qwen3-30b-a3b  Qwen3-30B-A3B: 48 layers, 128 experts of 768, top-8, renormalised; 61 GB
 Both engines measure batch-1 decode (--prompt-len 512, --output-len 128; step = (time for 128
@@ -54,47 +54,13 @@ def config_of(shape: str, layers: int | None) -> transformers.PretrainedConfig:
     return cls(**values)
 
 
-def write_checkpoint(config: transformers.PretrainedConfig, path: Path) -> None:
-    """config.json, random bf16 safetensors (one shard per layer, per-expert tensors under the hub's
-    names) and a word-level tokenizer; the values are made on the GPU when there is one."""
-    from safetensors.torch import save_file
+def write_model_directory(config: transformers.PretrainedConfig, path: Path) -> None:
+    """config.json and a word-level tokenizer (``w0`` ... ``w{vocab - 1}``) for ``config``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from runtime.models import decoder_settings
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    s = decoder_settings(config)
     path.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(path)
-    h, q, kv = s.hidden_size, s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-
-    def rand(*shape):
-        return (torch.randn(*shape, device=device, dtype=torch.bfloat16) * 0.02).cpu()
-
-    def ones(n: int = h) -> torch.Tensor:  # a tensor each: safetensors refuses shared storage
-        return torch.ones(n, dtype=torch.bfloat16)
-
-    save_file({"model.embed_tokens.weight": rand(s.vocab_size, h), "lm_head.weight": rand(s.vocab_size, h),
-               "model.norm.weight": ones()}, path / "model-embed.safetensors")
-    mixtral = config.model_type == "mixtral"
-    moe, names = s.moe, ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
-    block = "block_sparse_moe" if mixtral else "mlp"
-    for i in range(s.num_layers):
-        p = f"model.layers.{i}."
-        shard = {p + "self_attn.q_proj.weight": rand(q, h), p + "self_attn.k_proj.weight": rand(kv, h),
-                 p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, q),
-                 p + "input_layernorm.weight": ones(), p + "post_attention_layernorm.weight": ones(),
-                 p + f"{block}.gate.weight": rand(moe.num_experts, h)}
-        if s.qk_norm:
-            shard |= {p + "self_attn.q_norm.weight": ones(s.head_dim), p + "self_attn.k_norm.weight": ones(s.head_dim)}
-        for e in range(moe.num_experts):
-            x = f"{p}{block}.experts.{e}."
-            shard |= {x + f"{names[0]}.weight": rand(moe.intermediate_size, h),
-                      x + f"{names[1]}.weight": rand(moe.intermediate_size, h),
-                      x + f"{names[2]}.weight": rand(h, moe.intermediate_size)}
-        save_file(shard, path / f"model-layer{i:02d}.safetensors")
-    vocab = {f"w{i}": i for i in range(s.vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(config.vocab_size)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", bos_token="w1",
                                          eos_token="w2").save_pretrained(path)
@@ -189,7 +155,7 @@ def make_generate(llm, sampling_params):
 def engine_part(args, engine: str) -> list[dict]:
     config = transformers.AutoConfig.from_pretrained(args.dir)
     start = time.perf_counter()
-    common = dict(dtype="bfloat16", max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+    common = dict(dtype="bfloat16", load_format="dummy", max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                   max_model_len=args.prompt_len + args.output_len + 64, gpu_memory_utilization=args.gpu_memory_utilization)
     if engine == "runtime":
         from runtime import LLM, SamplingParams
@@ -246,7 +212,7 @@ def main() -> None:
     parser.add_argument("--quantization", default=None, help="e.g. fp8 (experts as float8 in both engines)")
     args = parser.parse_args()
     if args.part == "write":
-        write_checkpoint(config_of(args.shape, args.layers), args.dir)
+        write_model_directory(config_of(args.shape, args.layers), args.dir)
         print(json.dumps({"written": str(args.dir), "shape": args.shape, "layers": args.layers}))
         return
     results = kernel_part(args) if args.part == "kernel" else engine_part(args, args.part)

@@ -34,7 +34,7 @@
 #   embed:   benchmarks/embed_gpu.py on the Llama-3-8B shape as an embedder (last token, normalized): runtime and
 #            vLLM (runner pooling) offline, 2048 x 512-token prompts, sequences/s, then the report (ratio and the
 #            cosine between the two engines' vectors). Needs `unpack` first for vLLM
-#   vision:  benchmarks/vision_gpu.py: a LLaVA-1.5-7B-shaped random bf16 checkpoint in /tmp/llava7b, one 336 px JPEG
+#   vision:  benchmarks/vision_gpu.py: a LLaVA-1.5-7B-shaped model in /tmp/llava7b (made-up weights), one 336 px JPEG
 #            and 128 random tokens per chat request, 128 out, at C=16 and 64: runtime, then vLLM (needs `unpack`)
 set -uo pipefail
 cd "$(dirname "$0")/.."

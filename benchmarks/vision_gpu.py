@@ -1,7 +1,8 @@
 """Serving images on a GPU: ``runtime serve`` against ``vllm serve`` on a LLaVA-1.5-7B-shaped
-random checkpoint, one 336 px image and 128 random prompt tokens per request, 128 tokens out.
+model with made-up bf16 weights (``--load-format dummy`` in both), one 336 px image and 128 random
+prompt tokens per request, 128 tokens out.
 
-Usage: python3 benchmarks/vision_gpu.py write  --dir DIR        # the random bf16 checkpoint
+Usage: python3 benchmarks/vision_gpu.py write  --dir DIR        # config, tokenizer and processor
        python3 benchmarks/vision_gpu.py runtime --dir DIR --json OUT [--concurrency 16 64]
        python3 benchmarks/vision_gpu.py vllm    --dir DIR --json OUT
        python3 benchmarks/vision_gpu.py report  --out DIR       # the table of every OUT in DIR
@@ -9,7 +10,7 @@ Usage: python3 benchmarks/vision_gpu.py write  --dir DIR        # the random bf1
 Each request is a streaming chat completion whose user message holds a JPEG data: URI (its own
 random image, so nothing hits the encoder cache) and the text; ``ignore_eos`` and ``min_tokens``
 make every server generate 128 tokens. At concurrency c, max(32, 4 c) requests. Both servers
-get ``--max-model-len 2048 --max-num-batched-tokens 8192`` and otherwise their defaults. TTFT is the time
+get ``--load-format dummy --max-model-len 2048 --max-num-batched-tokens 8192`` and otherwise their defaults. TTFT is the time
 to the first chunk with content (the role-only chunk servers send first does not count);
 throughput is generated tokens (the final usage) per second of the run.
 """
@@ -42,10 +43,9 @@ TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}USER
 
 
 def write(path: Path) -> None:
-    """LLaVA-1.5-7B's shapes (CLIP ViT-L/14 at 336 px, 2-layer GELU projector, Llama-2-7B) with
-    random bf16 weights, a word-level tokenizer (``w0`` ... with ``<image>`` at 32000) and
-    LLaVA's image processor."""
-    import torch
+    """LLaVA-1.5-7B's shapes (CLIP ViT-L/14 at 336 px, 2-layer GELU projector, Llama-2-7B) as a
+    config, a word-level tokenizer (``w0`` ... with ``<image>`` at 32000) and LLaVA's image
+    processor; no weights (both servers make them up: ``--load-format dummy``)."""
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -56,10 +56,7 @@ def write(path: Path) -> None:
                                     bos_token_id=1, eos_token_id=2)
     config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN)
     config.architectures = ["LlavaForConditionalGeneration"]
-    with torch.device("cuda"):
-        torch.set_default_dtype(torch.bfloat16)
-        model = transformers.LlavaForConditionalGeneration(config)
-    model.save_pretrained(path, safe_serialization=True)
+    config.save_pretrained(path)
     vocab = {f"w{i}": i for i in range(VOCAB)}
     vocab["<image>"] = vocab.pop(f"w{IMAGE_TOKEN}")
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
@@ -138,7 +135,7 @@ def serve(kind: str, model: Path, levels: list[int], out: Path, output_len: int)
         cmd = [sys.executable, "-m", "runtime.cli", "serve", str(model), "--device", "cuda", "--limit-mm-per-prompt",
                '{"image": 1}']
     # One token budget for both (it is also each one's encoder budget: 14 images of 576 rows a step).
-    cmd += ["--served-model-name", "model", "--max-model-len", "2048", "--max-num-batched-tokens", "8192",
+    cmd += ["--load-format", "dummy", "--served-model-name", "model", "--max-model-len", "2048", "--max-num-batched-tokens", "8192",
             "--host", "127.0.0.1", "--port", str(port)]
     results = []
     with LaunchedServer(cmd, port, out.with_suffix(".log"), timeout=900) as server:

@@ -125,7 +125,8 @@ class EngineCore:
         check_speculative(args)
         host_tier_bytes = self._host_tier_bytes(args)
         self.plan = RunnerPlan(
-            model=args.model, load_format=args.load_format, device=self.platform.name, dtype=str(self.dtype).removeprefix("torch."),
+            model=args.model, load_format=args.load_format, device=self.platform.name,
+            dtype=str(self.dtype).removeprefix("torch."),
             block_size=self.block_size, max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=pconfig.max_num_batched_tokens, kv_cache_dtype=pconfig.kv_cache_dtype,
             quantization=self.quantization, kv_cache_memory_bytes=args.kv_cache_memory_bytes,

@@ -2,8 +2,9 @@
 made up instead of read, for benchmarks that only need a model's shape.
 
 The tensors are named and shaped as a checkpoint of the architecture's HF class stores them (the
-class built on the meta device, so nothing is allocated), and go through the same loading path as a checkpoint's: fused
-projections, tensor-parallel slices, vision towers and online quantization work unchanged. Their
+class built on the meta device, so nothing is allocated), and go through the same loading path
+as a checkpoint's: fused projections, tensor-parallel slices, vision towers and online
+quantization work unchanged. Their
 values are small (standard deviation 0.02, as HF initializes) and fixed: each tensor is a run of
 one pseudo-random block whose length is a prime, from its own offset, so rows of a weight and
 different weights are not copies of each other, and two engines given the same config see the

@@ -65,8 +65,8 @@ def sweep_plans(rows: int) -> list[dict]:
     """The tile plans tried at ``rows``: split-K tiles for decode, square-ish tiles for prefill; each
     with the weight as the first operand (``swap_ab``) or the second, decode tiles also reading
     each word once (``words_once``) or once per row it holds; for one row also on the vector
-    units (``gemv``, ``late_sum``); from 65 rows also the weight
-    dequantized once and multiplied by the library (``dense``)."""
+    units (``gemv``, ``late_sum``); from 65 rows also the weight dequantized once and multiplied
+    by the library (``dense``)."""
     import itertools
 
     variants = [(False, False), (True, False), (False, True), (True, True)]
@@ -76,15 +76,17 @@ def sweep_plans(rows: int) -> list[dict]:
         grid = itertools.product([16, 64], [64, 128], [64], [1, 2, 4], variants[::2], [3])
     else:
         grid = itertools.product([64, 128, 256], [128, 256], [32, 64], [1], variants, [3])
+    # A 256 x 256 float32 accumulator alone is 256 registers a thread at 8 warps: not tried.
     plans = [dict(block_m=m, block_n=n, block_k=k, split_k=split, words_once=once, swap_ab=swap,
                   num_warps=8 if m >= 128 else 4, num_stages=stages)
-             for m, n, k, split, (once, swap), stages in grid]
+             for m, n, k, split, (once, swap), stages in grid if m * n <= 256 * 128]
     if rows == 1:
-        plans += [dict(block_m=1, block_n=n, block_k=k, split_k=split, words_once=once, gemv=True, num_warps=4,
-                       num_stages=4) for n, k, split, once in itertools.product([64, 128, 256], [128, 256, 512],
-                                                                                 [2, 4, 8], [True])]
-        plans += [dict(block_m=1, block_n=n, block_k=k, split_k=split, words_once=True, gemv=True, late_sum=True,
-                       num_warps=4, num_stages=4) for n, k, split in itertools.product([64, 128], [128, 256], [4, 8])]
+        # Vector-unit tiles over 128 K rows: deeper ones spill (ptxas for sm_90: 8-38 KB of spill
+        # stores at 256-512 rows of K, 40 s to compile the largest). Triton does not pipeline
+        # these loads, so more programs (a finer split, more warps) are what adds loads in flight.
+        plans += [dict(block_m=1, block_n=n, block_k=128, split_k=split, words_once=True, gemv=True, late_sum=late,
+                       num_warps=warps, num_stages=4)
+                  for n, split, late, warps in itertools.product([64, 128], [2, 4, 8, 16], [False, True], [4, 8])]
     return plans + ([dict(dense=True)] if rows > 64 else [])
 
 

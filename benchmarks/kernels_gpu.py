@@ -65,7 +65,7 @@ def sweep_plans(rows: int) -> list[dict]:
     """The tile plans tried at ``rows``: split-K tiles for decode, square-ish tiles for prefill; each
     with the weight as the first operand (``swap_ab``) or the second, decode tiles also reading
     each word once (``words_once``) or once per row it holds; for one row also on the vector
-    units (``gemv``, ``late_sum``); from 65 rows also the weight dequantized once and multiplied
+    units (``gemv``); from 65 rows also the weight dequantized once and multiplied
     by the library (``dense``)."""
     import itertools
 
@@ -80,17 +80,16 @@ def sweep_plans(rows: int) -> list[dict]:
     plans = [dict(block_m=m, block_n=n, block_k=k, split_k=split, words_once=once, swap_ab=swap,
                   num_warps=8 if m >= 128 else 4, num_stages=stages)
              for m, n, k, split, (once, swap), stages in grid if m * n <= 256 * 128]
-    if rows == 1:
-        # Vector-unit tiles over 128 K rows: deeper ones spill (ptxas for sm_90: 8-38 KB of spill
-        # stores at 256-512 rows of K, 40 s to compile the largest). Triton does not pipeline
-        # these loads, so more programs (a finer split, more warps) are what adds loads in flight.
-        plans += [dict(block_m=1, block_n=n, block_k=128, split_k=split, words_once=True, gemv=True, late_sum=late,
-                       num_warps=warps, num_stages=4)
-                  for n, split, late, warps in itertools.product([64, 128], [2, 4, 8, 16], [False, True], [4, 8])]
+    if rows <= 4:
+        # The vector-unit kernel, a row a program: K tiles inside one 128-row group, more output
+        # columns or a finer split for more loads in flight (Triton does not pipeline loads that
+        # feed no tl.dot).
+        plans += [dict(block_n=n, block_k=k, split_k=split, gemv=True, num_warps=warps, num_stages=1)
+                  for n, k, split, warps in itertools.product([64, 128, 256], [64, 128], [4, 8, 16], [4, 8])]
     return plans + ([dict(dense=True)] if rows > 64 else [])
 
 
-def wna16_sweep(bandwidth: float) -> list[dict]:
+def wna16_sweep(bandwidth: float, rows_tried: tuple[int, ...] = (1, 64, 256, 512, 2048, 8192)) -> list[dict]:
     from triton.runtime.errors import OutOfResources
 
     from runtime_triton import wna16
@@ -99,7 +98,7 @@ def wna16_sweep(bandwidth: float) -> list[dict]:
     for name, (n, k) in LLAMA8B_LINEARS.items():
         weight, dense = gptq_weight(n, k)
         packed_bytes = n * k / 2 + 2 * 2 * n * (k // 128)
-        for rows in (1, 64, 256, 512, 2048, 8192):
+        for rows in rows_tried:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             expected = (x @ dense.T).float()
 
@@ -156,8 +155,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("kernels", nargs="*", help="wna16, wna16-sweep, bitmask (default: wna16 and bitmask)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--sweep-rows", type=int, nargs="+", default=[1, 64, 256, 512, 2048, 8192],
+                        help="wna16-sweep: the numbers of rows tried")
     args = parser.parse_args()
-    cases = {"wna16": wna16_cases, "wna16-sweep": wna16_sweep, "bitmask": bitmask_cases}
+    cases = {"wna16": wna16_cases, "wna16-sweep": lambda bandwidth: wna16_sweep(bandwidth, tuple(args.sweep_rows)),
+             "bitmask": bitmask_cases}
     unknown = set(args.kernels) - set(cases)
     if unknown:
         parser.error(f"unknown kernels {sorted(unknown)}; choose from {sorted(cases)}")

@@ -38,14 +38,13 @@ CASES = [  # rows, n, k, bits, group, act-order, tiles (None: the op's own plan)
                                     swap_ab=True)),
     (37, 72, 128, 8, 64, False, dict(block_m=32, block_n=64, block_k=64, split_k=1, num_warps=4, num_stages=2,
                                       swap_ab=True, words_once=True)),
-    # On the vector units: one row, and a few rows with act-order and split K.
-    (1, 72, 256, 4, 128, False, dict(block_m=1, block_n=64, block_k=128, split_k=1, num_warps=4, num_stages=2,
-                                      gemv=True, words_once=True)),
-    (3, 40, 256, 4, 32, True, dict(block_m=4, block_n=32, block_k=32, split_k=2, num_warps=4, num_stages=2,
-                                    gemv=True)),
-    # One row, products summed across K once at the end; act-order and split K.
-    (1, 48, 512, 4, 64, True, dict(block_m=1, block_n=32, block_k=64, split_k=3, num_warps=4, num_stages=2,
-                                   gemv=True, late_sum=True, words_once=True)),
+    # On the vector units, a row a program: one row; a few rows with act-order, groups smaller than
+    # the K tile and the split's partial sums added by the last program of each tile (N not a
+    # whole number of tiles); 8 bits; K not a whole number of tiles per split.
+    (1, 72, 256, 4, 128, False, dict(block_n=64, block_k=128, split_k=1, num_warps=4, num_stages=2, gemv=True)),
+    (3, 40, 256, 4, 32, True, dict(block_n=32, block_k=128, split_k=2, num_warps=4, num_stages=2, gemv=True)),
+    (2, 64, 192, 8, 64, False, dict(block_n=64, block_k=64, split_k=3, num_warps=4, num_stages=2, gemv=True)),
+    (1, 48, 512, 4, 64, True, dict(block_n=32, block_k=64, split_k=3, num_warps=4, num_stages=2, gemv=True)),
     # Dequantized once, then the library's GEMM; act-order rows gathered the same way.
     (37, 72, 256, 4, 32, True, dict(dense=True)),
     (9, 64, 192, 8, 64, False, dict(dense=True)),
@@ -112,3 +111,17 @@ def test_a_plan_too_large_for_shared_memory_shrinks_and_is_remembered(monkeypatc
     with pytest.raises(OutOfResources):
         wna16.matmul(weight, x, **{**tiles, "block_k": 64, "num_stages": 2})
     assert launches == [(64, 2), (64, 1), (32, 2), (32, 1)]
+
+
+def test_split_vector_kernel_leaves_its_tickets_at_zero(device):
+    """The last program of each output tile adds the split's partial sums and resets the tile's
+    arrival counter: every counter is zero after a launch, and the next launch (as a CUDA graph's
+    replay would) gives the same result."""
+    weight = wna16.repack(_group_quant(96, 512, 4, 128, False, seed=3), torch.float16, device)
+    x = torch.randn(2, 512, generator=torch.Generator().manual_seed(0)).half().to(device)
+    tiles = dict(block_n=32, block_k=128, split_k=4, num_warps=4, num_stages=2, gemv=True)
+    first = wna16.matmul(weight, x, **tiles)
+    assert int(wna16._TICKETS[device].count_nonzero()) == 0
+    again = wna16.matmul(weight, x, **tiles)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, torch.zeros_like(first))

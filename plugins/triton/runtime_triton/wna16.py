@@ -15,10 +15,10 @@ to the activations' dtype, and multiplies it on the tensor cores. For few rows (
 reduction is split over ``split_k`` programs per output tile that add their partial sums into a
 float32 buffer (so skinny products still fill the GPU); prefill tiles use no split. Every launch
 has a shape fixed by the input's, so decode steps capture in CUDA graphs. A plan may also compute
-the transposed tile (``swap_ab``), read each packed word once (``words_once``), multiply on the
-vector units instead of the tensor cores for a row or a few (``gemv``; for one row, ``late_sum``
-sums across K once at the end), or, for many rows,
-dequantize the whole weight once and hand the product to the library GEMM (``dense``);
+the transposed tile (``swap_ab``), read each packed word once (``words_once``), multiply a row
+at a time on the vector units instead of the tensor cores (``gemv``: its own kernel, which adds
+the split's partial sums itself), or, for many rows, dequantize the whole weight once and hand the
+product to the library GEMM (``dense``);
 ``benchmarks/kernels_gpu.py wna16-sweep`` times them against each other.
 """
 
@@ -79,10 +79,18 @@ def repack(data: GroupQuantData, dtype: torch.dtype, device: torch.device) -> WN
 
 
 @triton.jit
+def _levels(q, zero):
+    """``q - zero`` in float32 (exact: both are small integers). ``q`` (under 2**23) is set into the
+    mantissa of 2**23, whose value is then ``2**23 + q``: one bitwise op where the integer-to-float
+    conversion instruction runs at a fraction of the float units' rate and bounded these kernels."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - (zero + 8388608.0)
+
+
+@triton.jit
 def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_qk, stride_sg, stride_om,
                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr, WORDS_ONCE: tl.constexpr,
-                  SWAP_AB: tl.constexpr, GEMV: tl.constexpr, LATE_SUM: tl.constexpr):
+                  SWAP_AB: tl.constexpr):
     PER: tl.constexpr = 32 // BITS
     # A K tile inside one group (tiles start at multiples of BLOCK_K) reads one row of scales
     # and zero points instead of one per weight.
@@ -101,10 +109,6 @@ def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if LATE_SUM:
-        # One row on the vector units, its products kept per K row and summed across the tile's
-        # threads once at the end rather than every step.
-        partial = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     for k0 in range(start, tl.minimum(start + span, K), BLOCK_K):
         ks = k0 + reduce
         k_ok = ks < K
@@ -131,18 +135,11 @@ def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
             group = (ks // GROUP)[:, None].to(tl.int64) * stride_sg + cols[None, :]
             scale = tl.load(s_ptr + group, mask=tile_ok, other=0.0).to(tl.float32)
             zero = tl.load(z_ptr + group, mask=tile_ok, other=0.0).to(tl.float32)
-        w = ((q.to(tl.float32) - zero) * scale).to(x.dtype)
-        if LATE_SUM:
-            partial += tl.sum(x.to(tl.float32), 0)[:, None] * w.to(tl.float32)
-        elif GEMV:
-            # A row or a few: multiply and add on the vector units, no padding to a matrix tile.
-            acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
-        elif SWAP_AB:
+        w = (_levels(q, zero) * scale).to(x.dtype)
+        if SWAP_AB:
             acc += tl.dot(tl.trans(w), tl.trans(x), input_precision="ieee" if IEEE else "tf32")
         else:
             acc += tl.dot(x, w, input_precision="ieee" if IEEE else "tf32")
-    if LATE_SUM:
-        acc = tl.sum(partial, 0)[None, :]
     if SWAP_AB:
         out_ptrs = out_ptr + rows[None, :].to(tl.int64) * stride_om + cols[:, None]
         out_ok = row_ok[None, :] & col_ok[:, None]
@@ -153,6 +150,56 @@ def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
     else:
         tl.atomic_add(out_ptrs, acc, mask=out_ok)
+
+
+@triton.jit
+def _wna16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, partial_ptr, ticket_ptr, M, N, K, stride_xm, stride_qk,
+                       stride_sg, stride_om, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """One row of ``x`` a program, on the vector units: the float32 products of ``x`` and the integer
+    levels summed per packed word row and column, scaled once per K tile (a tile lies in one group),
+    and summed across the tile's threads once at the end. With ``SPLIT_K`` programs per output
+    tile, each stores its partial sums and the last to arrive (a ticket counter per tile) adds them
+    in split order and writes the output: one launch, no zeroed float32 buffer to cast afterwards."""
+    PER: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // PER
+    row, tile, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    word = tl.arange(0, WORDS)
+    span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    start = split * span
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
+    acc = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+    for k0 in range(start, tl.minimum(start + span, K), BLOCK_K):
+        word_rows = k0 // PER + word
+        word_ok = word_rows < K // PER
+        packed = tl.load(q_ptr + word_rows[:, None].to(tl.int64) * stride_qk + cols[None, :],
+                         mask=word_ok[:, None] & col_ok[None, :], other=0, eviction_policy="evict_first")
+        group = (k0 // GROUP) * stride_sg + cols.to(tl.int64)
+        scale = tl.load(s_ptr + group, mask=col_ok, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + group, mask=col_ok, other=0).to(tl.float32)
+        products = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(PER):
+            x = tl.load(x_row + k0 + word * PER + j, mask=word_ok, other=0.0).to(tl.float32)
+            products += x[:, None] * _levels((packed >> (j * BITS)) & ((1 << BITS) - 1), zero[None, :])
+        acc += products * scale[None, :]
+    total = tl.sum(acc, 0)
+    out_ptrs = out_ptr + row.to(tl.int64) * stride_om + cols
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=col_ok)
+    else:
+        tl.store(partial_ptr + (split * M + row).to(tl.int64) * N + cols, total, mask=col_ok)
+        # Every thread's partial sums are stored before the ticket is taken (its release orders them).
+        tl.debug_barrier()
+        ticket = ticket_ptr + row * tl.num_programs(1) + tile
+        if tl.atomic_add(ticket, 1, sem="acq_rel") == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for part in range(SPLIT_K):
+                total += tl.load(partial_ptr + (part * M + row).to(tl.int64) * N + cols, mask=col_ok, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=col_ok)
+            tl.atomic_xchg(ticket, 0)  # ready for the next launch
 
 
 @triton.jit
@@ -168,7 +215,7 @@ def _dequantize_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_qk, stride_sg,
     scale = tl.load(s_ptr + group, mask=ok, other=0.0).to(tl.float32)
     zero = tl.load(z_ptr + group, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + ks[:, None].to(tl.int64) * stride_ok + cols[None, :],
-             ((q.to(tl.float32) - zero) * scale).to(out_ptr.dtype.element_ty), mask=ok)
+             (_levels(q, zero) * scale).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def dequantize(weight: WNA16Weight, dtype: torch.dtype) -> torch.Tensor:
@@ -198,8 +245,7 @@ def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2) -> 
         return dict(block_m=64, block_n=128 if m > 64 else 64, block_k=32 if m > 64 else 64, split_k=1, num_warps=4,
                     num_stages=2)
     if m == 1:
-        return dict(block_m=1, block_n=128, block_k=128, split_k=8, words_once=True, gemv=True, num_warps=4,
-                    num_stages=4)
+        return dict(block_n=128, block_k=128, split_k=8, gemv=True, num_warps=4, num_stages=4)
     if m <= 16:
         return dict(block_m=16, block_n=64, block_k=128, split_k=8, words_once=True, num_warps=4, num_stages=4)
     if m <= 64:
@@ -235,20 +281,27 @@ def matmul(weight: WNA16Weight, x: torch.Tensor, bias: torch.Tensor | None = Non
     if not tiles:
         sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
         tiles = plan(m, n, k, sm, x.element_size())
-    if tiles.get("late_sum") and tiles.get("block_m") != 1:
-        raise ValueError(f"late_sum tiles take one row a program (block_m=1), not {tiles.get('block_m')}")
     if tiles.get("dense"):
         # Many rows: the weight dequantized once, then the library's GEMM (the dequantization
         # costs about what reading and writing the dense weight does, small beside the product).
         out = torch.mm(rows, dequantize(weight, x.dtype))
-        if bias is not None:
-            out = out + bias
-        return out.view(*x.shape[:-1], n)
+    elif tiles.get("gemv"):
+        out = _gemv(weight, rows, tiles)
+    else:
+        out = _tiled(weight, rows, tiles)
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], n)
+
+
+def _tiled(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor:
+    m, k = rows.shape
+    n = weight.qweight.shape[1]
     split = tiles["split_k"]
-    out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1 else \
-        torch.empty(m, n, dtype=x.dtype, device=x.device)
+    out = torch.zeros(m, n, dtype=torch.float32, device=rows.device) if split > 1 else \
+        torch.empty(m, n, dtype=rows.dtype, device=rows.device)
     if m:
-        key = (tuple(sorted(tiles.items())), n, k, x.dtype, weight.bits, weight.group_size, x.device)
+        key = (tuple(sorted(tiles.items())), n, k, rows.dtype, weight.bits, weight.group_size, rows.device)
         tiles = FITTED_TILES.get(key, tiles)
         while True:
             grid = (triton.cdiv(m, tiles["block_m"]), triton.cdiv(n, tiles["block_n"]), split)
@@ -256,9 +309,8 @@ def matmul(weight: WNA16Weight, x: torch.Tensor, bias: torch.Tensor | None = Non
                 _wna16_kernel[grid](rows, weight.qweight, weight.scales, weight.zeros, out, m, n, k, rows.stride(0),
                                     weight.qweight.stride(0), weight.scales.stride(0), out.stride(0), BITS=weight.bits,
                                     GROUP=weight.group_size, BLOCK_M=tiles["block_m"], BLOCK_N=tiles["block_n"],
-                                    BLOCK_K=tiles["block_k"], SPLIT_K=split, IEEE=x.dtype == torch.float32,
+                                    BLOCK_K=tiles["block_k"], SPLIT_K=split, IEEE=rows.dtype == torch.float32,
                                     WORDS_ONCE=tiles.get("words_once", False), SWAP_AB=tiles.get("swap_ab", False),
-                                    GEMV=tiles.get("gemv", False), LATE_SUM=tiles.get("late_sum", False),
                                     num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
                 break
             except OutOfResources:
@@ -268,7 +320,38 @@ def matmul(weight: WNA16Weight, x: torch.Tensor, bias: torch.Tensor | None = Non
                 if smaller is None:
                     raise
                 tiles = FITTED_TILES[key] = smaller
-    out = out.to(x.dtype)
-    if bias is not None:
-        out = out + bias
-    return out.view(*x.shape[:-1], n)
+    return out.to(rows.dtype)
+
+
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+"""Per device, the split-K vector kernel's arrival counters: zero between launches (the last
+program of a tile resets its own), so they are allocated and zeroed once, before any graph capture."""
+
+
+def _tickets(device: torch.device, count: int) -> torch.Tensor:
+    tickets = _TICKETS.get(device)
+    if tickets is None or tickets.numel() < count:
+        tickets = _TICKETS[device] = torch.zeros(max(count, 1 << 16), dtype=torch.int32, device=device)
+    return tickets
+
+
+def _gemv(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor:
+    m, k = rows.shape
+    n = weight.qweight.shape[1]
+    per = 32 // weight.bits
+    # A K tile must lie in one group (one row of scales and zero points a tile).
+    block_k = tiles["block_k"]
+    while weight.group_size % block_k and block_k > per:
+        block_k //= 2
+    if weight.group_size % block_k:
+        return _tiled(weight, rows, plan(max(m, 2), n, k, element_size=rows.element_size()))
+    split, tiles_n = tiles["split_k"], triton.cdiv(n, tiles["block_n"])
+    out = torch.empty(m, n, dtype=rows.dtype, device=rows.device)
+    if m:
+        partial = torch.empty(split, m, n, dtype=torch.float32, device=rows.device) if split > 1 else out
+        _wna16_gemv_kernel[(m, tiles_n, split)](
+            rows, weight.qweight, weight.scales, weight.zeros, out, partial, _tickets(rows.device, m * tiles_n), m, n, k,
+            rows.stride(0), weight.qweight.stride(0), weight.scales.stride(0), out.stride(0), BITS=weight.bits,
+            GROUP=weight.group_size, BLOCK_N=tiles["block_n"], BLOCK_K=block_k, SPLIT_K=split,
+            num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
+    return out

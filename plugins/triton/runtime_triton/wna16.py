@@ -245,7 +245,7 @@ def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2) -> 
         return dict(block_m=64, block_n=128 if m > 64 else 64, block_k=32 if m > 64 else 64, split_k=1, num_warps=4,
                     num_stages=2)
     if m == 1:
-        return dict(block_n=128, block_k=128, split_k=8, gemv=True, num_warps=4, num_stages=4)
+        return dict(block_n=64, block_k=128, split_k=8, gemv=True, num_warps=4, num_stages=1)
     if m <= 16:
         return dict(block_m=16, block_n=64, block_k=128, split_k=8, words_once=True, num_warps=4, num_stages=4)
     if m <= 64:

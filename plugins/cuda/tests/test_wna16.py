@@ -39,12 +39,15 @@ CASES = [  # rows, n, k, bits, group, act-order, tiles (None: the op's own plan)
     (37, 72, 128, 8, 64, False, dict(block_m=32, block_n=64, block_k=64, split_k=1, num_warps=4, num_stages=2,
                                       swap_ab=True, words_once=True)),
     # On the vector units, a row a program: one row; a few rows with act-order, groups smaller than
-    # the K tile and the split's partial sums added by the last program of each tile (N not a
-    # whole number of tiles); 8 bits; K not a whole number of tiles per split.
+    # the K tile (a scale and zero point per word row) and the split's partial sums added by the
+    # last program of each tile (N not a whole number of tiles); 8 bits; K not a whole number of
+    # tiles per split.
     (1, 72, 256, 4, 128, False, dict(block_n=64, block_k=128, split_k=1, num_warps=4, num_stages=2, gemv=True)),
     (3, 40, 256, 4, 32, True, dict(block_n=32, block_k=128, split_k=2, num_warps=4, num_stages=2, gemv=True)),
     (2, 64, 192, 8, 64, False, dict(block_n=64, block_k=64, split_k=3, num_warps=4, num_stages=2, gemv=True)),
     (1, 48, 512, 4, 64, True, dict(block_n=32, block_k=64, split_k=3, num_warps=4, num_stages=2, gemv=True)),
+    # K tiles deeper than a group (a scale and zero point per word row).
+    (1, 64, 768, 4, 128, False, dict(block_n=32, block_k=256, split_k=2, num_warps=4, num_stages=1, gemv=True)),
     # Dequantized once, then the library's GEMM; act-order rows gathered the same way.
     (37, 72, 256, 4, 32, True, dict(dense=True)),
     (9, 64, 192, 8, 64, False, dict(dense=True)),

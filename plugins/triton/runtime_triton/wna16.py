@@ -157,7 +157,7 @@ def _wna16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, partial_ptr, ticket_
                        stride_sg, stride_om, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """One row of ``x`` a program, on the vector units: the float32 products of ``x`` and the integer
-    levels summed per packed word row and column, scaled once per K tile (a tile lies in one group),
+    levels summed per packed word row and column, scaled once per K tile (or per word row, where a tile spans groups),
     and summed across the tile's threads once at the end. With ``SPLIT_K`` programs per output
     tile, each stores its partial sums and the last to arrive (a ticket counter per tile) adds them
     in split order and writes the output: one launch, no zeroed float32 buffer to cast afterwards."""
@@ -176,14 +176,22 @@ def _wna16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, partial_ptr, ticket_
         word_ok = word_rows < K // PER
         packed = tl.load(q_ptr + word_rows[:, None].to(tl.int64) * stride_qk + cols[None, :],
                          mask=word_ok[:, None] & col_ok[None, :], other=0, eviction_policy="evict_first")
-        group = (k0 // GROUP) * stride_sg + cols.to(tl.int64)
-        scale = tl.load(s_ptr + group, mask=col_ok, other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + group, mask=col_ok, other=0).to(tl.float32)
+        if GROUP % BLOCK_K == 0:
+            group = (k0 // GROUP) * stride_sg + cols.to(tl.int64)
+            scale = tl.load(s_ptr + group, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            zero = tl.load(z_ptr + group, mask=col_ok, other=0).to(tl.float32)[None, :]
+        else:
+            # A deeper tile spans groups: a scale and zero point per word row (a word's rows share a
+            # group), the same cache lines read again by the rows of one group.
+            group = (word_rows * PER // GROUP)[:, None].to(tl.int64) * stride_sg + cols[None, :]
+            group_ok = word_ok[:, None] & col_ok[None, :]
+            scale = tl.load(s_ptr + group, mask=group_ok, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + group, mask=group_ok, other=0).to(tl.float32)
         products = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
         for j in tl.static_range(PER):
             x = tl.load(x_row + k0 + word * PER + j, mask=word_ok, other=0.0).to(tl.float32)
-            products += x[:, None] * _levels((packed >> (j * BITS)) & ((1 << BITS) - 1), zero[None, :])
-        acc += products * scale[None, :]
+            products += x[:, None] * _levels((packed >> (j * BITS)) & ((1 << BITS) - 1), zero)
+        acc += products * scale
     total = tl.sum(acc, 0)
     out_ptrs = out_ptr + row.to(tl.int64) * stride_om + cols
     if SPLIT_K == 1:
@@ -338,12 +346,7 @@ def _tickets(device: torch.device, count: int) -> torch.Tensor:
 def _gemv(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor:
     m, k = rows.shape
     n = weight.qweight.shape[1]
-    per = 32 // weight.bits
-    # A K tile must lie in one group (one row of scales and zero points a tile).
-    block_k = tiles["block_k"]
-    while weight.group_size % block_k and block_k > per:
-        block_k //= 2
-    if weight.group_size % block_k:
+    if weight.group_size % (32 // weight.bits):  # a word's rows in two groups: the tile kernel's case
         return _tiled(weight, rows, plan(max(m, 2), n, k, element_size=rows.element_size()))
     split, tiles_n = tiles["split_k"], triton.cdiv(n, tiles["block_n"])
     out = torch.empty(m, n, dtype=rows.dtype, device=rows.device)
@@ -352,6 +355,6 @@ def _gemv(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor:
         _wna16_gemv_kernel[(m, tiles_n, split)](
             rows, weight.qweight, weight.scales, weight.zeros, out, partial, _tickets(rows.device, m * tiles_n), m, n, k,
             rows.stride(0), weight.qweight.stride(0), weight.scales.stride(0), out.stride(0), BITS=weight.bits,
-            GROUP=weight.group_size, BLOCK_N=tiles["block_n"], BLOCK_K=block_k, SPLIT_K=split,
+            GROUP=weight.group_size, BLOCK_N=tiles["block_n"], BLOCK_K=tiles["block_k"], SPLIT_K=split,
             num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
     return out

@@ -4,12 +4,16 @@
   bf16 ``torch.matmul`` of the same shape, and against the time to read its packed weight once.
 - ``wna16-sweep``: the same shapes at 1 to 8192 rows, every tile plan of a grid (``SWEEP``) timed,
   the best and the op's own plan side by side: what ``wna16.plan`` is tuned from.
+- ``deterministic-sweep``: the batch-invariant matmul of ``--deterministic`` on the same shapes
+  (and the bf16 lm_head) at 1 to 2048 rows, its own plan and a grid of others against cuBLAS; a
+  plan counts only if its result is bitwise the own plan's (the same sum in the same order: the
+  own plans are the ones test_cuda_deterministic.py proves batch-invariant).
 - ``bitmask``: ``apply_token_bitmask`` on 64 rows of a 128,256-token vocabulary, against
   reading and writing those logits once.
 
 Every figure is a CUDA graph of 50 calls replayed, divided by 50. One JSON line per case.
 (``benchmarks/moe_gpu.py kernel`` measures ``fused_moe`` the same way.)
-Usage: python3 benchmarks/kernels_gpu.py [wna16] [wna16-sweep] [bitmask] [--json FILE]
+Usage: python3 benchmarks/kernels_gpu.py [wna16] [wna16-sweep] [deterministic-sweep] [bitmask] [--json FILE]
 """
 
 from __future__ import annotations
@@ -141,6 +145,55 @@ def wna16_sweep(bandwidth: float, rows_tried: tuple[int, ...] = (1, 64, 256, 512
     return out
 
 
+def deterministic_plans(rows: int) -> list[dict]:
+    """Plans tried for the batch-invariant matmul at ``rows``: narrower and wider tiles, more
+    pipeline stages, 8 warps, and K steps of 128 (the tensor cores add each 16-deep slice into the
+    accumulator in order, so a deeper step may sum the same way: the bitwise check decides)."""
+    import itertools
+
+    if rows <= 64:
+        grid = itertools.product([64], [16, 32, 64], [64, 128], [4], [3, 4, 6])
+    else:
+        grid = itertools.product([64, 128], [128, 256], [64, 128], [4, 8], [3, 4])
+    return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=warps, num_stages=stages)
+            for m, n, k, warps, stages in grid if m * n <= 128 * 256 and not (m * n >= 128 * 128 and warps == 4)]
+
+
+def deterministic_sweep(bandwidth: float) -> list[dict]:
+    from triton.runtime.errors import OutOfResources
+
+    from runtime_triton import batch_invariant
+
+    out = []
+    for name, (n, k) in {**LLAMA8B_LINEARS, "lm_head": (128256, 4096)}.items():
+        weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        for rows in (1, 16, 64, 256, 2048):
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            own = batch_invariant.linear(x, weight)
+            timed, differ = [], []
+            for plan in deterministic_plans(rows):
+                try:
+                    if not torch.equal(batch_invariant.linear(x, weight, plan=plan), own):
+                        differ.append(plan)
+                        continue
+                    timed.append((graph_us(lambda: batch_invariant.linear(x, weight, plan=plan)), plan))
+                except OutOfResources:
+                    continue
+            timed.sort(key=lambda pair: pair[0])
+            own_us = graph_us(lambda: batch_invariant.linear(x, weight))
+            cublas_us = graph_us(lambda: x @ weight.T)
+            best_us, best = timed[0] if timed else (own_us, None)
+            out.append({"kernel": "deterministic-sweep", "linear": name, "n": n, "k": k, "rows": rows,
+                        "own_plan": batch_invariant.tiles(rows, x.dtype), "own_us": round(own_us, 1),
+                        "best": best, "best_us": round(best_us, 1), "cublas_us": round(cublas_us, 1),
+                        "own_vs_cublas": round(cublas_us / own_us, 2), "best_vs_cublas": round(cublas_us / best_us, 2),
+                        "best_of_roofline": round(2 * n * k / bandwidth * 1e6 / best_us, 3),
+                        "runners_up": [[round(us, 1), p] for us, p in timed[1:4]], "plans_same_sum": len(timed),
+                        "plans_other_sum": differ})
+            print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 def bitmask_cases(bandwidth: float) -> list[dict]:
     from runtime_triton.bitmask import apply_token_bitmask
 
@@ -160,13 +213,13 @@ def bitmask_cases(bandwidth: float) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kernels", nargs="*", help="wna16, wna16-sweep, bitmask (default: wna16 and bitmask)")
+    parser.add_argument("kernels", nargs="*", help="wna16, wna16-sweep, deterministic-sweep, bitmask (default: wna16 and bitmask)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--sweep-rows", type=int, nargs="+", default=[1, 64, 256, 512, 2048, 8192],
                         help="wna16-sweep: the numbers of rows tried")
     args = parser.parse_args()
     cases = {"wna16": wna16_cases, "wna16-sweep": lambda bandwidth: wna16_sweep(bandwidth, tuple(args.sweep_rows)),
-             "bitmask": bitmask_cases}
+             "deterministic-sweep": deterministic_sweep, "bitmask": bitmask_cases}
     unknown = set(args.kernels) - set(cases)
     if unknown:
         parser.error(f"unknown kernels {sorted(unknown)}; choose from {sorted(cases)}")

@@ -56,8 +56,11 @@ def _matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_w
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok & (cols[None, :] < N))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` with each row's result independent of the other rows."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           plan: dict | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` with each row's result independent of the other rows.
+    ``plan`` (tiles, warps, stages, and ``BLOCK_K``) replaces :func:`tiles`' choice: for sweeps,
+    which must check that a plan sums in the same order (benchmarks/kernels_gpu.py)."""
     rows = x.reshape(-1, x.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
@@ -66,10 +69,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     n = weight.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m:
-        plan = tiles(m, x.dtype)
+        plan = {"BLOCK_K": BLOCK_K, **(plan or tiles(m, x.dtype))}
         _matmul_kernel[(triton.cdiv(m, plan["BLOCK_M"]), triton.cdiv(n, plan["BLOCK_N"]))](
             rows, weight, bias if bias is not None else weight, out, m, n, k, rows.stride(0), weight.stride(0),
-            out.stride(0), HAS_BIAS=bias is not None, BLOCK_K=BLOCK_K,
+            out.stride(0), HAS_BIAS=bias is not None,
             # float32 must not silently become TF32 in the matrix units.
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **plan)
     return out.view(*x.shape[:-1], n)

@@ -147,12 +147,13 @@ def wna16_sweep(bandwidth: float, rows_tried: tuple[int, ...] = (1, 64, 256, 512
 
 def deterministic_plans(rows: int) -> list[dict]:
     """Plans tried for the batch-invariant matmul at ``rows``: narrower and wider tiles, more
-    pipeline stages, 8 warps, and K steps of 128 (the tensor cores add each 16-deep slice into the
-    accumulator in order, so a deeper step may sum the same way: the bitwise check decides)."""
+    pipeline stages, 8 warps, and K steps of 128 and 256 (the tensor cores add each 16-deep slice
+    into the accumulator in order, so a deeper step may sum the same way: the bitwise check decides)."""
     import itertools
 
     if rows <= 64:
-        grid = itertools.product([64], [16, 32, 64], [64, 128], [4], [3, 4, 6])
+        # Weight-bound: what is in flight per multiprocessor (stages x the weight tile) sets the rate.
+        grid = itertools.product([64], [16, 32, 64], [64, 128, 256], [4], [3, 4, 6])
     else:
         grid = itertools.product([64, 128], [128, 256], [64, 128], [4, 8], [3, 4])
     return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=warps, num_stages=stages)

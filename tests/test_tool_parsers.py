@@ -16,7 +16,6 @@ import pytest
 from runtime.reasoning import ReasoningParser
 from runtime.tools import (TOOL_CALL_PARSERS, JsonArrayScanner, MessageDelta, MessageStream, NamedCallStream,
                            ParsedCallStream, prompt_messages, required_calls_schema, tool_choice_constraint)
-from runtime.tools.prompt import CALL_FORMATS
 from scripted_engine import token_pieces
 from tiny_models import CHAT_TEMPLATE, make_tiny_tokenizer
 

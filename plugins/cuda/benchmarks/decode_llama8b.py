@@ -99,7 +99,7 @@ def main() -> None:
                         "decode_tokens_per_s": round(batch / step, 1),
                         "output_tokens_per_s": round(batch * args.output_len / total, 1)})
         print(json.dumps(results[-1]))
-    print(f"\n| batch | decode step (ms) | decode tokens/s | output tokens/s (incl. prefill) |\n|---:|---:|---:|---:|")
+    print("\n| batch | decode step (ms) | decode tokens/s | output tokens/s (incl. prefill) |\n|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['batch_size']} | {r['decode_step_ms']} | {r['decode_tokens_per_s']} | {r['output_tokens_per_s']} |")
     if args.json:

@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 import triton
 
-from runtime.platform import AttentionBackend, AttentionMetadata, AttentionSpec
+from runtime.platform import AttentionBackend, AttentionMetadata
 
 from .paged_attention import split_workspace, store_kv, unified_attention
 from .tile_plans import TilePlans, wide_rows

@@ -34,6 +34,10 @@
 #   embed:   benchmarks/embed_gpu.py on the Llama-3-8B shape as an embedder (last token, normalized): runtime and
 #            vLLM (runner pooling) offline, 2048 x 512-token prompts, sequences/s, then the report (ratio and the
 #            cosine between the two engines' vectors). Needs `unpack` first for vLLM
+#   wna16-sweep: benchmarks/kernels_gpu.py wna16-sweep at $SWEEP_ROWS rows (default 1 4 16): the W4A16 plans
+#            against each other and cuBLAS bf16 (what wna16.plan is tuned from)
+#   det-sweep: benchmarks/kernels_gpu.py deterministic-sweep: the batch-invariant matmul's plans that sum in the
+#            current plan's order, against cuBLAS
 #   vision:  benchmarks/vision_gpu.py: a LLaVA-1.5-7B-shaped model in /tmp/llava7b (made-up weights), one 336 px JPEG
 #            and 128 random tokens per chat request, 128 out, at C=16 and 64: runtime, then vLLM (needs `unpack`)
 set -uo pipefail
@@ -125,6 +129,12 @@ for stage in "$@"; do
         timeout 480 python3 benchmarks/embed_gpu.py $part --dir $M --json $R/embed/$part.json ${EMBED_ARGS:-} 2>&1 \
           | grep -v "it/s]" | tail -15 | tee -a $R/embed/run.log
       done ;;
+    wna16-sweep)
+      timeout ${SWEEP_TIMEOUT:-540} python3 benchmarks/kernels_gpu.py wna16-sweep --sweep-rows ${SWEEP_ROWS:-1 4 16} \
+        --json $R/wna16-sweep/sweep.json 2>&1 | cut -c1-300 | tee $R/wna16-sweep/run.log ;;
+    det-sweep)
+      timeout ${SWEEP_TIMEOUT:-540} python3 benchmarks/kernels_gpu.py deterministic-sweep --json $R/det-sweep/sweep.json \
+        2>&1 | cut -c1-300 | tee $R/det-sweep/run.log ;;
     vision)
       [ -e /tmp/llava7b/config.json ] || timeout 600 python3 benchmarks/vision_gpu.py write --dir /tmp/llava7b 2>&1 | tail -3
       for part in ${VISION_PARTS:-runtime vllm}; do

@@ -131,10 +131,10 @@ for stage in "$@"; do
       done ;;
     wna16-sweep)
       timeout ${SWEEP_TIMEOUT:-540} python3 benchmarks/kernels_gpu.py wna16-sweep --sweep-rows ${SWEEP_ROWS:-1 4 16} \
-        --json $R/wna16-sweep/sweep.json 2>&1 | cut -c1-300 | tee $R/wna16-sweep/run.log ;;
+        --json $R/wna16-sweep/sweep.json 2>&1 | tee $R/wna16-sweep/run.log ;;
     det-sweep)
       timeout ${SWEEP_TIMEOUT:-540} python3 benchmarks/kernels_gpu.py deterministic-sweep --json $R/det-sweep/sweep.json \
-        2>&1 | cut -c1-300 | tee $R/det-sweep/run.log ;;
+        2>&1 | tee $R/det-sweep/run.log ;;
     vision)
       [ -e /tmp/llava7b/config.json ] || timeout 600 python3 benchmarks/vision_gpu.py write --dir /tmp/llava7b 2>&1 | tail -3
       for part in ${VISION_PARTS:-runtime vllm}; do

@@ -9,7 +9,8 @@ Usage: python benchmarks/quant_gpu.py PART [--dir /tmp/llama8b] [--out DIR] [--r
        = report        the table of what the parts wrote, with the ratios the issue targets
 --wna16-plans FILE (runtime-gptq): the W4A16 GEMM takes, per weight shape, the best plan of a
 ``benchmarks/kernels_gpu.py wna16-sweep --json FILE`` run at the nearest swept row count at or above
-its own (the sweep's plans tried end to end before they go into ``wna16.plan``).
+its own, ``wna16.plan``'s past the largest (the sweep's plans tried end to end before they go into
+``wna16.plan``).
 Each part runs in its own process (two 8B models do not share a GPU well) and writes OUT/PART.json.
 The bf16 checkpoint is plugins/cuda/benchmarks/decode_llama8b.py's (written if missing). Weight values
 do not change speed; decode step = (time for 128 tokens - time for 1) / 127, as baselines_llama8b.py.
@@ -107,7 +108,9 @@ def use_swept_plans(sweep: Path) -> None:
         if element_size != 2 or (n, k) not in best:
             return own(m, n, k, sm_count, element_size)
         plans = sorted(best[n, k], key=lambda pair: pair[0])
-        return next((tiles for rows, tiles in plans if rows >= m), plans[-1][1])
+        # Past the largest swept row count the op's own plan: a one-row plan at 8192 rows would be
+        # slower by orders of magnitude.
+        return next((tiles for rows, tiles in plans if rows >= m), own(m, n, k, sm_count, element_size))
 
     wna16.plan = swept
 

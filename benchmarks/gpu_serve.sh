@@ -38,6 +38,7 @@
 #            against each other and cuBLAS bf16 (what wna16.plan is tuned from)
 #   det-sweep: benchmarks/kernels_gpu.py deterministic-sweep: the batch-invariant matmul's plans that sum in the
 #            current plan's order, against cuBLAS
+#   lora-sweep: benchmarks/kernels_gpu.py lora-sweep: lora_add at decode sizes by shrink programs, beside the base matmul
 #   vision:  benchmarks/vision_gpu.py: a LLaVA-1.5-7B-shaped model in /tmp/llava7b (made-up weights), one 336 px JPEG
 #            and 128 random tokens per chat request, 128 out, at C=16 and 64: runtime, then vLLM (needs `unpack`)
 set -uo pipefail
@@ -135,6 +136,9 @@ for stage in "$@"; do
     det-sweep)
       timeout ${SWEEP_TIMEOUT:-540} python3 benchmarks/kernels_gpu.py deterministic-sweep --json $R/det-sweep/sweep.json \
         2>&1 | tee $R/det-sweep/run.log ;;
+    lora-sweep)
+      timeout ${SWEEP_TIMEOUT:-540} python3 benchmarks/kernels_gpu.py lora-sweep --json $R/lora-sweep/sweep.json \
+        2>&1 | tee $R/lora-sweep/run.log ;;
     vision)
       [ -e /tmp/llava7b/config.json ] || timeout 600 python3 benchmarks/vision_gpu.py write --dir /tmp/llava7b 2>&1 | tail -3
       for part in ${VISION_PARTS:-runtime vllm}; do

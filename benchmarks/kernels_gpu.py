@@ -8,12 +8,16 @@
   (and the bf16 lm_head) at 1 to 2048 rows, its own plan and a grid of others against cuBLAS; a
   plan counts only if its result is bitwise the own plan's (the same sum in the same order: the
   own plans are the ones test_cuda_deterministic.py proves batch-invariant).
+- ``lora-sweep``: ``lora_add`` (one shrink and one expand launch per projection) on Llama-3-8B's
+  fused projections with 8 rank-16 adapters at 1, 8 and 64 tokens, with the shrink cut into 16 to
+  128 programs (``SHRINK_TARGET_PROGRAMS``), beside the projection's own bf16 matmul: whether a
+  decode step's LoRA cost is the launches' floor or their work.
 - ``bitmask``: ``apply_token_bitmask`` on 64 rows of a 128,256-token vocabulary, against
   reading and writing those logits once.
 
 Every figure is a CUDA graph of 50 calls replayed, divided by 50. One JSON line per case.
 (``benchmarks/moe_gpu.py kernel`` measures ``fused_moe`` the same way.)
-Usage: python3 benchmarks/kernels_gpu.py [wna16] [wna16-sweep] [deterministic-sweep] [bitmask] [--json FILE]
+Usage: python3 benchmarks/kernels_gpu.py [wna16] [wna16-sweep] [deterministic-sweep] [lora-sweep] [bitmask] [--json FILE]
 """
 
 from __future__ import annotations
@@ -195,6 +199,35 @@ def deterministic_sweep(bandwidth: float) -> list[dict]:
     return out
 
 
+def lora_sweep(bandwidth: float) -> list[dict]:
+    from runtime_triton import lora
+
+    projections = {"qkv": ([4096, 1024, 1024], 4096), "o": ([4096], 4096), "gate_up": ([14336, 14336], 4096),
+                   "down": ([4096], 14336)}
+    slots_count, rank, out = 8, 16, []
+    default_programs = lora.SHRINK_TARGET_PROGRAMS
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for name, (slices, k) in projections.items():
+        n = sum(slices)
+        weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
+        lora_a = torch.randn(slots_count, len(slices) * rank, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
+        lora_b = torch.randn(slots_count, n, rank, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
+        for tokens in (1, 8, 64):
+            x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, generator=g)
+            slots = torch.arange(tokens, device="cuda", dtype=torch.int32) % slots_count
+            y = x @ weight.T
+            row = {"kernel": "lora-sweep", "projection": name, "tokens": tokens, "rank": rank,
+                   "base_matmul_us": round(graph_us(lambda: x @ weight.T), 1)}
+            for programs in (16, 32, 64, 128):
+                lora.SHRINK_TARGET_PROGRAMS = programs
+                row[f"lora_add_us_{programs}_programs"] = round(
+                    graph_us(lambda: lora.lora_add(y, x, lora_a, lora_b, slots, slices, 0.5)), 1)
+            lora.SHRINK_TARGET_PROGRAMS = default_programs
+            out.append(row)
+            print(json.dumps(row), flush=True)
+    return out
+
+
 def bitmask_cases(bandwidth: float) -> list[dict]:
     from runtime_triton.bitmask import apply_token_bitmask
 
@@ -214,13 +247,13 @@ def bitmask_cases(bandwidth: float) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kernels", nargs="*", help="wna16, wna16-sweep, deterministic-sweep, bitmask (default: wna16 and bitmask)")
+    parser.add_argument("kernels", nargs="*", help="wna16, wna16-sweep, deterministic-sweep, lora-sweep, bitmask (default: wna16 and bitmask)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--sweep-rows", type=int, nargs="+", default=[1, 64, 256, 512, 2048, 8192],
                         help="wna16-sweep: the numbers of rows tried")
     args = parser.parse_args()
     cases = {"wna16": wna16_cases, "wna16-sweep": lambda bandwidth: wna16_sweep(bandwidth, tuple(args.sweep_rows)),
-             "deterministic-sweep": deterministic_sweep, "bitmask": bitmask_cases}
+             "deterministic-sweep": deterministic_sweep, "lora-sweep": lora_sweep, "bitmask": bitmask_cases}
     unknown = set(args.kernels) - set(cases)
     if unknown:
         parser.error(f"unknown kernels {sorted(unknown)}; choose from {sorted(cases)}")

@@ -334,7 +334,8 @@ def _tiled(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor
 
 _TICKETS: dict[torch.device, torch.Tensor] = {}
 """Per device, the split-K vector kernel's arrival counters: zero between launches (the last
-program of a tile resets its own), so they are allocated and zeroed once, before any graph capture."""
+program of a tile resets its own), so they are allocated and zeroed once, before any graph capture.
+Launches that share them must not overlap: the engine runs a device's forward passes on one stream."""
 
 
 def _tickets(device: torch.device, count: int) -> torch.Tensor:

@@ -10,8 +10,9 @@
   own plans are the ones test_cuda_deterministic.py proves batch-invariant).
 - ``lora-sweep``: ``lora_add`` (one shrink and one expand launch per projection) on Llama-3-8B's
   fused projections with 8 rank-16 adapters at 1, 8 and 64 tokens, with the shrink cut into 16 to
-  128 programs (``SHRINK_TARGET_PROGRAMS``), beside the projection's own bf16 matmul: whether a
-  decode step's LoRA cost is the launches' floor or their work.
+  128 programs (``SHRINK_TARGET_PROGRAMS``), and up to 16 tokens its one-launch candidate (each
+  program computing its own shrink), beside the projection's own bf16 matmul: whether a decode
+  step's LoRA cost is the launches' floor or their work.
 - ``bitmask``: ``apply_token_bitmask`` on 64 rows of a 128,256-token vocabulary, against
   reading and writing those logits once.
 
@@ -223,6 +224,9 @@ def lora_sweep(bandwidth: float) -> list[dict]:
                 row[f"lora_add_us_{programs}_programs"] = round(
                     graph_us(lambda: lora.lora_add(y, x, lora_a, lora_b, slots, slices, 0.5)), 1)
             lora.SHRINK_TARGET_PROGRAMS = default_programs
+            if tokens <= lora.ONE_LAUNCH_TOKENS:
+                row["lora_add_one_launch_us"] = round(
+                    graph_us(lambda: lora.lora_add(y, x, lora_a, lora_b, slots, slices, 0.5, one_launch=True)), 1)
             out.append(row)
             print(json.dumps(row), flush=True)
     return out

@@ -139,6 +139,22 @@ def _lora_expand_kernel(shrunk_ptr, b_ptr, slots_ptr, base_ptr, out_ptr, tokens,
 
 
 @triton.jit
+def _partitioned_output_tile(rows, slots_ptr, y_ptr, tokens, out_features, end0, end1, end2, stride_yt,
+                             BLOCK_N: tl.constexpr):
+    """lora_add's output tile: its columns and their mask, the rows' slots, the elements to write
+    (rows with an adapter), y's values there in float32, and each column's partition (the number
+    of ``end0..end2`` at or below it)."""
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < tokens
+    col_ok = cols < out_features
+    tile_slots = tl.load(slots_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
+    tile_ok = (row_ok & (tile_slots >= 0))[:, None] & col_ok[None, :]
+    acc = tl.load(y_ptr + rows[:, None].to(tl.int64) * stride_yt + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+    part = (cols >= end0).to(tl.int32) + (cols >= end1).to(tl.int32) + (cols >= end2).to(tl.int32)
+    return cols, col_ok, tile_slots, tile_ok, acc, part
+
+
+@triton.jit
 def _lora_add_expand_kernel(partials_ptr, b_ptr, slots_ptr, y_ptr, tokens, out_features, rank, splits,
                             end0, end1, end2, stride_ps, stride_pt, stride_bs, stride_bo, stride_yt,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -151,13 +167,8 @@ def _lora_add_expand_kernel(partials_ptr, b_ptr, slots_ptr, y_ptr, tokens, out_f
     A tile's columns may span partitions (small projections): the reduction then covers each
     partition's rank slice, with b's columns of the other partitions masked to zero."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < tokens
-    col_ok = cols < out_features
-    tile_slots = tl.load(slots_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
-    tile_ok = (row_ok & (tile_slots >= 0))[:, None] & col_ok[None, :]
-    acc = tl.load(y_ptr + rows[:, None].to(tl.int64) * stride_yt + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-    part = (cols >= end0).to(tl.int32) + (cols >= end1).to(tl.int32) + (cols >= end2).to(tl.int32)
+    cols, col_ok, tile_slots, tile_ok, acc, part = _partitioned_output_tile(
+        rows, slots_ptr, y_ptr, tokens, out_features, end0, end1, end2, stride_yt, BLOCK_N)
     k_start = tl.min(tl.where(col_ok, part, NO_SLOT), 0) * rank
     k_end = (tl.max(tl.where(col_ok, part, 0), 0) + 1) * rank
     reduce = tl.arange(0, BLOCK_K)
@@ -195,13 +206,8 @@ def _lora_add_one_launch_kernel(x_ptr, a_ptr, b_ptr, slots_ptr, y_ptr, tokens, o
     input features itself (every program of a partition the same, in the same order), so the
     step takes one launch instead of a shrink and an expand."""
     rows = tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < tokens
-    col_ok = cols < out_features
-    tile_slots = tl.load(slots_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
-    tile_ok = (row_ok & (tile_slots >= 0))[:, None] & col_ok[None, :]
-    acc = tl.load(y_ptr + rows[:, None].to(tl.int64) * stride_yt + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-    part = (cols >= end0).to(tl.int32) + (cols >= end1).to(tl.int32) + (cols >= end2).to(tl.int32)
+    cols, col_ok, tile_slots, tile_ok, acc, part = _partitioned_output_tile(
+        rows, slots_ptr, y_ptr, tokens, out_features, end0, end1, end2, stride_yt, BLOCK_N)
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < rank
     x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xt

@@ -90,9 +90,12 @@ def sweep_plans(rows: int) -> list[dict]:
                   num_warps=8 if m >= 128 else 4, num_stages=stages)
              for m, n, k, split, (once, swap), stages in grid if m * n <= 256 * 128]
     if rows == 1:
-        # The tensor-core tiles lost to the vector units by 1.4-2.2x at one row (H100, 2026-12-06):
-        # only the 16-row plan is kept, as the reference, and the compile time goes to the kernel below.
-        plans = [dict(block_m=16, block_n=64, block_k=128, split_k=8, words_once=True, num_warps=4, num_stages=4)]
+        # The tensor-core tiles lost to the vector units by 1.4-2.2x at one row (H100, 2026-12-06),
+        # when their dequantization still converted every integer with I2F. Without it, and with
+        # their loads pipelined (asynchronous copies, which the vector kernel does not get), a few
+        # 16-row tiles are tried again; the compile time goes mostly to the kernel below.
+        plans = [dict(block_m=16, block_n=n, block_k=k, split_k=split, words_once=True, num_warps=4, num_stages=4)
+                 for n, k, split in itertools.product([64, 128], [128, 256], [8, 16])]
     if rows <= 4:
         # The vector-unit kernel, a row a program. At 64-256 columns and K tiles of at most 128
         # rows it read the weight at 24-39% of the bandwidth (H200, 2026-12-06): deeper tiles

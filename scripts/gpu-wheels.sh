@@ -32,7 +32,7 @@ if [ ! -e $W/SHA256 ]; then
   get /tmp/gpu-wheels/all litestar litestar-htmx multipart polyfactory faker rich-click py-spy
   # Hopper runs vLLM's FlashAttention 3 (vllm/v1/attention/backends/fa_utils.py; FA2 is imported only
   # if present): its FA2 library (81 MB of the 260 MB wheel) and deep_gemm's builds for other Pythons
-  # stay out, two carries fewer. VLLM_KEEP_FA2=1 keeps the wheel whole.
+  # stay out: four parts instead of six. VLLM_KEEP_FA2=1 keeps the wheel whole.
   [ "${VLLM_KEEP_FA2:-0}" = 1 ] || python3 - /tmp/gpu-wheels/all/vllm-*.whl <<'PY'
 import re, sys, zipfile
 from pathlib import Path

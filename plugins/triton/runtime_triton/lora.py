@@ -336,9 +336,17 @@ def lora_add(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
             x.stride(0), lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1), target.stride(0),
             BLOCK_M=ONE_LAUNCH_TOKENS, BLOCK_N=EXPAND_BLOCK_N, BLOCK_R=_dot_width(rank),
             BLOCK_K=SHRINK_STEP_BYTES // x.element_size(), DOT_PRECISION=_dot_precision(x.dtype), num_warps=ADD_WARPS)
-        if target is not y:
-            y.copy_(target)
-        return y
+    else:
+        _two_launch_add(target, x, lora_a, lora_b, slots, ends, scale)
+    if target is not y:
+        y.copy_(target)
+    return y
+
+
+def _two_launch_add(target: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                    slots: torch.Tensor, ends: list[int], scale: float) -> None:
+    tokens, out_features = target.shape
+    rank = lora_b.shape[2]
     partials = _shrink_partials(x, lora_a, slots, scale, torch.float32, ADD_WARPS)
     block_m = _block_m(tokens)
     block_k = min(EXPAND_STEP_BYTES // lora_b.element_size(), _dot_width(rank))
@@ -349,6 +357,3 @@ def lora_add(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
         partials.stride(0), partials.stride(1), lora_b.stride(0), lora_b.stride(1), target.stride(0),
         BLOCK_M=block_m, BLOCK_N=EXPAND_BLOCK_N, BLOCK_K=block_k, SPLIT_BLOCK=split_block,
         DOT_PRECISION=_dot_precision(lora_b.dtype), num_warps=ADD_WARPS)
-    if target is not y:
-        y.copy_(target)
-    return y

@@ -4,7 +4,11 @@
 # py-spy; .whl/boot: what the checkpoint writer needs first), the build to compare against in
 # .old/ (git archive of an earlier commit). docs/serving.md has the commands that made its figures.
 #   boot:    install this tree to /tmp/rt and .old/ to /tmp/rt-old; write the Llama-3-8B-shaped
-#            random checkpoint to /tmp/llama8b in the background
+#            random checkpoint to /tmp/llama8b in the background (not with NO_CHECKPOINT=1: the benchmarks
+#            on made-up weights, moe, vision, structured and the sweeps, do without it)
+#   bg, bg-wait: the stages in $BG_STAGES one after another, detached (on the GPU while later calls carry
+#            wheels), their results under /tmp/bg-out; bg-wait awaits them (at most $WAIT_S s; then stops them
+#            with BG_STOP=1) and brings back what they have written so far
 #   part:    keep the carried part(s) in /tmp/parts
 #   gguf:    keep the carried piece(s) of the embedded GGUF (.whl/gN/gguf.N: it is larger than one carry)
 #   unpack:  join the parts (checked against .whl/SHA256) and install them to /tmp/site
@@ -25,7 +29,8 @@
 #            $MOE_DIR (default /tmp/moe), made-up weights in both engines (load_format dummy: nothing on disk);
 #            the fused_moe op alone, then runtime and vLLM: batch-1 decode against the roofline and offline
 #            1000 x (512, 128). Needs `unpack` first for vLLM
-#   structured: benchmarks/structured_gpu.py: the Llama-3-8B shape with the embedded model's tokenizer, batch 64
+#   structured: benchmarks/structured_gpu.py: the Llama-3-8B shape (made-up weights) with the embedded model's tokenizer
+#            (carry .whl/tok), batch 64
 #            with a JSON schema on every request: runtime plain vs constrained (the mask's step overhead), then vLLM;
 #            then benchmarks/structured_host.py: the host's part of a constrained step, by xgrammar fill threads
 #   offload: benchmarks/offload_gpu.py on the Llama-3-8B shape: a shared-prefix workload whose prefixes need 4x the
@@ -53,7 +58,7 @@ for stage in "$@"; do
   case $stage in
     boot)
       pipt /tmp/boot .whl/boot/*.whl && pipt /tmp/rt . ./plugins/cpu ./plugins/triton ./plugins/cuda ./conformance && { [ ! -d .old ] || pipt /tmp/rt-old ./.old ./.old/plugins/cpu $([ ! -d .old/plugins/triton ] || echo ./.old/plugins/triton) ./.old/plugins/cuda; } || exit 1
-      setsid nohup python3 -c "import sys; sys.path.insert(0, 'plugins/cuda/benchmarks'); from decode_llama8b import write_checkpoint; from pathlib import Path; write_checkpoint(Path('$M')); print('checkpoint written')" > /tmp/model.log 2>&1 < /dev/null &
+      [ "${NO_CHECKPOINT:-0}" = 1 ] || setsid nohup python3 -c "import sys; sys.path.insert(0, 'plugins/cuda/benchmarks'); from decode_llama8b import write_checkpoint; from pathlib import Path; write_checkpoint(Path('$M')); print('checkpoint written')" > /tmp/model.log 2>&1 < /dev/null &
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv ;;
     part) cp .whl/*/part* /tmp/parts/ && ls -la /tmp/parts ;;
     gguf) cp .whl/*/gguf.* /tmp/parts/ && ls -la /tmp/parts ;;
@@ -84,6 +89,14 @@ for stage in "$@"; do
           plugins/cuda/scripts/gpu_check.sh tests; touch /tmp/tests.done$n" > /tmp/tests$n.log 2>&1 < /dev/null &
         [ -n "${TESTS2:-}" ] || touch /tmp/tests.done2
       done ;;
+    bg)
+      setsid nohup bash -c "OUT=/tmp/bg-out TAG=bg bash $0 ${BG_STAGES:-}; touch /tmp/bg.done" > /tmp/bg.log 2>&1 < /dev/null &
+      echo $! > /tmp/bg.pid ;;
+    bg-wait)
+      for _ in $(seq ${WAIT_S:-300}); do [ -e /tmp/bg.done ] && break; sleep 1; done
+      [ -e /tmp/bg.done ] || [ "${BG_STOP:-0}" != 1 ] || { kill -- -"$(cat /tmp/bg.pid)"; echo "bg stopped"; }
+      grep -v "it/s]" /tmp/bg.log | tail -60; cp /tmp/bg-out/*.tgz "$OUT/" 2>/dev/null
+      for stage in ${BG_STAGES:-}; do tar czf "$OUT/$stage-partial.tgz" -C $R $stage 2>/dev/null; done ;;
     tests-wait)
       for _ in $(seq ${WAIT_S:-300}); do [ -e /tmp/tests.done1 ] && [ -e /tmp/tests.done2 ] && break; sleep 1; done
       grep -hE "passed|failed|PASSED|FAILED|ERROR|SKIPPED" /tmp/tests1.log /tmp/tests2.log 2>/dev/null | tail -80 ;;
@@ -107,17 +120,17 @@ for stage in "$@"; do
     moe)
       D=${MOE_DIR:-/tmp/moe}; SHAPE="--shape ${MOE_SHAPE:-mixtral-16l} ${MOE_ARGS:-}"
       python3 benchmarks/moe_gpu.py write $SHAPE --dir $D 2>&1 | tail -3 | tee -a $R/moe/run.log
-      for part in kernel runtime vllm; do
+      for part in ${MOE_PARTS:-kernel runtime vllm}; do
         timeout 600 python3 benchmarks/moe_gpu.py $part $SHAPE --dir $D --json $R/moe/$part.json 2>&1 | grep -v "it/s]" \
           | tail -15 | tee -a $R/moe/run.log
       done ;;
     structured)
-      for part in prepare runtime vllm; do
-        timeout 480 python3 benchmarks/structured_gpu.py $part --json $R/structured/$part.json --llama-dir $M --gguf /tmp/smollm2.gguf 2>&1 \
+      for part in ${STRUCTURED_PARTS:-prepare runtime vllm}; do
+        timeout 480 python3 benchmarks/structured_gpu.py $part --json $R/structured/$part.json --tokenizer .whl/tok 2>&1 \
           | grep -v "it/s]" | tail -15 | tee -a $R/structured/run.log
       done
       # The host's part of a constrained step on this machine's CPU, by xgrammar fill threads.
-      timeout 300 python3 benchmarks/structured_host.py --gguf /tmp/smollm2.gguf --threads 1 4 auto \
+      timeout 300 python3 benchmarks/structured_host.py --model /tmp/llama8b-json --threads 1 4 auto \
         --json $R/structured/host.json 2>&1 | tail -4 | tee -a $R/structured/run.log ;;
     offload)
       for part in ${OFFLOAD_PARTS:-offload swap}; do

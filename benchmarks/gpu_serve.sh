@@ -19,6 +19,7 @@
 #   tests-bg, tests-wait: the same ($TESTS: some of them; $TESTS2: more, in a second pytest beside it), detached (they
 #            run while later calls carry wheels), then awaited
 #   lora:    benchmarks/lora_gpu.py: runtime without LoRA, runtime with 8 adapters, vLLM with the same 8
+#            (LORA_ARGS="--dir /tmp/llama8b-json --load-format dummy": made-up base weights, no checkpoint)
 #   quant:   benchmarks/quant_gpu.py: a random GPTQ 4-bit (group 128) copy of /tmp/llama8b, then runtime bf16,
 #            runtime GPTQ (W4A16 Triton GEMM) and vLLM GPTQ-Marlin: batch-1 decode and 1000 x (512, 128) offline
 #            ($QUANT_PARTS picks parts: write runtime-bf16 runtime-gptq vllm-gptq; report always runs)
@@ -103,7 +104,7 @@ for stage in "$@"; do
     lora)
       for part in "runtime --adapters 0 --json $R/lora/runtime-base.json" "runtime --json $R/lora/runtime-lora.json" \
                   "vllm --json $R/lora/vllm-lora.json"; do
-        timeout 300 python3 benchmarks/lora_gpu.py $part --dir $M 2>&1 | grep -v "it/s]" | tail -15 | tee -a $R/lora/run.log
+        timeout 300 python3 benchmarks/lora_gpu.py $part --dir $M ${LORA_ARGS:-} 2>&1 | grep -v "it/s]" | tail -15 | tee -a $R/lora/run.log
       done ;;
     quant)
       for part in ${QUANT_PARTS:-write runtime-bf16 runtime-gptq vllm-gptq}; do

@@ -90,7 +90,7 @@ def runtime_part(args, dirs: list[Path]) -> list[dict]:
     from runtime import LLM, LoRARequest, SamplingParams
     t0 = time.perf_counter()
     lora = {"enable_lora": True, "max_loras": len(dirs), "max_lora_rank": args.rank} if dirs else {}
-    llm = LLM(str(args.dir), device="cuda", dtype="bfloat16", max_num_seqs=args.max_num_seqs,
+    llm = LLM(str(args.dir), device="cuda", dtype="bfloat16", load_format=args.load_format, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.prompt_len + args.output_len + 64,
               **lora)
     requests = [LoRARequest(f"a{i}", i + 1, str(d)) for i, d in enumerate(dirs)]
@@ -104,7 +104,7 @@ def vllm_part(args, dirs: list[Path]) -> list[dict]:
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
     t0 = time.perf_counter()
-    llm = LLM(model=str(args.dir), dtype="bfloat16", skip_tokenizer_init=True, enable_lora=True,
+    llm = LLM(model=str(args.dir), dtype="bfloat16", load_format=args.load_format, skip_tokenizer_init=True, enable_lora=True,
               max_loras=len(dirs), max_lora_rank=args.rank, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.prompt_len + args.output_len + 64)
     requests = [LoRARequest(f"a{i}", i + 1, str(d)) for i, d in enumerate(dirs)]
@@ -119,6 +119,8 @@ def main() -> None:
     parser.add_argument("part", choices=["runtime", "vllm"])
     parser.add_argument("--dir", type=Path, default=Path("/tmp/llama8b"))
     parser.add_argument("--adapter-dir", type=Path, default=Path("/tmp/lora-adapters"))
+    parser.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                        help="dummy: made-up base weights in both engines (--dir needs only config.json and a tokenizer)")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--adapters", type=int, default=8, help="0: LoRA off (runtime only)")
     parser.add_argument("--rank", type=int, default=16)

@@ -122,6 +122,8 @@ def run_api_server(config: ApiServerConfig, sock: socket.socket, connections: li
     signal.signal(signal.SIGTERM, _exit_cleanly)
     server.run(sockets=[sock])
     if died:
+        # The supervisor may see this process exit before the core's own report: say why here.
+        print(f"runtime serve: error: {died[0]}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 

@@ -22,6 +22,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -138,7 +139,11 @@ def serve(kind: str, model: Path, levels: list[int], out: Path, output_len: int)
     cmd += ["--load-format", "dummy", "--served-model-name", "model", "--max-model-len", "2048", "--max-num-batched-tokens", "8192",
             "--host", "127.0.0.1", "--port", str(port)]
     results = []
-    with LaunchedServer(cmd, port, out.with_suffix(".log"), timeout=900) as server:
+    env = None
+    if kind == "vllm":  # its LLaVA module needs transformers 4's Pixtral names: vllm_compat/sitecustomize.py
+        compat = str(Path(__file__).parent / "vllm_compat")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [compat, os.environ.get("PYTHONPATH")]))}
+    with LaunchedServer(cmd, port, out.with_suffix(".log"), timeout=900, env=env) as server:
         asyncio.run(run(server.url, requests(4, seed=-1), 4, 16))  # warm-up
         for c in levels:
             result = asyncio.run(run(server.url, requests(max(32, 4 * c), seed=c), c, output_len))

@@ -94,3 +94,24 @@ def test_a_vision_model_with_dummy_weights_runs_as_a_checkpoint_of_them(tmp_path
         runs.append((completion.token_ids, [entry[token].logprob for token, entry in zip(completion.token_ids,
                                                                                           completion.logprobs)]))
     assert runs[0] == runs[1]
+
+
+def test_served_with_dummy_weights_as_the_offline_engine(tmp_path):
+    """``runtime serve --load-format dummy`` on a directory without weights: the API processes read
+    its tokenizer without asking for weight files, and a completion equals the offline engine's."""
+    import httpx
+
+    from api_server import TINY_ARGS, ServerProcess
+
+    directory = config_only(make_tiny_checkpoint(tmp_path, "llama"), tmp_path)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    llm = LLM(str(directory), load_format="dummy", dtype="float32", kv_cache_memory="16MiB", max_model_len=256)
+    expected = llm.generate(["hello world"], params, use_tqdm=False)[0].outputs[0].text
+    server = ServerProcess(str(directory), "--load-format", "dummy", "--dtype", "float32", *TINY_ARGS).start()
+    try:
+        reply = httpx.post(f"{server.base_url}/completions", timeout=60, json={
+            "model": "tiny", "prompt": "hello world", "max_tokens": 6, "temperature": 0, "ignore_eos": True})
+    finally:
+        server.stop()
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["text"] == expected

@@ -371,7 +371,7 @@ class AsyncEngine:
 
     async def _load_tokenizer(self) -> None:
         try:
-            source = await asyncio.to_thread(open_model, self.args.model)
+            source = await asyncio.to_thread(open_model, self.args.model, self.args.load_format)
         except Exception as exc:  # noqa: BLE001  (the core fails on the same model and says why; keep the first)
             self._die(EngineDeadError(f"the engine failed to start: {exc}"))
             return

@@ -144,7 +144,7 @@ def serve(kind: str, model: Path, levels: list[int], out: Path, output_len: int)
         compat = str(Path(__file__).parent / "vllm_compat")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [compat, os.environ.get("PYTHONPATH")]))}
     with LaunchedServer(cmd, port, out.with_suffix(".log"), timeout=900, env=env) as server:
-        asyncio.run(run(server.url, requests(4, seed=-1), 4, 16))  # warm-up
+        asyncio.run(run(server.url, requests(4, seed=1_000_000), 4, 16))  # warm-up
         for c in levels:
             result = asyncio.run(run(server.url, requests(max(32, 4 * c), seed=c), c, output_len))
             print(f"{kind} c={c}: {result['completed']}/{result['requests']} ok, {result['output_throughput']:.0f} "

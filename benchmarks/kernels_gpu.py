@@ -10,9 +10,8 @@
   own plans are the ones test_cuda_deterministic.py proves batch-invariant).
 - ``lora-sweep``: ``lora_add`` (one shrink and one expand launch per projection) on Llama-3-8B's
   fused projections with 8 rank-16 adapters at 1, 8 and 64 tokens, with the shrink cut into 16 to
-  128 programs (``SHRINK_TARGET_PROGRAMS``), and up to 16 tokens its one-launch candidate (each
-  program computing its own shrink), beside the projection's own bf16 matmul: whether a decode
-  step's LoRA cost is the launches' floor or their work.
+  128 programs (``DECODE_SHRINK_PROGRAMS``, ``SHRINK_TARGET_PROGRAMS``), beside the projection's own bf16 matmul: whether a
+  decode step's LoRA cost is the launches' floor or their work.
 - ``bitmask``: ``apply_token_bitmask`` on 64 rows of a 128,256-token vocabulary, against
   reading and writing those logits once.
 
@@ -193,7 +192,7 @@ def deterministic_sweep(bandwidth: float) -> list[dict]:
             cublas_us = graph_us(lambda: x @ weight.T)
             best_us, best = timed[0] if timed else (own_us, None)
             out.append({"kernel": "deterministic-sweep", "linear": name, "n": n, "k": k, "rows": rows,
-                        "own_plan": batch_invariant.tiles(rows, x.dtype), "own_us": round(own_us, 1),
+                        "own_plan": batch_invariant.tiles(rows, x.dtype, n), "own_us": round(own_us, 1),
                         "best": best, "best_us": round(best_us, 1), "cublas_us": round(cublas_us, 1),
                         "own_vs_cublas": round(cublas_us / own_us, 2), "best_vs_cublas": round(cublas_us / best_us, 2),
                         "best_of_roofline": round(2 * n * k / bandwidth * 1e6 / best_us, 3),
@@ -209,7 +208,7 @@ def lora_sweep(bandwidth: float) -> list[dict]:
     projections = {"qkv": ([4096, 1024, 1024], 4096), "o": ([4096], 4096), "gate_up": ([14336, 14336], 4096),
                    "down": ([4096], 14336)}
     slots_count, rank, out = 8, 16, []
-    default_programs = lora.SHRINK_TARGET_PROGRAMS
+    defaults = lora.DECODE_SHRINK_PROGRAMS, lora.SHRINK_TARGET_PROGRAMS
     g = torch.Generator(device="cuda").manual_seed(0)
     for name, (slices, k) in projections.items():
         n = sum(slices)
@@ -223,13 +222,10 @@ def lora_sweep(bandwidth: float) -> list[dict]:
             row = {"kernel": "lora-sweep", "projection": name, "tokens": tokens, "rank": rank,
                    "base_matmul_us": round(graph_us(lambda: x @ weight.T), 1)}
             for programs in (16, 32, 64, 128):
-                lora.SHRINK_TARGET_PROGRAMS = programs
+                lora.DECODE_SHRINK_PROGRAMS = lora.SHRINK_TARGET_PROGRAMS = programs
                 row[f"lora_add_us_{programs}_programs"] = round(
                     graph_us(lambda: lora.lora_add(y, x, lora_a, lora_b, slots, slices, 0.5)), 1)
-            lora.SHRINK_TARGET_PROGRAMS = default_programs
-            if tokens <= lora.ONE_LAUNCH_TOKENS:
-                row["lora_add_one_launch_us"] = round(
-                    graph_us(lambda: lora.lora_add(y, x, lora_a, lora_b, slots, slices, 0.5, one_launch=True)), 1)
+            lora.DECODE_SHRINK_PROGRAMS, lora.SHRINK_TARGET_PROGRAMS = defaults
             out.append(row)
             print(json.dumps(row), flush=True)
     return out

@@ -3,11 +3,14 @@
 cuBLAS picks its kernel, tile and split-K by the number of rows, so a token's product depends on
 how many tokens share its step. In this kernel every output element is the same sum in the same
 order whatever the batch: each program owns a tile of the output and walks the whole reduction in
-BLOCK_K steps in order, no split of K, and BLOCK_K never changes. The tile's rows and columns do
-change with the row count for 16-bit types (narrow tiles give a few rows enough programs; wide ones
-feed the tensor cores at prefill): they only decide which elements a program computes, not how
-each is summed, as long as every tile is at least one 64-row warpgroup instruction wide
-(plugins/cuda/tests/test_cuda_deterministic.py checks rows alone against batches of up to 1100).
+order, no split of K. For 16-bit types the tensor cores add the products 16 columns of K at a time
+into the float32 accumulator, in order, so neither the tile's rows and columns nor the depth of
+a K step changes a sum: they only decide which elements a program computes and how much it loads
+at once, and they change with the row count and the weight's width (narrow tiles give a few rows
+enough programs; wide ones feed the tensor cores at prefill), as long as every tile is at least
+one 64-row warpgroup instruction wide. benchmarks/kernels_gpu.py's deterministic sweep found every
+plan it tried bitwise equal to these at each Llama-3-8B projection and row count (H100, 2026-12-06);
+plugins/cuda/tests/test_cuda_deterministic.py checks rows alone against batches of up to 1100.
 float32 keeps one plan (IEEE products, no tensor-core shapes to choose). Slower than cuBLAS (no
 split-K); docs/api.md#deterministic-mode gives the measured cost.
 """
@@ -18,18 +21,28 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_K = 64
-FLOAT32_TILES = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
-FEW_ROW_TILES = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=4)
-MANY_ROW_TILES = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
-FEW_ROWS = 64
-"""Up to this many rows a product is weight-bound: narrow tiles, twice the programs."""
+FLOAT32_TILES = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+FEW_ROWS, SOME_ROWS = 64, 256
+"""Up to FEW_ROWS rows a product is weight-bound (narrow tiles, deep K steps: many loads in flight
+per program); up to SOME_ROWS a narrow weight still needs narrower tiles than prefill to fill the GPU."""
+WIDE = 6144
+"""Output columns from which 64-column tiles leave enough programs at few rows."""
+FEW_ROW_TILES = {True: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
+                 False: dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)}
+SOME_ROW_NARROW_TILES = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3)
+MANY_ROW_TILES = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
-def tiles(rows: int, dtype: torch.dtype) -> dict:
+def tiles(rows: int, dtype: torch.dtype, columns: int) -> dict:
+    """The plan for ``rows`` x (``columns`` output columns): the deterministic sweep's fastest
+    (H100, Llama-3-8B projections) among plans that sum alike."""
     if dtype == torch.float32:
         return FLOAT32_TILES
-    return FEW_ROW_TILES if rows <= FEW_ROWS else MANY_ROW_TILES
+    if rows <= FEW_ROWS:
+        return FEW_ROW_TILES[columns >= WIDE]
+    if rows <= SOME_ROWS and columns < WIDE:
+        return SOME_ROW_NARROW_TILES
+    return MANY_ROW_TILES
 
 
 @triton.jit
@@ -69,7 +82,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     n = weight.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m:
-        plan = {"BLOCK_K": BLOCK_K, **(plan or tiles(m, x.dtype))}
+        plan = plan or tiles(m, x.dtype, n)
         _matmul_kernel[(triton.cdiv(m, plan["BLOCK_M"]), triton.cdiv(n, plan["BLOCK_N"]))](
             rows, weight, bias if bias is not None else weight, out, m, n, k, rows.stride(0), weight.stride(0),
             out.stride(0), HAS_BIAS=bias is not None,

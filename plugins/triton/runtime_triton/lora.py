@@ -29,8 +29,7 @@ graph as it is.
 
 Tile sizes are a first plan: the kernels compile for sm_86 and sm_90 within 64 KiB of shared
 memory; shrink, expand and the two-launch ``lora_add`` passed their tests on an H100 and an H200
-and were timed end to end there (docs/lora.md); ``lora_add``'s one-launch candidate has only run
-under the interpreter so far.
+and were timed end to end there (docs/lora.md).
 """
 
 from __future__ import annotations
@@ -44,8 +43,12 @@ import triton.language as tl
 NO_SLOT: tl.constexpr = tl.constexpr(2 ** 31 - 1)
 # Decode-sized steps use the smallest tile tl.dot takes, so a tile mixes as few adapters as possible.
 SMALL_STEP_TOKENS = 256
-# About one program per multiprocessor of an H100/H200 (132).
-SHRINK_TARGET_PROGRAMS = 128
+# Programs the shrink's split aims at: at up to DECODE_TOKENS tokens 16, more at larger steps
+# (benchmarks/kernels_gpu.py lora-sweep, H100, the 8B model's projections at rank 16: 16 programs
+# took 14% less time than 128 over the four at 1 token and 17% at 8; at 64 tokens 64 took 15% less).
+DECODE_TOKENS = 16
+DECODE_SHRINK_PROGRAMS = 16
+SHRINK_TARGET_PROGRAMS = 64
 # Bytes of each row a program reads per reduction step: 128 bf16/fp16 or 64 float32 features for
 # shrink, so a float32 tile takes the shared memory of a 16-bit one (128 float32 features at rank
 # 64 would take 128 KiB, more than an A10 or RTX 30xx has).
@@ -66,8 +69,6 @@ MAX_SLICES = 4
 # rank 16 are 48) spills at 4 warps (228 bytes at 16 rows), not at 8.
 PARTIALS_BLOCK = 2048
 ADD_WARPS = 8
-# lora_add's one-launch candidate serves decode steps of up to this many tokens (one token tile).
-ONE_LAUNCH_TOKENS = 16
 
 
 @triton.jit
@@ -197,37 +198,6 @@ def _lora_add_expand_kernel(partials_ptr, b_ptr, slots_ptr, y_ptr, tokens, out_f
     tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=tile_ok)
 
 
-@triton.jit
-def _lora_add_one_launch_kernel(x_ptr, a_ptr, b_ptr, slots_ptr, y_ptr, tokens, out_features, in_features, rank, scale,
-                                end0, end1, end2, stride_xt, stride_as, stride_ar, stride_bs, stride_bo, stride_yt,
-                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                                BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid: (1, output feature tiles), tokens <= BLOCK_M. y += (scale * x @ A_p[slot].T) @ B_p[slot].T,
-    in place: each program computes the shrink of the partitions its columns belong to over all
-    input features itself (every program of a partition the same, in the same order), so the
-    step takes one launch instead of a shrink and an expand."""
-    rows = tl.arange(0, BLOCK_M)
-    cols, col_ok, tile_slots, tile_ok, acc, part = _partitioned_output_tile(
-        rows, slots_ptr, y_ptr, tokens, out_features, end0, end1, end2, stride_yt, BLOCK_N)
-    ranks = tl.arange(0, BLOCK_R)
-    rank_ok = ranks < rank
-    x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xt
-    for p in range(tl.min(tl.where(col_ok, part, NO_SLOT), 0), tl.max(tl.where(col_ok, part, 0), 0) + 1):
-        shrunk = _add_slot_products(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), tile_slots, x_rows, a_ptr,
-                                    stride_as, (p * rank + ranks)[:, None] * stride_ar, rank_ok, 0, in_features,
-                                    BLOCK_K, DOT_PRECISION) * scale
-        in_part = col_ok & (part == p)
-        slot = _next_slot(tile_slots, -1)
-        while slot < NO_SLOT:
-            w = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + cols[:, None].to(tl.int64) * stride_bo + ranks[None, :],
-                        mask=in_part[:, None] & rank_ok[None, :], other=0.0)
-            mine = tl.where((tile_slots == slot)[:, None], shrunk, 0.0)
-            acc += tl.dot(mine.to(w.dtype), tl.trans(w), input_precision=DOT_PRECISION)
-            slot = _next_slot(tile_slots, slot)
-    tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_yt + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=tile_ok)
-
-
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -249,7 +219,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def shrink_splits(tokens: int, in_features: int, block_k: int) -> int:
     """How many slices the input features are cut into: enough programs to fill the GPU."""
     tiles = triton.cdiv(tokens, _block_m(tokens))
-    return max(1, min(SHRINK_TARGET_PROGRAMS // tiles, triton.cdiv(in_features, block_k)))
+    target = DECODE_SHRINK_PROGRAMS if tokens <= DECODE_TOKENS else SHRINK_TARGET_PROGRAMS
+    return max(1, min(target // tiles, triton.cdiv(in_features, block_k)))
 
 
 def _shrink_partials(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor, scale: float,
@@ -302,13 +273,12 @@ def lora_expand(shrunk: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor,
 
 
 def lora_add(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor,
-             slices: Sequence[int], scale: float, one_launch: bool = False) -> torch.Tensor:
+             slices: Sequence[int], scale: float) -> torch.Tensor:
     """y [T, out] += per partition i: (scale * x @ A_i[slot].T) @ B_i[slot].T, in place; returns y.
     lora_a [S, n * r, in] and lora_b [S, out, r] hold the ``n = len(slices)`` partitions (contract 1.5).
-    One shrink and one expand launch for up to ``MAX_SLICES`` partitions. ``one_launch`` (steps of at
-    most ``ONE_LAUNCH_TOKENS`` tokens, ranks up to ``SHRINK_MAX_BLOCK_R``; others ignore it): one
-    launch whose programs each compute the shrink they need, a candidate that
-    ``benchmarks/kernels_gpu.py lora-sweep`` times against the two launches."""
+    One shrink and one expand launch for up to ``MAX_SLICES`` partitions (a single launch whose
+    programs each computed the shrink they need took 2-8x longer on an H100 at 1-8 tokens:
+    docs/lora.md)."""
     slices = [int(width) for width in slices]
     rank = lora_b.shape[2]
     if lora_a.shape[1] != len(slices) * rank or lora_b.shape[1] != sum(slices) or y.shape[1] != sum(slices):
@@ -320,7 +290,7 @@ def lora_add(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
             group = slices[first:first + MAX_SLICES]
             end = start + sum(group)
             lora_add(y[:, start:end], x, lora_a[:, first * rank:(first + len(group)) * rank], lora_b[:, start:end],
-                     slots, group, scale, one_launch)
+                     slots, group, scale)
             start = end
         return y
     tokens, out_features = y.shape
@@ -330,14 +300,7 @@ def lora_add(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
     target = _unit_last_stride(y)
     ends = [sum(slices[:i + 1]) for i in range(len(slices) - 1)]
     ends += [out_features] * (MAX_SLICES - 1 - len(ends))
-    if one_launch and tokens <= ONE_LAUNCH_TOKENS and rank <= SHRINK_MAX_BLOCK_R:
-        _lora_add_one_launch_kernel[(1, triton.cdiv(out_features, EXPAND_BLOCK_N))](
-            x, lora_a, lora_b, slots, target, tokens, out_features, x.shape[1], rank, scale, *ends,
-            x.stride(0), lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1), target.stride(0),
-            BLOCK_M=ONE_LAUNCH_TOKENS, BLOCK_N=EXPAND_BLOCK_N, BLOCK_R=_dot_width(rank),
-            BLOCK_K=SHRINK_STEP_BYTES // x.element_size(), DOT_PRECISION=_dot_precision(x.dtype), num_warps=ADD_WARPS)
-    else:
-        _two_launch_add(target, x, lora_a, lora_b, slots, ends, scale)
+    _two_launch_add(target, x, lora_a, lora_b, slots, ends, scale)
     if target is not y:
         y.copy_(target)
     return y

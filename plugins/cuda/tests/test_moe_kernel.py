@@ -67,9 +67,10 @@ def test_fused_moe_reads_float8_experts(device):
     torch.testing.assert_close(q13.cpu().float() * s13.cpu()[..., None], w13, atol=0, rtol=2 ** -4)
 
 
-def test_pairs_are_sorted_by_expert_into_padded_blocks():
+@pytest.mark.parametrize("align", ["align_pairs", "align_pairs_torch"])
+def test_pairs_are_sorted_by_expert_into_padded_blocks(align, device):
     ids = torch.tensor([[3, 0], [3, 1], [-1, 3], [0, 3]])
-    sorted_pairs, block_expert = moe.align_pairs(ids, 4, block_m=4)
+    sorted_pairs, block_expert = (t.cpu() for t in getattr(moe, align)(ids.to(device), 4, block_m=4))
     pairs = ids.numel()
     # Experts 0 (2 pairs), 1 (1), 3 (4) each fill one padded block of 4; expert 2 has none.
     assert block_expert.tolist()[:3] == [0, 1, 3] and set(block_expert.tolist()[3:]) == {4}
@@ -77,3 +78,20 @@ def test_pairs_are_sorted_by_expert_into_padded_blocks():
     assert blocks[0] == [1, 6, pairs, pairs] and blocks[1] == [3, pairs, pairs, pairs] and blocks[2] == [0, 2, 5, 7]
     assert len(sorted_pairs) >= pairs + 4 * 3  # room for the worst padding
     assert (sorted_pairs == 4).sum() == 0  # the pair of another rank's expert (pair 4) is nowhere
+
+
+@pytest.mark.parametrize("tokens,top_k,experts,block_m", [
+    (1, 2, 8, 16), (2, 2, 8, 16), (8, 8, 128, 16), (32, 2, 8, 16), (13, 4, 60, 16), (5, 1, 3, 64),
+], ids=["one-token", "decode", "qwen3-top8", "full", "uneven", "wide-blocks"])
+def test_the_one_program_sort_equals_the_torch_ops(tokens, top_k, experts, block_m, device):
+    """A decode step's sort (one Triton program) against the torch ops' on random routings, some
+    pairs on another rank's experts (-1): the same rows, padding and block experts."""
+    g = torch.Generator().manual_seed(tokens * 100 + experts)
+    for _ in range(5):
+        ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
+        ids[torch.rand(ids.shape, generator=g) < 0.2] = -1
+        assert ids.numel() <= moe.SMALL_PAIRS
+        got = moe.align_pairs(ids.to(device), experts, block_m)
+        expected = moe.align_pairs_torch(ids, experts, block_m)
+        for a, b in zip(got, expected):
+            assert torch.equal(a.cpu(), b)

@@ -2,7 +2,8 @@
 
 Routing is the reference's (softmax, top-k, optional renormalisation: a few small torch ops).
 The pairs are then sorted by expert and each expert's run padded to a multiple of ``BLOCK_M``
-(``align_pairs``: torch ops on the device, sized from the shapes alone), so every block of
+(``align_pairs``: one Triton program for a decode step, torch ops on the device beyond; sized
+from the shapes alone), so every block of
 ``BLOCK_M`` sorted rows belongs to one expert. Two launches follow:
 
 - gate/up: a program owns one block of rows and ``BLOCK_N`` columns of the intermediate width; it
@@ -67,8 +68,64 @@ def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torc
     each block's expert, ``num_experts`` past the last used block).
 
     Expert e's pairs occupy rows from its padded start on, in pair order; each expert's run is
-    padded to a multiple of ``block_m``. ``capacity`` is the most rows any routing needs.
+    padded to a multiple of ``block_m``. ``capacity`` is the most rows any routing needs. Up to
+    ``SMALL_PAIRS`` pairs one Triton program does it (a decode step's layer would otherwise spend
+    about 20 small torch kernels on it, more time than some of its expert products); beyond, the
+    torch ops of :func:`align_pairs_torch`.
     """
+    pairs = ids.numel()
+    if pairs > SMALL_PAIRS:
+        return align_pairs_torch(ids, num_experts, block_m)
+    capacity = triton.cdiv(pairs + num_experts * (block_m - 1), block_m) * block_m
+    sorted_pairs = torch.empty(capacity, dtype=torch.int32, device=ids.device)
+    block_expert = torch.empty(capacity // block_m, dtype=torch.int32, device=ids.device)
+    block_p = max(16, triton.next_power_of_2(pairs))
+    _align_small_kernel[(1,)](ids.flatten().contiguous(), sorted_pairs, block_expert, pairs, num_experts, capacity,
+                              capacity // block_m, BLOCK_M=block_m, BLOCK_P=block_p,
+                              BLOCK_E=max(16, triton.next_power_of_2(num_experts + 1)),
+                              BLOCK_R=ALIGN_ELEMENTS // block_p, num_warps=4)
+    return sorted_pairs, block_expert
+
+
+# The one-program sort matches this many (sorted row, pair) candidates at a time: compiled for
+# sm_90, 64 pairs of 128 experts then use 164 registers and spill nothing (256 rows at a time: 255
+# and a spill).
+ALIGN_ELEMENTS = 4096
+
+
+@triton.jit
+def _align_small_kernel(ids_ptr, sorted_ptr, block_expert_ptr, pairs, num_experts, capacity, blocks,
+                        BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr):
+    """align_pairs in one program: each pair's rank among its expert's pairs from a running count
+    over a one-hot [pairs, experts] table, each expert's padded start from a running sum of the
+    padded counts; every sorted row then looks up the pair that lands on it (no scatter, so no
+    two threads write one address)."""
+    p = tl.arange(0, BLOCK_P)
+    e = tl.arange(0, BLOCK_E)
+    valid = p < pairs
+    ids = tl.load(ids_ptr + p, mask=valid, other=-1).to(tl.int32)
+    ids = tl.where(ids < 0, num_experts, ids)  # another rank's expert: counted past the last, never placed
+    onehot = ((ids[:, None] == e[None, :]) & valid[:, None]).to(tl.int32)
+    rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1
+    counts = tl.sum(onehot, axis=0)
+    padded = tl.where(e < num_experts, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
+    ends = tl.cumsum(padded, axis=0)
+    row = tl.sum(onehot * (ends - padded)[None, :], axis=1) + rank
+    row = tl.where(valid & (ids < num_experts), row, capacity)
+    for first in range(0, capacity, BLOCK_R):
+        rows = first + tl.arange(0, BLOCK_R)
+        lands = row[None, :] == rows[:, None]
+        pair = tl.sum(tl.where(lands, p[None, :], 0), axis=1)
+        found = tl.sum(lands.to(tl.int32), axis=1) > 0
+        tl.store(sorted_ptr + rows, tl.where(found, pair, pairs), mask=rows < capacity)
+    for first in range(0, blocks, BLOCK_R):
+        block = first + tl.arange(0, BLOCK_R)
+        before = (ends[None, :] <= (block * BLOCK_M)[:, None]) & (e[None, :] < num_experts)
+        tl.store(block_expert_ptr + block, tl.sum(before.to(tl.int32), axis=1), mask=block < blocks)
+
+
+def align_pairs_torch(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`align_pairs` in torch ops on the device (any number of pairs)."""
     pairs = ids.numel()
     device = ids.device
     flat = ids.flatten()

@@ -51,6 +51,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                        help="dummy: made-up weights (--model needs only config.json and a tokenizer)")
     parser.add_argument("--decode-tokens", type=int, default=64, help="tokens of the batch-1 decode")
     parser.add_argument("--offline", type=int, nargs=3, default=[32, 128, 32], metavar=("N", "IN", "OUT"),
                         help="offline workload: N prompts of IN random tokens, OUT new tokens each")
@@ -60,8 +62,8 @@ def main() -> None:
     args = parser.parse_args()
     engines = {}
     for mode in (False, True):
-        engines[mode] = LLM(args.model, dtype=args.dtype, deterministic=mode, max_model_len=args.max_model_len,
-                            kv_cache_memory=args.kv_cache_memory)
+        engines[mode] = LLM(args.model, dtype=args.dtype, load_format=args.load_format, deterministic=mode,
+                            max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory)
     vocab = min(engines[False].engine.runner.settings.vocab_size, 30000)
     rng = random.Random(1)
     n, prompt_len, new_tokens = args.offline

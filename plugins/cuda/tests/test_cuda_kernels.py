@@ -255,6 +255,23 @@ def test_lora_add_tiles(tokens, in_features, slices, rank, layout, dtype, device
     assert torch.equal(target.cpu()[slots < 0], y[slots < 0])
 
 
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_lora_add_row_does_not_depend_on_the_other_rows_adapters(dtype):
+    """A decode step of 16 tokens over 8 adapters: each row's result is bit for bit the one it gets
+    when every other row has no adapter (the expand adds other adapters' products as exact zeros)."""
+    g = torch.Generator().manual_seed(21)
+    slots, x, lora_a, lora_b, y = (t.cuda() for t in _lora_add_inputs(16, 4096, [512, 128, 128], 16, "decode",
+                                                                      dtype, g, num_slots=8))
+    slots = torch.arange(16, device="cuda", dtype=torch.int32) % 9 - 1  # every adapter and none
+    together = kernels.lora_add(y.clone(), x, lora_a, lora_b, slots, [512, 128, 128], 0.5)
+    for row in range(16):
+        alone_slots = torch.full_like(slots, -1)
+        alone_slots[row] = slots[row]
+        alone = kernels.lora_add(y.clone(), x, lora_a, lora_b, alone_slots, [512, 128, 128], 0.5)
+        assert torch.equal(alone[row], together[row]), f"row {row} (adapter {slots[row].item()})"
+
+
 @DTYPES
 def test_lora_add_into_a_strided_output(dtype, device, require_dot):
     """y a column slice of a wider tensor (rows not contiguous): added in place, the rest untouched."""

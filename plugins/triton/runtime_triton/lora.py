@@ -66,7 +66,9 @@ MAX_SLICES = 4
 # from rank 64 on; with 8 warps and 2048, 115-240 registers and no spill at 16 rows (decode) up
 # to rank 128, none at 64 rows up to rank 16, and at 64 rows and rank 64 820 spilled bytes
 # against lora_expand's 1376. The shrink of stacked partitions (rank tiles of 64: q, k and v at
-# rank 16 are 48) spills at 4 warps (228 bytes at 16 rows), not at 8.
+# rank 16 are 48) spills at 4 warps (228 bytes at 16 rows), not at 8. Since the expand adds up the
+# partial sums once per rank step for all of a tile's adapters: 113 registers at 16 rows and rank
+# 16, 239 at 64 rows, and 16 spilled bytes at 16 rows and rank 64.
 PARTIALS_BLOCK = 2048
 ADD_WARPS = 8
 
@@ -176,23 +178,27 @@ def _lora_add_expand_kernel(partials_ptr, b_ptr, slots_ptr, y_ptr, tokens, out_f
     reduce = tl.arange(0, BLOCK_K)
     split_block = tl.arange(0, SPLIT_BLOCK)
     row_partials = partials_ptr + rows[:, None].to(tl.int64) * stride_pt
-    slot = _next_slot(tile_slots, -1)
-    while slot < NO_SLOT:
-        mine = (tile_slots == slot)[:, None]
-        w_rows = b_ptr + slot.to(tl.int64) * stride_bs + cols[:, None].to(tl.int64) * stride_bo
-        for k in range(k_start, k_end, BLOCK_K):
-            ranks = k + reduce
-            rank_ok = (ranks < k_end)[None, :]
-            shrunk = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-            for first in range(0, splits, SPLIT_BLOCK):
-                which = first + split_block
-                ptrs = (row_partials + ranks[None, :])[None, :, :] + which[:, None, None].to(tl.int64) * stride_ps
-                ok = (which < splits)[:, None, None] & (mine & rank_ok)[None, :, :]
-                shrunk += tl.sum(tl.load(ptrs, mask=ok, other=0.0), 0)
-            in_part = (ranks // rank)[None, :] == part[:, None]
-            w = tl.load(w_rows + (ranks % rank)[None, :], mask=col_ok[:, None] & in_part & rank_ok, other=0.0)
-            acc += tl.dot(shrunk.to(w.dtype), tl.trans(w), input_precision=DOT_PRECISION)
-        slot = _next_slot(tile_slots, slot)
+    adapted = (tile_slots >= 0)[:, None]
+    # Rank steps outside, adapters inside: the partial sums of a step are added up once for every
+    # row of the tile, not once per adapter present. A row's products still arrive in rank order
+    # (the other adapters' steps add exact zeros to it), so its sum is the same as one at a time.
+    for k in range(k_start, k_end, BLOCK_K):
+        ranks = k + reduce
+        rank_ok = (ranks < k_end)[None, :]
+        shrunk = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for first in range(0, splits, SPLIT_BLOCK):
+            which = first + split_block
+            ptrs = (row_partials + ranks[None, :])[None, :, :] + which[:, None, None].to(tl.int64) * stride_ps
+            ok = (which < splits)[:, None, None] & (adapted & rank_ok)[None, :, :]
+            shrunk += tl.sum(tl.load(ptrs, mask=ok, other=0.0), 0)
+        w_cols = cols[:, None].to(tl.int64) * stride_bo + (ranks % rank)[None, :]
+        w_ok = col_ok[:, None] & ((ranks // rank)[None, :] == part[:, None]) & rank_ok
+        slot = _next_slot(tile_slots, -1)
+        while slot < NO_SLOT:
+            w = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + w_cols, mask=w_ok, other=0.0)
+            mine = tl.where((tile_slots == slot)[:, None], shrunk, 0.0)
+            acc += tl.dot(mine.to(w.dtype), tl.trans(w), input_precision=DOT_PRECISION)
+            slot = _next_slot(tile_slots, slot)
     # The tile's pointers again rather than kept through the loop: fewer registers held.
     y_tile = y_ptr + rows[:, None].to(tl.int64) * stride_yt + cols[None, :]
     tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=tile_ok)

@@ -45,6 +45,9 @@ _HUNG_AFTER_DEATH_S = 10.0
 _WORKER_START_S = 300.0
 """How long workers may take to start (spawn, imports) at least: a loaded machine is slow at it."""
 
+_NAMING_WAIT_S = 2.0
+"""How long an error of a step waits to learn whether a worker died or stalled, to name it."""
+
 
 class LocalExecutor:
     """One rank, in this process."""
@@ -257,8 +260,10 @@ class MultiprocExecutor:
 
     def _named(self, exc: BaseException) -> BaseException:
         """``exc`` with the rank that caused it named: a worker that died, or one that stalled."""
-        deadline = time.monotonic() + 2.0
-        while self._failure is None and time.monotonic() < deadline and any(not p.is_alive() for p in self._workers):
+        # A killed worker's sockets close a moment before its process can be reaped, so the error
+        # of a collective with it can come first: wait for the watcher's news, or for the death.
+        deadline = time.monotonic() + _NAMING_WAIT_S
+        while self._failure is None and time.monotonic() < deadline and all(p.is_alive() for p in self._workers):
             time.sleep(0.05)
         if self._failure is None:
             ended = self._ended_worker()

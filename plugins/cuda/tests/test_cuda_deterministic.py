@@ -45,6 +45,34 @@ def test_batch_invariant_linear_matches_torch(dtype, device, require_dot):
     assert (batch_invariant.linear(x, w, b).double() - expected).abs().max().item() < tolerance
 
 
+def test_a_plan_too_large_for_shared_memory_shrinks_and_is_remembered(monkeypatch):
+    """The few-row plans were tuned on an H100's shared memory: on a GPU with less, the launch
+    (Triton's OutOfResources, at compile time) is retried with fewer stages, then a shallower K step,
+    and the plan that fit is used straight away next time. The kernel is a stand-in that only fits
+    two stages and 64-deep K steps."""
+    from triton.runtime.errors import OutOfResources
+
+    launches = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def launch(*args, BLOCK_K, num_stages, **kwargs):
+                launches.append((BLOCK_K, num_stages))
+                if num_stages > 2 or BLOCK_K > 64:
+                    raise OutOfResources(196608, 167936, "shared memory")
+            return launch
+
+    monkeypatch.setattr(batch_invariant, "_matmul_kernel", Kernel())
+    monkeypatch.setattr(batch_invariant, "FITTED_TILES", {})
+    x, w = torch.randn(3, 512).bfloat16(), torch.randn(4096, 512).bfloat16()
+    assert batch_invariant.tiles(3, x.dtype, 4096)["BLOCK_K"] == 256
+    batch_invariant.linear(x, w)
+    assert launches == [(256, 4), (256, 3), (256, 2), (256, 1), (128, 2), (128, 1), (64, 2)]
+    launches.clear()
+    batch_invariant.linear(x, w)
+    assert launches == [(64, 2)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the interpreter's tl.dot mixes a tile's rows")

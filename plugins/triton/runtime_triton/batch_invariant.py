@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .fitting import fewer_stages_then_shallower, launch_fitting
+
 FLOAT32_TILES = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
 FEW_ROWS, SOME_ROWS = 64, 256
 """Up to FEW_ROWS rows a product is weight-bound (narrow tiles, deep K steps: many loads in flight
@@ -31,6 +33,10 @@ FEW_ROW_TILES = {True: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, nu
                  False: dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)}
 SOME_ROW_NARROW_TILES = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3)
 MANY_ROW_TILES = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+FITTED_TILES: dict[tuple, dict] = {}
+"""Plans that had to shrink to fit the GPU's shared memory (the few-row ones take up to 192 KB,
+tuned on an H100's 227: an A100 has 164, sm_86 cards 100), by the plan and launch they replace.
+Fewer stages or a shallower K step change no sum (above)."""
 
 
 def tiles(rows: int, dtype: torch.dtype, columns: int) -> dict:
@@ -82,10 +88,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     n = weight.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m:
+        def launch(plan: dict) -> None:
+            _matmul_kernel[(triton.cdiv(m, plan["BLOCK_M"]), triton.cdiv(n, plan["BLOCK_N"]))](
+                rows, weight, bias if bias is not None else weight, out, m, n, k, rows.stride(0), weight.stride(0),
+                out.stride(0), HAS_BIAS=bias is not None,
+                # float32 must not silently become TF32 in the matrix units.
+                DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **plan)
+
         plan = plan or tiles(m, x.dtype, n)
-        _matmul_kernel[(triton.cdiv(m, plan["BLOCK_M"]), triton.cdiv(n, plan["BLOCK_N"]))](
-            rows, weight, bias if bias is not None else weight, out, m, n, k, rows.stride(0), weight.stride(0),
-            out.stride(0), HAS_BIAS=bias is not None,
-            # float32 must not silently become TF32 in the matrix units.
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **plan)
+        launch_fitting(FITTED_TILES, (tuple(sorted(plan.items())), n, k, x.dtype, x.device), plan, launch,
+                       fewer_stages_then_shallower("BLOCK_K", 16))
     return out.view(*x.shape[:-1], n)

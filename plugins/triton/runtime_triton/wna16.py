@@ -29,9 +29,10 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
 
 from runtime.platform.packed import GroupQuantData
+
+from .fitting import fewer_stages_then_shallower, launch_fitting
 
 
 @dataclass
@@ -269,16 +270,6 @@ FITTED_TILES: dict[tuple, dict] = {}
 """Plans that had to shrink to fit the GPU's shared memory, by the plan and launch they replace."""
 
 
-def smaller_tiles(tiles: dict) -> dict | None:
-    """The plan to try when ``tiles`` needs more shared memory than the GPU has: one pipeline
-    stage fewer, then (at one stage) half the K depth with two stages; None when nothing is left."""
-    if tiles["num_stages"] > 1:
-        return {**tiles, "num_stages": tiles["num_stages"] - 1}
-    if tiles["block_k"] > 32:
-        return {**tiles, "block_k": tiles["block_k"] // 2, "num_stages": 2}
-    return None
-
-
 def matmul(weight: WNA16Weight, x: torch.Tensor, bias: torch.Tensor | None = None, **tiles) -> torch.Tensor:
     """``x @ W.T + bias`` in ``x``'s dtype; ``tiles`` override :func:`plan`'s choice."""
     rows = x.reshape(-1, x.shape[-1])
@@ -311,25 +302,17 @@ def _tiled(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor
     out = torch.zeros(m, n, dtype=torch.float32, device=rows.device) if split > 1 else \
         torch.empty(m, n, dtype=rows.dtype, device=rows.device)
     if m:
-        key = (tuple(sorted(tiles.items())), n, k, rows.dtype, weight.bits, weight.group_size, rows.device)
-        tiles = FITTED_TILES.get(key, tiles)
-        while True:
+        def launch(tiles: dict) -> None:
             grid = (triton.cdiv(m, tiles["block_m"]), triton.cdiv(n, tiles["block_n"]), split)
-            try:
-                _wna16_kernel[grid](rows, weight.qweight, weight.scales, weight.zeros, out, m, n, k, rows.stride(0),
-                                    weight.qweight.stride(0), weight.scales.stride(0), out.stride(0), BITS=weight.bits,
-                                    GROUP=weight.group_size, BLOCK_M=tiles["block_m"], BLOCK_N=tiles["block_n"],
-                                    BLOCK_K=tiles["block_k"], SPLIT_K=split, IEEE=rows.dtype == torch.float32,
-                                    WORDS_ONCE=tiles.get("words_once", False), SWAP_AB=tiles.get("swap_ab", False),
-                                    num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
-                break
-            except OutOfResources:
-                # The compiled tile asked for more shared memory than this GPU has (the failure
-                # comes at compile time, before anything runs): the next smaller plan, kept.
-                smaller = smaller_tiles(tiles)
-                if smaller is None:
-                    raise
-                tiles = FITTED_TILES[key] = smaller
+            _wna16_kernel[grid](rows, weight.qweight, weight.scales, weight.zeros, out, m, n, k, rows.stride(0),
+                                weight.qweight.stride(0), weight.scales.stride(0), out.stride(0), BITS=weight.bits,
+                                GROUP=weight.group_size, BLOCK_M=tiles["block_m"], BLOCK_N=tiles["block_n"],
+                                BLOCK_K=tiles["block_k"], SPLIT_K=split, IEEE=rows.dtype == torch.float32,
+                                WORDS_ONCE=tiles.get("words_once", False), SWAP_AB=tiles.get("swap_ab", False),
+                                num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
+
+        key = (tuple(sorted(tiles.items())), n, k, rows.dtype, weight.bits, weight.group_size, rows.device)
+        launch_fitting(FITTED_TILES, key, tiles, launch, fewer_stages_then_shallower("block_k", 32))
     return out.to(rows.dtype)
 
 

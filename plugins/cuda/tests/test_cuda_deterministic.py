@@ -50,19 +50,10 @@ def test_a_plan_too_large_for_shared_memory_shrinks_and_is_remembered(monkeypatc
     (Triton's OutOfResources, at compile time) is retried with fewer stages, then a shallower K step,
     and the plan that fit is used straight away next time. The kernel is a stand-in that only fits
     two stages and 64-deep K steps."""
-    from triton.runtime.errors import OutOfResources
+    from small_shared_memory import KernelFitting
 
     launches = []
-
-    class Kernel:
-        def __getitem__(self, grid):
-            def launch(*args, BLOCK_K, num_stages, **kwargs):
-                launches.append((BLOCK_K, num_stages))
-                if num_stages > 2 or BLOCK_K > 64:
-                    raise OutOfResources(196608, 167936, "shared memory")
-            return launch
-
-    monkeypatch.setattr(batch_invariant, "_matmul_kernel", Kernel())
+    monkeypatch.setattr(batch_invariant, "_matmul_kernel", KernelFitting(launches, max_stages=2, max_k=64))
     monkeypatch.setattr(batch_invariant, "FITTED_TILES", {})
     x, w = torch.randn(3, 512).bfloat16(), torch.randn(4096, 512).bfloat16()
     assert batch_invariant.tiles(3, x.dtype, 4096)["BLOCK_K"] == 256

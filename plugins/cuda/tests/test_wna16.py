@@ -80,17 +80,10 @@ def test_a_plan_too_large_for_shared_memory_shrinks_and_is_remembered(monkeypatc
     straight away next time. The kernel is a stand-in that only fits two stages and K depth 64."""
     from triton.runtime.errors import OutOfResources
 
+    from small_shared_memory import KernelFitting
+
     launches = []
-
-    class Kernel:
-        def __getitem__(self, grid):
-            def launch(*args, BLOCK_K, num_stages, **kwargs):
-                launches.append((BLOCK_K, num_stages))
-                if num_stages > 2 or BLOCK_K > 64:
-                    raise OutOfResources(245760, 232448, "shared memory")
-            return launch
-
-    monkeypatch.setattr(wna16, "_wna16_kernel", Kernel())
+    monkeypatch.setattr(wna16, "_wna16_kernel", KernelFitting(launches, max_stages=2, max_k=64))
     monkeypatch.setattr(wna16, "FITTED_TILES", {})
     weight = wna16.repack(_group_quant(64, 256, 4, 32, False, seed=0), torch.float16, torch.device("cpu"))
     x = torch.randn(4, 256).half()
@@ -101,14 +94,7 @@ def test_a_plan_too_large_for_shared_memory_shrinks_and_is_remembered(monkeypatc
     wna16.matmul(weight, x, **tiles)
     assert launches == [(64, 2)]
     # A stand-in that fits nothing: every smaller plan is tried once, then the error is raised.
-    class NothingFits:
-        def __getitem__(self, grid):
-            def launch(*args, BLOCK_K, num_stages, **kwargs):
-                launches.append((BLOCK_K, num_stages))
-                raise OutOfResources(245760, 232448, "shared memory")
-            return launch
-
-    monkeypatch.setattr(wna16, "_wna16_kernel", NothingFits())
+    monkeypatch.setattr(wna16, "_wna16_kernel", KernelFitting(launches, max_stages=0, max_k=0))
     monkeypatch.setattr(wna16, "FITTED_TILES", {})
     launches.clear()
     with pytest.raises(OutOfResources):

@@ -33,7 +33,8 @@
 #   structured: benchmarks/structured_gpu.py: the Llama-3-8B shape (made-up weights) with the embedded model's tokenizer
 #            (carry .whl/tok), batch 64
 #            with a JSON schema on every request: runtime plain vs constrained (the mask's step overhead), then vLLM;
-#            then benchmarks/structured_host.py: the host's part of a constrained step, by xgrammar fill threads
+#            then (STRUCTURED_PARTS with host, as by default) benchmarks/structured_host.py: the host's part of a
+#            constrained step, by xgrammar fill threads
 #   offload: benchmarks/offload_gpu.py on the Llama-3-8B shape: a shared-prefix workload whose prefixes need 4x the
 #            device KV cache, runtime without and with --kv-offloading-size (target >= 1.5x throughput, higher
 #            prefix hit rate); then preemption by recompute, swap and auto under a cache a quarter of the need
@@ -44,6 +45,9 @@
 #            against each other and cuBLAS bf16 (what wna16.plan is tuned from)
 #   det-sweep: benchmarks/kernels_gpu.py deterministic-sweep: the batch-invariant matmul's plans that sum in the
 #            current plan's order, against cuBLAS
+#   kernels: benchmarks/kernels_gpu.py $KERNELS (default wna16 bitmask): kernels alone against their rooflines
+#   moe-sweep: benchmarks/kernels_gpu.py moe-sweep on $MOE_SHAPE's experts (default mixtral-8x7b: one layer fits any
+#            GPU): fused_moe's two launches under a grid of tile plans (what DECODE_PLAN and PREFILL_PLAN are tuned from)
 #   lora-sweep: benchmarks/kernels_gpu.py lora-sweep: lora_add at decode sizes by shrink programs, beside the base matmul
 #   vision:  benchmarks/vision_gpu.py: a LLaVA-1.5-7B-shaped model in /tmp/llava7b (made-up weights), one 336 px JPEG
 #            and 128 random tokens per chat request, 128 out, at C=16 and 64: runtime, then vLLM (needs `unpack`)
@@ -126,12 +130,13 @@ for stage in "$@"; do
           | tail -15 | tee -a $R/moe/run.log
       done ;;
     structured)
-      for part in ${STRUCTURED_PARTS:-prepare runtime vllm}; do
+      for part in ${STRUCTURED_PARTS:-prepare runtime vllm host}; do
+        [ $part = host ] && continue
         timeout 480 python3 benchmarks/structured_gpu.py $part --json $R/structured/$part.json --tokenizer .whl/tok 2>&1 \
           | grep -v "it/s]" | tail -15 | tee -a $R/structured/run.log
       done
       # The host's part of a constrained step on this machine's CPU, by xgrammar fill threads.
-      timeout 300 python3 benchmarks/structured_host.py --model /tmp/llama8b-json --threads 1 4 auto \
+      [[ " ${STRUCTURED_PARTS:-host} " = *" host "* ]] && timeout 300 python3 benchmarks/structured_host.py --model /tmp/llama8b-json --threads 1 4 auto \
         --json $R/structured/host.json 2>&1 | tail -4 | tee -a $R/structured/run.log ;;
     offload)
       for part in ${OFFLOAD_PARTS:-offload swap}; do
@@ -150,6 +155,12 @@ for stage in "$@"; do
     det-sweep)
       timeout ${SWEEP_TIMEOUT:-540} python3 benchmarks/kernels_gpu.py deterministic-sweep --json $R/det-sweep/sweep.json \
         2>&1 | tee $R/det-sweep/run.log ;;
+    kernels)
+      timeout ${SWEEP_TIMEOUT:-540} python3 benchmarks/kernels_gpu.py ${KERNELS:-wna16 bitmask} --json $R/kernels/kernels.json \
+        2>&1 | tee $R/kernels/run.log ;;
+    moe-sweep)
+      timeout ${SWEEP_TIMEOUT:-540} python3 benchmarks/kernels_gpu.py moe-sweep --moe-shape ${MOE_SHAPE:-mixtral-8x7b} \
+        --json $R/moe-sweep/sweep.json 2>&1 | tee $R/moe-sweep/run.log ;;
     lora-sweep)
       timeout ${SWEEP_TIMEOUT:-540} python3 benchmarks/kernels_gpu.py lora-sweep --json $R/lora-sweep/sweep.json \
         2>&1 | tee $R/lora-sweep/run.log ;;

@@ -12,12 +12,16 @@
   fused projections with 8 rank-16 adapters at 1, 8 and 64 tokens, with the shrink cut into 16 to
   128 programs (``DECODE_SHRINK_PROGRAMS``, ``SHRINK_TARGET_PROGRAMS``), beside the projection's own bf16 matmul: whether a
   decode step's LoRA cost is the launches' floor or their work.
+- ``moe-sweep``: ``fused_moe`` on one layer of Mixtral-8x7B's (or ``--moe-shape``'s) experts at
+  1 to 2048 tokens: each of its two launches (gate/up, down) under a grid of tile plans while the
+  other keeps its own plan, then both best plans together, beside the op's own plans: what
+  ``runtime_triton.moe``'s ``DECODE_PLAN`` and ``PREFILL_PLAN`` are tuned from.
 - ``bitmask``: ``apply_token_bitmask`` on 64 rows of a 128,256-token vocabulary, against
   reading and writing those logits once.
 
 Every figure is a CUDA graph of 50 calls replayed, divided by 50. One JSON line per case.
 (``benchmarks/moe_gpu.py kernel`` measures ``fused_moe`` the same way.)
-Usage: python3 benchmarks/kernels_gpu.py [wna16] [wna16-sweep] [deterministic-sweep] [lora-sweep] [bitmask] [--json FILE]
+Usage: python3 benchmarks/kernels_gpu.py [wna16] [wna16-sweep] [deterministic-sweep] [lora-sweep] [moe-sweep] [bitmask] [--json FILE]
 """
 
 from __future__ import annotations
@@ -234,6 +238,81 @@ def lora_sweep(bandwidth: float) -> list[dict]:
     return out
 
 
+def moe_plans(tokens: int) -> list:
+    """Tile plans tried for ``fused_moe``'s launches: 16-row blocks (the smallest tl.dot takes) with
+    narrow to wide column tiles and deep K steps while the weights dominate, square tiles beyond."""
+    import itertools
+
+    from runtime_triton.moe import SMALL_PAIRS, MoEPlan
+
+    if tokens * 2 <= SMALL_PAIRS:
+        grid = itertools.product([16], [16, 32, 64], [128, 256], [4, 8], [3, 4, 5])
+    else:
+        grid = [*itertools.product([64, 128], [64, 128], [64, 128], [8], [3, 4]), (64, 64, 64, 4, 3), (64, 64, 64, 4, 4)]
+    return [MoEPlan(*values) for values in grid]
+
+
+def moe_sweep(bandwidth: float, shape: str) -> list[dict]:
+    from triton.runtime.errors import OutOfResources
+
+    from moe_gpu import config_of
+    from runtime.models import decoder_settings
+    from runtime_triton import moe
+
+    s = decoder_settings(config_of(shape, 1))
+    experts, top_k, h, width = s.moe.num_experts, s.moe.top_k, s.hidden_size, s.moe.intermediate_size
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w13 = torch.randn(experts, 2 * width, h, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
+    w2 = torch.randn(experts, h, width, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
+    out = []
+    for tokens in (1, 8, 32, 256, 2048):
+        x = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16, generator=g)
+        logits = torch.randn(tokens, experts, device="cuda", generator=g)
+        own_plan = moe.plan_for(tokens * top_k, x.dtype)
+        own = moe.fused_moe(x, logits, w13, w2, top_k, s.moe.renormalize).float()
+
+        def timed(plans) -> float | None:
+            """The op's time under (gate/up, down) plans; None where they do not fit or differ from the own."""
+            try:
+                got = moe.fused_moe(x, logits, w13, w2, top_k, s.moe.renormalize, plans=plans).float()
+            except OutOfResources:
+                return None
+            if not (got - own).abs().max().item() <= 2e-2 * own.abs().max().item():
+                return None
+            return graph_us(lambda: moe.fused_moe(x, logits, w13, w2, top_k, s.moe.renormalize, plans=plans))
+
+        own_us = graph_us(lambda: moe.fused_moe(x, logits, w13, w2, top_k, s.moe.renormalize))
+        row = {"kernel": "moe-sweep", "shape": shape, "tokens": tokens, "own_plan": own_plan, "own_us": round(own_us, 1)}
+        best = []
+        for side in (0, 1):
+            tried = []
+            for plan in moe_plans(tokens):
+                if plan.block_m != own_plan.block_m:
+                    continue
+                plans = (plan, own_plan) if side == 0 else (own_plan, plan)
+                us = timed(plans)
+                if us is not None:
+                    tried.append((us, plan))
+            tried.sort(key=lambda pair: pair[0])
+            name = ("gate_up", "down")[side]
+            row[f"{name}_best"] = [round(tried[0][0], 1), tried[0][1]]
+            row[f"{name}_runners_up"] = [[round(us, 1), plan] for us, plan in tried[1:4]]
+            row[f"{name}_plans"] = len(tried)
+            best.append(tried[0][1])
+        both_us = timed(tuple(best))
+        row["both_best_us"] = both_us and round(both_us, 1)
+        # Blocks of another height than the own plan's change the sort's padding: both launches take them.
+        other_heights = [(timed((plan, plan)), plan) for plan in moe_plans(tokens) if plan.block_m != own_plan.block_m]
+        other_heights = sorted((pair for pair in other_heights if pair[0] is not None), key=lambda pair: pair[0])
+        row["other_block_m_best"] = [[round(us, 1), plan] for us, plan in other_heights[:3]]
+        read = torch.topk(logits, top_k).indices.unique().numel() * 3 * h * width * 2
+        row["own_of_roofline"] = round(read / bandwidth * 1e6 / own_us, 3)
+        row["both_best_of_roofline"] = both_us and round(read / bandwidth * 1e6 / both_us, 3)
+        out.append(row)
+        print(json.dumps(row, default=str), flush=True)
+    return out
+
+
 def bitmask_cases(bandwidth: float) -> list[dict]:
     from runtime_triton.bitmask import apply_token_bitmask
 
@@ -253,13 +332,15 @@ def bitmask_cases(bandwidth: float) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kernels", nargs="*", help="wna16, wna16-sweep, deterministic-sweep, lora-sweep, bitmask (default: wna16 and bitmask)")
+    parser.add_argument("kernels", nargs="*", help="wna16, wna16-sweep, deterministic-sweep, lora-sweep, moe-sweep, bitmask (default: wna16 and bitmask)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--sweep-rows", type=int, nargs="+", default=[1, 64, 256, 512, 2048, 8192],
                         help="wna16-sweep: the numbers of rows tried")
+    parser.add_argument("--moe-shape", default="mixtral-8x7b", help="moe-sweep: a shape of benchmarks/moe_gpu.py")
     args = parser.parse_args()
     cases = {"wna16": wna16_cases, "wna16-sweep": lambda bandwidth: wna16_sweep(bandwidth, tuple(args.sweep_rows)),
-             "deterministic-sweep": deterministic_sweep, "lora-sweep": lora_sweep, "bitmask": bitmask_cases}
+             "deterministic-sweep": deterministic_sweep, "lora-sweep": lora_sweep,
+             "moe-sweep": lambda bandwidth: moe_sweep(bandwidth, args.moe_shape), "bitmask": bitmask_cases}
     unknown = set(args.kernels) - set(cases)
     if unknown:
         parser.error(f"unknown kernels {sorted(unknown)}; choose from {sorted(cases)}")
@@ -267,7 +348,7 @@ def main() -> None:
     print(json.dumps({"device": torch.cuda.get_device_name(), "copy_GBps": round(bandwidth / 1e9)}), flush=True)
     results = [row for name in args.kernels or ["wna16", "bitmask"] for row in cases[name](bandwidth)]
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        args.json.write_text(json.dumps(results, indent=1, default=str))
 
 
 if __name__ == "__main__":

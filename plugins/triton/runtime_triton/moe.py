@@ -241,8 +241,12 @@ def _down_kernel(a_ptr, w_ptr, scale_ptr, routing_ptr, out_ptr, sorted_pairs_ptr
 
 def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
               renormalize: bool, activation: str = "silu", expert_map: torch.Tensor | None = None,
-              w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """The reference's semantics (runtime.platform.reference.moe.fused_moe) in two launches."""
+              w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+              plans: tuple[MoEPlan, MoEPlan] | None = None) -> torch.Tensor:
+    """The reference's semantics (runtime.platform.reference.moe.fused_moe) in two launches.
+
+    ``plans`` (gate/up, down) replaces :func:`plan_for`'s for both (``benchmarks/kernels_gpu.py
+    moe-sweep`` times others); their ``block_m`` must agree, the sort pads to it."""
     if activation not in ("silu", "gelu", "gelu_tanh"):
         raise ValueError(f"fused_moe: activation must be silu, gelu or gelu_tanh, got {activation!r}")
     tokens, hidden = x.shape
@@ -252,11 +256,14 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w
     weights, ids = select_experts(router_logits, top_k, renormalize, expert_map)
     experts, width = w13.shape[0], w2.shape[2]
     pairs = tokens * top_k
-    plan = plan_for(pairs, x.dtype)
-    sorted_pairs, block_expert = align_pairs(ids, experts, plan.block_m)
+    gate_up_plan, down_plan = plans or (plan_for(pairs, x.dtype),) * 2
+    if gate_up_plan.block_m != down_plan.block_m:
+        raise ValueError(f"fused_moe: the two plans' block_m differ ({gate_up_plan.block_m}, {down_plan.block_m})")
+    sorted_pairs, block_expert = align_pairs(ids, experts, gate_up_plan.block_m)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     has_scale = w13_scale is not None
     activated = torch.empty(sorted_pairs.numel(), width, dtype=x.dtype, device=x.device)
+    plan = gate_up_plan
     _gate_up_kernel[(block_expert.numel(), triton.cdiv(width, plan.block_n))](
         x, w13, w13_scale if has_scale else w13, activated, sorted_pairs, block_expert,
         pairs, experts, width, hidden, top_k,
@@ -267,6 +274,7 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w
     # Every pair's row is written unless some pairs belong to other ranks' experts.
     alloc = torch.zeros if expert_map is not None else torch.empty
     per_pair = alloc(pairs, hidden, dtype=torch.float32, device=x.device)
+    plan = down_plan
     _down_kernel[(block_expert.numel(), triton.cdiv(hidden, plan.block_n))](
         activated, w2, w2_scale if has_scale else w2, weights.flatten().contiguous(), per_pair, sorted_pairs, block_expert,
         pairs, experts, hidden, width,

@@ -47,7 +47,7 @@
 #            current plan's order, against cuBLAS
 #   kernels: benchmarks/kernels_gpu.py $KERNELS (default wna16 bitmask): kernels alone against their rooflines
 #   moe-sweep: benchmarks/kernels_gpu.py moe-sweep on $MOE_SHAPE's experts (default mixtral-8x7b: one layer fits any
-#            GPU): fused_moe's two launches under a grid of tile plans (what DECODE_PLAN and PREFILL_PLAN are tuned from)
+#            GPU): fused_moe's two launches under a grid of tile plans (what moe.plans_for is tuned from)
 #   lora-sweep: benchmarks/kernels_gpu.py lora-sweep: lora_add at decode sizes by shrink programs, beside the base matmul
 #   vision:  benchmarks/vision_gpu.py: a LLaVA-1.5-7B-shaped model in /tmp/llava7b (made-up weights), one 336 px JPEG
 #            and 128 random tokens per chat request, 128 out, at C=16 and 64: runtime, then vLLM (needs `unpack`)

@@ -15,7 +15,7 @@
 - ``moe-sweep``: ``fused_moe`` on one layer of Mixtral-8x7B's (or ``--moe-shape``'s) experts at
   1 to 2048 tokens: each of its two launches (gate/up, down) under a grid of tile plans while the
   other keeps its own plan, then both best plans together, beside the op's own plans: what
-  ``runtime_triton.moe``'s ``DECODE_PLAN`` and ``PREFILL_PLAN`` are tuned from.
+  ``runtime_triton.moe.plans_for`` is tuned from.
 - ``bitmask``: ``apply_token_bitmask`` on 64 rows of a 128,256-token vocabulary, against
   reading and writing those logits once.
 
@@ -238,14 +238,14 @@ def lora_sweep(bandwidth: float) -> list[dict]:
     return out
 
 
-def moe_plans(tokens: int) -> list:
-    """Tile plans tried for ``fused_moe``'s launches: 16-row blocks (the smallest tl.dot takes) with
-    narrow to wide column tiles and deep K steps while the weights dominate, square tiles beyond."""
+def moe_plans(block_m: int) -> list:
+    """Tile plans tried for ``fused_moe``'s launches: for 16-row blocks (the smallest tl.dot takes)
+    narrow to wide column tiles and deep K steps (the weights dominate), else square tiles."""
     import itertools
 
-    from runtime_triton.moe import SMALL_PAIRS, MoEPlan
+    from runtime_triton.moe import MoEPlan
 
-    if tokens * 2 <= SMALL_PAIRS:
+    if block_m == 16:
         grid = itertools.product([16], [16, 32, 64], [128, 256], [4, 8], [3, 4, 5])
     else:
         grid = [*itertools.product([64, 128], [64, 128], [64, 128], [8], [3, 4]), (64, 64, 64, 4, 3), (64, 64, 64, 4, 4)]
@@ -268,7 +268,7 @@ def moe_sweep(bandwidth: float, shape: str) -> list[dict]:
     for tokens in (1, 8, 32, 256, 2048):
         x = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16, generator=g)
         logits = torch.randn(tokens, experts, device="cuda", generator=g)
-        own_plan = moe.plan_for(tokens * top_k, x.dtype)
+        own_plans = moe.plans_for(tokens * top_k, experts, x.dtype)
         own = moe.fused_moe(x, logits, w13, w2, top_k, s.moe.renormalize).float()
 
         def timed(plans) -> float | None:
@@ -282,14 +282,14 @@ def moe_sweep(bandwidth: float, shape: str) -> list[dict]:
             return graph_us(lambda: moe.fused_moe(x, logits, w13, w2, top_k, s.moe.renormalize, plans=plans))
 
         own_us = graph_us(lambda: moe.fused_moe(x, logits, w13, w2, top_k, s.moe.renormalize))
-        row = {"kernel": "moe-sweep", "shape": shape, "tokens": tokens, "own_plan": own_plan, "own_us": round(own_us, 1)}
+        row = {"kernel": "moe-sweep", "shape": shape, "tokens": tokens, "own_plans": own_plans, "own_us": round(own_us, 1)}
         best = []
         for side in (0, 1):
             tried = []
-            for plan in moe_plans(tokens):
-                if plan.block_m != own_plan.block_m:
+            for plan in moe_plans(own_plans[side].block_m):
+                if plan.block_m != own_plans[side].block_m:
                     continue
-                plans = (plan, own_plan) if side == 0 else (own_plan, plan)
+                plans = (plan, own_plans[1]) if side == 0 else (own_plans[0], plan)
                 us = timed(plans)
                 if us is not None:
                     tried.append((us, plan))
@@ -301,8 +301,9 @@ def moe_sweep(bandwidth: float, shape: str) -> list[dict]:
             best.append(tried[0][1])
         both_us = timed(tuple(best))
         row["both_best_us"] = both_us and round(both_us, 1)
-        # Blocks of another height than the own plan's change the sort's padding: both launches take them.
-        other_heights = [(timed((plan, plan)), plan) for plan in moe_plans(tokens) if plan.block_m != own_plan.block_m]
+        # Square blocks of another height than the own plans' change the sort's padding: both launches take them.
+        other_heights = [(timed((plan, plan)), plan) for plan in moe_plans(64)
+                         if plan.block_m != own_plans[0].block_m and tokens >= 256]
         other_heights = sorted((pair for pair in other_heights if pair[0] is not None), key=lambda pair: pair[0])
         row["other_block_m_best"] = [[round(us, 1), plan] for us, plan in other_heights[:3]]
         read = torch.topk(logits, top_k).indices.unique().numel() * 3 * h * width * 2

@@ -12,8 +12,10 @@ from runtime.platform.reference import OPS
 moe = pytest.importorskip("runtime_triton.moe", reason="needs runtime-cuda and triton (pip install -e plugins/cuda)")
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-# (tokens, top_k): a decode step, a prefill chunk past SMALL_PAIRS pairs, every expert per token.
-STEPS = {"decode": (2, 2), "prefill": (40, 2), "top_1": (70, 1), "top_8_of_8": (5, 8)}
+# (tokens, top_k) over 8 experts: a decode step; a chunk past SMALL_PAIRS pairs (the torch sort)
+# still on the decode plans; chunks on the 64-row and 128-row plans; every expert per token.
+STEPS = {"decode": (2, 2), "chunk": (40, 2), "middle": (80, 2), "prefill": (300, 2), "top_1": (70, 1),
+         "top_8_of_8": (5, 8)}
 
 
 def _inputs(g, tokens, dtype, experts=8, hidden=40, width=24):
@@ -95,3 +97,19 @@ def test_the_one_program_sort_equals_the_torch_ops(tokens, top_k, experts, block
         expected = moe.align_pairs_torch(ids, experts, block_m)
         for a, b in zip(got, expected):
             assert torch.equal(a.cpu(), b)
+
+
+@pytest.mark.parametrize("align", ["align_pairs", "align_pairs_torch"])
+@pytest.mark.parametrize("pairs,experts,block_m", [(8, 128, 16), (64, 128, 16), (300, 128, 16), (600, 8, 128)],
+                         ids=["decode-one-pair-an-expert", "sixty-four-experts-used", "torch-sort", "wide-blocks"])
+def test_the_sort_fits_its_rows_when_every_pair_has_its_own_expert(align, pairs, experts, block_m, device):
+    """The launches are sized by sorted_rows (at most one block a pair): the routing that pads the
+    most, as many experts used as can be, still places every pair once."""
+    g = torch.Generator().manual_seed(pairs)
+    ids = (torch.randperm(pairs, generator=g) % experts).view(-1, 2)
+    sorted_pairs, block_expert = (t.cpu() for t in getattr(moe, align)(ids.to(device), experts, block_m))
+    assert len(sorted_pairs) == moe.sorted_rows(pairs, experts, block_m) == len(block_expert) * block_m
+    assert sorted(sorted_pairs[sorted_pairs < pairs].tolist()) == list(range(pairs))
+    expert_of_row = block_expert.repeat_interleave(block_m)
+    placed = sorted_pairs < pairs
+    assert torch.equal(expert_of_row[placed], ids.flatten()[sorted_pairs[placed].long()])

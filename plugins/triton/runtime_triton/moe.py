@@ -47,19 +47,37 @@ class MoEPlan:
     num_stages: int
 
 
-# Compiled for sm_90 by Triton's compiler without a GPU (cuobjdump --dump-resource-usage), bf16
-# activations with bf16 or e4m3 weights: these two plans spill nothing but 8 bytes (decode down,
-# bf16); 4 warps at 16 x 64 or 64 x 64 tiles, and 8 warps at 64 x 128, spilled 48 to 2560 bytes
-# (the gate/up kernel holds two accumulators). Not yet run or timed on a GPU.
-DECODE_PLAN = MoEPlan(block_m=16, block_n=32, block_k=256, num_warps=8, num_stages=4)
-PREFILL_PLAN = MoEPlan(block_m=64, block_n=64, block_k=64, num_warps=8, num_stages=3)
+# From benchmarks/kernels_gpu.py moe-sweep on one Mixtral-8x7B layer (H100, 2026-12-06): at 1-32
+# tokens the gate/up launch is fastest at 32 columns (4 or 8 warps alike), the down launch at 64
+# (256.2 against 269.6 us at one token); at 256 tokens 64-row blocks were best at 64 x 64 (gate/up)
+# and 64 x 128 (down), 128 x 128 tiles better still (1.11 against 1.19 ms for 64 x 64 in both);
+# at 2048 tokens 128 x 128 took 3.64 ms, 64 x 64 5.61.
+DECODE_PLANS = (MoEPlan(block_m=16, block_n=32, block_k=256, num_warps=8, num_stages=4),
+                MoEPlan(block_m=16, block_n=64, block_k=256, num_warps=8, num_stages=4))
+MIDDLE_PLANS = (MoEPlan(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=4),
+                MoEPlan(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=4))
+PREFILL_PLANS = (MoEPlan(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),) * 2
 
 
-def plan_for(pairs: int, dtype: torch.dtype) -> MoEPlan:
-    plan = DECODE_PLAN if pairs <= SMALL_PAIRS else PREFILL_PLAN
+def plans_for(pairs: int, experts: int, dtype: torch.dtype) -> tuple[MoEPlan, MoEPlan]:
+    """The (gate/up, down) tile plans for ``pairs`` token/expert pairs over ``experts``.
+
+    Chosen by the pairs an expert gets on average, not by the pairs alone: every expert's run is
+    padded to a whole block, so 128-row blocks over 128 experts of 16 pairs each would multiply
+    eight times as many rows as there are (Qwen3-30B-A3B at 256 tokens)."""
+    per_expert = pairs / experts
+    plans = DECODE_PLANS if per_expert <= 16 else MIDDLE_PLANS if per_expert < 64 else PREFILL_PLANS
     if dtype == torch.float32:  # the same shared memory per stage as a 16-bit tile
-        plan = MoEPlan(plan.block_m, plan.block_n, plan.block_k // 2, plan.num_warps, plan.num_stages)
-    return plan
+        plans = tuple(MoEPlan(p.block_m, p.block_n, p.block_k // 2, p.num_warps, p.num_stages) for p in plans)
+    return plans
+
+
+def sorted_rows(pairs: int, experts: int, block_m: int) -> int:
+    """The most sorted rows any routing of ``pairs`` pairs over ``experts`` needs: each used
+    expert's run padded to whole blocks is at most ``cdiv(pairs, block_m) + experts`` blocks, and
+    never more blocks than pairs (a used block holds at least one). The launches are sized by it,
+    so a decode step over many experts starts a few programs, not one per expert's block."""
+    return min(pairs, triton.cdiv(pairs + experts * (block_m - 1), block_m)) * block_m
 
 
 def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +86,7 @@ def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torc
     each block's expert, ``num_experts`` past the last used block).
 
     Expert e's pairs occupy rows from its padded start on, in pair order; each expert's run is
-    padded to a multiple of ``block_m``. ``capacity`` is the most rows any routing needs. Up to
+    padded to a multiple of ``block_m``. ``capacity`` is :func:`sorted_rows`. Up to
     ``SMALL_PAIRS`` pairs one Triton program does it (a decode step's layer would otherwise spend
     about 20 small torch kernels on it, more time than some of its expert products); beyond, the
     torch ops of :func:`align_pairs_torch`.
@@ -76,7 +94,7 @@ def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torc
     pairs = ids.numel()
     if pairs > SMALL_PAIRS:
         return align_pairs_torch(ids, num_experts, block_m)
-    capacity = triton.cdiv(pairs + num_experts * (block_m - 1), block_m) * block_m
+    capacity = sorted_rows(pairs, num_experts, block_m)
     sorted_pairs = torch.empty(capacity, dtype=torch.int32, device=ids.device)
     block_expert = torch.empty(capacity // block_m, dtype=torch.int32, device=ids.device)
     block_p = max(16, triton.next_power_of_2(pairs))
@@ -135,7 +153,7 @@ def align_pairs_torch(ids: torch.Tensor, num_experts: int, block_m: int) -> tupl
     padded = (counts[:num_experts] + block_m - 1) // block_m * block_m
     padded_ends = padded.cumsum(0)
     # Each expert's first sorted row; pairs of other ranks (the extra "expert") go to a dump row.
-    capacity = triton.cdiv(pairs + num_experts * (block_m - 1), block_m) * block_m
+    capacity = sorted_rows(pairs, num_experts, block_m)
     starts = torch.cat([padded_ends - padded, torch.full((1,), capacity, dtype=torch.int64, device=device)])
     order = torch.argsort(flat, stable=True)
     sorted_experts = flat[order]
@@ -245,7 +263,7 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w
               plans: tuple[MoEPlan, MoEPlan] | None = None) -> torch.Tensor:
     """The reference's semantics (runtime.platform.reference.moe.fused_moe) in two launches.
 
-    ``plans`` (gate/up, down) replaces :func:`plan_for`'s for both (``benchmarks/kernels_gpu.py
+    ``plans`` (gate/up, down) replaces :func:`plans_for`'s (``benchmarks/kernels_gpu.py
     moe-sweep`` times others); their ``block_m`` must agree, the sort pads to it."""
     if activation not in ("silu", "gelu", "gelu_tanh"):
         raise ValueError(f"fused_moe: activation must be silu, gelu or gelu_tanh, got {activation!r}")
@@ -256,7 +274,7 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w
     weights, ids = select_experts(router_logits, top_k, renormalize, expert_map)
     experts, width = w13.shape[0], w2.shape[2]
     pairs = tokens * top_k
-    gate_up_plan, down_plan = plans or (plan_for(pairs, x.dtype),) * 2
+    gate_up_plan, down_plan = plans or plans_for(pairs, w13.shape[0], x.dtype)
     if gate_up_plan.block_m != down_plan.block_m:
         raise ValueError(f"fused_moe: the two plans' block_m differ ({gate_up_plan.block_m}, {down_plan.block_m})")
     sorted_pairs, block_expert = align_pairs(ids, experts, gate_up_plan.block_m)

@@ -69,10 +69,38 @@ def test_fused_moe_reads_float8_experts(device):
     torch.testing.assert_close(q13.cpu().float() * s13.cpu()[..., None], w13, atol=0, rtol=2 ** -4)
 
 
-@pytest.mark.parametrize("align", ["align_pairs", "align_pairs_torch"])
+def _sort_reference(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """align_pairs in torch ops: a stable argsort by expert, each run padded to whole blocks."""
+    pairs = ids.numel()
+    device = ids.device
+    flat = ids.flatten().long()
+    flat = torch.where(flat < 0, num_experts, flat)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts[:num_experts] + block_m - 1) // block_m * block_m
+    padded_ends = padded.cumsum(0)
+    # Each expert's first sorted row; pairs of other ranks (the extra "expert") go to a dump row.
+    capacity = moe.sorted_rows(pairs, num_experts, block_m)
+    starts = torch.cat([padded_ends - padded, torch.full((1,), capacity, dtype=torch.int64, device=device)])
+    order = torch.argsort(flat, stable=True)
+    sorted_experts = flat[order]
+    first_of_expert = counts.cumsum(0) - counts
+    rows = starts[sorted_experts] + torch.arange(pairs, device=device) - first_of_expert[sorted_experts]
+    rows = torch.where(sorted_experts < num_experts, rows, capacity)
+    sorted_pairs = torch.full((capacity + 1,), pairs, dtype=torch.int32, device=device)
+    sorted_pairs.scatter_(0, rows, order.to(torch.int32))
+    block_starts = torch.arange(0, capacity, block_m, device=device)
+    block_expert = torch.searchsorted(padded_ends, block_starts, right=True).to(torch.int32)
+    return sorted_pairs[:capacity], block_expert
+
+
+SORTS = {"align_pairs": lambda *args: moe.align_pairs(*args), "reference": _sort_reference}
+
+
+@pytest.mark.parametrize("align", SORTS)
 def test_pairs_are_sorted_by_expert_into_padded_blocks(align, device):
     ids = torch.tensor([[3, 0], [3, 1], [-1, 3], [0, 3]])
-    sorted_pairs, block_expert = (t.cpu() for t in getattr(moe, align)(ids.to(device), 4, block_m=4))
+    sorted_pairs, block_expert = (t.cpu() for t in SORTS[align](ids.to(device), 4, 4))
     pairs = ids.numel()
     # Experts 0 (2 pairs), 1 (1), 3 (4) each fill one padded block of 4; expert 2 has none.
     assert block_expert.tolist()[:3] == [0, 1, 3] and set(block_expert.tolist()[3:]) == {4}
@@ -94,22 +122,69 @@ def test_the_one_program_sort_equals_the_torch_ops(tokens, top_k, experts, block
         ids[torch.rand(ids.shape, generator=g) < 0.2] = -1
         assert ids.numel() <= moe.SMALL_PAIRS
         got = moe.align_pairs(ids.to(device), experts, block_m)
-        expected = moe.align_pairs_torch(ids, experts, block_m)
+        expected = _sort_reference(ids, experts, block_m)
         for a, b in zip(got, expected):
             assert torch.equal(a.cpu(), b)
 
 
-@pytest.mark.parametrize("align", ["align_pairs", "align_pairs_torch"])
+@pytest.mark.parametrize("tokens,top_k,experts,block_m", [(40, 2, 8, 16), (300, 2, 8, 128), (256, 8, 128, 16),
+                                                          (33, 8, 60, 64)],
+                         ids=["mixtral-chunk", "wide-blocks", "qwen3-decode-batch", "uneven"])
+def test_the_counted_sort_equals_the_torch_ops_within_each_run(tokens, top_k, experts, block_m, device):
+    """Past SMALL_PAIRS pairs (atomics order each expert's pairs): the same blocks' experts, the same
+    padding rows, and each expert's run holds the same pairs."""
+    g = torch.Generator().manual_seed(tokens + experts)
+    ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
+    ids[torch.rand(ids.shape, generator=g) < 0.2] = -1
+    assert ids.numel() > moe.SMALL_PAIRS
+    sorted_pairs, block_expert = (t.cpu() for t in moe.align_pairs(ids.to(device), experts, block_m))
+    expected_pairs, expected_blocks = _sort_reference(ids, experts, block_m)
+    assert torch.equal(block_expert, expected_blocks)
+    assert torch.equal(sorted_pairs == ids.numel(), expected_pairs == ids.numel())
+    for run in block_expert.unique():
+        rows = (block_expert == run).repeat_interleave(block_m)
+        assert sorted(sorted_pairs[rows].tolist()) == sorted(expected_pairs[rows].tolist())
+
+
+@pytest.mark.parametrize("align", SORTS)
 @pytest.mark.parametrize("pairs,experts,block_m", [(8, 128, 16), (64, 128, 16), (300, 128, 16), (600, 8, 128)],
-                         ids=["decode-one-pair-an-expert", "sixty-four-experts-used", "torch-sort", "wide-blocks"])
+                         ids=["decode-one-pair-an-expert", "sixty-four-experts-used", "counted-sort", "wide-blocks"])
 def test_the_sort_fits_its_rows_when_every_pair_has_its_own_expert(align, pairs, experts, block_m, device):
     """The launches are sized by sorted_rows (at most one block a pair): the routing that pads the
     most, as many experts used as can be, still places every pair once."""
     g = torch.Generator().manual_seed(pairs)
     ids = (torch.randperm(pairs, generator=g) % experts).view(-1, 2)
-    sorted_pairs, block_expert = (t.cpu() for t in getattr(moe, align)(ids.to(device), experts, block_m))
+    sorted_pairs, block_expert = (t.cpu() for t in SORTS[align](ids.to(device), experts, block_m))
     assert len(sorted_pairs) == moe.sorted_rows(pairs, experts, block_m) == len(block_expert) * block_m
     assert sorted(sorted_pairs[sorted_pairs < pairs].tolist()) == list(range(pairs))
     expert_of_row = block_expert.repeat_interleave(block_m)
     placed = sorted_pairs < pairs
     assert torch.equal(expert_of_row[placed], ids.flatten()[sorted_pairs[placed].long()])
+
+
+@pytest.mark.parametrize("experts,top_k", [(8, 2), (60, 4), (128, 8), (8, 1), (3, 3)])
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_routing_equals_the_reference_select_experts(experts, top_k, renormalize, logits_dtype, device):
+    """The one-launch routing against torch's softmax and topk: the same experts in the same order,
+    the same weights to float32 rounding, another rank's experts -1 through the map. (Distinct
+    logits, exact in bfloat16: which of two equal ones torch.topk takes is not specified.)"""
+    from runtime.platform.reference import select_experts
+
+    g = torch.Generator().manual_seed(experts * 10 + top_k)
+    logits = torch.stack([torch.randperm(experts, generator=g) - experts // 2 for _ in range(33)]) / 16
+    logits = logits.to(logits_dtype)
+    expert_map = torch.randperm(experts, generator=g).to(torch.int32)
+    expert_map[torch.rand(experts, generator=g) < 0.3] = -1
+    for mapping in (None, expert_map):
+        weights, ids = moe.route(logits.to(device), top_k, renormalize, None if mapping is None else mapping.to(device))
+        expected_weights, expected_ids = select_experts(logits, top_k, renormalize, mapping)
+        assert ids.dtype == torch.int32 and torch.equal(ids.cpu().long(), expected_ids)
+        torch.testing.assert_close(weights.cpu(), expected_weights, atol=1e-6, rtol=1e-5)
+
+
+def test_routing_takes_the_lowest_expert_among_equal_logits(device):
+    logits = torch.tensor([[0.0, 2.0, 1.0, 2.0, 2.0], [5.0, 5.0, 5.0, 5.0, 5.0]])
+    weights, ids = moe.route(logits.to(device), 3, False)
+    assert ids.cpu().tolist() == [[1, 3, 4], [0, 1, 2]]
+    torch.testing.assert_close(weights.cpu()[1], torch.full((3,), 0.2))

@@ -1,8 +1,8 @@
 """``fused_moe`` (contract 1.6) as two Triton grouped GEMMs over token/expert pairs sorted by expert.
 
-Routing is the reference's (softmax, top-k, optional renormalisation: a few small torch ops).
-The pairs are then sorted by expert and each expert's run padded to a multiple of ``BLOCK_M``
-(``align_pairs``: one Triton program for a decode step, torch ops on the device beyond; sized
+Routing is the reference's (softmax in float32, the top k, optional renormalisation), one program
+a token (``route``). The pairs are then sorted by expert and each expert's run padded to a multiple of ``BLOCK_M``
+(``align_pairs``: one Triton program for a decode step, a count and a placing launch beyond; sized
 from the shapes alone), so every block of
 ``BLOCK_M`` sorted rows belongs to one expert. Two launches follow:
 
@@ -12,7 +12,7 @@ from the shapes alone), so every block of
 - down: a program owns one block of those rows and ``BLOCK_N`` hidden columns; it multiplies by
   its expert's down weights, scales each row by its routing weight and writes it at its pair.
 
-A torch sum over each token's k pairs finishes the op. Blocks past the last expert's (the launch
+A last launch sums each token's k pairs in routing order and rounds the sum (``_combine_kernel``). Blocks past the last expert's (the launch
 is sized for the worst padding) return at once, so nothing is read back on the host and the op
 is captured in CUDA graphs. float8 expert weights (``Fp8Method.quantize_experts``) are read as
 they are stored, widened to the activations' dtype in registers, and their per-channel scales
@@ -30,8 +30,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-
-from runtime.platform.reference import select_experts
 
 # At most this many sorted rows use the decode plan (the smallest tile tl.dot takes, narrow
 # column tiles so a batch of a few tokens still spreads its weight reads over every SM).
@@ -80,29 +78,120 @@ def sorted_rows(pairs: int, experts: int, block_m: int) -> int:
     return min(pairs, triton.cdiv(pairs + experts * (block_m - 1), block_m)) * block_m
 
 
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+          expert_map: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``runtime.platform.reference.select_experts`` in one launch: router_logits [T, E] ->
+    (weights [T, k] float32, ids [T, k] int32, -1 for another rank's expert), largest first.
+    (The torch ops take five to seven launches a layer, each longer than this whole kernel at a
+    decode step.)"""
+    tokens, experts = router_logits.shape
+    router_logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
+    weights = torch.empty(tokens, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(tokens, top_k, dtype=torch.int32, device=router_logits.device)
+    if tokens:
+        _route_kernel[(tokens,)](router_logits, weights, ids, expert_map if expert_map is not None else ids,
+                                 experts, router_logits.stride(0), TOP_K=top_k, RENORMALIZE=renormalize,
+                                 HAS_MAP=expert_map is not None, BLOCK_E=triton.next_power_of_2(experts),
+                                 BLOCK_K=triton.next_power_of_2(top_k), num_warps=1 if experts <= 64 else 4)
+    return weights, ids
+
+
+@triton.jit
+def _route_kernel(logits_ptr, weights_ptr, ids_ptr, expert_map_ptr, experts, stride_t, TOP_K: tl.constexpr,
+                  RENORMALIZE: tl.constexpr, HAS_MAP: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One token: the softmax of its logits, then k times the largest probability left (the lowest
+    expert among equals), each one's expert taken out of the running."""
+    token = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    logits = tl.load(logits_ptr + token * stride_t + e, mask=e < experts, other=float("-inf")).to(tl.float32)
+    exps = tl.exp(logits - tl.max(logits, axis=0))
+    left = tl.where(e < experts, exps / tl.sum(exps, axis=0), -1.0)
+    slot = tl.arange(0, BLOCK_K)
+    chosen_weights = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    chosen_ids = tl.zeros((BLOCK_K,), dtype=tl.int32)
+    for i in tl.static_range(TOP_K):
+        weight = tl.max(left, axis=0)
+        expert = tl.min(tl.where(left == weight, e, BLOCK_E), axis=0)
+        chosen_weights = tl.where(slot == i, weight, chosen_weights)
+        chosen_ids = tl.where(slot == i, expert, chosen_ids)
+        left = tl.where(e == expert, -1.0, left)
+    if RENORMALIZE:
+        chosen_weights = chosen_weights / tl.sum(tl.where(slot < TOP_K, chosen_weights, 0.0), axis=0)
+    if HAS_MAP:
+        chosen_ids = tl.load(expert_map_ptr + chosen_ids, mask=slot < TOP_K, other=0).to(tl.int32)
+    tl.store(weights_ptr + token * TOP_K + slot, chosen_weights, mask=slot < TOP_K)
+    tl.store(ids_ptr + token * TOP_K + slot, chosen_ids, mask=slot < TOP_K)
+
+
 def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ids [T, k] (stacked expert per pair, -1: another rank's) -> (sorted_pairs [capacity] int32:
     the pair at each sorted row, ``T * k`` for padding; block_expert [capacity / block_m] int32:
     each block's expert, ``num_experts`` past the last used block).
 
-    Expert e's pairs occupy rows from its padded start on, in pair order; each expert's run is
-    padded to a multiple of ``block_m``. ``capacity`` is :func:`sorted_rows`. Up to
-    ``SMALL_PAIRS`` pairs one Triton program does it (a decode step's layer would otherwise spend
-    about 20 small torch kernels on it, more time than some of its expert products); beyond, the
-    torch ops of :func:`align_pairs_torch`.
+    Expert e's pairs occupy rows from its padded start on; each expert's run is padded to a
+    multiple of ``block_m``. ``capacity`` is :func:`sorted_rows`. Up to ``SMALL_PAIRS`` pairs one
+    Triton program does it, in pair order within each expert; beyond, two launches (a count, then
+    the placing) in whatever order the count's atomics reach each expert's counter: every row is
+    computed on its own, so the op's result does not depend on that order. (In torch ops a sort
+    takes about 20 small kernels a layer, longer than some of a decode step's expert products.)
     """
     pairs = ids.numel()
-    if pairs > SMALL_PAIRS:
-        return align_pairs_torch(ids, num_experts, block_m)
     capacity = sorted_rows(pairs, num_experts, block_m)
+    blocks = capacity // block_m
+    block_e = max(16, triton.next_power_of_2(num_experts + 1))
+    if pairs > SMALL_PAIRS:
+        flat = ids.flatten().contiguous()
+        counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=ids.device)
+        ranks = torch.empty(pairs, dtype=torch.int32, device=ids.device)
+        _count_kernel[(triton.cdiv(pairs, COUNT_BLOCK),)](flat, counts, ranks, pairs, num_experts, BLOCK=COUNT_BLOCK)
+        sorted_pairs = torch.full((capacity,), pairs, dtype=torch.int32, device=ids.device)
+        block_expert = torch.empty(blocks, dtype=torch.int32, device=ids.device)
+        _place_kernel[(triton.cdiv(max(pairs, blocks), PLACE_BLOCK),)](
+            flat, counts, ranks, sorted_pairs, block_expert, pairs, num_experts, blocks,
+            BLOCK_M=block_m, BLOCK_E=block_e, BLOCK=PLACE_BLOCK, num_warps=4)
+        return sorted_pairs, block_expert
     sorted_pairs = torch.empty(capacity, dtype=torch.int32, device=ids.device)
     block_expert = torch.empty(capacity // block_m, dtype=torch.int32, device=ids.device)
     block_p = max(16, triton.next_power_of_2(pairs))
     _align_small_kernel[(1,)](ids.flatten().contiguous(), sorted_pairs, block_expert, pairs, num_experts, capacity,
-                              capacity // block_m, BLOCK_M=block_m, BLOCK_P=block_p,
-                              BLOCK_E=max(16, triton.next_power_of_2(num_experts + 1)),
+                              blocks, BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_E=block_e,
                               BLOCK_R=ALIGN_ELEMENTS // block_p, num_warps=4)
     return sorted_pairs, block_expert
+
+
+COUNT_BLOCK = 1024
+PLACE_BLOCK = 64  # pairs (and blocks) a placing program takes: a [64, experts] table at most
+
+
+@triton.jit
+def _count_kernel(ids_ptr, counts_ptr, ranks_ptr, pairs, num_experts, BLOCK: tl.constexpr):
+    """Each pair's rank among its expert's pairs: the count before it adds itself (another rank's
+    expert counts in the slot past the last)."""
+    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = p < pairs
+    ids = tl.load(ids_ptr + p, mask=valid, other=0).to(tl.int32)
+    ids = tl.where(ids < 0, num_experts, ids)
+    tl.store(ranks_ptr + p, tl.atomic_add(counts_ptr + ids, 1, mask=valid), mask=valid)
+
+
+@triton.jit
+def _place_kernel(ids_ptr, counts_ptr, ranks_ptr, sorted_ptr, block_expert_ptr, pairs, num_experts, blocks,
+                  BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK: tl.constexpr):
+    """Every program sums the padded counts into each expert's first row itself, then writes its
+    pairs at their rows (one pair a row: no two threads write one address) and its blocks' experts."""
+    e = tl.arange(0, BLOCK_E)
+    counts = tl.load(counts_ptr + e, mask=e < num_experts, other=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = p < pairs
+    ids = tl.load(ids_ptr + p, mask=valid, other=0).to(tl.int32)
+    placed = valid & (ids >= 0)
+    row = tl.gather(ends - padded, tl.where(placed, ids, 0), 0) + tl.load(ranks_ptr + p, mask=placed, other=0)
+    tl.store(sorted_ptr + row, p, mask=placed)
+    block = p
+    before = (ends[None, :] <= (block * BLOCK_M)[:, None]) & (e[None, :] < num_experts)
+    tl.store(block_expert_ptr + block, tl.sum(before.to(tl.int32), axis=1), mask=block < blocks)
 
 
 # The one-program sort matches this many (sorted row, pair) candidates at a time: compiled for
@@ -140,31 +229,6 @@ def _align_small_kernel(ids_ptr, sorted_ptr, block_expert_ptr, pairs, num_expert
         block = first + tl.arange(0, BLOCK_R)
         before = (ends[None, :] <= (block * BLOCK_M)[:, None]) & (e[None, :] < num_experts)
         tl.store(block_expert_ptr + block, tl.sum(before.to(tl.int32), axis=1), mask=block < blocks)
-
-
-def align_pairs_torch(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`align_pairs` in torch ops on the device (any number of pairs)."""
-    pairs = ids.numel()
-    device = ids.device
-    flat = ids.flatten()
-    flat = torch.where(flat < 0, num_experts, flat)
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts[:num_experts] + block_m - 1) // block_m * block_m
-    padded_ends = padded.cumsum(0)
-    # Each expert's first sorted row; pairs of other ranks (the extra "expert") go to a dump row.
-    capacity = sorted_rows(pairs, num_experts, block_m)
-    starts = torch.cat([padded_ends - padded, torch.full((1,), capacity, dtype=torch.int64, device=device)])
-    order = torch.argsort(flat, stable=True)
-    sorted_experts = flat[order]
-    first_of_expert = counts.cumsum(0) - counts
-    rows = starts[sorted_experts] + torch.arange(pairs, device=device) - first_of_expert[sorted_experts]
-    rows = torch.where(sorted_experts < num_experts, rows, capacity)
-    sorted_pairs = torch.full((capacity + 1,), pairs, dtype=torch.int32, device=device)
-    sorted_pairs.scatter_(0, rows, order.to(torch.int32))
-    block_starts = torch.arange(0, capacity, block_m, device=device)
-    block_expert = torch.searchsorted(padded_ends, block_starts, right=True).to(torch.int32)
-    return sorted_pairs[:capacity], block_expert
 
 
 @triton.jit
@@ -271,7 +335,7 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w
     if tokens == 0:
         return x.new_zeros(0, hidden)
     x = x if x.stride(-1) == 1 else x.contiguous()
-    weights, ids = select_experts(router_logits, top_k, renormalize, expert_map)
+    weights, ids = route(router_logits, top_k, renormalize, expert_map)
     experts, width = w13.shape[0], w2.shape[2]
     pairs = tokens * top_k
     gate_up_plan, down_plan = plans or plans_for(pairs, w13.shape[0], x.dtype)
@@ -300,4 +364,19 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w
         HAS_SCALE=has_scale, DOT_PRECISION=precision,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
         num_warps=plan.num_warps, num_stages=plan.num_stages)
-    return per_pair.view(tokens, top_k, hidden).sum(dim=1).to(x.dtype)
+    out = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
+    block_h = min(1024, triton.next_power_of_2(hidden))
+    _combine_kernel[(tokens, triton.cdiv(hidden, block_h))](per_pair, out, hidden, TOP_K=top_k, BLOCK_H=block_h)
+    return out
+
+
+@triton.jit
+def _combine_kernel(per_pair_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t] = the sum of token t's k pair rows (float32, in routing order), rounded once to out's dtype."""
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok = cols < hidden
+    total = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for i in tl.static_range(TOP_K):
+        total += tl.load(per_pair_ptr + (token * TOP_K + i) * hidden + cols, mask=ok, other=0.0)
+    tl.store(out_ptr + token * hidden + cols, total.to(out_ptr.dtype.element_ty), mask=ok)

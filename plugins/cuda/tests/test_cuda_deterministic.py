@@ -56,7 +56,7 @@ def test_a_plan_too_large_for_shared_memory_shrinks_and_is_remembered(monkeypatc
     monkeypatch.setattr(batch_invariant, "_matmul_kernel", KernelFitting(launches, max_stages=2, max_k=64))
     monkeypatch.setattr(batch_invariant, "FITTED_TILES", {})
     x, w = torch.randn(3, 512).bfloat16(), torch.randn(4096, 512).bfloat16()
-    assert batch_invariant.tiles(3, x.dtype, 4096)["BLOCK_K"] == 256
+    assert batch_invariant.tiles(3, x.dtype, 4096, 512)["BLOCK_K"] == 256
     batch_invariant.linear(x, w)
     assert launches == [(256, 4), (256, 3), (256, 2), (256, 1), (128, 2), (128, 1), (64, 2)]
     launches.clear()
@@ -163,8 +163,8 @@ def test_what_deterministic_mode_runs_does_not_depend_on_the_batch_at_llama3_8b_
 def test_deterministic_linear_does_not_depend_on_the_batch_at_llama3_8b_sizes(k, n):
     dims = RowDims(hidden=k, out_features=n)
     op = row_ops(_deterministic_cuda_ops().linear, torch.bfloat16, torch.device("cuda"), dims)["linear"]
-    # Past 64 rows too: the kernel's tiles change with the row count (its reduction order does not).
-    assert_batch_invariant(op, f"linear [{n}, {k}]", sizes=(2, 9, 64, 65, 300, 1100))
+    # Past 64, 256 and 2048 rows too: the kernel's tiles change with the row count (its reduction order does not).
+    assert_batch_invariant(op, f"linear [{n}, {k}]", sizes=(2, 9, 64, 65, 300, 1100, 2100))
 
 
 @pytest.mark.gpu

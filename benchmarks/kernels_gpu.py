@@ -158,8 +158,9 @@ def wna16_sweep(bandwidth: float, rows_tried: tuple[int, ...] = (1, 64, 256, 512
 
 def deterministic_plans(rows: int) -> list[dict]:
     """Plans tried for the batch-invariant matmul at ``rows``: narrower and wider tiles, more
-    pipeline stages, 8 warps, and K steps of 128 and 256 (the tensor cores add each 16-deep slice
-    into the accumulator in order, so a deeper step may sum the same way: the bitwise check decides)."""
+    pipeline stages, 8 warps, K steps of 128 and 256 (the tensor cores add each 16-deep slice into
+    the accumulator in order, so a deeper step may sum the same way: the bitwise check decides),
+    past 256 rows each on pointer loads and as the persistent variant."""
     import itertools
 
     if rows <= 64:
@@ -167,8 +168,10 @@ def deterministic_plans(rows: int) -> list[dict]:
         grid = itertools.product([64], [16, 32, 64], [64, 128, 256], [4], [3, 4, 6])
     else:
         grid = itertools.product([64, 128], [128, 256], [64, 128], [4, 8], [3, 4])
-    return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=warps, num_stages=stages)
-            for m, n, k, warps, stages in grid if m * n <= 128 * 256 and not (m * n >= 128 * 128 and warps == 4)]
+    plans = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=warps, num_stages=stages)
+             for m, n, k, warps, stages in grid if m * n <= 128 * 256 and not (m * n >= 128 * 128 and warps == 4)]
+    # Past 256 rows each also as the persistent variant (tensor descriptors, one program per multiprocessor).
+    return plans + ([{**plan, "persistent": True} for plan in plans] if rows > 256 else [])
 
 
 def deterministic_sweep(bandwidth: float) -> list[dict]:

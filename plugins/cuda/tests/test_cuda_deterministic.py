@@ -45,6 +45,23 @@ def test_batch_invariant_linear_matches_torch(dtype, device, require_dot):
     assert (batch_invariant.linear(x, w, b).double() - expected).abs().max().item() < tolerance
 
 
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_the_persistent_variant_computes_every_tile_once(with_bias, device):
+    """Past 256 rows on Hopper the matmul walks its tiles from one program per multiprocessor in
+    groups of row tiles, its operands copied by tensor descriptors: with ragged edges in every
+    dimension, two groups (the second partial) and more tiles than programs, every output element
+    is the pointer kernel's and the float64 product's."""
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=g).to(device) for shape in ((150, 72), (200, 72), (200,)))
+    b = b if with_bias else None
+    tiling = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3)
+    out = torch.full((150, 200), float("nan"), device=device)
+    batch_invariant.launch_persistent(x, w, b, out, tiling, programs=3)
+    assert torch.equal(out, batch_invariant.linear(x, w, b, plan=tiling))
+    expected = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    assert (out.double() - expected).abs().max().item() < 1e-4
+
+
 def test_a_plan_too_large_for_shared_memory_shrinks_and_is_remembered(monkeypatch):
     """The few-row plans were tuned on an H100's shared memory: on a GPU with less, the launch
     (Triton's OutOfResources, at compile time) is retried with fewer stages, then a shallower K step,

@@ -13,6 +13,12 @@ plan it tried bitwise equal to these at each Llama-3-8B projection and row count
 plugins/cuda/tests/test_cuda_deterministic.py checks rows alone against batches of up to 1100.
 float32 keeps one plan (IEEE products, no tensor-core shapes to choose). Slower than cuBLAS (no
 split-K); docs/api.md#deterministic-mode gives the measured cost.
+
+Past SOME_ROWS rows on Hopper and later (16-bit types, 16-byte aligned rows) a persistent variant
+runs the same tiles: one program per multiprocessor walks the output tiles in groups of rows that
+share weight columns in L2, and the tensor memory accelerator copies the tiles in (out-of-range
+rows and columns read as zeros, as the masked loads do) and the results out. Only where the
+operands come from changes, not one product or its order.
 """
 
 from __future__ import annotations
@@ -23,6 +29,11 @@ import triton.language as tl
 
 from .fitting import fewer_stages_then_shallower, launch_fitting
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # a Triton before tensor descriptors: every plan runs on pointer loads
+    TensorDescriptor = None
+
 FLOAT32_TILES = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
 FEW_ROWS, SOME_ROWS = 64, 256
 """Up to FEW_ROWS rows a product is weight-bound (narrow tiles, deep K steps: many loads in flight
@@ -32,12 +43,15 @@ WIDE = 6144
 FEW_ROW_TILES = {True: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
                  False: dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)}
 SOME_ROW_NARROW_TILES = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3)
-MANY_ROW_TILES = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+SOME_ROW_WIDE_TILES = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+MANY_ROW_TILES = {**SOME_ROW_WIDE_TILES, "persistent": True}
 PREFILL_ROWS, LARGE_WEIGHT = 2048, 48 * 2**20
 """From PREFILL_ROWS rows a weight of LARGE_WEIGHT elements or more takes 256-column tiles: at 2048
 rows they beat 128 x 128 at the fused gate/up (934.6 against 1006.1 us) and down (451.8 against
 473.5) projections, not at qkv or o (H100 deterministic sweep, 2026-12-06)."""
-PREFILL_LARGE_WEIGHT_TILES = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)
+PREFILL_LARGE_WEIGHT_TILES = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, persistent=True)
+GROUP_M = 8
+"""Row tiles a persistent program's tile order walks before moving to the next weight columns."""
 FITTED_TILES: dict[tuple, dict] = {}
 """Plans that had to shrink to fit the GPU's shared memory (the few-row ones take up to 192 KB,
 tuned on an H100's 227: an A100 has 164, sm_86 cards 100), by the plan and launch they replace.
@@ -51,8 +65,8 @@ def tiles(rows: int, dtype: torch.dtype, columns: int, depth: int) -> dict:
         return FLOAT32_TILES
     if rows <= FEW_ROWS:
         return FEW_ROW_TILES[columns >= WIDE]
-    if rows <= SOME_ROWS and columns < WIDE:
-        return SOME_ROW_NARROW_TILES
+    if rows <= SOME_ROWS:
+        return SOME_ROW_NARROW_TILES if columns < WIDE else SOME_ROW_WIDE_TILES
     if rows >= PREFILL_ROWS and columns * depth >= LARGE_WEIGHT:
         return PREFILL_LARGE_WEIGHT_TILES
     return MANY_ROW_TILES
@@ -82,6 +96,59 @@ def _matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_w
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok & (cols[None, :] < N))
 
 
+@triton.jit
+def _persistent_matmul_kernel(x_desc, w_desc, out_desc, bias_ptr, M, N, K, programs, HAS_BIAS: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """_matmul_kernel's tiles, ``programs`` programs each taking every programs-th output tile; the
+    tiles are numbered GROUP row tiles at a time per column tile, so programs running together
+    read the same weight columns."""
+    row_tiles = tl.cdiv(M, BLOCK_M)
+    col_tiles = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP * col_tiles
+    for tile in tl.range(tl.program_id(0), row_tiles * col_tiles, programs, flatten=True):
+        first_row_tile = tile // per_group * GROUP
+        group_rows = min(row_tiles - first_row_tile, GROUP)
+        row_tile = first_row_tile + tile % per_group % group_rows
+        col_tile = tile % per_group // group_rows
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            x = x_desc.load([row_tile * BLOCK_M, k * BLOCK_K])
+            w = w_desc.load([col_tile * BLOCK_N, k * BLOCK_K])
+            acc = tl.dot(x, w.T, acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        out_desc.store([row_tile * BLOCK_M, col_tile * BLOCK_N], acc.to(out_desc.dtype))
+
+
+def _tensor_memory_accelerator(*tensors: torch.Tensor) -> bool:
+    """Whether the persistent variant can take these 2-D operands: a GPU with the tensor memory
+    accelerator (sm_90 on) and rows the copy engine can address (16-byte aligned)."""
+    t = tensors[0]
+    return (TensorDescriptor is not None and t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+            and all(u.stride(-1) == 1 and u.data_ptr() % 16 == 0 and u.stride(0) * u.element_size() % 16 == 0
+                    for u in tensors))
+
+
+_PROGRAMS: dict[torch.device, int] = {}
+"""Multiprocessors per device: the persistent variant's program count."""
+
+
+def launch_persistent(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+                      tiling: dict, programs: int) -> None:
+    """out = rows @ weight.T (+ bias) by the persistent variant, ``tiling`` (tiles, warps, stages)
+    over at most ``programs`` programs."""
+    (m, k), n = rows.shape, weight.shape[0]
+    block_m, block_n, block_k = tiling["BLOCK_M"], tiling["BLOCK_N"], tiling["BLOCK_K"]
+    programs = min(programs, triton.cdiv(m, block_m) * triton.cdiv(n, block_n))
+    _persistent_matmul_kernel[(programs,)](
+        TensorDescriptor.from_tensor(rows, [block_m, block_k]), TensorDescriptor.from_tensor(weight, [block_n, block_k]),
+        TensorDescriptor.from_tensor(out, [block_m, block_n]), bias if bias is not None else weight, m, n, k, programs,
+        HAS_BIAS=bias is not None, GROUP=GROUP_M,
+        DOT_PRECISION="ieee" if rows.dtype == torch.float32 else "tf32", **tiling)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            plan: dict | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` with each row's result independent of the other rows.
@@ -96,11 +163,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m:
         def launch(plan: dict) -> None:
+            tiling = {key: value for key, value in plan.items() if key != "persistent"}
+            if plan.get("persistent") and _tensor_memory_accelerator(rows, weight, out):
+                programs = _PROGRAMS.setdefault(x.device, torch.cuda.get_device_properties(x.device).multi_processor_count)
+                launch_persistent(rows, weight, bias, out, tiling, programs)
+                return
             _matmul_kernel[(triton.cdiv(m, plan["BLOCK_M"]), triton.cdiv(n, plan["BLOCK_N"]))](
                 rows, weight, bias if bias is not None else weight, out, m, n, k, rows.stride(0), weight.stride(0),
-                out.stride(0), HAS_BIAS=bias is not None,
                 # float32 must not silently become TF32 in the matrix units.
-                DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **plan)
+                out.stride(0), HAS_BIAS=bias is not None, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                **tiling)
 
         plan = plan or tiles(m, x.dtype, n, k)
         launch_fitting(FITTED_TILES, (tuple(sorted(plan.items())), n, k, x.dtype, x.device), plan, launch,

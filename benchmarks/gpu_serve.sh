@@ -20,9 +20,10 @@
 #            run while later calls carry wheels), then awaited
 #   lora:    benchmarks/lora_gpu.py: runtime without LoRA, runtime with 8 adapters, vLLM with the same 8
 #            (LORA_ARGS="--dir /tmp/llama8b-json --load-format dummy": made-up base weights, no checkpoint)
-#   quant:   benchmarks/quant_gpu.py: a random GPTQ 4-bit (group 128) copy of /tmp/llama8b, then runtime bf16,
-#            runtime GPTQ (W4A16 Triton GEMM) and vLLM GPTQ-Marlin: batch-1 decode and 1000 x (512, 128) offline
-#            ($QUANT_PARTS picks parts: write runtime-bf16 runtime-gptq vllm-gptq; report always runs)
+#   quant:   benchmarks/quant_gpu.py: a random GPTQ 4-bit (group 128) checkpoint of the Llama-3-8B shape (from the
+#            config alone), then runtime bf16, runtime GPTQ (W4A16 Triton GEMM) and vLLM GPTQ-Marlin: batch-1 decode
+#            and 1000 x (512, 128) offline ($QUANT_PARTS picks parts: write runtime-bf16 runtime-gptq vllm-gptq; report
+#            always runs; QUANT_ARGS="--load-format dummy": runtime bf16 on made-up weights, so NO_CHECKPOINT=1 boots do)
 #   spec:    benchmarks/spec_gpu.py: the embedded model as HF bf16, n-gram proposals at batch 1 and 8 (runtime,
 #            vLLM), then the zero-acceptance overhead and verification step times on the Llama-3-8B shape
 #   moe:     benchmarks/moe_gpu.py: an MoE model of $MOE_SHAPE (default mixtral-16l, 47 GB of bf16 weights: fits
@@ -112,7 +113,7 @@ for stage in "$@"; do
       done ;;
     quant)
       for part in ${QUANT_PARTS:-write runtime-bf16 runtime-gptq vllm-gptq}; do
-        timeout ${QUANT_TIMEOUT:-540} python3 benchmarks/quant_gpu.py $part --dir $M --out $R/quant 2>&1 | grep -v "it/s]" \
+        timeout ${QUANT_TIMEOUT:-540} python3 benchmarks/quant_gpu.py $part --dir $M --out $R/quant ${QUANT_ARGS:-} 2>&1 | grep -v "it/s]" \
           | tail -15 | tee -a $R/quant/run.log
       done
       python3 benchmarks/quant_gpu.py report --out $R/quant | tee -a $R/quant/run.log ;;

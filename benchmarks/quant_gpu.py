@@ -1,9 +1,11 @@
 """GPTQ 4-bit (group 128) against bf16 on a Llama-3-8B shape: runtime's W4A16 GEMM, and vLLM's GPTQ-Marlin.
 
-Usage: python benchmarks/quant_gpu.py PART [--dir /tmp/llama8b] [--out DIR] [--requests 1000]
-  PART = write         a random GPTQ checkpoint of the bf16 one's shape in DIR-gptq (symmetric, group 128,
-                       no act-order, lm_head and embedding as in the bf16 checkpoint), written on the GPU
-       = runtime-bf16  runtime.LLM on the bf16 checkpoint: batch-1 decode, offline --requests x (512, 128)
+Usage: python benchmarks/quant_gpu.py PART [--dir /tmp/llama8b] [--out DIR] [--requests 1000] [--load-format dummy]
+  PART = write         a random GPTQ checkpoint of the Llama-3-8B shape in DIR-gptq (symmetric, group 128,
+                       no act-order, lm_head and embedding random bf16), written on the GPU from the config
+                       alone (about 6 GB: no bf16 checkpoint needed)
+       = runtime-bf16  runtime.LLM on the bf16 checkpoint in DIR (with --load-format dummy: DIR's config with
+                       made-up weights, no checkpoint): batch-1 decode, offline --requests x (512, 128)
        = runtime-gptq  the same on the GPTQ checkpoint (--quantization gptq: the W4A16 Triton GEMM)
        = vllm-gptq     vLLM's LLM on the GPTQ checkpoint (gptq_marlin), same measurements
        = report        the table of what the parts wrote, with the ratios the issue targets
@@ -12,8 +14,8 @@ Usage: python benchmarks/quant_gpu.py PART [--dir /tmp/llama8b] [--out DIR] [--r
 its own, ``wna16.plan``'s past the largest (the sweep's plans tried end to end before they go into
 ``wna16.plan``).
 Each part runs in its own process (two 8B models do not share a GPU well) and writes OUT/PART.json.
-The bf16 checkpoint is plugins/cuda/benchmarks/decode_llama8b.py's (written if missing). Weight values
-do not change speed; decode step = (time for 128 tokens - time for 1) / 127, as baselines_llama8b.py.
+The bf16 checkpoint is plugins/cuda/benchmarks/decode_llama8b.py's (written if missing, unless
+--load-format dummy). Weight values do not change speed; decode step = (time for 128 tokens - time for 1) / 127, as baselines_llama8b.py.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,38 +35,34 @@ GROUP, BITS = 128, 4
 PROMPT_LEN, OUTPUT_LEN = 512, 128
 
 
-def write_gptq(dense: Path, out: Path) -> None:
-    """GPTQ (AutoGPTQ v1 layout) tensors for every projection of ``dense``: random nibbles,
-    float16 scales of a 0.02-std weight, stored zero points 7 (a symmetric zero of 8)."""
-    from safetensors import safe_open
+def write_gptq(out: Path) -> None:
+    """GPTQ (AutoGPTQ v1 layout) tensors for every projection of the Llama-3-8B shape: random
+    nibbles, float16 scales of a 0.02-std weight, stored zero points 7 (a symmetric zero of 8);
+    the other tensors as the bf16 checkpoint's (decode_llama8b.py)."""
+    from decode_llama8b import random_tensor, shards, write_config_and_tokenizer
     from safetensors.torch import save_file
 
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (dense / name).exists():
-            shutil.copy(dense / name, out / name)
-    config = json.loads((out / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "gptq", "bits": BITS, "group_size": GROUP, "desc_act": False,
-                                     "sym": True, "checkpoint_format": "gptq"}
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    config = write_config_and_tokenizer(out)
+    quantized = json.loads((out / "config.json").read_text())
+    quantized["quantization_config"] = {"quant_method": "gptq", "bits": BITS, "group_size": GROUP, "desc_act": False,
+                                        "sym": True, "checkpoint_format": "gptq"}
+    (out / "config.json").write_text(json.dumps(quantized, indent=2))
     per = 32 // BITS
-    for file in sorted(dense.glob("*.safetensors")):
+    zero_word = sum(7 << (BITS * j) for j in range(per))
+    for file, shapes in shards(config).items():
         tensors = {}
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                module = name.removesuffix(".weight")
-                if not name.endswith("_proj.weight"):
-                    tensors[name] = f.get_tensor(name)
-                    continue
-                n, k = f.get_slice(name).get_shape()
-                words = torch.randint(-2 ** 31, 2 ** 31, (k // per, n), dtype=torch.int64, device="cuda")
-                tensors[f"{module}.qweight"] = words.to(torch.int32).cpu()
-                zero_word = sum(7 << (BITS * j) for j in range(per))
-                tensors[f"{module}.qzeros"] = torch.full((k // GROUP, n // per), zero_word, dtype=torch.int64).to(torch.int32)
-                tensors[f"{module}.scales"] = (torch.rand(k // GROUP, n, device="cuda") * 0.004 + 0.004).half().cpu()
-                tensors[f"{module}.g_idx"] = (torch.arange(k) // GROUP).to(torch.int32)
-        save_file(tensors, out / file.name)
-        print(f"wrote {out / file.name}", flush=True)
+        for name, shape in shapes.items():
+            if not name.endswith("_proj.weight"):
+                tensors[name] = random_tensor(name, shape)
+                continue
+            module, (n, k) = name.removesuffix(".weight"), shape
+            words = torch.randint(-2 ** 31, 2 ** 31, (k // per, n), dtype=torch.int64, device="cuda")
+            tensors[f"{module}.qweight"] = words.to(torch.int32).cpu()
+            tensors[f"{module}.qzeros"] = torch.full((k // GROUP, n // per), zero_word, dtype=torch.int64).to(torch.int32)
+            tensors[f"{module}.scales"] = (torch.rand(k // GROUP, n, device="cuda") * 0.004 + 0.004).half().cpu()
+            tensors[f"{module}.g_idx"] = (torch.arange(k) // GROUP).to(torch.int32)
+        save_file(tensors, out / file)
+        print(f"wrote {out / file}", flush=True)
 
 
 def measure(generate, requests: int) -> list[dict]:
@@ -115,11 +112,11 @@ def use_swept_plans(sweep: Path) -> None:
     wna16.plan = swept
 
 
-def runtime_part(path: Path, quantization: str | None, requests: int) -> list[dict]:
+def runtime_part(path: Path, quantization: str | None, requests: int, load_format: str = "auto") -> list[dict]:
     from runtime import LLM, SamplingParams
 
     llm = LLM(str(path), device="cuda", dtype="bfloat16", max_num_seqs=512, max_num_batched_tokens=8192,
-              max_model_len=PROMPT_LEN + OUTPUT_LEN + 64, quantization=quantization)
+              max_model_len=PROMPT_LEN + OUTPUT_LEN + 64, quantization=quantization, load_format=load_format)
     print(json.dumps({"quantization": llm.engine.quantization, "weight_gib": round(llm.engine.runner.weight_bytes / 2 ** 30, 2)}))
 
     def generate(prompts, output_len):
@@ -163,18 +160,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("quant-results"))
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--wna16-plans", type=Path, help="a kernels_gpu.py wna16-sweep JSON (runtime-gptq)")
+    parser.add_argument("--load-format", default="auto", help="runtime-bf16: dummy for made-up weights on DIR's config")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     gptq = args.dir.with_name(args.dir.name + "-gptq")
     if args.part == "report":
         return report(args.out)
-    if not (args.dir / "config.json").exists():
-        from decode_llama8b import write_checkpoint
-        write_checkpoint(args.dir)
     if args.part == "write":
-        return write_gptq(args.dir, gptq)
+        return write_gptq(gptq)
     if args.part == "runtime-bf16":
-        results = runtime_part(args.dir, None, args.requests)
+        if not (args.dir / "config.json").exists():
+            from decode_llama8b import write_checkpoint, write_config_and_tokenizer
+            (write_config_and_tokenizer if args.load_format == "dummy" else write_checkpoint)(args.dir)
+        results = runtime_part(args.dir, None, args.requests, args.load_format)
     elif args.part == "runtime-gptq":
         if args.wna16_plans:
             use_swept_plans(args.wna16_plans)

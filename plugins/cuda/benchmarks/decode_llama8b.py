@@ -30,34 +30,47 @@ CONFIG = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_
               rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False)
 
 
-def write_checkpoint(path: Path) -> None:
-    """config.json, random bf16 safetensors (one shard per 4 layers) and a tokenizer, made on the GPU."""
+def shards(config: transformers.LlamaConfig) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Each safetensors file of the checkpoint (the embeddings, then one per 4 layers): its tensors' shapes."""
+    h, inter, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * 128
+    files = {"model-embed.safetensors": {"model.embed_tokens.weight": (config.vocab_size, h),
+                                         "lm_head.weight": (config.vocab_size, h), "model.norm.weight": (h,)}}
+    for first in range(0, config.num_hidden_layers, 4):
+        files[f"model-layers{first:02d}.safetensors"] = {
+            f"model.layers.{i}.{name}": shape for i in range(first, first + 4) for name, shape in (
+                ("self_attn.q_proj.weight", (h, h)), ("self_attn.k_proj.weight", (kv, h)),
+                ("self_attn.v_proj.weight", (kv, h)), ("self_attn.o_proj.weight", (h, h)),
+                ("mlp.gate_proj.weight", (inter, h)), ("mlp.up_proj.weight", (inter, h)),
+                ("mlp.down_proj.weight", (h, inter)), ("input_layernorm.weight", (h,)),
+                ("post_attention_layernorm.weight", (h,)))}
+    return files
+
+
+def random_tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A norm's weight of ones, any other weight random bf16 of std 0.02, made on the GPU."""
+    if len(shape) == 1:
+        return torch.ones(shape, dtype=torch.bfloat16)
+    return (torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * 0.02).cpu()
+
+
+def write_config_and_tokenizer(path: Path) -> transformers.LlamaConfig:
+    """config.json and a word-level tokenizer of the same vocabulary (``w0`` ... ``w128255``)."""
     config = transformers.LlamaConfig(**CONFIG)
     path.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(path)
-    h, inter, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * 128
-
-    def rand(*shape):
-        return (torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * 0.02).cpu()
-
-    save_file({"model.embed_tokens.weight": rand(config.vocab_size, h), "lm_head.weight": rand(config.vocab_size, h),
-               "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}, path / "model-embed.safetensors")
-    for first in range(0, config.num_hidden_layers, 4):
-        shard = {}
-        for i in range(first, first + 4):
-            p = f"model.layers.{i}."
-            shard |= {p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(kv, h),
-                      p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, h),
-                      p + "mlp.gate_proj.weight": rand(inter, h), p + "mlp.up_proj.weight": rand(inter, h),
-                      p + "mlp.down_proj.weight": rand(h, inter),
-                      p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-                      p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)}
-        save_file(shard, path / f"model-layers{first:02d}.safetensors")
     vocab = {f"w{i}": i for i in range(config.vocab_size)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", bos_token="w128000",
                                          eos_token="w128001").save_pretrained(path)
+    return config
+
+
+def write_checkpoint(path: Path) -> None:
+    """config.json, random bf16 safetensors (one shard per 4 layers) and a tokenizer, made on the GPU."""
+    config = write_config_and_tokenizer(path)
+    for file, tensors in shards(config).items():
+        save_file({name: random_tensor(name, shape) for name, shape in tensors.items()}, path / file)
 
 
 def timed(llm: LLM, prompts: list[list[int]], max_tokens: int) -> float:

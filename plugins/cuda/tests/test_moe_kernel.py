@@ -128,8 +128,8 @@ def test_the_one_program_sort_equals_the_torch_ops(tokens, top_k, experts, block
 
 
 @pytest.mark.parametrize("tokens,top_k,experts,block_m", [(40, 2, 8, 16), (300, 2, 8, 128), (256, 8, 128, 16),
-                                                          (33, 8, 60, 64)],
-                         ids=["mixtral-chunk", "wide-blocks", "qwen3-decode-batch", "uneven"])
+                                                          (33, 8, 60, 64), (64, 8, 256, 16)],
+                         ids=["mixtral-chunk", "wide-blocks", "qwen3-decode-batch", "uneven", "many-experts"])
 def test_the_counted_sort_equals_the_torch_ops_within_each_run(tokens, top_k, experts, block_m, device):
     """Past SMALL_PAIRS pairs (atomics order each expert's pairs): the same blocks' experts, the same
     padding rows, and each expert's run holds the same pairs."""

@@ -146,9 +146,10 @@ def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torc
         _count_kernel[(triton.cdiv(pairs, COUNT_BLOCK),)](flat, counts, ranks, pairs, num_experts, BLOCK=COUNT_BLOCK)
         sorted_pairs = torch.full((capacity,), pairs, dtype=torch.int32, device=ids.device)
         block_expert = torch.empty(blocks, dtype=torch.int32, device=ids.device)
-        _place_kernel[(triton.cdiv(max(pairs, blocks), PLACE_BLOCK),)](
+        place_block = max(16, min(64, PLACE_ELEMENTS // block_e))
+        _place_kernel[(triton.cdiv(max(pairs, blocks), place_block),)](
             flat, counts, ranks, sorted_pairs, block_expert, pairs, num_experts, blocks,
-            BLOCK_M=block_m, BLOCK_E=block_e, BLOCK=PLACE_BLOCK, num_warps=4)
+            BLOCK_M=block_m, BLOCK_E=block_e, BLOCK=place_block, num_warps=4)
         return sorted_pairs, block_expert
     sorted_pairs = torch.empty(capacity, dtype=torch.int32, device=ids.device)
     block_expert = torch.empty(capacity // block_m, dtype=torch.int32, device=ids.device)
@@ -160,7 +161,9 @@ def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torc
 
 
 COUNT_BLOCK = 1024
-PLACE_BLOCK = 64  # pairs (and blocks) a placing program takes: a [64, experts] table at most
+PLACE_ELEMENTS = 8192
+"""A placing program takes up to 64 pairs (and blocks), fewer over many experts: its [pairs,
+experts] comparison table stays within this many elements (16 pairs at 257-512 experts)."""
 
 
 @triton.jit

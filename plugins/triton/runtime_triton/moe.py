@@ -1,10 +1,10 @@
 """``fused_moe`` (contract 1.6) as two Triton grouped GEMMs over token/expert pairs sorted by expert.
 
 Routing is the reference's (softmax in float32, the top k, optional renormalisation), one program
-a token (``route``). The pairs are then sorted by expert and each expert's run padded to a multiple of ``BLOCK_M``
-(``align_pairs``: one Triton program for a decode step, a count and a placing launch beyond; sized
-from the shapes alone), so every block of
-``BLOCK_M`` sorted rows belongs to one expert. Two launches follow:
+a token (``route``). The pairs are then sorted by expert and each expert's run padded to a
+multiple of ``BLOCK_M`` (``align_pairs``: one Triton program for a decode step, a count and a
+placing launch beyond; sized from the shapes alone), so every block of ``BLOCK_M`` sorted rows
+belongs to one expert. Two launches follow:
 
 - gate/up: a program owns one block of rows and ``BLOCK_N`` columns of the intermediate width; it
   gathers its rows' tokens from ``x``, multiplies them by the same columns of its expert's gate
@@ -12,9 +12,9 @@ from the shapes alone), so every block of
 - down: a program owns one block of those rows and ``BLOCK_N`` hidden columns; it multiplies by
   its expert's down weights, scales each row by its routing weight and writes it at its pair.
 
-A last launch sums each token's k pairs in routing order and rounds the sum (``_combine_kernel``). Blocks past the last expert's (the launch
-is sized for the worst padding) return at once, so nothing is read back on the host and the op
-is captured in CUDA graphs. float8 expert weights (``Fp8Method.quantize_experts``) are read as
+A last launch sums each token's k pairs in routing order and rounds the sum once
+(``_combine_kernel``). Blocks past the last expert's (the launches are sized for the worst
+padding) return at once, so nothing is read back on the host and the op is captured in CUDA graphs. float8 expert weights (``Fp8Method.quantize_experts``) are read as
 they are stored, widened to the activations' dtype in registers, and their per-channel scales
 applied to the products: the weights cross memory at one byte each.
 
@@ -31,9 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-# At most this many sorted rows use the decode plan (the smallest tile tl.dot takes, narrow
-# column tiles so a batch of a few tokens still spreads its weight reads over every SM).
 SMALL_PAIRS = 64
+"""Up to this many token/expert pairs one program sorts them (a decode step's sort in one launch)."""
 
 
 @dataclass(frozen=True)
@@ -328,7 +327,8 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w
               renormalize: bool, activation: str = "silu", expert_map: torch.Tensor | None = None,
               w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
               plans: tuple[MoEPlan, MoEPlan] | None = None) -> torch.Tensor:
-    """The reference's semantics (runtime.platform.reference.moe.fused_moe) in two launches.
+    """The reference's semantics (runtime.platform.reference.moe.fused_moe): routing, the sort (one
+    launch or two), gate/up, down and the sum of each token's pairs.
 
     ``plans`` (gate/up, down) replaces :func:`plans_for`'s (``benchmarks/kernels_gpu.py
     moe-sweep`` times others); their ``block_m`` must agree, the sort pads to it."""
@@ -341,7 +341,7 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w
     weights, ids = route(router_logits, top_k, renormalize, expert_map)
     experts, width = w13.shape[0], w2.shape[2]
     pairs = tokens * top_k
-    gate_up_plan, down_plan = plans or plans_for(pairs, w13.shape[0], x.dtype)
+    gate_up_plan, down_plan = plans or plans_for(pairs, experts, x.dtype)
     if gate_up_plan.block_m != down_plan.block_m:
         raise ValueError(f"fused_moe: the two plans' block_m differ ({gate_up_plan.block_m}, {down_plan.block_m})")
     sorted_pairs, block_expert = align_pairs(ids, experts, gate_up_plan.block_m)

@@ -10,7 +10,7 @@ carrying schema i % 8 of benchmarks/structured_cpu.py. Each step: the manager fi
 masks (``bitmask``), the mask goes to the device (``GrammarBitmask.on``, here the CPU), the
 sampler's metadata is built (``SamplingMetadata.from_requests``: host work of every step, done at
 the launch, before the fill), a random model's token is drawn under the mask (not timed: the
-device's part) and the matchers are fed it (``advance_all``). A request whose grammar ends is replaced by a fresh one, so
+device's part) and the matchers are fed it (``advance``). A request whose grammar ends is replaced by a fresh one, so
 every step has --batch constrained rows. Reported: median ms per step of each part, for each
 xgrammar thread count of --threads. The machine may be shared: compare parts within one run.
 """
@@ -89,8 +89,9 @@ def measure(manager: StructuredOutputManager, batch: Batch, steps: int, vocab_si
         for request, token in zip(batch.requests, tokens):
             request.append_token(token)
         t4 = time.perf_counter()
-        manager.advance_all(batch.requests)
-        assert all(manager.error(request.request_id) is None for request in batch.requests)
+        for request in batch.requests:
+            manager.advance(request)
+            assert manager.error(request.request_id) is None
         t5 = time.perf_counter()
         for name, start, end in (("fill", t0, t1), ("to_device", t1, t2), ("sampling_metadata", t2, t3),
                                  ("advance", t4, t5)):

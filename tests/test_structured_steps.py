@@ -105,55 +105,6 @@ def test_reused_buffers_hold_xgrammars_own_masks_across_batch_sizes(checkpoint, 
             assert manager.error(request.request_id) is None
 
 
-def test_a_steps_tokens_fed_at_once_equal_feeding_them_one_by_one(checkpoint, source):
-    """advance_all: requests with one new token each (xgrammar's batched accept), one with two
-    (fed one by one), an unconstrained one and one whose token its grammar rejects, in one call:
-    each matcher then fills the mask a separate matcher fed the same tokens fills, and the
-    rejected token fails its request alone."""
-    vocab_size = _vocab_size(checkpoint)
-    eos = frozenset(source.generation_eos_token_ids)
-    manager = StructuredOutputManager(source.tokenizer, vocab_size, eos)
-    reference = GrammarCompiler(source.tokenizer, vocab_size, sorted(eos))
-    requests, matchers = [], {}
-    for i, params in enumerate(CONSTRAINTS):
-        request = Request(f"c{i}", [5, 6 + i], SamplingParams(max_tokens=64, structured_outputs=params),
-                          eos_token_ids=eos)
-        manager.add(request)
-        requests.append(request)
-        matchers[request.request_id] = _reference_matcher(reference, params)
-    plain = Request("plain", [7, 8], SamplingParams(max_tokens=64), eos_token_ids=eos)
-    while not all(manager.is_ready(r.request_id) for r in requests):
-        manager.wait(0.1)
-    generator = torch.Generator().manual_seed(1)
-
-    def allowed_token(request: Request) -> int:
-        mask = xgr.allocate_token_bitmask(1, vocab_size)
-        matchers[request.request_id].fill_next_token_bitmask(mask, 0)
-        allowed = _allowed(mask[0], vocab_size)
-        allowed = allowed[~torch.isin(allowed, torch.tensor(sorted(eos)))]
-        token = int(allowed[torch.randint(len(allowed), (1,), generator=generator)])
-        assert matchers[request.request_id].accept_token(token)
-        return token
-
-    for step in range(4):
-        for request in requests[:-1]:
-            for _ in range(2 if request is requests[step] else 1):
-                request.append_token(allowed_token(request))
-        plain.append_token(3)
-        manager.advance_all([plain, *requests[:-1]])
-        for request in requests[:-1]:
-            assert manager.error(request.request_id) is None
-            mask = manager.bitmask([ScheduledRequest(request, request.num_tokens - 1, 1, [])]).bitmask[0]
-            expected = xgr.allocate_token_bitmask(1, vocab_size)
-            matchers[request.request_id].fill_next_token_bitmask(expected, 0)
-            assert torch.equal(mask, expected[0]), (step, request.request_id)
-    digits_only = requests[-1]  # regex [a-z ]{4,30}: a token of digits leaves it
-    digits_only.append_token(source.tokenizer.encode("7", add_special_tokens=False)[-1])
-    manager.advance_all([digits_only, *requests[:-1]])
-    assert "left its grammar" in manager.error(digits_only.request_id)
-    assert all(manager.error(r.request_id) is None for r in requests[:-1])
-
-
 def _engine_outputs(checkpoint, look_ahead: bool, requests) -> dict[str, tuple[list[int], str]]:
     from test_decode_graphs import COMMON, _registry
 

@@ -454,7 +454,6 @@ class EngineCore:
         if self.proposer is not None:
             self.spec_counters.count(out, result.sampled)
         updated = self.scheduler.update(out, result.sampled)
-        self.structured.advance_all(updated)
         outputs: dict[str, EngineCoreOutput] = {}
         for request in updated:
             rid = request.request_id
@@ -464,7 +463,7 @@ class EngineCore:
                 continue
             new = request.output_token_ids[counts[rid]:]  # a finishing token drops the ones after it
             logprobs = result.logprobs.get(rid)
-            error = self._check_grammar(request)
+            error = self._advance_grammar(request)
             outputs[rid] = EngineCoreOutput(
                 rid, new, new_logprobs=logprobs[:len(new)] if logprobs is not None else None,
                 finish_reason=request.status.value if request.status.finished else None,
@@ -473,10 +472,11 @@ class EngineCore:
             outputs.setdefault(rid, EngineCoreOutput(rid, [])).prompt_logprobs = entries
         return self._take_failed() + list(outputs.values())
 
-    def _check_grammar(self, request: Request) -> Optional[str]:
-        """After its matcher took its new tokens (``advance_all``): finish a constrained request
-        once its grammar has ended (with ignore_eos too: nothing may follow); forget it once
-        finished. The error that fails it, if its output left the grammar (which the mask rules out)."""
+    def _advance_grammar(self, request: Request) -> Optional[str]:
+        """Feed a constrained request's new tokens to its matcher; finish it once its grammar has
+        ended (with ignore_eos too: nothing may follow); forget it once finished. The error that
+        fails it, if its output left the grammar (which the mask rules out)."""
+        self.structured.advance(request)
         error = self.structured.error(request.request_id)
         if error is not None and not request.status.finished:
             self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_ABORTED)

@@ -181,38 +181,9 @@ class StructuredOutputManager:
             if state.thinking:
                 state.thinking = token != self._reasoning.end_id
             elif not state.matcher.is_terminated() and not state.matcher.accept_token(token):
-                self._left_grammar(request.request_id, state, token)
+                state.error = f"the output left its grammar at token {token} (output position {state.consumed - 1})"
+                logger.error("request %s: %s", request.request_id, state.error)
                 return
-
-    def advance_all(self, requests: list[Request]) -> None:
-        """:meth:`advance` for every request of a step: the usual case, one new token for a
-        matcher past its thinking span, goes to xgrammar in one batched call (per request a
-        Python call into the matcher costs about as much as accepting the token)."""
-        import xgrammar as xgr
-
-        batched, tokens = [], []
-        for request in requests:
-            state = self._states.get(request.request_id)
-            if state is None or state.matcher is None or state.error is not None:
-                continue
-            output = request.output_token_ids
-            if len(output) == state.consumed + 1 and not state.thinking and not state.matcher.is_terminated():
-                batched.append((request.request_id, state))
-                tokens.append(output[-1])
-            else:
-                self.advance(request)
-        if not batched:
-            return
-        accepted = xgr.BatchGrammarMatcher.batch_accept_token([state.matcher for _, state in batched], tokens)
-        for (request_id, state), token, ok in zip(batched, tokens, accepted):
-            state.consumed += 1
-            if not ok:
-                self._left_grammar(request_id, state, token)
-
-    @staticmethod
-    def _left_grammar(request_id: str, state: _State, token: int) -> None:
-        state.error = f"the output left its grammar at token {token} (output position {state.consumed - 1})"
-        logger.error("request %s: %s", request_id, state.error)
 
     def reset(self, request: Request) -> None:
         """A preempted request is recomputed: its matcher starts over and is fed its output again."""

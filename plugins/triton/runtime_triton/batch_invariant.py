@@ -115,7 +115,7 @@ def _persistent_matmul_kernel(x_desc, w_desc, out_desc, bias_ptr, M, N, K, progr
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             x = x_desc.load([row_tile * BLOCK_M, k * BLOCK_K])
             w = w_desc.load([col_tile * BLOCK_N, k * BLOCK_K])
-            acc = tl.dot(x, w.T, acc, input_precision=DOT_PRECISION)
+            acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
         if HAS_BIAS:
             cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
             acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]

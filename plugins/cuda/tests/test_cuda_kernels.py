@@ -48,14 +48,17 @@ def test_rms_norm(shape, eps, dtype, device):
 
 
 @DTYPES
-def test_rms_norm_of_a_strided_view(dtype, device):
-    """Per-head q-norm (Qwen3) normalises a [T, H, D] view of the fused qkv output."""
+@pytest.mark.parametrize("tokens,first,heads", [(6, 0, 2), (6, 128, 1), (1, 0, 2)], ids=["q", "k", "one-token"])
+def test_rms_norm_of_a_strided_view(tokens, first, heads, dtype, device):
+    """Per-head q/k-norm (Qwen3) normalises a [T, H, D] view of the fused qkv output in place of its
+    rows (the query's heads from column 0, the key's after them)."""
     g = torch.Generator().manual_seed(1)
-    qkv = _rows(g, 6, 3 * 64).to(dtype)
-    q = qkv[:, :128].view(6, 2, 64)
+    qkv = _rows(g, tokens, 3 * 64).to(dtype)
+    head = qkv[:, first:first + heads * 64].view(tokens, heads, 64)
     weight = (1 + 0.1 * torch.randn(64, generator=g)).to(dtype)
-    _close(kernels.rms_norm(qkv.to(device)[:, :128].view(6, 2, 64), weight.to(device), 1e-6),
-           OPS["rms_norm"](q, weight, 1e-6), dtype)
+    got = kernels.rms_norm(qkv.to(device)[:, first:first + heads * 64].view(tokens, heads, 64), weight.to(device), 1e-6)
+    assert got.shape == (tokens, heads, 64)
+    _close(got, OPS["rms_norm"](head, weight, 1e-6), dtype)
 
 
 @DTYPES

@@ -27,12 +27,15 @@ ACTIVATION_BLOCK = 1024
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, n_cols, eps,
-                     stride_x, stride_r, stride_o, stride_ro,
+                     stride_x, stride_r, stride_o, stride_ro, x_heads, stride_x_head,
                      BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr):
+    """One row; ``x``'s rows may be heads of ``x_heads`` a token (token stride ``stride_x``, head
+    stride ``stride_x_head``), as a query or key slice of a fused projection's output is."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    x_row = x_ptr + row // x_heads * stride_x + row % x_heads * stride_x_head
+    x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
     if ADD_RESIDUAL:
         r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
         summed = (x + r).to(residual_out_ptr.dtype.element_ty)
@@ -54,14 +57,22 @@ def _norm_warps(block: int) -> int:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    rows = _rows(x)
-    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-    block = triton.next_power_of_2(rows.shape[1])
-    if rows.shape[0]:
-        _rms_norm_kernel[(rows.shape[0],)](rows, rows, weight, out, out, rows.shape[1], eps,
-                                           rows.stride(0), rows.stride(0), out.stride(0), out.stride(0),
-                                           BLOCK=block, ADD_RESIDUAL=False, num_warps=_norm_warps(block))
-    return out.view(x.shape)
+    """Per row of the last dimension. A [tokens, heads, size] slice of a wider row (a query's or
+    key's heads in a fused projection's output, normed per head as Qwen3 does) is read in place:
+    no copy to make its rows evenly spaced."""
+    n = x.shape[-1]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.dim() == 3 and x.stride(-1) == 1 and x.stride(1) == n and x.stride(0) != x.shape[1] * n:
+        rows, heads, stride_token, stride_head = x, x.shape[1], x.stride(0), x.stride(1)
+    else:
+        rows = _rows(x)
+        heads, stride_token, stride_head = 1, rows.stride(0), 0
+    count = out.numel() // n
+    block = triton.next_power_of_2(n)
+    if count:
+        _rms_norm_kernel[(count,)](rows, rows, weight, out, out, n, eps, stride_token, stride_token, n, n, heads,
+                                   stride_head, BLOCK=block, ADD_RESIDUAL=False, num_warps=_norm_warps(block))
+    return out
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
@@ -71,7 +82,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     block = triton.next_power_of_2(rows.shape[1])
     if rows.shape[0]:
         _rms_norm_kernel[(rows.shape[0],)](rows, res, weight, out, summed, rows.shape[1], eps,
-                                           rows.stride(0), res.stride(0), out.stride(0), summed.stride(0),
+                                           rows.stride(0), res.stride(0), out.stride(0), summed.stride(0), 1, 0,
                                            BLOCK=block, ADD_RESIDUAL=True, num_warps=_norm_warps(block))
     return out.view(x.shape), summed.view(x.shape)
 

@@ -44,8 +44,8 @@
 #            cosine between the two engines' vectors). Needs `unpack` first for vLLM
 #   wna16-sweep: benchmarks/kernels_gpu.py wna16-sweep at $SWEEP_ROWS rows (default 1 4 16): the W4A16 plans
 #            against each other and cuBLAS bf16 (what wna16.plan is tuned from)
-#   det-sweep: benchmarks/kernels_gpu.py deterministic-sweep: the batch-invariant matmul's plans that sum in the
-#            current plan's order, against cuBLAS
+#   det-sweep: benchmarks/kernels_gpu.py deterministic-sweep at $DET_ROWS rows (default 1 16 64 256 2048): the
+#            batch-invariant matmul's plans that sum in the current plan's order, against cuBLAS
 #   kernels: benchmarks/kernels_gpu.py $KERNELS (default wna16 bitmask): kernels alone against their rooflines
 #   moe-sweep: benchmarks/kernels_gpu.py moe-sweep on $MOE_SHAPE's experts (default mixtral-8x7b: one layer fits any
 #            GPU): fused_moe's two launches under a grid of tile plans (what moe.plans_for is tuned from)
@@ -154,7 +154,7 @@ for stage in "$@"; do
       timeout ${SWEEP_TIMEOUT:-540} python3 benchmarks/kernels_gpu.py wna16-sweep --sweep-rows ${SWEEP_ROWS:-1 4 16} \
         --json $R/wna16-sweep/sweep.json 2>&1 | tee $R/wna16-sweep/run.log ;;
     det-sweep)
-      timeout ${SWEEP_TIMEOUT:-540} python3 benchmarks/kernels_gpu.py deterministic-sweep --json $R/det-sweep/sweep.json \
+      timeout ${SWEEP_TIMEOUT:-540} python3 benchmarks/kernels_gpu.py deterministic-sweep --det-rows ${DET_ROWS:-1 16 64 256 2048} --json $R/det-sweep/sweep.json \
         2>&1 | tee $R/det-sweep/run.log ;;
     kernels)
       timeout ${SWEEP_TIMEOUT:-540} python3 benchmarks/kernels_gpu.py ${KERNELS:-wna16 bitmask} --json $R/kernels/kernels.json \

@@ -174,7 +174,7 @@ def deterministic_plans(rows: int) -> list[dict]:
     return plans + ([{**plan, "persistent": True} for plan in plans] if rows > 256 else [])
 
 
-def deterministic_sweep(bandwidth: float) -> list[dict]:
+def deterministic_sweep(bandwidth: float, rows_tried: tuple[int, ...] = (1, 16, 64, 256, 2048)) -> list[dict]:
     from triton.runtime.errors import OutOfResources
 
     from runtime_triton import batch_invariant
@@ -182,7 +182,7 @@ def deterministic_sweep(bandwidth: float) -> list[dict]:
     out = []
     for name, (n, k) in {**LLAMA8B_LINEARS, "lm_head": (128256, 4096)}.items():
         weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        for rows in (1, 16, 64, 256, 2048):
+        for rows in rows_tried:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             own = batch_invariant.linear(x, weight)
             timed, differ = [], []
@@ -340,10 +340,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--sweep-rows", type=int, nargs="+", default=[1, 64, 256, 512, 2048, 8192],
                         help="wna16-sweep: the numbers of rows tried")
+    parser.add_argument("--det-rows", type=int, nargs="+", default=[1, 16, 64, 256, 2048],
+                        help="deterministic-sweep: the numbers of rows tried")
     parser.add_argument("--moe-shape", default="mixtral-8x7b", help="moe-sweep: a shape of benchmarks/moe_gpu.py")
     args = parser.parse_args()
     cases = {"wna16": wna16_cases, "wna16-sweep": lambda bandwidth: wna16_sweep(bandwidth, tuple(args.sweep_rows)),
-             "deterministic-sweep": deterministic_sweep, "lora-sweep": lora_sweep,
+             "deterministic-sweep": lambda bandwidth: deterministic_sweep(bandwidth, tuple(args.det_rows)),
+             "lora-sweep": lora_sweep,
              "moe-sweep": lambda bandwidth: moe_sweep(bandwidth, args.moe_shape), "bitmask": bitmask_cases}
     unknown = set(args.kernels) - set(cases)
     if unknown:

@@ -225,13 +225,38 @@ def test_a_step_holds_at_most_max_loras_adapters_and_the_others_keep_their_place
     for i, lora_id in enumerate([1, 2, 3, 0, 1]):
         sched.add_request(Request(f"r{i}", [i + 1] * 4, SamplingParams(max_tokens=2), lora_id=lora_id))
     first = sched.schedule()
-    assert [s.request.request_id for s in first.scheduled] == ["r0", "r1", "r3", "r4"]  # r2's adapter waits
+    # r2's adapter waits; the rows come grouped by adapter (see the test below).
+    assert [s.request.request_id for s in first.scheduled] == ["r3", "r0", "r4", "r1"]
     sched.update(first, {s.request.request_id: [7] for s in first.scheduled})
     second = sched.schedule()
     assert "r2" not in [s.request.request_id for s in second.scheduled]  # adapters 1 and 2 still run
     sched.update(second, {s.request.request_id: [7] for s in second.scheduled})
     third = sched.schedule()  # r0, r1 and r4 finished (2 tokens): adapter 3's turn
     assert [s.request.request_id for s in third.scheduled] == ["r2"]
+
+
+def test_rows_of_one_adapter_are_side_by_side_in_admission_order():
+    """With several adapters in a step its rows come grouped by adapter (the LoRA kernels then
+    multiply most token tiles once), each group in the order the requests were served, decode rows
+    and a new prompt alike; with one adapter (and the base model) the order is the scheduler's."""
+    sched = make_scheduler(num_blocks=256, max_num_seqs=16, max_num_batched_tokens=256)
+    lora_of = {f"r{i}": lora_id for i, lora_id in enumerate([3, 1, 0, 2, 1, 3, 0, 2, 1])}
+    for i, (rid, lora_id) in enumerate(lora_of.items()):
+        sched.add_request(Request(rid, [i + 1] * 4, SamplingParams(max_tokens=4), lora_id=lora_id))
+    first = step(sched)
+    sched.add_request(Request("late", [5] * 4, SamplingParams(max_tokens=4), lora_id=2))
+    lora_of["late"] = 2
+    second = step(sched)
+    for out in (first, second):
+        ids = [s.request.request_id for s in out.scheduled]
+        served = [rid for rid in lora_of if rid in ids]  # admission order
+        assert ids == sorted(served, key=lora_of.get)  # grouped by adapter, stable within a group
+    assert [s.request.request_id for s in second.scheduled if s.request.lora_id == 2] == ["r3", "r7", "late"]
+
+    single = make_scheduler()
+    for i, lora_id in enumerate([1, 0, 1, 0]):
+        single.add_request(Request(f"s{i}", [i + 1] * 4, SamplingParams(max_tokens=2), lora_id=lora_id))
+    assert [s.request.request_id for s in single.schedule().scheduled] == ["s0", "s1", "s2", "s3"]
 
 
 def test_duplicate_request_id_is_refused():

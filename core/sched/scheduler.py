@@ -314,8 +314,14 @@ class Scheduler:
 
         finished, self._finished_ids = self._finished_ids, []
         freed = self.encoder_cache.take_freed() if self.encoder_cache is not None else []
-        return SchedulerOutput(list(scheduled.values()), preempted, finished, self.kv.take_transfers(),
-                               list(encoding.values()), freed)
+        rows = list(scheduled.values())
+        if len(adapters - {0}) > 1:
+            # The LoRA kernels multiply a tile of consecutive tokens once per adapter in it: with
+            # each adapter's rows side by side most tiles take one product, not one per adapter
+            # (the sort is stable: within an adapter the order above). A row's result does not
+            # depend on where it sits in the step.
+            rows.sort(key=lambda item: item.request.lora_id)
+        return SchedulerOutput(rows, preempted, finished, self.kv.take_transfers(), list(encoding.values()), freed)
 
     def _fit_images(self, request: Request, start: int, num_new: int, encoding: dict[str, ImageInput]
                     ) -> tuple[int, list[ImageInput]]:

@@ -163,9 +163,15 @@ def engine_part(args, engine: str) -> list[dict]:
     else:
         from vllm import LLM, SamplingParams
         llm = LLM(model=str(args.dir), skip_tokenizer_init=True, quantization=args.quantization, **common)
+    if engine == "runtime":
+        kv_tokens = llm.engine.num_blocks * llm.engine.block_size
+    else:
+        cache = llm.llm_engine.vllm_config.cache_config
+        kv_tokens = cache.num_gpu_blocks * cache.block_size if cache.num_gpu_blocks else None
+    # The KV cache's size bounds the sequences a step holds: offline throughput follows it.
     ready = {"engine": engine, "mode": "startup", "startup_s": round(time.perf_counter() - start, 1),
              "shape": config.to_dict().get("architectures"), "layers": config.num_hidden_layers,
-             "quantization": args.quantization}
+             "quantization": args.quantization, "kv_cache_tokens": kv_tokens}
     print(json.dumps(ready), flush=True)
     return [ready] + measure(make_generate(llm, SamplingParams), args, engine, config)
 

@@ -9,9 +9,10 @@
   plan counts only if its result is bitwise the own plan's (the same sum in the same order: the
   own plans are the ones test_cuda_deterministic.py proves batch-invariant).
 - ``lora-sweep``: ``lora_add`` (one shrink and one expand launch per projection) on Llama-3-8B's
-  fused projections with 8 rank-16 adapters at 1, 8 and 64 tokens, with the shrink cut into 16 to
-  128 programs (``DECODE_SHRINK_PROGRAMS``, ``SHRINK_TARGET_PROGRAMS``), beside the projection's own bf16 matmul: whether a
-  decode step's LoRA cost is the launches' floor or their work.
+  fused projections with 8 rank-16 adapters at 1 to 256 tokens, each token another adapter, with the
+  shrink cut into 16 to 128 programs (``DECODE_SHRINK_PROGRAMS``, ``SHRINK_TARGET_PROGRAMS``), and
+  with the same slots grouped as the scheduler orders a step's rows, beside the projection's own
+  bf16 matmul: whether a decode step's LoRA cost is the launches' floor or their work.
 - ``moe-sweep``: ``fused_moe`` on one layer of Mixtral-8x7B's (or ``--moe-shape``'s) experts at
   1 to 2048 tokens: each of its two launches (gate/up, down) under a grid of tile plans while the
   other keeps its own plan, then both best plans together, beside the op's own plans: what
@@ -225,17 +226,21 @@ def lora_sweep(bandwidth: float) -> list[dict]:
         weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
         lora_a = torch.randn(slots_count, len(slices) * rank, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
         lora_b = torch.randn(slots_count, n, rank, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
-        for tokens in (1, 8, 64):
+        for tokens in (1, 8, 64, 256):
             x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, generator=g)
-            slots = torch.arange(tokens, device="cuda", dtype=torch.int32) % slots_count
+            interleaved = torch.arange(tokens, device="cuda", dtype=torch.int32) % slots_count
             y = x @ weight.T
             row = {"kernel": "lora-sweep", "projection": name, "tokens": tokens, "rank": rank,
                    "base_matmul_us": round(graph_us(lambda: x @ weight.T), 1)}
             for programs in (16, 32, 64, 128):
                 lora.DECODE_SHRINK_PROGRAMS = lora.SHRINK_TARGET_PROGRAMS = programs
                 row[f"lora_add_us_{programs}_programs"] = round(
-                    graph_us(lambda: lora.lora_add(y, x, lora_a, lora_b, slots, slices, 0.5)), 1)
+                    graph_us(lambda: lora.lora_add(y, x, lora_a, lora_b, interleaved, slices, 0.5)), 1)
             lora.DECODE_SHRINK_PROGRAMS, lora.SHRINK_TARGET_PROGRAMS = defaults
+            # The scheduler puts each adapter's rows side by side: the same slots, grouped.
+            grouped = interleaved.sort().values
+            row["lora_add_us_grouped_slots"] = round(
+                graph_us(lambda: lora.lora_add(y, x, lora_a, lora_b, grouped, slices, 0.5)), 1)
             out.append(row)
             print(json.dumps(row), flush=True)
     return out

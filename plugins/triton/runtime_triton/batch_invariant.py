@@ -49,7 +49,7 @@ PREFILL_ROWS, LARGE_WEIGHT = 2048, 48 * 2**20
 """From PREFILL_ROWS rows a weight of LARGE_WEIGHT elements or more takes 256-column tiles: at 2048
 rows they beat 128 x 128 at the fused gate/up (934.6 against 1006.1 us) and down (451.8 against
 473.5) projections, not at qkv or o (H100 deterministic sweep, 2026-12-06)."""
-PREFILL_LARGE_WEIGHT_TILES = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, persistent=True)
+PREFILL_LARGE_WEIGHT_TILES = {**MANY_ROW_TILES, "BLOCK_N": 256}
 GROUP_M = 8
 """Row tiles a persistent program's tile order walks before moving to the next weight columns."""
 FITTED_TILES: dict[tuple, dict] = {}

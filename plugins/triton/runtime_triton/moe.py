@@ -348,25 +348,23 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     has_scale = w13_scale is not None
     activated = torch.empty(sorted_pairs.numel(), width, dtype=x.dtype, device=x.device)
-    plan = gate_up_plan
-    _gate_up_kernel[(block_expert.numel(), triton.cdiv(width, plan.block_n))](
+    _gate_up_kernel[(block_expert.numel(), triton.cdiv(width, gate_up_plan.block_n))](
         x, w13, w13_scale if has_scale else w13, activated, sorted_pairs, block_expert,
         pairs, experts, width, hidden, top_k,
         x.stride(0), w13.stride(0), w13.stride(1), w13_scale.stride(0) if has_scale else 0, activated.stride(0),
         HAS_SCALE=has_scale, ACTIVATION=activation, DOT_PRECISION=precision,
-        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
-        num_warps=plan.num_warps, num_stages=plan.num_stages)
+        BLOCK_M=gate_up_plan.block_m, BLOCK_N=gate_up_plan.block_n, BLOCK_K=gate_up_plan.block_k,
+        num_warps=gate_up_plan.num_warps, num_stages=gate_up_plan.num_stages)
     # Every pair's row is written unless some pairs belong to other ranks' experts.
     alloc = torch.zeros if expert_map is not None else torch.empty
     per_pair = alloc(pairs, hidden, dtype=torch.float32, device=x.device)
-    plan = down_plan
-    _down_kernel[(block_expert.numel(), triton.cdiv(hidden, plan.block_n))](
+    _down_kernel[(block_expert.numel(), triton.cdiv(hidden, down_plan.block_n))](
         activated, w2, w2_scale if has_scale else w2, weights.flatten().contiguous(), per_pair, sorted_pairs, block_expert,
         pairs, experts, hidden, width,
         activated.stride(0), w2.stride(0), w2.stride(1), w2_scale.stride(0) if has_scale else 0, per_pair.stride(0),
         HAS_SCALE=has_scale, DOT_PRECISION=precision,
-        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
-        num_warps=plan.num_warps, num_stages=plan.num_stages)
+        BLOCK_M=down_plan.block_m, BLOCK_N=down_plan.block_n, BLOCK_K=down_plan.block_k,
+        num_warps=down_plan.num_warps, num_stages=down_plan.num_stages)
     out = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
     block_h = min(1024, triton.next_power_of_2(hidden))
     _combine_kernel[(tokens, triton.cdiv(hidden, block_h))](per_pair, out, hidden, TOP_K=top_k, BLOCK_H=block_h)

@@ -26,6 +26,7 @@
 #            always runs; QUANT_ARGS="--load-format dummy": runtime bf16 on made-up weights, so NO_CHECKPOINT=1 boots do)
 #   spec:    benchmarks/spec_gpu.py: the embedded model as HF bf16, n-gram proposals at batch 1 and 8 (runtime,
 #            vLLM), then the zero-acceptance overhead and verification step times on the Llama-3-8B shape
+#            (SPEC_ARGS="--load-format dummy": made-up weights, so NO_CHECKPOINT=1 boots do)
 #   moe:     benchmarks/moe_gpu.py: an MoE model of $MOE_SHAPE (default mixtral-16l, 47 GB of bf16 weights: fits
 #            an 80 GB H100; mixtral-8x7b, 93 GB, needs an H200; qwen3-30b-a3b is 61 GB), config and tokenizer in
 #            $MOE_DIR (default /tmp/moe), made-up weights in both engines (load_format dummy: nothing on disk);
@@ -120,7 +121,7 @@ for stage in "$@"; do
     spec)
       [ -e /tmp/smollm2.gguf ] || cat /tmp/parts/gguf.* > /tmp/smollm2.gguf
       for part in ${SPEC_PARTS:-convert runtime vllm verify}; do
-        timeout 300 python3 benchmarks/spec_gpu.py $part --gguf /tmp/smollm2.gguf --json $R/spec/$part.json --llama-dir $M 2>&1 | grep -v "it/s]" \
+        timeout 300 python3 benchmarks/spec_gpu.py $part --gguf /tmp/smollm2.gguf --json $R/spec/$part.json --llama-dir $M ${SPEC_ARGS:-} 2>&1 | grep -v "it/s]" \
           | tail -15 | tee -a $R/spec/run.log
       done ;;
     moe)

@@ -169,9 +169,8 @@ def main() -> None:
     if args.part == "write":
         return write_gptq(gptq)
     if args.part == "runtime-bf16":
-        if not (args.dir / "config.json").exists():
-            from decode_llama8b import write_checkpoint, write_config_and_tokenizer
-            (write_config_and_tokenizer if args.load_format == "dummy" else write_checkpoint)(args.dir)
+        from decode_llama8b import ensure_model
+        ensure_model(args.dir, args.load_format)
         results = runtime_part(args.dir, None, args.requests, args.load_format)
     elif args.part == "runtime-gptq":
         if args.wna16_plans:

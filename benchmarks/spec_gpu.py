@@ -7,7 +7,8 @@ Usage: python3 benchmarks/spec_gpu.py PART --json OUT.json [options]
        = runtime   runtime.LLM on --hf-dir: the copy-heavy chat prompts of spec_cpu.py at batch 1
                    and --batch, with and without n-gram proposals (acceptance reported)
        = vllm      the same with vLLM 0.22.1 (speculative_config as vLLM reads it)
-       = verify    runtime.LLM on --llama-dir (random weights, nothing is ever accepted): decode tok/s
+       = verify    runtime.LLM on --llama-dir (random weights, nothing is ever accepted; --load-format dummy:
+                   made up at load, only the config written): decode tok/s
                    at batch 1 with and without proposals (the zero-acceptance overhead, back-off on),
                    and the time of one verification step of k = 1..8 proposals (back-off off, so
                    every decode step verifies) against a plain decode step
@@ -179,7 +180,7 @@ def verify_part(args) -> list[dict]:
 
     def setting(label: str, config) -> list[dict]:
         llm = LLM(str(args.llama_dir), device=args.device, dtype="bfloat16", max_model_len=1024,
-                  speculative_config=config)
+                  speculative_config=config, load_format=args.load_format)
         generate = functools.partial(output_lengths, llm, SamplingParams)
         if config is not None:
             llm.engine.proposer = Always()
@@ -207,6 +208,9 @@ def verify_part(args) -> list[dict]:
             rows.append(step_row("verification_step", k))
         return rows
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "cuda" / "benchmarks"))
+    from decode_llama8b import ensure_model
+    ensure_model(args.llama_dir, args.load_format)
     rows = setting("none", None)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -220,6 +224,8 @@ def main() -> None:
     parser.add_argument("--gguf", type=Path, help="the embedded model's GGUF file, where its package is not installed")
     parser.add_argument("--hf-dir", type=Path, default=Path("/tmp/smollm2-bf16"))
     parser.add_argument("--llama-dir", type=Path, default=Path("/tmp/llama8b"))
+    parser.add_argument("--load-format", default="auto", help="verify: dummy for made-up weights on --llama-dir's "
+                                                               "config (written if missing), no checkpoint on disk")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="each timing is the best of this many runs")

@@ -27,6 +27,9 @@ if [ ! -e $W/boot/.done ]; then
     rpds-py==2026.9.1
   touch $W/boot/.done
 fi
+# vLLM 0.22.1 imports humming (humming-kernels) whenever a quantization method is looked up on CUDA, GPTQ-Marlin
+# included; its other imports are in the GPU image.
+ls $W/boot/humming_kernels-0.1.2-* > /dev/null 2>&1 || get $W/boot humming-kernels==0.1.2
 if [ ! -e $W/SHA256 ]; then
   rm -rf /tmp/gpu-wheels && mkdir -p /tmp/gpu-wheels/all
   get /tmp/gpu-wheels/all -r "$REQ"

@@ -25,8 +25,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from runtime import LLM, SamplingParams
 
-CONFIG = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-              num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
+CONFIG = dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+              num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
               rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False)
 
 
@@ -71,6 +71,14 @@ def write_checkpoint(path: Path) -> None:
     config = write_config_and_tokenizer(path)
     for file, tensors in shards(config).items():
         save_file({name: random_tensor(name, shape) for name, shape in tensors.items()}, path / file)
+
+
+
+def ensure_model(path: Path, load_format: str) -> None:
+    """What a run with ``load_format`` reads from ``path``, written if its config is missing: the config and
+    tokenizer alone for ``dummy`` (made-up weights at load), else the whole random checkpoint."""
+    if not (path / "config.json").exists():
+        (write_config_and_tokenizer if load_format == "dummy" else write_checkpoint)(path)
 
 
 def timed(llm: LLM, prompts: list[list[int]], max_tokens: int) -> float:

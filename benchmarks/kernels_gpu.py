@@ -203,7 +203,7 @@ def deterministic_sweep(bandwidth: float, rows_tried: tuple[int, ...] = (1, 16, 
             cublas_us = graph_us(lambda: x @ weight.T)
             best_us, best = timed[0] if timed else (own_us, None)
             out.append({"kernel": "deterministic-sweep", "linear": name, "n": n, "k": k, "rows": rows,
-                        "own_plan": batch_invariant.tiles(rows, x.dtype, n, k), "own_us": round(own_us, 1),
+                        "own_plan": batch_invariant.tiles(rows, x.dtype, n, k, batch_invariant.multiprocessors(x.device)), "own_us": round(own_us, 1),
                         "best": best, "best_us": round(best_us, 1), "cublas_us": round(cublas_us, 1),
                         "own_vs_cublas": round(cublas_us / own_us, 2), "best_vs_cublas": round(cublas_us / best_us, 2),
                         "best_of_roofline": round(2 * n * k / bandwidth * 1e6 / best_us, 3),

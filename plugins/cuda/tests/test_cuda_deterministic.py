@@ -73,7 +73,7 @@ def test_a_plan_too_large_for_shared_memory_shrinks_and_is_remembered(monkeypatc
     monkeypatch.setattr(batch_invariant, "_matmul_kernel", KernelFitting(launches, max_stages=2, max_k=64))
     monkeypatch.setattr(batch_invariant, "FITTED_TILES", {})
     x, w = torch.randn(3, 512).bfloat16(), torch.randn(4096, 512).bfloat16()
-    assert batch_invariant.tiles(3, x.dtype, 4096, 512)["BLOCK_K"] == 256
+    assert batch_invariant.tiles(3, x.dtype, 4096, 512, 132)["BLOCK_K"] == 256
     batch_invariant.linear(x, w)
     assert launches == [(256, 4), (256, 3), (256, 2), (256, 1), (128, 2), (128, 1), (64, 2)]
     launches.clear()

@@ -44,12 +44,15 @@ FEW_ROW_TILES = {True: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, nu
                  False: dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)}
 SOME_ROW_NARROW_TILES = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3)
 SOME_ROW_WIDE_TILES = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
-MANY_ROW_TILES = {**SOME_ROW_WIDE_TILES, "persistent": True}
-PREFILL_ROWS, LARGE_WEIGHT = 2048, 48 * 2**20
-"""From PREFILL_ROWS rows a weight of LARGE_WEIGHT elements or more takes 256-column tiles: at 2048
-rows they beat 128 x 128 at the fused gate/up (934.6 against 1006.1 us) and down (451.8 against
-473.5) projections, not at qkv or o (H100 deterministic sweep, 2026-12-06)."""
-PREFILL_LARGE_WEIGHT_TILES = {**MANY_ROW_TILES, "BLOCK_N": 256}
+MANY_ROW_TILES = {64: dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4, persistent=True),
+                  128: dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, persistent=True)}
+"""Past SOME_ROWS, persistent 256-column tiles: at 300 rows 64 x 256 beat 128 x 128 at every Llama-3-8B
+projection (qkv 30.8 against 64.0 us, o 26.0 against 33.4, down 84.4 against 112.0), and 128 x 256 at the
+fused gate/up (140.9 against 206.4); at 2048 rows 128 x 256 beat both everywhere (qkv 132.9 against 193.3,
+o 97.1 against 133.8; H100 deterministic sweep, 2026-12-06, fourth window)."""
+WIDE_ROW_WAVES = 1.5
+"""128-row tiles once they give every multiprocessor this many: fewer leave the last wave mostly idle
+(the sweep's choices above all fall on this side of it)."""
 GROUP_M = 8
 """Row tiles a persistent program's tile order walks before moving to the next weight columns."""
 FITTED_TILES: dict[tuple, dict] = {}
@@ -58,18 +61,19 @@ tuned on an H100's 227: an A100 has 164, sm_86 cards 100), by the plan and launc
 Fewer stages or a shallower K step change no sum (above)."""
 
 
-def tiles(rows: int, dtype: torch.dtype, columns: int, depth: int) -> dict:
-    """The plan for ``rows`` x (``columns`` output columns, ``depth`` reduction): the deterministic
-    sweep's fastest (H100, Llama-3-8B projections) among plans that sum alike."""
+def tiles(rows: int, dtype: torch.dtype, columns: int, depth: int, multiprocessors: int) -> dict:
+    """The plan for ``rows`` x (``columns`` output columns, ``depth`` reduction) on a device of
+    ``multiprocessors``: the deterministic sweep's fastest (H100, Llama-3-8B projections) among plans
+    that sum alike."""
     if dtype == torch.float32:
         return FLOAT32_TILES
     if rows <= FEW_ROWS:
         return FEW_ROW_TILES[columns >= WIDE]
     if rows <= SOME_ROWS:
         return SOME_ROW_NARROW_TILES if columns < WIDE else SOME_ROW_WIDE_TILES
-    if rows >= PREFILL_ROWS and columns * depth >= LARGE_WEIGHT:
-        return PREFILL_LARGE_WEIGHT_TILES
-    return MANY_ROW_TILES
+    wide = MANY_ROW_TILES[128]
+    wide_tiles = triton.cdiv(rows, wide["BLOCK_M"]) * triton.cdiv(columns, wide["BLOCK_N"])
+    return wide if wide_tiles >= WIDE_ROW_WAVES * multiprocessors else MANY_ROW_TILES[64]
 
 
 @triton.jit
@@ -131,8 +135,17 @@ def _tensor_memory_accelerator(*tensors: torch.Tensor) -> bool:
                     for u in tensors))
 
 
-_PROGRAMS: dict[torch.device, int] = {}
-"""Multiprocessors per device: the persistent variant's program count."""
+_MULTIPROCESSORS: dict[torch.device, int] = {}
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The device's multiprocessors (the persistent variant's program count); 1 off the GPU, where
+    Triton's interpreter runs one program at a time."""
+    if device.type != "cuda":
+        return 1
+    if device not in _MULTIPROCESSORS:
+        _MULTIPROCESSORS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _MULTIPROCESSORS[device]
 
 
 def launch_persistent(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
@@ -165,8 +178,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         def launch(plan: dict) -> None:
             tiling = {key: value for key, value in plan.items() if key != "persistent"}
             if plan.get("persistent") and _tensor_memory_accelerator(rows, weight, out):
-                programs = _PROGRAMS.setdefault(x.device, torch.cuda.get_device_properties(x.device).multi_processor_count)
-                launch_persistent(rows, weight, bias, out, tiling, programs)
+                launch_persistent(rows, weight, bias, out, tiling, multiprocessors(x.device))
                 return
             _matmul_kernel[(triton.cdiv(m, plan["BLOCK_M"]), triton.cdiv(n, plan["BLOCK_N"]))](
                 rows, weight, bias if bias is not None else weight, out, m, n, k, rows.stride(0), weight.stride(0),
@@ -174,7 +186,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                 out.stride(0), HAS_BIAS=bias is not None, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                 **tiling)
 
-        plan = plan or tiles(m, x.dtype, n, k)
+        plan = plan or tiles(m, x.dtype, n, k, multiprocessors(x.device))
         launch_fitting(FITTED_TILES, (tuple(sorted(plan.items())), n, k, x.dtype, x.device), plan, launch,
                        fewer_stages_then_shallower("BLOCK_K", 16))
     return out.view(*x.shape[:-1], n)

@@ -6,14 +6,17 @@ Usage: python3 benchmarks/moe_gpu.py PART [--shape mixtral-16l] [--dir /tmp/moe]
                   run it with load_format="dummy": made-up weights, nothing written to or read from disk)
        = runtime  runtime.LLM(device cuda, bf16)
        = vllm     vllm.LLM (0.22.1 importable: ../shared/anchors/vllm.md)
-       = kernel   the fused_moe op alone at 1-256 tokens against the roofline of the experts it reads
+       = kernel   the fused_moe op alone at 1-8192 tokens against the roofline of the experts it reads
+                  (and its matrix rate: prefill is compute-bound)
+       = vllm-kernel  the same with vLLM's fused_topk + fused_experts
 Run each part in its own process. Shapes (--layers overrides the layer count):
   mixtral-8x7b   Mixtral-8x7B: 32 layers, 8 experts of 14336, top-2; 93 GB in bf16: one H200's memory
   mixtral-16l    the same with 16 layers (47 GB): fits an 80 GB H100 with room for the KV cache (the default)
   qwen3-30b-a3b  Qwen3-30B-A3B: 48 layers, 128 experts of 768, top-8, renormalised; 61 GB
 Both engines measure batch-1 decode (--prompt-len 512, --output-len 128; step = (time for 128
 tokens - time for 1) / 127) and offline throughput on --requests 1000 x (512, 128), greedy, ignore_eos,
-the same random prompts. The roofline step is the bytes one token reads (attention and router
+the same random prompts (--profile-requests N: then runtime's kernel time by kernel at batch 1 and over
+N requests offline). The roofline step is the bytes one token reads (attention and router
 weights of every layer, its top-k experts' weights, the lm_head row block, the KV cache of the
 context) divided by the bandwidth of a device-to-device copy measured in the same process.
 """
@@ -111,10 +114,28 @@ def bytes_per_token(config: transformers.PretrainedConfig, context: int) -> dict
     return {name: 2 * n for name, n in parts.items()}
 
 
+def random_prompts(config, count: int, length: int) -> list[list[int]]:
+    rng = random.Random(1)
+    return [[rng.randrange(100, config.vocab_size) for _ in range(length)] for _ in range(count)]
+
+
+def profile(generate, args, config) -> list[dict]:
+    """Kernel time by kernel of one batch-1 decode of --output-len tokens and of an offline run of
+    --profile-requests prompts (this process's engine: runtime only)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "cuda" / "benchmarks"))
+    from baselines_llama8b import profile_kernels
+
+    prompts = random_prompts(config, args.profile_requests, args.prompt_len)
+    out = [profile_kernels(lambda: generate(prompts[:1], args.output_len), "profile_batch1"),
+           profile_kernels(lambda: generate(prompts, args.output_len), "profile_offline")]
+    for row in out:
+        print(json.dumps(row), flush=True)
+    return out
+
+
 def measure(generate, args, engine: str, config) -> list[dict]:
     """Batch-1 decode (with its roofline) and offline throughput through ``generate(prompts, max_tokens)``."""
-    rng = random.Random(1)
-    prompts = [[rng.randrange(100, config.vocab_size) for _ in range(args.prompt_len)] for _ in range(args.requests)]
+    prompts = random_prompts(config, args.requests, args.prompt_len)
 
     def run(batch: list[list[int]], max_tokens: int) -> float:
         torch.cuda.synchronize()
@@ -173,38 +194,52 @@ def engine_part(args, engine: str) -> list[dict]:
              "shape": config.to_dict().get("architectures"), "layers": config.num_hidden_layers,
              "quantization": args.quantization, "kv_cache_tokens": kv_tokens}
     print(json.dumps(ready), flush=True)
-    return [ready] + measure(make_generate(llm, SamplingParams), args, engine, config)
+    generate = make_generate(llm, SamplingParams)
+    rows = [ready] + measure(generate, args, engine, config)
+    return rows + (profile(generate, args, config) if engine == "runtime" and args.profile_requests else [])
 
 
-def kernel_part(args) -> list[dict]:
-    """fused_moe alone on one layer's experts of the shape, through CUDA graphs of 50 calls."""
-    from runtime.platform import get_registry
-
+def kernel_part(args, engine: str) -> list[dict]:
+    """The fused MoE op alone on one layer's experts of the shape, through CUDA graphs of 50 calls:
+    runtime's ``fused_moe``, or vLLM's ``fused_topk`` + ``fused_experts`` (its Triton path, default
+    tile configs where it ships none for the GPU) on the same weights, gate and up stacked alike."""
     config = config_of(args.shape, 1)
     from runtime.models import decoder_settings
     s = decoder_settings(config)
     moe, h = s.moe, s.hidden_size
-    ops = get_registry().kernels("cuda")
     w13 = torch.randn(moe.num_experts, 2 * moe.intermediate_size, h, device="cuda", dtype=torch.bfloat16) * 0.02
     w2 = torch.randn(moe.num_experts, h, moe.intermediate_size, device="cuda", dtype=torch.bfloat16) * 0.02
+    if engine == "runtime":
+        from runtime.platform import get_registry
+        ops = get_registry().kernels("cuda")
+
+        def fused(x, logits):
+            return ops.fused_moe(x, logits, w13, w2, moe.top_k, moe.renormalize)
+    else:
+        from vllm.model_executor.layers.fused_moe import fused_experts, fused_topk
+
+        def fused(x, logits):
+            weights, ids, _ = fused_topk(x, logits, moe.top_k, moe.renormalize)
+            return fused_experts(x, w13, w2, weights, ids)
     bandwidth = copy_bandwidth()
     out = []
-    for tokens in (1, 4, 16, 64, 256):
+    for tokens in (1, 4, 16, 64, 256, 2048, 8192):
         x = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16)
         logits = torch.randn(tokens, moe.num_experts, device="cuda")
-        seconds = graph_us(lambda: ops.fused_moe(x, logits, w13, w2, moe.top_k, moe.renormalize)) / 1e6
+        seconds = graph_us(lambda: fused(x, logits)) / 1e6
         used = torch.topk(logits, moe.top_k).indices.unique().numel()
         read = used * 3 * h * moe.intermediate_size * 2
-        out.append({"engine": "runtime", "mode": "fused_moe", "shape": args.shape, "tokens": tokens,
+        out.append({"engine": engine, "mode": "fused_moe", "shape": args.shape, "tokens": tokens,
                     "experts_read": used, "us": round(seconds * 1e6, 1), "roofline_us": round(read / bandwidth * 1e6, 1),
-                    "of_roofline": round(read / bandwidth / seconds, 3)})
+                    "of_roofline": round(read / bandwidth / seconds, 3),
+                    "tflops": round(2 * tokens * moe.top_k * 3 * h * moe.intermediate_size / seconds / 1e12, 1)})
         print(json.dumps(out[-1]), flush=True)
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["write", "runtime", "vllm", "kernel"])
+    parser.add_argument("part", choices=["write", "runtime", "vllm", "kernel", "vllm-kernel"])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="mixtral-16l")
     parser.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/moe"))
@@ -216,12 +251,15 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--quantization", default=None, help="e.g. fp8 (experts as float8 in both engines)")
+    parser.add_argument("--profile-requests", type=int, default=0,
+                        help="runtime: then kernel time by kernel of batch-1 decode and of this many requests offline")
     args = parser.parse_args()
     if args.part == "write":
         write_model_directory(config_of(args.shape, args.layers), args.dir)
         print(json.dumps({"written": str(args.dir), "shape": args.shape, "layers": args.layers}))
         return
-    results = kernel_part(args) if args.part == "kernel" else engine_part(args, args.part)
+    kernel = {"kernel": "runtime", "vllm-kernel": "vllm"}.get(args.part)
+    results = kernel_part(args, kernel) if kernel else engine_part(args, args.part)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))

@@ -12,7 +12,7 @@ Usage: python benchmarks/quant_gpu.py PART [--dir /tmp/llama8b] [--out DIR] [--r
 --wna16-plans FILE (runtime-gptq): the W4A16 GEMM takes, per weight shape, the best plan of a
 ``benchmarks/kernels_gpu.py wna16-sweep --json FILE`` run at the nearest swept row count at or above
 its own, ``wna16.plan``'s past the largest (the sweep's plans tried end to end before they go into
-``wna16.plan``).
+``wna16.plan``). --profile (runtime parts): then the kernel time by kernel of one batch-1 decode.
 Each part runs in its own process (two 8B models do not share a GPU well) and writes OUT/PART.json.
 The bf16 checkpoint is plugins/cuda/benchmarks/decode_llama8b.py's (written if missing, unless
 --load-format dummy). Weight values do not change speed; decode step = (time for 128 tokens - time for 1) / 127, as baselines_llama8b.py.
@@ -112,7 +112,8 @@ def use_swept_plans(sweep: Path) -> None:
     wna16.plan = swept
 
 
-def runtime_part(path: Path, quantization: str | None, requests: int, load_format: str = "auto") -> list[dict]:
+def runtime_part(path: Path, quantization: str | None, requests: int, load_format: str = "auto",
+                 profile: bool = False) -> list[dict]:
     from runtime import LLM, SamplingParams
 
     llm = LLM(str(path), device="cuda", dtype="bfloat16", max_num_seqs=512, max_num_batched_tokens=8192,
@@ -123,7 +124,13 @@ def runtime_part(path: Path, quantization: str | None, requests: int, load_forma
         params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
         llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
 
-    return measure(generate, requests)
+    results = measure(generate, requests)
+    if profile:
+        from baselines_llama8b import profile_kernels
+        prompt = [[1000 + (37 * i) % 99000 for i in range(PROMPT_LEN)]]
+        results.append(profile_kernels(lambda: generate(prompt, OUTPUT_LEN), "profile_batch1"))
+        print(json.dumps(results[-1]), flush=True)
+    return results
 
 
 def vllm_part(path: Path, requests: int) -> list[dict]:
@@ -161,6 +168,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--wna16-plans", type=Path, help="a kernels_gpu.py wna16-sweep JSON (runtime-gptq)")
     parser.add_argument("--load-format", default="auto", help="runtime-bf16: dummy for made-up weights on DIR's config")
+    parser.add_argument("--profile", action="store_true", help="runtime parts: then kernel time by kernel of one "
+                                                                 "batch-1 decode")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     gptq = args.dir.with_name(args.dir.name + "-gptq")
@@ -171,11 +180,11 @@ def main() -> None:
     if args.part == "runtime-bf16":
         from decode_llama8b import ensure_model
         ensure_model(args.dir, args.load_format)
-        results = runtime_part(args.dir, None, args.requests, args.load_format)
+        results = runtime_part(args.dir, None, args.requests, args.load_format, args.profile)
     elif args.part == "runtime-gptq":
         if args.wna16_plans:
             use_swept_plans(args.wna16_plans)
-        results = runtime_part(gptq, "gptq", args.requests)
+        results = runtime_part(gptq, "gptq", args.requests, profile=args.profile)
     else:
         results = vllm_part(gptq, args.requests)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "part": args.part, "argv": sys.argv}

@@ -242,8 +242,9 @@ class StepTrace:
                           "gc_seconds_by_generation": [round(s, 3) for s in self.gc_seconds]}
 
 
-def profile_kernels(fn) -> dict:
-    """Kernel time of one call of ``fn`` (CUDA activity only: the host runs at its own speed)."""
+def profile_kernels(fn, mode: str = "profile_offline") -> dict:
+    """Kernel time of one call of ``fn`` by kernel, the 25 longest (CUDA activity only: the host runs at
+    its own speed), labelled ``mode``."""
     from torch.profiler import ProfilerActivity, profile
     t = sync_time()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -253,7 +254,7 @@ def profile_kernels(fn) -> dict:
     kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     total_us = sum(e.self_device_time_total for e in kernels)
     top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:25]
-    return {"engine": "runtime", "mode": "profile_offline", "wall_s": round(wall, 3), "kernel_s": round(total_us / 1e6, 3),
+    return {"engine": "runtime", "mode": mode, "wall_s": round(wall, 3), "kernel_s": round(total_us / 1e6, 3),
             "gpu_busy_fraction": round(total_us / 1e6 / wall, 3),
             "top_kernels_s": {e.key[:100]: [round(e.self_device_time_total / 1e6, 3), e.count] for e in top}}
 

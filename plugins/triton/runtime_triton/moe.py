@@ -10,10 +10,11 @@ belongs to one expert. Two launches follow:
   gathers its rows' tokens from ``x``, multiplies them by the same columns of its expert's gate
   and up weights in one pass over the hidden size, and writes ``act(gate) * up`` for its rows.
 - down: a program owns one block of those rows and ``BLOCK_N`` hidden columns; it multiplies by
-  its expert's down weights, scales each row by its routing weight and writes it at its pair.
+  its expert's down weights and writes each row, rounded to the activations' dtype, at its pair.
 
-A last launch sums each token's k pairs in routing order and rounds the sum once
-(``_combine_kernel``). Blocks past the last expert's (the launches are sized for the worst
+A last launch sums each token's k pairs, each times its routing weight, in routing order in float32
+and rounds the sum once (``_combine_kernel``): the pairs cross memory in the activations' 16 bits,
+not as weighted float32 rows (at Qwen3-30B-A3B's 8 pairs a token those were 4x the layer's output). Blocks past the last expert's (the launches are sized for the worst
 padding) return at once, so nothing is read back on the host and the op is captured in CUDA graphs. float8 expert weights (``Fp8Method.quantize_experts``) are read as
 they are stored, widened to the activations' dtype in registers, and their per-channel scales
 applied to the products: the weights cross memory at one byte each.
@@ -289,12 +290,12 @@ def _gate_up_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, sorted_pairs_ptr, block_ex
 
 
 @triton.jit
-def _down_kernel(a_ptr, w_ptr, scale_ptr, routing_ptr, out_ptr, sorted_pairs_ptr, block_expert_ptr,
+def _down_kernel(a_ptr, w_ptr, scale_ptr, out_ptr, sorted_pairs_ptr, block_expert_ptr,
                  num_pairs, num_experts, hidden, width,
                  stride_am, stride_we, stride_wn, stride_se, stride_om,
                  HAS_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[pair, n] = routing[pair] * (a[row] @ down[e, n]) (float32) for the block's sorted rows."""
+    """out[pair, n] = a[row] @ down[e, n] (rounded to out's dtype) for the block's sorted rows."""
     block = tl.program_id(0)
     expert = tl.load(block_expert_ptr + block).to(tl.int64)
     if expert >= num_experts:
@@ -317,10 +318,8 @@ def _down_kernel(a_ptr, w_ptr, scale_ptr, routing_ptr, out_ptr, sorted_pairs_ptr
         w_ptrs += BLOCK_K
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + expert * stride_se + cols, mask=col_ok, other=0.0)[None, :]
-    routing = tl.load(routing_ptr + pairs, mask=row_ok, other=0.0)
-    acc = acc.to(a_ptr.dtype.element_ty).to(tl.float32) * routing[:, None]
     out_ptrs = out_ptr + pairs[:, None].to(tl.int64) * stride_om + cols[None, :]
-    tl.store(out_ptrs, acc, mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
@@ -357,9 +356,9 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w
         num_warps=gate_up_plan.num_warps, num_stages=gate_up_plan.num_stages)
     # Every pair's row is written unless some pairs belong to other ranks' experts.
     alloc = torch.zeros if expert_map is not None else torch.empty
-    per_pair = alloc(pairs, hidden, dtype=torch.float32, device=x.device)
+    per_pair = alloc(pairs, hidden, dtype=x.dtype, device=x.device)
     _down_kernel[(block_expert.numel(), triton.cdiv(hidden, down_plan.block_n))](
-        activated, w2, w2_scale if has_scale else w2, weights.flatten().contiguous(), per_pair, sorted_pairs, block_expert,
+        activated, w2, w2_scale if has_scale else w2, per_pair, sorted_pairs, block_expert,
         pairs, experts, hidden, width,
         activated.stride(0), w2.stride(0), w2.stride(1), w2_scale.stride(0) if has_scale else 0, per_pair.stride(0),
         HAS_SCALE=has_scale, DOT_PRECISION=precision,
@@ -367,17 +366,21 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w
         num_warps=down_plan.num_warps, num_stages=down_plan.num_stages)
     out = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
     block_h = min(1024, triton.next_power_of_2(hidden))
-    _combine_kernel[(tokens, triton.cdiv(hidden, block_h))](per_pair, out, hidden, TOP_K=top_k, BLOCK_H=block_h)
+    _combine_kernel[(tokens, triton.cdiv(hidden, block_h))](per_pair, weights, out, hidden, TOP_K=top_k,
+                                                             BLOCK_H=block_h)
     return out
 
 
 @triton.jit
-def _combine_kernel(per_pair_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
-    """out[t] = the sum of token t's k pair rows (float32, in routing order), rounded once to out's dtype."""
+def _combine_kernel(per_pair_ptr, routing_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t] = the sum of token t's k pair rows times their routing weights (float32, in routing
+    order), rounded once to out's dtype."""
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     ok = cols < hidden
     total = tl.zeros((BLOCK_H,), dtype=tl.float32)
     for i in tl.static_range(TOP_K):
-        total += tl.load(per_pair_ptr + (token * TOP_K + i) * hidden + cols, mask=ok, other=0.0)
+        pair = token * TOP_K + i
+        row = tl.load(per_pair_ptr + pair * hidden + cols, mask=ok, other=0.0).to(tl.float32)
+        total += tl.load(routing_ptr + pair) * row
     tl.store(out_ptr + token * hidden + cols, total.to(out_ptr.dtype.element_ty), mask=ok)

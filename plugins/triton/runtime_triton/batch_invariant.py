@@ -52,7 +52,8 @@ fused gate/up (140.9 against 206.4); at 2048 rows 128 x 256 beat both everywhere
 o 97.1 against 133.8; H100 deterministic sweep, 2026-12-06, fourth window)."""
 WIDE_ROW_WAVES = 1.5
 """128-row tiles once they give every multiprocessor this many: fewer leave the last wave mostly idle
-(the sweep's choices above all fall on this side of it)."""
+(the sweep's choice everywhere above but lm_head at 300 rows, where 128 x 256 came second: 637.9 us
+against 616.6)."""
 GROUP_M = 8
 """Row tiles a persistent program's tile order walks before moving to the next weight columns."""
 FITTED_TILES: dict[tuple, dict] = {}

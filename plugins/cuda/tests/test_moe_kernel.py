@@ -94,7 +94,24 @@ def _sort_reference(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[
     return sorted_pairs[:capacity], block_expert
 
 
-SORTS = {"align_pairs": lambda *args: moe.align_pairs(*args), "reference": _sort_reference}
+def _routed_and_sorted(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """route_and_sort on router logits that choose ``ids`` (in that order; -1 through an expert map
+    sending extra global experts to another rank): its sort, after checking it routed to ``ids``."""
+    tokens, top_k = ids.shape
+    device = ids.device
+    ids = ids.cpu()
+    chosen = torch.where(ids < 0, num_experts + torch.arange(top_k), ids)
+    logits = torch.full((tokens, num_experts + top_k), -30.0)
+    logits.scatter_(1, chosen, (top_k - torch.arange(top_k, dtype=torch.float32)).expand(tokens, top_k).contiguous())
+    expert_map = torch.cat([torch.arange(num_experts), torch.full((top_k,), -1)]).to(torch.int32)
+    _, routed, sorted_pairs, block_expert = moe.route_and_sort(logits.to(device), top_k, False, num_experts, block_m,
+                                                               expert_map.to(device))
+    assert torch.equal(routed.cpu().long(), ids.long())
+    return sorted_pairs, block_expert
+
+
+SORTS = {"one-program": _routed_and_sorted, "counted": lambda *args: moe.align_pairs(*args),
+         "reference": _sort_reference}
 
 
 @pytest.mark.parametrize("align", SORTS)
@@ -104,7 +121,7 @@ def test_pairs_are_sorted_by_expert_into_padded_blocks(align, device):
     pairs = ids.numel()
     # Experts 0 (2 pairs), 1 (1), 3 (4) each fill one padded block of 4; expert 2 has none.
     assert block_expert.tolist()[:3] == [0, 1, 3] and set(block_expert.tolist()[3:]) == {4}
-    blocks = sorted_pairs.view(-1, 4).tolist()
+    blocks = [sorted(block) for block in sorted_pairs.view(-1, 4).tolist()]  # the counted sort's runs in any order
     assert blocks[0] == [1, 6, pairs, pairs] and blocks[1] == [3, pairs, pairs, pairs] and blocks[2] == [0, 2, 5, 7]
     assert len(sorted_pairs) >= pairs + 4 * 3  # room for the worst padding
     assert (sorted_pairs == 4).sum() == 0  # the pair of another rank's expert (pair 4) is nowhere
@@ -114,17 +131,34 @@ def test_pairs_are_sorted_by_expert_into_padded_blocks(align, device):
     (1, 2, 8, 16), (2, 2, 8, 16), (8, 8, 128, 16), (32, 2, 8, 16), (13, 4, 60, 16), (5, 1, 3, 64),
 ], ids=["one-token", "decode", "qwen3-top8", "full", "uneven", "wide-blocks"])
 def test_the_one_program_sort_equals_the_torch_ops(tokens, top_k, experts, block_m, device):
-    """A decode step's sort (one Triton program) against the torch ops' on random routings, some
-    pairs on another rank's experts (-1): the same rows, padding and block experts."""
+    """A decode step's routing and sort (one Triton program) against the torch ops' sort on random
+    routings, some pairs on another rank's experts (-1): the same rows, padding and block experts."""
     g = torch.Generator().manual_seed(tokens * 100 + experts)
     for _ in range(5):
         ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
         ids[torch.rand(ids.shape, generator=g) < 0.2] = -1
         assert ids.numel() <= moe.SMALL_PAIRS
-        got = moe.align_pairs(ids.to(device), experts, block_m)
+        got = _routed_and_sorted(ids.to(device), experts, block_m)
         expected = _sort_reference(ids, experts, block_m)
         for a, b in zip(got, expected):
             assert torch.equal(a.cpu(), b)
+
+
+def test_a_decode_step_too_wide_for_one_program_is_routed_and_sorted_apart(device, monkeypatch):
+    """10 tokens of top-6 over 256 experts: 60 pairs, but tables past what one program holds in
+    registers, so route and the counted sort run: the same experts' runs as the torch ops'."""
+    g = torch.Generator().manual_seed(7)
+    ids = torch.stack([torch.randperm(256, generator=g)[:6] for _ in range(10)])
+    assert ids.numel() <= moe.SMALL_PAIRS
+    routed, route = [], moe.route
+    monkeypatch.setattr(moe, "route", lambda *args: routed.append(args) or route(*args))
+    sorted_pairs, block_expert = (t.cpu() for t in _routed_and_sorted(ids.to(device), 256, 16))
+    assert len(routed) == 1
+    expected_pairs, expected_blocks = _sort_reference(ids, 256, 16)
+    assert torch.equal(block_expert, expected_blocks)
+    for run in block_expert.unique():
+        rows = (block_expert == run).repeat_interleave(16)
+        assert sorted(sorted_pairs[rows].tolist()) == sorted(expected_pairs[rows].tolist())
 
 
 @pytest.mark.parametrize("tokens,top_k,experts,block_m", [(40, 2, 8, 16), (300, 2, 8, 128), (256, 8, 128, 16),
@@ -146,9 +180,10 @@ def test_the_counted_sort_equals_the_torch_ops_within_each_run(tokens, top_k, ex
         assert sorted(sorted_pairs[rows].tolist()) == sorted(expected_pairs[rows].tolist())
 
 
-@pytest.mark.parametrize("align", SORTS)
-@pytest.mark.parametrize("pairs,experts,block_m", [(8, 128, 16), (64, 128, 16), (300, 128, 16), (600, 8, 128)],
-                         ids=["decode-one-pair-an-expert", "sixty-four-experts-used", "counted-sort", "wide-blocks"])
+@pytest.mark.parametrize("align,pairs,experts,block_m", [
+    *((align, pairs, 128, 16) for align in SORTS for pairs in (8, 64)),
+    *((align, pairs, experts, block_m) for align in ("counted", "reference") for pairs, experts, block_m in ((300, 128, 16), (600, 8, 128)))
+], ids=lambda v: str(v))
 def test_the_sort_fits_its_rows_when_every_pair_has_its_own_expert(align, pairs, experts, block_m, device):
     """The launches are sized by sorted_rows (at most one block a pair): the routing that pads the
     most, as many experts used as can be, still places every pair once."""

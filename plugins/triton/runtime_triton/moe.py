@@ -2,9 +2,9 @@
 
 Routing is the reference's (softmax in float32, the top k, optional renormalisation), one program
 a token (``route``). The pairs are then sorted by expert and each expert's run padded to a
-multiple of ``BLOCK_M`` (``align_pairs``: one Triton program for a decode step, a count and a
-placing launch beyond; sized from the shapes alone), so every block of ``BLOCK_M`` sorted rows
-belongs to one expert. Two launches follow:
+multiple of ``BLOCK_M`` (``align_pairs``: a count and a placing launch; sized from the shapes
+alone), so every block of ``BLOCK_M`` sorted rows belongs to one expert. A decode step's routing
+and sort are one program, one launch (``route_and_sort``). Two launches follow:
 
 - gate/up: a program owns one block of rows and ``BLOCK_N`` columns of the intermediate width; it
   gathers its rows' tokens from ``x``, multiplies them by the same columns of its expert's gate
@@ -99,28 +99,43 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
 @triton.jit
 def _route_kernel(logits_ptr, weights_ptr, ids_ptr, expert_map_ptr, experts, stride_t, TOP_K: tl.constexpr,
                   RENORMALIZE: tl.constexpr, HAS_MAP: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One token: the softmax of its logits, then k times the largest probability left (the lowest
-    expert among equals), each one's expert taken out of the running."""
-    token = tl.program_id(0).to(tl.int64)
+    token = tl.program_id(0) + tl.arange(0, 1)
+    _route_tokens(logits_ptr, weights_ptr, ids_ptr, expert_map_ptr, token, token >= 0, experts, stride_t, TOP_K,
+                  RENORMALIZE, HAS_MAP, 1, BLOCK_E, BLOCK_K)
+
+
+@triton.jit
+def _route_tokens(logits_ptr, weights_ptr, ids_ptr, expert_map_ptr, token, token_ok, experts, stride_t,
+                  TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_MAP: tl.constexpr, BLOCK_T: tl.constexpr,
+                  BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Tokens ``token`` [BLOCK_T] (those not ``token_ok`` left alone): each one's softmax, then k
+    times the largest probability left (the lowest expert among equals), each one's expert taken
+    out of the running. Stores their weights and ids, and returns the ids [BLOCK_T, BLOCK_K]."""
     e = tl.arange(0, BLOCK_E)
-    logits = tl.load(logits_ptr + token * stride_t + e, mask=e < experts, other=float("-inf")).to(tl.float32)
-    exps = tl.exp(logits - tl.max(logits, axis=0))
-    left = tl.where(e < experts, exps / tl.sum(exps, axis=0), -1.0)
+    rows = token.to(tl.int64)
+    logits = tl.load(logits_ptr + rows[:, None] * stride_t + e[None, :],
+                     mask=token_ok[:, None] & (e < experts)[None, :], other=float("-inf")).to(tl.float32)
+    logits = tl.where(token_ok[:, None], logits, 0.0)  # rows of no token: finite, never stored
+    exps = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    left = tl.where((e < experts)[None, :], exps / tl.sum(exps, axis=1)[:, None], -1.0)
     slot = tl.arange(0, BLOCK_K)
-    chosen_weights = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    chosen_ids = tl.zeros((BLOCK_K,), dtype=tl.int32)
+    chosen_weights = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    chosen_ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
     for i in tl.static_range(TOP_K):
-        weight = tl.max(left, axis=0)
-        expert = tl.min(tl.where(left == weight, e, BLOCK_E), axis=0)
-        chosen_weights = tl.where(slot == i, weight, chosen_weights)
-        chosen_ids = tl.where(slot == i, expert, chosen_ids)
-        left = tl.where(e == expert, -1.0, left)
+        weight = tl.max(left, axis=1)
+        expert = tl.min(tl.where(left == weight[:, None], e[None, :], BLOCK_E), axis=1)
+        chosen_weights = tl.where(slot[None, :] == i, weight[:, None], chosen_weights)
+        chosen_ids = tl.where(slot[None, :] == i, expert[:, None], chosen_ids)
+        left = tl.where(e[None, :] == expert[:, None], -1.0, left)
     if RENORMALIZE:
-        chosen_weights = chosen_weights / tl.sum(tl.where(slot < TOP_K, chosen_weights, 0.0), axis=0)
+        chosen_weights = chosen_weights / tl.sum(tl.where(slot[None, :] < TOP_K, chosen_weights, 0.0), axis=1)[:, None]
+    chosen = token_ok[:, None] & (slot < TOP_K)[None, :]
     if HAS_MAP:
-        chosen_ids = tl.load(expert_map_ptr + chosen_ids, mask=slot < TOP_K, other=0).to(tl.int32)
-    tl.store(weights_ptr + token * TOP_K + slot, chosen_weights, mask=slot < TOP_K)
-    tl.store(ids_ptr + token * TOP_K + slot, chosen_ids, mask=slot < TOP_K)
+        chosen_ids = tl.load(expert_map_ptr + chosen_ids, mask=chosen, other=0).to(tl.int32)
+    pair = rows[:, None] * TOP_K + slot[None, :]
+    tl.store(weights_ptr + pair, chosen_weights, mask=chosen)
+    tl.store(ids_ptr + pair, chosen_ids, mask=chosen)
+    return chosen_ids
 
 
 def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,35 +144,66 @@ def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torc
     each block's expert, ``num_experts`` past the last used block).
 
     Expert e's pairs occupy rows from its padded start on; each expert's run is padded to a
-    multiple of ``block_m``. ``capacity`` is :func:`sorted_rows`. Up to ``SMALL_PAIRS`` pairs one
-    Triton program does it, in pair order within each expert; beyond, two launches (a count, then
-    the placing) in whatever order the count's atomics reach each expert's counter: every row is
-    computed on its own, so the op's result does not depend on that order. (In torch ops a sort
-    takes about 20 small kernels a layer, longer than some of a decode step's expert products.)
+    multiple of ``block_m``. ``capacity`` is :func:`sorted_rows`. Two launches (a count, then the
+    placing) put each expert's pairs in whatever order the count's atomics reach its counter: every
+    row is computed on its own, so the op's result does not depend on that order. (In torch ops a
+    sort takes about 20 small kernels a layer, longer than some of a decode step's expert products;
+    a decode step's sort is :func:`route_and_sort`'s one program, in pair order.)
     """
     pairs = ids.numel()
     capacity = sorted_rows(pairs, num_experts, block_m)
     blocks = capacity // block_m
     block_e = max(16, triton.next_power_of_2(num_experts + 1))
-    if pairs > SMALL_PAIRS:
-        flat = ids.flatten().contiguous()
-        counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=ids.device)
-        ranks = torch.empty(pairs, dtype=torch.int32, device=ids.device)
+    flat = ids.flatten().contiguous()
+    counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=ids.device)
+    ranks = torch.empty(pairs, dtype=torch.int32, device=ids.device)
+    sorted_pairs = torch.full((capacity,), pairs, dtype=torch.int32, device=ids.device)
+    block_expert = torch.empty(blocks, dtype=torch.int32, device=ids.device)
+    if pairs:
         _count_kernel[(triton.cdiv(pairs, COUNT_BLOCK),)](flat, counts, ranks, pairs, num_experts, BLOCK=COUNT_BLOCK)
-        sorted_pairs = torch.full((capacity,), pairs, dtype=torch.int32, device=ids.device)
-        block_expert = torch.empty(blocks, dtype=torch.int32, device=ids.device)
-        place_block = max(16, min(64, PLACE_ELEMENTS // block_e))
+    place_block = max(16, min(64, PLACE_ELEMENTS // block_e))
+    if max(pairs, blocks):
         _place_kernel[(triton.cdiv(max(pairs, blocks), place_block),)](
             flat, counts, ranks, sorted_pairs, block_expert, pairs, num_experts, blocks,
             BLOCK_M=block_m, BLOCK_E=block_e, BLOCK=place_block, num_warps=4)
-        return sorted_pairs, block_expert
-    sorted_pairs = torch.empty(capacity, dtype=torch.int32, device=ids.device)
-    block_expert = torch.empty(capacity // block_m, dtype=torch.int32, device=ids.device)
-    block_p = max(16, triton.next_power_of_2(pairs))
-    _align_small_kernel[(1,)](ids.flatten().contiguous(), sorted_pairs, block_expert, pairs, num_experts, capacity,
-                              blocks, BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_E=block_e,
-                              BLOCK_R=ALIGN_ELEMENTS // block_p, num_warps=4)
     return sorted_pairs, block_expert
+
+
+ROUTE_SORT_ELEMENTS = 20480
+"""The one-program routing and sort holds a [pairs, experts] table and a [tokens, experts] one:
+compiled for sm_90, up to this many elements of both fit 4 warps' registers without a spill (8
+tokens of top-8 over 128 experts: 242 registers; 64 tokens of top-1 over 128 spill at 4 warps),
+up to twice as many 8 warps' (8 of top-8 over 256 experts: 206); beyond, routing and sort are
+launched apart (10 tokens of top-6 over 256 experts spilled 1.5 KB at 4 warps)."""
+
+
+def route_and_sort(router_logits: torch.Tensor, top_k: int, renormalize: bool, num_experts: int, block_m: int,
+                   expert_map: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """:func:`route`, then :func:`align_pairs` over ``num_experts`` (this rank's) on its ids:
+    (weights, ids, sorted_pairs, block_expert). Up to ``SMALL_PAIRS`` pairs (a decode step) one
+    program does both, one launch a layer instead of two, where its tables fit (``ROUTE_SORT_ELEMENTS``)."""
+    tokens, experts = router_logits.shape
+    pairs = tokens * top_k
+    block_t, block_k = triton.next_power_of_2(tokens), triton.next_power_of_2(top_k)
+    block_e, block_s = triton.next_power_of_2(experts), max(16, triton.next_power_of_2(num_experts + 1))
+    elements = block_t * block_k * block_s + block_t * block_e
+    if pairs > SMALL_PAIRS or tokens == 0 or elements > 2 * ROUTE_SORT_ELEMENTS:
+        weights, ids = route(router_logits, top_k, renormalize, expert_map)
+        return weights, ids, *align_pairs(ids, num_experts, block_m)
+    router_logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
+    device = router_logits.device
+    weights = torch.empty(tokens, top_k, dtype=torch.float32, device=device)
+    ids = torch.empty(tokens, top_k, dtype=torch.int32, device=device)
+    capacity = sorted_rows(pairs, num_experts, block_m)
+    sorted_pairs = torch.empty(capacity, dtype=torch.int32, device=device)
+    block_expert = torch.empty(capacity // block_m, dtype=torch.int32, device=device)
+    block_r = max(16, min(ALIGN_ELEMENTS // (block_t * block_k), triton.next_power_of_2(capacity)))
+    _route_sort_small_kernel[(1,)](
+        router_logits, weights, ids, expert_map if expert_map is not None else ids, sorted_pairs, block_expert, tokens,
+        experts, num_experts, router_logits.stride(0), capacity, capacity // block_m, TOP_K=top_k,
+        RENORMALIZE=renormalize, HAS_MAP=expert_map is not None, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_S=block_s, BLOCK_R=block_r, num_warps=4 if elements <= ROUTE_SORT_ELEMENTS else 8)
+    return weights, ids, sorted_pairs, block_expert
 
 
 COUNT_BLOCK = 1024
@@ -204,16 +250,34 @@ ALIGN_ELEMENTS = 4096
 
 
 @triton.jit
-def _align_small_kernel(ids_ptr, sorted_ptr, block_expert_ptr, pairs, num_experts, capacity, blocks,
-                        BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr):
-    """align_pairs in one program: each pair's rank among its expert's pairs from a running count
-    over a one-hot [pairs, experts] table, each expert's padded start from a running sum of the
-    padded counts; every sorted row then looks up the pair that lands on it (no scatter, so no
-    two threads write one address)."""
-    p = tl.arange(0, BLOCK_P)
+def _route_sort_small_kernel(logits_ptr, weights_ptr, ids_ptr, expert_map_ptr, sorted_ptr, block_expert_ptr, tokens,
+                             experts, num_experts, stride_t, capacity, blocks, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+                             HAS_MAP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                             BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+                             BLOCK_R: tl.constexpr):
+    """A decode step's routing and sort in one program (one launch fewer a layer than route, then
+    align_pairs): every token's experts, then those pairs placed by _sort_small (over this rank's
+    ``num_experts``, ``BLOCK_S`` wide: one more for another rank's)."""
+    token = tl.arange(0, BLOCK_T)
+    token_ok = token < tokens
+    ids = _route_tokens(logits_ptr, weights_ptr, ids_ptr, expert_map_ptr, token, token_ok, experts, stride_t, TOP_K,
+                        RENORMALIZE, HAS_MAP, BLOCK_T, BLOCK_E, BLOCK_K)
+    slot = tl.arange(0, BLOCK_K)
+    pair = tl.reshape(token[:, None] * TOP_K + slot[None, :], (BLOCK_T * BLOCK_K,))
+    valid = tl.reshape(token_ok[:, None] & (slot < TOP_K)[None, :], (BLOCK_T * BLOCK_K,))
+    _sort_small(tl.reshape(ids, (BLOCK_T * BLOCK_K,)), pair, valid, sorted_ptr, block_expert_ptr, tokens * TOP_K,
+                num_experts, capacity, blocks, BLOCK_M, BLOCK_S, BLOCK_R)
+
+
+@triton.jit
+def _sort_small(ids, pair, valid, sorted_ptr, block_expert_ptr, pairs, num_experts, capacity, blocks,
+                BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr):
+    """align_pairs in one program for the pairs ``pair`` (in pair order; ``valid`` marks real ones)
+    of experts ``ids``: each pair's rank among its expert's pairs from a running count over a
+    one-hot [pairs, experts] table, each expert's padded start from a running sum of the padded
+    counts; every sorted row then looks up the pair that lands on it (no scatter, so no two threads
+    write one address)."""
     e = tl.arange(0, BLOCK_E)
-    valid = p < pairs
-    ids = tl.load(ids_ptr + p, mask=valid, other=-1).to(tl.int32)
     ids = tl.where(ids < 0, num_experts, ids)  # another rank's expert: counted past the last, never placed
     onehot = ((ids[:, None] == e[None, :]) & valid[:, None]).to(tl.int32)
     rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1
@@ -225,9 +289,9 @@ def _align_small_kernel(ids_ptr, sorted_ptr, block_expert_ptr, pairs, num_expert
     for first in range(0, capacity, BLOCK_R):
         rows = first + tl.arange(0, BLOCK_R)
         lands = row[None, :] == rows[:, None]
-        pair = tl.sum(tl.where(lands, p[None, :], 0), axis=1)
+        landed = tl.sum(tl.where(lands, pair[None, :], 0), axis=1)
         found = tl.sum(lands.to(tl.int32), axis=1) > 0
-        tl.store(sorted_ptr + rows, tl.where(found, pair, pairs), mask=rows < capacity)
+        tl.store(sorted_ptr + rows, tl.where(found, landed, pairs), mask=rows < capacity)
     for first in range(0, blocks, BLOCK_R):
         block = first + tl.arange(0, BLOCK_R)
         before = (ends[None, :] <= (block * BLOCK_M)[:, None]) & (e[None, :] < num_experts)
@@ -337,13 +401,13 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w
     if tokens == 0:
         return x.new_zeros(0, hidden)
     x = x if x.stride(-1) == 1 else x.contiguous()
-    weights, ids = route(router_logits, top_k, renormalize, expert_map)
     experts, width = w13.shape[0], w2.shape[2]
     pairs = tokens * top_k
     gate_up_plan, down_plan = plans or plans_for(pairs, experts, x.dtype)
     if gate_up_plan.block_m != down_plan.block_m:
         raise ValueError(f"fused_moe: the two plans' block_m differ ({gate_up_plan.block_m}, {down_plan.block_m})")
-    sorted_pairs, block_expert = align_pairs(ids, experts, gate_up_plan.block_m)
+    weights, ids, sorted_pairs, block_expert = route_and_sort(router_logits, top_k, renormalize, experts,
+                                                              gate_up_plan.block_m, expert_map)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     has_scale = w13_scale is not None
     activated = torch.empty(sorted_pairs.numel(), width, dtype=x.dtype, device=x.device)

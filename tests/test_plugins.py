@@ -153,6 +153,35 @@ def test_lora_add_of_a_platform_that_registers_only_shrink_and_expand_is_made_of
     assert KernelSet([Kernel("x", "lora_add", shrink)]).sources["lora_add"] == __name__
 
 
+def test_qk_norm_rotary_of_a_platform_without_it_is_made_of_its_own_norm_and_rotary():
+    """A plugin written before contract 1.13 keeps its rms_norm and rotary kernels for Qwen3's q/k:
+    the fused op calls them (both heads' norms, then the rotation), not the reference."""
+    from runtime.platform import Kernel
+    from runtime.platform.reference import OPS, build_cos_sin_cache
+
+    calls = []
+
+    def norm(*args):
+        calls.append("norm")
+        return OPS["rms_norm"](*args)
+
+    def rotate(*args):
+        calls.append("rotate")
+        return OPS["rotary_embedding"](*args)
+
+    ops = KernelSet([Kernel("x", "rms_norm", norm), Kernel("x", "rotary_embedding", rotate)])
+    assert ops.sources["qk_norm_rotary_embedding"] == "rms_norm + rotary_embedding"
+    g = torch.Generator().manual_seed(0)
+    q, k, weights = torch.randn(3, 4, 16, generator=g), torch.randn(3, 2, 16, generator=g), torch.randn(2, 16, generator=g)
+    positions, cache = torch.tensor([0, 5, 9]), build_cos_sin_cache(16, 10000.0, 16, None)
+    got = ops.qk_norm_rotary_embedding(positions, q, k, weights[0], weights[1], 1e-6, cache, False)
+    expected = OPS["qk_norm_rotary_embedding"](positions, q, k, weights[0], weights[1], 1e-6, cache, False)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    assert calls == ["norm", "norm", "rotate"]
+    assert KernelSet([]).qk_norm_rotary_embedding is OPS["qk_norm_rotary_embedding"]
+
+
 def test_plugins_command_lists_everything(plugin_path):
     env = dict(os.environ, PYTHONPATH=str(plugin_path), PYTHONWARNINGS="ignore")
     out = subprocess.run([sys.executable, "-m", "runtime.cli", "plugins"], env=env, capture_output=True, text=True,

@@ -70,6 +70,12 @@ def row_ops(fn: Callable, dtype: torch.dtype, device: torch.device, dims: RowDim
                           "k": _randn(g, n, dims.kv_heads, head, dtype=dtype),
                           "cache": build_cos_sin_cache(head, 512, dims.rope_theta).to(dtype)},
             lambda a, r: fn(on(a["pos"][r]), on(a["q"][r]), on(a["k"][r]), on(a["cache"]), True)),
+        "qk_norm_rotary_embedding": RowOp(
+            lambda n, g: {"pos": torch.randint(0, 512, (n,), generator=g), "q": _randn(g, n, dims.heads, head, dtype=dtype),
+                          "k": _randn(g, n, dims.kv_heads, head, dtype=dtype), "qw": _randn(g, head, dtype=dtype),
+                          "kw": _randn(g, head, dtype=dtype), "cache": build_cos_sin_cache(head, 512, dims.rope_theta).to(dtype)},
+            lambda a, r: fn(on(a["pos"][r]), on(a["q"][r]), on(a["k"][r]), on(a["qw"]), on(a["kw"]), 1e-6, on(a["cache"]),
+                            True)),
         "silu_and_mul": RowOp(lambda n, g: {"x": _randn(g, n, 2 * dims.intermediate, dtype=dtype)},
                               lambda a, r: fn(on(a["x"][r]))),
         "gelu_and_mul": RowOp(lambda n, g: {"x": _randn(g, n, 2 * dims.intermediate, dtype=dtype)},

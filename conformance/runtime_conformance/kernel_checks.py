@@ -92,6 +92,29 @@ def check_rotary_embedding(fn, dtype, device, g):
                 assert_precise(got[1], exact[1], baseline[1], dtype, f"{what}, key")
 
 
+def check_qk_norm_rotary_embedding(fn, dtype, device, g):
+    head_size, max_positions, eps = 64, 1024, 1e-6
+    positions = torch.randint(0, max_positions, (13,), generator=g)
+    # Heads from 1e-3 to 10 in magnitude (epsilon decides the smallest), q and k read from one fused
+    # projection's output as the model does: token rows wider than the heads.
+    scale = 10 ** (torch.rand(13, 6, 1, generator=g) * 4 - 3)
+    qkv = (_randn(g, 13, 6, head_size) * scale).to(dtype)
+    q_weight, k_weight = ((1 + 0.1 * _randn(g, head_size)).to(dtype) for _ in range(2))
+    for name in ("default", "llama3"):
+        for rotary_dim in (head_size, head_size // 2):
+            cache = build_cos_sin_cache(rotary_dim, 10000.0, max_positions, ROPE_SCALINGS[name])
+            for is_neox in (True, False):
+                query, key = qkv[:, :4], qkv[:, 4:]
+                exact, baseline = reference("qk_norm_rotary_embedding", positions, query, key, q_weight, k_weight, eps,
+                                            cache, is_neox)
+                on = _on(device, positions, qkv, q_weight, k_weight, cache)
+                got = fn(on[0], on[1][:, :4], on[1][:, 4:], on[2], on[3], eps, on[4], is_neox)
+                what = (f"qk_norm_rotary_embedding (rope {name}, rotary_dim {rotary_dim} of {head_size}, "
+                        f"is_neox={is_neox})")
+                assert_precise(got[0], exact[0], baseline[0], dtype, f"{what}, query", floor=ELEMENTWISE_FLOOR)
+                assert_precise(got[1], exact[1], baseline[1], dtype, f"{what}, key", floor=ELEMENTWISE_FLOOR)
+
+
 def check_silu_and_mul(fn, dtype, device, g):
     for shape in ((9, 128), (3, 5, 200)):
         x = (3 * _randn(g, *shape)).to(dtype)
@@ -369,6 +392,7 @@ CHECKS: dict[str, Callable] = {
     "rms_norm": check_rms_norm,
     "fused_add_rms_norm": check_fused_add_rms_norm,
     "rotary_embedding": check_rotary_embedding,
+    "qk_norm_rotary_embedding": check_qk_norm_rotary_embedding,
     "silu_and_mul": check_silu_and_mul,
     "gelu_and_mul": check_gelu_and_mul,
     "lora_shrink": check_lora_shrink,

@@ -44,7 +44,8 @@ class KernelSet:
     """The ops a platform runs, as attributes: ``ops.rms_norm(x, w, eps)``.
 
     Each op is the platform's highest-priority registered kernel, else the reference one (but
-    ``lora_add``, unregistered beside a registered ``lora_shrink``/``lora_expand``, is made of those).
+    ``lora_add``, unregistered beside a registered ``lora_shrink``/``lora_expand``, is made of those;
+    ``qk_norm_rotary_embedding`` likewise of a registered ``rms_norm``/``rotary_embedding``).
     ``sources[op]`` says which (``"reference"`` or the kernel's module) for ``runtime plugins``.
 
     ``deterministic`` (``--deterministic``, contract 1.10) considers only kernels that claim
@@ -80,6 +81,11 @@ class KernelSet:
             # partition (the reference's lora_add would gather every token's weights instead).
             self.lora_add = functools.partial(reference.lora_add_per_slice, self.lora_shrink, self.lora_expand)
             self.sources["lora_add"] = "lora_shrink + lora_expand per partition"
+        if "qk_norm_rotary_embedding" not in best and {"rms_norm", "rotary_embedding"} & best.keys():
+            # A platform written before contract 1.13 norms and rotates with its own two kernels.
+            self.qk_norm_rotary_embedding = functools.partial(reference.rotary_embedding_from, self.rms_norm,
+                                                              self.rotary_embedding)
+            self.sources["qk_norm_rotary_embedding"] = "rms_norm + rotary_embedding"
 
 
 def _compatible(spec_text: Any) -> str | None:

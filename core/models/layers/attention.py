@@ -46,8 +46,6 @@ class SelfAttention(nn.Module):
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(batch.rotary_positions, q, k)
+        q, k = self.rotary(batch.rotary_positions, q, k, self.q_norm, self.k_norm)
         out = self.backend.forward(q, k, v, batch.kv_caches[self.cache_index], batch.attn)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))

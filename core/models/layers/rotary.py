@@ -42,7 +42,15 @@ class RotaryEmbedding(nn.Module):
             # The cache row holds cos then sin of each frequency: both halves pick the same axis.
             self.register_buffer("mrope_axis", torch.cat([axis, axis]), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm: nn.Module | None = None,
+                k_norm: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, H, D] and k [T, Hkv, D] rotated; with ``q_norm`` and ``k_norm`` (per-head RMSNorms,
+        one epsilon) each head normed first, in the one op that does both."""
+        if q_norm is not None and positions.dim() == 1:
+            return self.ops.qk_norm_rotary_embedding(positions, q, k, q_norm.weight, k_norm.weight, q_norm.eps,
+                                                     self.cos_sin_cache, self.is_neox)
+        if q_norm is not None:
+            q, k = q_norm(q), k_norm(k)
         if positions.dim() == 2:
             # Each token's cos/sin row mixes its three positions' rows; the op then reads row t for token t.
             rows = self.cos_sin_cache[positions]

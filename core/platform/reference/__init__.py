@@ -13,7 +13,7 @@ from .linear import linear
 from .lora import lora_add, lora_add_per_slice, lora_expand, lora_shrink
 from .moe import MOE_ACTIVATIONS, fused_moe, select_experts
 from .norm import fused_add_rms_norm, rms_norm
-from .rotary import build_cos_sin_cache, rotary_embedding
+from .rotary import build_cos_sin_cache, qk_norm_rotary_embedding, rotary_embedding, rotary_embedding_from
 from .sampling import apply_top_k_top_p_min_p
 
 OPS = {
@@ -21,6 +21,7 @@ OPS = {
     "rms_norm": rms_norm,
     "fused_add_rms_norm": fused_add_rms_norm,
     "rotary_embedding": rotary_embedding,
+    "qk_norm_rotary_embedding": qk_norm_rotary_embedding,
     "silu_and_mul": silu_and_mul,
     "gelu_and_mul": gelu_and_mul,
     "lora_shrink": lora_shrink,
@@ -34,7 +35,8 @@ OPS = {
 }
 
 BATCH_INVARIANT = frozenset({
-    "rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "gelu_and_mul", "copy_blocks",
+    "rms_norm", "fused_add_rms_norm", "rotary_embedding", "qk_norm_rotary_embedding", "silu_and_mul", "gelu_and_mul",
+    "copy_blocks",
     "swap_blocks", "apply_top_k_top_p_min_p", "apply_token_bitmask",
 })
 """Ops whose reference computes each row on its own (elementwise, or a reduction along the row):
@@ -42,4 +44,4 @@ BATCH_INVARIANT = frozenset({
 torch's matmul picks its blocking by the number of rows (contract 1.10)."""
 
 __all__ = ["BATCH_INVARIANT", "MOE_ACTIVATIONS", "OPS", "ReferenceAttentionBackend", "build_cos_sin_cache", "host_cache_shape", "lora_add_per_slice",
-           "paged_attention", "select_experts", *OPS]
+           "paged_attention", "rotary_embedding_from", "select_experts", *OPS]

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .norm import rms_norm
 from .precision import wide
 
 
@@ -103,3 +104,21 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
         return torch.cat([out.to(x.dtype), rest], dim=-1)
 
     return rotate(query), rotate(key)
+
+
+def qk_norm_rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, q_weight: torch.Tensor,
+                             k_weight: torch.Tensor, eps: float, cos_sin_cache: torch.Tensor,
+                             is_neox: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every head of query [T, H, D] and key [T, Hkv, D] normed (``rms_norm`` with ``q_weight`` /
+    ``k_weight`` [D], each result rounded to the input dtype), then ``rotary_embedding``: Qwen3's
+    and Gemma 3's attention input in one op (contract 1.13), which a platform may run in one pass."""
+    return rotary_embedding_from(rms_norm, rotary_embedding, positions, query, key, q_weight, k_weight, eps,
+                                 cos_sin_cache, is_neox)
+
+
+def rotary_embedding_from(norm, rotate, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                          q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, cos_sin_cache: torch.Tensor,
+                          is_neox: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``qk_norm_rotary_embedding`` made of a platform's own ``rms_norm`` and ``rotary_embedding``
+    (``norm``, ``rotate``): what a platform that does not register the fused op runs."""
+    return rotate(positions, norm(query, q_weight, eps), norm(key, k_weight, eps), cos_sin_cache, is_neox)

@@ -97,6 +97,31 @@ def test_rotary_embedding(scaling, rotary_dim, is_neox, dtype, device):
 
 
 @DTYPES
+@pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
+@pytest.mark.parametrize("rotary_dim", [64, 32], ids=["full", "partial"])
+def test_qk_norm_rotary_embedding(rotary_dim, is_neox, dtype, device):
+    """Qwen3's per-head q/k norm and rotary in one launch, q and k read in place from a fused qkv,
+    heads of magnitudes 1e-3 to 10: the reference's norm, rounding, then rotation."""
+    g = torch.Generator().manual_seed(6)
+    tokens, heads, kv_heads, head_size = 13, 4, 2, 64
+    positions = torch.randint(0, 1024, (tokens,), generator=g)
+    scale = 10 ** (torch.rand(tokens, heads + 2 * kv_heads, 1, generator=g) * 4 - 3)
+    qkv = (torch.randn(tokens, heads + 2 * kv_heads, head_size, generator=g) * scale).flatten(1).to(dtype)
+    q_weight, k_weight = ((1 + 0.1 * torch.randn(head_size, generator=g)).to(dtype) for _ in range(2))
+    cache = build_cos_sin_cache(rotary_dim, 10000.0, 1024, None)
+
+    def views(t):
+        q, k, _ = t.split([heads * head_size, kv_heads * head_size, kv_heads * head_size], dim=-1)
+        return q.view(tokens, heads, head_size), k.view(tokens, kv_heads, head_size)
+
+    expected = OPS["qk_norm_rotary_embedding"](positions, *views(qkv), q_weight, k_weight, 1e-6, cache, is_neox)
+    got = kernels.qk_norm_rotary_embedding(positions.to(device), *views(qkv.to(device)), q_weight.to(device),
+                                           k_weight.to(device), 1e-6, cache.to(device), is_neox)
+    _close(got[0], expected[0], dtype)
+    _close(got[1], expected[1], dtype)
+
+
+@DTYPES
 @pytest.mark.parametrize("shape", [(9, 128), (3, 5, 200), (2, 2 * 3000)], ids=["small", "3d", "multi-block"])
 def test_silu_and_mul(shape, dtype, device):
     x = (3 * torch.randn(*shape, generator=torch.Generator().manual_seed(4))).to(dtype)

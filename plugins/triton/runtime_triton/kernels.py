@@ -7,7 +7,8 @@ the sum first, as the reference does, so the norm sees the same values).
 - ``rms_norm`` / ``fused_add_rms_norm``: one program per row; the add, the norm and the scale
   in one read and one write instead of four torch kernels.
 - ``rotary_embedding``: one program per token rotates every query and key head, NeoX halves or
-  GPT-J pairs, partial rotary passing the rest through.
+  GPT-J pairs, partial rotary passing the rest through; ``qk_norm_rotary_embedding`` RMS-norms
+  each head in the same program first (Qwen3: two launches a layer fewer than rms_norm twice).
 - ``silu_and_mul`` / ``gelu_and_mul``: the activation and the product in one pass.
 
 ``registry.py`` registers these and the other modules' ops for a platform.
@@ -89,11 +90,14 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 @triton.jit
 def _rotate_heads(src_ptr, dst_ptr, token, num_heads, stride_t, stride_h, cos, sin, half,
-                  head_size, HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr, HEAD_PAD: tl.constexpr,
-                  IS_NEOX: tl.constexpr):
-    """Rotate the first 2 * half features of every head of one token; copy the rest as they are."""
+                  head_size, weight_ptr, eps, HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
+                  HEAD_PAD: tl.constexpr, IS_NEOX: tl.constexpr, NORM: tl.constexpr):
+    """Rotate the first 2 * half features of every head of one token; copy the rest as they are.
+    With ``NORM`` each head is first RMS-normed with ``weight_ptr`` [head_size] and rounded to the
+    output dtype, as rms_norm would leave it (the features are read once more for the rotation)."""
     heads = tl.arange(0, HEADS_PAD)[:, None]
     pairs = tl.arange(0, HALF_PAD)[None, :]
+    dims = tl.arange(0, HEAD_PAD)[None, :]
     if IS_NEOX:
         first = pairs
         second = pairs + half
@@ -103,51 +107,79 @@ def _rotate_heads(src_ptr, dst_ptr, token, num_heads, stride_t, stride_h, cos, s
     mask = (heads < num_heads) & (pairs < half)
     src = src_ptr + token * stride_t + heads * stride_h
     dst = dst_ptr + token * num_heads * head_size + heads * head_size
+    ty = dst_ptr.dtype.element_ty
+    rest = (heads < num_heads) & (dims >= 2 * half) & (dims < head_size)
     x1 = tl.load(src + first, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + second, mask=mask, other=0.0).to(tl.float32)
-    ty = dst_ptr.dtype.element_ty
+    if NORM:
+        whole = tl.load(src + dims, mask=(heads < num_heads) & (dims < head_size), other=0.0).to(tl.float32)
+        inv_rms = tl.math.rsqrt(tl.sum(whole * whole, 1) / head_size + eps)[:, None]
+        x1 = (x1 * inv_rms * tl.load(weight_ptr + first, mask=pairs < half, other=0.0).to(tl.float32)).to(ty).to(tl.float32)
+        x2 = (x2 * inv_rms * tl.load(weight_ptr + second, mask=pairs < half, other=0.0).to(tl.float32)).to(ty).to(tl.float32)
+        kept = whole * inv_rms * tl.load(weight_ptr + dims, mask=dims < head_size, other=0.0).to(tl.float32)
+    else:
+        kept = tl.load(src + dims, mask=rest)
     tl.store(dst + first, (x1 * cos - x2 * sin).to(ty), mask=mask)
     tl.store(dst + second, (x2 * cos + x1 * sin).to(ty), mask=mask)
-    dims = tl.arange(0, HEAD_PAD)[None, :]
-    rest = (heads < num_heads) & (dims >= 2 * half) & (dims < head_size)
-    tl.store(dst + dims, tl.load(src + dims, mask=rest), mask=rest)
+    tl.store(dst + dims, kept.to(ty), mask=rest)
 
 
 @triton.jit
-def _rotary_kernel(positions_ptr, q_ptr, k_ptr, cache_ptr, q_out_ptr, k_out_ptr,
+def _rotary_kernel(positions_ptr, q_ptr, k_ptr, cache_ptr, q_out_ptr, k_out_ptr, q_weight_ptr, k_weight_ptr, eps,
                    num_q_heads, num_k_heads, half, head_size, stride_cache,
                    stride_qt, stride_qh, stride_kt, stride_kh,
                    Q_HEADS_PAD: tl.constexpr, K_HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
-                   HEAD_PAD: tl.constexpr, IS_NEOX: tl.constexpr):
+                   HEAD_PAD: tl.constexpr, IS_NEOX: tl.constexpr, NORM: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token)
     pairs = tl.arange(0, HALF_PAD)[None, :]
     row = cache_ptr + position * stride_cache
     cos = tl.load(row + pairs, mask=pairs < half, other=0.0).to(tl.float32)
     sin = tl.load(row + half + pairs, mask=pairs < half, other=0.0).to(tl.float32)
-    _rotate_heads(q_ptr, q_out_ptr, token, num_q_heads, stride_qt, stride_qh, cos, sin, half, head_size,
-                  Q_HEADS_PAD, HALF_PAD, HEAD_PAD, IS_NEOX)
-    _rotate_heads(k_ptr, k_out_ptr, token, num_k_heads, stride_kt, stride_kh, cos, sin, half, head_size,
-                  K_HEADS_PAD, HALF_PAD, HEAD_PAD, IS_NEOX)
+    _rotate_heads(q_ptr, q_out_ptr, token, num_q_heads, stride_qt, stride_qh, cos, sin, half, head_size, q_weight_ptr,
+                  eps, Q_HEADS_PAD, HALF_PAD, HEAD_PAD, IS_NEOX, NORM)
+    _rotate_heads(k_ptr, k_out_ptr, token, num_k_heads, stride_kt, stride_kh, cos, sin, half, head_size, k_weight_ptr,
+                  eps, K_HEADS_PAD, HALF_PAD, HEAD_PAD, IS_NEOX, NORM)
 
 
 def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor,
                      is_neox: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """query [T, H, D], key [T, Hkv, D] (any token and head strides, e.g. views of a fused qkv)."""
+    return _rotary(positions, query, key, cos_sin_cache, is_neox)
+
+
+def qk_norm_rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, q_weight: torch.Tensor,
+                             k_weight: torch.Tensor, eps: float, cos_sin_cache: torch.Tensor,
+                             is_neox: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """rotary_embedding of every query and key head RMS-normed first, in the same one launch."""
+    return _rotary(positions, query, key, cos_sin_cache, is_neox, (q_weight, k_weight, eps))
+
+
+def _rotary_warps(head_elements: int) -> int:
+    """4 warps for a token's query heads of up to 4096 features, then twice as many per doubling: on
+    sm_90 the normed variant holds 32 heads of 128 in 224 registers at 4 warps; 64 heads spilled
+    188 bytes at 4 warps, 4 at 8."""
+    return min(16, max(4, head_elements // 1024))
+
+
+def _rotary(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor,
+            is_neox: bool, norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     tokens, q_heads, head_size = query.shape
     k_heads = key.shape[1]
     half = cos_sin_cache.shape[-1] // 2
     query = query if query.stride(-1) == 1 else query.contiguous()
     key = key if key.stride(-1) == 1 else key.contiguous()
     cache = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
+    q_weight, k_weight, eps = norm if norm is not None else (query, key, 0.0)
     q_out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     k_out = torch.empty(key.shape, dtype=key.dtype, device=key.device)
     if tokens:
         _rotary_kernel[(tokens,)](
-            positions, query, key, cache, q_out, k_out, q_heads, k_heads, half, head_size, cache.stride(0),
-            query.stride(0), query.stride(1), key.stride(0), key.stride(1),
+            positions, query, key, cache, q_out, k_out, q_weight, k_weight, eps, q_heads, k_heads, half, head_size,
+            cache.stride(0), query.stride(0), query.stride(1), key.stride(0), key.stride(1),
             Q_HEADS_PAD=triton.next_power_of_2(q_heads), K_HEADS_PAD=triton.next_power_of_2(k_heads),
-            HALF_PAD=triton.next_power_of_2(half), HEAD_PAD=triton.next_power_of_2(head_size), IS_NEOX=is_neox)
+            HALF_PAD=triton.next_power_of_2(half), HEAD_PAD=triton.next_power_of_2(head_size), IS_NEOX=is_neox,
+            NORM=norm is not None, num_warps=_rotary_warps(triton.next_power_of_2(q_heads) * triton.next_power_of_2(head_size)))
     return q_out, k_out
 
 

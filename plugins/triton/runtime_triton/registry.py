@@ -3,8 +3,8 @@
 A platform plugin (runtime-cuda, runtime-rocm) returns ``kernels(its name)`` from its
 ``runtime_kernels`` hook; this package registers nothing by itself (it has no entry point).
 
-- ``rms_norm``, ``fused_add_rms_norm``, ``rotary_embedding``, ``silu_and_mul``, ``gelu_and_mul``:
-  ``kernels.py``.
+- ``rms_norm``, ``fused_add_rms_norm``, ``rotary_embedding``, ``qk_norm_rotary_embedding``, ``silu_and_mul``,
+  ``gelu_and_mul``: ``kernels.py``.
 - ``linear``: ``skinny_matmul.py``'s kernel for few rows, the vendor BLAS (cuBLAS, hipBLASLt)
   otherwise; under ``--deterministic`` ``batch_invariant.py``'s one-plan kernel.
 - ``lora_shrink`` / ``lora_expand``: ``lora.py``'s kernels, one launch for every adapter of the step;
@@ -24,21 +24,22 @@ from runtime.platform import Kernel
 
 from . import batch_invariant
 from .bitmask import apply_token_bitmask
-from .kernels import fused_add_rms_norm, gelu_and_mul, rms_norm, rotary_embedding, silu_and_mul
+from .kernels import fused_add_rms_norm, gelu_and_mul, qk_norm_rotary_embedding, rms_norm, rotary_embedding, silu_and_mul
 from .lora import lora_add, lora_expand, lora_shrink
 from .moe import fused_moe
 from .skinny_matmul import linear
 from .swap import swap_blocks
 from .tile_plans import TilePlans
 
-BATCH_INVARIANT = {"rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "gelu_and_mul",
-                   "apply_token_bitmask", "swap_blocks"}
+BATCH_INVARIANT = {"rms_norm", "fused_add_rms_norm", "rotary_embedding", "qk_norm_rotary_embedding", "silu_and_mul",
+                   "gelu_and_mul", "apply_token_bitmask", "swap_blocks"}
 """Ops whose kernels compute each row on its own, whatever else is in the batch (contract 1.10)."""
 
 OPS = {
     "rms_norm": rms_norm,
     "fused_add_rms_norm": fused_add_rms_norm,
     "rotary_embedding": rotary_embedding,
+    "qk_norm_rotary_embedding": qk_norm_rotary_embedding,
     "silu_and_mul": silu_and_mul,
     "gelu_and_mul": gelu_and_mul,
     "linear": linear,

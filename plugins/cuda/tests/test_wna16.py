@@ -48,6 +48,16 @@ CASES = [  # rows, n, k, bits, group, act-order, tiles (None: the op's own plan)
     (1, 48, 512, 4, 64, True, dict(block_n=32, block_k=64, split_k=3, num_warps=4, num_stages=2, gemv=True)),
     # K tiles deeper than a group (a scale and zero point per word row).
     (1, 64, 768, 4, 128, False, dict(block_n=32, block_k=256, split_k=2, num_warps=4, num_stages=1, gemv=True)),
+    # More splits than K tiles: the last split has none to read, and still takes its ticket.
+    (1, 64, 128, 4, 128, False, dict(block_n=64, block_k=64, split_k=3, num_warps=4, num_stages=1, gemv=True)),
+    # Each K tile requested a tile ahead: splits of one to three tiles, some with none; tiles inside
+    # a group and across groups.
+    (1, 48, 512, 4, 64, True, dict(block_n=32, block_k=64, split_k=3, num_warps=4, num_stages=1, gemv=True,
+                                   prefetch=True)),
+    (2, 64, 768, 4, 128, False, dict(block_n=32, block_k=256, split_k=2, num_warps=4, num_stages=1, gemv=True,
+                                     prefetch=True)),
+    (1, 64, 128, 4, 128, False, dict(block_n=64, block_k=64, split_k=3, num_warps=4, num_stages=1, gemv=True,
+                                     prefetch=True)),
     # Dequantized once, then the library's GEMM; act-order rows gathered the same way.
     (37, 72, 256, 4, 32, True, dict(dense=True)),
     (9, 64, 192, 8, 64, False, dict(dense=True)),

@@ -17,8 +17,8 @@ float32 buffer (so skinny products still fill the GPU); prefill tiles use no spl
 has a shape fixed by the input's, so decode steps capture in CUDA graphs. A plan may also compute
 the transposed tile (``swap_ab``), read each packed word once (``words_once``), multiply a row
 at a time on the vector units instead of the tensor cores (``gemv``: its own kernel, which adds
-the split's partial sums itself), or, for many rows, dequantize the whole weight once and hand the
-product to the library GEMM (``dense``);
+the split's partial sums itself; ``prefetch``: it requests each K tile one tile ahead), or, for
+many rows, dequantize the whole weight once and hand the product to the library GEMM (``dense``);
 ``benchmarks/kernels_gpu.py wna16-sweep`` times them against each other.
 """
 
@@ -156,7 +156,7 @@ def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
 @triton.jit
 def _wna16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, partial_ptr, ticket_ptr, M, N, K, stride_xm, stride_qk,
                        stride_sg, stride_om, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                       BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr):
     """One row of ``x`` a program, on the vector units: the float32 products of ``x`` and the integer
     levels summed per packed word row and column, scaled once per K tile (or per word row, where a tile spans groups),
     and summed across the tile's threads once at the end. With ``SPLIT_K`` programs per output
@@ -171,28 +171,29 @@ def _wna16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, partial_ptr, ticket_
     span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     start = split * span
     x_row = x_ptr + row.to(tl.int64) * stride_xm
+    end = tl.minimum(start + span, K)
     acc = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
-    for k0 in range(start, tl.minimum(start + span, K), BLOCK_K):
-        word_rows = k0 // PER + word
-        word_ok = word_rows < K // PER
-        packed = tl.load(q_ptr + word_rows[:, None].to(tl.int64) * stride_qk + cols[None, :],
-                         mask=word_ok[:, None] & col_ok[None, :], other=0, eviction_policy="evict_first")
-        if GROUP % BLOCK_K == 0:
-            group = (k0 // GROUP) * stride_sg + cols.to(tl.int64)
-            scale = tl.load(s_ptr + group, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            zero = tl.load(z_ptr + group, mask=col_ok, other=0).to(tl.float32)[None, :]
+    # PREFETCH requests the next tile's words, scales and zero points before this tile's arithmetic:
+    # Triton pipelines only loads that feed tl.dot, and one tile in flight a thread left the
+    # weight read latency-bound (docs/quantization.md); it costs registers (occupancy) instead.
+    if PREFETCH:
+        packed, scale, zero = _gemv_tile(q_ptr, s_ptr, z_ptr, start, end, word, cols, col_ok, stride_qk, stride_sg,
+                                         PER, GROUP, BLOCK_K)
+    for k0 in range(start, end, BLOCK_K):
+        if PREFETCH:
+            next_packed, next_scale, next_zero = _gemv_tile(q_ptr, s_ptr, z_ptr, k0 + BLOCK_K, end, word, cols,
+                                                            col_ok, stride_qk, stride_sg, PER, GROUP, BLOCK_K)
         else:
-            # A deeper tile spans groups: a scale and zero point per word row (a word's rows share a
-            # group), the same cache lines read again by the rows of one group.
-            group = (word_rows * PER // GROUP)[:, None].to(tl.int64) * stride_sg + cols[None, :]
-            group_ok = word_ok[:, None] & col_ok[None, :]
-            scale = tl.load(s_ptr + group, mask=group_ok, other=0.0).to(tl.float32)
-            zero = tl.load(z_ptr + group, mask=group_ok, other=0).to(tl.float32)
+            packed, scale, zero = _gemv_tile(q_ptr, s_ptr, z_ptr, k0, end, word, cols, col_ok, stride_qk, stride_sg,
+                                             PER, GROUP, BLOCK_K)
+        word_ok = k0 // PER + word < end // PER
         products = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
         for j in tl.static_range(PER):
             x = tl.load(x_row + k0 + word * PER + j, mask=word_ok, other=0.0).to(tl.float32)
             products += x[:, None] * _levels((packed >> (j * BITS)) & ((1 << BITS) - 1), zero)
         acc += products * scale
+        if PREFETCH:
+            packed, scale, zero = next_packed, next_scale, next_zero
     total = tl.sum(acc, 0)
     out_ptrs = out_ptr + row.to(tl.int64) * stride_om + cols
     if SPLIT_K == 1:
@@ -209,6 +210,30 @@ def _wna16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, partial_ptr, ticket_
                                  cache_modifier=".cg")
             tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=col_ok)
             tl.atomic_xchg(ticket, 0)  # ready for the next launch
+
+
+@triton.jit
+def _gemv_tile(q_ptr, s_ptr, z_ptr, k0, end, word, cols, col_ok, stride_qk, stride_sg, PER: tl.constexpr,
+               GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The packed words [BLOCK_K / PER, BLOCK_N] of the K tile from ``k0`` (rows from ``end`` on
+    read as zeros, none at all past it) and their float32 scales and zero points: one row of them
+    where the tile is inside one group, else one a word row (a word's rows share a group, and the
+    rows of one group read the same cache lines again)."""
+    word_rows = k0 // PER + word
+    word_ok = word_rows < end // PER
+    packed = tl.load(q_ptr + word_rows[:, None].to(tl.int64) * stride_qk + cols[None, :],
+                     mask=word_ok[:, None] & col_ok[None, :], other=0, eviction_policy="evict_first")
+    if GROUP % BLOCK_K == 0:
+        group = (k0 // GROUP) * stride_sg + cols.to(tl.int64)
+        group_ok = col_ok & (k0 < end)
+        scale = tl.load(s_ptr + group, mask=group_ok, other=0.0).to(tl.float32)[None, :]
+        zero = tl.load(z_ptr + group, mask=group_ok, other=0).to(tl.float32)[None, :]
+    else:
+        group = (word_rows * PER // GROUP)[:, None].to(tl.int64) * stride_sg + cols[None, :]
+        group_ok = word_ok[:, None] & col_ok[None, :]
+        scale = tl.load(s_ptr + group, mask=group_ok, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + group, mask=group_ok, other=0).to(tl.float32)
+    return packed, scale, zero
 
 
 @triton.jit
@@ -342,5 +367,5 @@ def _gemv(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor:
             rows, weight.qweight, weight.scales, weight.zeros, out, partial, _tickets(rows.device, m * tiles_n), m, n, k,
             rows.stride(0), weight.qweight.stride(0), weight.scales.stride(0), out.stride(0), BITS=weight.bits,
             GROUP=weight.group_size, BLOCK_N=tiles["block_n"], BLOCK_K=tiles["block_k"], SPLIT_K=split,
-            num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
+            PREFETCH=tiles.get("prefetch", False), num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
     return out

@@ -110,8 +110,9 @@ def qk_norm_rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: 
                              k_weight: torch.Tensor, eps: float, cos_sin_cache: torch.Tensor,
                              is_neox: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Every head of query [T, H, D] and key [T, Hkv, D] normed (``rms_norm`` with ``q_weight`` /
-    ``k_weight`` [D], each result rounded to the input dtype), then ``rotary_embedding``: Qwen3's
-    and Gemma 3's attention input in one op (contract 1.13), which a platform may run in one pass."""
+    ``k_weight`` [D], each result rounded to the input dtype), then ``rotary_embedding``: the
+    attention input of Qwen3 (dense and MoE) in one op (contract 1.13), which a platform may run
+    in one pass."""
     return rotary_embedding_from(rms_norm, rotary_embedding, positions, query, key, q_weight, k_weight, eps,
                                  cos_sin_cache, is_neox)
 

@@ -5,7 +5,8 @@ Usage: python3 benchmarks/spec_gpu.py PART --json OUT.json [options]
   PART = convert   the embedded GGUF model as an HF bfloat16 directory (--hf-dir), through
                    transformers' GGUF loader (needs the gguf package)
        = runtime   runtime.LLM on --hf-dir: the copy-heavy chat prompts of spec_cpu.py at batch 1
-                   and --batch, with and without n-gram proposals (acceptance reported)
+                   and --batch, with and without n-gram proposals (acceptance reported; --profile: then
+                   the kernel time by kernel of one run of each against its wall time)
        = vllm      the same with vLLM 0.22.1 (speculative_config as vLLM reads it)
        = verify    runtime.LLM on --llama-dir (random weights, nothing is ever accepted; --load-format dummy:
                    made up at load, only the config written): decode tok/s
@@ -137,8 +138,17 @@ def runtime_part(args) -> list[dict]:
     def setting(label: str, config) -> list[dict]:
         llm = LLM(str(args.hf_dir), device=args.device, dtype="bfloat16", max_model_len=2048,
                   speculative_config=config)
-        return copy_rates(functools.partial(output_lengths, llm, SamplingParams), prompts, "runtime", label,
-                          args.tokens, args.repeats, llm.engine.stats if config else None)
+        generate = functools.partial(output_lengths, llm, SamplingParams)
+        rows = copy_rates(generate, prompts, "runtime", label, args.tokens, args.repeats,
+                          llm.engine.stats if config else None)
+        if args.profile:
+            # Kernel time against wall time: how much of a step the device is busy, by kernel.
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "cuda" / "benchmarks"))
+            from baselines_llama8b import profile_kernels
+            for batch, batch_prompts in prompts.items():
+                rows.append(profile_kernels(lambda: generate(batch_prompts, args.tokens), f"profile {label} batch {batch}"))
+                print(json.dumps(rows[-1]), flush=True)
+        return rows
 
     rows = setting("none", None)
     if torch.cuda.is_available():
@@ -226,6 +236,8 @@ def main() -> None:
     parser.add_argument("--llama-dir", type=Path, default=Path("/tmp/llama8b"))
     parser.add_argument("--load-format", default="auto", help="verify: dummy for made-up weights on --llama-dir's "
                                                                "config (written if missing), no checkpoint on disk")
+    parser.add_argument("--profile", action="store_true", help="runtime: then kernel time by kernel of one run "
+                                                                 "at each batch, without and with proposals")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="each timing is the best of this many runs")

@@ -114,8 +114,10 @@ def _rotate_heads(src_ptr, dst_ptr, token, num_heads, stride_t, stride_h, cos, s
     if NORM:
         whole = tl.load(src + dims, mask=(heads < num_heads) & (dims < head_size), other=0.0).to(tl.float32)
         inv_rms = tl.math.rsqrt(tl.sum(whole * whole, 1) / head_size + eps)[:, None]
-        x1 = (x1 * inv_rms * tl.load(weight_ptr + first, mask=pairs < half, other=0.0).to(tl.float32)).to(ty).to(tl.float32)
-        x2 = (x2 * inv_rms * tl.load(weight_ptr + second, mask=pairs < half, other=0.0).to(tl.float32)).to(ty).to(tl.float32)
+        w1 = tl.load(weight_ptr + first, mask=pairs < half, other=0.0).to(tl.float32)
+        w2 = tl.load(weight_ptr + second, mask=pairs < half, other=0.0).to(tl.float32)
+        x1 = (x1 * inv_rms * w1).to(ty).to(tl.float32)
+        x2 = (x2 * inv_rms * w2).to(ty).to(tl.float32)
         kept = whole * inv_rms * tl.load(weight_ptr + dims, mask=dims < head_size, other=0.0).to(tl.float32)
     else:
         kept = tl.load(src + dims, mask=rest)
@@ -163,7 +165,8 @@ def _rotary_warps(head_elements: int) -> int:
 
 
 def _rotary(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor,
-            is_neox: bool, norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            is_neox: bool, norm: tuple[torch.Tensor, torch.Tensor, float] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     tokens, q_heads, head_size = query.shape
     k_heads = key.shape[1]
     half = cos_sin_cache.shape[-1] // 2
@@ -179,7 +182,8 @@ def _rotary(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos
             cache.stride(0), query.stride(0), query.stride(1), key.stride(0), key.stride(1),
             Q_HEADS_PAD=triton.next_power_of_2(q_heads), K_HEADS_PAD=triton.next_power_of_2(k_heads),
             HALF_PAD=triton.next_power_of_2(half), HEAD_PAD=triton.next_power_of_2(head_size), IS_NEOX=is_neox,
-            NORM=norm is not None, num_warps=_rotary_warps(triton.next_power_of_2(q_heads) * triton.next_power_of_2(head_size)))
+            NORM=norm is not None,
+            num_warps=_rotary_warps(triton.next_power_of_2(q_heads) * triton.next_power_of_2(head_size)))
     return q_out, k_out
 
 

@@ -251,8 +251,8 @@ ALIGN_ELEMENTS = 4096
 
 @triton.jit
 def _route_sort_small_kernel(logits_ptr, weights_ptr, ids_ptr, expert_map_ptr, sorted_ptr, block_expert_ptr, tokens,
-                             experts, num_experts, stride_t, capacity, blocks, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
-                             HAS_MAP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                             experts, num_experts, stride_t, capacity, blocks, TOP_K: tl.constexpr,
+                             RENORMALIZE: tl.constexpr, HAS_MAP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
                              BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
                              BLOCK_R: tl.constexpr):
     """A decode step's routing and sort in one program (one launch fewer a layer than route, then

@@ -371,16 +371,27 @@ def _down_kernel(a_ptr, w_ptr, scale_ptr, out_ptr, sorted_pairs_ptr, block_exper
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden
     ks = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_am + ks[None, :]
-    w_ptrs = w_ptr + expert * stride_we + cols[:, None].to(tl.int64) * stride_wn + ks[None, :]
+    a_rows = a_ptr + rows.to(tl.int64) * stride_am
+    w_rows = w_ptr + expert * stride_we + cols.to(tl.int64) * stride_wn
+    a_ptrs = a_rows[:, None] + ks[None, :]
+    w_ptrs = w_rows[:, None] + ks[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, width, BLOCK_K):
         k_ok = ks[None, :] < width - k
+        # Decode tiles (16 rows) carry their address tensors across the loop; wider tiles make
+        # them inside it from one address a row, as _gate_up_kernel does. Compiled for sm_90
+        # (Triton 3.6): the 64 x 128 loop 423 -> 281 instructions, the 128 x 128 loop 612 -> 419,
+        # while the 16 x 64 decode tile would take 249 registers instead of 128 (half the
+        # programs a multiprocessor, fewer weight bytes in flight).
+        if BLOCK_M > 16:
+            a_ptrs = a_rows[:, None] + (k + ks)[None, :]
+            w_ptrs = w_rows[:, None] + (k + ks)[None, :]
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok, other=0.0)
         w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok, other=0.0).to(a.dtype)
         acc += tl.dot(a, tl.trans(w), input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+        if BLOCK_M == 16:
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + expert * stride_se + cols, mask=col_ok, other=0.0)[None, :]
     out_ptrs = out_ptr + pairs[:, None].to(tl.int64) * stride_om + cols[None, :]

@@ -56,7 +56,7 @@ def prepare(args) -> list[dict]:
     from decode_llama8b import CONFIG
     from runtime.loader.source import embedded_model_path
     args.dir.mkdir(parents=True, exist_ok=True)
-    transformers.LlamaConfig(**CONFIG, architectures=["LlamaForCausalLM"]).save_pretrained(args.dir)
+    transformers.LlamaConfig(**CONFIG).save_pretrained(args.dir)
     if args.tokenizer:
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer)
     else:

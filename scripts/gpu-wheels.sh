@@ -30,6 +30,8 @@ fi
 # vLLM 0.22.1 imports humming (humming-kernels) whenever a quantization method is looked up on CUDA, GPTQ-Marlin
 # included; its other imports are in the GPU image.
 ls $W/boot/humming_kernels-0.1.2-* > /dev/null 2>&1 || get $W/boot humming-kernels==0.1.2
+# humming's own imports the GPU image lacks (a fifth-window GPTQ-Marlin run stopped at `elftools`).
+ls $W/boot/pyelftools-* > /dev/null 2>&1 || get $W/boot pyelftools==0.33 nvidia-ml-py tabulate
 if [ ! -e $W/SHA256 ]; then
   rm -rf /tmp/gpu-wheels && mkdir -p /tmp/gpu-wheels/all
   get /tmp/gpu-wheels/all -r "$REQ"

@@ -326,3 +326,65 @@ def test_lora_steps_replay_the_graphs_with_lora_and_the_others_those_without(che
     replayed.clear()
     assert run(graphs, [None] * len(PROMPTS)) == base_only  # back to the graphs without LoRA
     assert replayed and not any(with_lora for _, with_lora in replayed)
+
+
+SMALL_CACHE = 14 * 2 * 2 * 8 * 2 * 16 * 4
+"""14 blocks of 8 tokens of the tiny Llama (2 layers x K/V x 8 tokens x 2 KV heads x head size 16 x 4
+bytes): room for 112 tokens where six requests grow to up to 70 each."""
+
+
+def _recorded_preemptions(engine: EngineCore) -> list[int]:
+    """Counts requests preempted by look-ahead steps, then by steps scheduled in turn."""
+    counts = [0, 0]
+    look_ahead, schedule = engine.scheduler.look_ahead, engine.scheduler.schedule
+
+    def ahead(output):
+        following = look_ahead(output)
+        counts[0] += len(following.preempted_ids) if following is not None else 0
+        return following
+
+    def in_turn(*args, **kwargs):
+        out = schedule(*args, **kwargs)
+        counts[1] += len(out.preempted_ids)
+        return out
+
+    engine.scheduler.look_ahead, engine.scheduler.schedule = ahead, in_turn
+    return counts
+
+
+@pytest.mark.parametrize("preemption", ["recompute", "swap"])
+def test_look_ahead_preempts_under_a_full_cache(checkpoint, preemption, monkeypatch):
+    """A cache too small for six growing sequences: look-ahead steps preempt (recomputing or
+    swapping the victim, which loses the token in flight for it) rather than stop at the first
+    request short of a block, and every greedy output is the one a cache large enough gives."""
+    prompts = [[(5 * i + 3 * j) % 150 + 5 for j in range(10 + 3 * i)] for i in range(6)]
+    max_tokens = [40, 36, 44, 30, 38, 42]
+    monkeypatch.setattr(CpuPlatform, "unified_memory", False)  # else the host tier is the device's memory: none
+    small = dict(COMMON, kv_cache_memory=SMALL_CACHE, block_size=8, preemption_mode=preemption,
+                 kv_offloading_size=0.01 if preemption == "swap" else None)
+    ahead = EngineCore(EngineArgs(model=str(checkpoint), **small), registry=_registry())
+    preempted = _recorded_preemptions(ahead)
+    outputs = _run(ahead, prompts, max_tokens)
+    assert preempted[0] > 0
+    assert outputs == _run(EngineCore(EngineArgs(model=str(checkpoint), **COMMON), registry=_registry()),
+                           prompts, max_tokens)
+    if preemption == "swap":
+        assert ahead.scheduler.num_swaps > 0
+    assert ahead.kv_manager.usage == 0 and not ahead.has_unfinished_requests()
+
+
+def test_look_ahead_never_preempts_a_seeded_request(checkpoint):
+    """A seeded request's stream draws the token in flight: under a full cache look-ahead waits
+    for the step instead of preempting it (a request not in flight it may preempt), so each
+    seeded draw is the step-by-step engine's."""
+    prompts = [[(5 * i + 3 * j) % 150 + 5 for j in range(10 + 3 * i)] for i in range(6)]
+    max_tokens = [40, 36, 44, 30, 38, 42]
+    small = dict(COMMON, kv_cache_memory=SMALL_CACHE, block_size=8)
+    ahead = EngineCore(EngineArgs(model=str(checkpoint), **small), registry=_registry())
+    step_by_step = EngineCore(EngineArgs(model=str(checkpoint), **small), registry=_registry())
+    step_by_step.look_ahead = False
+    preempted = _recorded_preemptions(ahead)
+    params = dict(temperature=0.9, seed=11)
+    outputs = _run(ahead, prompts, max_tokens, **params)
+    assert preempted[1] > 0
+    assert outputs == _run(step_by_step, prompts, max_tokens, **params)

@@ -105,11 +105,17 @@ def test_reused_buffers_hold_xgrammars_own_masks_across_batch_sizes(checkpoint, 
             assert manager.error(request.request_id) is None
 
 
-def _engine_outputs(checkpoint, look_ahead: bool, requests) -> dict[str, tuple[list[int], str]]:
+def _engine(checkpoint, look_ahead: bool, **options) -> EngineCore:
     from test_decode_graphs import COMMON, _registry
 
-    engine = EngineCore(EngineArgs(model=str(checkpoint), **COMMON), registry=_registry())
+    engine = EngineCore(EngineArgs(model=str(checkpoint), **(COMMON | options)), registry=_registry())
     engine.look_ahead = look_ahead
+    return engine
+
+
+def _engine_outputs(checkpoint, look_ahead: bool, requests, engine: EngineCore | None = None
+                    ) -> dict[str, tuple[list[int], str]]:
+    engine = engine or _engine(checkpoint, look_ahead)
     for rid, prompt, params in requests:
         engine.add_request(rid, prompt, params)
     tokens: dict[str, list[int]] = {}
@@ -150,6 +156,22 @@ def test_an_ended_grammar_finishes_its_request_even_with_ignore_eos(checkpoint, 
             assert all(isinstance(item, int) for item in json.loads(text)), (rid, text)
         else:
             assert re.fullmatch(params.regex or "|".join(params.choice), text), (rid, text)
+
+
+def test_constrained_requests_preempted_by_look_ahead_steps_keep_their_grammars(checkpoint):
+    """Greedy constrained requests under a cache too small for all of them: look-ahead steps
+    preempt some (each loses the token in flight for it, its matcher starts over and is fed its
+    output again), and every output is what a cache large enough gives step by step."""
+    from test_decode_graphs import SMALL_CACHE, _recorded_preemptions
+
+    requests = [(f"c{i}", [(5 * i + 3 * j) % 150 + 5 for j in range(12 + 4 * i)],
+                 SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True,
+                                structured_outputs=CONSTRAINTS[4 if i % 2 else 3])) for i in range(6)]
+    ahead = _engine(checkpoint, True, kv_cache_memory=SMALL_CACHE, block_size=8)
+    preempted = _recorded_preemptions(ahead)
+    outputs = _engine_outputs(checkpoint, True, requests, engine=ahead)
+    assert preempted[0] > 0
+    assert outputs == _engine_outputs(checkpoint, False, requests)
 
 
 @torch.inference_mode()

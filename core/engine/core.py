@@ -404,6 +404,7 @@ class EngineCore:
         if self.look_ahead and pending is not None:
             following = self.scheduler.look_ahead(out)
             if following is not None:
+                self._reset_preempted(following)
                 self._in_flight = (following, self._launch(following, pending))
         outputs = self._outputs(out, self.executor.collect(pending))
         self._sample_in_flight()

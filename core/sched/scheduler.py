@@ -221,9 +221,8 @@ class Scheduler:
     def _schedule(self, look_ahead: bool, in_flight: frozenset[str] | set[str] = frozenset(),
                   max_seqs: int | None = None) -> SchedulerOutput:
         """``look_ahead``: the previous step is still in flight (see :meth:`look_ahead`), so a
-        request whose coming token ends it by length is left out, and blocks running short stop
-        the step where it is instead of preempting (a preempted request would be recomputed
-        from tokens not known yet)."""
+        request whose coming token ends it by length is left out; a request preempted then loses
+        the token being sampled for it (:meth:`_preempt`)."""
         budget = self.max_num_batched_tokens
         scheduled: dict[str, ScheduledRequest] = {}
         preempted: list[str] = []
@@ -258,9 +257,12 @@ class Scheduler:
             # the victim may already be scheduled this step: its work is then withdrawn.
             while (block_ids := self.kv.allocate_slots(request, num_new + drafts)) is None:
                 victim = max(self._running, key=lambda r: self._keys[r.request_id])
-                if look_ahead or victim.request_id in in_flight:
+                if victim.request_id in in_flight or (
+                        victim.num_pending_tokens and victim.sampling_params.seed is not None):
                     # The policy's victim is still computing: wait for its step rather than
-                    # preempt a request the policy ranks higher.
+                    # preempt a request the policy ranks higher. A seeded victim's stream has
+                    # drawn its token in flight already: dropped, the draw would shift every
+                    # later one, so it too waits for the step.
                     short = True
                     break
                 self._preempt(victim)
@@ -372,8 +374,8 @@ class Scheduler:
         ``output`` is committed first: its requests count as computed, and each one that samples
         holds one pending token (``Request.num_pending_tokens``) that the next step takes as
         input straight from the device. The next step is then scheduled as :meth:`schedule`
-        would, admissions and prompt chunks included, except that no request is preempted and a
-        request that the pending token ends by length is left out. A request that the pending
+        would, admissions, prompt chunks and preemptions included, except that a request that the
+        pending token ends by length is left out. A request that the pending
         token ends otherwise (EOS, a stop string, an abort) is computed once more and dropped at
         :meth:`update`. None, committing nothing, where a sampled token decides how the next one
         is sampled (penalties, min_tokens) or prompt logprobs are asked for; None also when
@@ -444,12 +446,22 @@ class Scheduler:
         where it was, or recomputed (prompt + output so far).
 
         It rejoins the waiting queue under its original key, so it keeps its place in the
-        policy order: under fcfs, the head, ahead of everything that arrived after it.
+        policy order: under fcfs, the head, ahead of everything that arrived after it. Preempted
+        by a look-ahead step (never a seeded request), it drops the token still being sampled for
+        it (the step in flight's :meth:`update` skips it) and resumes from the tokens known, its
+        last one computed again.
+        Stopping the step short instead, as this scheduler once did, cut every look-ahead step
+        under a full cache at its first request needing a block: on an MoE model, whose step
+        costs nearly the same at 100 rows as at 500, that took 2.5x the steps offline.
         """
+        request.num_pending_tokens = 0
         self._running.remove(request)
         self._release_images(request)
         if self.preemption_mode == "swap" and self.kv.swap_out(request):
             self.num_swaps += 1
+            # With a token still sampling, every known token's KV is (being) computed: the
+            # last is computed again to sample from it.
+            request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
         else:
             self.kv.free(request)  # before num_computed_tokens is reset: free() reads it
             request.num_computed_tokens = 0

@@ -49,9 +49,12 @@ class MoEPlan:
 # tokens the gate/up launch is fastest at 32 columns (4 or 8 warps alike), the down launch at 64
 # (256.2 against 269.6 us at one token); at 256 tokens 64-row blocks were best at 64 x 64 (gate/up)
 # and 64 x 128 (down), 128 x 128 tiles better still (1.11 against 1.19 ms for 64 x 64 in both);
-# at 2048 tokens 128 x 128 took 3.64 ms, 64 x 64 5.61.
-DECODE_PLANS = (MoEPlan(block_m=16, block_n=32, block_k=256, num_warps=8, num_stages=4),
-                MoEPlan(block_m=16, block_n=64, block_k=256, num_warps=8, num_stages=4))
+# at 2048 tokens 128 x 128 took 3.64 ms, 64 x 64 5.61. The same sweep on a Qwen3-30B-A3B layer
+# (128 experts of 2048 x 768, H100, 2026-12-06, docs/cuda-results/h100-2026-12-06-e) put 4-warp
+# 16-row plans first at every size up to 256 tokens: both launches with them 450 us at 256 tokens
+# against 536 with 8 warps, 41.7 against 46.1 at one; on Mixtral 4 warps led too, by under 1%.
+DECODE_PLANS = (MoEPlan(block_m=16, block_n=32, block_k=256, num_warps=4, num_stages=4),
+                MoEPlan(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4))
 MIDDLE_PLANS = (MoEPlan(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=4),
                 MoEPlan(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=4))
 PREFILL_PLANS = (MoEPlan(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),) * 2

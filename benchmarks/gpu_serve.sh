@@ -26,7 +26,8 @@
 #            always runs; QUANT_ARGS="--load-format dummy": runtime bf16 on made-up weights, so NO_CHECKPOINT=1 boots do)
 #   spec:    benchmarks/spec_gpu.py: the embedded model as HF bf16, n-gram proposals at batch 1 and 8 (runtime,
 #            vLLM), then the zero-acceptance overhead and verification step times on the Llama-3-8B shape
-#            (SPEC_ARGS="--load-format dummy": made-up weights, so NO_CHECKPOINT=1 boots do)
+#            (SPEC_ARGS="--load-format dummy": made-up weights, so NO_CHECKPOINT=1 boots do; SPEC_PYSPY=1: the runtime
+#            part sampled by py-spy, summarized in spec/pyspy-runtime.txt)
 #   moe:     benchmarks/moe_gpu.py: an MoE model of $MOE_SHAPE (default mixtral-16l, 47 GB of bf16 weights: fits
 #            an 80 GB H100; mixtral-8x7b, 93 GB, needs an H200; qwen3-30b-a3b is 61 GB), config and tokenizer in
 #            $MOE_DIR (default /tmp/moe), made-up weights in both engines (load_format dummy: nothing on disk);
@@ -121,9 +122,13 @@ for stage in "$@"; do
     spec)
       [ -e /tmp/smollm2.gguf ] || cat /tmp/parts/gguf.* > /tmp/smollm2.gguf
       for part in ${SPEC_PARTS:-convert runtime vllm verify}; do
-        timeout 300 python3 benchmarks/spec_gpu.py $part --gguf /tmp/smollm2.gguf --json $R/spec/$part.json --llama-dir $M ${SPEC_ARGS:-} 2>&1 | grep -v "it/s]" \
+        # SPEC_PYSPY=1: the runtime part under py-spy (where a verification step's host time goes).
+        spy=(); [ "${SPEC_PYSPY:-0}" = 1 ] && [ $part = runtime ] && spy=(py-spy record --rate 500 --format raw --output $R/spec/pyspy-runtime.raw --)
+        timeout 300 "${spy[@]}" python3 benchmarks/spec_gpu.py $part --gguf /tmp/smollm2.gguf --json $R/spec/$part.json --llama-dir $M ${SPEC_ARGS:-} 2>&1 | grep -v "it/s]" \
           | tail -15 | tee -a $R/spec/run.log
-      done ;;
+      done
+      [ ! -e $R/spec/pyspy-runtime.raw ] || python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \
+        from serve_vs_vllm import summarize_profile; print(summarize_profile(Path('$R/spec/pyspy-runtime.raw'), 60))" > $R/spec/pyspy-runtime.txt ;;
     moe)
       D=${MOE_DIR:-/tmp/moe}; SHAPE="--shape ${MOE_SHAPE:-mixtral-16l} ${MOE_ARGS:-}"
       python3 benchmarks/moe_gpu.py write $SHAPE --dir $D 2>&1 | tail -3 | tee -a $R/moe/run.log

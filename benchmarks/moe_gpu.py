@@ -184,15 +184,19 @@ def engine_part(args, engine: str) -> list[dict]:
     else:
         from vllm import LLM, SamplingParams
         llm = LLM(model=str(args.dir), skip_tokenizer_init=True, quantization=args.quantization, **common)
+    activation = None
     if engine == "runtime":
         kv_tokens = llm.engine.num_blocks * llm.engine.block_size
+        activation = llm.engine.executor.activation_bytes
     else:
         cache = llm.llm_engine.vllm_config.cache_config
         kv_tokens = cache.num_gpu_blocks * cache.block_size if cache.num_gpu_blocks else None
     # The KV cache's size bounds the sequences a step holds: offline throughput follows it.
     ready = {"engine": engine, "mode": "startup", "startup_s": round(time.perf_counter() - start, 1),
              "shape": config.to_dict().get("architectures"), "layers": config.num_hidden_layers,
-             "quantization": args.quantization, "kv_cache_tokens": kv_tokens}
+             "quantization": args.quantization, "kv_cache_tokens": kv_tokens,
+             # What the worst-case step's profile took beyond the weights (vLLM logs its own).
+             "activation_peak_gib": None if activation is None else round(activation / (1 << 30), 2)}
     print(json.dumps(ready), flush=True)
     generate = make_generate(llm, SamplingParams)
     rows = [ready] + measure(generate, args, engine, config)

@@ -78,6 +78,10 @@ class Launch(msgspec.Struct, tag=True, array_like=True):
     to_host: list[tuple[int, int]] = []
     """The step's ``KVTransfers``: (device block, host block) copies to the host tier, then back."""
     to_device: list[tuple[int, int]] = []
+    preempted_ids: list[str] = []
+    """Requests preempted this step: each worker forgets its copy of their tokens (a look-ahead
+    step's victim drops the token in flight for it, which the copy would otherwise take), and
+    one readmitted is sent again whole. Their runner state stays, seeded streams included."""
 
 
 class Sample(msgspec.Struct, tag=True, array_like=True):
@@ -149,7 +153,7 @@ class StepSender:
                 self._known.add(request.request_id)
                 new.append(NewRequest(request.request_id, list(request.all_token_ids), request.num_prompt_tokens,
                                       request.sampling_params))
-        for rid in out.finished_ids:
+        for rid in (*out.finished_ids, *out.preempted_ids):
             self._known.discard(rid)
         step = self._next
         self._next += 1
@@ -157,7 +161,7 @@ class StepSender:
                                                s.token_pending, s._num_tokens, s.draft_token_ids)
                                      for s in out.scheduled],
                          list(out.finished_ids), None if previous is None else self._steps[id(previous)], sample,
-                         Mask.of(grammar), out.transfers.to_host, out.transfers.to_device)
+                         Mask.of(grammar), out.transfers.to_host, out.transfers.to_device, list(out.preempted_ids))
         return message, step
 
     def sample(self, pending: PendingStep, grammar: Optional[GrammarBitmask]) -> Sample:
@@ -223,7 +227,7 @@ class StepMirror:
                     self.send_result(encode(StepResult.of(message.step, result)))
         else:
             self.pending[message.step] = pending
-        for rid in message.finished_ids:
+        for rid in (*message.finished_ids, *message.preempted_ids):
             self.requests.pop(rid, None)
 
     def _apply(self, sampled: dict[str, list[int]]) -> None:

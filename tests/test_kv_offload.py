@@ -11,7 +11,7 @@ import random
 from collections import Counter
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from runtime.engine.args import EngineArgs
@@ -257,6 +257,12 @@ OPS = st.lists(st.one_of(st.tuples(st.just("add"), requests_to_add()), st.tuples
 
 
 @settings(deadline=None, max_examples=100)
+# A look-ahead step that swaps requests out and schedules none: its copies must still be made.
+@example(num_blocks=8, num_host_blocks=8, budget=12, max_num_seqs=2, mode="swap", caching=True, look_ahead=True,
+         ops=[("step", None), ("add", ([1, 2, 3, 4, 5, 6, 7, 8, 4, 2, 4, 2, 2, 1], 10, False)),
+              ("add", ([5] * 10 + [3, 4], 2, False)), ("step", None), ("step", None),
+              ("add", ([1, 2, 3, 4, 9, 9, 9, 4, 1, 2, 4], 8, True)), ("step", None), ("abort", 21), ("step", None),
+              ("step", None)])
 @given(num_blocks=st.integers(6, 10), num_host_blocks=st.integers(1, 12), budget=st.integers(1, 16),
        max_num_seqs=st.integers(1, 4), mode=st.sampled_from(["swap", "recompute"]), caching=st.booleans(),
        look_ahead=st.booleans(), ops=OPS)

@@ -379,7 +379,7 @@ class Scheduler:
         token ends otherwise (EOS, a stop string, an abort) is computed once more and dropped at
         :meth:`update`. None, committing nothing, where a sampled token decides how the next one
         is sampled (penalties, min_tokens) or prompt logprobs are asked for; None also when
-        nothing can be scheduled.
+        nothing can be scheduled and nothing was preempted.
         """
         if not output.scheduled:
             return None
@@ -396,7 +396,9 @@ class Scheduler:
                 request.num_computed_tokens = item.start + item.num_new_tokens
                 request.num_pending_tokens += item.sample
         following = self._schedule(look_ahead=True)
-        if following.scheduled:
+        # A step that only preempts still carries its victims' swap-out copies and their ids
+        # (for the workers): it is launched as a step without rows.
+        if following.scheduled or following.preempted_ids or following.transfers:
             return following
         self._finished_ids = following.finished_ids + self._finished_ids
         return None
@@ -454,14 +456,14 @@ class Scheduler:
         under a full cache at its first request needing a block: on an MoE model, whose step
         costs nearly the same at 100 rows as at 500, that took 2.5x the steps offline.
         """
+        # With a token still sampling, every known token's KV is (being) computed: the last is
+        # computed again on resuming, to sample from it (so it is not swapped out either).
         request.num_pending_tokens = 0
+        request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
         self._running.remove(request)
         self._release_images(request)
         if self.preemption_mode == "swap" and self.kv.swap_out(request):
             self.num_swaps += 1
-            # With a token still sampling, every known token's KV is (being) computed: the
-            # last is computed again to sample from it.
-            request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
         else:
             self.kv.free(request)  # before num_computed_tokens is reset: free() reads it
             request.num_computed_tokens = 0

@@ -50,7 +50,8 @@
 #            batch-invariant matmul's plans that sum in the current plan's order, against cuBLAS
 #   kernels: benchmarks/kernels_gpu.py $KERNELS (default wna16 bitmask): kernels alone against their rooflines
 #   moe-sweep: benchmarks/kernels_gpu.py moe-sweep on $MOE_SHAPE's experts (default mixtral-8x7b: one layer fits any
-#            GPU): fused_moe's two launches under a grid of tile plans (what moe.plans_for is tuned from)
+#            GPU) at $MOE_TOKENS tokens (default 1 8 32 256 2048): fused_moe's two launches under a grid of tile plans
+#            (what moe.plans_for is tuned from)
 #   lora-sweep: benchmarks/kernels_gpu.py lora-sweep: lora_add at decode sizes by shrink programs, beside the base matmul
 #   vision:  benchmarks/vision_gpu.py: a LLaVA-1.5-7B-shaped model in /tmp/llava7b (made-up weights), one 336 px JPEG
 #            and 128 random tokens per chat request, 128 out, at C=16 and 64: runtime, then vLLM (needs `unpack`)
@@ -167,7 +168,7 @@ for stage in "$@"; do
         2>&1 | tee $R/kernels/run.log ;;
     moe-sweep)
       timeout ${SWEEP_TIMEOUT:-540} python3 benchmarks/kernels_gpu.py moe-sweep --moe-shape ${MOE_SHAPE:-mixtral-8x7b} \
-        --json $R/moe-sweep/sweep.json 2>&1 | tee $R/moe-sweep/run.log ;;
+        ${MOE_TOKENS:+--moe-tokens $MOE_TOKENS} --json $R/moe-sweep/sweep.json 2>&1 | tee $R/moe-sweep/run.log ;;
     lora-sweep)
       timeout ${SWEEP_TIMEOUT:-540} python3 benchmarks/kernels_gpu.py lora-sweep --json $R/lora-sweep/sweep.json \
         2>&1 | tee $R/lora-sweep/run.log ;;

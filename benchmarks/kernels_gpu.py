@@ -265,7 +265,7 @@ def moe_plans(block_m: int) -> list:
     return [MoEPlan(*values) for values in grid]
 
 
-def moe_sweep(bandwidth: float, shape: str) -> list[dict]:
+def moe_sweep(bandwidth: float, shape: str, token_counts: tuple[int, ...]) -> list[dict]:
     from triton.runtime.errors import OutOfResources
 
     from moe_gpu import config_of
@@ -278,7 +278,7 @@ def moe_sweep(bandwidth: float, shape: str) -> list[dict]:
     w13 = torch.randn(experts, 2 * width, h, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
     w2 = torch.randn(experts, h, width, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
     out = []
-    for tokens in (1, 8, 32, 256, 2048):
+    for tokens in token_counts:
         x = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16, generator=g)
         logits = torch.randn(tokens, experts, device="cuda", generator=g)
         own_plans = moe.plans_for(tokens * top_k, experts, x.dtype)
@@ -353,11 +353,14 @@ def main() -> None:
     parser.add_argument("--det-rows", type=int, nargs="+", default=[1, 16, 64, 256, 2048],
                         help="deterministic-sweep: the numbers of rows tried")
     parser.add_argument("--moe-shape", default="mixtral-8x7b", help="moe-sweep: a shape of benchmarks/moe_gpu.py")
+    parser.add_argument("--moe-tokens", type=int, nargs="+", default=[1, 8, 32, 256, 2048],
+                        help="moe-sweep: the numbers of tokens tried")
     args = parser.parse_args()
     cases = {"wna16": wna16_cases, "wna16-sweep": lambda bandwidth: wna16_sweep(bandwidth, tuple(args.sweep_rows)),
              "deterministic-sweep": lambda bandwidth: deterministic_sweep(bandwidth, tuple(args.det_rows)),
              "lora-sweep": lora_sweep,
-             "moe-sweep": lambda bandwidth: moe_sweep(bandwidth, args.moe_shape), "bitmask": bitmask_cases}
+             "moe-sweep": lambda bandwidth: moe_sweep(bandwidth, args.moe_shape, tuple(args.moe_tokens)),
+             "bitmask": bitmask_cases}
     unknown = set(args.kernels) - set(cases)
     if unknown:
         parser.error(f"unknown kernels {sorted(unknown)}; choose from {sorted(cases)}")

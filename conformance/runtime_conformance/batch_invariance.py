@@ -43,6 +43,9 @@ class RowDims:
     head_dim: int = 64
     vocab: int = 1000
     rope_theta: float = 10000.0
+    experts: int = 8
+    """fused_moe: experts, two routed a token (so a batch's tokens share some)."""
+    expert_width: int = 96
 
 
 def _randn(g, *shape, dtype):
@@ -80,6 +83,13 @@ def row_ops(fn: Callable, dtype: torch.dtype, device: torch.device, dims: RowDim
                               lambda a, r: fn(on(a["x"][r]))),
         "gelu_and_mul": RowOp(lambda n, g: {"x": _randn(g, n, 2 * dims.intermediate, dtype=dtype)},
                               lambda a, r: fn(on(a["x"][r]))),
+        "fused_moe": RowOp(
+            lambda n, g: {"x": _randn(g, n, width, dtype=dtype), "logits": torch.randn(n, dims.experts, generator=g),
+                          "w13": (_randn(g, dims.experts, 2 * dims.expert_width, width, dtype=torch.float32)
+                                  * width ** -0.5).to(dtype),
+                          "w2": (_randn(g, dims.experts, width, dims.expert_width, dtype=torch.float32)
+                                 * dims.expert_width ** -0.5).to(dtype)},
+            lambda a, r: fn(on(a["x"][r]), on(a["logits"][r]), on(a["w13"]), on(a["w2"]), 2, True)),
         "apply_top_k_top_p_min_p": RowOp(
             lambda n, g: {"logits": _randn(g, n, dims.vocab, dtype=dtype) * 3,
                           "k": torch.randint(0, 60, (n,), generator=g),

@@ -154,7 +154,11 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.experts(x, self.gate(x))
         if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            shared = self.shared_expert(x)
+            # Each token's gate logit is spread over its row before the sigmoid: torch's CPU kernel
+            # runs whole chunks of a tensor on the vector path and its tail on a scalar one, so one
+            # logit a token would take either by the batch's size (--deterministic).
+            out = out + torch.sigmoid(self.shared_expert_gate(x).expand_as(shared)) * shared
         return self.tp.all_reduce(out)
 
     def routers(self) -> list[Linear]:

@@ -17,7 +17,7 @@ from runtime.platform.reference import rotary_embedding as reference_rotary
 
 from . import batch_invariant
 from .lora import lora_add, lora_expand, lora_shrink
-from .moe import fused_moe
+from .moe import batch_invariant_fused_moe, fused_moe
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -79,7 +79,8 @@ def swap_blocks(kv_caches: list[torch.Tensor], host_caches: list[torch.Tensor], 
 
 # rms_norm and rotary compute each row on its own (a reduction along the row, elementwise); torch's
 # matmul does not (see batch_invariant.py): the default mode keeps it (the higher priority), and
-# --deterministic, which only considers batch-invariant kernels, takes the padded one.
+# --deterministic, which only considers batch-invariant kernels, takes the padded one (fused_moe
+# likewise: the grouped matmul by default, each expert's rows padded under the mode).
 KERNELS = [
     Kernel("cpu", "rms_norm", rms_norm, batch_invariant=True),
     Kernel("cpu", "fused_add_rms_norm", fused_add_rms_norm, batch_invariant=True),
@@ -89,6 +90,7 @@ KERNELS = [
     Kernel("cpu", "lora_shrink", lora_shrink),
     Kernel("cpu", "lora_expand", lora_expand),
     Kernel("cpu", "lora_add", lora_add),
-    Kernel("cpu", "fused_moe", fused_moe),
+    Kernel("cpu", "fused_moe", fused_moe, priority=1),
+    Kernel("cpu", "fused_moe", batch_invariant_fused_moe, batch_invariant=True),
     Kernel("cpu", "swap_blocks", swap_blocks, batch_invariant=True),
 ]

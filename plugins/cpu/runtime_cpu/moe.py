@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from runtime.platform.reference import select_experts
-from runtime.platform.reference.moe import gated_activation
+from runtime.platform.reference.moe import expert_weight, gated_activation
+
+from . import batch_invariant
 
 
 def _dequantized(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -44,3 +46,31 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w
     contribution = torch.where(mine[:, None], down.float() * weights.flatten()[order, None], 0.0)
     out = torch.zeros(tokens, hidden, dtype=torch.float32)
     return out.index_add_(0, token_of_pair, contribution).to(x.dtype)
+
+
+def batch_invariant_fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                              top_k: int, renormalize: bool, activation: str = "silu",
+                              expert_map: torch.Tensor | None = None, w13_scale: torch.Tensor | None = None,
+                              w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``fused_moe`` for ``--deterministic``: a token's result does not depend on the tokens beside it.
+
+    The grouped matmul above blocks each expert's rows by how many there are, as torch's matmul
+    does, so a token's products change with the tokens routed to the same expert. Here each
+    expert used runs its rows through the padded projection of ``batch_invariant.linear`` (every
+    row in a full tile of the CPU's sgemm), and each token's k results are summed in a fixed order
+    (its routing slots), as the reference does. One host loop over the experts used: the mode
+    trades speed for reproducibility."""
+    tokens, hidden = x.shape
+    if tokens == 0:
+        return x.new_zeros(0, hidden)
+    weights, ids = select_experts(router_logits, top_k, renormalize, expert_map)
+    per_slot = torch.zeros(tokens, top_k, hidden, dtype=torch.float32)
+    for expert in ids.unique().tolist():
+        if expert < 0:
+            continue  # another rank's expert: adds nothing here
+        token_of, slot = (ids == expert).nonzero(as_tuple=True)
+        gate_up = batch_invariant.linear(x[token_of], expert_weight(w13, w13_scale, expert, x.dtype))
+        act = gated_activation(gate_up, activation).to(x.dtype)
+        down = batch_invariant.linear(act, expert_weight(w2, w2_scale, expert, x.dtype))
+        per_slot[token_of, slot] = down.float() * weights[token_of, slot, None]
+    return per_slot.sum(dim=1).to(x.dtype)

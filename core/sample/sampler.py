@@ -236,7 +236,7 @@ def top_logprobs(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     kth = logprobs.topk(k, dim=-1).values[:, -1:]
     above, ties = logprobs > kth, logprobs == kth
     # Of the values equal to the k-th, the lowest token ids fill the list (an integer count: exact).
-    chosen = above | (ties & (ties.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
+    chosen = above | (ties & (ties.cumsum(-1, dtype=torch.int32) <= k - above.sum(-1, keepdim=True)))
     ids = chosen.nonzero()[:, 1].view(logprobs.shape[0], k)
     values = logprobs.gather(1, ids)
     order = values.sort(dim=-1, descending=True, stable=True).indices

@@ -17,7 +17,7 @@ from ..sched.request import Request
 from .params import SamplingParams
 from ..spec.rejection import DraftLayout, rejection_sample
 from .noise import exponential_noise
-from ..worker.input_buffers import host_to_device
+from ..worker.input_buffers import host_to_device, host_to_device_columns
 
 TopKTopPMinP = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """(logits [B, V], top_k [B], top_p [B], min_p [B]) -> logits with excluded tokens at -inf."""
@@ -255,15 +255,14 @@ def _with_logprobs(token_ids: torch.Tensor, raw_logprobs: torch.Tensor, k: int) 
 
 
 def row_columns(params: list[SamplingParams], device: torch.device) -> dict[str, torch.Tensor]:
-    """The per-row settings every batch has (``SamplingMetadata``'s fields of those names)."""
-    def column(values: list, dtype: torch.dtype) -> torch.Tensor:
-        return host_to_device(values, dtype, device)
-
-    return dict(temperature=column([1.0 if p.greedy else p.temperature for p in params], torch.float32),
-                greedy=column([p.greedy for p in params], torch.bool),
-                top_k=column([p.top_k for p in params], torch.long),
-                top_p=column([p.top_p for p in params], torch.float32),
-                min_p=column([p.min_p for p in params], torch.float32))
+    """The per-row settings every batch has (``SamplingMetadata``'s fields of those names), in one
+    copy to the device."""
+    columns = host_to_device_columns([([1.0 if p.greedy else p.temperature for p in params], torch.float32),
+                                      ([p.greedy for p in params], torch.bool),
+                                      ([p.top_k for p in params], torch.long),
+                                      ([p.top_p for p in params], torch.float32),
+                                      ([p.min_p for p in params], torch.float32)], device)
+    return dict(zip(("temperature", "greedy", "top_k", "top_p", "min_p"), columns))
 
 
 def add_penalties(meta: SamplingMetadata, params: list[SamplingParams], outputs: Callable[[], list[list[int]]],

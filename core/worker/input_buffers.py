@@ -43,6 +43,38 @@ def host_to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Te
     return torch.as_tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
 
 
+_ALIGN = 8
+"""Columns start at multiples of this in a packed buffer: a typed view of a byte tensor needs its
+offset to be a multiple of the element size (at most 8 here)."""
+
+
+def pack_columns(columns: list[tuple[list, torch.dtype]]) -> tuple[torch.Tensor, list[tuple[int, int, torch.dtype]]]:
+    """Host values of several dtypes in one uint8 tensor: the tensor and each column's (byte
+    offset, length, dtype) in it."""
+    parts, places, offset = [], [], 0
+    for values, dtype in columns:
+        data = torch.as_tensor(values, dtype=dtype).reshape(-1).view(torch.uint8)
+        pad = -data.numel() % _ALIGN
+        parts += [data, torch.zeros(pad, dtype=torch.uint8)]
+        places.append((offset, data.numel() // dtype.itemsize, dtype))
+        offset += data.numel() + pad
+    return torch.cat(parts), places
+
+
+def unpack_columns(packed: torch.Tensor, places: list[tuple[int, int, torch.dtype]]) -> list[torch.Tensor]:
+    """The columns of a :func:`pack_columns` buffer as typed views of it (on its device)."""
+    return [packed[offset:offset + count * dtype.itemsize].view(dtype) for offset, count, dtype in places]
+
+
+def host_to_device_columns(columns: list[tuple[list, torch.dtype]], device: torch.device) -> list[torch.Tensor]:
+    """:func:`host_to_device` of several small columns in one copy: each copy from the host costs
+    a pinned staging block and a launch of its own, several of them for a sampling step's settings."""
+    if not asynchronous_copies(device):
+        return [host_to_device(values, dtype, device) for values, dtype in columns]
+    packed, places = pack_columns(columns)
+    return unpack_columns(packed.pin_memory().to(device, non_blocking=True), places)
+
+
 @dataclass
 class StepInputs:
     """One step's inputs on the host, unpadded: what the scheduler asked for."""

@@ -451,10 +451,9 @@ class Scheduler:
         policy order: under fcfs, the head, ahead of everything that arrived after it. Preempted
         by a look-ahead step (never a seeded request), it drops the token still being sampled for
         it (the step in flight's :meth:`update` skips it) and resumes from the tokens known, its
-        last one computed again.
-        Stopping the step short instead, as this scheduler once did, cut every look-ahead step
-        under a full cache at its first request needing a block: on an MoE model, whose step
-        costs nearly the same at 100 rows as at 500, that took 2.5x the steps offline.
+        last one computed again. (Stopping a look-ahead step short instead would cut every one
+        under a full cache at its first request needing a block: an offline MoE run, whose steps
+        cost nearly the same at 100 rows as at 1,000, took 2.5x the steps that way.)
         """
         # With a token still sampling, every known token's KV is (being) computed: the last is
         # computed again on resuming, to sample from it (so it is not swapped out either).

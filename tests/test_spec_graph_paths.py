@@ -149,7 +149,8 @@ def test_draft_layout_matches_a_brute_force_layout():
 
 def test_greedy_rows_matched_on_the_host_emit_what_rejection_sampling_on_the_device_does():
     """All-greedy verification without logprobs leaves the matching to ``DraftLayout.emitted``
-    on the host; with logprobs it runs on the device. Both emit the same tokens."""
+    on the host, copying none of the layout's index tensors to the device; with logprobs it runs
+    on the device. Both emit the same tokens."""
     rng = random.Random(1)
     torch.manual_seed(1)
     vocab, batch = 8, 12  # a small vocabulary, so proposals often equal the argmax
@@ -164,5 +165,6 @@ def test_greedy_rows_matched_on_the_host_emit_what_rejection_sampling_on_the_dev
         out = Sampler().verify(logits, SamplingMetadata.from_requests(layout.row_views, vocab, "cpu", {}), layout)
         assert (out.num_tokens is None) == (logprobs is None)
         emitted.append(layout.emitted(out))
+        assert ("_on_device" in vars(layout)) == (logprobs is not None)
     assert emitted[0] == emitted[1]
     assert any(1 < len(tokens) < len(d) + 1 for tokens, d in zip(emitted[0], drafts)), "no partial acceptance"

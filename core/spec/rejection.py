@@ -45,8 +45,8 @@ class DraftLayout:
     rows ``row_start[b] .. row_start[b] + num_drafts[b]`` (R rows in all).
 
     Its index tensors reach the device in one copy from pinned memory that does not wait for the
-    device: built while the step's forward pass runs, they must not stall the host until it ends
-    (a copy from pageable memory would)."""
+    device, made the first time one is read: a verification whose rows are all greedy, without
+    logprobs, is matched on the host (:meth:`emitted`) and needs none of them."""
 
     def __init__(self, requests: list, drafts: list[list[int]], device: torch.device):
         batch = len(drafts)
@@ -55,30 +55,58 @@ class DraftLayout:
         self.row_start = np.zeros(batch, dtype=np.int64)
         np.cumsum(counts[:-1], out=self.row_start[1:])
         self.num_rows = rows = int(counts.sum())
-        width = int(counts.max())
-        row_request = np.repeat(np.arange(batch), counts)
-        row_position = np.arange(rows) - self.row_start[row_request]
-        following = np.full(rows, -1, dtype=np.int64)
-        has_proposal = row_position < self.num_drafts[row_request]
-        following[has_proposal] = np.fromiter(itertools.chain.from_iterable(drafts), dtype=np.int64,
-                                              count=rows - batch)
+        self._width = width = int(counts.max())
+        self._row_request = np.repeat(np.arange(batch), counts)
+        self._row_position = np.arange(rows) - self.row_start[self._row_request]
+        self._following = np.full(rows, -1, dtype=np.int64)
+        has_proposal = self._row_position < self.num_drafts[self._row_request]
+        self._following[has_proposal] = np.fromiter(itertools.chain.from_iterable(drafts), dtype=np.int64,
+                                                    count=rows - batch)
         # Positions past a request's own rows read its last row, whose proposal is none (-1).
-        position = np.arange(width)
-        index = self.row_start[:, None] + np.minimum(position[None, :], self.num_drafts[:, None])
-        proposed = np.where(position[None, :] < self.num_drafts[:, None], following[index], -1)
-        packed = host_to_device(np.concatenate([following, row_position, row_request, position, index.ravel(),
-                                                proposed.ravel()]), torch.int64, device)
-        self.following, self.row_position, self.row_request, self.position, index_flat, proposed_flat = \
-            packed.split([rows, rows, rows, width, batch * width, batch * width])
-        """following [R]: the proposal each row verifies (-1 on a request's last row);
-        row_position [R]: each row's position j among its request's rows; row_request [R]: its
-        request b; position [K+1]: 0 .. K."""
-        self.index = index_flat.view(batch, width)
-        """[B, K+1] row of each request's position j (past its rows: its last row)."""
-        self.proposed = proposed_flat.view(batch, width)
-        """[B, K+1] the proposal at position j (-1 past a request's proposals)."""
+        self._index = self.row_start[:, None] + np.minimum(np.arange(width)[None, :], self.num_drafts[:, None])
+        self._device = device
         self.row_views = [RowView(r, d, j) for r, d in zip(requests, drafts) for j in range(len(d) + 1)]
-        self._following, self._index = following, index
+
+    @functools.cached_property
+    def _on_device(self) -> tuple[torch.Tensor, ...]:
+        batch, rows, width = len(self.row_start), self.num_rows, self._width
+        position = np.arange(width)
+        proposed = np.where(position[None, :] < self.num_drafts[:, None], self._following[self._index], -1)
+        packed = host_to_device(np.concatenate([self._following, self._row_position, self._row_request, position,
+                                                self._index.ravel(), proposed.ravel()]), torch.int64, self._device)
+        following, row_position, row_request, position, index, proposed = \
+            packed.split([rows, rows, rows, width, batch * width, batch * width])
+        return following, row_position, row_request, position, index.view(batch, width), proposed.view(batch, width)
+
+    @property
+    def following(self) -> torch.Tensor:
+        """[R] the proposal each row verifies (-1 on a request's last row)."""
+        return self._on_device[0]
+
+    @property
+    def row_position(self) -> torch.Tensor:
+        """[R] each row's position j among its request's rows."""
+        return self._on_device[1]
+
+    @property
+    def row_request(self) -> torch.Tensor:
+        """[R] each row's request b."""
+        return self._on_device[2]
+
+    @property
+    def position(self) -> torch.Tensor:
+        """[K+1] 0 .. K."""
+        return self._on_device[3]
+
+    @property
+    def index(self) -> torch.Tensor:
+        """[B, K+1] row of each request's position j (past its rows: its last row)."""
+        return self._on_device[4]
+
+    @property
+    def proposed(self) -> torch.Tensor:
+        """[B, K+1] the proposal at position j (-1 past a request's proposals)."""
+        return self._on_device[5]
 
     def emitted(self, sampled) -> list[list[int]]:
         """Each request's tokens from ``Sampler.verify``'s output read back to the host: its

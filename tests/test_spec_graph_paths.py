@@ -136,13 +136,14 @@ def test_draft_layout_matches_a_brute_force_layout():
     rows = [(b, j) for b, d in enumerate(drafts) for j in range(len(d) + 1)]
     width = max(len(d) for d in drafts) + 1
     assert layout.num_rows == len(rows)
-    assert layout.following.tolist() == [drafts[b][j] if j < len(drafts[b]) else -1 for b, j in rows]
-    assert layout.row_request.tolist() == [b for b, _ in rows]
-    assert layout.row_position.tolist() == [j for _, j in rows]
+    tensors = layout.tensors
+    assert tensors.following.tolist() == [drafts[b][j] if j < len(drafts[b]) else -1 for b, j in rows]
+    assert tensors.row_request.tolist() == [b for b, _ in rows]
+    assert tensors.row_position.tolist() == [j for _, j in rows]
     for b, d in enumerate(drafts):
         for j in range(width):
-            assert rows[layout.index[b, j]] == (b, min(j, len(d)))
-            assert layout.proposed[b, j] == (d[j] if j < len(d) else -1)
+            assert rows[tensors.index[b, j]] == (b, min(j, len(d)))
+            assert tensors.proposed[b, j] == (d[j] if j < len(d) else -1)
     views = layout.row_views
     assert [v.output_token_ids for v in views] == [drafts[b][:j] for b, j in rows]
 
@@ -165,6 +166,6 @@ def test_greedy_rows_matched_on_the_host_emit_what_rejection_sampling_on_the_dev
         out = Sampler().verify(logits, SamplingMetadata.from_requests(layout.row_views, vocab, "cpu", {}), layout)
         assert (out.num_tokens is None) == (logprobs is None)
         emitted.append(layout.emitted(out))
-        assert ("_on_device" in vars(layout)) == (logprobs is not None)
+        assert ("tensors" in vars(layout)) == (logprobs is not None)
     assert emitted[0] == emitted[1]
     assert any(1 < len(tokens) < len(d) + 1 for tokens, d in zip(emitted[0], drafts)), "no partial acceptance"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -38,6 +38,23 @@ class RowView:
     @functools.cached_property
     def output_token_ids(self) -> list[int]:
         return self._request.output_token_ids + self._drafts[:self._position]
+
+
+class LayoutTensors(NamedTuple):
+    """A :class:`DraftLayout`'s index tensors on the device."""
+
+    following: torch.Tensor
+    """[R] the proposal each row verifies (-1 on a request's last row)."""
+    row_position: torch.Tensor
+    """[R] each row's position j among its request's rows."""
+    row_request: torch.Tensor
+    """[R] each row's request b."""
+    position: torch.Tensor
+    """[K+1] 0 .. K."""
+    index: torch.Tensor
+    """[B, K+1] row of each request's position j (past its rows: its last row)."""
+    proposed: torch.Tensor
+    """[B, K+1] the proposal at position j (-1 past a request's proposals)."""
 
 
 class DraftLayout:
@@ -68,7 +85,8 @@ class DraftLayout:
         self.row_views = [RowView(r, d, j) for r, d in zip(requests, drafts) for j in range(len(d) + 1)]
 
     @functools.cached_property
-    def _on_device(self) -> tuple[torch.Tensor, ...]:
+    def tensors(self) -> LayoutTensors:
+        """The index tensors on the device (copied at the first read)."""
         batch, rows, width = len(self.row_start), self.num_rows, self._width
         position = np.arange(width)
         proposed = np.where(position[None, :] < self.num_drafts[:, None], self._following[self._index], -1)
@@ -76,37 +94,8 @@ class DraftLayout:
                                                 self._index.ravel(), proposed.ravel()]), torch.int64, self._device)
         following, row_position, row_request, position, index, proposed = \
             packed.split([rows, rows, rows, width, batch * width, batch * width])
-        return following, row_position, row_request, position, index.view(batch, width), proposed.view(batch, width)
-
-    @property
-    def following(self) -> torch.Tensor:
-        """[R] the proposal each row verifies (-1 on a request's last row)."""
-        return self._on_device[0]
-
-    @property
-    def row_position(self) -> torch.Tensor:
-        """[R] each row's position j among its request's rows."""
-        return self._on_device[1]
-
-    @property
-    def row_request(self) -> torch.Tensor:
-        """[R] each row's request b."""
-        return self._on_device[2]
-
-    @property
-    def position(self) -> torch.Tensor:
-        """[K+1] 0 .. K."""
-        return self._on_device[3]
-
-    @property
-    def index(self) -> torch.Tensor:
-        """[B, K+1] row of each request's position j (past its rows: its last row)."""
-        return self._on_device[4]
-
-    @property
-    def proposed(self) -> torch.Tensor:
-        """[B, K+1] the proposal at position j (-1 past a request's proposals)."""
-        return self._on_device[5]
+        return LayoutTensors(following, row_position, row_request, position, index.view(batch, width),
+                             proposed.view(batch, width))
 
     def emitted(self, sampled) -> list[list[int]]:
         """Each request's tokens from ``Sampler.verify``'s output read back to the host: its
@@ -132,7 +121,8 @@ def rejection_sample(probs: Optional[torch.Tensor], greedy_ids: Optional[torch.T
     ``generators``: per row, its request's generator or None. Seeded requests draw from their
     own generators, row after row, so they stay reproducible whatever shares the batch.
     """
-    following = layout.following
+    tensors = layout.tensors
+    following = tensors.following
     if probs is None:
         # A request's last row proposes -1, which no argmax equals.
         accepted = greedy_ids == following
@@ -150,13 +140,13 @@ def rejection_sample(probs: Optional[torch.Tensor], greedy_ids: Optional[torch.T
             accepted = torch.where(greedy, greedy_ids == following, accepted)
             recovered = torch.where(greedy, greedy_ids, recovered)
     # Every request's last row accepts nothing, so the run of accepted positions ends there at the latest.
-    num_accepted = accepted[layout.index].long().cumprod(1).sum(1)
+    num_accepted = accepted[tensors.index].long().cumprod(1).sum(1)
     count = num_accepted.unsqueeze(1)
-    tokens = torch.where(layout.position < count, layout.proposed,
-                         torch.where(layout.position == count, recovered[layout.index], -1))
+    tokens = torch.where(tensors.position < count, tensors.proposed,
+                         torch.where(tensors.position == count, recovered[tensors.index], -1))
     emitted = None
     if row_tokens:
         # Per row, the token emitted at its position (rows past a rejection: unused).
-        emitted = torch.where(layout.row_position < num_accepted[layout.row_request], following.clamp(min=0),
+        emitted = torch.where(tensors.row_position < num_accepted[tensors.row_request], following.clamp(min=0),
                               recovered)
     return tokens, num_accepted + 1, emitted

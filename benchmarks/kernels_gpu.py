@@ -105,15 +105,19 @@ def sweep_plans(rows: int) -> list[dict]:
         # rows it read the weight at 24-39% of the bandwidth (H200, 2026-12-06): deeper tiles
         # (one scale row per word row past a group) and finer splits put more of a program's
         # loads in flight at once (Triton does not pipeline loads that feed no tl.dot).
-        # (256 columns by 512 rows would need 255 registers and spill.)
-        plans += [dict(block_n=n, block_k=k, split_k=split, gemv=True, num_warps=warps, num_stages=1)
-                  for (n, k), split, warps in itertools.product([(64, 128), (64, 256), (64, 512), (256, 128), (256, 256)],
-                                                                 [4, 8, 16, 32], [4, 8])]
+        # (256 columns by 512 rows would need 255 registers and spill; 256-column tiles never won.)
+        # Each with exact levels and with levels biased by 2**bits (zero_from_sums: compiled for
+        # sm_90, 341 instead of 413 instructions a 64 x 256 tile's iteration, whose issue bounded it).
+        plans += [dict(block_n=n, block_k=k, split_k=split, gemv=True, num_warps=warps, num_stages=1,
+                       zero_from_sums=sums)
+                  for (n, k), split, warps, sums in itertools.product([(64, 128), (64, 256), (64, 512), (128, 256)],
+                                                                       [4, 8, 16], [4, 8], [False, True])]
         # Each K tile requested a tile ahead (two in flight a thread): compiled for sm_90, 64 x 128
         # tiles keep 128 registers at 4 warps (the same occupancy), 64 x 256 at 8 warps take 168
         # instead of 127 (half the programs a multiprocessor).
-        plans += [dict(block_n=64, block_k=k, split_k=split, gemv=True, num_warps=warps, num_stages=1, prefetch=True)
-                  for k, split, warps in itertools.product([128, 256], [4, 8, 16], [4, 8])]
+        plans += [dict(block_n=64, block_k=k, split_k=split, gemv=True, num_warps=warps, num_stages=1, prefetch=True,
+                       zero_from_sums=sums)
+                  for k, split, warps, sums in itertools.product([128, 256], [4, 8, 16], [4, 8], [False, True])]
     return plans + ([dict(dense=True)] if rows > 64 else [])
 
 

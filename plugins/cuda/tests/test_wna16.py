@@ -58,6 +58,19 @@ CASES = [  # rows, n, k, bits, group, act-order, tiles (None: the op's own plan)
                                      prefetch=True)),
     (1, 64, 128, 4, 128, False, dict(block_n=64, block_k=64, split_k=3, num_warps=4, num_stages=1, gemv=True,
                                      prefetch=True)),
+    # Levels biased by 2**bits, the zero point taken off once a word row from the row's sums: tiles
+    # inside a group and across groups, 4 and 8 bits (the values taken from the high half of a
+    # word), act-order, split K with an empty split, a tile requested ahead.
+    (1, 72, 256, 4, 128, False, dict(block_n=64, block_k=128, split_k=1, num_warps=4, num_stages=2, gemv=True,
+                                     zero_from_sums=True)),
+    (3, 40, 256, 4, 32, True, dict(block_n=32, block_k=128, split_k=2, num_warps=4, num_stages=2, gemv=True,
+                                   zero_from_sums=True)),
+    (2, 64, 192, 8, 64, False, dict(block_n=64, block_k=64, split_k=3, num_warps=4, num_stages=2, gemv=True,
+                                    zero_from_sums=True)),
+    (1, 64, 128, 4, 128, False, dict(block_n=64, block_k=64, split_k=3, num_warps=4, num_stages=1, gemv=True,
+                                     zero_from_sums=True)),
+    (2, 64, 768, 4, 128, False, dict(block_n=32, block_k=256, split_k=2, num_warps=4, num_stages=1, gemv=True,
+                                     prefetch=True, zero_from_sums=True)),
     # Dequantized once, then the library's GEMM; act-order rows gathered the same way.
     (37, 72, 256, 4, 32, True, dict(dense=True)),
     (9, 64, 192, 8, 64, False, dict(dense=True)),

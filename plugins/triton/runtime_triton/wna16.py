@@ -17,7 +17,8 @@ float32 buffer (so skinny products still fill the GPU); prefill tiles use no spl
 has a shape fixed by the input's, so decode steps capture in CUDA graphs. A plan may also compute
 the transposed tile (``swap_ab``), read each packed word once (``words_once``), multiply a row
 at a time on the vector units instead of the tensor cores (``gemv``: its own kernel, which adds
-the split's partial sums itself; ``prefetch``: it requests each K tile one tile ahead), or, for
+the split's partial sums itself; ``prefetch``: it requests each K tile one tile ahead;
+``zero_from_sums``: it multiplies ``2**bits + q`` and takes the zero point off once a word row), or, for
 many rows, dequantize the whole weight once and hand the product to the library GEMM (``dense``);
 ``benchmarks/kernels_gpu.py wna16-sweep`` times them against each other.
 """
@@ -88,6 +89,22 @@ def _levels(q, zero):
 
 
 @triton.jit
+def _biased_level(packed, high, level_mask, level_base, J: tl.constexpr, BITS: tl.constexpr):
+    """``2**BITS + q`` in float32 for the ``J``-th value of each word (``high``: the words shifted
+    right by 16; ``level_mask``: the top ``BITS`` bits of a float32 mantissa, ``level_base``: the
+    bits of ``2**BITS``): the value moved to the top of the mantissa of ``2**BITS`` and or-ed into
+    it. A left shift (which the compiler may issue on the multiply units) and one masked or, where an
+    exact level needs a right shift, a mask, an or and a float subtraction. The values past the
+    mantissa's reach from ``packed`` are taken from ``high``."""
+    TOP: tl.constexpr = 23 - BITS
+    if TOP - J * BITS >= 0:
+        moved = packed << (TOP - J * BITS)
+    else:
+        moved = high << (TOP - (J - 16 // BITS) * BITS)
+    return ((moved & level_mask) | level_base).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_qk, stride_sg, stride_om,
                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr, WORDS_ONCE: tl.constexpr,
@@ -155,8 +172,9 @@ def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
 
 @triton.jit
 def _wna16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, partial_ptr, ticket_ptr, M, N, K, stride_xm, stride_qk,
-                       stride_sg, stride_om, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr):
+                       stride_sg, stride_om, level_mask, level_base, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
+                       ZERO_FROM_SUMS: tl.constexpr):
     """One row of ``x`` a program, on the vector units: the float32 products of ``x`` and the integer
     levels summed per packed word row and column, scaled once per K tile (or per word row, where a tile spans groups),
     and summed across the tile's threads once at the end. With ``SPLIT_K`` programs per output
@@ -188,10 +206,22 @@ def _wna16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, partial_ptr, ticket_
                                              PER, GROUP, BLOCK_K)
         word_ok = k0 // PER + word < end // PER
         products = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
-        for j in tl.static_range(PER):
-            x = tl.load(x_row + k0 + word * PER + j, mask=word_ok, other=0.0).to(tl.float32)
-            products += x[:, None] * _levels((packed >> (j * BITS)) & ((1 << BITS) - 1), zero)
-        acc += products * scale
+        if ZERO_FROM_SUMS:
+            # Sum x * (2**BITS + q) (a shift and a masked or a level, no float subtraction), then
+            # take (2**BITS + zero) * sum(x) off once a word row: about half the instructions of
+            # the exact levels, which bounded this kernel below the memory's speed.
+            x_sums = tl.zeros((WORDS,), dtype=tl.float32)
+            high = packed >> 16
+            for j in tl.static_range(PER):
+                x = tl.load(x_row + k0 + word * PER + j, mask=word_ok, other=0.0).to(tl.float32)
+                x_sums += x
+                products += x[:, None] * _biased_level(packed, high, level_mask, level_base, j, BITS)
+            acc += (products - (zero + (1 << BITS)) * x_sums[:, None]) * scale
+        else:
+            for j in tl.static_range(PER):
+                x = tl.load(x_row + k0 + word * PER + j, mask=word_ok, other=0.0).to(tl.float32)
+                products += x[:, None] * _levels((packed >> (j * BITS)) & ((1 << BITS) - 1), zero)
+            acc += products * scale
         if PREFETCH:
             packed, scale, zero = next_packed, next_scale, next_zero
     total = tl.sum(acc, 0)
@@ -269,7 +299,8 @@ def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2) -> 
     one row on the vector kernel, 64 columns a program, 256-deep K tiles, K split 4 ways and 8 warps
     (H100: 0.1-0.7 us of each projection's best plan, 7% less time over the four than 128-deep tiles
     split 8 ways; the vector units beat the tensor-core tile padded to 16 rows by 1.4-2.2x already
-    before that kernel); up to 16 rows that padded tile, K split 8 ways, each word read once; up
+    before that kernel), its levels biased (``zero_from_sums``: 17% fewer instructions a tile for
+    sm_90, where issue bounded the kernel at 0.46 of the bandwidth); up to 16 rows that padded tile, K split 8 ways, each word read once; up
     to 64 rows 64-row tiles; beyond, the weight dequantized once and the library's GEMM (at 256
     to 8192 rows 1.3-2.9x faster than any tile tried). Float32 activations (``element_size`` 4)
     keep half the K depth and pipeline stages of the first plans: their tiles need twice the
@@ -281,7 +312,7 @@ def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2) -> 
         return dict(block_m=64, block_n=128 if m > 64 else 64, block_k=32 if m > 64 else 64, split_k=1, num_warps=4,
                     num_stages=2)
     if m == 1:
-        return dict(block_n=64, block_k=256, split_k=4, gemv=True, num_warps=8, num_stages=1)
+        return dict(block_n=64, block_k=256, split_k=4, gemv=True, num_warps=8, num_stages=1, zero_from_sums=True)
     if m <= 16:
         return dict(block_m=16, block_n=64, block_k=128, split_k=8, words_once=True, num_warps=4, num_stages=4)
     if m <= 64:
@@ -354,6 +385,14 @@ def _tickets(device: torch.device, count: int) -> torch.Tensor:
     return tickets
 
 
+def _level_constants(bits: int) -> tuple[int, int]:
+    """``_biased_level``'s mask and base, passed as arguments rather than written in the kernel: as
+    values in registers the compiler joins the mask and the or into one instruction (with both as
+    immediates it issued two: an instruction takes one)."""
+    top = 23 - bits
+    return ((1 << bits) - 1) << top, (127 + bits) << 23
+
+
 def _gemv(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor:
     m, k = rows.shape
     n = weight.qweight.shape[1]
@@ -365,7 +404,8 @@ def _gemv(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor:
         partial = torch.empty(split, m, n, dtype=torch.float32, device=rows.device) if split > 1 else out
         _wna16_gemv_kernel[(m, tiles_n, split)](
             rows, weight.qweight, weight.scales, weight.zeros, out, partial, _tickets(rows.device, m * tiles_n), m, n, k,
-            rows.stride(0), weight.qweight.stride(0), weight.scales.stride(0), out.stride(0), BITS=weight.bits,
-            GROUP=weight.group_size, BLOCK_N=tiles["block_n"], BLOCK_K=tiles["block_k"], SPLIT_K=split,
-            PREFETCH=tiles.get("prefetch", False), num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
+            rows.stride(0), weight.qweight.stride(0), weight.scales.stride(0), out.stride(0),
+            *_level_constants(weight.bits), BITS=weight.bits, GROUP=weight.group_size, BLOCK_N=tiles["block_n"],
+            BLOCK_K=tiles["block_k"], SPLIT_K=split, PREFETCH=tiles.get("prefetch", False), ZERO_FROM_SUMS=tiles.get("zero_from_sums", False),
+            num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
     return out

@@ -173,6 +173,12 @@ MUTATIONS = [
              kernel=lambda s, b, slots, base: OPS["lora_expand"](s, b, torch.where(slots >= 0, (slots + 1) % b.shape[0], slots), base)),
     Mutation("lora_add-scale-dropped", "the adapter's scale not applied", ("lora_add",),
              kernel=lambda y, x, a, b, slots, slices, scale: OPS["lora_add"](y, x, a, b, slots, slices, 1.0)),
+    Mutation("linear_lora-adapters-dropped", "the projection alone, no adapter added", ("linear_lora",),
+             kernel=lambda x, w, bias, a, b, slots, slices, scale: OPS["linear"](x, w, bias)),
+    Mutation("linear_lora-partitions-swapped", "each partition's adapter product added to the other's columns",
+             ("linear_lora",),
+             kernel=lambda x, w, bias, a, b, slots, slices, scale: OPS["linear_lora"](
+                 x, w, bias, a.roll(a.shape[1] // len(slices), 1) if len(slices) > 1 else a * 0, b, slots, slices, scale)),
     Mutation("fused_moe-renormalize-ignored", "the top-k weights never divided by their sum", ("fused_moe",),
              kernel=lambda x, lg, w13, w2, k, renorm, *a, **kw: OPS["fused_moe"](x, lg, w13, w2, k, False, *a, **kw)),
     Mutation("fused_moe-narrow-sum", "each token's experts summed in a narrow dtype", ("fused_moe",),

@@ -153,6 +153,46 @@ def test_lora_add_of_a_platform_that_registers_only_shrink_and_expand_is_made_of
     assert KernelSet([Kernel("x", "lora_add", shrink)]).sources["lora_add"] == __name__
 
 
+def test_linear_lora_of_a_platform_without_it_is_its_own_linear_then_its_own_lora_add():
+    """A plugin written before contract 1.14 runs a projection with adapters as its linear kernel
+    and then its lora_add kernel; under --deterministic a linear_lora that does not claim batch
+    invariance is set aside for that composition too (its parts answer for themselves)."""
+    from runtime.platform import Kernel
+    from runtime.platform.reference import OPS
+
+    calls = []
+
+    def linear(*args):
+        calls.append("linear")
+        return OPS["linear"](*args)
+
+    def lora_add(*args):
+        calls.append("lora_add")
+        return OPS["lora_add"](*args)
+
+    ops = KernelSet([Kernel("x", "linear", linear), Kernel("x", "lora_add", lora_add)])
+    assert ops.sources["linear_lora"] == "linear + lora_add"
+    g = torch.Generator().manual_seed(0)
+    x, weight, bias = torch.randn(5, 12, generator=g), torch.randn(10, 12, generator=g), torch.randn(10, generator=g)
+    lora_a, lora_b = torch.randn(2, 2 * 4, 12, generator=g), torch.randn(2, 10, 4, generator=g)
+    slots = torch.tensor([1, -1, 0, 0, 1])
+    got = ops.linear_lora(x, weight, bias, lora_a, lora_b, slots, (6, 4), 0.5)
+    torch.testing.assert_close(got, OPS["linear_lora"](x, weight, bias, lora_a, lora_b, slots, (6, 4), 0.5))
+    torch.testing.assert_close(got[1], OPS["linear"](x, weight, bias)[1])  # slot -1: the projection alone
+    assert calls == ["linear", "lora_add"]
+
+    def fused(*args):
+        raise AssertionError("a linear_lora that is not batch-invariant ran under --deterministic")
+
+    kernels = [Kernel("x", "linear_lora", fused), Kernel("x", "linear", linear, batch_invariant=True),
+               Kernel("x", "lora_add", lora_add, batch_invariant=True)]
+    deterministic = KernelSet(kernels, deterministic=True)
+    assert deterministic.sources["linear_lora"] == "linear + lora_add"
+    assert "linear_lora" not in deterministic.not_batch_invariant
+    deterministic.linear_lora(x, weight, bias, lora_a, lora_b, slots, (6, 4), 0.5)
+    assert KernelSet(kernels).linear_lora is fused
+
+
 def test_qk_norm_rotary_of_a_platform_without_it_is_made_of_its_own_norm_and_rotary():
     """A plugin written before contract 1.13 keeps its rms_norm and rotary kernels for Qwen3's q/k:
     the fused op calls them (both heads' norms, then the rotation), not the reference."""

@@ -244,6 +244,34 @@ def check_lora_add(fn, dtype, device, g):
             _check_padded_slot(target, unpadded, rows, dtype, what)
 
 
+def check_linear_lora(fn, dtype, device, g):
+    in_features, scale = 200, 0.37
+    for layout, slices in LORA_SLICES.items():
+        lora_a = torch.cat([_lora_weights(g, in_features, rank_dim=1, dtype=dtype) for _ in slices], 1)
+        lora_b = torch.cat([_lora_weights(g, width, rank_dim=2, dtype=dtype) for width in slices], 1)
+        weight = (_randn(g, sum(slices), in_features) * in_features ** -0.5).to(dtype)
+        bias = _randn(g, sum(slices), dtype=dtype) if layout == "single" else None
+        on_bias = None if bias is None else bias.to(device)
+        for name, step in LORA_STEPS.items():
+            slots = torch.tensor(step)
+            x = _randn(g, len(step), in_features, dtype=dtype)
+            exact, baseline = reference("linear_lora", x, weight, bias, lora_a, lora_b, slots, slices, scale)
+            got = fn(*_on(device, x, weight), on_bias, *_on(device, lora_a, lora_b, slots), slices, scale)
+            what = _lora_what("linear_lora", name, f"a [{sum(slices)}, {in_features}] weight{' and bias' if layout == 'single' else ''}, "
+                                                   f"partitions {list(slices)}, scale {scale}")
+            assert_precise(got, exact, baseline, dtype, what, scale=_magnitude(exact))
+            base_rows = slots < 0
+            if base_rows.any():
+                assert_precise(got.cpu()[base_rows], *reference("linear", x[base_rows], weight, bias), dtype,
+                               f"{what}: the tokens without an adapter (slot -1) must get the projection alone")
+            rows = (slots == LORA_PADDED_SLOT).nonzero().flatten()
+            unpadded_a = torch.cat([lora_a[LORA_PADDED_SLOT, None, i * LORA_RANK:i * LORA_RANK + LORA_PADDED_RANK]
+                                    for i in range(len(slices))], 1)
+            unpadded = OPS["linear_lora"](x[rows], weight, bias, unpadded_a, lora_b[LORA_PADDED_SLOT, None, :, :LORA_PADDED_RANK],
+                                          torch.zeros_like(rows), slices, scale)
+            _check_padded_slot(got, unpadded, rows, dtype, what)
+
+
 # Mixture-of-experts steps (E experts, top-k, tokens): routing skewed so one or two experts take
 # most pairs and others none (router logits biased by +6 and -30), every top-k from 1 to 8 (8 of
 # 8: every expert for every token), widths that are no multiple of a tile, and a rank holding
@@ -398,6 +426,7 @@ CHECKS: dict[str, Callable] = {
     "lora_shrink": check_lora_shrink,
     "lora_expand": check_lora_expand,
     "lora_add": check_lora_add,
+    "linear_lora": check_linear_lora,
     "fused_moe": check_fused_moe,
     "copy_blocks": check_copy_blocks,
     "swap_blocks": check_swap_blocks,

@@ -4,7 +4,8 @@ The host keeps up to ``--max-cpu-loras`` loaded adapters (least recently used fi
 evicted is read from its directory again when a request needs it). The device has
 ``--max-loras`` slots: per adapted projection, A [slots, partitions x max rank, in] and
 B [slots, out, max rank] tensors holding all its partitions (q, k, v of qkv), an adapter of
-smaller rank zero-padded; the platform's ``lora_add`` applies them all in one call. A step's
+smaller rank zero-padded; the platform's ``linear_lora`` (a quantized projection: ``lora_add``
+after it) applies them all in one call. A step's
 adapters are placed in slots before it runs (the scheduler admits at most ``--max-loras``
 distinct adapters a step), and each token's slot (-1: none) is written to one persistent buffer,
 so a captured decode graph reads the slots and weights of whatever step it replays. A step with
@@ -74,10 +75,18 @@ class LinearLoRA(nn.Module):
         self.lora_b = nn.Parameter(torch.zeros(count, sum(outs), rank), requires_grad=False)
 
     def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``y`` (the base projection of ``x``) plus each token's adapter delta, in place."""
+        """``y`` (the base projection of ``x``, a quantized one) plus each token's adapter delta, in place."""
         if not self.slots.active:
             return y
         return self.ops.lora_add(y, x, self.lora_a, self.lora_b, self.slots.token_slots[:x.shape[0]], self.outs, 1.0)
+
+    def project(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``linear(x, weight, bias)`` plus each token's adapter delta: one ``linear_lora`` call, in
+        which a platform may add the delta inside the projection's own kernel."""
+        if not self.slots.active:
+            return self.ops.linear(x, weight, bias)
+        return self.ops.linear_lora(x, weight, bias, self.lora_a, self.lora_b, self.slots.token_slots[:x.shape[0]],
+                                    self.outs, 1.0)
 
 
 class LoRASlots:

@@ -45,7 +45,8 @@ class KernelSet:
 
     Each op is the platform's highest-priority registered kernel, else the reference one (but
     ``lora_add``, unregistered beside a registered ``lora_shrink``/``lora_expand``, is made of those;
-    ``qk_norm_rotary_embedding`` likewise of a registered ``rms_norm``/``rotary_embedding``).
+    ``qk_norm_rotary_embedding`` likewise of a registered ``rms_norm``/``rotary_embedding``, and
+    ``linear_lora``, unregistered, of the set's ``linear`` and ``lora_add``).
     ``sources[op]`` says which (``"reference"`` or the kernel's module) for ``runtime plugins``.
 
     ``deterministic`` (``--deterministic``, contract 1.10) considers only kernels that claim
@@ -67,7 +68,9 @@ class KernelSet:
         self.not_batch_invariant: list[str] = []
         if deterministic:
             for op in reference.OPS:
-                if op not in best and op not in reference.BATCH_INVARIANT:
+                # linear_lora without a batch-invariant kernel is made of linear and lora_add (below),
+                # which answer for themselves.
+                if op not in best and op not in reference.BATCH_INVARIANT and op != "linear_lora":
                     self.not_batch_invariant.append(op)
                     if op in fallback:
                         best[op] = fallback[op]
@@ -86,6 +89,11 @@ class KernelSet:
             self.qk_norm_rotary_embedding = functools.partial(reference.rotary_embedding_from, self.rms_norm,
                                                               self.rotary_embedding)
             self.sources["qk_norm_rotary_embedding"] = "rms_norm + rotary_embedding"
+        if "linear_lora" not in best:
+            # A platform written before contract 1.14 (or, under --deterministic, without a batch-invariant
+            # one) runs its linear and then its lora_add: the composition the reference defines.
+            self.linear_lora = functools.partial(reference.linear_lora_from, self.linear, self.lora_add)
+            self.sources["linear_lora"] = "linear + lora_add"
 
 
 def _compatible(spec_text: Any) -> str | None:

@@ -74,10 +74,12 @@ class Linear(nn.Module):
         bias = None if self.reduce is not None else self.bias
         if self.quant_method is not None:
             y = self.quant_method.apply(self.quant_weight, x, bias)
+            if self.lora is not None:
+                y = self.lora.add_to(x, y)
+        elif self.lora is not None:
+            y = self.lora.project(x, self.weight, bias)
         else:
             y = self.ops.linear(x, self.weight, bias)
-        if self.lora is not None:
-            y = self.lora.add_to(x, y)
         if self.reduce is not None:
             y = self.reduce.all_reduce(y)
             if self.bias is not None:

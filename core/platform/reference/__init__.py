@@ -10,7 +10,7 @@ from .attention import ReferenceAttentionBackend, paged_attention
 from .grammar import apply_token_bitmask
 from .kv import copy_blocks, host_cache_shape, swap_blocks
 from .linear import linear
-from .lora import lora_add, lora_add_per_slice, lora_expand, lora_shrink
+from .lora import linear_lora, linear_lora_from, lora_add, lora_add_per_slice, lora_expand, lora_shrink
 from .moe import MOE_ACTIVATIONS, fused_moe, select_experts
 from .norm import fused_add_rms_norm, rms_norm
 from .rotary import build_cos_sin_cache, qk_norm_rotary_embedding, rotary_embedding, rotary_embedding_from
@@ -27,6 +27,7 @@ OPS = {
     "lora_shrink": lora_shrink,
     "lora_expand": lora_expand,
     "lora_add": lora_add,
+    "linear_lora": linear_lora,
     "fused_moe": fused_moe,
     "copy_blocks": copy_blocks,
     "swap_blocks": swap_blocks,
@@ -43,5 +44,6 @@ BATCH_INVARIANT = frozenset({
 ``--deterministic`` may fall back to them. The matmul ops (``linear``, LoRA, ``fused_moe``) are not:
 torch's matmul picks its blocking by the number of rows (contract 1.10)."""
 
-__all__ = ["BATCH_INVARIANT", "MOE_ACTIVATIONS", "OPS", "ReferenceAttentionBackend", "build_cos_sin_cache", "host_cache_shape", "lora_add_per_slice",
+__all__ = ["BATCH_INVARIANT", "MOE_ACTIVATIONS", "OPS", "ReferenceAttentionBackend", "build_cos_sin_cache", "host_cache_shape", "linear_lora_from",
+           "lora_add_per_slice",
            "paged_attention", "rotary_embedding_from", "select_experts", *OPS]

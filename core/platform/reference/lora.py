@@ -1,5 +1,6 @@
-"""LoRA shrink/expand with one adapter slot per token (slot -1: no adapter), and ``lora_add``
-(contract 1.5), the pair for every partition of a fused projection in one call."""
+"""LoRA shrink/expand with one adapter slot per token (slot -1: no adapter), ``lora_add``
+(contract 1.5), the pair for every partition of a fused projection in one call, and
+``linear_lora`` (contract 1.14), the projection and its adapters in one call."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .linear import linear
 from .precision import wide
 
 
@@ -56,3 +58,19 @@ def lora_add_per_slice(shrink: Callable, expand: Callable, y: torch.Tensor, x: t
         part.copy_(expand(shrunk, lora_b[:, start:start + width], slots, part))
         start += width
     return y
+
+
+def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, slots: torch.Tensor, slices: Sequence[int], scale: float) -> torch.Tensor:
+    """``linear(x, weight, bias)`` with every token's adapter delta added: ``lora_add`` on the
+    projection's output (its arguments after ``bias``). One call for both, so that a platform can
+    add the delta inside the projection's own kernel; one that does not register it runs its
+    ``linear`` and then its ``lora_add``."""
+    return linear_lora_from(linear, lora_add, x, weight, bias, lora_a, lora_b, slots, slices, scale)
+
+
+def linear_lora_from(linear_op: Callable, lora_add_op: Callable, x: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor,
+                     slices: Sequence[int], scale: float) -> torch.Tensor:
+    """``linear_lora`` from a platform's ``linear`` and ``lora_add``, one after the other."""
+    return lora_add_op(linear_op(x, weight, bias), x, lora_a, lora_b, slots, slices, scale)

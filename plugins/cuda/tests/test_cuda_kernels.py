@@ -168,7 +168,7 @@ def test_every_kernel_names_a_contract_op():
     assert all(k.platform == "cuda" for k in kernels.KERNELS)
 
 
-LORA_OPS = pytest.mark.parametrize("op", ["lora_shrink", "lora_expand", "lora_add"])
+LORA_OPS = pytest.mark.parametrize("op", ["lora_shrink", "lora_expand", "lora_add", "linear_lora"])
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -400,6 +400,100 @@ def test_lora_add_in_a_cuda_graph_reads_each_replays_slots():
         expected = OPS["lora_add"](y.clone(), x.cpu(), lora_a.cpu(), lora_b.cpu(), step, slices, 2.0)
         _close(results[0], expected, torch.bfloat16)
         assert torch.equal(results[0], results[1])
+
+
+def _linear_lora_float64(x, weight, bias, lora_a, lora_b, slots, slices, scale) -> torch.Tensor:
+    """The projection and every partition's adapter product in float64, rounded once to x's dtype."""
+    out = x.double() @ weight.double().T + (0 if bias is None else bias.double())
+    rank, start = lora_b.shape[2], 0
+    for i, width in enumerate(slices):
+        for slot in slots.unique().tolist():
+            if slot >= 0:
+                rows = slots == slot
+                shrunk = scale * x[rows].double() @ lora_a[slot, i * rank:(i + 1) * rank].double().T
+                out[rows, start:start + width] += shrunk @ lora_b[slot, start:start + width].double().T
+        start += width
+    return out.to(x.dtype)
+
+
+@DTYPES
+@pytest.mark.parametrize("tokens,in_features,slices,rank,layout,bias", [
+    (1, 1000, [40, 24, 24], 8, "decode", False),   # one token, the shrink in 8 slices; a tile spans 3 partitions
+    (7, 200, [200, 72], 16, "decode", True),       # a tile across the partitions' boundary, a bias
+    (16, 96, [64], 16, "chunks", False),           # 16 rows, runs of tokens on one adapter
+    (6, 300, [256, 128, 128], 80, "decode", True),  # rank 80: partial sums in 2 blocks, ranks past one step
+    (5, 96, [30, 20, 10, 40, 50], 8, "decode", False),  # more partitions than one launch tells apart: two ops
+    (17, 64, [48, 16], 16, "decode", True),        # past the skinny kernel's 16 rows: linear, then lora_add
+], ids=["one-token-split", "two-partitions", "sixteen-rows", "rank-80", "groups", "seventeen-rows"])
+def test_linear_lora_tiles(tokens, in_features, slices, rank, layout, bias, dtype, device, require_dot):
+    """linear_lora against float64; rows without an adapter bit for bit the projection alone."""
+    require_dot(dtype)
+    g = torch.Generator().manual_seed(17)
+    slots, x, lora_a, lora_b, _ = _lora_add_inputs(tokens, in_features, slices, rank, layout, dtype, g)
+    if tokens > 1:
+        slots[tokens // 2] = -1  # a row without an adapter beside the others
+    assert (slots >= 0).any()
+    weight = (torch.randn(sum(slices), in_features, generator=g) * in_features ** -0.5).to(dtype)
+    b = torch.randn(sum(slices), generator=g).to(dtype) if bias else None
+    on = [t.to(device) for t in (x, weight)] + [None if b is None else b.to(device)]
+    got = kernels.linear_lora(*on, lora_a.to(device), lora_b.to(device), slots.to(device), slices, 0.37)
+    _close(got, _linear_lora_float64(x, weight, b, lora_a, lora_b, slots, slices, 0.37), dtype)
+    alone = skinny.linear(*on, plan=PLANS.skinny_matmul)
+    assert torch.equal(got.cpu()[slots < 0], alone.cpu()[slots < 0])
+
+
+def test_linear_lora_adds_the_adapters_in_the_projections_launch(monkeypatch):
+    """Up to 16 rows of a 16-bit weight no expand kernel runs (the skinny matmul adds the products);
+    past 16 rows linear_lora is linear and then lora_add's two launches."""
+    lora = pytest.importorskip("runtime_triton.lora")
+    expands = []
+    original = lora._two_launch_add
+    monkeypatch.setattr(lora, "_two_launch_add", lambda *args: expands.append(args[0].shape[0]) or original(*args))
+    g = torch.Generator().manual_seed(18)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for tokens in (16, 17):
+        slots, x, lora_a, lora_b, _ = _lora_add_inputs(tokens, 64, [48, 16], 16, "decode", torch.float16, g)
+        weight = (torch.randn(64, 64, generator=g) * 0.125).to(torch.float16)
+        got = kernels.linear_lora(x.to(device), weight.to(device), None, lora_a.to(device), lora_b.to(device),
+                                  slots.to(device), [48, 16], 1.0)
+        _close(got, _linear_lora_float64(x, weight, None, lora_a, lora_b, slots, [48, 16], 1.0), torch.float16)
+    assert expands == [17]
+
+
+@pytest.mark.parametrize("tokens", [1, 16])
+@pytest.mark.parametrize("slices", [[4096, 1024, 1024], [14336, 14336], [4096]], ids=["qkv", "gate_up", "o"])
+@pytest.mark.gpu
+@needs_gpu
+def test_linear_lora_model_sized_on_gpu(slices, tokens):
+    """Llama-3-8B's fused projections in bfloat16 at decode sizes, 8 adapters of rank 16, against float64."""
+    dtype = torch.bfloat16
+    g = torch.Generator().manual_seed(19)
+    slots, x, lora_a, lora_b, _ = _lora_add_inputs(tokens, 4096, slices, 16, "decode", dtype, g, num_slots=8)
+    weight = (torch.randn(sum(slices), 4096, generator=g) * 4096 ** -0.5).to(dtype)
+    got = kernels.linear_lora(x.cuda(), weight.cuda(), None, lora_a.cuda(), lora_b.cuda(), slots.cuda(), slices, 0.5)
+    _close(got, _linear_lora_float64(x, weight, None, lora_a, lora_b, slots, slices, 0.5), dtype)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_linear_lora_in_a_cuda_graph_reads_each_replays_slots():
+    """Captured once, the fused projection follows the slots written before each replay."""
+    g = torch.Generator().manual_seed(20)
+    tokens, slices = 16, [1024, 256, 256]
+    _, x, lora_a, lora_b, _ = _lora_add_inputs(tokens, 512, slices, 16, "decode", torch.bfloat16, g, num_slots=4)
+    weight = (torch.randn(sum(slices), 512, generator=g) * 512 ** -0.5).to(torch.bfloat16)
+    x, weight, lora_a, lora_b = x.cuda(), weight.cuda(), lora_a.cuda(), lora_b.cuda()
+    slots = torch.full((tokens,), -1, device="cuda")
+    kernels.linear_lora(x, weight, None, lora_a, lora_b, slots, slices, 2.0)  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kernels.linear_lora(x, weight, None, lora_a, lora_b, slots, slices, 2.0)
+    for layout in ("decode", "chunks"):
+        step = _lora_slots(layout, tokens, 4, g)
+        slots.copy_(step.cuda())
+        graph.replay()
+        _close(out, _linear_lora_float64(x.cpu(), weight.cpu(), None, lora_a.cpu(), lora_b.cpu(), step, slices, 2.0),
+               torch.bfloat16)
 
 
 @pytest.mark.parametrize("vocab,rows", [(100, [4, 0, 2]), (70, [1]), (3000, [0, 5, 2, 3])])

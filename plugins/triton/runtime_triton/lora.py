@@ -40,6 +40,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import skinny_matmul
+from .skinny_matmul import skinny_product
+from .tile_plans import nvidia
+
 NO_SLOT: tl.constexpr = tl.constexpr(2 ** 31 - 1)
 # Decode-sized steps use the smallest tile tl.dot takes, so a tile mixes as few adapters as possible.
 SMALL_STEP_TOKENS = 256
@@ -143,36 +147,36 @@ def _lora_expand_kernel(shrunk_ptr, b_ptr, slots_ptr, base_ptr, out_ptr, tokens,
 
 
 @triton.jit
+def _partition(cols, end0, end1, end2):
+    """Each column's partition of a fused projection: the number of ``end0..end2`` at or below it."""
+    return (cols >= end0).to(tl.int32) + (cols >= end1).to(tl.int32) + (cols >= end2).to(tl.int32)
+
+
+@triton.jit
 def _partitioned_output_tile(rows, slots_ptr, y_ptr, tokens, out_features, end0, end1, end2, stride_yt,
                              BLOCK_N: tl.constexpr):
     """lora_add's output tile: its columns and their mask, the rows' slots, the elements to write
-    (rows with an adapter), y's values there in float32, and each column's partition (the number
-    of ``end0..end2`` at or below it)."""
+    (rows with an adapter), y's values there in float32, and each column's partition."""
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < tokens
     col_ok = cols < out_features
     tile_slots = tl.load(slots_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
     tile_ok = (row_ok & (tile_slots >= 0))[:, None] & col_ok[None, :]
     acc = tl.load(y_ptr + rows[:, None].to(tl.int64) * stride_yt + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-    part = (cols >= end0).to(tl.int32) + (cols >= end1).to(tl.int32) + (cols >= end2).to(tl.int32)
-    return cols, col_ok, tile_slots, tile_ok, acc, part
+    return cols, col_ok, tile_slots, tile_ok, acc, _partition(cols, end0, end1, end2)
 
 
 @triton.jit
-def _lora_add_expand_kernel(partials_ptr, b_ptr, slots_ptr, y_ptr, tokens, out_features, rank, splits,
-                            end0, end1, end2, stride_ps, stride_pt, stride_bs, stride_bo, stride_yt,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            SPLIT_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid: (token tiles, output feature tiles). y += (sum of the partials) @ b[slot].T, in place.
+def _add_expanded_partials(acc, rows, cols, col_ok, tile_slots, part, partials_ptr, b_ptr, rank, splits, stride_ps,
+                           stride_pt, stride_bs, stride_bo, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                           SPLIT_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] += (sum of the shrink's partials) @ b[slot].T for each row's slot.
 
     ``partials`` [splits, T, n * rank] float32 are the shrink's partial sums over slices of the
-    input features, for every partition stacked along the rank; output column c belongs to
-    partition p = (number of ``end0..end2`` <= c) and takes rank columns p * rank to (p + 1) * rank.
-    A tile's columns may span partitions (small projections): the reduction then covers each
-    partition's rank slice, with b's columns of the other partitions masked to zero."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols, col_ok, tile_slots, tile_ok, acc, part = _partitioned_output_tile(
-        rows, slots_ptr, y_ptr, tokens, out_features, end0, end1, end2, stride_yt, BLOCK_N)
+    input features, for every partition stacked along the rank; a column of partition p takes rank
+    columns p * rank to (p + 1) * rank. A tile's columns may span partitions (small projections):
+    the reduction then covers each partition's rank slice, with b's columns of the other partitions
+    masked to zero."""
     k_start = tl.min(tl.where(col_ok, part, NO_SLOT), 0) * rank
     k_end = (tl.max(tl.where(col_ok, part, 0), 0) + 1) * rank
     reduce = tl.arange(0, BLOCK_K)
@@ -199,9 +203,45 @@ def _lora_add_expand_kernel(partials_ptr, b_ptr, slots_ptr, y_ptr, tokens, out_f
             mine = tl.where((tile_slots == slot)[:, None], shrunk, 0.0)
             acc += tl.dot(mine.to(w.dtype), tl.trans(w), input_precision=DOT_PRECISION)
             slot = _next_slot(tile_slots, slot)
+    return acc
+
+
+@triton.jit
+def _lora_add_expand_kernel(partials_ptr, b_ptr, slots_ptr, y_ptr, tokens, out_features, rank, splits,
+                            end0, end1, end2, stride_ps, stride_pt, stride_bs, stride_bo, stride_yt,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            SPLIT_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid: (token tiles, output feature tiles). y += (sum of the partials) @ b[slot].T, in place."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols, col_ok, tile_slots, tile_ok, acc, part = _partitioned_output_tile(
+        rows, slots_ptr, y_ptr, tokens, out_features, end0, end1, end2, stride_yt, BLOCK_N)
+    acc = _add_expanded_partials(acc, rows, cols, col_ok, tile_slots, part, partials_ptr, b_ptr, rank, splits,
+                                 stride_ps, stride_pt, stride_bs, stride_bo, BLOCK_M, BLOCK_K, SPLIT_BLOCK,
+                                 DOT_PRECISION)
     # The tile's pointers again rather than kept through the loop: fewer registers held.
     y_tile = y_ptr + rows[:, None].to(tl.int64) * stride_yt + cols[None, :]
     tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _linear_lora_kernel(x_ptr, w_ptr, bias_ptr, partials_ptr, b_ptr, slots_ptr, out_ptr, M, N, K, rank, splits,
+                        end0, end1, end2, stride_xm, stride_wn, stride_om, stride_ps, stride_pt, stride_bs, stride_bo,
+                        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        LORA_BLOCK_K: tl.constexpr, SPLIT_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid: (output feature tiles,). out = x @ W.T (+ bias) + (sum of the partials) @ b[slot].T
+    for up to 16 rows: the skinny matmul's tile, the adapters' products added before it is written."""
+    rows = tl.arange(0, 16)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    acc = skinny_product(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, cols, BLOCK_N, BLOCK_K)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tile_slots = tl.load(slots_ptr + rows, mask=rows < M, other=-1).to(tl.int32)
+    acc = _add_expanded_partials(acc, rows, cols, col_ok, tile_slots, _partition(cols, end0, end1, end2),
+                                 partials_ptr, b_ptr, rank, splits, stride_ps, stride_pt, stride_bs, stride_bo, 16,
+                                 LORA_BLOCK_K, SPLIT_BLOCK, DOT_PRECISION)
+    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < M) & col_ok[None, :])
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
@@ -285,13 +325,9 @@ def lora_add(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
     One shrink and one expand launch for up to ``MAX_SLICES`` partitions (a single launch whose
     programs each computed the shrink they need took 2-8x longer on an H100 at 1-8 tokens:
     docs/lora.md)."""
-    slices = [int(width) for width in slices]
-    rank = lora_b.shape[2]
-    if lora_a.shape[1] != len(slices) * rank or lora_b.shape[1] != sum(slices) or y.shape[1] != sum(slices):
-        raise ValueError(f"lora_add: y {list(y.shape)}, lora_a {list(lora_a.shape)} and lora_b {list(lora_b.shape)} "
-                         f"do not hold partitions {slices} of rank {rank}")
+    slices = _checked_slices("lora_add", y.shape[1], lora_a, lora_b, slices)
     if len(slices) > MAX_SLICES:
-        start = 0
+        rank, start = lora_b.shape[2], 0
         for first in range(0, len(slices), MAX_SLICES):
             group = slices[first:first + MAX_SLICES]
             end = start + sum(group)
@@ -304,12 +340,60 @@ def lora_add(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
         return y
     x, lora_a, lora_b = _unit_last_stride(x), _unit_last_stride(lora_a), _unit_last_stride(lora_b)
     target = _unit_last_stride(y)
-    ends = [sum(slices[:i + 1]) for i in range(len(slices) - 1)]
-    ends += [out_features] * (MAX_SLICES - 1 - len(ends))
-    _two_launch_add(target, x, lora_a, lora_b, slots, ends, scale)
+    _two_launch_add(target, x, lora_a, lora_b, slots, _partition_ends(slices), scale)
     if target is not y:
         y.copy_(target)
     return y
+
+
+def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, slots: torch.Tensor, slices: Sequence[int], scale: float, *,
+                plan=nvidia.skinny_matmul) -> torch.Tensor:
+    """The platform's ``linear_lora`` op (contract 1.14): ``linear(x, weight, bias)`` plus every
+    token's adapter delta (``lora_add``'s arguments). Where ``linear`` takes the skinny kernel (up to
+    16 rows of a 16-bit weight: decode steps), the shrink's launch and then the skinny matmul's,
+    which adds the adapters' products to its tile before writing it, in float32, rounded once: one
+    launch a projection fewer than ``linear`` and ``lora_add``, which the other steps run. ``plan``
+    as for ``linear``."""
+    slices = _checked_slices("linear_lora", weight.shape[0], lora_a, lora_b, slices)
+    tokens = x.shape[0]
+    if not skinny_matmul.fits(x, weight) or len(slices) > MAX_SLICES or not tokens or x.dim() != 2:
+        return lora_add(skinny_matmul.linear(x, weight, bias, plan=plan), x, lora_a, lora_b, slots, slices, scale)
+    x, lora_a, lora_b = _unit_last_stride(x), _unit_last_stride(lora_a), _unit_last_stride(lora_b)
+    out_features, in_features = weight.shape
+    rank = lora_b.shape[2]
+    partials = _shrink_partials(x, lora_a, slots, scale, torch.float32, ADD_WARPS)
+    tiles = plan(out_features, in_features)
+    lora_block_k = min(EXPAND_STEP_BYTES // lora_b.element_size(), _dot_width(rank))
+    splits = partials.shape[0]
+    out = torch.empty(tokens, out_features, dtype=x.dtype, device=x.device)
+    _linear_lora_kernel[(triton.cdiv(out_features, tiles["block_n"]),)](
+        x, weight, bias if bias is not None else weight, partials, lora_b, slots, out, tokens, out_features,
+        in_features, rank, splits, *_partition_ends(slices), x.stride(0), weight.stride(0), out.stride(0),
+        partials.stride(0), partials.stride(1), lora_b.stride(0), lora_b.stride(1), HAS_BIAS=bias is not None,
+        BLOCK_N=tiles["block_n"], BLOCK_K=tiles["block_k"], LORA_BLOCK_K=lora_block_k,
+        SPLIT_BLOCK=min(triton.next_power_of_2(splits), max(1, PARTIALS_BLOCK // (16 * lora_block_k))),
+        DOT_PRECISION=_dot_precision(lora_b.dtype), num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
+    return out
+
+
+def _checked_slices(op: str, out_features: int, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                    slices: Sequence[int]) -> list[int]:
+    """``slices`` as ints, once the adapter tensors are seen to hold those partitions of an output of
+    ``out_features`` (ValueError naming the shapes otherwise)."""
+    slices = [int(width) for width in slices]
+    rank = lora_b.shape[2]
+    if lora_a.shape[1] != len(slices) * rank or lora_b.shape[1] != sum(slices) or out_features != sum(slices):
+        raise ValueError(f"{op}: an output of {out_features} features, lora_a {list(lora_a.shape)} and lora_b "
+                         f"{list(lora_b.shape)} do not hold partitions {slices} of rank {rank}")
+    return slices
+
+
+def _partition_ends(slices: list[int]) -> list[int]:
+    """The expand kernels' ``end0..end2``: where each partition but the last ends, the output's width
+    for the ones past the last partition."""
+    ends = [sum(slices[:i + 1]) for i in range(len(slices) - 1)]
+    return ends + [sum(slices)] * (MAX_SLICES - 1 - len(ends))
 
 
 def _two_launch_add(target: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,

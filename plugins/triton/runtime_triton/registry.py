@@ -8,7 +8,9 @@ A platform plugin (runtime-cuda, runtime-rocm) returns ``kernels(its name)`` fro
 - ``linear``: ``skinny_matmul.py``'s kernel for few rows, the vendor BLAS (cuBLAS, hipBLASLt)
   otherwise; under ``--deterministic`` ``batch_invariant.py``'s one-plan kernel.
 - ``lora_shrink`` / ``lora_expand``: ``lora.py``'s kernels, one launch for every adapter of the step;
-  ``lora_add``: one shrink and one expand launch for every partition of a fused projection too.
+  ``lora_add``: one shrink and one expand launch for every partition of a fused projection too;
+  ``linear_lora``: for the skinny kernel's steps, the shrink and then the skinny matmul adding the
+  adapters' products to its tile (no expand launch), else ``linear`` and ``lora_add``.
 - ``fused_moe``: ``moe.py``'s grouped GEMMs, one launch for gate/up (with the activation) and one
   for down over the token/expert pairs sorted by expert.
 - ``apply_token_bitmask``: ``bitmask.py``'s kernel, structured output's mask of every constrained row.
@@ -25,7 +27,7 @@ from runtime.platform import Kernel
 from . import batch_invariant
 from .bitmask import apply_token_bitmask
 from .kernels import fused_add_rms_norm, gelu_and_mul, qk_norm_rotary_embedding, rms_norm, rotary_embedding, silu_and_mul
-from .lora import lora_add, lora_expand, lora_shrink
+from .lora import linear_lora, lora_add, lora_expand, lora_shrink
 from .moe import fused_moe
 from .skinny_matmul import linear
 from .swap import swap_blocks
@@ -46,6 +48,7 @@ OPS = {
     "lora_shrink": lora_shrink,
     "lora_expand": lora_expand,
     "lora_add": lora_add,
+    "linear_lora": linear_lora,
     "fused_moe": fused_moe,
     "apply_token_bitmask": apply_token_bitmask,
     "swap_blocks": swap_blocks,
@@ -54,6 +57,7 @@ OPS = {
 
 def kernels(platform: str, plans: TilePlans) -> list[Kernel]:
     """Every op of this package, registered for ``platform``, launched with ``plans``' tiles."""
-    tiled = {"linear": functools.update_wrapper(functools.partial(linear, plan=plans.skinny_matmul), linear)}
+    tiled = {op: functools.update_wrapper(functools.partial(fn, plan=plans.skinny_matmul), fn)
+             for op, fn in (("linear", linear), ("linear_lora", linear_lora))}
     return [Kernel(platform, op, tiled.get(op, fn), batch_invariant=op in BATCH_INVARIANT) for op, fn in OPS.items()] + [
         Kernel(platform, "linear", batch_invariant.linear, priority=-1, batch_invariant=True)]

@@ -27,10 +27,9 @@ MAX_ROWS = 16
 
 
 @triton.jit
-def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                          HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def skinny_product(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, cols, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x @ W[cols].T for the (up to 16) rows of ``x``, as float32 [16, BLOCK_N] (rows from M on are zeros)."""
     rows = tl.arange(0, 16)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     reduce = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + reduce[None, :]
     w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_wn + reduce[None, :]
@@ -43,18 +42,33 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, s
         acc += tl.dot(x, tl.trans(w))
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
+def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                          HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.arange(0, 16)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = skinny_product(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, cols, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok & (cols[None, :] < N))
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight.T`` takes the skinny kernel: at most 16 rows of a 16-bit dtype, the
+    weight's, and a row-major weight."""
+    return (x.numel() <= MAX_ROWS * x.shape[-1] and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16)
+            and weight.is_contiguous())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            plan: Callable[[int, int], dict] = nvidia.skinny_matmul) -> torch.Tensor:
     """The platform's ``linear`` op; ``plan`` is the GPU family's tiles for an [n, k] weight
     (``TilePlans.skinny_matmul``; ``registry.kernels`` binds it)."""
-    if (x.numel() <= MAX_ROWS * x.shape[-1] and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16)
-            and weight.is_contiguous()):
+    if fits(x, weight):
         return skinny_matmul(x, weight, bias, **plan(*weight.shape))
     return F.linear(x, weight, bias)
 

@@ -292,13 +292,13 @@ def test_lora_steps_replay_the_graphs_with_lora_and_the_others_those_without(che
             finally:
                 runner.lora_slots.active = active
         graph.replay = replay
-    lora_add = runner.ops.lora_add
+    # Dense projections add their adapters through linear_lora, quantized ones through lora_add.
+    for op in ("lora_add", "linear_lora"):
+        def counted(*args, original=getattr(runner.ops, op)):
+            lora_calls[0] += 1
+            return original(*args)
 
-    def counted_lora_add(*args):
-        lora_calls[0] += 1
-        return lora_add(*args)
-
-    runner.ops.lora_add = counted_lora_add
+        setattr(runner.ops, op, counted)
 
     def run(engine: EngineCore, adapters: list) -> dict[str, list[int]]:
         outputs: dict[str, list[int]] = {}

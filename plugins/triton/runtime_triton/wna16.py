@@ -296,11 +296,11 @@ def dequantize(weight: WNA16Weight, dtype: torch.dtype) -> torch.Tensor:
 def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2) -> dict:
     """Tiles for an [m, k] by [n, k] product, 16-bit activations from sweeps on an H100 and an
     H200 (``benchmarks/kernels_gpu.py wna16-sweep``, Llama-3-8B's projections, docs/quantization.md):
-    one row on the vector kernel, 64 columns a program, 256-deep K tiles, K split 4 ways and 8 warps
-    (H100: 0.1-0.7 us of each projection's best plan, 7% less time over the four than 128-deep tiles
-    split 8 ways; the vector units beat the tensor-core tile padded to 16 rows by 1.4-2.2x already
-    before that kernel), its levels biased (``zero_from_sums``: 17% fewer instructions a tile for
-    sm_90, where issue bounded the kernel at 0.46 of the bandwidth); up to 16 rows that padded tile, K split 8 ways, each word read once; up
+    one row on the vector kernel, 64 columns a program, 512-deep K tiles, K split 4 ways, its levels
+    biased (``zero_from_sums``: 17% fewer instructions a tile for sm_90, where issue bounded the
+    kernel), 4 warps (8 for down's 14336-deep rows) (H100, 2026-12-06: the best plan or within 0.5 us
+    of it for each projection, 67 us a layer against 78 for the exact levels' plan; the vector units
+    beat the tensor-core tile padded to 16 rows by 1.4-2.2x already before that kernel); up to 16 rows that padded tile, K split 8 ways, each word read once; up
     to 64 rows 64-row tiles; beyond, the weight dequantized once and the library's GEMM (at 256
     to 8192 rows 1.3-2.9x faster than any tile tried). Float32 activations (``element_size`` 4)
     keep half the K depth and pipeline stages of the first plans: their tiles need twice the
@@ -312,7 +312,8 @@ def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2) -> 
         return dict(block_m=64, block_n=128 if m > 64 else 64, block_k=32 if m > 64 else 64, split_k=1, num_warps=4,
                     num_stages=2)
     if m == 1:
-        return dict(block_n=64, block_k=256, split_k=4, gemv=True, num_warps=8, num_stages=1, zero_from_sums=True)
+        return dict(block_n=64, block_k=512, split_k=4, gemv=True, num_warps=8 if k > 8192 else 4, num_stages=1,
+                    zero_from_sums=True)
     if m <= 16:
         return dict(block_m=16, block_n=64, block_k=128, split_k=8, words_once=True, num_warps=4, num_stages=4)
     if m <= 64:

@@ -460,6 +460,21 @@ def test_linear_lora_adds_the_adapters_in_the_projections_launch(monkeypatch):
     assert expands == [17]
 
 
+def test_linear_lora_shrink_leaves_its_tickets_at_zero(device):
+    """The shrink's last program of a tile adds the partial sums and resets the tile's counter: the
+    counters are all zero after a call, and the same call again gives the same bits."""
+    from runtime_triton.tickets import TICKETS
+
+    g = torch.Generator().manual_seed(22)
+    slots, x, lora_a, lora_b, _ = _lora_add_inputs(3, 1000, [40, 24, 24], 80, "decode", torch.float16, g)
+    weight = (torch.randn(88, 1000, generator=g) * 1000 ** -0.5).to(torch.float16)
+    args = [t.to(device) for t in (x, weight)] + [None] + [t.to(device) for t in (lora_a, lora_b, slots)]
+    first = kernels.linear_lora(*args, [40, 24, 24], 0.37)
+    assert int(TICKETS[first.device].count_nonzero()) == 0
+    assert torch.equal(first, kernels.linear_lora(*args, [40, 24, 24], 0.37))
+    _close(first, _linear_lora_float64(x, weight, None, lora_a, lora_b, slots, [40, 24, 24], 0.37), torch.float16)
+
+
 @pytest.mark.parametrize("tokens", [1, 16])
 @pytest.mark.parametrize("slices", [[4096, 1024, 1024], [14336, 14336], [4096]], ids=["qkv", "gate_up", "o"])
 @pytest.mark.gpu

@@ -42,6 +42,7 @@ import triton.language as tl
 
 from . import skinny_matmul
 from .skinny_matmul import skinny_product
+from .tickets import tickets
 from .tile_plans import nvidia
 
 NO_SLOT: tl.constexpr = tl.constexpr(2 ** 31 - 1)
@@ -105,12 +106,14 @@ def _add_slot_products(acc, tile_slots, in_rows, w_ptr, stride_ws, w_offsets, w_
 
 
 @triton.jit
-def _lora_shrink_kernel(x_ptr, a_ptr, slots_ptr, out_ptr, tokens, rank, in_features, k_per_split, scale,
-                        stride_xt, stride_as, stride_ar, stride_os, stride_ot,
+def _lora_shrink_kernel(x_ptr, a_ptr, slots_ptr, out_ptr, sums_ptr, ticket_ptr, tokens, rank, in_features,
+                        k_per_split, scale, stride_xt, stride_as, stride_ar, stride_os, stride_ot,
                         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
+                        DOT_PRECISION: tl.constexpr, SUM_SPLITS: tl.constexpr):
     """Grid: (token tiles, rank tiles, splits of the input features).
-    out[split] = scale * x @ a[slot].T over the split's features."""
+    out[split] = scale * x @ a[slot].T over the split's features. With ``SUM_SPLITS`` the last
+    program of a tile to finish (a ticket counter per tile) also adds the tile's partial sums in
+    split order into ``sums`` [T, rank] float32 (same strides as one split of ``out``)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     split = tl.program_id(2)
@@ -122,8 +125,19 @@ def _lora_shrink_kernel(x_ptr, a_ptr, slots_ptr, out_ptr, tokens, rank, in_featu
                              x_ptr + rows[:, None].to(tl.int64) * stride_xt, a_ptr, stride_as,
                              ranks[:, None] * stride_ar, rank_ok, k_start,
                              tl.minimum(k_start + k_per_split, in_features), BLOCK_K, DOT_PRECISION)
-    out = out_ptr + split * stride_os + rows[:, None] * stride_ot + ranks[None, :]
-    tl.store(out, (acc * scale).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
+    tile = rows[:, None] * stride_ot + ranks[None, :]
+    tile_ok = row_ok[:, None] & rank_ok[None, :]
+    tl.store(out_ptr + split * stride_os + tile, (acc * scale).to(out_ptr.dtype.element_ty), mask=tile_ok)
+    if SUM_SPLITS:
+        # Every thread's partial sums are stored before the ticket is taken (its release orders them).
+        tl.debug_barrier()
+        ticket = ticket_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        if tl.atomic_add(ticket, 1, sem="acq_rel") == tl.num_programs(2) - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for part in range(tl.num_programs(2)):
+                total += tl.load(out_ptr + part * stride_os + tile, mask=tile_ok, other=0.0, cache_modifier=".cg")
+            tl.store(sums_ptr + tile, total, mask=tile_ok)
+            tl.atomic_xchg(ticket, 0)  # ready for the next launch
 
 
 @triton.jit
@@ -224,12 +238,13 @@ def _lora_add_expand_kernel(partials_ptr, b_ptr, slots_ptr, y_ptr, tokens, out_f
 
 
 @triton.jit
-def _linear_lora_kernel(x_ptr, w_ptr, bias_ptr, partials_ptr, b_ptr, slots_ptr, out_ptr, M, N, K, rank, splits,
-                        end0, end1, end2, stride_xm, stride_wn, stride_om, stride_ps, stride_pt, stride_bs, stride_bo,
+def _linear_lora_kernel(x_ptr, w_ptr, bias_ptr, shrunk_ptr, b_ptr, slots_ptr, out_ptr, M, N, K, rank,
+                        end0, end1, end2, stride_xm, stride_wn, stride_om, stride_st, stride_bs, stride_bo,
                         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        LORA_BLOCK_K: tl.constexpr, SPLIT_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid: (output feature tiles,). out = x @ W.T (+ bias) + (sum of the partials) @ b[slot].T
-    for up to 16 rows: the skinny matmul's tile, the adapters' products added before it is written."""
+                        LORA_BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid: (output feature tiles,). out = x @ W.T (+ bias) + shrunk @ b[slot].T for up to 16 rows
+    (``shrunk`` [T, n * rank] float32, every partition's shrink): the skinny matmul's tile, the
+    adapters' products added before it is written."""
     rows = tl.arange(0, 16)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -238,8 +253,8 @@ def _linear_lora_kernel(x_ptr, w_ptr, bias_ptr, partials_ptr, b_ptr, slots_ptr, 
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tile_slots = tl.load(slots_ptr + rows, mask=rows < M, other=-1).to(tl.int32)
     acc = _add_expanded_partials(acc, rows, cols, col_ok, tile_slots, _partition(cols, end0, end1, end2),
-                                 partials_ptr, b_ptr, rank, splits, stride_ps, stride_pt, stride_bs, stride_bo, 16,
-                                 LORA_BLOCK_K, SPLIT_BLOCK, DOT_PRECISION)
+                                 shrunk_ptr, b_ptr, rank, 1, 0, stride_st, stride_bs, stride_bo, 16, LORA_BLOCK_K, 1,
+                                 DOT_PRECISION)
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < M) & col_ok[None, :])
 
@@ -270,22 +285,26 @@ def shrink_splits(tokens: int, in_features: int, block_k: int) -> int:
 
 
 def _shrink_partials(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor, scale: float,
-                     dtype: torch.dtype, num_warps: int = 4) -> torch.Tensor:
+                     dtype: torch.dtype, num_warps: int = 4, summed: bool = False) -> torch.Tensor:
     """[splits, T, r] partial sums of scale * x @ lora_a[slot].T over slices of the input features,
-    in ``dtype`` (one launch; x and lora_a with unit last stride, T > 0)."""
+    in ``dtype`` (one launch; x and lora_a with unit last stride, T > 0). ``summed`` (float32):
+    [1, T, r], the partial sums added up in split order by the launch's last programs."""
     tokens, in_features = x.shape
     rank = lora_a.shape[1]
     block_k = SHRINK_STEP_BYTES // x.element_size()
     splits = shrink_splits(tokens, in_features, block_k)
     k_per_split = triton.cdiv(triton.cdiv(in_features, block_k), splits) * block_k
     partials = torch.empty(splits, tokens, rank, dtype=dtype, device=x.device)
+    sum_splits = summed and splits > 1
+    sums = torch.empty(1, tokens, rank, dtype=dtype, device=x.device) if sum_splits else partials
     block_m, block_r = _block_m(tokens), min(SHRINK_MAX_BLOCK_R, _dot_width(rank))
-    _lora_shrink_kernel[(triton.cdiv(tokens, block_m), triton.cdiv(rank, block_r), splits)](
-        x, lora_a, slots, partials, tokens, rank, in_features, k_per_split, scale,
-        x.stride(0), lora_a.stride(0), lora_a.stride(1), partials.stride(0), partials.stride(1),
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, DOT_PRECISION=_dot_precision(x.dtype),
-        num_warps=num_warps)
-    return partials
+    grid = (triton.cdiv(tokens, block_m), triton.cdiv(rank, block_r), splits)
+    _lora_shrink_kernel[grid](
+        x, lora_a, slots, partials, sums, tickets(x.device, grid[0] * grid[1]) if sum_splits else slots, tokens, rank,
+        in_features, k_per_split, scale, x.stride(0), lora_a.stride(0), lora_a.stride(1), partials.stride(0),
+        partials.stride(1), BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, DOT_PRECISION=_dot_precision(x.dtype),
+        SUM_SPLITS=sum_splits, num_warps=num_warps)
+    return sums[:1] if summed else partials
 
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor, scale: float) -> torch.Tensor:
@@ -362,17 +381,18 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     x, lora_a, lora_b = _unit_last_stride(x), _unit_last_stride(lora_a), _unit_last_stride(lora_b)
     out_features, in_features = weight.shape
     rank = lora_b.shape[2]
-    partials = _shrink_partials(x, lora_a, slots, scale, torch.float32, ADD_WARPS)
+    # The shrink adds up its own partial sums: the projection's programs then read one [16, rank]
+    # tile a rank step, and keep about the skinny kernel's registers (sm_90, 16 x 256 tiles: 56
+    # against 146 when each program added eight splits at a time itself, one program fewer a
+    # multiprocessor for a kernel that needs every load in flight it can get).
+    shrunk = _shrink_partials(x, lora_a, slots, scale, torch.float32, ADD_WARPS, summed=True)
     tiles = plan(out_features, in_features)
-    lora_block_k = min(EXPAND_STEP_BYTES // lora_b.element_size(), _dot_width(rank))
-    splits = partials.shape[0]
     out = torch.empty(tokens, out_features, dtype=x.dtype, device=x.device)
     _linear_lora_kernel[(triton.cdiv(out_features, tiles["block_n"]),)](
-        x, weight, bias if bias is not None else weight, partials, lora_b, slots, out, tokens, out_features,
-        in_features, rank, splits, *_partition_ends(slices), x.stride(0), weight.stride(0), out.stride(0),
-        partials.stride(0), partials.stride(1), lora_b.stride(0), lora_b.stride(1), HAS_BIAS=bias is not None,
-        BLOCK_N=tiles["block_n"], BLOCK_K=tiles["block_k"], LORA_BLOCK_K=lora_block_k,
-        SPLIT_BLOCK=min(triton.next_power_of_2(splits), max(1, PARTIALS_BLOCK // (16 * lora_block_k))),
+        x, weight, bias if bias is not None else weight, shrunk, lora_b, slots, out, tokens, out_features,
+        in_features, rank, *_partition_ends(slices), x.stride(0), weight.stride(0), out.stride(0), shrunk.stride(1),
+        lora_b.stride(0), lora_b.stride(1), HAS_BIAS=bias is not None, BLOCK_N=tiles["block_n"],
+        BLOCK_K=tiles["block_k"], LORA_BLOCK_K=min(EXPAND_STEP_BYTES // lora_b.element_size(), _dot_width(rank)),
         DOT_PRECISION=_dot_precision(lora_b.dtype), num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
     return out
 

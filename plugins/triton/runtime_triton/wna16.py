@@ -34,6 +34,7 @@ import triton.language as tl
 from runtime.platform.packed import GroupQuantData
 
 from .fitting import fewer_stages_then_shallower, launch_fitting
+from .tickets import tickets
 
 
 @dataclass
@@ -373,19 +374,6 @@ def _tiled(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor
     return out.to(rows.dtype)
 
 
-_TICKETS: dict[torch.device, torch.Tensor] = {}
-"""Per device, the split-K vector kernel's arrival counters: zero between launches (the last
-program of a tile resets its own), so they are allocated and zeroed once, before any graph capture.
-Launches that share them must not overlap: the engine runs a device's forward passes on one stream."""
-
-
-def _tickets(device: torch.device, count: int) -> torch.Tensor:
-    tickets = _TICKETS.get(device)
-    if tickets is None or tickets.numel() < count:
-        tickets = _TICKETS[device] = torch.zeros(max(count, 1 << 16), dtype=torch.int32, device=device)
-    return tickets
-
-
 def _level_constants(bits: int) -> tuple[int, int]:
     """``_biased_level``'s mask and base, passed as arguments rather than written in the kernel: as
     values in registers the compiler joins the mask and the or into one instruction (with both as
@@ -404,7 +392,7 @@ def _gemv(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor:
     if m:
         partial = torch.empty(split, m, n, dtype=torch.float32, device=rows.device) if split > 1 else out
         _wna16_gemv_kernel[(m, tiles_n, split)](
-            rows, weight.qweight, weight.scales, weight.zeros, out, partial, _tickets(rows.device, m * tiles_n), m, n, k,
+            rows, weight.qweight, weight.scales, weight.zeros, out, partial, tickets(rows.device, m * tiles_n), m, n, k,
             rows.stride(0), weight.qweight.stride(0), weight.scales.stride(0), out.stride(0),
             *_level_constants(weight.bits), BITS=weight.bits, GROUP=weight.group_size, BLOCK_N=tiles["block_n"],
             BLOCK_K=tiles["block_k"], SPLIT_K=split, PREFETCH=tiles.get("prefetch", False), ZERO_FROM_SUMS=tiles.get("zero_from_sums", False),

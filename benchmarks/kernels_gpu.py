@@ -12,7 +12,8 @@
   fused projections with 8 rank-16 adapters at 1 to 256 tokens, each token another adapter, with the
   shrink cut into 16 to 128 programs (``DECODE_SHRINK_PROGRAMS``, ``SHRINK_TARGET_PROGRAMS``), and
   with the same slots grouped as the scheduler orders a step's rows, beside the projection's own
-  bf16 matmul: whether a decode step's LoRA cost is the launches' floor or their work.
+  bf16 matmul: whether a decode step's LoRA cost is the launches' floor or their work; up to 16
+  tokens also ``linear_lora`` against the skinny matmul alone and followed by ``lora_add``.
 - ``moe-sweep``: ``fused_moe`` on one layer of Mixtral-8x7B's (or ``--moe-shape``'s) experts at
   1 to 2048 tokens: each of its two launches (gate/up, down) under a grid of tile plans while the
   other keeps its own plan, then both best plans together, beside the op's own plans: what
@@ -223,7 +224,7 @@ def deterministic_sweep(bandwidth: float, rows_tried: tuple[int, ...] = (1, 16, 
 
 
 def lora_sweep(bandwidth: float) -> list[dict]:
-    from runtime_triton import lora
+    from runtime_triton import lora, skinny_matmul
 
     projections = {"qkv": ([4096, 1024, 1024], 4096), "o": ([4096], 4096), "gate_up": ([14336, 14336], 4096),
                    "down": ([4096], 14336)}
@@ -250,6 +251,15 @@ def lora_sweep(bandwidth: float) -> list[dict]:
             grouped = interleaved.sort().values
             row["lora_add_us_grouped_slots"] = round(
                 graph_us(lambda: lora.lora_add(y, x, lora_a, lora_b, grouped, slices, 0.5)), 1)
+            if tokens <= skinny_matmul.MAX_ROWS:
+                # What a decode step runs for the projection with adapters: linear_lora (the shrink,
+                # then the skinny matmul adding the products), against the skinny matmul alone and
+                # against it followed by lora_add (the two-launch add, before contract 1.14).
+                row["skinny_us"] = round(graph_us(lambda: skinny_matmul.linear(x, weight)), 1)
+                row["skinny_then_lora_add_us"] = round(graph_us(lambda: lora.lora_add(
+                    skinny_matmul.linear(x, weight), x, lora_a, lora_b, grouped, slices, 0.5)), 1)
+                row["linear_lora_us"] = round(graph_us(lambda: lora.linear_lora(
+                    x, weight, None, lora_a, lora_b, grouped, slices, 0.5)), 1)
             out.append(row)
             print(json.dumps(row), flush=True)
     return out

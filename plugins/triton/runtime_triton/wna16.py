@@ -303,8 +303,8 @@ def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2) -> 
     of it for each projection, 67 us a layer against 78 for 256-deep tiles at 8 warps; every
     projection's best four plans biased the levels; the vector units beat the tensor-core tile
     padded to 16 rows by 1.4-2.2x already before that kernel); up to 16 rows that padded tile, K
-    split 8 ways, each word read once; up to 64 rows 64-row tiles; beyond, the weight dequantized once and the library's GEMM (at 256
-    to 8192 rows 1.3-2.9x faster than any tile tried). Float32 activations (``element_size`` 4)
+    split 8 ways, each word read once; up to 64 rows 64-row tiles; beyond, the weight dequantized
+    once and the library's GEMM (at 256 to 8192 rows 1.3-2.9x faster than any tile tried). Float32 activations (``element_size`` 4)
     keep half the K depth and pipeline stages of the first plans: their tiles need twice the
     shared memory (the 16-bit decode tiles in float32 asked an H100 for 352 KB of its 227)."""
     if element_size > 2:

@@ -5,11 +5,11 @@ evicted is read from its directory again when a request needs it). The device ha
 ``--max-loras`` slots: per adapted projection, A [slots, partitions x max rank, in] and
 B [slots, out, max rank] tensors holding all its partitions (q, k, v of qkv), an adapter of
 smaller rank zero-padded; the platform's ``linear_lora`` (a quantized projection: ``lora_add``
-after it) applies them all in one call. A step's
-adapters are placed in slots before it runs (the scheduler admits at most ``--max-loras``
-distinct adapters a step), and each token's slot (-1: none) is written to one persistent buffer,
-so a captured decode graph reads the slots and weights of whatever step it replays. A step with
-no adapted token runs no LoRA kernel at all (see :attr:`LoRASlots.active`).
+after it) applies them all in one call. A step's adapters are placed in slots before it runs
+(the scheduler admits at most ``--max-loras`` distinct adapters a step), and each token's slot
+(-1: none) is written to one persistent buffer, so a captured decode graph reads the slots and
+weights of whatever step it replays. A step with no adapted token runs no LoRA kernel at all
+(see :attr:`LoRASlots.active`).
 """
 
 from __future__ import annotations

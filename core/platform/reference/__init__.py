@@ -44,6 +44,6 @@ BATCH_INVARIANT = frozenset({
 ``--deterministic`` may fall back to them. The matmul ops (``linear``, LoRA, ``fused_moe``) are not:
 torch's matmul picks its blocking by the number of rows (contract 1.10)."""
 
-__all__ = ["BATCH_INVARIANT", "MOE_ACTIVATIONS", "OPS", "ReferenceAttentionBackend", "build_cos_sin_cache", "host_cache_shape", "linear_lora_from",
-           "lora_add_per_slice",
-           "paged_attention", "rotary_embedding_from", "select_experts", *OPS]
+__all__ = ["BATCH_INVARIANT", "MOE_ACTIVATIONS", "OPS", "ReferenceAttentionBackend", "build_cos_sin_cache",
+           "host_cache_shape", "linear_lora_from", "lora_add_per_slice", "paged_attention", "rotary_embedding_from",
+           "select_experts", *OPS]

@@ -34,11 +34,13 @@ and were timed end to end there (docs/lora.md).
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc
 
 from . import skinny_matmul
 from .skinny_matmul import skinny_product
@@ -109,11 +111,15 @@ def _add_slot_products(acc, tile_slots, in_rows, w_ptr, stride_ws, w_offsets, w_
 def _lora_shrink_kernel(x_ptr, a_ptr, slots_ptr, out_ptr, sums_ptr, ticket_ptr, tokens, rank, in_features,
                         k_per_split, scale, stride_xt, stride_as, stride_ar, stride_os, stride_ot,
                         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, SUM_SPLITS: tl.constexpr):
+                        DOT_PRECISION: tl.constexpr, SUM_SPLITS: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
     """Grid: (token tiles, rank tiles, splits of the input features).
     out[split] = scale * x @ a[slot].T over the split's features. With ``SUM_SPLITS`` the last
     program of a tile to finish (a ticket counter per tile) also adds the tile's partial sums in
-    split order into ``sums`` [T, rank] float32 (same strides as one split of ``out``)."""
+    split order into ``sums`` [T, rank] float32 (same strides as one split of ``out``).
+    ``LAUNCH_DEPENDENTS``: the next launch, if made a programmatic dependent of this one, may start
+    now (it waits for this launch's results where it needs them)."""
+    if LAUNCH_DEPENDENTS:
+        gdc.gdc_launch_dependents()
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     split = tl.program_id(2)
@@ -241,16 +247,20 @@ def _lora_add_expand_kernel(partials_ptr, b_ptr, slots_ptr, y_ptr, tokens, out_f
 def _linear_lora_kernel(x_ptr, w_ptr, bias_ptr, shrunk_ptr, b_ptr, slots_ptr, out_ptr, M, N, K, rank,
                         end0, end1, end2, stride_xm, stride_wn, stride_om, stride_st, stride_bs, stride_bo,
                         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        LORA_BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                        LORA_BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, AFTER_SHRINK: tl.constexpr):
     """Grid: (output feature tiles,). out = x @ W.T (+ bias) + shrunk @ b[slot].T for up to 16 rows
     (``shrunk`` [T, n * rank] float32, every partition's shrink): the skinny matmul's tile, the
-    adapters' products added before it is written."""
+    adapters' products added before it is written. ``AFTER_SHRINK``: launched as a programmatic
+    dependent of the shrink, so the product runs beside it; the program waits for the shrink's
+    launch to finish before it reads ``shrunk`` or writes anything."""
     rows = tl.arange(0, 16)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     acc = skinny_product(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, cols, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if AFTER_SHRINK:
+        gdc.gdc_wait()
     tile_slots = tl.load(slots_ptr + rows, mask=rows < M, other=-1).to(tl.int32)
     acc = _add_expanded_partials(acc, rows, cols, col_ok, tile_slots, _partition(cols, end0, end1, end2),
                                  shrunk_ptr, b_ptr, rank, 1, 0, stride_st, stride_bs, stride_bo, 16, LORA_BLOCK_K, 1,
@@ -285,10 +295,12 @@ def shrink_splits(tokens: int, in_features: int, block_k: int) -> int:
 
 
 def _shrink_partials(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor, scale: float,
-                     dtype: torch.dtype, num_warps: int = 4, summed: bool = False) -> torch.Tensor:
+                     dtype: torch.dtype, num_warps: int = 4, summed: bool = False,
+                     launch_dependents: bool = False) -> torch.Tensor:
     """[splits, T, r] partial sums of scale * x @ lora_a[slot].T over slices of the input features,
     in ``dtype`` (one launch; x and lora_a with unit last stride, T > 0). ``summed`` (float32):
-    [1, T, r], the partial sums added up in split order by the launch's last programs."""
+    [1, T, r], the partial sums added up in split order by the launch's last programs.
+    ``launch_dependents``: a programmatic dependent launch may follow (``dependent_launches``)."""
     tokens, in_features = x.shape
     rank = lora_a.shape[1]
     block_k = SHRINK_STEP_BYTES // x.element_size()
@@ -303,7 +315,7 @@ def _shrink_partials(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor,
         x, lora_a, slots, partials, sums, tickets(x.device, grid[0] * grid[1]) if sum_splits else slots, tokens, rank,
         in_features, k_per_split, scale, x.stride(0), lora_a.stride(0), lora_a.stride(1), partials.stride(0),
         partials.stride(1), BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, DOT_PRECISION=_dot_precision(x.dtype),
-        SUM_SPLITS=sum_splits, num_warps=num_warps)
+        SUM_SPLITS=sum_splits, LAUNCH_DEPENDENTS=launch_dependents, num_warps=num_warps)
     return sums[:1] if summed else partials
 
 
@@ -385,16 +397,36 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     # tile a rank step, and keep about the skinny kernel's registers (sm_90, 16 x 256 tiles: 56
     # against 146 when each program added eight splits at a time itself, one program fewer a
     # multiprocessor for a kernel that needs every load in flight it can get).
-    shrunk = _shrink_partials(x, lora_a, slots, scale, torch.float32, ADD_WARPS, summed=True)
+    after_shrink = dependent_launches(x.device)
+    shrunk = _shrink_partials(x, lora_a, slots, scale, torch.float32, ADD_WARPS, summed=True,
+                              launch_dependents=after_shrink)
     tiles = plan(out_features, in_features)
+    # Written only after the program's wait for the shrink: this memory may have been the shrink's
+    # partial sums, freed above while the shrink may still be running.
     out = torch.empty(tokens, out_features, dtype=x.dtype, device=x.device)
     _linear_lora_kernel[(triton.cdiv(out_features, tiles["block_n"]),)](
         x, weight, bias if bias is not None else weight, shrunk, lora_b, slots, out, tokens, out_features,
         in_features, rank, *_partition_ends(slices), x.stride(0), weight.stride(0), out.stride(0), shrunk.stride(1),
         lora_b.stride(0), lora_b.stride(1), HAS_BIAS=bias is not None, BLOCK_N=tiles["block_n"],
         BLOCK_K=tiles["block_k"], LORA_BLOCK_K=min(EXPAND_STEP_BYTES // lora_b.element_size(), _dot_width(rank)),
-        DOT_PRECISION=_dot_precision(lora_b.dtype), num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
+        DOT_PRECISION=_dot_precision(lora_b.dtype), AFTER_SHRINK=after_shrink, num_warps=tiles["num_warps"],
+        num_stages=tiles["num_stages"], **({"launch_pdl": True} if after_shrink else {}))
     return out
+
+
+_DEPENDENT_LAUNCHES: dict[torch.device, bool] = {}
+
+
+def dependent_launches(device: torch.device) -> bool:
+    """Whether a launch may start while the one before it still runs (programmatic dependent
+    launch: NVIDIA sm_90 and later, compiled kernels; not Triton's interpreter, not ROCm). At batch
+    1 a projection's shrink then runs beside its product instead of before it."""
+    known = _DEPENDENT_LAUNCHES.get(device)
+    if known is None:
+        known = _DEPENDENT_LAUNCHES[device] = (
+            device.type == "cuda" and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+    return known
 
 
 def _checked_slices(op: str, out_features: int, lora_a: torch.Tensor, lora_b: torch.Tensor,

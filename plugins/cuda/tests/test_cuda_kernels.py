@@ -444,20 +444,22 @@ def test_linear_lora_tiles(tokens, in_features, slices, rank, layout, bias, dtyp
 
 def test_linear_lora_adds_the_adapters_in_the_projections_launch(monkeypatch):
     """Up to 16 rows of a 16-bit weight no expand kernel runs (the skinny matmul adds the products);
-    past 16 rows linear_lora is linear and then lora_add's two launches."""
+    past 16 rows, and past one row of a weight over FUSED_MAX_WEIGHT elements, linear_lora is linear
+    and then lora_add's two launches."""
     lora = pytest.importorskip("runtime_triton.lora")
     expands = []
     original = lora._two_launch_add
     monkeypatch.setattr(lora, "_two_launch_add", lambda *args: expands.append(args[0].shape[0]) or original(*args))
     g = torch.Generator().manual_seed(18)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    for tokens in (16, 17):
+    weight = (torch.randn(64, 64, generator=g) * 0.125).to(torch.float16)
+    for tokens, fused_max in ((16, 4096), (17, 4096), (1, 4095), (2, 4095)):
+        monkeypatch.setattr(lora, "FUSED_MAX_WEIGHT", fused_max)
         slots, x, lora_a, lora_b, _ = _lora_add_inputs(tokens, 64, [48, 16], 16, "decode", torch.float16, g)
-        weight = (torch.randn(64, 64, generator=g) * 0.125).to(torch.float16)
         got = kernels.linear_lora(x.to(device), weight.to(device), None, lora_a.to(device), lora_b.to(device),
                                   slots.to(device), [48, 16], 1.0)
         _close(got, _linear_lora_float64(x, weight, None, lora_a, lora_b, slots, [48, 16], 1.0), torch.float16)
-    assert expands == [17]
+    assert expands == [17, 2]
 
 
 def test_linear_lora_shrink_leaves_its_tickets_at_zero(device):

@@ -67,6 +67,11 @@ SHRINK_MAX_BLOCK_R = 64
 # lora_add's expand kernel tells apart this many partitions by the column ends it is given; a
 # projection of more is served in groups of these.
 MAX_SLICES = 4
+# linear_lora's one-launch projection past one token only for weights up to this many elements
+# (lora-sweep, H100, the 8B model at rank 16, 8 tokens: 31.0 against 43.1 us for qkv's 25M and
+# 20.6 against 27.1 for o's 17M, but 123.7 against 106.1 for gate/up's 117M and 83.8 against 79.8
+# for down's 59M; at one token it took 1-3 us less on all but o, 0.8 more there).
+FUSED_MAX_WEIGHT = 32 * 1024 * 1024
 # Elements of the partial sums lora_add's expand kernel loads at once ([splits, rows, rank
 # block]), and the warps of lora_add's launches. ptxas -v for sm_90 (Triton's compiler, no GPU):
 # with 4 warps and 8192 elements a bf16 expand tile of 16 rows took 222-255 registers and spilled
@@ -384,11 +389,12 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     token's adapter delta (``lora_add``'s arguments). Where ``linear`` takes the skinny kernel (up to
     16 rows of a 16-bit weight: decode steps), the shrink's launch and then the skinny matmul's,
     which adds the adapters' products to its tile before writing it, in float32, rounded once: one
-    launch a projection fewer than ``linear`` and ``lora_add``, which the other steps run. ``plan``
-    as for ``linear``."""
+    launch a projection fewer than ``linear`` and ``lora_add``, which the other steps run, and past
+    one token the weights over ``FUSED_MAX_WEIGHT`` elements too. ``plan`` as for ``linear``."""
     slices = _checked_slices("linear_lora", weight.shape[0], lora_a, lora_b, slices)
     tokens = x.shape[0]
-    if not skinny_matmul.fits(x, weight) or len(slices) > MAX_SLICES or not tokens or x.dim() != 2:
+    fused = tokens == 1 or weight.numel() <= FUSED_MAX_WEIGHT
+    if not fused or not skinny_matmul.fits(x, weight) or len(slices) > MAX_SLICES or not tokens or x.dim() != 2:
         return lora_add(skinny_matmul.linear(x, weight, bias, plan=plan), x, lora_a, lora_b, slots, slices, scale)
     x, lora_a, lora_b = _unit_last_stride(x), _unit_last_stride(lora_a), _unit_last_stride(lora_b)
     out_features, in_features = weight.shape

@@ -13,7 +13,8 @@ from torch.utils._pytree import tree_flatten
 
 from runtime.platform.reference import apply_top_k_top_p_min_p
 from runtime.sample.params import SamplingParams
-from runtime.sample.sampler import Sampler, SamplingMetadata, _apply_bias_and_penalties, top_logprobs
+from runtime.sample.sampler import (RecentRowColumns, Sampler, SamplingMetadata, _apply_bias_and_penalties, row_columns,
+                                    top_logprobs)
 from runtime.sched.request import Request
 
 EOS = 2
@@ -52,6 +53,24 @@ def test_greedy_rows_take_argmax_in_mixed_batch():
 
     all_greedy = sample(logits, [make_request(temperature=0.0, top_k=3) for _ in range(6)])
     assert torch.equal(all_greedy.token_ids, logits.argmax(-1))
+
+
+def test_recent_row_columns_reuse_a_copy_only_for_the_same_settings():
+    """A batch with the settings of a recent one gets that batch's tensors; a params object changed
+    in place, or other rows, get a fresh copy with the values of now (row_columns' values)."""
+    recent = RecentRowColumns(size=2)
+    greedy, warm = SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.1)
+    first = recent.columns([greedy, warm], torch.device("cpu"))
+    assert recent.columns([SamplingParams(temperature=0.0), warm], torch.device("cpu")) is first
+    warm.temperature = 1.3
+    changed = recent.columns([greedy, warm], torch.device("cpu"))
+    assert changed is not first
+    for name, column in row_columns([greedy, warm], torch.device("cpu")).items():
+        assert torch.equal(changed[name], column), name
+    recent.columns([warm], torch.device("cpu"))  # two more batches: the first one's copy is gone
+    recent.columns([greedy], torch.device("cpu"))
+    warm.temperature = 0.7
+    assert recent.columns([greedy, warm], torch.device("cpu")) is not first
 
 
 def test_caller_logits_left_unchanged():

@@ -72,12 +72,14 @@ class SamplingMetadata:
 
     @classmethod
     def from_requests(cls, requests: list[Request], vocab_size: int, device: torch.device | str,
-                      generators: dict[str, torch.Generator]) -> "SamplingMetadata":
+                      generators: dict[str, torch.Generator],
+                      recent: Optional["RecentRowColumns"] = None) -> "SamplingMetadata":
         """Build the batch's metadata, rows in the order of ``requests``.
 
         ``generators`` maps request_id to the generator of a seeded request. A missing entry is
         created here from the seed, once, so later steps continue the same random stream; the
-        caller owns the dict and drops a request's entry when it finishes.
+        caller owns the dict and drops a request's entry when it finishes. ``recent``: reuse the
+        device copy of the per-row settings of a recent batch that had the same ones.
         """
         params = [r.sampling_params for r in requests]
         greedy = [p.greedy for p in params]
@@ -88,7 +90,7 @@ class SamplingMetadata:
             return host_to_device(values, dtype, device)
 
         meta = cls(
-            **row_columns(params, device),
+            **(row_columns(params, device) if recent is None else recent.columns(params, device)),
             all_greedy=all(greedy),
             all_random=not any(greedy),
             needs_top_k_top_p_min_p=any(
@@ -254,15 +256,50 @@ def _with_logprobs(token_ids: torch.Tensor, raw_logprobs: torch.Tensor, k: int) 
     )
 
 
+ROW_COLUMNS = ("temperature", "greedy", "top_k", "top_p", "min_p")
+_ROW_DTYPES = (torch.float32, torch.bool, torch.long, torch.float32, torch.float32)
+
+
+def _row_values(params: list[SamplingParams]) -> tuple[list, ...]:
+    return ([1.0 if p.greedy else p.temperature for p in params], [p.greedy for p in params],
+            [p.top_k for p in params], [p.top_p for p in params], [p.min_p for p in params])
+
+
 def row_columns(params: list[SamplingParams], device: torch.device) -> dict[str, torch.Tensor]:
     """The per-row settings every batch has (``SamplingMetadata``'s fields of those names), in one
     copy to the device."""
-    columns = host_to_device_columns([([1.0 if p.greedy else p.temperature for p in params], torch.float32),
-                                      ([p.greedy for p in params], torch.bool),
-                                      ([p.top_k for p in params], torch.long),
-                                      ([p.top_p for p in params], torch.float32),
-                                      ([p.min_p for p in params], torch.float32)], device)
-    return dict(zip(("temperature", "greedy", "top_k", "top_p", "min_p"), columns))
+    return _copied_columns(_row_values(params), device)
+
+
+def _copied_columns(values: tuple[list, ...], device: torch.device) -> dict[str, torch.Tensor]:
+    return dict(zip(ROW_COLUMNS, host_to_device_columns(list(zip(values, _ROW_DTYPES)), device)))
+
+
+class RecentRowColumns:
+    """The device copies of the last few batches' per-row settings, found again by value.
+
+    Consecutive decode steps mostly sample the same rows with the same settings, and each new copy
+    costs a pinned staging block and a copy launched from the host: on the critical path of a
+    speculative step, whose host work cannot overlap the device's. Matching by value (not by the
+    params objects) keeps a copy right when a caller changes a params object between requests.
+    The tensors are shared between the batches that match, so nothing may write into them.
+    """
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._entries: list[tuple[torch.device, tuple[list, ...], dict[str, torch.Tensor]]] = []
+
+    def columns(self, params: list[SamplingParams], device: torch.device) -> dict[str, torch.Tensor]:
+        """:func:`row_columns` of ``params``, a recent batch's copy where its settings were the same."""
+        values = _row_values(params)
+        for index, (where, known, columns) in enumerate(self._entries):
+            if where == device and known == values:
+                self._entries.insert(0, self._entries.pop(index))
+                return columns
+        columns = _copied_columns(values, device)
+        self._entries.insert(0, (device, values, columns))
+        del self._entries[self.size:]
+        return columns
 
 
 def add_penalties(meta: SamplingMetadata, params: list[SamplingParams], outputs: Callable[[], list[list[int]]],

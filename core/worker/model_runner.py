@@ -31,7 +31,7 @@ from ..platform.buckets import bucket_for, sequence_buckets
 from ..platform.reference import host_cache_shape
 from ..pooling import PoolingSpec
 from ..pooling.pooler import pool, vector_bytes
-from ..sample.sampler import Sampler, SamplerOutput, SamplingMetadata, top_logprobs
+from ..sample.sampler import RecentRowColumns, Sampler, SamplerOutput, SamplingMetadata, top_logprobs
 from ..sample.params import SamplingParams
 from ..sample.static_shapes import full_grammar_mask, static_sampling_metadata
 from ..sched.request import Request
@@ -185,6 +185,7 @@ class ModelRunner:
         self.ops = ops
         self.sampler = Sampler(ops.apply_top_k_top_p_min_p)
         self.generators: dict[str, torch.Generator] = {}
+        self.recent_row_columns = RecentRowColumns()
         self.prompt_logprobs_next: dict[str, int] = {}
         self.kv_caches: list[torch.Tensor] = []
         self.host_caches: list[torch.Tensor] = []
@@ -406,7 +407,8 @@ class ModelRunner:
             last = host_to_device([int(query_start_loc[i + 1]) - 1 for i in sample_rows], torch.int64, self.device)
             last_hidden = hidden[last]
         requests = [pending.scheduled[i].request for i in sample_rows]
-        sampling = SamplingMetadata.from_requests(requests, self.settings.vocab_size, self.device, self.generators)
+        sampling = SamplingMetadata.from_requests(requests, self.settings.vocab_size, self.device, self.generators,
+                                                  self.recent_row_columns)
         return self.model.compute_logits(last_hidden), sampling
 
     def _copy_results_to_host(self, pending: PendingStep) -> None:
@@ -459,9 +461,14 @@ class ModelRunner:
         last_known = [int(query_start[i]) + scheduled[i].num_new_tokens - 1 - len(d) for i, d in zip(sample_rows, drafts)]
         rows = np.concatenate([np.arange(first, first + len(d) + 1) for first, d in zip(last_known, drafts)])
         layout = DraftLayout([scheduled[i].request for i in sample_rows], drafts, self.device)
-        sampling = SamplingMetadata.from_requests(layout.row_views, self.settings.vocab_size, self.device, self.generators)
+        sampling = SamplingMetadata.from_requests(layout.row_views, self.settings.vocab_size, self.device, self.generators,
+                                                  self.recent_row_columns)
         sampling.grammar = mask
-        logits = self.model.compute_logits(hidden[host_to_device(rows.tolist(), torch.int64, self.device)])
+        # Rows rise by construction: one run of them (batch 1, or every request with k proposals) is a
+        # view, with no copy of the row ids to the device and no gather before the lm_head.
+        contiguous = int(rows[-1]) - int(rows[0]) + 1 == len(rows)
+        logits = self.model.compute_logits(hidden[int(rows[0]):int(rows[-1]) + 1] if contiguous
+                                           else hidden[host_to_device(rows.tolist(), torch.int64, self.device)])
         return self.sampler.verify(logits, sampling, layout), layout
 
     def _add_images(self, scheduled: list[ScheduledRequest], batch: ForwardBatch, step: StepInputs) -> None:

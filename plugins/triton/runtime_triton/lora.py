@@ -389,8 +389,8 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     token's adapter delta (``lora_add``'s arguments). Where ``linear`` takes the skinny kernel (up to
     16 rows of a 16-bit weight: decode steps), the shrink's launch and then the skinny matmul's,
     which adds the adapters' products to its tile before writing it, in float32, rounded once: one
-    launch a projection fewer than ``linear`` and ``lora_add``, which the other steps run, and past
-    one token the weights over ``FUSED_MAX_WEIGHT`` elements too. ``plan`` as for ``linear``."""
+    launch a projection fewer than ``linear`` and ``lora_add``, which the other steps run (and steps
+    of 2-16 tokens on a weight of over ``FUSED_MAX_WEIGHT`` elements). ``plan`` as for ``linear``."""
     slices = _checked_slices("linear_lora", weight.shape[0], lora_a, lora_b, slices)
     tokens = x.shape[0]
     fused = tokens == 1 or weight.numel() <= FUSED_MAX_WEIGHT

@@ -11,6 +11,7 @@ one.
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -127,6 +128,71 @@ def test_requests_finished_while_the_next_step_is_in_flight_keep_their_tokens(ch
         assert got == expected[:stopped_at.get(rid, len(expected))]
     assert engine.kv_manager.usage == 0
 
+
+def _recorded_launches(engine: EngineCore) -> list[tuple[bool, list[int]]]:
+    """Per launched step: (launched ahead, behind a step still in flight; its proposal counts)."""
+    runner, launches = engine.runner, []
+    launch = runner.launch
+
+    def recorded(out, previous=None, *args, **kwargs):
+        if out.scheduled:
+            launches.append((previous is not None, [len(s.draft_token_ids) for s in out.scheduled]))
+        return launch(out, previous, *args, **kwargs)
+
+    runner.launch = recorded
+    return launches
+
+
+def test_the_ngram_engine_looks_ahead_after_steps_without_proposals(checkpoint, reference):
+    """With the n-gram proposer, steps launched ahead (behind one in flight, no room for
+    proposals) follow only steps that verified none, and here never two in a row (a step
+    launched ahead gives no request room, so a second needs every request paused); the output
+    is the engine's without proposals, and proposals are still verified (the tiny random model
+    accepts none)."""
+    # Matches of one token, so that the random model's outputs find some.
+    config = NGRAM | {"prompt_lookup_min": 1, "prompt_lookup_max": 3}
+    engine = EngineCore(EngineArgs(model=str(checkpoint), device="replay_cpu", speculative_config=config, **COMMON),
+                        registry=_registry())
+    launches = _recorded_launches(engine)
+    assert _run(engine, PROMPTS, MAX_TOKENS) == reference
+    ahead = [i for i, (behind, _) in enumerate(launches) if behind]
+    assert ahead, "no step was launched ahead"
+    for i in ahead:
+        assert not any(launches[i][1]), "a step launched ahead had room for proposals"
+        assert not any(launches[i - 1][1]), "a step verifying proposals was looked past"
+        assert not launches[i - 1][0], "two steps in a row launched ahead"
+    assert engine.stats().spec_num_drafts > 0
+    assert engine.kv_manager.usage == 0
+
+
+class _WrongProposals:
+    """Four proposals a step that the greedy output never takes (token 1 is never sampled here)."""
+
+    may_skip_steps = True
+
+    def propose(self, out) -> None:
+        for item in out.scheduled:
+            if item.max_drafts:
+                item.set_drafts([1] * item.max_drafts)
+
+
+def test_paused_proposals_count_down_through_steps_launched_ahead(checkpoint):
+    """Every proposal rejected: the back-off pauses (0, 1, 3, 7, ... steps after the z-th rejected
+    step, Request.count_proposals) pass in steps launched ahead one after another, and each
+    pause's end brings a verification step at once; the output unchanged."""
+    prompt, tokens = list(range(20, 36)), 100
+    plain = EngineCore(EngineArgs(model=str(checkpoint), device="replay_cpu", enforce_eager=True, **COMMON),
+                       registry=_registry())
+    expected = _run(plain, [prompt], [tokens])
+    assert 1 not in expected["0"]
+    engine = EngineCore(EngineArgs(model=str(checkpoint), device="replay_cpu", speculative_config=NGRAM, **COMMON),
+                        registry=_registry())
+    engine.proposer = _WrongProposals()
+    launches = _recorded_launches(engine)
+    assert _run(engine, [prompt], [tokens]) == expected
+    verified = [i for i, (_, drafts) in enumerate(launches) if any(drafts)]
+    assert [b - a for a, b in zip(verified, verified[1:])] == [1, 2, 4, 8, 16, 32]
+    assert max(sum(1 for _ in run) for behind, run in itertools.groupby(b for b, _ in launches) if behind) >= 7
 
 def test_draft_layout_matches_a_brute_force_layout():
     rng = random.Random(0)

@@ -198,6 +198,43 @@ def test_look_ahead_samples_constrained_steps_once_their_masks_are_filled(checkp
         jsonschema.validate(parse(tokenizer.decode(ahead[str(i)], skip_special_tokens=True)), schema)
 
 
+def test_speculative_steps_launched_ahead_sample_constrained_rows_after_their_masks(checkpoint):
+    """With decode graphs (the CPU stand-in) and n-gram proposals, steps that verify none are
+    followed by one launched ahead (EngineCore._looks_ahead): greedy outputs, constrained and
+    not, equal those of the engine without proposals, and the constrained ones validate."""
+    from test_decode_graphs import COMMON, _registry
+
+    params, schemas = _schema_params()
+    plain = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    prompts = [[5 + i, 17, 23, 9, 5 + i, 17, 23] for i in range(5)]
+    ngram = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+    results = []
+    for speculative in (ngram, None):
+        engine = EngineCore(EngineArgs(model=str(checkpoint), speculative_config=speculative, **COMMON),
+                            registry=_registry())
+        ahead = [0]
+        launch = engine.runner.launch
+
+        def counted(out, previous=None, *args, **kwargs):
+            ahead[0] += previous is not None and bool(out.scheduled)
+            return launch(out, previous, *args, **kwargs)
+
+        engine.runner.launch = counted
+        for i, sp in enumerate(params[:4] + [plain]):
+            engine.add_request(str(i), prompts[i], sp)
+        tokens: dict[str, list[int]] = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        results.append((tokens, ahead[0], engine.stats().spec_num_drafts))
+    (spec, spec_ahead, drafts), (without, _, _) = results
+    assert spec_ahead > 0 and drafts > 0
+    assert spec == without
+    tokenizer = open_model(str(checkpoint)).tokenizer
+    for i, schema in enumerate(schemas[:4]):
+        jsonschema.validate(parse(tokenizer.decode(spec[str(i)], skip_special_tokens=True)), schema)
+
+
 @pytest.fixture(scope="module")
 def thinking_checkpoint(tmp_path_factory):
     """The tiny Llama with <think> and </think> as single tokens (ids 320 and 321)."""

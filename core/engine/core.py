@@ -108,7 +108,8 @@ class EngineCore:
         # steps are graph replays, the host's part of a step being then mostly that work.
         # Several pipeline stages overlap instead through micro-batches (see _step_pipelined).
         # With speculative decoding the next step's inputs depend on how many proposals this
-        # one accepts, and the proposers read the accepted tokens: nothing to queue ahead.
+        # one accepts, and the proposers read the accepted tokens: a step is queued ahead only
+        # after one that verified none (see _looks_ahead).
         self.pipeline_depth = args.pipeline_parallel_size
         # An embedding engine only ever runs prompts: it has no decode steps to capture. M-RoPE
         # moves decode positions by a per-request delta that captured graphs do not take.
@@ -391,7 +392,8 @@ class EngineCore:
         With look-ahead, the step launched by the previous call (if any) is this call's step, and
         the next one is launched before this one's tokens are read back. With ``launch_early``
         (speculative decoding) the previous call's launched step is this call's too, and the next
-        one is launched once this one's results are applied.
+        one is launched once this one's results are applied, or looked ahead as without
+        speculation where that costs no proposals (:meth:`_looks_ahead`).
         """
         self._faults.step()
         self._admit_compiled()
@@ -401,16 +403,39 @@ class EngineCore:
             (out, pending), self._in_flight = self._in_flight, None
         else:
             out, pending = self._schedule_and_launch()
-        if self.look_ahead and pending is not None:
+        if pending is not None and self._looks_ahead(out):
             following = self.scheduler.look_ahead(out)
             if following is not None:
                 self._reset_preempted(following)
+                if self.proposer is not None:
+                    self.proposer.propose(following)  # no room for proposals: it forgets finished requests
                 self._in_flight = (following, self._launch(following, pending))
         outputs = self._outputs(out, self.executor.collect(pending))
         self._sample_in_flight()
-        if self.launch_early and self.scheduler.has_unfinished_requests():
+        if self.launch_early and self._in_flight is None and self.scheduler.has_unfinished_requests():
             self._in_flight = self._schedule_and_launch()
         return outputs
+
+    def _looks_ahead(self, out: SchedulerOutput) -> bool:
+        """Whether the step after ``out`` is scheduled and queued behind it now, before its tokens
+        are read back.
+
+        Always without speculative decoding. With it, a step ahead has no room for proposals (its
+        requests' last tokens are still on the device), so it is taken only after a step that
+        verified none, with a proposer that reads nothing but the tokens known when it proposes
+        (``may_skip_steps``: the n-gram one; a draft model's K/V follows every step), and only
+        where it costs little: every request of ``out`` either pauses its proposals anyway
+        (back-off) or had room for them and found none. That costs one step's chance of
+        proposals, on every other step at most: a step launched ahead gave no request room. A
+        decode step's host work then hides behind the device again while proposals find nothing
+        (a paragraph before the part a request copies) or keep failing: at 135M parameters on an
+        H100 a step without that overlap took about 0.5 ms more (docs/speculative.md).
+        """
+        if self.look_ahead:
+            return True
+        if not self.launch_early or not getattr(self.proposer, "may_skip_steps", False):
+            return False
+        return all(not s.draft_token_ids and (s.request.proposal_pause or s.max_drafts) for s in out.scheduled)
 
     def _schedule_and_launch(self) -> tuple[SchedulerOutput, Optional[PendingStep]]:
         out = self.scheduler.schedule()

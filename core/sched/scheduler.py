@@ -246,11 +246,13 @@ class Scheduler:
                 continue  # its last step's token was not sampled, or its next image waits for encoder room
             # A decoding request's proposed tokens: each accepted one and the token after the
             # last must fit its max_tokens and the context (the request's max_total_tokens).
+            # A step scheduled ahead (the request's last token still on the device) has none, yet
+            # counts towards a pause like any step without them.
             drafts = 0
-            if self.num_speculative_tokens and num_new == 1 and not request.num_pending_tokens:
+            if self.num_speculative_tokens and num_new == 1:
                 if request.proposal_pause:
                     request.proposal_pause -= 1
-                else:
+                elif not request.num_pending_tokens:
                     drafts = max(0, min(self.num_speculative_tokens, budget - 1,
                                         request.max_total_tokens - request.num_tokens - 1))
             # Running requests are served in admission order but preempted in policy order, so

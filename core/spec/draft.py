@@ -20,6 +20,9 @@ from ..worker.input_buffers import step_inputs
 
 
 class DraftModelProposer:
+    may_skip_steps = False
+    """Its K/V follows every step the target computes, from tokens known on the host."""
+
     def __init__(self, draft_runner: Any):
         self.runner = draft_runner
         self._computed: dict[str, int] = {}

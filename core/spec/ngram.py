@@ -35,6 +35,10 @@ def propose_ngram(token_ids: np.ndarray, num_tokens: int, min_n: int, max_n: int
 class NgramProposer:
     """Proposes from each request's own tokens (prompt and output); no device work."""
 
+    may_skip_steps = True
+    """A step it does not see (the engine's look-ahead) costs it nothing: it reads the tokens known
+    when it proposes."""
+
     def __init__(self, prompt_lookup_min: int, prompt_lookup_max: int):
         self.min_n, self.max_n = prompt_lookup_min, prompt_lookup_max
         self._arrays: dict[str, tuple[np.ndarray, int]] = {}

@@ -11,6 +11,10 @@ from .ngram import NgramProposer
 
 
 class Proposer(Protocol):
+    may_skip_steps: bool
+    """Whether the engine may run a step without asking for proposals first (a step scheduled
+    ahead, see ``EngineCore._looks_ahead``); :meth:`propose` still sees it, with no room."""
+
     def propose(self, out: SchedulerOutput) -> None:
         """Fill the room for proposed tokens of the step's decoding requests
         (``ScheduledRequest.set_drafts``), before the step is launched."""

@@ -21,9 +21,14 @@ cache as in a model: 0.13 ms at one row, 7.6 ms at 128, 28.6 ms at 512). From 12
 (prefill chunks) ``matmul`` dequantizes the weight once, with torch ops on the packed bytes, and
 multiplies in bfloat16 with oneDNN (AMX where the CPU has it): 5.7 ms at 128 rows, 7.1 ms at 512;
 below 96-128 rows the dequantization costs more than the kernel saves
-(benchmarks/cpu_int8_matmul.py, ``runtime-int4`` against ``int4-kernel``). Both round the weight to
-bfloat16 and accumulate in float32, but not in the same order, so a row's result depends on
-which path its batch took: ``deterministic`` keeps every batch on the kernel.
+(benchmarks/cpu_int8_matmul.py, ``runtime-int4`` against ``int4-kernel``). On a CPU without
+native bfloat16 products (neither AMX nor AVX-512 BF16: an AVX2-only AMD EPYC, say) oneDNN's
+bfloat16 matmul is a slow fallback, 172 ms for 128 x 576 by 576 x 1536 against 2.1 ms in float32,
+which made a 128-token prompt of the embedded model take 19 s to its first token: there the same
+bfloat16 values are multiplied in float32 (``_dense_dtype``), products of bfloat16 values being
+exact in float32. Both paths round the weight to bfloat16 and accumulate in float32, but not in
+the same order, so a row's result depends on which path its batch took: ``deterministic`` keeps
+every batch on the kernel.
 """
 
 from __future__ import annotations
@@ -153,6 +158,14 @@ def _dequantized_transposed(weight: Int4Weight, layout: tuple[int, bool]) -> tor
     return dense.permute(1, 2, 0, 3).reshape(k, n)
 
 
+@functools.cache
+def _dense_dtype() -> torch.dtype:
+    """What the dense path multiplies its bfloat16 operands in: bfloat16 where the CPU multiplies
+    it natively (AMX, AVX-512 BF16), else float32 (module docstring)."""
+    native = [getattr(torch.cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return torch.bfloat16 if any(native) else torch.float32
+
+
 def matmul(weight: Int4Weight, x: torch.Tensor, bias: torch.Tensor | None = None,
            deterministic: bool = False) -> torch.Tensor:
     """``x @ W.T + bias`` in ``x``'s dtype, computed in bfloat16 with float32 accumulation: on
@@ -169,7 +182,8 @@ def matmul(weight: Int4Weight, x: torch.Tensor, bias: torch.Tensor | None = None
         rows = rows.to(_COMPUTE)
     layout = None if deterministic or rows.shape[0] < DENSE_MIN_ROWS else _nibble_layout()
     if layout is not None and weight.packed.shape[0] % layout[0] == 0:
-        out = rows @ _dequantized_transposed(weight, layout)
+        dense = _dequantized_transposed(weight, layout)
+        out = rows @ dense if _dense_dtype() == _COMPUTE else rows.to(_dense_dtype()) @ dense.to(_dense_dtype())
     else:
         out = torch._weight_int4pack_mm_for_cpu(rows, weight.packed, weight.group_size, weight.scales_and_zeros)
     if out.dtype != x.dtype:

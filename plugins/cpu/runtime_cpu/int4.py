@@ -162,8 +162,8 @@ def _dequantized_transposed(weight: Int4Weight, layout: tuple[int, bool]) -> tor
 def _dense_dtype() -> torch.dtype:
     """What the dense path multiplies its bfloat16 operands in: bfloat16 where the CPU multiplies
     it natively (AMX, AVX-512 BF16), else float32 (module docstring)."""
-    native = [getattr(torch.cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    return torch.bfloat16 if any(native) else torch.float32
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return torch.bfloat16 if any(getattr(torch.cpu, name, lambda: False)() for name in checks) else torch.float32
 
 
 def matmul(weight: Int4Weight, x: torch.Tensor, bias: torch.Tensor | None = None,

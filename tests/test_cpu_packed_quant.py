@@ -15,7 +15,7 @@ from runtime.loader.gguf_file import GgufFile
 from runtime.platform import RawQuantizedTensor, get_registry
 from runtime.worker.model_runner import ModelRunner
 from runtime_conformance.tolerances import tolerance
-from runtime_cpu import int4
+from runtime_cpu import int4, native
 from runtime_cpu.quant import CpuGgufMethod, Int8Weight
 
 from hf_reference import assert_greedy_matches, embedded_greedy_and_chat, embedded_hf_model, hf_greedy
@@ -52,15 +52,19 @@ def test_gguf_4bit_blocks_repack_to_the_same_weight(qtype):
     assert packed_bits == 5.0
 
 
+@pytest.mark.parametrize("kernel", ["torch", "native"])
 @pytest.mark.parametrize("dense_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows, cols, qtype", [(192, 512, "Q4_1"), (128, 256, "Q4_K"), (96, 512, "Q4_0")])
-def test_int4_product_is_the_dequantized_product_at_every_row_count(rows, cols, qtype, dense_dtype, monkeypatch):
-    """Below ``DENSE_MIN_ROWS`` rows the kernel multiplies, from it on the weight is dequantized
-    from the kernel's packed bytes and multiplied densely (192 and 128 output columns: whole
-    blocks of the layout; 96: not, so the kernel stays), in bfloat16 or, on CPUs without native
-    bfloat16 products, in float32. Every count gives the float64 product of the gguf package's
-    dequantization within bfloat16 rounding; ``deterministic`` gives each row the one-row result
-    at every count."""
+def test_int4_product_is_the_dequantized_product_at_every_row_count(rows, cols, qtype, dense_dtype, kernel, monkeypatch):
+    """Below ``DENSE_MIN_ROWS`` rows the kernel (torch's, or the compiled one that replaces it on
+    AVX2-only CPUs) multiplies, from it on the weight is dequantized from the kernel's packed bytes
+    and multiplied densely (192 and 128 output columns: whole blocks of the layout; 96: not, so the
+    kernel stays), in bfloat16 or, on CPUs without native bfloat16 products, in float32. Every
+    count gives the float64 product of the gguf package's dequantization within bfloat16 rounding;
+    ``deterministic`` gives each row the one-row result at every count."""
+    if kernel == "native" and native.library() is None:
+        pytest.skip("no C compiler or no AVX2: the compiled kernel cannot run here")
+    monkeypatch.setattr(int4, "_native_preferred", lambda: kernel == "native")
     monkeypatch.setattr(int4, "_dense_dtype", lambda: dense_dtype)
     raw = _gguf(qtype, rows, cols, seed=3)
     weight = int4.from_gguf(raw)

@@ -228,10 +228,14 @@ def test_tensor_parallel_ranks_keep_their_packed_slices(dense_dir, tmp_path):
                 continue
             whole = full.get_submodule(name)
             columns = linear.columns or (0, whole.in_features)
-            expected = whole(torch.eye(whole.in_features))[columns[0]:columns[1]]
+            # The identity in blocks of 64 rows, which the int4 path multiplies on its kernel at any
+            # size (from int4.DENSE_MIN_ROWS rows it would dequantize, rounding otherwise): one-hot
+            # rows then give the rank's slice the same bits as the whole weight.
+            expected = torch.cat([whole(block) for block in torch.eye(whole.in_features).split(64)])[columns[0]:columns[1]]
             rows = [torch.arange(*linear.rows[i]) + sum(whole.partitions[:i]) for i in range(len(whole.partitions))] \
                 if linear.rows else [torch.arange(whole.out_features)]
-            got = linear.quant_method.apply(linear.quant_weight, torch.eye(linear.in_features))
+            got = torch.cat([linear.quant_method.apply(linear.quant_weight, block)
+                             for block in torch.eye(linear.in_features).split(64)])
             assert torch.equal(got, expected[:, torch.cat(rows)]), (rank, name)
 
 

@@ -29,6 +29,16 @@ bfloat16 values are multiplied in float32 (``_dense_dtype``), products of bfloat
 exact in float32. Both paths round the weight to bfloat16 and accumulate in float32, but not in
 the same order, so a row's result depends on which path its batch took: ``deterministic`` keeps
 every batch on the kernel.
+
+On an AVX2-only CPU torch's kernel is its AVX2 build, and ``int4_avx2.c`` (compiled on first
+use, native.py) takes its place below ``DENSE_MIN_ROWS`` rows: it reads the same packed bytes and
+bfloat16 scales, rounds the activations to int16 per group (2**-16 of the group's largest, where
+the kernel rounds them to bfloat16, 2**-9) and sums nibble times activation exactly in int32
+with ``vpmaddwd``, applying each group's scale and offset to the group's sums. On an AMD EPYC
+(2 cores) one decode token of the embedded model spent 11.5 ms in the int4 matmuls with torch's
+kernel and 6.2 ms with it (22.0 against 28.2 ms a token); at 16 rows the matmuls of a layer take
+1.23 against 1.62 ms. Its rows never mix, so ``deterministic`` keeps every batch on it where it
+is used.
 """
 
 from __future__ import annotations
@@ -42,6 +52,8 @@ from gguf.quants import Q4_K
 
 from runtime.platform import RawQuantizedTensor
 from runtime.platform.packed import GroupQuantData
+
+from . import native
 
 GROUP_SIZES = (32, 64, 128, 256)
 # From this many rows the dequantize-then-matmul path is faster (module docstring).
@@ -169,15 +181,18 @@ def _dense_dtype() -> torch.dtype:
 def matmul(weight: Int4Weight, x: torch.Tensor, bias: torch.Tensor | None = None,
            deterministic: bool = False) -> torch.Tensor:
     """``x @ W.T + bias`` in ``x``'s dtype, computed in bfloat16 with float32 accumulation: on
-    the int4 kernel, or from ``DENSE_MIN_ROWS`` rows on by dequantizing the weight once (module
-    docstring); ``deterministic`` keeps every batch on the kernel, so a row's result does not
-    depend on its batch.
+    the int4 kernel (``int4_avx2.c`` where it is preferred: finer), or from ``DENSE_MIN_ROWS``
+    rows on by dequantizing the weight once (module docstring); ``deterministic`` keeps every
+    batch on the kernel, so a row's result does not depend on its batch.
 
     A decode step makes thousands of small calls, so conversions and reshapes that would do
     nothing are skipped in Python rather than dispatched: each costs microseconds."""
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if weight.order is not None:
         rows = rows[:, weight.order]
+    block = _native_block(weight) if deterministic or rows.shape[0] < DENSE_MIN_ROWS else None
+    if block is not None:
+        return _finish(_native_matmul(weight, rows, block), x, bias)
     if rows.dtype != _COMPUTE:
         rows = rows.to(_COMPUTE)
     layout = None if deterministic or rows.shape[0] < DENSE_MIN_ROWS else _nibble_layout()
@@ -186,8 +201,42 @@ def matmul(weight: Int4Weight, x: torch.Tensor, bias: torch.Tensor | None = None
         out = rows @ dense if _dense_dtype() == _COMPUTE else rows.to(_dense_dtype()) @ dense.to(_dense_dtype())
     else:
         out = torch._weight_int4pack_mm_for_cpu(rows, weight.packed, weight.group_size, weight.scales_and_zeros)
+    return _finish(out, x, bias)
+
+
+def _finish(out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if out.dtype != x.dtype:
         out = out.to(x.dtype)
     if bias is not None:
         out = out + bias
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+@functools.cache
+def _native_preferred() -> bool:
+    """Whether ``int4_avx2.c`` takes the kernel's place: where torch's kernel is AVX2 code (it was
+    measured there, module docstring) and the library could be built."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX2" and native.library() is not None
+
+
+def _native_block(weight: Int4Weight) -> int | None:
+    """The packed layout's column block where ``int4_avx2.c`` multiplies this weight, else None."""
+    layout = _nibble_layout()
+    if layout is None or not layout[1] or layout[0] not in (32, 64) or not _native_preferred():
+        return None
+    return layout[0] if weight.scales_and_zeros.shape[1] % layout[0] == 0 else None
+
+
+def _native_matmul(weight: Int4Weight, rows: torch.Tensor, block: int) -> torch.Tensor:
+    """``rows @ W.T`` in float32 on ``int4_avx2.c``: the exact weights against the activations
+    rounded to int16 per group (module docstring)."""
+    if rows.dtype != torch.float32 or not rows.is_contiguous():
+        rows = rows.float().contiguous()
+    count, k = rows.shape
+    n = weight.scales_and_zeros.shape[1]
+    out = torch.empty(count, n)
+    status = native.library().int4_matmul(rows.data_ptr(), weight.packed.data_ptr(), weight.scales_and_zeros.data_ptr(),
+                                          out.data_ptr(), count, n, k, weight.group_size, block)
+    if status != 0:
+        raise MemoryError(f"int4 CPU kernel: no memory for {count} x {k // weight.group_size} group sums")
+    return out

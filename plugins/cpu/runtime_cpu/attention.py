@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from runtime.platform import AttentionBackend, AttentionMetadata
 from runtime.platform.reference.attention import write_kv
 
-from .attention_rows import attend_rows, gather_blocks, plan_rows
+from .attention_rows import attend_rows, block_index, gather_blocks, plan_rows
 
 
 class CpuAttentionBackend(AttentionBackend):
@@ -41,10 +41,11 @@ class CpuAttentionBackend(AttentionBackend):
             write_kv(key, value, kv_cache, meta.slot_mapping)
             return self._forward_rows(query, kv_cache, meta)
         # Every layer of a step sees the same metadata: derive indices and masks once.
-        plan_key = (self.name, kv_cache.shape[2], self.spec.sliding_window, self.spec.logits_soft_cap)
+        plan_key = (self.name, kv_cache.shape[:3], self.spec.sliding_window, self.spec.logits_soft_cap)
         plan = meta.backend_cache.get(plan_key)
         if plan is None:
-            plan = meta.backend_cache[plan_key] = _StepPlan(self, meta, kv_cache.shape[2], query.device)
+            plan = meta.backend_cache[plan_key] = _StepPlan(self, meta, kv_cache.shape[1], kv_cache.shape[2],
+                                                            query.device)
         if plan.every_slot_written and key.dtype == kv_cache.dtype:
             # No padding token: both K and V in one index_copy_, without the reference's filtering.
             kv_cache.view(2, -1, *kv_cache.shape[3:]).index_copy_(1, meta.slot_mapping, torch.stack((key, value)))
@@ -66,7 +67,7 @@ class CpuAttentionBackend(AttentionBackend):
 
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, plan: _StepPlan) -> torch.Tensor:
         """The decode rows' queries [N, H, D] -> [N, H, D] float32, over one padded gather."""
-        kv = gather_blocks(kv_cache, plan.decode_blocks, plan.decode_max_len)
+        kv = gather_blocks(kv_cache, plan.decode_blocks, plan.decode_max_len, plan.decode_blocks_index)
         if plan.decode_padded:
             # Padding reads whatever the cache holds there (block 0, stale or never-written slots);
             # a NaN in it would survive the mask (0 * NaN), so clear it. The gather is a fresh copy.
@@ -126,7 +127,8 @@ class _StepPlan:
     bottom-right causality only when all keys are new, and lets SDPA skip the masked half.
     """
 
-    def __init__(self, backend: CpuAttentionBackend, meta: AttentionMetadata, block_size: int, device: torch.device):
+    def __init__(self, backend: CpuAttentionBackend, meta: AttentionMetadata, cache_blocks: int, block_size: int,
+                 device: torch.device):
         starts = meta.query_start_loc_cpu or meta.query_start_loc.tolist()
         seq_lens = meta.seq_lens_cpu or meta.seq_lens.tolist()
         num_seqs = len(seq_lens)
@@ -141,6 +143,7 @@ class _StepPlan:
             lens = torch.tensor(decode_lens, device=device)
             self.decode_max_len = max(decode_lens)
             self.decode_blocks = meta.block_table[index]
+            self.decode_blocks_index = block_index(self.decode_blocks, self.decode_max_len, block_size, cache_blocks)
             key_pos = torch.arange(self.decode_max_len, device=device)
             # One length (always so for one sequence): nothing to pad, and no mask where no window cuts the keys.
             self.decode_padded = min(decode_lens) != self.decode_max_len

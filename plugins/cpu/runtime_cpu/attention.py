@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from runtime.platform import AttentionBackend, AttentionMetadata
 from runtime.platform.reference.attention import write_kv
 
+from . import native
 from .attention_rows import attend_rows, block_index, gather_blocks, plan_rows
 
 
@@ -46,6 +47,11 @@ class CpuAttentionBackend(AttentionBackend):
         if plan is None:
             plan = meta.backend_cache[plan_key] = _StepPlan(self, meta, kv_cache.shape[1], kv_cache.shape[2],
                                                             query.device)
+        if plan.decode_only and self._runs_native(query, kv_cache, plan) and plan.every_slot_written \
+                and key.dtype == value.dtype == torch.float32 and meta.slot_mapping.dtype == torch.int64 \
+                and key.stride()[1:] == value.stride()[1:] == (key.shape[2], 1):
+            # Writes the new K and V itself before attending: two torch ops fewer a layer.
+            return self._decode_native(query, kv_cache, plan, (key, value, meta.slot_mapping))
         if plan.every_slot_written and key.dtype == kv_cache.dtype:
             # No padding token: both K and V in one index_copy_, without the reference's filtering.
             kv_cache.view(2, -1, *kv_cache.shape[3:]).index_copy_(1, meta.slot_mapping, torch.stack((key, value)))
@@ -66,13 +72,38 @@ class CpuAttentionBackend(AttentionBackend):
         return out
 
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, plan: _StepPlan) -> torch.Tensor:
-        """The decode rows' queries [N, H, D] -> [N, H, D] float32, over one padded gather."""
+        """The decode rows' queries [N, H, D] -> [N, H, D] float32: on attention_avx2.c where it
+        runs (float32 query and cache), else over one padded gather."""
+        if self._runs_native(query, kv_cache, plan):
+            return self._decode_native(query, kv_cache, plan)
         kv = gather_blocks(kv_cache, plan.decode_blocks, plan.decode_max_len, plan.decode_blocks_index)
         if plan.decode_padded:
             # Padding reads whatever the cache holds there (block 0, stale or never-written slots);
             # a NaN in it would survive the mask (0 * NaN), so clear it. The gather is a fresh copy.
             kv.masked_fill_(plan.decode_padding, 0)
         return self._attend(query.unsqueeze(1), kv[0], kv[1], plan.decode_allowed).squeeze(1)
+
+    @staticmethod
+    def _runs_native(query: torch.Tensor, kv_cache: torch.Tensor, plan: _StepPlan) -> bool:
+        return (plan.decode_table is not None and query.dtype == kv_cache.dtype == torch.float32
+                and query.stride(-1) == 1 and kv_cache.is_contiguous())
+
+    def _decode_native(self, query: torch.Tensor, kv_cache: torch.Tensor, plan: _StepPlan,
+                       new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``_decode`` on attention_avx2.c; ``new_kv`` (keys, values, slot mapping): written first."""
+        seqs, heads, head_dim = query.shape
+        out = torch.empty(seqs, heads, head_dim)
+        key, value, slots = new_kv if new_kv is not None else (None, None, None)
+        status = native.library().paged_decode_attention(
+            query.data_ptr(), query.stride(0), query.stride(1), kv_cache.data_ptr(), plan.decode_table.data_ptr(),
+            plan.decode_table.shape[1], plan.decode_lens.data_ptr(), out.data_ptr(), seqs, heads, kv_cache.shape[3],
+            head_dim, kv_cache.shape[2], kv_cache.shape[1], self.spec.scale, self.spec.sliding_window or 0,
+            self.spec.logits_soft_cap or 0.0, None if key is None else key.data_ptr(), 0 if key is None else key.stride(0),
+            None if value is None else value.data_ptr(), 0 if value is None else value.stride(0),
+            None if slots is None else slots.data_ptr())
+        if status != 0:
+            raise MemoryError(f"decode attention: no memory for the scores of {seqs} sequences")
+        return out
 
     def _forward_rows(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         plan_key = (self.name, "rows", kv_cache.shape[2], self.spec.sliding_window)
@@ -144,6 +175,11 @@ class _StepPlan:
             self.decode_max_len = max(decode_lens)
             self.decode_blocks = meta.block_table[index]
             self.decode_blocks_index = block_index(self.decode_blocks, self.decode_max_len, block_size, cache_blocks)
+            self.decode_lens = lens
+            # attention_avx2.c reads int64 block ids in place (head sizes it vectorizes: multiples of 8).
+            self.decode_table = None
+            if native.library() is not None and device.type == "cpu" and backend.spec.head_size % 8 == 0:
+                self.decode_table = self.decode_blocks.to(torch.int64).contiguous()
             key_pos = torch.arange(self.decode_max_len, device=device)
             # One length (always so for one sequence): nothing to pad, and no mask where no window cuts the keys.
             self.decode_padded = min(decode_lens) != self.decode_max_len

@@ -15,19 +15,48 @@ from runtime.platform import Kernel
 from runtime.platform.reference import linear as reference_linear
 from runtime.platform.reference import rotary_embedding as reference_rotary
 
-from . import batch_invariant
+from . import batch_invariant, native
 from .lora import lora_add, lora_expand, lora_shrink
 from .moe import batch_invariant_fused_moe, fused_moe
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    rows = _float32_rows(x, weight)
+    if rows is not None:
+        return _native_rms_norm(rows, None, weight, eps).view(x.shape)
     # torch's fused RMSNorm accumulates in float32 for reduced-precision inputs, like the reference.
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    rows, residual_rows = _float32_rows(x, weight), _float32_rows(residual, weight)
+    if rows is not None and residual_rows is not None:
+        summed = torch.empty(rows.shape)
+        return _native_rms_norm(rows, residual_rows, weight, eps, summed).view(x.shape), summed.view(x.shape)
     summed = x + residual
     return F.rms_norm(summed, (x.shape[-1],), weight, eps), summed
+
+
+def _float32_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """``x`` as [rows, D] float32 rows that rows_avx2.c reads in place, where it runs; else None
+    (torch's ops take the call). F.rms_norm is seven small ops on the CPU, about 20 us for one
+    576-wide row (61 a decode token of the embedded model); the C call is a few."""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.stride(-1) != 1 or not weight.is_contiguous() \
+            or native.library() is None:
+        return None
+    if x.dim() == 2:
+        return x
+    return x.view(-1, x.shape[-1]) if x.is_contiguous() else None
+
+
+def _native_rms_norm(rows: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                     summed: torch.Tensor | None = None) -> torch.Tensor:
+    out = torch.empty(rows.shape)
+    native.library().rms_norm(rows.data_ptr(), rows.stride(0), None if residual is None else residual.data_ptr(),
+                              0 if residual is None else residual.stride(0), weight.data_ptr(),
+                              out.data_ptr(), None if summed is None else summed.data_ptr(), rows.shape[0],
+                              rows.shape[1], eps)
+    return out
 
 
 def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor,
@@ -37,6 +66,8 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     head_dim = query.shape[-1]
     if not is_neox or cos_sin_cache.shape[-1] != head_dim:
         return reference_rotary(positions, query, key, cos_sin_cache, is_neox)
+    if _rotates_natively(positions, query, key, cos_sin_cache):
+        return _native_rotary(positions, query, key, cos_sin_cache)
     cos, sin = _signed_table(cos_sin_cache).index_select(0, positions).unsqueeze(1).chunk(2, dim=-1)
     heads = query.shape[1]
     qk = torch.cat([query, key], dim=1)
@@ -46,6 +77,25 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     if out.dtype != query.dtype:
         out = out.to(query.dtype)
     return out[:, :heads], out[:, heads:]
+
+
+def _rotates_natively(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor) -> bool:
+    """rows_avx2.c's rotation reads float32 heads contiguous within each token, int64 positions
+    and a float32 table in place (positions index the table unchecked: the engine keeps them below
+    the model's maximum length, which the table covers)."""
+    head_dim = query.shape[-1]
+    return (query.dtype == key.dtype == cos_sin_cache.dtype == torch.float32 and positions.dtype == torch.int64
+            and positions.dim() == 1 and positions.is_contiguous() and cos_sin_cache.is_contiguous()
+            and query.stride()[1:] == key.stride()[1:] == (head_dim, 1) and native.library() is not None)
+
+
+def _native_rotary(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor):
+    tokens, heads, head_dim = query.shape
+    q_out, k_out = torch.empty(query.shape), torch.empty(key.shape)
+    native.library().rotary_neox(positions.data_ptr(), query.data_ptr(), query.stride(0), key.data_ptr(), key.stride(0),
+                                 cos_sin_cache.data_ptr(), q_out.data_ptr(), k_out.data_ptr(), tokens, heads,
+                                 key.shape[1], head_dim)
+    return q_out, k_out
 
 
 _SIGNED_TABLES: dict[int, tuple[weakref.ref, torch.Tensor]] = {}

@@ -1,9 +1,11 @@
 """The plugin's C kernels, compiled on first use with the machine's C compiler.
 
 torch ships no 4-bit matmul for x86 that beats ``int4_avx2.c`` on an AVX2-only CPU (int4.py's
-docstring), and a wheel of our own would need a build per platform: the source travels with the
-package and is compiled once per machine into ``$RUNTIME_CACHE_DIR`` (default
-``~/.cache/runtime``), keyed by the source and flags, so an edit or a new flag rebuilds it.
+docstring), and at a decode step's few rows its attention, RMSNorm and rotary embedding cost
+more in op dispatch than in arithmetic (``attention_avx2.c``, ``rows_avx2.c``). A wheel of our own would need a build per
+platform: the sources travel with the package and are compiled once per machine into
+``$RUNTIME_CACHE_DIR`` (default ``~/.cache/runtime``), keyed by the sources and flags, so an edit
+or a new flag rebuilds them.
 Without a compiler or AVX2, or with ``RUNTIME_CPU_NATIVE=0``, ``library`` returns None and
 callers keep their torch path: the kernels are an acceleration, never a requirement.
 """
@@ -24,7 +26,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("int4_avx2.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("int4_avx2.c", "attention_avx2.c", "rows_avx2.c"))
 # -fopenmp links libgomp.so.1, which resolves to the copy torch has already loaded: one thread
 # pool, sized by torch.set_num_threads.
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
@@ -35,31 +37,47 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RUNTIME_CACHE_DIR") or Path.home() / ".cache" / "runtime") / "native"
 
 
+def compiler_path() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def buildable() -> bool:
+    """Whether the kernels can be built and run here: a C compiler, and AVX2 with FMA (which
+    torch's AVX2 and AVX-512 builds of its own kernels imply)."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and compiler_path() is not None
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels with their argument types set, or None where they are off or could not
     be built (the reason logged once)."""
     if os.environ.get("RUNTIME_CPU_NATIVE", "1") == "0":
         return None
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return None  # no AVX2 and FMA to run them
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        logger.info("no C compiler (cc, gcc or $CC): the int4 CPU matmul stays on torch's kernel")
+    if not buildable():
+        logger.info("no C compiler (cc, gcc or $CC) or no AVX2: the CPU plugin's kernels stay torch ops")
         return None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((compiler, *FLAGS, *LIBS)).encode()).hexdigest()[:16]
-    target = cache_dir() / f"int4_avx2-{key}.so"
+    compiler = compiler_path()
+    sources = b"".join(path.read_bytes() for path in SOURCES)
+    key = hashlib.sha256(sources + " ".join((compiler, *FLAGS, *LIBS)).encode()).hexdigest()[:16]
+    target = cache_dir() / f"kernels_avx2-{key}.so"
     try:
         if not target.exists():
             _compile(compiler, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = exc.stderr.decode(errors="replace").strip() if isinstance(exc, subprocess.CalledProcessError) else exc
-        logger.warning("could not build the int4 CPU kernel (%s): the int4 matmul stays on torch's kernel", detail)
+        logger.warning("could not build the CPU plugin's C kernels (%s): they stay torch ops", detail)
         return None
     lib.int4_matmul.restype = ctypes.c_int
     lib.int4_matmul.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 5
+    pointer, size, real = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
+    lib.paged_decode_attention.restype = ctypes.c_int
+    lib.paged_decode_attention.argtypes = [pointer, size, size, pointer, pointer, size, pointer, pointer, *[size] * 6, real,
+                                           size, real, pointer, size, pointer, size, pointer]
+    lib.rms_norm.restype = None
+    lib.rms_norm.argtypes = [pointer, size, pointer, size, pointer, pointer, pointer, size, size, real]
+    lib.rotary_neox.restype = None
+    lib.rotary_neox.argtypes = [pointer, pointer, size, pointer, size, pointer, pointer, pointer, size, size, size, size]
     return lib
 
 
@@ -69,8 +87,8 @@ def _compile(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), *LIBS], check=True, capture_output=True)
+        subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(built), *LIBS], check=True, capture_output=True)
         os.replace(built, target)
-    for stale in target.parent.glob("int4_avx2-*.so"):
+    for stale in target.parent.glob("kernels_avx2-*.so"):
         if stale != target:
             stale.unlink(missing_ok=True)  # an earlier source's build (a process still using it keeps its mapping)

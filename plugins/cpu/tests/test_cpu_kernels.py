@@ -14,9 +14,11 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_and_residual(dtype):
+@pytest.mark.parametrize("magnitude", [3.0, 1e-3])
+def test_rms_norm_and_residual(dtype, magnitude):
+    """Rows of both magnitudes: at 1e-3 the mean square is below epsilon, which then sets the scale."""
     torch.manual_seed(0)
-    x, residual = (torch.randn(7, 96, dtype=dtype) * 3 for _ in range(2))
+    x, residual = (torch.randn(7, 96, dtype=dtype) * magnitude for _ in range(2))
     weight = torch.randn(96, dtype=dtype)
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(kernels.rms_norm(x, weight, 1e-5), reference.rms_norm(x, weight, 1e-5), atol=tol, rtol=tol)

@@ -3,6 +3,12 @@
 All decode sequences (one new token) run as one padded batch. Sequences with several new tokens
 (prefill, chunked prefill, speculative verification) run one call each: padding them to a common
 query length would cost more than the loop, and their own matmuls dominate anyway.
+
+Where the plugin's C kernels are built (native.py), float32 decode rows take attention_avx2.c
+instead: each sequence's keys read where they lie in the cache, no gather, no padding, and in a
+step of decode rows only the new K/V written by the same call. For one sequence of 200 tokens
+(SmolLM2-135M's heads) the layer's attention went from about 92 to 37 us, most of which is now
+the call's own overhead.
 """
 
 from __future__ import annotations

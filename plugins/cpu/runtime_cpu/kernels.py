@@ -21,41 +21,38 @@ from .moe import batch_invariant_fused_moe, fused_moe
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    rows = _float32_rows(x, weight)
-    if rows is not None:
-        return _native_rms_norm(rows, None, weight, eps).view(x.shape)
+    if _norms_natively(x, weight):
+        return _native_rms_norm(x, None, weight, eps)
     # torch's fused RMSNorm accumulates in float32 for reduced-precision inputs, like the reference.
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-    rows, residual_rows = _float32_rows(x, weight), _float32_rows(residual, weight)
-    if rows is not None and residual_rows is not None:
-        summed = torch.empty(rows.shape)
-        return _native_rms_norm(rows, residual_rows, weight, eps, summed).view(x.shape), summed.view(x.shape)
+    if x.dim() == residual.dim() == 2 and _norms_natively(x, weight) and _norms_natively(residual, weight):
+        summed = torch.empty(x.shape)
+        return _native_rms_norm(x, residual, weight, eps, summed), summed
     summed = x + residual
     return F.rms_norm(summed, (x.shape[-1],), weight, eps), summed
 
 
-def _float32_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-    """``x`` as [rows, D] float32 rows that rows_avx2.c reads in place, where it runs; else None
-    (torch's ops take the call). F.rms_norm is seven small ops on the CPU, about 20 us for one
-    576-wide row (61 a decode token of the embedded model); the C call is a few."""
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.stride(-1) != 1 or not weight.is_contiguous() \
-            or native.library() is None:
-        return None
-    if x.dim() == 2:
-        return x
-    return x.view(-1, x.shape[-1]) if x.is_contiguous() else None
+def _norms_natively(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether rows_avx2.c normalizes ``x`` in place of torch: float32 rows [T, D] or heads
+    [T, H, D], each row contiguous, the heads of a token too. F.rms_norm is seven small ops on the
+    CPU, about 20 us for one 576-wide row (61 a decode token of the embedded model); the C call is
+    a few. The test reads strides, never sizes, so a batch of one takes the path a larger batch
+    does (``is_contiguous`` would call a one-token view contiguous and a larger one not)."""
+    return (x.dtype == weight.dtype == torch.float32 and x.dim() in (2, 3) and x.stride(-1) == 1
+            and (x.dim() == 2 or x.stride(1) == x.shape[2]) and weight.is_contiguous() and weight.shape == x.shape[-1:]
+            and native.library() is not None)
 
 
-def _native_rms_norm(rows: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+def _native_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
                      summed: torch.Tensor | None = None) -> torch.Tensor:
-    out = torch.empty(rows.shape)
-    native.library().rms_norm(rows.data_ptr(), rows.stride(0), None if residual is None else residual.data_ptr(),
-                              0 if residual is None else residual.stride(0), weight.data_ptr(),
-                              out.data_ptr(), None if summed is None else summed.data_ptr(), rows.shape[0],
-                              rows.shape[1], eps)
+    out = torch.empty(x.shape)
+    native.library().rms_norm(x.data_ptr(), x.stride(0), 1 if x.dim() == 2 else x.shape[1],
+                              None if residual is None else residual.data_ptr(), 0 if residual is None else residual.stride(0),
+                              weight.data_ptr(), out.data_ptr(), None if summed is None else summed.data_ptr(),
+                              out.numel() // x.shape[-1], x.shape[-1], eps)
     return out
 
 
@@ -85,14 +82,15 @@ def _rotates_natively(positions: torch.Tensor, query: torch.Tensor, key: torch.T
     the model's maximum length, which the table covers)."""
     head_dim = query.shape[-1]
     return (query.dtype == key.dtype == cos_sin_cache.dtype == torch.float32 and positions.dtype == torch.int64
-            and positions.dim() == 1 and positions.is_contiguous() and cos_sin_cache.is_contiguous()
+            and positions.dim() == 1 and cos_sin_cache.is_contiguous()
             and query.stride()[1:] == key.stride()[1:] == (head_dim, 1) and native.library() is not None)
 
 
 def _native_rotary(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor):
     tokens, heads, head_dim = query.shape
     q_out, k_out = torch.empty(query.shape), torch.empty(key.shape)
-    native.library().rotary_neox(positions.data_ptr(), query.data_ptr(), query.stride(0), key.data_ptr(), key.stride(0),
+    native.library().rotary_neox(positions.data_ptr(), positions.stride(0), query.data_ptr(), query.stride(0),
+                                 key.data_ptr(), key.stride(0),
                                  cos_sin_cache.data_ptr(), q_out.data_ptr(), k_out.data_ptr(), tokens, heads,
                                  key.shape[1], head_dim)
     return q_out, k_out

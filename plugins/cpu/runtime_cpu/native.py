@@ -75,9 +75,10 @@ def library() -> ctypes.CDLL | None:
     lib.paged_decode_attention.argtypes = [pointer, size, size, pointer, pointer, size, pointer, pointer, *[size] * 6, real,
                                            size, real, pointer, size, pointer, size, pointer]
     lib.rms_norm.restype = None
-    lib.rms_norm.argtypes = [pointer, size, pointer, size, pointer, pointer, pointer, size, size, real]
+    lib.rms_norm.argtypes = [pointer, size, size, pointer, size, pointer, pointer, pointer, size, size, real]
     lib.rotary_neox.restype = None
-    lib.rotary_neox.argtypes = [pointer, pointer, size, pointer, size, pointer, pointer, pointer, size, size, size, size]
+    lib.rotary_neox.argtypes = [pointer, size, pointer, size, pointer, size, pointer, pointer, pointer, size, size, size,
+                                size]
     return lib
 
 

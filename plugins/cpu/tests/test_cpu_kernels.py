@@ -29,6 +29,26 @@ def test_rms_norm_and_residual(dtype, magnitude):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_kernels_give_a_token_the_same_bits_in_any_batch(dtype):
+    """Per-head RMSNorm (Qwen3's q/k norm) and rotary on views of a fused qkv output, as the model
+    passes them: a one-token view is contiguous by size alone and a longer one is not, and still
+    each token's result is bitwise its result alone (what --deterministic needs)."""
+    torch.manual_seed(3)
+    heads, kv_heads, dim = 4, 2, 64
+    qkv = torch.randn(6, (heads + 2 * kv_heads) * dim, dtype=dtype)
+    q, k = qkv[:, :heads * dim].view(6, heads, dim), qkv[:, heads * dim:(heads + kv_heads) * dim].view(6, kv_heads, dim)
+    weight = torch.randn(dim, dtype=dtype)
+    cache = build_cos_sin_cache(dim, 10000.0, 64)
+    positions = torch.arange(6) * 5
+    normed = kernels.rms_norm(q, weight, 1e-6)
+    rotated = kernels.rotary_embedding(positions, q, k, cache)
+    for t in range(6):
+        assert torch.equal(kernels.rms_norm(q[t:t + 1], weight, 1e-6), normed[t:t + 1])
+        alone = kernels.rotary_embedding(positions[t:t + 1], q[t:t + 1], k[t:t + 1], cache)
+        assert torch.equal(alone[0], rotated[0][t:t + 1]) and torch.equal(alone[1], rotated[1][t:t + 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rotary_dim,is_neox", [(64, True), (32, True), (64, False)])
 def test_rotary_embedding(dtype, rotary_dim, is_neox):
     torch.manual_seed(1)

@@ -2,10 +2,11 @@
 
 torch ships no 4-bit matmul for x86 that beats ``int4_avx2.c`` on an AVX2-only CPU (int4.py's
 docstring), and at a decode step's few rows its attention, RMSNorm and rotary embedding cost
-more in op dispatch than in arithmetic (``attention_avx2.c``, ``rows_avx2.c``). A wheel of our own would need a build per
-platform: the sources travel with the package and are compiled once per machine into
-``$RUNTIME_CACHE_DIR`` (default ``~/.cache/runtime``), keyed by the sources and flags, so an edit
-or a new flag rebuilds them.
+more in op dispatch than in arithmetic (``attention_avx2.c``, ``rows_avx2.c``). A wheel of our
+own would need a build per platform: the sources travel with the package and are compiled once
+per machine into ``$RUNTIME_CACHE_DIR/native`` (default ``~/.cache/runtime/native``), keyed by
+the sources and flags, so an edit or a new flag builds anew beside the old build.
+
 Without a compiler or AVX2, or with ``RUNTIME_CPU_NATIVE=0``, ``library`` returns None and
 callers keep their torch path: the kernels are an acceleration, never a requirement.
 """
@@ -68,9 +69,9 @@ def library() -> ctypes.CDLL | None:
         detail = exc.stderr.decode(errors="replace").strip() if isinstance(exc, subprocess.CalledProcessError) else exc
         logger.warning("could not build the CPU plugin's C kernels (%s): they stay torch ops", detail)
         return None
-    lib.int4_matmul.restype = ctypes.c_int
-    lib.int4_matmul.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 5
     pointer, size, real = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
+    lib.int4_matmul.restype = ctypes.c_int
+    lib.int4_matmul.argtypes = [pointer] * 4 + [size] * 5
     lib.paged_decode_attention.restype = ctypes.c_int
     lib.paged_decode_attention.argtypes = [pointer, size, size, pointer, pointer, size, pointer, pointer, *[size] * 6, real,
                                            size, real, pointer, size, pointer, size, pointer]
@@ -90,6 +91,3 @@ def _compile(compiler: str, target: Path) -> None:
         built = Path(scratch) / target.name
         subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(built), *LIBS], check=True, capture_output=True)
         os.replace(built, target)
-    for stale in target.parent.glob("kernels_avx2-*.so"):
-        if stale != target:
-            stale.unlink(missing_ok=True)  # an earlier source's build (a process still using it keeps its mapping)

@@ -6,7 +6,8 @@ Usage: python3 benchmarks/spec_gpu.py PART --json OUT.json [options]
                    transformers' GGUF loader (needs the gguf package)
        = runtime   runtime.LLM on --hf-dir: the copy-heavy chat prompts of spec_cpu.py at batch 1
                    and --batch, with and without n-gram proposals (acceptance reported; --profile: then
-                   the kernel time by kernel of one run of each against its wall time)
+                   the kernel time by kernel of one run of each against its wall time; --phases: then
+                   one run of each with the engine step's phases timed, ms a step each)
        = vllm      the same with vLLM 0.22.1 (speculative_config as vLLM reads it)
        = verify    runtime.LLM on --llama-dir (random weights, nothing is ever accepted; --load-format dummy:
                    made up at load, only the config written): decode tok/s
@@ -141,6 +142,10 @@ def runtime_part(args) -> list[dict]:
         generate = functools.partial(output_lengths, llm, SamplingParams)
         rows = copy_rates(generate, prompts, "runtime", label, args.tokens, args.repeats,
                           llm.engine.stats if config else None)
+        if args.phases:
+            for batch, batch_prompts in prompts.items():
+                rows.append(step_phases(llm, lambda: generate(batch_prompts, args.tokens), f"phases {label} batch {batch}"))
+                print(json.dumps(rows[-1]), flush=True)
         if args.profile:
             # Kernel time against wall time: how much of a step the device is busy, by kernel.
             sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "cuda" / "benchmarks"))
@@ -154,6 +159,45 @@ def runtime_part(args) -> list[dict]:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the first engine is gone: its memory goes to the second
     return rows + setting("ngram", NGRAM)
+
+
+def step_phases(llm, run, mode: str) -> dict:
+    """Wall time of each phase of the engine's steps over one ``run()``, in ms a step: scheduling,
+    proposing, the launch (inputs to the device, the forward pass queued or replayed; ``replay``
+    is the graph replay's share), sampling queued, the collect (waiting for the device, then the
+    read-back) and the scheduler's update; ``other`` is the rest of ``LLM.generate``'s loop
+    (outputs, detokenizing). Where the device is the bottleneck the wait shows in ``collect``."""
+    engine = llm.engine
+    runner = engine.runner
+    totals: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    targets = [("schedule", engine.scheduler, "schedule"), ("look_ahead", engine.scheduler, "look_ahead"),
+               ("update", engine.scheduler, "update"), ("launch", runner, "launch"), ("sample", runner, "sample"),
+               ("collect", runner, "collect"), ("replay", getattr(runner, "decode_graphs", None), "run"),
+               ("step", engine, "step")]
+    targets.append(("propose", engine.proposer, "propose"))
+    targets = [(label, owner, name) for label, owner, name in targets if owner is not None]  # no graphs, no proposer
+    for label, owner, name in targets:
+        def timed(*args, _original=getattr(owner, name), _label=label, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                totals[_label] = totals.get(_label, 0.0) + time.perf_counter() - start
+                calls[_label] = calls.get(_label, 0) + 1
+        setattr(owner, name, timed)
+    try:
+        start = time.perf_counter()
+        run()
+        wall = time.perf_counter() - start
+    finally:
+        for _, owner, name in targets:
+            delattr(owner, name)  # the instance attribute goes, the class's method shows again
+    steps = calls["step"]
+    per_step = {label: round(1e3 * t / steps, 3) for label, t in sorted(totals.items())}
+    per_step["other"] = round(1e3 * (wall - totals["step"]) / steps, 3)
+    return {"engine": "runtime", "mode": mode, "steps": steps, "graph_replays": calls.get("replay", 0),
+            "wall_s": round(wall, 4), "phase_ms_per_step": per_step}
 
 
 def vllm_part(args) -> list[dict]:
@@ -238,6 +282,8 @@ def main() -> None:
                                                                "config (written if missing), no checkpoint on disk")
     parser.add_argument("--profile", action="store_true", help="runtime: then kernel time by kernel of one run "
                                                                  "at each batch, without and with proposals")
+    parser.add_argument("--phases", action="store_true", help="runtime: then the engine step's phases timed over one "
+                                                                "run at each batch, without and with proposals")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="each timing is the best of this many runs")

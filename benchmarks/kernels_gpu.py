@@ -14,6 +14,11 @@
   with the same slots grouped as the scheduler orders a step's rows, beside the projection's own
   bf16 matmul: whether a decode step's LoRA cost is the launches' floor or their work; up to 16
   tokens also ``linear_lora`` against the skinny matmul alone and followed by ``lora_add``.
+- ``lora-trace``: eight Llama-3-8B layers' projections at one token chained as a decode step runs
+  them (qkv, o, gate/up, down, each reading the one before), the skinny matmul alone against
+  ``linear_lora`` with an adapter, and each chain's kernels from the profiler: every kernel's
+  mean duration and the mean gap before it (negative: it overlapped the kernel before it), so the
+  adapter's cost a projection splits into the shrink, the waits and the projection's own time.
 - ``moe-sweep``: ``fused_moe`` on one layer of Mixtral-8x7B's (or ``--moe-shape``'s) experts at
   1 to 2048 tokens: each of its two launches (gate/up, down) under a grid of tile plans while the
   other keeps its own plan, then both best plans together, beside the op's own plans: what
@@ -23,7 +28,7 @@
 
 Every figure is a CUDA graph of 50 calls replayed, divided by 50. One JSON line per case.
 (``benchmarks/moe_gpu.py kernel`` measures ``fused_moe`` the same way.)
-Usage: python3 benchmarks/kernels_gpu.py [wna16] [wna16-sweep] [deterministic-sweep] [lora-sweep] [moe-sweep] [bitmask] [--json FILE]
+Usage: python3 benchmarks/kernels_gpu.py [wna16] [wna16-sweep] [deterministic-sweep] [lora-sweep] [lora-trace] [moe-sweep] [bitmask] [--json FILE]
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -265,6 +271,72 @@ def lora_sweep(bandwidth: float) -> list[dict]:
     return out
 
 
+def kernel_timeline(graph: torch.cuda.CUDAGraph) -> list[dict]:
+    """Each kernel name of one replay of ``graph``: launches, mean duration and mean gap from the end
+    of the kernel before it to its start (us), from the profiler's CUDA events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    by_name: dict[str, dict] = {}
+    for before, kernel in zip([None] + kernels[:-1], kernels):
+        row = by_name.setdefault(kernel.name[:60], {"kernel": kernel.name[:60], "launches": 0, "us": 0.0, "gap_us": 0.0})
+        row["launches"] += 1
+        row["us"] += kernel.time_range.elapsed_us()
+        if before is not None:
+            row["gap_us"] += kernel.time_range.start - before.time_range.end
+    return [{**row, "us": round(row["us"] / row["launches"], 2), "gap_us": round(row["gap_us"] / row["launches"], 2)}
+            for row in by_name.values()]
+
+
+def lora_trace(bandwidth: float, layers: int = 8) -> list[dict]:
+    from runtime_triton import lora, skinny_matmul
+
+    slices = {"qkv": [4096, 1024, 1024], "o": [4096], "gate_up": [14336, 14336], "down": [4096]}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    weights = []
+    for _ in range(layers):
+        for name, (n, k) in LLAMA8B_LINEARS.items():
+            parts, rank = slices[name], 16
+            weights.append((torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02,
+                            torch.randn(8, len(parts) * rank, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02,
+                            torch.randn(8, n, rank, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02, parts))
+    x0 = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16, generator=g)
+    slots = torch.zeros(1, device="cuda", dtype=torch.int32)
+
+    def chain(adapted: bool):
+        x = x0
+        for weight, lora_a, lora_b, parts in weights:
+            # Each projection reads its predecessor's output cut to its input width (never wider than
+            # that output in this order), so it starts when the one before has finished, as in a layer.
+            x = x[:, :weight.shape[1]]
+            x = (lora.linear_lora(x, weight, None, lora_a, lora_b, slots, parts, 0.5) if adapted
+                 else skinny_matmul.linear(x, weight))
+        return x
+
+    out = []
+    for adapted in (False, True):
+        chain(adapted)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            chain(adapted)
+        graph.replay()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(20):
+            graph.replay()
+        torch.cuda.synchronize()
+        row = {"kernel": "lora-trace", "adapter": adapted, "layers": layers,
+               "us_per_layer": round((time.perf_counter() - start) / 20 / layers * 1e6, 2),
+               "timeline": kernel_timeline(graph)}
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    return out
+
+
 def moe_plans(block_m: int) -> list:
     """Tile plans tried for ``fused_moe``'s launches: for 16-row blocks (the smallest tl.dot takes)
     narrow to wide column tiles and deep K steps (the weights dominate), else square tiles."""
@@ -363,7 +435,7 @@ def bitmask_cases(bandwidth: float) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kernels", nargs="*", help="wna16, wna16-sweep, deterministic-sweep, lora-sweep, moe-sweep, bitmask (default: wna16 and bitmask)")
+    parser.add_argument("kernels", nargs="*", help="wna16, wna16-sweep, deterministic-sweep, lora-sweep, lora-trace, moe-sweep, bitmask (default: wna16 and bitmask)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--sweep-rows", type=int, nargs="+", default=[1, 64, 256, 512, 2048, 8192],
                         help="wna16-sweep: the numbers of rows tried")
@@ -375,7 +447,7 @@ def main() -> None:
     args = parser.parse_args()
     cases = {"wna16": wna16_cases, "wna16-sweep": lambda bandwidth: wna16_sweep(bandwidth, tuple(args.sweep_rows)),
              "deterministic-sweep": lambda bandwidth: deterministic_sweep(bandwidth, tuple(args.det_rows)),
-             "lora-sweep": lora_sweep,
+             "lora-sweep": lora_sweep, "lora-trace": lora_trace,
              "moe-sweep": lambda bandwidth: moe_sweep(bandwidth, args.moe_shape, tuple(args.moe_tokens)),
              "bitmask": bitmask_cases}
     unknown = set(args.kernels) - set(cases)

@@ -192,18 +192,34 @@ def _partitioned_output_tile(rows, slots_ptr, y_ptr, tokens, out_features, end0,
 
 
 @triton.jit
+def _rank_range(col_ok, part, rank):
+    """The rank columns a tile's output columns read: those of every partition the tile spans."""
+    return tl.min(tl.where(col_ok, part, NO_SLOT), 0) * rank, (tl.max(tl.where(col_ok, part, 0), 0) + 1) * rank
+
+
+@triton.jit
+def _adapter_columns(b_ptr, slot, cols, col_ok, part, ranks, rank, k_end, stride_bs, stride_bo, load_ok):
+    """b[slot][cols, rank step] [BLOCK_N, BLOCK_K]: each column's own partition's rank slice, zeros for the
+    other partitions' ranks, for ranks past ``k_end`` and where not ``load_ok``."""
+    w_cols = cols[:, None].to(tl.int64) * stride_bo + (ranks % rank)[None, :]
+    w_ok = col_ok[:, None] & ((ranks // rank)[None, :] == part[:, None]) & (ranks < k_end)[None, :]
+    return tl.load(b_ptr + slot.to(tl.int64) * stride_bs + w_cols, mask=w_ok & load_ok, other=0.0)
+
+
+@triton.jit
 def _add_expanded_partials(acc, rows, cols, col_ok, tile_slots, part, partials_ptr, b_ptr, rank, splits, stride_ps,
-                           stride_pt, stride_bs, stride_bo, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                           SPLIT_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                           stride_pt, stride_bs, stride_bo, first_w, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                           SPLIT_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr, PRELOADED: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N] += (sum of the shrink's partials) @ b[slot].T for each row's slot.
 
     ``partials`` [splits, T, n * rank] float32 are the shrink's partial sums over slices of the
     input features, for every partition stacked along the rank; a column of partition p takes rank
     columns p * rank to (p + 1) * rank. A tile's columns may span partitions (small projections):
     the reduction then covers each partition's rank slice, with b's columns of the other partitions
-    masked to zero."""
-    k_start = tl.min(tl.where(col_ok, part, NO_SLOT), 0) * rank
-    k_end = (tl.max(tl.where(col_ok, part, 0), 0) + 1) * rank
+    masked to zero. ``PRELOADED``: ``first_w`` holds the tile's first rank step of its smallest slot
+    (``_adapter_columns``), loaded by the caller before it had to wait for the partials."""
+    k_start, k_end = _rank_range(col_ok, part, rank)
+    first_slot = _next_slot(tile_slots, -1)
     reduce = tl.arange(0, BLOCK_K)
     split_block = tl.arange(0, SPLIT_BLOCK)
     row_partials = partials_ptr + rows[:, None].to(tl.int64) * stride_pt
@@ -220,11 +236,14 @@ def _add_expanded_partials(acc, rows, cols, col_ok, tile_slots, part, partials_p
             ptrs = (row_partials + ranks[None, :])[None, :, :] + which[:, None, None].to(tl.int64) * stride_ps
             ok = (which < splits)[:, None, None] & (adapted & rank_ok)[None, :, :]
             shrunk += tl.sum(tl.load(ptrs, mask=ok, other=0.0), 0)
-        w_cols = cols[:, None].to(tl.int64) * stride_bo + (ranks % rank)[None, :]
-        w_ok = col_ok[:, None] & ((ranks // rank)[None, :] == part[:, None]) & rank_ok
-        slot = _next_slot(tile_slots, -1)
+        slot = first_slot
         while slot < NO_SLOT:
-            w = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + w_cols, mask=w_ok, other=0.0)
+            if PRELOADED:
+                fresh = (k != k_start) | (slot != first_slot)
+                w = tl.where(fresh, _adapter_columns(b_ptr, slot, cols, col_ok, part, ranks, rank, k_end, stride_bs,
+                                                     stride_bo, fresh), first_w)
+            else:
+                w = _adapter_columns(b_ptr, slot, cols, col_ok, part, ranks, rank, k_end, stride_bs, stride_bo, True)
             mine = tl.where((tile_slots == slot)[:, None], shrunk, 0.0)
             acc += tl.dot(mine.to(w.dtype), tl.trans(w), input_precision=DOT_PRECISION)
             slot = _next_slot(tile_slots, slot)
@@ -241,8 +260,8 @@ def _lora_add_expand_kernel(partials_ptr, b_ptr, slots_ptr, y_ptr, tokens, out_f
     cols, col_ok, tile_slots, tile_ok, acc, part = _partitioned_output_tile(
         rows, slots_ptr, y_ptr, tokens, out_features, end0, end1, end2, stride_yt, BLOCK_N)
     acc = _add_expanded_partials(acc, rows, cols, col_ok, tile_slots, part, partials_ptr, b_ptr, rank, splits,
-                                 stride_ps, stride_pt, stride_bs, stride_bo, BLOCK_M, BLOCK_K, SPLIT_BLOCK,
-                                 DOT_PRECISION)
+                                 stride_ps, stride_pt, stride_bs, stride_bo, 0, BLOCK_M, BLOCK_K, SPLIT_BLOCK,
+                                 DOT_PRECISION, False)
     # The tile's pointers again rather than kept through the loop: fewer registers held.
     y_tile = y_ptr + rows[:, None].to(tl.int64) * stride_yt + cols[None, :]
     tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=tile_ok)
@@ -261,15 +280,22 @@ def _linear_lora_kernel(x_ptr, w_ptr, bias_ptr, shrunk_ptr, b_ptr, slots_ptr, ou
     rows = tl.arange(0, 16)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
+    # What the adapters' products read besides the shrink's sums (the rows' slots and the first
+    # rank step of the smallest slot's b, all a decode tile of one adapter needs) is loaded before
+    # the product: after it only the sums are waited for, not two more loads one after the other.
+    tile_slots = tl.load(slots_ptr + rows, mask=rows < M, other=-1).to(tl.int32)
+    part = _partition(cols, end0, end1, end2)
+    k_start, k_end = _rank_range(col_ok, part, rank)
+    first_slot = _next_slot(tile_slots, -1)
+    first_w = _adapter_columns(b_ptr, first_slot, cols, col_ok, part, k_start + tl.arange(0, LORA_BLOCK_K), rank,
+                               k_end, stride_bs, stride_bo, first_slot < NO_SLOT)
     acc = skinny_product(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, cols, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if AFTER_SHRINK:
         gdc.gdc_wait()
-    tile_slots = tl.load(slots_ptr + rows, mask=rows < M, other=-1).to(tl.int32)
-    acc = _add_expanded_partials(acc, rows, cols, col_ok, tile_slots, _partition(cols, end0, end1, end2),
-                                 shrunk_ptr, b_ptr, rank, 1, 0, stride_st, stride_bs, stride_bo, 16, LORA_BLOCK_K, 1,
-                                 DOT_PRECISION)
+    acc = _add_expanded_partials(acc, rows, cols, col_ok, tile_slots, part, shrunk_ptr, b_ptr, rank, 1, 0,
+                                 stride_st, stride_bs, stride_bo, first_w, 16, LORA_BLOCK_K, 1, DOT_PRECISION, True)
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < M) & col_ok[None, :])
 

@@ -317,20 +317,27 @@ def lora_trace(bandwidth: float, layers: int = 8) -> list[dict]:
                  else skinny_matmul.linear(x, weight))
         return x
 
+    # The shrink's tile (bytes of a row a reduction step reads) and warps, as linear_lora launches
+    # it at one token: ptxas gives 242 registers a thread at 256 bytes and 8 warps (a whole
+    # multiprocessor's register file while it runs), 127 at 64 bytes and 4 warps.
+    defaults = lora.SHRINK_STEP_BYTES, lora.ADD_WARPS
     out = []
-    for adapted in (False, True):
+    for adapted, step_bytes, warps in ((False, None, None), (True, *defaults), (True, 64, 4), (True, 128, 4)):
+        if adapted:
+            lora.SHRINK_STEP_BYTES, lora.ADD_WARPS = step_bytes, warps
         chain(adapted)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             chain(adapted)
+        lora.SHRINK_STEP_BYTES, lora.ADD_WARPS = defaults
         graph.replay()
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(20):
             graph.replay()
         torch.cuda.synchronize()
-        row = {"kernel": "lora-trace", "adapter": adapted, "layers": layers,
-               "us_per_layer": round((time.perf_counter() - start) / 20 / layers * 1e6, 2),
+        row = {"kernel": "lora-trace", "adapter": adapted, "shrink_step_bytes": step_bytes, "shrink_warps": warps,
+               "layers": layers, "us_per_layer": round((time.perf_counter() - start) / 20 / layers * 1e6, 2),
                "timeline": kernel_timeline(graph)}
         out.append(row)
         print(json.dumps(row), flush=True)

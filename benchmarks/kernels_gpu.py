@@ -36,13 +36,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from moe_gpu import copy_bandwidth, graph_us  # noqa: E402
+from moe_gpu import captured, copy_bandwidth, graph_us, replay_seconds  # noqa: E402
 
 LLAMA8B_LINEARS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 """Output and input width of each projection of one layer."""
@@ -325,19 +324,10 @@ def lora_trace(bandwidth: float, layers: int = 8) -> list[dict]:
     for adapted, step_bytes, warps in ((False, None, None), (True, *defaults), (True, 64, 4), (True, 128, 4)):
         if adapted:
             lora.SHRINK_STEP_BYTES, lora.ADD_WARPS = step_bytes, warps
-        chain(adapted)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            chain(adapted)
+        graph = captured(lambda: chain(adapted), calls=1)
         lora.SHRINK_STEP_BYTES, lora.ADD_WARPS = defaults
-        graph.replay()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(20):
-            graph.replay()
-        torch.cuda.synchronize()
         row = {"kernel": "lora-trace", "adapter": adapted, "shrink_step_bytes": step_bytes, "shrink_warps": warps,
-               "layers": layers, "us_per_layer": round((time.perf_counter() - start) / 20 / layers * 1e6, 2),
+               "layers": layers, "us_per_layer": round(replay_seconds(graph, 20) / layers * 1e6, 2),
                "timeline": kernel_timeline(graph)}
         out.append(row)
         print(json.dumps(row), flush=True)

@@ -82,20 +82,30 @@ def copy_bandwidth() -> float:
     return 10 * 2 * src.numel() * src.element_size() / (time.perf_counter() - start)
 
 
-def graph_us(call) -> float:
-    """Microseconds a call takes, from a CUDA graph of 50 of them replayed 4 times."""
+def captured(call, calls: int = 50) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``calls`` calls of ``call`` (run once before, to compile), replayed once."""
     call()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(50):
+        for _ in range(calls):
             call()
     graph.replay()
+    return graph
+
+
+def replay_seconds(graph: torch.cuda.CUDAGraph, replays: int) -> float:
+    """Seconds one replay of ``graph`` takes, over ``replays`` of them back to back."""
     torch.cuda.synchronize()
     start = time.perf_counter()
-    for _ in range(4):
+    for _ in range(replays):
         graph.replay()
     torch.cuda.synchronize()
-    return (time.perf_counter() - start) / 200 * 1e6
+    return (time.perf_counter() - start) / replays
+
+
+def graph_us(call) -> float:
+    """Microseconds a call takes, from a CUDA graph of 50 of them replayed 4 times."""
+    return replay_seconds(captured(call), 4) / 50 * 1e6
 
 
 def bytes_per_token(config: transformers.PretrainedConfig, context: int) -> dict:

@@ -334,6 +334,15 @@ def request_generator(request: Request, device: torch.device | str, generators: 
     return generators[request.request_id]
 
 
+def argmax_only(request: Request) -> bool:
+    """Whether the request's next token is the argmax of the raw logits, with nothing else to
+    report: greedy, no logprobs, and nothing that changes the logits (penalties, logit_bias, stop
+    tokens that min_tokens still blocks; a grammar is the caller's to check)."""
+    params = request.sampling_params
+    return (params.greedy and params.logprobs is None and not params.logit_bias and params.repetition_penalty == 1.0
+            and params.frequency_penalty == 0.0 and params.presence_penalty == 0.0 and not stop_tokens_blocked(request))
+
+
 def stop_tokens_blocked(request: Request) -> set[int]:
     """Tokens the request may not sample yet: its stop tokens (and EOS unless ignore_eos) until min_tokens are out."""
     params = request.sampling_params

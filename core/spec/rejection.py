@@ -82,7 +82,13 @@ class DraftLayout:
         # Positions past a request's own rows read its last row, whose proposal is none (-1).
         self._index = self.row_start[:, None] + np.minimum(np.arange(width)[None, :], self.num_drafts[:, None])
         self._device = device
-        self.row_views = [RowView(r, d, j) for r, d in zip(requests, drafts) for j in range(len(d) + 1)]
+        self._requests, self._drafts = requests, drafts
+
+    @functools.cached_property
+    def row_views(self) -> list[RowView]:
+        """Each verified row as the sampler sees a request (made when sampling settings are built:
+        a verification of argmax rows needs none)."""
+        return [RowView(r, d, j) for r, d in zip(self._requests, self._drafts) for j in range(len(d) + 1)]
 
     @functools.cached_property
     def tensors(self) -> LayoutTensors:

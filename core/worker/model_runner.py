@@ -31,7 +31,7 @@ from ..platform.buckets import bucket_for, sequence_buckets
 from ..platform.reference import host_cache_shape
 from ..pooling import PoolingSpec
 from ..pooling.pooler import pool, vector_bytes
-from ..sample.sampler import RecentRowColumns, Sampler, SamplerOutput, SamplingMetadata, top_logprobs
+from ..sample.sampler import RecentRowColumns, Sampler, SamplerOutput, SamplingMetadata, argmax_only, top_logprobs
 from ..sample.params import SamplingParams
 from ..sample.static_shapes import full_grammar_mask, static_sampling_metadata
 from ..sched.request import Request
@@ -457,18 +457,23 @@ class ModelRunner:
         """Sample a step with proposed tokens: the logits of each sampling request's last token
         and of its proposals, verified together (``Sampler.verify``)."""
         drafts = [scheduled[i].draft_token_ids for i in sample_rows]
+        requests = [scheduled[i].request for i in sample_rows]
         # From each request's first row: a verification graph's step pads requests after their tokens.
         last_known = [int(query_start[i]) + scheduled[i].num_new_tokens - 1 - len(d) for i, d in zip(sample_rows, drafts)]
         rows = np.concatenate([np.arange(first, first + len(d) + 1) for first, d in zip(last_known, drafts)])
-        layout = DraftLayout([scheduled[i].request for i in sample_rows], drafts, self.device)
-        sampling = SamplingMetadata.from_requests(layout.row_views, self.settings.vocab_size, self.device, self.generators,
-                                                  self.recent_row_columns)
-        sampling.grammar = mask
+        layout = DraftLayout(requests, drafts, self.device)
         # Rows rise by construction: one run of them (batch 1, or every request with k proposals) is a
         # view, with no copy of the row ids to the device and no gather before the lm_head.
         contiguous = int(rows[-1]) - int(rows[0]) + 1 == len(rows)
         logits = self.model.compute_logits(hidden[int(rows[0]):int(rows[-1]) + 1] if contiguous
                                            else hidden[host_to_device(rows.tolist(), torch.int64, self.device)])
+        if mask is None and all(argmax_only(request) for request in requests):
+            # Every row's token is its argmax (matched on the host, DraftLayout.emitted): no per-row
+            # sampling settings to build (one per verified row) and no float32 copy of the logits.
+            return SamplerOutput(logits.argmax(-1)), layout
+        sampling = SamplingMetadata.from_requests(layout.row_views, self.settings.vocab_size, self.device, self.generators,
+                                                  self.recent_row_columns)
+        sampling.grammar = mask
         return self.sampler.verify(logits, sampling, layout), layout
 
     def _add_images(self, scheduled: list[ScheduledRequest], batch: ForwardBatch, step: StepInputs) -> None:

@@ -18,7 +18,7 @@ from tiny_models import ARCHITECTURES, make_tiny_checkpoint
 
 from runtime import LLM, SamplingParams
 from runtime.platform.reference import apply_top_k_top_p_min_p
-from runtime.sample.sampler import Sampler, SamplingMetadata
+from runtime.sample.sampler import Sampler, SamplingMetadata, argmax_only
 from runtime.kv.manager import KVCacheManager
 from runtime.sched.request import Request
 from runtime.sched.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
@@ -136,6 +136,23 @@ def test_greedy_verification_accepts_exactly_the_matching_prefix():
     meta = SamplingMetadata.from_requests(layout.row_views, vocab, "cpu", {})
     out = Sampler().verify(logits[:layout.num_rows], meta, layout)
     assert layout.emitted(out) == [best[0:3], [best[4]], best[5:11]]
+
+
+@pytest.mark.parametrize("params, expected", [
+    ({"temperature": 0.0}, True),
+    ({"temperature": 0.0, "min_tokens": 2}, True),  # two tokens out already: nothing blocked
+    ({"temperature": 0.8}, False),
+    ({"temperature": 0.0, "logprobs": 1}, False),
+    ({"temperature": 0.0, "repetition_penalty": 1.3}, False),
+    ({"temperature": 0.0, "frequency_penalty": 0.5}, False),
+    ({"temperature": 0.0, "presence_penalty": 0.5}, False),
+    ({"temperature": 0.0, "logit_bias": {3: 2.0}}, False),
+    ({"temperature": 0.0, "min_tokens": 5}, False),  # EOS still blocked
+])
+def test_verification_skips_sampling_settings_only_for_plain_argmax(params, expected):
+    """The engine's verification takes each row's argmax with no sampling settings only for
+    requests where nothing changes or reports the logits; the others go through the sampler."""
+    assert argmax_only(make_request(output=(5, 6), **params)) is expected
 
 
 def test_greedy_rows_stay_greedy_beside_sampled_rows():

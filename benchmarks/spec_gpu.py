@@ -166,7 +166,9 @@ def step_phases(llm, run, mode: str) -> dict:
     proposing, the launch (inputs to the device, the forward pass queued or replayed; ``replay``
     is the graph replay's share), sampling queued, the collect (waiting for the device, then the
     read-back) and the scheduler's update; ``other`` is the rest of ``LLM.generate``'s loop
-    (outputs, detokenizing). Where the device is the bottleneck the wait shows in ``collect``."""
+    (outputs, detokenizing). Where the device is the bottleneck the wait shows in ``collect``.
+    Counted too: the launches (forward passes) and those of steps where a request had proposals,
+    so tokens a forward pass splits into verification steps and plain ones."""
     engine = llm.engine
     runner = engine.runner
     totals: dict[str, float] = {}
@@ -177,8 +179,11 @@ def step_phases(llm, run, mode: str) -> dict:
                ("step", engine, "step")]
     targets.append(("propose", engine.proposer, "propose"))
     targets = [(label, owner, name) for label, owner, name in targets if owner is not None]  # no graphs, no proposer
+    verifying = [0]  # launches of a step where some request had proposals
     for label, owner, name in targets:
         def timed(*args, _original=getattr(owner, name), _label=label, **kwargs):
+            if _label == "launch" and any(s.draft_token_ids for s in args[0].scheduled):
+                verifying[0] += 1
             start = time.perf_counter()
             try:
                 return _original(*args, **kwargs)
@@ -196,7 +201,8 @@ def step_phases(llm, run, mode: str) -> dict:
     steps = calls["step"]
     per_step = {label: round(1e3 * t / steps, 3) for label, t in sorted(totals.items())}
     per_step["other"] = round(1e3 * (wall - totals["step"]) / steps, 3)
-    return {"engine": "runtime", "mode": mode, "steps": steps, "graph_replays": calls.get("replay", 0),
+    return {"engine": "runtime", "mode": mode, "steps": steps, "verification_launches": verifying[0],
+            "forward_launches": calls.get("launch", 0), "graph_replays": calls.get("replay", 0),
             "wall_s": round(wall, 4), "phase_ms_per_step": per_step}
 
 

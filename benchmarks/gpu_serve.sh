@@ -172,6 +172,9 @@ for stage in "$@"; do
     lora-sweep)
       timeout ${SWEEP_TIMEOUT:-540} python3 benchmarks/kernels_gpu.py lora-sweep --json $R/lora-sweep/sweep.json \
         2>&1 | tee $R/lora-sweep/run.log ;;
+    lora-trace)
+      timeout ${SWEEP_TIMEOUT:-300} python3 benchmarks/kernels_gpu.py lora-trace --json $R/lora-trace/trace.json \
+        2>&1 | cut -c1-2000 | tee $R/lora-trace/run.log ;;
     vision)
       [ -e /tmp/llava7b/config.json ] || timeout 600 python3 benchmarks/vision_gpu.py write --dir /tmp/llava7b 2>&1 | tail -3
       for part in ${VISION_PARTS:-runtime vllm}; do

@@ -521,6 +521,38 @@ def test_kv_cache_after_rejections_holds_the_accepted_tokens(checkpoints):
         torch.testing.assert_close(spec[rid], values, rtol=1e-4, atol=1e-5)
 
 
+def test_oracle_proposals_under_penalties_and_bias_match_without_proposals(checkpoints, monkeypatch):
+    """Greedy requests whose logits are changed (penalties, logit bias) are verified through the
+    sampler, each row seeing the proposals before it as output: with every decode step verifying
+    (no back-off) the right continuation and some wrong tokens after it, outputs equal a run
+    without proposals. The settings change those outputs, so verifying on the raw argmax would
+    be caught."""
+    monkeypatch.setattr(Request, "MAX_PROPOSAL_PAUSE", 0)
+    path = checkpoints("llama")
+    prompts = _repetitive_prompts(4, seed=5)
+    changed = [dict(repetition_penalty=1.5), dict(frequency_penalty=2.0, presence_penalty=2.0),
+               dict(logit_bias={prompts[2][-1]: 4.0, prompts[2][-2]: 4.0})]
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, **extra) for extra in changed]
+    options = dict(kv_cache_memory="8MiB", max_model_len=160)
+    plain = LLM(str(path), **options)
+    requests = [{"prompt_token_ids": p} for p in prompts[:len(params)]]
+    reference = plain.generate(requests, params, use_tqdm=False)
+    raw = plain.generate(requests, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    ref_tokens = {f"{i}": list(o.outputs[0].token_ids) for i, o in enumerate(reference)}
+    assert all(ref_tokens[f"{i}"] != list(o.outputs[0].token_ids) for i, o in enumerate(raw))
+
+    spec = LLM(str(path), speculative_config={"method": "ngram", "num_speculative_tokens": 4}, **options)
+    spec.engine.proposer = OracleProposer(ref_tokens, {f"{i}": len(p) for i, p in enumerate(prompts)})
+    tokens = {f"{i}": [] for i in range(len(requests))}
+    for i, request in enumerate(requests):  # one at a time: each setting decides its own steps' path
+        spec.engine.add_request(f"{i}", request["prompt_token_ids"], params[i])
+        while spec.engine.has_unfinished_requests():
+            for out in spec.engine.step():
+                tokens[out.request_id] += out.new_token_ids
+    assert tokens == ref_tokens
+    assert spec.engine.stats().spec_num_accepted_tokens > 0
+
+
 def test_stop_strings_and_penalties_match_without_proposals(checkpoints):
     path = checkpoints("llama")
     prompts = [{"prompt_token_ids": p} for p in _repetitive_prompts(6, seed=7)]

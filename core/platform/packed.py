@@ -24,8 +24,8 @@ from .interface import RawQuantizedTensor
 class GroupQuantData:
     """Integer weights with one scale and zero point per group of input columns.
 
-    ``W[n, k] = (qweight[n, k] - zeros[n, g]) * scales[n, g]`` with ``g = g_idx[k]`` (or
-    ``k // group_size`` when ``g_idx`` is None: groups are contiguous runs of columns).
+    ``W[n, k] = (qweight[n, k] - zeros[n, g]) * scales[n, g] (+ offsets[n, g])`` with ``g = g_idx[k]``
+    (or ``k // group_size`` when ``g_idx`` is None: groups are contiguous runs of columns).
     """
 
     qweight: torch.Tensor
@@ -39,13 +39,16 @@ class GroupQuantData:
     """Columns per group; K for one group per row (``group_size: -1`` in a config)."""
     g_idx: torch.Tensor | None = None
     """[K] int32 group of each input column (GPTQ's act-order); None: contiguous groups."""
+    offsets: torch.Tensor | None = None
+    """[N, G] float32 added after scaling (GGUF's minimums, ``runtime.platform.gguf_groups``); None: none."""
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.qweight.shape)
 
     def __getitem__(self, rows: slice) -> GroupQuantData:
-        return replace(self, qweight=self.qweight[rows], scales=self.scales[rows], zeros=self.zeros[rows])
+        return replace(self, qweight=self.qweight[rows], scales=self.scales[rows], zeros=self.zeros[rows],
+                       offsets=None if self.offsets is None else self.offsets[rows])
 
     def columns(self, start: int, end: int) -> GroupQuantData:
         """Input columns [start, end): with contiguous groups only whole groups can be cut (a
@@ -59,7 +62,7 @@ class GroupQuantData:
                              f"features is a multiple of {size}")
         groups = slice(start // size, -(-end // size))
         return replace(self, qweight=self.qweight[:, start:end], scales=self.scales[:, groups],
-                       zeros=self.zeros[:, groups])
+                       zeros=self.zeros[:, groups], offsets=None if self.offsets is None else self.offsets[:, groups])
 
     def group_of_columns(self) -> torch.Tensor:
         """[K] int64: the group index of each input column."""
@@ -71,7 +74,10 @@ class GroupQuantData:
         """The dense [N, K] weight, computed in float64 and rounded once to ``dtype``."""
         groups = self.group_of_columns()
         scales, zeros = self.scales.double()[:, groups], self.zeros.double()[:, groups]
-        return ((self.qweight.double() - zeros) * scales).to(dtype)
+        dense = (self.qweight.double() - zeros) * scales
+        if self.offsets is not None:
+            dense += self.offsets.double()[:, groups]
+        return dense.to(dtype)
 
 
 @dataclass
@@ -113,7 +119,8 @@ def cat_rows(parts: list[PackedData]) -> PackedData:
         if any((p.bits, p.group_size) != (first.bits, first.group_size) for p in parts):
             raise ValueError("fused projections quantized with different bits or group sizes cannot share one weight")
     tensors = {f.name: torch.cat([getattr(p, f.name) for p in parts])
-               for f in fields(first) if f.name in ("qweight", "scales", "zeros", "weight", "scale")}
+               for f in fields(first) if f.name in ("qweight", "scales", "zeros", "offsets", "weight", "scale")
+               and getattr(parts[0], f.name) is not None}
     if isinstance(first, Fp8Data) and first.input_scale is not None:
         # One input feeds every partition: the largest static scale covers all of them (as vLLM does).
         tensors["input_scale"] = torch.stack([p.input_scale for p in parts]).max()

@@ -46,11 +46,10 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from gguf.quants import Q4_K
 
 from runtime.platform import RawQuantizedTensor
+from runtime.platform.gguf_groups import group_quant
 from runtime.platform.packed import GroupQuantData
 
 from . import native
@@ -96,41 +95,21 @@ def pack(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_siz
 
 
 def from_group_quant(data: GroupQuantData) -> Int4Weight:
-    """A 4-bit GPTQ/AWQ/compressed-tensors weight (``supports_group_quant``) repacked."""
+    """A 4-bit GPTQ/AWQ/compressed-tensors/GGUF weight (``supports_group_quant``) repacked."""
     order = None
     q, scales, zeros = data.qweight, data.scales.float(), data.zeros.float()
     if data.g_idx is not None:
         order = torch.argsort(data.g_idx.long(), stable=True)
         q = q[:, order]
-    return pack(q, scales, (8 - zeros) * scales, data.group_size, order)
+    offsets = (8 - zeros) * scales
+    if data.offsets is not None:
+        offsets += data.offsets.float()
+    return pack(q, scales, offsets, data.group_size, order)
 
 
 def from_gguf(raw: RawQuantizedTensor) -> Int4Weight:
     """A GGUF Q4_0 / Q4_1 / Q4_K matrix (``raw.data``: rows of blocks) repacked, groups of 32."""
-    rows, cols = raw.shape
-    blocks = np.ascontiguousarray(raw.data).view(np.uint8)
-    if raw.qtype == "Q4_K":
-        blocks = blocks.reshape(rows * cols // 256, 144)
-        d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
-        dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
-        sub_scales, sub_mins = Q4_K.get_scale_min(blocks[:, 4:16].copy())
-        scales = d * sub_scales.astype(np.float32)  # [blocks, 8]
-        offsets = 8 * scales - dmin * sub_mins.astype(np.float32)
-        # 4 runs of 32 bytes: low nibbles are sub-block 2c, high nibbles sub-block 2c + 1.
-        nibbles = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
-    else:
-        size = 18 if raw.qtype == "Q4_0" else 20
-        blocks = blocks.reshape(rows * cols // 32, size)
-        scales = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
-        if raw.qtype == "Q4_0":
-            offsets = np.zeros_like(scales)
-        else:
-            offsets = blocks[:, 2:4].copy().view(np.float16).astype(np.float32) + 8 * scales
-        # Low nibbles are values 0-15 of the block, high nibbles 16-31.
-        nibbles = blocks[:, size - 16:].reshape(-1, 1, 16) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)
-    q = torch.from_numpy((nibbles & 0x0F).reshape(rows, cols))
-    groups = cols // 32
-    return pack(q, torch.from_numpy(scales.reshape(rows, groups)), torch.from_numpy(offsets.reshape(rows, groups)), 32)
+    return from_group_quant(group_quant(raw))
 
 
 @functools.cache

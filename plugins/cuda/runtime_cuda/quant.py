@@ -1,8 +1,12 @@
 """Quantization methods of the CUDA platform.
 
-``CudaGgufMethod``: GGUF weights dequantized once on the host at load time, then multiplied
-densely (cuBLAS). Packed-block GPU kernels (keeping Q4 weights packed in device memory) would
-save memory, not time at the batch sizes this serves first; they are a later step.
+``CudaGgufMethod``: GGUF's integer block types stay packed and run the same W4A16 / W8A16 Triton
+GEMM as GPTQ (runtime_triton.wna16), repacked at load (``runtime.platform.gguf_groups``): Q4_0,
+Q4_1, Q4_K, Q2_K and Q3_K as 4-bit values, Q5_0, Q5_1, Q5_K, Q6_K and Q8_0 as 8-bit ones, with
+the K-quants' sub-block scales and minimums as the kernel's group scales and offsets (groups of
+16 or 32). In float32 models the 8-bit-stored types are dequantized instead: their float32 scales
+and offsets for groups of 16 or 32 would make them about as large as a dense 16-bit weight.
+Float types, expert stacks (the fused MoE kernel's weights are dense) and lookups stay dense.
 
 ``gptq`` / ``awq`` / ``compressed-tensors`` 4- and 8-bit weights stay packed and run the W4A16 /
 W8A16 Triton GEMM (runtime_triton.wna16); other integer weights (2-bit, unequal act-order groups) are
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 
 from runtime.platform import QuantizationMethod, RawQuantizedTensor
 from runtime.platform.gguf_dequantize import GgufDequantizeMethod
+from runtime.platform.gguf_groups import GGUF_GROUP_TYPES, group_quant
 from runtime.platform.packed import Fp8Data
 
 logger = logging.getLogger(__name__)
@@ -41,7 +46,21 @@ SCALED_MM_ALIGN = 16
 
 
 class CudaGgufMethod(GgufDequantizeMethod):
+    """GGUF tensors: integer block types packed on the WNA16 GEMM, the rest dense."""
+
     platform = "cuda"
+    supported_qtypes = GgufDequantizeMethod.supported_qtypes | {"Q5_0", "Q5_1", "Q2_K", "Q3_K"}
+
+    def load(self, raw: RawQuantizedTensor, dtype: torch.dtype, device: torch.device):
+        bits, _ = GGUF_GROUP_TYPES.get(raw.qtype, (None, None))
+        if bits is None or len(raw.shape) != 2 or (bits == 8 and dtype == torch.float32):
+            return self.dequantize(raw, dtype).to(device)
+        from runtime_triton import wna16
+
+        return wna16.repack(group_quant(raw), dtype, device)  # rows of whole blocks: K is whole words
+
+    def apply(self, weight, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return apply_loaded(weight, x, bias)
 
 
 @dataclass
@@ -192,13 +211,18 @@ class CudaGroupQuantMethod(QuantizationMethod):
         return self.dequantize(raw, dtype).to(device)
 
     def apply(self, weight, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if isinstance(weight, Fp8Weight):
-            return Fp8Method().apply(weight, x, bias)
-        if isinstance(weight, torch.Tensor):
-            return F.linear(x, weight, bias)
-        from runtime_triton import wna16
+        return apply_loaded(weight, x, bias)
 
-        return wna16.matmul(weight, x, bias)
+
+def apply_loaded(weight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W.T + bias`` for what a checkpoint method's ``load`` kept: FP8, dense, or WNA16."""
+    if isinstance(weight, Fp8Weight):
+        return Fp8Method().apply(weight, x, bias)
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight, bias)
+    from runtime_triton import wna16
+
+    return wna16.matmul(weight, x, bias)
 
 
 class CudaGptqMethod(CudaGroupQuantMethod):

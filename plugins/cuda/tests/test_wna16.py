@@ -12,14 +12,20 @@ wna16 = pytest.importorskip("runtime_triton.wna16")
 from runtime_triton.tickets import TICKETS  # noqa: E402
 
 
-def _group_quant(n: int, k: int, bits: int, group: int, act_order: bool, seed: int) -> GroupQuantData:
+def _group_quant(n: int, k: int, bits: int, group: int, act_order: bool, seed: int, zero_point: int | None = None,
+                 offsets: bool = False) -> GroupQuantData:
+    """Random zero points a group, or ``zero_point`` for all (symmetric schemes, GGUF); ``offsets``:
+    a random offset a group added after scaling (GGUF's minimums)."""
     g = torch.Generator().manual_seed(seed)
     levels = 2 ** bits
     q = torch.randint(0, levels, (n, k), generator=g, dtype=torch.uint8)
     scales = (torch.rand(n, k // group, generator=g) * 0.02 + 0.001).half()
     zeros = torch.randint(0, levels, (n, k // group), generator=g).float()
+    if zero_point is not None:
+        zeros = torch.full_like(zeros, zero_point)
     g_idx = (torch.arange(k) // group)[torch.randperm(k, generator=g)].to(torch.int32) if act_order else None
-    return GroupQuantData(q, scales, zeros, bits, group, g_idx)
+    shift = (torch.rand(n, k // group, generator=g) - 0.5) * 0.3 if offsets else None
+    return GroupQuantData(q, scales, zeros, bits, group, g_idx, offsets=shift)
 
 
 CASES = [  # rows, n, k, bits, group, act-order, tiles (None: the op's own plan)
@@ -78,14 +84,45 @@ CASES = [  # rows, n, k, bits, group, act-order, tiles (None: the op's own plan)
 ]
 
 
+# One zero point for every group (a constant of the kernel), and with GGUF's offsets: each kernel
+# (vector and tensor-core tiles, words read once, the transposed tile, split K, groups smaller than
+# a tile and than a word row's reach, the dense path), 4 and 8 bits, groups of 16 and 32 as GGUF's.
+UNIFORM_CASES = [
+    (1, 72, 256, 4, 32, False, dict(block_n=64, block_k=128, split_k=2, num_warps=4, num_stages=2, gemv=True,
+                                    zero_from_sums=True)),
+    (2, 64, 192, 8, 16, False, dict(block_n=64, block_k=64, split_k=3, num_warps=4, num_stages=2, gemv=True)),
+    (1, 48, 512, 4, 16, False, dict(block_n=32, block_k=64, split_k=3, num_warps=4, num_stages=1, gemv=True,
+                                    prefetch=True, zero_from_sums=True)),
+    (1, 64, 256, 8, 32, False, dict(block_n=64, block_k=64, split_k=1, num_warps=4, num_stages=1, gemv=True,
+                                    prefetch=True)),
+    (5, 40, 256, 4, 32, False, dict(block_m=16, block_n=32, block_k=64, split_k=3, num_warps=4, num_stages=2,
+                                    words_once=True)),
+    (37, 72, 128, 8, 16, False, dict(block_m=32, block_n=64, block_k=64, split_k=1, num_warps=4, num_stages=2,
+                                      swap_ab=True)),
+    (20, 64, 256, 4, 64, True, dict(block_m=16, block_n=64, block_k=32, split_k=2, num_warps=4, num_stages=2)),
+    (70, 48, 256, 4, 16, False, None),
+    (1, 48, 256, 8, 32, False, None),
+    (9, 64, 192, 8, 32, False, dict(dense=True)),
+]
+
+
+ZERO_KINDS = {"zeros": (None, False), "zero-point": (8, False), "offsets": (0, True)}
+"""Zero points a group; one for every group; one for every group and an offset a group."""
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["float16", "float32"])
-@pytest.mark.parametrize("rows,n,k,bits,group,act_order,tiles", CASES)
-def test_wna16_matches_float64_dequantized_product(rows, n, k, bits, group, act_order, tiles, dtype, device, require_dot):
+@pytest.mark.parametrize("rows,n,k,bits,group,act_order,tiles,zero_point,offsets", [
+    pytest.param(*case, *ZERO_KINDS[kind], id=f"{name}{i}-{kind}")
+    for name, cases, kinds in (("case", CASES, ZERO_KINDS), ("uniform", UNIFORM_CASES, ("zero-point", "offsets")))
+    for i, case in enumerate(cases) for kind in kinds])
+def test_wna16_matches_float64_dequantized_product(rows, n, k, bits, group, act_order, tiles, zero_point, offsets, dtype,
+                                                   device, require_dot):
     require_dot(dtype)
-    data = _group_quant(n, k, bits, group, act_order, seed=rows)
+    data = _group_quant(n, k, bits, group, act_order, seed=rows, zero_point=zero_point, offsets=offsets)
     assert wna16.supports(data)
     weight = wna16.repack(data, dtype, device)
     assert weight.qweight.numel() * 4 == n * k * bits // 8  # packed: bits a weight, no dense copy
+    assert (weight.zeros is None) == (zero_point is not None) and (weight.offsets is not None) == offsets
     g = torch.Generator().manual_seed(1)
     x = torch.randn(rows, k, generator=g).to(dtype)
     bias = torch.randn(n, generator=g).to(dtype)

@@ -39,20 +39,33 @@ from .tickets import tickets
 
 @dataclass
 class WNA16Weight:
+    """``W[n, k] = (q - zero) * scale (+ offset)``, per group of ``group_size`` input rows."""
+
     qweight: torch.Tensor
     """int32 [K * bits / 32, N]."""
     scales: torch.Tensor
     """[K / group_size, N] in the model's dtype."""
-    zeros: torch.Tensor
-    """[K / group_size, N] int16."""
+    zeros: torch.Tensor | None
+    """[K / group_size, N] int16; None: every group's zero point is ``zero_point``."""
     bits: int
     group_size: int
     order: torch.Tensor | None = None
     """int32 [K]: input column order the rows were repacked in (act-order); None: as stored."""
+    zero_point: int = 0
+    """The zero point of every group where ``zeros`` is None (symmetric GPTQ, GGUF's types)."""
+    offsets: torch.Tensor | None = None
+    """[K / group_size, N] in the model's dtype, added after scaling (GGUF's minimums); None: none."""
+
+    def group_arguments(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """The zero-point and offset pointers the kernels take (the scales stand in for an absent
+        one: never read) and the constants that say which are read."""
+        return (self.scales if self.zeros is None else self.zeros, self.scales if self.offsets is None else self.offsets,
+                dict(ZEROS=self.zeros is not None, ZERO_POINT=self.zero_point, OFFSETS=self.offsets is not None))
 
 
 def supports(data: GroupQuantData) -> bool:
-    """4 or 8 bits, K a whole number of words, integer zero points, and (act-order) groups of equal size."""
+    """4 or 8 bits, K a whole number of words, integer zero points, and (act-order) groups of equal size.
+    (GGUF's minimums are offsets, not zero points: their zero points are integers.)"""
     k = data.qweight.shape[1]
     if data.bits not in (4, 8) or k % (32 // data.bits) or k % data.group_size:
         return False
@@ -76,9 +89,14 @@ def repack(data: GroupQuantData, dtype: torch.dtype, device: torch.device) -> WN
     shifts = (torch.arange(per, dtype=torch.int64) * data.bits)[None, :, None]
     words = (values << shifts).sum(dim=1)  # disjoint bit fields: the sum is their bitwise or
     qweight = (words - (words >= 2 ** 31).to(torch.int64) * 2 ** 32).to(torch.int32)
-    return WNA16Weight(qweight.contiguous().to(device), data.scales.T.contiguous().to(device, dtype),
-                       data.zeros.T.contiguous().to(device, torch.int16), data.bits, data.group_size,
-                       None if order is None else order.to(device))
+    # One zero point for every group (symmetric schemes, GGUF) is a constant of the kernel: no
+    # zero point to read a group, no bytes to keep.
+    uniform = bool((data.zeros == data.zeros.flatten()[0]).all()) if data.zeros.numel() else True
+    zero_point = int(data.zeros.flatten()[0]) if uniform and data.zeros.numel() else 0
+    zeros = None if uniform else data.zeros.T.contiguous().to(device, torch.int16)
+    offsets = None if data.offsets is None else data.offsets.T.contiguous().to(device, dtype)
+    return WNA16Weight(qweight.contiguous().to(device), data.scales.T.contiguous().to(device, dtype), zeros,
+                       data.bits, data.group_size, None if order is None else order.to(device), zero_point, offsets)
 
 
 @triton.jit
@@ -87,6 +105,24 @@ def _levels(q, zero):
     mantissa of 2**23, whose value is then ``2**23 + q``: one bitwise op where the integer-to-float
     conversion instruction runs at a fraction of the float units' rate and bounded these kernels."""
     return (q | 0x4B000000).to(tl.float32, bitcast=True) - (zero + 8388608.0)
+
+
+@triton.jit
+def _group_terms(s_ptr, z_ptr, o_ptr, group, mask, ZEROS: tl.constexpr, ZERO_POINT: tl.constexpr,
+                 OFFSETS: tl.constexpr):
+    """A group's scale, zero point and offset in float32 at offsets ``group`` (zero where ``mask``
+    is off): the zero point read (``ZEROS``) or the constant ``ZERO_POINT``, the offset read
+    (``OFFSETS``) or zero."""
+    scale = tl.load(s_ptr + group, mask=mask, other=0.0).to(tl.float32)
+    if ZEROS:
+        zero = tl.load(z_ptr + group, mask=mask, other=0).to(tl.float32)
+    else:
+        zero = tl.full(scale.shape, ZERO_POINT, tl.float32)
+    if OFFSETS:
+        offset = tl.load(o_ptr + group, mask=mask, other=0.0).to(tl.float32)
+    else:
+        offset = tl.zeros(scale.shape, tl.float32)
+    return scale, zero, offset
 
 
 @triton.jit
@@ -106,10 +142,10 @@ def _biased_level(packed, high, level_mask, level_base, J: tl.constexpr, BITS: t
 
 
 @triton.jit
-def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_qk, stride_sg, stride_om,
+def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, M, N, K, stride_xm, stride_qk, stride_sg, stride_om,
                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr, WORDS_ONCE: tl.constexpr,
-                  SWAP_AB: tl.constexpr):
+                  SWAP_AB: tl.constexpr, ZEROS: tl.constexpr, ZERO_POINT: tl.constexpr, OFFSETS: tl.constexpr):
     PER: tl.constexpr = 32 // BITS
     # A K tile inside one group (tiles start at multiples of BLOCK_K) reads one row of scales
     # and zero points instead of one per weight.
@@ -148,13 +184,15 @@ def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
         q = (words >> ((ks % PER) * BITS)[:, None]) & ((1 << BITS) - 1)
         if ONE_GROUP:
             group = (k0 // GROUP) * stride_sg + cols.to(tl.int64)
-            scale = tl.load(s_ptr + group, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            zero = tl.load(z_ptr + group, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            scale, zero, offset = _group_terms(s_ptr, z_ptr, o_ptr, group[None, :], col_ok[None, :], ZEROS,
+                                               ZERO_POINT, OFFSETS)
         else:
             group = (ks // GROUP)[:, None].to(tl.int64) * stride_sg + cols[None, :]
-            scale = tl.load(s_ptr + group, mask=tile_ok, other=0.0).to(tl.float32)
-            zero = tl.load(z_ptr + group, mask=tile_ok, other=0.0).to(tl.float32)
-        w = (_levels(q, zero) * scale).to(x.dtype)
+            scale, zero, offset = _group_terms(s_ptr, z_ptr, o_ptr, group, tile_ok, ZEROS, ZERO_POINT, OFFSETS)
+        if OFFSETS:
+            w = (_levels(q, zero) * scale + offset).to(x.dtype)
+        else:
+            w = (_levels(q, zero) * scale).to(x.dtype)
         if SWAP_AB:
             acc += tl.dot(tl.trans(w), tl.trans(x), input_precision="ieee" if IEEE else "tf32")
         else:
@@ -172,10 +210,11 @@ def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
 
 
 @triton.jit
-def _wna16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, partial_ptr, ticket_ptr, M, N, K, stride_xm, stride_qk,
-                       stride_sg, stride_om, level_mask, level_base, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
-                       ZERO_FROM_SUMS: tl.constexpr):
+def _wna16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, ticket_ptr, M, N, K, stride_xm,
+                       stride_qk, stride_sg, stride_om, level_mask, level_base, BITS: tl.constexpr, GROUP: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
+                       ZERO_FROM_SUMS: tl.constexpr, ZEROS: tl.constexpr, ZERO_POINT: tl.constexpr,
+                       OFFSETS: tl.constexpr):
     """One row of ``x`` a program, on the vector units: the float32 products of ``x`` and the integer
     levels summed per packed word row and column, scaled once per K tile (or per word row, where a tile spans groups),
     and summed across the tile's threads once at the end. With ``SPLIT_K`` programs per output
@@ -196,22 +235,24 @@ def _wna16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, partial_ptr, ticket_
     # Triton pipelines only loads that feed tl.dot, and one tile in flight a thread left the
     # weight read latency-bound (docs/quantization.md); it costs registers (occupancy) instead.
     if PREFETCH:
-        packed, scale, zero = _gemv_tile(q_ptr, s_ptr, z_ptr, start, end, word, cols, col_ok, stride_qk, stride_sg,
-                                         PER, GROUP, BLOCK_K)
+        packed, scale, zero, offset = _gemv_tile(q_ptr, s_ptr, z_ptr, o_ptr, start, end, word, cols, col_ok, stride_qk,
+                                                 stride_sg, PER, GROUP, BLOCK_K, ZEROS, ZERO_POINT, OFFSETS)
     for k0 in range(start, end, BLOCK_K):
         if PREFETCH:
-            next_packed, next_scale, next_zero = _gemv_tile(q_ptr, s_ptr, z_ptr, k0 + BLOCK_K, end, word, cols,
-                                                            col_ok, stride_qk, stride_sg, PER, GROUP, BLOCK_K)
+            next_packed, next_scale, next_zero, next_offset = _gemv_tile(
+                q_ptr, s_ptr, z_ptr, o_ptr, k0 + BLOCK_K, end, word, cols, col_ok, stride_qk, stride_sg, PER, GROUP,
+                BLOCK_K, ZEROS, ZERO_POINT, OFFSETS)
         else:
-            packed, scale, zero = _gemv_tile(q_ptr, s_ptr, z_ptr, k0, end, word, cols, col_ok, stride_qk, stride_sg,
-                                             PER, GROUP, BLOCK_K)
+            packed, scale, zero, offset = _gemv_tile(q_ptr, s_ptr, z_ptr, o_ptr, k0, end, word, cols, col_ok, stride_qk,
+                                                     stride_sg, PER, GROUP, BLOCK_K, ZEROS, ZERO_POINT, OFFSETS)
         word_ok = k0 // PER + word < end // PER
         products = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+        if ZERO_FROM_SUMS or OFFSETS:
+            x_sums = tl.zeros((WORDS,), dtype=tl.float32)
         if ZERO_FROM_SUMS:
             # Sum x * (2**BITS + q) (a shift and a masked or a level, no float subtraction), then
             # take (2**BITS + zero) * sum(x) off once a word row: about half the instructions of
             # the exact levels, which bounded this kernel below the memory's speed.
-            x_sums = tl.zeros((WORDS,), dtype=tl.float32)
             high = packed >> 16
             for j in tl.static_range(PER):
                 x = tl.load(x_row + k0 + word * PER + j, mask=word_ok, other=0.0).to(tl.float32)
@@ -221,10 +262,14 @@ def _wna16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, partial_ptr, ticket_
         else:
             for j in tl.static_range(PER):
                 x = tl.load(x_row + k0 + word * PER + j, mask=word_ok, other=0.0).to(tl.float32)
+                if OFFSETS:
+                    x_sums += x
                 products += x[:, None] * _levels((packed >> (j * BITS)) & ((1 << BITS) - 1), zero)
             acc += products * scale
+        if OFFSETS:
+            acc += offset * x_sums[:, None]
         if PREFETCH:
-            packed, scale, zero = next_packed, next_scale, next_zero
+            packed, scale, zero, offset = next_packed, next_scale, next_zero, next_offset
     total = tl.sum(acc, 0)
     out_ptrs = out_ptr + row.to(tl.int64) * stride_om + cols
     if SPLIT_K == 1:
@@ -244,10 +289,11 @@ def _wna16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, partial_ptr, ticket_
 
 
 @triton.jit
-def _gemv_tile(q_ptr, s_ptr, z_ptr, k0, end, word, cols, col_ok, stride_qk, stride_sg, PER: tl.constexpr,
-               GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_tile(q_ptr, s_ptr, z_ptr, o_ptr, k0, end, word, cols, col_ok, stride_qk, stride_sg, PER: tl.constexpr,
+               GROUP: tl.constexpr, BLOCK_K: tl.constexpr, ZEROS: tl.constexpr, ZERO_POINT: tl.constexpr,
+               OFFSETS: tl.constexpr):
     """The packed words [BLOCK_K / PER, BLOCK_N] of the K tile from ``k0`` (rows from ``end`` on
-    read as zeros, none at all past it) and their float32 scales and zero points: one row of them
+    read as zeros, none at all past it) and their float32 scales, zero points and offsets: one row of them
     where the tile is inside one group, else one a word row (a word's rows share a group, and the
     rows of one group read the same cache lines again)."""
     word_rows = k0 // PER + word
@@ -257,19 +303,19 @@ def _gemv_tile(q_ptr, s_ptr, z_ptr, k0, end, word, cols, col_ok, stride_qk, stri
     if GROUP % BLOCK_K == 0:
         group = (k0 // GROUP) * stride_sg + cols.to(tl.int64)
         group_ok = col_ok & (k0 < end)
-        scale = tl.load(s_ptr + group, mask=group_ok, other=0.0).to(tl.float32)[None, :]
-        zero = tl.load(z_ptr + group, mask=group_ok, other=0).to(tl.float32)[None, :]
+        scale, zero, offset = _group_terms(s_ptr, z_ptr, o_ptr, group[None, :], group_ok[None, :], ZEROS, ZERO_POINT,
+                                           OFFSETS)
     else:
         group = (word_rows * PER // GROUP)[:, None].to(tl.int64) * stride_sg + cols[None, :]
         group_ok = word_ok[:, None] & col_ok[None, :]
-        scale = tl.load(s_ptr + group, mask=group_ok, other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + group, mask=group_ok, other=0).to(tl.float32)
-    return packed, scale, zero
+        scale, zero, offset = _group_terms(s_ptr, z_ptr, o_ptr, group, group_ok, ZEROS, ZERO_POINT, OFFSETS)
+    return packed, scale, zero, offset
 
 
 @triton.jit
-def _dequantize_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_qk, stride_sg, stride_ok,
-                       BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dequantize_kernel(q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, N, K, stride_qk, stride_sg, stride_ok,
+                       BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                       ZEROS: tl.constexpr, ZERO_POINT: tl.constexpr, OFFSETS: tl.constexpr):
     PER: tl.constexpr = 32 // BITS
     ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -277,10 +323,9 @@ def _dequantize_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_qk, stride_sg,
     words = tl.load(q_ptr + (ks // PER)[:, None].to(tl.int64) * stride_qk + cols[None, :], mask=ok, other=0)
     q = (words >> ((ks % PER) * BITS)[:, None]) & ((1 << BITS) - 1)
     group = (ks // GROUP)[:, None].to(tl.int64) * stride_sg + cols[None, :]
-    scale = tl.load(s_ptr + group, mask=ok, other=0.0).to(tl.float32)
-    zero = tl.load(z_ptr + group, mask=ok, other=0.0).to(tl.float32)
+    scale, zero, offset = _group_terms(s_ptr, z_ptr, o_ptr, group, ok, ZEROS, ZERO_POINT, OFFSETS)
     tl.store(out_ptr + ks[:, None].to(tl.int64) * stride_ok + cols[None, :],
-             (_levels(q, zero) * scale).to(out_ptr.dtype.element_ty), mask=ok)
+             (_levels(q, zero) * scale + offset).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def dequantize(weight: WNA16Weight, dtype: torch.dtype) -> torch.Tensor:
@@ -288,9 +333,10 @@ def dequantize(weight: WNA16Weight, dtype: torch.dtype) -> torch.Tensor:
     from the same float32 ``(q - zero) * scale`` the GEMM computes."""
     k, n = weight.qweight.shape[0] * (32 // weight.bits), weight.qweight.shape[1]
     out = torch.empty(k, n, dtype=dtype, device=weight.qweight.device)
+    zeros, offsets, group_constants = weight.group_arguments()
     _dequantize_kernel[(triton.cdiv(k, 64), triton.cdiv(n, 128))](
-        weight.qweight, weight.scales, weight.zeros, out, n, k, weight.qweight.stride(0), weight.scales.stride(0),
-        out.stride(0), BITS=weight.bits, GROUP=weight.group_size, BLOCK_K=64, BLOCK_N=128)
+        weight.qweight, weight.scales, zeros, offsets, out, n, k, weight.qweight.stride(0), weight.scales.stride(0),
+        out.stride(0), BITS=weight.bits, GROUP=weight.group_size, BLOCK_K=64, BLOCK_N=128, **group_constants)
     return out
 
 
@@ -361,16 +407,19 @@ def _tiled(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor
     out = torch.zeros(m, n, dtype=torch.float32, device=rows.device) if split > 1 else \
         torch.empty(m, n, dtype=rows.dtype, device=rows.device)
     if m:
+        zeros, offsets, group_constants = weight.group_arguments()
+
         def launch(tiles: dict) -> None:
             grid = (triton.cdiv(m, tiles["block_m"]), triton.cdiv(n, tiles["block_n"]), split)
-            _wna16_kernel[grid](rows, weight.qweight, weight.scales, weight.zeros, out, m, n, k, rows.stride(0),
+            _wna16_kernel[grid](rows, weight.qweight, weight.scales, zeros, offsets, out, m, n, k, rows.stride(0),
                                 weight.qweight.stride(0), weight.scales.stride(0), out.stride(0), BITS=weight.bits,
                                 GROUP=weight.group_size, BLOCK_M=tiles["block_m"], BLOCK_N=tiles["block_n"],
                                 BLOCK_K=tiles["block_k"], SPLIT_K=split, IEEE=rows.dtype == torch.float32,
                                 WORDS_ONCE=tiles.get("words_once", False), SWAP_AB=tiles.get("swap_ab", False),
-                                num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
+                                num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], **group_constants)
 
-        key = (tuple(sorted(tiles.items())), n, k, rows.dtype, weight.bits, weight.group_size, rows.device)
+        key = (tuple(sorted(tiles.items())), n, k, rows.dtype, weight.bits, weight.group_size, rows.device,
+               tuple(group_constants.items()))
         launch_fitting(FITTED_TILES, key, tiles, launch, fewer_stages_then_shallower("block_k", 32))
     return out.to(rows.dtype)
 
@@ -392,10 +441,12 @@ def _gemv(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor:
     out = torch.empty(m, n, dtype=rows.dtype, device=rows.device)
     if m:
         partial = torch.empty(split, m, n, dtype=torch.float32, device=rows.device) if split > 1 else out
+        zeros, offsets, group_constants = weight.group_arguments()
         _wna16_gemv_kernel[(m, tiles_n, split)](
-            rows, weight.qweight, weight.scales, weight.zeros, out, partial, tickets(rows.device, m * tiles_n), m, n, k,
+            rows, weight.qweight, weight.scales, zeros, offsets, out, partial, tickets(rows.device, m * tiles_n), m, n, k,
             rows.stride(0), weight.qweight.stride(0), weight.scales.stride(0), out.stride(0),
             *_level_constants(weight.bits), BITS=weight.bits, GROUP=weight.group_size, BLOCK_N=tiles["block_n"],
-            BLOCK_K=tiles["block_k"], SPLIT_K=split, PREFETCH=tiles.get("prefetch", False), ZERO_FROM_SUMS=tiles.get("zero_from_sums", False),
-            num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
+            BLOCK_K=tiles["block_k"], SPLIT_K=split, PREFETCH=tiles.get("prefetch", False),
+            ZERO_FROM_SUMS=tiles.get("zero_from_sums", False), num_warps=tiles["num_warps"],
+            num_stages=tiles["num_stages"], **group_constants)
     return out

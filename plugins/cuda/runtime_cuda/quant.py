@@ -6,7 +6,7 @@ Q4_1, Q4_K, Q2_K and Q3_K as 4-bit values, Q5_0, Q5_1, Q5_K, Q6_K and Q8_0 as 8-
 the K-quants' sub-block scales and minimums as the kernel's group scales and offsets (groups of
 16 or 32). In float32 models the 8-bit-stored types are dequantized instead: their float32 scales
 and offsets for groups of 16 or 32 would make them about as large as a dense 16-bit weight.
-Float types, expert stacks (the fused MoE kernel's weights are dense) and lookups stay dense.
+Float types, expert stacks (the fused MoE kernel reads dense or FP8 experts) and lookups stay dense.
 
 ``gptq`` / ``awq`` / ``compressed-tensors`` 4- and 8-bit weights stay packed and run the W4A16 /
 W8A16 Triton GEMM (runtime_triton.wna16); other integer weights (2-bit, unequal act-order groups) are

@@ -91,12 +91,13 @@ def repack(data: GroupQuantData, dtype: torch.dtype, device: torch.device) -> WN
     qweight = (words - (words >= 2 ** 31).to(torch.int64) * 2 ** 32).to(torch.int32)
     # One zero point for every group (symmetric schemes, GGUF) is a constant of the kernel: no
     # zero point to read a group, no bytes to keep.
-    uniform = bool((data.zeros == data.zeros.flatten()[0]).all()) if data.zeros.numel() else True
-    zero_point = int(data.zeros.flatten()[0]) if uniform and data.zeros.numel() else 0
+    zero_point = int(data.zeros.flatten()[0])
+    uniform = bool((data.zeros == zero_point).all())
     zeros = None if uniform else data.zeros.T.contiguous().to(device, torch.int16)
     offsets = None if data.offsets is None else data.offsets.T.contiguous().to(device, dtype)
     return WNA16Weight(qweight.contiguous().to(device), data.scales.T.contiguous().to(device, dtype), zeros,
-                       data.bits, data.group_size, None if order is None else order.to(device), zero_point, offsets)
+                       data.bits, data.group_size, None if order is None else order.to(device),
+                       zero_point if uniform else 0, offsets)
 
 
 @triton.jit

@@ -168,7 +168,9 @@ def step_phases(llm, run, mode: str) -> dict:
     read-back) and the scheduler's update; ``other`` is the rest of ``LLM.generate``'s loop
     (outputs, detokenizing). Where the device is the bottleneck the wait shows in ``collect``.
     Counted too: the launches (forward passes) and those of steps where a request had proposals,
-    so tokens a forward pass splits into verification steps and plain ones."""
+    so tokens a forward pass splits into verification steps and plain ones; and the launch, sampling
+    and collect of each kind apart, in ms a call (``by_kind_ms_per_call``): a verifying step's launch
+    is host work the device waits for, its collect the device's time left after the host's share."""
     engine = llm.engine
     runner = engine.runner
     totals: dict[str, float] = {}
@@ -180,16 +182,25 @@ def step_phases(llm, run, mode: str) -> dict:
     targets.append(("propose", engine.proposer, "propose"))
     targets = [(label, owner, name) for label, owner, name in targets if owner is not None]  # no graphs, no proposer
     verifying = [0]  # launches of a step where some request had proposals
+    by_kind: dict[tuple[str, str], list[float]] = {}  # (kind, phase) -> [seconds, calls]
     for label, owner, name in targets:
         def timed(*args, _original=getattr(owner, name), _label=label, **kwargs):
-            if _label == "launch" and any(s.draft_token_ids for s in args[0].scheduled):
-                verifying[0] += 1
+            # launch takes the scheduler's output, sample and collect the pending step: both list the step's requests
+            kind = None
+            if _label in ("launch", "sample", "collect") and args[0] is not None:
+                kind = "verifying" if any(s.draft_token_ids for s in args[0].scheduled) else "plain"
+                verifying[0] += _label == "launch" and kind == "verifying"
             start = time.perf_counter()
             try:
                 return _original(*args, **kwargs)
             finally:
-                totals[_label] = totals.get(_label, 0.0) + time.perf_counter() - start
+                elapsed = time.perf_counter() - start
+                totals[_label] = totals.get(_label, 0.0) + elapsed
                 calls[_label] = calls.get(_label, 0) + 1
+                if kind is not None:
+                    entry = by_kind.setdefault((kind, _label), [0.0, 0])
+                    entry[0] += elapsed
+                    entry[1] += 1
         setattr(owner, name, timed)
     try:
         start = time.perf_counter()
@@ -201,9 +212,12 @@ def step_phases(llm, run, mode: str) -> dict:
     steps = calls["step"]
     per_step = {label: round(1e3 * t / steps, 3) for label, t in sorted(totals.items())}
     per_step["other"] = round(1e3 * (wall - totals["step"]) / steps, 3)
+    kinds: dict[str, dict[str, float]] = {}
+    for (kind, label), (seconds, count) in sorted(by_kind.items()):
+        kinds.setdefault(kind, {})[label] = round(1e3 * seconds / count, 3)
     return {"engine": "runtime", "mode": mode, "steps": steps, "verification_launches": verifying[0],
             "forward_launches": calls.get("launch", 0), "graph_replays": calls.get("replay", 0),
-            "wall_s": round(wall, 4), "phase_ms_per_step": per_step}
+            "wall_s": round(wall, 4), "phase_ms_per_step": per_step, "by_kind_ms_per_call": kinds}
 
 
 def vllm_part(args) -> list[dict]:

@@ -11,6 +11,8 @@
 #            with BG_STOP=1) and brings back what they have written so far
 #   part:    keep the carried part(s) in /tmp/parts
 #   gguf:    keep the carried piece(s) of the embedded GGUF (.whl/gN/gguf.N: it is larger than one carry)
+#   gguf-test: the embedded GGUF on the GPU (test_gpu_e2e.py -k gguf, RUNTIME_CUDA_GGUF), once `gguf` has kept every
+#            piece: dequantized against the CPU, and its Q4_1 projections packed (WNA16) against dequantized
 #   unpack:  join the parts (checked against .whl/SHA256) and install them to /tmp/site
 #   before:  the earlier build served at C=64 and 256, profiled
 #   serve:   $SERVERS (default: this build, then vLLM) at C=1, 16, 64, 256 (runtime profiled at 64, 256)
@@ -71,6 +73,10 @@ for stage in "$@"; do
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv ;;
     part) cp .whl/*/part* /tmp/parts/ && ls -la /tmp/parts ;;
     gguf) cp .whl/*/gguf.* /tmp/parts/ && ls -la /tmp/parts ;;
+    gguf-test)
+      [ -e /tmp/smollm2.gguf ] || cat /tmp/parts/gguf.* > /tmp/smollm2.gguf
+      RUNTIME_CUDA_GGUF=/tmp/smollm2.gguf timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -rs plugins/cuda/tests/test_gpu_e2e.py -k gguf \
+        2>&1 | tail -15 | tee $R/gguf-test/run.log ;;
     unpack)
       (cd /tmp/parts && sed 's|^\(\S*\)  .*/|\1  |' "$OLDPWD/.whl/SHA256" | sha256sum -c --quiet) || exit 1
       cat /tmp/parts/part* | tar -x -C /tmp && pipt /tmp/site /tmp/all/*.whl || exit 1

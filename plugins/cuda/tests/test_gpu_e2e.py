@@ -180,7 +180,8 @@ def test_json_schema_outputs_match_cpu_and_validate(dtype, tiny):
         jsonschema.validate(json.loads(out.text, strict=False), SCHEMAS[name])
 
 
-def test_embedded_gguf_greedy_matches_cpu():
+def _embedded_gguf() -> str:
+    """The embedded model's GGUF file (or ``RUNTIME_CUDA_GGUF``'s); skips without one."""
     from runtime.loader.source import embedded_model_path
 
     path = os.environ.get("RUNTIME_CUDA_GGUF")
@@ -189,18 +190,34 @@ def test_embedded_gguf_greedy_matches_cpu():
             path = str(embedded_model_path())
         except ValueError as exc:
             pytest.skip(str(exc))
-    question = [{"role": "user", "content": "What is the capital of France?"}]
+    return path
 
-    def chat(llm, params):
-        return llm.chat(question, params, use_tqdm=False)
 
+def _ask_capital(llm, params):
+    return llm.chat([{"role": "user", "content": "What is the capital of France?"}], params, use_tqdm=False)
+
+
+def test_embedded_gguf_greedy_matches_cpu():
+    path = _embedded_gguf()
     # quantization "none": both dequantize the file's blocks at load (the CPU would otherwise
     # requantize them to int8, its default for quantized GGUF, and compute something else).
-    [reference] = _greedy(path, "cpu", "float32", chat, max_tokens=16, max_model_len=512, quantization="none")
-    [ours] = _greedy(path, "cuda", "float32", chat, max_tokens=16, max_model_len=512, quantization="none")
+    [reference] = _greedy(path, "cpu", "float32", _ask_capital, max_tokens=16, max_model_len=512, quantization="none")
+    [ours] = _greedy(path, "cuda", "float32", _ask_capital, max_tokens=16, max_model_len=512, quantization="none")
     problem = _divergence(ours, reference, LOGPROB_TOLERANCE["float32"])
     assert problem is None, f"embedded GGUF on cuda differs from cpu: {problem}"
     assert "Paris" in ours.text, f"cuda answered {ours.text!r}"
+
+
+def test_embedded_gguf_packed_matches_dequantized():
+    """The file's Q4_1 projections kept packed (the WNA16 GEMM, their minimums as offsets: the
+    default) against the same file dequantized at load, both float32 on cuda: the weights are the
+    same float32 values, only the order of the sums differs."""
+    path = _embedded_gguf()
+    [dense] = _greedy(path, "cuda", "float32", _ask_capital, max_tokens=16, max_model_len=512, quantization="none")
+    [packed] = _greedy(path, "cuda", "float32", _ask_capital, max_tokens=16, max_model_len=512)
+    problem = _divergence(packed, dense, LOGPROB_TOLERANCE["float32"])
+    assert problem is None, f"packed GGUF on cuda differs from the dequantized file: {problem}"
+    assert "Paris" in packed.text, f"cuda answered {packed.text!r}"
 
 
 def test_fp8_quantization_tracks_bfloat16(tmp_path):

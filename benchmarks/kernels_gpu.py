@@ -16,7 +16,8 @@
   tokens also ``linear_lora`` against the skinny matmul alone and followed by ``lora_add``.
 - ``lora-trace``: eight Llama-3-8B layers' projections at one token chained as a decode step runs
   them (qkv, o, gate/up, down, each reading the one before), the skinny matmul alone against
-  ``linear_lora`` with an adapter (its shrink split into 16, 8, 32 and 64 programs), and each chain's kernels from the profiler: every kernel's
+  ``linear_lora`` with an adapter (its shrink split into 16, 8, 32 and 64 programs, letting the
+  projection launch at its start or after its products), and each chain's kernels from the profiler: every kernel's
   mean duration and the mean gap before it (negative: it overlapped the kernel before it), so the
   adapter's cost a projection splits into the shrink, the waits and the projection's own time.
 - ``moe-sweep``: ``fused_moe`` on one layer of Mixtral-8x7B's (or ``--moe-shape``'s) experts at
@@ -316,19 +317,23 @@ def lora_trace(bandwidth: float, layers: int = 8) -> list[dict]:
                  else skinny_matmul.linear(x, weight))
         return x
 
-    # The shrink's tile (bytes of a row a reduction step reads), warps and programs (splits of the
-    # input features), as linear_lora launches it at one token: ptxas gives 242 registers a thread
-    # at 256 bytes and 8 warps; 64 and 128 bytes on 4 warps were slower on an H100 (docs/lora.md).
-    defaults = lora.SHRINK_STEP_BYTES, lora.ADD_WARPS, lora.DECODE_SHRINK_PROGRAMS
+    # The shrink's tile (bytes of a row a reduction step reads), warps, programs (splits of the
+    # input features) and when it lets the projection launch (lora.RELEASE_AFTER_PRODUCTS), as
+    # linear_lora launches it at one token: ptxas gives 242 registers a thread at 256 bytes and 8
+    # warps; 64 and 128 bytes on 4 warps were slower on an H100 (docs/lora.md).
+    knobs = ("SHRINK_STEP_BYTES", "ADD_WARPS", "DECODE_SHRINK_PROGRAMS", "RELEASE_AFTER_PRODUCTS")
+    defaults = {name: getattr(lora, name) for name in knobs}
+    variants = [None] + [dict(defaults, DECODE_SHRINK_PROGRAMS=programs, RELEASE_AFTER_PRODUCTS=late)
+                         for late in (False, True) for programs in (16, 8, 32, 64)]
     out = []
-    variants = [(False, *defaults)] + [(True, defaults[0], defaults[1], programs) for programs in (16, 8, 32, 64)]
-    for adapted, step_bytes, warps, programs in variants:
-        if adapted:
-            lora.SHRINK_STEP_BYTES, lora.ADD_WARPS, lora.DECODE_SHRINK_PROGRAMS = step_bytes, warps, programs
-        graph = captured(lambda: chain(adapted), calls=1)
-        lora.SHRINK_STEP_BYTES, lora.ADD_WARPS, lora.DECODE_SHRINK_PROGRAMS = defaults
-        row = {"kernel": "lora-trace", "adapter": adapted, "shrink_step_bytes": step_bytes if adapted else None,
-               "shrink_warps": warps if adapted else None, "shrink_programs": programs if adapted else None,
+    for variant in variants:
+        for name, value in (variant or defaults).items():
+            setattr(lora, name, value)
+        graph = captured(lambda: chain(variant is not None), calls=1)
+        for name, value in defaults.items():
+            setattr(lora, name, value)
+        row = {"kernel": "lora-trace", "adapter": variant is not None,
+               **{name.lower(): variant[name] for name in knobs if variant is not None},
                "layers": layers, "us_per_layer": round(replay_seconds(graph, 20) / layers * 1e6, 2),
                "timeline": kernel_timeline(graph)}
         out.append(row)

@@ -83,6 +83,15 @@ FUSED_MAX_WEIGHT = 32 * 1024 * 1024
 # 16, 239 at 64 rows, and 16 spilled bytes at 16 rows and rank 64.
 PARTIALS_BLOCK = 2048
 ADD_WARPS = 8
+# When linear_lora's shrink lets the projection launch beside it (a programmatic dependent launch):
+# at its start (False), or once each of its programs has its products, before the partial sums are
+# stored and added up (True). The projection's programs wait for the whole shrink before their
+# epilogue, so a program done with its product early holds its multiprocessor slot until the
+# shrink ends; and while the projection streams its weight, the shrink's own loads queue behind
+# it (H100, lora-trace: the projection ran 4.3, 5.5 and 7.9 us longer than the skinny matmul with
+# shrinks of 14.0, 16.3 and 19.7 us). Released late, the shrink reads alone and ends sooner, the
+# projection starts later. benchmarks/kernels_gpu.py lora-trace times both.
+RELEASE_AFTER_PRODUCTS = False
 
 
 @triton.jit
@@ -116,14 +125,16 @@ def _add_slot_products(acc, tile_slots, in_rows, w_ptr, stride_ws, w_offsets, w_
 def _lora_shrink_kernel(x_ptr, a_ptr, slots_ptr, out_ptr, sums_ptr, ticket_ptr, tokens, rank, in_features,
                         k_per_split, scale, stride_xt, stride_as, stride_ar, stride_os, stride_ot,
                         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, SUM_SPLITS: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
+                        DOT_PRECISION: tl.constexpr, SUM_SPLITS: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
+                        RELEASE_LATE: tl.constexpr):
     """Grid: (token tiles, rank tiles, splits of the input features).
     out[split] = scale * x @ a[slot].T over the split's features. With ``SUM_SPLITS`` the last
     program of a tile to finish (a ticket counter per tile) also adds the tile's partial sums in
     split order into ``sums`` [T, rank] float32 (same strides as one split of ``out``).
     ``LAUNCH_DEPENDENTS``: the next launch, if made a programmatic dependent of this one, may start
-    now (it waits for this launch's results where it needs them)."""
-    if LAUNCH_DEPENDENTS:
+    now, or (``RELEASE_LATE``: ``RELEASE_AFTER_PRODUCTS``) once the program has its products; it
+    waits for this launch's results where it needs them."""
+    if LAUNCH_DEPENDENTS and not RELEASE_LATE:
         gdc.gdc_launch_dependents()
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -136,6 +147,8 @@ def _lora_shrink_kernel(x_ptr, a_ptr, slots_ptr, out_ptr, sums_ptr, ticket_ptr, 
                              x_ptr + rows[:, None].to(tl.int64) * stride_xt, a_ptr, stride_as,
                              ranks[:, None] * stride_ar, rank_ok, k_start,
                              tl.minimum(k_start + k_per_split, in_features), BLOCK_K, DOT_PRECISION)
+    if LAUNCH_DEPENDENTS and RELEASE_LATE:
+        gdc.gdc_launch_dependents()
     tile = rows[:, None] * stride_ot + ranks[None, :]
     tile_ok = row_ok[:, None] & rank_ok[None, :]
     tl.store(out_ptr + split * stride_os + tile, (acc * scale).to(out_ptr.dtype.element_ty), mask=tile_ok)
@@ -346,7 +359,8 @@ def _shrink_partials(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor,
         x, lora_a, slots, partials, sums, tickets(x.device, grid[0] * grid[1]) if sum_splits else slots, tokens, rank,
         in_features, k_per_split, scale, x.stride(0), lora_a.stride(0), lora_a.stride(1), partials.stride(0),
         partials.stride(1), BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, DOT_PRECISION=_dot_precision(x.dtype),
-        SUM_SPLITS=sum_splits, LAUNCH_DEPENDENTS=launch_dependents, num_warps=num_warps)
+        SUM_SPLITS=sum_splits, LAUNCH_DEPENDENTS=launch_dependents, RELEASE_LATE=RELEASE_AFTER_PRODUCTS,
+        num_warps=num_warps)
     return sums[:1] if summed else partials
 
 

@@ -477,12 +477,18 @@ def test_linear_lora_shrink_leaves_its_tickets_at_zero(device):
     _close(first, _linear_lora_float64(x, weight, None, lora_a, lora_b, slots, [40, 24, 24], 0.37), torch.float16)
 
 
+@pytest.mark.parametrize("release_after_products", [False, True], ids=["release-at-start", "release-after-products"])
 @pytest.mark.parametrize("tokens", [1, 16])
 @pytest.mark.parametrize("slices", [[4096, 1024, 1024], [14336, 14336], [4096]], ids=["qkv", "gate_up", "o"])
 @pytest.mark.gpu
 @needs_gpu
-def test_linear_lora_model_sized_on_gpu(slices, tokens):
-    """Llama-3-8B's fused projections in bfloat16 at decode sizes, 8 adapters of rank 16, against float64."""
+def test_linear_lora_model_sized_on_gpu(slices, tokens, release_after_products, monkeypatch):
+    """Llama-3-8B's fused projections in bfloat16 at decode sizes, 8 adapters of rank 16, against
+    float64; the projection let launch at the shrink's start or once it has its products (on GPUs
+    with programmatic dependent launches: the projection waits for the shrink's sums either way)."""
+    from runtime_triton import lora
+
+    monkeypatch.setattr(lora, "RELEASE_AFTER_PRODUCTS", release_after_products)
     dtype = torch.bfloat16
     g = torch.Generator().manual_seed(19)
     slots, x, lora_a, lora_b, _ = _lora_add_inputs(tokens, 4096, slices, 16, "decode", dtype, g, num_slots=8)

@@ -9,6 +9,9 @@ seed = adapter index; PEFT layout). Both parts measure batch-1 decode without an
 (LoRA on) with adapter 0, then --requests random (--prompt-len, --output-len)
 requests spread round-robin over the adapters, greedy, ignore_eos; the same prompts for both.
 decode step = (time for --output-len tokens - time for 1) / (output-len - 1).
+--lora-kernel NAME=INT sets a tuning constant of the CUDA plugin's LoRA kernels (runtime_triton.lora,
+e.g. DECODE_SHRINK_PROGRAMS=32 RELEASE_AFTER_PRODUCTS=1) before the engine captures its graphs: what
+benchmarks/kernels_gpu.py lora-trace times alone, measured end to end.
 """
 
 from __future__ import annotations
@@ -86,15 +89,30 @@ def adapter_generate(llm, sampling_params, requests):
     return generate
 
 
+def set_lora_kernel_constants(settings: list[str]) -> dict:
+    from runtime_triton import lora as lora_kernels
+    chosen = {}
+    for setting in settings:
+        name, _, value = setting.partition("=")
+        if not name.isupper() or not hasattr(lora_kernels, name) or not value.lstrip("-").isdigit():
+            raise SystemExit(f"--lora-kernel {setting!r}: give NAME=INT with NAME a constant of runtime_triton.lora")
+        kind = type(getattr(lora_kernels, name))
+        chosen[name] = kind(int(value))
+        setattr(lora_kernels, name, chosen[name])
+    return chosen
+
+
 def runtime_part(args, dirs: list[Path]) -> list[dict]:
     from runtime import LLM, LoRARequest, SamplingParams
+    kernel_constants = set_lora_kernel_constants(args.lora_kernel)
     t0 = time.perf_counter()
     lora = {"enable_lora": True, "max_loras": len(dirs), "max_lora_rank": args.rank} if dirs else {}
     llm = LLM(str(args.dir), device="cuda", dtype="bfloat16", load_format=args.load_format, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.prompt_len + args.output_len + 64,
               **lora)
     requests = [LoRARequest(f"a{i}", i + 1, str(d)) for i, d in enumerate(dirs)]
-    ready = {"engine": "runtime", "mode": "startup", "startup_s": round(time.perf_counter() - t0, 1)}
+    ready = {"engine": "runtime", "mode": "startup", "startup_s": round(time.perf_counter() - t0, 1),
+             "lora_kernel": kernel_constants}
     print(json.dumps(ready), flush=True)
 
     return [ready] + measure(adapter_generate(llm, SamplingParams, requests), args, "runtime", len(dirs))
@@ -129,6 +147,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--max-num-seqs", type=int, default=512)
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    parser.add_argument("--lora-kernel", nargs="*", default=[], metavar="NAME=INT",
+                        help="runtime part: tuning constants of runtime_triton.lora set before start-up")
     args = parser.parse_args()
     if args.part == "vllm" and not args.adapters:
         parser.error("the vllm part measures LoRA: give --adapters 1 or more")

@@ -25,6 +25,7 @@ many rows, dequantize the whole weight once and hand the product to the library 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -317,16 +318,28 @@ def _gemv_tile(q_ptr, s_ptr, z_ptr, o_ptr, k0, end, word, cols, col_ok, stride_q
 def _dequantize_kernel(q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, N, K, stride_qk, stride_sg, stride_ok,
                        BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                        ZEROS: tl.constexpr, ZERO_POINT: tl.constexpr, OFFSETS: tl.constexpr):
+    # Each packed word is read once and written as its PER rows, a row of the tile at a time, with
+    # one row of scales a program where its K tile lies in one group: the path that dequantizes
+    # the whole weight every step at many rows is bound by its bandwidth only if it issues few
+    # instructions an element (a word reread per row and a scale gathered per element were ~20).
     PER: tl.constexpr = 32 // BITS
-    ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ONE_GROUP: tl.constexpr = GROUP % BLOCK_K == 0
+    k0 = tl.program_id(0) * BLOCK_K
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ok = (ks < K)[:, None] & (cols < N)[None, :]
-    words = tl.load(q_ptr + (ks // PER)[:, None].to(tl.int64) * stride_qk + cols[None, :], mask=ok, other=0)
-    q = (words >> ((ks % PER) * BITS)[:, None]) & ((1 << BITS) - 1)
-    group = (ks // GROUP)[:, None].to(tl.int64) * stride_sg + cols[None, :]
-    scale, zero, offset = _group_terms(s_ptr, z_ptr, o_ptr, group, ok, ZEROS, ZERO_POINT, OFFSETS)
-    tl.store(out_ptr + ks[:, None].to(tl.int64) * stride_ok + cols[None, :],
-             (_levels(q, zero) * scale + offset).to(out_ptr.dtype.element_ty), mask=ok)
+    word_rows = k0 // PER + tl.arange(0, BLOCK_K // PER)
+    col_ok = cols < N
+    ok = (word_rows < K // PER)[:, None] & col_ok[None, :]
+    packed = tl.load(q_ptr + word_rows[:, None].to(tl.int64) * stride_qk + cols[None, :], mask=ok, other=0)
+    if ONE_GROUP:
+        group = (k0 // GROUP) * stride_sg + cols[None, :].to(tl.int64)
+        scale, zero, offset = _group_terms(s_ptr, z_ptr, o_ptr, group, col_ok[None, :], ZEROS, ZERO_POINT, OFFSETS)
+    out_rows = out_ptr + (word_rows * PER)[:, None].to(tl.int64) * stride_ok + cols[None, :]
+    for j in tl.static_range(PER):
+        if not ONE_GROUP:
+            group = ((word_rows * PER + j) // GROUP)[:, None].to(tl.int64) * stride_sg + cols[None, :]
+            scale, zero, offset = _group_terms(s_ptr, z_ptr, o_ptr, group, ok, ZEROS, ZERO_POINT, OFFSETS)
+        q = (packed >> (j * BITS)) & ((1 << BITS) - 1)
+        tl.store(out_rows + j * stride_ok, (_levels(q, zero) * scale + offset).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def dequantize(weight: WNA16Weight, dtype: torch.dtype) -> torch.Tensor:
@@ -335,9 +348,13 @@ def dequantize(weight: WNA16Weight, dtype: torch.dtype) -> torch.Tensor:
     k, n = weight.qweight.shape[0] * (32 // weight.bits), weight.qweight.shape[1]
     out = torch.empty(k, n, dtype=dtype, device=weight.qweight.device)
     zeros, offsets, group_constants = weight.group_arguments()
-    _dequantize_kernel[(triton.cdiv(k, 64), triton.cdiv(n, 128))](
+    # K tiles inside one group where a whole number of words fits the group (GGUF's 16 and 32, GPTQ's 32 up).
+    block_k = math.gcd(64, weight.group_size)
+    if block_k < 32 // weight.bits:
+        block_k = 64
+    _dequantize_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, 128))](
         weight.qweight, weight.scales, zeros, offsets, out, n, k, weight.qweight.stride(0), weight.scales.stride(0),
-        out.stride(0), BITS=weight.bits, GROUP=weight.group_size, BLOCK_K=64, BLOCK_N=128, **group_constants)
+        out.stride(0), BITS=weight.bits, GROUP=weight.group_size, BLOCK_K=block_k, BLOCK_N=128, **group_constants)
     return out
 
 

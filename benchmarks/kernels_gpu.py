@@ -1,7 +1,8 @@
 """The CUDA plugin's newer kernels alone on a GPU, each against what it replaces or its roofline.
 
 - ``wna16``: the W4A16 GEMM (4-bit, group 128) on Llama-3-8B's projection shapes against the
-  bf16 ``torch.matmul`` of the same shape, and against the time to read its packed weight once.
+  bf16 ``torch.matmul`` of the same shape, and against the time to read its packed weight once;
+  the whole weight's dequantization (the path past 64 rows) against the copy bandwidth.
 - ``wna16-sweep``: the same shapes at 1 to 8192 rows, every tile plan of a grid (``SWEEP``) timed,
   the best and the op's own plan side by side: what ``wna16.plan`` is tuned from.
 - ``deterministic-sweep``: the batch-invariant matmul of ``--deterministic`` on the same shapes
@@ -68,7 +69,15 @@ def wna16_cases(bandwidth: float) -> list[dict]:
     for name, (n, k) in LLAMA8B_LINEARS.items():
         weight, dense = gptq_weight(n, k)
         packed_bytes = n * k / 2 + 2 * 2 * n * (k // 128)
-        for rows in (1, 16, 64, 256):
+        # The dense path's step cost past 64 rows beside the library GEMM: the whole weight
+        # dequantized (packed bytes read, bf16 written) against the copy bandwidth.
+        dequantize_us = graph_us(lambda: wna16.dequantize(weight, torch.bfloat16))
+        exact = torch.equal(wna16.dequantize(weight, torch.bfloat16).T, dense)
+        out.append({"kernel": "wna16-dequantize", "linear": name, "n": n, "k": k, "us": round(dequantize_us, 1),
+                    "of_copy_bandwidth": round((packed_bytes + 2 * n * k) / bandwidth * 1e6 / dequantize_us, 3),
+                    "equals_reference": exact})
+        print(json.dumps(out[-1]), flush=True)
+        for rows in (1, 16, 64, 256, 512):
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             error = (wna16.matmul(weight, x).float() - x @ dense.T).abs().max().item()
             quant_us = graph_us(lambda: wna16.matmul(weight, x))

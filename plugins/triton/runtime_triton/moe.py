@@ -223,7 +223,8 @@ def _count_kernel(ids_ptr, counts_ptr, ranks_ptr, pairs, num_experts, BLOCK: tl.
     valid = p < pairs
     ids = tl.load(ids_ptr + p, mask=valid, other=0).to(tl.int32)
     ids = tl.where(ids < 0, num_experts, ids)
-    tl.store(ranks_ptr + p, tl.atomic_add(counts_ptr + ids, 1, mask=valid), mask=valid)
+    # Relaxed: a rank needs only the count's atomicity; the default (acq_rel) fences every add.
+    tl.store(ranks_ptr + p, tl.atomic_add(counts_ptr + ids, 1, mask=valid, sem="relaxed"), mask=valid)
 
 
 @triton.jit

@@ -163,15 +163,50 @@ def test_a_plan_too_large_for_shared_memory_shrinks_and_is_remembered(monkeypatc
     assert launches == [(64, 2), (64, 1), (32, 2), (32, 1)]
 
 
-def test_split_vector_kernel_leaves_its_tickets_at_zero(device):
+SPLIT_PLANS = {
+    "vector": dict(block_n=32, block_k=128, split_k=4, num_warps=4, num_stages=2, gemv=True),
+    "tile": dict(block_m=16, block_n=32, block_k=64, split_k=4, num_warps=4, num_stages=2),
+}
+
+
+@pytest.mark.parametrize("kind", SPLIT_PLANS)
+def test_split_kernel_leaves_its_tickets_at_zero(kind, device, require_dot):
     """The last program of each output tile adds the split's partial sums and resets the tile's
     arrival counter: every counter is zero after a launch, and the next launch (as a CUDA graph's
     replay would) gives the same result."""
+    require_dot(torch.float16)
     weight = wna16.repack(_group_quant(96, 512, 4, 128, False, seed=3), torch.float16, device)
     x = torch.randn(2, 512, generator=torch.Generator().manual_seed(0)).half().to(device)
-    tiles = dict(block_n=32, block_k=128, split_k=4, num_warps=4, num_stages=2, gemv=True)
-    first = wna16.matmul(weight, x, **tiles)
+    first = wna16.matmul(weight, x, **SPLIT_PLANS[kind])
     assert int(TICKETS[x.device].count_nonzero()) == 0
-    again = wna16.matmul(weight, x, **tiles)
+    again = wna16.matmul(weight, x, **SPLIT_PLANS[kind])
     assert torch.equal(first, again)
     assert not torch.equal(first, torch.zeros_like(first))
+
+
+@pytest.mark.parametrize("kind", SPLIT_PLANS)
+def test_split_kernel_reads_only_the_partial_sums_it_stored(kind, device, require_dot, monkeypatch):
+    """The partial sums live in an uninitialized buffer: here every buffer the op allocates starts
+    as NaN, so a split stored where the last program does not read, or a sum read before it is
+    stored, writes NaN. The result is the float64 product's within float16 rounding. (Under the
+    interpreter programs run one after another; on a GPU they arrive in any order.)"""
+    require_dot(torch.float16)
+
+    class NanFilled:
+        """``torch`` for the op's module, with ``empty`` filled with NaN."""
+
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def empty(*shape, dtype, device):
+            return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    data = _group_quant(96, 512, 4, 128, False, seed=5)
+    weight = wna16.repack(data, torch.float16, device)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(2)).half()
+    monkeypatch.setattr(wna16, "torch", NanFilled())
+    got = wna16.matmul(weight, x.to(device), **SPLIT_PLANS[kind]).cpu().double()
+    expected = x.double() @ data.dequantize(torch.float64).T
+    allowed = 2 * 2 ** -10 * (x.double().abs() @ data.dequantize(torch.float64).abs().T) + 1e-6
+    assert bool(((got - expected).abs() <= allowed).all())

@@ -12,8 +12,9 @@ the activations' columns in the same order, so groups are always runs of ``group
 
 The kernel dequantizes a [BLOCK_K, BLOCK_N] tile in registers, ``(q - zero) * scale`` rounded
 to the activations' dtype, and multiplies it on the tensor cores. For few rows (decode) the
-reduction is split over ``split_k`` programs per output tile that add their partial sums into a
-float32 buffer (so skinny products still fill the GPU); prefill tiles use no split. Every launch
+reduction is split over ``split_k`` programs per output tile (so skinny products still fill the
+GPU), each storing its float32 partial sums; the last to arrive adds them and writes the output.
+Prefill tiles use no split. Every launch
 has a shape fixed by the input's, so decode steps capture in CUDA graphs. A plan may also compute
 the transposed tile (``swap_ab``), read each packed word once (``words_once``), multiply a row
 at a time on the vector units instead of the tensor cores (``gemv``: its own kernel, which adds
@@ -144,7 +145,8 @@ def _biased_level(packed, high, level_mask, level_base, J: tl.constexpr, BITS: t
 
 
 @triton.jit
-def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, M, N, K, stride_xm, stride_qk, stride_sg, stride_om,
+def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, ticket_ptr, M, N, K, stride_xm, stride_qk,
+                  stride_sg, stride_om,
                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr, WORDS_ONCE: tl.constexpr,
                   SWAP_AB: tl.constexpr, ZEROS: tl.constexpr, ZERO_POINT: tl.constexpr, OFFSETS: tl.constexpr):
@@ -200,18 +202,30 @@ def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, M, N, K, stride_xm
         else:
             acc += tl.dot(x, w, input_precision="ieee" if IEEE else "tf32")
     if SWAP_AB:
-        out_ptrs = out_ptr + rows[None, :].to(tl.int64) * stride_om + cols[:, None]
+        out_offsets = rows[None, :].to(tl.int64) * stride_om + cols[:, None]
+        partial_offsets = rows[None, :].to(tl.int64) * N + cols[:, None]
         out_ok = row_ok[None, :] & col_ok[:, None]
     else:
-        out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+        out_offsets = rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+        partial_offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
         out_ok = row_ok[:, None] & col_ok[None, :]
     if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+        tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
     else:
-        # Relaxed: the split's sums are read only after the launch; Triton's default (acq_rel) put a
-        # GPU-wide fence and an L1 invalidation around every add (sm_90 SASS: 32 each a thread
-        # for a 64 x 64 tile), where relaxed adds are fire-and-forget reductions.
-        tl.atomic_add(out_ptrs, acc, mask=out_ok, sem="relaxed")
+        # Each split stores its partial sums and the last to arrive at the tile's ticket adds them in
+        # split order and writes the output, as the vector kernel does: no zeroed float32 buffer and
+        # no cast after it (two launches a projection fewer), and no atomic adds, which with
+        # Triton's default semantics fenced the GPU and invalidated L1 around every element.
+        tl.store(partial_ptr + (split * M).to(tl.int64) * N + partial_offsets, acc, mask=out_ok)
+        tl.debug_barrier()
+        ticket = ticket_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        if tl.atomic_add(ticket, 1, sem="acq_rel") == SPLIT_K - 1:
+            total = tl.zeros(acc.shape, dtype=tl.float32)
+            for part in range(SPLIT_K):
+                total += tl.load(partial_ptr + (part * M).to(tl.int64) * N + partial_offsets, mask=out_ok, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(out_ptr + out_offsets, total.to(out_ptr.dtype.element_ty), mask=out_ok)
+            tl.atomic_xchg(ticket, 0)  # ready for the next launch
 
 
 @triton.jit
@@ -425,16 +439,17 @@ def _tiled(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor
     m, k = rows.shape
     n = weight.qweight.shape[1]
     split = tiles["split_k"]
-    out = torch.zeros(m, n, dtype=torch.float32, device=rows.device) if split > 1 else \
-        torch.empty(m, n, dtype=rows.dtype, device=rows.device)
+    out = torch.empty(m, n, dtype=rows.dtype, device=rows.device)
     if m:
         zeros, offsets, group_constants = weight.group_arguments()
+        partial = torch.empty(split, m, n, dtype=torch.float32, device=rows.device) if split > 1 else out
+        grid = (triton.cdiv(m, tiles["block_m"]), triton.cdiv(n, tiles["block_n"]), split)
+        counters = tickets(rows.device, grid[0] * grid[1])
 
         def launch(tiles: dict) -> None:
-            grid = (triton.cdiv(m, tiles["block_m"]), triton.cdiv(n, tiles["block_n"]), split)
-            _wna16_kernel[grid](rows, weight.qweight, weight.scales, zeros, offsets, out, m, n, k, rows.stride(0),
-                                weight.qweight.stride(0), weight.scales.stride(0), out.stride(0), BITS=weight.bits,
-                                GROUP=weight.group_size, BLOCK_M=tiles["block_m"], BLOCK_N=tiles["block_n"],
+            _wna16_kernel[grid](rows, weight.qweight, weight.scales, zeros, offsets, out, partial, counters, m, n, k,
+                                rows.stride(0), weight.qweight.stride(0), weight.scales.stride(0), out.stride(0),
+                                BITS=weight.bits, GROUP=weight.group_size, BLOCK_M=tiles["block_m"], BLOCK_N=tiles["block_n"],
                                 BLOCK_K=tiles["block_k"], SPLIT_K=split, IEEE=rows.dtype == torch.float32,
                                 WORDS_ONCE=tiles.get("words_once", False), SWAP_AB=tiles.get("swap_ab", False),
                                 num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], **group_constants)
@@ -442,7 +457,7 @@ def _tiled(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor
         key = (tuple(sorted(tiles.items())), n, k, rows.dtype, weight.bits, weight.group_size, rows.device,
                tuple(group_constants.items()))
         launch_fitting(FITTED_TILES, key, tiles, launch, fewer_stages_then_shallower("block_k", 32))
-    return out.to(rows.dtype)
+    return out
 
 
 def _level_constants(bits: int) -> tuple[int, int]:

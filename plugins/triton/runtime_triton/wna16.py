@@ -442,9 +442,9 @@ def _tiled(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor
     out = torch.empty(m, n, dtype=rows.dtype, device=rows.device)
     if m:
         zeros, offsets, group_constants = weight.group_arguments()
-        partial = torch.empty(split, m, n, dtype=torch.float32, device=rows.device) if split > 1 else out
         grid = (triton.cdiv(m, tiles["block_m"]), triton.cdiv(n, tiles["block_n"]), split)
-        counters = tickets(rows.device, grid[0] * grid[1])
+        partial, counters = (torch.empty(split, m, n, dtype=torch.float32, device=rows.device),
+                             tickets(rows.device, grid[0] * grid[1])) if split > 1 else (out, out)
 
         def launch(tiles: dict) -> None:
             _wna16_kernel[grid](rows, weight.qweight, weight.scales, zeros, offsets, out, partial, counters, m, n, k,

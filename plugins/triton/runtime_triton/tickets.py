@@ -1,5 +1,5 @@
 """Arrival counters for kernels whose last program of a tile finishes the tile's work (split-K
-sums: the W4A16 vector kernel, the LoRA shrink of ``linear_lora``).
+sums: the W4A16 vector and tile kernels, the LoRA shrink of ``linear_lora``).
 
 Per device one int32 buffer, zero between launches: the last program to arrive at a counter
 resets it, so it is allocated and zeroed once, before any CUDA-graph capture, and shared by every

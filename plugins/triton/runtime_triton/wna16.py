@@ -14,8 +14,8 @@ The kernel dequantizes a [BLOCK_K, BLOCK_N] tile in registers, ``(q - zero) * sc
 to the activations' dtype, and multiplies it on the tensor cores. For few rows (decode) the
 reduction is split over ``split_k`` programs per output tile (so skinny products still fill the
 GPU), each storing its float32 partial sums; the last to arrive adds them and writes the output.
-Prefill tiles use no split. Every launch
-has a shape fixed by the input's, so decode steps capture in CUDA graphs. A plan may also compute
+Prefill tiles use no split. Every launch has a shape fixed by the input's, so decode steps
+capture in CUDA graphs. A plan may also compute
 the transposed tile (``swap_ab``), read each packed word once (``words_once``), multiply a row
 at a time on the vector units instead of the tensor cores (``gemv``: its own kernel, which adds
 the split's partial sums itself; ``prefetch``: it requests each K tile one tile ahead;
@@ -145,6 +145,30 @@ def _biased_level(packed, high, level_mask, level_base, J: tl.constexpr, BITS: t
 
 
 @triton.jit
+def _store_split(acc, out_ptr, partial_ptr, ticket, out_offsets, partial_offsets, ok, split, M, N,
+                 SPLIT_K: tl.constexpr):
+    """Write a program's float32 sums ``acc`` to ``out_ptr + out_offsets`` in its dtype: directly
+    without a split; with one, stored as split ``split``'s partial sums ([SPLIT_K, M, N] at
+    ``partial_ptr``), and the last program to arrive at the output tile's ``ticket`` adds the
+    tile's splits in split order and writes them. One launch, no zeroed float32 buffer to cast
+    afterwards, no atomic adds on the data (with Triton's default semantics each fenced the GPU
+    and invalidated L1)."""
+    if SPLIT_K == 1:
+        tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(partial_ptr + (split * M).to(tl.int64) * N + partial_offsets, acc, mask=ok)
+        # Every thread's partial sums are stored before the ticket is taken (its release orders them).
+        tl.debug_barrier()
+        if tl.atomic_add(ticket, 1, sem="acq_rel") == SPLIT_K - 1:
+            total = tl.zeros(acc.shape, dtype=tl.float32)
+            for part in range(SPLIT_K):
+                total += tl.load(partial_ptr + (part * M).to(tl.int64) * N + partial_offsets, mask=ok, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(out_ptr + out_offsets, total.to(out_ptr.dtype.element_ty), mask=ok)
+            tl.atomic_xchg(ticket, 0)  # ready for the next launch
+
+
+@triton.jit
 def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, ticket_ptr, M, N, K, stride_xm, stride_qk,
                   stride_sg, stride_om,
                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -209,23 +233,8 @@ def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, ticke
         out_offsets = rows[:, None].to(tl.int64) * stride_om + cols[None, :]
         partial_offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
         out_ok = row_ok[:, None] & col_ok[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
-    else:
-        # Each split stores its partial sums and the last to arrive at the tile's ticket adds them in
-        # split order and writes the output, as the vector kernel does: no zeroed float32 buffer and
-        # no cast after it (two launches a projection fewer), and no atomic adds, which with
-        # Triton's default semantics fenced the GPU and invalidated L1 around every element.
-        tl.store(partial_ptr + (split * M).to(tl.int64) * N + partial_offsets, acc, mask=out_ok)
-        tl.debug_barrier()
-        ticket = ticket_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        if tl.atomic_add(ticket, 1, sem="acq_rel") == SPLIT_K - 1:
-            total = tl.zeros(acc.shape, dtype=tl.float32)
-            for part in range(SPLIT_K):
-                total += tl.load(partial_ptr + (part * M).to(tl.int64) * N + partial_offsets, mask=out_ok, other=0.0,
-                                 cache_modifier=".cg")
-            tl.store(out_ptr + out_offsets, total.to(out_ptr.dtype.element_ty), mask=out_ok)
-            tl.atomic_xchg(ticket, 0)  # ready for the next launch
+    _store_split(acc, out_ptr, partial_ptr, ticket_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
+                 out_offsets, partial_offsets, out_ok, split, M, N, SPLIT_K)
 
 
 @triton.jit
@@ -289,22 +298,8 @@ def _wna16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, 
             acc += offset * x_sums[:, None]
         if PREFETCH:
             packed, scale, zero, offset = next_packed, next_scale, next_zero, next_offset
-    total = tl.sum(acc, 0)
-    out_ptrs = out_ptr + row.to(tl.int64) * stride_om + cols
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=col_ok)
-    else:
-        tl.store(partial_ptr + (split * M + row).to(tl.int64) * N + cols, total, mask=col_ok)
-        # Every thread's partial sums are stored before the ticket is taken (its release orders them).
-        tl.debug_barrier()
-        ticket = ticket_ptr + row * tl.num_programs(1) + tile
-        if tl.atomic_add(ticket, 1, sem="acq_rel") == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for part in range(SPLIT_K):
-                total += tl.load(partial_ptr + (part * M + row).to(tl.int64) * N + cols, mask=col_ok, other=0.0,
-                                 cache_modifier=".cg")
-            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=col_ok)
-            tl.atomic_xchg(ticket, 0)  # ready for the next launch
+    _store_split(tl.sum(acc, 0), out_ptr, partial_ptr, ticket_ptr + row * tl.num_programs(1) + tile,
+                 row.to(tl.int64) * stride_om + cols, row.to(tl.int64) * N + cols, col_ok, split, M, N, SPLIT_K)
 
 
 @triton.jit
@@ -338,7 +333,7 @@ def _dequantize_kernel(q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, N, K, stride_qk, str
     # Each packed word is read once and written as its PER rows, a row of the tile at a time, with
     # one row of scales a program where its K tile lies in one group: the path that dequantizes
     # the whole weight every step at many rows is bound by its bandwidth only if it issues few
-    # instructions an element (a word reread per row and a scale gathered per element were ~20).
+    # instructions an element (sm_90: 600 a 64 x 128 tile against 824 when each row reread its word).
     PER: tl.constexpr = 32 // BITS
     ONE_GROUP: tl.constexpr = GROUP % BLOCK_K == 0
     k0 = tl.program_id(0) * BLOCK_K

@@ -136,9 +136,11 @@ def runtime_part(args) -> list[dict]:
     from runtime import LLM, SamplingParams
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.hf_dir)
     prompts = {1: chat_prompts(tokenizer, 1), args.batch: chat_prompts(tokenizer, args.batch)}
-    def setting(label: str, config) -> list[dict]:
+    def setting(label: str, config, chains: bool = True) -> list[dict]:
         llm = LLM(str(args.hf_dir), device=args.device, dtype="bfloat16", max_model_len=2048,
                   speculative_config=config)
+        if config and not chains:
+            llm.engine.chains_verification = False
         generate = functools.partial(output_lengths, llm, SamplingParams)
         rows = copy_rates(generate, prompts, "runtime", label, args.tokens, args.repeats,
                           llm.engine.stats if config else None)
@@ -158,7 +160,12 @@ def runtime_part(args) -> list[dict]:
     rows = setting("none", None)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the first engine is gone: its memory goes to the second
-    return rows + setting("ngram", NGRAM)
+    rows += setting("ngram", NGRAM)
+    if args.host_verification:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        rows += setting("ngram-host", NGRAM, chains=False)
+    return rows
 
 
 def step_phases(llm, run, mode: str) -> dict:
@@ -178,7 +185,7 @@ def step_phases(llm, run, mode: str) -> dict:
     targets = [("schedule", engine.scheduler, "schedule"), ("look_ahead", engine.scheduler, "look_ahead"),
                ("update", engine.scheduler, "update"), ("launch", runner, "launch"), ("sample", runner, "sample"),
                ("collect", runner, "collect"), ("replay", getattr(runner, "decode_graphs", None), "run"),
-               ("step", engine, "step")]
+               ("launch_chained", runner, "launch_chained"), ("step", engine, "step")]
     targets.append(("propose", engine.proposer, "propose"))
     targets = [(label, owner, name) for label, owner, name in targets if owner is not None]  # no graphs, no proposer
     verifying = [0]  # launches of a step where some request had proposals
@@ -187,8 +194,9 @@ def step_phases(llm, run, mode: str) -> dict:
         def timed(*args, _original=getattr(owner, name), _label=label, **kwargs):
             # launch takes the scheduler's output, sample and collect the pending step: both list the step's requests
             kind = None
-            if _label in ("launch", "sample", "collect") and args[0] is not None:
-                kind = "verifying" if any(s.draft_token_ids for s in args[0].scheduled) else "plain"
+            if _label in ("launch", "sample", "collect", "launch_chained") and args[0] is not None:
+                kind = "chained" if any(s.chained for s in args[0].scheduled) else \
+                    "verifying" if any(s.draft_token_ids for s in args[0].scheduled) else "plain"
                 verifying[0] += _label == "launch" and kind == "verifying"
             start = time.perf_counter()
             try:
@@ -216,7 +224,8 @@ def step_phases(llm, run, mode: str) -> dict:
     for (kind, label), (seconds, count) in sorted(by_kind.items()):
         kinds.setdefault(kind, {})[label] = round(1e3 * seconds / count, 3)
     return {"engine": "runtime", "mode": mode, "steps": steps, "verification_launches": verifying[0],
-            "forward_launches": calls.get("launch", 0), "graph_replays": calls.get("replay", 0),
+            "forward_launches": calls.get("launch", 0) + calls.get("launch_chained", 0),
+            "chained_launches": calls.get("launch_chained", 0), "graph_replays": calls.get("replay", 0),
             "wall_s": round(wall, 4), "phase_ms_per_step": per_step, "by_kind_ms_per_call": kinds}
 
 
@@ -304,6 +313,9 @@ def main() -> None:
                                                                  "at each batch, without and with proposals")
     parser.add_argument("--phases", action="store_true", help="runtime: then the engine step's phases timed over one "
                                                                 "run at each batch, without and with proposals")
+    parser.add_argument("--host-verification", action="store_true",
+                        help="runtime: then n-gram proposals again with every step made on the host (no verification "
+                             "chained on the device, worker/verify_chain.py)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="each timing is the best of this many runs")

@@ -105,6 +105,7 @@ def measure(path: Path, batch: int, tokens: int, repeats: int, proposer: str) ->
     for label, engine in (("none", plain), (proposer, spec)):
         if engine is spec and proposer == "oracle":
             spec.proposer = OracleProposer(reference)
+            spec.chains_verification = False  # a chain proposes by n-gram on the device, not by the oracle
         phases: collections.Counter = collections.Counter()
         counter = OpCounter()
         runner = engine.runner

@@ -26,6 +26,7 @@ from ..pooling import PoolerConfig, PoolingParams, resolve_pooler_config
 from ..sample.params import SamplingParams
 from ..sched.request import Request, RequestStatus
 from ..sched.scheduler import Scheduler, SchedulerOutput, swap_is_cheaper
+from ..spec.ngram import NgramProposer
 from ..spec.proposer import SpecCounters, check_speculative, make_proposer
 from ..structured.manager import StructuredOutputManager
 from ..worker.executor import make_executor
@@ -157,6 +158,11 @@ class EngineCore:
                                    encoder_cache=EncoderCacheManager(pconfig.max_num_batched_tokens) if self.vision else None,
                                    encoder_budget=pconfig.max_num_batched_tokens)
         self.proposer = make_proposer(args.speculative, self.runner)
+        # Greedy n-gram verifications follow one another on the device, read back a step late
+        # (worker/verify_chain.py); one rank only: other ranks would need the device's inputs too.
+        self.chains_verification = (self.launch_early and isinstance(self.proposer, NgramProposer)
+                                    and self.executor.world_size == 1 and self.runner.enable_verify_chains(
+                                        args.speculative.prompt_lookup_min, args.speculative.prompt_lookup_max))
         self.spec_counters = SpecCounters(args.speculative.num_speculative_tokens if args.speculative else 0)
         self.max_num_batched_tokens = pconfig.max_num_batched_tokens
         # Steps whose masks may be in use at once: one per micro-batch, or the look-ahead step and
@@ -403,7 +409,9 @@ class EngineCore:
             (out, pending), self._in_flight = self._in_flight, None
         else:
             out, pending = self._schedule_and_launch()
-        if pending is not None and self._looks_ahead(out):
+        if pending is not None and self.chains_verification:
+            self._in_flight = self._chain(out, pending)
+        if self._in_flight is None and pending is not None and self._looks_ahead(out):
             following = self.scheduler.look_ahead(out)
             if following is not None:
                 self._reset_preempted(following)
@@ -415,6 +423,19 @@ class EngineCore:
         if self.launch_early and self._in_flight is None and self.scheduler.has_unfinished_requests():
             self._in_flight = self._schedule_and_launch()
         return outputs
+
+    def _chain(self, out: SchedulerOutput, pending: PendingStep) -> Optional[tuple[SchedulerOutput, PendingStep]]:
+        """The verification after ``out`` launched behind it now, its inputs and proposals made
+        on the device (``Scheduler.chain``, ``ModelRunner.launch_chained``); None where the next
+        step needs the host: constrained requests, sampling other than the raw argmax, requests
+        joining or leaving."""
+        if self.structured.tracks_any(out.scheduled):
+            return None
+        reach = self.runner.chain_reach(out, pending)
+        following = None if reach is None else self.scheduler.chain(out, reach)
+        if following is None:
+            return None
+        return following, self.runner.launch_chained(following, pending)
 
     def _looks_ahead(self, out: SchedulerOutput) -> bool:
         """Whether the step after ``out`` is scheduled and queued behind it now, before its tokens
@@ -435,7 +456,9 @@ class EngineCore:
             return True
         if not self.launch_early or not getattr(self.proposer, "may_skip_steps", False):
             return False
-        return all(not s.draft_token_ids and (s.request.proposal_pause or s.max_drafts) for s in out.scheduled)
+        # A chained step's proposals are known only once it is read back.
+        return all(not s.chained and not s.draft_token_ids and (s.request.proposal_pause or s.max_drafts)
+                   for s in out.scheduled)
 
     def _schedule_and_launch(self) -> tuple[SchedulerOutput, Optional[PendingStep]]:
         out = self.scheduler.schedule()
@@ -477,6 +500,9 @@ class EngineCore:
         """Apply a step's results to the scheduler; what each request got from it."""
         counts = {rid: len(request.output_token_ids) for rid in result.sampled
                   if (request := self.scheduler.get_request(rid)) is not None}
+        for item in out.scheduled:
+            if item.chained and item.request.status is RequestStatus.RUNNING:
+                item.resolve(result.drafts.get(item.request.request_id, []))
         if self.proposer is not None:
             self.spec_counters.count(out, result.sampled)
         updated = self.scheduler.update(out, result.sampled)

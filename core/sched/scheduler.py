@@ -52,6 +52,10 @@ class ScheduledRequest:
     allocated and the step's token budget counts them; :meth:`set_drafts` adds them."""
     draft_token_ids: list[int] = field(default_factory=list)
     """Proposed tokens computed after the request's last token, for the target to verify."""
+    chained: bool = False
+    """A verification made on the device behind the step in flight (:meth:`Scheduler.chain`):
+    its start, last token and proposals are known once that step and this one are read back
+    (:meth:`resolve`); until then ``start`` is the step in flight's."""
     token_pending: bool = field(init=False)
     """This chunk is the one token still being sampled on the device by the step in flight
     (a look-ahead step): its id is not known on the host."""
@@ -72,6 +76,14 @@ class ScheduledRequest:
         if len(draft_token_ids) > self.max_drafts or self.draft_token_ids:
             raise ValueError(f"{len(draft_token_ids)} proposed tokens, room for {self.max_drafts}")
         self.num_new_tokens += len(draft_token_ids)
+        self.draft_token_ids = list(draft_token_ids)
+
+    def resolve(self, draft_token_ids: list[int]) -> None:
+        """A chained verification as it ran, once the step before it is applied: from the
+        request's last token, with these proposals (read back with its tokens)."""
+        self.start = self.request.num_computed_tokens
+        self._num_tokens = self.request.num_tokens
+        self.num_new_tokens = 1 + len(draft_token_ids)
         self.draft_token_ids = list(draft_token_ids)
 
     def truncate_drafts(self, count: int) -> None:
@@ -404,6 +416,39 @@ class Scheduler:
             return following
         self._finished_ids = following.finished_ids + self._finished_ids
         return None
+
+    def chain(self, output: SchedulerOutput, reach: int) -> SchedulerOutput | None:
+        """The verification after ``output`` (in flight, a decode or verification step of every
+        running request) for the same requests, made on the device without the host in between
+        (``worker/verify_chain.py``): each request's last token and up to k proposals, from
+        wherever ``output``'s accepted tokens end. Their blocks are allocated for the furthest
+        that can be (``output`` accepting all of its proposals), within ``reach`` positions.
+
+        None, changing nothing but blocks allocated ahead, where the step after ``output`` must
+        be scheduled by :meth:`schedule` instead: requests are waiting or have finished since the
+        last schedule (so the runner forgets them), ``output`` leaves a running request out or
+        holds one that has stopped, a request could pass ``reach``, or blocks are short (no
+        preemption here).
+        """
+        query_len = 1 + self.num_speculative_tokens
+        items = output.scheduled
+        if (not self.num_speculative_tokens or self._waiting or self._finished_ids or len(items) != len(self._running)
+                or query_len * len(items) > self.max_num_batched_tokens):
+            return None
+        # Worst case for the next step: this one accepts all of its proposals.
+        furthest = 2 * query_len
+        for item in items:
+            request = item.request
+            if request.status is not RequestStatus.RUNNING or request.num_computed_tokens + furthest > reach:
+                return None
+        rows = []
+        for item in items:
+            block_ids = self.kv.allocate_slots(item.request, furthest)
+            if block_ids is None:
+                return None
+            rows.append(ScheduledRequest(item.request, item.request.num_computed_tokens, 1, block_ids,
+                                         max_drafts=self.num_speculative_tokens, chained=True))
+        return SchedulerOutput(rows)
 
     def update(self, output: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
         """Apply a step's results: advance progress, append sampled tokens, finish what stopped.

@@ -36,7 +36,7 @@ from ..sample.params import SamplingParams
 from ..sample.static_shapes import full_grammar_mask, static_sampling_metadata
 from ..sched.request import Request
 from ..sched.scheduler import ScheduledRequest, SchedulerOutput
-from ..spec.rejection import DraftLayout
+from ..spec.rejection import DraftLayout, rejection_sample
 from ..structured.bitmask import GrammarBitmask
 from .decode_graphs import DecodeGraphs, capture_sizes
 from .determinism import check_batch_invariant, check_batch_invariant_method
@@ -44,6 +44,7 @@ from .encoder_outputs import EncoderOutputs
 from .input_buffers import InputBuffers, StepInputs, asynchronous_copies, host_to_device, step_inputs
 from .pipeline import StageLink
 from .verify_batch import pad_verification, verification_size
+from .verify_chain import VerificationChain
 
 def _without_autograd(method):
     """Run a runner method under ``torch.inference_mode``, or ``torch.no_grad`` where the platform
@@ -69,6 +70,9 @@ class RunnerOutput:
     """Per request, entries for the prompt positions this step covered (the first prompt token has none)."""
     pooled: dict[str, bytes] = field(default_factory=dict)
     """Per embedding request of the step, its vector (float32 little-endian)."""
+    drafts: dict[str, list[int]] = field(default_factory=dict)
+    """Per request of a chained verification step, the tokens proposed for it on the device
+    (``ScheduledRequest.resolve``)."""
 
 
 @dataclass
@@ -98,6 +102,12 @@ class PendingStep:
     logits: tuple[torch.Tensor, SamplingMetadata] | None = None
     """The sampled rows' logits and sampling metadata, queued by a launch that left the
     sampling for later (see :meth:`ModelRunner.launch`)."""
+    verified: tuple[torch.Tensor, torch.Tensor] | None = None
+    """A chained verification's emitted tokens [B, 1 + k] (-1 past each count) and counts [B]
+    on the device: what the step chained behind it reads."""
+    host_verified: torch.Tensor | None = None
+    """Those, then the proposals [B, k] and their counts [B], flat in host memory once ``ready``
+    has passed."""
 
 
 def _sample_rows(scheduled: list[ScheduledRequest]) -> list[int]:
@@ -196,6 +206,8 @@ class ModelRunner:
         """(token buckets, sequence buckets) of a static-shape platform; see :meth:`prepare_inputs`."""
         self.decode_graphs: DecodeGraphs | None = None
         self.num_speculative_tokens = 0
+        self.verify_chain: VerificationChain | None = None
+        """Set by :meth:`enable_verify_chains` (n-gram proposals, verification graphs captured)."""
         """k of the verification graphs (0: none captured)."""
         self.draft: ModelRunner | None = None
         """The draft model's runner, on rank 0 of an engine proposing with a draft model."""
@@ -307,6 +319,93 @@ class ModelRunner:
         """Run one step and read its results back."""
         return self.collect(self.launch(out))
 
+    def enable_verify_chains(self, min_n: int, max_n: int) -> bool:
+        """Let n-gram verification steps follow one another without the host in between
+        (:meth:`launch_chained`); False where no verification graphs were captured."""
+        if self.decode_graphs is None or not self.num_speculative_tokens or self.lora_slots is not None \
+                or self.encoder_outputs is not None:
+            return False
+        self.verify_chain = VerificationChain(self.buffers, self.block_size, self.num_speculative_tokens, min_n, max_n,
+                                              self.device)
+        return True
+
+    def chain_reach(self, out: SchedulerOutput, previous: PendingStep | None) -> int | None:
+        """How far (in positions) the requests of ``previous`` may reach for the verification
+        after it to be chained behind it (:meth:`launch_chained`); None where it cannot be: a
+        request that is not greedy on the raw logits or asks for logprobs, a step that was not a
+        decode or verification of every request, or no graph for its size."""
+        chain = self.verify_chain
+        if chain is None or previous is None:
+            return None
+        scheduled = out.scheduled
+        if len(previous.requests) != len(scheduled) or self.decode_graphs.size_for(
+                len(scheduled), 1 + self.num_speculative_tokens) is None:
+            return None
+        for s in scheduled:
+            params = s.request.sampling_params
+            if (s.token_pending or not s.sample or s.num_new_tokens != 1 + len(s.draft_token_ids)
+                    or params.prompt_logprobs is not None or not argmax_only(s.request)):
+                return None
+        if previous.verified is not None:
+            return chain.capacity
+        sampled = previous.sampled
+        if sampled is None or sampled.num_tokens is not None or sampled.logprobs is not None:
+            return None
+        return self._chain_capacity(scheduled)
+
+    def _chain_capacity(self, scheduled: list[ScheduledRequest]) -> int:
+        """Tokens a new chain's histories hold: room for a few dozen steps past the longest
+        request (the n-gram search costs the whole width each step), within the block table."""
+        longest = max(s.request.num_tokens for s in scheduled)
+        return min(self.buffers.width * self.block_size, self.max_model_len,
+                   1 << (longest + 64 * (1 + self.num_speculative_tokens) - 1).bit_length())
+
+    @_without_autograd
+    def launch_chained(self, out: SchedulerOutput, previous: PendingStep) -> PendingStep:
+        """Queue the verification after ``previous`` (still in flight) for the same requests,
+        its inputs made on the device from ``previous``'s tokens (see verify_chain.py); its
+        proposals are read back with its tokens (``RunnerOutput.drafts``). Call only where
+        :meth:`chain_reach` allowed it and the requests' blocks reach that far."""
+        scheduled, chain = out.scheduled, self.verify_chain
+        batch, k = len(scheduled), self.num_speculative_tokens
+        query_len = 1 + k
+        size = self.decode_graphs.size_for(batch, query_len)
+        if previous.verified is not None:
+            emitted, counts = previous.verified
+        else:
+            chain.start([s.request.all_token_ids for s in scheduled], self._chain_capacity(scheduled), size)
+            emitted, counts = self._greedy_verified(previous)
+        tables = np.zeros((batch, max(len(s.block_ids) for s in scheduled)), dtype=np.int64)
+        for row, s in zip(tables, scheduled):
+            row[:len(s.block_ids)] = s.block_ids
+        drafts, num_drafts = chain.advance(emitted, counts, tables)
+        hidden = self.decode_graphs.run(size, query_len)
+        pending = PendingStep(scheduled, np.arange(batch + 1, dtype=np.int64) * query_len, hidden,
+                              requests=[s.request for s in scheduled])
+        argmax = self.model.compute_logits(hidden[:batch * query_len]).argmax(-1).view(batch, query_len)
+        proposed = torch.arange(k, device=self.device) < num_drafts.unsqueeze(1)
+        accepted = ((argmax[:, :k] == drafts) & proposed).long().cumprod(1).sum(1)
+        emitted = torch.where(torch.arange(query_len, device=self.device) <= accepted.unsqueeze(1), argmax, -1)
+        pending.verified = (emitted, accepted + 1)
+        self.platform.mark_step()
+        packed = torch.cat([emitted.view(-1), accepted + 1, drafts.view(-1), num_drafts])
+        pending.host_verified = packed if self.device.type == "cpu" else packed.to("cpu", non_blocking=self.asynchronous)
+        if self.asynchronous:
+            pending.ready = torch.Event(device=self.device)
+            pending.ready.record()
+        return pending
+
+    def _greedy_verified(self, pending: PendingStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """A launched step's emitted tokens [B, W] (-1 past each count) and counts [B] on the
+        device, every request greedy on the raw logits: the argmax of its verified rows up to the
+        first that disagrees with a proposal (``DraftLayout.emitted``, on the device)."""
+        argmax = pending.sampled.token_ids
+        if pending.layout is None:
+            batch = len(pending.requests)
+            return argmax[:batch].unsqueeze(1), torch.ones(batch, dtype=torch.int64, device=argmax.device)
+        tokens, counts, _ = rejection_sample(None, argmax, None, [], pending.layout)
+        return tokens, counts
+
     @_without_autograd
     def launch(self, out: SchedulerOutput, previous: PendingStep | None = None,
                grammar: GrammarBitmask | None = None, sample: bool = True) -> PendingStep | None:
@@ -318,6 +417,8 @@ class ModelRunner:
         ``sample=False`` only the forward pass is queued and :meth:`sample` queues the sampling
         later: the engine fills a step's grammar masks while its forward pass runs.
         """
+        if self.verify_chain is not None:
+            self.verify_chain.stop()  # this step's inputs come from the host: the histories go stale
         self.drop_requests(out.finished_ids)
         if out.transfers:
             self._swap(out.transfers)
@@ -531,6 +632,9 @@ class ModelRunner:
             pending.ready.synchronize()
         if pending.handed_on is not None:
             pending.handed_on.wait()
+        if pending.host_verified is not None:
+            self._collect_chained(pending, result)
+            return result
         sampled = pending.host_sampled
         if sampled is not None:
             if pending.layout is None:
@@ -555,6 +659,15 @@ class ModelRunner:
         if self.pp.is_last:
             self._prompt_logprobs(pending.scheduled, pending.hidden, pending.query_start_loc, result)
         return result
+
+    def _collect_chained(self, pending: PendingStep, result: RunnerOutput) -> None:
+        batch, k = len(pending.requests), self.num_speculative_tokens
+        emitted, counts, drafts, num_drafts = np.split(
+            pending.host_verified.numpy(), np.cumsum([batch * (1 + k), batch, batch * k]))
+        emitted, drafts = emitted.reshape(batch, 1 + k), drafts.reshape(batch, k)
+        for b, request in enumerate(pending.requests):
+            result.sampled[request.request_id] = emitted[b, :counts[b]].tolist()
+            result.drafts[request.request_id] = drafts[b, :num_drafts[b]].tolist()
 
     def _loaded_event(self) -> torch.Event | None:
         """Marks the last load's copies as queued (None where loads are done at once: the CPU, and

@@ -1,0 +1,179 @@
+"""Verification steps chained on the device (worker/verify_chain.py), on the CPU.
+
+On tests/test_decode_graphs.py's replay platform (a "graph" reruns the captured forward on the
+runner's persistent buffers, so a chained step reads exactly the inputs it wrote there): the
+device n-gram proposer against the host's, token for token; greedy output with chains equal to
+the engine's without proposals, with requests arriving, finishing at different lengths, stopping
+on a token and aborted while a chained step is in flight; the proposals a chained step read back
+equal to what the host's proposer makes from the same tokens; and the conditions that send a
+step back to the host.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_decode_graphs import _registry, _run
+from test_spec_decode import _repetitive_prompts
+from tiny_models import make_tiny_checkpoint
+
+from runtime.engine.args import EngineArgs
+from runtime.engine.core import EngineCore
+from runtime.sample.params import SamplingParams
+from runtime.sched.scheduler import ScheduledRequest
+from runtime.spec.device_ngram import propose_ngram_batched
+from runtime.spec.ngram import propose_ngram
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+COMMON = dict(device="replay_cpu", max_num_seqs=6, max_model_len=160, kv_cache_memory="4MiB",
+              max_num_batched_tokens=64)
+PROMPTS = _repetitive_prompts(7, seed=11)
+MAX_TOKENS = [40, 9, 52, 23, 31, 17, 44]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_batched_device_proposals_equal_the_host_proposer(seed):
+    """Random rows (small vocabularies, so runs of every length repeat; tokens past each row's
+    length are garbage the proposer must not read) against ``propose_ngram`` row by row."""
+    rng = np.random.default_rng(seed)
+    for _ in range(60):
+        batch, capacity = 5, 70
+        lengths = rng.integers(1, capacity + 1, batch)
+        history = rng.integers(0, int(rng.integers(2, 7)), (batch, capacity))
+        k, low = int(rng.integers(1, 6)), int(rng.integers(1, 4))
+        high = low + int(rng.integers(0, 4))
+        drafts, counts = propose_ngram_batched(torch.from_numpy(history), torch.from_numpy(lengths), k, low, high)
+        assert drafts.shape == (batch, k)
+        for b in range(batch):
+            expected = propose_ngram(history[b, :lengths[b]], k, low, high)
+            assert drafts[b, :counts[b]].tolist() == expected
+            assert not drafts[b, counts[b]:].any()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("verify_chain"), "llama")
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint) -> dict[str, list]:
+    eager = EngineCore(EngineArgs(model=str(checkpoint), enforce_eager=True, **COMMON), registry=_registry())
+    return _run(eager, PROMPTS, MAX_TOKENS)
+
+
+def _chained_engine(checkpoint) -> tuple[EngineCore, list[tuple[bool, int]]]:
+    """An n-gram engine, and per chained launch (whether it followed a chained step, its batch)."""
+    engine = EngineCore(EngineArgs(model=str(checkpoint), speculative_config=NGRAM, **COMMON), registry=_registry())
+    assert engine.chains_verification
+    runner, chained = engine.runner, []
+    launch_chained = runner.launch_chained
+
+    def recorded(out, previous):
+        chained.append((previous.verified is not None, len(out.scheduled)))
+        return launch_chained(out, previous)
+
+    runner.launch_chained = recorded
+    return engine, chained
+
+
+def test_greedy_output_with_chained_verifications_equals_eager_output(checkpoint, reference):
+    engine, chained = _chained_engine(checkpoint)
+    assert _run(engine, PROMPTS, MAX_TOKENS) == reference
+    assert sum(1 for after_chained, _ in chained if after_chained) > 10, "chains never went past one step"
+    assert len({batch for _, batch in chained}) >= 3, "chains of one or two batch sizes only"
+    stats = engine.stats()
+    assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
+    assert engine.kv_manager.usage == 0
+
+
+def test_chained_proposals_are_the_host_proposers(checkpoint, monkeypatch):
+    """Each chained step's proposals, read back with its tokens, are what ``propose_ngram``
+    makes from the request's tokens known before that step."""
+    engine, chained = _chained_engine(checkpoint)
+    checked = []
+    resolve = ScheduledRequest.resolve
+
+    def checking(item, draft_token_ids):
+        # Resolved once the step before is applied: every token up to this step's first is known.
+        expected = propose_ngram(np.array(item.request.all_token_ids), item.max_drafts, 1, 3)
+        assert draft_token_ids == expected
+        checked.append(len(expected))
+        resolve(item, draft_token_ids)
+
+    monkeypatch.setattr(ScheduledRequest, "resolve", checking)
+    _run(engine, PROMPTS, MAX_TOKENS)
+    assert len(checked) >= sum(batch for _, batch in chained) - len(PROMPTS)
+    assert any(checked) and 0 in checked
+
+
+def test_a_stop_token_and_requests_stopped_mid_chain_keep_exactly_their_tokens(checkpoint, reference):
+    """Request 2 stops on a token, request 3 is finished by the caller (as a stop string is) and
+    request 4 aborted, each with a chained step in flight that computes them once more: every
+    request keeps exactly the tokens the engine without proposals gives it, and every block
+    comes back. Six requests: all of them run from the start, so chains begin at once."""
+    stop_token = [t for t in reference["2"] if isinstance(t, int)][20]
+    engine, chained = _chained_engine(checkpoint)
+    for i, prompt in enumerate(PROMPTS[:6]):
+        stop = [stop_token] if i == 2 else []
+        engine.add_request(str(i), prompt, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=MAX_TOKENS[i],
+                                                          stop_token_ids=stop))
+    tokens: dict[str, list[int]] = {str(i): [] for i in range(6)}
+    stop_after, stopped_at, in_chain = {"3": 7, "4": 12}, {}, []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens[out.request_id].extend(out.new_token_ids)
+        for rid, count in stop_after.items():
+            if rid not in stopped_at and len(tokens[rid]) >= count:
+                in_flight, _ = engine._in_flight or (None, None)
+                in_chain.append(in_flight is not None and in_flight.scheduled[0].chained)
+                (engine.finish_requests if rid == "3" else engine.abort_requests)([rid])
+                stopped_at[rid] = len(tokens[rid])
+    assert stopped_at.keys() == stop_after.keys() and any(in_chain)
+    for rid, got in tokens.items():
+        expected = [t for t in reference[rid] if isinstance(t, int)]
+        if rid == "2":
+            expected = expected[:expected.index(stop_token) + 1]
+        assert got == expected[:stopped_at.get(rid, len(expected))]
+    assert chained and engine.kv_manager.usage == 0
+
+
+def test_steps_with_sampling_other_than_the_argmax_are_not_chained(checkpoint):
+    """A seeded random request in the batch keeps every step on the host (every request's
+    tokens equal to the same engine's with chains turned off); alone, the greedy requests
+    chain."""
+    engine, chained = _chained_engine(checkpoint)
+    unchained = EngineCore(EngineArgs(model=str(checkpoint), speculative_config=NGRAM, **COMMON), registry=_registry())
+    unchained.chains_verification = False
+    prompts = PROMPTS[:3]
+    results = []
+    for each in (engine, unchained):
+        for i, prompt in enumerate(prompts):
+            params = dict(temperature=0.8, seed=7) if i == 1 else dict(temperature=0.0)
+            each.add_request(str(i), prompt, SamplingParams(max_tokens=30, ignore_eos=True, **params))
+        got: dict[str, list[int]] = {}
+        while each.has_unfinished_requests():
+            for out in each.step():
+                got.setdefault(out.request_id, []).extend(out.new_token_ids)
+        results.append(got)
+    assert results[0] == results[1]
+    assert not chained
+    assert _run(engine, prompts, [30, 30, 30]) == _run(unchained, prompts, [30, 30, 30])
+    assert chained
+
+
+def test_waiting_requests_end_a_chain(checkpoint):
+    """A request that arrives while a chain runs is admitted by the next step the host
+    schedules, right after the chained step in flight."""
+    engine, chained = _chained_engine(checkpoint)
+    engine.add_request("0", PROMPTS[0], SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=40))
+    while len(chained) < 3:
+        engine.step()
+    engine.add_request("1", PROMPTS[1], SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=5))
+    engine.step()  # the chained step in flight comes back; the next is the host's, admitting request 1
+    in_flight, _ = engine._in_flight
+    assert not in_flight.scheduled[0].chained
+    assert {s.request.request_id for s in in_flight.scheduled} == {"0", "1"}
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.kv_manager.usage == 0

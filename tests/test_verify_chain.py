@@ -62,10 +62,18 @@ def reference(checkpoint) -> dict[str, list]:
     return _run(eager, PROMPTS, MAX_TOKENS)
 
 
-def _chained_engine(checkpoint) -> tuple[EngineCore, list[tuple[bool, int]]]:
-    """An n-gram engine, and per chained launch (whether it followed a chained step, its batch)."""
+def _chained_engine(checkpoint, always: bool = True) -> tuple[EngineCore, list[tuple[bool, int]]]:
+    """An n-gram engine, and per chained launch (whether it followed a chained step, its batch).
+
+    ``always``: chain even after steps that verified no proposal. The tiny random model seldom
+    repeats itself, so most of its steps find none and would go back to the host
+    (``EngineCore._proposing``); chaining anyway runs the chain's bookkeeping over many steps,
+    with and without proposals, as repetitive text would.
+    """
     engine = EngineCore(EngineArgs(model=str(checkpoint), speculative_config=NGRAM, **COMMON), registry=_registry())
     assert engine.chains_verification
+    if always:
+        engine._proposing = lambda out: True
     runner, chained = engine.runner, []
     launch_chained = runner.launch_chained
 
@@ -177,3 +185,27 @@ def test_waiting_requests_end_a_chain(checkpoint):
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.kv_manager.usage == 0
+
+
+def test_steps_that_verify_no_proposals_are_not_chained(checkpoint, reference):
+    """With the engine's own rule, a chained step follows only a step that verified proposals
+    (its own, or the applied step before a chained one), and a request pausing its proposals
+    (back-off) is never chained: where proposals are not found the host's plain decode steps
+    (1 row a request, not 1 + k) run instead."""
+    engine, _ = _chained_engine(checkpoint, always=False)
+    followed, chain = [], engine._chain
+
+    def recorded(out, pending):
+        following = chain(out, pending)
+        if following is not None:
+            verified = engine._verified_last if out.scheduled[0].chained else any(
+                s.draft_token_ids for s in out.scheduled)
+            paused = any(s.request.proposal_pause for s in out.scheduled)
+            followed.append((verified, paused))
+        return following
+
+    engine._chain = recorded
+    assert _run(engine, PROMPTS, MAX_TOKENS) == reference
+    assert followed and all(verified and not paused for verified, paused in followed)
+    plain_steps = sum(n for (_, query_len), n in engine.runner.decode_graphs.replays.items() if query_len == 1)
+    assert plain_steps > len(followed)

@@ -175,6 +175,8 @@ class EngineCore:
         """Constrained requests whose grammar is still compiling: the scheduler gets them once it has."""
         self._unsampled: Optional[tuple[SchedulerOutput, PendingStep]] = None
         """The look-ahead step in flight, launched without sampling (see ``_launch``)."""
+        self._verified_last = False
+        """Whether the last step applied verified proposals (``_chain``)."""
         self._failed: list[EngineCoreOutput] = []
         self._faults = StepFaults()
         """Requests failed outside a step (a grammar that did not compile), reported by the next."""
@@ -428,14 +430,23 @@ class EngineCore:
         """The verification after ``out`` launched behind it now, its inputs and proposals made
         on the device (``Scheduler.chain``, ``ModelRunner.launch_chained``); None where the next
         step needs the host: constrained requests, sampling other than the raw argmax, requests
-        joining or leaving."""
-        if self.structured.tracks_any(out.scheduled):
+        joining or leaving; and where proposals were not being found (``out`` verified none, or,
+        chained itself, followed a step that verified none): a chained step verifies 1 + k rows
+        a request whatever it proposes, where the host's step would be a plain decode."""
+        if not self._proposing(out) or self.structured.tracks_any(out.scheduled):
             return None
         reach = self.runner.chain_reach(out, pending)
         following = None if reach is None else self.scheduler.chain(out, reach)
         if following is None:
             return None
         return following, self.runner.launch_chained(following, pending)
+
+    def _proposing(self, out: SchedulerOutput) -> bool:
+        """Whether ``out`` verifies proposals, as far as the host knows: its own where it made
+        them, else (chained) the step before it."""
+        if out.scheduled and out.scheduled[0].chained:
+            return self._verified_last
+        return any(s.draft_token_ids for s in out.scheduled)
 
     def _looks_ahead(self, out: SchedulerOutput) -> bool:
         """Whether the step after ``out`` is scheduled and queued behind it now, before its tokens
@@ -503,6 +514,7 @@ class EngineCore:
         for item in out.scheduled:
             if item.chained and item.request.status is RequestStatus.RUNNING:
                 item.resolve(result.drafts.get(item.request.request_id, []))
+        self._verified_last = any(item.draft_token_ids for item in out.scheduled)
         if self.proposer is not None:
             self.spec_counters.count(out, result.sampled)
         updated = self.scheduler.update(out, result.sampled)

@@ -427,8 +427,8 @@ class Scheduler:
         None, changing nothing but blocks allocated ahead, where the step after ``output`` must
         be scheduled by :meth:`schedule` instead: requests are waiting or have finished since the
         last schedule (so the runner forgets them), ``output`` leaves a running request out or
-        holds one that has stopped, a request could pass ``reach``, or blocks are short (no
-        preemption here).
+        holds one that has stopped or pauses its proposals (back-off: a chained step always
+        verifies), a request could pass ``reach``, or blocks are short (no preemption here).
         """
         query_len = 1 + self.num_speculative_tokens
         items = output.scheduled
@@ -439,7 +439,8 @@ class Scheduler:
         furthest = 2 * query_len
         for item in items:
             request = item.request
-            if request.status is not RequestStatus.RUNNING or request.num_computed_tokens + furthest > reach:
+            if (request.status is not RequestStatus.RUNNING or request.proposal_pause
+                    or request.num_computed_tokens + furthest > reach):
                 return None
         rows = []
         for item in items:

@@ -2,7 +2,8 @@
 fewer proposals padded): greedy output with proposals and graphs is the output without
 proposals, the verification graphs were replayed (the runner's replay counts by shape, not
 timing), the draft model's passes replayed its decode graphs, and seeded sampling draws the
-same tokens with graphs as eagerly. Tiny random models, float32 and bfloat16.
+same tokens with graphs as eagerly; verifications chained on the device (greedy, no logprobs)
+give the tokens of the engine without proposals. Tiny random models, float32 and bfloat16.
 
 Skipped without a GPU. Run: ``.venv/bin/python -m pytest -q plugins/cuda/tests/test_gpu_verify_graphs.py``.
 """
@@ -94,3 +95,34 @@ def test_seeded_sampling_draws_the_same_tokens_with_and_without_verification_gra
     eager, eager_replays, _ = _generate(checkpoint, "float32", params, speculative_config=NGRAM, enforce_eager=True)
     assert verify_replays > 0 and eager_replays == 0
     assert [o.token_ids for o in graphs] == [o.token_ids for o in eager]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_verifications_chained_on_the_device_match_without_proposals(dtype, checkpoint):
+    """Greedy requests without logprobs: each verification is launched behind the one in flight,
+    its inputs and n-gram proposals made on the device (worker/verify_chain.py); here after every
+    step, proposals found or not (the tiny random model seldom repeats itself, so the engine's
+    rule would end most chains). The tokens are those of the engine without proposals (its
+    logprobs excuse near-ties)."""
+    reference, _, _ = _generate(checkpoint, dtype, SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True,
+                                                                  logprobs=5))
+    llm = LLM(str(checkpoint), device="cuda", dtype=dtype, kv_cache_memory="64MiB", max_num_seqs=8,
+              speculative_config=NGRAM)
+    engine, chained = llm.engine, []
+    assert engine.chains_verification
+    engine._proposing = lambda out: True
+    launch_chained = engine.runner.launch_chained
+
+    def counted(out, previous):
+        chained.append(previous.verified is not None)
+        return launch_chained(out, previous)
+
+    engine.runner.launch_chained = counted
+    ours = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in _prompts()],
+                                                SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True),
+                                                use_tqdm=False)]
+    problems = [f"prompt {i}: {d}" for i, (o, r) in enumerate(zip(ours, reference))
+                if (d := _divergence(o, r, LOGPROB_TOLERANCE[dtype]))]
+    assert not problems, f"chained verification ({dtype}) changed the output: " + "; ".join(problems)
+    assert sum(chained) > 20, "chains never went past one step"
+    assert engine.stats().spec_num_accepted_tokens > 0

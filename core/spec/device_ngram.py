@@ -28,7 +28,7 @@ def propose_ngram_batched(history: torch.Tensor, lengths: torch.Tensor, num_toke
     last = torch.where(last_index >= 0, history.gather(1, last_index.clamp(min=0)), -1)
     # ending[b, e, t] = history[b, e - t], -2 before the row's start: never equal to a token or to -1.
     ending = F.pad(history, (max_n - 1, 0), value=-2).unfold(1, max_n, 1).flip(2)
-    run = (ending == last.unsqueeze(1)).cumprod(2).sum(2)
+    run = (ending == last.unsqueeze(1)).cumprod(2, dtype=torch.int32).sum(2)
     positions = torch.arange(capacity, device=device)
     # An occurrence ends before the last token, so that at least one token follows it.
     run = torch.where(positions < (lengths - 1).unsqueeze(1), run, 0)

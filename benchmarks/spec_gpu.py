@@ -7,7 +7,9 @@ Usage: python3 benchmarks/spec_gpu.py PART --json OUT.json [options]
        = runtime   runtime.LLM on --hf-dir: the copy-heavy chat prompts of spec_cpu.py at batch 1
                    and --batch, with and without n-gram proposals (acceptance reported; --profile: then
                    the kernel time by kernel of one run of each against its wall time; --phases: then
-                   one run of each with the engine step's phases timed, ms a step each)
+                   one run of each with the engine step's phases timed, ms a step each;
+                   --host-verification: then n-gram again with every step made on the host, no
+                   verification chained on the device)
        = vllm      the same with vLLM 0.22.1 (speculative_config as vLLM reads it)
        = verify    runtime.LLM on --llama-dir (random weights, nothing is ever accepted; --load-format dummy:
                    made up at load, only the config written): decode tok/s

@@ -126,6 +126,11 @@ class DecodeGraphs:
         index = bisect.bisect_left(sizes, num_seqs)
         return sizes[index] if index < len(sizes) and self.graphs else None
 
+    def output(self, size: int, query_len: int) -> torch.Tensor:
+        """The hidden states [size * query_len, H] that each replay of that graph (without the
+        LoRA path) rewrites, for work captured to follow it."""
+        return self.graphs[size, query_len, False].hidden
+
     def run(self, size: int, query_len: int = 1) -> torch.Tensor:
         """Replay the graph of ``size`` sequences of ``query_len`` tokens on what
         :meth:`InputBuffers.load` last copied (the one with the LoRA path when the step has

@@ -325,8 +325,8 @@ class ModelRunner:
         if self.decode_graphs is None or not self.num_speculative_tokens or self.lora_slots is not None \
                 or self.encoder_outputs is not None:
             return False
-        self.verify_chain = VerificationChain(self.buffers, self.block_size, self.num_speculative_tokens, min_n, max_n,
-                                              self.device)
+        self.verify_chain = VerificationChain(self.platform, self.buffers, self.block_size, self.num_speculative_tokens,
+                                              min_n, max_n, self.device, self.model.compute_logits, self.decode_graphs)
         return True
 
     def chain_reach(self, out: SchedulerOutput, previous: PendingStep | None) -> int | None:
@@ -367,29 +367,22 @@ class ModelRunner:
         proposals are read back with its tokens (``RunnerOutput.drafts``). Call only where
         :meth:`chain_reach` allowed it and the requests' blocks reach that far."""
         scheduled, chain = out.scheduled, self.verify_chain
-        batch, k = len(scheduled), self.num_speculative_tokens
-        query_len = 1 + k
+        batch, query_len = len(scheduled), 1 + self.num_speculative_tokens
         size = self.decode_graphs.size_for(batch, query_len)
-        if previous.verified is not None:
-            emitted, counts = previous.verified
-        else:
-            chain.start([s.request.all_token_ids for s in scheduled], self._chain_capacity(scheduled), size)
-            emitted, counts = self._greedy_verified(previous)
+        if previous.verified is None:
+            chain.begin([s.request.all_token_ids for s in scheduled], self._chain_capacity(scheduled), size,
+                        *self._greedy_verified(previous))
         tables = np.zeros((batch, max(len(s.block_ids) for s in scheduled)), dtype=np.int64)
         for row, s in zip(tables, scheduled):
             row[:len(s.block_ids)] = s.block_ids
-        drafts, num_drafts = chain.advance(emitted, counts, tables)
-        hidden = self.decode_graphs.run(size, query_len)
-        pending = PendingStep(scheduled, np.arange(batch + 1, dtype=np.int64) * query_len, hidden,
-                              requests=[s.request for s in scheduled])
-        argmax = self.model.compute_logits(hidden[:batch * query_len]).argmax(-1).view(batch, query_len)
-        proposed = torch.arange(k, device=self.device) < num_drafts.unsqueeze(1)
-        accepted = ((argmax[:, :k] == drafts) & proposed).long().cumprod(1).sum(1)
-        emitted = torch.where(torch.arange(query_len, device=self.device) <= accepted.unsqueeze(1), argmax, -1)
-        pending.verified = (emitted, accepted + 1)
+        results = chain.step(tables)
+        pending = PendingStep(scheduled, np.arange(batch + 1, dtype=np.int64) * query_len,
+                              self.decode_graphs.output(size, query_len), requests=[s.request for s in scheduled])
+        pending.verified = (chain.current.emitted, chain.current.counts)
         self.platform.mark_step()
-        packed = torch.cat([emitted.view(-1), accepted + 1, drafts.view(-1), num_drafts])
-        pending.host_verified = packed if self.device.type == "cpu" else packed.to("cpu", non_blocking=self.asynchronous)
+        # The next chained step's graph rewrites ``results``: a copy of this step's, on the host.
+        pending.host_verified = results.clone() if self.device.type == "cpu" else \
+            results.to("cpu", non_blocking=self.asynchronous)
         if self.asynchronous:
             pending.ready = torch.Event(device=self.device)
             pending.ready.record()

@@ -13,79 +13,173 @@ The step's shape is that of a padded verification (``verify_batch.pad_verificati
 request computes its last token and its proposals in a run of 1 + k rows, and the rows past its
 proposals write no K/V (slot -1) and are never accepted, so the tokens are those of the same
 step run eagerly.
+
+That device work is some 65 small operations a step; launched one by one they cost the host
+more than the step they were meant to hide (1.5-1.75 ms a chained step on an H100's host, where
+the device's step takes about 1.1 ms). So they run as two captured graphs around the
+verification graph: one before it (history, proposals, inputs) and one after it (logits, argmax,
+acceptance), per batch size and history width, captured the first time a chain needs them.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from ..spec.device_ngram import propose_ngram_batched
+from .decode_graphs import DecodeGraphs
 from .input_buffers import InputBuffers, host_to_device
 
 
+@dataclass
+class _Chain:
+    """The device state of chains of one batch size and history width, and their two graphs."""
+
+    history: torch.Tensor
+    """[B, C] each request's tokens (prompt and output)."""
+    lengths: torch.Tensor
+    """[B] how many tokens each row of ``history`` holds."""
+    emitted: torch.Tensor
+    """[B, 1 + k] the tokens the last step emitted for each request (-1 past its count)."""
+    counts: torch.Tensor
+    """[B] how many."""
+    tables: torch.Tensor
+    """[B, W] the requests' block tables (W: the input buffers' width)."""
+    drafts: torch.Tensor
+    """[B, k] the proposals the next step verifies."""
+    num_drafts: torch.Tensor
+    """[B] how many of them each request has."""
+    prepare: Callable[[], None] | None = None
+    finish: Callable[[], None] | None = None
+    results: torch.Tensor | None = None
+    """What ``finish`` writes: the emitted tokens, their counts, the proposals and their counts, flat."""
+
+
 class VerificationChain:
-    """Owner of the device token histories of the requests of a chain of verification steps."""
+    """Owner of the device state of chained verification steps (see the module's text)."""
 
-    def __init__(self, buffers: InputBuffers, block_size: int, num_speculative_tokens: int, min_n: int, max_n: int,
-                 device: torch.device):
-        self.buffers, self.block_size, self.k = buffers, block_size, num_speculative_tokens
+    def __init__(self, platform: Any, buffers: InputBuffers, block_size: int, num_speculative_tokens: int,
+                 min_n: int, max_n: int, device: torch.device, logits: Callable[[torch.Tensor], torch.Tensor],
+                 graphs: DecodeGraphs):
+        """``logits``: the model's hidden states -> logits; ``graphs``: the runner's decode and
+        verification graphs."""
+        self.platform, self.buffers, self.block_size, self.k = platform, buffers, block_size, num_speculative_tokens
         self.min_n, self.max_n, self.device = min_n, max_n, device
-        self.history: torch.Tensor | None = None
-        """[B, C] each request's tokens (prompt and output), on the device; None between chains."""
-        self.lengths: torch.Tensor | None = None
-        """[B] how many tokens each row of ``history`` holds."""
+        self._logits, self._graphs = logits, graphs
+        self._chains: dict[tuple[int, int, int], _Chain] = {}
+        """By (batch, history width, graph size)."""
+        self._pool = platform.graph_pool()
+        self.current: _Chain | None = None
+        """The running chain's state; None between chains."""
+        self._size = 0
+        self._uploaded: np.ndarray | None = None
+        """The block tables last copied to ``current.tables``."""
 
-    def start(self, token_ids: list[list[int]], capacity: int, size: int) -> None:
-        """Begin a chain with each request's known tokens, in rows of ``capacity`` tokens, for
-        verification graphs of ``size`` sequences: the sequences past the requests' are padding
-        (as ``pad_verification`` makes them), written once for the whole chain."""
-        rows = np.zeros((len(token_ids), capacity), dtype=np.int64)
+    @property
+    def capacity(self) -> int:
+        return 0 if self.current is None else self.current.history.shape[1]
+
+    def begin(self, token_ids: list[list[int]], capacity: int, size: int, emitted: torch.Tensor,
+              counts: torch.Tensor) -> None:
+        """Begin a chain: each request's known tokens (in rows of ``capacity``), the tokens the
+        step in flight emits for each (``emitted`` [B, W], the first ``counts[b]`` of row b, on
+        the device), for verification graphs of ``size`` sequences. The sequences past the
+        requests' are padding (as ``pad_verification`` makes them), written once for the chain."""
+        batch, query_len = len(token_ids), 1 + self.k
+        chain = self._chains.get((batch, capacity, size))
+        if chain is None:
+            chain = self._chains[batch, capacity, size] = self._capture(batch, capacity, size)
+        rows = np.zeros((batch, capacity), dtype=np.int64)
         for row, tokens in zip(rows, token_ids):
             row[:len(tokens)] = tokens
-        self.history = host_to_device(rows, torch.int64, self.device)
-        self.lengths = host_to_device([len(tokens) for tokens in token_ids], torch.int64, self.device)
-        batch, query_len, buffers = len(token_ids), 1 + self.k, self.buffers
+        chain.history.copy_(host_to_device(rows, torch.int64, self.device))
+        chain.lengths.copy_(host_to_device([len(tokens) for tokens in token_ids], torch.int64, self.device))
+        chain.emitted.fill_(-1)
+        chain.emitted[:, :emitted.shape[1]].copy_(emitted)
+        chain.counts.copy_(counts)
+        buffers = self.buffers
         buffers.query_start_loc[:size + 1].copy_(torch.arange(size + 1, device=self.device) * query_len)
         buffers.input_ids[batch * query_len:size * query_len].fill_(0)
         buffers.positions[batch * query_len:size * query_len].fill_(0)
         buffers.slot_mapping[batch * query_len:size * query_len].fill_(-1)
         buffers.seq_lens[batch:size].fill_(query_len)
         buffers.block_table[batch:size].fill_(0)
+        self.current, self._size, self._uploaded = chain, size, None
 
     def stop(self) -> None:
         """A step launched from the host's state ends the chain: its histories go stale."""
-        self.history = self.lengths = None
+        self.current = None
 
-    @property
-    def capacity(self) -> int:
-        return 0 if self.history is None else self.history.shape[1]
+    def step(self, block_table: np.ndarray) -> torch.Tensor:
+        """Queue the next verification of the running chain, its requests' blocks in
+        ``block_table`` [B, <= W] (covering the step's positions). Returns its results on the
+        device, flat: the emitted tokens [B, 1 + k] (-1 past each count), their counts [B], the
+        proposals verified [B, k] and their counts [B]."""
+        chain = self.current
+        if self._uploaded is None or not np.array_equal(self._uploaded, block_table):
+            chain.tables[:, :block_table.shape[1]].copy_(host_to_device(block_table, torch.int64, self.device))
+            self._uploaded = block_table
+        chain.prepare()
+        self._graphs.run(self._size, 1 + self.k)
+        chain.finish()
+        return chain.results
 
-    def advance(self, emitted: torch.Tensor, counts: torch.Tensor, block_table: np.ndarray
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append each request's emitted tokens (``emitted`` [B, W], the first ``counts[b]`` of row
-        b) to its history, propose from it and write the next verification's inputs for the
-        requests' rows (``block_table`` [B, width]: their blocks, covering the step's positions).
-        Returns the proposals [B, k] and their counts [B]."""
-        batch, width = emitted.shape
-        columns = torch.arange(width, device=self.device)
-        # Past a request's count the row holds -1: written past its new length, never read.
-        self.history.scatter_(1, self.lengths.unsqueeze(1) + columns, emitted)
-        self.lengths += counts
-        drafts, num_drafts = propose_ngram_batched(self.history, self.lengths, self.k, self.min_n, self.max_n)
+    def _capture(self, batch: int, capacity: int, size: int) -> _Chain:
+        zeros = lambda *shape: torch.zeros(shape, dtype=torch.int64, device=self.device)  # noqa: E731
         query_len = 1 + self.k
-        last = self.history.gather(1, (self.lengths - 1).unsqueeze(1))
-        offsets = torch.arange(query_len, device=self.device)
-        positions = (self.lengths - 1).unsqueeze(1) + offsets
+        chain = _Chain(zeros(batch, capacity), zeros(batch), zeros(batch, query_len), zeros(batch),
+                       zeros(batch, self.buffers.width), zeros(batch, self.k), zeros(batch))
+        # A first run of each compiles their kernels before the capture: on the zeroed state,
+        # which begin() overwrites; the inputs they write are rewritten before any graph reads them.
+        chain.lengths.fill_(1)
+        prepare = lambda: self._prepare(chain)  # noqa: E731
+        prepare()
+        chain.prepare, _ = self.platform.capture_graph(prepare, self._pool)
+        hidden = self._graphs.output(size, query_len)
+        finish = lambda: self._finish(chain, hidden)  # noqa: E731
+        finish()
+        chain.finish, chain.results = self.platform.capture_graph(finish, self._pool)
+        return chain
+
+    def _prepare(self, chain: _Chain) -> torch.Tensor:
+        """Append each request's emitted tokens to its history, propose from it and write the
+        next verification's inputs for the requests' rows."""
+        batch, width = chain.emitted.shape
+        device = self.device
+        # Past a request's count the row holds -1: written past its new length, never read.
+        chain.history.scatter_(1, chain.lengths.unsqueeze(1) + torch.arange(width, device=device), chain.emitted)
+        chain.lengths += chain.counts
+        drafts, num_drafts = propose_ngram_batched(chain.history, chain.lengths, self.k, self.min_n, self.max_n)
+        chain.drafts.copy_(drafts)
+        chain.num_drafts.copy_(num_drafts)
+        query_len = 1 + self.k
+        last = chain.history.gather(1, (chain.lengths - 1).unsqueeze(1))
+        offsets = torch.arange(query_len, device=device)
+        positions = (chain.lengths - 1).unsqueeze(1) + offsets
         computed = offsets <= num_drafts.unsqueeze(1)
-        tables = host_to_device(block_table, torch.int64, self.device)
-        blocks = tables.gather(1, torch.where(computed, positions // self.block_size, 0))
+        blocks = chain.tables.gather(1, torch.where(computed, positions // self.block_size, 0))
         slots = torch.where(computed, blocks * self.block_size + positions % self.block_size, -1)
         rows = batch * query_len
         buffers = self.buffers
         buffers.input_ids[:rows].copy_(torch.where(computed, torch.cat([last, drafts], 1), 0).view(-1))
         buffers.positions[:rows].copy_(torch.where(computed, positions, 0).view(-1))
         buffers.slot_mapping[:rows].copy_(slots.view(-1))
-        buffers.seq_lens[:batch].copy_(self.lengths - 1 + query_len)
-        buffers.block_table[:batch, :block_table.shape[1]].copy_(tables)
-        return drafts, num_drafts
+        buffers.seq_lens[:batch].copy_(chain.lengths - 1 + query_len)
+        buffers.block_table[:batch].copy_(chain.tables)
+        return num_drafts
+
+    def _finish(self, chain: _Chain, hidden: torch.Tensor) -> torch.Tensor:
+        """Each request's argmax on its rows, matched against its proposals: the tokens it emits
+        (accepted proposals and the one after them), kept for the next step and returned flat
+        with the proposals."""
+        batch, query_len = chain.emitted.shape
+        device = self.device
+        argmax = self._logits(hidden[:batch * query_len]).argmax(-1).view(batch, query_len)
+        proposed = torch.arange(self.k, device=device) < chain.num_drafts.unsqueeze(1)
+        accepted = ((argmax[:, :self.k] == chain.drafts) & proposed).long().cumprod(1).sum(1)
+        chain.emitted.copy_(torch.where(torch.arange(query_len, device=device) <= accepted.unsqueeze(1), argmax, -1))
+        chain.counts.copy_(accepted + 1)
+        return torch.cat([chain.emitted.view(-1), chain.counts, chain.drafts.view(-1), chain.num_drafts])

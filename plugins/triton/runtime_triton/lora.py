@@ -50,11 +50,14 @@ from .tile_plans import nvidia
 NO_SLOT: tl.constexpr = tl.constexpr(2 ** 31 - 1)
 # Decode-sized steps use the smallest tile tl.dot takes, so a tile mixes as few adapters as possible.
 SMALL_STEP_TOKENS = 256
-# Programs the shrink's split aims at: at up to DECODE_TOKENS tokens 16, more at larger steps
-# (benchmarks/kernels_gpu.py lora-sweep, H100, the 8B model's projections at rank 16: 16 programs
-# took 14% less time than 128 over the four at 1 token and 17% at 8; at 64 tokens 64 took 15% less).
+# Programs the shrink's split aims at: at up to DECODE_TOKENS tokens 32, more at larger steps.
+# Timed alone (benchmarks/kernels_gpu.py lora-sweep, H100, the 8B model's projections at rank 16)
+# 16 programs took 14% less time than 128 over the four at 1 token and 17% at 8, and 64 took 15%
+# less at 64 tokens; but end to end, where linear_lora's projection runs beside the shrink,
+# batch-1 decode with an adapter took 6.723 and 6.724 ms a step at 32 against 6.840 at 16 (H100,
+# one window, docs/cuda-results/h100-2026-12-07-b: 0.912x of LoRA off against 0.896x).
 DECODE_TOKENS = 16
-DECODE_SHRINK_PROGRAMS = 16
+DECODE_SHRINK_PROGRAMS = 32
 SHRINK_TARGET_PROGRAMS = 64
 # Bytes of each row a program reads per reduction step: 128 bf16/fp16 or 64 float32 features for
 # shrink, so a float32 tile takes the shared memory of a 16-bit one (128 float32 features at rank

@@ -209,3 +209,15 @@ def test_steps_that_verify_no_proposals_are_not_chained(checkpoint, reference):
     assert followed and all(verified and not paused for verified, paused in followed)
     plain_steps = sum(n for (_, query_len), n in engine.runner.decode_graphs.replays.items() if query_len == 1)
     assert plain_steps > len(followed)
+
+
+def test_histories_past_the_bound_verify_on_the_host(checkpoint, reference, monkeypatch):
+    """A batch whose histories (requests x width) would pass ``MAX_CHAIN_HISTORY`` is never
+    chained (the n-gram search's graph would hold memory the KV cache's sizing left out); its
+    output is unchanged."""
+    from runtime.worker import model_runner
+    engine, chained = _chained_engine(checkpoint)
+    # Histories here are 160 wide (--max-model-len): one request alone passes a bound of 128.
+    monkeypatch.setattr(model_runner, "MAX_CHAIN_HISTORY", 128)
+    assert _run(engine, PROMPTS, MAX_TOKENS) == reference
+    assert not chained

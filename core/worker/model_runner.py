@@ -110,6 +110,13 @@ class PendingStep:
     has passed."""
 
 
+MAX_CHAIN_HISTORY = 1 << 20
+"""Tokens of history (requests x width) a chain of verifications keeps on the device at most: the
+n-gram search's graph holds a few int64 copies of it, memory the KV cache's sizing did not set
+aside (40 MB each at this bound). Larger batches of long requests verify on the host path, where
+the host's share of a step is small beside the device's anyway."""
+
+
 def _sample_rows(scheduled: list[ScheduledRequest]) -> list[int]:
     """The rows of a step's requests that sample a token (embedding requests pool instead)."""
     return [i for i, s in enumerate(scheduled) if s.sample and s.request.pooling is None]
@@ -351,7 +358,8 @@ class ModelRunner:
         sampled = previous.sampled
         if sampled is None or sampled.num_tokens is not None or sampled.logprobs is not None:
             return None
-        return self._chain_capacity(scheduled)
+        capacity = self._chain_capacity(scheduled)
+        return capacity if len(scheduled) * capacity <= MAX_CHAIN_HISTORY else None
 
     def _chain_capacity(self, scheduled: list[ScheduledRequest]) -> int:
         """Tokens a new chain's histories hold: room for a few dozen steps past the longest

@@ -221,3 +221,24 @@ def test_histories_past_the_bound_verify_on_the_host(checkpoint, reference, monk
     monkeypatch.setattr(model_runner, "MAX_CHAIN_HISTORY", 128)
     assert _run(engine, PROMPTS, MAX_TOKENS) == reference
     assert not chained
+
+
+def test_a_chained_step_has_blocks_for_the_furthest_it_can_reach(checkpoint, reference):
+    """When a step is chained its requests' blocks cover the step in flight accepting all of its
+    proposals and then 1 + k more tokens: a position past them would read its slot from a column
+    of the block table that holds no block of the request."""
+    engine, chained = _chained_engine(checkpoint)
+    chain, block_size = engine.scheduler.chain, engine.block_size
+
+    def checked(output, limit):
+        # The step in flight (output) starts at num_computed_tokens; two steps of 1 + k past it.
+        furthest = {s.request.request_id: s.request.num_computed_tokens + 2 * 5 for s in output.scheduled}
+        following = chain(output, limit)
+        if following is not None:
+            for item in following.scheduled:
+                assert len(item.block_ids) * block_size >= furthest[item.request.request_id]
+        return following
+
+    engine.scheduler.chain = checked
+    assert _run(engine, PROMPTS, MAX_TOKENS) == reference
+    assert chained

@@ -511,10 +511,11 @@ class EngineCore:
         """Apply a step's results to the scheduler; what each request got from it."""
         counts = {rid: len(request.output_token_ids) for rid in result.sampled
                   if (request := self.scheduler.get_request(rid)) is not None}
-        for item in out.scheduled:
-            if item.chained and item.request.status is RequestStatus.RUNNING:
-                item.resolve(result.drafts.get(item.request.request_id, []))
-        self._verified_last = any(item.draft_token_ids for item in out.scheduled)
+        if self.chains_verification:
+            for item in out.scheduled:
+                if item.chained and item.request.status is RequestStatus.RUNNING:
+                    item.resolve(result.drafts.get(item.request.request_id, []))
+            self._verified_last = any(item.draft_token_ids for item in out.scheduled)
         if self.proposer is not None:
             self.spec_counters.count(out, result.sampled)
         updated = self.scheduler.update(out, result.sampled)

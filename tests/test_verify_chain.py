@@ -78,7 +78,7 @@ def _chained_engine(checkpoint, always: bool = True) -> tuple[EngineCore, list[t
     launch_chained = runner.launch_chained
 
     def recorded(out, previous):
-        chained.append((previous.verified is not None, len(out.scheduled)))
+        chained.append((previous.chained, len(out.scheduled)))
         return launch_chained(out, previous)
 
     runner.launch_chained = recorded

@@ -102,9 +102,9 @@ class PendingStep:
     logits: tuple[torch.Tensor, SamplingMetadata] | None = None
     """The sampled rows' logits and sampling metadata, queued by a launch that left the
     sampling for later (see :meth:`ModelRunner.launch`)."""
-    verified: tuple[torch.Tensor, torch.Tensor] | None = None
-    """A chained verification's emitted tokens [B, 1 + k] (-1 past each count) and counts [B]
-    on the device: what the step chained behind it reads."""
+    chained: bool = False
+    """Launched by :meth:`ModelRunner.launch_chained`: its emitted tokens stay in the chain's
+    device state, where a step chained behind it reads them."""
     host_verified: torch.Tensor | None = None
     """Those, then the proposals [B, k] and their counts [B], flat in host memory once ``ready``
     has passed."""
@@ -353,7 +353,7 @@ class ModelRunner:
             if (s.token_pending or not s.sample or s.num_new_tokens != 1 + len(s.draft_token_ids)
                     or params.prompt_logprobs is not None or not argmax_only(s.request)):
                 return None
-        if previous.verified is not None:
+        if previous.chained:
             return chain.capacity
         sampled = previous.sampled
         if sampled is None or sampled.num_tokens is not None or sampled.logprobs is not None:
@@ -377,7 +377,7 @@ class ModelRunner:
         scheduled, chain = out.scheduled, self.verify_chain
         batch, query_len = len(scheduled), 1 + self.num_speculative_tokens
         size = self.decode_graphs.size_for(batch, query_len)
-        if previous.verified is None:
+        if not previous.chained:
             chain.begin([s.request.all_token_ids for s in scheduled], self._chain_capacity(scheduled), size,
                         *self._greedy_verified(previous))
         tables = np.zeros((batch, max(len(s.block_ids) for s in scheduled)), dtype=np.int64)
@@ -386,7 +386,7 @@ class ModelRunner:
         results = chain.step(tables)
         pending = PendingStep(scheduled, np.arange(batch + 1, dtype=np.int64) * query_len,
                               self.decode_graphs.output(size, query_len), requests=[s.request for s in scheduled])
-        pending.verified = (chain.current.emitted, chain.current.counts)
+        pending.chained = True
         self.platform.mark_step()
         # The next chained step's graph rewrites ``results``: a copy of this step's, on the host.
         pending.host_verified = results.clone() if self.device.type == "cpu" else \

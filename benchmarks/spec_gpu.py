@@ -179,7 +179,9 @@ def step_phases(llm, run, mode: str) -> dict:
     Counted too: the launches (forward passes) and those of steps where a request had proposals,
     so tokens a forward pass splits into verification steps and plain ones; and the launch, sampling
     and collect of each kind apart, in ms a call (``by_kind_ms_per_call``): a verifying step's launch
-    is host work the device waits for, its collect the device's time left after the host's share."""
+    is host work the device waits for, its collect the device's time left after the host's share;
+    a plain step launched ahead (behind the step in flight) is "plain ahead", its launch hidden
+    behind the device. ``launches_by_kind`` counts the forward passes of each kind."""
     engine = llm.engine
     runner = engine.runner
     totals: dict[str, float] = {}
@@ -198,7 +200,8 @@ def step_phases(llm, run, mode: str) -> dict:
             kind = None
             if _label in ("launch", "sample", "collect", "launch_chained") and args[0] is not None:
                 kind = "chained" if any(s.chained for s in args[0].scheduled) else \
-                    "verifying" if any(s.draft_token_ids for s in args[0].scheduled) else "plain"
+                    "verifying" if any(s.draft_token_ids for s in args[0].scheduled) else \
+                    "plain ahead" if any(s.token_pending for s in args[0].scheduled) else "plain"
                 verifying[0] += _label == "launch" and kind == "verifying"
             start = time.perf_counter()
             try:
@@ -228,7 +231,9 @@ def step_phases(llm, run, mode: str) -> dict:
     return {"engine": "runtime", "mode": mode, "steps": steps, "verification_launches": verifying[0],
             "forward_launches": calls.get("launch", 0) + calls.get("launch_chained", 0),
             "chained_launches": calls.get("launch_chained", 0), "graph_replays": calls.get("replay", 0),
-            "wall_s": round(wall, 4), "phase_ms_per_step": per_step, "by_kind_ms_per_call": kinds}
+            "wall_s": round(wall, 4), "phase_ms_per_step": per_step, "by_kind_ms_per_call": kinds,
+            "launches_by_kind": {kind: count for (kind, label), (_, count) in sorted(by_kind.items())
+                                 if label in ("launch", "launch_chained")}}
 
 
 def vllm_part(args) -> list[dict]:

@@ -145,15 +145,17 @@ def _recorded_launches(engine: EngineCore) -> list[tuple[bool, list[int]]]:
 
 
 def test_the_ngram_engine_looks_ahead_after_steps_without_proposals(checkpoint, reference):
-    """With the n-gram proposer, steps launched ahead (behind one in flight, no room for
-    proposals) follow only steps that verified none, and here never two in a row (a step
-    launched ahead gives no request room, so a second needs every request paused); the output
-    is the engine's without proposals, and proposals are still verified (the tiny random model
-    accepts none)."""
+    """With the n-gram proposer and verifications made on the host, steps launched ahead (behind
+    one in flight, no room for proposals) follow only steps that verified none, and here never
+    two in a row (a step launched ahead gives no request room, so a second needs every request
+    paused); the output is the engine's without proposals, and proposals are still verified (the
+    tiny random model accepts none). Chained verifications have their own rule
+    (test_verify_chain.py)."""
     # Matches of one token, so that the random model's outputs find some.
     config = NGRAM | {"prompt_lookup_min": 1, "prompt_lookup_max": 3}
     engine = EngineCore(EngineArgs(model=str(checkpoint), device="replay_cpu", speculative_config=config, **COMMON),
                         registry=_registry())
+    engine.chains_verification = False
     launches = _recorded_launches(engine)
     assert _run(engine, PROMPTS, MAX_TOKENS) == reference
     ahead = [i for i, (behind, _) in enumerate(launches) if behind]

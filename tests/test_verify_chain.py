@@ -187,11 +187,12 @@ def test_waiting_requests_end_a_chain(checkpoint):
     assert engine.kv_manager.usage == 0
 
 
-def test_steps_that_verify_no_proposals_are_not_chained(checkpoint, reference):
-    """With the engine's own rule, a chained step follows only a step that verified proposals
-    (its own, or the applied step before a chained one), and a request pausing its proposals
-    (back-off) is never chained: where proposals are not found the host's plain decode steps
-    (1 row a request, not 1 + k) run instead."""
+def test_chains_follow_steps_likely_to_find_proposals(checkpoint, reference):
+    """With the engine's own rule a chained step follows a step that verified proposals (its
+    own, or the applied step before a chained one) or one whose requests' tokens read back so far
+    propose something, never a request pausing its proposals (back-off); where none of that
+    holds the host's plain decode steps (1 row a request, not 1 + k) run instead. A chain also
+    begins from a plain decode step launched ahead (its input token still on the device)."""
     engine, _ = _chained_engine(checkpoint, always=False)
     followed, chain = [], engine._chain
 
@@ -200,15 +201,61 @@ def test_steps_that_verify_no_proposals_are_not_chained(checkpoint, reference):
         if following is not None:
             verified = engine._verified_last if out.scheduled[0].chained else any(
                 s.draft_token_ids for s in out.scheduled)
+            known = any(propose_ngram(np.array(s.request.all_token_ids), 1, NGRAM["prompt_lookup_min"],
+                                      NGRAM["prompt_lookup_max"]) for s in out.scheduled)
             paused = any(s.request.proposal_pause for s in out.scheduled)
-            followed.append((verified, paused))
+            ahead = any(s.token_pending for s in out.scheduled)
+            followed.append((verified or known, paused, ahead))
         return following
 
     engine._chain = recorded
     assert _run(engine, PROMPTS, MAX_TOKENS) == reference
-    assert followed and all(verified and not paused for verified, paused in followed)
+    assert followed and all(likely and not paused for likely, paused, _ in followed)
+    assert any(ahead for _, _, ahead in followed), "no chain began from a step launched ahead"
     plain_steps = sum(n for (_, query_len), n in engine.runner.decode_graphs.replays.items() if query_len == 1)
     assert plain_steps > len(followed)
+
+
+def test_chains_begin_from_steps_launched_ahead(checkpoint, reference):
+    """Chains only from plain decode steps launched ahead (their input token still on the device,
+    the step before them read back): each chain one step long, then a step made on the host
+    (which may verify proposals of its own, and is never looked past), then one launched ahead.
+    The output is the engine's without proposals."""
+    engine, _ = _chained_engine(checkpoint, always=False)
+    engine._proposing = lambda out: not out.scheduled[0].chained and any(s.token_pending for s in out.scheduled)
+    launch_chained, after_ahead = engine.runner.launch_chained, []
+
+    def recorded(out, previous):
+        after_ahead.append(not previous.chained and any(s.token_pending for s in previous.scheduled))
+        return launch_chained(out, previous)
+
+    engine.runner.launch_chained = recorded
+    assert _run(engine, PROMPTS, MAX_TOKENS) == reference
+    assert sum(after_ahead) >= 3
+    assert engine.kv_manager.usage == 0
+
+
+def test_steps_with_nothing_to_propose_are_launched_ahead_one_after_another(checkpoint, reference):
+    """Where verifications chain, a decode step whose requests' known tokens propose nothing is
+    followed by one launched ahead, itself too: a proposal that the token in flight brings up
+    goes to a chain one step later. (Without chains a step launched ahead gives no request room
+    for proposals, so the next is made on the host unless every request pauses.)"""
+    engine = EngineCore(EngineArgs(model=str(checkpoint), speculative_config=NGRAM | {"prompt_lookup_min": 2},
+                                   **COMMON), registry=_registry())
+    assert engine.chains_verification
+    launched_ahead, in_a_row, launch = set(), [], engine._launch
+
+    def recorded(out, previous=None):
+        pending = launch(out, previous)
+        if previous is not None:
+            if id(previous) in launched_ahead and not all(s.request.proposal_pause for s in out.scheduled):
+                in_a_row.append(len(out.scheduled))
+            launched_ahead.add(id(pending))
+        return pending
+
+    engine._launch = recorded
+    assert _run(engine, PROMPTS, MAX_TOKENS) == reference
+    assert len(in_a_row) > 10
 
 
 def test_histories_past_the_bound_verify_on_the_host(checkpoint, reference, monkeypatch):

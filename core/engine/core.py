@@ -411,9 +411,12 @@ class EngineCore:
             (out, pending), self._in_flight = self._in_flight, None
         else:
             out, pending = self._schedule_and_launch()
+        proposing = True
         if pending is not None and self.chains_verification:
-            self._in_flight = self._chain(out, pending)
-        if self._in_flight is None and pending is not None and self._looks_ahead(out):
+            proposing = self._proposing(out)
+            if proposing:
+                self._in_flight = self._chain(out, pending)
+        if self._in_flight is None and pending is not None and self._looks_ahead(out, proposing):
             following = self.scheduler.look_ahead(out)
             if following is not None:
                 self._reset_preempted(following)
@@ -430,10 +433,8 @@ class EngineCore:
         """The verification after ``out`` launched behind it now, its inputs and proposals made
         on the device (``Scheduler.chain``, ``ModelRunner.launch_chained``); None where the next
         step needs the host: constrained requests, sampling other than the raw argmax, requests
-        joining or leaving; and where proposals were not being found (``out`` verified none, or,
-        chained itself, followed a step that verified none): a chained step verifies 1 + k rows
-        a request whatever it proposes, where the host's step would be a plain decode."""
-        if not self._proposing(out) or self.structured.tracks_any(out.scheduled):
+        joining or leaving, a request pausing its proposals."""
+        if self.structured.tracks_any(out.scheduled):
             return None
         reach = self.runner.chain_reach(out, pending)
         following = None if reach is None else self.scheduler.chain(out, reach)
@@ -442,34 +443,45 @@ class EngineCore:
         return following, self.runner.launch_chained(following, pending)
 
     def _proposing(self, out: SchedulerOutput) -> bool:
-        """Whether ``out`` verifies proposals, as far as the host knows: its own where it made
-        them, else (chained) the step before it."""
-        if out.scheduled and out.scheduled[0].chained:
-            return self._verified_last
-        return any(s.draft_token_ids for s in out.scheduled)
+        """Whether the step after ``out`` (in flight) is likely to find proposals, as far as the
+        host knows: ``out`` verifies some (its own, or chained, the step before it), or some
+        request's tokens read back so far propose. A chained step verifies 1 + k rows a request
+        whatever it proposes, where the host's step would be a plain decode (about 20% more
+        device time at 135M parameters, batch 8), so it follows only such a step; otherwise the
+        next step is a plain decode launched ahead (:meth:`_looks_ahead`), and a proposal that
+        the token in flight brings up is taken by a chain one step later."""
+        if any(s.draft_token_ids for s in out.scheduled) or (
+                out.scheduled and out.scheduled[0].chained and self._verified_last):
+            return True
+        return self.proposer.finds_any(s.request for s in out.scheduled)
 
-    def _looks_ahead(self, out: SchedulerOutput) -> bool:
+    def _looks_ahead(self, out: SchedulerOutput, proposing: bool) -> bool:
         """Whether the step after ``out`` is scheduled and queued behind it now, before its tokens
         are read back.
 
         Always without speculative decoding. With it, a step ahead has no room for proposals (its
         requests' last tokens are still on the device), so it is taken only after a step that
         verified none, with a proposer that reads nothing but the tokens known when it proposes
-        (``may_skip_steps``: the n-gram one; a draft model's K/V follows every step), and only
-        where it costs little: every request of ``out`` either pauses its proposals anyway
-        (back-off) or had room for them and found none. That costs one step's chance of
-        proposals, on every other step at most: a step launched ahead gave no request room. A
-        decode step's host work then hides behind the device again while proposals find nothing
-        (a paragraph before the part a request copies) or keep failing: at 135M parameters on an
-        H100 a step without that overlap took about 0.5 ms more (docs/speculative.md).
+        (``may_skip_steps``: the n-gram one; a draft model's K/V follows every step). Where
+        verifications chain, that is every such step whose requests' known tokens propose
+        nothing (``proposing`` False, :meth:`_proposing`): a proposal found later starts a chain
+        from the step in flight. Otherwise only where it costs little: every request of ``out``
+        either pauses its proposals anyway (back-off) or had room for them and found none. That
+        costs one step's chance of proposals, on every other step at most: a step launched ahead
+        gave no request room. A decode step's host work then hides behind the device again while
+        proposals find nothing (a paragraph before the part a request copies) or keep failing: at
+        135M parameters on an H100 a step without that overlap took about 0.5 ms more
+        (docs/speculative.md).
         """
         if self.look_ahead:
             return True
         if not self.launch_early or not getattr(self.proposer, "may_skip_steps", False):
             return False
-        # A chained step's proposals are known only once it is read back.
-        return all(not s.chained and not s.draft_token_ids and (s.request.proposal_pause or s.max_drafts)
-                   for s in out.scheduled)
+        # Where a step verifies proposals (chained: may verify) the next one's positions are
+        # known only once it is read back.
+        if any(s.chained or s.draft_token_ids for s in out.scheduled):
+            return False
+        return not proposing or all(s.request.proposal_pause or s.max_drafts for s in out.scheduled)
 
     def _schedule_and_launch(self) -> tuple[SchedulerOutput, Optional[PendingStep]]:
         out = self.scheduler.schedule()

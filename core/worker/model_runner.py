@@ -350,7 +350,7 @@ class ModelRunner:
             return None
         for s in scheduled:
             params = s.request.sampling_params
-            if (s.token_pending or not s.sample or s.num_new_tokens != 1 + len(s.draft_token_ids)
+            if (not s.sample or s.num_new_tokens != 1 + len(s.draft_token_ids)
                     or params.prompt_logprobs is not None or not argmax_only(s.request)):
                 return None
         if previous.chained:

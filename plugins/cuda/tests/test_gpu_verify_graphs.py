@@ -103,24 +103,31 @@ def test_seeded_sampling_draws_the_same_tokens_with_and_without_verification_gra
     assert [o.token_ids for o in graphs] == [o.token_ids for o in eager]
 
 
+@pytest.mark.parametrize("from_ahead", [False, True], ids=["after every step", "after steps launched ahead"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_verifications_chained_on_the_device_match_without_proposals(dtype, checkpoint):
+def test_verifications_chained_on_the_device_match_without_proposals(dtype, from_ahead, checkpoint):
     """Greedy requests without logprobs: each verification is launched behind the one in flight,
     its inputs and n-gram proposals made on the device (worker/verify_chain.py); here after every
     step, proposals found or not (the tiny random model seldom repeats itself, so the engine's
-    rule would end most chains). The tokens are those of the engine without proposals (its
-    logprobs excuse near-ties)."""
+    rule would end most chains), or only after plain decode steps launched ahead (each chain one
+    step long, then a step made on the host, then one launched ahead, ``EngineCore._looks_ahead``):
+    chains begin from a step whose input token is still on the device. The tokens are those of
+    the engine without proposals (its logprobs excuse near-ties)."""
     reference, _, _ = _generate(checkpoint, dtype, SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True,
                                                                   logprobs=5))
     llm = LLM(str(checkpoint), device="cuda", dtype=dtype, kv_cache_memory="64MiB", max_num_seqs=8,
               speculative_config=NGRAM)
     engine, chained = llm.engine, []
     assert engine.chains_verification
-    engine._proposing = lambda out: True
-    launch_chained = engine.runner.launch_chained
+    if from_ahead:
+        engine._proposing = lambda out: not out.scheduled[0].chained and any(s.token_pending for s in out.scheduled)
+    else:
+        engine._proposing = lambda out: True
+    launch_chained, after_ahead = engine.runner.launch_chained, []
 
     def counted(out, previous):
         chained.append(previous.chained)
+        after_ahead.append(not previous.chained and any(s.token_pending for s in previous.scheduled))
         return launch_chained(out, previous)
 
     engine.runner.launch_chained = counted
@@ -130,5 +137,8 @@ def test_verifications_chained_on_the_device_match_without_proposals(dtype, chec
     problems = [f"prompt {i}: {d}" for i, (o, r) in enumerate(zip(ours, reference))
                 if (d := _divergence(o, r, LOGPROB_TOLERANCE[dtype]))]
     assert not problems, f"chained verification ({dtype}) changed the output: " + "; ".join(problems)
-    assert sum(chained) >= 5, "chains never went past one step"
+    if from_ahead:
+        assert sum(after_ahead) >= 3, "chains seldom began from a step launched ahead"
+    else:
+        assert sum(chained) >= 5, "chains never went past one step"
     assert engine.stats().spec_num_accepted_tokens > 0

@@ -58,8 +58,9 @@ class NgramProposer:
     def finds_any(self, requests) -> bool:
         """Whether some request's known tokens (prompt and output read back so far) propose
         anything: where none do, the step after the one in flight is unlikely to either (the
-        engine then looks it ahead rather than chain a verification, ``EngineCore._proposing``)."""
-        return any(len(propose_ngram(self._token_array(request), 1, self.min_n, self.max_n)) for request in requests)
+        engine then looks it ahead rather than chain a verification, ``EngineCore._proposing``).
+        Only the shortest n is searched: any longer one that occurs contains it."""
+        return any(len(propose_ngram(self._token_array(request), 1, self.min_n, self.min_n)) for request in requests)
 
     def _token_array(self, request) -> np.ndarray:
         """The request's ``all_token_ids`` (which only grows) as an array."""

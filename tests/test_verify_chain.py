@@ -22,7 +22,7 @@ from runtime.engine.args import EngineArgs
 from runtime.engine.core import EngineCore
 from runtime.sample.params import SamplingParams
 from runtime.sched.scheduler import ScheduledRequest
-from runtime.spec.device_ngram import propose_ngram_batched
+from runtime.platform.reference import propose_ngram_batched
 from runtime.spec.ngram import propose_ngram
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}

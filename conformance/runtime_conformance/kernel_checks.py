@@ -415,6 +415,26 @@ def check_apply_token_bitmask(fn, dtype, device, g):
         assert torch.equal(got.cpu()[kept], expected[kept]), f"{what}: changed logits it must keep"
 
 
+def check_propose_ngram_batched(fn, dtype, device, g):
+    """Rows of small vocabularies (runs of every length repeat, so every n in [min_n, max_n] is
+    the answer somewhere), lengths from 1 to the full width, and past each row's length the
+    tokens that would make the longest match there: a kernel that reads past a row finds it."""
+    for batch, capacity, vocab, k, min_n, max_n in ((6, 40, 3, 4, 1, 3), (5, 300, 4, 5, 2, 5), (4, 1100, 6, 3, 2, 4),
+                                                    (3, 64, 2, 1, 1, 1)):
+        history = torch.randint(0, vocab, (batch, capacity), generator=g)
+        lengths = torch.randint(1, capacity + 1, (batch,), generator=g)
+        lengths[0], lengths[-1] = 1, capacity
+        for row, length in enumerate(lengths.tolist()):
+            tail = history[row, max(0, length - max_n):length]
+            room = capacity - length
+            history[row, length:] = tail.repeat(room // max(1, len(tail)) + 1)[:room]
+        expected = OPS["propose_ngram_batched"](history, lengths, k, min_n, max_n)
+        got = fn(*_on(device, history, lengths), k, min_n, max_n)
+        what = f"propose_ngram_batched ([{batch}, {capacity}] of {vocab} tokens, k {k}, n in [{min_n}, {max_n}])"
+        assert torch.equal(got[1].cpu(), expected[1]), f"{what}: counts {got[1].tolist()}, reference {expected[1].tolist()}"
+        assert torch.equal(got[0].cpu(), expected[0]), f"{what}: proposals differ from the reference's"
+
+
 CHECKS: dict[str, Callable] = {
     "linear": check_linear,
     "rms_norm": check_rms_norm,
@@ -432,6 +452,7 @@ CHECKS: dict[str, Callable] = {
     "swap_blocks": check_swap_blocks,
     "apply_top_k_top_p_min_p": check_apply_top_k_top_p_min_p,
     "apply_token_bitmask": check_apply_token_bitmask,
+    "propose_ngram_batched": check_propose_ngram_batched,
 }
-DTYPE_INDEPENDENT = {"apply_top_k_top_p_min_p", "apply_token_bitmask"}
-"""Ops whose inputs have one dtype whatever the model's (logits are float32)."""
+DTYPE_INDEPENDENT = {"apply_top_k_top_p_min_p", "apply_token_bitmask", "propose_ngram_batched"}
+"""Ops whose inputs have one dtype whatever the model's (logits are float32, token ids int64)."""

@@ -5,4 +5,4 @@ that old plugins may ignore. A plugin declares the versions it supports as a PEP
 specifier (``RUNTIME_CONTRACT = ">=1.0,<2"``); the core loads it only when its version matches.
 """
 
-CONTRACT_VERSION = "1.14"
+CONTRACT_VERSION = "1.15"

@@ -333,7 +333,8 @@ class ModelRunner:
                 or self.encoder_outputs is not None:
             return False
         self.verify_chain = VerificationChain(self.platform, self.buffers, self.block_size, self.num_speculative_tokens,
-                                              min_n, max_n, self.device, self.model.compute_logits, self.decode_graphs)
+                                              min_n, max_n, self.device, self.model.compute_logits, self.decode_graphs,
+                                              self.ops.propose_ngram_batched)
         return True
 
     def chain_reach(self, out: SchedulerOutput, previous: PendingStep | None) -> int | None:

@@ -5,7 +5,7 @@ wait for its tokens, apply them, propose and launch the next step, with the devi
 while (about 0.85 ms a step at batch 8 on an H100, docs/speculative.md). Where every request is
 greedy and proposes by n-gram, the next verification is made on the device instead: the tokens
 each request emitted are appended to its token history there, the n-gram proposer runs on that
-history (``spec.device_ngram``), and the next step's token ids, positions, KV slots and sequence
+history (the ``propose_ngram_batched`` op), and the next step's token ids, positions, KV slots and sequence
 lengths are written into the input buffers that the verification graph reads. The host learns
 what was proposed and accepted one step later, when it reads the step back.
 
@@ -29,7 +29,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..spec.device_ngram import propose_ngram_batched
 from .decode_graphs import DecodeGraphs
 from .input_buffers import InputBuffers, host_to_device
 
@@ -63,12 +62,12 @@ class VerificationChain:
 
     def __init__(self, platform: Any, buffers: InputBuffers, block_size: int, num_speculative_tokens: int,
                  min_n: int, max_n: int, device: torch.device, logits: Callable[[torch.Tensor], torch.Tensor],
-                 graphs: DecodeGraphs):
+                 graphs: DecodeGraphs, propose: Callable[..., tuple[torch.Tensor, torch.Tensor]]):
         """``logits``: the model's hidden states -> logits; ``graphs``: the runner's decode and
-        verification graphs."""
+        verification graphs; ``propose``: the platform's ``propose_ngram_batched`` op."""
         self.platform, self.buffers, self.block_size, self.k = platform, buffers, block_size, num_speculative_tokens
         self.min_n, self.max_n, self.device = min_n, max_n, device
-        self._logits, self._graphs = logits, graphs
+        self._logits, self._graphs, self._propose = logits, graphs, propose
         self._chains: dict[tuple[int, int, int], _Chain] = {}
         """By (batch, history width, graph size)."""
         self._pool = platform.graph_pool()
@@ -152,7 +151,7 @@ class VerificationChain:
         # Past a request's count the row holds -1: written past its new length, never read.
         chain.history.scatter_(1, chain.lengths.unsqueeze(1) + torch.arange(width, device=device), chain.emitted)
         chain.lengths += chain.counts
-        drafts, num_drafts = propose_ngram_batched(chain.history, chain.lengths, self.k, self.min_n, self.max_n)
+        drafts, num_drafts = self._propose(chain.history, chain.lengths, self.k, self.min_n, self.max_n)
         chain.drafts.copy_(drafts)
         chain.num_drafts.copy_(num_drafts)
         query_len = 1 + self.k

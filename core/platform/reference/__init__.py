@@ -15,6 +15,7 @@ from .moe import MOE_ACTIVATIONS, fused_moe, select_experts
 from .norm import fused_add_rms_norm, rms_norm
 from .rotary import build_cos_sin_cache, qk_norm_rotary_embedding, rotary_embedding, rotary_embedding_from
 from .sampling import apply_top_k_top_p_min_p
+from .spec import propose_ngram_batched
 
 OPS = {
     "linear": linear,
@@ -33,12 +34,13 @@ OPS = {
     "swap_blocks": swap_blocks,
     "apply_top_k_top_p_min_p": apply_top_k_top_p_min_p,
     "apply_token_bitmask": apply_token_bitmask,
+    "propose_ngram_batched": propose_ngram_batched,
 }
 
 BATCH_INVARIANT = frozenset({
     "rms_norm", "fused_add_rms_norm", "rotary_embedding", "qk_norm_rotary_embedding", "silu_and_mul", "gelu_and_mul",
     "copy_blocks",
-    "swap_blocks", "apply_top_k_top_p_min_p", "apply_token_bitmask",
+    "swap_blocks", "apply_top_k_top_p_min_p", "apply_token_bitmask", "propose_ngram_batched",
 })
 """Ops whose reference computes each row on its own (elementwise, or a reduction along the row):
 ``--deterministic`` may fall back to them. The matmul ops (``linear``, LoRA, ``fused_moe``) are not:

@@ -11,7 +11,7 @@ from runtime.platform import hookimpl
 from .communicator import NcclCommunicator
 from .platform import CudaPlatform
 
-RUNTIME_CONTRACT = ">=1.14,<2"  # runtime_triton registers linear_lora (1.14)
+RUNTIME_CONTRACT = ">=1.15,<2"  # runtime_triton registers propose_ngram_batched (1.15)
 
 
 @hookimpl

@@ -533,3 +533,27 @@ def test_apply_token_bitmask(vocab, rows, device):
     got = logits.to(device)
     assert kernels.apply_token_bitmask(got, bitmask.to(device), index.to(device)) is got
     assert torch.equal(got.cpu(), expected)
+
+
+@pytest.mark.parametrize("capacity,vocab,k,min_n,max_n", [(48, 3, 4, 1, 3), (700, 5, 5, 2, 5), (90, 2, 1, 1, 1)])
+def test_propose_ngram_batched(capacity, vocab, k, min_n, max_n, device):
+    """Row by row against the host's proposer (``propose_ngram``, numpy) on each row's tokens:
+    lengths from 1 to the full width, and past each row's length tokens that would continue its
+    longest match (a kernel that reads them proposes differently)."""
+    import numpy as np
+
+    from runtime.spec.ngram import propose_ngram
+    g = torch.Generator().manual_seed(capacity)
+    for _ in range(4):
+        batch = 7
+        history = torch.randint(0, vocab, (batch, capacity), generator=g)
+        lengths = torch.randint(1, capacity + 1, (batch,), generator=g)
+        lengths[0], lengths[-1] = 1, capacity
+        for row, length in enumerate(lengths.tolist()):
+            history[row, length:] = history[row, length - 1]
+        proposals, counts = kernels.propose_ngram_batched(history.to(device), lengths.to(device), k, min_n, max_n)
+        assert proposals.shape == (batch, k) and proposals.dtype == torch.int64
+        for row, length in enumerate(lengths.tolist()):
+            expected = propose_ngram(np.asarray(history[row, :length]), k, min_n, max_n)
+            assert counts[row].item() == len(expected)
+            assert proposals[row].tolist() == expected + [0] * (k - len(expected))

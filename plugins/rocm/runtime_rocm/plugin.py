@@ -12,7 +12,7 @@ from runtime.platform.emulation import emulated
 from .communicator import RcclCommunicator
 from .platform import EmulatedRocmPlatform, RocmPlatform
 
-RUNTIME_CONTRACT = ">=1.14,<2"  # runtime_triton registers linear_lora (1.14)
+RUNTIME_CONTRACT = ">=1.15,<2"  # runtime_triton registers propose_ngram_batched (1.15)
 DEVICE_ONLY_OPS = frozenset({"swap_blocks"})
 
 

@@ -14,6 +14,7 @@ A platform plugin (runtime-cuda, runtime-rocm) returns ``kernels(its name)`` fro
 - ``fused_moe``: ``moe.py``'s grouped GEMMs, one launch for gate/up (with the activation) and one
   for down over the token/expert pairs sorted by expert.
 - ``apply_token_bitmask``: ``bitmask.py``'s kernel, structured output's mask of every constrained row.
+- ``propose_ngram_batched``: ``ngram.py``'s kernel, the n-gram proposer's search for every request in one launch.
 - ``swap_blocks``: ``swap.py``'s asynchronous copies between the KV cache and its pinned host copy
   on a side stream (KV offload, preemption by swap).
 """
@@ -29,12 +30,13 @@ from .bitmask import apply_token_bitmask
 from .kernels import fused_add_rms_norm, gelu_and_mul, qk_norm_rotary_embedding, rms_norm, rotary_embedding, silu_and_mul
 from .lora import linear_lora, lora_add, lora_expand, lora_shrink
 from .moe import fused_moe
+from .ngram import propose_ngram_batched
 from .skinny_matmul import linear
 from .swap import swap_blocks
 from .tile_plans import TilePlans
 
 BATCH_INVARIANT = {"rms_norm", "fused_add_rms_norm", "rotary_embedding", "qk_norm_rotary_embedding", "silu_and_mul",
-                   "gelu_and_mul", "apply_token_bitmask", "swap_blocks"}
+                   "gelu_and_mul", "apply_token_bitmask", "swap_blocks", "propose_ngram_batched"}
 """Ops whose kernels compute each row on its own, whatever else is in the batch (contract 1.10)."""
 
 OPS = {
@@ -51,6 +53,7 @@ OPS = {
     "linear_lora": linear_lora,
     "fused_moe": fused_moe,
     "apply_token_bitmask": apply_token_bitmask,
+    "propose_ngram_batched": propose_ngram_batched,
     "swap_blocks": swap_blocks,
 }
 

@@ -1,6 +1,6 @@
-"""The n-gram proposer (``ngram.propose_ngram``) on the device, for all requests of a step at
-once: a verification launched behind the one in flight proposes from tokens the host has not
-read back yet (``worker/verify_chain.py``)."""
+"""The n-gram proposer on the device (contract 1.15): the proposals of prompt lookup for every
+request of a step at once, from token histories the host has not read back yet (speculative
+decoding's chained verifications, ``runtime/worker/verify_chain.py``)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import torch.nn.functional as F
 
 def propose_ngram_batched(history: torch.Tensor, lengths: torch.Tensor, num_tokens: int, min_n: int, max_n: int
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``propose_ngram`` for every row of ``history`` [B, C] (int64 token ids >= 0; row b holds
-    ``lengths[b]`` tokens, what lies past them is never read): (proposals [B, num_tokens], their
-    counts [B]); a row's proposals past its count are 0.
+    """``runtime.spec.ngram.propose_ngram`` for every row of ``history`` [B, C] (int64 token ids
+    >= 0; row b holds ``lengths[b]`` >= 1 tokens, what lies past them is never read; 1 <= min_n <=
+    max_n): (proposals [B, num_tokens], their counts [B]), int64; a row's proposals past its count
+    are 0. Rows are independent of one another.
 
     Each position e of a row is an occurrence's possible end: the length of the run of tokens
     ending at e that equals the run ending at the row's last token (up to ``max_n``, counted

@@ -64,14 +64,15 @@ def convert(args) -> list[dict]:
     import transformers
     from runtime.loader.source import embedded_model_path
     gguf = args.gguf or embedded_model_path()
-    model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    dtype = getattr(torch, getattr(args, "dtype", "bfloat16"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
     tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # transformers 5 will not save a model it loaded from GGUF (marked quantized): copy the
     # dequantized weights into a plain model of the same config.
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    plain = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     plain.load_state_dict(model.state_dict())
     plain.save_pretrained(args.hf_dir)
     tokenizer.save_pretrained(args.hf_dir)

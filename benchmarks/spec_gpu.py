@@ -275,6 +275,7 @@ def verify_part(args) -> list[dict]:
         generate = functools.partial(output_lengths, llm, SamplingParams)
         if config is not None:
             llm.engine.proposer = Always()
+            llm.engine.chains_verification = False  # a chain proposes by n-gram on the device, not Always's
         rows = copy_rates(lambda batch, n: generate(prompt, n), {1: prompt}, "runtime", f"{label} (zero acceptance)",
                           args.tokens, args.repeats)
 

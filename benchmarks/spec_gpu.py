@@ -111,10 +111,12 @@ def vllm_spec_stats(llm) -> SimpleNamespace:
 def copy_rates(generate, prompts_by_batch: dict[int, list[list[int]]], engine: str, label: str, tokens: int,
                repeats: int, stats=None) -> list[dict]:
     """Decode tok/s per batch: (tokens - the first of each request) over (the best of ``repeats``
-    full runs - the best of ``repeats`` one-token runs); acceptance over all full runs."""
+    full runs - the best of ``repeats`` one-token runs); acceptance over all full runs. The
+    warm-up is a full run: a few tokens find no proposals, so an engine's verification kernels
+    (vLLM's rejection sampler, JIT-compiled on first use) would compile inside the timed runs."""
     rows = []
     for batch, prompts in prompts_by_batch.items():
-        generate(prompts, 4)
+        generate(prompts, tokens)
         first, _ = best_seconds(lambda: generate(prompts, 1), repeats)
         before = stats() if stats else None
         total, counts = best_seconds(lambda: generate(prompts, tokens), repeats)

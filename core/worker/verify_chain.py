@@ -14,9 +14,9 @@ request computes its last token and its proposals in a run of 1 + k rows, and th
 proposals write no K/V (slot -1) and are never accepted, so the tokens are those of the same
 step run eagerly.
 
-That device work is some 65 small operations a step; launched one by one they cost the host
-more than the step they were meant to hide (1.5-1.75 ms a chained step on an H100's host, where
-the device's step takes about 1.1 ms). So they run as two captured graphs around the
+That device work is some 65 small operations a step (about 35 where the platform's n-gram search
+is one kernel); launched one by one they cost the host more than the step they were meant to hide
+(1.5-1.75 ms a chained step on an H100's host, where the device's step takes about 1.1 ms). So they run as two captured graphs around the
 verification graph: one before it (history, proposals, inputs) and one after it (logits, argmax,
 acceptance), per batch size and history width, captured the first time a chain needs them.
 """

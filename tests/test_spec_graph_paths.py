@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import random
 
+import numpy as np
 import pytest
 import torch
 from test_decode_graphs import _registry, _run
@@ -25,6 +26,7 @@ from runtime.engine.core import EngineCore
 from runtime.sample.params import SamplingParams
 from runtime.sample.sampler import Sampler, SamplingMetadata
 from runtime.sched.request import Request
+from runtime.spec.ngram import propose_ngram
 from runtime.spec.rejection import DraftLayout
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4}
@@ -144,27 +146,48 @@ def _recorded_launches(engine: EngineCore) -> list[tuple[bool, list[int]]]:
     return launches
 
 
-def test_the_ngram_engine_looks_ahead_after_steps_without_proposals(checkpoint, reference):
+@pytest.mark.parametrize("min_n", [1, 2])
+def test_the_ngram_engine_looks_ahead_after_steps_without_proposals(min_n, checkpoint, reference):
     """With the n-gram proposer and verifications made on the host, steps launched ahead (behind
-    one in flight, no room for proposals) follow only steps that verified none, and here never
-    two in a row (a step launched ahead gives no request room, so a second needs every request
-    paused); the output is the engine's without proposals, and proposals are still verified (the
-    tiny random model accepts none). Chained verifications have their own rule
-    (test_verify_chain.py)."""
-    # Matches of one token, so that the random model's outputs find some.
-    config = NGRAM | {"prompt_lookup_min": 1, "prompt_lookup_max": 3}
+    one in flight, no room for proposals) follow only steps that verified none; two in a row
+    only where the requests' tokens read back so far propose nothing (by ``propose_ngram``), or
+    every request pauses: a step launched ahead gives no request room, so where their tokens
+    propose, the next step is made on the host to verify them. The output is the engine's without
+    proposals, and proposals are still verified (the tiny random model accepts none)."""
+    # Matches of one token (the random model's outputs find many) and of two (they find none).
+    config = NGRAM | {"prompt_lookup_min": min_n, "prompt_lookup_max": 3}
     engine = EngineCore(EngineArgs(model=str(checkpoint), device="replay_cpu", speculative_config=config, **COMMON),
                         registry=_registry())
     engine.chains_verification = False
-    launches = _recorded_launches(engine)
+    runner, launches = engine.runner, []
+    launch = runner.launch
+
+    def recorded(out, previous=None, *args, **kwargs):
+        if out.scheduled:
+            # Whether the requests of the step in flight (the last launched) propose on their
+            # tokens known now, and all pause: what the engine weighed before launching this one.
+            before = launches[-1][2] if launches else []
+            proposes = any(propose_ngram(np.array(r.all_token_ids), 1, min_n, min_n) for r in before)
+            paused = bool(before) and all(r.proposal_pause for r in before)
+            launches.append((previous is not None, [len(s.draft_token_ids) for s in out.scheduled],
+                             [s.request for s in out.scheduled], proposes, paused))
+        return launch(out, previous, *args, **kwargs)
+
+    runner.launch = recorded
     assert _run(engine, PROMPTS, MAX_TOKENS) == reference
-    ahead = [i for i, (behind, _) in enumerate(launches) if behind]
+    ahead = [i for i, launched in enumerate(launches) if launched[0]]
     assert ahead, "no step was launched ahead"
+    in_a_row = 0
     for i in ahead:
         assert not any(launches[i][1]), "a step launched ahead had room for proposals"
         assert not any(launches[i - 1][1]), "a step verifying proposals was looked past"
-        assert not launches[i - 1][0], "two steps in a row launched ahead"
-    assert engine.stats().spec_num_drafts > 0
+        if launches[i - 1][0]:
+            in_a_row += 1
+            assert not launches[i][3] or launches[i][4], "looked past a step whose requests' tokens propose"
+    if min_n == 1:
+        assert engine.stats().spec_num_drafts > 0
+    else:
+        assert in_a_row > 5, "steps proposing nothing were not launched ahead one after another"
     assert engine.kv_manager.usage == 0
 
 

@@ -153,6 +153,7 @@ def test_steps_with_sampling_other_than_the_argmax_are_not_chained(checkpoint):
     engine, chained = _chained_engine(checkpoint)
     unchained = EngineCore(EngineArgs(model=str(checkpoint), speculative_config=NGRAM, **COMMON), registry=_registry())
     unchained.chains_verification = False
+    unchained._proposing = engine._proposing  # the same look-ahead rule (EngineCore._looks_ahead)
     prompts = PROMPTS[:3]
     results = []
     for each in (engine, unchained):

@@ -145,11 +145,8 @@ def test_seeded_sampling_draws_the_same_tokens_with_and_without_verification_gra
         engine = EngineCore(EngineArgs(model=str(checkpoint), speculative_config=NGRAM, enforce_eager=eager,
                                        **COMMON), registry=_registry())
         # A seeded request's draws follow its proposals, which follow the schedule: the eager
-        # engine launches early too, so a request arriving between steps joins the same step,
-        # and the graph engine looks ahead by the rule of engines without chained verifications
-        # (greedy only; with them, steps that propose nothing are looked ahead one after another).
+        # engine launches early too, so a request arriving between steps joins the same step.
         engine.launch_early = True
-        engine.chains_verification = False
         outputs.append(_run(engine, PROMPTS, MAX_TOKENS, **params))
         if not eager:
             assert any(query_len == 5 for _, query_len in engine.runner.decode_graphs.replays)

@@ -412,9 +412,9 @@ class EngineCore:
         else:
             out, pending = self._schedule_and_launch()
         proposing = True
-        if pending is not None and self.chains_verification:
+        if pending is not None and self.launch_early and isinstance(self.proposer, NgramProposer):
             proposing = self._proposing(out)
-            if proposing:
+            if proposing and self.chains_verification:
                 self._in_flight = self._chain(out, pending)
         if self._in_flight is None and pending is not None and self._looks_ahead(out, proposing):
             following = self.scheduler.look_ahead(out)
@@ -445,11 +445,12 @@ class EngineCore:
     def _proposing(self, out: SchedulerOutput) -> bool:
         """Whether the step after ``out`` (in flight) is likely to find proposals, as far as the
         host knows: ``out`` verifies some (its own, or chained, the step before it), or some
-        request's tokens read back so far propose. A chained step verifies 1 + k rows a request
-        whatever it proposes, where the host's step would be a plain decode (about 20% more
-        device time at 135M parameters, batch 8), so it follows only such a step; otherwise the
-        next step is a plain decode launched ahead (:meth:`_looks_ahead`), and a proposal that
-        the token in flight brings up is taken by a chain one step later."""
+        request's tokens read back so far propose (n-gram proposer). A chained step verifies
+        1 + k rows a request whatever it proposes, where the host's step would be a plain decode
+        (about 20% more device time at 135M parameters, batch 8), so it follows only such a step;
+        otherwise the next step is a plain decode launched ahead (:meth:`_looks_ahead`), and a
+        proposal that the token in flight brings up is taken one step later: by a chain, or by
+        the host's step after it where the batch cannot chain."""
         if any(s.draft_token_ids for s in out.scheduled) or (
                 out.scheduled and out.scheduled[0].chained and self._verified_last):
             return True
@@ -462,10 +463,11 @@ class EngineCore:
         Always without speculative decoding. With it, a step ahead has no room for proposals (its
         requests' last tokens are still on the device), so it is taken only after a step that
         verified none, with a proposer that reads nothing but the tokens known when it proposes
-        (``may_skip_steps``: the n-gram one; a draft model's K/V follows every step). Where
-        verifications chain, that is every such step whose requests' known tokens propose
-        nothing (``proposing`` False, :meth:`_proposing`): a proposal found later starts a chain
-        from the step in flight. Otherwise only where it costs little: every request of ``out``
+        (``may_skip_steps``: the n-gram one; a draft model's K/V follows every step). With the
+        n-gram proposer that is every such step whose requests' known tokens propose nothing
+        (``proposing`` False, :meth:`_proposing`), one after another: a proposal found later is
+        taken by a chain from the step in flight, or by the host's step after it. Otherwise
+        (tokens that propose, another proposer) only where it costs little: every request of ``out``
         either pauses its proposals anyway (back-off) or had room for them and found none. That
         costs one step's chance of proposals, on every other step at most: a step launched ahead
         gave no request room. A decode step's host work then hides behind the device again while

@@ -47,18 +47,13 @@ def _prompts() -> list[list[int]]:
     return prompts
 
 
-def _generate(path, dtype: str, params: SamplingParams, launch_early: bool = False, chains: bool = True,
-              **engine_args):
+def _generate(path, dtype: str, params: SamplingParams, launch_early: bool = False, **engine_args):
     """(CompletionOutputs, verification replays, draft replays) of a fresh engine on ``_prompts()``.
     ``launch_early``: an eager engine schedules as one with graphs (the step after one that
-    verified nothing looked ahead, see ``EngineCore._looks_ahead``); ``chains=False``: an engine
-    with graphs schedules as one without chained verifications (which look ahead every step whose
-    known tokens propose nothing)."""
+    verified nothing looked ahead, see ``EngineCore._looks_ahead``)."""
     llm = LLM(str(path), device="cuda", dtype=dtype, kv_cache_memory="64MiB", max_num_seqs=8, **engine_args)
     if launch_early:
         llm.engine.launch_early = True
-    if not chains:
-        llm.engine.chains_verification = False
     outputs = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in _prompts()], params,
                                                    use_tqdm=False)]
     runner = llm.engine.runner
@@ -100,7 +95,7 @@ def test_greedy_output_with_verification_graphs_matches_without_proposals(dtype,
 
 def test_seeded_sampling_draws_the_same_tokens_with_and_without_verification_graphs(checkpoint):
     params = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, seed=11, max_tokens=32, ignore_eos=True)
-    graphs, verify_replays, _ = _generate(checkpoint, "float32", params, chains=False, speculative_config=NGRAM)
+    graphs, verify_replays, _ = _generate(checkpoint, "float32", params, speculative_config=NGRAM)
     # A seeded request's draws follow its proposals, which follow the schedule: the same one.
     eager, eager_replays, _ = _generate(checkpoint, "float32", params, launch_early=True, speculative_config=NGRAM,
                                         enforce_eager=True)

@@ -94,8 +94,8 @@ def sweep_plans(rows: int) -> list[dict]:
     """The tile plans tried at ``rows``: split-K tiles for decode, square-ish tiles for prefill; each
     with the weight as the first operand (``swap_ab``) or the second, decode tiles also reading
     each word once (``words_once``) or once per row it holds; for one row also on the vector
-    units (``gemv``); from 65 rows also the weight dequantized once and multiplied
-    by the library (``dense``)."""
+    units (``gemv``); from 65 rows also two values a register (``pairs``) and the weight dequantized
+    once and multiplied by the library (``dense``)."""
     import itertools
 
     variants = [(False, False), (True, False), (False, True), (True, True)]
@@ -134,6 +134,11 @@ def sweep_plans(rows: int) -> list[dict]:
         plans += [dict(block_n=64, block_k=k, split_k=split, gemv=True, num_warps=warps, num_stages=1, prefetch=True,
                        zero_from_sums=sums)
                   for k, split, warps, sums in itertools.product([128, 256], [4, 8, 16], [4, 8], [False, True])]
+    if rows > 64:
+        # Two values a register in bfloat16 (4-bit weights), the weight as the first operand.
+        plans += [dict(pairs=True, block_m=m, block_n=n, block_k=k, num_warps=warps, num_stages=stages)
+                  for m, n, k, warps, stages in itertools.product([64, 128, 256], [128, 256], [64, 128], [4, 8], [3, 4])
+                  if m * n <= 256 * 128 and not (m == 64 and warps == 8) and not (k == 128 and stages == 4)]
     return plans + ([dict(dense=True)] if rows > 64 else [])
 
 

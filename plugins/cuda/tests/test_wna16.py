@@ -78,6 +78,10 @@ CASES = [  # rows, n, k, bits, group, act-order, tiles (None: the op's own plan)
                                      zero_from_sums=True)),
     (2, 64, 768, 4, 128, False, dict(block_n=32, block_k=256, split_k=2, num_warps=4, num_stages=1, gemv=True,
                                      prefetch=True, zero_from_sums=True)),
+    # Two values a register in the activations' 16-bit type (float32 activations take the dense
+    # path): rows and columns not whole tiles, act-order, 8 bits (float16 only).
+    (70, 48, 256, 4, 64, True, dict(pairs=True, block_m=32, block_n=32, block_k=64, num_warps=4, num_stages=2)),
+    (37, 72, 256, 8, 64, False, dict(pairs=True, block_m=16, block_n=64, block_k=32, num_warps=4, num_stages=2)),
     # Dequantized once, then the library's GEMM; act-order rows gathered the same way.
     (37, 72, 256, 4, 32, True, dict(dense=True)),
     (9, 64, 192, 8, 64, False, dict(dense=True)),
@@ -103,6 +107,9 @@ UNIFORM_CASES = [
     (70, 48, 256, 4, 16, False, None),
     (1, 48, 256, 8, 32, False, None),
     (9, 64, 192, 8, 32, False, dict(dense=True)),
+    (20, 64, 256, 4, 32, False, dict(pairs=True, block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=2)),
+    # Groups smaller than the K tile: the dense path.
+    (9, 64, 128, 4, 16, False, dict(pairs=True, block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=2)),
 ]
 
 
@@ -133,6 +140,24 @@ def test_wna16_matches_float64_dequantized_product(rows, n, k, bits, group, act_
     step = {torch.float16: 2 ** -10, torch.float32: 2 ** -20}[dtype]
     allowed = 2 * step * (x.double().abs() @ data.dequantize(torch.float64).abs().T + bias.double().abs()) + 1e-6
     assert bool(((got.double() - expected).abs() <= allowed).all()), ((got.double() - expected).abs() / allowed).max()
+
+
+@pytest.mark.parametrize("zero_point,offsets", list(ZERO_KINDS.values()), ids=list(ZERO_KINDS))
+@pytest.mark.parametrize("act_order", [False, True], ids=["ordered", "act-order"])
+def test_pairs_in_bfloat16_equal_the_dense_path(zero_point, offsets, act_order, device, require_dot):
+    """In bfloat16 ``pairs`` reads its levels with 128's bits (float16 above: 1024's) and rounds
+    ``(q - zero) * scale`` once, as the dense path does (with offsets once more, for the addition):
+    both products within two roundings of the float64 one."""
+    require_dot(torch.bfloat16)
+    data = _group_quant(96, 512, 4, 128, act_order, seed=11, zero_point=zero_point, offsets=offsets)
+    weight = wna16.repack(data, torch.bfloat16, device)
+    x = torch.randn(130, 512, generator=torch.Generator().manual_seed(2)).to(device, torch.bfloat16)
+    got = wna16.matmul(weight, x, pairs=True, block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3).double()
+    dense = wna16.matmul(weight, x, dense=True).double()
+    exact = x.double() @ data.dequantize(torch.float64).to(device).T
+    bound = 2 * 2 ** -8 * (x.double().abs() @ data.dequantize(torch.float64).to(device).abs().T) + 1e-6
+    assert bool(((got - exact).abs() <= bound).all())
+    assert bool(((got - dense).abs() <= bound).all())
 
 
 def test_a_plan_too_large_for_shared_memory_shrinks_and_is_remembered(monkeypatch):

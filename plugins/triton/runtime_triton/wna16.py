@@ -3,8 +3,10 @@ point per group of input columns, activations in the model's 16-bit (or 32-bit) 
 
 One layout serves GPTQ, AWQ and compressed-tensors (repacked at load from their unpacked form,
 ``runtime.platform.packed.GroupQuantData``): ``qweight`` int32 [K * bits / 32, N] holds
-``32 / bits`` consecutive input rows of one output column per word (value j at bit ``j * bits``),
-so a tile of the weight is a run of whole words along N, read coalesced; ``scales`` are [G, N]
+``32 / bits`` consecutive input rows of one output column per word, in pairs: rows ``2i`` and
+``2i + 1`` of a word at bits ``i * bits`` and ``16 + i * bits`` (:func:`_shift`), so one shift and
+one mask put a pair of rows into the two 16-bit halves of a register, as the tensor cores take
+them (``pairs``); a tile of the weight is a run of whole words along N, read coalesced; ``scales`` are [G, N]
 in the model's dtype, ``zeros`` [G, N] int16 (zero points are small integers), so the weight keeps
 about the checkpoint's bytes.
 Act-order checkpoints are repacked with their input rows sorted by group, and ``apply`` gathers
@@ -19,8 +21,9 @@ capture in CUDA graphs. A plan may also compute
 the transposed tile (``swap_ab``), read each packed word once (``words_once``), multiply a row
 at a time on the vector units instead of the tensor cores (``gemv``: its own kernel, which adds
 the split's partial sums itself; ``prefetch``: it requests each K tile one tile ahead;
-``zero_from_sums``: it multiplies ``2**bits + q`` and takes the zero point off once a word row), or, for
-many rows, dequantize the whole weight once and hand the product to the library GEMM (``dense``);
+``zero_from_sums``: it multiplies ``2**bits + q`` and takes the zero point off once a word row), for
+many rows dequantize two values a register in the activations' 16-bit type (``pairs``: its own
+kernel), or dequantize the whole weight once and hand the product to the library GEMM (``dense``);
 ``benchmarks/kernels_gpu.py wna16-sweep`` times them against each other.
 """
 
@@ -88,7 +91,8 @@ def repack(data: GroupQuantData, dtype: torch.dtype, device: torch.device) -> WN
         q = q[:, order]
     per = 32 // data.bits
     values = q.T.to(torch.int64).reshape(q.shape[1] // per, per, q.shape[0])
-    shifts = (torch.arange(per, dtype=torch.int64) * data.bits)[None, :, None]
+    rows = torch.arange(per, dtype=torch.int64)
+    shifts = (rows // 2 * data.bits + rows % 2 * 16)[None, :, None]
     words = (values << shifts).sum(dim=1)  # disjoint bit fields: the sum is their bitwise or
     qweight = (words - (words >= 2 ** 31).to(torch.int64) * 2 ** 32).to(torch.int32)
     # One zero point for every group (symmetric schemes, GGUF) is a constant of the kernel: no
@@ -100,6 +104,12 @@ def repack(data: GroupQuantData, dtype: torch.dtype, device: torch.device) -> WN
     return WNA16Weight(qweight.contiguous().to(device), data.scales.T.contiguous().to(device, dtype), zeros,
                        data.bits, data.group_size, None if order is None else order.to(device),
                        zero_point if uniform else 0, offsets)
+
+
+@triton.jit
+def _shift(row, BITS: tl.constexpr):
+    """Where row ``row`` of a word (a tensor or a constant) starts: pairs of rows in the word's halves."""
+    return row // 2 * BITS + row % 2 * 16
 
 
 @triton.jit
@@ -137,10 +147,11 @@ def _biased_level(packed, high, level_mask, level_base, J: tl.constexpr, BITS: t
     exact level needs a right shift, a mask, an or and a float subtraction. The values past the
     mantissa's reach from ``packed`` are taken from ``high``."""
     TOP: tl.constexpr = 23 - BITS
-    if TOP - J * BITS >= 0:
-        moved = packed << (TOP - J * BITS)
+    AT: tl.constexpr = J // 2 * BITS + J % 2 * 16  # where _shift puts row J
+    if TOP - AT >= 0:
+        moved = packed << (TOP - AT)
     else:
-        moved = high << (TOP - (J - 16 // BITS) * BITS)
+        moved = high << (TOP - (AT - 16))
     return ((moved & level_mask) | level_base).to(tl.float32, bitcast=True)
 
 
@@ -209,7 +220,7 @@ def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, ticke
         else:
             words = tl.load(q_ptr + (ks // PER)[:, None].to(tl.int64) * stride_qk + cols[None, :], mask=tile_ok,
                             other=0, eviction_policy="evict_first")
-        q = (words >> ((ks % PER) * BITS)[:, None]) & ((1 << BITS) - 1)
+        q = (words >> _shift(ks % PER, BITS)[:, None]) & ((1 << BITS) - 1)
         if ONE_GROUP:
             group = (k0 // GROUP) * stride_sg + cols.to(tl.int64)
             scale, zero, offset = _group_terms(s_ptr, z_ptr, o_ptr, group[None, :], col_ok[None, :], ZEROS,
@@ -235,6 +246,48 @@ def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, ticke
         out_ok = row_ok[:, None] & col_ok[None, :]
     _store_split(acc, out_ptr, partial_ptr, ticket_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
                  out_offsets, partial_offsets, out_ok, split, M, N, SPLIT_K)
+
+
+@triton.jit
+def _wna16_pairs_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, M, N, K, stride_xm, stride_qk, stride_sg,
+                        stride_om, pair_mask, pair_base, BITS: tl.constexpr, GROUP: tl.constexpr, LEVEL: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ZEROS: tl.constexpr,
+                        ZERO_POINT: tl.constexpr, OFFSETS: tl.constexpr):
+    """The transposed tile ``W x^T`` for many rows, the weight dequantized two values a 32-bit
+    register in the activations' 16-bit type: a shift and a mask put a pair of rows into a
+    register's halves (:func:`_shift`), or-ed into the bits of ``LEVEL`` (``pair_base``: 128 in
+    bfloat16, 1024 in float16, whose last mantissa bit is worth 1) they read ``LEVEL + q``; one
+    packed subtraction of ``LEVEL + zero`` (exact) and one packed multiplication by the scale (the
+    one rounding, as in float32 then rounded) make the weight. The float32 levels of
+    ``_wna16_kernel`` cost 3-4 times the instructions a weight, which bounded its tiles far below
+    the library's bf16 GEMM (docs/quantization.md). The weight is the first operand, so it goes
+    to Hopper's matrix instructions from registers. K tiles lie inside one group; no split."""
+    PER: tl.constexpr = 32 // BITS
+    PAIRS: tl.constexpr = PER // 2
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pairs = tl.arange(0, BLOCK_K // 2)
+    row_ok, col_ok = rows < M, cols < N
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + rows[None, :].to(tl.int64) * stride_xm + (k0 + tl.arange(0, BLOCK_K))[:, None],
+                    mask=row_ok[None, :], other=0.0)
+        packed = tl.load(q_ptr + (k0 // PER + tl.arange(0, BLOCK_K // PER))[None, :].to(tl.int64) * stride_qk
+                         + cols[:, None], mask=col_ok[:, None], other=0, eviction_policy="evict_first")
+        words = tl.reshape(tl.broadcast_to(packed[:, :, None], (BLOCK_N, BLOCK_K // PER, PAIRS)), (BLOCK_N, BLOCK_K // 2))
+        halves = ((words >> (pairs % PAIRS * BITS)[None, :]) & pair_mask) | pair_base
+        low = halves.to(tl.int16).to(dtype, bitcast=True)
+        high = (halves >> 16).to(tl.int16).to(dtype, bitcast=True)
+        levels = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))
+        group = (k0 // GROUP) * stride_sg + cols.to(tl.int64)
+        scale, zero, offset = _group_terms(s_ptr, z_ptr, o_ptr, group, col_ok, ZEROS, ZERO_POINT, OFFSETS)
+        w = (levels - (zero + LEVEL).to(dtype)[:, None]) * scale.to(dtype)[:, None]
+        if OFFSETS:
+            w += offset.to(dtype)[:, None]
+        acc += tl.dot(w, x)
+    tl.store(out_ptr + rows[None, :].to(tl.int64) * stride_om + cols[:, None], acc.to(dtype),
+             mask=row_ok[None, :] & col_ok[:, None])
 
 
 @triton.jit
@@ -292,7 +345,7 @@ def _wna16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, 
                 x = tl.load(x_row + k0 + word * PER + j, mask=word_ok, other=0.0).to(tl.float32)
                 if OFFSETS:
                     x_sums += x
-                products += x[:, None] * _levels((packed >> (j * BITS)) & ((1 << BITS) - 1), zero)
+                products += x[:, None] * _levels((packed >> _shift(j, BITS)) & ((1 << BITS) - 1), zero)
             acc += products * scale
         if OFFSETS:
             acc += offset * x_sums[:, None]
@@ -350,7 +403,7 @@ def _dequantize_kernel(q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, N, K, stride_qk, str
         if not ONE_GROUP:
             group = ((word_rows * PER + j) // GROUP)[:, None].to(tl.int64) * stride_sg + cols[None, :]
             scale, zero, offset = _group_terms(s_ptr, z_ptr, o_ptr, group, ok, ZEROS, ZERO_POINT, OFFSETS)
-        q = (packed >> (j * BITS)) & ((1 << BITS) - 1)
+        q = (packed >> _shift(j, BITS)) & ((1 << BITS) - 1)
         tl.store(out_rows + j * stride_ok, (_levels(q, zero) * scale + offset).to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -423,6 +476,8 @@ def matmul(weight: WNA16Weight, x: torch.Tensor, bias: torch.Tensor | None = Non
         out = torch.mm(rows, dequantize(weight, x.dtype))
     elif tiles.get("gemv"):
         out = _gemv(weight, rows, tiles)
+    elif tiles.get("pairs"):
+        out = _pairs(weight, rows, tiles)
     else:
         out = _tiled(weight, rows, tiles)
     if bias is not None:
@@ -480,4 +535,37 @@ def _gemv(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor:
             BLOCK_K=tiles["block_k"], SPLIT_K=split, PREFETCH=tiles.get("prefetch", False),
             ZERO_FROM_SUMS=tiles.get("zero_from_sums", False), num_warps=tiles["num_warps"],
             num_stages=tiles["num_stages"], **group_constants)
+    return out
+
+
+PAIR_LEVELS = {torch.bfloat16: 128, torch.float16: 1024}
+"""The value whose last mantissa bit is worth 1, by activation type: ``pairs`` reads ``LEVEL + q``
+from ``q`` or-ed into its bits, so ``q`` must stay below ``LEVEL`` (4 bits in bfloat16, 4 or 8 in float16)."""
+
+
+def _pairs(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor:
+    m, k = rows.shape
+    n = weight.qweight.shape[1]
+    level = PAIR_LEVELS.get(rows.dtype)
+    if level is None or 2 ** weight.bits > level or weight.group_size % tiles["block_k"]:
+        # Float32 activations, 8 bits in bfloat16, groups smaller than the K tile: the dense path.
+        return torch.mm(rows, dequantize(weight, rows.dtype))
+    out = torch.empty(m, n, dtype=rows.dtype, device=rows.device)
+    if m:
+        zeros, offsets, group_constants = weight.group_arguments()
+        half = torch.tensor(level, dtype=rows.dtype).view(torch.int16).item()
+        mask = (1 << weight.bits) - 1
+        grid = (triton.cdiv(m, tiles["block_m"]), triton.cdiv(n, tiles["block_n"]))
+
+        def launch(tiles: dict) -> None:
+            _wna16_pairs_kernel[grid](rows, weight.qweight, weight.scales, zeros, offsets, out, m, n, k, rows.stride(0),
+                                      weight.qweight.stride(0), weight.scales.stride(0), out.stride(0),
+                                      mask | mask << 16, half | half << 16, BITS=weight.bits, GROUP=weight.group_size,
+                                      LEVEL=float(level), BLOCK_M=tiles["block_m"], BLOCK_N=tiles["block_n"],
+                                      BLOCK_K=tiles["block_k"], num_warps=tiles["num_warps"],
+                                      num_stages=tiles["num_stages"], **group_constants)
+
+        key = ("pairs", tuple(sorted(tiles.items())), n, k, rows.dtype, weight.bits, weight.group_size, rows.device,
+               tuple(group_constants.items()))
+        launch_fitting(FITTED_TILES, key, tiles, launch, fewer_stages_then_shallower("block_k", 32))
     return out

@@ -79,9 +79,14 @@ CASES = [  # rows, n, k, bits, group, act-order, tiles (None: the op's own plan)
     (2, 64, 768, 4, 128, False, dict(block_n=32, block_k=256, split_k=2, num_warps=4, num_stages=1, gemv=True,
                                      prefetch=True, zero_from_sums=True)),
     # Two values a register in the activations' 16-bit type (float32 activations take the dense
-    # path): rows and columns not whole tiles, act-order, 8 bits (float16 only).
+    # path): rows and columns not whole tiles, act-order, 8 bits (float16 only), K split (into
+    # uneven spans; one with no K tile).
     (70, 48, 256, 4, 64, True, dict(pairs=True, block_m=32, block_n=32, block_k=64, num_warps=4, num_stages=2)),
     (37, 72, 256, 8, 64, False, dict(pairs=True, block_m=16, block_n=64, block_k=32, num_warps=4, num_stages=2)),
+    (5, 40, 256, 4, 32, True, dict(pairs=True, block_m=16, block_n=32, block_k=32, split_k=3, num_warps=4,
+                                   num_stages=2)),
+    (1, 64, 128, 4, 64, False, dict(pairs=True, block_m=16, block_n=64, block_k=64, split_k=3, num_warps=4,
+                                    num_stages=2)),
     # Dequantized once, then the library's GEMM; act-order rows gathered the same way.
     (37, 72, 256, 4, 32, True, dict(dense=True)),
     (9, 64, 192, 8, 64, False, dict(dense=True)),
@@ -191,6 +196,7 @@ def test_a_plan_too_large_for_shared_memory_shrinks_and_is_remembered(monkeypatc
 SPLIT_PLANS = {
     "vector": dict(block_n=32, block_k=128, split_k=4, num_warps=4, num_stages=2, gemv=True),
     "tile": dict(block_m=16, block_n=32, block_k=64, split_k=4, num_warps=4, num_stages=2),
+    "pairs": dict(pairs=True, block_m=16, block_n=32, block_k=64, split_k=4, num_warps=4, num_stages=2),
 }
 
 

@@ -249,11 +249,11 @@ def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, ticke
 
 
 @triton.jit
-def _wna16_pairs_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, M, N, K, stride_xm, stride_qk, stride_sg,
-                        stride_om, pair_mask, pair_base, BITS: tl.constexpr, GROUP: tl.constexpr, LEVEL: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ZEROS: tl.constexpr,
-                        ZERO_POINT: tl.constexpr, OFFSETS: tl.constexpr):
-    """The transposed tile ``W x^T`` for many rows, the weight dequantized two values a 32-bit
+def _wna16_pairs_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, ticket_ptr, M, N, K, stride_xm,
+                        stride_qk, stride_sg, stride_om, pair_mask, pair_base, BITS: tl.constexpr, GROUP: tl.constexpr,
+                        LEVEL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        SPLIT_K: tl.constexpr, ZEROS: tl.constexpr, ZERO_POINT: tl.constexpr, OFFSETS: tl.constexpr):
+    """The transposed tile ``W x^T``, the weight dequantized two values a 32-bit
     register in the activations' 16-bit type: a shift and a mask put a pair of rows into a
     register's halves (:func:`_shift`), or-ed into the bits of ``LEVEL`` (``pair_base``: 128 in
     bfloat16, 1024 in float16, whose last mantissa bit is worth 1) they read ``LEVEL + q``; one
@@ -261,16 +261,20 @@ def _wna16_pairs_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, M, N, K, str
     one rounding, as in float32 then rounded) make the weight. The float32 levels of
     ``_wna16_kernel`` cost 3-4 times the instructions a weight, which bounded its tiles far below
     the library's bf16 GEMM (docs/quantization.md). The weight is the first operand, so it goes
-    to Hopper's matrix instructions from registers. K tiles lie inside one group; no split."""
+    to Hopper's matrix instructions from registers (few rows are the narrow side of the product,
+    as ``swap_ab``'s). K tiles lie inside one group; K split as ``_wna16_kernel``'s."""
     PER: tl.constexpr = 32 // BITS
     PAIRS: tl.constexpr = PER // 2
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(2)
     pairs = tl.arange(0, BLOCK_K // 2)
     row_ok, col_ok = rows < M, cols < N
     dtype = x_ptr.dtype.element_ty
+    span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    start = split * span
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(start, tl.minimum(start + span, K), BLOCK_K):
         x = tl.load(x_ptr + rows[None, :].to(tl.int64) * stride_xm + (k0 + tl.arange(0, BLOCK_K))[:, None],
                     mask=row_ok[None, :], other=0.0)
         packed = tl.load(q_ptr + (k0 // PER + tl.arange(0, BLOCK_K // PER))[None, :].to(tl.int64) * stride_qk
@@ -286,8 +290,9 @@ def _wna16_pairs_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, M, N, K, str
         if OFFSETS:
             w += offset.to(dtype)[:, None]
         acc += tl.dot(w, x)
-    tl.store(out_ptr + rows[None, :].to(tl.int64) * stride_om + cols[:, None], acc.to(dtype),
-             mask=row_ok[None, :] & col_ok[:, None])
+    _store_split(acc, out_ptr, partial_ptr, ticket_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
+                 rows[None, :].to(tl.int64) * stride_om + cols[:, None], rows[None, :].to(tl.int64) * N + cols[:, None],
+                 row_ok[None, :] & col_ok[:, None], split, M, N, SPLIT_K)
 
 
 @triton.jit
@@ -550,19 +555,22 @@ def _pairs(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor
     if level is None or 2 ** weight.bits > level or weight.group_size % tiles["block_k"]:
         # Float32 activations, 8 bits in bfloat16, groups smaller than the K tile: the dense path.
         return torch.mm(rows, dequantize(weight, rows.dtype))
+    split = tiles.get("split_k", 1)
     out = torch.empty(m, n, dtype=rows.dtype, device=rows.device)
     if m:
         zeros, offsets, group_constants = weight.group_arguments()
         half = torch.tensor(level, dtype=rows.dtype).view(torch.int16).item()
         mask = (1 << weight.bits) - 1
-        grid = (triton.cdiv(m, tiles["block_m"]), triton.cdiv(n, tiles["block_n"]))
+        grid = (triton.cdiv(m, tiles["block_m"]), triton.cdiv(n, tiles["block_n"]), split)
+        partial, counters = (torch.empty(split, m, n, dtype=torch.float32, device=rows.device),
+                             tickets(rows.device, grid[0] * grid[1])) if split > 1 else (out, out)
 
         def launch(tiles: dict) -> None:
-            _wna16_pairs_kernel[grid](rows, weight.qweight, weight.scales, zeros, offsets, out, m, n, k, rows.stride(0),
-                                      weight.qweight.stride(0), weight.scales.stride(0), out.stride(0),
+            _wna16_pairs_kernel[grid](rows, weight.qweight, weight.scales, zeros, offsets, out, partial, counters, m, n, k,
+                                      rows.stride(0), weight.qweight.stride(0), weight.scales.stride(0), out.stride(0),
                                       mask | mask << 16, half | half << 16, BITS=weight.bits, GROUP=weight.group_size,
                                       LEVEL=float(level), BLOCK_M=tiles["block_m"], BLOCK_N=tiles["block_n"],
-                                      BLOCK_K=tiles["block_k"], num_warps=tiles["num_warps"],
+                                      BLOCK_K=tiles["block_k"], SPLIT_K=split, num_warps=tiles["num_warps"],
                                       num_stages=tiles["num_stages"], **group_constants)
 
         key = ("pairs", tuple(sorted(tiles.items())), n, k, rows.dtype, weight.bits, weight.group_size, rows.device,

@@ -253,16 +253,18 @@ def _wna16_pairs_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr,
                         stride_qk, stride_sg, stride_om, pair_mask, pair_base, BITS: tl.constexpr, GROUP: tl.constexpr,
                         LEVEL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         SPLIT_K: tl.constexpr, ZEROS: tl.constexpr, ZERO_POINT: tl.constexpr, OFFSETS: tl.constexpr):
-    """The transposed tile ``W x^T``, the weight dequantized two values a 32-bit
-    register in the activations' 16-bit type: a shift and a mask put a pair of rows into a
-    register's halves (:func:`_shift`), or-ed into the bits of ``LEVEL`` (``pair_base``: 128 in
-    bfloat16, 1024 in float16, whose last mantissa bit is worth 1) they read ``LEVEL + q``; one
-    packed subtraction of ``LEVEL + zero`` (exact) and one packed multiplication by the scale (the
-    one rounding, as in float32 then rounded) make the weight. The float32 levels of
-    ``_wna16_kernel`` cost 3-4 times the instructions a weight, which bounded its tiles far below
-    the library's bf16 GEMM (docs/quantization.md). The weight is the first operand, so it goes
-    to Hopper's matrix instructions from registers (few rows are the narrow side of the product,
-    as ``swap_ab``'s). K tiles lie inside one group; K split as ``_wna16_kernel``'s."""
+    """``x W^T`` with the weight dequantized two values a 32-bit register in the activations'
+    16-bit type: a shift and a mask put a pair of rows into a register's halves (:func:`_shift`),
+    or-ed into the bits of ``LEVEL`` (``pair_base``: 128 in bfloat16, 1024 in float16, whose last
+    mantissa bit is worth 1) they read ``LEVEL + q``; one packed subtraction of ``LEVEL + zero``
+    (exact) and one packed multiplication by the scale (the one rounding, as in float32 then
+    rounded) make the weight. The float32 levels of ``_wna16_kernel`` cost 3-4 times the
+    instructions a weight, which bounded its tiles far below the library's bf16 GEMM
+    (docs/quantization.md). The weight is the second operand, so Hopper's matrix instructions read
+    it from shared memory: as the first operand (from registers) Triton 3.6 and 3.7 issued them
+    asynchronously without keeping their operand registers alive, the next K tile's loads
+    overwrote registers still being read, and 4 of 24 tile plans summed wrongly on an H100
+    (docs/quantization.md). K tiles lie inside one group; K split as ``_wna16_kernel``'s."""
     PER: tl.constexpr = 32 // BITS
     PAIRS: tl.constexpr = PER // 2
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -273,10 +275,10 @@ def _wna16_pairs_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr,
     dtype = x_ptr.dtype.element_ty
     span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     start = split * span
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(start, tl.minimum(start + span, K), BLOCK_K):
-        x = tl.load(x_ptr + rows[None, :].to(tl.int64) * stride_xm + (k0 + tl.arange(0, BLOCK_K))[:, None],
-                    mask=row_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + (k0 + tl.arange(0, BLOCK_K))[None, :],
+                    mask=row_ok[:, None], other=0.0)
         packed = tl.load(q_ptr + (k0 // PER + tl.arange(0, BLOCK_K // PER))[None, :].to(tl.int64) * stride_qk
                          + cols[:, None], mask=col_ok[:, None], other=0, eviction_policy="evict_first")
         words = tl.reshape(tl.broadcast_to(packed[:, :, None], (BLOCK_N, BLOCK_K // PER, PAIRS)), (BLOCK_N, BLOCK_K // 2))
@@ -289,10 +291,10 @@ def _wna16_pairs_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr,
         w = (levels - (zero + LEVEL).to(dtype)[:, None]) * scale.to(dtype)[:, None]
         if OFFSETS:
             w += offset.to(dtype)[:, None]
-        acc += tl.dot(w, x)
+        acc = tl.dot(x, tl.trans(w), acc)
     _store_split(acc, out_ptr, partial_ptr, ticket_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
-                 rows[None, :].to(tl.int64) * stride_om + cols[:, None], rows[None, :].to(tl.int64) * N + cols[:, None],
-                 row_ok[None, :] & col_ok[:, None], split, M, N, SPLIT_K)
+                 rows[:, None].to(tl.int64) * stride_om + cols[None, :], rows[:, None].to(tl.int64) * N + cols[None, :],
+                 row_ok[:, None] & col_ok[None, :], split, M, N, SPLIT_K)
 
 
 @triton.jit
@@ -453,8 +455,9 @@ def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2) -> 
     if m <= 16:
         return dict(block_m=16, block_n=64, block_k=128, split_k=8, words_once=True, num_warps=4, num_stages=4)
     if m <= 64:
-        if n > 16384:  # wide outputs (gate/up): enough tiles without a split
-            return dict(block_m=64, block_n=128, block_k=64, split_k=1, swap_ab=True, num_warps=4, num_stages=3)
+        # Not swap_ab, though it was faster for gate/up here: Triton 3.6 and 3.7 issue its matrix
+        # instructions (first operand in registers) asynchronously without keeping their registers
+        # alive (``_wna16_pairs_kernel``; tests/sm90_dots.py).
         return dict(block_m=64, block_n=64, block_k=64, split_k=4, num_warps=4, num_stages=3)
     return dict(dense=True)
 

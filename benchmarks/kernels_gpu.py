@@ -94,7 +94,7 @@ def sweep_plans(rows: int) -> list[dict]:
     """The tile plans tried at ``rows``: split-K tiles for decode, square-ish tiles for prefill; each
     with the weight as the first operand (``swap_ab``) or the second, decode tiles also reading
     each word once (``words_once``) or once per row it holds; for one row also on the vector
-    units (``gemv``); from 65 rows also two values a register (``pairs``) and the weight dequantized
+    units (``gemv``); two values a register (``pairs``); from 65 rows also the weight dequantized
     once and multiplied by the library (``dense``)."""
     import itertools
 
@@ -134,11 +134,20 @@ def sweep_plans(rows: int) -> list[dict]:
         plans += [dict(block_n=64, block_k=k, split_k=split, gemv=True, num_warps=warps, num_stages=1, prefetch=True,
                        zero_from_sums=sums)
                   for k, split, warps, sums in itertools.product([128, 256], [4, 8, 16], [4, 8], [False, True])]
-    if rows > 64:
-        # Two values a register in bfloat16 (4-bit weights), the weight as the first operand.
-        plans += [dict(pairs=True, block_m=m, block_n=n, block_k=k, num_warps=warps, num_stages=stages)
-                  for m, n, k, warps, stages in itertools.product([64, 128, 256], [128, 256], [64, 128], [4, 8], [3, 4])
-                  if m * n <= 256 * 128 and not (m == 64 and warps == 8) and not (k == 128 and stages == 4)]
+    # Two values a register in bfloat16 (4-bit weights): K split for few rows (the shapes that won
+    # in its first form, H100 2026-12-07: docs/quantization.md), square-ish tiles for many.
+    if rows <= 16:
+        plans += [dict(pairs=True, block_m=16, block_n=n, block_k=k, split_k=split, num_warps=4, num_stages=4)
+                  for n, k, split in itertools.product([64, 128], [128, 256], [4, 8]) if not (n == 128 and k == 256)]
+    elif rows <= 64:
+        plans += [dict(pairs=True, block_m=64, block_n=n, block_k=k, split_k=split, num_warps=4, num_stages=3)
+                  for n, k, split in itertools.product([64, 128], [64, 128], [1, 2, 4])]
+    else:
+        plans += [dict(pairs=True, block_m=m, block_n=n, block_k=k, split_k=split, num_warps=warps, num_stages=stages)
+                  for m, n, k, split, warps, stages in itertools.product([64, 128, 256], [128, 256], [64, 128], [1, 2],
+                                                                         [4, 8], [3, 4])
+                  if m * n <= 256 * 128 and not (m == 64 and warps == 8) and not (k == 128 and stages == 4)
+                  and not (split == 2 and m > 64)]
     return plans + ([dict(dense=True)] if rows > 64 else [])
 
 

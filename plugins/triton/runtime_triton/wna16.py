@@ -18,7 +18,7 @@ reduction is split over ``split_k`` programs per output tile (so skinny products
 GPU), each storing its float32 partial sums; the last to arrive adds them and writes the output.
 Prefill tiles use no split. Every launch has a shape fixed by the input's, so decode steps
 capture in CUDA graphs. A plan may also compute
-the transposed tile (``swap_ab``), read each packed word once (``words_once``), multiply a row
+the transposed tile (``swap_ab``: swept, never picked, see :func:`plan`), read each packed word once (``words_once``), multiply a row
 at a time on the vector units instead of the tensor cores (``gemv``: its own kernel, which adds
 the split's partial sums itself; ``prefetch``: it requests each K tile one tile ahead;
 ``zero_from_sums``: it multiplies ``2**bits + q`` and takes the zero point off once a word row), for
@@ -455,7 +455,7 @@ def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2) -> 
     if m <= 16:
         return dict(block_m=16, block_n=64, block_k=128, split_k=8, words_once=True, num_warps=4, num_stages=4)
     if m <= 64:
-        # Not swap_ab, though it was faster for gate/up here: Triton 3.6 and 3.7 issue its matrix
+        # Not swap_ab (the best tile for gate/up here in 2026-12-06's sweep): Triton 3.6 and 3.7 issue its matrix
         # instructions (first operand in registers) asynchronously without keeping their registers
         # alive (``_wna16_pairs_kernel``; tests/sm90_dots.py).
         return dict(block_m=64, block_n=64, block_k=64, split_k=4, num_warps=4, num_stages=3)

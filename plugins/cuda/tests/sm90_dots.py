@@ -1,56 +1,170 @@
-"""The W4A16 kernels compiled for sm_90 on any machine (Triton's compiler and ptxas, no GPU): for
-each tile plan given as JSON on stdin, whether a matrix instruction takes its first operand from
-registers while Triton lets it run on past the next loop iteration (a wait that leaves it pending).
-Triton 3.6 and 3.7 keep only the accumulator and the shared-memory operand alive across such a
-wait, so the next K tile's values may be written into registers a matrix instruction still reads:
-on an H100 4 of 24 such plans of the pairs kernel summed wrongly (docs/quantization.md).
+"""The plugin's Triton kernels compiled for sm_90 on any machine (Triton's compiler and ptxas, no
+GPU), as their launchers would launch them: each launcher runs on CPU tensors with Triton's
+``JITFunction.run`` replaced by a recorder, and every recorded launch is compiled with the
+signature and specialization its arguments give. For each, whether a matrix instruction takes its
+first operand from registers while a wait leaves it pending (Triton lets it run on past the next
+loop iteration). Triton 3.6 and 3.7 keep only the accumulator and the shared-memory operand alive
+across such a wait, so the next K tile's values may be written into registers a matrix
+instruction still reads: on an H100, 4 of 24 tile plans of that form summed wrongly
+(docs/quantization.md, twenty-second session).
 
-Usage: echo '[{"kernel": "tile", ...plan}, ...]' | python3 sm90_dots.py   (prints a JSON list, one
-``{"register_operand": bool, "pending_waits": [int, ...]}`` a plan). Run it without TRITON_INTERPRET."""
+Usage: python3 sm90_dots.py            (a JSON list: label, kernel, register_operand, pending_waits;
+                                        the first entry is the control, a plan known to have the form)
+       python3 sm90_dots.py --cache ~/.triton/cache   (after a GPU run: every kernel compiled there
+                                        with the form, by name)
+Run it without TRITON_INTERPRET."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import re
 import sys
+from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
 
-from runtime_triton import wna16
-
-COMMON = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "o_ptr": "*bf16", "out_ptr": "*bf16",
-          "partial_ptr": "*fp32", "ticket_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-          "stride_qk": "i32", "stride_sg": "i32", "stride_om": "i32"}
-ALIGNED = {"N", "K", "stride_xm", "stride_qk", "stride_sg", "stride_om"}
-"""What the launcher specializes as multiples of 16 for the Llama-shaped products (and every pointer)."""
+TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+         torch.int64: "i64", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
 
 
-def compile_plan(plan: dict):
-    group = dict(BITS=4, GROUP=128, ZEROS=False, ZERO_POINT=8, OFFSETS=False)
-    tiles = dict(BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_K=plan["block_k"], SPLIT_K=plan["split_k"])
-    if plan["kernel"] == "pairs":
-        kernel, signature = wna16._wna16_pairs_kernel, {**COMMON, "pair_mask": "i32", "pair_base": "i32"}
-        constants = {**group, "LEVEL": 128.0, **tiles}
-    else:
-        kernel, signature = wna16._wna16_kernel, dict(COMMON)
-        constants = {**group, **tiles, "IEEE": False, "WORDS_ONCE": plan.get("words_once", False),
-                     "SWAP_AB": plan.get("swap_ab", False)}
-    signature.update(dict.fromkeys(constants, "constexpr"))
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature)
-             if name.endswith("_ptr") or name in ALIGNED}
+@contextlib.contextmanager
+def recorded_launches():
+    """The launches made inside the block, as (kernel, args, kwargs), none of them run."""
+    launches = []
+    original = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append((self, args, kwargs))
+
+    JITFunction.run = record
+    try:
+        yield launches
+    finally:
+        JITFunction.run = original
+
+
+def compile_for_sm90(kernel: JITFunction, args: tuple, kwargs: dict):
+    """What the launcher would compile: tensors as pointers (16-byte aligned ones so marked), integers
+    that are multiples of 16 so marked unless the kernel opts out, constexprs and None as constants."""
+    kwargs = dict(kwargs)
+    options = {key: kwargs.pop(key) for key in ("num_warps", "num_stages") if key in kwargs}
+    values = list(args) + [kwargs.get(p.name, p.default) for p in kernel.params[len(args):]]
+    signature, constants, attrs = {}, {}, {}
+    for i, (param, value) in enumerate(zip(kernel.params, values)):
+        aligned = False
+        if param.is_constexpr or value is None:
+            signature[param.name], constants[param.name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name], aligned = "*" + TYPES[value.dtype], value.data_ptr() % 16 == 0
+        elif isinstance(value, bool):
+            signature[param.name] = "i1"
+        elif isinstance(value, int):
+            signature[param.name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+            aligned = value != 0 and value % 16 == 0 and not param.do_not_specialize
+        elif isinstance(value, float):
+            signature[param.name] = "fp32"
+        else:
+            raise TypeError(f"{kernel.__name__}: argument {param.name} of type {type(value).__name__}")
+        if aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=plan["num_warps"], num_stages=plan["num_stages"]))
+                          target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def inspect(plan: dict) -> dict:
-    ttgir = compile_plan(plan).asm["ttgir"]
+def dots(ttgir: str) -> dict:
+    """Whether a matrix instruction takes its first operand from registers, and the pending counts
+    of the waits, in one kernel's TTGIR."""
     first_operands = re.findall(r"ttng\.warp_group_dot %\S+, %\S+, %\S+ \{[^}]*\} : (\S+)", ttgir)
     return {"register_operand": any(operand.startswith("tensor<") for operand in first_operands),
-            "pending_waits": [int(n) for n in re.findall(r"ttng\.warp_group_dot_wait[^{]*\{pendings = (\d+)", ttgir)]}
+            "pending_waits": [int(n) for n in re.findall(r"ttng\.warp_group_dot_wait[^{]*\{pending(?:s)? = (\d+)", ttgir)]}
+
+
+def wna16_cases():
+    """The control (swap_ab, the transposed tile), every plan wna16.plan picks for Llama-3-8B's
+    projections at 2 to 64 rows (past 64 the dense path: the library's GEMM), and the pairs
+    kernel's tile shapes across its sweep."""
+    from runtime.platform.packed import GroupQuantData
+    from runtime_triton import wna16
+
+    pairs = [dict(pairs=True, block_m=m, block_n=n, block_k=k, split_k=split, num_warps=warps, num_stages=stages)
+             for m, n, k, split, warps, stages in [(16, 64, 128, 4, 4, 4), (64, 128, 128, 1, 4, 3),
+                                                   (128, 128, 64, 1, 8, 3), (256, 128, 128, 1, 8, 3)]]
+    control = dict(block_m=64, block_n=128, block_k=64, split_k=1, swap_ab=True, num_warps=4, num_stages=3)
+    for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
+        data = GroupQuantData(torch.zeros(n, k, dtype=torch.uint8), torch.ones(n, k // 128), torch.full((n, k // 128), 8.0),
+                              4, 128, None)
+        weight = wna16.repack(data, torch.bfloat16, torch.device("cpu"))
+        for rows in (2, 16, 17, 64):
+            x = torch.zeros(rows, k, dtype=torch.bfloat16)
+            if (n, k, rows) == (28672, 4096, 64):
+                yield "wna16 control swap_ab", lambda: wna16.matmul(weight, x, **control)
+                for plan in pairs:
+                    yield f"wna16 pairs {plan}", lambda plan=plan: wna16.matmul(weight, x, **plan)
+            yield f"wna16 {n}x{k} rows {rows}", lambda: wna16.matmul(weight, x)
+
+
+def other_cases():
+    """Attention (decode, split, prefill tiles), fused MoE, LoRA and the batch-invariant and skinny
+    matmuls at representative sizes."""
+    from runtime_triton import batch_invariant, lora, moe, paged_attention, skinny_matmul
+
+    bf16 = torch.bfloat16
+    for block_m, tile_n, splits, per_seq in [(16, 32, 1, 1), (16, 64, 4, 1), (32, 32, 1, 8), (64, 64, 1, 128)]:
+        seqs, heads, kv_heads, head, block = 4, 32, 8, 128, 16
+        query = torch.zeros(seqs * per_seq, heads, head, dtype=bf16)
+        workspace = (paged_attention.split_workspace(len(query), heads, head, splits, torch.device("cpu"))
+                     if splits > 1 else None)
+        yield f"attention block_m {block_m} splits {splits}", lambda: paged_attention.unified_attention(
+            query, torch.zeros(64, 2, block, kv_heads, head, dtype=bf16), torch.zeros_like(query),
+            torch.arange(seqs + 1, dtype=torch.int32) * per_seq, torch.full((seqs,), 200, dtype=torch.int32),
+            torch.zeros(seqs, 16, dtype=torch.int32), seqs, scale=0.1, sliding_window=None, soft_cap=None,
+            block_m=block_m, tile_n=tile_n, num_splits=splits, workspace=workspace)
+    for tokens in (4, 256):
+        yield f"fused_moe tokens {tokens}", lambda: moe.fused_moe(
+            torch.zeros(tokens, 1024, dtype=bf16), torch.randn(tokens, 8), torch.zeros(8, 1024, 1024, dtype=bf16),
+            torch.zeros(8, 1024, 512, dtype=bf16), 2, True)
+    for tokens in (4, 256):
+        yield f"linear_lora tokens {tokens}", lambda: lora.linear_lora(
+            torch.zeros(tokens, 1024, dtype=bf16), torch.zeros(2048, 1024, dtype=bf16), None,
+            torch.zeros(4, 16, 1024, dtype=bf16), torch.zeros(4, 2048, 16, dtype=bf16),
+            torch.zeros(tokens, dtype=torch.int32), [2048], 1.0)
+    for rows in (1, 256):
+        yield f"batch_invariant rows {rows}", lambda: batch_invariant.linear(
+            torch.zeros(rows, 1024, dtype=bf16), torch.zeros(2048, 1024, dtype=bf16))
+    yield "skinny_matmul rows 16", lambda: skinny_matmul.skinny_matmul(
+        torch.zeros(16, 1024, dtype=bf16), torch.zeros(2048, 1024, dtype=bf16))
+
+
+def survey() -> list[dict]:
+    found = []
+    # Lazily: each launch runs before its case's loop moves on (the lambdas read loop variables).
+    for label, launch in itertools.chain(wna16_cases(), other_cases()):
+        with recorded_launches() as launches:
+            launch()
+        for kernel, args, kwargs in launches:
+            found.append({"label": label, "kernel": kernel.__name__,
+                          **dots(compile_for_sm90(kernel, args, kwargs).asm["ttgir"])})
+    return found
+
+
+def scan(cache: Path) -> dict:
+    """Kernels in a Triton cache compiled with a register first operand left pending, by name."""
+    found = {}
+    for path in sorted(cache.rglob("*.ttgir")):
+        report = dots(path.read_text())
+        if report["register_operand"] and any(report["pending_waits"]):
+            found.setdefault(path.stem, []).append(path.parent.name)
+    return found
 
 
 if __name__ == "__main__":
-    print(json.dumps([inspect(plan) for plan in json.load(sys.stdin)]))
+    if sys.argv[1:2] == ["--cache"]:
+        print(json.dumps(scan(Path(sys.argv[2]).expanduser()), indent=1))
+    else:
+        print(json.dumps(survey()))

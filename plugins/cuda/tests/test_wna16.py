@@ -165,40 +165,6 @@ def test_pairs_in_bfloat16_equal_the_dense_path(zero_point, offsets, act_order, 
     assert bool(((got - dense).abs() <= bound).all())
 
 
-PAIRS_PLANS = [dict(pairs=True, block_m=m, block_n=n, block_k=k, split_k=split, num_warps=warps, num_stages=stages)
-               for m, n, k, split, warps, stages in [(16, 64, 128, 4, 4, 4), (64, 128, 128, 1, 4, 3),
-                                                     (128, 128, 64, 1, 8, 3), (256, 128, 128, 1, 8, 3)]]
-"""The pairs kernel's tile shapes across its sweep (benchmarks/kernels_gpu.py): few rows with K split, and many."""
-
-
-def test_no_plan_leaves_a_register_operand_matrix_instruction_pending():
-    """Every tensor-core plan the op picks for Llama-3-8B's projections at 1 to 8192 rows, and the
-    pairs kernel's, compiled for sm_90: none takes a matrix instruction's first operand from
-    registers and leaves it pending past a wait (Triton then lets the next K tile overwrite those
-    registers: tests/sm90_dots.py). The swap_ab plan, which does, is the check's control."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    shapes = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
-    picked = {json.dumps(wna16.plan(rows, n, k), sort_keys=True) for n, k in shapes
-              for rows in (2, 16, 17, 64, 65, 8192)}
-    tile_plans = [json.loads(p) for p in sorted(picked) if not {"gemv", "dense"} & set(json.loads(p))]
-    control = dict(block_m=64, block_n=128, block_k=64, split_k=1, swap_ab=True, num_warps=4, num_stages=3)
-    plans = [{**p, "kernel": "pairs" if p.get("pairs") else "tile"} for p in [control, *tile_plans, *PAIRS_PLANS]]
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(Path(__file__).with_name("sm90_dots.py"))], input=json.dumps(plans),
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    found = json.loads(run.stdout)
-    pending = [f["register_operand"] and any(f["pending_waits"]) for f in found]
-    assert pending[0], found[0]
-    assert tile_plans and not any(pending[1:]), [p for p, bad in zip(plans, pending) if bad]
-
-
 def test_a_plan_too_large_for_shared_memory_shrinks_and_is_remembered(monkeypatch):
     """A launch whose tile asks more shared memory than the GPU has (Triton's OutOfResources, at
     compile time) is retried with fewer stages, then half the K depth; the plan that fit is used

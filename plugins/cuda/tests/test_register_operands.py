@@ -1,0 +1,32 @@
+"""Triton's code for the plugin's kernels on Hopper, read on any machine: tests/sm90_dots.py compiles
+each kernel for sm_90 as its launcher launches it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def test_no_kernel_leaves_a_register_operand_matrix_instruction_pending():
+    """Every Triton kernel of the plugin as its launcher launches it (the W4A16 plans the op picks
+    for Llama-3-8B's projections, the pairs kernel's tiles, attention, fused MoE, LoRA, the
+    batch-invariant and skinny matmuls), compiled for sm_90: none takes a matrix instruction's first
+    operand from registers and leaves it pending past a wait (Triton then lets the next K tile
+    overwrite those registers: tests/sm90_dots.py). The swap_ab plan, which does, is the check's
+    control."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("sm90_dots.py"))], capture_output=True,
+                         text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout)
+    pending = [f for f in found if f["register_operand"] and any(f["pending_waits"])]
+    assert [f["label"] for f in pending] == ["wna16 control swap_ab"], pending
+    kernels = {f["kernel"] for f in found}
+    assert {"_wna16_kernel", "_wna16_pairs_kernel", "unified_attention_kernel", "_gate_up_kernel", "_down_kernel",
+            "_linear_lora_kernel", "_matmul_kernel", "_skinny_matmul_kernel"} <= kernels, kernels

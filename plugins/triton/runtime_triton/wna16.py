@@ -500,9 +500,7 @@ def _tiled(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor
     out = torch.empty(m, n, dtype=rows.dtype, device=rows.device)
     if m:
         zeros, offsets, group_constants = weight.group_arguments()
-        grid = (triton.cdiv(m, tiles["block_m"]), triton.cdiv(n, tiles["block_n"]), split)
-        partial, counters = (torch.empty(split, m, n, dtype=torch.float32, device=rows.device),
-                             tickets(rows.device, grid[0] * grid[1])) if split > 1 else (out, out)
+        grid, partial, counters = _split_launch(m, n, tiles, split, out)
 
         def launch(tiles: dict) -> None:
             _wna16_kernel[grid](rows, weight.qweight, weight.scales, zeros, offsets, out, partial, counters, m, n, k,
@@ -516,6 +514,15 @@ def _tiled(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor
                tuple(group_constants.items()))
         launch_fitting(FITTED_TILES, key, tiles, launch, fewer_stages_then_shallower("block_k", 32))
     return out
+
+
+def _split_launch(m: int, n: int, tiles: dict, split: int, out: torch.Tensor) -> tuple[tuple, torch.Tensor, torch.Tensor]:
+    """A tiled launch's grid with K split ``split`` ways, its float32 partial sums [split, m, n] and
+    the output tiles' tickets (``out`` for both, never read, without a split)."""
+    grid = (triton.cdiv(m, tiles["block_m"]), triton.cdiv(n, tiles["block_n"]), split)
+    if split == 1:
+        return grid, out, out
+    return grid, torch.empty(split, m, n, dtype=torch.float32, device=out.device), tickets(out.device, grid[0] * grid[1])
 
 
 def _level_constants(bits: int) -> tuple[int, int]:
@@ -564,9 +571,7 @@ def _pairs(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor
         zeros, offsets, group_constants = weight.group_arguments()
         half = torch.tensor(level, dtype=rows.dtype).view(torch.int16).item()
         mask = (1 << weight.bits) - 1
-        grid = (triton.cdiv(m, tiles["block_m"]), triton.cdiv(n, tiles["block_n"]), split)
-        partial, counters = (torch.empty(split, m, n, dtype=torch.float32, device=rows.device),
-                             tickets(rows.device, grid[0] * grid[1])) if split > 1 else (out, out)
+        grid, partial, counters = _split_launch(m, n, tiles, split, out)
 
         def launch(tiles: dict) -> None:
             _wna16_pairs_kernel[grid](rows, weight.qweight, weight.scales, zeros, offsets, out, partial, counters, m, n, k,

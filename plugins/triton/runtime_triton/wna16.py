@@ -249,6 +249,12 @@ def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, ticke
 
 
 @triton.jit
+def _pair(packed, i: tl.constexpr, BITS: tl.constexpr, pair_mask, pair_base):
+    """Rows ``2i`` and ``2i + 1`` of each word in the halves of a register, or-ed into ``pair_base``."""
+    return ((packed >> (i * BITS)) & pair_mask) | pair_base
+
+
+@triton.jit
 def _wna16_pairs_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, ticket_ptr, M, N, K, stride_xm,
                         stride_qk, stride_sg, stride_om, pair_mask, pair_base, BITS: tl.constexpr, GROUP: tl.constexpr,
                         LEVEL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -270,7 +276,6 @@ def _wna16_pairs_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr,
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(2)
-    pairs = tl.arange(0, BLOCK_K // 2)
     row_ok, col_ok = rows < M, cols < N
     dtype = x_ptr.dtype.element_ty
     span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
@@ -281,8 +286,17 @@ def _wna16_pairs_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr,
                     mask=row_ok[:, None], other=0.0)
         packed = tl.load(q_ptr + (k0 // PER + tl.arange(0, BLOCK_K // PER))[None, :].to(tl.int64) * stride_qk
                          + cols[:, None], mask=col_ok[:, None], other=0, eviction_policy="evict_first")
-        words = tl.reshape(tl.broadcast_to(packed[:, :, None], (BLOCK_N, BLOCK_K // PER, PAIRS)), (BLOCK_N, BLOCK_K // 2))
-        halves = ((words >> (pairs % PAIRS * BITS)[None, :]) & pair_mask) | pair_base
+        # A word's pairs joined (tl.join keeps its new, last dimension in one thread's registers; the
+        # outer join's is the faster index, so pairs 0, 2 inside and 1, 3 outside give 0, 1, 2, 3):
+        # each thread makes a whole word's values, contiguous along K, stored to shared memory at once.
+        if PAIRS == 4:
+            halves = tl.join(tl.join(_pair(packed, 0, BITS, pair_mask, pair_base),
+                                     _pair(packed, 2, BITS, pair_mask, pair_base)),
+                             tl.join(_pair(packed, 1, BITS, pair_mask, pair_base),
+                                     _pair(packed, 3, BITS, pair_mask, pair_base)))
+        else:
+            halves = tl.join(_pair(packed, 0, BITS, pair_mask, pair_base), _pair(packed, 1, BITS, pair_mask, pair_base))
+        halves = tl.reshape(halves, (BLOCK_N, BLOCK_K // 2))
         low = halves.to(tl.int16).to(dtype, bitcast=True)
         high = (halves >> 16).to(tl.int16).to(dtype, bitcast=True)
         levels = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))

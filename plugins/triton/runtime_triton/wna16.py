@@ -260,7 +260,7 @@ def _wna16_pairs_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr,
                         LEVEL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         SPLIT_K: tl.constexpr, ZEROS: tl.constexpr, ZERO_POINT: tl.constexpr, OFFSETS: tl.constexpr):
     """``x W^T`` with the weight dequantized two values a 32-bit register in the activations'
-    16-bit type: a shift and a mask put a pair of rows into a register's halves (:func:`_shift`),
+    16-bit type: a shift and a mask put a pair of rows into a register's halves (:func:`_pair`),
     or-ed into the bits of ``LEVEL`` (``pair_base``: 128 in bfloat16, 1024 in float16, whose last
     mantissa bit is worth 1) they read ``LEVEL + q``; one packed subtraction of ``LEVEL + zero``
     (exact) and one packed multiplication by the scale (the one rounding, as in float32 then

@@ -151,7 +151,10 @@ def sweep_plans(rows: int) -> list[dict]:
     return plans + ([dict(dense=True)] if rows > 64 else [])
 
 
-def wna16_sweep(bandwidth: float, rows_tried: tuple[int, ...] = (1, 64, 256, 512, 2048, 8192)) -> list[dict]:
+def wna16_sweep(bandwidth: float, rows_tried: tuple[int, ...] = (1, 64, 256, 512, 2048, 8192),
+                only_pairs: bool = False) -> list[dict]:
+    """Every plan of :func:`sweep_plans` at each number of rows (``only_pairs``: the pairs plans and
+    the dense path, a shorter run), the best beside the op's own plan and bf16."""
     from triton.runtime.errors import OutOfResources
 
     from runtime_triton import wna16
@@ -174,6 +177,8 @@ def wna16_sweep(bandwidth: float, rows_tried: tuple[int, ...] = (1, 64, 256, 512
 
             timed, failed = [], []
             for tiles in sweep_plans(rows):
+                if only_pairs and not (tiles.get("pairs") or tiles.get("dense")):
+                    continue
                 try:
                     timed.append((checked_us(lambda: wna16.matmul(weight, x, **tiles)), tiles))
                 except OutOfResources:
@@ -466,13 +471,16 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--sweep-rows", type=int, nargs="+", default=[1, 64, 256, 512, 2048, 8192],
                         help="wna16-sweep: the numbers of rows tried")
+    parser.add_argument("--only-pairs", action="store_true",
+                        help="wna16-sweep: only the pairs plans (and the dense path), beside the op's own plan")
     parser.add_argument("--det-rows", type=int, nargs="+", default=[1, 16, 64, 256, 2048],
                         help="deterministic-sweep: the numbers of rows tried")
     parser.add_argument("--moe-shape", default="mixtral-8x7b", help="moe-sweep: a shape of benchmarks/moe_gpu.py")
     parser.add_argument("--moe-tokens", type=int, nargs="+", default=[1, 8, 32, 256, 2048],
                         help="moe-sweep: the numbers of tokens tried")
     args = parser.parse_args()
-    cases = {"wna16": wna16_cases, "wna16-sweep": lambda bandwidth: wna16_sweep(bandwidth, tuple(args.sweep_rows)),
+    cases = {"wna16": wna16_cases,
+             "wna16-sweep": lambda bandwidth: wna16_sweep(bandwidth, tuple(args.sweep_rows), args.only_pairs),
              "deterministic-sweep": lambda bandwidth: deterministic_sweep(bandwidth, tuple(args.det_rows)),
              "lora-sweep": lora_sweep, "lora-trace": lora_trace,
              "moe-sweep": lambda bandwidth: moe_sweep(bandwidth, args.moe_shape, tuple(args.moe_tokens)),

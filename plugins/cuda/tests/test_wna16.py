@@ -149,7 +149,7 @@ def test_wna16_matches_float64_dequantized_product(rows, n, k, bits, group, act_
 
 @pytest.mark.parametrize("zero_point,offsets", list(ZERO_KINDS.values()), ids=list(ZERO_KINDS))
 @pytest.mark.parametrize("act_order", [False, True], ids=["ordered", "act-order"])
-def test_pairs_in_bfloat16_equal_the_dense_path(zero_point, offsets, act_order, device, require_dot):
+def test_pairs_in_bfloat16_match_the_float64_product(zero_point, offsets, act_order, device, require_dot):
     """In bfloat16 ``pairs`` reads its levels with 128's bits (float16 above: 1024's) and rounds
     ``(q - zero) * scale`` once, as the dense path does (with offsets once more, for the addition):
     both products within two roundings of the float64 one."""

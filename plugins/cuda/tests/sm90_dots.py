@@ -80,7 +80,9 @@ def compile_for_sm90(kernel: JITFunction, args: tuple, kwargs: dict):
 def dots(ttgir: str) -> dict:
     """Whether a matrix instruction takes its first operand from registers, and the pending counts
     of the waits, in one kernel's TTGIR."""
-    first_operands = re.findall(r"ttng\.warp_group_dot %\S+, %\S+, %\S+ \{[^}]*\} : (\S+)", ttgir)
+    # The first operand's type is the first after the op's attributes and " : " (a tensor in
+    # registers, or a !ttg.memdesc in shared memory), however many operands come before them.
+    first_operands = re.findall(r"ttng\.warp_group_dot [^{:\n]*(?:\{[^}]*\})? : (\S+)", ttgir)
     return {"register_operand": any(operand.startswith("tensor<") for operand in first_operands),
             "pending_waits": [int(n) for n in re.findall(r"ttng\.warp_group_dot_wait[^{]*\{pending(?:s)? = (\d+)", ttgir)]}
 

@@ -91,24 +91,23 @@ def wna16_cases(bandwidth: float) -> list[dict]:
 
 
 def sweep_plans(rows: int) -> list[dict]:
-    """The tile plans tried at ``rows``: split-K tiles for decode, square-ish tiles for prefill; each
-    with the weight as the first operand (``swap_ab``) or the second, decode tiles also reading
-    each word once (``words_once``) or once per row it holds; for one row also on the vector
+    """The tile plans tried at ``rows``: split-K tiles for decode, square-ish tiles for prefill, each
+    reading each word once (``words_once``) or once per row it holds (the transposed tile, the
+    weight as the first operand, is gone: it raced on Hopper, docs/quantization.md); for one row also on the vector
     units (``gemv``); two values a register (``pairs``); from 65 rows also the weight dequantized
     once and multiplied by the library (``dense``)."""
     import itertools
 
-    variants = [(False, False), (True, False), (False, True), (True, True)]
     if rows <= 16:
-        grid = itertools.product([16], [64, 128], [128, 256], [1, 4, 8], variants, [4])
+        grid = itertools.product([16], [64, 128], [128, 256], [1, 4, 8], [False, True], [4])
     elif rows <= 64:
-        grid = itertools.product([16, 64], [64, 128], [64], [1, 2, 4], variants[::2], [3])
+        grid = itertools.product([16, 64], [64, 128], [64], [1, 2, 4], [False], [3])
     else:
-        grid = itertools.product([64, 128, 256], [128, 256], [32, 64], [1], variants, [3])
+        grid = itertools.product([64, 128, 256], [128, 256], [32, 64], [1], [False, True], [3])
     # A 256 x 256 float32 accumulator alone is 256 registers a thread at 8 warps: not tried.
-    plans = [dict(block_m=m, block_n=n, block_k=k, split_k=split, words_once=once, swap_ab=swap,
+    plans = [dict(block_m=m, block_n=n, block_k=k, split_k=split, words_once=once,
                   num_warps=8 if m >= 128 else 4, num_stages=stages)
-             for m, n, k, split, (once, swap), stages in grid if m * n <= 256 * 128]
+             for m, n, k, split, once, stages in grid if m * n <= 256 * 128]
     if rows == 1:
         # The tensor-core tiles lost to the vector units by 1.4-2.2x at one row (H100, 2026-12-06),
         # when their dequantization still converted every integer with I2F. Without it, and with

@@ -9,7 +9,7 @@ instruction still reads: on an H100, 4 of 24 tile plans of that form summed wron
 (docs/quantization.md, twenty-second session).
 
 Usage: python3 sm90_dots.py            (a JSON list: label, kernel, register_operand, pending_waits;
-                                        the first entry is the control, a plan known to have the form)
+                                        the first entry is the control, a kernel written with the form)
        python3 sm90_dots.py --cache ~/.triton/cache   (after a GPU run: every kernel compiled there
                                         with the form, by name)
 Run it without TRITON_INTERPRET."""
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
@@ -87,17 +88,39 @@ def dots(ttgir: str) -> dict:
             "pending_waits": [int(n) for n in re.findall(r"ttng\.warp_group_dot_wait[^{]*\{pending(?:s)? = (\d+)", ttgir)]}
 
 
+@triton.jit
+def _register_operand_control(x_ptr, w_ptr, out_ptr, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr):
+    """The form the check looks for, on purpose: a weight tile made in registers inside the K loop
+    (here only scaled) as the first operand, as W4A16's transposed tile had it."""
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :])
+        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :])
+        acc += tl.dot((w.to(tl.float32) * 2.0).to(tl.bfloat16), tl.trans(x))
+    tl.store(out_ptr + rows[None, :] * K + cols[:, None], acc)
+
+
+def control_case():
+    """The check's control: a kernel with the form, which it must flag."""
+    k = 4096
+    yield "control", lambda: _register_operand_control[(k // 128,)](
+        torch.zeros(64, k, dtype=torch.bfloat16), torch.zeros(k, k, dtype=torch.int8), torch.zeros(64, k), k,
+        BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
+
+
 def wna16_cases():
-    """The control (swap_ab, the transposed tile), every plan wna16.plan picks for Llama-3-8B's
-    projections at 2 to 64 rows (past 64 the dense path: the library's GEMM), and the pairs
-    kernel's tile shapes across its sweep."""
+    """Every plan wna16.plan picks for Llama-3-8B's projections at 2 to 64 rows (past 64 the dense
+    path: the library's GEMM), and the pairs kernel's tile shapes across its sweep."""
     from runtime.platform.packed import GroupQuantData
     from runtime_triton import wna16
 
     pairs = [dict(pairs=True, block_m=m, block_n=n, block_k=k, split_k=split, num_warps=warps, num_stages=stages)
              for m, n, k, split, warps, stages in [(16, 64, 128, 4, 4, 4), (64, 128, 128, 1, 4, 3),
                                                    (128, 128, 64, 1, 8, 3), (256, 128, 128, 1, 8, 3)]]
-    control = dict(block_m=64, block_n=128, block_k=64, split_k=1, swap_ab=True, num_warps=4, num_stages=3)
     for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
         data = GroupQuantData(torch.zeros(n, k, dtype=torch.uint8), torch.ones(n, k // 128), torch.full((n, k // 128), 8.0),
                               4, 128, None)
@@ -105,7 +128,6 @@ def wna16_cases():
         for rows in (2, 16, 17, 64):
             x = torch.zeros(rows, k, dtype=torch.bfloat16)
             if (n, k, rows) == (28672, 4096, 64):
-                yield "wna16 control swap_ab", lambda: wna16.matmul(weight, x, **control)
                 for plan in pairs:
                     yield f"wna16 pairs {plan}", lambda plan=plan: wna16.matmul(weight, x, **plan)
             yield f"wna16 {n}x{k} rows {rows}", lambda: wna16.matmul(weight, x)
@@ -146,7 +168,7 @@ def other_cases():
 def survey() -> list[dict]:
     found = []
     # Lazily: each launch runs before its case's loop moves on (the lambdas read loop variables).
-    for label, launch in itertools.chain(wna16_cases(), other_cases()):
+    for label, launch in itertools.chain(control_case(), wna16_cases(), other_cases()):
         with recorded_launches() as launches:
             launch()
         for kernel, args, kwargs in launches:

@@ -40,11 +40,6 @@ CASES = [  # rows, n, k, bits, group, act-order, tiles (None: the op's own plan)
                                     words_once=True)),
     (3, 64, 192, 8, 64, False, dict(block_m=16, block_n=64, block_k=128, split_k=1, num_warps=4, num_stages=2,
                                      words_once=True)),
-    # The transposed product (weight as the first operand), with and without split K.
-    (5, 40, 256, 4, 32, True, dict(block_m=16, block_n=64, block_k=64, split_k=2, num_warps=4, num_stages=2,
-                                    swap_ab=True)),
-    (37, 72, 128, 8, 64, False, dict(block_m=32, block_n=64, block_k=64, split_k=1, num_warps=4, num_stages=2,
-                                      swap_ab=True, words_once=True)),
     # On the vector units, a row a program: one row; a few rows with act-order, groups smaller than
     # the K tile (a scale and zero point per word row) and the split's partial sums added by the
     # last program of each tile (N not a whole number of tiles); 8 bits; K not a whole number of
@@ -94,7 +89,7 @@ CASES = [  # rows, n, k, bits, group, act-order, tiles (None: the op's own plan)
 
 
 # One zero point for every group (a constant of the kernel), and with GGUF's offsets: each kernel
-# (vector and tensor-core tiles, words read once, the transposed tile, split K, groups smaller than
+# (vector and tensor-core tiles, words read once, split K, groups smaller than
 # a tile and than a word row's reach, the dense path), 4 and 8 bits, groups of 16 and 32 as GGUF's.
 UNIFORM_CASES = [
     (1, 72, 256, 4, 32, False, dict(block_n=64, block_k=128, split_k=2, num_warps=4, num_stages=2, gemv=True,
@@ -106,8 +101,6 @@ UNIFORM_CASES = [
                                     prefetch=True)),
     (5, 40, 256, 4, 32, False, dict(block_m=16, block_n=32, block_k=64, split_k=3, num_warps=4, num_stages=2,
                                     words_once=True)),
-    (37, 72, 128, 8, 16, False, dict(block_m=32, block_n=64, block_k=64, split_k=1, num_warps=4, num_stages=2,
-                                      swap_ab=True)),
     (20, 64, 256, 4, 64, True, dict(block_m=16, block_n=64, block_k=32, split_k=2, num_warps=4, num_stages=2)),
     (70, 48, 256, 4, 16, False, None),
     (1, 48, 256, 8, 32, False, None),

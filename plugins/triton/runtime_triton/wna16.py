@@ -17,8 +17,7 @@ to the activations' dtype, and multiplies it on the tensor cores. For few rows (
 reduction is split over ``split_k`` programs per output tile (so skinny products still fill the
 GPU), each storing its float32 partial sums; the last to arrive adds them and writes the output.
 Prefill tiles use no split. Every launch has a shape fixed by the input's, so decode steps
-capture in CUDA graphs. A plan may also compute
-the transposed tile (``swap_ab``: swept, never picked, see :func:`plan`), read each packed word once (``words_once``), multiply a row
+capture in CUDA graphs. A plan may also read each packed word once (``words_once``), multiply a row
 at a time on the vector units instead of the tensor cores (``gemv``: its own kernel, which adds
 the split's partial sums itself; ``prefetch``: it requests each K tile one tile ahead;
 ``zero_from_sums``: it multiplies ``2**bits + q`` and takes the zero point off once a word row), for
@@ -184,7 +183,7 @@ def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, ticke
                   stride_sg, stride_om,
                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr, WORDS_ONCE: tl.constexpr,
-                  SWAP_AB: tl.constexpr, ZEROS: tl.constexpr, ZERO_POINT: tl.constexpr, OFFSETS: tl.constexpr):
+                  ZEROS: tl.constexpr, ZERO_POINT: tl.constexpr, OFFSETS: tl.constexpr):
     PER: tl.constexpr = 32 // BITS
     # A K tile inside one group (tiles start at multiples of BLOCK_K) reads one row of scales
     # and zero points instead of one per weight.
@@ -196,13 +195,10 @@ def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, ticke
     row_ok, col_ok = rows < M, cols < N
     span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     start = split * span
-    # SWAP_AB computes the transposed tile, W^T x^T: the dequantized weight, made in registers, is
-    # then the operand Hopper's matrix instructions read from registers, and few rows are their
-    # narrow side instead of a 64-row tile mostly of padding.
-    if SWAP_AB:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The dequantized weight is the second operand: as the first (from registers) Triton 3.6 and
+    # 3.7 leave Hopper's matrix instructions pending while the next K tile overwrites their
+    # registers (tests/sm90_dots.py; plans of that form summed wrongly on an H100).
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(start, tl.minimum(start + span, K), BLOCK_K):
         ks = k0 + reduce
         k_ok = ks < K
@@ -232,20 +228,10 @@ def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, ticke
             w = (_levels(q, zero) * scale + offset).to(x.dtype)
         else:
             w = (_levels(q, zero) * scale).to(x.dtype)
-        if SWAP_AB:
-            acc += tl.dot(tl.trans(w), tl.trans(x), input_precision="ieee" if IEEE else "tf32")
-        else:
-            acc += tl.dot(x, w, input_precision="ieee" if IEEE else "tf32")
-    if SWAP_AB:
-        out_offsets = rows[None, :].to(tl.int64) * stride_om + cols[:, None]
-        partial_offsets = rows[None, :].to(tl.int64) * N + cols[:, None]
-        out_ok = row_ok[None, :] & col_ok[:, None]
-    else:
-        out_offsets = rows[:, None].to(tl.int64) * stride_om + cols[None, :]
-        partial_offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
-        out_ok = row_ok[:, None] & col_ok[None, :]
+        acc += tl.dot(x, w, input_precision="ieee" if IEEE else "tf32")
     _store_split(acc, out_ptr, partial_ptr, ticket_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
-                 out_offsets, partial_offsets, out_ok, split, M, N, SPLIT_K)
+                 rows[:, None].to(tl.int64) * stride_om + cols[None, :], rows[:, None].to(tl.int64) * N + cols[None, :],
+                 row_ok[:, None] & col_ok[None, :], split, M, N, SPLIT_K)
 
 
 @triton.jit
@@ -469,9 +455,8 @@ def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2) -> 
     if m <= 16:
         return dict(block_m=16, block_n=64, block_k=128, split_k=8, words_once=True, num_warps=4, num_stages=4)
     if m <= 64:
-        # Not swap_ab (the best tile for gate/up here in 2026-12-06's sweep): Triton 3.6 and 3.7 issue its matrix
-        # instructions (first operand in registers) asynchronously without keeping their registers
-        # alive (``_wna16_pairs_kernel``; tests/sm90_dots.py).
+        # Gate/up took the transposed tile here until 2026-12-07 (2026-12-06's sweep's best); it
+        # raced on Hopper (``_wna16_kernel``'s comment) and is gone.
         return dict(block_m=64, block_n=64, block_k=64, split_k=4, num_warps=4, num_stages=3)
     return dict(dense=True)
 
@@ -521,7 +506,7 @@ def _tiled(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor
                                 rows.stride(0), weight.qweight.stride(0), weight.scales.stride(0), out.stride(0),
                                 BITS=weight.bits, GROUP=weight.group_size, BLOCK_M=tiles["block_m"], BLOCK_N=tiles["block_n"],
                                 BLOCK_K=tiles["block_k"], SPLIT_K=split, IEEE=rows.dtype == torch.float32,
-                                WORDS_ONCE=tiles.get("words_once", False), SWAP_AB=tiles.get("swap_ab", False),
+                                WORDS_ONCE=tiles.get("words_once", False),
                                 num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], **group_constants)
 
         key = (tuple(sorted(tiles.items())), n, k, rows.dtype, weight.bits, weight.group_size, rows.device,

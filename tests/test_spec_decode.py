@@ -212,7 +212,48 @@ def test_failing_proposals_back_off_and_one_accepted_token_brings_them_back():
     assert max(b - a for a, b in zip(failing, failing[1:])) == 64
     first_accepted = next(s for s in proposing_steps if s >= accept_from)
     assert first_accepted - accept_from <= 64
-    assert proposing_steps[-(steps - first_accepted):] == list(range(first_accepted, steps))
+    # The step after it was chained while the pause held: the one after that proposes, and every later one.
+    assert proposing_steps[proposing_steps.index(first_accepted) + 1:] == list(range(first_accepted + 2, steps))
+
+
+def test_chained_steps_back_off_as_host_steps_do():
+    """In a chain each step is launched before the one ahead of it is read back, so the step
+    after a miss proposes too; its miss is the same run of failures, not another: the pauses
+    between tries are the host path's (0, 1, 3, ... 63 steps), each try followed by the step
+    launched before its miss was known. An accepted proposal ends a pause at once."""
+    sched = Scheduler(KVCacheManager(1024, 4, True), 4, 64, "fcfs", num_speculative_tokens=4)
+    sched.add_request(Request("r", list(range(8)), SamplingParams(max_tokens=4000, ignore_eos=True),
+                              max_model_len=4096))
+    out = sched.schedule()
+    sched.update(out, {"r": [7]})
+    out = sched.schedule()
+    proposing_steps: list[int] = []
+    accept_at, steps, accepting = 400, 480, False
+    for step in range(steps):
+        following = sched.chain(out, 4096)
+        (item,) = out.scheduled
+        assert following is not None and following.scheduled[0].chained
+        proposals = [3] * item.max_drafts
+        if item.chained:
+            item.resolve(proposals)
+        else:
+            item.set_drafts(proposals)
+        tokens = [7]
+        if proposals:
+            # From accept_at, accepted from a step launched before its predecessor's miss was known.
+            accepting = accepting or step >= accept_at and proposing_steps[-1] == step - 1
+            proposing_steps.append(step)
+            if accepting:
+                tokens = proposals + [7]
+        sched.update(out, {"r": tokens})
+        out = following
+    gaps = [b - a for a, b in zip(proposing_steps, proposing_steps[1:])]
+    failing = [gap for gap, step in zip(gaps, proposing_steps[1:]) if step < accept_at]
+    expected = [1] + [gap for misses in range(1, 12) for gap in (min(2 ** (misses - 1), 64), 1)]
+    assert failing == expected[:len(failing)] and len(failing) >= 15
+    first_accepted = next(b for a, b in zip(proposing_steps, proposing_steps[1:]) if b >= accept_at and b == a + 1)
+    # The step after it was chained while the pause held: the one after that proposes, and every later one.
+    assert proposing_steps[proposing_steps.index(first_accepted) + 1:] == list(range(first_accepted + 2, steps))
 
 
 @pytest.fixture(scope="module")

@@ -190,31 +190,54 @@ def test_waiting_requests_end_a_chain(checkpoint):
 
 def test_chains_follow_steps_likely_to_find_proposals(checkpoint, reference):
     """With the engine's own rule a chained step follows a step that verified proposals (its
-    own, or the applied step before a chained one) or one whose requests' tokens read back so far
-    propose something, never a request pausing its proposals (back-off); where none of that
+    own, or the applied step before a chained one) or one where a request not pausing its
+    proposals (back-off) has tokens read back so far that propose something; where none of that
     holds the host's plain decode steps (1 row a request, not 1 + k) run instead. A chain also
-    begins from a plain decode step launched ahead (its input token still on the device)."""
+    begins from a plain decode step launched ahead (its input token still on the device). A
+    request pausing its proposals stays in the chain with no room for them: its chained steps
+    verify none, and each counts towards its pause."""
     engine, _ = _chained_engine(checkpoint, always=False)
-    followed, chain = [], engine._chain
+    followed, chain, outputs = [], engine._chain, engine._outputs
+    paused_rows: list[ScheduledRequest] = []
 
     def recorded(out, pending):
+        pauses = [s.request.proposal_pause for s in out.scheduled]
         following = chain(out, pending)
         if following is not None:
             verified = engine._verified_last if out.scheduled[0].chained else any(
                 s.draft_token_ids for s in out.scheduled)
             known = any(propose_ngram(np.array(s.request.all_token_ids), 1, NGRAM["prompt_lookup_min"],
-                                      NGRAM["prompt_lookup_max"]) for s in out.scheduled)
-            paused = any(s.request.proposal_pause for s in out.scheduled)
+                                      NGRAM["prompt_lookup_max"]) for s, pause in zip(out.scheduled, pauses) if not pause)
             ahead = any(s.token_pending for s in out.scheduled)
-            followed.append((verified or known, paused, ahead))
+            followed.append((verified or known, ahead))
+            for item, pause in zip(following[0].scheduled, pauses):
+                assert item.max_drafts == (0 if pause else NGRAM["num_speculative_tokens"])
+                assert item.request.proposal_pause == max(0, pause - 1)
+                if pause:
+                    paused_rows.append(item)
         return following
 
-    engine._chain = recorded
+    def applied(out, result):
+        for item in out.scheduled:
+            if item.chained:
+                assert len(result.drafts[item.request.request_id]) <= item.max_drafts
+        return outputs(out, result)
+
+    declined, proposing = [], engine._proposing
+
+    def rule(out):
+        likely = proposing(out)
+        declined.append(not likely)
+        return likely
+
+    engine._chain, engine._outputs, engine._proposing = recorded, applied, rule
     assert _run(engine, PROMPTS, MAX_TOKENS) == reference
-    assert followed and all(likely and not paused for likely, paused, _ in followed)
-    assert any(ahead for _, _, ahead in followed), "no chain began from a step launched ahead"
+    assert followed and all(likely for likely, _ in followed)
+    assert any(ahead for _, ahead in followed), "no chain began from a step launched ahead"
+    assert paused_rows, "no chained step held a request pausing its proposals"
+    assert all(not item.draft_token_ids for item in paused_rows)
     plain_steps = sum(n for (_, query_len), n in engine.runner.decode_graphs.replays.items() if query_len == 1)
-    assert plain_steps > len(followed)
+    assert any(declined) and plain_steps >= sum(declined)
 
 
 def test_chains_begin_from_steps_launched_ahead(checkpoint, reference):

@@ -454,7 +454,7 @@ class EngineCore:
         if any(s.draft_token_ids for s in out.scheduled) or (
                 out.scheduled and out.scheduled[0].chained and self._verified_last):
             return True
-        return self.proposer.finds_any(s.request for s in out.scheduled)
+        return self.proposer.finds_any(s.request for s in out.scheduled if not s.request.proposal_pause)
 
     def _looks_ahead(self, out: SchedulerOutput, proposing: bool) -> bool:
         """Whether the step after ``out`` is scheduled and queued behind it now, before its tokens

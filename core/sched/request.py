@@ -64,15 +64,22 @@ class Request:
 
     MAX_PROPOSAL_PAUSE = 63
 
-    def count_proposals(self, num_proposed: int, num_accepted: int) -> None:
+    def count_proposals(self, num_proposed: int, num_accepted: int, misses_known: int | None = None) -> None:
         """Back off proposing for a request whose proposals keep failing: after z all-rejected
         steps in a row, 2^(z-1) - 1 steps without proposals (at most 63). Verifying wrong
         proposals costs a fraction of a step each time; this bounds that cost to a few percent
-        of a request's steps, while one accepted token brings proposals back at once."""
+        of a request's steps, while one accepted token brings proposals back at once.
+
+        ``misses_known``: the misses counted when the step was scheduled. A chained verification
+        is launched before the step ahead of it is read back; where that step's miss was counted
+        since, this one's is the same run of failures seen late, not a further one (it would
+        double the pause), and its acceptance ends the pause that miss started."""
         if not num_proposed:
             return
         if num_accepted:
-            self.proposal_misses = 0
+            self.proposal_misses = self.proposal_pause = 0
+            return
+        if misses_known is not None and self.proposal_misses > misses_known:
             return
         self.proposal_misses += 1
         self.proposal_pause = min(2 ** (self.proposal_misses - 1) - 1, self.MAX_PROPOSAL_PAUSE)

@@ -59,11 +59,15 @@ class ScheduledRequest:
     token_pending: bool = field(init=False)
     """This chunk is the one token still being sampled on the device by the step in flight
     (a look-ahead step): its id is not known on the host."""
+    misses_known: int = field(init=False)
+    """The request's ``proposal_misses`` when this step was scheduled: a chained step may verify
+    proposals made before the miss of the step ahead of it was read back."""
     _num_tokens: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         # Snapshots: update() appends the sampled token, which must not change what this step was.
         self.token_pending = self.request.num_pending_tokens > 0
+        self.misses_known = self.request.proposal_misses
         self._num_tokens = self.request.num_tokens + self.request.num_pending_tokens
 
     @property
@@ -424,11 +428,14 @@ class Scheduler:
         wherever ``output``'s accepted tokens end. Their blocks are allocated for the furthest
         that can be (``output`` accepting all of its proposals), within ``reach`` positions.
 
+        A request that pauses its proposals (back-off) gets no room for them, and the step
+        counts towards its pause, as in :meth:`schedule`.
+
         None, changing nothing but blocks allocated ahead, where the step after ``output`` must
         be scheduled by :meth:`schedule` instead: requests are waiting or have finished since the
         last schedule (so the runner forgets them), ``output`` leaves a running request out or
-        holds one that has stopped or pauses its proposals (back-off: a chained step always
-        verifies), a request could pass ``reach``, or blocks are short (no preemption here).
+        holds one that has stopped, a request could pass ``reach``, or blocks are short (no
+        preemption here).
         """
         query_len = 1 + self.num_speculative_tokens
         items = output.scheduled
@@ -439,8 +446,7 @@ class Scheduler:
         furthest = 2 * query_len
         for item in items:
             request = item.request
-            if (request.status is not RequestStatus.RUNNING or request.proposal_pause
-                    or request.num_computed_tokens + furthest > reach):
+            if request.status is not RequestStatus.RUNNING or request.num_computed_tokens + furthest > reach:
                 return None
         rows = []
         for item in items:
@@ -448,7 +454,11 @@ class Scheduler:
             if block_ids is None:
                 return None
             rows.append(ScheduledRequest(item.request, item.request.num_computed_tokens, 1, block_ids,
-                                         max_drafts=self.num_speculative_tokens, chained=True))
+                                         max_drafts=0 if item.request.proposal_pause else self.num_speculative_tokens,
+                                         chained=True))
+        for row in rows:
+            if row.request.proposal_pause:
+                row.request.proposal_pause -= 1
         return SchedulerOutput(rows)
 
     def update(self, output: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
@@ -477,7 +487,7 @@ class Scheduler:
             request.num_computed_tokens = item.start + item.num_new_tokens - rejected
             if request.mm_inputs and self.encoder_cache is not None:
                 self.encoder_cache.release_computed(request.request_id, request.mm_inputs, request.num_computed_tokens)
-            request.count_proposals(len(item.draft_token_ids), len(item.draft_token_ids) - rejected)
+            request.count_proposals(len(item.draft_token_ids), len(item.draft_token_ids) - rejected, item.misses_known)
             if item.sample and request.num_pending_tokens:
                 request.num_pending_tokens -= 1
             if not tokens:

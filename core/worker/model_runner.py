@@ -384,7 +384,7 @@ class ModelRunner:
         tables = np.zeros((batch, max(len(s.block_ids) for s in scheduled)), dtype=np.int64)
         for row, s in zip(tables, scheduled):
             row[:len(s.block_ids)] = s.block_ids
-        results = chain.step(tables)
+        results = chain.step(tables, np.array([s.max_drafts for s in scheduled], dtype=np.int64))
         pending = PendingStep(scheduled, np.arange(batch + 1, dtype=np.int64) * query_len,
                               self.decode_graphs.output(size, query_len), requests=[s.request for s in scheduled])
         pending.chained = True

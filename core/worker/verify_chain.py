@@ -51,6 +51,8 @@ class _Chain:
     """[B, k] the proposals the next step verifies."""
     num_drafts: torch.Tensor
     """[B] how many of them each request has."""
+    limits: torch.Tensor
+    """[B] how many each request may have: k, or 0 while it pauses its proposals (back-off)."""
     prepare: Callable[[], None] | None = None
     finish: Callable[[], None] | None = None
     results: torch.Tensor | None = None
@@ -76,6 +78,8 @@ class VerificationChain:
         self._size = 0
         self._uploaded: np.ndarray | None = None
         """The block tables last copied to ``current.tables``."""
+        self._limits: np.ndarray | None = None
+        """The limits last copied to ``current.limits``."""
 
     @property
     def capacity(self) -> int:
@@ -106,21 +110,25 @@ class VerificationChain:
         buffers.slot_mapping[batch * query_len:size * query_len].fill_(-1)
         buffers.seq_lens[batch:size].fill_(query_len)
         buffers.block_table[batch:size].fill_(0)
-        self.current, self._size, self._uploaded = chain, size, None
+        self.current, self._size, self._uploaded, self._limits = chain, size, None, None
 
     def stop(self) -> None:
         """A step launched from the host's state ends the chain: its histories go stale."""
         self.current = None
 
-    def step(self, block_table: np.ndarray) -> torch.Tensor:
+    def step(self, block_table: np.ndarray, limits: np.ndarray) -> torch.Tensor:
         """Queue the next verification of the running chain, its requests' blocks in
-        ``block_table`` [B, <= W] (covering the step's positions). Returns its results on the
-        device, flat: the emitted tokens [B, 1 + k] (-1 past each count), their counts [B], the
-        proposals verified [B, k] and their counts [B]."""
+        ``block_table`` [B, <= W] (covering the step's positions), each request's proposals
+        capped at ``limits`` [B]. Returns its results on the device, flat: the emitted tokens
+        [B, 1 + k] (-1 past each count), their counts [B], the proposals verified [B, k] and
+        their counts [B]."""
         chain = self.current
         if self._uploaded is None or not np.array_equal(self._uploaded, block_table):
             chain.tables[:, :block_table.shape[1]].copy_(host_to_device(block_table, torch.int64, self.device))
             self._uploaded = block_table
+        if self._limits is None or not np.array_equal(self._limits, limits):
+            chain.limits.copy_(host_to_device(limits, torch.int64, self.device))
+            self._limits = limits
         chain.prepare()
         self._graphs.run(self._size, 1 + self.k)
         chain.finish()
@@ -130,7 +138,7 @@ class VerificationChain:
         zeros = lambda *shape: torch.zeros(shape, dtype=torch.int64, device=self.device)  # noqa: E731
         query_len = 1 + self.k
         chain = _Chain(zeros(batch, capacity), zeros(batch), zeros(batch, query_len), zeros(batch),
-                       zeros(batch, self.buffers.width), zeros(batch, self.k), zeros(batch))
+                       zeros(batch, self.buffers.width), zeros(batch, self.k), zeros(batch), zeros(batch))
         # A first run of each compiles their kernels before the capture: on the zeroed state,
         # which begin() overwrites; the inputs they write are rewritten before any graph reads them.
         chain.lengths.fill_(1)
@@ -152,6 +160,7 @@ class VerificationChain:
         chain.history.scatter_(1, chain.lengths.unsqueeze(1) + torch.arange(width, device=device), chain.emitted)
         chain.lengths += chain.counts
         drafts, num_drafts = self._propose(chain.history, chain.lengths, self.k, self.min_n, self.max_n)
+        num_drafts = torch.minimum(num_drafts, chain.limits)
         chain.drafts.copy_(drafts)
         chain.num_drafts.copy_(num_drafts)
         query_len = 1 + self.k

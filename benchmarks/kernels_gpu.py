@@ -147,6 +147,9 @@ def sweep_plans(rows: int) -> list[dict]:
                                                                          [4, 8], [3, 4])
                   if m * n <= 256 * 128 and not (m == 64 and warps == 8) and not (k == 128 and stages == 4)
                   and not (split == 2 and m > 64)]
+    # Each pairs plan also with the weight as the first operand, from registers (each K tile's
+    # matrix instructions waited for in full, so the next tile's registers are free: wna16.py).
+    plans += [{**plan, "weight_first": True} for plan in plans if plan.get("pairs")]
     return plans + ([dict(dense=True)] if rows > 64 else [])
 
 
@@ -184,14 +187,18 @@ def wna16_sweep(bandwidth: float, rows_tried: tuple[int, ...] = (1, 64, 256, 512
                     continue
                 except Exception as error:  # a plan this GPU or Triton cannot run: named in the row
                     failed.append([tiles, f"{type(error).__name__}: {str(error)[:200]}"])
+            own_us = checked_us(lambda: wna16.matmul(weight, x))
+            own_plan = wna16.plan(rows, n, k, torch.cuda.get_device_properties(0).multi_processor_count)
+            if only_pairs:
+                # The op's own plan competes too: quant_gpu.py --wna16-plans takes the best end to end.
+                timed.append((own_us, own_plan))
             timed.sort(key=lambda pair: pair[0])
             best_us, best = timed[0]
             error = (wna16.matmul(weight, x, **best).float() - expected).abs().max().item()
-            own_us = checked_us(lambda: wna16.matmul(weight, x))
             dense_us = graph_us(lambda: x @ dense.T)
             out.append({"kernel": "wna16-sweep", "linear": name, "n": n, "k": k, "rows": rows, "plans": len(timed),
                         "best_us": round(best_us, 1), "best": best, "own_plan_us": round(own_us, 1),
-                        "own_plan": wna16.plan(rows, n, k, torch.cuda.get_device_properties(0).multi_processor_count),
+                        "own_plan": own_plan,
                         "bf16_us": round(dense_us, 1), "best_vs_bf16": round(dense_us / best_us, 2),
                         "best_of_roofline": round(packed_bytes / bandwidth * 1e6 / best_us, 3),
                         "runners_up": [[round(us, 1), t] for us, t in timed[1:4]], "failed": failed[:3],

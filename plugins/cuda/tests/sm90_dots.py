@@ -121,6 +121,7 @@ def wna16_cases():
     pairs = [dict(pairs=True, block_m=m, block_n=n, block_k=k, split_k=split, num_warps=warps, num_stages=stages)
              for m, n, k, split, warps, stages in [(16, 64, 128, 4, 4, 4), (64, 128, 128, 1, 4, 3),
                                                    (128, 128, 64, 1, 8, 3), (256, 128, 128, 1, 8, 3)]]
+    pairs += [{**plan, "weight_first": True} for plan in pairs]
     for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
         data = GroupQuantData(torch.zeros(n, k, dtype=torch.uint8), torch.ones(n, k // 128), torch.full((n, k // 128), 8.0),
                               4, 128, None)

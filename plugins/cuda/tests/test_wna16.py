@@ -82,6 +82,13 @@ CASES = [  # rows, n, k, bits, group, act-order, tiles (None: the op's own plan)
                                    num_stages=2)),
     (1, 64, 128, 4, 64, False, dict(pairs=True, block_m=16, block_n=64, block_k=64, split_k=3, num_warps=4,
                                     num_stages=2)),
+    # The same with the weight as the first operand (the transposed product, stored transposed back).
+    (70, 72, 256, 4, 64, True, dict(pairs=True, weight_first=True, block_m=32, block_n=64, block_k=64, num_warps=4,
+                                    num_stages=2)),
+    (37, 64, 256, 8, 64, False, dict(pairs=True, weight_first=True, block_m=16, block_n=64, block_k=32, num_warps=4,
+                                     num_stages=2)),
+    (5, 40, 256, 4, 32, True, dict(pairs=True, weight_first=True, block_m=16, block_n=32, block_k=32, split_k=3,
+                                   num_warps=4, num_stages=2)),
     # Dequantized once, then the library's GEMM; act-order rows gathered the same way.
     (37, 72, 256, 4, 32, True, dict(dense=True)),
     (9, 64, 192, 8, 64, False, dict(dense=True)),
@@ -140,9 +147,10 @@ def test_wna16_matches_float64_dequantized_product(rows, n, k, bits, group, act_
     assert bool(((got.double() - expected).abs() <= allowed).all()), ((got.double() - expected).abs() / allowed).max()
 
 
+@pytest.mark.parametrize("weight_first", [False, True], ids=["weight-second", "weight-first"])
 @pytest.mark.parametrize("zero_point,offsets", list(ZERO_KINDS.values()), ids=list(ZERO_KINDS))
 @pytest.mark.parametrize("act_order", [False, True], ids=["ordered", "act-order"])
-def test_pairs_in_bfloat16_match_the_float64_product(zero_point, offsets, act_order, device, require_dot):
+def test_pairs_in_bfloat16_match_the_float64_product(zero_point, offsets, act_order, weight_first, device, require_dot):
     """In bfloat16 ``pairs`` reads its levels with 128's bits (float16 above: 1024's) and rounds
     ``(q - zero) * scale`` once, as the dense path does (with offsets once more, for the addition):
     both products within two roundings of the float64 one."""
@@ -150,7 +158,8 @@ def test_pairs_in_bfloat16_match_the_float64_product(zero_point, offsets, act_or
     data = _group_quant(96, 512, 4, 128, act_order, seed=11, zero_point=zero_point, offsets=offsets)
     weight = wna16.repack(data, torch.bfloat16, device)
     x = torch.randn(130, 512, generator=torch.Generator().manual_seed(2)).to(device, torch.bfloat16)
-    got = wna16.matmul(weight, x, pairs=True, block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3).double()
+    got = wna16.matmul(weight, x, pairs=True, weight_first=weight_first, block_m=64, block_n=64, block_k=64,
+                       num_warps=4, num_stages=3).double()
     dense = wna16.matmul(weight, x, dense=True).double()
     exact = x.double() @ data.dequantize(torch.float64).to(device).T
     bound = 2 * 2 ** -8 * (x.double().abs() @ data.dequantize(torch.float64).to(device).abs().T) + 1e-6
@@ -190,6 +199,8 @@ SPLIT_PLANS = {
     "vector": dict(block_n=32, block_k=128, split_k=4, num_warps=4, num_stages=2, gemv=True),
     "tile": dict(block_m=16, block_n=32, block_k=64, split_k=4, num_warps=4, num_stages=2),
     "pairs": dict(pairs=True, block_m=16, block_n=32, block_k=64, split_k=4, num_warps=4, num_stages=2),
+    "pairs-weight-first": dict(pairs=True, weight_first=True, block_m=16, block_n=64, block_k=64, split_k=4,
+                               num_warps=4, num_stages=2),
 }
 
 

@@ -244,7 +244,8 @@ def _pair(packed, i: tl.constexpr, BITS: tl.constexpr, pair_mask, pair_base):
 def _wna16_pairs_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, ticket_ptr, M, N, K, stride_xm,
                         stride_qk, stride_sg, stride_om, pair_mask, pair_base, BITS: tl.constexpr, GROUP: tl.constexpr,
                         LEVEL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        SPLIT_K: tl.constexpr, ZEROS: tl.constexpr, ZERO_POINT: tl.constexpr, OFFSETS: tl.constexpr):
+                        SPLIT_K: tl.constexpr, ZEROS: tl.constexpr, ZERO_POINT: tl.constexpr, OFFSETS: tl.constexpr,
+                        WEIGHT_FIRST: tl.constexpr):
     """``x W^T`` with the weight dequantized two values a 32-bit register in the activations'
     16-bit type: a shift and a mask put a pair of rows into a register's halves (:func:`_pair`),
     or-ed into the bits of ``LEVEL`` (``pair_base``: 128 in bfloat16, 1024 in float16, whose last
@@ -266,7 +267,10 @@ def _wna16_pairs_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr,
     dtype = x_ptr.dtype.element_ty
     span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     start = split * span
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if WEIGHT_FIRST:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(start, tl.minimum(start + span, K), BLOCK_K):
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + (k0 + tl.arange(0, BLOCK_K))[None, :],
                     mask=row_ok[:, None], other=0.0)
@@ -291,7 +295,13 @@ def _wna16_pairs_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr,
         w = (levels - (zero + LEVEL).to(dtype)[:, None]) * scale.to(dtype)[:, None]
         if OFFSETS:
             w += offset.to(dtype)[:, None]
-        acc = tl.dot(x, tl.trans(w), acc)
+        if WEIGHT_FIRST:
+            acc = tl.dot(w, tl.trans(x), acc)
+            acc = tl.where(K < 0, 0.0, acc)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    if WEIGHT_FIRST:
+        acc = tl.trans(acc)
     _store_split(acc, out_ptr, partial_ptr, ticket_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
                  rows[:, None].to(tl.int64) * stride_om + cols[None, :], rows[:, None].to(tl.int64) * N + cols[None, :],
                  row_ok[:, None] & col_ok[None, :], split, M, N, SPLIT_K)
@@ -578,7 +588,8 @@ def _pairs(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor
                                       mask | mask << 16, half | half << 16, BITS=weight.bits, GROUP=weight.group_size,
                                       LEVEL=float(level), BLOCK_M=tiles["block_m"], BLOCK_N=tiles["block_n"],
                                       BLOCK_K=tiles["block_k"], SPLIT_K=split, num_warps=tiles["num_warps"],
-                                      num_stages=tiles["num_stages"], **group_constants)
+                                      num_stages=tiles["num_stages"], WEIGHT_FIRST=tiles.get("weight_first", False),
+                                      **group_constants)
 
         key = ("pairs", tuple(sorted(tiles.items())), n, k, rows.dtype, weight.bits, weight.group_size, rows.device,
                tuple(group_constants.items()))

@@ -113,8 +113,9 @@ def control_case():
 
 
 def wna16_cases():
-    """Every plan wna16.plan picks for Llama-3-8B's projections at 2 to 64 rows (past 64 the dense
-    path: the library's GEMM), and the pairs kernel's tile shapes across its sweep."""
+    """Every plan wna16.plan picks for Llama-3-8B's projections (groups of 128 at 2 to 256 rows, of 32
+    at 2 to 64; past them the dense path: the library's GEMM), and the pairs kernel's tile shapes
+    across its sweep."""
     from runtime.platform.packed import GroupQuantData
     from runtime_triton import wna16
 
@@ -122,16 +123,18 @@ def wna16_cases():
              for m, n, k, split, warps, stages in [(16, 64, 128, 4, 4, 4), (64, 128, 128, 1, 4, 3),
                                                    (128, 128, 64, 1, 8, 3), (256, 128, 128, 1, 8, 3)]]
     pairs += [{**plan, "weight_first": True} for plan in pairs]
-    for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
-        data = GroupQuantData(torch.zeros(n, k, dtype=torch.uint8), torch.ones(n, k // 128), torch.full((n, k // 128), 8.0),
-                              4, 128, None)
-        weight = wna16.repack(data, torch.bfloat16, torch.device("cpu"))
-        for rows in (2, 16, 17, 64):
-            x = torch.zeros(rows, k, dtype=torch.bfloat16)
-            if (n, k, rows) == (28672, 4096, 64):
-                for plan in pairs:
-                    yield f"wna16 pairs {plan}", lambda plan=plan: wna16.matmul(weight, x, **plan)
-            yield f"wna16 {n}x{k} rows {rows}", lambda: wna16.matmul(weight, x)
+    # Groups of 128 rows (GPTQ's) take the pairs kernel up to 256 rows; of 32 (GGUF's) the tile kernel up to 64.
+    for group, rows_tried in ((128, (2, 16, 17, 64, 65, 128, 129, 256)), (32, (2, 16, 17, 64))):
+        for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
+            data = GroupQuantData(torch.zeros(n, k, dtype=torch.uint8), torch.ones(n, k // group),
+                                  torch.full((n, k // group), 8.0), 4, group, None)
+            weight = wna16.repack(data, torch.bfloat16, torch.device("cpu"))
+            for rows in rows_tried:
+                x = torch.zeros(rows, k, dtype=torch.bfloat16)
+                if (n, k, rows, group) == (28672, 4096, 64, 128):
+                    for plan in pairs:
+                        yield f"wna16 pairs {plan}", lambda plan=plan: wna16.matmul(weight, x, **plan)
+                yield f"wna16 {n}x{k} group {group} rows {rows}", lambda: wna16.matmul(weight, x)
 
 
 def other_cases():

@@ -126,10 +126,12 @@ def quant_dense(tmp_path_factory):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("scheme", ["gptq-4-32-asym-actorder", "gptq-8-128-sym", "awq-4-64-asym"])
+@pytest.mark.parametrize("scheme", ["gptq-4-32-asym-actorder", "gptq-8-128-sym", "awq-4-64-asym", "gptq-4-128-sym",
+                                    "gptq-4-128-asym-actorder"])
 def test_packed_checkpoint_greedy_matches_its_dequantized_weights_on_cpu(scheme, dtype, quant_dense, tmp_path):
     """The W4A16/W8A16 Triton GEMM (weights kept packed) against the CPU running a dense copy of
-    the same weights, dequantized in float64 by each format's definition, in the same dtype."""
+    the same weights, dequantized in float64 by each format's definition, in the same dtype (4 bits
+    in groups of 128 in bfloat16 multiply on the pairs kernel, the others on the tile kernel)."""
     sys.path.insert(0, str(REPO_TESTS))
     from quantized_checkpoints import Scheme, write_quantized
     from safetensors.torch import load_file, save_file

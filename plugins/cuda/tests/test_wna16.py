@@ -167,6 +167,23 @@ def test_pairs_in_bfloat16_match_the_float64_product(zero_point, offsets, act_or
     assert bool(((got - dense).abs() <= bound).all())
 
 
+@pytest.mark.parametrize("bits,group,dtype,pairs", [
+    (4, 128, torch.bfloat16, True), (4, 128, torch.float16, True), (8, 128, torch.float16, True),
+    (8, 128, torch.bfloat16, False), (4, 32, torch.bfloat16, False), (4, 64, torch.float16, False),
+    (4, 128, torch.float32, False)])
+@pytest.mark.parametrize("rows", [2, 16, 40, 64])
+def test_the_op_picks_the_pairs_kernel_only_for_weights_it_takes(bits, group, dtype, pairs, rows, monkeypatch):
+    """From 2 to 64 rows the op's own plan multiplies on the pairs kernel where it takes the weight
+    (16-bit activations that hold its levels, groups of at least its 128-deep K tile), and on the
+    tile kernel otherwise (not the dense path, which ``_pairs`` falls back to)."""
+    called = []
+    monkeypatch.setattr(wna16, "_pairs", lambda weight, x, tiles: called.append("pairs") or x.new_zeros(len(x), 64))
+    monkeypatch.setattr(wna16, "_tiled", lambda weight, x, tiles: called.append("tiled") or x.new_zeros(len(x), 64))
+    weight = wna16.repack(_group_quant(64, 256, bits, group, False, seed=0), dtype, torch.device("cpu"))
+    wna16.matmul(weight, torch.zeros(rows, 256, dtype=dtype))
+    assert called == ["pairs" if pairs else "tiled"]
+
+
 def test_a_plan_too_large_for_shared_memory_shrinks_and_is_remembered(monkeypatch):
     """A launch whose tile asks more shared memory than the GPU has (Triton's OutOfResources, at
     compile time) is retried with fewer stages, then half the K depth; the plan that fit is used

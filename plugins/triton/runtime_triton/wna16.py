@@ -257,7 +257,10 @@ def _wna16_pairs_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr,
     it from shared memory: as the first operand (from registers) Triton 3.6 and 3.7 issued them
     asynchronously without keeping their operand registers alive, the next K tile's loads
     overwrote registers still being read, and 4 of 24 tile plans summed wrongly on an H100
-    (docs/quantization.md). K tiles lie inside one group; K split as ``_wna16_kernel``'s."""
+    (docs/quantization.md). ``WEIGHT_FIRST`` takes it as the first operand all the same (``W x^T``,
+    transposed back at the end), each K tile's instructions waited for in full before the next:
+    no round trip through shared memory, no overlap either (faster for 16-row tiles, H100
+    2026-12-07). K tiles lie inside one group; K split as ``_wna16_kernel``'s."""
     PER: tl.constexpr = 32 // BITS
     PAIRS: tl.constexpr = PER // 2
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -297,6 +300,8 @@ def _wna16_pairs_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr,
             w += offset.to(dtype)[:, None]
         if WEIGHT_FIRST:
             acc = tl.dot(w, tl.trans(x), acc)
+            # Reading the sums here (K < 0 never holds, but the compiler cannot know) makes Triton
+            # wait for this tile's matrix instructions before the next tile writes their registers.
             acc = tl.where(K < 0, 0.0, acc)
         else:
             acc = tl.dot(x, tl.trans(w), acc)
@@ -440,19 +445,24 @@ def dequantize(weight: WNA16Weight, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2) -> dict:
-    """Tiles for an [m, k] by [n, k] product, 16-bit activations from sweeps on an H100 and an
-    H200 (``benchmarks/kernels_gpu.py wna16-sweep``, Llama-3-8B's projections, docs/quantization.md):
-    one row on the vector kernel, 64 columns a program, 512-deep K tiles, K split 4 ways, its levels
-    biased (``zero_from_sums``: 17% fewer instructions a tile for sm_90, where issue bounded the
-    kernel), 4 warps (8 for down's 14336-deep rows) (H100, 2026-12-06: the best plan or within 0.5 us
-    of it for each projection, 67 us a layer against 78 for 256-deep tiles at 8 warps; every
-    projection's best four plans biased the levels; the vector units beat the tensor-core tile
-    padded to 16 rows by 1.4-2.2x already before that kernel); up to 16 rows that padded tile, K
-    split 8 ways, each word read once; up to 64 rows 64-row tiles; beyond, the weight dequantized
-    once and the library's GEMM (at 256 to 8192 rows 1.3-2.9x faster than any tile tried). Float32 activations (``element_size`` 4)
-    keep half the K depth and pipeline stages of the first plans: their tiles need twice the
-    shared memory (the 16-bit decode tiles in float32 asked an H100 for 352 KB of its 227)."""
+def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2, pairs_fit: bool = True) -> dict:
+    """Tiles for an [m, k] by [n, k] product, 16-bit activations, from sweeps on an H100 and an
+    H200 (``benchmarks/kernels_gpu.py wna16-sweep``, Llama-3-8B's projections, docs/quantization.md).
+
+    One row: the vector kernel, 64 columns a program, 512-deep K tiles, K split 4 ways, its levels
+    biased (``zero_from_sums``), 4 warps (8 for down's 14336-deep rows) (H100, 2026-12-06). Where
+    the weight suits the pairs kernel (``pairs_fit``: 16-bit activations that hold its levels,
+    groups of at least 128 rows: :func:`_pairs_fit`), H100 2026-12-07 (a layer's four projections):
+    up to 16 rows its 16-row tile with the weight as the first operand, K split 4 ways (8 for
+    14336-deep rows; 123 us at 16 rows against 144 for the tile kernel, bf16 151); up to 64 rows
+    its 64-row tiles, 128 columns unsplit for wide outputs (gate/up), else 64 split 4 ways (154 us
+    at 64 rows against 335, bf16 156); up to 256 rows wide outputs on 128- and 256-row tiles (gate/up
+    103 us at 128 rows against 193 dense, 187 at 256 against 209), the rest the weight dequantized
+    once and the library's GEMM, as everything past 256 rows. Without the pairs kernel, the tile
+    kernel's 16-row tile (K split 8 ways, each word read once) and 64-row tiles, then dense.
+    Float32 activations (``element_size`` 4) keep half the K depth and pipeline stages of the
+    first plans: their tiles need twice the shared memory (the 16-bit decode tiles in float32
+    asked an H100 for 352 KB of its 227)."""
     if element_size > 2:
         if m <= 16:
             split = max(1, min(k // 256, (2 * sm_count) // triton.cdiv(n, 64)))
@@ -462,11 +472,22 @@ def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2) -> 
     if m == 1:
         return dict(block_n=64, block_k=512, split_k=4, gemv=True, num_warps=8 if k > 8192 else 4, num_stages=1,
                     zero_from_sums=True)
+    wide = n > 16384
+    if pairs_fit:
+        if m <= 16:
+            return dict(pairs=True, weight_first=True, block_m=16, block_n=64, block_k=128,
+                        split_k=8 if k > 8192 else 4, num_warps=4, num_stages=4)
+        if m <= 64:
+            if wide:
+                return dict(pairs=True, block_m=64, block_n=128, block_k=128, split_k=1, num_warps=4, num_stages=3)
+            return dict(pairs=True, block_m=64, block_n=64, block_k=128, split_k=4, num_warps=4, num_stages=3)
+        if m <= 256 and wide:
+            return dict(pairs=True, block_m=128 if m <= 128 else 256, block_n=128, block_k=64, split_k=1, num_warps=8,
+                        num_stages=3)
+        return dict(dense=True)
     if m <= 16:
         return dict(block_m=16, block_n=64, block_k=128, split_k=8, words_once=True, num_warps=4, num_stages=4)
     if m <= 64:
-        # Gate/up took the transposed tile here until 2026-12-07 (2026-12-06's sweep's best); it
-        # raced on Hopper (``_wna16_kernel``'s comment) and is gone.
         return dict(block_m=64, block_n=64, block_k=64, split_k=4, num_warps=4, num_stages=3)
     return dict(dense=True)
 
@@ -486,7 +507,7 @@ def matmul(weight: WNA16Weight, x: torch.Tensor, bias: torch.Tensor | None = Non
     n = weight.qweight.shape[1]
     if not tiles:
         sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
-        tiles = plan(m, n, k, sm, x.element_size())
+        tiles = plan(m, n, k, sm, x.element_size(), _pairs_fit(weight, rows.dtype, 128))
     if tiles.get("dense"):
         # Many rows: the weight dequantized once, then the library's GEMM (the dequantization
         # costs about what reading and writing the dense weight does, small beside the product).
@@ -567,13 +588,20 @@ PAIR_LEVELS = {torch.bfloat16: 128, torch.float16: 1024}
 from ``q`` or-ed into its bits, so ``q`` must stay below ``LEVEL`` (4 bits in bfloat16, 4 or 8 in float16)."""
 
 
+def _pairs_fit(weight: WNA16Weight, dtype: torch.dtype, block_k: int) -> bool:
+    """Whether the pairs kernel takes this weight with ``dtype`` activations and K tiles of
+    ``block_k`` rows: not float32 activations, nor 8 bits in bfloat16 (its mantissa holds 7), nor
+    groups smaller than the K tile (``_pairs`` then takes the dense path)."""
+    level = PAIR_LEVELS.get(dtype)
+    return level is not None and 2 ** weight.bits <= level and weight.group_size % block_k == 0
+
+
 def _pairs(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor:
     m, k = rows.shape
     n = weight.qweight.shape[1]
-    level = PAIR_LEVELS.get(rows.dtype)
-    if level is None or 2 ** weight.bits > level or weight.group_size % tiles["block_k"]:
-        # Float32 activations, 8 bits in bfloat16, groups smaller than the K tile: the dense path.
+    if not _pairs_fit(weight, rows.dtype, tiles["block_k"]):
         return torch.mm(rows, dequantize(weight, rows.dtype))
+    level = PAIR_LEVELS[rows.dtype]
     split = tiles.get("split_k", 1)
     out = torch.empty(m, n, dtype=rows.dtype, device=rows.device)
     if m:

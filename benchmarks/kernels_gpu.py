@@ -133,6 +133,9 @@ def sweep_plans(rows: int) -> list[dict]:
         plans += [dict(block_n=64, block_k=k, split_k=split, gemv=True, num_warps=warps, num_stages=1, prefetch=True,
                        zero_from_sums=sums)
                   for k, split, warps, sums in itertools.product([128, 256], [4, 8, 16], [4, 8], [False, True])]
+        # Two rows' levels a shift and x read in pairs (bfloat16, 4 bits): compiled for sm_90, 3.84
+        # instructions a weight at the op's one-row tile against 4.83 (benchmarks/wna16_sass.py).
+        plans += [{**plan, "shared_shifts": True} for plan in plans if plan.get("zero_from_sums")]
     # Two values a register in bfloat16 (4-bit weights): K split for few rows (the shapes that won
     # in its first form, H100 2026-12-07: docs/quantization.md), square-ish tiles for many.
     if rows <= 16:

@@ -2,7 +2,8 @@
 
 Usage: .venv/bin/python benchmarks/wna16_sass.py [--rows 1 16 64 128] [--projection 6144x4096] [--json OUT.json]
 
-Each plan (the op's own at each number of rows, and the pairs kernel's at the same rows) is
+Each plan (the op's own at each number of rows, the pairs kernel's at the same rows, and at one row
+the vector kernel's with ``shared_shifts``) is
 launched on CPU tensors with Triton's launch recorded instead of run (plugins/cuda/tests/
 sm90_dots.py), compiled for sm_90 with Triton's compiler and ptxas, and disassembled with the
 ``nvdisasm`` of Triton's wheel. The longest loop closed by a backward branch is the K loop; its
@@ -73,6 +74,8 @@ def measure(n: int, k: int, rows: int, tiles: dict) -> dict:
 
 
 def main() -> None:
+    from runtime_triton import wna16
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 128])
     parser.add_argument("--projection", default="6144x4096", help="N x K of the weight (default Llama-3-8B's qkv)")
@@ -81,7 +84,10 @@ def main() -> None:
     n, k = (int(v) for v in args.projection.split("x"))
     rows_out = []
     for rows in args.rows:
-        for label, tiles in (("own", None), ("pairs", {**PAIRS[min(PAIRS, key=lambda r: abs(r - rows))], "pairs": True})):
+        plans = [("own", None), ("pairs", {**PAIRS[min(PAIRS, key=lambda r: abs(r - rows))], "pairs": True})]
+        if rows == 1:
+            plans.append(("shared_shifts", {**wna16.plan(rows, n, k), "shared_shifts": True}))
+        for label, tiles in plans:
             row = {"plan_of": label, **measure(n, k, rows, tiles)}
             print(json.dumps(row), flush=True)
             rows_out.append(row)

@@ -184,6 +184,32 @@ def test_the_op_picks_the_pairs_kernel_only_for_weights_it_takes(bits, group, dt
     assert called == ["pairs" if pairs else "tiled"]
 
 
+@pytest.mark.parametrize("zero_point,offsets", list(ZERO_KINDS.values()), ids=list(ZERO_KINDS))
+@pytest.mark.parametrize("rows,n,k,group,act_order,tiles", [
+    (1, 72, 512, 128, False, dict(block_n=64, block_k=128, split_k=2, num_warps=4)),
+    (2, 64, 768, 128, True, dict(block_n=32, block_k=256, split_k=2, num_warps=4, prefetch=True)),
+    (1, 64, 384, 32, False, dict(block_n=64, block_k=128, split_k=3, num_warps=4)),
+    (3, 40, 256, 64, True, dict(block_n=32, block_k=64, split_k=1, num_warps=4)),
+], ids=["one-group-tiles", "act-order-prefetch", "groups-in-a-tile", "uneven-columns"])
+def test_shared_shifts_in_bfloat16_match_the_float64_product(rows, n, k, group, act_order, tiles, zero_point, offsets,
+                                                             device):
+    """The vector kernel's ``shared_shifts`` (two rows' levels a shift, 256 + q and 16 + q, bfloat16
+    ``x`` read two values a load; zero points and offsets taken off from the row sums): within
+    two bfloat16 roundings of the float64 product, as the same plan without it, with K split
+    unevenly (a split with no tile), groups inside and across K tiles, act-order and columns
+    that are not whole tiles."""
+    data = _group_quant(n, k, 4, group, act_order, seed=rows + k, zero_point=zero_point, offsets=offsets)
+    weight = wna16.repack(data, torch.bfloat16, device)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(5)).to(device, torch.bfloat16)
+    plan = dict(gemv=True, num_stages=1, zero_from_sums=True, **tiles)
+    assert wna16._shared_shifts_fit(weight, x, {**plan, "shared_shifts": True})
+    got = wna16.matmul(weight, x, **plan, shared_shifts=True).double()
+    exact = x.double() @ data.dequantize(torch.float64).to(device).T
+    bound = 2 * 2 ** -8 * (x.double().abs() @ data.dequantize(torch.float64).to(device).abs().T) + 1e-6
+    assert bool(((got - exact).abs() <= bound).all()), ((got - exact).abs() / bound).max()
+    assert bool(((got - wna16.matmul(weight, x, **plan).double()).abs() <= bound).all())
+
+
 def test_a_plan_too_large_for_shared_memory_shrinks_and_is_remembered(monkeypatch):
     """A launch whose tile asks more shared memory than the GPU has (Triton's OutOfResources, at
     compile time) is retried with fewer stages, then half the K depth; the plan that fit is used

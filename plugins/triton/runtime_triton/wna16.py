@@ -317,7 +317,7 @@ def _wna16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, 
                        stride_qk, stride_sg, stride_om, level_mask, level_base, BITS: tl.constexpr, GROUP: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
                        ZERO_FROM_SUMS: tl.constexpr, ZEROS: tl.constexpr, ZERO_POINT: tl.constexpr,
-                       OFFSETS: tl.constexpr):
+                       OFFSETS: tl.constexpr, SHARED_SHIFTS: tl.constexpr):
     """One row of ``x`` a program, on the vector units: the float32 products of ``x`` and the integer
     levels summed per packed word row and column, scaled once per K tile (or per word row, where a tile spans groups),
     and summed across the tile's threads once at the end. With ``SPLIT_K`` programs per output
@@ -352,7 +352,10 @@ def _wna16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, 
         products = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
         if ZERO_FROM_SUMS or OFFSETS:
             x_sums = tl.zeros((WORDS,), dtype=tl.float32)
-        if ZERO_FROM_SUMS:
+        if SHARED_SHIFTS:
+            products, x_sums = _shared_shift_products(x_row, k0, word, word_ok, packed, zero, level_mask, level_base)
+            acc += products * scale
+        elif ZERO_FROM_SUMS:
             # Sum x * (2**BITS + q) (a shift and a masked or a level, no float subtraction), then
             # take (2**BITS + zero) * sum(x) off once a word row: about half the instructions of
             # the exact levels, which bounded this kernel below the memory's speed.
@@ -375,6 +378,52 @@ def _wna16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, 
             packed, scale, zero, offset = next_packed, next_scale, next_zero, next_offset
     _store_split(tl.sum(acc, 0), out_ptr, partial_ptr, ticket_ptr + row * tl.num_programs(1) + tile,
                  row.to(tl.int64) * stride_om + cols, row.to(tl.int64) * N + cols, col_ok, split, M, N, SPLIT_K)
+
+
+@triton.jit
+def _shared_shift_products(x_row, k0, word, word_ok, packed, zero, mask_15, base_256):
+    """For 4-bit words and bfloat16 ``x``: sum(x * (q - zero)) over each word's 8 rows [WORDS,
+    BLOCK_N], and sum(x) [WORDS]. A row's level is ``base + q`` in float32, ``base`` 256 or 16, and
+    the sum starts from -(sum(x * base) + zero * sum(x)) (the first multiply-add's addend). One shift places two rows' values (4 bits apart in the word: ``_shift``'s pairs
+    layout) at mantissa bits 15-18 and 19-22, and one masked or each makes them 256 + q (256's
+    bits) and 16 + q (16's): 2.5 instructions a weight where ``_biased_level`` takes 3. ``x`` is
+    read two values a 32-bit load and widened to float32 by a shift or a mask (a bfloat16 is the
+    top half of a float32). The larger base costs accuracy only against float32's mantissa: a
+    word row's sum is within 2**-16 of sum(|x|) * 256 before the bases are taken off. ``mask_15``
+    (bits 15-18) and ``base_256`` (256's bits) are arguments, not constants, so that each masked or
+    is one instruction (it takes one immediate operand: with two constants the compiler made two)."""
+    pairs = (x_row + k0).to(tl.pointer_type(tl.int32), bitcast=True) + word * 4
+    v0 = tl.load(pairs, mask=word_ok, other=0)
+    v1 = tl.load(pairs + 1, mask=word_ok, other=0)
+    v2 = tl.load(pairs + 2, mask=word_ok, other=0)
+    v3 = tl.load(pairs + 3, mask=word_ok, other=0)
+    # Row j of the word row is x[2m] (the low half of v_m) for j = 2m, x[2m + 1] (the high half) for j = 2m + 1.
+    x0, x1 = (v0 << 16).to(tl.float32, bitcast=True), (v0 & -65536).to(tl.float32, bitcast=True)
+    x2, x3 = (v1 << 16).to(tl.float32, bitcast=True), (v1 & -65536).to(tl.float32, bitcast=True)
+    x4, x5 = (v2 << 16).to(tl.float32, bitcast=True), (v2 & -65536).to(tl.float32, bitcast=True)
+    x6, x7 = (v3 << 16).to(tl.float32, bitcast=True), (v3 & -65536).to(tl.float32, bitcast=True)
+    # Rows 2i at bits 4i, rows 2i + 1 at 16 + 4i: rows (0, 2) shifted left 15, (4, 6) left 7, (1, 3)
+    # right 1, (5, 7) right 9 land at bits 15 and 19.
+    low, low_high, high, high_high = packed << 15, packed << 7, packed >> 1, packed >> 9
+    mask_19, base_16 = mask_15 << 4, base_256 - 0x02000000
+    at_15 = (x0 + x4) + (x1 + x5)
+    at_19 = (x2 + x6) + (x3 + x7)
+    x_sums = at_15 + at_19
+    products = x0[:, None] * _at_bits(low, mask_15, base_256) - ((at_15 * 256.0 + at_19 * 16.0)[:, None] + zero * x_sums[:, None])
+    products += x2[:, None] * _at_bits(low, mask_19, base_16)
+    products += x4[:, None] * _at_bits(low_high, mask_15, base_256)
+    products += x6[:, None] * _at_bits(low_high, mask_19, base_16)
+    products += x1[:, None] * _at_bits(high, mask_15, base_256)
+    products += x3[:, None] * _at_bits(high, mask_19, base_16)
+    products += x5[:, None] * _at_bits(high_high, mask_15, base_256)
+    products += x7[:, None] * _at_bits(high_high, mask_19, base_16)
+    return products, x_sums
+
+
+@triton.jit
+def _at_bits(moved, mask, base):
+    """``base``'s float32 with the bits of ``moved`` under ``mask`` or-ed into its mantissa."""
+    return ((moved & mask) | base).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -573,14 +622,26 @@ def _gemv(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor:
     if m:
         partial = torch.empty(split, m, n, dtype=torch.float32, device=rows.device) if split > 1 else out
         zeros, offsets, group_constants = weight.group_arguments()
+        shared_shifts = _shared_shifts_fit(weight, rows, tiles)
         _wna16_gemv_kernel[(m, tiles_n, split)](
             rows, weight.qweight, weight.scales, zeros, offsets, out, partial, tickets(rows.device, m * tiles_n), m, n, k,
             rows.stride(0), weight.qweight.stride(0), weight.scales.stride(0), out.stride(0),
-            *_level_constants(weight.bits), BITS=weight.bits, GROUP=weight.group_size, BLOCK_N=tiles["block_n"],
+            *(SHARED_SHIFT_CONSTANTS if shared_shifts else _level_constants(weight.bits)), BITS=weight.bits, GROUP=weight.group_size, BLOCK_N=tiles["block_n"],
             BLOCK_K=tiles["block_k"], SPLIT_K=split, PREFETCH=tiles.get("prefetch", False),
             ZERO_FROM_SUMS=tiles.get("zero_from_sums", False), num_warps=tiles["num_warps"],
-            num_stages=tiles["num_stages"], **group_constants)
+            num_stages=tiles["num_stages"], SHARED_SHIFTS=shared_shifts, **group_constants)
     return out
+
+
+SHARED_SHIFT_CONSTANTS = (0x00078000, 0x43800000)
+"""``shared_shifts``' mask of bits 15-18 and the bits of 256.0 (the kernel derives bits 19-22 and 16.0)."""
+
+
+def _shared_shifts_fit(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> bool:
+    """Whether the vector kernel's ``shared_shifts`` option applies: asked for, 4-bit weights,
+    bfloat16 rows whose pairs of values are 32-bit aligned (read as one word)."""
+    return bool(tiles.get("shared_shifts")) and weight.bits == 4 and (
+        rows.dtype == torch.bfloat16 and rows.stride(0) % 2 == 0 and rows.data_ptr() % 4 == 0)
 
 
 PAIR_LEVELS = {torch.bfloat16: 128, torch.float16: 1024}

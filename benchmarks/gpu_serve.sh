@@ -47,7 +47,7 @@
 #            vLLM (runner pooling) offline, 2048 x 512-token prompts, sequences/s, then the report (ratio and the
 #            cosine between the two engines' vectors). Needs `unpack` first for vLLM
 #   wna16-sweep: benchmarks/kernels_gpu.py wna16-sweep at $SWEEP_ROWS rows (default 1 4 16): the W4A16 plans
-#            against each other and cuBLAS bf16 (what wna16.plan is tuned from; SWEEP_ARGS=--only-pairs: the pairs plans)
+#            against each other and cuBLAS bf16 (what wna16.plan is tuned from; SWEEP_ARGS="--only pairs": the pairs plans)
 #   det-sweep: benchmarks/kernels_gpu.py deterministic-sweep at $DET_ROWS rows (default 1 16 64 256 2048): the
 #            batch-invariant matmul's plans that sum in the current plan's order, against cuBLAS
 #   kernels: benchmarks/kernels_gpu.py $KERNELS (default wna16 bitmask): kernels alone against their rooflines

@@ -157,9 +157,10 @@ def sweep_plans(rows: int) -> list[dict]:
 
 
 def wna16_sweep(bandwidth: float, rows_tried: tuple[int, ...] = (1, 64, 256, 512, 2048, 8192),
-                only_pairs: bool = False) -> list[dict]:
-    """Every plan of :func:`sweep_plans` at each number of rows (``only_pairs``: the pairs plans and
-    the dense path, a shorter run), the best beside the op's own plan and bf16."""
+                only: str | None = None) -> list[dict]:
+    """Every plan of :func:`sweep_plans` at each number of rows (``only``: the plans with that option,
+    e.g. ``pairs`` or ``shared_shifts``, and the dense path, a shorter run), the best beside the
+    op's own plan and bf16."""
     from triton.runtime.errors import OutOfResources
 
     from runtime_triton import wna16
@@ -182,7 +183,7 @@ def wna16_sweep(bandwidth: float, rows_tried: tuple[int, ...] = (1, 64, 256, 512
 
             timed, failed = [], []
             for tiles in sweep_plans(rows):
-                if only_pairs and not (tiles.get("pairs") or tiles.get("dense")):
+                if only and not (tiles.get(only) or tiles.get("dense")):
                     continue
                 try:
                     timed.append((checked_us(lambda: wna16.matmul(weight, x, **tiles)), tiles))
@@ -192,7 +193,7 @@ def wna16_sweep(bandwidth: float, rows_tried: tuple[int, ...] = (1, 64, 256, 512
                     failed.append([tiles, f"{type(error).__name__}: {str(error)[:200]}"])
             own_us = checked_us(lambda: wna16.matmul(weight, x))
             own_plan = wna16.plan(rows, n, k, torch.cuda.get_device_properties(0).multi_processor_count)
-            if only_pairs:
+            if only:
                 # The op's own plan competes too: quant_gpu.py --wna16-plans takes the best end to end.
                 timed.append((own_us, own_plan))
             timed.sort(key=lambda pair: pair[0])
@@ -480,8 +481,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--sweep-rows", type=int, nargs="+", default=[1, 64, 256, 512, 2048, 8192],
                         help="wna16-sweep: the numbers of rows tried")
-    parser.add_argument("--only-pairs", action="store_true",
-                        help="wna16-sweep: only the pairs plans (and the dense path), beside the op's own plan")
+    parser.add_argument("--only", metavar="OPTION",
+                        help="wna16-sweep: only the plans with this option (pairs, shared_shifts, gemv; and the dense "
+                             "path), beside the op's own plan, which competes for the best")
     parser.add_argument("--det-rows", type=int, nargs="+", default=[1, 16, 64, 256, 2048],
                         help="deterministic-sweep: the numbers of rows tried")
     parser.add_argument("--moe-shape", default="mixtral-8x7b", help="moe-sweep: a shape of benchmarks/moe_gpu.py")
@@ -489,7 +491,7 @@ def main() -> None:
                         help="moe-sweep: the numbers of tokens tried")
     args = parser.parse_args()
     cases = {"wna16": wna16_cases,
-             "wna16-sweep": lambda bandwidth: wna16_sweep(bandwidth, tuple(args.sweep_rows), args.only_pairs),
+             "wna16-sweep": lambda bandwidth: wna16_sweep(bandwidth, tuple(args.sweep_rows), args.only),
              "deterministic-sweep": lambda bandwidth: deterministic_sweep(bandwidth, tuple(args.det_rows)),
              "lora-sweep": lora_sweep, "lora-trace": lora_trace,
              "moe-sweep": lambda bandwidth: moe_sweep(bandwidth, args.moe_shape, tuple(args.moe_tokens)),

@@ -384,10 +384,11 @@ def _wna16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, 
 def _shared_shift_products(x_row, k0, word, word_ok, packed, zero, mask_15, base_256):
     """For 4-bit words and bfloat16 ``x``: sum(x * (q - zero)) over each word's 8 rows [WORDS,
     BLOCK_N], and sum(x) [WORDS]. A row's level is ``base + q`` in float32, ``base`` 256 or 16, and
-    the sum starts from -(sum(x * base) + zero * sum(x)) (the first multiply-add's addend). One shift places two rows' values (4 bits apart in the word: ``_shift``'s pairs
-    layout) at mantissa bits 15-18 and 19-22, and one masked or each makes them 256 + q (256's
-    bits) and 16 + q (16's): 2.5 instructions a weight where ``_biased_level`` takes 3. ``x`` is
-    read two values a 32-bit load and widened to float32 by a shift or a mask (a bfloat16 is the
+    the sum starts from -(sum(x * base) + zero * sum(x)) (the first multiply-add's addend). One
+    shift places two rows' values (4 bits apart in the word: ``_shift``'s pairs layout) at mantissa
+    bits 15-18 and 19-22, and one masked or each makes them 256 + q (256's bits) and 16 + q
+    (16's): 2.5 instructions a weight where ``_biased_level`` takes 3. ``x`` is read two values a
+    32-bit load and widened to float32 by a shift or a mask (a bfloat16 is the
     top half of a float32). The larger base costs accuracy only against float32's mantissa: a
     word row's sum is within 2**-16 of sum(|x|) * 256 before the bases are taken off. ``mask_15``
     (bits 15-18) and ``base_256`` (256's bits) are arguments, not constants, so that each masked or
@@ -409,7 +410,8 @@ def _shared_shift_products(x_row, k0, word, word_ok, packed, zero, mask_15, base
     at_15 = (x0 + x4) + (x1 + x5)
     at_19 = (x2 + x6) + (x3 + x7)
     x_sums = at_15 + at_19
-    products = x0[:, None] * _at_bits(low, mask_15, base_256) - ((at_15 * 256.0 + at_19 * 16.0)[:, None] + zero * x_sums[:, None])
+    bases = (at_15 * 256.0 + at_19 * 16.0)[:, None] + zero * x_sums[:, None]
+    products = x0[:, None] * _at_bits(low, mask_15, base_256) - bases
     products += x2[:, None] * _at_bits(low, mask_19, base_16)
     products += x4[:, None] * _at_bits(low_high, mask_15, base_256)
     products += x6[:, None] * _at_bits(low_high, mask_19, base_16)
@@ -626,7 +628,8 @@ def _gemv(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor:
         _wna16_gemv_kernel[(m, tiles_n, split)](
             rows, weight.qweight, weight.scales, zeros, offsets, out, partial, tickets(rows.device, m * tiles_n), m, n, k,
             rows.stride(0), weight.qweight.stride(0), weight.scales.stride(0), out.stride(0),
-            *(SHARED_SHIFT_CONSTANTS if shared_shifts else _level_constants(weight.bits)), BITS=weight.bits, GROUP=weight.group_size, BLOCK_N=tiles["block_n"],
+            *(SHARED_SHIFT_CONSTANTS if shared_shifts else _level_constants(weight.bits)), BITS=weight.bits,
+            GROUP=weight.group_size, BLOCK_N=tiles["block_n"],
             BLOCK_K=tiles["block_k"], SPLIT_K=split, PREFETCH=tiles.get("prefetch", False),
             ZERO_FROM_SUMS=tiles.get("zero_from_sums", False), num_warps=tiles["num_warps"],
             num_stages=tiles["num_stages"], SHARED_SHIFTS=shared_shifts, **group_constants)

@@ -64,7 +64,7 @@ class Request:
 
     MAX_PROPOSAL_PAUSE = 63
 
-    def count_proposals(self, num_proposed: int, num_accepted: int, misses_known: int | None = None) -> None:
+    def count_proposals(self, num_proposed: int, num_accepted: int, misses_known: int) -> None:
         """Back off proposing for a request whose proposals keep failing: after z all-rejected
         steps in a row, 2^(z-1) - 1 steps without proposals (at most 63). Verifying wrong
         proposals costs a fraction of a step each time; this bounds that cost to a few percent
@@ -79,7 +79,7 @@ class Request:
         if num_accepted:
             self.proposal_misses = self.proposal_pause = 0
             return
-        if misses_known is not None and self.proposal_misses > misses_known:
+        if self.proposal_misses > misses_known:
             return
         self.proposal_misses += 1
         self.proposal_pause = min(2 ** (self.proposal_misses - 1) - 1, self.MAX_PROPOSAL_PAUSE)

@@ -153,6 +153,16 @@ def sweep_plans(rows: int) -> list[dict]:
     # Each pairs plan also with the weight as the first operand, from registers (each K tile's
     # matrix instructions waited for in full, so the next tile's registers are free: wna16.py).
     plans += [{**plan, "weight_first": True} for plan in plans if plan.get("pairs")]
+    if rows > 16:
+        # The Gluon kernel (wna16_wgmma.py: dequantization beside the previous tile's matrix
+        # instructions), on Hopper: a warpgroup per 64 rows of the tile, shared memory under 227 KB.
+        # K split 2 or 4 ways up to 256 rows, where a layer's narrower outputs fill few multiprocessors.
+        plans += [dict(wgmma=True, block_m=m, block_n=n, block_k=k, split_k=split, num_warps=4 if m == 64 else 8,
+                       num_stages=stages)
+                  for m, n, k, stages, split in itertools.product([64, 128, 256], [64, 128, 256], [64, 128], [3, 4],
+                                                                  [1, 2, 4])
+                  if m * n <= 256 * 128 and (m > 64 or rows <= 128) and (m < 256 or rows > 128)
+                  and (split == 1 or rows <= 256) and stages * (m * k * 2 + k // 8 * n * 4) + 2 * n * k * 2 <= 220 * 1024]
     return plans + ([dict(dense=True)] if rows > 64 else [])
 
 

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource
 from triton.runtime.jit import JITFunction
 
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
@@ -55,7 +56,8 @@ def compile_for_sm90(kernel: JITFunction, args: tuple, kwargs: dict):
     that are multiples of 16 so marked unless the kernel opts out, constexprs and None as constants."""
     kwargs = dict(kwargs)
     options = {key: kwargs.pop(key) for key in ("num_warps", "num_stages") if key in kwargs}
-    values = list(args) + [kwargs.get(p.name, p.default) for p in kernel.params[len(args):]]
+    # A Gluon kernel may take num_warps as a parameter too: the launch option's value.
+    values = list(args) + [kwargs.get(p.name, options.get(p.name, p.default)) for p in kernel.params[len(args):]]
     signature, constants, attrs = {}, {}, {}
     for i, (param, value) in enumerate(zip(kernel.params, values)):
         aligned = False
@@ -74,7 +76,8 @@ def compile_for_sm90(kernel: JITFunction, args: tuple, kwargs: dict):
             raise TypeError(f"{kernel.__name__}: argument {param.name} of type {type(value).__name__}")
         if aligned:
             attrs[(i,)] = [["tt.divisibility", 16]]
-    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs),
+    source = GluonASTSource if kernel.is_gluon() else ASTSource
+    return triton.compile(source(fn=kernel, signature=signature, constexprs=constants, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options=options)
 
 
@@ -123,6 +126,9 @@ def wna16_cases():
              for m, n, k, split, warps, stages in [(16, 64, 128, 4, 4, 4), (64, 128, 128, 1, 4, 3),
                                                    (128, 128, 64, 1, 8, 3), (256, 128, 128, 1, 8, 3)]]
     pairs += [{**plan, "weight_first": True} for plan in pairs]
+    # The Gluon kernel for many rows (its weight from shared memory, one tile's instructions left pending).
+    pairs += [dict(wgmma=True, block_m=m, block_n=n, block_k=64, num_warps=warps, num_stages=stages)
+              for m, n, warps, stages in [(64, 128, 4, 4), (128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 4)]]
     # Groups of 128 rows (GPTQ's) take the pairs kernel up to 256 rows; of 32 (GGUF's) the tile kernel up to 64.
     for group, rows_tried in ((128, (2, 16, 17, 64, 65, 128, 129, 256)), (32, (2, 16, 17, 64))):
         for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
@@ -133,7 +139,8 @@ def wna16_cases():
                 x = torch.zeros(rows, k, dtype=torch.bfloat16)
                 if (n, k, rows, group) == (28672, 4096, 64, 128):
                     for plan in pairs:
-                        yield f"wna16 pairs {plan}", lambda plan=plan: wna16.matmul(weight, x, **plan)
+                        kind = "wgmma" if plan.get("wgmma") else "pairs"
+                        yield f"wna16 {kind} {plan}", lambda plan=plan: wna16.matmul(weight, x, **plan)
                 yield f"wna16 {n}x{k} group {group} rows {rows}", lambda: wna16.matmul(weight, x)
 
 

@@ -167,6 +167,56 @@ def test_pairs_in_bfloat16_match_the_float64_product(zero_point, offsets, act_or
     assert bool(((got - dense).abs() <= bound).all())
 
 
+def _skip_unless_hopper(device: torch.device) -> None:
+    """The Gluon kernel (``wgmma`` plans) runs only on Hopper: not under the interpreter."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        pytest.skip("the Gluon kernel is written for Hopper (sm_90) GPUs")
+
+
+WGMMA_PLANS = {  # id: (plan, K, activation dtype)
+    "64x128": (dict(wgmma=True, block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4), 1024, torch.bfloat16),
+    "128x128": (dict(wgmma=True, block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4), 1024,
+                torch.bfloat16),
+    "128x256": (dict(wgmma=True, block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3), 1024,
+                torch.bfloat16),
+    # Fewer K tiles than the copies started ahead.
+    "few-k-tiles": (dict(wgmma=True, block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=5), 256,
+                    torch.bfloat16),
+    # K split 3 ways (16 K tiles: 6, 6 and 4), and 3 ways over 2 tiles (the last split has none,
+    # and still takes its ticket).
+    "split-3": (dict(wgmma=True, block_m=64, block_n=128, block_k=64, split_k=3, num_warps=4, num_stages=4), 1024,
+                torch.bfloat16),
+    "empty-split": (dict(wgmma=True, block_m=128, block_n=64, block_k=128, split_k=3, num_warps=8, num_stages=3), 256,
+                    torch.bfloat16),
+    # float16's levels (1024's bits).
+    "float16": (dict(wgmma=True, block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4), 1024,
+                torch.float16),
+}
+
+
+@pytest.mark.parametrize("plan,k,dtype", list(WGMMA_PLANS.values()), ids=list(WGMMA_PLANS))
+@pytest.mark.parametrize("zero_point,offsets", list(ZERO_KINDS.values()), ids=list(ZERO_KINDS))
+@pytest.mark.parametrize("act_order", [False, True], ids=["ordered", "act-order"])
+def test_wgmma_kernel_matches_the_float64_product(plan, k, dtype, zero_point, offsets, act_order, device):
+    """The Gluon kernel for many rows (wna16_wgmma.py: copies started tiles ahead, the dequantized
+    weight in two alternating buffers, a tile's matrix instructions left running while the next is
+    dequantized) rounds as ``pairs`` does: within two roundings of the float64 product and of the
+    dense path, with rows and columns that fill no whole tile (masked copies and stores) and K
+    many times the pipeline's depth (a buffer reused before its time would show)."""
+    _skip_unless_hopper(device)
+    data = _group_quant(200, k, 4, 128, act_order, seed=13, zero_point=zero_point, offsets=offsets)
+    weight = wna16.repack(data, dtype, device)
+    x = torch.randn(130, k, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+    got = wna16.matmul(weight, x, **plan).double()
+    dense = wna16.matmul(weight, x, dense=True).double()
+    reference = data.dequantize(torch.float64).to(device)
+    exact = x.double() @ reference.T
+    step = {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}[dtype]
+    bound = 2 * step * (x.double().abs() @ reference.abs().T) + 1e-6
+    assert bool(((got - exact).abs() <= bound).all()), ((got - exact).abs() / bound).max()
+    assert bool(((got - dense).abs() <= bound).all())
+
+
 @pytest.mark.parametrize("bits,group,dtype,pairs", [
     (4, 128, torch.bfloat16, True), (4, 128, torch.float16, True), (8, 128, torch.float16, True),
     (8, 128, torch.bfloat16, False), (4, 32, torch.bfloat16, False), (4, 64, torch.float16, False),
@@ -244,6 +294,7 @@ SPLIT_PLANS = {
     "pairs": dict(pairs=True, block_m=16, block_n=32, block_k=64, split_k=4, num_warps=4, num_stages=2),
     "pairs-weight-first": dict(pairs=True, weight_first=True, block_m=16, block_n=64, block_k=64, split_k=4,
                                num_warps=4, num_stages=2),
+    "wgmma": dict(wgmma=True, block_m=64, block_n=64, block_k=64, split_k=4, num_warps=4, num_stages=3),
 }
 
 
@@ -253,6 +304,8 @@ def test_split_kernel_leaves_its_tickets_at_zero(kind, device, require_dot):
     arrival counter: every counter is zero after a launch, and the next launch (as a CUDA graph's
     replay would) gives the same result."""
     require_dot(torch.float16)
+    if kind == "wgmma":
+        _skip_unless_hopper(device)
     weight = wna16.repack(_group_quant(96, 512, 4, 128, False, seed=3), torch.float16, device)
     x = torch.randn(2, 512, generator=torch.Generator().manual_seed(0)).half().to(device)
     first = wna16.matmul(weight, x, **SPLIT_PLANS[kind])
@@ -269,6 +322,8 @@ def test_split_kernel_reads_only_the_partial_sums_it_stored(kind, device, requir
     stored, writes NaN. The result is the float64 product's within float16 rounding. (Under the
     interpreter programs run one after another; on a GPU they arrive in any order.)"""
     require_dot(torch.float16)
+    if kind == "wgmma":
+        _skip_unless_hopper(device)
 
     class NanFilled:
         """``torch`` for the op's module, with ``empty`` filled with NaN."""

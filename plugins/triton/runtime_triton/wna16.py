@@ -22,7 +22,9 @@ at a time on the vector units instead of the tensor cores (``gemv``: its own ker
 the split's partial sums itself; ``prefetch``: it requests each K tile one tile ahead;
 ``zero_from_sums``: it multiplies ``2**bits + q`` and takes the zero point off once a word row), for
 many rows dequantize two values a register in the activations' 16-bit type (``pairs``: its own
-kernel), or dequantize the whole weight once and hand the product to the library GEMM (``dense``);
+kernel; ``wgmma``: the same dequantization in a Gluon kernel for Hopper that dequantizes each K tile
+while the tensor cores multiply the one before, ``wna16_wgmma.py``), or dequantize the whole weight
+once and hand the product to the library GEMM (``dense``);
 ``benchmarks/kernels_gpu.py wna16-sweep`` times them against each other.
 """
 
@@ -565,7 +567,7 @@ def matmul(weight: WNA16Weight, x: torch.Tensor, bias: torch.Tensor | None = Non
         out = torch.mm(rows, dequantize(weight, x.dtype))
     elif tiles.get("gemv"):
         out = _gemv(weight, rows, tiles)
-    elif tiles.get("pairs"):
+    elif tiles.get("pairs") or tiles.get("wgmma"):
         out = _pairs(weight, rows, tiles)
     else:
         out = _tiled(weight, rows, tiles)
@@ -663,7 +665,9 @@ def _pairs_fit(weight: WNA16Weight, dtype: torch.dtype, block_k: int) -> bool:
 def _pairs(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor:
     m, k = rows.shape
     n = weight.qweight.shape[1]
-    if not _pairs_fit(weight, rows.dtype, tiles["block_k"]):
+    # The Gluon kernel copies 16 bytes of a row at a time (K is a whole number of its tiles: groups are).
+    copies_fit = not tiles.get("wgmma") or (rows.stride(0) % 8 == 0 and rows.data_ptr() % 16 == 0)
+    if not _pairs_fit(weight, rows.dtype, tiles["block_k"]) or not copies_fit:
         return torch.mm(rows, dequantize(weight, rows.dtype))
     level = PAIR_LEVELS[rows.dtype]
     split = tiles.get("split_k", 1)
@@ -673,6 +677,17 @@ def _pairs(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor
         half = torch.tensor(level, dtype=rows.dtype).view(torch.int16).item()
         mask = (1 << weight.bits) - 1
         grid, partial, counters = _split_launch(m, n, tiles, split, out)
+
+        if tiles.get("wgmma"):
+            from .wna16_wgmma import wna16_wgmma_kernel
+
+            wna16_wgmma_kernel[grid](rows, weight.qweight, weight.scales, zeros, offsets, out, partial, counters, m, n, k,
+                                     rows.stride(0), weight.qweight.stride(0), weight.scales.stride(0), out.stride(0),
+                                     mask | mask << 16, half | half << 16, BITS=weight.bits, GROUP=weight.group_size,
+                                     LEVEL=float(level), BLOCK_M=tiles["block_m"], BLOCK_N=tiles["block_n"],
+                                     BLOCK_K=tiles["block_k"], SPLIT_K=split, STAGES=tiles["num_stages"],
+                                     num_warps=tiles["num_warps"], **group_constants)
+            return out
 
         def launch(tiles: dict) -> None:
             _wna16_pairs_kernel[grid](rows, weight.qweight, weight.scales, zeros, offsets, out, partial, counters, m, n, k,

@@ -1,0 +1,192 @@
+"""W4A16 for many rows on Hopper: each K tile of the weight dequantized while the matrix
+instructions of the tile before it run (Gluon, sm_90).
+
+Triton's ``tl.dot`` waits for a tile's matrix instructions before the next tile's dequantized
+weight may be stored for them (one shared-memory buffer) or, with the weight from registers,
+lets them run on while the next tile's registers are written (the race ``wna16.py`` describes):
+either way the vector units that dequantize and the tensor cores that multiply take turns, and the
+pairs kernel reached about half the library's bf16 GEMM at 256-512 rows, where the op then
+dequantized the whole weight and called that GEMM (H100, 2026-12-07). Here the shared memory is
+laid out by hand: activation and packed-weight tiles arrive by asynchronous copies ``STAGES - 2``
+tiles ahead, the dequantized weight alternates between two buffers, and each K tile's matrix
+instructions are left running (``warpgroup_mma_wait(1)``) while the next tile is dequantized.
+
+Dequantization is the pairs kernel's (``wna16._wna16_pairs_kernel``): a shift and a mask put a
+pair of rows' levels into a register's 16-bit halves, or-ed into ``LEVEL``'s bits, then one packed
+subtraction of ``LEVEL + zero`` and one packed multiplication by the group's scale. K tiles lie
+inside one group; the weight's rows (the output's columns) are the second operand, read from
+shared memory transposed.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+
+# A barrier of the CTA's threads: ``thread_barrier`` in Triton 3.6, ``barrier`` from 3.7.
+_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+
+
+@gluon.constexpr_function
+def _packed_layout(block_n, block_k, per, num_warps):
+    """Registers for a [BLOCK_N, BLOCK_K / PER] tile of words: a thread holds one output column's
+    words along K (the dequantized values then lie contiguous along K, as the weight's buffer
+    keeps them), a warp 32 consecutive columns (conflict-free reads of the N-contiguous copy)."""
+    words = block_k // per
+    along_k = max(1, num_warps * 32 // block_n)
+    return gl.BlockedLayout([1, words // along_k], [32, 1], [num_warps // along_k, along_k], [0, 1])
+
+
+@gluon.constexpr_function
+def _copy_layout(rows, cols, vector, num_warps):
+    """Registers for an asynchronous copy of a [rows, cols] tile, ``vector`` contiguous elements a
+    thread along the last dimension (16-byte copies)."""
+    across = min(32, cols // vector)
+    # Warps along the rows while there are rows for them, then along the columns: no thread copies
+    # an element another thread copies.
+    down = max(1, min(num_warps, rows // (32 // across)))
+    return gl.BlockedLayout([1, vector], [32 // across, across], [down, num_warps // down], [1, 0])
+
+
+@gluon.constexpr_function
+def _accumulator_layout(block_m, block_n, num_warps):
+    """Warpgroups stacked along M (each its own rows of the activations, all of the weight tile)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, block_n, 16])
+
+
+@gluon.jit
+def _pair(packed, i: gl.constexpr, BITS: gl.constexpr, pair_mask, pair_base):
+    """Rows ``2i`` and ``2i + 1`` of each word in the halves of a register, or-ed into ``pair_base``."""
+    return ((packed >> (i * BITS)) & pair_mask) | pair_base
+
+
+@gluon.jit
+def _issue(x_ptr, q_ptr, x_bufs, q_bufs, slot, k0, rows, row_ok, cols, col_ok, x_ks, q_ks, stride_xm, stride_qk,
+           PER: gl.constexpr):
+    """Start the copies of the K tile at row ``k0``: its activations and packed words, into buffer ``slot``."""
+    async_copy.async_copy_global_to_shared(
+        x_bufs.index(slot), x_ptr + rows[:, None].to(gl.int64) * stride_xm + (k0 + x_ks)[None, :],
+        mask=row_ok[:, None])
+    async_copy.async_copy_global_to_shared(
+        q_bufs.index(slot), q_ptr + (k0 // PER + q_ks)[:, None].to(gl.int64) * stride_qk + cols[None, :],
+        mask=col_ok[None, :], eviction_policy="evict_first")
+
+
+@gluon.jit
+def _store_split(acc, out_ptr, partial_ptr, ticket_ptr, rows, cols, M, N, stride_om, SPLIT_K: gl.constexpr):
+    """``wna16._store_split``'s epilogue: the sums written directly, or with K split, stored as this
+    split's float32 partial sums and added in split order by the last program of the output tile."""
+    ok = (rows < M)[:, None] & (cols < N)[None, :]
+    out_offsets = rows[:, None].to(gl.int64) * stride_om + cols[None, :]
+    if SPLIT_K == 1:
+        gl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        partial_offsets = rows[:, None].to(gl.int64) * N + cols[None, :]
+        gl.store(partial_ptr + (gl.program_id(2) * M).to(gl.int64) * N + partial_offsets, acc, mask=ok)
+        # Every thread's partial sums are stored before the ticket is taken (its release orders them).
+        _barrier()
+        ticket = ticket_ptr + gl.program_id(0) * gl.num_programs(1) + gl.program_id(1)
+        if gl.atomic_add(ticket, 1, sem="acq_rel") == SPLIT_K - 1:
+            total = gl.zeros(acc.shape, dtype=gl.float32, layout=acc.type.layout)
+            for part in range(SPLIT_K):
+                total += gl.load(partial_ptr + (part * M).to(gl.int64) * N + partial_offsets, mask=ok, other=0.0,
+                                 cache_modifier=".cg")
+            gl.store(out_ptr + out_offsets, total.to(out_ptr.dtype.element_ty), mask=ok)
+            gl.atomic_xchg(ticket, 0)  # ready for the next launch
+
+
+@gluon.jit
+def wna16_wgmma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, ticket_ptr, M, N, K, stride_xm,
+                       stride_qk, stride_sg, stride_om, pair_mask, pair_base, BITS: gl.constexpr, GROUP: gl.constexpr,
+                       LEVEL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                       SPLIT_K: gl.constexpr, STAGES: gl.constexpr, ZEROS: gl.constexpr, ZERO_POINT: gl.constexpr,
+                       OFFSETS: gl.constexpr, num_warps: gl.constexpr):
+    """``x W^T`` for a [BLOCK_M, BLOCK_N] output tile over split ``program_id(2)``'s K tiles (K a
+    whole number of BLOCK_K tiles, split as ``_wna16_kernel``'s)."""
+    PER: gl.constexpr = 32 // BITS
+    dtype: gl.constexpr = x_ptr.dtype.element_ty
+    x_copy: gl.constexpr = _copy_layout(BLOCK_M, BLOCK_K, 8, num_warps)
+    q_copy: gl.constexpr = _copy_layout(BLOCK_K // PER, BLOCK_N, 4, num_warps)
+    packed_layout: gl.constexpr = _packed_layout(BLOCK_N, BLOCK_K, PER, num_warps)
+    acc_layout: gl.constexpr = _accumulator_layout(BLOCK_M, BLOCK_N, num_warps)
+    x_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], dtype)
+    w_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], dtype)
+    q_shared: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    x_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], x_shared)
+    q_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_K // PER, BLOCK_N], q_shared)
+    w_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_K], w_shared)
+
+    off_m = gl.program_id(0) * BLOCK_M
+    off_n = gl.program_id(1) * BLOCK_N
+    rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_copy))
+    x_ks = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_copy))
+    q_ks = gl.arange(0, BLOCK_K // PER, layout=gl.SliceLayout(1, q_copy))
+    cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, q_copy))
+    row_ok = rows < M
+    col_ok = cols < N
+    group_cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, packed_layout))
+    group_ok = group_cols < N
+    span = gl.cdiv(K // BLOCK_K, SPLIT_K)
+    first = gl.program_id(2) * span
+    tiles = gl.minimum(span, K // BLOCK_K - first)
+
+    # Tiles 0 .. STAGES - 3 in flight; each iteration starts one more, into the buffer whose matrix
+    # instructions (two tiles back) every warpgroup has waited for by then.
+    for tile in gl.static_range(STAGES - 2):
+        if tile < tiles:
+            _issue(x_ptr, q_ptr, x_bufs, q_bufs, tile, (first + tile) * BLOCK_K, rows, row_ok, cols, col_ok, x_ks,
+                   q_ks, stride_xm, stride_qk, PER)
+        async_copy.commit_group()
+    acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=acc_layout)
+    for tile in range(tiles):
+        async_copy.wait_group(STAGES - 3)
+        # Every thread's copies of this tile have landed, and every warpgroup is past its wait for
+        # the matrix instructions of tile - 2 (whose buffers are written next).
+        _barrier()
+        if tile + STAGES - 2 < tiles:
+            _issue(x_ptr, q_ptr, x_bufs, q_bufs, (tile + STAGES - 2) % STAGES, (first + tile + STAGES - 2) * BLOCK_K,
+                   rows, row_ok, cols, col_ok, x_ks, q_ks, stride_xm, stride_qk, PER)
+        async_copy.commit_group()
+
+        slot = tile % STAGES
+        packed = q_bufs.index(slot).permute((1, 0)).load(packed_layout)
+        if PER // 2 == 4:
+            halves = gl.join(gl.join(_pair(packed, 0, BITS, pair_mask, pair_base),
+                                     _pair(packed, 2, BITS, pair_mask, pair_base)),
+                             gl.join(_pair(packed, 1, BITS, pair_mask, pair_base),
+                                     _pair(packed, 3, BITS, pair_mask, pair_base)))
+        else:
+            halves = gl.join(_pair(packed, 0, BITS, pair_mask, pair_base), _pair(packed, 1, BITS, pair_mask, pair_base))
+        halves = gl.reshape(halves, (BLOCK_N, BLOCK_K // 2))
+        low = halves.to(gl.int16).to(dtype, bitcast=True)
+        high = (halves >> 16).to(gl.int16).to(dtype, bitcast=True)
+        levels = gl.reshape(gl.join(low, high), (BLOCK_N, BLOCK_K))
+        group = ((first + tile) * BLOCK_K // GROUP) * stride_sg + group_cols.to(gl.int64)
+        scale = gl.load(s_ptr + group, mask=group_ok, other=0.0)
+        if ZEROS:
+            bias = (gl.load(z_ptr + group, mask=group_ok, other=0).to(gl.float32) + LEVEL).to(dtype)
+        else:
+            bias = gl.full([BLOCK_N], ZERO_POINT + LEVEL, dtype, layout=gl.SliceLayout(1, packed_layout))
+        level_layout: gl.constexpr = levels.type.layout
+        scale = gl.convert_layout(scale.to(dtype), gl.SliceLayout(1, level_layout))
+        bias = gl.convert_layout(bias, gl.SliceLayout(1, level_layout))
+        w = (levels - bias[:, None]) * scale[:, None]
+        if OFFSETS:
+            offset = gl.load(o_ptr + group, mask=group_ok, other=0.0).to(dtype)
+            w += gl.convert_layout(offset, gl.SliceLayout(1, level_layout))[:, None]
+
+        w_buf = w_bufs.index(tile % 2)
+        w_buf.store(w)
+        # The matrix instructions read shared memory through the async proxy: fence this thread's
+        # writes (and its landed copies), then wait for every thread's.
+        fence_async_shared()
+        _barrier()
+        acc = warpgroup_mma(x_bufs.index(slot), w_buf.permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    async_copy.wait_group(0)
+
+    _store_split(acc, out_ptr, partial_ptr, ticket_ptr, off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout)),
+                 off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout)), M, N, stride_om, SPLIT_K)

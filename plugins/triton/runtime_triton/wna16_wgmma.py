@@ -75,6 +75,23 @@ def _issue(x_ptr, q_ptr, x_bufs, q_bufs, slot, k0, rows, row_ok, cols, col_ok, x
 
 
 @gluon.jit
+def _group_terms(s_ptr, z_ptr, o_ptr, k0, cols, ok, stride_sg, dtype: gl.constexpr, GROUP: gl.constexpr,
+                 LEVEL: gl.constexpr, ZEROS: gl.constexpr, ZERO_POINT: gl.constexpr, OFFSETS: gl.constexpr):
+    """The scale, ``LEVEL + zero`` and offset (zero without ``OFFSETS``) of the group holding row ``k0``."""
+    group = (k0 // GROUP) * stride_sg + cols.to(gl.int64)
+    scale = gl.load(s_ptr + group, mask=ok, other=0.0).to(dtype)
+    if ZEROS:
+        bias = (gl.load(z_ptr + group, mask=ok, other=0).to(gl.float32) + LEVEL).to(dtype)
+    else:
+        bias = gl.full(cols.shape, ZERO_POINT + LEVEL, dtype, layout=cols.type.layout)
+    if OFFSETS:
+        offset = gl.load(o_ptr + group, mask=ok, other=0.0).to(dtype)
+    else:
+        offset = gl.zeros(cols.shape, dtype, layout=cols.type.layout)
+    return scale, bias, offset
+
+
+@gluon.jit
 def _store_split(acc, out_ptr, partial_ptr, ticket_ptr, rows, cols, M, N, stride_om, SPLIT_K: gl.constexpr):
     """``wna16._store_split``'s epilogue: the sums written directly, or with K split, stored as this
     split's float32 partial sums and added in split order by the last program of the output tile."""
@@ -140,7 +157,14 @@ def wna16_wgmma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, 
                    q_ks, stride_xm, stride_qk, PER)
         async_copy.commit_group()
     acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=acc_layout)
+    # Each tile's group terms are read a tile ahead (their latency hidden behind a tile's work).
+    next_terms = _group_terms(s_ptr, z_ptr, o_ptr, first * BLOCK_K, group_cols, group_ok, stride_sg, dtype, GROUP,
+                              LEVEL, ZEROS, ZERO_POINT, OFFSETS)
     for tile in range(tiles):
+        scale, bias, offset = next_terms
+        ahead = first + gl.minimum(tile + 1, tiles - 1)
+        next_terms = _group_terms(s_ptr, z_ptr, o_ptr, ahead * BLOCK_K, group_cols, group_ok, stride_sg, dtype, GROUP,
+                                  LEVEL, ZEROS, ZERO_POINT, OFFSETS)
         async_copy.wait_group(STAGES - 3)
         # Every thread's copies of this tile have landed, and every warpgroup is past its wait for
         # the matrix instructions of tile - 2 (whose buffers are written next).
@@ -163,19 +187,10 @@ def wna16_wgmma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, 
         low = halves.to(gl.int16).to(dtype, bitcast=True)
         high = (halves >> 16).to(gl.int16).to(dtype, bitcast=True)
         levels = gl.reshape(gl.join(low, high), (BLOCK_N, BLOCK_K))
-        group = ((first + tile) * BLOCK_K // GROUP) * stride_sg + group_cols.to(gl.int64)
-        scale = gl.load(s_ptr + group, mask=group_ok, other=0.0)
-        if ZEROS:
-            bias = (gl.load(z_ptr + group, mask=group_ok, other=0).to(gl.float32) + LEVEL).to(dtype)
-        else:
-            bias = gl.full([BLOCK_N], ZERO_POINT + LEVEL, dtype, layout=gl.SliceLayout(1, packed_layout))
-        level_layout: gl.constexpr = levels.type.layout
-        scale = gl.convert_layout(scale.to(dtype), gl.SliceLayout(1, level_layout))
-        bias = gl.convert_layout(bias, gl.SliceLayout(1, level_layout))
-        w = (levels - bias[:, None]) * scale[:, None]
+        level_layout: gl.constexpr = gl.SliceLayout(1, levels.type.layout)
+        w = (levels - gl.convert_layout(bias, level_layout)[:, None]) * gl.convert_layout(scale, level_layout)[:, None]
         if OFFSETS:
-            offset = gl.load(o_ptr + group, mask=group_ok, other=0.0).to(dtype)
-            w += gl.convert_layout(offset, gl.SliceLayout(1, level_layout))[:, None]
+            w += gl.convert_layout(offset, level_layout)[:, None]
 
         w_buf = w_bufs.index(tile % 2)
         w_buf.store(w)

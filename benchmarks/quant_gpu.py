@@ -101,13 +101,15 @@ def use_swept_plans(sweep: Path) -> None:
             best.setdefault((row["n"], row["k"]), []).append((row["rows"], row["best"]))
     own = wna16.plan
 
-    def swept(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2, pairs_fit: bool = True) -> dict:
+    def swept(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2, pairs_fit: bool = True,
+              **device) -> dict:
         if element_size != 2 or (n, k) not in best or not pairs_fit:
-            return own(m, n, k, sm_count, element_size, pairs_fit)
+            return own(m, n, k, sm_count, element_size, pairs_fit, **device)
         plans = sorted(best[n, k], key=lambda pair: pair[0])
         # Past the largest swept row count the op's own plan: a one-row plan at 8192 rows would be
         # slower by orders of magnitude.
-        return next((tiles for rows, tiles in plans if rows >= m), own(m, n, k, sm_count, element_size, pairs_fit))
+        return next((tiles for rows, tiles in plans if rows >= m),
+                    own(m, n, k, sm_count, element_size, pairs_fit, **device))
 
     wna16.plan = swept
 

@@ -260,6 +260,34 @@ def test_shared_shifts_in_bfloat16_match_the_float64_product(rows, n, k, group, 
     assert bool(((got - wna16.matmul(weight, x, **plan).double()).abs() <= bound).all())
 
 
+@pytest.mark.parametrize("shared_shifts", [False, True], ids=["biased-levels", "shared-shifts"])
+@pytest.mark.parametrize("zero_point,offsets", list(ZERO_KINDS.values()), ids=list(ZERO_KINDS))
+@pytest.mark.parametrize("rows,n,k,group,act_order,tiles", [
+    (1, 72, 2048, 128, False, dict(block_n=64, block_k=128, split_k=2, num_warps=4, num_stages=3)),
+    (2, 64, 768, 128, True, dict(block_n=32, block_k=256, split_k=2, num_warps=4, num_stages=4)),
+    (1, 64, 1536, 32, False, dict(block_n=64, block_k=512, split_k=1, num_warps=8, num_stages=2)),
+    (3, 40, 256, 64, True, dict(block_n=32, block_k=64, split_k=5, num_warps=4, num_stages=3)),
+], ids=["one-group-tiles", "act-order", "groups-in-a-tile", "empty-splits"])
+def test_streamed_kernel_matches_the_vector_kernel(rows, n, k, group, act_order, tiles, zero_point, offsets,
+                                                   shared_shifts, device):
+    """The vector kernel with its words streamed through shared memory (``streamed``: Gluon, copies
+    started ``num_stages - 1`` tiles ahead, each thread reading back its own) sums as the plain
+    vector kernel does: within two bfloat16 roundings of the float64 product and of it, over many
+    K tiles a split (buffers reused round and round), K split unevenly (splits with no tile whose
+    copies are all masked), groups inside and across K tiles, act-order, uneven columns."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
+        pytest.skip("the streamed kernel's asynchronous copies need an sm_80 or later GPU")
+    data = _group_quant(n, k, 4, group, act_order, seed=rows + k, zero_point=zero_point, offsets=offsets)
+    weight = wna16.repack(data, torch.bfloat16, device)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(7)).to(device, torch.bfloat16)
+    plan = dict(gemv=True, zero_from_sums=True, shared_shifts=shared_shifts, **tiles)
+    got = wna16.matmul(weight, x, **plan, streamed=True).double()
+    exact = x.double() @ data.dequantize(torch.float64).to(device).T
+    bound = 2 * 2 ** -8 * (x.double().abs() @ data.dequantize(torch.float64).to(device).abs().T) + 1e-6
+    assert bool(((got - exact).abs() <= bound).all()), ((got - exact).abs() / bound).max()
+    assert bool(((got - wna16.matmul(weight, x, **{**plan, "num_stages": 1}).double()).abs() <= bound).all())
+
+
 def test_a_plan_too_large_for_shared_memory_shrinks_and_is_remembered(monkeypatch):
     """A launch whose tile asks more shared memory than the GPU has (Triton's OutOfResources, at
     compile time) is retried with fewer stages, then half the K depth; the plan that fit is used

@@ -128,14 +128,16 @@ def _group_terms(s_ptr, z_ptr, o_ptr, group, mask, ZEROS: tl.constexpr, ZERO_POI
     is off): the zero point read (``ZEROS``) or the constant ``ZERO_POINT``, the offset read
     (``OFFSETS``) or zero."""
     scale = tl.load(s_ptr + group, mask=mask, other=0.0).to(tl.float32)
+    # The constants are broadcast from ``mask`` (not tl.full) so that Gluon kernels, whose tensors
+    # all carry a layout, can call this too (wna16_streamed.py).
     if ZEROS:
         zero = tl.load(z_ptr + group, mask=mask, other=0).to(tl.float32)
     else:
-        zero = tl.full(scale.shape, ZERO_POINT, tl.float32)
+        zero = tl.where(mask, ZERO_POINT, ZERO_POINT).to(tl.float32)
     if OFFSETS:
         offset = tl.load(o_ptr + group, mask=mask, other=0.0).to(tl.float32)
     else:
-        offset = tl.zeros(scale.shape, tl.float32)
+        offset = tl.where(mask, 0.0, 0.0)
     return scale, zero, offset
 
 
@@ -172,8 +174,8 @@ def _store_split(acc, out_ptr, partial_ptr, ticket, out_offsets, partial_offsets
         # Every thread's partial sums are stored before the ticket is taken (its release orders them).
         tl.debug_barrier()
         if tl.atomic_add(ticket, 1, sem="acq_rel") == SPLIT_K - 1:
-            total = tl.zeros(acc.shape, dtype=tl.float32)
-            for part in range(SPLIT_K):
+            total = tl.load(partial_ptr + partial_offsets, mask=ok, other=0.0, cache_modifier=".cg")
+            for part in range(1, SPLIT_K):
                 total += tl.load(partial_ptr + (part * M).to(tl.int64) * N + partial_offsets, mask=ok, other=0.0,
                                  cache_modifier=".cg")
             tl.store(out_ptr + out_offsets, total.to(out_ptr.dtype.element_ty), mask=ok)
@@ -627,6 +629,17 @@ def _gemv(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor:
         partial = torch.empty(split, m, n, dtype=torch.float32, device=rows.device) if split > 1 else out
         zeros, offsets, group_constants = weight.group_arguments()
         shared_shifts = _shared_shifts_fit(weight, rows, tiles)
+        if tiles.get("streamed"):
+            from .wna16_streamed import wna16_streamed_kernel
+
+            wna16_streamed_kernel[(m, tiles_n, split)](
+                rows, weight.qweight, weight.scales, zeros, offsets, out, partial, tickets(rows.device, m * tiles_n), m,
+                n, k, rows.stride(0), weight.qweight.stride(0), weight.scales.stride(0), out.stride(0),
+                *(SHARED_SHIFT_CONSTANTS if shared_shifts else _level_constants(weight.bits)), BITS=weight.bits,
+                GROUP=weight.group_size, BLOCK_N=tiles["block_n"], BLOCK_K=tiles["block_k"], SPLIT_K=split,
+                STAGES=tiles["num_stages"], SHARED_SHIFTS=shared_shifts, num_warps=tiles["num_warps"],
+                **group_constants)
+            return out
         _wna16_gemv_kernel[(m, tiles_n, split)](
             rows, weight.qweight, weight.scales, zeros, offsets, out, partial, tickets(rows.device, m * tiles_n), m, n, k,
             rows.stride(0), weight.qweight.stride(0), weight.scales.stride(0), out.stride(0),

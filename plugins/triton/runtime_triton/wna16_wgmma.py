@@ -106,8 +106,8 @@ def _store_split(acc, out_ptr, partial_ptr, ticket_ptr, rows, cols, M, N, stride
         _barrier()
         ticket = ticket_ptr + gl.program_id(0) * gl.num_programs(1) + gl.program_id(1)
         if gl.atomic_add(ticket, 1, sem="acq_rel") == SPLIT_K - 1:
-            total = gl.zeros(acc.shape, dtype=gl.float32, layout=acc.type.layout)
-            for part in range(SPLIT_K):
+            total = gl.load(partial_ptr + partial_offsets, mask=ok, other=0.0, cache_modifier=".cg")
+            for part in range(1, SPLIT_K):
                 total += gl.load(partial_ptr + (part * M).to(gl.int64) * N + partial_offsets, mask=ok, other=0.0,
                                  cache_modifier=".cg")
             gl.store(out_ptr + out_offsets, total.to(out_ptr.dtype.element_ty), mask=ok)

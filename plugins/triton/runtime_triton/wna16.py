@@ -245,6 +245,27 @@ def _pair(packed, i: tl.constexpr, BITS: tl.constexpr, pair_mask, pair_base):
 
 
 @triton.jit
+def _pair_levels(packed, pair_mask, pair_base, dtype: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """The [BLOCK_N, BLOCK_K] levels ``LEVEL + q`` in ``dtype`` of words [BLOCK_N, BLOCK_K / PER]
+    (``pair_base``: ``LEVEL``'s bits in both halves). A word's pairs are joined (tl.join keeps its
+    new, last dimension in one thread's registers; the outer join's is the faster index, so pairs
+    0, 2 inside and 1, 3 outside give 0, 1, 2, 3): each thread makes a whole word's values,
+    contiguous along K, stored to shared memory at once."""
+    if 32 // BITS == 8:
+        halves = tl.join(tl.join(_pair(packed, 0, BITS, pair_mask, pair_base),
+                                 _pair(packed, 2, BITS, pair_mask, pair_base)),
+                         tl.join(_pair(packed, 1, BITS, pair_mask, pair_base),
+                                 _pair(packed, 3, BITS, pair_mask, pair_base)))
+    else:
+        halves = tl.join(_pair(packed, 0, BITS, pair_mask, pair_base), _pair(packed, 1, BITS, pair_mask, pair_base))
+    halves = tl.reshape(halves, (BLOCK_N, BLOCK_K // 2))
+    low = halves.to(tl.int16).to(dtype, bitcast=True)
+    high = (halves >> 16).to(tl.int16).to(dtype, bitcast=True)
+    return tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def _wna16_pairs_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, ticket_ptr, M, N, K, stride_xm,
                         stride_qk, stride_sg, stride_om, pair_mask, pair_base, BITS: tl.constexpr, GROUP: tl.constexpr,
                         LEVEL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -266,7 +287,6 @@ def _wna16_pairs_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr,
     no round trip through shared memory, no overlap either (faster for 16-row tiles, H100
     2026-12-07). K tiles lie inside one group; K split as ``_wna16_kernel``'s."""
     PER: tl.constexpr = 32 // BITS
-    PAIRS: tl.constexpr = PER // 2
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(2)
@@ -283,20 +303,7 @@ def _wna16_pairs_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr,
                     mask=row_ok[:, None], other=0.0)
         packed = tl.load(q_ptr + (k0 // PER + tl.arange(0, BLOCK_K // PER))[None, :].to(tl.int64) * stride_qk
                          + cols[:, None], mask=col_ok[:, None], other=0, eviction_policy="evict_first")
-        # A word's pairs joined (tl.join keeps its new, last dimension in one thread's registers; the
-        # outer join's is the faster index, so pairs 0, 2 inside and 1, 3 outside give 0, 1, 2, 3):
-        # each thread makes a whole word's values, contiguous along K, stored to shared memory at once.
-        if PAIRS == 4:
-            halves = tl.join(tl.join(_pair(packed, 0, BITS, pair_mask, pair_base),
-                                     _pair(packed, 2, BITS, pair_mask, pair_base)),
-                             tl.join(_pair(packed, 1, BITS, pair_mask, pair_base),
-                                     _pair(packed, 3, BITS, pair_mask, pair_base)))
-        else:
-            halves = tl.join(_pair(packed, 0, BITS, pair_mask, pair_base), _pair(packed, 1, BITS, pair_mask, pair_base))
-        halves = tl.reshape(halves, (BLOCK_N, BLOCK_K // 2))
-        low = halves.to(tl.int16).to(dtype, bitcast=True)
-        high = (halves >> 16).to(tl.int16).to(dtype, bitcast=True)
-        levels = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))
+        levels = _pair_levels(packed, pair_mask, pair_base, dtype, BITS, BLOCK_N, BLOCK_K)
         group = (k0 // GROUP) * stride_sg + cols.to(tl.int64)
         scale, zero, offset = _group_terms(s_ptr, z_ptr, o_ptr, group, col_ok, ZEROS, ZERO_POINT, OFFSETS)
         w = (levels - (zero + LEVEL).to(dtype)[:, None]) * scale.to(dtype)[:, None]

@@ -25,6 +25,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
+from .wna16 import _pair_levels, _store_split
+
 # A barrier of the CTA's threads: ``thread_barrier`` in Triton 3.6, ``barrier`` from 3.7.
 _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
@@ -57,12 +59,6 @@ def _accumulator_layout(block_m, block_n, num_warps):
 
 
 @gluon.jit
-def _pair(packed, i: gl.constexpr, BITS: gl.constexpr, pair_mask, pair_base):
-    """Rows ``2i`` and ``2i + 1`` of each word in the halves of a register, or-ed into ``pair_base``."""
-    return ((packed >> (i * BITS)) & pair_mask) | pair_base
-
-
-@gluon.jit
 def _issue(x_ptr, q_ptr, x_bufs, q_bufs, slot, k0, rows, row_ok, cols, col_ok, x_ks, q_ks, stride_xm, stride_qk,
            PER: gl.constexpr):
     """Start the copies of the K tile at row ``k0``: its activations and packed words, into buffer ``slot``."""
@@ -89,29 +85,6 @@ def _group_terms(s_ptr, z_ptr, o_ptr, k0, cols, ok, stride_sg, dtype: gl.constex
     else:
         offset = gl.zeros(cols.shape, dtype, layout=cols.type.layout)
     return scale, bias, offset
-
-
-@gluon.jit
-def _store_split(acc, out_ptr, partial_ptr, ticket_ptr, rows, cols, M, N, stride_om, SPLIT_K: gl.constexpr):
-    """``wna16._store_split``'s epilogue: the sums written directly, or with K split, stored as this
-    split's float32 partial sums and added in split order by the last program of the output tile."""
-    ok = (rows < M)[:, None] & (cols < N)[None, :]
-    out_offsets = rows[:, None].to(gl.int64) * stride_om + cols[None, :]
-    if SPLIT_K == 1:
-        gl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=ok)
-    else:
-        partial_offsets = rows[:, None].to(gl.int64) * N + cols[None, :]
-        gl.store(partial_ptr + (gl.program_id(2) * M).to(gl.int64) * N + partial_offsets, acc, mask=ok)
-        # Every thread's partial sums are stored before the ticket is taken (its release orders them).
-        _barrier()
-        ticket = ticket_ptr + gl.program_id(0) * gl.num_programs(1) + gl.program_id(1)
-        if gl.atomic_add(ticket, 1, sem="acq_rel") == SPLIT_K - 1:
-            total = gl.load(partial_ptr + partial_offsets, mask=ok, other=0.0, cache_modifier=".cg")
-            for part in range(1, SPLIT_K):
-                total += gl.load(partial_ptr + (part * M).to(gl.int64) * N + partial_offsets, mask=ok, other=0.0,
-                                 cache_modifier=".cg")
-            gl.store(out_ptr + out_offsets, total.to(out_ptr.dtype.element_ty), mask=ok)
-            gl.atomic_xchg(ticket, 0)  # ready for the next launch
 
 
 @gluon.jit
@@ -176,17 +149,7 @@ def wna16_wgmma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, 
 
         slot = tile % STAGES
         packed = q_bufs.index(slot).permute((1, 0)).load(packed_layout)
-        if PER // 2 == 4:
-            halves = gl.join(gl.join(_pair(packed, 0, BITS, pair_mask, pair_base),
-                                     _pair(packed, 2, BITS, pair_mask, pair_base)),
-                             gl.join(_pair(packed, 1, BITS, pair_mask, pair_base),
-                                     _pair(packed, 3, BITS, pair_mask, pair_base)))
-        else:
-            halves = gl.join(_pair(packed, 0, BITS, pair_mask, pair_base), _pair(packed, 1, BITS, pair_mask, pair_base))
-        halves = gl.reshape(halves, (BLOCK_N, BLOCK_K // 2))
-        low = halves.to(gl.int16).to(dtype, bitcast=True)
-        high = (halves >> 16).to(gl.int16).to(dtype, bitcast=True)
-        levels = gl.reshape(gl.join(low, high), (BLOCK_N, BLOCK_K))
+        levels = _pair_levels(packed, pair_mask, pair_base, dtype, BITS, BLOCK_N, BLOCK_K)
         level_layout: gl.constexpr = gl.SliceLayout(1, levels.type.layout)
         w = (levels - gl.convert_layout(bias, level_layout)[:, None]) * gl.convert_layout(scale, level_layout)[:, None]
         if OFFSETS:
@@ -203,5 +166,9 @@ def wna16_wgmma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, 
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     async_copy.wait_group(0)
 
-    _store_split(acc, out_ptr, partial_ptr, ticket_ptr, off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout)),
-                 off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout)), M, N, stride_om, SPLIT_K)
+    out_rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
+    out_cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
+    _store_split(acc, out_ptr, partial_ptr, ticket_ptr + gl.program_id(0) * gl.num_programs(1) + gl.program_id(1),
+                 out_rows[:, None].to(gl.int64) * stride_om + out_cols[None, :],
+                 out_rows[:, None].to(gl.int64) * N + out_cols[None, :], (out_rows < M)[:, None] & (out_cols < N)[None, :],
+                 gl.program_id(2), M, N, SPLIT_K)

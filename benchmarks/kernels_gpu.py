@@ -136,12 +136,6 @@ def sweep_plans(rows: int) -> list[dict]:
         # Two rows' levels a shift and x read in pairs (bfloat16, 4 bits): compiled for sm_90, 3.84
         # instructions a weight at the op's one-row tile against 4.83 (benchmarks/wna16_sass.py).
         plans += [{**plan, "shared_shifts": True} for plan in plans if plan.get("zero_from_sums")]
-        # The words streamed through shared memory (wna16_streamed.py: Gluon, copies started
-        # num_stages - 1 tiles ahead), with and without shared_shifts.
-        plans += [dict(block_n=64, block_k=k, split_k=split, gemv=True, num_warps=warps, num_stages=stages,
-                       zero_from_sums=True, shared_shifts=shifts, streamed=True)
-                  for k, split, warps, stages, shifts in itertools.product([256, 512], [4, 8], [4, 8], [3, 4],
-                                                                           [False, True])]
     # Two values a register in bfloat16 (4-bit weights): K split for few rows (the shapes that won
     # in its first form, H100 2026-12-07: docs/quantization.md), square-ish tiles for many.
     if rows <= 16:

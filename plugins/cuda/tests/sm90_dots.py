@@ -142,13 +142,6 @@ def wna16_cases():
                         kind = "wgmma" if plan.get("wgmma") else "pairs"
                         yield f"wna16 {kind} {plan}", lambda plan=plan: wna16.matmul(weight, x, **plan)
                 yield f"wna16 {n}x{k} group {group} rows {rows}", lambda: wna16.matmul(weight, x)
-            if group == 128:
-                # The vector kernel's words streamed through shared memory (Gluon), as the sweep tries it.
-                for shifts in (False, True):
-                    streamed = dict(gemv=True, streamed=True, zero_from_sums=True, shared_shifts=shifts, block_n=64,
-                                    block_k=512, split_k=4, num_warps=4, num_stages=3)
-                    yield f"wna16 streamed {n}x{k} {streamed}", lambda streamed=streamed: wna16.matmul(
-                        weight, torch.zeros(1, k, dtype=torch.bfloat16), **streamed)
 
 
 def other_cases():

@@ -28,7 +28,7 @@ def test_no_kernel_leaves_a_register_operand_matrix_instruction_pending():
     pending = [f for f in found if f["register_operand"] and any(f["pending_waits"])]
     assert [f["label"] for f in pending] == ["control"], pending
     kernels = {f["kernel"] for f in found}
-    assert {"_wna16_kernel", "_wna16_pairs_kernel", "wna16_wgmma_kernel", "wna16_streamed_kernel",
+    assert {"_wna16_kernel", "_wna16_pairs_kernel", "wna16_wgmma_kernel",
             "unified_attention_kernel", "_gate_up_kernel", "_down_kernel", "_linear_lora_kernel", "_matmul_kernel",
             "_skinny_matmul_kernel"} <= kernels, kernels
     # The Gluon W4A16 kernel's point: each K tile's matrix instructions still run while the next is dequantized.

@@ -222,16 +222,25 @@ def test_wgmma_kernel_matches_the_float64_product(plan, k, dtype, zero_point, of
     (8, 128, torch.bfloat16, False), (4, 32, torch.bfloat16, False), (4, 64, torch.float16, False),
     (4, 128, torch.float32, False)])
 @pytest.mark.parametrize("rows", [2, 16, 40, 64])
-def test_the_op_picks_the_pairs_kernel_only_for_weights_it_takes(bits, group, dtype, pairs, rows, monkeypatch):
+@pytest.mark.parametrize("hopper", [False, True], ids=["other-gpu", "hopper"])
+def test_the_op_picks_the_pairs_kernel_only_for_weights_it_takes(bits, group, dtype, pairs, rows, hopper,
+                                                                 monkeypatch):
     """From 2 to 64 rows the op's own plan multiplies on the pairs kernel where it takes the weight
     (16-bit activations that hold its levels, groups of at least its 128-deep K tile), and on the
-    tile kernel otherwise (not the dense path, which ``_pairs`` falls back to)."""
+    tile kernel otherwise (not the dense path, which ``_pairs`` falls back to); on Hopper past 16
+    rows the pairs kernel's place goes to the Gluon kernel (``wgmma``), for the same weights only."""
     called = []
-    monkeypatch.setattr(wna16, "_pairs", lambda weight, x, tiles: called.append("pairs") or x.new_zeros(len(x), 64))
+
+    def pairs_kernel(weight, x, tiles):
+        called.append("wgmma" if tiles.get("wgmma") else "pairs")
+        return x.new_zeros(len(x), 64)
+
+    monkeypatch.setattr(wna16, "_pairs", pairs_kernel)
     monkeypatch.setattr(wna16, "_tiled", lambda weight, x, tiles: called.append("tiled") or x.new_zeros(len(x), 64))
+    monkeypatch.setattr(wna16, "_hopper", lambda device: hopper)
     weight = wna16.repack(_group_quant(64, 256, bits, group, False, seed=0), dtype, torch.device("cpu"))
     wna16.matmul(weight, torch.zeros(rows, 256, dtype=dtype))
-    assert called == ["pairs" if pairs else "tiled"]
+    assert called == ["tiled" if not pairs else "wgmma" if hopper and rows > 16 else "pairs"]
 
 
 @pytest.mark.parametrize("zero_point,offsets", list(ZERO_KINDS.values()), ids=list(ZERO_KINDS))
@@ -258,34 +267,6 @@ def test_shared_shifts_in_bfloat16_match_the_float64_product(rows, n, k, group, 
     bound = 2 * 2 ** -8 * (x.double().abs() @ data.dequantize(torch.float64).to(device).abs().T) + 1e-6
     assert bool(((got - exact).abs() <= bound).all()), ((got - exact).abs() / bound).max()
     assert bool(((got - wna16.matmul(weight, x, **plan).double()).abs() <= bound).all())
-
-
-@pytest.mark.parametrize("shared_shifts", [False, True], ids=["biased-levels", "shared-shifts"])
-@pytest.mark.parametrize("zero_point,offsets", list(ZERO_KINDS.values()), ids=list(ZERO_KINDS))
-@pytest.mark.parametrize("rows,n,k,group,act_order,tiles", [
-    (1, 72, 2048, 128, False, dict(block_n=64, block_k=128, split_k=2, num_warps=4, num_stages=3)),
-    (2, 64, 768, 128, True, dict(block_n=32, block_k=256, split_k=2, num_warps=4, num_stages=4)),
-    (1, 64, 1536, 32, False, dict(block_n=64, block_k=512, split_k=1, num_warps=8, num_stages=2)),
-    (3, 40, 256, 64, True, dict(block_n=32, block_k=64, split_k=5, num_warps=4, num_stages=3)),
-], ids=["one-group-tiles", "act-order", "groups-in-a-tile", "empty-splits"])
-def test_streamed_kernel_matches_the_vector_kernel(rows, n, k, group, act_order, tiles, zero_point, offsets,
-                                                   shared_shifts, device):
-    """The vector kernel with its words streamed through shared memory (``streamed``: Gluon, copies
-    started ``num_stages - 1`` tiles ahead, each thread reading back its own) sums as the plain
-    vector kernel does: within two bfloat16 roundings of the float64 product and of it, over many
-    K tiles a split (buffers reused round and round), K split unevenly (splits with no tile whose
-    copies are all masked), groups inside and across K tiles, act-order, uneven columns."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
-        pytest.skip("the streamed kernel's asynchronous copies need an sm_80 or later GPU")
-    data = _group_quant(n, k, 4, group, act_order, seed=rows + k, zero_point=zero_point, offsets=offsets)
-    weight = wna16.repack(data, torch.bfloat16, device)
-    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(7)).to(device, torch.bfloat16)
-    plan = dict(gemv=True, zero_from_sums=True, shared_shifts=shared_shifts, **tiles)
-    got = wna16.matmul(weight, x, **plan, streamed=True).double()
-    exact = x.double() @ data.dequantize(torch.float64).to(device).T
-    bound = 2 * 2 ** -8 * (x.double().abs() @ data.dequantize(torch.float64).to(device).abs().T) + 1e-6
-    assert bool(((got - exact).abs() <= bound).all()), ((got - exact).abs() / bound).max()
-    assert bool(((got - wna16.matmul(weight, x, **{**plan, "num_stages": 1}).double()).abs() <= bound).all())
 
 
 def test_a_plan_too_large_for_shared_memory_shrinks_and_is_remembered(monkeypatch):

@@ -128,16 +128,14 @@ def _group_terms(s_ptr, z_ptr, o_ptr, group, mask, ZEROS: tl.constexpr, ZERO_POI
     is off): the zero point read (``ZEROS``) or the constant ``ZERO_POINT``, the offset read
     (``OFFSETS``) or zero."""
     scale = tl.load(s_ptr + group, mask=mask, other=0.0).to(tl.float32)
-    # The constants are broadcast from ``mask`` (not tl.full) so that Gluon kernels, whose tensors
-    # all carry a layout, can call this too (wna16_streamed.py).
     if ZEROS:
         zero = tl.load(z_ptr + group, mask=mask, other=0).to(tl.float32)
     else:
-        zero = tl.where(mask, ZERO_POINT, ZERO_POINT).to(tl.float32)
+        zero = tl.full(scale.shape, ZERO_POINT, tl.float32)
     if OFFSETS:
         offset = tl.load(o_ptr + group, mask=mask, other=0.0).to(tl.float32)
     else:
-        offset = tl.where(mask, 0.0, 0.0)
+        offset = tl.zeros(scale.shape, tl.float32)
     return scale, zero, offset
 
 
@@ -174,6 +172,8 @@ def _store_split(acc, out_ptr, partial_ptr, ticket, out_offsets, partial_offsets
         # Every thread's partial sums are stored before the ticket is taken (its release orders them).
         tl.debug_barrier()
         if tl.atomic_add(ticket, 1, sem="acq_rel") == SPLIT_K - 1:
+            # Started from split 0's sums, not tl.zeros: the Gluon kernel (wna16_wgmma.py) calls this
+            # too, and its tensors all need a layout.
             total = tl.load(partial_ptr + partial_offsets, mask=ok, other=0.0, cache_modifier=".cg")
             for part in range(1, SPLIT_K):
                 total += tl.load(partial_ptr + (part * M).to(tl.int64) * N + partial_offsets, mask=ok, other=0.0,
@@ -507,7 +507,8 @@ def dequantize(weight: WNA16Weight, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2, pairs_fit: bool = True) -> dict:
+def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2, pairs_fit: bool = True,
+         hopper: bool = False) -> dict:
     """Tiles for an [m, k] by [n, k] product, 16-bit activations, from sweeps on an H100 and an
     H200 (``benchmarks/kernels_gpu.py wna16-sweep``, Llama-3-8B's projections, docs/quantization.md).
 
@@ -524,7 +525,12 @@ def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2, pai
     kernel's 16-row tile (K split 8 ways, each word read once) and 64-row tiles, then dense.
     Float32 activations (``element_size`` 4) keep half the K depth and pipeline stages of the
     first plans: their tiles need twice the shared memory (the 16-bit decode tiles in float32
-    asked an H100 for 352 KB of its 227)."""
+    asked an H100 for 352 KB of its 227). On Hopper (``hopper``) the Gluon kernel
+    (``wna16_wgmma.py``) takes 17 to 256 rows where the pairs kernel would: 64 x 64 tiles 128 deep
+    (K split 2 ways, 4 for 14336-deep rows, none for wide outputs), wide outputs past 64 rows on
+    128 x 128 tiles, past 128 rows 128 x 64 tiles except for outputs wider than the input (qkv),
+    which stay dense (H100 2026-12-07: a layer at 64 rows 121 us against 157 for the pairs plans and bf16, at 128
+    rows 178 against 281 and bf16's 170, at 256 rows 325 against 390)."""
     if element_size > 2:
         if m <= 16:
             split = max(1, min(k // 256, (2 * sm_count) // triton.cdiv(n, 64)))
@@ -535,6 +541,16 @@ def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2, pai
         return dict(block_n=64, block_k=512, split_k=4, gemv=True, num_warps=8 if k > 8192 else 4, num_stages=1,
                     zero_from_sums=True)
     wide = n > 16384
+    if pairs_fit and hopper and 16 < m <= 256:
+        if wide and m > 64:
+            return dict(wgmma=True, block_m=128, block_n=128, block_k=64, split_k=1, num_warps=8,
+                        num_stages=3 if m <= 128 else 4)
+        if m > 128:
+            if n > k:
+                return dict(dense=True)
+            return dict(wgmma=True, block_m=128, block_n=64, block_k=128, split_k=1, num_warps=8, num_stages=4)
+        split = 1 if wide else 4 if k > 8192 and m <= 64 else 2
+        return dict(wgmma=True, block_m=64, block_n=64, block_k=128, split_k=split, num_warps=4, num_stages=4)
     if pairs_fit:
         if m <= 16:
             return dict(pairs=True, weight_first=True, block_m=16, block_n=64, block_k=128,
@@ -554,6 +570,11 @@ def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2, pai
     return dict(dense=True)
 
 
+def _hopper(device: torch.device) -> bool:
+    """Whether ``device`` is a Hopper GPU (sm_90), which the Gluon kernel is written for."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
 FITTED_TILES: dict[tuple, dict] = {}
 """Plans that had to shrink to fit the GPU's shared memory, by the plan and launch they replace."""
 
@@ -569,7 +590,7 @@ def matmul(weight: WNA16Weight, x: torch.Tensor, bias: torch.Tensor | None = Non
     n = weight.qweight.shape[1]
     if not tiles:
         sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
-        tiles = plan(m, n, k, sm, x.element_size(), _pairs_fit(weight, rows.dtype, 128))
+        tiles = plan(m, n, k, sm, x.element_size(), _pairs_fit(weight, rows.dtype, 128), hopper=_hopper(x.device))
     if tiles.get("dense"):
         # Many rows: the weight dequantized once, then the library's GEMM (the dequantization
         # costs about what reading and writing the dense weight does, small beside the product).
@@ -636,17 +657,6 @@ def _gemv(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor:
         partial = torch.empty(split, m, n, dtype=torch.float32, device=rows.device) if split > 1 else out
         zeros, offsets, group_constants = weight.group_arguments()
         shared_shifts = _shared_shifts_fit(weight, rows, tiles)
-        if tiles.get("streamed"):
-            from .wna16_streamed import wna16_streamed_kernel
-
-            wna16_streamed_kernel[(m, tiles_n, split)](
-                rows, weight.qweight, weight.scales, zeros, offsets, out, partial, tickets(rows.device, m * tiles_n), m,
-                n, k, rows.stride(0), weight.qweight.stride(0), weight.scales.stride(0), out.stride(0),
-                *(SHARED_SHIFT_CONSTANTS if shared_shifts else _level_constants(weight.bits)), BITS=weight.bits,
-                GROUP=weight.group_size, BLOCK_N=tiles["block_n"], BLOCK_K=tiles["block_k"], SPLIT_K=split,
-                STAGES=tiles["num_stages"], SHARED_SHIFTS=shared_shifts, num_warps=tiles["num_warps"],
-                **group_constants)
-            return out
         _wna16_gemv_kernel[(m, tiles_n, split)](
             rows, weight.qweight, weight.scales, zeros, offsets, out, partial, tickets(rows.device, m * tiles_n), m, n, k,
             rows.stride(0), weight.qweight.stride(0), weight.scales.stride(0), out.stride(0),

@@ -83,7 +83,7 @@ def _group_terms(s_ptr, z_ptr, o_ptr, k0, cols, ok, stride_sg, dtype: gl.constex
     if OFFSETS:
         offset = gl.load(o_ptr + group, mask=ok, other=0.0).to(dtype)
     else:
-        offset = gl.zeros(cols.shape, dtype, layout=cols.type.layout)
+        offset = gl.full(cols.shape, 0.0, dtype, layout=cols.type.layout)
     return scale, bias, offset
 
 

@@ -163,6 +163,8 @@ def sweep_plans(rows: int) -> list[dict]:
                                                                   [1, 2, 4])
                   if m * n <= 256 * 128 and (m > 64 or rows <= 128) and (m < 256 or rows > 128)
                   and (split == 1 or rows <= 256) and stages * (m * k * 2 + k // 8 * n * 4) + 2 * n * k * 2 <= 220 * 1024]
+        # Each also with its first K tile apart, so that ptxas keeps the matrix instructions asynchronous.
+        plans += [{**plan, "overlap": True} for plan in plans if plan.get("wgmma")]
     return plans + ([dict(dense=True)] if rows > 64 else [])
 
 

@@ -20,7 +20,9 @@ import contextlib
 import itertools
 import json
 import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -122,13 +124,16 @@ def wna16_cases():
     from runtime.platform.packed import GroupQuantData
     from runtime_triton import wna16
 
+    wna16._hopper = lambda device: True  # the plans wna16.plan picks on an H100 (this is a process of its own)
     pairs = [dict(pairs=True, block_m=m, block_n=n, block_k=k, split_k=split, num_warps=warps, num_stages=stages)
              for m, n, k, split, warps, stages in [(16, 64, 128, 4, 4, 4), (64, 128, 128, 1, 4, 3),
                                                    (128, 128, 64, 1, 8, 3), (256, 128, 128, 1, 8, 3)]]
     pairs += [{**plan, "weight_first": True} for plan in pairs]
-    # The Gluon kernel for many rows (its weight from shared memory, one tile's instructions left pending).
-    pairs += [dict(wgmma=True, block_m=m, block_n=n, block_k=64, num_warps=warps, num_stages=stages)
-              for m, n, warps, stages in [(64, 128, 4, 4), (128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 4)]]
+    # The Gluon kernel for many rows (its weight from shared memory, one tile's instructions left
+    # pending), with its first tile apart (overlap) and without.
+    pairs += [dict(wgmma=True, block_m=m, block_n=n, block_k=64, num_warps=warps, num_stages=stages, overlap=overlap)
+              for m, n, warps, stages in [(64, 128, 4, 4), (128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 4)]
+              for overlap in (False, True)]
     # Groups of 128 rows (GPTQ's) take the pairs kernel up to 256 rows; of 32 (GGUF's) the tile kernel up to 64.
     for group, rows_tried in ((128, (2, 16, 17, 64, 65, 128, 129, 256)), (32, (2, 16, 17, 64))):
         for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
@@ -176,6 +181,20 @@ def other_cases():
         torch.zeros(16, 1024, dtype=bf16), torch.zeros(2048, 1024, dtype=bf16))
 
 
+def serialized_matrix_instructions(cubin: bytes) -> int:
+    """How many times the SASS waits for every matrix instruction (``WARPGROUP.DEPBAR.LE gsb0, 0x0``)
+    right before issuing more: what ptxas emits when it serializes them (its C7515 advisory), where
+    an asynchronous pipeline waits in full only once, after the last."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        sass = subprocess.run([str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"), "-c",
+                               file.name], capture_output=True, text=True, check=True).stdout
+    opcodes = re.findall(r"\*/\s*(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*[^;]*);", sass)
+    return sum(1 for here, after in zip(opcodes, opcodes[1:])
+               if here.startswith("WARPGROUP.DEPBAR.LE gsb0, 0x0") and after.startswith("WARPGROUP.ARRIVE"))
+
+
 def survey() -> list[dict]:
     found = []
     # Lazily: each launch runs before its case's loop moves on (the lambdas read loop variables).
@@ -183,8 +202,10 @@ def survey() -> list[dict]:
         with recorded_launches() as launches:
             launch()
         for kernel, args, kwargs in launches:
-            found.append({"label": label, "kernel": kernel.__name__,
-                          **dots(compile_for_sm90(kernel, args, kwargs).asm["ttgir"])})
+            compiled = compile_for_sm90(kernel, args, kwargs)
+            found.append({"label": label, "kernel": kernel.__name__, **dots(compiled.asm["ttgir"])})
+            if kernel.is_gluon():
+                found[-1]["serialized"] = serialized_matrix_instructions(compiled.asm["cubin"])
     return found
 
 

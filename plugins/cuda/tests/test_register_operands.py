@@ -31,6 +31,11 @@ def test_no_kernel_leaves_a_register_operand_matrix_instruction_pending():
     assert {"_wna16_kernel", "_wna16_pairs_kernel", "wna16_wgmma_kernel",
             "unified_attention_kernel", "_gate_up_kernel", "_down_kernel", "_linear_lora_kernel", "_matmul_kernel",
             "_skinny_matmul_kernel"} <= kernels, kernels
-    # The Gluon W4A16 kernel's point: each K tile's matrix instructions still run while the next is dequantized.
+    # The Gluon W4A16 kernel's point: each K tile's matrix instructions still run while the next is
+    # dequantized. Its overlap plans keep them asynchronous through ptxas too; without the first tile
+    # apart ptxas serializes them (the control: so the SASS check sees it).
     wgmma = [f for f in found if f["kernel"] == "wna16_wgmma_kernel"]
     assert wgmma and all(1 in f["pending_waits"] and not f["register_operand"] for f in wgmma), wgmma
+    overlapped = [f for f in wgmma if "'overlap': True" in f["label"]]
+    assert overlapped and all(f["serialized"] == 0 for f in overlapped), overlapped
+    assert any(f["serialized"] for f in wgmma if "'overlap': False" in f["label"]), wgmma

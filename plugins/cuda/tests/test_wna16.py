@@ -182,8 +182,8 @@ WGMMA_PLANS = {  # id: (plan, K, activation dtype)
     # Fewer K tiles than the copies started ahead.
     "few-k-tiles": (dict(wgmma=True, block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=5), 256,
                     torch.bfloat16),
-    # K split 3 ways (16 K tiles: 6, 6 and 4), and 3 ways over 2 tiles (the last split has none,
-    # and still takes its ticket).
+    # K split 3 ways (16 K tiles: 6, 6 and 4), and 3 ways over 2 tiles (the last split has none and
+    # still takes its ticket; with overlap the launcher splits 2 ways).
     "split-3": (dict(wgmma=True, block_m=64, block_n=128, block_k=64, split_k=3, num_warps=4, num_stages=4), 1024,
                 torch.bfloat16),
     "empty-split": (dict(wgmma=True, block_m=128, block_n=64, block_k=128, split_k=3, num_warps=8, num_stages=3), 256,
@@ -197,13 +197,17 @@ WGMMA_PLANS = {  # id: (plan, K, activation dtype)
 @pytest.mark.parametrize("plan,k,dtype", list(WGMMA_PLANS.values()), ids=list(WGMMA_PLANS))
 @pytest.mark.parametrize("zero_point,offsets", list(ZERO_KINDS.values()), ids=list(ZERO_KINDS))
 @pytest.mark.parametrize("act_order", [False, True], ids=["ordered", "act-order"])
-def test_wgmma_kernel_matches_the_float64_product(plan, k, dtype, zero_point, offsets, act_order, device):
+@pytest.mark.parametrize("overlap", [False, True], ids=["first-tile-in-loop", "overlap"])
+def test_wgmma_kernel_matches_the_float64_product(plan, k, dtype, zero_point, offsets, act_order, overlap, device):
     """The Gluon kernel for many rows (wna16_wgmma.py: copies started tiles ahead, the dequantized
     weight in two alternating buffers, a tile's matrix instructions left running while the next is
-    dequantized) rounds as ``pairs`` does: within two roundings of the float64 product and of the
-    dense path, with rows and columns that fill no whole tile (masked copies and stores) and K
-    many times the pipeline's depth (a buffer reused before its time would show)."""
+    dequantized; with ``overlap`` the first tile apart, its instructions not adding to the zeroed
+    sums, and K split no finer than its tiles) rounds as ``pairs`` does: within two roundings of
+    the float64 product and of the dense path, with rows and columns that fill no whole tile
+    (masked copies and stores) and K many times the pipeline's depth (a buffer reused before its
+    time would show)."""
     _skip_unless_hopper(device)
+    plan = {**plan, "overlap": overlap}
     data = _group_quant(200, k, 4, 128, act_order, seed=13, zero_point=zero_point, offsets=offsets)
     weight = wna16.repack(data, dtype, device)
     x = torch.randn(130, k, generator=torch.Generator().manual_seed(3)).to(device, dtype)
@@ -304,6 +308,8 @@ SPLIT_PLANS = {
     "pairs-weight-first": dict(pairs=True, weight_first=True, block_m=16, block_n=64, block_k=64, split_k=4,
                                num_warps=4, num_stages=2),
     "wgmma": dict(wgmma=True, block_m=64, block_n=64, block_k=64, split_k=4, num_warps=4, num_stages=3),
+    "wgmma-overlap": dict(wgmma=True, overlap=True, block_m=64, block_n=64, block_k=64, split_k=4, num_warps=4,
+                          num_stages=3),
 }
 
 
@@ -313,7 +319,7 @@ def test_split_kernel_leaves_its_tickets_at_zero(kind, device, require_dot):
     arrival counter: every counter is zero after a launch, and the next launch (as a CUDA graph's
     replay would) gives the same result."""
     require_dot(torch.float16)
-    if kind == "wgmma":
+    if kind.startswith("wgmma"):
         _skip_unless_hopper(device)
     weight = wna16.repack(_group_quant(96, 512, 4, 128, False, seed=3), torch.float16, device)
     x = torch.randn(2, 512, generator=torch.Generator().manual_seed(0)).half().to(device)
@@ -331,7 +337,7 @@ def test_split_kernel_reads_only_the_partial_sums_it_stored(kind, device, requir
     stored, writes NaN. The result is the float64 product's within float16 rounding. (Under the
     interpreter programs run one after another; on a GPU they arrive in any order.)"""
     require_dot(torch.float16)
-    if kind == "wgmma":
+    if kind.startswith("wgmma"):
         _skip_unless_hopper(device)
 
     class NanFilled:

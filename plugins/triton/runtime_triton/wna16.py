@@ -701,6 +701,11 @@ def _pairs(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor
         return torch.mm(rows, dequantize(weight, rows.dtype))
     level = PAIR_LEVELS[rows.dtype]
     split = tiles.get("split_k", 1)
+    if tiles.get("overlap"):
+        # The overlapped Gluon kernel needs a K tile in every split: split no finer than that.
+        k_tiles = k // tiles["block_k"]
+        while split > 1 and (split - 1) * triton.cdiv(k_tiles, split) >= k_tiles:
+            split -= 1
     out = torch.empty(m, n, dtype=rows.dtype, device=rows.device)
     if m:
         zeros, offsets, group_constants = weight.group_arguments()
@@ -716,7 +721,8 @@ def _pairs(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor
                                      mask | mask << 16, half | half << 16, BITS=weight.bits, GROUP=weight.group_size,
                                      LEVEL=float(level), BLOCK_M=tiles["block_m"], BLOCK_N=tiles["block_n"],
                                      BLOCK_K=tiles["block_k"], SPLIT_K=split, STAGES=tiles["num_stages"],
-                                     num_warps=tiles["num_warps"], **group_constants)
+                                     OVERLAP=tiles.get("overlap", False), num_warps=tiles["num_warps"],
+                                     **group_constants)
             return out
 
         def launch(tiles: dict) -> None:

@@ -12,7 +12,9 @@ tiles ahead, the dequantized weight alternates between two buffers, and each K t
 instructions are left running (``warpgroup_mma_wait(1)``) while the next tile is dequantized.
 On an H100 a layer's projections took 121 us at 64 rows (the pairs plans and bf16 157), 178 at 128
 (281; bf16 170) and 325 at 256 (390; bf16 196); at 512 rows the dense path stays ahead
-(docs/quantization.md, twenty-fourth session).
+(docs/quantization.md, twenty-fourth session). Those figures are of the first form, in which ptxas
+serializes the matrix instructions of most tiles (each waited for in full); ``OVERLAP`` keeps them
+asynchronous (``plugins/cuda/tests/sm90_dots.py`` checks the SASS) and is not yet timed on a GPU.
 
 Dequantization is the pairs kernel's (``wna16._wna16_pairs_kernel``): a shift and a mask put a
 pair of rows' levels into a register's 16-bit halves, or-ed into ``LEVEL``'s bits, then one packed
@@ -91,13 +93,58 @@ def _group_terms(s_ptr, z_ptr, o_ptr, k0, cols, ok, stride_sg, dtype: gl.constex
 
 
 @gluon.jit
+def _tile(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, x_bufs, q_bufs, w_bufs, acc, terms, tile, first, tiles, rows, row_ok, cols,
+          col_ok, x_ks, q_ks, group_cols, group_ok, stride_xm, stride_qk, stride_sg, pair_mask, pair_base,
+          packed_layout: gl.constexpr, dtype: gl.constexpr, BITS: gl.constexpr, GROUP: gl.constexpr,
+          LEVEL: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+          ZEROS: gl.constexpr, ZERO_POINT: gl.constexpr, OFFSETS: gl.constexpr, USE_ACC: gl.constexpr):
+    """K tile ``tile`` of the split from tile ``first``: wait for its copies, start those of the tile
+    ``STAGES - 2`` ahead, dequantize it with ``terms`` (its group's scale, ``LEVEL + zero`` and
+    offset) into a weight buffer, and leave its matrix instructions running (adding to ``acc``
+    where ``USE_ACC``). Returns the sums and the next tile's group terms."""
+    PER: gl.constexpr = 32 // BITS
+    scale, bias, offset = terms
+    ahead = first + gl.minimum(tile + 1, tiles - 1)
+    terms = _group_terms(s_ptr, z_ptr, o_ptr, ahead * BLOCK_K, group_cols, group_ok, stride_sg, dtype, GROUP, LEVEL,
+                         ZEROS, ZERO_POINT, OFFSETS)
+    async_copy.wait_group(STAGES - 3)
+    # Every thread's copies of this tile have landed, and every warpgroup is past its wait for
+    # the matrix instructions of tile - 2 (whose buffers are written next).
+    _barrier()
+    if tile + STAGES - 2 < tiles:
+        _issue(x_ptr, q_ptr, x_bufs, q_bufs, (tile + STAGES - 2) % STAGES, (first + tile + STAGES - 2) * BLOCK_K, rows,
+               row_ok, cols, col_ok, x_ks, q_ks, stride_xm, stride_qk, PER)
+    async_copy.commit_group()
+
+    slot = tile % STAGES
+    packed = q_bufs.index(slot).permute((1, 0)).load(packed_layout)
+    levels = _pair_levels(packed, pair_mask, pair_base, dtype, BITS, BLOCK_N, BLOCK_K)
+    level_layout: gl.constexpr = gl.SliceLayout(1, levels.type.layout)
+    w = (levels - gl.convert_layout(bias, level_layout)[:, None]) * gl.convert_layout(scale, level_layout)[:, None]
+    if OFFSETS:
+        w += gl.convert_layout(offset, level_layout)[:, None]
+
+    w_buf = w_bufs.index(tile % 2)
+    w_buf.store(w)
+    # The matrix instructions read shared memory through the async proxy: fence this thread's
+    # writes (and its landed copies), then wait for every thread's.
+    fence_async_shared()
+    _barrier()
+    acc = warpgroup_mma(x_bufs.index(slot), w_buf.permute((1, 0)), acc, use_acc=USE_ACC, is_async=True)
+    return warpgroup_mma_wait(num_outstanding=1, deps=(acc, )), terms
+
+
+@gluon.jit
 def wna16_wgmma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, ticket_ptr, M, N, K, stride_xm,
                        stride_qk, stride_sg, stride_om, pair_mask, pair_base, BITS: gl.constexpr, GROUP: gl.constexpr,
                        LEVEL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                        SPLIT_K: gl.constexpr, STAGES: gl.constexpr, ZEROS: gl.constexpr, ZERO_POINT: gl.constexpr,
-                       OFFSETS: gl.constexpr, num_warps: gl.constexpr):
+                       OFFSETS: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr):
     """``x W^T`` for a [BLOCK_M, BLOCK_N] output tile over split ``program_id(2)``'s K tiles (K a
-    whole number of BLOCK_K tiles, split as ``_wna16_kernel``'s)."""
+    whole number of BLOCK_K tiles, split as ``_wna16_kernel``'s). ``OVERLAP``: the first tile
+    apart, so that ptxas keeps the matrix instructions asynchronous (every split must then have a
+    tile). Without it ptxas serializes them, and the H100 figures above are of that form: the
+    dequantization then overlaps only across the programs a multiprocessor holds."""
     PER: gl.constexpr = 32 // BITS
     dtype: gl.constexpr = x_ptr.dtype.element_ty
     x_copy: gl.constexpr = _copy_layout(BLOCK_M, BLOCK_K, 8, num_warps)
@@ -132,40 +179,25 @@ def wna16_wgmma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, 
             _issue(x_ptr, q_ptr, x_bufs, q_bufs, tile, (first + tile) * BLOCK_K, rows, row_ok, cols, col_ok, x_ks,
                    q_ks, stride_xm, stride_qk, PER)
         async_copy.commit_group()
-    acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=acc_layout)
     # Each tile's group terms are read a tile ahead (their latency hidden behind a tile's work).
-    next_terms = _group_terms(s_ptr, z_ptr, o_ptr, first * BLOCK_K, group_cols, group_ok, stride_sg, dtype, GROUP,
-                              LEVEL, ZEROS, ZERO_POINT, OFFSETS)
-    for tile in range(tiles):
-        scale, bias, offset = next_terms
-        ahead = first + gl.minimum(tile + 1, tiles - 1)
-        next_terms = _group_terms(s_ptr, z_ptr, o_ptr, ahead * BLOCK_K, group_cols, group_ok, stride_sg, dtype, GROUP,
-                                  LEVEL, ZEROS, ZERO_POINT, OFFSETS)
-        async_copy.wait_group(STAGES - 3)
-        # Every thread's copies of this tile have landed, and every warpgroup is past its wait for
-        # the matrix instructions of tile - 2 (whose buffers are written next).
-        _barrier()
-        if tile + STAGES - 2 < tiles:
-            _issue(x_ptr, q_ptr, x_bufs, q_bufs, (tile + STAGES - 2) % STAGES, (first + tile + STAGES - 2) * BLOCK_K,
-                   rows, row_ok, cols, col_ok, x_ks, q_ks, stride_xm, stride_qk, PER)
-        async_copy.commit_group()
-
-        slot = tile % STAGES
-        packed = q_bufs.index(slot).permute((1, 0)).load(packed_layout)
-        levels = _pair_levels(packed, pair_mask, pair_base, dtype, BITS, BLOCK_N, BLOCK_K)
-        level_layout: gl.constexpr = gl.SliceLayout(1, levels.type.layout)
-        w = (levels - gl.convert_layout(bias, level_layout)[:, None]) * gl.convert_layout(scale, level_layout)[:, None]
-        if OFFSETS:
-            w += gl.convert_layout(offset, level_layout)[:, None]
-
-        w_buf = w_bufs.index(tile % 2)
-        w_buf.store(w)
-        # The matrix instructions read shared memory through the async proxy: fence this thread's
-        # writes (and its landed copies), then wait for every thread's.
-        fence_async_shared()
-        _barrier()
-        acc = warpgroup_mma(x_bufs.index(slot), w_buf.permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+    terms = _group_terms(s_ptr, z_ptr, o_ptr, first * BLOCK_K, group_cols, group_ok, stride_sg, dtype, GROUP, LEVEL,
+                         ZEROS, ZERO_POINT, OFFSETS)
+    acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=acc_layout)
+    if OVERLAP:
+        # The first tile outside the loop, its instructions not adding to the zeroed sums: with the
+        # zeroing's moves reaching the loop, ptxas serializes every matrix instruction (C7515: "non
+        # wgmma instructions defining accumulator registers ... between start and end of the
+        # pipeline stage"), each waited for in full. Hence also no split without a tile (the
+        # launcher splits K no finer than its tiles): a guard around this call would bring it back.
+        acc, terms = _tile(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, x_bufs, q_bufs, w_bufs, acc, terms, 0, first, tiles,
+                           rows, row_ok, cols, col_ok, x_ks, q_ks, group_cols, group_ok, stride_xm, stride_qk, stride_sg,
+                           pair_mask, pair_base, packed_layout, dtype, BITS, GROUP, LEVEL, BLOCK_N, BLOCK_K, STAGES,
+                           ZEROS, ZERO_POINT, OFFSETS, False)
+    for tile in range(1 if OVERLAP else 0, tiles):
+        acc, terms = _tile(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, x_bufs, q_bufs, w_bufs, acc, terms, tile, first, tiles,
+                           rows, row_ok, cols, col_ok, x_ks, q_ks, group_cols, group_ok, stride_xm, stride_qk, stride_sg,
+                           pair_mask, pair_base, packed_layout, dtype, BITS, GROUP, LEVEL, BLOCK_N, BLOCK_K, STAGES,
+                           ZEROS, ZERO_POINT, OFFSETS, True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     async_copy.wait_group(0)
 

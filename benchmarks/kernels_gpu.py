@@ -204,7 +204,8 @@ def wna16_sweep(bandwidth: float, rows_tried: tuple[int, ...] = (1, 64, 256, 512
                 except Exception as error:  # a plan this GPU or Triton cannot run: named in the row
                     failed.append([tiles, f"{type(error).__name__}: {str(error)[:200]}"])
             own_us = checked_us(lambda: wna16.matmul(weight, x))
-            own_plan = wna16.plan(rows, n, k, torch.cuda.get_device_properties(0).multi_processor_count)
+            own_plan = wna16.plan(rows, n, k, torch.cuda.get_device_properties(0).multi_processor_count,
+                                  hopper=wna16._hopper(x.device))
             if only:
                 # The op's own plan competes too: quant_gpu.py --wna16-plans takes the best end to end.
                 timed.append((own_us, own_plan))

@@ -13,8 +13,9 @@ instructions are left running (``warpgroup_mma_wait(1)``) while the next tile is
 On an H100 a layer's projections took 121 us at 64 rows (the pairs plans and bf16 157), 178 at 128
 (281; bf16 170) and 325 at 256 (390; bf16 196); at 512 rows the dense path stays ahead
 (docs/quantization.md, twenty-fourth session). Those figures are of the first form, in which ptxas
-serializes the matrix instructions of most tiles (each waited for in full); ``OVERLAP`` keeps them
-asynchronous (``plugins/cuda/tests/sm90_dots.py`` checks the SASS) and is not yet timed on a GPU.
+serializes the matrix instructions of some tiles (128 x 128 x 64 among the plan's: each waited for
+in full); ``OVERLAP`` keeps them asynchronous in every tile (``plugins/cuda/tests/sm90_dots.py``
+checks the SASS) and is not yet timed on a GPU.
 
 Dequantization is the pairs kernel's (``wna16._wna16_pairs_kernel``): a shift and a mask put a
 pair of rows' levels into a register's 16-bit halves, or-ed into ``LEVEL``'s bits, then one packed

@@ -11,7 +11,7 @@ Usage: python benchmarks/quant_gpu.py PART [--dir /tmp/llama8b] [--out DIR] [--r
        = report        the table of what the parts wrote, with the ratios the issue targets
 --wna16-plans FILE (runtime-gptq): the W4A16 GEMM takes, per weight shape, the best plan of a
 ``benchmarks/kernels_gpu.py wna16-sweep --json FILE`` run at the nearest swept row count at or above
-its own, ``wna16.plan``'s past the largest (the sweep's plans tried end to end before they go into
+its own, ``wna16.plan``'s below the smallest and past the largest (the sweep's plans tried end to end before they go into
 ``wna16.plan``). --profile (runtime parts): then the kernel time by kernel of one batch-1 decode.
 Each part runs in its own process (two 8B models do not share a GPU well) and writes OUT/PART.json.
 The bf16 checkpoint is plugins/cuda/benchmarks/decode_llama8b.py's (written if missing, unless
@@ -106,8 +106,10 @@ def use_swept_plans(sweep: Path) -> None:
         if element_size != 2 or (n, k) not in best or not pairs_fit:
             return own(m, n, k, sm_count, element_size, pairs_fit, **device)
         plans = sorted(best[n, k], key=lambda pair: pair[0])
-        # Past the largest swept row count the op's own plan: a one-row plan at 8192 rows would be
-        # slower by orders of magnitude.
+        # Below the smallest swept row count and past the largest the op's own plan: a one-row plan
+        # at 8192 rows would be slower by orders of magnitude, a 64-row tile at one row wasteful.
+        if m < plans[0][0]:
+            return own(m, n, k, sm_count, element_size, pairs_fit, **device)
         return next((tiles for rows, tiles in plans if rows >= m),
                     own(m, n, k, sm_count, element_size, pairs_fit, **device))
 

@@ -39,3 +39,6 @@ def test_no_kernel_leaves_a_register_operand_matrix_instruction_pending():
     overlapped = [f for f in wgmma if "'overlap': True" in f["label"]]
     assert overlapped and all(f["serialized"] == 0 for f in overlapped), overlapped
     assert any(f["serialized"] for f in wgmma if "'overlap': False" in f["label"]), wgmma
+    # The plans wna16.plan picks (labelled by shape and group) are all of the asynchronous kind.
+    picked = [f for f in wgmma if " group " in f["label"]]
+    assert picked and all(f["serialized"] == 0 for f in picked), picked

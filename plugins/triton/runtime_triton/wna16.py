@@ -512,8 +512,11 @@ def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2, pai
     """Tiles for an [m, k] by [n, k] product, 16-bit activations, from sweeps on an H100 and an
     H200 (``benchmarks/kernels_gpu.py wna16-sweep``, Llama-3-8B's projections, docs/quantization.md).
 
-    One row: the vector kernel, 64 columns a program, 512-deep K tiles, K split 4 ways, its levels
-    biased (``zero_from_sums``), 4 warps (8 for down's 14336-deep rows) (H100, 2026-12-06). Where
+    One row: the vector kernel, 64 columns a program, 256-deep K tiles requested a tile ahead, K split
+    4 ways (8 for down's 14336-deep rows), its levels biased (``zero_from_sums``) and, for 4-bit
+    weights under bfloat16 activations, two rows' levels a shift (``shared_shifts``): a layer's four
+    projections 63.7 us against 70.1 for the earlier 512-deep tiles (H100, 2026-12-07; without the
+    shifts these tiles were within 3% of those, H100 2026-12-06). Where
     the weight suits the pairs kernel (``pairs_fit``: 16-bit activations that hold its levels,
     groups of at least 128 rows: :func:`_pairs_fit`), H100 2026-12-07 (a layer's four projections):
     up to 16 rows its 16-row tile with the weight as the first operand, K split 4 ways (8 for
@@ -526,11 +529,12 @@ def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2, pai
     Float32 activations (``element_size`` 4) keep half the K depth and pipeline stages of the
     first plans: their tiles need twice the shared memory (the 16-bit decode tiles in float32
     asked an H100 for 352 KB of its 227). On Hopper (``hopper``) the Gluon kernel
-    (``wna16_wgmma.py``) takes 17 to 256 rows where the pairs kernel would: 64 x 64 tiles 128 deep
-    (K split 2 ways, 4 for 14336-deep rows, none for wide outputs), wide outputs past 64 rows on
-    128 x 128 tiles, past 128 rows 128 x 64 tiles except for outputs wider than the input (qkv),
-    which stay dense (H100 2026-12-07: a layer at 64 rows 121 us against 157 for the pairs plans and bf16, at 128
-    rows 178 against 281 and bf16's 170, at 256 rows 325 against 390)."""
+    (``wna16_wgmma.py``, its first K tile apart: ``overlap``) takes 17 to 256 rows where the pairs
+    kernel would: wide outputs (gate/up) on 64 x 128 tiles to 64 rows, 128 x 128 past them; the
+    rest to 64 rows on 64 x 64 tiles K split 4 ways (64 deep for outputs wider than the input, qkv);
+    to 128 rows 64 x 64 tiles split 2 ways, 128 x 64 for qkv; past 128 rows qkv dense, 14336-deep
+    rows (down) 256 x 64 tiles split 2 ways, the rest 128 x 64 (H100 2026-12-07, a layer's four
+    projections: 117 us at 64 rows, 176 at 128, 318 at 256, against bf16's 157, 170 and 196)."""
     if element_size > 2:
         if m <= 16:
             split = max(1, min(k // 256, (2 * sm_count) // triton.cdiv(n, 64)))
@@ -538,19 +542,29 @@ def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2, pai
         return dict(block_m=64, block_n=128 if m > 64 else 64, block_k=32 if m > 64 else 64, split_k=1, num_warps=4,
                     num_stages=2)
     if m == 1:
-        return dict(block_n=64, block_k=512, split_k=4, gemv=True, num_warps=8 if k > 8192 else 4, num_stages=1,
-                    zero_from_sums=True)
+        return dict(block_n=64, block_k=256, split_k=8 if k > 8192 else 4, gemv=True, num_warps=4, num_stages=1,
+                    prefetch=True, zero_from_sums=True, shared_shifts=True)
     wide = n > 16384
     if pairs_fit and hopper and 16 < m <= 256:
-        if wide and m > 64:
-            return dict(wgmma=True, block_m=128, block_n=128, block_k=64, split_k=1, num_warps=8,
-                        num_stages=3 if m <= 128 else 4)
-        if m > 128:
-            if n > k:
-                return dict(dense=True)
-            return dict(wgmma=True, block_m=128, block_n=64, block_k=128, split_k=1, num_warps=8, num_stages=4)
-        split = 1 if wide else 4 if k > 8192 and m <= 64 else 2
-        return dict(wgmma=True, block_m=64, block_n=64, block_k=128, split_k=split, num_warps=4, num_stages=4)
+        if wide:
+            if m <= 64:
+                return dict(wgmma=True, overlap=True, block_m=64, block_n=128, block_k=64, split_k=1, num_warps=4,
+                            num_stages=4)
+            return dict(wgmma=True, overlap=True, block_m=128, block_n=128, block_k=64, split_k=1, num_warps=8,
+                        num_stages=4)
+        if m <= 64:
+            return dict(wgmma=True, overlap=True, block_m=64, block_n=64, block_k=64 if n > k else 128, split_k=4,
+                        num_warps=4, num_stages=4 if k > 8192 else 3)
+        if m <= 128 and n <= k:
+            return dict(wgmma=True, overlap=True, block_m=64, block_n=64, block_k=128, split_k=2, num_warps=4,
+                        num_stages=4)
+        if m > 128 and n > k:
+            return dict(dense=True)
+        if m > 128 and k > 8192:
+            return dict(wgmma=True, overlap=True, block_m=256, block_n=64, block_k=64, split_k=2, num_warps=8,
+                        num_stages=4)
+        return dict(wgmma=True, overlap=True, block_m=128, block_n=64, block_k=128, split_k=1, num_warps=8,
+                    num_stages=4)
     if pairs_fit:
         if m <= 16:
             return dict(pairs=True, weight_first=True, block_m=16, block_n=64, block_k=128,

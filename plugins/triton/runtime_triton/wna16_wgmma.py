@@ -13,9 +13,10 @@ instructions are left running (``warpgroup_mma_wait(1)``) while the next tile is
 On an H100 a layer's projections took 121 us at 64 rows (the pairs plans and bf16 157), 178 at 128
 (281; bf16 170) and 325 at 256 (390; bf16 196); at 512 rows the dense path stays ahead
 (docs/quantization.md, twenty-fourth session). Those figures are of the first form, in which ptxas
-serializes the matrix instructions of some tiles (128 x 128 x 64 among the plan's: each waited for
-in full); ``OVERLAP`` keeps them asynchronous in every tile (``plugins/cuda/tests/sm90_dots.py``
-checks the SASS) and is not yet timed on a GPU.
+serializes the matrix instructions of some tiles (128 x 128 x 64 among them: each waited for in
+full); ``OVERLAP`` keeps them asynchronous in every tile (``plugins/cuda/tests/sm90_dots.py``
+checks the SASS), which ``wna16.plan`` picks: with it and retuned tiles 117, 176 and 318 us at 64,
+128 and 256 rows (H100, twenty-fifth session; the asynchronous instructions alone gained 0-4%).
 
 Dequantization is the pairs kernel's (``wna16._wna16_pairs_kernel``): a shift and a mask put a
 pair of rows' levels into a register's 16-bit halves, or-ed into ``LEVEL``'s bits, then one packed
@@ -144,8 +145,8 @@ def wna16_wgmma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, 
     """``x W^T`` for a [BLOCK_M, BLOCK_N] output tile over split ``program_id(2)``'s K tiles (K a
     whole number of BLOCK_K tiles, split as ``_wna16_kernel``'s). ``OVERLAP``: the first tile
     apart, so that ptxas keeps the matrix instructions asynchronous (every split must then have a
-    tile). Without it ptxas serializes them, and the H100 figures above are of that form: the
-    dequantization then overlaps only across the programs a multiprocessor holds."""
+    tile). Without it ptxas serializes them in some tiles: the dequantization then overlaps only
+    across the programs a multiprocessor holds."""
     PER: gl.constexpr = 32 // BITS
     dtype: gl.constexpr = x_ptr.dtype.element_ty
     x_copy: gl.constexpr = _copy_layout(BLOCK_M, BLOCK_K, 8, num_warps)

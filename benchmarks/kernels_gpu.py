@@ -165,14 +165,20 @@ def sweep_plans(rows: int) -> list[dict]:
                   and (split == 1 or rows <= 256) and stages * (m * k * 2 + k // 8 * n * 4) + 2 * n * k * 2 <= 220 * 1024]
         # Each also with its first K tile apart, so that ptxas keeps the matrix instructions asynchronous.
         plans += [{**plan, "overlap": True} for plan in plans if plan.get("wgmma")]
+        # The weight as the first operand, dequantized into registers (a warpgroup per 64 columns;
+        # 256-row tiles spill at 255 registers when compiled for sm_90).
+        plans += [dict(wgmma=True, weight_first=True, block_m=m, block_n=n, block_k=k, split_k=split,
+                       num_warps=n // 16, num_stages=stages)
+                  for m, n, k, stages, split in itertools.product([64, 128], [64, 128], [64, 128], [4, 5], [1, 2])
+                  if (split == 1 or rows <= 256) and stages * (m * k * 2 + k // 8 * n * 4) <= 220 * 1024]
     return plans + ([dict(dense=True)] if rows > 64 else [])
 
 
 def wna16_sweep(bandwidth: float, rows_tried: tuple[int, ...] = (1, 64, 256, 512, 2048, 8192),
                 only: str | None = None) -> list[dict]:
     """Every plan of :func:`sweep_plans` at each number of rows (``only``: the plans with that option,
-    e.g. ``pairs`` or ``shared_shifts``, and the dense path, a shorter run), the best beside the
-    op's own plan and bf16."""
+    e.g. ``pairs`` or ``shared_shifts``, or with each of options joined by ``+``, and the dense
+    path, a shorter run), the best beside the op's own plan and bf16."""
     from triton.runtime.errors import OutOfResources
 
     from runtime_triton import wna16
@@ -195,7 +201,7 @@ def wna16_sweep(bandwidth: float, rows_tried: tuple[int, ...] = (1, 64, 256, 512
 
             timed, failed = [], []
             for tiles in sweep_plans(rows):
-                if only and not (tiles.get(only) or tiles.get("dense")):
+                if only and not (all(tiles.get(option) for option in only.split("+")) or tiles.get("dense")):
                     continue
                 try:
                     timed.append((checked_us(lambda: wna16.matmul(weight, x, **tiles)), tiles))
@@ -495,8 +501,9 @@ def main() -> None:
     parser.add_argument("--sweep-rows", type=int, nargs="+", default=[1, 64, 256, 512, 2048, 8192],
                         help="wna16-sweep: the numbers of rows tried")
     parser.add_argument("--only", metavar="OPTION",
-                        help="wna16-sweep: only the plans with this option (pairs, shared_shifts, gemv; and the dense "
-                             "path), beside the op's own plan, which competes for the best")
+                        help="wna16-sweep: only the plans with this option (pairs, shared_shifts, gemv; options joined "
+                             "by + for plans with all of them, as wgmma+weight_first; and the dense path), beside the "
+                             "op's own plan, which competes for the best")
     parser.add_argument("--det-rows", type=int, nargs="+", default=[1, 16, 64, 256, 2048],
                         help="deterministic-sweep: the numbers of rows tried")
     parser.add_argument("--moe-shape", default="mixtral-8x7b", help="moe-sweep: a shape of benchmarks/moe_gpu.py")

@@ -8,8 +8,9 @@ across such a wait, so the next K tile's values may be written into registers a 
 instruction still reads: on an H100, 4 of 24 tile plans of that form summed wrongly
 (docs/quantization.md, twenty-second session).
 
-Usage: python3 sm90_dots.py            (a JSON list: label, kernel, register_operand, pending_waits;
-                                        the first entry is the control, a kernel written with the form)
+Usage: python3 sm90_dots.py            (a JSON list: label, kernel, register_operand, pending_waits,
+                                        for Gluon kernels serialized, with a register operand
+                                        pending_operand_writes; the first entries are the controls)
        python3 sm90_dots.py --cache ~/.triton/cache   (after a GPU run: every kernel compiled there
                                         with the form, by name)
 Run it without TRITON_INTERPRET."""
@@ -30,7 +31,10 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 from triton.runtime.jit import JITFunction
 
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
@@ -109,12 +113,49 @@ def _register_operand_control(x_ptr, w_ptr, out_ptr, K, BLOCK_M: tl.constexpr, B
     tl.store(out_ptr + rows[None, :] * K + cols[:, None], acc)
 
 
+@gluon.jit
+def _pending_operand_control(x_ptr, w_ptr, out_ptr, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                             BLOCK_K: gl.constexpr):
+    """What the SASS walk looks for, on purpose (Gluon): each K tile's weight made in registers as
+    the first operand of asynchronous matrix instructions, one tile a loop iteration, the previous
+    tile's registers kept until the wait only as the loop-carried copy of them. ptxas then writes
+    the next tile's values into registers the pending instructions still read."""
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BLOCK_M, 16])
+    w_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    x_buf = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M, BLOCK_K],
+                                      gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.bfloat16))
+    x_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_layout))
+    x_ks = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))
+    x_buf.store(gl.load(x_ptr + x_rows[:, None] * BLOCK_K + x_ks[None, :]))
+    fence_async_shared()
+    cols = gl.program_id(0) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_layout))
+    ks = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, w_layout))
+    acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=acc_layout)
+    pending = (gl.load(w_ptr + cols[:, None] * K + ks[None, :]).to(gl.float32) * 2.0).to(gl.bfloat16)
+    acc = warpgroup_mma(pending, x_buf.permute((1, 0)), acc, use_acc=False, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        w = (gl.load(w_ptr + cols[:, None] * K + (k0 + ks)[None, :]).to(gl.float32) * 2.0).to(gl.bfloat16)
+        acc = warpgroup_mma(w, x_buf.permute((1, 0)), acc, is_async=True)
+        acc, pending = warpgroup_mma_wait(num_outstanding=1, deps=(acc, pending))
+        pending = w
+    acc, pending = warpgroup_mma_wait(num_outstanding=0, deps=(acc, pending))
+    out_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_layout))
+    out_cols = gl.program_id(0) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
+    gl.store(out_ptr + out_rows[None, :] * K + out_cols[:, None], acc)
+
+
 def control_case():
-    """The check's control: a kernel with the form, which it must flag."""
+    """The checks' controls: kernels with the forms, which they must flag."""
     k = 4096
     yield "control", lambda: _register_operand_control[(k // 128,)](
         torch.zeros(64, k, dtype=torch.bfloat16), torch.zeros(k, k, dtype=torch.int8), torch.zeros(64, k), k,
         BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
+    yield "gluon control", lambda: _pending_operand_control[(k // 64,)](
+        torch.zeros(64, 64, dtype=torch.bfloat16), torch.zeros(k, k, dtype=torch.int8), torch.zeros(64, k), k,
+        BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4)
 
 
 def wna16_cases():
@@ -134,6 +175,9 @@ def wna16_cases():
     pairs += [dict(wgmma=True, block_m=m, block_n=n, block_k=64, num_warps=warps, num_stages=stages, overlap=overlap)
               for m, n, warps, stages in [(64, 128, 4, 4), (128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 4)]
               for overlap in (False, True)]
+    # And with the weight as the first operand, dequantized into the registers it is read from.
+    pairs += [dict(wgmma=True, weight_first=True, block_m=m, block_n=n, block_k=k, split_k=split, num_warps=n // 16,
+                   num_stages=4) for m, n, k, split in [(64, 64, 64, 1), (128, 128, 64, 1), (128, 64, 128, 2)]]
     # Groups of 128 rows (GPTQ's) take the pairs kernel up to 256 rows; of 32 (GGUF's) the tile kernel up to 64.
     for group, rows_tried in ((128, (2, 16, 17, 64, 65, 128, 129, 256)), (32, (2, 16, 17, 64))):
         for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
@@ -181,18 +225,84 @@ def other_cases():
         torch.zeros(16, 1024, dtype=bf16), torch.zeros(2048, 1024, dtype=bf16))
 
 
+def sass(cubin: bytes) -> tuple[list[str], dict[str, int]]:
+    """The kernel's instructions (predicates dropped) and the index of the instruction at each label."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        listing = subprocess.run([str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"), "-c",
+                                  file.name], capture_output=True, text=True, check=True).stdout
+    instructions, labels = [], {}
+    for line in listing.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(instructions)
+        instruction = re.search(r"\*/\s*(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*[^;]*);", line)
+        if instruction:
+            instructions.append(instruction.group(1))
+    return instructions, labels
+
+
 def serialized_matrix_instructions(cubin: bytes) -> int:
     """How many times the SASS waits for every matrix instruction (``WARPGROUP.DEPBAR.LE gsb0, 0x0``)
     right before issuing more: what ptxas emits when it serializes them (its C7515 advisory), where
     an asynchronous pipeline waits in full only once, after the last."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
-        file.write(cubin)
-        file.flush()
-        sass = subprocess.run([str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"), "-c",
-                               file.name], capture_output=True, text=True, check=True).stdout
-    opcodes = re.findall(r"\*/\s*(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*[^;]*);", sass)
+    opcodes = sass(cubin)[0]
     return sum(1 for here, after in zip(opcodes, opcodes[1:])
                if here.startswith("WARPGROUP.DEPBAR.LE gsb0, 0x0") and after.startswith("WARPGROUP.ARRIVE"))
+
+
+# Instructions whose first operand is not a register they write.
+_NO_DESTINATION = {"ST", "STS", "STG", "STL", "BAR", "BRA", "EXIT", "WARPGROUP", "LDGSTS", "RED", "MEMBAR", "FENCE",
+                   "DEPBAR", "LDGDEPBAR", "NOP", "CCTL", "SYNCS", "HGMMA", "WARPSYNC", "BSYNC", "BSSY", "CALL",
+                   "RET", "YIELD", "ATOMS", "REDUX"}
+
+
+def _written(instruction: str) -> set[int]:
+    """The registers an instruction writes: its first operand and, for wide loads and wide products,
+    the ones after it."""
+    opcode, _, operands = instruction.partition(" ")
+    parts = opcode.split(".")
+    destination = re.match(r"R(\d+)$", operands.split(",")[0].strip())
+    if parts[0] in _NO_DESTINATION or not destination:
+        return set()
+    width = 4 if "128" in parts else 2 if "64" in parts or "WIDE" in parts else 1
+    return set(range(int(destination.group(1)), int(destination.group(1)) + width))
+
+
+def pending_operand_writes(cubin: bytes) -> int:
+    """Writes to a register that an asynchronous matrix instruction reads as its first operand
+    (``HGMMA`` with ``R`` operands: four registers a 16-deep step), between its issue and the
+    ``WARPGROUP.DEPBAR`` that retires its group. The code is walked in order, then each loop (a
+    backward branch) twice from an empty state, so that a loop's pending groups meet its next
+    iteration's writes."""
+    instructions, labels = sass(cubin)
+    found = set()
+
+    def walk(start: int, end: int, passes: int) -> None:
+        groups, current = [], set()
+        for _ in range(passes):
+            for index in range(start, end):
+                instruction = instructions[index]
+                if instruction.startswith("HGMMA"):
+                    operand = re.match(r"R(\d+)$", instruction.split(",")[1].strip())
+                    if operand:
+                        current |= set(range(int(operand.group(1)), int(operand.group(1)) + 4))
+                    if "gsb0" in instruction:
+                        groups, current = groups + [current], set()
+                wait = re.match(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x([0-9a-f]+)", instruction)
+                if wait:
+                    keep = int(wait.group(1), 16)
+                    groups = groups[len(groups) - keep:] if keep else []
+                if _written(instruction) & set().union(current, *groups):
+                    found.add(index)
+
+    walk(0, len(instructions), 1)
+    for index, instruction in enumerate(instructions):
+        target = re.search(r"BRA `\((\.L_x_\d+)\)", instruction)
+        if target and labels.get(target.group(1), index + 1) <= index:
+            walk(labels[target.group(1)], index + 1, 2)
+    return len(found)
 
 
 def survey() -> list[dict]:
@@ -203,9 +313,12 @@ def survey() -> list[dict]:
             launch()
         for kernel, args, kwargs in launches:
             compiled = compile_for_sm90(kernel, args, kwargs)
-            found.append({"label": label, "kernel": kernel.__name__, **dots(compiled.asm["ttgir"])})
+            found.append({"label": label, "kernel": kernel.__name__, "gluon": kernel.is_gluon(),
+                          **dots(compiled.asm["ttgir"])})
             if kernel.is_gluon():
                 found[-1]["serialized"] = serialized_matrix_instructions(compiled.asm["cubin"])
+            if found[-1]["register_operand"]:
+                found[-1]["pending_operand_writes"] = pending_operand_writes(compiled.asm["cubin"])
     return found
 
 

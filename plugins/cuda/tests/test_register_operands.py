@@ -15,18 +15,28 @@ import pytest
 def test_no_kernel_leaves_a_register_operand_matrix_instruction_pending():
     """Every Triton kernel of the plugin as its launcher launches it (the W4A16 plans the op picks
     for Llama-3-8B's projections, the pairs kernel's tiles, attention, fused MoE, LoRA, the
-    batch-invariant and skinny matmuls), compiled for sm_90: none takes a matrix instruction's first
-    operand from registers and leaves it pending past a wait (Triton then lets the next K tile
-    overwrite those registers: tests/sm90_dots.py). A kernel written with that form is the
-    check's control."""
+    batch-invariant and skinny matmuls), compiled for sm_90: no Triton kernel takes a matrix
+    instruction's first operand from registers and leaves it pending past a wait (Triton then lets
+    the next K tile overwrite those registers: tests/sm90_dots.py), and no Gluon kernel's SASS
+    writes such a register before the wait that retires it. A kernel written with each form is
+    its check's control."""
     pytest.importorskip("triton.backends.nvidia.compiler")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(Path(__file__).with_name("sm90_dots.py"))], capture_output=True,
                          text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     found = json.loads(run.stdout)
-    pending = [f for f in found if f["register_operand"] and any(f["pending_waits"])]
+    pending = [f for f in found if f["register_operand"] and any(f["pending_waits"]) and not f["gluon"]]
     assert [f["label"] for f in pending] == ["control"], pending
+    # Gluon kernels may leave register operands pending (their waits keep the registers alive):
+    # the SASS must not write those registers before the wait that retires the instructions.
+    # The Gluon control keeps only a copy alive, and ptxas writes them.
+    written = [f for f in found if f.get("pending_operand_writes")]
+    assert [f["label"] for f in written] == ["gluon control"], written
+    # The weight-first W4A16 kernel's registers stay pending a tile, its instructions asynchronous.
+    weight_first = [f for f in found if f["kernel"] == "wna16_wgmma_weight_first_kernel"]
+    assert weight_first and all(f["register_operand"] and 1 in f["pending_waits"] and f["serialized"] == 0
+                                for f in weight_first), weight_first
     kernels = {f["kernel"] for f in found}
     assert {"_wna16_kernel", "_wna16_pairs_kernel", "wna16_wgmma_kernel",
             "unified_attention_kernel", "_gate_up_kernel", "_down_kernel", "_linear_lora_kernel", "_matmul_kernel",

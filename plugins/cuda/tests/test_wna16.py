@@ -191,23 +191,28 @@ WGMMA_PLANS = {  # id: (plan, K, activation dtype)
     # float16's levels (1024's bits).
     "float16": (dict(wgmma=True, block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4), 1024,
                 torch.float16),
+    # An odd number of K tiles (weight first: the launcher takes the other kernel).
+    "odd-k-tiles": (dict(wgmma=True, block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=4), 384,
+                    torch.bfloat16),
 }
 
 
 @pytest.mark.parametrize("plan,k,dtype", list(WGMMA_PLANS.values()), ids=list(WGMMA_PLANS))
 @pytest.mark.parametrize("zero_point,offsets", list(ZERO_KINDS.values()), ids=list(ZERO_KINDS))
 @pytest.mark.parametrize("act_order", [False, True], ids=["ordered", "act-order"])
-@pytest.mark.parametrize("overlap", [False, True], ids=["first-tile-in-loop", "overlap"])
-def test_wgmma_kernel_matches_the_float64_product(plan, k, dtype, zero_point, offsets, act_order, overlap, device):
-    """The Gluon kernel for many rows (wna16_wgmma.py: copies started tiles ahead, the dequantized
+@pytest.mark.parametrize("form", [{}, {"overlap": True}, {"weight_first": True}],
+                         ids=["first-tile-in-loop", "overlap", "weight-first"])
+def test_wgmma_kernel_matches_the_float64_product(plan, k, dtype, zero_point, offsets, act_order, form, device):
+    """The Gluon kernels for many rows (wna16_wgmma.py: copies started tiles ahead, the dequantized
     weight in two alternating buffers, a tile's matrix instructions left running while the next is
     dequantized; with ``overlap`` the first tile apart, its instructions not adding to the zeroed
-    sums, and K split no finer than its tiles) rounds as ``pairs`` does: within two roundings of
-    the float64 product and of the dense path, with rows and columns that fill no whole tile
-    (masked copies and stores) and K many times the pipeline's depth (a buffer reused before its
-    time would show)."""
+    sums, and K split no finer than its tiles; with ``weight_first`` the weight dequantized into
+    the registers the instructions read, two sets of them in turn, K split into even numbers of
+    tiles) round as ``pairs`` does: within two roundings of the float64 product and of the dense
+    path, with rows and columns that fill no whole tile (masked copies and stores) and K many times
+    the pipeline's depth (a buffer or registers reused before their time would show)."""
     _skip_unless_hopper(device)
-    plan = {**plan, "overlap": overlap}
+    plan = {**plan, **form}
     data = _group_quant(200, k, 4, 128, act_order, seed=13, zero_point=zero_point, offsets=offsets)
     weight = wna16.repack(data, dtype, device)
     x = torch.randn(130, k, generator=torch.Generator().manual_seed(3)).to(device, dtype)
@@ -245,6 +250,42 @@ def test_the_op_picks_the_pairs_kernel_only_for_weights_it_takes(bits, group, dt
     weight = wna16.repack(_group_quant(64, 256, bits, group, False, seed=0), dtype, torch.device("cpu"))
     wna16.matmul(weight, torch.zeros(rows, 256, dtype=dtype))
     assert called == ["tiled" if not pairs else "wgmma" if hopper and rows > 16 else "pairs"]
+
+
+@pytest.mark.parametrize("bits,dtype,k,block_n,block_k,split,launched", [
+    (4, torch.bfloat16, 1024, 64, 64, 1, ("weight first", 1)),  # 16 K tiles
+    (4, torch.bfloat16, 1024, 128, 64, 3, ("weight first", 3)),  # 6, 6 and 4
+    (4, torch.bfloat16, 768, 64, 128, 4, ("weight first", 3)),  # 6 tiles: 2, 2, 2 and none; then 2, 2, 2
+    (4, torch.bfloat16, 256, 64, 128, 2, ("weight first", 1)),  # 2 tiles: 1 and 1; then both
+    (4, torch.bfloat16, 384, 64, 128, 1, ("overlap", 1)),  # 3 tiles
+    (4, torch.bfloat16, 640, 64, 128, 2, ("overlap", 2)),  # 5 tiles: 3 and 2, odd either way
+    (8, torch.float16, 1024, 64, 64, 1, ("overlap", 1)),  # 8-bit words hold two pairs, not four
+    (4, torch.bfloat16, 1024, 256, 64, 1, ("overlap", 1)),  # four warpgroups' columns
+])
+def test_weight_first_gluon_plans_launch_with_every_split_even(bits, dtype, k, block_n, block_k, split, launched,
+                                                               monkeypatch):
+    """The weight-first Gluon kernel takes K tiles two at a time in every split: the launcher splits
+    K no finer than the plan asks into parts of an even number of tiles, at least 2 (as the
+    kernel's programs divide them, the last taking what is left), and otherwise, as for 8-bit
+    weights and other widths, launches the shared-memory kernel with the first tile apart."""
+    from runtime_triton import wna16_wgmma
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, SPLIT_K, OVERLAP=False, **kwargs: launches.append(
+                (self.name if self.name == "weight first" or not OVERLAP else "overlap", SPLIT_K))
+
+    monkeypatch.setattr(wna16_wgmma, "wna16_wgmma_kernel", Recorder("shared"))
+    monkeypatch.setattr(wna16_wgmma, "wna16_wgmma_weight_first_kernel", Recorder("weight first"))
+    weight = wna16.repack(_group_quant(block_n, k, bits, 128, False, seed=0), dtype, torch.device("cpu"))
+    wna16.matmul(weight, torch.zeros(70, k, dtype=dtype), wgmma=True, weight_first=True, block_m=64,
+                 block_n=block_n, block_k=block_k, split_k=split, num_warps=block_n // 16, num_stages=3)
+    assert launches == [launched]
 
 
 @pytest.mark.parametrize("zero_point,offsets", list(ZERO_KINDS.values()), ids=list(ZERO_KINDS))
@@ -310,6 +351,8 @@ SPLIT_PLANS = {
     "wgmma": dict(wgmma=True, block_m=64, block_n=64, block_k=64, split_k=4, num_warps=4, num_stages=3),
     "wgmma-overlap": dict(wgmma=True, overlap=True, block_m=64, block_n=64, block_k=64, split_k=4, num_warps=4,
                           num_stages=3),
+    "wgmma-weight-first": dict(wgmma=True, weight_first=True, block_m=64, block_n=64, block_k=64, split_k=4,
+                               num_warps=4, num_stages=3),
 }
 
 

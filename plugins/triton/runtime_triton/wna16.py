@@ -23,7 +23,8 @@ the split's partial sums itself; ``prefetch``: it requests each K tile one tile 
 ``zero_from_sums``: it multiplies ``2**bits + q`` and takes the zero point off once a word row), for
 many rows dequantize two values a register in the activations' 16-bit type (``pairs``: its own
 kernel; ``wgmma``: the same dequantization in a Gluon kernel for Hopper that dequantizes each K tile
-while the tensor cores multiply the one before, ``wna16_wgmma.py``), or dequantize the whole weight
+while the tensor cores multiply the one before, ``wna16_wgmma.py``; with ``weight_first`` 4-bit
+weights dequantized into the registers its matrix instructions read), or dequantize the whole weight
 once and hand the product to the library GEMM (``dense``);
 ``benchmarks/kernels_gpu.py wna16-sweep`` times them against each other.
 """
@@ -259,6 +260,13 @@ def _pair_levels(packed, pair_mask, pair_base, dtype: tl.constexpr, BITS: tl.con
                                  _pair(packed, 3, BITS, pair_mask, pair_base)))
     else:
         halves = tl.join(_pair(packed, 0, BITS, pair_mask, pair_base), _pair(packed, 1, BITS, pair_mask, pair_base))
+    return _pair_values(halves, dtype, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _pair_values(halves, dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] values in ``dtype`` of registers ``halves`` holding two a register (the
+    lower half first along K), in any shape of BLOCK_N * BLOCK_K / 2 elements that lists them in order."""
     halves = tl.reshape(halves, (BLOCK_N, BLOCK_K // 2))
     low = halves.to(tl.int16).to(dtype, bitcast=True)
     high = (halves >> 16).to(tl.int16).to(dtype, bitcast=True)
@@ -706,6 +714,17 @@ def _pairs_fit(weight: WNA16Weight, dtype: torch.dtype, block_k: int) -> bool:
     return level is not None and 2 ** weight.bits <= level and weight.group_size % block_k == 0
 
 
+def _even_split(k_tiles: int, split: int) -> int:
+    """The finest split of ``k_tiles`` K tiles, at most ``split`` ways, whose every part holds an
+    even number of them, at least 2 (0 if there is none)."""
+    for ways in range(split, 0, -1):
+        span = triton.cdiv(k_tiles, ways)
+        last = k_tiles - (ways - 1) * span
+        if span % 2 == 0 and last >= 2 and last % 2 == 0:
+            return ways
+    return 0
+
+
 def _pairs(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor:
     m, k = rows.shape
     n = weight.qweight.shape[1]
@@ -715,6 +734,13 @@ def _pairs(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor
         return torch.mm(rows, dequantize(weight, rows.dtype))
     level = PAIR_LEVELS[rows.dtype]
     split = tiles.get("split_k", 1)
+    if tiles.get("wgmma") and tiles.get("weight_first"):
+        # Its loop takes K tiles two at a time, the first and last apart: an even number in each split;
+        # 4-bit words (four pairs), 64 columns a warpgroup, one or two warpgroups.
+        fits = weight.bits == 4 and tiles["block_n"] in (64, 128)
+        split = _even_split(k // tiles["block_k"], split) if fits else 0
+        if not split:
+            tiles, split = {**tiles, "weight_first": False, "overlap": True}, tiles.get("split_k", 1)
     if tiles.get("overlap"):
         # The overlapped Gluon kernel needs a K tile in every split: split no finer than that.
         k_tiles = k // tiles["block_k"]
@@ -728,15 +754,22 @@ def _pairs(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor
         grid, partial, counters = _split_launch(m, n, tiles, split, out)
 
         if tiles.get("wgmma"):
-            from .wna16_wgmma import wna16_wgmma_kernel
+            from .wna16_wgmma import wna16_wgmma_kernel, wna16_wgmma_weight_first_kernel
 
-            wna16_wgmma_kernel[grid](rows, weight.qweight, weight.scales, zeros, offsets, out, partial, counters, m, n, k,
-                                     rows.stride(0), weight.qweight.stride(0), weight.scales.stride(0), out.stride(0),
-                                     mask | mask << 16, half | half << 16, BITS=weight.bits, GROUP=weight.group_size,
-                                     LEVEL=float(level), BLOCK_M=tiles["block_m"], BLOCK_N=tiles["block_n"],
-                                     BLOCK_K=tiles["block_k"], SPLIT_K=split, STAGES=tiles["num_stages"],
-                                     OVERLAP=tiles.get("overlap", False), num_warps=tiles["num_warps"],
-                                     **group_constants)
+            arguments = (rows, weight.qweight, weight.scales, zeros, offsets, out, partial, counters, m, n, k,
+                         rows.stride(0), weight.qweight.stride(0), weight.scales.stride(0), out.stride(0),
+                         mask | mask << 16, half | half << 16)
+            constants = dict(BITS=weight.bits, GROUP=weight.group_size, LEVEL=float(level), BLOCK_M=tiles["block_m"],
+                             BLOCK_N=tiles["block_n"], BLOCK_K=tiles["block_k"], SPLIT_K=split,
+                             STAGES=tiles["num_stages"], **group_constants)
+            if tiles.get("weight_first"):
+                # A warpgroup holds 64 of the tile's columns in its registers. With 3 stages Triton 3.7
+                # fails to compile its copies (it finds the activations' rows 2 bytes contiguous).
+                constants["STAGES"] = max(4, constants["STAGES"])
+                wna16_wgmma_weight_first_kernel[grid](*arguments, num_warps=tiles["block_n"] // 16, **constants)
+            else:
+                wna16_wgmma_kernel[grid](*arguments, OVERLAP=tiles.get("overlap", False), num_warps=tiles["num_warps"],
+                                         **constants)
             return out
 
         def launch(tiles: dict) -> None:

@@ -23,6 +23,17 @@ pair of rows' levels into a register's 16-bit halves, or-ed into ``LEVEL``'s bit
 subtraction of ``LEVEL + zero`` and one packed multiplication by the group's scale. K tiles lie
 inside one group; the weight's rows (the output's columns) are the second operand, read from
 shared memory transposed.
+
+At 512 rows and more that kernel lost to the dense path (gate/up 281 us against bf16's 167):
+each K tile's dequantized weight is stored to shared memory, read back by every warpgroup's
+matrix instructions, and fenced by a second barrier, so shared memory, not the tensor cores,
+bounds it. ``wna16_wgmma_weight_first_kernel`` (the ``weight_first`` option, 4-bit weights)
+multiplies ``W x^T`` instead: each thread reads the packed words its first-operand registers need
+(a quad of threads the same words, each taking its own pair of rows) and dequantizes them in
+place, so only the activations go through shared memory and one barrier a tile remains (as
+Marlin's kernels keep the weight in registers). Not yet run on a GPU: compiled for sm_90 its
+instructions stay asynchronous and no instruction writes a register a pending one reads
+(``tests/sm90_dots.py``).
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from .wna16 import _pair_levels, _store_split
+from .wna16 import _pair_levels, _pair_values, _store_split
 
 # A barrier of the CTA's threads: ``thread_barrier`` in Triton 3.6, ``barrier`` from 3.7.
 _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
@@ -78,6 +89,41 @@ def _issue(x_ptr, q_ptr, x_bufs, q_bufs, slot, k0, rows, row_ok, cols, col_ok, x
 
 
 @gluon.jit
+def _start_split(x_ptr, q_ptr, x_bufs, q_bufs, K, rows, row_ok, cols, col_ok, x_ks, q_ks, stride_xm, stride_qk,
+                 PER: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr):
+    """The first K tile and the number of tiles of split ``program_id(2)`` (K split as
+    ``_wna16_kernel``'s), with the copies of its tiles 0 .. STAGES - 3 started: each tile then
+    starts one more (:func:`_advance_copies`)."""
+    span = gl.cdiv(K // BLOCK_K, SPLIT_K)
+    first = gl.program_id(2) * span
+    tiles = gl.minimum(span, K // BLOCK_K - first)
+    for tile in gl.static_range(STAGES - 2):
+        if tile < tiles:
+            _issue(x_ptr, q_ptr, x_bufs, q_bufs, tile, (first + tile) * BLOCK_K, rows, row_ok, cols, col_ok, x_ks,
+                   q_ks, stride_xm, stride_qk, PER)
+        async_copy.commit_group()
+    return first, tiles
+
+
+@gluon.jit
+def _advance_copies(x_ptr, q_ptr, x_bufs, q_bufs, tile, first, tiles, rows, row_ok, cols, col_ok, x_ks, q_ks, stride_xm,
+                    stride_qk, PER: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, FENCE: gl.constexpr):
+    """Wait for K tile ``tile``'s copies, then start those of the tile ``STAGES - 2`` ahead into the
+    buffers of tile - 2: after the barrier every thread's copies of this tile have landed and every
+    warpgroup is past its wait for the matrix instructions of tile - 2. ``FENCE``: the landed
+    copies fenced here for the matrix instructions (the shared-memory weight's kernel fences them
+    with its weight's stores)."""
+    async_copy.wait_group(STAGES - 3)
+    if FENCE:
+        fence_async_shared()
+    _barrier()
+    if tile + STAGES - 2 < tiles:
+        _issue(x_ptr, q_ptr, x_bufs, q_bufs, (tile + STAGES - 2) % STAGES, (first + tile + STAGES - 2) * BLOCK_K, rows,
+               row_ok, cols, col_ok, x_ks, q_ks, stride_xm, stride_qk, PER)
+    async_copy.commit_group()
+
+
+@gluon.jit
 def _group_terms(s_ptr, z_ptr, o_ptr, k0, cols, ok, stride_sg, dtype: gl.constexpr, GROUP: gl.constexpr,
                  LEVEL: gl.constexpr, ZEROS: gl.constexpr, ZERO_POINT: gl.constexpr, OFFSETS: gl.constexpr):
     """The scale, ``LEVEL + zero`` and offset (zero without ``OFFSETS``) of the group holding row ``k0``."""
@@ -109,14 +155,8 @@ def _tile(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, x_bufs, q_bufs, w_bufs, acc, terms,
     ahead = first + gl.minimum(tile + 1, tiles - 1)
     terms = _group_terms(s_ptr, z_ptr, o_ptr, ahead * BLOCK_K, group_cols, group_ok, stride_sg, dtype, GROUP, LEVEL,
                          ZEROS, ZERO_POINT, OFFSETS)
-    async_copy.wait_group(STAGES - 3)
-    # Every thread's copies of this tile have landed, and every warpgroup is past its wait for
-    # the matrix instructions of tile - 2 (whose buffers are written next).
-    _barrier()
-    if tile + STAGES - 2 < tiles:
-        _issue(x_ptr, q_ptr, x_bufs, q_bufs, (tile + STAGES - 2) % STAGES, (first + tile + STAGES - 2) * BLOCK_K, rows,
-               row_ok, cols, col_ok, x_ks, q_ks, stride_xm, stride_qk, PER)
-    async_copy.commit_group()
+    _advance_copies(x_ptr, q_ptr, x_bufs, q_bufs, tile, first, tiles, rows, row_ok, cols, col_ok, x_ks, q_ks, stride_xm,
+                    stride_qk, PER, BLOCK_K, STAGES, False)
 
     slot = tile % STAGES
     packed = q_bufs.index(slot).permute((1, 0)).load(packed_layout)
@@ -170,17 +210,8 @@ def wna16_wgmma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, 
     col_ok = cols < N
     group_cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, packed_layout))
     group_ok = group_cols < N
-    span = gl.cdiv(K // BLOCK_K, SPLIT_K)
-    first = gl.program_id(2) * span
-    tiles = gl.minimum(span, K // BLOCK_K - first)
-
-    # Tiles 0 .. STAGES - 3 in flight; each iteration starts one more, into the buffer whose matrix
-    # instructions (two tiles back) every warpgroup has waited for by then.
-    for tile in gl.static_range(STAGES - 2):
-        if tile < tiles:
-            _issue(x_ptr, q_ptr, x_bufs, q_bufs, tile, (first + tile) * BLOCK_K, rows, row_ok, cols, col_ok, x_ks,
-                   q_ks, stride_xm, stride_qk, PER)
-        async_copy.commit_group()
+    first, tiles = _start_split(x_ptr, q_ptr, x_bufs, q_bufs, K, rows, row_ok, cols, col_ok, x_ks, q_ks, stride_xm,
+                                stride_qk, PER, BLOCK_K, SPLIT_K, STAGES)
     # Each tile's group terms are read a tile ahead (their latency hidden behind a tile's work).
     terms = _group_terms(s_ptr, z_ptr, o_ptr, first * BLOCK_K, group_cols, group_ok, stride_sg, dtype, GROUP, LEVEL,
                          ZEROS, ZERO_POINT, OFFSETS)
@@ -208,4 +239,121 @@ def wna16_wgmma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, 
     _store_split(acc, out_ptr, partial_ptr, ticket_ptr + gl.program_id(0) * gl.num_programs(1) + gl.program_id(1),
                  out_rows[:, None].to(gl.int64) * stride_om + out_cols[None, :],
                  out_rows[:, None].to(gl.int64) * N + out_cols[None, :], (out_rows < M)[:, None] & (out_cols < N)[None, :],
+                 gl.program_id(2), M, N, SPLIT_K)
+
+
+@gluon.constexpr_function
+def _first_operand_pairs_layout(block_n, block_k, num_warps):
+    """Registers for [BLOCK_N, BLOCK_K / 8, 4]: pair ``i`` of word ``w`` of output column ``n`` (4-bit
+    rows ``8w + 2i`` and ``8w + 2i + 1``), in the thread whose first-operand registers of a
+    warpgroup matrix instruction (16-bit values, two a register) hold those rows of that column:
+    lanes 0-1 pick the pair, lanes 2-4 and the first register the column (a warp 16 of them, a
+    warpgroup 64), later registers the word. Each thread of a quad reads the same words."""
+    words = [[0, 1 << bit, 0] for bit in range((block_k // 8).bit_length() - 1)]
+    return gl.DistributedLinearLayout(reg_bases=[[8, 0, 0]] + words,
+                                      lane_bases=[[0, 0, 1], [0, 0, 2], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+                                      warp_bases=[[16 << bit, 0, 0] for bit in range(num_warps.bit_length() - 1)],
+                                      block_bases=[], shape=[block_n, block_k // 8, 4])
+
+
+@gluon.jit
+def _first_operand_tile(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, x_bufs, q_bufs, acc, pending, tile, first, tiles, rows,
+                        row_ok, cols, col_ok, x_ks, q_ks, group_cols, group_ok, pair_shifts, stride_xm, stride_qk,
+                        stride_sg, pair_mask, pair_base, words_layout: gl.constexpr, w_layout: gl.constexpr,
+                        dtype: gl.constexpr, BITS: gl.constexpr, GROUP: gl.constexpr, LEVEL: gl.constexpr,
+                        BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, ZEROS: gl.constexpr,
+                        ZERO_POINT: gl.constexpr, OFFSETS: gl.constexpr, USE_ACC: gl.constexpr):
+    """K tile ``tile`` with the weight as the first operand: wait for its copies, start those of the
+    tile ``STAGES - 2`` ahead, dequantize its words straight into the registers the matrix
+    instructions read, and leave them running. ``pending``: the previous tile's weight registers,
+    kept until this tile's wait has retired that tile's instructions. Returns the sums and this
+    tile's weight registers (the caller keeps them until the next tile's wait)."""
+    PER: gl.constexpr = 32 // BITS
+    scale, bias, offset = _group_terms(s_ptr, z_ptr, o_ptr, (first + tile) * BLOCK_K, group_cols, group_ok,
+                                       stride_sg, dtype, GROUP, LEVEL, ZEROS, ZERO_POINT, OFFSETS)
+    _advance_copies(x_ptr, q_ptr, x_bufs, q_bufs, tile, first, tiles, rows, row_ok, cols, col_ok, x_ks, q_ks, stride_xm,
+                    stride_qk, PER, BLOCK_K, STAGES, True)
+    slot = tile % STAGES
+    words = q_bufs.index(slot).permute((1, 0)).load(words_layout)
+    halves = ((words[:, :, None] >> pair_shifts[None, None, :]) & pair_mask) | pair_base
+    levels = gl.convert_layout(_pair_values(halves, dtype, BLOCK_N, BLOCK_K), w_layout)
+    w = (levels - bias[:, None]) * scale[:, None]
+    if OFFSETS:
+        w += offset[:, None]
+    acc = warpgroup_mma(w, x_bufs.index(slot).permute((1, 0)), acc, use_acc=USE_ACC, is_async=True)
+    acc, pending = warpgroup_mma_wait(num_outstanding=1, deps=(acc, pending))
+    return acc, w
+
+
+@gluon.jit
+def wna16_wgmma_weight_first_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, ticket_ptr, M, N, K,
+                                    stride_xm, stride_qk, stride_sg, stride_om, pair_mask, pair_base,
+                                    BITS: gl.constexpr, GROUP: gl.constexpr, LEVEL: gl.constexpr,
+                                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                                    SPLIT_K: gl.constexpr, STAGES: gl.constexpr, ZEROS: gl.constexpr,
+                                    ZERO_POINT: gl.constexpr, OFFSETS: gl.constexpr, num_warps: gl.constexpr):
+    """``(W x^T)^T`` for a [BLOCK_M, BLOCK_N] output tile, 4-bit weights: the weight is the first
+    operand, dequantized into registers (a warpgroup's 64 of the BLOCK_N = 16 x num_warps columns),
+    the activations the second, from shared memory; no dequantized weight goes through shared memory
+    and one barrier a tile orders the activation buffers. Every split holds an even number of K
+    tiles, at least 2 (the launcher checks): tiles alternate between two sets of weight registers in
+    a loop unrolled twice, each set kept until the wait that retires its instructions (in a loop of
+    one tile the carried set is a copy, and ptxas rewrites the registers the pending instructions
+    still read: ``tests/sm90_dots.py`` walks the SASS for such writes), and the first and last tiles
+    lie outside the loop (the first not adding to the zeroed sums, which keeps ptxas from
+    serializing the matrix instructions)."""
+    dtype: gl.constexpr = x_ptr.dtype.element_ty
+    x_copy: gl.constexpr = _copy_layout(BLOCK_M, BLOCK_K, 8, num_warps)
+    q_copy: gl.constexpr = _copy_layout(BLOCK_K // 8, BLOCK_N, 4, num_warps)
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, BLOCK_M, 16])
+    w_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    pairs_layout: gl.constexpr = _first_operand_pairs_layout(BLOCK_N, BLOCK_K, num_warps)
+    words_layout: gl.constexpr = gl.SliceLayout(2, pairs_layout)
+    x_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], dtype)
+    x_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], x_shared)
+    q_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_K // 8, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+
+    off_m = gl.program_id(0) * BLOCK_M
+    off_n = gl.program_id(1) * BLOCK_N
+    rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_copy))
+    x_ks = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_copy))
+    q_ks = gl.arange(0, BLOCK_K // 8, layout=gl.SliceLayout(1, q_copy))
+    cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, q_copy))
+    row_ok = rows < M
+    col_ok = cols < N
+    group_cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_layout))
+    group_ok = group_cols < N
+    pair_shifts = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, pairs_layout))) * BITS
+    first, tiles = _start_split(x_ptr, q_ptr, x_bufs, q_bufs, K, rows, row_ok, cols, col_ok, x_ks, q_ks, stride_xm,
+                                stride_qk, 8, BLOCK_K, SPLIT_K, STAGES)
+    acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=acc_layout)
+    acc, w_even = _first_operand_tile(
+        x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, x_bufs, q_bufs, acc, gl.full((BLOCK_N, BLOCK_K), 0.0, dtype, w_layout), 0,
+        first, tiles, rows, row_ok, cols, col_ok, x_ks, q_ks, group_cols, group_ok, pair_shifts, stride_xm, stride_qk,
+        stride_sg, pair_mask, pair_base, words_layout, w_layout, dtype, BITS, GROUP, LEVEL, BLOCK_N, BLOCK_K, STAGES,
+        ZEROS, ZERO_POINT, OFFSETS, False)
+    for tile in range(1, tiles - 1, 2):
+        acc, w_odd = _first_operand_tile(
+            x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, x_bufs, q_bufs, acc, w_even, tile, first, tiles, rows, row_ok, cols,
+            col_ok, x_ks, q_ks, group_cols, group_ok, pair_shifts, stride_xm, stride_qk, stride_sg, pair_mask,
+            pair_base, words_layout, w_layout, dtype, BITS, GROUP, LEVEL, BLOCK_N, BLOCK_K, STAGES, ZEROS, ZERO_POINT,
+            OFFSETS, True)
+        acc, w_even = _first_operand_tile(
+            x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, x_bufs, q_bufs, acc, w_odd, tile + 1, first, tiles, rows, row_ok, cols,
+            col_ok, x_ks, q_ks, group_cols, group_ok, pair_shifts, stride_xm, stride_qk, stride_sg, pair_mask,
+            pair_base, words_layout, w_layout, dtype, BITS, GROUP, LEVEL, BLOCK_N, BLOCK_K, STAGES, ZEROS, ZERO_POINT,
+            OFFSETS, True)
+    acc, w_odd = _first_operand_tile(
+        x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, x_bufs, q_bufs, acc, w_even, tiles - 1, first, tiles, rows, row_ok, cols,
+        col_ok, x_ks, q_ks, group_cols, group_ok, pair_shifts, stride_xm, stride_qk, stride_sg, pair_mask, pair_base,
+        words_layout, w_layout, dtype, BITS, GROUP, LEVEL, BLOCK_N, BLOCK_K, STAGES, ZEROS, ZERO_POINT, OFFSETS, True)
+    acc, w_odd = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w_odd))
+    async_copy.wait_group(0)
+
+    out_cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
+    out_rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_layout))
+    _store_split(acc, out_ptr, partial_ptr, ticket_ptr + gl.program_id(0) * gl.num_programs(1) + gl.program_id(1),
+                 out_rows[None, :].to(gl.int64) * stride_om + out_cols[:, None],
+                 out_rows[None, :].to(gl.int64) * N + out_cols[:, None], (out_rows < M)[None, :] & (out_cols < N)[:, None],
                  gl.program_id(2), M, N, SPLIT_K)

@@ -6,7 +6,10 @@ first operand from registers while a wait leaves it pending (Triton lets it run 
 loop iteration). Triton 3.6 and 3.7 keep only the accumulator and the shared-memory operand alive
 across such a wait, so the next K tile's values may be written into registers a matrix
 instruction still reads: on an H100, 4 of 24 tile plans of that form summed wrongly
-(docs/quantization.md, twenty-second session).
+(docs/quantization.md, twenty-second session). A Gluon kernel may take the form on purpose, its
+wait naming the registers to keep: for those the SASS itself is walked for writes to a register
+a pending matrix instruction reads (``pending_operand_writes``), and for every Gluon kernel the
+waits that serialize its matrix instructions are counted.
 
 Usage: python3 sm90_dots.py            (a JSON list: label, kernel, register_operand, pending_waits,
                                         for Gluon kernels serialized, with a register operand

@@ -19,7 +19,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc
 
+from .dependent import dependent_launches
 from .paged_attention import tanh
 
 # Elements one activation program handles along a row.
@@ -29,9 +31,12 @@ ACTIVATION_BLOCK = 1024
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, n_cols, eps,
                      stride_x, stride_r, stride_o, stride_ro, x_heads, stride_x_head,
-                     BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr):
+                     BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
     """One row; ``x``'s rows may be heads of ``x_heads`` a token (token stride ``stride_x``, head
-    stride ``stride_x_head``), as a query or key slice of a fused projection's output is."""
+    stride ``stride_x_head``), as a query or key slice of a fused projection's output is.
+    ``LAUNCH_DEPENDENTS``: a programmatic dependent of this launch may start now (``dependent.py``)."""
+    if LAUNCH_DEPENDENTS:
+        gdc.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -72,7 +77,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     block = triton.next_power_of_2(n)
     if count:
         _rms_norm_kernel[(count,)](rows, rows, weight, out, out, n, eps, stride_token, stride_token, n, n, heads,
-                                   stride_head, BLOCK=block, ADD_RESIDUAL=False, num_warps=_norm_warps(block))
+                                   stride_head, BLOCK=block, ADD_RESIDUAL=False,
+                                   LAUNCH_DEPENDENTS=dependent_launches(x.device), num_warps=_norm_warps(block))
     return out
 
 
@@ -84,7 +90,9 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     if rows.shape[0]:
         _rms_norm_kernel[(rows.shape[0],)](rows, res, weight, out, summed, rows.shape[1], eps,
                                            rows.stride(0), res.stride(0), out.stride(0), summed.stride(0), 1, 0,
-                                           BLOCK=block, ADD_RESIDUAL=True, num_warps=_norm_warps(block))
+                                           BLOCK=block, ADD_RESIDUAL=True,
+                                           LAUNCH_DEPENDENTS=dependent_launches(x.device),
+                                           num_warps=_norm_warps(block))
     return out.view(x.shape), summed.view(x.shape)
 
 
@@ -189,8 +197,11 @@ def _rotary(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos
 
 @triton.jit
 def _gated_activation_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o,
-                             BLOCK: tl.constexpr, ACTIVATION: tl.constexpr):
-    """out[:, j] = act(x[:, j]) * x[:, n_cols + j]; ACTIVATION is "silu", "gelu" or "gelu_tanh"."""
+                             BLOCK: tl.constexpr, ACTIVATION: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
+    """out[:, j] = act(x[:, j]) * x[:, n_cols + j]; ACTIVATION is "silu", "gelu" or "gelu_tanh".
+    ``LAUNCH_DEPENDENTS``: a programmatic dependent of this launch may start now (``dependent.py``)."""
+    if LAUNCH_DEPENDENTS:
+        gdc.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -213,7 +224,8 @@ def _gated(x: torch.Tensor, activation: str) -> torch.Tensor:
     if rows.shape[0]:
         block = min(ACTIVATION_BLOCK, triton.next_power_of_2(n_cols))
         _gated_activation_kernel[(rows.shape[0], triton.cdiv(n_cols, block))](
-            rows, out, n_cols, rows.stride(0), out.stride(0), BLOCK=block, ACTIVATION=activation)
+            rows, out, n_cols, rows.stride(0), out.stride(0), BLOCK=block, ACTIVATION=activation,
+            LAUNCH_DEPENDENTS=dependent_launches(x.device))
     return out.view(*x.shape[:-1], n_cols)
 
 

@@ -34,7 +34,6 @@ and were timed end to end there (docs/lora.md).
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
@@ -43,6 +42,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc
 
 from . import skinny_matmul
+from .dependent import dependent_launches
 from .skinny_matmul import skinny_product
 from .tickets import tickets
 from .tile_plans import nvidia
@@ -461,21 +461,6 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         DOT_PRECISION=_dot_precision(lora_b.dtype), AFTER_SHRINK=after_shrink, num_warps=tiles["num_warps"],
         num_stages=tiles["num_stages"], **({"launch_pdl": True} if after_shrink else {}))
     return out
-
-
-_DEPENDENT_LAUNCHES: dict[torch.device, bool] = {}
-
-
-def dependent_launches(device: torch.device) -> bool:
-    """Whether a launch may start while the one before it still runs (programmatic dependent
-    launch: NVIDIA sm_90 and later, compiled kernels; not Triton's interpreter, not ROCm). At batch
-    1 a projection's shrink then runs beside its product instead of before it."""
-    known = _DEPENDENT_LAUNCHES.get(device)
-    if known is None:
-        known = _DEPENDENT_LAUNCHES[device] = (
-            device.type == "cuda" and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
-            and torch.cuda.get_device_capability(device)[0] >= 9)
-    return known
 
 
 def _checked_slices(op: str, out_features: int, lora_a: torch.Tensor, lora_b: torch.Tensor,

@@ -26,8 +26,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc
 
 from runtime.platform import KV_CACHE_DTYPES
+
+from .dependent import dependent_launches
 
 FP8_DTYPES = frozenset(KV_CACHE_DTYPES.values())
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # scores go through exp2
@@ -128,8 +131,11 @@ def unified_attention_kernel(
         stride_ckv, stride_cb, stride_co, stride_ch, stride_bt,
         HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
         USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr, SPLIT: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, ALIGN_TILES: tl.constexpr = False):
-    """Grid: (query blocks (an upper bound), kv heads, splits). See the module docstring."""
+        DOT_PRECISION: tl.constexpr, ALIGN_TILES: tl.constexpr = False, LAUNCH_DEPENDENTS: tl.constexpr = False):
+    """Grid: (query blocks (an upper bound), kv heads, splits). See the module docstring.
+    ``LAUNCH_DEPENDENTS``: a programmatic dependent of this launch may start now (``dependent.py``)."""
+    if LAUNCH_DEPENDENTS:
+        gdc.gdc_launch_dependents()
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -216,8 +222,11 @@ def unified_attention_kernel(
 
 @triton.jit
 def merge_splits_kernel(out_ptr, partial_ptr, stats_ptr, num_splits, head_size, stride_ot, stride_oh,
-                        SPLITS_PAD: tl.constexpr, HEAD_PAD: tl.constexpr):
-    """One program per (token, head): rescale each split's partial sums to the common max and add."""
+                        SPLITS_PAD: tl.constexpr, HEAD_PAD: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
+    """One program per (token, head): rescale each split's partial sums to the common max and add.
+    ``LAUNCH_DEPENDENTS``: a programmatic dependent of this launch may start now (``dependent.py``)."""
+    if LAUNCH_DEPENDENTS:
+        gdc.gdc_launch_dependents()
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_PAD)
@@ -268,6 +277,7 @@ def unified_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
     split = num_splits > 1
     partial, stats = workspace if split else (out, out)
     grid = (tokens // block_q + num_seqs, kv_heads, num_splits)
+    dependents = dependent_launches(query.device)
     unified_attention_kernel[grid](
         out, partial, stats, query, kv_cache, block_table, seq_lens, query_start_loc,
         num_seqs, num_seqs.bit_length(), group, block_q, kv_cache.shape[2],
@@ -278,11 +288,11 @@ def unified_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
         USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=soft_cap is not None, SPLIT=split,
         # float32 must not silently become TF32 in the matrix units.
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", ALIGN_TILES=align_tiles,
-        num_warps=num_warps, num_stages=num_stages)
+        LAUNCH_DEPENDENTS=dependents and not split, num_warps=num_warps, num_stages=num_stages)
     if split:
         merge_splits_kernel[(tokens, num_heads)](
             out, partial, stats, num_splits, head_size, out.stride(0), out.stride(1),
-            SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_PAD=head_pad)
+            SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_PAD=head_pad, LAUNCH_DEPENDENTS=dependents)
     return out
 
 

@@ -37,9 +37,11 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc
 
 from runtime.platform.packed import GroupQuantData
 
+from .dependent import dependent_launches
 from .fitting import fewer_stages_then_shallower, launch_fitting
 from .tickets import tickets
 
@@ -336,12 +338,15 @@ def _wna16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, 
                        stride_qk, stride_sg, stride_om, level_mask, level_base, BITS: tl.constexpr, GROUP: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
                        ZERO_FROM_SUMS: tl.constexpr, ZEROS: tl.constexpr, ZERO_POINT: tl.constexpr,
-                       OFFSETS: tl.constexpr, SHARED_SHIFTS: tl.constexpr):
+                       OFFSETS: tl.constexpr, SHARED_SHIFTS: tl.constexpr, DEPENDENT: tl.constexpr):
     """One row of ``x`` a program, on the vector units: the float32 products of ``x`` and the integer
     levels summed per packed word row and column, scaled once per K tile (or per word row, where a tile spans groups),
     and summed across the tile's threads once at the end. With ``SPLIT_K`` programs per output
     tile, each stores its partial sums and the last to arrive (a ticket counter per tile) adds them
-    in split order and writes the output: one launch, no zeroed float32 buffer to cast afterwards."""
+    in split order and writes the output: one launch, no zeroed float32 buffer to cast afterwards.
+    ``DEPENDENT``: launched as a programmatic dependent of the launch before (``dependent.py``),
+    whose results (``x``; and the memory this launch writes may be memory that launch still reads)
+    are waited for after the first weight tile is requested."""
     PER: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PER
     row, tile, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -359,6 +364,8 @@ def _wna16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, 
     if PREFETCH:
         packed, scale, zero, offset = _gemv_tile(q_ptr, s_ptr, z_ptr, o_ptr, start, end, word, cols, col_ok, stride_qk,
                                                  stride_sg, PER, GROUP, BLOCK_K, ZEROS, ZERO_POINT, OFFSETS)
+    if DEPENDENT:
+        gdc.gdc_wait()
     for k0 in range(start, end, BLOCK_K):
         if PREFETCH:
             next_packed, next_scale, next_zero, next_offset = _gemv_tile(
@@ -538,11 +545,14 @@ def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2, pai
     first plans: their tiles need twice the shared memory (the 16-bit decode tiles in float32
     asked an H100 for 352 KB of its 227). On Hopper (``hopper``) the Gluon kernel
     (``wna16_wgmma.py``, its first K tile apart: ``overlap``) takes 17 to 256 rows where the pairs
-    kernel would: wide outputs (gate/up) on 64 x 128 tiles to 64 rows, 128 x 128 past them; the
+    kernel would: wide outputs (gate/up) on 64 x 128 tiles to 64 rows, 128 x 128 to 128; the
     rest to 64 rows on 64 x 64 tiles K split 4 ways (64 deep for outputs wider than the input, qkv);
-    to 128 rows 64 x 64 tiles split 2 ways, 128 x 64 for qkv; past 128 rows qkv dense, 14336-deep
-    rows (down) 256 x 64 tiles split 2 ways, the rest 128 x 64 (H100 2026-12-07, a layer's four
-    projections: 117 us at 64 rows, 176 at 128, 318 at 256, against bf16's 157, 170 and 196)."""
+    to 128 rows qkv on 128 x 64 tiles, 14336-deep rows (down) on 64 x 64 split 2 ways; past 128 rows
+    qkv dense. The others, o from 65 rows and gate/up and down past 128, on the kernel that
+    dequantizes the weight into the matrix instructions' registers (``weight_first``): 128 x 64 x
+    128 tiles (split 2 ways to 128 rows), gate/up 128 x 64 x 64, down 128 x 128 x 128 split 2 ways
+    (H100 2026-12-07, a layer's four projections: 117 us at 64 rows, 174 at 128, 298 at 256,
+    against bf16's 157, 170 and 196)."""
     if element_size > 2:
         if m <= 16:
             split = max(1, min(k // 256, (2 * sm_count) // triton.cdiv(n, 64)))
@@ -558,21 +568,27 @@ def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2, pai
             if m <= 64:
                 return dict(wgmma=True, overlap=True, block_m=64, block_n=128, block_k=64, split_k=1, num_warps=4,
                             num_stages=4)
-            return dict(wgmma=True, overlap=True, block_m=128, block_n=128, block_k=64, split_k=1, num_warps=8,
+            if m <= 128:
+                return dict(wgmma=True, overlap=True, block_m=128, block_n=128, block_k=64, split_k=1, num_warps=8,
+                            num_stages=4)
+            return dict(wgmma=True, weight_first=True, block_m=128, block_n=64, block_k=64, split_k=1, num_warps=4,
                         num_stages=4)
         if m <= 64:
             return dict(wgmma=True, overlap=True, block_m=64, block_n=64, block_k=64 if n > k else 128, split_k=4,
                         num_warps=4, num_stages=4 if k > 8192 else 3)
-        if m <= 128 and n <= k:
+        if n > k:
+            if m > 128:
+                return dict(dense=True)
+            return dict(wgmma=True, overlap=True, block_m=128, block_n=64, block_k=128, split_k=1, num_warps=8,
+                        num_stages=4)
+        if m <= 128 and k > 8192:
             return dict(wgmma=True, overlap=True, block_m=64, block_n=64, block_k=128, split_k=2, num_warps=4,
                         num_stages=4)
-        if m > 128 and n > k:
-            return dict(dense=True)
-        if m > 128 and k > 8192:
-            return dict(wgmma=True, overlap=True, block_m=256, block_n=64, block_k=64, split_k=2, num_warps=8,
+        if k > 8192:
+            return dict(wgmma=True, weight_first=True, block_m=128, block_n=128, block_k=128, split_k=2, num_warps=8,
                         num_stages=4)
-        return dict(wgmma=True, overlap=True, block_m=128, block_n=64, block_k=128, split_k=1, num_warps=8,
-                    num_stages=4)
+        return dict(wgmma=True, weight_first=True, block_m=128, block_n=64, block_k=128, split_k=2 if m <= 128 else 1,
+                    num_warps=4, num_stages=4)
     if pairs_fit:
         if m <= 16:
             return dict(pairs=True, weight_first=True, block_m=16, block_n=64, block_k=128,
@@ -679,6 +695,7 @@ def _gemv(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor:
         partial = torch.empty(split, m, n, dtype=torch.float32, device=rows.device) if split > 1 else out
         zeros, offsets, group_constants = weight.group_arguments()
         shared_shifts = _shared_shifts_fit(weight, rows, tiles)
+        dependent = dependent_launches(rows.device)
         _wna16_gemv_kernel[(m, tiles_n, split)](
             rows, weight.qweight, weight.scales, zeros, offsets, out, partial, tickets(rows.device, m * tiles_n), m, n, k,
             rows.stride(0), weight.qweight.stride(0), weight.scales.stride(0), out.stride(0),
@@ -686,7 +703,8 @@ def _gemv(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor:
             GROUP=weight.group_size, BLOCK_N=tiles["block_n"],
             BLOCK_K=tiles["block_k"], SPLIT_K=split, PREFETCH=tiles.get("prefetch", False),
             ZERO_FROM_SUMS=tiles.get("zero_from_sums", False), num_warps=tiles["num_warps"],
-            num_stages=tiles["num_stages"], SHARED_SHIFTS=shared_shifts, **group_constants)
+            num_stages=tiles["num_stages"], SHARED_SHIFTS=shared_shifts, DEPENDENT=dependent, **group_constants,
+            **({"launch_pdl": True} if dependent else {}))
     return out
 
 

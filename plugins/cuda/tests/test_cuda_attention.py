@@ -294,3 +294,34 @@ def test_plan_rows_cover_the_group_and_fit_registers():
     assert _plan(max_query_len=2048)[0] == 64
     assert _plan(max_query_len=2048, head_size=256)[0] == 32
     assert _plan(max_query_len=2048, dtype=torch.float32)[0] == 32
+
+
+@pytest.mark.parametrize("name", ["gqa-d80-bs16", "split4"])
+def test_attention_after_the_cache_write_reads_the_cache_only_after_it_ends(name, device):
+    """On sm_90 and later attention launched ``after_cache_write`` may start while the launch
+    before it runs and reads only the queries and the sequences' layout before waiting for it.
+    Here that launch releases its dependents at once and writes the cache (zeros until then) only
+    after about a millisecond of arithmetic: a kernel reading keys or values before its wait reads
+    zeros."""
+    from runtime_triton.dependent import dependent_launches
+
+    if device.type != "cuda" or not dependent_launches(device):
+        pytest.skip("programmatic dependent launches need an NVIDIA GPU of sm_90 or later")
+    from late_launch import late_copy
+
+    case = CASES[name]
+    step = Step(case, torch.bfloat16, device)
+    expected, expected_cache = step.reference()
+    query, _, _, _, meta = step.on_device()
+    workspace = None
+    if case.num_splits > 1:
+        workspace = triton_attention.split_workspace(query.shape[0], case.heads, case.head_size, case.num_splits, device)
+    for _ in range(3):
+        cache = torch.zeros(expected_cache.shape, dtype=expected_cache.dtype, device=device)
+        late_copy(expected_cache.to(device), cache)
+        out = torch.full_like(query, float("nan"))
+        triton_attention.unified_attention(
+            query, cache, out, meta.query_start_loc, meta.seq_lens, meta.block_table, len(case.seqs),
+            scale=case.head_size ** -0.5, sliding_window=case.window, soft_cap=case.soft_cap,
+            block_m=case.block_m, tile_n=16, num_splits=case.num_splits, workspace=workspace, after_cache_write=True)
+        _assert_close(out, expected, torch.bfloat16)

@@ -9,11 +9,8 @@ import torch
 from runtime.platform.packed import GroupQuantData
 
 wna16 = pytest.importorskip("runtime_triton.wna16")
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 from runtime_triton.dependent import dependent_launches  # noqa: E402
 from runtime_triton.tickets import TICKETS  # noqa: E402
-from triton.language.extra.cuda import gdc  # noqa: E402
 
 
 def _group_quant(n: int, k: int, bits: int, group: int, act_order: bool, seed: int, zero_point: int | None = None,
@@ -407,21 +404,6 @@ def test_split_kernel_reads_only_the_partial_sums_it_stored(kind, device, requir
     assert bool(((got - expected).abs() <= allowed).all())
 
 
-@triton.jit
-def _late_copy_kernel(src_ptr, dst_ptr, n, spins, BLOCK: tl.constexpr):
-    """dst = src, stored only after ``spins`` dependent multiply-adds; a programmatic dependent of
-    this launch may start at once."""
-    gdc.gdc_launch_dependents()
-    cols = tl.arange(0, BLOCK)
-    ok = cols < n
-    value = tl.load(src_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    delay = value
-    for _ in range(spins):
-        delay = delay * 0.999 + 1e-3
-    # Never NaN, but the compiler cannot know it: the loop stays.
-    tl.store(dst_ptr + cols, tl.where(delay != delay, 0.0, value).to(dst_ptr.dtype.element_ty), mask=ok)
-
-
 def test_the_one_row_kernel_reads_x_only_after_the_launch_before_it_ends(device):
     """On sm_90 and later the one-row kernel is launched as a programmatic dependent: it may start
     while the launch before it runs, requests its first weight tile and then waits. Here that launch
@@ -429,6 +411,8 @@ def test_the_one_row_kernel_reads_x_only_after_the_launch_before_it_ends(device)
     millisecond of arithmetic: a kernel reading ``x`` before its wait reads zeros."""
     if device.type != "cuda" or not dependent_launches(device):
         pytest.skip("programmatic dependent launches need an NVIDIA GPU of sm_90 or later")
+    from late_launch import late_copy
+
     n = k = 4096
     data = _group_quant(n, k, 4, 128, False, seed=7)
     weight = wna16.repack(data, torch.bfloat16, device)
@@ -440,6 +424,6 @@ def test_the_one_row_kernel_reads_x_only_after_the_launch_before_it_ends(device)
     bound = 2 * 2 ** -8 * (source.double().abs() @ reference.abs().T) + 1e-6
     for _ in range(3):
         x = torch.zeros_like(source)
-        _late_copy_kernel[(1,)](source, x, k, 100_000, BLOCK=k, num_warps=4)
+        late_copy(source, x)
         got = wna16.matmul(weight, x, **plan).double()
         assert bool(((got - exact).abs() <= bound).all()), ((got - exact).abs() / bound).max()

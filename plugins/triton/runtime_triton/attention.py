@@ -75,7 +75,8 @@ class TritonAttentionBackend(AttentionBackend):
             query, kv_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_table, meta.seq_lens.shape[0],
             scale=spec.scale, sliding_window=spec.sliding_window, soft_cap=spec.logits_soft_cap,
             block_m=plan.block_m, tile_n=plan.tile_n, num_splits=plan.num_splits, workspace=plan.workspace,
-            num_warps=plan.num_warps, align_tiles=spec.deterministic)
+            num_warps=plan.num_warps, align_tiles=spec.deterministic,
+            after_cache_write=key.shape[0] > 0)  # store_kv launches nothing for no tokens
 
     def _plan(self, query: torch.Tensor, meta: AttentionMetadata) -> LaunchPlan:
         """The step's plan for this head layout, made by the first layer and reused by the others."""

@@ -49,12 +49,16 @@ def store_kv_kernel(key_ptr, value_ptr, cache_ptr, slot_ptr,
                     num_kv_heads, head_size, block_size,
                     stride_kt, stride_kh, stride_vt, stride_vh,
                     stride_ckv, stride_cb, stride_co, stride_ch,
-                    HEADS_PAD: tl.constexpr, HEAD_PAD: tl.constexpr, SATURATE: tl.constexpr):
+                    HEADS_PAD: tl.constexpr, HEAD_PAD: tl.constexpr, SATURATE: tl.constexpr,
+                    LAUNCH_DEPENDENTS: tl.constexpr):
     """One program per new token: its K and V (all KV heads) into the cache slot it maps to.
 
     A negative slot (a padding token of a fixed-shape batch) writes nothing. ``SATURATE``
     (an fp8 cache's largest finite value, else 0) clamps K/V before the cast.
+    ``LAUNCH_DEPENDENTS``: a programmatic dependent of this launch may start now (``dependent.py``).
     """
+    if LAUNCH_DEPENDENTS:
+        gdc.gdc_launch_dependents()
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + token)
     heads = tl.arange(0, HEADS_PAD)[:, None]
@@ -131,10 +135,13 @@ def unified_attention_kernel(
         stride_ckv, stride_cb, stride_co, stride_ch, stride_bt,
         HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
         USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr, SPLIT: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, ALIGN_TILES: tl.constexpr = False, LAUNCH_DEPENDENTS: tl.constexpr = False):
+        DOT_PRECISION: tl.constexpr, ALIGN_TILES: tl.constexpr = False, LAUNCH_DEPENDENTS: tl.constexpr = False,
+        AFTER_CACHE_WRITE: tl.constexpr = False):
     """Grid: (query blocks (an upper bound), kv heads, splits). See the module docstring.
-    ``LAUNCH_DEPENDENTS``: a programmatic dependent of this launch may start now (``dependent.py``)."""
-    if LAUNCH_DEPENDENTS:
+    ``LAUNCH_DEPENDENTS``: a programmatic dependent of this launch may start once this one may run
+    (``dependent.py``). ``AFTER_CACHE_WRITE``: launched as a programmatic dependent of a launch that
+    only wrote the cache: the queries and the sequences' layout are read before waiting for it."""
+    if LAUNCH_DEPENDENTS and not AFTER_CACHE_WRITE:
         gdc.gdc_launch_dependents()
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -188,6 +195,11 @@ def unified_attention_kernel(
         kv_lo = kv_lo + split * share
         kv_hi = tl.minimum(kv_hi, kv_lo + share)
 
+    if AFTER_CACHE_WRITE:
+        gdc.gdc_wait()
+        if LAUNCH_DEPENDENTS:
+            # Only now: released before its wait, the next launch could in turn release its own.
+            gdc.gdc_launch_dependents()
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 domain
     l = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
@@ -253,19 +265,24 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         HEADS_PAD=triton.next_power_of_2(kv_heads), HEAD_PAD=triton.next_power_of_2(head_size),
-        SATURATE=torch.finfo(kv_cache.dtype).max if kv_cache.dtype in FP8_DTYPES else 0.0)
+        SATURATE=torch.finfo(kv_cache.dtype).max if kv_cache.dtype in FP8_DTYPES else 0.0,
+        LAUNCH_DEPENDENTS=dependent_launches(key.device))
 
 
 def unified_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, query_start_loc: torch.Tensor,
                       seq_lens: torch.Tensor, block_table: torch.Tensor, num_seqs: int, *, scale: float,
                       sliding_window: int | None, soft_cap: float | None, block_m: int, tile_n: int,
                       num_splits: int = 1, workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
-                      num_warps: int = 4, num_stages: int = 2, align_tiles: bool = False) -> torch.Tensor:
+                      num_warps: int = 4, num_stages: int = 2, align_tiles: bool = False,
+                      after_cache_write: bool = False) -> torch.Tensor:
     """Attention of query [T, H, D] over the cache (its new K/V already stored) into ``out`` [T, H, D].
 
     ``block_m`` rows per program (a power of two >= 16 and >= the GQA group), ``tile_n`` keys per
     step; ``num_splits`` > 1 takes the split-K path with ``workspace`` from :func:`split_workspace`.
     ``align_tiles`` starts a sliding window's key tiles at multiples of ``tile_n`` (batch invariance).
+    ``after_cache_write``: the launch just before this one wrote only the cache (:func:`store_kv`),
+    so where launches may depend on the one before (``dependent.py``) the programs read the queries
+    and the sequences' layout while it still runs.
     Every size comes from the host: nothing here waits for the device.
     """
     tokens, num_heads, head_size = query.shape
@@ -278,6 +295,7 @@ def unified_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
     partial, stats = workspace if split else (out, out)
     grid = (tokens // block_q + num_seqs, kv_heads, num_splits)
     dependents = dependent_launches(query.device)
+    early = after_cache_write and dependents
     unified_attention_kernel[grid](
         out, partial, stats, query, kv_cache, block_table, seq_lens, query_start_loc,
         num_seqs, num_seqs.bit_length(), group, block_q, kv_cache.shape[2],
@@ -288,7 +306,8 @@ def unified_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
         USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=soft_cap is not None, SPLIT=split,
         # float32 must not silently become TF32 in the matrix units.
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", ALIGN_TILES=align_tiles,
-        LAUNCH_DEPENDENTS=dependents and not split, num_warps=num_warps, num_stages=num_stages)
+        LAUNCH_DEPENDENTS=dependents and not split, AFTER_CACHE_WRITE=early, num_warps=num_warps,
+        num_stages=num_stages, **({"launch_pdl": True} if early else {}))
     if split:
         merge_splits_kernel[(tokens, num_heads)](
             out, partial, stats, num_splits, head_size, out.stride(0), out.stride(1),

@@ -4,10 +4,12 @@ before it may start while that one still runs, once each of its programs has cal
 
 At batch 1 a decode step is a chain of short launches, each waiting for the one before; a
 dependent's work that does not need the earlier results (the W4A16 vector kernel's first weight
-tile, the LoRA projection's product) then runs beside the earlier launch instead of after it.
-Kernels that often precede such a dependent (the norms, the gated activation, attention) release
-their dependents as they start: that is only a permission, harmless when the next launch is an
-ordinary one.
+tile, attention's search for its sequence and its queries behind ``store_kv``, the LoRA
+projection's product) then runs beside the earlier launch instead of after it. Kernels that often
+precede such a dependent (``store_kv``, the norms, the gated activation, attention and its merge)
+release their dependents as they start: that is only a permission, harmless when the next launch
+is an ordinary one. A kernel that is itself a dependent releases its own only after its wait, so
+at most two launches wait on each other at a time.
 """
 
 from __future__ import annotations

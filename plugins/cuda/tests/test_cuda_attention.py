@@ -325,3 +325,23 @@ def test_attention_after_the_cache_write_reads_the_cache_only_after_it_ends(name
             scale=case.head_size ** -0.5, sliding_window=case.window, soft_cap=case.soft_cap,
             block_m=case.block_m, tile_n=16, num_splits=case.num_splits, workspace=workspace, after_cache_write=True)
         _assert_close(out, expected, torch.bfloat16)
+
+
+def test_store_kv_reads_keys_and_values_only_after_the_launch_before_it_ends(device):
+    """``store_kv`` is a programmatic dependent on sm_90 and later: behind a launch that writes the
+    keys late (``late_launch.py``), the cache still gets them."""
+    from runtime_triton.dependent import dependent_launches
+
+    if device.type != "cuda" or not dependent_launches(device):
+        pytest.skip("programmatic dependent launches need an NVIDIA GPU of sm_90 or later")
+    from late_launch import late_copy
+
+    step = Step(CASES["gqa-d80-bs16"], torch.bfloat16, device)
+    _, expected_cache = step.reference()
+    _, key, value, cache, meta = step.on_device()
+    for _ in range(3):
+        late_key = torch.zeros_like(key)
+        late_copy(key, late_key)
+        written = cache.clone()
+        triton_attention.store_kv(late_key, value, written, meta.slot_mapping)
+        assert same_bits(written, expected_cache)

@@ -557,3 +557,46 @@ def test_propose_ngram_batched(capacity, vocab, k, min_n, max_n, device):
             expected = propose_ngram(np.asarray(history[row, :length]), k, min_n, max_n)
             assert counts[row].item() == len(expected)
             assert proposals[row].tolist() == expected + [0] * (k - len(expected))
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding"])
+def test_a_dependent_kernel_reads_its_input_only_after_the_launch_before_it_ends(op, device):
+    """On sm_90 and later these kernels are launched as programmatic dependents
+    (``runtime_triton/dependent.py``): they may start while the launch before runs. Here that
+    launch releases its dependents at once and writes the input (zeros until then) after about a
+    millisecond of arithmetic: a kernel reading it before its wait computes on zeros."""
+    from runtime_triton.dependent import dependent_launches
+
+    if device.type != "cuda" or not dependent_launches(device):
+        pytest.skip("programmatic dependent launches need an NVIDIA GPU of sm_90 or later")
+    from late_launch import late_copy
+
+    g = torch.Generator().manual_seed(8)
+    dtype = torch.bfloat16
+    tokens, heads, kv_heads, head_size = 3, 32, 8, 128
+    weight = (1 + 0.1 * torch.randn(4096, generator=g)).to(dtype)
+    residual = _rows(g, tokens, 4096).to(dtype)
+    positions = torch.randint(0, 1024, (tokens,), generator=g)
+    cache = build_cos_sin_cache(head_size, 10000.0, 1024, None)
+
+    def rotary(reference, t, positions, cache):
+        q, k, _ = t.split([heads * head_size, kv_heads * head_size, kv_heads * head_size], dim=-1)
+        return reference(positions, q.view(tokens, heads, head_size), k.view(tokens, kv_heads, head_size), cache)
+
+    calls = {  # op: (the input the launch before writes, the op on it and the other inputs)
+        "rms_norm": (_rows(g, tokens, 4096), lambda f, x, d: f(x, weight.to(d), 1e-6)),
+        "fused_add_rms_norm": (_rows(g, tokens, 4096), lambda f, x, d: f(x, residual.to(d), weight.to(d), 1e-6)),
+        "silu_and_mul": (3 * torch.randn(tokens, 2 * 14336, generator=g), lambda f, x, d: f(x)),
+        "rotary_embedding": (torch.randn(tokens, (heads + 2 * kv_heads) * head_size, generator=g),
+                             lambda f, x, d: rotary(f, x, positions.to(d), cache.to(d))),
+    }
+    source, call = calls[op]
+    source = source.to(dtype)
+    expected = call(OPS[op], source, torch.device("cpu"))
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    for _ in range(3):
+        late = torch.zeros(source.shape, dtype=dtype, device=device)
+        late_copy(source.to(device), late)
+        got = call(getattr(kernels, op), late, device)
+        for got_part, expected_part in zip(got if isinstance(got, tuple) else (got,), expected):
+            _close(got_part, expected_part, dtype)

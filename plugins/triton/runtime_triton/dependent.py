@@ -1,15 +1,16 @@
 """Programmatic dependent launches (NVIDIA sm_90 and later): a launch made a dependent of the one
-before it may start while that one still runs, once each of its programs has called
+before it may start while that one still runs, once each of that one's programs has called
 ``gdc_launch_dependents`` (or exited), and waits for its results with ``gdc_wait``.
 
-At batch 1 a decode step is a chain of short launches, each waiting for the one before; a
-dependent's work that does not need the earlier results (the W4A16 vector kernel's first weight
-tile, attention's search for its sequence and its queries behind ``store_kv``, the LoRA
-projection's product) then runs beside the earlier launch instead of after it. Kernels that often
-precede such a dependent (``store_kv``, the norms, the gated activation, attention and its merge)
-release their dependents as they start: that is only a permission, harmless when the next launch
-is an ordinary one. A kernel that is itself a dependent releases its own only after its wait, so
-at most two launches wait on each other at a time.
+At batch 1 a decode step is a chain of short launches, each waiting for the one before. The
+kernels of that chain (the RMS norms, rotary embedding, ``store_kv``, attention and its merge,
+the gated activation, the W4A16 one-row kernel) are launched as dependents, so their launch
+overlaps the launch before, and so does what some of them read that it cannot have written (the
+one-row kernel's first weight tile; attention's sequence layout and queries, when ``store_kv``
+wrote only the cache just before); the others wait before reading anything. Each releases its own
+dependents only after its wait: so at most two launches wait on each other, and when a dependent
+starts, the launch two before it has finished. It may read before its wait what that one or any
+earlier one wrote, never what the launch just before wrote.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc
 
 _DEPENDENT_LAUNCHES: dict[torch.device, bool] = {}
 
@@ -30,3 +34,17 @@ def dependent_launches(device: torch.device) -> bool:
             device.type == "cuda" and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
             and torch.cuda.get_device_capability(device)[0] >= 9)
     return known
+
+
+def launch_options(dependent: bool) -> dict:
+    """Triton launch options for a kernel launched as a dependent or not."""
+    return {"launch_pdl": True} if dependent else {}
+
+
+@triton.jit
+def wait_for_the_launch_before(DEPENDENT: tl.constexpr):
+    """In a kernel launched as a dependent: wait for the launch before it to finish (its writes
+    visible), then let the next launch start."""
+    if DEPENDENT:
+        gdc.gdc_wait()
+        gdc.gdc_launch_dependents()

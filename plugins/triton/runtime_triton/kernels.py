@@ -19,9 +19,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc
 
-from .dependent import dependent_launches
+from .dependent import dependent_launches, launch_options, wait_for_the_launch_before
 from .paged_attention import tanh
 
 # Elements one activation program handles along a row.
@@ -31,12 +30,11 @@ ACTIVATION_BLOCK = 1024
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, n_cols, eps,
                      stride_x, stride_r, stride_o, stride_ro, x_heads, stride_x_head,
-                     BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
+                     BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr, DEPENDENT: tl.constexpr):
     """One row; ``x``'s rows may be heads of ``x_heads`` a token (token stride ``stride_x``, head
     stride ``stride_x_head``), as a query or key slice of a fused projection's output is.
-    ``LAUNCH_DEPENDENTS``: a programmatic dependent of this launch may start now (``dependent.py``)."""
-    if LAUNCH_DEPENDENTS:
-        gdc.gdc_launch_dependents()
+    ``DEPENDENT``: launched as a programmatic dependent of the launch before (``dependent.py``)."""
+    wait_for_the_launch_before(DEPENDENT)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -76,9 +74,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     count = out.numel() // n
     block = triton.next_power_of_2(n)
     if count:
+        dependent = dependent_launches(x.device)
         _rms_norm_kernel[(count,)](rows, rows, weight, out, out, n, eps, stride_token, stride_token, n, n, heads,
-                                   stride_head, BLOCK=block, ADD_RESIDUAL=False,
-                                   LAUNCH_DEPENDENTS=dependent_launches(x.device), num_warps=_norm_warps(block))
+                                   stride_head, BLOCK=block, ADD_RESIDUAL=False, DEPENDENT=dependent,
+                                   num_warps=_norm_warps(block), **launch_options(dependent))
     return out
 
 
@@ -88,11 +87,11 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     summed = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     block = triton.next_power_of_2(rows.shape[1])
     if rows.shape[0]:
+        dependent = dependent_launches(x.device)
         _rms_norm_kernel[(rows.shape[0],)](rows, res, weight, out, summed, rows.shape[1], eps,
                                            rows.stride(0), res.stride(0), out.stride(0), summed.stride(0), 1, 0,
-                                           BLOCK=block, ADD_RESIDUAL=True,
-                                           LAUNCH_DEPENDENTS=dependent_launches(x.device),
-                                           num_warps=_norm_warps(block))
+                                           BLOCK=block, ADD_RESIDUAL=True, DEPENDENT=dependent,
+                                           num_warps=_norm_warps(block), **launch_options(dependent))
     return out.view(x.shape), summed.view(x.shape)
 
 
@@ -139,7 +138,11 @@ def _rotary_kernel(positions_ptr, q_ptr, k_ptr, cache_ptr, q_out_ptr, k_out_ptr,
                    num_q_heads, num_k_heads, half, head_size, stride_cache,
                    stride_qt, stride_qh, stride_kt, stride_kh,
                    Q_HEADS_PAD: tl.constexpr, K_HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
-                   HEAD_PAD: tl.constexpr, IS_NEOX: tl.constexpr, NORM: tl.constexpr):
+                   HEAD_PAD: tl.constexpr, IS_NEOX: tl.constexpr, NORM: tl.constexpr, DEPENDENT: tl.constexpr):
+    """One token. ``DEPENDENT``: launched as a programmatic dependent of the launch before
+    (``dependent.py``); it waits before reading anything, even the positions (M-RoPE makes them
+    just before)."""
+    wait_for_the_launch_before(DEPENDENT)
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token)
     pairs = tl.arange(0, HALF_PAD)[None, :]
@@ -185,23 +188,24 @@ def _rotary(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos
     q_out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     k_out = torch.empty(key.shape, dtype=key.dtype, device=key.device)
     if tokens:
+        dependent = dependent_launches(query.device)
         _rotary_kernel[(tokens,)](
             positions, query, key, cache, q_out, k_out, q_weight, k_weight, eps, q_heads, k_heads, half, head_size,
             cache.stride(0), query.stride(0), query.stride(1), key.stride(0), key.stride(1),
             Q_HEADS_PAD=triton.next_power_of_2(q_heads), K_HEADS_PAD=triton.next_power_of_2(k_heads),
             HALF_PAD=triton.next_power_of_2(half), HEAD_PAD=triton.next_power_of_2(head_size), IS_NEOX=is_neox,
-            NORM=norm is not None,
-            num_warps=_rotary_warps(triton.next_power_of_2(q_heads) * triton.next_power_of_2(head_size)))
+            NORM=norm is not None, DEPENDENT=dependent,
+            num_warps=_rotary_warps(triton.next_power_of_2(q_heads) * triton.next_power_of_2(head_size)),
+            **launch_options(dependent))
     return q_out, k_out
 
 
 @triton.jit
 def _gated_activation_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o,
-                             BLOCK: tl.constexpr, ACTIVATION: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
+                             BLOCK: tl.constexpr, ACTIVATION: tl.constexpr, DEPENDENT: tl.constexpr):
     """out[:, j] = act(x[:, j]) * x[:, n_cols + j]; ACTIVATION is "silu", "gelu" or "gelu_tanh".
-    ``LAUNCH_DEPENDENTS``: a programmatic dependent of this launch may start now (``dependent.py``)."""
-    if LAUNCH_DEPENDENTS:
-        gdc.gdc_launch_dependents()
+    ``DEPENDENT``: launched as a programmatic dependent of the launch before (``dependent.py``)."""
+    wait_for_the_launch_before(DEPENDENT)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -223,9 +227,10 @@ def _gated(x: torch.Tensor, activation: str) -> torch.Tensor:
     out = torch.empty(rows.shape[0], n_cols, dtype=x.dtype, device=x.device)
     if rows.shape[0]:
         block = min(ACTIVATION_BLOCK, triton.next_power_of_2(n_cols))
+        dependent = dependent_launches(x.device)
         _gated_activation_kernel[(rows.shape[0], triton.cdiv(n_cols, block))](
-            rows, out, n_cols, rows.stride(0), out.stride(0), BLOCK=block, ACTIVATION=activation,
-            LAUNCH_DEPENDENTS=dependent_launches(x.device))
+            rows, out, n_cols, rows.stride(0), out.stride(0), BLOCK=block, ACTIVATION=activation, DEPENDENT=dependent,
+            **launch_options(dependent))
     return out.view(*x.shape[:-1], n_cols)
 
 

@@ -42,7 +42,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc
 
 from . import skinny_matmul
-from .dependent import dependent_launches
+from .dependent import dependent_launches, launch_options
 from .skinny_matmul import skinny_product
 from .tickets import tickets
 from .tile_plans import nvidia
@@ -459,7 +459,7 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         lora_b.stride(0), lora_b.stride(1), HAS_BIAS=bias is not None, BLOCK_N=tiles["block_n"],
         BLOCK_K=tiles["block_k"], LORA_BLOCK_K=min(EXPAND_STEP_BYTES // lora_b.element_size(), _dot_width(rank)),
         DOT_PRECISION=_dot_precision(lora_b.dtype), AFTER_SHRINK=after_shrink, num_warps=tiles["num_warps"],
-        num_stages=tiles["num_stages"], **({"launch_pdl": True} if after_shrink else {}))
+        num_stages=tiles["num_stages"], **launch_options(after_shrink))
     return out
 
 

@@ -26,11 +26,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc
 
 from runtime.platform import KV_CACHE_DTYPES
 
-from .dependent import dependent_launches
+from .dependent import dependent_launches, launch_options, wait_for_the_launch_before
 
 FP8_DTYPES = frozenset(KV_CACHE_DTYPES.values())
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # scores go through exp2
@@ -50,15 +49,14 @@ def store_kv_kernel(key_ptr, value_ptr, cache_ptr, slot_ptr,
                     stride_kt, stride_kh, stride_vt, stride_vh,
                     stride_ckv, stride_cb, stride_co, stride_ch,
                     HEADS_PAD: tl.constexpr, HEAD_PAD: tl.constexpr, SATURATE: tl.constexpr,
-                    LAUNCH_DEPENDENTS: tl.constexpr):
+                    DEPENDENT: tl.constexpr):
     """One program per new token: its K and V (all KV heads) into the cache slot it maps to.
 
     A negative slot (a padding token of a fixed-shape batch) writes nothing. ``SATURATE``
     (an fp8 cache's largest finite value, else 0) clamps K/V before the cast.
-    ``LAUNCH_DEPENDENTS``: a programmatic dependent of this launch may start now (``dependent.py``).
+    ``DEPENDENT``: launched as a programmatic dependent of the launch before (``dependent.py``).
     """
-    if LAUNCH_DEPENDENTS:
-        gdc.gdc_launch_dependents()
+    wait_for_the_launch_before(DEPENDENT)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + token)
     heads = tl.arange(0, HEADS_PAD)[:, None]
@@ -135,14 +133,10 @@ def unified_attention_kernel(
         stride_ckv, stride_cb, stride_co, stride_ch, stride_bt,
         HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
         USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr, SPLIT: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, ALIGN_TILES: tl.constexpr = False, LAUNCH_DEPENDENTS: tl.constexpr = False,
-        AFTER_CACHE_WRITE: tl.constexpr = False):
+        DOT_PRECISION: tl.constexpr, ALIGN_TILES: tl.constexpr = False, DEPENDENT: tl.constexpr = False):
     """Grid: (query blocks (an upper bound), kv heads, splits). See the module docstring.
-    ``LAUNCH_DEPENDENTS``: a programmatic dependent of this launch may start once this one may run
-    (``dependent.py``). ``AFTER_CACHE_WRITE``: launched as a programmatic dependent of a launch that
-    only wrote the cache: the queries and the sequences' layout are read before waiting for it."""
-    if LAUNCH_DEPENDENTS and not AFTER_CACHE_WRITE:
-        gdc.gdc_launch_dependents()
+    ``DEPENDENT``: launched as a programmatic dependent of a launch that only wrote the cache
+    (``dependent.py``): the queries and the sequences' layout are read before waiting for it."""
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -195,11 +189,7 @@ def unified_attention_kernel(
         kv_lo = kv_lo + split * share
         kv_hi = tl.minimum(kv_hi, kv_lo + share)
 
-    if AFTER_CACHE_WRITE:
-        gdc.gdc_wait()
-        if LAUNCH_DEPENDENTS:
-            # Only now: released before its wait, the next launch could in turn release its own.
-            gdc.gdc_launch_dependents()
+    wait_for_the_launch_before(DEPENDENT)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 domain
     l = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
@@ -234,11 +224,10 @@ def unified_attention_kernel(
 
 @triton.jit
 def merge_splits_kernel(out_ptr, partial_ptr, stats_ptr, num_splits, head_size, stride_ot, stride_oh,
-                        SPLITS_PAD: tl.constexpr, HEAD_PAD: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
+                        SPLITS_PAD: tl.constexpr, HEAD_PAD: tl.constexpr, DEPENDENT: tl.constexpr):
     """One program per (token, head): rescale each split's partial sums to the common max and add.
-    ``LAUNCH_DEPENDENTS``: a programmatic dependent of this launch may start now (``dependent.py``)."""
-    if LAUNCH_DEPENDENTS:
-        gdc.gdc_launch_dependents()
+    ``DEPENDENT``: launched as a programmatic dependent of the launch before (``dependent.py``)."""
+    wait_for_the_launch_before(DEPENDENT)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_PAD)
@@ -260,13 +249,14 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
     if tokens == 0:
         return
     key, value = _unit_last_stride(key), _unit_last_stride(value)
+    dependent = dependent_launches(key.device)
     store_kv_kernel[(tokens,)](
         key, value, kv_cache, slot_mapping, kv_heads, head_size, kv_cache.shape[2],
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         HEADS_PAD=triton.next_power_of_2(kv_heads), HEAD_PAD=triton.next_power_of_2(head_size),
-        SATURATE=torch.finfo(kv_cache.dtype).max if kv_cache.dtype in FP8_DTYPES else 0.0,
-        LAUNCH_DEPENDENTS=dependent_launches(key.device))
+        SATURATE=torch.finfo(kv_cache.dtype).max if kv_cache.dtype in FP8_DTYPES else 0.0, DEPENDENT=dependent,
+        **launch_options(dependent))
 
 
 def unified_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, query_start_loc: torch.Tensor,
@@ -290,12 +280,13 @@ def unified_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
     group = num_heads // kv_heads
     block_q = block_m // group
     head_pad = padded_head_size(head_size)
+    dependents = dependent_launches(query.device)
+    # A copy of the queries made here would be the launch just before, and they are read before the wait.
+    early = after_cache_write and dependents and query.stride(-1) == 1
     query = _unit_last_stride(query)
     split = num_splits > 1
     partial, stats = workspace if split else (out, out)
     grid = (tokens // block_q + num_seqs, kv_heads, num_splits)
-    dependents = dependent_launches(query.device)
-    early = after_cache_write and dependents
     unified_attention_kernel[grid](
         out, partial, stats, query, kv_cache, block_table, seq_lens, query_start_loc,
         num_seqs, num_seqs.bit_length(), group, block_q, kv_cache.shape[2],
@@ -306,12 +297,12 @@ def unified_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
         USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=soft_cap is not None, SPLIT=split,
         # float32 must not silently become TF32 in the matrix units.
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", ALIGN_TILES=align_tiles,
-        LAUNCH_DEPENDENTS=dependents and not split, AFTER_CACHE_WRITE=early, num_warps=num_warps,
-        num_stages=num_stages, **({"launch_pdl": True} if early else {}))
+        DEPENDENT=early, num_warps=num_warps, num_stages=num_stages, **launch_options(early))
     if split:
         merge_splits_kernel[(tokens, num_heads)](
             out, partial, stats, num_splits, head_size, out.stride(0), out.stride(1),
-            SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_PAD=head_pad, LAUNCH_DEPENDENTS=dependents)
+            SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_PAD=head_pad, DEPENDENT=dependents,
+            **launch_options(dependents))
     return out
 
 

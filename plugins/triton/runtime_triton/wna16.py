@@ -37,11 +37,10 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc
 
 from runtime.platform.packed import GroupQuantData
 
-from .dependent import dependent_launches
+from .dependent import dependent_launches, launch_options, wait_for_the_launch_before
 from .fitting import fewer_stages_then_shallower, launch_fitting
 from .tickets import tickets
 
@@ -364,8 +363,7 @@ def _wna16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, o_ptr, out_ptr, partial_ptr, 
     if PREFETCH:
         packed, scale, zero, offset = _gemv_tile(q_ptr, s_ptr, z_ptr, o_ptr, start, end, word, cols, col_ok, stride_qk,
                                                  stride_sg, PER, GROUP, BLOCK_K, ZEROS, ZERO_POINT, OFFSETS)
-    if DEPENDENT:
-        gdc.gdc_wait()
+    wait_for_the_launch_before(DEPENDENT)
     for k0 in range(start, end, BLOCK_K):
         if PREFETCH:
             next_packed, next_scale, next_zero, next_offset = _gemv_tile(
@@ -704,7 +702,7 @@ def _gemv(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor:
             BLOCK_K=tiles["block_k"], SPLIT_K=split, PREFETCH=tiles.get("prefetch", False),
             ZERO_FROM_SUMS=tiles.get("zero_from_sums", False), num_warps=tiles["num_warps"],
             num_stages=tiles["num_stages"], SHARED_SHIFTS=shared_shifts, DEPENDENT=dependent, **group_constants,
-            **({"launch_pdl": True} if dependent else {}))
+            **launch_options(dependent))
     return out
 
 

@@ -345,3 +345,27 @@ def test_store_kv_reads_keys_and_values_only_after_the_launch_before_it_ends(dev
         written = cache.clone()
         triton_attention.store_kv(late_key, value, written, meta.slot_mapping)
         assert same_bits(written, expected_cache)
+
+
+@pytest.mark.parametrize("name", ["split4", "split3-window9"])
+def test_split_attention_leaves_its_tickets_at_zero_and_repeats_its_bits(name, device):
+    """The last split of a query block to finish merges the block's splits and resets its arrival
+    counter: every counter is zero after a launch, and the next launch (as a CUDA graph's replay
+    would) gives the same bits."""
+    from runtime_triton.tickets import TICKETS
+
+    case = CASES[name]
+    step = Step(case, torch.float32, device)
+    query, key, value, cache, meta = step.on_device()
+    triton_attention.store_kv(key, value, cache, meta.slot_mapping)
+    workspace = triton_attention.split_workspace(query.shape[0], case.heads, case.head_size, case.num_splits, device)
+    results = []
+    for _ in range(2):
+        out = torch.full_like(query, float("nan"))
+        triton_attention.unified_attention(
+            query, cache, out, meta.query_start_loc, meta.seq_lens, meta.block_table, len(case.seqs),
+            scale=case.head_size ** -0.5, sliding_window=case.window, soft_cap=case.soft_cap,
+            block_m=case.block_m, tile_n=16, num_splits=case.num_splits, workspace=workspace)
+        assert int(TICKETS[query.device].count_nonzero()) == 0
+        results.append(out)
+    assert same_bits(results[0], results[1]) and not bool(results[0].isnan().any())

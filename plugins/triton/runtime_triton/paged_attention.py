@@ -12,8 +12,9 @@ launch can later be captured in a CUDA graph.
 
 Split-K (flash-decoding): with few sequences and long contexts the grid above leaves most
 multiprocessors idle, so the key range of each query block is cut into ``num_splits`` slices,
-each program writes its partial (max, sum, weighted values) to a float32 workspace, and a second
-kernel merges the slices.
+each program writes its partial (max, sum, weighted values) to a float32 workspace, and the last
+of a query block's programs to finish (a ticket counter per block, ``tickets.py``) merges the
+slices in slice order: one launch, and the same bits every run.
 
 Cache layout is the contract's default, ``[2 (K, V), blocks, block_size, kv_heads, head_size]``;
 every address goes through the cache's strides. The cache holds the model's dtype or, with
@@ -30,6 +31,7 @@ import triton.language as tl
 from runtime.platform import KV_CACHE_DTYPES
 
 from .dependent import dependent_launches, launch_options, wait_for_the_launch_before
+from .tickets import tickets
 
 FP8_DTYPES = frozenset(KV_CACHE_DTYPES.values())
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # scores go through exp2
@@ -125,7 +127,7 @@ def _attend_tile(q, m, l, acc, start, kv_hi, q_pos, table, kv_base, dims, dim_ok
 # compile a variant per value that is 1 or a multiple of 16): one compile serves them all.
 @triton.jit(do_not_specialize=["num_seqs", "search_steps", "group", "block_q", "block_size", "window"])
 def unified_attention_kernel(
-        out_ptr, partial_ptr, stats_ptr,
+        out_ptr, partial_ptr, stats_ptr, ticket_ptr,
         q_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, query_start_ptr,
         num_seqs, search_steps, group, block_q, block_size,
         scale, window, soft_cap,
@@ -211,11 +213,17 @@ def unified_attention_kernel(
                                  DOT_PRECISION, MASKED=True)
 
     if SPLIT:
-        num_heads = tl.num_programs(1) * group
-        index = (token * num_heads + head) * num_splits + split
-        tl.store(stats_ptr + index * 2, m, mask=row_ok)
-        tl.store(stats_ptr + index * 2 + 1, l, mask=row_ok)
-        tl.store(partial_ptr + index[:, None] * HEAD_PAD + dims[None, :], acc, mask=row_ok[:, None])
+        first = (token * (tl.num_programs(1) * group) + head) * num_splits  # the row's split 0
+        tl.store(stats_ptr + (first + split) * 2, m, mask=row_ok)
+        tl.store(stats_ptr + (first + split) * 2 + 1, l, mask=row_ok)
+        tl.store(partial_ptr + (first + split)[:, None] * HEAD_PAD + dims[None, :], acc, mask=row_ok[:, None])
+        # Every thread's partial sums are stored before the ticket is taken (its release orders them).
+        tl.debug_barrier()
+        ticket = ticket_ptr + q_block * tl.num_programs(1) + kv_head
+        if tl.atomic_add(ticket, 1, sem="acq_rel") == num_splits - 1:
+            _merge_splits(out_ptr, partial_ptr, stats_ptr, first, num_splits, token, head, row_ok, dims, dim_ok,
+                          stride_ot, stride_oh, BLOCK_M, HEAD_PAD)
+            tl.atomic_xchg(ticket, 0)  # ready for the next launch
     else:
         out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
         tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
@@ -223,24 +231,27 @@ def unified_attention_kernel(
 
 
 @triton.jit
-def merge_splits_kernel(out_ptr, partial_ptr, stats_ptr, num_splits, head_size, stride_ot, stride_oh,
-                        SPLITS_PAD: tl.constexpr, HEAD_PAD: tl.constexpr, DEPENDENT: tl.constexpr):
-    """One program per (token, head): rescale each split's partial sums to the common max and add.
-    ``DEPENDENT``: launched as a programmatic dependent of the launch before (``dependent.py``)."""
-    wait_for_the_launch_before(DEPENDENT)
-    token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    splits = tl.arange(0, SPLITS_PAD)
-    split_ok = splits < num_splits
-    index = (token * tl.num_programs(1) + head) * num_splits + splits
-    m = tl.load(stats_ptr + index * 2, mask=split_ok, other=float("-inf"))
-    l = tl.load(stats_ptr + index * 2 + 1, mask=split_ok, other=0.0)
-    weight = tl.exp2(m - tl.max(m, 0))  # a split that saw no key has m = -inf: weight 0
-    dims = tl.arange(0, HEAD_PAD)
-    acc = tl.load(partial_ptr + index[:, None] * HEAD_PAD + dims[None, :], mask=split_ok[:, None], other=0.0)
-    out = tl.sum(acc * weight[:, None], 0) / tl.sum(l * weight, 0)
-    tl.store(out_ptr + token * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty),
-             mask=dims < head_size)
+def _merge_splits(out_ptr, partial_ptr, stats_ptr, first, num_splits, token, head, row_ok, dims, dim_ok, stride_ot,
+                  stride_oh, BLOCK_M: tl.constexpr, HEAD_PAD: tl.constexpr):
+    """Rows' splits (from ``first``) rescaled to their common max and added, in split order (read
+    through L2: other programs wrote them)."""
+    top = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for part in range(num_splits):
+        top = tl.maximum(top, tl.load(stats_ptr + (first + part) * 2, mask=row_ok, other=float("-inf"),
+                                      cache_modifier=".cg"))
+    top = tl.where(row_ok, top, 0.0)  # rows past the block's tokens: no -inf - -inf
+    total = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+    norm = tl.zeros([BLOCK_M], tl.float32)
+    for part in range(num_splits):
+        at = first + part
+        # A split that saw no key has m = -inf: weight 0.
+        weight = tl.exp2(tl.load(stats_ptr + at * 2, mask=row_ok, other=float("-inf"), cache_modifier=".cg") - top)
+        norm += tl.load(stats_ptr + at * 2 + 1, mask=row_ok, other=0.0, cache_modifier=".cg") * weight
+        total += tl.load(partial_ptr + at[:, None] * HEAD_PAD + dims[None, :], mask=row_ok[:, None], other=0.0,
+                         cache_modifier=".cg") * weight[:, None]
+    out = total / tl.where(norm == 0.0, 1.0, norm)[:, None]
+    tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -287,8 +298,9 @@ def unified_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
     split = num_splits > 1
     partial, stats = workspace if split else (out, out)
     grid = (tokens // block_q + num_seqs, kv_heads, num_splits)
+    counters = tickets(query.device, grid[0] * grid[1]) if split else out
     unified_attention_kernel[grid](
-        out, partial, stats, query, kv_cache, block_table, seq_lens, query_start_loc,
+        out, partial, stats, counters, query, kv_cache, block_table, seq_lens, query_start_loc,
         num_seqs, num_seqs.bit_length(), group, block_q, kv_cache.shape[2],
         scale, sliding_window or 0, soft_cap or 0.0,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
@@ -298,11 +310,6 @@ def unified_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
         # float32 must not silently become TF32 in the matrix units.
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", ALIGN_TILES=align_tiles,
         DEPENDENT=early, num_warps=num_warps, num_stages=num_stages, **launch_options(early))
-    if split:
-        merge_splits_kernel[(tokens, num_heads)](
-            out, partial, stats, num_splits, head_size, out.stride(0), out.stride(1),
-            SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_PAD=head_pad, DEPENDENT=dependents,
-            **launch_options(dependents))
     return out
 
 

@@ -1,10 +1,12 @@
 """Arrival counters for kernels whose last program of a tile finishes the tile's work (split-K
-sums: the W4A16 vector and tile kernels, the LoRA shrink of ``linear_lora``).
+sums: the W4A16 vector and tile kernels, the LoRA shrink of ``linear_lora``, split attention's
+merge).
 
 Per device one int32 buffer, zero between launches: the last program to arrive at a counter
 resets it, so it is allocated and zeroed once, before any CUDA-graph capture, and shared by every
 such kernel. Launches that use it must not overlap: the engine runs a device's forward passes on
-one stream, one kernel after another.
+one stream, one kernel after another, and a programmatic dependent (``dependent.py``) takes its
+tickets only after its wait.
 """
 
 from __future__ import annotations

@@ -559,7 +559,7 @@ def test_propose_ngram_batched(capacity, vocab, k, min_n, max_n, device):
             assert proposals[row].tolist() == expected + [0] * (k - len(expected))
 
 
-@pytest.mark.parametrize("op", ["rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding"])
+@pytest.mark.parametrize("op", ["rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding", "linear"])
 def test_a_dependent_kernel_reads_its_input_only_after_the_launch_before_it_ends(op, device):
     """On sm_90 and later these kernels are launched as programmatic dependents
     (``runtime_triton/dependent.py``): they may start while the launch before runs. Here that
@@ -578,6 +578,7 @@ def test_a_dependent_kernel_reads_its_input_only_after_the_launch_before_it_ends
     residual = _rows(g, tokens, 4096).to(dtype)
     positions = torch.randint(0, 1024, (tokens,), generator=g)
     cache = build_cos_sin_cache(head_size, 10000.0, 1024, None)
+    projection = (0.02 * torch.randn(6144, 4096, generator=g)).to(dtype)
 
     def rotary(reference, t, positions, cache):
         q, k, _ = t.split([heads * head_size, kv_heads * head_size, kv_heads * head_size], dim=-1)
@@ -589,6 +590,7 @@ def test_a_dependent_kernel_reads_its_input_only_after_the_launch_before_it_ends
         "silu_and_mul": (3 * torch.randn(tokens, 2 * 14336, generator=g), lambda f, x, d: f(x)),
         "rotary_embedding": (torch.randn(tokens, (heads + 2 * kv_heads) * head_size, generator=g),
                              lambda f, x, d: rotary(f, x, positions.to(d), cache.to(d))),
+        "linear": (torch.randn(1, 4096, generator=g), lambda f, x, d: f(x, projection.to(d), None)),
     }
     source, call = calls[op]
     source = source.to(dtype)

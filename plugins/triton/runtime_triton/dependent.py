@@ -4,7 +4,7 @@ before it may start while that one still runs, once each of that one's programs 
 
 At batch 1 a decode step is a chain of short launches, each waiting for the one before. The
 kernels of that chain (the RMS norms, rotary embedding, ``store_kv``, attention, the gated
-activation, the W4A16 one-row kernel) are launched as dependents, so their launch
+activation, the W4A16 one-row kernel, the few-row matmul) are launched as dependents, so their launch
 overlaps the launch before, and so does what some of them read that it cannot have written (the
 one-row kernel's first weight tile; attention's sequence layout and queries, when ``store_kv``
 wrote only the cache just before); the others wait before reading anything. Each releases its own

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .dependent import dependent_launches, launch_options, wait_for_the_launch_before
 from .tile_plans import nvidia
 
 MAX_ROWS = 16
@@ -47,7 +48,11 @@ def skinny_product(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, cols, BLOCK_N: t
 
 @triton.jit
 def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                          HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          DEPENDENT: tl.constexpr):
+    """``DEPENDENT``: launched as a programmatic dependent of the launch before (``dependent.py``);
+    it waits first, as the compiler's pipeline requests ``x`` with the weight's first tiles."""
+    wait_for_the_launch_before(DEPENDENT)
     rows = tl.arange(0, 16)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = skinny_product(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, cols, BLOCK_N, BLOCK_K)
@@ -86,8 +91,9 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                          f"weight; got x {tuple(x.shape)}, weight {tuple(weight.shape)} strides {weight.stride()}")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m:
+        dependent = dependent_launches(x.device)
         _skinny_matmul_kernel[(triton.cdiv(n, block_n),)](
             rows, weight, bias if bias is not None else weight, out, m, n, k, rows.stride(0), weight.stride(0),
-            out.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=num_warps, num_stages=num_stages)
+            out.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, DEPENDENT=dependent,
+            num_warps=num_warps, num_stages=num_stages, **launch_options(dependent))
     return out.view(*x.shape[:-1], n)

@@ -1,6 +1,7 @@
 """A launch that lets its programmatic dependents start at once and writes its output only after
 about a millisecond of arithmetic: a dependent (``runtime_triton/dependent.py``) that reads that
-output before its ``gdc_wait`` reads what was there before."""
+output before its ``gdc_wait`` reads what was there before. Only if the dependent is launched
+right after it: any launch or copy in between waits for it to finish, and the check sees nothing."""
 
 from __future__ import annotations
 

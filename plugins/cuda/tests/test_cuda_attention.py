@@ -308,6 +308,7 @@ def test_attention_after_the_cache_write_reads_the_cache_only_after_it_ends(name
     if device.type != "cuda" or not dependent_launches(device):
         pytest.skip("programmatic dependent launches need an NVIDIA GPU of sm_90 or later")
     from late_launch import late_copy
+    from runtime_triton.tickets import tickets
 
     case = CASES[name]
     step = Step(case, torch.bfloat16, device)
@@ -316,10 +317,14 @@ def test_attention_after_the_cache_write_reads_the_cache_only_after_it_ends(name
     workspace = None
     if case.num_splits > 1:
         workspace = triton_attention.split_workspace(query.shape[0], case.heads, case.head_size, case.num_splits, device)
+    final_cache = expected_cache.to(device)
+    # Everything on the device before the late launch: a launch or copy between it and attention
+    # would wait for it. The ticket counters too.
+    tickets(device, 1 << 16)
     for _ in range(3):
         cache = torch.zeros(expected_cache.shape, dtype=expected_cache.dtype, device=device)
-        late_copy(expected_cache.to(device), cache)
         out = torch.full_like(query, float("nan"))
+        late_copy(final_cache, cache)
         triton_attention.unified_attention(
             query, cache, out, meta.query_start_loc, meta.seq_lens, meta.block_table, len(case.seqs),
             scale=case.head_size ** -0.5, sliding_window=case.window, soft_cap=case.soft_cap,
@@ -341,8 +346,8 @@ def test_store_kv_reads_keys_and_values_only_after_the_launch_before_it_ends(dev
     _, key, value, cache, meta = step.on_device()
     for _ in range(3):
         late_key = torch.zeros_like(key)
+        written = cache.clone()  # before the late launch: a copy after it would wait for it
         late_copy(key, late_key)
-        written = cache.clone()
         triton_attention.store_kv(late_key, value, written, meta.slot_mapping)
         assert same_bits(written, expected_cache)
 

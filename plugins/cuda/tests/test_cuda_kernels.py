@@ -574,31 +574,33 @@ def test_a_dependent_kernel_reads_its_input_only_after_the_launch_before_it_ends
     g = torch.Generator().manual_seed(8)
     dtype = torch.bfloat16
     tokens, heads, kv_heads, head_size = 3, 32, 8, 128
-    weight = (1 + 0.1 * torch.randn(4096, generator=g)).to(dtype)
-    residual = _rows(g, tokens, 4096).to(dtype)
-    positions = torch.randint(0, 1024, (tokens,), generator=g)
-    cache = build_cos_sin_cache(head_size, 10000.0, 1024, None)
-    projection = (0.02 * torch.randn(6144, 4096, generator=g)).to(dtype)
+    others = {"weight": (1 + 0.1 * torch.randn(4096, generator=g)).to(dtype),
+              "residual": _rows(g, tokens, 4096).to(dtype),
+              "positions": torch.randint(0, 1024, (tokens,), generator=g),
+              "cos_sin": build_cos_sin_cache(head_size, 10000.0, 1024, None),
+              "projection": (0.02 * torch.randn(6144, 4096, generator=g)).to(dtype)}
 
-    def rotary(reference, t, positions, cache):
+    def rotary(reference, t, o):
         q, k, _ = t.split([heads * head_size, kv_heads * head_size, kv_heads * head_size], dim=-1)
-        return reference(positions, q.view(tokens, heads, head_size), k.view(tokens, kv_heads, head_size), cache)
+        return reference(o["positions"], q.view(tokens, heads, head_size), k.view(tokens, kv_heads, head_size),
+                         o["cos_sin"])
 
     calls = {  # op: (the input the launch before writes, the op on it and the other inputs)
-        "rms_norm": (_rows(g, tokens, 4096), lambda f, x, d: f(x, weight.to(d), 1e-6)),
-        "fused_add_rms_norm": (_rows(g, tokens, 4096), lambda f, x, d: f(x, residual.to(d), weight.to(d), 1e-6)),
-        "silu_and_mul": (3 * torch.randn(tokens, 2 * 14336, generator=g), lambda f, x, d: f(x)),
-        "rotary_embedding": (torch.randn(tokens, (heads + 2 * kv_heads) * head_size, generator=g),
-                             lambda f, x, d: rotary(f, x, positions.to(d), cache.to(d))),
-        "linear": (torch.randn(1, 4096, generator=g), lambda f, x, d: f(x, projection.to(d), None)),
+        "rms_norm": (_rows(g, tokens, 4096), lambda f, x, o: f(x, o["weight"], 1e-6)),
+        "fused_add_rms_norm": (_rows(g, tokens, 4096), lambda f, x, o: f(x, o["residual"], o["weight"], 1e-6)),
+        "silu_and_mul": (3 * torch.randn(tokens, 2 * 14336, generator=g), lambda f, x, o: f(x)),
+        "rotary_embedding": (torch.randn(tokens, (heads + 2 * kv_heads) * head_size, generator=g), rotary),
+        "linear": (torch.randn(1, 4096, generator=g), lambda f, x, o: f(x, o["projection"], None)),
     }
     source, call = calls[op]
     source = source.to(dtype)
-    expected = call(OPS[op], source, torch.device("cpu"))
+    expected = call(OPS[op], source, others)
     expected = expected if isinstance(expected, tuple) else (expected,)
+    # Everything on the device before the late launch: a copy between it and the op would wait for it.
+    others, source = {name: t.to(device) for name, t in others.items()}, source.to(device)
     for _ in range(3):
         late = torch.zeros(source.shape, dtype=dtype, device=device)
-        late_copy(source.to(device), late)
-        got = call(getattr(kernels, op), late, device)
+        late_copy(source, late)
+        got = call(getattr(kernels, op), late, others)
         for got_part, expected_part in zip(got if isinstance(got, tuple) else (got,), expected):
             _close(got_part, expected_part, dtype)

@@ -412,6 +412,7 @@ def test_the_one_row_kernel_reads_x_only_after_the_launch_before_it_ends(device)
     if device.type != "cuda" or not dependent_launches(device):
         pytest.skip("programmatic dependent launches need an NVIDIA GPU of sm_90 or later")
     from late_launch import late_copy
+    from runtime_triton.tickets import tickets
 
     n = k = 4096
     data = _group_quant(n, k, 4, 128, False, seed=7)
@@ -422,6 +423,7 @@ def test_the_one_row_kernel_reads_x_only_after_the_launch_before_it_ends(device)
     reference = data.dequantize(torch.float64).to(device)
     exact = source.double() @ reference.T
     bound = 2 * 2 ** -8 * (source.double().abs() @ reference.abs().T) + 1e-6
+    tickets(device, 1 << 16)  # allocated now: zeroing it between the late launch and the kernel would wait for it
     for _ in range(3):
         x = torch.zeros_like(source)
         late_copy(source, x)

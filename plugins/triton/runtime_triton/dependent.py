@@ -41,6 +41,13 @@ def launch_options(dependent: bool) -> dict:
     return {"launch_pdl": True} if dependent else {}
 
 
+def as_dependent(device: torch.device) -> dict:
+    """A chain kernel's launch arguments: its ``DEPENDENT`` flag and the launch options, a
+    dependent wherever launches may be (``dependent_launches``)."""
+    dependent = dependent_launches(device)
+    return {"DEPENDENT": dependent, **launch_options(dependent)}
+
+
 @triton.jit
 def wait_for_the_launch_before(DEPENDENT: tl.constexpr):
     """In a kernel launched as a dependent: wait for the launch before it to finish (its writes

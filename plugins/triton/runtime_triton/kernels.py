@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dependent import dependent_launches, launch_options, wait_for_the_launch_before
+from .dependent import as_dependent, wait_for_the_launch_before
 from .paged_attention import tanh
 
 # Elements one activation program handles along a row.
@@ -74,10 +74,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     count = out.numel() // n
     block = triton.next_power_of_2(n)
     if count:
-        dependent = dependent_launches(x.device)
         _rms_norm_kernel[(count,)](rows, rows, weight, out, out, n, eps, stride_token, stride_token, n, n, heads,
-                                   stride_head, BLOCK=block, ADD_RESIDUAL=False, DEPENDENT=dependent,
-                                   num_warps=_norm_warps(block), **launch_options(dependent))
+                                   stride_head, BLOCK=block, ADD_RESIDUAL=False, num_warps=_norm_warps(block),
+                                   **as_dependent(x.device))
     return out
 
 
@@ -87,11 +86,10 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     summed = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     block = triton.next_power_of_2(rows.shape[1])
     if rows.shape[0]:
-        dependent = dependent_launches(x.device)
         _rms_norm_kernel[(rows.shape[0],)](rows, res, weight, out, summed, rows.shape[1], eps,
                                            rows.stride(0), res.stride(0), out.stride(0), summed.stride(0), 1, 0,
-                                           BLOCK=block, ADD_RESIDUAL=True, DEPENDENT=dependent,
-                                           num_warps=_norm_warps(block), **launch_options(dependent))
+                                           BLOCK=block, ADD_RESIDUAL=True, num_warps=_norm_warps(block),
+                                           **as_dependent(x.device))
     return out.view(x.shape), summed.view(x.shape)
 
 
@@ -188,15 +186,14 @@ def _rotary(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos
     q_out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     k_out = torch.empty(key.shape, dtype=key.dtype, device=key.device)
     if tokens:
-        dependent = dependent_launches(query.device)
         _rotary_kernel[(tokens,)](
             positions, query, key, cache, q_out, k_out, q_weight, k_weight, eps, q_heads, k_heads, half, head_size,
             cache.stride(0), query.stride(0), query.stride(1), key.stride(0), key.stride(1),
             Q_HEADS_PAD=triton.next_power_of_2(q_heads), K_HEADS_PAD=triton.next_power_of_2(k_heads),
             HALF_PAD=triton.next_power_of_2(half), HEAD_PAD=triton.next_power_of_2(head_size), IS_NEOX=is_neox,
-            NORM=norm is not None, DEPENDENT=dependent,
+            NORM=norm is not None,
             num_warps=_rotary_warps(triton.next_power_of_2(q_heads) * triton.next_power_of_2(head_size)),
-            **launch_options(dependent))
+            **as_dependent(query.device))
     return q_out, k_out
 
 
@@ -227,10 +224,9 @@ def _gated(x: torch.Tensor, activation: str) -> torch.Tensor:
     out = torch.empty(rows.shape[0], n_cols, dtype=x.dtype, device=x.device)
     if rows.shape[0]:
         block = min(ACTIVATION_BLOCK, triton.next_power_of_2(n_cols))
-        dependent = dependent_launches(x.device)
         _gated_activation_kernel[(rows.shape[0], triton.cdiv(n_cols, block))](
-            rows, out, n_cols, rows.stride(0), out.stride(0), BLOCK=block, ACTIVATION=activation, DEPENDENT=dependent,
-            **launch_options(dependent))
+            rows, out, n_cols, rows.stride(0), out.stride(0), BLOCK=block, ACTIVATION=activation,
+            **as_dependent(x.device))
     return out.view(*x.shape[:-1], n_cols)
 
 

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from runtime.platform import KV_CACHE_DTYPES
 
-from .dependent import dependent_launches, launch_options, wait_for_the_launch_before
+from .dependent import as_dependent, dependent_launches, launch_options, wait_for_the_launch_before
 from .tickets import tickets
 
 FP8_DTYPES = frozenset(KV_CACHE_DTYPES.values())
@@ -260,14 +260,13 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
     if tokens == 0:
         return
     key, value = _unit_last_stride(key), _unit_last_stride(value)
-    dependent = dependent_launches(key.device)
     store_kv_kernel[(tokens,)](
         key, value, kv_cache, slot_mapping, kv_heads, head_size, kv_cache.shape[2],
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         HEADS_PAD=triton.next_power_of_2(kv_heads), HEAD_PAD=triton.next_power_of_2(head_size),
-        SATURATE=torch.finfo(kv_cache.dtype).max if kv_cache.dtype in FP8_DTYPES else 0.0, DEPENDENT=dependent,
-        **launch_options(dependent))
+        SATURATE=torch.finfo(kv_cache.dtype).max if kv_cache.dtype in FP8_DTYPES else 0.0,
+        **as_dependent(key.device))
 
 
 def unified_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, query_start_loc: torch.Tensor,
@@ -291,9 +290,8 @@ def unified_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
     group = num_heads // kv_heads
     block_q = block_m // group
     head_pad = padded_head_size(head_size)
-    dependents = dependent_launches(query.device)
     # A copy of the queries made here would be the launch just before, and they are read before the wait.
-    early = after_cache_write and dependents and query.stride(-1) == 1
+    early = after_cache_write and dependent_launches(query.device) and query.stride(-1) == 1
     query = _unit_last_stride(query)
     split = num_splits > 1
     partial, stats = workspace if split else (out, out)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .dependent import dependent_launches, launch_options, wait_for_the_launch_before
+from .dependent import as_dependent, wait_for_the_launch_before
 from .tile_plans import nvidia
 
 MAX_ROWS = 16
@@ -91,9 +91,8 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                          f"weight; got x {tuple(x.shape)}, weight {tuple(weight.shape)} strides {weight.stride()}")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m:
-        dependent = dependent_launches(x.device)
         _skinny_matmul_kernel[(triton.cdiv(n, block_n),)](
             rows, weight, bias if bias is not None else weight, out, m, n, k, rows.stride(0), weight.stride(0),
-            out.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, DEPENDENT=dependent,
-            num_warps=num_warps, num_stages=num_stages, **launch_options(dependent))
+            out.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+            num_stages=num_stages, **as_dependent(x.device))
     return out.view(*x.shape[:-1], n)

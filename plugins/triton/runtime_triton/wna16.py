@@ -40,7 +40,7 @@ import triton.language as tl
 
 from runtime.platform.packed import GroupQuantData
 
-from .dependent import dependent_launches, launch_options, wait_for_the_launch_before
+from .dependent import as_dependent, wait_for_the_launch_before
 from .fitting import fewer_stages_then_shallower, launch_fitting
 from .tickets import tickets
 
@@ -693,7 +693,6 @@ def _gemv(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor:
         partial = torch.empty(split, m, n, dtype=torch.float32, device=rows.device) if split > 1 else out
         zeros, offsets, group_constants = weight.group_arguments()
         shared_shifts = _shared_shifts_fit(weight, rows, tiles)
-        dependent = dependent_launches(rows.device)
         _wna16_gemv_kernel[(m, tiles_n, split)](
             rows, weight.qweight, weight.scales, zeros, offsets, out, partial, tickets(rows.device, m * tiles_n), m, n, k,
             rows.stride(0), weight.qweight.stride(0), weight.scales.stride(0), out.stride(0),
@@ -701,8 +700,8 @@ def _gemv(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor:
             GROUP=weight.group_size, BLOCK_N=tiles["block_n"],
             BLOCK_K=tiles["block_k"], SPLIT_K=split, PREFETCH=tiles.get("prefetch", False),
             ZERO_FROM_SUMS=tiles.get("zero_from_sums", False), num_warps=tiles["num_warps"],
-            num_stages=tiles["num_stages"], SHARED_SHIFTS=shared_shifts, DEPENDENT=dependent, **group_constants,
-            **launch_options(dependent))
+            num_stages=tiles["num_stages"], SHARED_SHIFTS=shared_shifts, **group_constants,
+            **as_dependent(rows.device))
     return out
 
 

@@ -19,9 +19,10 @@ registry = pytest.importorskip("runtime_triton.registry",
 skinny = pytest.importorskip("runtime_triton.skinny_matmul")
 from runtime_triton.tile_plans.nvidia import PLANS  # noqa: E402
 
-# What the CUDA plugin registers, by op name: kernels.rms_norm, ...
+# What the CUDA plugin registers, by op name: kernels.rms_norm, ...; where an op has several kernels, the
+# one the platform picks (the highest priority: the batch-invariant linear only under --deterministic).
 KERNELS = registry.kernels("cuda", PLANS)
-kernels = types.SimpleNamespace(KERNELS=KERNELS, **{k.op: k.fn for k in KERNELS})
+kernels = types.SimpleNamespace(KERNELS=KERNELS, **{k.op: k.fn for k in sorted(KERNELS, key=lambda k: k.priority)})
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 DTYPES = pytest.mark.parametrize("dtype", list(TOLERANCE), ids=lambda d: str(d).removeprefix("torch."))

@@ -153,6 +153,13 @@ def sweep_plans(rows: int) -> list[dict]:
     # Each pairs plan also with the weight as the first operand, from registers (each K tile's
     # matrix instructions waited for in full, so the next tile's registers are free: wna16.py).
     plans += [{**plan, "weight_first": True} for plan in plans if plan.get("pairs")]
+    if rows <= 16:
+        # The weight-first Gluon kernel (below) with the matrix instructions' narrowest second operand,
+        # 8 or 16 rows: its dequantization straight into their registers, no FFMA a weight as on the
+        # vector units (compiled for sm_90: no spills, serialization or pending-register writes).
+        plans += [dict(wgmma=True, weight_first=True, block_m=8 if rows <= 8 else 16, block_n=n, block_k=k,
+                       split_k=split, num_warps=n // 16, num_stages=stages)
+                  for n, k, split, stages in itertools.product([64, 128], [64, 128], [2, 4, 8], [4, 5])]
     if rows > 16:
         # The Gluon kernel (wna16_wgmma.py: dequantization beside the previous tile's matrix
         # instructions), on Hopper: a warpgroup per 64 rows of the tile, shared memory under 227 KB.

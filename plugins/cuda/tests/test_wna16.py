@@ -227,6 +227,28 @@ def test_wgmma_kernel_matches_the_float64_product(plan, k, dtype, zero_point, of
     assert bool(((got - dense).abs() <= bound).all())
 
 
+@pytest.mark.parametrize("rows,block_m,block_n,block_k,split,stages", [
+    (1, 8, 64, 128, 4, 4), (3, 8, 128, 64, 2, 5), (8, 8, 64, 64, 1, 4), (13, 16, 64, 128, 2, 4), (40, 16, 128, 64, 4, 5)])
+@pytest.mark.parametrize("zero_point,offsets", list(ZERO_KINDS.values()), ids=list(ZERO_KINDS))
+@pytest.mark.parametrize("act_order", [False, True], ids=["ordered", "act-order"])
+def test_weight_first_kernel_on_few_rows_matches_the_float64_product(rows, block_m, block_n, block_k, split, stages,
+                                                                     zero_point, offsets, act_order, device):
+    """The weight-first Gluon kernel with 8- and 16-row tiles (the matrix instructions' narrowest
+    second operand, for decode at a few rows): rows that fill part of a tile or several tiles, K
+    split into even numbers of tiles, within two roundings of the float64 product as the other plans."""
+    _skip_unless_hopper(device)
+    k = 1024
+    data = _group_quant(200, k, 4, 128, act_order, seed=17, zero_point=zero_point, offsets=offsets)
+    weight = wna16.repack(data, torch.bfloat16, device)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(device, torch.bfloat16)
+    got = wna16.matmul(weight, x, wgmma=True, weight_first=True, block_m=block_m, block_n=block_n, block_k=block_k,
+                       split_k=split, num_warps=block_n // 16, num_stages=stages).double()
+    reference = data.dequantize(torch.float64).to(device)
+    exact = x.double() @ reference.T
+    bound = 2 * 2 ** -8 * (x.double().abs() @ reference.abs().T) + 1e-6
+    assert bool(((got - exact).abs() <= bound).all()), ((got - exact).abs() / bound).max()
+
+
 @pytest.mark.parametrize("bits,group,dtype,pairs", [
     (4, 128, torch.bfloat16, True), (4, 128, torch.float16, True), (8, 128, torch.float16, True),
     (8, 128, torch.bfloat16, False), (4, 32, torch.bfloat16, False), (4, 64, torch.float16, False),
@@ -354,6 +376,8 @@ SPLIT_PLANS = {
                           num_stages=3),
     "wgmma-weight-first": dict(wgmma=True, weight_first=True, block_m=64, block_n=64, block_k=64, split_k=4,
                                num_warps=4, num_stages=3),
+    "wgmma-weight-first-8-rows": dict(wgmma=True, weight_first=True, block_m=8, block_n=64, block_k=64, split_k=4,
+                                      num_warps=4, num_stages=4),
 }
 
 

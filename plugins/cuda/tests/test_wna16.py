@@ -228,14 +228,17 @@ def test_wgmma_kernel_matches_the_float64_product(plan, k, dtype, zero_point, of
 
 
 @pytest.mark.parametrize("rows,block_m,block_n,block_k,split,stages", [
-    (1, 8, 64, 128, 4, 4), (3, 8, 128, 64, 2, 5), (8, 8, 64, 64, 1, 4), (13, 16, 64, 128, 2, 4), (40, 16, 128, 64, 4, 5)])
+    (1, 8, 64, 128, 4, 4), (3, 8, 128, 64, 2, 5), (8, 8, 64, 64, 1, 4), (13, 16, 64, 128, 2, 4), (40, 16, 128, 64, 4, 5),
+    (130, 64, 256, 64, 1, 5), (70, 64, 256, 64, 2, 4)])
 @pytest.mark.parametrize("zero_point,offsets", list(ZERO_KINDS.values()), ids=list(ZERO_KINDS))
 @pytest.mark.parametrize("act_order", [False, True], ids=["ordered", "act-order"])
-def test_weight_first_kernel_on_few_rows_matches_the_float64_product(rows, block_m, block_n, block_k, split, stages,
-                                                                     zero_point, offsets, act_order, device):
+def test_weight_first_kernel_narrow_and_wide_tiles_match_the_float64_product(rows, block_m, block_n, block_k, split,
+                                                                              stages, zero_point, offsets, act_order,
+                                                                              device):
     """The weight-first Gluon kernel with 8- and 16-row tiles (the matrix instructions' narrowest
-    second operand, for decode at a few rows): rows that fill part of a tile or several tiles, K
-    split into even numbers of tiles, within two roundings of the float64 product as the other plans."""
+    second operand, for decode at a few rows) and with four warpgroups' columns (256, 16 warps):
+    rows that fill part of a tile or several tiles, 200 columns (part of a 256-column tile), K split
+    into even numbers of tiles, within two roundings of the float64 product as the other plans."""
     _skip_unless_hopper(device)
     k = 1024
     data = _group_quant(200, k, 4, 128, act_order, seed=17, zero_point=zero_point, offsets=offsets)
@@ -283,7 +286,8 @@ def test_the_op_picks_the_pairs_kernel_only_for_weights_it_takes(bits, group, dt
     (4, torch.bfloat16, 384, 64, 128, 1, ("overlap", 1)),  # 3 tiles
     (4, torch.bfloat16, 640, 64, 128, 2, ("overlap", 2)),  # 5 tiles: 3 and 2, odd either way
     (8, torch.float16, 1024, 64, 64, 1, ("overlap", 1)),  # 8-bit words hold two pairs, not four
-    (4, torch.bfloat16, 1024, 256, 64, 1, ("overlap", 1)),  # four warpgroups' columns
+    (4, torch.bfloat16, 1024, 256, 64, 1, ("weight first", 1)),  # four warpgroups' columns
+    (4, torch.bfloat16, 1024, 512, 64, 1, ("overlap", 1)),  # eight: more warps than a program may have
 ])
 def test_weight_first_gluon_plans_launch_with_every_split_even(bits, dtype, k, block_n, block_k, split, launched,
                                                                monkeypatch):

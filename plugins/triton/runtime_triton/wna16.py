@@ -751,8 +751,10 @@ def _pairs(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor
     split = tiles.get("split_k", 1)
     if tiles.get("wgmma") and tiles.get("weight_first"):
         # Its loop takes K tiles two at a time, the first and last apart: an even number in each split;
-        # 4-bit words (four pairs), 64 columns a warpgroup, one or two warpgroups.
-        fits = weight.bits == 4 and tiles["block_n"] in (64, 128)
+        # 4-bit words (four pairs), 64 columns a warpgroup, one, two or four warpgroups (four share
+        # each activation tile they copy: at 512 rows 64-column tiles read the activations 448
+        # times for gate/up, more than the packed weight).
+        fits = weight.bits == 4 and tiles["block_n"] in (64, 128, 256)
         split = _even_split(k // tiles["block_k"], split) if fits else 0
         if not split:
             tiles, split = {**tiles, "weight_first": False, "overlap": True}, tiles.get("split_k", 1)

@@ -2,8 +2,9 @@
 
 Usage: .venv/bin/python benchmarks/wna16_sass.py [--rows 1 16 64 128] [--projection 6144x4096] [--json OUT.json]
 
-Each plan (the op's own at each number of rows, the pairs kernel's at the same rows, and at one row
-the vector kernel's with ``shared_shifts``) is
+Each plan (the op's own at each number of rows, the pairs kernel's at the same rows, at one row
+the vector kernel's with ``shared_shifts``, and the weight-first Gluon kernel's: 8- or 16-row tiles
+up to 16 rows, else 128 x 64 x 64) is
 launched on CPU tensors with Triton's launch recorded instead of run (plugins/cuda/tests/
 sm90_dots.py), compiled for sm_90 with Triton's compiler and ptxas, and disassembled with the
 ``nvdisasm`` of Triton's wheel. The longest loop closed by a backward branch is the K loop; its
@@ -67,7 +68,9 @@ def measure(n: int, k: int, rows: int, tiles: dict) -> dict:
         wna16.matmul(weight, torch.zeros(rows, k, dtype=torch.bfloat16), **plan)
     kernel, args, kwargs = launches[0]
     opcodes = loop_opcodes(compile_for_sm90(kernel, args, kwargs).asm["cubin"])
-    weights = plan["block_n"] * plan["block_k"] / (32 * plan["num_warps"])
+    # The weight-first Gluon kernel's loop takes two K tiles an iteration (its two register sets).
+    tiles = 2 if plan.get("wgmma") and plan.get("weight_first") else 1
+    weights = tiles * plan["block_n"] * plan["block_k"] / (32 * plan["num_warps"])
     total = sum(opcodes.values())
     return {"rows": rows, "kernel": kernel.__name__, "plan": plan, "loop_instructions": total,
             "per_weight": round(total / weights, 2), "top": dict(opcodes.most_common(8))}
@@ -87,6 +90,10 @@ def main() -> None:
         plans = [("own", None), ("pairs", {**PAIRS[min(PAIRS, key=lambda r: abs(r - rows))], "pairs": True})]
         if rows == 1:
             plans.append(("shared_shifts", {**wna16.plan(rows, n, k), "shared_shifts": True}))
+        # The weight-first Gluon kernel (Hopper): 8- or 16-row tiles for few rows, else gate/up's 256-row tile.
+        plans.append(("weight_first", dict(wgmma=True, weight_first=True, block_m=8 if rows <= 8 else 16 if rows <= 16
+                                           else 128, block_n=64, block_k=128 if rows <= 16 else 64, split_k=4
+                                           if rows <= 16 else 1, num_warps=4, num_stages=4)))
         for label, tiles in plans:
             row = {"plan_of": label, **measure(n, k, rows, tiles)}
             print(json.dumps(row), flush=True)

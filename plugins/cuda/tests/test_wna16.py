@@ -228,8 +228,8 @@ def test_wgmma_kernel_matches_the_float64_product(plan, k, dtype, zero_point, of
 
 
 @pytest.mark.parametrize("rows,block_m,block_n,block_k,split,stages", [
-    (1, 8, 64, 128, 4, 4), (3, 8, 128, 64, 2, 5), (8, 8, 64, 64, 1, 4), (13, 16, 64, 128, 2, 4), (40, 16, 128, 64, 4, 5),
-    (130, 64, 256, 64, 1, 5), (70, 64, 256, 64, 2, 4)])
+    (1, 8, 64, 128, 4, 4), (3, 8, 128, 64, 2, 5), (8, 8, 64, 64, 1, 4), (13, 16, 64, 128, 2, 4),
+    (40, 16, 128, 64, 4, 5), (130, 64, 256, 64, 1, 5), (70, 64, 256, 64, 2, 4)])
 @pytest.mark.parametrize("zero_point,offsets", list(ZERO_KINDS.values()), ids=list(ZERO_KINDS))
 @pytest.mark.parametrize("act_order", [False, True], ids=["ordered", "act-order"])
 def test_weight_first_kernel_narrow_and_wide_tiles_match_the_float64_product(rows, block_m, block_n, block_k, split,

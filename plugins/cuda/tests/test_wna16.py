@@ -278,19 +278,20 @@ def test_the_op_picks_the_pairs_kernel_only_for_weights_it_takes(bits, group, dt
     assert called == ["tiled" if not pairs else "wgmma" if hopper and rows > 16 else "pairs"]
 
 
-@pytest.mark.parametrize("bits,dtype,k,block_n,block_k,split,launched", [
-    (4, torch.bfloat16, 1024, 64, 64, 1, ("weight first", 1)),  # 16 K tiles
-    (4, torch.bfloat16, 1024, 128, 64, 3, ("weight first", 3)),  # 6, 6 and 4
-    (4, torch.bfloat16, 768, 64, 128, 4, ("weight first", 3)),  # 6 tiles: 2, 2, 2 and none; then 2, 2, 2
-    (4, torch.bfloat16, 256, 64, 128, 2, ("weight first", 1)),  # 2 tiles: 1 and 1; then both
-    (4, torch.bfloat16, 384, 64, 128, 1, ("overlap", 1)),  # 3 tiles
-    (4, torch.bfloat16, 640, 64, 128, 2, ("overlap", 2)),  # 5 tiles: 3 and 2, odd either way
-    (8, torch.float16, 1024, 64, 64, 1, ("overlap", 1)),  # 8-bit words hold two pairs, not four
-    (4, torch.bfloat16, 1024, 256, 64, 1, ("weight first", 1)),  # four warpgroups' columns
-    (4, torch.bfloat16, 1024, 512, 64, 1, ("overlap", 1)),  # eight: more warps than a program may have
+@pytest.mark.parametrize("bits,dtype,k,block_m,block_n,block_k,split,launched", [
+    (4, torch.bfloat16, 1024, 64, 64, 64, 1, ("weight first", 1)),  # 16 K tiles
+    (4, torch.bfloat16, 1024, 64, 128, 64, 3, ("weight first", 3)),  # 6, 6 and 4
+    (4, torch.bfloat16, 768, 64, 64, 128, 4, ("weight first", 3)),  # 6 tiles: 2, 2, 2 and none; then 2, 2, 2
+    (4, torch.bfloat16, 256, 64, 64, 128, 2, ("weight first", 1)),  # 2 tiles: 1 and 1; then both
+    (4, torch.bfloat16, 384, 64, 64, 128, 1, ("overlap", 1)),  # 3 tiles
+    (4, torch.bfloat16, 640, 64, 64, 128, 2, ("overlap", 2)),  # 5 tiles: 3 and 2, odd either way
+    (8, torch.float16, 1024, 64, 64, 64, 1, ("overlap", 1)),  # 8-bit words hold two pairs, not four
+    (4, torch.bfloat16, 1024, 64, 256, 64, 1, ("weight first", 1)),  # four warpgroups' columns
+    (4, torch.bfloat16, 1024, 128, 256, 64, 1, ("overlap", 1)),  # four, on 128 rows: past 128 registers
+    (4, torch.bfloat16, 1024, 64, 512, 64, 1, ("overlap", 1)),  # eight: more warps than a program may have
 ])
-def test_weight_first_gluon_plans_launch_with_every_split_even(bits, dtype, k, block_n, block_k, split, launched,
-                                                               monkeypatch):
+def test_weight_first_gluon_plans_launch_with_every_split_even(bits, dtype, k, block_m, block_n, block_k, split,
+                                                               launched, monkeypatch):
     """The weight-first Gluon kernel takes K tiles two at a time in every split: the launcher splits
     K no finer than the plan asks into parts of an even number of tiles, at least 2 (as the
     kernel's programs divide them, the last taking what is left), and otherwise, as for 8-bit
@@ -310,7 +311,7 @@ def test_weight_first_gluon_plans_launch_with_every_split_even(bits, dtype, k, b
     monkeypatch.setattr(wna16_wgmma, "wna16_wgmma_kernel", Recorder("shared"))
     monkeypatch.setattr(wna16_wgmma, "wna16_wgmma_weight_first_kernel", Recorder("weight first"))
     weight = wna16.repack(_group_quant(block_n, k, bits, 128, False, seed=0), dtype, torch.device("cpu"))
-    wna16.matmul(weight, torch.zeros(70, k, dtype=dtype), wgmma=True, weight_first=True, block_m=64,
+    wna16.matmul(weight, torch.zeros(70, k, dtype=dtype), wgmma=True, weight_first=True, block_m=block_m,
                  block_n=block_n, block_k=block_k, split_k=split, num_warps=block_n // 16, num_stages=3)
     assert launches == [launched]
 

@@ -753,8 +753,9 @@ def _pairs(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor
         # Its loop takes K tiles two at a time, the first and last apart: an even number in each split;
         # 4-bit words (four pairs), 64 columns a warpgroup, one, two or four warpgroups (four share
         # each activation tile they copy: at 512 rows 64-column tiles read the activations 448
-        # times for gate/up, more than the packed weight).
-        fits = weight.bits == 4 and tiles["block_n"] in (64, 128, 256)
+        # times for gate/up, more than the packed weight; at 16 warps a thread has 128 registers,
+        # which only tiles of up to 64 rows fit).
+        fits = weight.bits == 4 and (tiles["block_n"] in (64, 128) or tiles["block_n"] == 256 and tiles["block_m"] <= 64)
         split = _even_split(k // tiles["block_k"], split) if fits else 0
         if not split:
             tiles, split = {**tiles, "weight_first": False, "overlap": True}, tiles.get("split_k", 1)

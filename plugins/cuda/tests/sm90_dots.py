@@ -178,9 +178,11 @@ def wna16_cases():
     pairs += [dict(wgmma=True, block_m=m, block_n=n, block_k=64, num_warps=warps, num_stages=stages, overlap=overlap)
               for m, n, warps, stages in [(64, 128, 4, 4), (128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 4)]
               for overlap in (False, True)]
-    # And with the weight as the first operand, dequantized into the registers it is read from.
+    # And with the weight as the first operand, dequantized into the registers it is read from: also
+    # the sweep's 8- and 16-row tiles for decode and its four-warpgroup tiles (256 columns, 16 warps).
     pairs += [dict(wgmma=True, weight_first=True, block_m=m, block_n=n, block_k=k, split_k=split, num_warps=n // 16,
-                   num_stages=4) for m, n, k, split in [(64, 64, 64, 1), (128, 128, 64, 1), (128, 64, 128, 2)]]
+                   num_stages=4) for m, n, k, split in [(64, 64, 64, 1), (128, 128, 64, 1), (128, 64, 128, 2),
+                                                        (8, 64, 128, 4), (16, 128, 64, 2), (64, 256, 64, 1)]]
     # Groups of 128 rows (GPTQ's) take the pairs kernel up to 256 rows; of 32 (GGUF's) the tile kernel up to 64.
     for group, rows_tried in ((128, (2, 16, 17, 64, 65, 128, 129, 256)), (32, (2, 16, 17, 64))):
         for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:

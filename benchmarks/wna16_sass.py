@@ -92,9 +92,10 @@ def main() -> None:
             plans.append(("shared_shifts", {**wna16.plan(rows, n, k), "shared_shifts": True}))
         # The weight-first Gluon kernel (Hopper): 8- or 16-row tiles for few rows, else gate/up's 256-row tile.
         few = rows <= 16
-        plans.append(("weight_first", dict(wgmma=True, weight_first=True, block_m=(8 if rows <= 8 else 16) if few else 128,
-                                           block_n=64, block_k=128 if few else 64, split_k=4 if few else 1,
-                                           num_warps=4, num_stages=4)))
+        block_m = (8 if rows <= 8 else 16) if few else 128
+        plans.append(("weight_first", dict(wgmma=True, weight_first=True, block_m=block_m, block_n=64,
+                                           block_k=128 if few else 64, split_k=4 if few else 1, num_warps=4,
+                                           num_stages=4)))
         for label, tiles in plans:
             row = {"plan_of": label, **measure(n, k, rows, tiles)}
             print(json.dumps(row), flush=True)

@@ -2,7 +2,7 @@
 here needs more than one GPU to start, it skips layouts the machine cannot hold).
 
 Usage: python3 benchmarks/multi_gpu.py --model DIR --json OUT.json [--layouts 1x1 2x1 4x1 8x1 1x2 2x2 4x2]
-           [--requests 1000] [--prompt-len 512] [--output-len 128]
+           [--requests 1000] [--prompt-len 512] [--output-len 128] [--load-format dummy --shape 8b|70b]
 
 A layout is TPxPP (tensor-parallel ranks times pipeline stages). Per layout, one engine (its own
 process tree; the previous one is shut down first): batch-1 decode tok/s (prompt --prompt-len,
@@ -10,7 +10,9 @@ process tree; the previous one is shut down first): batch-1 decode tok/s (prompt
 with --output-len tokens each (ignore_eos), and the share of a batch-1 decode step spent in
 collectives (torch profiler: communication kernels' time over all kernels' time, rank 0).
 Model: a Llama-3-8B-shaped (or 70B-shaped) directory of random bf16 weights
-(plugins/cuda/benchmarks/decode_llama8b.py writes the 8B one).
+(plugins/cuda/benchmarks/decode_llama8b.py writes the 8B one), or with --load-format dummy made-up
+weights at load from DIR's config and tokenizer, written there for --shape when DIR has no config
+(a 70B checkpoint, 140 GB, need not be written: speed does not depend on weight values).
 """
 
 from __future__ import annotations
@@ -18,11 +20,20 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from runtime import LLM, SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "cuda" / "benchmarks"))
+from decode_llama8b import write_config_and_tokenizer  # noqa: E402
+
+# Llama-3-70B's shape (issue 21), beside the 8B one decode_llama8b.py writes by default.
+SHAPES = {"8b": {}, "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                num_attention_heads=64, num_key_value_heads=8)}
 
 COMMUNICATION = ("nccl", "allreduce", "all_reduce", "allgather", "all_gather", "ncclDevKernel")
 
@@ -57,7 +68,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                        help="dummy: made-up weights at load, from --model's config and tokenizer")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="8b",
+                        help="with --load-format dummy: the config written when --model has none")
     args = parser.parse_args()
+    model = Path(args.model)
+    if args.load_format == "dummy" and not (model / "config.json").exists():
+        write_config_and_tokenizer(model, **SHAPES[args.shape])
     rng = random.Random(0)
     results = []
     for layout in args.layouts:
@@ -68,7 +86,7 @@ def main() -> None:
             continue
         started = time.perf_counter()
         llm = LLM(args.model, device="cuda", dtype="bfloat16", tensor_parallel_size=tp, pipeline_parallel_size=pp,
-                  max_num_seqs=512,
+                  load_format=args.load_format, max_num_seqs=512,
                   max_num_batched_tokens=16384, max_model_len=args.prompt_len + args.output_len + 64)
         ready_s = time.perf_counter() - started
 

@@ -53,9 +53,10 @@ def random_tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
     return (torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * 0.02).cpu()
 
 
-def write_config_and_tokenizer(path: Path) -> transformers.LlamaConfig:
-    """config.json and a word-level tokenizer of the same vocabulary (``w0`` ... ``w128255``)."""
-    config = transformers.LlamaConfig(**CONFIG)
+def write_config_and_tokenizer(path: Path, **shape) -> transformers.LlamaConfig:
+    """config.json (CONFIG with ``shape``'s fields instead) and a word-level tokenizer of the same
+    vocabulary (``w0`` ... ``w128255``)."""
+    config = transformers.LlamaConfig(**(CONFIG | shape))
     path.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(path)
     vocab = {f"w{i}": i for i in range(config.vocab_size)}

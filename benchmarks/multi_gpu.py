@@ -26,25 +26,16 @@ from pathlib import Path
 
 import torch
 
-from runtime import LLM, SamplingParams
+from runtime import LLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "cuda" / "benchmarks"))
-from decode_llama8b import write_config_and_tokenizer  # noqa: E402
+from decode_llama8b import timed, write_config_and_tokenizer  # noqa: E402
 
 # Llama-3-70B's shape (issue 21), beside the 8B one decode_llama8b.py writes by default.
 SHAPES = {"8b": {}, "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                                 num_attention_heads=64, num_key_value_heads=8)}
 
 COMMUNICATION = ("nccl", "allreduce", "all_reduce", "allgather", "all_gather", "ncclDevKernel")
-
-
-def timed(llm: LLM, prompts: list[list[int]], max_tokens: int) -> float:
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def communication_share(llm: LLM, prompt: list[int], tokens: int) -> float:

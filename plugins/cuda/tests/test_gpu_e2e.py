@@ -9,9 +9,7 @@ report; ``RUNTIME_CUDA_GGUF`` names a .gguf file to use instead of the embedded 
 
 from __future__ import annotations
 
-import gc
 import json
-import math
 import os
 import random
 import shutil
@@ -22,20 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from greedy_divergence import LOGPROB_TOLERANCE, divergence, release
+
 from runtime import LLM, LoRARequest, SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 REPO_TESTS = Path(__file__).resolve().parents[3] / "tests"
-# Logprob tolerance per dtype (runtime_conformance's): how close a near-tie must be to excuse a different token.
-LOGPROB_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.35}
 MAX_TOKENS = 12
-
-
-def _release() -> None:
-    """Engines hold their KV cache until collected; free it before the next one sizes its own."""
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 def test_conformance_suite_passes(tmp_path):
@@ -50,26 +42,13 @@ def test_conformance_suite_passes(tmp_path):
     assert run.returncode == 0, f"conformance failed ({len(failed)} checks: {failed[:10]}):\n{run.stdout[-4000:]}"
 
 
-def _divergence(ours, ref, tolerance: float) -> str | None:
-    """Where greedy ``ours`` departs from ``ref`` (CompletionOutputs with logprobs) beyond a near-tie."""
-    for step, (token, ref_token) in enumerate(zip(ours.token_ids, ref.token_ids)):
-        row = ref.logprobs[step]
-        if token == ref_token:
-            if abs(ours.logprobs[step][token].logprob - row[token].logprob) > tolerance:
-                return f"token {step} ({token}): logprob {ours.logprobs[step][token].logprob:.4f}, cpu {row[token].logprob:.4f}"
-            continue
-        gap = row[ref_token].logprob - (row[token].logprob if token in row else -math.inf)
-        return None if gap <= tolerance else f"token {step}: {token}, cpu {ref_token} (cpu logprob gap {gap:.4f})"
-    return None if len(ours.token_ids) == len(ref.token_ids) else "different lengths"
-
-
 def _greedy(path, device: str, dtype: str, request, max_tokens: int = MAX_TOKENS, **engine_args):
     """The CompletionOutputs of ``request(llm, params)`` (greedy, with logprobs) on a fresh engine."""
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=5)
     llm = LLM(str(path), device=device, dtype=dtype, kv_cache_memory="32MiB", **engine_args)
     outputs = [o.outputs[0] for o in request(llm, params)]
     del llm
-    _release()
+    release()
     return outputs
 
 
@@ -109,7 +88,7 @@ def test_tiny_model_greedy_matches_cpu(name, dtype, tiny):
     path, prompts, reference = tiny(name)
     outputs = _greedy(path, "cuda", dtype, _prompts(prompts))
     problems = [f"prompt {i}: {d}" for i, (o, r) in enumerate(zip(outputs, reference))
-                if (d := _divergence(o, r, LOGPROB_TOLERANCE[dtype]))]
+                if (d := divergence(o, r, LOGPROB_TOLERANCE[dtype]))]
     assert not problems, f"{name} on cuda ({dtype}) differs from cpu: " + "; ".join(problems)
 
 
@@ -150,7 +129,7 @@ def test_packed_checkpoint_greedy_matches_its_dequantized_weights_on_cpu(scheme,
     reference = _greedy(reference_dir, "cpu", dtype, _prompts(prompts))
     outputs = _greedy(tmp_path / "q", "cuda", dtype, _prompts(prompts))
     problems = [f"prompt {i}: {d}" for i, (o, r) in enumerate(zip(outputs, reference))
-                if (d := _divergence(o, r, LOGPROB_TOLERANCE[dtype]))]
+                if (d := divergence(o, r, LOGPROB_TOLERANCE[dtype]))]
     assert not problems, f"{scheme} on cuda ({dtype}) differs from its dequantized weights on cpu: " + "; ".join(problems)
 
 
@@ -175,7 +154,7 @@ def test_json_schema_outputs_match_cpu_and_validate(dtype, tiny):
     reference = _greedy(path, "cpu", "float32", run)
     outputs = _greedy(path, "cuda", dtype, run)
     problems = [f"{name}: {d}" for name, o, r in zip(names, outputs, reference)
-                if (d := _divergence(o, r, LOGPROB_TOLERANCE[dtype]))]
+                if (d := divergence(o, r, LOGPROB_TOLERANCE[dtype]))]
     assert not problems, f"constrained decoding on cuda ({dtype}) differs from cpu: " + "; ".join(problems)
     for name, out in zip(names, outputs):
         assert out.finish_reason == "stop", (name, out.text)
@@ -205,7 +184,7 @@ def test_embedded_gguf_greedy_matches_cpu():
     # requantize them to int8, its default for quantized GGUF, and compute something else).
     [reference] = _greedy(path, "cpu", "float32", _ask_capital, max_tokens=16, max_model_len=512, quantization="none")
     [ours] = _greedy(path, "cuda", "float32", _ask_capital, max_tokens=16, max_model_len=512, quantization="none")
-    problem = _divergence(ours, reference, LOGPROB_TOLERANCE["float32"])
+    problem = divergence(ours, reference, LOGPROB_TOLERANCE["float32"])
     assert problem is None, f"embedded GGUF on cuda differs from cpu: {problem}"
     assert "Paris" in ours.text, f"cuda answered {ours.text!r}"
 
@@ -217,7 +196,7 @@ def test_embedded_gguf_packed_matches_dequantized():
     path = _embedded_gguf()
     [dense] = _greedy(path, "cuda", "float32", _ask_capital, max_tokens=16, max_model_len=512, quantization="none")
     [packed] = _greedy(path, "cuda", "float32", _ask_capital, max_tokens=16, max_model_len=512)
-    problem = _divergence(packed, dense, LOGPROB_TOLERANCE["float32"])
+    problem = divergence(packed, dense, LOGPROB_TOLERANCE["float32"])
     assert problem is None, f"packed GGUF on cuda differs from the dequantized file: {problem}"
     assert "Paris" in packed.text, f"cuda answered {packed.text!r}"
 
@@ -251,7 +230,7 @@ def test_fp8_quantization_tracks_bfloat16(tmp_path):
                      if isinstance(m, Linear) and m.quant_method is not None]
         weight_bytes = runner.weight_bytes
         del llm, runner
-        _release()
+        release()
         return outputs, weight_bytes, quantized
 
     dense, dense_bytes, _ = run()
@@ -301,7 +280,7 @@ def test_fp8_kv_cache_tracks_the_model_dtype_cache(name, tmp_path):
         llm = LLM(str(path), device="cuda", dtype="bfloat16", kv_cache_memory="32MiB", kv_cache_dtype=kv_cache_dtype)
         runs[kv_cache_dtype] = llm.generate(prompts, params, use_tqdm=False)
         del llm
-        _release()
+        release()
 
     def greedy(row):
         return min(row, key=lambda token: row[token].rank)
@@ -310,7 +289,7 @@ def test_fp8_kv_cache_tracks_the_model_dtype_cache(name, tmp_path):
     for i, (ours, ref) in enumerate(zip(runs["fp8"], runs["auto"])):
         first, ref_first = ours.outputs[0].logprobs[0], ref.outputs[0].logprobs[0]
         shifts += [abs(first[t].logprob - ref_first[t].logprob) for t in ref_first if t in first]
-        if problem := _divergence(ours.outputs[0], ref.outputs[0], FP8_LOGPROB_TOLERANCE):
+        if problem := divergence(ours.outputs[0], ref.outputs[0], FP8_LOGPROB_TOLERANCE):
             problems.append(f"prompt {i}: {problem}")
         # Every prompt position predicts from the same prefix in both runs, so one flip does not cascade.
         for row, ref_row in zip(ours.prompt_logprobs[1:], ref.prompt_logprobs[1:]):
@@ -345,7 +324,7 @@ def test_mixed_lora_batch_matches_cpu(name, dtype, tiny, tmp_path):
     reference = _greedy(path, "cpu", "float32", run, **lora)
     outputs = _greedy(path, "cuda", dtype, run, **lora)
     problems = [f"prompt {i} ({c.name if c else 'base'}): {d}" for i, (o, r, c) in enumerate(zip(outputs, reference, chosen))
-                if (d := _divergence(o, r, LOGPROB_TOLERANCE[dtype]))]
+                if (d := divergence(o, r, LOGPROB_TOLERANCE[dtype]))]
     assert not problems, f"{name} with LoRA on cuda ({dtype}) differs from cpu: " + "; ".join(problems)
     assert any(o.token_ids != r.token_ids for o, r in zip(outputs, tiny(name)[2])), "the adapters changed nothing"
 
@@ -367,5 +346,5 @@ def test_speculative_greedy_output_matches_without_proposals(dtype, tiny, tmp_pa
     for config in configs:
         ours = _greedy(path, "cuda", dtype, run, max_tokens=24, speculative_config=config)
         problems = [f"prompt {i}: {d}" for i, (o, r) in enumerate(zip(ours, plain))
-                    if (d := _divergence(o, r, LOGPROB_TOLERANCE[dtype]))]
+                    if (d := divergence(o, r, LOGPROB_TOLERANCE[dtype]))]
         assert not problems, f"{config['method']} on cuda ({dtype}) changed the output: " + "; ".join(problems)

@@ -3,6 +3,7 @@ here needs more than one GPU to start, it skips layouts the machine cannot hold)
 
 Usage: python3 benchmarks/multi_gpu.py --model DIR --json OUT.json [--layouts 1x1 2x1 4x1 8x1 1x2 2x2 4x2]
            [--requests 1000] [--prompt-len 512] [--output-len 128] [--load-format dummy --shape 8b|70b]
+           [--engine runtime|vllm]
 
 A layout is TPxPP (tensor-parallel ranks times pipeline stages). Per layout, one engine (its own
 process tree; the previous one is shut down first): batch-1 decode tok/s (prompt --prompt-len,
@@ -13,6 +14,10 @@ Model: a Llama-3-8B-shaped (or 70B-shaped) directory of random bf16 weights
 (plugins/cuda/benchmarks/decode_llama8b.py writes the 8B one), or with --load-format dummy made-up
 weights at load from DIR's config and tokenizer, written there for --shape when DIR has no config
 (a 70B checkpoint, 140 GB, need not be written: speed does not depend on weight values).
+
+--engine vllm measures vLLM (0.22.1, ../shared/anchors/vllm.md) the same way, one layout a run
+(its engine's processes are not all gone when its LLM is): no collectives' share (its ranks run in
+processes this one does not profile). Keep NCCL_NVLS_ENABLE=0 in the environment for both.
 """
 
 from __future__ import annotations
@@ -51,6 +56,28 @@ def communication_share(llm: LLM, prompt: list[int], tokens: int) -> float:
     return comm / total if total else 0.0
 
 
+def open_engine(engine: str, args: argparse.Namespace, tp: int, pp: int):
+    """(generate(prompts, max_tokens) -> seconds, the collectives' share of a batch-1 decode of a
+    prompt or None, close) for ``engine`` at ``tp`` x ``pp``."""
+    settings = dict(dtype="bfloat16", tensor_parallel_size=tp, pipeline_parallel_size=pp, load_format=args.load_format,
+                    max_num_seqs=512, max_num_batched_tokens=16384, max_model_len=args.prompt_len + args.output_len + 64)
+    if engine == "runtime":
+        llm = LLM(args.model, device="cuda", **settings)
+        share = (lambda prompt: communication_share(llm, prompt, 32)) if tp > 1 else (lambda prompt: 0.0)
+        return (lambda prompts, max_tokens: timed(llm, prompts, max_tokens)), share, llm.engine.shutdown
+    from vllm import LLM as VllmLLM, SamplingParams, TokensPrompt
+
+    llm = VllmLLM(args.model, gpu_memory_utilization=0.9, **settings)
+
+    def generate(prompts: list[list[int]], max_tokens: int) -> float:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        start = time.perf_counter()  # returns once every output is back, so the GPUs are done
+        llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        return time.perf_counter() - start
+
+    return generate, lambda prompt: None, lambda: None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -63,7 +90,10 @@ def main() -> None:
                         help="dummy: made-up weights at load, from --model's config and tokenizer")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="8b",
                         help="with --load-format dummy: the config written when --model has none")
+    parser.add_argument("--engine", choices=["runtime", "vllm"], default="runtime")
     args = parser.parse_args()
+    if args.engine == "vllm" and len(args.layouts) > 1:
+        parser.error("--engine vllm measures one layout a run: run it once for each of --layouts")
     model = Path(args.model)
     if args.load_format == "dummy" and not (model / "config.json").exists():
         write_config_and_tokenizer(model, **SHAPES[args.shape])
@@ -76,28 +106,27 @@ def main() -> None:
             print(f"{layout}: skipped, {torch.cuda.device_count()} GPUs here", flush=True)
             continue
         started = time.perf_counter()
-        llm = LLM(args.model, device="cuda", dtype="bfloat16", tensor_parallel_size=tp, pipeline_parallel_size=pp,
-                  load_format=args.load_format, max_num_seqs=512,
-                  max_num_batched_tokens=16384, max_model_len=args.prompt_len + args.output_len + 64)
+        generate, collectives_share, close = open_engine(args.engine, args, tp, pp)
         ready_s = time.perf_counter() - started
 
         def prompts(count: int) -> list[list[int]]:  # fresh ids, so nothing hits the prefix cache
             return [[rng.randrange(1000, 100000) for _ in range(args.prompt_len)] for _ in range(count)]
 
-        timed(llm, prompts(1), 8)
-        first = timed(llm, prompts(1), 1)
-        whole = timed(llm, prompts(1), args.output_len)
+        generate(prompts(1), 8)
+        first = generate(prompts(1), 1)
+        whole = generate(prompts(1), args.output_len)
         step = (whole - first) / (args.output_len - 1)
-        share = communication_share(llm, prompts(1)[0], 32) if tp > 1 else 0.0
-        offline = timed(llm, prompts(args.requests), args.output_len)
-        row = {"tp": tp, "pp": pp, "ready_s": round(ready_s, 1), "decode_step_ms": round(step * 1000, 3),
-               "batch1_tok_s": round(1 / step, 1), "communication_share": round(share, 3),
+        share = collectives_share(prompts(1)[0])
+        offline = generate(prompts(args.requests), args.output_len)
+        row = {"engine": args.engine, "tp": tp, "pp": pp, "ready_s": round(ready_s, 1),
+               "decode_step_ms": round(step * 1000, 3), "batch1_tok_s": round(1 / step, 1),
+               "communication_share": None if share is None else round(share, 3),
                "offline_output_tok_s": round(args.requests * args.output_len / offline, 1),
                "requests": args.requests, "prompt_len": args.prompt_len, "output_len": args.output_len}
         print(json.dumps(row), flush=True)
         results.append(row)
-        llm.engine.shutdown()
-        del llm
+        close()
+        del generate, collectives_share, close
         torch.cuda.empty_cache()
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)

@@ -117,6 +117,28 @@ def test_a_failed_worker_is_named_and_the_engine_fails_within_the_timeout(parall
     assert not worker.is_alive()
 
 
+def test_a_step_during_which_a_rank_died_gives_no_tokens(tmp_path):
+    """A rank noticed dead while rank 0 waits for a step (NCCL's collectives are then aborted, and
+    the step ends with whatever they left): the step's tokens are not returned, the rank is named."""
+    path = make_tiny_checkpoint(tmp_path, "llama")
+    llm = LLM(str(path), tensor_parallel_size=2, kv_cache_memory="16MiB", max_model_len=128)
+    executor = llm.engine.executor
+    collect = executor.driver.collect
+
+    def collect_as_rank_1_dies(pending):
+        result = collect(pending)
+        executor._failure = "worker rank 1 (pid 4321) exited with code -9"
+        return result
+
+    executor.driver.collect = collect_as_rank_1_dies
+    try:
+        # One token: the step is the request's last, so no later step would notice the failure.
+        with pytest.raises(RuntimeError, match=r"worker rank 1 \(pid 4321\) exited with code -9"):
+            llm.generate([{"prompt_token_ids": PROMPTS[1]}], SamplingParams(max_tokens=1), use_tqdm=False)
+    finally:
+        llm.engine.shutdown()
+
+
 def test_an_engine_whose_rendezvous_failed_leaves_the_next_one_in_this_process_working(tmp_path, monkeypatch):
     """A worker gone before the process group forms fails the engine, naming it; torch's group
     counter in this process must not stay one ahead of the next engine's fresh workers."""

@@ -145,18 +145,23 @@ class MultiprocExecutor:
             return self.driver.collect(None)
         message = self._sender.collect(pending)
         if self.plan.pipeline_parallel_size > 1:
-            try:
-                self.driver.collect(pending)  # the first stage's send is done
-            except Exception as exc:
-                raise self._named(exc) from None
+            self._collect_own_share(pending)  # the first stage's send is done
             result = self._receive_result(message.step)
             self._broadcast(encode(Collect(message.step, result.sampled)))
             return result
         self._broadcast(encode(message))
+        return self._collect_own_share(pending)
+
+    def _collect_own_share(self, pending: PendingStep) -> RunnerOutput:
         try:
-            return self.driver.collect(pending)
+            result = self.driver.collect(pending)
         except Exception as exc:
             raise self._named(exc) from None
+        if self._failure is not None:
+            # A rank died while this step ran: its collectives were aborted (_abort_collectives),
+            # so what it computed is not to be used.
+            raise RuntimeError(self._failure)
+        return result
 
     def _receive_result(self, step: int) -> RunnerOutput:
         """What the last pipeline stage computed for ``step`` (it sends steps in launch order)."""
@@ -245,10 +250,23 @@ class MultiprocExecutor:
         # A rank that froze makes the others' collectives time out and exit: name it first.
         self._failure = "; ".join(self._stalled() + [_worker_exit(rank, self._workers[rank - 1])])
         logger.error("%s", self._failure)
+        self._abort_collectives()
         time.sleep(_HUNG_AFTER_DEATH_S)
         if self.exit_when_stuck and not self._stopping:
             logger.error("the engine is still waiting on rank %d after %.0f s; exiting", rank, _HUNG_AFTER_DEATH_S)
             os._exit(1)
+
+    def _abort_collectives(self) -> None:
+        """End this process's collectives that wait on a dead rank. gloo's fail by themselves; an
+        NCCL kernel waits for ever, and NCCL's watchdog, which aborts it after the timeout, does not
+        watch collectives replayed from a CUDA graph (every decode step's), so rank 0 would wait in
+        such a step for ever. Not yet seen on several GPUs (issue 21's test_multi_gpu.py)."""
+        if self.platform.dist_backend != "nccl" or not dist.is_initialized():
+            return
+        try:
+            dist.distributed_c10d._abort_process_group()
+        except Exception as exc:  # an experimental torch API; the step then fails only if NCCL's watchdog ends it
+            logger.warning("could not abort the NCCL communicators (%s): %s", self._failure, exc)
 
     _stopping = False
 

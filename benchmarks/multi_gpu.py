@@ -7,9 +7,10 @@ Usage: python3 benchmarks/multi_gpu.py --model DIR --json OUT.json [--layouts 1x
 
 A layout is TPxPP (tensor-parallel ranks times pipeline stages). Per layout, one engine (its own
 process tree; the previous one is shut down first): batch-1 decode tok/s (prompt --prompt-len,
---output-len tokens, the mean step time between the first token and the last), then offline throughput on --requests random prompts of --prompt-len
-with --output-len tokens each (ignore_eos), and the share of a batch-1 decode step spent in
-collectives (torch profiler: communication kernels' time over all kernels' time, rank 0).
+--output-len tokens, the mean step time between the first token and the last), then offline
+throughput on --requests random prompts of --prompt-len with --output-len tokens each
+(ignore_eos), and the share of a batch-1 decode step spent in collectives (torch profiler:
+communication kernels' time over all kernels' time, rank 0).
 Model: a Llama-3-8B-shaped (or 70B-shaped) directory of random bf16 weights
 (plugins/cuda/benchmarks/decode_llama8b.py writes the 8B one), or with --load-format dummy made-up
 weights at load from DIR's config and tokenizer, written there for --shape when DIR has no config
@@ -60,7 +61,8 @@ def open_engine(engine: str, args: argparse.Namespace, tp: int, pp: int):
     """(generate(prompts, max_tokens) -> seconds, the collectives' share of a batch-1 decode of a
     prompt or None, close) for ``engine`` at ``tp`` x ``pp``."""
     settings = dict(dtype="bfloat16", tensor_parallel_size=tp, pipeline_parallel_size=pp, load_format=args.load_format,
-                    max_num_seqs=512, max_num_batched_tokens=16384, max_model_len=args.prompt_len + args.output_len + 64)
+                    max_num_seqs=512, max_num_batched_tokens=16384,
+                    max_model_len=args.prompt_len + args.output_len + 64)
     if engine == "runtime":
         llm = LLM(args.model, device="cuda", **settings)
         share = (lambda prompt: communication_share(llm, prompt, 32)) if tp > 1 else (lambda prompt: 0.0)

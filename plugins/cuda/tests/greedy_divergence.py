@@ -24,7 +24,8 @@ def divergence(ours, ref, tolerance: float) -> str | None:
         row = ref.logprobs[step]
         if token == ref_token:
             if abs(ours.logprobs[step][token].logprob - row[token].logprob) > tolerance:
-                return f"token {step} ({token}): logprob {ours.logprobs[step][token].logprob:.4f}, reference {row[token].logprob:.4f}"
+                return (f"token {step} ({token}): logprob {ours.logprobs[step][token].logprob:.4f}, "
+                        f"reference {row[token].logprob:.4f}")
             continue
         gap = row[ref_token].logprob - (row[token].logprob if token in row else -math.inf)
         return None if gap <= tolerance else f"token {step}: {token}, reference {ref_token} (logprob gap {gap:.4f})"

@@ -1,7 +1,8 @@
 """Tensor and pipeline parallelism across GPUs (NCCL, CUDA graphs on): each layout generates the
 greedy tokens one GPU does, 32 prompts x 64 tokens, for tiny random models of several
-architectures in float32 and for a Llama-3-8B-shaped model (made-up bf16 weights) in bfloat16; a
-worker killed mid-run ends the engine within the collective timeout with its rank named (issue 21).
+architectures in float32 (also with the ranks as Ray actors, where ray is installed) and for a
+Llama-3-8B-shaped model (made-up bf16 weights) in bfloat16; a worker killed mid-run ends the
+engine within the collective timeout with its rank named (issue 21).
 
 Each case is skipped where the machine has fewer GPUs than its layout needs. The float32 cases
 hold the tiny models to float32's tolerance: a rank's partial sums are added in another order
@@ -94,6 +95,20 @@ def test_a_tiny_model_generates_at_each_layout_what_one_gpu_does(name, tp, pp, t
     outputs = greedy(path, "float32", prompts, tensor_parallel_size=tp, pipeline_parallel_size=pp,
                      kv_cache_memory="64MiB", **TINY[name][1])
     assert_same_greedy(outputs, reference, "float32", f"{name} at tp {tp} x pp {pp}")
+
+
+@pytest.mark.parametrize("tp,pp", [layout_param(2, 1), layout_param(1, 2)])
+def test_the_ray_executor_generates_what_one_gpu_does(tp, pp, tiny):
+    """The ranks as Ray actors, one GPU a bundle, instead of this process's children."""
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    path, prompts, reference = tiny("llama")
+    ray.init(include_dashboard=False, logging_level="ERROR")
+    try:
+        outputs = greedy(path, "float32", prompts, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                         distributed_executor_backend="ray", kv_cache_memory="64MiB")
+    finally:
+        ray.shutdown()
+    assert_same_greedy(outputs, reference, "float32", f"llama on ray at tp {tp} x pp {pp}")
 
 
 @pytest.fixture(scope="module")

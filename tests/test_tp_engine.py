@@ -139,6 +139,37 @@ def test_a_step_during_which_a_rank_died_gives_no_tokens(tmp_path):
         llm.engine.shutdown()
 
 
+def test_a_worker_stopped_while_rank_0_waits_for_a_step_is_named_after_the_timeout(tmp_path):
+    """Rank 0 waiting on a device for a step whose collectives wait on a stopped worker (NCCL's,
+    replayed from a CUDA graph, never time out): the watcher names the worker once the wait passes
+    --distributed-timeout and aborts the collectives, which ends the wait (here a stand-in for it)."""
+    timeout = 3
+    path = make_tiny_checkpoint(tmp_path, "llama")
+    llm = LLM(str(path), tensor_parallel_size=2, kv_cache_memory="16MiB", max_model_len=128,
+              distributed_timeout=timeout)
+    executor = llm.engine.executor
+    worker, collect, calls = executor._workers[0], executor.driver.collect, []
+
+    def collect_waiting_on_a_stopped_worker(pending):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(worker.pid, signal.SIGSTOP)
+            stopped = time.monotonic()
+            while executor._failure is None and time.monotonic() - stopped < 30:  # until aborted
+                time.sleep(0.05)
+        return collect(pending)
+
+    executor.driver.collect = collect_waiting_on_a_stopped_worker
+    try:
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"worker rank 1 stopped responding \(no heartbeat\)"):
+            llm.generate([{"prompt_token_ids": [5, 6, 7]}] * 2, SamplingParams(max_tokens=50, ignore_eos=True),
+                         use_tqdm=False)
+        assert time.monotonic() - started < timeout + 10
+    finally:
+        llm.engine.shutdown()
+
+
 def test_an_engine_whose_rendezvous_failed_leaves_the_next_one_in_this_process_working(tmp_path, monkeypatch):
     """A worker gone before the process group forms fails the engine, naming it; torch's group
     counter in this process must not stay one ahead of the next engine's fresh workers."""

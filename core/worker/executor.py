@@ -47,6 +47,8 @@ _WORKER_START_S = 300.0
 
 _NAMING_WAIT_S = 2.0
 """How long an error of a step waits to learn whether a worker died or stalled, to name it."""
+_WATCH_TICK_S = 1.0
+"""How often the watcher looks for a worker that stopped answering while rank 0 waits for a step."""
 
 
 class LocalExecutor:
@@ -101,6 +103,8 @@ class MultiprocExecutor:
         results_address = self._bind(self._results, "results")
         dist_address = f"tcp://{_host_for(backend)}:{_free_port()}"
         self._failure: Optional[str] = None
+        self._waiting_since: Optional[float] = None
+        """When rank 0 began to wait for its share of the step in flight (None while not waiting)."""
         self._progress: Optional[RankProgress] = None
         """Set by ``_start_workers`` where the workers can share memory with this process."""
         self._sender = StepSender()
@@ -153,10 +157,13 @@ class MultiprocExecutor:
         return self._collect_own_share(pending)
 
     def _collect_own_share(self, pending: PendingStep) -> RunnerOutput:
+        self._waiting_since = time.monotonic()
         try:
             result = self.driver.collect(pending)
         except Exception as exc:
             raise self._named(exc) from None
+        finally:
+            self._waiting_since = None
         if self._failure is not None:
             # A rank died while this step ran: its collectives were aborted (_abort_collectives),
             # so what it computed is not to be used.
@@ -236,28 +243,38 @@ class MultiprocExecutor:
         return _worker_exit(*dead[0]) if dead else None
 
     exit_when_stuck = False
-    """Set by the engine core process: a collective still waiting for a dead worker after a grace
-    period ends the process (its API processes then fail every request). In a user's process
-    (the offline LLM) the collective's own --distributed-timeout raises instead."""
+    """Set by the engine core process: a step still waiting for a dead or stopped worker a grace
+    period after the watcher named it ends the process (its API processes then fail every request).
+    In a user's process (the offline LLM) the step raises instead: its collectives time out (gloo)
+    or are aborted (NCCL, ``_abort_collectives``)."""
 
     def _watch(self) -> None:
-        """Name a dead worker; see ``exit_when_stuck``."""
+        """Name a dead worker, or one that stopped answering while rank 0 has waited for a step
+        longer than the collectives' timeout; see ``exit_when_stuck``."""
         sentinels = {p.sentinel: rank for rank, p in enumerate(self._workers, start=1)}
-        ready = wait(list(sentinels))
-        if self._stopping:
-            return
-        rank = sentinels[ready[0]]
-        # A rank that froze makes the others' collectives time out and exit: name it first.
-        self._failure = "; ".join(self._stalled() + [_worker_exit(rank, self._workers[rank - 1])])
+        ready, problems = [], []
+        while not ready and not problems:
+            ready = wait(list(sentinels), timeout=_WATCH_TICK_S)
+            if self._stopping:
+                return
+            waiting = self._waiting_since
+            if not ready and waiting is not None and time.monotonic() - waiting > self.timeout_s:
+                # gloo's collectives time out by themselves; NCCL's replayed from a graph never do.
+                problems = self._stalled()
+        if ready:
+            rank = sentinels[ready[0]]
+            # A rank that froze makes the others' collectives time out and exit: name it first.
+            problems = self._stalled() + [_worker_exit(rank, self._workers[rank - 1])]
+        self._failure = "; ".join(problems)
         logger.error("%s", self._failure)
         self._abort_collectives()
         time.sleep(_HUNG_AFTER_DEATH_S)
         if self.exit_when_stuck and not self._stopping:
-            logger.error("the engine is still waiting on rank %d after %.0f s; exiting", rank, _HUNG_AFTER_DEATH_S)
+            logger.error("the engine is still waiting after %.0f s (%s); exiting", _HUNG_AFTER_DEATH_S, self._failure)
             os._exit(1)
 
     def _abort_collectives(self) -> None:
-        """End this process's collectives that wait on a dead rank. gloo's fail by themselves; an
+        """End this process's collectives that wait on a dead or stopped rank. gloo's fail by themselves; an
         NCCL kernel waits for ever, and NCCL's watchdog, which aborts it after the timeout, does not
         watch collectives replayed from a CUDA graph (every decode step's), so rank 0 would wait in
         such a step for ever. Not yet seen on several GPUs (issue 21's test_multi_gpu.py)."""

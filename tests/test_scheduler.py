@@ -196,6 +196,22 @@ def test_abort_frees_blocks_at_once_and_is_reported_once():
     assert sched.schedule().finished_ids == []
 
 
+def test_aborting_many_queued_requests_keeps_the_others_in_arrival_order():
+    sched = make_scheduler(num_blocks=256, max_num_seqs=64, max_num_batched_tokens=512)
+    requests = [make_request(f"r{i}", range(1, 5), max_tokens=1, arrival=float(i)) for i in range(60)]
+    for request in reversed(requests):  # the queue orders them by arrival, not by when they were added
+        sched.add_request(request)
+    aborted = [f"r{i}" for i in range(60) if i % 3 != 1]
+    sched.abort_requests(aborted + aborted[:5] + ["unknown"])  # repeated and unknown ids are ignored
+    assert all(sched.get_request(r) is None for r in aborted)
+    assert [r.status for r in requests if r.request_id in aborted] == [RequestStatus.FINISHED_ABORTED] * 40
+    out = sched.schedule()
+    assert [s.request.request_id for s in out.scheduled] == [f"r{i}" for i in range(1, 60, 3)]
+    assert out.finished_ids == aborted
+    run_to_completion(sched)
+    assert sched.kv.num_free_blocks == 255
+
+
 def test_update_skips_requests_aborted_after_schedule():
     sched = make_scheduler()
     req = make_request("a", range(1, 10))

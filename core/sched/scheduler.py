@@ -219,10 +219,15 @@ class Scheduler:
         """End requests with a finished ``status`` (e.g. the detokenizer found a stop string)."""
         if not status.finished:
             raise ValueError(f"{status} is not a finished status")
-        for request_id in request_ids:
-            request = self._requests.get(request_id)
-            if request is not None:
-                self._finish(request, status)
+        ending = {request_id: self._requests[request_id] for request_id in request_ids if request_id in self._requests}
+        queued = {id(request) for request in ending.values() if request.status is not RequestStatus.RUNNING}
+        if queued:
+            # The queue is rebuilt once for them all: once a request, a client gone with thousands
+            # queued (n x prompts of them) held the engine for minutes.
+            self._waiting = [entry for entry in self._waiting if id(entry[1]) not in queued]
+            heapq.heapify(self._waiting)
+        for request in ending.values():
+            self._finish(request, status)
 
     def schedule(self, in_flight: frozenset[str] | set[str] = frozenset(), max_seqs: int | None = None) -> SchedulerOutput:
         """Choose this step's work: running requests first, then admissions, within the budget.
@@ -530,11 +535,10 @@ class Scheduler:
         heapq.heappush(self._waiting, (self._keys[request.request_id], request))
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
+        """End ``request``: a running one leaves the running set here, a queued one must already
+        be out of the queue (``finish_requests``)."""
         if request.status is RequestStatus.RUNNING:
             self._running.remove(request)
-        else:
-            self._waiting = [entry for entry in self._waiting if entry[1] is not request]
-            heapq.heapify(self._waiting)
         self.kv.free(request)
         self._release_images(request)
         request.status = status

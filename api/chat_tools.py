@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from runtime.reasoning import ReasoningParser
 from runtime.sample.params import SamplingParams
+from runtime.structured.grammar import check
 from runtime.tools import (TOOL_CALL_PARSERS, JsonArrayScanner, MessageStream, NamedCallStream, ParsedCallStream,
                            ToolCall, ToolCallDelta, ToolStream, check_tool_call_parser,
                            tool_choice_constraint)
@@ -76,6 +77,11 @@ class ChatPlan:
                                   "drop response_format / structured_outputs, or use tool_choice auto", "tool_choice")
             params.structured_outputs = tool_choice_constraint(self.functions, self.choice if self.named else None,
                                                                self.parallel)
+            try:  # here, so that a stream does not start before the engine refuses the constraint
+                check(params.structured_outputs)
+            except ValueError as exc:
+                message = str(exc).split(" is invalid: ", 1)[-1]
+                raise bad_request(f"the tools' parameters do not make a valid JSON schema: {message}", "tools") from None
         elif self.choice == "auto" and self.parsing.tool_call_parser == "mistral":
             params.skip_special_tokens = False  # [TOOL_CALLS] is a special token
 

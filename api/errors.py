@@ -13,6 +13,7 @@ from litestar.types import ExceptionHandlersMap
 
 from runtime.engine.async_engine import EngineDeadError, EngineNotReadyError, QueueFullError
 
+from .disconnect import ClientDisconnected
 from .protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger("runtime.api")
@@ -77,6 +78,13 @@ def as_api_error(exc: BaseException) -> APIError:
         return APIError(503, str(exc), code="engine_dead")
     if isinstance(exc, ValueError):
         return from_value_error(exc)
+    if isinstance(exc, ClientDisconnected):
+        # Its generation is already aborted; nobody is there to read the answer.
+        logger.info("%s before the response was ready; its generation was aborted", exc)
+        return APIError(499, str(exc), code="client_disconnected")
+    if isinstance(exc, RecursionError) and "deserializing" in str(exc):
+        # msgspec's own limit, met while the body is parsed (JSON nested thousands of levels deep).
+        return bad_request(f"the request body is not valid JSON: it is nested too deeply ({exc})")
     logger.error("unexpected error", exc_info=exc)
     return APIError(500, "internal server error; the server log has the details", code="internal_error")
 

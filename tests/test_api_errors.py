@@ -141,7 +141,8 @@ def test_a_body_over_the_server_limit_is_413_naming_the_flag(server):
 
 @pytest.mark.parametrize("path", [COMPLETIONS, CHAT])
 def test_invalid_json(server, path):
-    for raw in (b"{not json", b"", b'{"prompt": "a",}'):
+    deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # past msgspec's nesting limit
+    for raw in (b"{not json", b"", b'{"prompt": "a",}', deep):
         response = httpx.post(server.url + path, content=raw, headers={"content-type": "application/json"})
         assert_error(response, 400)
 
@@ -211,3 +212,13 @@ def test_fuzzing_finds_no_server_error(server, method, path, mode):
             assert set(body["error"]) == {"message", "type", "param", "code"}, body
 
     check()
+
+
+def test_a_client_gone_before_its_answer_is_not_logged_as_a_server_error(caplog):
+    from runtime.api.disconnect import ClientDisconnected
+    from runtime.api.errors import as_api_error
+
+    with caplog.at_level("INFO", logger="runtime.api"):
+        error = as_api_error(ClientDisconnected("the client disconnected"))
+    assert error.status == 499 and error.code == "client_disconnected"
+    assert [r.levelname for r in caplog.records] == ["INFO"]

@@ -251,6 +251,12 @@ BAD = {
     "tool_calls on a user message": ({"messages": [{"role": "user", "content": "hi", "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages.0"),
     "legacy functions": ({"functions": [WEATHER["function"]]}, "functions"),
+    # Refused before a stream starts, not as an error event after its first chunk.
+    "invalid parameters schema, required, streamed": ({"tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": 5}}}], "tool_choice": "required", "stream": True}, "tools"),
+    "invalid parameters schema, named": ({"tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": 5}}}], "tool_choice": {"type": "function", "function": {"name": "f"}}},
+        "tools"),
 }
 
 

@@ -81,7 +81,8 @@ class ChatPlan:
                 check(params.structured_outputs)
             except ValueError as exc:
                 message = str(exc).split(" is invalid: ", 1)[-1]
-                raise bad_request(f"the tools' parameters do not make a valid JSON schema: {message}", "tools") from None
+                raise bad_request(f"the tools' parameters do not make a valid JSON schema: {message}",
+                                  "tools") from None
         elif self.choice == "auto" and self.parsing.tool_call_parser == "mistral":
             params.skip_special_tokens = False  # [TOOL_CALLS] is a special token
 

@@ -219,7 +219,8 @@ class Scheduler:
         """End requests with a finished ``status`` (e.g. the detokenizer found a stop string)."""
         if not status.finished:
             raise ValueError(f"{status} is not a finished status")
-        ending = {request_id: self._requests[request_id] for request_id in request_ids if request_id in self._requests}
+        ending = {request_id: self._requests[request_id] for request_id in request_ids
+                  if request_id in self._requests}
         queued = {id(request) for request in ending.values() if request.status is not RequestStatus.RUNNING}
         if queued:
             # The queue is rebuilt once for them all: once a request, a client gone with thousands

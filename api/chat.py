@@ -69,7 +69,7 @@ async def create_chat_completion(data: JSONBody[ChatCompletionRequest], request:
         raise bad_request(f"the model `{model}` takes no images: send text content only", "messages")
     text = render(ctx, data.messages, data.add_generation_prompt, data.continue_final_message, plan.prompt_tools(),
                   len(urls))
-    token_ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    token_ids = await engine.encode(text, False)
     images = await _images(ctx, token_ids, urls) if engine.image_processor is not None else None
     prompt = EnginePrompt(text, images[0] if images else token_ids, (images[1] or None) if images else None)
     if not prompt.token_ids:

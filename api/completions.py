@@ -24,7 +24,7 @@ from .structured import structured_outputs
 _RESPONSES, _Operation = streaming_responses(CompletionResponse, CompletionChunk)
 
 
-def _prompts(data: CompletionRequest, ctx: ServerContext) -> list[EnginePrompt]:
+async def _prompts(data: CompletionRequest, ctx: ServerContext) -> list[EnginePrompt]:
     prompt = data.prompt
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         prompt = [prompt]
@@ -34,7 +34,7 @@ def _prompts(data: CompletionRequest, ctx: ServerContext) -> list[EnginePrompt]:
     prompts = []
     for item in prompt:
         if isinstance(item, str):
-            ids = engine.tokenizer.encode(item, add_special_tokens=data.add_special_tokens)
+            ids = await engine.encode(item, data.add_special_tokens)
             prompts.append(EnginePrompt(item, ids))
         else:
             check_token_ids(item, engine.vocab_size, "prompt")
@@ -73,7 +73,7 @@ async def create_completion(data: JSONBody[CompletionRequest], request: Request,
     model = ctx.resolve_model(data.model)
     engine = ctx.engine
     engine.check_ready()
-    prompts = _prompts(data, ctx)
+    prompts = await _prompts(data, ctx)
     logprobs = data.logprobs
     structured = structured_outputs(data)
     params = [sampling_params(data, engine.vocab_size,

@@ -22,7 +22,7 @@ from .openapi import ERROR_RESPONSES
 from .protocol import UsageInfo
 
 
-def _inputs(data: EmbeddingRequest, ctx: ServerContext) -> list[list[int]]:
+async def _inputs(data: EmbeddingRequest, ctx: ServerContext) -> list[list[int]]:
     """Each input's token ids; a 400 for an empty input or one longer than the context."""
     items = data.input
     if isinstance(items, str) or (items and isinstance(items[0], int)):
@@ -34,8 +34,7 @@ def _inputs(data: EmbeddingRequest, ctx: ServerContext) -> list[list[int]]:
     for item in items:
         if isinstance(item, str) and not item:
             raise bad_request("input holds an empty string: give at least one character each", "input")
-        ids = engine.tokenizer.encode(item, add_special_tokens=data.add_special_tokens) if isinstance(item, str) \
-            else list(item)
+        ids = await engine.encode(item, data.add_special_tokens) if isinstance(item, str) else list(item)
         check_token_ids(ids, engine.vocab_size, "input")
         if not ids:
             raise bad_request("input holds an empty token list: give at least one token each", "input")
@@ -76,7 +75,7 @@ async def create_embeddings(data: JSONBody[EmbeddingRequest], request: Request,
         engine.pooler_config.spec(pooling)
     except ValueError as exc:
         raise from_value_error(exc, {"dimensions"}) from None
-    token_ids = _inputs(data, ctx)
+    token_ids = await _inputs(data, ctx)
     request_id = f"embd-{uuid.uuid4().hex}"
     timer = ctx.metrics.request()
     vectors = await unless_disconnected(_embed_all(ctx, request_id, token_ids, pooling, data.priority),

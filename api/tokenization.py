@@ -25,7 +25,7 @@ async def tokenize(data: JSONBody[TokenizeRequest], ctx: NamedDependency[ServerC
     else:
         text = data.prompt
         add_special = data.add_special_tokens is not False
-    tokens = engine.tokenizer.encode(text, add_special_tokens=add_special)
+    tokens = await engine.encode(text, add_special)
     strs = engine.tokenizer.convert_ids_to_tokens(tokens) if data.return_token_strs else None
     return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens, token_strs=strs)
 

@@ -90,6 +90,9 @@ class ScriptedEngine:
     def check_ready(self) -> None:
         pass
 
+    async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
     def stats(self) -> EngineStats:
         return EngineStats()
 

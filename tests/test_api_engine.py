@@ -172,3 +172,33 @@ def test_load_failure_is_reported(tmp_path):
             await engine.shutdown()
 
     asyncio.run(run())
+
+
+def test_prompts_are_tokenized_off_the_event_loop_one_at_a_time():
+    """A prompt of megabytes takes seconds to tokenize: on the event loop it stalled every stream."""
+    import threading
+    import time
+
+    class RecordingTokenizer:
+        def __init__(self):
+            self.threads, self.inside, self.most_inside = [], 0, 0
+
+        def encode(self, text, add_special_tokens):
+            self.threads.append(threading.current_thread())
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+            time.sleep(0.05)
+            self.inside -= 1
+            return [len(text), int(add_special_tokens)]
+
+    async def run():
+        engine = AsyncEngine(EngineArgs())
+        engine.tokenizer = tokenizer = RecordingTokenizer()
+        loop_thread = threading.current_thread()
+        ids = await asyncio.gather(*(engine.encode("x" * n, n % 2 == 0) for n in range(1, 7)))
+        await engine.shutdown()
+        return ids, tokenizer, loop_thread
+
+    ids, tokenizer, loop_thread = asyncio.run(run())
+    assert ids == [[n, int(n % 2 == 0)] for n in range(1, 7)]
+    assert loop_thread not in tokenizer.threads and tokenizer.most_inside == 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from itertools import zip_longest
 from typing import Any, Callable, Optional
 
@@ -156,6 +157,8 @@ class AsyncEngine:
         self.state = "loading"
         self.error: Optional[BaseException] = None
         self.tokenizer: Any = None
+        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runtime-tokenize")
+        """Where prompts are tokenized (``encode``): one thread, so the tokenizer is never entered twice at once."""
         self.chat_template: Optional[str] = None
         self.image_processor: Optional[ImageProcessor] = None
         """A vision-language model's preprocessing (None for text-only models)."""
@@ -238,12 +241,19 @@ class AsyncEngine:
             await asyncio.to_thread(self._own_core.stop)
             self._connections[0].alive.close()
             self._own_core = None
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
 
     # -- what the server reads --------------------------------------------------------------
 
     def check_ready(self) -> None:
         """Raise EngineNotReadyError while loading, EngineDeadError once failed or stopped."""
         self._require_info()
+
+    async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        """``text``'s token ids, computed off the event loop: a prompt of megabytes takes seconds
+        to tokenize, which on the loop stalled every other stream (the tokenizer releases the GIL)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenizing, lambda: self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     @property
     def max_model_len(self) -> int:

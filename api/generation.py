@@ -58,9 +58,12 @@ def sampling_params(req: SamplingFields, vocab_size: int, max_tokens: int, logpr
     ``structured``: the output's constraint (see api/structured.py), already checked."""
     bias = {}
     for key, value in (req.logit_bias or {}).items():
-        if not (key.isascii() and key.isdigit()) or int(key) >= vocab_size:
-            raise bad_request(f"logit_bias key {key!r} is not a token id in [0, {vocab_size})", "logit_bias")
+        # Its length first: Python refuses to read an integer of over 4300 digits.
+        if not (key.isascii() and key.isdigit()) or len(key) > len(str(vocab_size)) or int(key) >= vocab_size:
+            shown = key if len(key) <= 24 else key[:24] + "..."
+            raise bad_request(f"logit_bias key {shown!r} is not a token id in [0, {vocab_size})", "logit_bias")
         bias[int(key)] = value
+    check_token_ids(req.stop_token_ids or [], vocab_size, "stop_token_ids")
     try:
         return SamplingParams(
             n=req.n, temperature=1.0 if req.temperature is None else req.temperature,

@@ -17,7 +17,7 @@ from .context import ServerContext
 from .disconnect import unless_disconnected
 from .embedding_protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse
 from .errors import bad_request, from_value_error
-from .generation import check_token_ids
+from .generation import check_priority, check_token_ids
 from .openapi import ERROR_RESPONSES
 from .protocol import UsageInfo
 
@@ -75,6 +75,7 @@ async def create_embeddings(data: JSONBody[EmbeddingRequest], request: Request,
         engine.pooler_config.spec(pooling)
     except ValueError as exc:
         raise from_value_error(exc, {"dimensions"}) from None
+    check_priority(ctx, data.priority)
     token_ids = await _inputs(data, ctx)
     request_id = f"embd-{uuid.uuid4().hex}"
     timer = ctx.metrics.request()

@@ -46,6 +46,13 @@ def fit_context(max_model_len: int, prompt_len: int, max_tokens: Optional[int], 
     return max_tokens
 
 
+def check_priority(ctx: ServerContext, priority: int) -> None:
+    """A 400 for a priority the scheduler would ignore (as vLLM answers)."""
+    if priority and ctx.engine.args.scheduling_policy != "priority":
+        raise bad_request(f"priority {priority} needs the server started with --scheduling-policy priority; "
+                          "this one schedules first come, first served", "priority")
+
+
 def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
     if token_ids and max(token_ids) >= vocab_size:
         raise bad_request(f"{param} holds token id {max(token_ids)}, outside the vocabulary [0, {vocab_size})", param)
@@ -91,6 +98,7 @@ class Generation:
         if ctx.engine.pooler_config is not None:
             raise bad_request("this server runs --task embed: it serves /v1/embeddings, not completions; serve the "
                               "model without --task embed to generate")
+        check_priority(ctx, priority)
         self.prompts = prompts
         self.streams: list[RequestStream] = []
         self.timers: list[RequestTimer] = []

@@ -165,8 +165,8 @@ class MultiprocExecutor:
         finally:
             self._waiting_since = None
         if self._failure is not None:
-            # A rank died while this step ran: its collectives were aborted (_abort_collectives),
-            # so what it computed is not to be used.
+            # A rank died or stopped while this step ran: its collectives were aborted
+            # (_abort_collectives), so what it computed is not to be used.
             raise RuntimeError(self._failure)
         return result
 

@@ -33,6 +33,11 @@ CASES = [  # rows, n, k, bits, group, act-order, tiles (None: the op's own plan)
     (1, 48, 256, 4, 128, False, None),
     (20, 64, 256, 4, 64, False, None),
     (70, 48, 256, 4, 128, True, None),
+    # A few rows: on Hopper the weight-first Gluon kernel's 8-row tile; the pairs kernel for K tiles it
+    # cannot split evenly (5) and for 8-bit weights.
+    (5, 72, 1024, 4, 128, False, None),
+    (12, 64, 640, 4, 128, True, None),
+    (9, 64, 1024, 8, 128, False, None),
     (5, 40, 256, 4, 32, True, dict(block_m=16, block_n=32, block_k=64, split_k=3, num_warps=4, num_stages=2)),
     (3, 64, 192, 8, 64, False, dict(block_m=16, block_n=64, block_k=64, split_k=2, num_warps=4, num_stages=2)),
     (37, 72, 128, 4, 64, False, dict(block_m=32, block_n=32, block_k=32, split_k=1, num_warps=4, num_stages=2)),
@@ -262,8 +267,8 @@ def test_the_op_picks_the_pairs_kernel_only_for_weights_it_takes(bits, group, dt
                                                                  monkeypatch):
     """From 2 to 64 rows the op's own plan multiplies on the pairs kernel where it takes the weight
     (16-bit activations that hold its levels, groups of at least its 128-deep K tile), and on the
-    tile kernel otherwise (not the dense path, which ``_pairs`` falls back to); on Hopper past 16
-    rows the pairs kernel's place goes to the Gluon kernel (``wgmma``), for the same weights only."""
+    tile kernel otherwise (not the dense path, which ``_pairs`` falls back to); on Hopper the pairs
+    kernel's place goes to the Gluon kernel (``wgmma``), for the same weights only."""
     called = []
 
     def pairs_kernel(weight, x, tiles):
@@ -275,7 +280,7 @@ def test_the_op_picks_the_pairs_kernel_only_for_weights_it_takes(bits, group, dt
     monkeypatch.setattr(wna16, "_hopper", lambda device: hopper)
     weight = wna16.repack(_group_quant(64, 256, bits, group, False, seed=0), dtype, torch.device("cpu"))
     wna16.matmul(weight, torch.zeros(rows, 256, dtype=dtype))
-    assert called == ["tiled" if not pairs else "wgmma" if hopper and rows > 16 else "pairs"]
+    assert called == ["tiled" if not pairs else "wgmma" if hopper else "pairs"]
 
 
 @pytest.mark.parametrize("bits,dtype,k,block_m,block_n,block_k,split,launched", [
@@ -289,13 +294,17 @@ def test_the_op_picks_the_pairs_kernel_only_for_weights_it_takes(bits, group, dt
     (4, torch.bfloat16, 1024, 64, 256, 64, 1, ("weight first", 1)),  # four warpgroups' columns
     (4, torch.bfloat16, 1024, 128, 256, 64, 1, ("overlap", 1)),  # four, on 128 rows: past 128 registers
     (4, torch.bfloat16, 1024, 64, 512, 64, 1, ("overlap", 1)),  # eight: more warps than a program may have
+    (4, torch.bfloat16, 1024, 8, 64, 128, 4, ("weight first", 4)),  # 8 tiles: 2 each
+    (4, torch.bfloat16, 640, 8, 64, 128, 2, ("pairs", 2)),  # 5 tiles, on a tile narrower than the shared kernel's
+    (8, torch.float16, 1024, 16, 64, 128, 4, ("pairs", 4)),  # 8-bit words, likewise
 ])
 def test_weight_first_gluon_plans_launch_with_every_split_even(bits, dtype, k, block_m, block_n, block_k, split,
                                                                launched, monkeypatch):
     """The weight-first Gluon kernel takes K tiles two at a time in every split: the launcher splits
     K no finer than the plan asks into parts of an even number of tiles, at least 2 (as the
     kernel's programs divide them, the last taking what is left), and otherwise, as for 8-bit
-    weights and other widths, launches the shared-memory kernel with the first tile apart."""
+    weights and other widths, launches the shared-memory kernel with the first tile apart, or for
+    tiles of fewer than its 64 rows the pairs kernel."""
     from runtime_triton import wna16_wgmma
 
     launches = []
@@ -310,10 +319,29 @@ def test_weight_first_gluon_plans_launch_with_every_split_even(bits, dtype, k, b
 
     monkeypatch.setattr(wna16_wgmma, "wna16_wgmma_kernel", Recorder("shared"))
     monkeypatch.setattr(wna16_wgmma, "wna16_wgmma_weight_first_kernel", Recorder("weight first"))
+    monkeypatch.setattr(wna16, "_wna16_pairs_kernel", Recorder("pairs"))
     weight = wna16.repack(_group_quant(block_n, k, bits, 128, False, seed=0), dtype, torch.device("cpu"))
     wna16.matmul(weight, torch.zeros(70, k, dtype=dtype), wgmma=True, weight_first=True, block_m=block_m,
                  block_n=block_n, block_k=block_k, split_k=split, num_warps=block_n // 16, num_stages=3)
     assert launches == [launched]
+
+
+@pytest.mark.parametrize("block_m,launched", [(8, ["pairs"]), (16, ["pairs"]), (64, [])])
+def test_rows_the_gluon_kernel_cannot_copy_go_to_the_pairs_kernel_or_the_dense_path(block_m, launched, monkeypatch):
+    """Activation rows not 16-byte aligned, which the Gluon kernels' bulk copies cannot read: a tile
+    narrower than 64 rows runs on the pairs kernel, a wider one on the dense path (no launch)."""
+    from runtime_triton import wna16_wgmma
+
+    launches = []
+    record = lambda name: type("Recorder", (), {"__getitem__": lambda self, grid: lambda *a, **kw: launches.append(name)})()
+    monkeypatch.setattr(wna16_wgmma, "wna16_wgmma_kernel", record("shared"))
+    monkeypatch.setattr(wna16_wgmma, "wna16_wgmma_weight_first_kernel", record("weight first"))
+    monkeypatch.setattr(wna16, "_wna16_pairs_kernel", record("pairs"))
+    weight = wna16.repack(_group_quant(64, 1024, 4, 128, False, seed=0), torch.bfloat16, torch.device("cpu"))
+    x = torch.zeros(12, 1028, dtype=torch.bfloat16)[:, :1024]
+    wna16.matmul(weight, x, wgmma=True, weight_first=True, block_m=block_m, block_n=64, block_k=128, split_k=4,
+                 num_warps=4, num_stages=4)
+    assert launches == launched
 
 
 @pytest.mark.parametrize("zero_point,offsets", list(ZERO_KINDS.values()), ids=list(ZERO_KINDS))

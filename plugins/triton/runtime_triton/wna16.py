@@ -541,9 +541,12 @@ def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2, pai
     kernel's 16-row tile (K split 8 ways, each word read once) and 64-row tiles, then dense.
     Float32 activations (``element_size`` 4) keep half the K depth and pipeline stages of the
     first plans: their tiles need twice the shared memory (the 16-bit decode tiles in float32
-    asked an H100 for 352 KB of its 227). On Hopper (``hopper``) the Gluon kernel
-    (``wna16_wgmma.py``, its first K tile apart: ``overlap``) takes 17 to 256 rows where the pairs
-    kernel would: wide outputs (gate/up) on 64 x 128 tiles to 64 rows, 128 x 128 to 128; the
+    asked an H100 for 352 KB of its 227). On Hopper (``hopper``) from 2 to 16 rows, where the pairs
+    kernel would, the Gluon kernel that dequantizes the weight into the matrix instructions'
+    registers (``weight_first``, ``wna16_wgmma.py``) on its 8-row tile to 8 rows, else 16, 64 columns,
+    K split 4 ways in 128-deep tiles (64 for wide outputs): a layer's four projections 82 us at 16
+    rows against 123 on the pairs kernel (bf16 156; H100 2026-12-07). From 17 to 256 rows the
+    Gluon kernel with its first K tile apart (``overlap``): wide outputs (gate/up) on 64 x 128 tiles to 64 rows, 128 x 128 to 128; the
     rest to 64 rows on 64 x 64 tiles K split 4 ways (64 deep for outputs wider than the input, qkv);
     to 128 rows qkv on 128 x 64 tiles, 14336-deep rows (down) on 64 x 64 split 2 ways; past 128 rows
     qkv dense. The others, o from 65 rows and gate/up and down past 128, on the kernel that
@@ -561,7 +564,10 @@ def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2, pai
         return dict(block_n=64, block_k=256, split_k=8 if k > 8192 else 4, gemv=True, num_warps=4, num_stages=1,
                     prefetch=True, zero_from_sums=True, shared_shifts=True)
     wide = n > 16384
-    if pairs_fit and hopper and 16 < m <= 256:
+    if pairs_fit and hopper and m <= 16:
+        return dict(wgmma=True, weight_first=True, block_m=8 if m <= 8 else 16, block_n=64, block_k=64 if wide else 128,
+                    split_k=4, num_warps=4, num_stages=4)
+    if pairs_fit and hopper and m <= 256:
         if wide:
             if m <= 64:
                 return dict(wgmma=True, overlap=True, block_m=64, block_n=128, block_k=64, split_k=1, num_warps=4,
@@ -743,10 +749,16 @@ def _even_split(k_tiles: int, split: int) -> int:
 def _pairs(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor:
     m, k = rows.shape
     n = weight.qweight.shape[1]
-    # The Gluon kernel copies 16 bytes of a row at a time (K is a whole number of its tiles: groups are).
-    copies_fit = not tiles.get("wgmma") or (rows.stride(0) % 8 == 0 and rows.data_ptr() % 16 == 0)
-    if not _pairs_fit(weight, rows.dtype, tiles["block_k"]) or not copies_fit:
+    if not _pairs_fit(weight, rows.dtype, tiles["block_k"]):
         return torch.mm(rows, dequantize(weight, rows.dtype))
+    # The pairs kernel takes tiles narrower than the shared-memory Gluon kernel's 64-row first operand (the
+    # activations) where the weight-first one cannot: its 16-row tile with the weight first too.
+    narrow = {**tiles, "wgmma": False, "pairs": True, "weight_first": True, "block_m": 16, "num_warps": 4}
+    # The Gluon kernel copies 16 bytes of a row at a time (K is a whole number of its tiles: groups are).
+    if tiles.get("wgmma") and (rows.stride(0) % 8 or rows.data_ptr() % 16):
+        if tiles["block_m"] >= 64:
+            return torch.mm(rows, dequantize(weight, rows.dtype))
+        tiles = narrow
     level = PAIR_LEVELS[rows.dtype]
     split = tiles.get("split_k", 1)
     if tiles.get("wgmma") and tiles.get("weight_first"):
@@ -756,9 +768,11 @@ def _pairs(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor
         # times for gate/up, more than the packed weight; at 16 warps a thread has 128 registers,
         # which only tiles of up to 64 rows fit).
         fits = weight.bits == 4 and (tiles["block_n"] in (64, 128) or tiles["block_n"] == 256 and tiles["block_m"] <= 64)
-        split = _even_split(k // tiles["block_k"], split) if fits else 0
-        if not split:
-            tiles, split = {**tiles, "weight_first": False, "overlap": True}, tiles.get("split_k", 1)
+        even = _even_split(k // tiles["block_k"], split) if fits else 0
+        if even:
+            split = even
+        else:
+            tiles = {**tiles, "weight_first": False, "overlap": True} if tiles["block_m"] >= 64 else narrow
     if tiles.get("overlap"):
         # The overlapped Gluon kernel needs a K tile in every split: split no finer than that.
         k_tiles = k // tiles["block_k"]

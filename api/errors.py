@@ -3,7 +3,6 @@ with the right status. Nothing reaches the client as a traceback or as the frame
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 from typing import Any, Iterable, Optional
@@ -97,7 +96,7 @@ def _validation_error(request: Request, exc: ValidationException) -> Response:
         message = str(item.get("message", "")) if isinstance(item, dict) else str(item)
         message = message.removeprefix("Value error, ")
         field = ".".join(part for part in str(key).split(".") if not _BRANCH.match(part)) if key else None
-        field = _field_a_model_check_names(field, message)
+        field, message = _field_a_model_check_names(field, message)
         if field == "data" and item.get("source") == "body":
             return error_response(bad_request("the request body must be a JSON object"))
         problems.append((field or None, message))
@@ -110,25 +109,15 @@ def _validation_error(request: Request, exc: ValidationException) -> Response:
     return error_response(bad_request("; ".join(lines[:3]), param))
 
 
-def _field_a_model_check_names(field: Optional[str], message: str) -> Optional[str]:
+def _field_a_model_check_names(field: Optional[str], message: str) -> tuple[Optional[str], str]:
     """A check across a model's fields (``best_of`` against ``n``) is reported at the model, not a
-    field; its message begins with the field it rejects, which is then the error's ``param``."""
-    first = message.split(" ", 1)[0].removesuffix(":")
-    if first not in _request_fields() or field and field.rsplit(".", 1)[-1] == first:
-        return field
-    return f"{field}.{first}" if field else first
-
-
-@functools.cache
-def _request_fields() -> frozenset[str]:
-    from . import protocol
-
-    models, names = [protocol.BaseModel], set()
-    while models:
-        model = models.pop()
-        models.extend(model.__subclasses__())
-        names.update(getattr(model, "model_fields", {}))
-    return frozenset(names)
+    field; its message begins with the field it rejects and a colon, which become the ``param``."""
+    first, _, rest = message.partition(": ")
+    if not rest or not first.isidentifier():
+        return field, message
+    if field and field.rsplit(".", 1)[-1] == first:
+        return field, rest
+    return (f"{field}.{first}" if field else first), rest
 
 
 def _without_other_branches(problems: list[tuple[Optional[str], str]]) -> list[tuple[Optional[str], str]]:

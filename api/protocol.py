@@ -137,7 +137,7 @@ class SamplingFields(_Model):
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> "SamplingFields":
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise ValueError("stream_options: only allowed when stream is true")
         return self
 
 
@@ -159,7 +159,7 @@ class CompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _best_of_is_n(self) -> "CompletionRequest":
         if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of other than n is not supported by this server")
+            raise ValueError("best_of: only best_of equal to n is supported by this server")
         return self
 
 
@@ -302,7 +302,7 @@ class ChatCompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> "ChatCompletionRequest":
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs to be true")
+            raise ValueError("top_logprobs: needs logprobs to be true")
         return self
 
     @field_validator("tools")

@@ -50,8 +50,6 @@ BAD_REQUESTS = {
     "json_schema output": (CHAT, {"messages": USER, "response_format": {"type": "json_schema"}}, 400,
                            "response_format"),
     "suffix": (COMPLETIONS, {"prompt": "a", "suffix": "b"}, 400, "suffix"),
-    "tool_calls on a user message": (CHAT, {"messages": [{"role": "user", "content": "hi", "tool_calls": [
-        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, 400, "messages.0.tool_calls"),
     "best_of above n": (COMPLETIONS, {"prompt": "a", "best_of": 3}, 400, "best_of"),
     "top_logprobs without logprobs": (CHAT, {"messages": USER, "top_logprobs": 2}, 400, "top_logprobs"),
     "too many logprobs": (COMPLETIONS, {"prompt": "a", "logprobs": 50}, 400, "logprobs"),

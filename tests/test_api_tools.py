@@ -249,7 +249,7 @@ BAD = {
     "required without tools": ({"tool_choice": "required"}, "tool_choice"),
     "named without tools": ({"tool_choice": NAMED}, "tool_choice"),
     "tool_calls on a user message": ({"messages": [{"role": "user", "content": "hi", "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages.0"),
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages.0.tool_calls"),
     "legacy functions": ({"functions": [WEATHER["function"]]}, "functions"),
     # Refused before a stream starts, not as an error event after its first chunk.
     "invalid parameters schema, required, streamed": ({"tools": [{"type": "function", "function": {

@@ -283,6 +283,27 @@ def test_the_op_picks_the_pairs_kernel_only_for_weights_it_takes(bits, group, dt
     assert called == ["tiled" if not pairs else "wgmma" if hopper else "pairs"]
 
 
+def _record_launches(monkeypatch) -> list[tuple[str, int]]:
+    """The Gluon and pairs kernels replaced by stand-ins that note each launch: the kernel ("overlap"
+    for the shared-memory one with its first K tile apart) and its split."""
+    from runtime_triton import wna16_wgmma
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, SPLIT_K, OVERLAP=False, **kwargs: launches.append(
+                (self.name if self.name == "weight first" or not OVERLAP else "overlap", SPLIT_K))
+
+    monkeypatch.setattr(wna16_wgmma, "wna16_wgmma_kernel", Recorder("shared"))
+    monkeypatch.setattr(wna16_wgmma, "wna16_wgmma_weight_first_kernel", Recorder("weight first"))
+    monkeypatch.setattr(wna16, "_wna16_pairs_kernel", Recorder("pairs"))
+    return launches
+
+
 @pytest.mark.parametrize("bits,dtype,k,block_m,block_n,block_k,split,launched", [
     (4, torch.bfloat16, 1024, 64, 64, 64, 1, ("weight first", 1)),  # 16 K tiles
     (4, torch.bfloat16, 1024, 64, 128, 64, 3, ("weight first", 3)),  # 6, 6 and 4
@@ -305,21 +326,7 @@ def test_weight_first_gluon_plans_launch_with_every_split_even(bits, dtype, k, b
     kernel's programs divide them, the last taking what is left), and otherwise, as for 8-bit
     weights and other widths, launches the shared-memory kernel with the first tile apart, or for
     tiles of fewer than its 64 rows the pairs kernel."""
-    from runtime_triton import wna16_wgmma
-
-    launches = []
-
-    class Recorder:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *args, SPLIT_K, OVERLAP=False, **kwargs: launches.append(
-                (self.name if self.name == "weight first" or not OVERLAP else "overlap", SPLIT_K))
-
-    monkeypatch.setattr(wna16_wgmma, "wna16_wgmma_kernel", Recorder("shared"))
-    monkeypatch.setattr(wna16_wgmma, "wna16_wgmma_weight_first_kernel", Recorder("weight first"))
-    monkeypatch.setattr(wna16, "_wna16_pairs_kernel", Recorder("pairs"))
+    launches = _record_launches(monkeypatch)
     weight = wna16.repack(_group_quant(block_n, k, bits, 128, False, seed=0), dtype, torch.device("cpu"))
     wna16.matmul(weight, torch.zeros(70, k, dtype=dtype), wgmma=True, weight_first=True, block_m=block_m,
                  block_n=block_n, block_k=block_k, split_k=split, num_warps=block_n // 16, num_stages=3)
@@ -330,18 +337,12 @@ def test_weight_first_gluon_plans_launch_with_every_split_even(bits, dtype, k, b
 def test_rows_the_gluon_kernel_cannot_copy_go_to_the_pairs_kernel_or_the_dense_path(block_m, launched, monkeypatch):
     """Activation rows not 16-byte aligned, which the Gluon kernels' bulk copies cannot read: a tile
     narrower than 64 rows runs on the pairs kernel, a wider one on the dense path (no launch)."""
-    from runtime_triton import wna16_wgmma
-
-    launches = []
-    record = lambda name: type("Recorder", (), {"__getitem__": lambda self, grid: lambda *a, **kw: launches.append(name)})()
-    monkeypatch.setattr(wna16_wgmma, "wna16_wgmma_kernel", record("shared"))
-    monkeypatch.setattr(wna16_wgmma, "wna16_wgmma_weight_first_kernel", record("weight first"))
-    monkeypatch.setattr(wna16, "_wna16_pairs_kernel", record("pairs"))
+    launches = _record_launches(monkeypatch)
     weight = wna16.repack(_group_quant(64, 1024, 4, 128, False, seed=0), torch.bfloat16, torch.device("cpu"))
     x = torch.zeros(12, 1028, dtype=torch.bfloat16)[:, :1024]
     wna16.matmul(weight, x, wgmma=True, weight_first=True, block_m=block_m, block_n=64, block_k=128, split_k=4,
                  num_warps=4, num_stages=4)
-    assert launches == launched
+    assert [name for name, _ in launches] == launched
 
 
 @pytest.mark.parametrize("zero_point,offsets", list(ZERO_KINDS.values()), ids=list(ZERO_KINDS))

@@ -546,7 +546,8 @@ def plan(m: int, n: int, k: int, sm_count: int = 132, element_size: int = 2, pai
     registers (``weight_first``, ``wna16_wgmma.py``) on its 8-row tile to 8 rows, else 16, 64 columns,
     K split 4 ways in 128-deep tiles (64 for wide outputs): a layer's four projections 82 us at 16
     rows against 123 on the pairs kernel (bf16 156; H100 2026-12-07). From 17 to 256 rows the
-    Gluon kernel with its first K tile apart (``overlap``): wide outputs (gate/up) on 64 x 128 tiles to 64 rows, 128 x 128 to 128; the
+    Gluon kernel with its first K tile apart (``overlap``): wide outputs (gate/up) on 64 x 128
+    tiles to 64 rows, 128 x 128 to 128; the
     rest to 64 rows on 64 x 64 tiles K split 4 ways (64 deep for outputs wider than the input, qkv);
     to 128 rows qkv on 128 x 64 tiles, 14336-deep rows (down) on 64 x 64 split 2 ways; past 128 rows
     qkv dense. The others, o from 65 rows and gate/up and down past 128, on the kernel that
@@ -746,19 +747,22 @@ def _even_split(k_tiles: int, split: int) -> int:
     return 0
 
 
+def _on_the_pairs_kernel(tiles: dict) -> dict:
+    """A Gluon tile narrower than the shared-memory kernel's 64-row first operand (the activations),
+    which the weight-first kernel cannot take, on the pairs kernel's 16-row tile, weight first too."""
+    return {**tiles, "wgmma": False, "pairs": True, "weight_first": True, "block_m": 16, "num_warps": 4}
+
+
 def _pairs(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor:
     m, k = rows.shape
     n = weight.qweight.shape[1]
     if not _pairs_fit(weight, rows.dtype, tiles["block_k"]):
         return torch.mm(rows, dequantize(weight, rows.dtype))
-    # The pairs kernel takes tiles narrower than the shared-memory Gluon kernel's 64-row first operand (the
-    # activations) where the weight-first one cannot: its 16-row tile with the weight first too.
-    narrow = {**tiles, "wgmma": False, "pairs": True, "weight_first": True, "block_m": 16, "num_warps": 4}
     # The Gluon kernel copies 16 bytes of a row at a time (K is a whole number of its tiles: groups are).
     if tiles.get("wgmma") and (rows.stride(0) % 8 or rows.data_ptr() % 16):
         if tiles["block_m"] >= 64:
             return torch.mm(rows, dequantize(weight, rows.dtype))
-        tiles = narrow
+        tiles = _on_the_pairs_kernel(tiles)
     level = PAIR_LEVELS[rows.dtype]
     split = tiles.get("split_k", 1)
     if tiles.get("wgmma") and tiles.get("weight_first"):
@@ -772,7 +776,8 @@ def _pairs(weight: WNA16Weight, rows: torch.Tensor, tiles: dict) -> torch.Tensor
         if even:
             split = even
         else:
-            tiles = {**tiles, "weight_first": False, "overlap": True} if tiles["block_m"] >= 64 else narrow
+            tiles = ({**tiles, "weight_first": False, "overlap": True} if tiles["block_m"] >= 64 else
+                     _on_the_pairs_kernel(tiles))
     if tiles.get("overlap"):
         # The overlapped Gluon kernel needs a K tile in every split: split no finer than that.
         k_tiles = k // tiles["block_k"]

@@ -77,7 +77,7 @@ def sampling_params(req: SamplingFields, vocab_size: int, max_tokens: int, logpr
             top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
             min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty, seed=req.seed,
-            stop=req.stop or [], stop_token_ids=req.stop_token_ids or [],
+            stop=[] if req.stop is None else req.stop, stop_token_ids=req.stop_token_ids or [],
             include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos,
             max_tokens=max_tokens, min_tokens=req.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             logit_bias=bias, skip_special_tokens=req.skip_special_tokens,

@@ -56,6 +56,7 @@ BAD_REQUESTS = {
     "stream_options without stream": (COMPLETIONS, {"prompt": "a", "stream_options": {"include_usage": True}}, 400,
                                       "stream_options"),
     "empty stop string": (COMPLETIONS, {"prompt": "a", "stop": [""]}, 400, "stop"),
+    "empty stop string, not in a list": (CHAT, {"messages": USER, "stop": ""}, 400, "stop"),
     "priority under first come, first served": (CHAT, {"messages": USER, "priority": 3}, 400, "priority"),
     "logit_bias key of 5000 digits": (COMPLETIONS, {"prompt": "a", "logit_bias": {"1" * 5000: 1}}, 400, "logit_bias"),
     "stop token id outside the vocabulary": (CHAT, {"messages": USER, "stop_token_ids": [10 ** 6]}, 400,
